@@ -1,0 +1,210 @@
+"""Self-describing checkpoints: safetensors weights plus a JSON header.
+
+A checkpoint is one ``.safetensors`` file (no pickle: a checkpoint may come from
+anywhere) whose metadata holds the model spec, the training config, the data
+fingerprint, the training history summary and library versions, so
+``edgemeta export ckpt`` needs nothing else. Optimizer state for ``--resume``
+rides along under ``optim/`` keys.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import platform
+import tempfile
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from edgemeta import __version__
+from edgemeta.errors import CheckpointError
+from edgemeta.model import FewShotModel, ModelSpec
+
+__all__ = ["default_checkpoint", "read_header", "Checkpoint", "save_checkpoint", "load_checkpoint", "model_fingerprint", "file_sha256", "atomic_write"]
+
+FORMAT = "edgemeta.checkpoint"
+VERSION = 1
+_HEADER_KEY = "edgemeta"
+_OPTIM_PREFIX = "optim/"
+
+
+@dataclass
+class Checkpoint:
+    """A loaded checkpoint: the model, its spec, and everything recorded with it."""
+
+    model: FewShotModel
+    spec: ModelSpec
+    fingerprint: str
+    info: dict[str, Any] = field(default_factory=dict)
+    optimizer_state: dict[str, Any] | None = None
+    path: Path | None = None
+    sha256: str = ""
+
+
+DEFAULT_CHECKPOINT = "conv4_omniglot.safetensors"
+
+
+def default_checkpoint() -> Path:
+    """The embedded default: Conv-4 meta-trained on Omniglot (see scripts/train_omniglot.py)."""
+    path = Path(__file__).resolve().parent / "pretrained" / DEFAULT_CHECKPOINT
+    if not path.is_file():
+        raise CheckpointError(f"the embedded model {DEFAULT_CHECKPOINT} is missing from this install; reinstall edgemeta or pass a checkpoint")
+    return path
+
+
+def model_fingerprint(model: FewShotModel) -> str:
+    """A stable hash of the spec and every weight and buffer; identifies the embedding function."""
+    h = hashlib.sha256(json.dumps(model.spec.to_dict(), sort_keys=True).encode())
+    for name, t in sorted(model.state_dict().items()):
+        h.update(name.encode())
+        h.update(t.detach().cpu().contiguous().numpy().tobytes())
+    return h.hexdigest()[:16]
+
+
+def file_sha256(path: str | os.PathLike) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def atomic_write(path: str | os.PathLike, write) -> None:
+    """Call ``write(tmp_path)`` then fsync and rename over ``path``; never leaves half a file."""
+    path = Path(path)
+    if not path.parent.exists():
+        raise CheckpointError(f"output folder {path.parent} does not exist; create it first")
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    os.close(fd)
+    try:
+        write(tmp)
+        umask = os.umask(0)
+        os.umask(umask)
+        os.chmod(tmp, 0o666 & ~umask)  # mkstemp makes 0600; a checkpoint is an ordinary file
+        with open(tmp, "rb+") as f:
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
+
+
+def _versions() -> dict[str, str]:
+    return {"edgemeta": __version__, "torch": torch.__version__, "python": platform.python_version()}
+
+
+def _flatten_optimizer(state: dict[str, Any]) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+    tensors, meta = {}, {"param_groups": state["param_groups"], "scalars": {}}
+    for pid, pstate in state["state"].items():
+        for k, v in pstate.items():
+            key = f"{_OPTIM_PREFIX}{pid}/{k}"
+            if torch.is_tensor(v):
+                tensors[key] = v.detach().cpu().contiguous()
+            else:
+                meta["scalars"][key] = v
+    return tensors, meta
+
+
+def _unflatten_optimizer(tensors: dict[str, torch.Tensor], meta: dict[str, Any]) -> dict[str, Any]:
+    state: dict[int, dict[str, Any]] = {}
+    for key, v in list(tensors.items()) + list(meta.get("scalars", {}).items()):
+        pid, k = key[len(_OPTIM_PREFIX):].split("/", 1)
+        state.setdefault(int(pid), {})[k] = v
+    return {"state": state, "param_groups": meta["param_groups"]}
+
+
+def save_checkpoint(
+    path: str | os.PathLike,
+    model: FewShotModel,
+    info: dict[str, Any] | None = None,
+    optimizer_state: dict[str, Any] | None = None,
+) -> str:
+    """Write ``model`` (and optionally the optimizer state) atomically; returns the fingerprint."""
+    tensors = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
+    optim_meta = None
+    if optimizer_state is not None:
+        opt_tensors, optim_meta = _flatten_optimizer(optimizer_state)
+        tensors.update(opt_tensors)
+    fingerprint = model_fingerprint(model)
+    header = {
+        "format": FORMAT,
+        "version": VERSION,
+        "spec": model.spec.to_dict(),
+        "embedding_dim": model.embedding_dim,
+        "fingerprint": fingerprint,
+        "versions": _versions(),
+        "info": info or {},
+        "optimizer": optim_meta,
+    }
+    from safetensors.torch import save_file
+
+    atomic_write(path, lambda tmp: save_file(tensors, tmp, metadata={_HEADER_KEY: json.dumps(header, default=str)}))
+    return fingerprint
+
+
+def read_header(path: str | os.PathLike) -> dict[str, Any]:
+    """The JSON header of a checkpoint, without loading the weights."""
+    from safetensors import safe_open
+
+    path = Path(path)
+    if not path.is_file():
+        raise CheckpointError(f"checkpoint not found: {path}; check the path or train one with `edgemeta train`")
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            meta = f.metadata() or {}
+    except Exception as e:  # safetensors raises its own error types for non-safetensors files
+        raise CheckpointError(
+            f"{path} is not an edgemeta checkpoint (not a safetensors file: {str(e).splitlines()[0][:80]}); "
+            "pass a checkpoint written by `edgemeta train`"
+        ) from None
+    if _HEADER_KEY not in meta:
+        raise CheckpointError(
+            f"{path} is a safetensors file but not an edgemeta checkpoint (no edgemeta header); "
+            "export your own module with `edgemeta export --module` instead"
+        )
+    try:
+        header = json.loads(meta[_HEADER_KEY])
+    except json.JSONDecodeError:
+        raise CheckpointError(f"{path}: the checkpoint header is damaged; re-save the checkpoint") from None
+    if header.get("format") != FORMAT:
+        raise CheckpointError(f"{path} is not an edgemeta checkpoint (format {header.get('format')!r})")
+    if not isinstance(header.get("version"), int) or header["version"] > VERSION:
+        raise CheckpointError(
+            f"{path}: checkpoint format version {header.get('version')!r} is newer than this edgemeta reads "
+            f"({VERSION}); upgrade edgemeta"
+        )
+    return header
+
+
+def load_checkpoint(path: str | os.PathLike, with_optimizer: bool = False) -> Checkpoint:
+    """Rebuild the model from a checkpoint file; checks the weights against the recorded fingerprint."""
+    from safetensors.torch import load_file
+
+    header = read_header(path)
+    spec = ModelSpec.from_dict(header["spec"])
+    model = FewShotModel(spec)
+    try:
+        tensors = load_file(str(path))
+    except Exception as e:
+        raise CheckpointError(f"{path}: the weights cannot be read ({e}); the file is damaged") from None
+    weights = {k: v for k, v in tensors.items() if not k.startswith(_OPTIM_PREFIX)}
+    try:
+        model.load_state_dict(weights, strict=True)
+    except RuntimeError as e:
+        raise CheckpointError(f"{path}: weights do not match the model spec ({str(e).splitlines()[0]})") from None
+    model.eval()
+    fingerprint = model_fingerprint(model)
+    if fingerprint != header.get("fingerprint"):
+        raise CheckpointError(
+            f"{path}: the weights' fingerprint {fingerprint} differs from the recorded {header.get('fingerprint')}; "
+            "the file was modified or damaged"
+        )
+    optim = None
+    if with_optimizer and header.get("optimizer"):
+        optim = _unflatten_optimizer({k: v for k, v in tensors.items() if k.startswith(_OPTIM_PREFIX)}, header["optimizer"])
+    return Checkpoint(model, spec, fingerprint, header.get("info", {}), optim, Path(path), file_sha256(path))

@@ -1,0 +1,116 @@
+"""Training-side commands: ``train``, ``evaluate``, ``episodes``."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import List, Optional
+
+import typer
+
+from edgemeta.cli._app import command, console, emit_json, out
+from edgemeta.runtime.spec import Metric, Normalization
+
+DATA_DIR_HELP = "Data folder (default: $EDGEMETA_DATA_DIR, else ~/.cache/edgemeta/data); Omniglot archives go in DATA/omniglot."
+
+
+@command("train")
+def train_cmd(
+    out_path: Path = typer.Option(Path("model.safetensors"), "--out", "-o", help="Checkpoint to write; the .jsonl log and .png curve go next to it."),
+    dataset: str = typer.Option("omniglot", help="omniglot, tiny-imagenet, or a folder/zip of class folders."),
+    data_dir: Optional[Path] = typer.Option(None, help=DATA_DIR_HELP),
+    backbone: str = typer.Option("conv4", help="conv4, resnet12 or edgenet."),
+    size: Optional[int] = typer.Option(None, help="Input side in pixels (default 28 for Omniglot, 64 for Tiny-ImageNet, 84 otherwise)."),
+    metric: Metric = typer.Option(Metric.SQEUCLIDEAN, help="Distance to prototypes; cosine learns a temperature."),
+    normalization: Normalization = typer.Option(Normalization.NONE, help="Embedding normalization; centered_l2 subtracts the base-class mean (SimpleShot)."),
+    n_way: int = typer.Option(60, help="Classes per training episode."),
+    k_shot: int = typer.Option(5, help="Support images per class."),
+    queries: int = typer.Option(5, help="Query images per class."),
+    episodes: int = typer.Option(5000, help="Episodic training steps (0: pre-training only)."),
+    lr: float = typer.Option(1e-3, help="Adam learning rate of the episodic stage."),
+    schedule: str = typer.Option("step", help="step (x gamma every --step-every episodes) or cosine."),
+    step_every: int = typer.Option(2000, help="Episodes between learning-rate steps."),
+    gamma: float = typer.Option(0.5, help="Learning-rate factor per step."),
+    pretrain_epochs: int = typer.Option(0, help="Cross-entropy pre-training epochs over all base classes before episodes (Meta-Baseline)."),
+    pretrain_lr: float = typer.Option(0.05, help="SGD learning rate of pre-training (cosine decay)."),
+    batch_size: int = typer.Option(128, help="Pre-training batch size."),
+    augment: bool = typer.Option(False, help="Random flips and crops (natural images)."),
+    val_every: int = typer.Option(500, help="Validate on held-out classes every N episodes."),
+    val_episodes: int = typer.Option(300, help="Validation episodes (5-way 1-shot by default)."),
+    seed: int = typer.Option(0, help="Seed for initialization and episodes."),
+    threads: Optional[int] = typer.Option(None, help="torch CPU threads (default: torch's choice)."),
+    max_minutes: Optional[float] = typer.Option(None, help="Stop after this many minutes and keep the best model so far."),
+    resume: Optional[Path] = typer.Option(None, help="Continue a run from its checkpoint (uses the .last file next to it)."),
+    json_out: bool = typer.Option(False, "--json", help="Print the result as JSON."),
+) -> None:
+    """Meta-train a few-shot model (prototypical networks) and write a self-describing checkpoint."""
+    from edgemeta.train import TrainConfig, train
+
+    cfg = TrainConfig(
+        out=str(out_path), dataset=dataset, data_dir=str(data_dir) if data_dir else None, backbone=backbone, size=size,
+        metric=metric, normalization=normalization, n_way=n_way, k_shot=k_shot, q_query=queries, episodes=episodes,
+        lr=lr, schedule=schedule, step_every=step_every, gamma=gamma, pretrain_epochs=pretrain_epochs,
+        pretrain_lr=pretrain_lr, batch_size=batch_size, augment=augment, val_every=val_every,
+        val_episodes=val_episodes, seed=seed, threads=threads, max_minutes=max_minutes,
+    )
+    result = train(cfg, resume=resume, progress=not json_out)
+    summary = {"checkpoint": str(result.checkpoint), "fingerprint": result.fingerprint, "best_val_accuracy": result.best_val_accuracy,
+               "seconds": round(result.seconds, 1), "episodes_per_second": round(result.episodes_per_second, 2)}
+    if json_out:
+        emit_json(summary)
+    else:
+        out.print(f"wrote {result.checkpoint} (fingerprint {result.fingerprint}); best validation accuracy "
+                  f"{100 * result.best_val_accuracy:.2f}% in {result.seconds / 60:.1f} min")
+
+
+@command("evaluate")
+def evaluate_cmd(
+    checkpoint: Optional[Path] = typer.Argument(None, help="Checkpoint (default: the embedded Conv-4 Omniglot model)."),
+    dataset: str = typer.Option("omniglot", help="omniglot, tiny-imagenet, digits, or a folder/zip of class folders."),
+    split: str = typer.Option("evaluation", help="Omniglot: evaluation/background; Tiny-ImageNet: test/val/train."),
+    data_dir: Optional[Path] = typer.Option(None, help=DATA_DIR_HELP),
+    n_way: List[int] = typer.Option([5], help="Classes per episode (repeat for several)."),
+    k_shot: List[int] = typer.Option([1], help="Support images per class (repeat for several)."),
+    queries: int = typer.Option(15, help="Query images per class."),
+    episodes: int = typer.Option(1000, help="Episodes per protocol."),
+    seed: int = typer.Option(0, help="Episode seed."),
+    episodes_file: Optional[Path] = typer.Option(None, help="Evaluate the fixed episodes of this JSON file instead."),
+    report: Optional[Path] = typer.Option(None, help="Also write the JSON report here."),
+    threads: Optional[int] = typer.Option(None, help="torch CPU threads."),
+    json_out: bool = typer.Option(False, "--json", help="Print the report as JSON."),
+) -> None:
+    """Few-shot accuracy (95% CI) and macro precision/recall/F1 on novel classes."""
+    from edgemeta.evaluate import run_evaluation
+
+    reports = run_evaluation(checkpoint, dataset, split, data_dir, n_way, k_shot, queries, episodes, seed, episodes_file, threads)
+    doc = {"checkpoint": str(checkpoint or "embedded"), "results": [r.to_dict() for r in reports]}
+    if report:
+        report.write_text(__import__("json").dumps(doc, indent=2))
+    if json_out:
+        emit_json(doc)
+        return
+    from rich.table import Table
+
+    table = Table(title=f"few-shot accuracy on {reports[0].dataset}")
+    for col in ("protocol", "episodes", "accuracy", "95% CI", "precision", "recall", "F1"):
+        table.add_column(col, justify="right")
+    for r in reports:
+        table.add_row(f"{r.n_way}-way {r.k_shot}-shot", str(r.episodes), f"{100 * r.accuracy:.2f}%", f"± {100 * r.ci95:.2f}",
+                      f"{100 * r.precision:.2f}", f"{100 * r.recall:.2f}", f"{100 * r.f1:.2f}")
+    out.print(table)
+
+
+@command("episodes")
+def episodes_cmd(
+    folder: Path = typer.Argument(..., help="A folder of class sub-folders of images."),
+    output: Path = typer.Option(..., "--out", "-o", help="The JSON episodes file to write (paths are stored relative to it)."),
+    n_way: int = typer.Option(5, help="Classes per episode."),
+    k_shot: int = typer.Option(1, help="Support images per class."),
+    queries: int = typer.Option(15, help="Query images per class."),
+    episodes: int = typer.Option(1000, help="Number of episodes."),
+    seed: int = typer.Option(0, help="Episode seed."),
+) -> None:
+    """Write a fixed-episodes file over an image folder, so a protocol can be evaluated exactly."""
+    from edgemeta.episodes import make_episodes_file
+
+    count = make_episodes_file(folder, output, n_way, k_shot, queries, episodes, seed)
+    console.print(f"wrote {count} episodes to {output}")

@@ -1,0 +1,469 @@
+"""Data sets as decoded, resized uint8 arrays in memory, with an on-disk cache.
+
+Every image goes through :func:`edgemeta.runtime.preprocess.to_uint8` (the device's
+own decoder) once; the result is cached as ``.npz`` so later runs start in seconds.
+Training then only normalizes (the same arithmetic as the runtime).
+
+Sources: Omniglot (official archives or extracted folders; downloaded and
+checksum-verified when missing and online), any image folder (``root/<class>/*``,
+as a folder or a zip), Tiny-ImageNet (an image folder with ``words.txt``), and
+scikit-learn's bundled digits.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import json
+import os
+import zipfile
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable, Iterable, Sequence
+
+import numpy as np
+
+from edgemeta.errors import DataError, InputError
+from edgemeta.runtime.preprocess import decode, to_uint8
+from edgemeta.runtime.spec import PreprocessSpec
+
+__all__ = [
+    "ImageSet",
+    "data_dir",
+    "cache_dir",
+    "load_omniglot",
+    "omniglot_splits",
+    "load_image_folder",
+    "load_tiny_imagenet",
+    "load_digits",
+    "load_dataset",
+    "IMAGE_EXTENSIONS",
+]
+
+IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".tif", ".tiff", ".webp")
+OMNIGLOT_URL = "https://github.com/brendenlake/omniglot/raw/master/python/{name}.zip"
+# Upstream checksums (the archives of github.com/brendenlake/omniglot)
+OMNIGLOT_MD5 = {
+    "images_background": "68d2efa1b9178cc56df9314c21c6e718",
+    "images_evaluation": "6b91aef0f799c5bb55b94e3f2daec811",
+}
+_CACHE_VERSION = 1
+
+
+@dataclass
+class ImageSet:
+    """Images of one split: ``images`` uint8 [N, H, W, C], ``labels`` int64 [N] into ``classes``.
+
+    ``groups`` optionally names a super-class per class (an Omniglot alphabet);
+    ``paths`` optionally gives the source of each image (for episode files).
+    """
+
+    images: np.ndarray
+    labels: np.ndarray
+    classes: list[str]
+    name: str
+    spec: PreprocessSpec
+    groups: list[str] = field(default_factory=list)
+    paths: list[str] = field(default_factory=list)
+
+    def __len__(self) -> int:
+        return int(self.labels.shape[0])
+
+    @property
+    def num_classes(self) -> int:
+        return len(self.classes)
+
+    def fingerprint(self) -> str:
+        h = hashlib.sha256(self.name.encode())
+        h.update(json.dumps(self.classes).encode())
+        h.update(np.ascontiguousarray(self.labels).tobytes())
+        h.update(hashlib.sha256(np.ascontiguousarray(self.images).tobytes()).digest())
+        return h.hexdigest()[:16]
+
+    def select_classes(self, keep: Sequence[int], name: str | None = None) -> ImageSet:
+        """The subset holding only classes ``keep`` (relabelled 0..len(keep)-1, in that order)."""
+        keep = list(keep)
+        remap = np.full(self.num_classes, -1, dtype=np.int64)
+        remap[keep] = np.arange(len(keep))
+        mask = remap[self.labels] >= 0
+        return ImageSet(
+            images=self.images[mask],
+            labels=remap[self.labels[mask]],
+            classes=[self.classes[i] for i in keep],
+            name=name or self.name,
+            spec=self.spec,
+            groups=[self.groups[i] for i in keep] if self.groups else [],
+            paths=[p for p, m in zip(self.paths, mask) if m] if self.paths else [],
+        )
+
+    def with_rotations(self, angles: Iterable[int] = (90, 180, 270)) -> ImageSet:
+        """Add each rotation of every class as a new class (Snell et al.'s Omniglot protocol)."""
+        angles = [a for a in angles if a % 360]
+        if not angles:
+            return self
+        if any(a % 90 for a in angles):
+            raise InputError(f"rotations must be multiples of 90 degrees, got {angles}")
+        if self.spec.size[0] != self.spec.size[1]:
+            raise InputError("rotations need square images")
+        images, labels, classes = [self.images], [self.labels], list(self.classes)
+        for j, a in enumerate(angles, start=1):
+            images.append(np.rot90(self.images, k=a // 90, axes=(1, 2)))
+            labels.append(self.labels + j * self.num_classes)
+            classes += [f"{c}@rot{a}" for c in self.classes]
+        return ImageSet(
+            images=np.ascontiguousarray(np.concatenate(images)),
+            labels=np.concatenate(labels),
+            classes=classes,
+            name=self.name,
+            spec=self.spec,
+            groups=self.groups * (len(angles) + 1) if self.groups else [],
+        )
+
+    def check_episode_size(self, n_way: int, per_class: int) -> None:
+        """Raise a clear DataError when an N-way episode of ``per_class`` images cannot be drawn."""
+        if n_way > self.num_classes:
+            raise DataError(
+                f"{self.name} has {self.num_classes} classes, fewer than the {n_way}-way episodes asked; "
+                f"lower --n-way to at most {self.num_classes}"
+            )
+        counts = np.bincount(self.labels, minlength=self.num_classes)
+        enough = int((counts >= per_class).sum())
+        if enough < n_way:
+            raise DataError(
+                f"{self.name}: only {enough} classes have at least {per_class} images (K shots + Q queries), "
+                f"{n_way} needed; lower --k-shot/--queries or --n-way (smallest class has {int(counts.min())})"
+            )
+
+
+def data_dir(explicit: str | os.PathLike | None = None) -> Path:
+    """The data folder: the explicit option, else ``$EDGEMETA_DATA_DIR``, else ``~/.cache/edgemeta/data``."""
+    if explicit:
+        return Path(explicit).expanduser()
+    env = os.environ.get("EDGEMETA_DATA_DIR")
+    if env:
+        return Path(env).expanduser()
+    return Path.home() / ".cache" / "edgemeta" / "data"
+
+
+def cache_dir() -> Path:
+    """Where decoded arrays are cached: ``$EDGEMETA_CACHE_DIR`` or ``~/.cache/edgemeta``."""
+    env = os.environ.get("EDGEMETA_CACHE_DIR")
+    path = Path(env).expanduser() if env else Path.home() / ".cache" / "edgemeta"
+    return path
+
+
+def _cached(key: dict, build: Callable[[], ImageSet], spec: PreprocessSpec) -> ImageSet:
+    """Load ``build()``'s result from the cache under ``key``, or build and store it."""
+    digest = hashlib.sha256(json.dumps({**key, "v": _CACHE_VERSION, "spec": spec.to_dict()}, sort_keys=True).encode()).hexdigest()[:20]
+    path = cache_dir() / f"{key.get('name', 'data')}-{digest}.npz"
+    if path.is_file():
+        try:
+            with np.load(path, allow_pickle=False) as z:
+                meta = json.loads(str(z["meta"]))
+                return ImageSet(z["images"], z["labels"], meta["classes"], meta["name"], spec, meta["groups"], meta["paths"])
+        except Exception:  # a damaged cache is rebuilt, never trusted
+            pass
+    ds = build()
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_suffix(f".{os.getpid()}.tmp.npz")
+        meta = {"classes": ds.classes, "name": ds.name, "groups": ds.groups, "paths": ds.paths}
+        np.savez(tmp, images=ds.images, labels=ds.labels, meta=np.array(json.dumps(meta)))
+        os.replace(tmp, path)
+    except OSError:
+        pass  # a read-only cache only costs speed
+    return ds
+
+
+def _progress(items: Sequence, description: str):
+    """A rich progress bar over ``items`` when writing to a terminal, else the items."""
+    import sys
+
+    if not sys.stderr.isatty() or len(items) < 200:
+        return items
+    from rich.progress import track
+
+    return track(items, description=description, console=None, transient=True)
+
+
+def _decode_members(open_member: Callable[[str], bytes], members: list[tuple[str, int]], spec: PreprocessSpec, what: str):
+    images = np.empty((len(members), spec.size[0], spec.size[1], spec.channels), dtype=np.uint8)
+    for i, (member, _) in enumerate(_progress(members, f"decoding {what}")):
+        try:
+            images[i] = to_uint8(decode(io.BytesIO(open_member(member))), spec)
+        except InputError as e:
+            raise DataError(f"{what}: cannot decode {member}: {e}; remove or replace that file") from None
+    return images
+
+
+# ---------------------------------------------------------------- image trees
+
+
+def _list_tree(root: str | os.PathLike) -> tuple[Callable[[str], bytes], list[str], str]:
+    """List image files of a folder or zip archive: (reader, relative paths, source description)."""
+    root = Path(root)
+    if root.is_dir():
+        files = sorted(
+            str(p.relative_to(root)).replace(os.sep, "/")
+            for p in root.rglob("*")
+            if p.suffix.lower() in IMAGE_EXTENSIONS and p.is_file()
+        )
+        return (lambda m: (root / m).read_bytes()), files, str(root)
+    if root.is_file():
+        try:
+            zf = zipfile.ZipFile(root)
+            names = sorted(n for n in zf.namelist() if not n.endswith("/") and Path(n).suffix.lower() in IMAGE_EXTENSIONS)
+        except (zipfile.BadZipFile, OSError) as e:
+            raise DataError(f"{root} is not a readable zip archive ({e}); re-download or re-copy it") from None
+
+        def read(m: str) -> bytes:
+            try:
+                return zf.read(m)
+            except (zipfile.BadZipFile, OSError, EOFError) as e:
+                raise DataError(f"{root}: member {m} is corrupt ({e}); re-download or re-copy the archive") from None
+
+        return read, names, str(root)
+    raise DataError(f"image folder or archive not found: {root}; check the path or --data-dir")
+
+
+def _strip_common_root(paths: list[str]) -> tuple[list[str], str]:
+    """Drop a single top-level folder shared by all paths (``tiny-imagenet/<class>/x.jpg``)."""
+    prefix = ""
+    while paths and all("/" in p for p in paths):
+        heads = {p.split("/", 1)[0] for p in paths}
+        if len(heads) != 1 or all(p.count("/") < 2 for p in paths):
+            break
+        head = heads.pop()
+        prefix += head + "/"
+        paths = [p.split("/", 1)[1] for p in paths]
+    return paths, prefix
+
+
+def load_image_folder(
+    root: str | os.PathLike,
+    spec: PreprocessSpec,
+    classes: Sequence[str] | None = None,
+    name: str | None = None,
+    min_images: int = 1,
+) -> ImageSet:
+    """Load ``root/<class>/<image>`` (a folder or a zip) into memory, decoded and resized.
+
+    Args:
+        root: a folder or a ``.zip`` with one sub-folder per class (a single shared
+            top-level folder inside a zip is skipped).
+        spec: the preprocessing (size, colour) to decode with.
+        classes: the classes to load, in this order; default all, sorted by name.
+        min_images: classes with fewer images are an error (an empty class folder is always one).
+    """
+    read, files, source = _list_tree(root)
+    rel, prefix = _strip_common_root(files)
+    by_class: dict[str, list[str]] = {}
+    for full, r in zip(files, rel):
+        if "/" not in r:
+            continue  # images directly under root belong to no class
+        by_class.setdefault(r.split("/", 1)[0], []).append(full)
+    if Path(root).is_dir():  # empty class folders exist only on disk
+        base = Path(root) / prefix
+        for d in sorted(p for p in base.iterdir() if p.is_dir()):
+            if d.name not in by_class and not d.name.startswith("."):
+                raise DataError(f"class folder {d} holds no images ({', '.join(IMAGE_EXTENSIONS)}); add images or remove it")
+    if not by_class:
+        raise DataError(f"{source} holds no class folders with images; expected root/<class>/<image>{IMAGE_EXTENSIONS[0]}")
+    wanted = list(classes) if classes is not None else sorted(by_class)
+    missing = [c for c in wanted if c not in by_class]
+    if missing:
+        raise DataError(f"{source}: no images for class(es) {', '.join(missing[:5])}; check the class list or the folder")
+    small = [c for c in wanted if len(by_class[c]) < min_images]
+    if small:
+        raise DataError(f"{source}: class {small[0]} has {len(by_class[small[0]])} image(s), {min_images} needed")
+    members = [(m, k) for k, c in enumerate(wanted) for m in sorted(by_class[c])]
+    ident = {"name": name or Path(root).stem, "source": str(Path(root).resolve()), "classes": wanted}
+    if Path(root).is_file():
+        st = Path(root).stat()
+        ident.update(size=st.st_size, mtime=st.st_mtime_ns)
+    else:
+        ident.update(files=hashlib.sha256("\n".join(m for m, _ in members).encode()).hexdigest())
+
+    def build() -> ImageSet:
+        images = _decode_members(read, members, spec, ident["name"])
+        labels = np.array([k for _, k in members], dtype=np.int64)
+        return ImageSet(images, labels, wanted, ident["name"], spec, [], [m for m, _ in members])
+
+    return _cached(ident, build, spec)
+
+
+# ---------------------------------------------------------------- Omniglot
+
+
+def _fetch_omniglot(name: str, dest: Path) -> Path:
+    """Download ``name``.zip from the upstream repository and verify its MD5."""
+    import urllib.request
+
+    url = OMNIGLOT_URL.format(name=name)
+    target = dest / f"{name}.zip"
+    try:
+        dest.mkdir(parents=True, exist_ok=True)
+        with urllib.request.urlopen(url, timeout=30) as r:
+            payload = r.read()
+    except OSError as e:
+        raise DataError(
+            f"Omniglot archive {name}.zip not found in {dest} and the download failed ({e}); "
+            f"put images_background.zip and images_evaluation.zip in {dest} (or pass --data-dir / set EDGEMETA_DATA_DIR)"
+        ) from None
+    md5 = hashlib.md5(payload).hexdigest()
+    if md5 != OMNIGLOT_MD5[name]:
+        raise DataError(f"downloaded {name}.zip has MD5 {md5}, expected {OMNIGLOT_MD5[name]}; retry the download")
+    tmp = target.with_suffix(".part")
+    tmp.write_bytes(payload)
+    os.replace(tmp, target)
+    return target
+
+
+def _find_omniglot(name: str, root: Path, download: bool) -> Path:
+    for base in (root / "omniglot", root):
+        for candidate in (base / f"{name}.zip", base / name):
+            if candidate.exists():
+                return candidate
+    if not download:
+        raise DataError(
+            f"Omniglot {name} not found under {root}; put {name}.zip in {root / 'omniglot'} "
+            "(or pass --data-dir / set EDGEMETA_DATA_DIR), or allow the download"
+        )
+    return _fetch_omniglot(name, root / "omniglot")
+
+
+def load_omniglot(
+    split: str = "background",
+    root: str | os.PathLike | None = None,
+    size: int = 28,
+    download: bool = True,
+) -> ImageSet:
+    """Omniglot ``background`` or ``evaluation``, every character a class ("Alphabet/characterNN").
+
+    Args:
+        split: ``background`` (964 characters, for training) or ``evaluation`` (659, for testing).
+        root: the data folder (see :func:`data_dir`); archives or extracted folders are found
+            in ``root/omniglot`` or ``root``.
+        size: side of the square images (28 as in Snell et al.).
+        download: fetch the official archives when missing (MD5-verified).
+    """
+    if split not in ("background", "evaluation"):
+        raise InputError(f"unknown Omniglot split {split!r}; use 'background' or 'evaluation'")
+    name = f"images_{split}"
+    source = _find_omniglot(name, data_dir(root), download)
+    spec = omniglot_spec(size)
+    read, files, _ = _list_tree(source)
+    rel, _ = _strip_common_root(files) if source.is_dir() else ([f.split("/", 1)[1] if f.startswith(name + "/") else f for f in files], "")
+    chars = sorted({"/".join(r.split("/")[:2]) for r in rel if r.count("/") >= 2})
+    if not chars:
+        raise DataError(f"{source} holds no Omniglot characters (expected {name}/<Alphabet>/<characterNN>/*.png); re-copy it")
+    index = {c: i for i, c in enumerate(chars)}
+    members = sorted((f, index["/".join(r.split("/")[:2])]) for f, r in zip(files, rel) if r.count("/") >= 2)
+    st = source.stat()
+    ident = {"name": f"omniglot-{split}", "source": str(source.resolve()), "size_bytes": st.st_size, "mtime": st.st_mtime_ns, "n": len(members)}
+
+    def build() -> ImageSet:
+        images = _decode_members(read, members, spec, f"Omniglot {split}")
+        labels = np.array([k for _, k in members], dtype=np.int64)
+        groups = [c.split("/")[0] for c in chars]
+        return ImageSet(images, labels, chars, f"omniglot-{split}", spec, groups, [m for m, _ in members])
+
+    return _cached(ident, build, spec)
+
+
+def omniglot_spec(size: int = 28) -> PreprocessSpec:
+    # Mean and std of Omniglot background pixels at 28x28 (white paper, black ink).
+    return PreprocessSpec.create(size, 1, mean=0.9211, std=0.2166)
+
+
+def omniglot_splits(
+    root: str | os.PathLike | None = None,
+    size: int = 28,
+    val_alphabets: int = 3,
+    rotations: bool = True,
+    download: bool = True,
+) -> tuple[ImageSet, ImageSet]:
+    """Snell et al.'s training data: background alphabets minus ``val_alphabets`` held out
+    (the last ones by name) for validation; rotations by 90/180/270 added as classes."""
+    bg = load_omniglot("background", root, size, download)
+    alphabets = sorted(set(bg.groups))
+    if not 0 <= val_alphabets < len(alphabets):
+        raise InputError(f"val_alphabets must be between 0 and {len(alphabets) - 1}, got {val_alphabets}")
+    held = set(alphabets[len(alphabets) - val_alphabets:]) if val_alphabets else set()
+    train = bg.select_classes([i for i, g in enumerate(bg.groups) if g not in held], "omniglot-train")
+    val = bg.select_classes([i for i, g in enumerate(bg.groups) if g in held], "omniglot-val")
+    if rotations:
+        train = train.with_rotations()
+    return train, val
+
+
+# ---------------------------------------------------------------- Tiny-ImageNet, digits
+
+TINY_IMAGENET_ZIP = "tiny-imagenet-200-100shot.zip"
+TINY_SPLITS = {"train": (0, 120), "val": (120, 150), "test": (150, 200)}
+
+
+def _tiny_source(root: Path) -> Path:
+    for cand in (root / "tiny-imagenet" / TINY_IMAGENET_ZIP, root / TINY_IMAGENET_ZIP, root / "tiny-imagenet", root):
+        if cand.is_file() or (cand.is_dir() and (cand / "words.txt").is_file()):
+            return cand
+    raise DataError(f"Tiny-ImageNet not found under {root}; put {TINY_IMAGENET_ZIP} in {root / 'tiny-imagenet'} or pass --data-dir")
+
+
+def load_tiny_imagenet(split: str, root: str | os.PathLike | None = None, size: int = 64) -> ImageSet:
+    """Tiny-ImageNet 120/30/50: classes by line order of ``words.txt`` (train 0-119, val 120-149, test 150-199)."""
+    if split not in TINY_SPLITS:
+        raise InputError(f"unknown Tiny-ImageNet split {split!r}; use one of {', '.join(TINY_SPLITS)}")
+    source = _tiny_source(data_dir(root))
+    if source.is_file():
+        with zipfile.ZipFile(source) as zf:
+            words = next((n for n in zf.namelist() if n.endswith("words.txt")), None)
+            if words is None:
+                raise DataError(f"{source} has no words.txt; re-copy the archive")
+            lines = zf.read(words).decode().splitlines()
+    else:
+        lines = (source / "words.txt").read_text().splitlines()
+    wnids = [ln.split("\t")[0].strip() for ln in lines if ln.strip()]
+    lo, hi = TINY_SPLITS[split]
+    spec = PreprocessSpec.create(size, 3, mean=(0.480, 0.448, 0.398), std=(0.277, 0.269, 0.282))
+    return load_image_folder(source, spec, classes=wnids[lo:hi], name=f"tiny-imagenet-{split}")
+
+
+def load_digits(spec: PreprocessSpec, invert: bool = True) -> ImageSet:
+    """scikit-learn's bundled handwritten digits (8x8, 10 classes), as images at ``spec``'s size.
+
+    ``invert`` draws dark ink on white paper, as Omniglot does.
+    """
+    try:
+        from sklearn.datasets import load_digits as sk_digits
+    except ImportError:
+        raise DataError("the digits set needs scikit-learn: pip install 'edgemeta[train]'") from None
+    d = sk_digits()
+    raw = np.clip(d.images * (255.0 / 16.0), 0, 255).round().astype(np.uint8)
+    if invert:
+        raw = 255 - raw
+    if spec.channels == 3:
+        raw = np.repeat(raw[..., None], 3, axis=-1)
+    images = np.stack([to_uint8(im, spec) for im in raw])
+    return ImageSet(images, d.target.astype(np.int64), [str(i) for i in range(10)], "sklearn-digits", spec)
+
+
+def load_dataset(name: str, split: str, root: str | os.PathLike | None, spec: PreprocessSpec | None = None) -> ImageSet:
+    """Named data sets for the CLI: ``omniglot``, ``tiny-imagenet``, ``digits``, or a folder/zip path."""
+    if name == "omniglot":
+        size = spec.size[0] if spec else 28
+        if split in ("train", "val"):
+            return omniglot_splits(root, size)[0 if split == "train" else 1]
+        if split == "test":
+            split = "evaluation"
+        return load_omniglot(split, root, size)
+    if name == "tiny-imagenet":
+        return load_tiny_imagenet(split, root, spec.size[0] if spec else 64)
+    if name == "digits":
+        return load_digits(spec or omniglot_spec())
+    path = Path(name)
+    if path.exists():
+        if spec is None:
+            raise InputError(f"loading the image folder {path} needs the preprocessing (--size, --channels)")
+        return load_image_folder(path, spec)
+    raise InputError(f"unknown data set {name!r}; use omniglot, tiny-imagenet, digits, or a folder/zip of class folders")

@@ -1,0 +1,188 @@
+"""N-way K-shot Q-query episodes: a seeded sampler and a fixed-episodes file format.
+
+The sampler draws episode ``i`` from ``numpy.random.default_rng([seed, i])``, so
+the sequence is reproducible, independent of how many episodes came before, and
+training resumes on exactly the episodes it would have seen.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Iterator, Sequence
+
+import numpy as np
+
+from edgemeta.errors import DataError, InputError
+
+__all__ = ["Episode", "EpisodeSampler", "EpisodeFile", "write_episodes_file", "read_episodes_file"]
+
+EPISODES_FORMAT = "edgemeta.episodes"
+EPISODES_VERSION = 1
+
+
+@dataclass(frozen=True)
+class Episode:
+    """Indices into a data set; ``support`` is class-major (class 0's K shots first)."""
+
+    classes: np.ndarray  # [N] class ids of the data set
+    support: np.ndarray  # [N*K] image indices
+    query: np.ndarray  # [N*Q] image indices
+    support_labels: np.ndarray  # [N*K] in 0..N-1
+    query_labels: np.ndarray  # [N*Q] in 0..N-1
+
+
+class EpisodeSampler:
+    """Seeded N-way K-shot Q-query episodes over integer ``labels``.
+
+    Example:
+        >>> sampler = EpisodeSampler(labels, n_way=5, k_shot=1, q_query=15, seed=0)
+        >>> ep = sampler.episode(0)
+    """
+
+    def __init__(self, labels: np.ndarray, n_way: int, k_shot: int, q_query: int, seed: int = 0, name: str = "data set") -> None:
+        for what, v, lo in (("n_way", n_way, 2), ("k_shot", k_shot, 1), ("q_query", q_query, 1)):
+            if not isinstance(v, (int, np.integer)) or v < lo:
+                raise InputError(f"{what} must be an integer >= {lo}, got {v!r}")
+        self.n_way, self.k_shot, self.q_query, self.seed = int(n_way), int(k_shot), int(q_query), int(seed)
+        labels = np.asarray(labels)
+        order = np.argsort(labels, kind="stable")
+        classes, starts = np.unique(labels[order], return_index=True)
+        self._by_class = np.split(order, starts[1:])
+        counts = np.array([len(ix) for ix in self._by_class])
+        self._eligible = classes[counts >= self.k_shot + self.q_query]
+        self._index = {int(c): i for i, c in enumerate(classes)}
+        if len(classes) < self.n_way:
+            raise DataError(f"{name} has {len(classes)} classes, fewer than {n_way}-way; lower --n-way to at most {len(classes)}")
+        if len(self._eligible) < self.n_way:
+            raise DataError(
+                f"{name}: only {len(self._eligible)} classes have {self.k_shot + self.q_query} images "
+                f"(K={k_shot} shots + Q={q_query} queries), {n_way} needed; lower --k-shot/--queries "
+                f"(smallest class has {counts.min()} images)"
+            )
+
+    def episode(self, i: int) -> Episode:
+        rng = np.random.default_rng([self.seed, int(i)])
+        classes = rng.choice(self._eligible, size=self.n_way, replace=False)
+        k, q = self.k_shot, self.q_query
+        picks = [rng.choice(self._by_class[self._index[int(c)]], size=k + q, replace=False) for c in classes]
+        support = np.concatenate([p[:k] for p in picks])
+        query = np.concatenate([p[k:] for p in picks])
+        return Episode(
+            classes=classes,
+            support=support,
+            query=query,
+            support_labels=np.repeat(np.arange(self.n_way), k),
+            query_labels=np.repeat(np.arange(self.n_way), q),
+        )
+
+    def __call__(self, count: int, start: int = 0) -> Iterator[Episode]:
+        for i in range(start, start + count):
+            yield self.episode(i)
+
+
+@dataclass(frozen=True)
+class EpisodeFile:
+    """Fixed episodes by file path: what a published protocol ships."""
+
+    n_way: int
+    k_shot: int
+    q_query: int
+    episodes: list[dict]  # {"support": [[path, label], ...], "query": [[path, label], ...]}
+    base: Path
+
+    def resolve(self, rel: str) -> Path:
+        return (self.base / rel).resolve()
+
+
+def write_episodes_file(
+    path: str | os.PathLike,
+    paths: Sequence[str],
+    labels: np.ndarray,
+    classes: Sequence[str],
+    sampler: EpisodeSampler,
+    count: int,
+) -> None:
+    """Write ``count`` episodes of ``sampler`` over images ``paths`` (absolute or relative to cwd)."""
+    out = Path(path)
+    base = out.parent.resolve()
+
+    def entry(ix: int) -> list:
+        return [os.path.relpath(Path(paths[ix]).resolve(), base), classes[int(labels[ix])]]
+
+    eps = [{"support": [entry(i) for i in ep.support], "query": [entry(i) for i in ep.query]} for ep in sampler(count)]
+    doc = {
+        "format": EPISODES_FORMAT,
+        "version": EPISODES_VERSION,
+        "n_way": sampler.n_way,
+        "k_shot": sampler.k_shot,
+        "q_query": sampler.q_query,
+        "seed": sampler.seed,
+        "episodes": eps,
+    }
+    tmp = out.with_suffix(out.suffix + ".tmp")
+    tmp.write_text(json.dumps(doc))
+    os.replace(tmp, out)
+
+
+def read_episodes_file(path: str | os.PathLike) -> EpisodeFile:
+    """Read and validate an episodes file; every problem is reported in one error."""
+    path = Path(path)
+    try:
+        doc = json.loads(path.read_text())
+    except FileNotFoundError:
+        raise InputError(f"episodes file not found: {path}") from None
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise InputError(f"{path} is not a JSON episodes file ({e})") from None
+    if not isinstance(doc, dict) or doc.get("format") != EPISODES_FORMAT:
+        raise InputError(f"{path} is not an edgemeta episodes file (missing \"format\": \"{EPISODES_FORMAT}\")")
+    problems = []
+    eps = doc.get("episodes")
+    if not isinstance(eps, list) or not eps:
+        problems.append("no episodes")
+        eps = []
+    for i, ep in enumerate(eps):
+        for part in ("support", "query"):
+            items = ep.get(part) if isinstance(ep, dict) else None
+            if not isinstance(items, list) or not items or not all(isinstance(x, list) and len(x) == 2 for x in items):
+                problems.append(f"episode {i}: '{part}' must be a non-empty list of [path, label]")
+                continue
+            missing = [x[0] for x in items if not (path.parent / str(x[0])).is_file()]
+            if missing:
+                problems.append(f"episode {i}: {len(missing)} missing image(s), e.g. {missing[0]}")
+        if isinstance(ep, dict) and isinstance(ep.get("support"), list) and isinstance(ep.get("query"), list):
+            s_labels = {str(x[1]) for x in ep["support"] if isinstance(x, list) and len(x) == 2}
+            bad = {str(x[1]) for x in ep["query"] if isinstance(x, list) and len(x) == 2} - s_labels
+            if bad:
+                problems.append(f"episode {i}: query labels with no support images: {sorted(bad)[:3]}")
+        if len(problems) > 10:
+            break
+    if problems:
+        raise InputError(f"{path}: " + "; ".join(problems[:10]))
+    return EpisodeFile(int(doc.get("n_way", 0)), int(doc.get("k_shot", 0)), int(doc.get("q_query", 0)), eps, path.parent)
+
+
+def make_episodes_file(folder: str | os.PathLike, out: str | os.PathLike, n_way: int, k_shot: int, q_query: int, count: int, seed: int = 0) -> int:
+    """Sample ``count`` episodes over ``folder/<class>/<image>`` and write them to ``out``."""
+    from edgemeta.data import IMAGE_EXTENSIONS
+
+    root = Path(folder)
+    if not root.is_dir():
+        raise InputError(f"{root} is not a folder of class folders; pass a folder like root/<class>/<image>.png")
+    paths, labels, classes = [], [], []
+    for d in sorted(p for p in root.iterdir() if p.is_dir()):
+        files = sorted(f for f in d.iterdir() if f.suffix.lower() in IMAGE_EXTENSIONS)
+        if not files:
+            raise DataError(f"class folder {d} holds no images; add images or remove it")
+        classes.append(d.name)
+        paths += [str(f) for f in files]
+        labels += [len(classes) - 1] * len(files)
+    if not classes:
+        raise DataError(f"{root} has no class folders")
+    if count < 1:
+        raise InputError(f"episodes must be >= 1, got {count}")
+    sampler = EpisodeSampler(np.array(labels), n_way, k_shot, q_query, seed, str(root))
+    write_episodes_file(out, paths, np.array(labels), classes, sampler, count)
+    return count

@@ -1,0 +1,27 @@
+"""Re-export of the one exception hierarchy (defined in ``edgemeta.runtime.errors``)."""
+
+from edgemeta.runtime.errors import (
+    CheckpointError,
+    DataError,
+    EdgemetaError,
+    ExportError,
+    InputError,
+    ModelMismatchError,
+    ProviderError,
+    StoreCorruptError,
+    StoreWriteError,
+    VerificationError,
+)
+
+__all__ = [
+    "CheckpointError",
+    "DataError",
+    "EdgemetaError",
+    "ExportError",
+    "InputError",
+    "ModelMismatchError",
+    "ProviderError",
+    "StoreCorruptError",
+    "StoreWriteError",
+    "VerificationError",
+]

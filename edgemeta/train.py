@@ -1,0 +1,422 @@
+"""Meta-training: optional cross-entropy pre-training, then prototypical episodes.
+
+Two recipes share one loop:
+- pure episodic training (Snell et al. 2017): ``pretrain_epochs=0``;
+- Meta-Baseline / RFS (Chen et al. 2021, Tian et al. 2020): pre-train a classifier
+  over all base classes, then fine-tune episodically (``pretrain_epochs>0``).
+
+Validation runs on held-out classes every ``val_every`` episodes (and after each
+pre-training epoch); the best model is what the checkpoint holds. Everything is
+seeded, and ``resume`` continues on exactly the episodes the run would have seen.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import math
+import os
+import time
+from dataclasses import asdict, dataclass, field, replace
+from pathlib import Path
+from typing import Any, Callable
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from edgemeta.checkpoint import load_checkpoint, save_checkpoint
+from edgemeta.data import ImageSet, load_dataset, omniglot_spec
+from edgemeta.episodes import EpisodeSampler
+from edgemeta.errors import CheckpointError, InputError
+from edgemeta.evaluate import EvalReport, embed_images, evaluate, to_tensor
+from edgemeta.model import FewShotModel, ModelSpec
+from edgemeta.runtime.spec import Metric, Normalization, PreprocessSpec
+
+__all__ = ["TrainConfig", "TrainResult", "train", "default_spec", "resume_path"]
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    """A training run. Defaults are the Omniglot Conv-4 recipe."""
+
+    out: str = "model.safetensors"
+    dataset: str = "omniglot"
+    data_dir: str | None = None
+    backbone: str = "conv4"
+    size: int | None = None  # default: 28 for Omniglot, 64 for Tiny-ImageNet
+    metric: Metric = Metric.SQEUCLIDEAN
+    normalization: Normalization = Normalization.NONE
+    # episodic stage
+    n_way: int = 60
+    k_shot: int = 5
+    q_query: int = 5
+    episodes: int = 5000
+    lr: float = 1e-3
+    schedule: str = "step"  # step | cosine
+    step_every: int = 2000
+    gamma: float = 0.5
+    # pre-training stage (cross-entropy over all base classes)
+    pretrain_epochs: int = 0
+    pretrain_lr: float = 0.05
+    batch_size: int = 128
+    augment: bool = False
+    # validation
+    val_every: int = 500
+    val_episodes: int = 300
+    val_n_way: int = 5
+    val_k_shot: int = 1
+    # execution
+    seed: int = 0
+    threads: int | None = None
+    channels_last: bool = True
+    max_minutes: float | None = None
+    log_every: int = 25
+
+    def check(self) -> None:
+        problems = []
+        if self.schedule not in ("step", "cosine"):
+            problems.append(f"schedule {self.schedule!r} (use step or cosine)")
+        for name in ("n_way", "k_shot", "q_query", "val_n_way", "val_k_shot", "batch_size", "val_every", "val_episodes", "log_every"):
+            if getattr(self, name) < 1:
+                problems.append(f"{name}={getattr(self, name)} (must be >= 1)")
+        if self.n_way < 2 or self.val_n_way < 2:
+            problems.append("n-way must be >= 2")
+        if self.episodes < 0 or self.pretrain_epochs < 0:
+            problems.append("episodes and pretrain epochs must be >= 0")
+        if self.episodes == 0 and self.pretrain_epochs == 0:
+            problems.append("nothing to train: set --episodes or --pretrain-epochs")
+        if self.lr <= 0 or self.pretrain_lr <= 0:
+            problems.append("learning rates must be > 0")
+        if problems:
+            raise InputError("bad training config: " + "; ".join(problems))
+
+
+@dataclass
+class TrainResult:
+    checkpoint: Path
+    fingerprint: str
+    best_val_accuracy: float
+    history: list[dict[str, Any]] = field(default_factory=list)
+    seconds: float = 0.0
+    episodes_per_second: float = 0.0
+
+
+def default_spec(cfg: TrainConfig) -> PreprocessSpec:
+    if cfg.dataset == "omniglot":
+        return omniglot_spec(cfg.size or 28)
+    if cfg.dataset == "tiny-imagenet":
+        return PreprocessSpec.create(cfg.size or 64, 3, mean=(0.480, 0.448, 0.398), std=(0.277, 0.269, 0.282))
+    return PreprocessSpec.create(cfg.size or 84, 3, mean=(0.485, 0.456, 0.406), std=(0.229, 0.224, 0.225))
+
+
+def resume_path(out: str | os.PathLike) -> Path:
+    """Where the last (not best) state is kept for ``--resume``."""
+    out = Path(out)
+    return out.with_name(out.name.replace(".safetensors", "") + ".last.safetensors")
+
+
+def _lr(cfg: TrainConfig, step: int) -> float:
+    if cfg.schedule == "cosine":
+        return 0.5 * cfg.lr * (1 + math.cos(math.pi * min(step, cfg.episodes) / max(cfg.episodes, 1)))
+    return cfg.lr * cfg.gamma ** (step // cfg.step_every)
+
+
+def _augment(x: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
+    """Random horizontal flip and a random crop from 1/8 reflection padding (natural images)."""
+    b, _, h, w = x.shape
+    flip = torch.rand(b, generator=gen) < 0.5
+    x = torch.where(flip.view(b, 1, 1, 1), x.flip(3), x)
+    pad = max(h // 8, 1)
+    xp = F.pad(x, (pad, pad, pad, pad), mode="reflect")
+    dy, dx = torch.randint(0, 2 * pad + 1, (2,), generator=gen).tolist()
+    return xp[:, :, dy : dy + h, dx : dx + w]
+
+
+class _Trainer:
+    """Holds the state of one run; ``train()`` is the public entry point."""
+
+    def __init__(self, cfg: TrainConfig, train_set: ImageSet, val_set: ImageSet, spec: ModelSpec, on_event: Callable[[dict], None] | None):
+        self.cfg, self.train_set, self.val_set, self.on_event = cfg, train_set, val_set, on_event
+        torch.manual_seed(cfg.seed)
+        self.model = FewShotModel(spec)
+        self.out = Path(cfg.out)
+        self.log_path = self.out.with_suffix(".jsonl")
+        self.history: list[dict[str, Any]] = []
+        self.best_acc, self.best_state = -1.0, None
+        self.step, self.epoch = 0, 0
+        self.start_time = time.perf_counter()
+        self.train_seconds = 0.0
+        self.episode_seconds, self.episodes_done = 0.0, 0
+        mf = torch.channels_last if cfg.channels_last else torch.contiguous_format
+        self.memory_format = mf
+        self.model.to(memory_format=mf)
+
+    # -- logging -------------------------------------------------------
+    def log(self, record: dict[str, Any]) -> None:
+        record = {"time": round(time.perf_counter() - self.start_time, 2), **record}
+        self.history.append(record)
+        with open(self.log_path, "a") as f:
+            f.write(json.dumps(record) + "\n")
+        if self.on_event:
+            self.on_event(record)
+
+    def out_of_time(self) -> bool:
+        return self.cfg.max_minutes is not None and time.perf_counter() - self.start_time > 60 * self.cfg.max_minutes
+
+    def batch(self, idx: np.ndarray, gen: torch.Generator | None = None) -> torch.Tensor:
+        pp = self.model.spec.preprocess
+        x = to_tensor(self.train_set.images[idx], pp.mean, pp.std)
+        if gen is not None:
+            x = _augment(x, gen)
+        return x.contiguous(memory_format=self.memory_format)
+
+    # -- center for centered-L2 -----------------------------------------
+    @torch.no_grad()
+    def update_center(self) -> None:
+        if self.model.spec.normalization is not Normalization.CENTERED_L2:
+            return
+        rng = np.random.default_rng([self.cfg.seed, 7])
+        idx = rng.choice(len(self.train_set), size=min(len(self.train_set), 5000), replace=False)
+        self.model.eval()
+        pp = self.model.spec.preprocess
+        feats = [self.model.backbone(to_tensor(self.train_set.images[np.sort(idx[i : i + 512])], pp.mean, pp.std)) for i in range(0, len(idx), 512)]
+        self.model.center.copy_(torch.cat(feats).mean(0))
+
+    # -- validation ----------------------------------------------------
+    def validate(self, stage: str) -> float:
+        self.update_center()
+        cfg = self.cfg
+        q = max(1, min(15, int(np.bincount(self.val_set.labels).min()) - cfg.val_k_shot))
+        rep = evaluate(self.model, self.val_set, cfg.val_n_way, cfg.val_k_shot, q, cfg.val_episodes, seed=cfg.seed + 1)
+        improved = rep.accuracy > self.best_acc
+        if improved:
+            self.best_acc = rep.accuracy
+            self.best_state = copy.deepcopy(self.model.state_dict())
+        self.log({"stage": stage, "step": self.step, "epoch": self.epoch, "val_acc": rep.accuracy, "val_ci95": rep.ci95, "best": improved})
+        self.model.train()
+        return rep.accuracy
+
+    def info(self) -> dict[str, Any]:
+        return {
+            "config": {k: (v.value if hasattr(v, "value") else v) for k, v in asdict(self.cfg).items()},
+            "train_data": {"name": self.train_set.name, "classes": self.train_set.num_classes, "images": len(self.train_set), "fingerprint": self.train_set.fingerprint()},
+            "val_data": {"name": self.val_set.name, "classes": self.val_set.num_classes},
+            "step": self.step,
+            "epoch": self.epoch,
+            "best_val_accuracy": self.best_acc,
+            "train_seconds": round(self.train_seconds + time.perf_counter() - self.start_time, 1),
+        }
+
+    def save_last(self, optimizer: torch.optim.Optimizer, stage: str) -> None:
+        save_checkpoint(resume_path(self.out), self.model, {**self.info(), "stage": stage}, optimizer.state_dict())
+
+    def save_best(self) -> str:
+        final = copy.deepcopy(self.model)
+        if self.best_state is not None:
+            final.load_state_dict(self.best_state)
+        final.eval()
+        return save_checkpoint(self.out, final.to(memory_format=torch.contiguous_format), self.info())
+
+    # -- stages --------------------------------------------------------
+    def pretrain(self, progress) -> None:
+        cfg, ds = self.cfg, self.train_set
+        head = nn.Linear(self.model.embedding_dim, ds.num_classes)
+        params = list(self.model.backbone.parameters()) + list(head.parameters())
+        opt = torch.optim.SGD(params, lr=cfg.pretrain_lr, momentum=0.9, weight_decay=5e-4, nesterov=True)
+        steps_per_epoch = math.ceil(len(ds) / cfg.batch_size)
+        total = cfg.pretrain_epochs * steps_per_epoch
+        task = progress.add_task("pre-train", total=total, completed=self.epoch * steps_per_epoch, info="") if progress else None
+        self.model.train()
+        while self.epoch < cfg.pretrain_epochs and not self.out_of_time():
+            order = np.random.default_rng([cfg.seed, 1_000_003, self.epoch]).permutation(len(ds))
+            gen = torch.Generator().manual_seed(cfg.seed * 7919 + self.epoch) if cfg.augment else None
+            losses, accs = [], []
+            for b in range(steps_per_epoch):
+                it = self.epoch * steps_per_epoch + b
+                for g in opt.param_groups:
+                    g["lr"] = 0.5 * cfg.pretrain_lr * (1 + math.cos(math.pi * it / total))
+                idx = np.sort(order[b * cfg.batch_size : (b + 1) * cfg.batch_size])
+                y = torch.from_numpy(ds.labels[idx])
+                logits = head(self.model.backbone(self.batch(idx, gen)))
+                loss = F.cross_entropy(logits, y)
+                opt.zero_grad(set_to_none=True)
+                loss.backward()
+                opt.step()
+                losses.append(loss.item())
+                accs.append((logits.argmax(1) == y).float().mean().item())
+                if progress:
+                    progress.update(task, advance=1, info=f"epoch {self.epoch + 1} loss {np.mean(losses[-50:]):.3f} acc {100 * np.mean(accs[-50:]):.1f}%")
+                if self.out_of_time():
+                    break
+            self.epoch += 1
+            self.log({"stage": "pretrain", "epoch": self.epoch, "loss": float(np.mean(losses)), "acc": float(np.mean(accs)), "lr": opt.param_groups[0]["lr"]})
+            self.validate("pretrain")
+        if progress:
+            progress.remove_task(task)
+
+    def episodic(self, progress, optimizer_state: dict | None) -> None:
+        cfg, ds = self.cfg, self.train_set
+        sampler = EpisodeSampler(ds.labels, cfg.n_way, cfg.k_shot, cfg.q_query, cfg.seed, ds.name)
+        opt = torch.optim.Adam(self.model.parameters(), lr=cfg.lr)
+        if optimizer_state is not None:
+            opt.load_state_dict(optimizer_state)
+        task = progress.add_task("episodes", total=cfg.episodes, completed=self.step, info="") if progress else None
+        nk = cfg.n_way * cfg.k_shot
+        q_labels = torch.from_numpy(np.repeat(np.arange(cfg.n_way), cfg.q_query))
+        losses, accs = [], []
+        self.model.train()
+        while self.step < cfg.episodes and not self.out_of_time():
+            t0 = time.perf_counter()
+            for g in opt.param_groups:
+                g["lr"] = _lr(cfg, self.step)
+            ep = sampler.episode(self.step)
+            gen = torch.Generator().manual_seed(cfg.seed * 7919 + 104729 + self.step) if cfg.augment else None
+            z = self.model.embed(self.batch(np.concatenate([ep.support, ep.query]), gen))
+            protos = z[:nk].view(cfg.n_way, cfg.k_shot, -1).mean(1)
+            logits = self.model.logits(z[nk:], protos)
+            loss = F.cross_entropy(logits, q_labels)
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+            self.episode_seconds += time.perf_counter() - t0
+            self.episodes_done += 1
+            losses.append(loss.item())
+            accs.append((logits.argmax(1) == q_labels).float().mean().item())
+            self.step += 1
+            if progress:
+                progress.update(task, advance=1, info=f"loss {np.mean(losses[-50:]):.3f} acc {100 * np.mean(accs[-50:]):.1f}% best val {100 * max(self.best_acc, 0):.2f}%")
+            if self.step % cfg.log_every == 0:
+                self.log({"stage": "episodic", "step": self.step, "loss": float(np.mean(losses)), "acc": float(np.mean(accs)), "lr": opt.param_groups[0]["lr"]})
+                losses, accs = [], []
+            if self.step % cfg.val_every == 0 or self.step == cfg.episodes:
+                self.validate("episodic")
+                self.save_last(opt, "episodic")
+        if self.step % cfg.val_every and self.step != cfg.episodes:
+            self.validate("episodic")  # stopped by the time limit: validate what was reached
+        if progress:
+            progress.remove_task(task)
+
+
+def _progress_bar(enabled: bool):
+    if not enabled:
+        return None
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+
+    return Progress(
+        TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(), TimeRemainingColumn(), TextColumn("{task.fields[info]}"),
+        transient=False,
+    )
+
+
+def _load_data(cfg: TrainConfig, spec: PreprocessSpec) -> tuple[ImageSet, ImageSet]:
+    if cfg.dataset in ("omniglot", "tiny-imagenet"):
+        return load_dataset(cfg.dataset, "train", cfg.data_dir, spec), load_dataset(cfg.dataset, "val", cfg.data_dir, spec)
+    # a user's image folder: hold out 20% of the classes (seeded) for validation
+    full = load_dataset(cfg.dataset, "all", cfg.data_dir, spec)
+    perm = np.random.default_rng(cfg.seed).permutation(full.num_classes)
+    n_val = max(cfg.val_n_way, full.num_classes // 5)
+    if full.num_classes - n_val < cfg.n_way:
+        raise InputError(f"{full.name} has {full.num_classes} classes: too few to hold out {n_val} for validation and train {cfg.n_way}-way; lower --n-way")
+    return full.select_classes(sorted(perm[n_val:]), full.name + "-train"), full.select_classes(sorted(perm[:n_val]), full.name + "-val")
+
+
+def train(cfg: TrainConfig, resume: str | os.PathLike | None = None, progress: bool = True, on_event: Callable[[dict], None] | None = None) -> TrainResult:
+    """Meta-train a model and write its checkpoint, JSONL log and training curve next to ``cfg.out``.
+
+    Example:
+        >>> result = train(TrainConfig(out="conv4.safetensors", episodes=2000))
+        >>> print(result.best_val_accuracy)
+    """
+    cfg.check()
+    if cfg.threads:
+        torch.set_num_threads(cfg.threads)
+    out = Path(cfg.out)
+    if not out.parent.exists():
+        raise InputError(f"output folder {out.parent} does not exist; create it or choose another --out")
+    pp = default_spec(cfg)
+    spec = ModelSpec(cfg.backbone, pp, {}, cfg.metric, cfg.normalization)
+    FewShotModel(spec)  # fails early on an unknown backbone
+    train_set, val_set = _load_data(cfg, pp)
+    train_set.check_episode_size(cfg.n_way, cfg.k_shot + cfg.q_query) if cfg.episodes else None
+    val_set.check_episode_size(cfg.val_n_way, cfg.val_k_shot + 1)
+    trainer = _Trainer(cfg, train_set, val_set, spec, on_event)
+    optimizer_state = None
+    if resume is not None:
+        optimizer_state = _restore(trainer, Path(resume))
+    elif trainer.log_path.exists():
+        trainer.log_path.unlink()  # a fresh run starts a fresh log
+    bar = _progress_bar(progress)
+    if bar:
+        bar.start()
+    try:
+        if trainer.epoch < cfg.pretrain_epochs and trainer.step == 0:
+            trainer.pretrain(bar)
+        if cfg.episodes:
+            trainer.episodic(bar, optimizer_state)
+    finally:
+        if bar:
+            bar.stop()
+    if trainer.best_state is None:
+        trainer.validate("final")
+    fingerprint = trainer.save_best()
+    plot_curve(trainer.history, out.with_suffix(".png"))
+    eps = trainer.episodes_done / trainer.episode_seconds if trainer.episode_seconds else 0.0
+    return TrainResult(out, fingerprint, trainer.best_acc, trainer.history, time.perf_counter() - trainer.start_time, eps)
+
+
+def _restore(trainer: _Trainer, path: Path) -> dict | None:
+    """Load the last state from ``path`` (a ``.last`` file or a checkpoint) and the best so far."""
+    last = path if path.name.endswith(".last.safetensors") or not resume_path(path).exists() else resume_path(path)
+    ck = load_checkpoint(last, with_optimizer=True)
+    if ck.spec != trainer.model.spec:
+        raise CheckpointError(f"{last} was trained with {ck.spec.backbone}/{ck.spec.preprocess.size}, not this config; resume with the same --backbone and --size")
+    trainer.model.load_state_dict(ck.model.state_dict())
+    trainer.model.to(memory_format=trainer.memory_format)
+    trainer.step = int(ck.info.get("step", 0))
+    trainer.epoch = int(ck.info.get("epoch", 0))
+    trainer.train_seconds = float(ck.info.get("train_seconds", 0.0))
+    trainer.best_acc = float(ck.info.get("best_val_accuracy", -1.0))
+    if trainer.out.exists():
+        best = load_checkpoint(trainer.out)
+        trainer.best_state = copy.deepcopy(best.model.state_dict())
+        trainer.best_acc = float(best.info.get("best_val_accuracy", trainer.best_acc))
+    if trainer.log_path.exists():
+        trainer.history = [json.loads(line) for line in trainer.log_path.read_text().splitlines() if line.strip()]
+    return ck.optimizer_state if ck.info.get("stage") == "episodic" else None
+
+
+def plot_curve(history: list[dict[str, Any]], path: Path) -> Path | None:
+    """Training loss/accuracy and validation accuracy against episodes (PNG)."""
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return None
+    ep = [h for h in history if h.get("stage") == "episodic" and "loss" in h]
+    val = [h for h in history if "val_acc" in h]
+    pre = [h for h in history if h.get("stage") == "pretrain" and "loss" in h]
+    fig, axes = plt.subplots(1, 2, figsize=(10, 3.8))
+    if ep:
+        axes[0].plot([h["step"] for h in ep], [h["loss"] for h in ep], label="episodic loss")
+        axes[1].plot([h["step"] for h in ep], [100 * h["acc"] for h in ep], label="train episode acc", alpha=0.6)
+    if pre:
+        axes[0].plot([h["epoch"] for h in pre], [h["loss"] for h in pre], label="pre-train loss (x: epoch)")
+    if val:
+        xs = [h["step"] if h.get("stage") != "pretrain" else h["epoch"] for h in val]
+        axes[1].plot(xs, [100 * h["val_acc"] for h in val], "o-", label="validation acc (held-out classes)")
+    axes[0].set_xlabel("episode")
+    axes[0].set_ylabel("loss")
+    axes[1].set_xlabel("episode")
+    axes[1].set_ylabel("accuracy %")
+    for a in axes:
+        a.grid(alpha=0.3)
+        if a.get_legend_handles_labels()[0]:
+            a.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=90)
+    plt.close(fig)
+    return path

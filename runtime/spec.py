@@ -1,0 +1,209 @@
+"""Contracts shared by the torch side and the device side.
+
+The exported model carries a :class:`ModelMetadata` document, as JSON, under the
+``edgemeta`` key of its ``metadata_props``. The runtime reads it to preprocess
+images exactly as training did and to refuse prototype stores of another model.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import asdict, dataclass, field, replace
+from enum import Enum
+from typing import Any
+
+from edgemeta.runtime.errors import InputError, ModelMismatchError
+
+__all__ = [
+    "METADATA_KEY",
+    "METADATA_VERSION",
+    "INPUT_IMAGES",
+    "INPUT_PROTOTYPES",
+    "OUTPUT_EMBEDDINGS",
+    "OUTPUT_LOGITS",
+    "Metric",
+    "Normalization",
+    "Precision",
+    "PreprocessSpec",
+    "ModelMetadata",
+]
+
+METADATA_KEY = "edgemeta"
+METADATA_VERSION = 1
+INPUT_IMAGES = "images"
+INPUT_PROTOTYPES = "prototypes"
+OUTPUT_EMBEDDINGS = "embeddings"
+OUTPUT_LOGITS = "logits"
+
+
+class Metric(str, Enum):
+    """How a query is compared with a prototype; logits are ``-distance`` or ``scale*cos``."""
+
+    SQEUCLIDEAN = "sqeuclidean"
+    COSINE = "cosine"
+
+
+class Normalization(str, Enum):
+    """What is done to an embedding before it is averaged or compared."""
+
+    NONE = "none"
+    L2 = "l2"
+    CENTERED_L2 = "centered_l2"  # subtract the base-class mean, then L2 (SimpleShot)
+
+
+class Precision(str, Enum):
+    FP32 = "fp32"
+    FP16 = "fp16"
+    INT8 = "int8"
+
+
+def _enum(cls: type[Enum], value: Any, what: str) -> Any:
+    try:
+        return cls(value)
+    except ValueError:
+        choices = ", ".join(m.value for m in cls)  # type: ignore[attr-defined]
+        raise InputError(f"unknown {what} {value!r}; choose one of: {choices}") from None
+
+
+@dataclass(frozen=True)
+class PreprocessSpec:
+    """How an image becomes the model's input tensor; the training transform, exactly.
+
+    decode -> convert to ``color`` ("L" or "RGB") -> resize to ``size`` (height, width)
+    with ``interpolation`` (a PIL filter name) -> uint8 -> float32 / 255 ->
+    ``(x - mean) / std`` per channel -> CHW.
+    """
+
+    size: tuple[int, int]
+    channels: int
+    mean: tuple[float, ...]
+    std: tuple[float, ...]
+    interpolation: str = "bilinear"
+    color: str = "L"
+
+    def __post_init__(self) -> None:
+        h, w = self.size
+        if h <= 0 or w <= 0:
+            raise InputError(f"preprocess size must be positive, got {self.size}")
+        if self.channels not in (1, 3):
+            raise InputError(f"channels must be 1 or 3, got {self.channels}")
+        if len(self.mean) != self.channels or len(self.std) != self.channels:
+            raise InputError(
+                f"mean/std need {self.channels} values each, got {len(self.mean)} and {len(self.std)}"
+            )
+        if any(s <= 0 for s in self.std):
+            raise InputError(f"std values must be positive, got {self.std}")
+        expected = "L" if self.channels == 1 else "RGB"
+        if self.color != expected:
+            raise InputError(f"color {self.color!r} does not match {self.channels} channel(s); use {expected!r}")
+        if self.interpolation not in ("nearest", "bilinear", "bicubic", "box", "lanczos", "hamming"):
+            raise InputError(f"unknown interpolation {self.interpolation!r}")
+
+    @classmethod
+    def create(
+        cls,
+        size: int | tuple[int, int],
+        channels: int,
+        mean: float | tuple[float, ...] | list[float] = 0.0,
+        std: float | tuple[float, ...] | list[float] = 1.0,
+        interpolation: str = "bilinear",
+    ) -> PreprocessSpec:
+        """Build a spec from loose values (a single size, scalar mean/std)."""
+        hw = (int(size), int(size)) if isinstance(size, int) else (int(size[0]), int(size[1]))
+        as_tuple = lambda v: tuple(float(x) for x in v) if isinstance(v, (list, tuple)) else (float(v),) * channels  # noqa: E731
+        return cls(hw, channels, as_tuple(mean), as_tuple(std), interpolation, "L" if channels == 1 else "RGB")
+
+    def to_dict(self) -> dict[str, Any]:
+        d = asdict(self)
+        d["size"] = list(self.size)
+        d["mean"] = list(self.mean)
+        d["std"] = list(self.std)
+        return d
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> PreprocessSpec:
+        try:
+            return cls(
+                size=(int(d["size"][0]), int(d["size"][1])),
+                channels=int(d["channels"]),
+                mean=tuple(float(x) for x in d["mean"]),
+                std=tuple(float(x) for x in d["std"]),
+                interpolation=str(d.get("interpolation", "bilinear")),
+                color=str(d.get("color", "L" if int(d["channels"]) == 1 else "RGB")),
+            )
+        except (KeyError, TypeError, IndexError, ValueError) as e:
+            raise InputError(f"invalid preprocessing spec {d!r}: {e}") from None
+
+
+@dataclass(frozen=True)
+class ModelMetadata:
+    """The versioned JSON document an exported model carries (``metadata_props['edgemeta']``)."""
+
+    preprocess: PreprocessSpec
+    embedding_dim: int
+    metric: Metric
+    normalization: Normalization
+    fingerprint: str
+    backbone: str = "unknown"
+    precision: Precision = Precision.FP32
+    opset: int = 0
+    source_checkpoint_sha256: str = ""
+    producer: str = ""
+    verification: dict[str, Any] = field(default_factory=dict)
+    extra: dict[str, Any] = field(default_factory=dict)
+    version: int = METADATA_VERSION
+
+    def to_json(self) -> str:
+        d = {
+            "format": "edgemeta.model",
+            "version": self.version,
+            "preprocess": self.preprocess.to_dict(),
+            "embedding_dim": self.embedding_dim,
+            "metric": self.metric.value,
+            "normalization": self.normalization.value,
+            "fingerprint": self.fingerprint,
+            "backbone": self.backbone,
+            "precision": self.precision.value,
+            "opset": self.opset,
+            "source_checkpoint_sha256": self.source_checkpoint_sha256,
+            "producer": self.producer,
+            "verification": self.verification,
+            "extra": self.extra,
+        }
+        return json.dumps(d, sort_keys=True)
+
+    @classmethod
+    def from_json(cls, text: str) -> ModelMetadata:
+        try:
+            d = json.loads(text)
+        except json.JSONDecodeError as e:
+            raise ModelMismatchError(f"model metadata is not valid JSON ({e}); re-export the model with edgemeta") from None
+        if not isinstance(d, dict) or d.get("format") != "edgemeta.model":
+            raise ModelMismatchError("model metadata is not an edgemeta document; re-export the model with edgemeta")
+        version = d.get("version")
+        if not isinstance(version, int) or version > METADATA_VERSION:
+            raise ModelMismatchError(
+                f"model metadata version {version!r} is newer than this edgemeta understands "
+                f"({METADATA_VERSION}); upgrade edgemeta"
+            )
+        try:
+            return cls(
+                preprocess=PreprocessSpec.from_dict(d["preprocess"]),
+                embedding_dim=int(d["embedding_dim"]),
+                metric=_enum(Metric, d["metric"], "metric"),
+                normalization=_enum(Normalization, d["normalization"], "normalization"),
+                fingerprint=str(d["fingerprint"]),
+                backbone=str(d.get("backbone", "unknown")),
+                precision=_enum(Precision, d.get("precision", "fp32"), "precision"),
+                opset=int(d.get("opset", 0)),
+                source_checkpoint_sha256=str(d.get("source_checkpoint_sha256", "")),
+                producer=str(d.get("producer", "")),
+                verification=dict(d.get("verification", {})),
+                extra=dict(d.get("extra", {})),
+                version=version,
+            )
+        except (KeyError, TypeError, ValueError) as e:
+            raise ModelMismatchError(f"model metadata is missing or has a bad field ({e}); re-export the model") from None
+
+    def with_(self, **changes: Any) -> ModelMetadata:
+        return replace(self, **changes)

@@ -1,0 +1,26 @@
+#!/usr/bin/env bash
+# Set up a fresh machine and run the test suite (what CI runs).
+#   bash scripts/test.sh            # all tests
+#   bash scripts/test.sh -k export  # extra arguments go to pytest
+set -euo pipefail
+cd "$(dirname "$0")/.."
+PY=${PYTHON:-python3}
+VENV=${EDGEMETA_VENV:-.venv}
+
+# 1. the development environment: torch's CPU build first (a bare `torch` would pull CUDA), then the project
+[ -x "$VENV/bin/python" ] || "$PY" -m venv "$VENV"
+"$VENV/bin/python" -m pip install -q --disable-pip-version-check "torch==2.13.0"
+"$VENV/bin/python" -m pip install -q --disable-pip-version-check -e ".[dev]"
+
+# 2. the real data: ../shared/data unless told otherwise
+export EDGEMETA_DATA_DIR=${EDGEMETA_DATA_DIR:-$(cd .. && pwd)/shared/data}
+export EDGEMETA_CACHE_DIR=${EDGEMETA_CACHE_DIR:-$PWD/.cache/edgemeta}
+
+# 3. a device-like environment: numpy, onnxruntime, pillow, safetensors and edgemeta, nothing else
+LITE=${EDGEMETA_LITE_VENV:-.venv-lite}
+[ -x "$LITE/bin/python" ] || "$PY" -m venv "$LITE"
+"$LITE/bin/python" -m pip install -q --disable-pip-version-check numpy onnxruntime pillow safetensors typer rich
+"$LITE/bin/python" -m pip install -q --disable-pip-version-check --no-deps -e .
+export EDGEMETA_LITE_PYTHON=$PWD/$LITE/bin/python
+
+"$VENV/bin/python" -m pytest -q -p no:cacheprovider "$@"

@@ -1,0 +1,199 @@
+"""Data sets, episodes and the episodes file (issue: meta-training pipeline)."""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import json
+import zipfile
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from edgemeta import data as D
+from edgemeta.episodes import EpisodeSampler, make_episodes_file, read_episodes_file
+from edgemeta.errors import DataError, InputError
+from edgemeta.runtime.preprocess import normalize, preprocess
+from edgemeta.runtime.spec import PreprocessSpec
+
+SHARED = Path(__file__).resolve().parents[1].parent / "shared" / "data"
+needs_shared = pytest.mark.skipif(not (SHARED / "omniglot").is_dir(), reason="needs ../shared/data (Omniglot, Tiny-ImageNet)")
+
+
+def _png(color: int | tuple, size=(12, 10), mode="L") -> bytes:
+    buf = io.BytesIO()
+    Image.new(mode, size, color).save(buf, format="PNG")
+    return buf.getvalue()
+
+
+def _make_folder(root: Path, classes: dict[str, int], mode="L") -> Path:
+    for c, n in classes.items():
+        (root / c).mkdir(parents=True)
+        for i in range(n):
+            (root / c / f"{i}.png").write_bytes(_png(i * 10 if mode == "L" else (i, 2 * i, 3 * i), mode=mode))
+    return root
+
+
+@pytest.fixture(autouse=True)
+def _cache(tmp_path_factory, monkeypatch):
+    monkeypatch.setenv("EDGEMETA_CACHE_DIR", str(tmp_path_factory.getbasetemp() / "cache"))
+
+
+@needs_shared
+def test_omniglot_protocol_splits(monkeypatch):
+    monkeypatch.setenv("EDGEMETA_DATA_DIR", str(SHARED))
+    train, val = D.omniglot_splits(size=28, val_alphabets=3)
+    bg = D.load_omniglot("background")
+    ev = D.load_omniglot("evaluation")
+    assert (bg.num_classes, len(bg)) == (964, 19280)
+    assert (ev.num_classes, len(ev)) == (659, 13180)
+    assert ev.images.shape[1:] == (28, 28, 1) and ev.images.dtype == np.uint8
+    # held-out alphabets are disjoint from training, rotations quadruple the training classes
+    assert set(val.groups).isdisjoint(train.groups) and len(set(val.groups)) == 3
+    assert train.num_classes == 4 * (964 - val.num_classes)
+    assert not set(c.split("@")[0] for c in train.classes) & set(ev.classes)  # evaluation never in training
+    # a rotated class is the rotated image of its source
+    first = train.images[train.labels == 0][0]
+    rot = train.images[train.labels == train.num_classes // 4][0]
+    assert np.array_equal(np.rot90(first, 1, axes=(0, 1)), rot)
+
+
+@needs_shared
+def test_runtime_preprocessing_equals_training_pixels(monkeypatch):
+    """The cached training arrays are what the device runtime computes from the same PNG."""
+    monkeypatch.setenv("EDGEMETA_DATA_DIR", str(SHARED))
+    ev = D.load_omniglot("evaluation")
+    with zipfile.ZipFile(SHARED / "omniglot" / "images_evaluation.zip") as zf:
+        member = ev.paths[123]
+        img = Image.open(io.BytesIO(zf.read(member)))
+        img.load()
+    x_runtime = preprocess([img], ev.spec)
+    x_train = normalize(ev.images[123:124], ev.spec)
+    assert np.abs(x_runtime - x_train).max() <= 1e-6
+
+
+def test_missing_archive_offline_says_where_to_put_it(tmp_path, monkeypatch):
+    import urllib.request
+
+    def offline(*a, **k):
+        raise OSError("network is unreachable")
+
+    monkeypatch.setattr(urllib.request, "urlopen", offline)
+    with pytest.raises(DataError, match=r"put images_background.zip and images_evaluation.zip in .*omniglot"):
+        D.load_omniglot("background", root=tmp_path)
+
+
+def test_download_is_checksum_verified(tmp_path, monkeypatch):
+    import urllib.request
+
+    buf = io.BytesIO()
+    with zipfile.ZipFile(buf, "w") as zf:
+        for a in ("Alpha", "Beta"):
+            for c in ("character01", "character02"):
+                for i in range(3):
+                    zf.writestr(f"images_evaluation/{a}/{c}/{i:04d}_{i:02d}.png", _png(255 - 40 * i))
+    payload = buf.getvalue()
+
+    class Resp(io.BytesIO):
+        def __enter__(self):
+            return self
+
+        def __exit__(self, *a):
+            return False
+
+    monkeypatch.setattr(urllib.request, "urlopen", lambda *a, **k: Resp(payload))
+    with pytest.raises(DataError, match="MD5"):
+        D.load_omniglot("evaluation", root=tmp_path)
+    assert not (tmp_path / "omniglot" / "images_evaluation.zip").exists()
+    monkeypatch.setitem(D.OMNIGLOT_MD5, "images_evaluation", hashlib.md5(payload).hexdigest())
+    ds = D.load_omniglot("evaluation", root=tmp_path)
+    assert ds.num_classes == 4 and len(ds) == 12
+    assert ds.classes[0] == "Alpha/character01" and ds.groups == ["Alpha", "Alpha", "Beta", "Beta"]
+
+
+def test_corrupt_archive_is_a_clear_error(tmp_path):
+    (tmp_path / "omniglot").mkdir()
+    (tmp_path / "omniglot" / "images_background.zip").write_bytes(b"PK\x03\x04 this is not a zip")
+    with pytest.raises(DataError, match="not a readable zip archive"):
+        D.load_omniglot("background", root=tmp_path, download=False)
+
+
+def test_image_folder_from_folder_and_zip(tmp_path):
+    spec = PreprocessSpec.create(8, 3)
+    root = _make_folder(tmp_path / "imgs", {"cat": 3, "dog": 2}, mode="RGB")
+    # a greyscale JPEG in an RGB data set is converted, as Tiny-ImageNet needs
+    Image.new("L", (9, 9), 77).save(root / "dog" / "grey.jpg")
+    ds = D.load_image_folder(root, spec)
+    assert ds.classes == ["cat", "dog"] and ds.images.shape == (6, 8, 8, 3)
+    assert np.bincount(ds.labels).tolist() == [3, 3]
+    z = tmp_path / "imgs.zip"
+    with zipfile.ZipFile(z, "w") as zf:
+        for p in sorted(root.rglob("*.*")):
+            zf.write(p, "top/" + str(p.relative_to(root)))
+    dz = D.load_image_folder(z, spec)
+    assert dz.classes == ds.classes and np.array_equal(dz.images, ds.images)
+
+
+def test_empty_class_folder_is_named(tmp_path):
+    root = _make_folder(tmp_path / "imgs", {"a": 2, "b": 2})
+    (root / "empty").mkdir()
+    with pytest.raises(DataError, match=r"class folder .*empty holds no images"):
+        D.load_image_folder(root, PreprocessSpec.create(8, 1))
+
+
+@needs_shared
+def test_tiny_imagenet_class_split(monkeypatch):
+    monkeypatch.setenv("EDGEMETA_DATA_DIR", str(SHARED))
+    val = D.load_tiny_imagenet("val")
+    assert val.num_classes == 30 and len(val) == 3000 and val.images.shape[1:] == (64, 64, 3)
+    with zipfile.ZipFile(SHARED / "tiny-imagenet" / D.TINY_IMAGENET_ZIP) as zf:
+        words = zf.read("tiny-imagenet/words.txt").decode().splitlines()
+    assert val.classes == [w.split("\t")[0] for w in words[120:150]]
+
+
+def test_digits_out_of_domain_set():
+    ds = D.load_digits(D.omniglot_spec(28))
+    assert ds.num_classes == 10 and len(ds) == 1797 and ds.images.shape[1:] == (28, 28, 1)
+    # dark ink on white paper, like Omniglot
+    assert ds.images[:, 0, 0, 0].mean() > 200
+
+
+def test_sampler_is_seeded_and_well_formed():
+    labels = np.repeat(np.arange(30), 20)
+    a = EpisodeSampler(labels, 5, 2, 3, seed=7)
+    b = EpisodeSampler(labels, 5, 2, 3, seed=7)
+    c = EpisodeSampler(labels, 5, 2, 3, seed=8)
+    ea, eb = a.episode(11), b.episode(11)
+    assert np.array_equal(ea.support, eb.support) and np.array_equal(ea.query, eb.query)
+    assert not np.array_equal(ea.support, c.episode(11).support)
+    assert len(set(ea.support) | set(ea.query)) == 5 * 5  # no image twice
+    for j, cls in enumerate(ea.classes):
+        assert (labels[ea.support[ea.support_labels == j]] == cls).all()
+        assert (labels[ea.query[ea.query_labels == j]] == cls).all()
+
+
+@pytest.mark.parametrize(
+    "n, k, q, message",
+    [(31, 1, 1, "fewer than 31-way"), (5, 15, 10, r"only 0 classes have 25 images"), (1, 1, 1, "n_way must be an integer >= 2")],
+)
+def test_sampler_rejects_impossible_episodes(n, k, q, message):
+    with pytest.raises((DataError, InputError), match=message):
+        EpisodeSampler(np.repeat(np.arange(30), 20), n, k, q)
+
+
+def test_episodes_file_round_trip(tmp_path):
+    root = _make_folder(tmp_path / "imgs", {f"c{i}": 4 for i in range(6)})
+    out = tmp_path / "protocol" / "eps.json"
+    out.parent.mkdir()
+    make_episodes_file(root, out, 3, 1, 2, 5, seed=1)
+    ef = read_episodes_file(out)
+    assert len(ef.episodes) == 5 and ef.n_way == 3
+    assert all((out.parent / p).is_file() for ep in ef.episodes for p, _ in ep["support"] + ep["query"])
+    doc = json.loads(out.read_text())
+    doc["episodes"][0]["query"][0][1] = "nope"
+    doc["episodes"][1]["support"][0][0] = "missing.png"
+    out.write_text(json.dumps(doc))
+    with pytest.raises(InputError, match=r"episode 0: query labels with no support images.*episode 1: 1 missing image"):
+        read_episodes_file(out)

@@ -1,0 +1,193 @@
+"""Backbones, checkpoints, meta-training, evaluation and their CLI (issue: meta-training pipeline)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from typer.testing import CliRunner
+
+from edgemeta.backbones import BACKBONES, build_backbone
+from edgemeta.checkpoint import default_checkpoint, load_checkpoint, save_checkpoint
+from edgemeta.cli import app
+from edgemeta.data import load_omniglot
+from edgemeta.errors import CheckpointError, InputError
+from edgemeta.evaluate import episode_scores, evaluate, evaluate_episodes_file, summarize
+from edgemeta.model import FewShotModel, ModelSpec
+from edgemeta.runtime.spec import Metric, Normalization, PreprocessSpec
+from edgemeta.train import TrainConfig, resume_path, train
+
+SHARED = Path(__file__).resolve().parents[1].parent / "shared" / "data"
+needs_shared = pytest.mark.skipif(not (SHARED / "omniglot").is_dir(), reason="needs ../shared/data")
+runner = CliRunner()
+
+
+@pytest.fixture(autouse=True)
+def _env(tmp_path_factory, monkeypatch):
+    monkeypatch.setenv("EDGEMETA_CACHE_DIR", str(tmp_path_factory.getbasetemp() / "cache"))
+    monkeypatch.setenv("EDGEMETA_DATA_DIR", str(SHARED))
+
+
+@pytest.mark.parametrize("name", sorted(BACKBONES))
+@pytest.mark.parametrize("channels, size", [(1, 28), (3, 32)])
+def test_every_backbone_embeds_flat(name, channels, size):
+    net = build_backbone(name, channels).eval()
+    with torch.no_grad():
+        z = net(torch.randn(3, channels, size, size))
+    assert z.ndim == 2 and z.shape[0] == 3 and torch.isfinite(z).all()
+
+
+def test_unknown_backbone_names_the_choices():
+    with pytest.raises(InputError, match=r"unknown backbone 'vgg'; choose one of: conv4, edgenet, resnet12"):
+        build_backbone("vgg", 1)
+
+
+@pytest.mark.parametrize("metric", list(Metric))
+@pytest.mark.parametrize("norm", list(Normalization))
+def test_logits_match_the_definition(metric, norm):
+    torch.manual_seed(0)
+    model = FewShotModel(ModelSpec("conv4", PreprocessSpec.create(28, 1), metric=metric, normalization=norm)).eval()
+    model.center.normal_()
+    z, logits = model(torch.randn(4, 1, 28, 28), protos := torch.randn(6, 64))
+    if norm is not Normalization.NONE:
+        assert torch.allclose(z.norm(dim=1), torch.ones(4), atol=1e-5)
+    if metric is Metric.SQEUCLIDEAN:
+        expected = -torch.cdist(z, protos) ** 2
+    else:
+        expected = torch.exp(model.log_scale) * torch.nn.functional.cosine_similarity(z[:, None], protos[None], dim=2)
+    assert torch.allclose(logits, expected, atol=1e-3)
+    assert model(torch.randn(2, 1, 28, 28), torch.zeros(0, 64))[1].shape == (2, 0)
+
+
+def test_checkpoint_round_trip_and_tampering(tmp_path):
+    spec = ModelSpec("conv4", PreprocessSpec.create(28, 1, 0.5, 0.25), metric=Metric.COSINE, normalization=Normalization.CENTERED_L2)
+    model = FewShotModel(spec).eval()
+    model.center.fill_(0.5)
+    path = tmp_path / "m.safetensors"
+    fp = save_checkpoint(path, model, {"note": "x"})
+    ck = load_checkpoint(path)
+    assert ck.fingerprint == fp and ck.spec == spec and ck.info["note"] == "x"
+    assert torch.equal(ck.model.center, model.center)
+    x = torch.randn(2, 1, 28, 28)
+    assert torch.equal(ck.model.embed(x), model.embed(x))
+    # flip one byte of the weights: the fingerprint check catches it
+    raw = bytearray(path.read_bytes())
+    raw[-5] ^= 0xFF
+    (tmp_path / "bad.safetensors").write_bytes(bytes(raw))
+    with pytest.raises(CheckpointError, match="fingerprint .* differs"):
+        load_checkpoint(tmp_path / "bad.safetensors")
+
+
+def test_foreign_files_are_not_checkpoints(tmp_path):
+    from safetensors.torch import save_file
+
+    save_file({"w": torch.zeros(2)}, tmp_path / "other.safetensors")
+    with pytest.raises(CheckpointError, match="not an edgemeta checkpoint \\(no edgemeta header\\)"):
+        load_checkpoint(tmp_path / "other.safetensors")
+    (tmp_path / "model.pt").write_bytes(b"\x80\x04pickle data")
+    with pytest.raises(CheckpointError, match="not an edgemeta checkpoint"):
+        load_checkpoint(tmp_path / "model.pt")
+
+
+def test_episode_scores_and_confidence_interval():
+    acc, p, r, f1 = episode_scores(np.array([0, 0, 1, 2]), np.array([0, 1, 1, 2]), 3)
+    assert acc == 0.75
+    assert p == pytest.approx((0.5 + 1 + 1) / 3) and r == pytest.approx((1 + 0.5 + 1) / 3)
+    assert f1 == pytest.approx((2 / 3 + 2 / 3 + 1) / 3)
+    rep = summarize([(1.0, 1, 1, 1), (0.5, 0.5, 0.5, 0.5)], dataset="d", n_way=3, k_shot=1, q_query=1)
+    assert rep.accuracy == 0.75 and rep.ci95 == pytest.approx(1.96 * np.std([1, 0.5], ddof=1) / np.sqrt(2))
+
+
+@needs_shared
+def test_short_training_beats_the_untrained_network(tmp_path):
+    """A real (short) run on background classes must clearly beat random init on evaluation classes."""
+    cfg = TrainConfig(out=str(tmp_path / "m.safetensors"), n_way=20, k_shot=5, q_query=5, episodes=80,
+                      val_every=40, val_episodes=50, threads=2, seed=0)
+    result = train(cfg, progress=False)
+    ev = load_omniglot("evaluation")
+    trained = evaluate(load_checkpoint(result.checkpoint).model, ev, 5, 1, 5, 200, seed=3)
+    torch.manual_seed(0)
+    untrained = evaluate(FewShotModel(load_checkpoint(result.checkpoint).spec).eval(), ev, 5, 1, 5, 200, seed=3)
+    assert trained.accuracy > untrained.accuracy + 0.08, (trained.line(), untrained.line())
+    assert trained.accuracy - trained.ci95 > untrained.accuracy + untrained.ci95
+    # the log and the curve are written next to the checkpoint
+    log = [json.loads(line) for line in (tmp_path / "m.jsonl").read_text().splitlines()]
+    assert [h["step"] for h in log if "val_acc" in h] == [40, 80]
+    assert (tmp_path / "m.png").stat().st_size > 1000
+    ck = load_checkpoint(result.checkpoint)
+    assert ck.info["train_data"]["classes"] == 4 * (964 - 95) and ck.info["config"]["n_way"] == 20
+
+
+@needs_shared
+def test_resume_continues_exactly(tmp_path):
+    base = dict(n_way=5, k_shot=1, q_query=2, val_every=5, val_episodes=5, threads=1, seed=4, log_every=5)
+    straight = train(TrainConfig(out=str(tmp_path / "a.safetensors"), episodes=10, **base), progress=False)
+    train(TrainConfig(out=str(tmp_path / "b.safetensors"), episodes=5, **base), progress=False)
+    assert resume_path(tmp_path / "b.safetensors").exists()
+    resumed = train(TrainConfig(out=str(tmp_path / "b.safetensors"), episodes=10, **base), resume=tmp_path / "b.safetensors", progress=False)
+    a = load_checkpoint(resume_path(straight.checkpoint)).model.state_dict()
+    b = load_checkpoint(resume_path(resumed.checkpoint)).model.state_dict()
+    assert all(torch.allclose(a[k].float(), b[k].float(), atol=1e-6) for k in a)
+
+
+@needs_shared
+def test_centered_l2_stores_the_base_mean(tmp_path):
+    cfg = TrainConfig(out=str(tmp_path / "c.safetensors"), normalization=Normalization.CENTERED_L2, metric=Metric.COSINE,
+                      n_way=5, k_shot=1, q_query=2, episodes=3, val_every=3, val_episodes=3, threads=1)
+    ck = load_checkpoint(train(cfg, progress=False).checkpoint)
+    assert ck.model.center.abs().sum() > 0 and ck.spec.normalization is Normalization.CENTERED_L2
+
+
+def test_episodes_file_evaluation_matches_direct_classification(tmp_path):
+    from PIL import Image
+
+    rng = np.random.default_rng(0)
+    for c in range(4):
+        (tmp_path / "imgs" / f"c{c}").mkdir(parents=True)
+        for i in range(4):
+            Image.fromarray((rng.random((28, 28)) * 60 + 60 * c).astype(np.uint8)).save(tmp_path / "imgs" / f"c{c}" / f"{i}.png")
+    r = runner.invoke(app, ["episodes", str(tmp_path / "imgs"), "-o", str(tmp_path / "e.json"), "--n-way", "4", "--k-shot", "2", "--queries", "2", "--episodes", "3"])
+    assert r.exit_code == 0, r.output
+    torch.manual_seed(0)
+    model = FewShotModel(ModelSpec("conv4", PreprocessSpec.create(28, 1))).eval()
+    rep = evaluate_episodes_file(model, str(tmp_path / "e.json"))
+    assert rep.episodes == 3 and rep.n_way == 4 and rep.k_shot == 2
+    assert rep.accuracy > 0.9  # classes differ by brightness: trivially separable even untrained
+
+
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (["train", "--backbone", "vgg", "--episodes", "1"], "unknown backbone 'vgg'"),
+        (["train", "--out", "/nonexistent/dir/m.safetensors"], "output folder /nonexistent/dir does not exist"),
+        (["train", "--n-way", "4000", "--episodes", "1"], "fewer than the 4000-way episodes"),
+        (["train", "--k-shot", "15", "--queries", "10", "--episodes", "1"], "only 0 classes have at least 25 images"),
+        (["evaluate", "missing.safetensors"], "checkpoint not found: missing.safetensors"),
+        (["evaluate", "--dataset", "digits", "--n-way", "11"], "fewer than 11-way"),
+        (["evaluate", "--dataset", "nosuchset"], "unknown data set 'nosuchset'"),
+        (["evaluate", "--episodes-file", "nope.json"], "episodes file not found"),
+    ],
+)
+def test_cli_bad_input_is_one_line_and_exit_1(args, message, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    r = runner.invoke(app, args)
+    assert r.exit_code == 1, r.output
+    assert message in r.output
+    assert "Traceback" not in r.output and len(r.output.strip().splitlines()) == 1
+
+
+def test_cli_foreign_checkpoint(tmp_path):
+    (tmp_path / "x.pt").write_bytes(b"not a checkpoint at all, definitely not")
+    r = runner.invoke(app, ["evaluate", str(tmp_path / "x.pt")])
+    assert r.exit_code == 1 and "is not an edgemeta checkpoint" in r.output
+
+
+def test_missing_omniglot_via_cli(tmp_path, monkeypatch):
+    import urllib.request
+
+    monkeypatch.setattr(urllib.request, "urlopen", lambda *a, **k: (_ for _ in ()).throw(OSError("offline")))
+    r = runner.invoke(app, ["train", "--data-dir", str(tmp_path), "--episodes", "1", "--out", str(tmp_path / "m.safetensors")])
+    assert r.exit_code == 1 and "put images_background.zip and images_evaluation.zip in" in r.output
