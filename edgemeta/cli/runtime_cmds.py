@@ -1,0 +1,172 @@
+"""Device commands: ``enroll``, ``predict`` and ``store list | forget | rename``.
+
+They need only the runtime (numpy, onnxruntime): each maps its options onto one
+:mod:`edgemeta.runtime` call. Store files are changed under their lock (load, add,
+save atomically), so what was enrolled before is never lost.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import functools
+import sys
+from pathlib import Path
+from typing import Any, Callable, Iterator, List, Optional
+
+import typer
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+from rich.table import Table
+
+from edgemeta.cli._app import app, command, console, emit_json, fail, out
+from edgemeta.runtime.errors import EdgemetaError, InputError
+
+store_app = typer.Typer(name="store", help="Inspect and edit a prototype store file.", no_args_is_help=True)
+app.add_typer(store_app, name="store")
+
+PROVIDERS_HELP = "auto (TensorRT, CUDA, CPU: the first that loads), or a comma-separated list such as cuda,cpu."
+PROGRESS_MIN = 32  # show a progress bar from this many images
+
+
+def store_command(name: str):
+    """``store_app.command`` with the same error boundary as :func:`command`."""
+
+    def decorate(fn: Callable) -> Callable:
+        @functools.wraps(fn)
+        def wrapper(*a: Any, **k: Any) -> Any:
+            try:
+                return fn(*a, **k)
+            except EdgemetaError as e:
+                fail(str(e))
+            except KeyboardInterrupt:
+                sys.stderr.write("error: interrupted\n")
+                raise typer.Exit(130) from None
+
+        return store_app.command(name)(wrapper)
+
+    return decorate
+
+
+@contextlib.contextmanager
+def _progress(total: int, enabled: bool) -> Iterator[Callable[[int], None]]:
+    if not enabled or total < PROGRESS_MIN:
+        yield lambda n: None
+        return
+    columns = (TextColumn("embedding"), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn())
+    with Progress(*columns, console=console, transient=True) as bar:
+        task = bar.add_task("embedding", total=total)
+        yield lambda n: bar.advance(task, n)
+
+
+def _counts_table(title: str, counts: dict[str, int], added: dict[str, int] | None = None) -> Table:
+    table = Table(title=title)
+    table.add_column("label")
+    if added is not None:
+        table.add_column("added", justify="right")
+    table.add_column("examples", justify="right")
+    for label, n in counts.items():
+        row = [label, str(added.get(label, 0))] if added is not None else [label]
+        table.add_row(*row, str(n))
+    return table
+
+
+@command("enroll")
+def enroll_cmd(
+    model: Path = typer.Argument(..., help="Exported .onnx model."),
+    images: Optional[List[Path]] = typer.Argument(None, help="Images (or folders of images) of the class given by --label."),
+    store: Path = typer.Option(..., "--store", "-s", help="Prototype store file; created if missing, else added to."),
+    label: Optional[str] = typer.Option(None, "--label", "-l", help="Class of the IMAGES."),
+    folder: Optional[Path] = typer.Option(None, "--folder", help="Enrol every class subfolder of this folder (label = subfolder name)."),
+    providers: str = typer.Option("auto", help=PROVIDERS_HELP),
+    keep_embeddings: bool = typer.Option(False, "--keep-embeddings", help="Keep each embedding in a new store (k-NN, calibration)."),
+    json_out: bool = typer.Option(False, "--json", help="Print JSON to stdout."),
+) -> None:
+    """Learn classes from a few images and add them to a store file."""
+    from edgemeta.runtime import ClassifierOptions, FewShotClassifier, list_images, scan_class_folders
+
+    if (folder is None) == (label is None) or (label is not None and not images) or (folder is not None and images):
+        raise InputError("give either --label LABEL with IMAGES, or --folder DIR (one subfolder per class)")
+    paths = scan_class_folders(folder) if folder is not None else {label: list_images(images)}
+    clf = FewShotClassifier(model, providers, options=ClassifierOptions(keep_embeddings=keep_embeddings))
+    total = sum(len(p) for p in paths.values())
+    with clf.editing(store), _progress(total, not json_out) as advance:
+        added = clf.enroll_folder(folder, on_progress=advance) if folder is not None else {label: len(paths[label])}
+        if folder is None:
+            clf.enroll(label, paths[label], on_progress=advance)
+    if json_out:
+        emit_json({"store": str(store), "added": added, "counts": clf.counts, "providers": clf.providers})
+    else:
+        out.print(_counts_table(f"{store} ({', '.join(clf.providers)})", clf.counts, added))
+
+
+@command("predict")
+def predict_cmd(
+    model: Path = typer.Argument(..., help="Exported .onnx model."),
+    images: List[Path] = typer.Argument(..., help="Images, or folders of images, to classify."),
+    store: Path = typer.Option(..., "--store", "-s", help="Prototype store made with this model."),
+    top_k: int = typer.Option(1, "--top-k", "-k", help="How many ranked classes to report."),
+    threshold: Optional[float] = typer.Option(None, help="Open-set distance threshold (default: the model's documented default)."),
+    knn: Optional[int] = typer.Option(None, help="Classify by the mean of the K nearest enrolled examples (store must keep embeddings)."),
+    providers: str = typer.Option("auto", help=PROVIDERS_HELP),
+    json_out: bool = typer.Option(False, "--json", help="Print JSON to stdout."),
+) -> None:
+    """Classify images against the classes of a store."""
+    from edgemeta.runtime import ClassifierOptions, FewShotClassifier, Mode, list_images
+
+    options = ClassifierOptions(threshold=threshold, mode=Mode.KNN if knn else Mode.PROTOTYPE, knn_k=knn or 1)
+    clf = FewShotClassifier(model, providers, options=options).load(store)
+    paths = list_images(images)
+    preds = clf.predict(paths, top_k=top_k)
+    if json_out:
+        emit_json({"providers": clf.providers, "threshold": clf.threshold, "predictions": [{"image": str(p), **r.to_dict()} for p, r in zip(paths, preds)]})
+        return
+    table = Table(title=f"{len(paths)} image(s), {len(clf.labels)} classes ({', '.join(clf.providers)})")
+    for col in ("image", "label", "probability", "distance", "top-k"):
+        table.add_column(col, justify="right" if col in ("probability", "distance") else "left")
+    for p, r in zip(paths, preds):
+        label = f"unknown (nearest: {r.label})" if r.unknown else r.label
+        others = ", ".join(f"{c.label} {c.probability:.2f}" for c in r.top_k)
+        table.add_row(str(p), label, f"{r.probability:.3f}", f"{r.distance:.4f}", others)
+    out.print(table)
+
+
+@store_command("list")
+def store_list_cmd(
+    store: Path = typer.Argument(..., help="Prototype store file."),
+    json_out: bool = typer.Option(False, "--json", help="Print JSON to stdout."),
+) -> None:
+    """Show the classes of a store and their example counts."""
+    from edgemeta.runtime import PrototypeStore
+
+    s = PrototypeStore.load(store)
+    if json_out:
+        emit_json({"store": str(store), "fingerprint": s.fingerprint, "embedding_dim": s.embedding_dim, "metric": s.metric.value, "keep_embeddings": s.keep_embeddings, "counts": s.counts})
+    else:
+        out.print(_counts_table(f"{store}: {len(s)} classes, model {s.fingerprint}, {s.embedding_dim}-D {s.metric.value}", s.counts))
+
+
+@store_command("forget")
+def store_forget_cmd(
+    store: Path = typer.Argument(..., help="Prototype store file."),
+    label: str = typer.Argument(..., help="Class to remove."),
+) -> None:
+    """Remove a class from a store."""
+    from edgemeta.runtime import PrototypeStore
+
+    with PrototypeStore.edit(store) as s:
+        s.forget(label)
+    console.print(f"forgot {label!r}; {len(s)} classes left in {store}")
+
+
+@store_command("rename")
+def store_rename_cmd(
+    store: Path = typer.Argument(..., help="Prototype store file."),
+    old: str = typer.Argument(..., help="Current label."),
+    new: str = typer.Argument(..., help="New label."),
+    merge: bool = typer.Option(False, "--merge", help="If NEW exists, combine OLD's examples into it."),
+) -> None:
+    """Rename a class (or merge it into another with --merge)."""
+    from edgemeta.runtime import PrototypeStore
+
+    with PrototypeStore.edit(store) as s:
+        s.rename(old, new, merge=merge)
+    console.print(f"renamed {old!r} to {new!r} in {store}")

@@ -1,0 +1,170 @@
+"""Image decoding and preprocessing, shared by training and the device runtime.
+
+The training data pipeline calls :func:`decode` and :func:`to_uint8` to build its
+cached arrays, then the same arithmetic as :func:`normalize` (in torch); the runtime
+calls the same functions, so an image gives the same tensor on both sides.
+"""
+
+from __future__ import annotations
+
+import os
+import warnings
+from pathlib import Path
+from typing import Any, Iterable, Sequence, Union
+
+import numpy as np
+
+from edgemeta.runtime.errors import InputError
+from edgemeta.runtime.spec import PreprocessSpec
+
+__all__ = ["ImageLike", "MAX_PIXELS", "decode", "to_uint8", "normalize", "preprocess"]
+
+ImageLike = Union[str, os.PathLike, np.ndarray, Any]  # Any: a PIL.Image.Image
+
+#: Refuse images with more pixels than this (decompression bombs); 8K x 8K.
+MAX_PIXELS = 64_000_000
+
+
+def _pil():
+    try:
+        from PIL import Image
+    except ImportError:  # pragma: no cover - pillow is a base dependency
+        raise InputError("reading image files needs Pillow: pip install pillow") from None
+    return Image
+
+
+def _filter(name: str):
+    Image = _pil()
+    return getattr(Image.Resampling, name.upper())
+
+
+def decode(path: str | os.PathLike | Any) -> Any:
+    """Open an image file (or a file object) fully, with clear errors for bad files."""
+    Image = _pil()
+    name = getattr(path, "name", path)
+    if isinstance(path, (str, os.PathLike)):
+        p = Path(path)
+        if p.is_dir():
+            raise InputError(f"{path} is a folder, not an image file; pass image files")
+        if not p.is_file():
+            raise InputError(f"image file not found: {path}; check the path")
+    im = None
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", Image.DecompressionBombWarning)
+            im = Image.open(path)
+            if im.width * im.height > MAX_PIXELS:
+                raise InputError(
+                    f"{name}: {im.width}x{im.height} pixels is over the {MAX_PIXELS:,} limit "
+                    "(possible decompression bomb); downscale the image first"
+                )
+            im.load()
+    except BaseException as e:
+        if im is not None:  # do not leak the file handle of a refused image
+            im.close()
+        if isinstance(e, InputError):
+            raise
+        if isinstance(e, (Image.DecompressionBombError, Image.DecompressionBombWarning)):
+            raise InputError(f"{name}: refused as a possible decompression bomb ({e}); downscale the image first") from None
+        if isinstance(e, Image.UnidentifiedImageError):
+            raise InputError(f"{name}: not an image file Pillow can read (PNG, JPEG, BMP, ...)") from None
+        if isinstance(e, PermissionError):
+            raise InputError(f"{name}: cannot read the file (permission denied); fix its permissions") from None
+        if isinstance(e, (OSError, SyntaxError, ValueError, EOFError)):
+            raise InputError(f"{name}: damaged or truncated image ({e}); re-export or re-copy the file") from None
+        raise
+    return im
+
+
+def _resize_pil(im: Any, spec: PreprocessSpec) -> np.ndarray:
+    h, w = spec.size
+    try:  # a PIL image the caller opened is decoded lazily here: its file may be damaged
+        im = im.convert(spec.color)
+        if im.size != (w, h):
+            im = im.resize((w, h), _filter(spec.interpolation))
+    except (OSError, SyntaxError, ValueError, EOFError) as e:
+        name = getattr(im, "filename", "") or "PIL image"
+        raise InputError(f"{name}: damaged or truncated image ({e}); re-export or re-copy the file") from None
+    arr = np.asarray(im, dtype=np.uint8)
+    return arr[:, :, None] if arr.ndim == 2 else arr
+
+
+def _check_finite(arr: np.ndarray, what: str) -> None:
+    if arr.dtype.kind == "f" and not np.isfinite(arr).all():
+        raise InputError(f"{what} contains NaN or infinite values; clean the array before passing it")
+
+
+def to_uint8(image: ImageLike, spec: PreprocessSpec) -> np.ndarray | None:
+    """Decode and resize one image to ``uint8`` HWC at the spec's size and colour.
+
+    Returns ``None`` for an already-normalized CHW float array, which
+    :func:`preprocess` passes through unchanged.
+    """
+    if isinstance(image, (str, os.PathLike)):
+        return _resize_pil(decode(image), spec)
+    if isinstance(image, np.ndarray):
+        arr = image
+        if arr.ndim == 3 and arr.dtype.kind == "f" and arr.shape[0] in (1, 3) and arr.shape[-1] not in (1, 3):
+            return None  # CHW float: already preprocessed (preprocess checks its shape, then its values)
+        if arr.ndim == 3 and arr.dtype.kind == "f" and arr.shape[0] == spec.channels and arr.shape[1:] == spec.size:
+            return None
+        _check_finite(arr, "image array")
+        if arr.dtype != np.uint8:
+            raise InputError(
+                f"image array of dtype {arr.dtype} and shape {arr.shape} is ambiguous; pass HWC or HW uint8 "
+                f"pixels, or a preprocessed CHW float32 array of shape ({spec.channels}, {spec.size[0]}, {spec.size[1]})"
+            )
+        if arr.ndim == 3 and arr.shape[2] == 1:
+            arr = arr[:, :, 0]
+        if not (arr.ndim == 2 or (arr.ndim == 3 and arr.shape[2] in (3, 4))):
+            raise InputError(
+                f"image array of shape {arr.shape}: expected HW (grey), HWC with 1, 3 or 4 channels (uint8)"
+            )
+        if arr.shape[0] * arr.shape[1] > MAX_PIXELS or min(arr.shape[:2]) < 1:
+            raise InputError(f"image array of shape {arr.shape} has an absurd size; pass an ordinary image")
+        # fromarray infers L / RGB / RGBA from the shape (its `mode` argument is deprecated)
+        return _resize_pil(_pil().fromarray(np.ascontiguousarray(arr)), spec)
+    if hasattr(image, "convert") and hasattr(image, "size"):
+        w, h = image.size
+        if w * h > MAX_PIXELS or min(w, h) < 1:
+            raise InputError(f"PIL image of size {w}x{h} has an absurd size; pass an ordinary image")
+        return _resize_pil(image, spec)
+    raise InputError(
+        f"cannot use {type(image).__name__} as an image; pass a file path, a PIL image, or a numpy array"
+    )
+
+
+def normalize(batch_uint8: np.ndarray, spec: PreprocessSpec) -> np.ndarray:
+    """uint8 [B, H, W, C] -> float32 [B, C, H, W], scaled to [0, 1] then standardized."""
+    x = batch_uint8.astype(np.float32) / np.float32(255.0)
+    mean = np.asarray(spec.mean, dtype=np.float32)
+    std = np.asarray(spec.std, dtype=np.float32)
+    x = (x - mean) / std
+    return np.ascontiguousarray(x.transpose(0, 3, 1, 2))
+
+
+def preprocess(images: ImageLike | Sequence[ImageLike], spec: PreprocessSpec) -> np.ndarray:
+    """Turn one image or a sequence of images into the model's float32 NCHW input."""
+    if isinstance(images, np.ndarray) and images.ndim == 4:
+        items: Iterable[Any] = list(images)
+    elif isinstance(images, (list, tuple)):
+        items = images
+    else:
+        items = [images]
+    items = list(items)
+    if not items:
+        raise InputError("no images given; pass at least one image")
+    out = np.empty((len(items), spec.channels, *spec.size), dtype=np.float32)
+    for i, item in enumerate(items):
+        u8 = to_uint8(item, spec)
+        if u8 is None:
+            arr = np.asarray(item, dtype=np.float32)
+            if arr.shape != out.shape[1:]:
+                raise InputError(
+                    f"preprocessed array of shape {arr.shape} does not match the model input {out.shape[1:]}"
+                )
+            _check_finite(arr, f"preprocessed array {i}")
+            out[i] = arr
+        else:
+            out[i] = normalize(u8[None], spec)[0]
+    return out

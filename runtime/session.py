@@ -1,0 +1,486 @@
+"""An ONNX Runtime session for an exported edgemeta model.
+
+:class:`Session` loads one ``.onnx`` file, picks the execution providers, reads the
+model's :class:`~edgemeta.runtime.spec.ModelMetadata`, checks the input/output
+contract (``images``, ``prototypes`` -> ``embeddings``, ``logits``), and runs batches.
+
+Providers are never silently different from what was asked: after the ONNX Runtime
+session is created, :attr:`Session.providers` is read back from it. A provider that
+was asked for by name and does not run raises :class:`ProviderError`, unless
+``allow_fallback=True``; every fallback (also under ``"auto"``) is recorded in
+:attr:`Session.fallbacks` and reported with a :class:`ProviderFallbackWarning`.
+
+Example:
+    >>> s = Session("model.onnx", providers="auto")          # doctest: +SKIP
+    >>> emb, logits = s.run(batch, prototypes)                 # doctest: +SKIP
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import warnings
+from dataclasses import dataclass
+from enum import Enum
+from pathlib import Path
+from typing import Sequence, Union
+
+import numpy as np
+import onnxruntime as ort
+
+from edgemeta.runtime.errors import InputError, ProviderError
+from edgemeta.runtime.spec import (
+    INPUT_IMAGES,
+    INPUT_PROTOTYPES,
+    METADATA_KEY,
+    OUTPUT_EMBEDDINGS,
+    OUTPUT_LOGITS,
+    Metric,
+    ModelMetadata,
+    Normalization,
+    PreprocessSpec,
+)
+
+__all__ = [
+    "Provider",
+    "GraphOptimization",
+    "SessionOptions",
+    "Session",
+    "ProviderFallbackWarning",
+    "ProvidersArg",
+    "resolve_providers",
+]
+
+
+class Provider(str, Enum):
+    """The execution providers edgemeta knows by short name ("cpu", "cuda", "tensorrt")."""
+
+    TENSORRT = "TensorrtExecutionProvider"
+    CUDA = "CUDAExecutionProvider"
+    CPU = "CPUExecutionProvider"
+
+
+#: The order ``providers="auto"`` tries, among those this onnxruntime build has.
+AUTO_ORDER = (Provider.TENSORRT.value, Provider.CUDA.value, Provider.CPU.value)
+_GPU_PROVIDERS = (Provider.TENSORRT.value, Provider.CUDA.value)
+_SHORT_NAMES = {"cpu": Provider.CPU, "cuda": Provider.CUDA, "gpu": Provider.CUDA, "tensorrt": Provider.TENSORRT, "trt": Provider.TENSORRT}
+
+ProvidersArg = Union[str, Provider, Sequence[Union[str, Provider]]]
+
+
+class GraphOptimization(str, Enum):
+    """ONNX Runtime's graph optimization levels."""
+
+    DISABLE = "disable"
+    BASIC = "basic"
+    EXTENDED = "extended"
+    ALL = "all"
+
+
+_ORT_LEVELS = {
+    GraphOptimization.DISABLE: ort.GraphOptimizationLevel.ORT_DISABLE_ALL,
+    GraphOptimization.BASIC: ort.GraphOptimizationLevel.ORT_ENABLE_BASIC,
+    GraphOptimization.EXTENDED: ort.GraphOptimizationLevel.ORT_ENABLE_EXTENDED,
+    GraphOptimization.ALL: ort.GraphOptimizationLevel.ORT_ENABLE_ALL,
+}
+
+
+class ProviderFallbackWarning(RuntimeWarning):
+    """A provider that was asked for (or offered by ``"auto"``) does not run."""
+
+
+@dataclass(frozen=True)
+class SessionOptions:
+    """How the ONNX Runtime session runs.
+
+    Attributes:
+        intra_op_threads: threads inside one operator; 0 lets ONNX Runtime choose
+            (one per physical core).
+        inter_op_threads: threads across independent operators; 0 lets ONNX Runtime choose.
+        graph_optimization: ONNX Runtime's graph optimization level.
+        io_binding: bind inputs and outputs as ``OrtValue`` so the prototypes stay on the
+            device between calls; ``None`` turns it on when the session runs on a GPU.
+        batch_size: inputs larger than this run in chunks (bounds memory).
+        device_id: the GPU used by CUDA / TensorRT and IO binding.
+    """
+
+    intra_op_threads: int = 0
+    inter_op_threads: int = 0
+    graph_optimization: GraphOptimization = GraphOptimization.ALL
+    io_binding: bool | None = None
+    batch_size: int = 64
+    device_id: int = 0
+
+    def __post_init__(self) -> None:
+        if self.intra_op_threads < 0 or self.inter_op_threads < 0:
+            raise InputError(
+                f"thread counts must be >= 0 (0 = ONNX Runtime's default), got "
+                f"intra_op_threads={self.intra_op_threads}, inter_op_threads={self.inter_op_threads}"
+            )
+        if self.batch_size < 1:
+            raise InputError(f"batch_size must be >= 1, got {self.batch_size}")
+        if not isinstance(self.graph_optimization, GraphOptimization):
+            try:
+                object.__setattr__(self, "graph_optimization", GraphOptimization(self.graph_optimization))
+            except ValueError:
+                choices = ", ".join(g.value for g in GraphOptimization)
+                raise InputError(f"unknown graph_optimization {self.graph_optimization!r}; choose one of: {choices}") from None
+
+
+def _provider_name(p: str | Provider) -> str:
+    if isinstance(p, Provider):
+        return p.value
+    if not isinstance(p, str) or not p.strip():
+        raise InputError(f"provider {p!r} is not a provider name; use cpu, cuda, tensorrt or a full ONNX Runtime name")
+    key = p.strip()
+    if key.lower() in _SHORT_NAMES:
+        return _SHORT_NAMES[key.lower()].value
+    if key.endswith("ExecutionProvider"):
+        return key  # any other ONNX Runtime provider, by its full name
+    raise InputError(
+        f"unknown provider {p!r}; use auto, cpu, cuda, tensorrt, or a full ONNX Runtime name "
+        "such as CUDAExecutionProvider"
+    )
+
+
+def resolve_providers(providers: ProvidersArg) -> tuple[list[str], bool]:
+    """Turn the user's ``providers`` into ONNX Runtime names; returns ``(names, is_auto)``.
+
+    Accepts ``"auto"``, one name, a comma-separated string (``"cuda,cpu"``), or a list.
+    """
+    if isinstance(providers, str) and "," in providers:
+        providers = [p for p in providers.split(",") if p.strip()]
+    if isinstance(providers, (str, Provider)):
+        if isinstance(providers, str) and providers.strip().lower() == "auto":
+            return list(AUTO_ORDER), True
+        return [_provider_name(providers)], False
+    names = [_provider_name(p) for p in providers]
+    if not names:
+        raise InputError("empty provider list; pass 'auto' or at least one provider")
+    return list(dict.fromkeys(names)), False
+
+
+def _ort_error_kind(e: Exception) -> str:
+    """'model' for errors that say the file is not a loadable model, else 'provider'."""
+    name = type(e).__name__
+    if name in ("InvalidProtobuf", "InvalidGraph", "NoSuchFile", "NotImplemented", "InvalidArgument"):
+        return "model"
+    return "provider"
+
+
+class Session:
+    """One exported edgemeta model, loaded in ONNX Runtime.
+
+    Args:
+        model: path to the ``.onnx`` file.
+        providers: ``"auto"`` (TensorRT, CUDA, CPU: the first that load), one provider
+            (``"cpu"``, ``"cuda"``, ``"tensorrt"`` or a full ONNX Runtime name), or a list.
+        preprocess: the preprocessing of a model without edgemeta metadata (required
+            then; embedding dim and metric are inferred by probing the model).
+        options: threads, optimization level, IO binding, chunk size.
+        allow_fallback: run on what loads instead of raising when a named provider does not.
+
+    Raises:
+        ProviderError: a provider named explicitly does not run (and no fallback allowed).
+        InputError: the file is missing, not an ONNX model, or breaks the I/O contract.
+        ModelMismatchError: the model's edgemeta metadata is unreadable or too new.
+    """
+
+    def __init__(
+        self,
+        model: str | os.PathLike,
+        providers: ProvidersArg = "auto",
+        *,
+        preprocess: PreprocessSpec | None = None,
+        options: SessionOptions | None = None,
+        allow_fallback: bool = False,
+    ) -> None:
+        self.path = Path(model)
+        if not self.path.is_file():
+            raise InputError(f"model file not found: {self.path}; check the path")
+        self.options = options or SessionOptions()
+        self.allow_fallback = allow_fallback
+        self.fallbacks: list[str] = []
+        self.requested_providers, self._auto = resolve_providers(providers)
+        self.io_binding = False  # decided once the providers are known (probes run unbound)
+        self.prototype_uploads = 0  # how many times prototypes were copied to the device
+        self._proto_cache: tuple[np.ndarray, object] | None = None
+        self._sess = self._create_session()
+        self._check_contract()
+        meta = self._stored_metadata()
+        spec = preprocess or (meta.preprocess if meta else None)
+        if spec is None:
+            raise InputError(
+                f"{self.path} carries no edgemeta metadata, so its preprocessing is unknown; pass "
+                "preprocess=PreprocessSpec(...) or re-export the model with `edgemeta export`"
+            )
+        self._check_input_shape(spec)
+        self.metadata = meta.with_(preprocess=spec) if meta else self._infer_metadata(spec)
+        self._logit_scale = self._find_logit_scale()
+        self.io_binding = self.options.io_binding if self.options.io_binding is not None else self.on_gpu
+
+    # ---- providers -------------------------------------------------------------
+
+    def _fallback(self, lost: list[str], reason: str) -> None:
+        if not (self._auto or self.allow_fallback):
+            raise ProviderError(
+                f"provider(s) {', '.join(lost)} asked for but {reason}; install onnxruntime-gpu with "
+                "matching CUDA/TensorRT libraries, or pass providers='auto' or allow_fallback=True"
+            )
+        for p in lost:
+            self.fallbacks.append(f"{p}: {reason}")
+        warnings.warn(f"{', '.join(lost)} not used ({reason}); running on the next provider", ProviderFallbackWarning, stacklevel=4)
+
+    def _ort_options(self) -> ort.SessionOptions:
+        so = ort.SessionOptions()
+        so.intra_op_num_threads = self.options.intra_op_threads
+        so.inter_op_num_threads = self.options.inter_op_threads
+        so.graph_optimization_level = _ORT_LEVELS[self.options.graph_optimization]
+        return so
+
+    def _create_session(self) -> ort.InferenceSession:
+        available = ort.get_available_providers()
+        wanted = list(self.requested_providers)
+        missing = [p for p in wanted if p not in available]
+        if missing and not self._auto:
+            self._fallback(missing, f"not in this onnxruntime build (it has {', '.join(available)})")
+        wanted = [p for p in wanted if p in available]
+        if not wanted or (self.allow_fallback and Provider.CPU.value not in wanted):
+            wanted.append(Provider.CPU.value)
+        try:
+            sess = self._open(wanted)
+        except InputError:
+            raise
+        except Exception as e:  # noqa: BLE001 - ONNX Runtime raises its own pybind types
+            if wanted == [Provider.CPU.value]:
+                raise InputError(f"{self.path}: ONNX Runtime cannot load this model ({e}); re-export it") from None
+            gpu = [p for p in wanted if p != Provider.CPU.value]
+            self._fallback(gpu, f"session creation failed ({' '.join(str(e).split())[:300]})")
+            wanted = [Provider.CPU.value]
+            sess = self._open(wanted)
+        actual = sess.get_providers()
+        lost = [p for p in wanted if p not in actual]
+        if lost:
+            self._fallback(lost, f"ONNX Runtime could not load it (the session runs {', '.join(actual)})")
+        return sess
+
+    def _open(self, providers: list[str]) -> ort.InferenceSession:
+        try:
+            return ort.InferenceSession(str(self.path), sess_options=self._ort_options(), providers=providers)
+        except Exception as e:  # noqa: BLE001
+            if _ort_error_kind(e) == "model":
+                raise InputError(f"{self.path}: not an ONNX model ONNX Runtime can load ({' '.join(str(e).split())[:300]}); re-export it") from None
+            raise
+
+    @property
+    def providers(self) -> list[str]:
+        """The providers the session actually runs on, in priority order."""
+        return list(self._sess.get_providers())
+
+    @property
+    def on_gpu(self) -> bool:
+        return self.providers[0] in _GPU_PROVIDERS
+
+    # ---- the model contract ------------------------------------------------------
+
+    def _check_contract(self) -> None:
+        inputs = {i.name: i for i in self._sess.get_inputs()}
+        outputs = {o.name: o for o in self._sess.get_outputs()}
+        problems = [f"input '{n}'" for n in (INPUT_IMAGES, INPUT_PROTOTYPES) if n not in inputs]
+        problems += [f"output '{n}'" for n in (OUTPUT_EMBEDDINGS, OUTPUT_LOGITS) if n not in outputs]
+        if problems:
+            raise InputError(
+                f"{self.path} is not an edgemeta model: missing {', '.join(problems)} "
+                f"(it has inputs {sorted(inputs)}, outputs {sorted(outputs)}); export it with `edgemeta export`"
+            )
+        extra = sorted(set(inputs) - {INPUT_IMAGES, INPUT_PROTOTYPES})
+        if extra:
+            raise InputError(f"{self.path} has extra inputs {extra} that edgemeta cannot feed; re-export the model")
+        ranks = []
+        for name, want in ((INPUT_IMAGES, 4), (INPUT_PROTOTYPES, 2)):
+            shape = inputs[name].shape
+            if shape is not None and len(shape) != want:
+                ranks.append(f"input '{name}' has rank {len(shape)}, expected {want}")
+        if ranks:
+            raise InputError(f"{self.path} breaks the edgemeta contract: {'; '.join(ranks)}; re-export the model")
+        self._in_types = {n: np.float16 if inputs[n].type == "tensor(float16)" else np.float32 for n in inputs}
+        self._images_shape = inputs[INPUT_IMAGES].shape
+
+    def _stored_metadata(self) -> ModelMetadata | None:
+        custom = self._sess.get_modelmeta().custom_metadata_map
+        return ModelMetadata.from_json(custom[METADATA_KEY]) if METADATA_KEY in custom else None
+
+    def _check_input_shape(self, spec: PreprocessSpec) -> None:
+        want = (spec.channels, *spec.size)
+        got = tuple(self._images_shape[1:]) if self._images_shape else ()
+        if any(isinstance(g, int) and g != w for w, g in zip(want, got)):
+            raise InputError(
+                f"{self.path}: the model input is {list(self._images_shape)} but the preprocessing gives "
+                f"[batch, {', '.join(map(str, want))}]; fix the PreprocessSpec or re-export the model"
+            )
+
+    def _probe(self, spec: PreprocessSpec) -> tuple[np.ndarray, np.ndarray]:
+        """Embed one fixed pseudo-image; score it against itself and twice itself."""
+        x = np.random.default_rng(0).standard_normal((1, spec.channels, *spec.size)).astype(np.float32)
+        try:
+            emb = self._raw_run(x, np.zeros((0, self._output_dim() or 1), np.float32), logits=False)[0]
+            protos = np.concatenate([emb, 2.0 * emb]).astype(np.float32)
+            return emb, self._raw_run(x, protos)[1][0]
+        except Exception as e:  # noqa: BLE001 - ONNX Runtime raises its own pybind types
+            raise InputError(f"{self.path}: probing the model failed ({e}); re-export it with edgemeta metadata") from None
+
+    def _output_dim(self) -> int | None:
+        shape = next(o.shape for o in self._sess.get_outputs() if o.name == OUTPUT_EMBEDDINGS)
+        return shape[-1] if shape and isinstance(shape[-1], int) else None
+
+    def _infer_metadata(self, preprocess: PreprocessSpec) -> ModelMetadata:
+        emb, (same, double) = self._probe(preprocess)
+        sq = float((emb.astype(np.float64) ** 2).sum())
+        if sq <= 1e-12:
+            raise InputError(f"{self.path}: cannot infer the metric (zero embedding); re-export it with edgemeta metadata")
+        if abs(same) <= 1e-3 * max(sq, 1.0) and abs(double + sq) <= 1e-2 * sq:
+            metric = Metric.SQEUCLIDEAN
+        elif same > 0 and abs(same - double) <= 1e-2 * abs(same):
+            metric = Metric.COSINE
+        else:
+            raise InputError(
+                f"{self.path}: logits match neither -squared-euclidean nor scaled cosine; "
+                "re-export the model with edgemeta metadata"
+            )
+        norm = Normalization.L2 if abs(np.sqrt(sq) - 1.0) < 1e-3 else Normalization.NONE
+        digest = hashlib.sha256(self.path.read_bytes()).hexdigest()[:16]
+        extra = {"logit_scale": float(same)} if metric is Metric.COSINE else {}
+        return ModelMetadata(preprocess, int(emb.shape[1]), metric, norm, f"sha256:{digest}", extra=extra)
+
+    def _find_logit_scale(self) -> float:
+        """Cosine models: logits are ``scale * cos``; read the scale or measure it once."""
+        if self.metadata.metric is not Metric.COSINE:
+            return 1.0
+        scale = self.metadata.extra.get("logit_scale")
+        if isinstance(scale, (int, float)) and scale > 0:
+            return float(scale)
+        _, (same, _) = self._probe(self.metadata.preprocess)
+        if not same > 0:
+            raise InputError(f"{self.path}: cannot measure the cosine logit scale; re-export the model")
+        return float(same)
+
+    # ---- metadata shortcuts ------------------------------------------------------
+
+    @property
+    def preprocess(self) -> PreprocessSpec:
+        return self.metadata.preprocess
+
+    @property
+    def embedding_dim(self) -> int:
+        return self.metadata.embedding_dim
+
+    @property
+    def metric(self) -> Metric:
+        return self.metadata.metric
+
+    @property
+    def fingerprint(self) -> str:
+        return self.metadata.fingerprint
+
+    @property
+    def logit_scale(self) -> float:
+        """``logits = scale * cos`` for cosine models; 1.0 for squared euclidean."""
+        return self._logit_scale
+
+    def distances(self, logits: np.ndarray) -> np.ndarray:
+        """Logits from the graph -> distances: ``-logit`` (sq. euclidean), ``1 - logit/scale`` (cosine)."""
+        logits = np.asarray(logits, dtype=np.float64)
+        if self.metric is Metric.COSINE:
+            return 1.0 - logits / self._logit_scale
+        return -logits
+
+    # ---- running ---------------------------------------------------------------------
+
+    def _check_images(self, images: np.ndarray) -> np.ndarray:
+        x = np.asarray(images)
+        want = (self.preprocess.channels, *self.preprocess.size)
+        if x.ndim != 4 or tuple(x.shape[1:]) != want or x.shape[0] < 1:
+            raise InputError(
+                f"images of shape {x.shape} do not fit the model input [batch>=1, {', '.join(map(str, want))}]; "
+                "preprocess them with edgemeta.runtime.preprocess"
+            )
+        if x.dtype.kind != "f":
+            raise InputError(f"images must be a float array, got {x.dtype}; preprocess them first")
+        if not np.isfinite(x).all():
+            raise InputError("images contain NaN or infinite values; clean the array before passing it")
+        return x
+
+    def _check_prototypes(self, prototypes: np.ndarray) -> np.ndarray:
+        p = np.asarray(prototypes)
+        if p.ndim != 2 or p.shape[1] != self.embedding_dim:
+            raise InputError(
+                f"prototypes of shape {p.shape} do not fit [n_classes, {self.embedding_dim}]; "
+                "build them from this model's embeddings"
+            )
+        return p
+
+    def embed(self, images: np.ndarray) -> np.ndarray:
+        """Preprocessed float images [B, C, H, W] -> embeddings float32 [B, D]."""
+        x = self._check_images(images)
+        empty = np.zeros((0, self.embedding_dim), np.float32)
+        return self._chunked(x, empty, logits=False)[0]
+
+    def run(self, images: np.ndarray, prototypes: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """Preprocessed images and prototypes [N, D] -> (embeddings [B, D], logits [B, N]).
+
+        The logits are computed by the graph, on the session's provider. Pass a
+        read-only array (as :meth:`PrototypeStore.prototypes` returns) to let IO binding
+        keep it on the device between calls.
+        """
+        x = self._check_images(images)
+        p = self._check_prototypes(prototypes)
+        emb, logits = self._chunked(x, p, logits=True)
+        return emb, logits
+
+    def _chunked(self, x: np.ndarray, protos: np.ndarray, logits: bool) -> tuple[np.ndarray, np.ndarray | None]:
+        bs = self.options.batch_size
+        parts = [self._raw_run(x[i : i + bs], protos, logits) for i in range(0, len(x), bs)]
+        emb = parts[0][0] if len(parts) == 1 else np.concatenate([e for e, _ in parts])
+        if not logits:
+            return emb, None
+        lg = parts[0][1] if len(parts) == 1 else np.concatenate([g for _, g in parts])
+        return emb, lg
+
+    def _raw_run(self, x: np.ndarray, protos: np.ndarray, logits: bool = True) -> tuple[np.ndarray, np.ndarray | None]:
+        x = np.ascontiguousarray(x, dtype=self._in_types[INPUT_IMAGES])
+        names = [OUTPUT_EMBEDDINGS, OUTPUT_LOGITS] if logits else [OUTPUT_EMBEDDINGS]
+        if self.io_binding:
+            outs = self._run_bound(x, protos, names)
+        else:
+            p = np.ascontiguousarray(protos, dtype=self._in_types[INPUT_PROTOTYPES])
+            outs = self._sess.run(names, {INPUT_IMAGES: x, INPUT_PROTOTYPES: p})
+        outs = [np.asarray(o, dtype=np.float32) for o in outs]
+        return outs[0], (outs[1] if logits else None)
+
+    def _device(self) -> tuple[str, int]:
+        return ("cuda", self.options.device_id) if self.on_gpu else ("cpu", 0)
+
+    def _prototype_value(self, protos: np.ndarray):
+        """An OrtValue on the device for ``protos``; reused while the same read-only array comes back."""
+        cached = self._proto_cache
+        if cached is not None and cached[0] is protos:
+            return cached[1]
+        p = np.ascontiguousarray(protos, dtype=self._in_types[INPUT_PROTOTYPES])
+        value = ort.OrtValue.ortvalue_from_numpy(p, *self._device())
+        self.prototype_uploads += 1
+        if not protos.flags.writeable:  # a writable array could change under the cached copy
+            self._proto_cache = (protos, value)
+        return value
+
+    def _run_bound(self, x: np.ndarray, protos: np.ndarray, names: list[str]) -> list[np.ndarray]:
+        device, device_id = self._device()
+        binding = self._sess.io_binding()
+        binding.bind_ortvalue_input(INPUT_IMAGES, ort.OrtValue.ortvalue_from_numpy(x, device, device_id))
+        binding.bind_ortvalue_input(INPUT_PROTOTYPES, self._prototype_value(protos))
+        for name in names:
+            binding.bind_output(name, device, device_id)
+        self._sess.run_with_iobinding(binding)
+        return binding.copy_outputs_to_cpu()
+
+    def __repr__(self) -> str:
+        return f"Session({str(self.path)!r}, providers={self.providers}, dim={self.embedding_dim}, metric={self.metric.value})"

@@ -1,0 +1,186 @@
+"""Shared pytest fixtures."""
+
+# ---------------------------------------------------------------------------
+# Device runtime fixtures (tests/test_runtime_*.py): tiny edgemeta-contract ONNX
+# models built with onnx.helper, and small synthetic image sets.
+# ---------------------------------------------------------------------------
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+RUNTIME_SIZE = 16  # test models take 1x16x16 (grey) or 3x16x16 (RGB) images
+RUNTIME_DIM = 16
+
+
+def build_runtime_model(
+    path: Path,
+    *,
+    metric: str = "sqeuclidean",
+    normalization: str = "l2",
+    channels: int = 1,
+    dim: int = RUNTIME_DIM,
+    scale: float = 10.0,
+    metadata: bool = True,
+    fingerprint: str = "fp-tiny-0001",
+    drop: tuple[str, ...] = (),
+    seed: int = 0,
+    extra: dict | None = None,
+) -> Path:
+    """Write an ONNX model that follows the edgemeta contract (a 2-layer MLP extractor).
+
+    ``drop`` removes named inputs/outputs from the graph, to build broken models.
+    """
+    import onnx
+    from onnx import TensorProto, helper, numpy_helper
+
+    from edgemeta.runtime.spec import Metric, ModelMetadata, Normalization, PreprocessSpec
+
+    rng = np.random.default_rng(seed)
+    flat = channels * RUNTIME_SIZE * RUNTIME_SIZE
+    inits = [
+        numpy_helper.from_array((rng.standard_normal((flat, 64)) * (2.0 / np.sqrt(flat))).astype(np.float32), "w1"),
+        numpy_helper.from_array((rng.standard_normal(64) * 0.1).astype(np.float32), "b1"),
+        numpy_helper.from_array((rng.standard_normal((64, dim)) / 8.0).astype(np.float32), "w2"),
+        numpy_helper.from_array(np.array(1e-12, np.float32), "eps"),
+        numpy_helper.from_array(np.array(2.0, np.float32), "two"),
+        numpy_helper.from_array(np.array(scale, np.float32), "scale"),
+    ]
+    n = helper.make_node
+    nodes = [
+        n("Flatten", ["images"], ["flat"], axis=1),
+        n("MatMul", ["flat", "w1"], ["h0"]),
+        n("Add", ["h0", "b1"], ["h1"]),
+        n("Tanh", ["h1"], ["h2"]),
+        n("MatMul", ["h2", "w2"], ["raw"]),
+    ]
+    if normalization == "none":
+        nodes.append(n("Identity", ["raw"], ["embeddings"]))
+    else:
+        nodes += [
+            n("ReduceSumSquare", ["raw"], ["rss"], axes=[1], keepdims=1),
+            n("Add", ["rss", "eps"], ["rss_e"]),
+            n("Sqrt", ["rss_e"], ["rnorm"]),
+            n("Div", ["raw", "rnorm"], ["embeddings"]),
+        ]
+    embed_nodes, nodes = nodes, []
+    if metric == "sqeuclidean":
+        nodes += [
+            n("ReduceSumSquare", ["embeddings"], ["ee"], axes=[1], keepdims=1),
+            n("ReduceSumSquare", ["prototypes"], ["pp"], axes=[1], keepdims=0),
+            n("Transpose", ["prototypes"], ["pt"], perm=[1, 0]),
+            n("MatMul", ["embeddings", "pt"], ["ep"]),
+            n("Mul", ["ep", "two"], ["ep2"]),
+            n("Sub", ["ep2", "ee"], ["l0"]),
+            n("Sub", ["l0", "pp"], ["logits"]),
+        ]
+    else:
+        nodes += [
+            n("ReduceSumSquare", ["embeddings"], ["ess"], axes=[1], keepdims=1),
+            n("Add", ["ess", "eps"], ["ess_e"]),
+            n("Sqrt", ["ess_e"], ["enorm"]),
+            n("Div", ["embeddings", "enorm"], ["en"]),
+            n("ReduceSumSquare", ["prototypes"], ["pss"], axes=[1], keepdims=1),
+            n("Add", ["pss", "eps"], ["pss_e"]),
+            n("Sqrt", ["pss_e"], ["pnorm"]),
+            n("Div", ["prototypes", "pnorm"], ["pn"]),
+            n("Transpose", ["pn"], ["pt"], perm=[1, 0]),
+            n("MatMul", ["en", "pt"], ["cos"]),
+            n("Mul", ["cos", "scale"], ["logits"]),
+        ]
+    inputs = [
+        helper.make_tensor_value_info("images", TensorProto.FLOAT, ["batch", channels, RUNTIME_SIZE, RUNTIME_SIZE]),
+        helper.make_tensor_value_info("prototypes", TensorProto.FLOAT, ["n_classes", dim]),
+    ]
+    outputs = [
+        helper.make_tensor_value_info("embeddings", TensorProto.FLOAT, ["batch", dim]),
+        helper.make_tensor_value_info("logits", TensorProto.FLOAT, ["batch", "n_classes"]),
+    ]
+    if "prototypes" in drop:  # a plain feature extractor: no prototypes, so no logits either
+        nodes, drop = [], (*drop, "logits")
+    nodes = embed_nodes + nodes
+    inputs = [i for i in inputs if i.name not in drop]
+    outputs = [o for o in outputs if o.name not in drop]
+    used = {name for node in nodes for name in node.input}
+    graph = helper.make_graph(nodes, "tiny_edgemeta", inputs, outputs, [i for i in inits if i.name in used])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)], producer_name="edgemeta-tests")
+    model.ir_version = 8
+    if metadata:
+        spec = PreprocessSpec.create(RUNTIME_SIZE, channels, mean=0.5, std=0.25)
+        meta = ModelMetadata(
+            preprocess=spec,
+            embedding_dim=dim,
+            metric=Metric(metric),
+            normalization=Normalization(normalization),
+            fingerprint=fingerprint,
+            backbone="tiny-mlp",
+            opset=17,
+            extra=dict(extra or {}),
+        )
+        entry = model.metadata_props.add()
+        entry.key, entry.value = "edgemeta", meta.to_json()
+    onnx.checker.check_model(model)
+    path = Path(path)
+    path.write_bytes(model.SerializeToString())
+    return path
+
+
+@pytest.fixture(scope="session")
+def make_onnx_model(tmp_path_factory):
+    """Factory: ``make_onnx_model(**kwargs)`` -> path of a cached tiny edgemeta model."""
+    cache: dict[tuple, Path] = {}
+    root = tmp_path_factory.mktemp("runtime_models")
+
+    def make(**kwargs) -> Path:
+        key = tuple(sorted((k, repr(v)) for k, v in kwargs.items()))
+        if key not in cache:
+            cache[key] = build_runtime_model(root / f"model{len(cache)}.onnx", **kwargs)
+        return cache[key]
+
+    return make
+
+
+@pytest.fixture(scope="session")
+def tiny_onnx_model(make_onnx_model) -> Path:
+    """Grey 16x16 input, 16-D L2-normalized embeddings, squared-euclidean logits."""
+    return make_onnx_model()
+
+
+@pytest.fixture(scope="session")
+def tiny_cosine_model(make_onnx_model) -> Path:
+    """Like tiny_onnx_model but cosine logits with scale 10 (and another fingerprint)."""
+    return make_onnx_model(metric="cosine", fingerprint="fp-tiny-cos", seed=1)
+
+
+def runtime_class_images(n_classes: int, per_class: int, *, seed: int = 0, noise: float = 6.0) -> dict[str, list[np.ndarray]]:
+    """Grey uint8 16x16 images: one random base pattern per class, plus small noise."""
+    rng = np.random.default_rng(seed)
+    out: dict[str, list[np.ndarray]] = {}
+    for k in range(n_classes):
+        base = rng.integers(0, 256, (RUNTIME_SIZE, RUNTIME_SIZE)).astype(np.float64)
+        out[f"class{k}"] = [
+            np.clip(base + rng.normal(0, noise, base.shape), 0, 255).astype(np.uint8) for _ in range(per_class)
+        ]
+    return out
+
+
+@pytest.fixture
+def runtime_images() -> dict[str, list[np.ndarray]]:
+    """4 classes x 6 grey 16x16 uint8 images (first 4 to enrol, last 2 as queries)."""
+    return runtime_class_images(4, 6)
+
+
+@pytest.fixture
+def runtime_image_folder(tmp_path, runtime_images) -> Path:
+    """The runtime_images written as PNG files in class subfolders: <tmp>/images/<class>/<i>.png."""
+    from PIL import Image
+
+    root = tmp_path / "images"
+    for label, imgs in runtime_images.items():
+        (root / label).mkdir(parents=True)
+        for i, arr in enumerate(imgs):
+            Image.fromarray(arr).save(root / label / f"{i}.png")
+    return root

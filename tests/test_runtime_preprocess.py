@@ -1,0 +1,159 @@
+"""Preprocessing: every accepted image form, and a clear InputError for every bad one."""
+
+from __future__ import annotations
+
+import struct
+import zlib
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from edgemeta.runtime import InputError, PreprocessSpec, preprocess
+from edgemeta.runtime.preprocess import decode, normalize, to_uint8
+
+GREY = PreprocessSpec.create(16, 1, mean=0.5, std=0.25)
+RGB = PreprocessSpec.create((12, 20), 3, mean=[0.4, 0.5, 0.6], std=[0.2, 0.25, 0.3])
+
+
+def _png_header(width: int, height: int) -> bytes:
+    """A PNG whose header claims width x height pixels (with a tiny, wrong, IDAT)."""
+
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+
+    ihdr = struct.pack(">IIBBBBB", width, height, 8, 0, 0, 0, 0)
+    return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", ihdr) + chunk(b"IDAT", zlib.compress(b"\0" * 16)) + chunk(b"IEND", b"")
+
+
+@pytest.fixture
+def pixels() -> np.ndarray:
+    return np.random.default_rng(0).integers(0, 256, (24, 20, 3)).astype(np.uint8)
+
+
+def _expected(rgb: np.ndarray, spec: PreprocessSpec) -> np.ndarray:
+    im = Image.fromarray(rgb).convert(spec.color).resize(spec.size[::-1], Image.Resampling.BILINEAR)
+    arr = np.asarray(im, np.uint8)
+    arr = arr[:, :, None] if arr.ndim == 2 else arr
+    x = (arr.astype(np.float32) / 255.0 - np.array(spec.mean, np.float32)) / np.array(spec.std, np.float32)
+    return x.transpose(2, 0, 1)
+
+
+@pytest.mark.parametrize("spec", [GREY, RGB], ids=["grey", "rgb"])
+def test_paths_pil_and_arrays_give_the_same_tensor(tmp_path, pixels, spec):
+    png = tmp_path / "a.png"
+    Image.fromarray(pixels).save(png)
+    want = _expected(pixels, spec)
+    for image in (str(png), png, Image.open(png), pixels):
+        got = preprocess(image, spec)
+        assert got.shape == (1, spec.channels, *spec.size) and got.dtype == np.float32
+        np.testing.assert_allclose(got[0], want, atol=1e-6)
+    batch = preprocess([png, pixels, want], spec)  # a list mixing forms, incl. a CHW float array
+    assert batch.shape == (3, spec.channels, *spec.size)
+    np.testing.assert_allclose(batch, np.stack([want] * 3), atol=1e-6)
+
+
+def test_grey_forms(pixels):
+    grey = np.asarray(Image.fromarray(pixels).convert("L"))
+    want = preprocess(grey, GREY)
+    np.testing.assert_allclose(preprocess(grey[:, :, None], GREY), want)  # HW1
+    np.testing.assert_allclose(preprocess(Image.fromarray(grey), GREY), want)
+    rgba = np.dstack([pixels, np.full(pixels.shape[:2], 255, np.uint8)])
+    np.testing.assert_allclose(preprocess(rgba, GREY), preprocess(pixels, GREY), atol=1e-6)
+    assert preprocess(grey, RGB).shape == (1, 3, 12, 20)  # grey to RGB is allowed
+
+
+def test_4d_arrays_are_batches(pixels):
+    nhwc = np.stack([pixels, pixels[::-1]])
+    out = preprocess(nhwc, RGB)
+    assert out.shape == (2, 3, 12, 20)
+    np.testing.assert_allclose(out[1], preprocess(pixels[::-1], RGB)[0])
+    nchw = preprocess(nhwc, GREY)
+    np.testing.assert_array_equal(preprocess(nchw, GREY), nchw)  # preprocessed NCHW passes through
+
+
+def test_normalize_matches_the_formula():
+    u8 = np.array([[[[0], [255]]]], np.uint8)  # B=1, H=1, W=2, C=1
+    np.testing.assert_allclose(normalize(u8, GREY), [[[[-2.0, 2.0]]]])
+    assert to_uint8(np.zeros((1, 16, 16), np.float32), GREY) is None
+
+
+def _write(path: Path, data: bytes) -> Path:
+    path.write_bytes(data)
+    return path
+
+
+@pytest.fixture
+def good_png_jpeg(tmp_path, pixels) -> tuple[bytes, bytes]:
+    Image.fromarray(pixels).save(tmp_path / "g.png")
+    Image.fromarray(pixels).save(tmp_path / "g.jpg", quality=90)
+    return (tmp_path / "g.png").read_bytes(), (tmp_path / "g.jpg").read_bytes()
+
+
+@pytest.mark.parametrize(
+    "make, message",
+    [
+        (lambda d, png, jpg: d / "missing.png", "image file not found: .*missing.png; check the path"),
+        (lambda d, png, jpg: d, "is a folder, not an image file"),
+        (lambda d, png, jpg: _write(d / "notes.png", b"hello, not pixels"), "notes.png: not an image file Pillow can read"),
+        (lambda d, png, jpg: _write(d / "empty.jpg", b""), "empty.jpg: not an image file Pillow can read"),
+        (lambda d, png, jpg: _write(d / "cut.png", png[: len(png) // 2]), "cut.png: damaged or truncated image"),
+        (lambda d, png, jpg: _write(d / "cut.jpg", jpg[: len(jpg) // 2]), "cut.jpg: damaged or truncated image"),
+        (lambda d, png, jpg: _write(d / "bomb.png", _png_header(100_000, 100_000)), "bomb.png: refused as a possible decompression bomb"),
+        (lambda d, png, jpg: _write(d / "big.png", _png_header(9_000, 8_000)), r"big.png: 9000x8000 pixels is over the 64,000,000 limit"),
+    ],
+    ids=["missing", "folder", "text", "empty", "truncated-png", "truncated-jpeg", "bomb", "over-limit"],
+)
+def test_bad_files(tmp_path, good_png_jpeg, make, message):
+    with pytest.raises(InputError, match=message):
+        preprocess(make(tmp_path, *good_png_jpeg), GREY)
+
+
+def test_unreadable_file(tmp_path, good_png_jpeg, monkeypatch):
+    path = _write(tmp_path / "locked.png", good_png_jpeg[0])
+
+    def denied(fp, *a, **k):  # chmod 0 does not stop root, so simulate the OS's answer
+        raise PermissionError(13, "Permission denied", str(fp))
+
+    monkeypatch.setattr(Image, "open", denied)
+    with pytest.raises(InputError, match="locked.png: cannot read the file .permission denied."):
+        decode(path)
+
+
+def test_lazily_opened_truncated_pil_image(tmp_path, good_png_jpeg):
+    path = _write(tmp_path / "cut.png", good_png_jpeg[0][:200])
+    with pytest.raises(InputError, match="cut.png: damaged or truncated image"):
+        preprocess(Image.open(path), GREY)
+
+
+@pytest.mark.parametrize(
+    "image, message",
+    [
+        (np.zeros((16, 16, 2), np.uint8), r"shape \(16, 16, 2\): expected HW \(grey\), HWC with 1, 3 or 4 channels"),
+        (np.zeros((16, 16, 5), np.uint8), r"shape \(16, 16, 5\): expected HW"),
+        (np.zeros((2, 2, 2, 2, 2), np.uint8), "expected HW"),
+        (np.zeros((3, 16, 16), np.float32), r"preprocessed array of shape \(3, 16, 16\) does not match the model input \(1, 16, 16\)"),
+        (np.zeros((0, 16), np.uint8), r"shape \(0, 16\) has an absurd size"),
+        (np.broadcast_to(np.zeros(1, np.uint8), (9_000, 8_000)), r"shape \(9000, 8000\) has an absurd size"),
+        (Image.new("L", (0, 0)), "PIL image of size 0x0 has an absurd size"),
+        (np.full((1, 16, 16), np.nan, np.float32), "preprocessed array 0 contains NaN or infinite values"),
+        (np.full((16, 16), np.inf, np.float32), "image array contains NaN or infinite values"),
+        (np.zeros((16, 16), np.float64), r"dtype float64 and shape \(16, 16\) is ambiguous; pass HWC or HW uint8"),
+        (np.zeros((16, 16, 3), np.uint16), "dtype uint16 .* is ambiguous"),
+        (5, "cannot use int as an image; pass a file path, a PIL image, or a numpy array"),
+        (None, "cannot use NoneType as an image"),
+        ([], "no images given; pass at least one image"),
+    ],
+)
+def test_bad_arrays_and_objects(image, message):
+    with pytest.raises(InputError, match=message):
+        preprocess(image, GREY)
+
+
+def test_nan_inside_a_batch_is_found():
+    batch = np.zeros((3, 1, 16, 16), np.float32)
+    batch[2, 0, 3, 3] = np.inf
+    with pytest.raises(InputError, match="preprocessed array 2 contains NaN"):
+        preprocess(batch, GREY)
+

@@ -1,0 +1,275 @@
+"""Session: providers, metadata, the I/O contract, IO binding, chunking."""
+
+from __future__ import annotations
+
+import warnings
+
+import numpy as np
+import onnxruntime as ort
+import pytest
+
+from edgemeta.runtime import (
+    InputError,
+    Metric,
+    ModelMismatchError,
+    Normalization,
+    PreprocessSpec,
+    ProviderError,
+    ProviderFallbackWarning,
+    Session,
+    SessionOptions,
+)
+from edgemeta.runtime.session import resolve_providers
+
+CPU = "CPUExecutionProvider"
+SPEC = PreprocessSpec.create(16, 1, mean=0.5, std=0.25)
+
+
+def _batch(n: int, seed: int = 0) -> np.ndarray:
+    return np.random.default_rng(seed).standard_normal((n, 1, 16, 16)).astype(np.float32)
+
+
+def test_reads_metadata_and_runs_the_contract(tiny_onnx_model):
+    s = Session(tiny_onnx_model, "cpu")
+    assert s.providers == [CPU] and s.fallbacks == []
+    assert (s.embedding_dim, s.metric, s.fingerprint) == (16, Metric.SQEUCLIDEAN, "fp-tiny-0001")
+    assert s.preprocess == SPEC
+    x = _batch(3)
+    emb = s.embed(x)
+    assert emb.shape == (3, 16) and emb.dtype == np.float32
+    np.testing.assert_allclose(np.linalg.norm(emb, axis=1), 1.0, atol=1e-5)
+    protos = emb[:2] * 0.5
+    emb2, logits = s.run(x, protos)
+    np.testing.assert_allclose(emb2, emb, atol=1e-6)
+    expected = -((emb[:, None, :] - protos[None]) ** 2).sum(-1)
+    np.testing.assert_allclose(logits, expected, atol=1e-5)
+    np.testing.assert_allclose(s.distances(logits), -expected, atol=1e-5)
+
+
+def test_zero_prototypes_give_empty_logits(tiny_onnx_model):
+    _, logits = Session(tiny_onnx_model).run(_batch(2), np.zeros((0, 16), np.float32))
+    assert logits.shape == (2, 0)
+
+
+def test_cosine_scale_is_measured_or_read(make_onnx_model, tiny_cosine_model):
+    s = Session(tiny_cosine_model)
+    assert s.metric is Metric.COSINE and s.logit_scale == pytest.approx(10.0, rel=1e-4)
+    x = _batch(2)
+    emb, logits = s.run(x, np.ascontiguousarray(emb0 := s.embed(x)))
+    np.testing.assert_allclose(np.diag(s.distances(logits)), 0.0, atol=1e-5)
+    cos = (emb0 @ emb0.T) / np.outer(np.linalg.norm(emb0, axis=1), np.linalg.norm(emb0, axis=1))
+    np.testing.assert_allclose(s.distances(logits), 1 - cos, atol=1e-5)
+    declared = make_onnx_model(metric="cosine", extra={"logit_scale": 5.0})
+    assert Session(declared).logit_scale == 5.0  # metadata wins over the probe
+
+
+@pytest.mark.parametrize("metric, scale", [("sqeuclidean", 1.0), ("cosine", 7.0)])
+def test_model_without_metadata_needs_a_spec_and_infers_the_rest(make_onnx_model, metric, scale):
+    path = make_onnx_model(metric=metric, scale=scale, metadata=False)
+    with pytest.raises(InputError, match=r"carries no edgemeta metadata.*preprocess=PreprocessSpec"):
+        Session(path)
+    s = Session(path, preprocess=SPEC)
+    assert s.metric is Metric(metric) and s.embedding_dim == 16
+    assert s.metadata.normalization is Normalization.L2
+    assert s.fingerprint.startswith("sha256:") and len(s.fingerprint) == 7 + 16
+    assert s.logit_scale == pytest.approx(scale, rel=1e-4)
+
+
+@pytest.mark.parametrize(
+    "drop, missing",
+    [
+        (("prototypes",), "missing input 'prototypes', output 'logits'"),
+        (("embeddings",), "missing output 'embeddings'"),
+        (("logits",), "missing output 'logits'"),
+    ],
+)
+def test_broken_contract_names_what_is_missing(make_onnx_model, drop, missing):
+    with pytest.raises(InputError, match="is not an edgemeta model") as err:
+        Session(make_onnx_model(drop=drop))
+    assert missing in str(err.value) and "edgemeta export" in str(err.value)
+
+
+def test_preprocess_that_does_not_fit_the_model_is_refused(tiny_onnx_model):
+    with pytest.raises(InputError, match=r"model input is \['batch', 1, 16, 16\] but the preprocessing gives \[batch, 3, 32, 32\]"):
+        Session(tiny_onnx_model, preprocess=PreprocessSpec.create(32, 3))
+
+
+def test_bad_model_files(tmp_path):
+    with pytest.raises(InputError, match="model file not found"):
+        Session(tmp_path / "none.onnx")
+    junk = tmp_path / "junk.onnx"
+    junk.write_bytes(b"not a protobuf at all")
+    with pytest.raises(InputError, match="not an ONNX model ONNX Runtime can load"):
+        Session(junk, "auto")
+
+
+def test_bad_metadata_is_a_model_mismatch(tmp_path, tiny_onnx_model):
+    import onnx
+
+    m = onnx.load(str(tiny_onnx_model))
+    m.metadata_props[0].value = m.metadata_props[0].value.replace('"version": 1', '"version": 99')
+    path = tmp_path / "new.onnx"
+    onnx.save(m, str(path))
+    with pytest.raises(ModelMismatchError, match="version 99 is newer"):
+        Session(path)
+
+
+@pytest.mark.parametrize(
+    "arg, names",
+    [
+        ("auto", ["TensorrtExecutionProvider", "CUDAExecutionProvider", CPU]),
+        ("cpu", [CPU]),
+        ("CUDA", ["CUDAExecutionProvider"]),
+        ("trt,cpu", ["TensorrtExecutionProvider", CPU]),
+        (["tensorrt", "cuda", "cpu", "cpu"], ["TensorrtExecutionProvider", "CUDAExecutionProvider", CPU]),
+        ("OpenVINOExecutionProvider", ["OpenVINOExecutionProvider"]),
+    ],
+)
+def test_provider_names(arg, names):
+    assert resolve_providers(arg)[0] == names
+
+
+@pytest.mark.parametrize("bad, msg", [("gpu0", "unknown provider 'gpu0'"), ([], "empty provider list"), ([3], "is not a provider name")])
+def test_bad_provider_names(bad, msg):
+    with pytest.raises(InputError, match=msg):
+        resolve_providers(bad)
+
+
+def test_auto_on_a_cpu_build_runs_cpu_without_warning(tiny_onnx_model):
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", ProviderFallbackWarning)
+        s = Session(tiny_onnx_model, "auto")
+    assert s.providers == [CPU] and s.fallbacks == [] and not s.on_gpu and not s.io_binding
+
+
+def test_explicit_provider_that_is_missing_raises_unless_fallback_allowed(tiny_onnx_model):
+    with pytest.raises(ProviderError, match=r"CUDAExecutionProvider asked for but not in this onnxruntime build.*allow_fallback=True"):
+        Session(tiny_onnx_model, "cuda")
+    with pytest.warns(ProviderFallbackWarning, match="CUDAExecutionProvider not used"):
+        s = Session(tiny_onnx_model, "cuda", allow_fallback=True)
+    assert s.providers == [CPU]
+    assert len(s.fallbacks) == 1 and s.fallbacks[0].startswith("CUDAExecutionProvider: not in this onnxruntime build")
+
+
+def test_provider_listed_but_not_loading_is_detected(tiny_onnx_model, monkeypatch):
+    # A CPU build told that CUDA exists: ONNX Runtime drops it when creating the session,
+    # which is what a GPU build does when the CUDA libraries are missing.
+    real = ort.get_available_providers
+    monkeypatch.setattr(ort, "get_available_providers", lambda: ["CUDAExecutionProvider", *real()])
+    warnings.simplefilter("ignore", UserWarning)  # ONNX Runtime's own notice
+    with pytest.raises(ProviderError, match=r"could not load it \(the session runs CPUExecutionProvider\)"):
+        Session(tiny_onnx_model, "cuda")
+    with pytest.warns(ProviderFallbackWarning):
+        s = Session(tiny_onnx_model, "auto")
+    assert s.providers == [CPU] and "CUDAExecutionProvider: ONNX Runtime could not load it" in s.fallbacks[0]
+
+
+def test_session_creation_failure_on_a_provider_falls_back_when_allowed(tiny_onnx_model, monkeypatch):
+    real_open = Session._open
+
+    def flaky(self, providers):
+        if "CUDAExecutionProvider" in providers:
+            raise RuntimeError("CUDA driver version is insufficient")
+        return real_open(self, providers)
+
+    monkeypatch.setattr(ort, "get_available_providers", lambda: ["CUDAExecutionProvider", CPU])
+    monkeypatch.setattr(Session, "_open", flaky)
+    with pytest.raises(ProviderError, match="session creation failed .CUDA driver version is insufficient"):
+        Session(tiny_onnx_model, "cuda")
+    with pytest.warns(ProviderFallbackWarning, match="CUDA driver version"):
+        s = Session(tiny_onnx_model, ["cuda", "cpu"], allow_fallback=True)
+    assert s.providers == [CPU] and s.fallbacks[0].startswith("CUDAExecutionProvider: session creation failed")
+
+
+def test_options_reach_onnxruntime(tiny_onnx_model):
+    s = Session(tiny_onnx_model, options=SessionOptions(intra_op_threads=1, graph_optimization="basic"))
+    so = s._sess.get_session_options()
+    assert so.intra_op_num_threads == 1
+    assert so.graph_optimization_level == ort.GraphOptimizationLevel.ORT_ENABLE_BASIC
+
+
+@pytest.mark.parametrize(
+    "kwargs, msg",
+    [
+        ({"intra_op_threads": -1}, "thread counts must be >= 0"),
+        ({"batch_size": 0}, "batch_size must be >= 1"),
+        ({"graph_optimization": "max"}, "unknown graph_optimization 'max'; choose one of: disable, basic, extended, all"),
+    ],
+)
+def test_bad_session_options(kwargs, msg):
+    with pytest.raises(InputError, match=msg):
+        SessionOptions(**kwargs)
+
+
+def test_io_binding_keeps_readonly_prototypes_on_the_device(tiny_onnx_model):
+    plain = Session(tiny_onnx_model)
+    bound = Session(tiny_onnx_model, options=SessionOptions(io_binding=True))
+    assert bound.io_binding and not plain.io_binding
+    x = _batch(3)
+    protos = plain.embed(_batch(4, seed=1))
+    protos.flags.writeable = False
+    for _ in range(3):
+        e, lg = bound.run(x, protos)
+    assert bound.prototype_uploads == 1
+    e0, lg0 = plain.run(x, protos)
+    np.testing.assert_allclose(lg, lg0, atol=1e-6)
+    np.testing.assert_allclose(e, e0, atol=1e-6)
+    writable = protos.copy()  # may change between calls: uploaded every time
+    bound.run(x, writable)
+    bound.run(x, writable)
+    assert bound.prototype_uploads == 3
+    assert bound.embed(x).shape == (3, 16)
+
+
+class _CountingSession:
+    def __init__(self, inner):
+        self.inner, self.batches = inner, []
+
+    def run(self, names, feeds):
+        self.batches.append(len(feeds["images"]))
+        return self.inner.run(names, feeds)
+
+    def __getattr__(self, name):
+        return getattr(self.inner, name)
+
+
+def test_large_batches_are_chunked(tiny_onnx_model):
+    s = Session(tiny_onnx_model, options=SessionOptions(batch_size=2))
+    x = _batch(5)
+    ref_emb, ref_logits = Session(tiny_onnx_model).run(x, np.eye(16, dtype=np.float32)[:3])
+    s._sess = _CountingSession(s._sess)
+    emb, logits = s.run(x, np.eye(16, dtype=np.float32)[:3])
+    assert s._sess.batches == [2, 2, 1]
+    np.testing.assert_allclose(emb, ref_emb, atol=1e-6)
+    np.testing.assert_allclose(logits, ref_logits, atol=1e-6)
+
+
+@pytest.mark.parametrize(
+    "images, protos, msg",
+    [
+        (np.zeros((2, 3, 16, 16), np.float32), None, r"images of shape \(2, 3, 16, 16\) do not fit the model input \[batch>=1, 1, 16, 16\]"),
+        (np.zeros((0, 1, 16, 16), np.float32), None, "do not fit the model input"),
+        (np.zeros((1, 1, 16, 16), np.uint8), None, "images must be a float array"),
+        (np.full((1, 1, 16, 16), np.nan, np.float32), None, "NaN or infinite"),
+        (np.zeros((1, 1, 16, 16), np.float32), np.zeros((2, 8), np.float32), r"prototypes of shape \(2, 8\) do not fit \[n_classes, 16\]"),
+    ],
+)
+def test_bad_run_inputs(tiny_onnx_model, images, protos, msg):
+    s = Session(tiny_onnx_model)
+    with pytest.raises(InputError, match=msg):
+        s.run(images, np.zeros((1, 16), np.float32) if protos is None else protos)
+
+
+@pytest.mark.gpu
+def test_cuda_session_with_io_binding(tiny_onnx_model):
+    if "CUDAExecutionProvider" not in ort.get_available_providers():
+        pytest.skip("needs onnxruntime-gpu and an NVIDIA GPU")
+    s = Session(tiny_onnx_model, "cuda")
+    assert s.providers[0] == "CUDAExecutionProvider" and s.io_binding
+    x = _batch(4)
+    protos = Session(tiny_onnx_model, "cpu").embed(x)
+    protos.flags.writeable = False
+    _, lg = s.run(x, protos)
+    s.run(x, protos)
+    assert s.prototype_uploads == 1
+    np.testing.assert_allclose(np.diag(lg), 0.0, atol=1e-4)

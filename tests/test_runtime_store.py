@@ -1,0 +1,291 @@
+"""PrototypeStore: running means, edits, the safetensors file, atomic and locked saves."""
+
+from __future__ import annotations
+
+import errno
+import json
+import multiprocessing
+import os
+from pathlib import Path
+
+import numpy as np
+import pytest
+from safetensors.numpy import load as st_load
+from safetensors.numpy import save as st_save
+
+from edgemeta.runtime import InputError, Metric, ModelMismatchError, PrototypeStore, StoreCorruptError, StoreWriteError
+from edgemeta.runtime import store as store_mod
+
+D = 4
+
+
+def _emb(n: int, seed: int) -> np.ndarray:
+    return np.random.default_rng(seed).standard_normal((n, D)).astype(np.float32)
+
+
+def _store(keep: bool = True, fingerprint: str = "fp-a") -> PrototypeStore:
+    s = PrototypeStore(D, metric="cosine", fingerprint=fingerprint, keep_embeddings=keep)
+    s.add("cat", _emb(3, 0))
+    s.add("dog", _emb(2, 1))
+    s.add("cat", _emb(1, 2))
+    return s
+
+
+def test_running_means_counts_and_order():
+    s = _store()
+    assert s.labels == ["cat", "dog"] and s.counts == {"cat": 4, "dog": 2} and len(s) == 2 and "cat" in s
+    cat = np.concatenate([_emb(3, 0), _emb(1, 2)])
+    protos = s.prototypes()
+    assert protos.dtype == np.float32 and protos.shape == (2, D) and not protos.flags.writeable
+    np.testing.assert_allclose(protos, [cat.mean(0), _emb(2, 1).mean(0)], rtol=1e-6)
+    np.testing.assert_allclose(s.sums()[0], cat.astype(np.float64).sum(0), rtol=1e-12)
+    assert s.prototypes() is protos  # cached
+    s.add("dog", _emb(1, 3))
+    assert s.prototypes() is not protos and s.counts["dog"] == 3  # invalidated on change
+    np.testing.assert_allclose(protos[1], _emb(2, 1).mean(0), rtol=1e-6)  # the old snapshot did not move
+
+
+def test_examples_and_snapshot_owners():
+    s = _store()
+    np.testing.assert_array_equal(s.examples("dog"), _emb(2, 1))
+    snap = s.snapshot(examples=True)
+    assert snap.labels == ("cat", "dog") and snap.counts == (4, 2)
+    assert snap.examples.shape == (6, D) and snap.owners.tolist() == [0, 0, 0, 0, 1, 1]
+    s.recompute()
+    np.testing.assert_allclose(s.prototypes()[1], _emb(2, 1).mean(0), rtol=1e-6)
+    lean = _store(keep=False)
+    with pytest.raises(InputError, match="needs the individual embeddings; create the store with keep_embeddings=True"):
+        lean.snapshot(examples=True)
+
+
+def test_forget_rename_merge():
+    s = _store()
+    s.forget("cat")
+    assert s.labels == ["dog"] and s.counts == {"dog": 2}
+    np.testing.assert_allclose(s.prototypes()[0], _emb(2, 1).mean(0), rtol=1e-6)
+    s.rename("dog", "hound")
+    assert s.labels == ["hound"] and s.examples("hound").shape == (2, D)
+    s.add("puppy", _emb(2, 9))
+    with pytest.raises(InputError, match="label 'hound' already exists; pass merge=True"):
+        s.rename("puppy", "hound")
+    s.rename("puppy", "hound", merge=True)
+    assert s.counts == {"hound": 4}
+    np.testing.assert_allclose(s.prototypes()[0], np.concatenate([_emb(2, 1), _emb(2, 9)]).mean(0), rtol=1e-6)
+    with pytest.raises(InputError, match=r"unknown label 'cat'; enrolled labels: 'hound'"):
+        s.forget("cat")
+
+
+def test_merge_stores():
+    a, b = _store(), PrototypeStore(D, metric="cosine", fingerprint="fp-a", keep_embeddings=True)
+    b.add("dog", _emb(2, 5))
+    b.add("owl", _emb(1, 6))
+    a.merge(b)
+    assert a.counts == {"cat": 4, "dog": 4, "owl": 1} and a.examples().shape == (9, D)
+    with pytest.raises(ModelMismatchError, match="made with model fp-b into one made with model fp-a"):
+        a.merge(_store(fingerprint="fp-b"))
+    with pytest.raises(ModelMismatchError, match="dim 3"):
+        a.merge(PrototypeStore(3, metric="cosine"))
+
+
+@pytest.mark.parametrize("label", ["", "   ", 3, None, b"cat", ("a",)])
+def test_labels_must_be_non_empty_strings(label):
+    s = PrototypeStore(D)
+    with pytest.raises(InputError, match="label must be a (non-empty )?string"):
+        s.add(label, _emb(1, 0))
+    assert len(s) == 0
+
+
+@pytest.mark.parametrize(
+    "emb, message",
+    [
+        (np.zeros((2, 3)), r"embeddings of shape \(2, 3\) do not fit \[n, 4\]"),
+        (np.zeros((0, D)), "no embeddings given"),
+        (np.full((1, D), np.nan), "embeddings must be finite"),
+    ],
+)
+def test_bad_embeddings(emb, message):
+    with pytest.raises(InputError, match=message):
+        PrototypeStore(D).add("x", emb)
+
+
+@pytest.mark.parametrize("keep", [True, False])
+def test_save_load_round_trip(tmp_path, keep):
+    s = _store(keep=keep)
+    path = s.save(tmp_path / "s.store")
+    back = PrototypeStore.load(path, fingerprint="fp-a")
+    assert (back.labels, back.counts, back.metric, back.keep_embeddings) == (s.labels, s.counts, Metric.COSINE, keep)
+    np.testing.assert_array_equal(back.sums(), s.sums())
+    if keep:
+        np.testing.assert_array_equal(back.examples(), s.examples())
+    back.add("cat", _emb(1, 7))  # a loaded store keeps growing
+    assert back.counts["cat"] == 5
+
+
+def test_file_is_safetensors_with_the_documented_header(tmp_path):
+    path = _store().save(tmp_path / "s.store")
+    data = path.read_bytes()
+    n = int.from_bytes(data[:8], "little")
+    meta = json.loads(data[8 : 8 + n])["__metadata__"]
+    header = json.loads(meta["edgemeta.store"])
+    assert header == {
+        "format": "edgemeta.prototype_store",
+        "version": 1,
+        "fingerprint": "fp-a",
+        "embedding_dim": D,
+        "metric": "cosine",
+        "labels": ["cat", "dog"],
+        "counts": [4, 2],
+        "keep_embeddings": True,
+    }
+    assert len(meta["sha256"]) == 64
+    assert sorted(st_load(data)) == ["counts", "embeddings", "sums"]
+
+
+def test_empty_store_round_trips(tmp_path):
+    back = PrototypeStore.load(PrototypeStore(D, fingerprint="x").save(tmp_path / "e.store"))
+    assert back.labels == [] and back.prototypes().shape == (0, D)
+
+
+def test_model_mismatch_names_both_fingerprints(tmp_path):
+    path = _store().save(tmp_path / "s.store")
+    with pytest.raises(ModelMismatchError, match=r"made with model fp-a, this model is fp-z; re-enrol or load the matching model"):
+        PrototypeStore.load(path, fingerprint="fp-z")
+
+
+def _resave(path: Path, header_edit=None, tensors_edit=None, checksum: bool = True) -> None:
+    data = path.read_bytes()
+    n = int.from_bytes(data[:8], "little")
+    meta = json.loads(data[8 : 8 + n])["__metadata__"]
+    header, tensors = json.loads(meta["edgemeta.store"]), dict(st_load(data))
+    if header_edit:
+        header_edit(header)
+    if tensors_edit:
+        tensors_edit(tensors)
+    text = json.dumps(header, sort_keys=True)
+    meta = {"edgemeta.store": text, "sha256": store_mod._checksum(text, tensors) if checksum else meta["sha256"]}
+    path.write_bytes(st_save(tensors, metadata=meta))
+
+
+def _flip_last_byte(path: Path) -> None:
+    data = bytearray(path.read_bytes())
+    data[-1] ^= 0x40
+    path.write_bytes(bytes(data))
+
+
+@pytest.mark.parametrize(
+    "damage, message",
+    [
+        (lambda p: p.write_bytes(p.read_bytes()[:-7]), "not a readable edgemeta store"),
+        (lambda p: p.write_bytes(p.read_bytes()[:100]), r"not a readable edgemeta store .header runs past the end"),
+        (lambda p: p.write_bytes(b""), r"only 0 bytes"),
+        (lambda p: p.write_bytes(os.urandom(300)), "not a readable edgemeta store"),
+        (_flip_last_byte, "failed its checksum: the file was damaged or edited"),
+        (lambda p: _resave(p, lambda h: h.update(labels=["dog", "cat"]), checksum=False), "failed its checksum"),
+        (lambda p: _resave(p, tensors_edit=lambda t: t.update(sums=t["sums"] * 2), checksum=False), "failed its checksum"),
+        (lambda p: _resave(p, lambda h: h.update(version=2)), r"format version 2, newer than this edgemeta reads \(1\); upgrade edgemeta"),
+        (lambda p: _resave(p, lambda h: h.update(format="something.else")), "is not an edgemeta prototype store"),
+        (lambda p: _resave(p, lambda h: h.update(counts=[4, 3])), "inconsistent: counts tensor does not match the header"),
+        (lambda p: p.write_bytes(st_save({"w": np.zeros(3, np.float32)})), "safetensors file without an edgemeta store header"),
+    ],
+    ids=["truncated-end", "truncated-header", "empty", "garbage", "bit-flip", "header-edit", "tensor-edit", "newer", "foreign-format", "inconsistent", "other-safetensors"],
+)
+def test_damaged_files_are_refused(tmp_path, damage, message):
+    path = _store().save(tmp_path / "s.store")
+    damage(path)
+    with pytest.raises(StoreCorruptError, match=message):
+        PrototypeStore.load(path)
+
+
+def test_missing_file_and_bad_destinations(tmp_path):
+    with pytest.raises(InputError, match="store file not found: .*nope.store; enrol classes first"):
+        PrototypeStore.load(tmp_path / "nope.store")
+    with pytest.raises(InputError, match="is a folder; give a store file path"):
+        _store().save(tmp_path)
+    with pytest.raises(InputError, match="does not exist; create it first"):
+        _store().save(tmp_path / "no" / "such" / "s.store")
+
+
+def _leftovers(folder: Path) -> list[str]:
+    return sorted(p.name for p in folder.iterdir() if p.name.endswith(".tmp"))
+
+
+@pytest.mark.parametrize("failing", ["fsync", "replace"])
+def test_failed_save_keeps_the_previous_file_and_no_temp(tmp_path, monkeypatch, failing):
+    path = _store().save(tmp_path / "s.store")
+    before = path.read_bytes()
+    bigger = _store()
+    bigger.add("owl", _emb(2, 8))
+
+    def disk_full(*a, **k):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(store_mod.os, failing, disk_full)
+    with pytest.raises(StoreWriteError, match=r"No space left on device.*the previous file is unchanged") as err:
+        bigger.save(path)
+    assert isinstance(err.value, OSError)
+    monkeypatch.undo()
+    assert path.read_bytes() == before and PrototypeStore.load(path).labels == ["cat", "dog"]
+    assert _leftovers(tmp_path) == []
+
+
+def test_edit_saves_on_success_only(tmp_path):
+    path = tmp_path / "s.store"
+    with pytest.raises(InputError, match="store file not found"):
+        with PrototypeStore.edit(path):
+            pass
+    with PrototypeStore.edit(path, default=PrototypeStore(D, fingerprint="fp-a")) as s:
+        s.add("a", _emb(1, 0))
+    with pytest.raises(RuntimeError):
+        with PrototypeStore.edit(path, fingerprint="fp-a") as s:
+            s.add("b", _emb(1, 1))
+            raise RuntimeError("app crashed mid-edit")
+    assert PrototypeStore.load(path).labels == ["a"]
+    assert (tmp_path / "s.store.lock").exists()
+
+
+# ---- two processes, one file ----------------------------------------------------------
+
+
+def _enrol_worker(path: str, tag: str, rounds: int) -> None:
+    for i in range(rounds):
+        with PrototypeStore.edit(path, default=PrototypeStore(D, fingerprint="fp-a")) as s:
+            s.add(f"{tag}{i}", np.full((1, D), i, np.float32))
+
+
+def _save_worker(path: str, n_classes: int, rounds: int) -> None:
+    s = PrototypeStore(D, fingerprint=f"fp-{n_classes}", keep_embeddings=True)
+    for c in range(n_classes):
+        s.add(f"c{c}", np.full((50, D), c, np.float32))
+    for _ in range(rounds):
+        s.save(path)
+
+
+def _context():
+    methods = multiprocessing.get_all_start_methods()
+    return multiprocessing.get_context("fork" if "fork" in methods else "spawn")
+
+
+def _run_all(procs) -> None:
+    for p in procs:
+        p.start()
+    for p in procs:
+        p.join(60)
+        assert p.exitcode == 0
+
+
+def test_two_processes_enrolling_into_one_file_lose_nothing(tmp_path):
+    path = str(tmp_path / "shared.store")
+    ctx = _context()
+    _run_all([ctx.Process(target=_enrol_worker, args=(path, tag, 12)) for tag in ("p", "q")])
+    s = PrototypeStore.load(path)
+    assert sorted(s.labels) == sorted([f"p{i}" for i in range(12)] + [f"q{i}" for i in range(12)])
+    assert _leftovers(tmp_path) == []
+
+
+def test_concurrent_saves_leave_one_complete_store(tmp_path):
+    path = str(tmp_path / "shared.store")
+    ctx = _context()
+    _run_all([ctx.Process(target=_save_worker, args=(path, n, 8)) for n in (3, 40)])
+    s = PrototypeStore.load(path)  # checksum verified: never a mix of the two
+    assert (s.fingerprint, len(s)) in {("fp-3", 3), ("fp-40", 40)}
+    assert s.examples().shape == (50 * len(s), D)
