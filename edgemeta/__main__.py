@@ -1,0 +1,5 @@
+"""``python -m edgemeta``: the command line."""
+
+from edgemeta.cli import main
+
+main()
