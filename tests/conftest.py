@@ -184,3 +184,51 @@ def runtime_image_folder(tmp_path, runtime_images) -> Path:
         for i, arr in enumerate(imgs):
             Image.fromarray(arr).save(root / label / f"{i}.png")
     return root
+
+
+# ---------------------------------------------------------------------------
+# Export fixtures (tests/test_export*.py): the shared Omniglot data and a tiny
+# trained Conv-4 checkpoint with its fp32 ONNX export, made once per session.
+# ---------------------------------------------------------------------------
+
+SHARED_DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data"
+
+
+@pytest.fixture(scope="session")
+def export_env(tmp_path_factory):
+    """EDGEMETA_DATA_DIR -> ../shared/data and a per-session decode cache; skips without the data."""
+    if not (SHARED_DATA / "omniglot").is_dir():
+        pytest.skip("needs ../shared/data (Omniglot)")
+    mp = pytest.MonkeyPatch()
+    mp.setenv("EDGEMETA_DATA_DIR", str(SHARED_DATA))
+    mp.setenv("EDGEMETA_CACHE_DIR", str(tmp_path_factory.getbasetemp() / "cache"))
+    yield SHARED_DATA
+    mp.undo()
+
+
+@pytest.fixture(scope="session")
+def omniglot_novel(export_env):
+    """Omniglot evaluation (novel classes), 28x28 grey uint8."""
+    from edgemeta.data import load_omniglot
+
+    return load_omniglot("evaluation", download=False)
+
+
+@pytest.fixture(scope="session")
+def trained_conv4(export_env, tmp_path_factory) -> Path:
+    """A Conv-4 trained for 30 Omniglot episodes (about 10 s): good enough to be discriminative."""
+    from edgemeta.train import TrainConfig, train
+
+    out = tmp_path_factory.mktemp("trained") / "conv4.safetensors"
+    train(TrainConfig(out=str(out), episodes=30, n_way=10, val_every=30, val_episodes=20, threads=2), progress=False)
+    return out
+
+
+@pytest.fixture(scope="session")
+def trained_conv4_onnx(trained_conv4, tmp_path_factory) -> Path:
+    """The fp32 ONNX export of ``trained_conv4`` (not yet verified)."""
+    from edgemeta.checkpoint import load_checkpoint
+    from edgemeta.exporters import export, metadata_for_checkpoint
+
+    ck = load_checkpoint(trained_conv4)
+    return export(ck.model, tmp_path_factory.mktemp("onnx") / "conv4.onnx", metadata_for_checkpoint(ck)).path

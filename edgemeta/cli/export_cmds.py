@@ -1,0 +1,244 @@
+"""Export-side commands: ``export``, ``verify``, ``quantize`` and ``inspect``.
+
+Each maps its options onto one :mod:`edgemeta.exporters` call. ``inspect`` needs only
+onnxruntime (it runs on a device install); the others import torch and onnx when run.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from pathlib import Path
+from typing import Any, Callable, Iterator, Optional
+
+import typer
+from rich.table import Table
+
+from edgemeta.cli._app import command, console, emit_json, out
+from edgemeta.runtime.errors import InputError
+from edgemeta.runtime.spec import Metric, Normalization, Precision
+
+DATA_HELP = "Novel-class images to verify on: omniglot, tiny-imagenet, digits, or a folder of class folders (default: the checkpoint's data set)."
+CALIB_HELP = "Base-class images for int8 calibration (default: Omniglot background / Tiny-ImageNet train; never evaluation classes)."
+DATA_DIR_HELP = "Data folder (default: $EDGEMETA_DATA_DIR)."
+
+
+@contextlib.contextmanager
+def _progress(enabled: bool) -> Iterator[Callable[[str, int, int], None] | None]:
+    """A rich progress display on stderr fed by the exporters' ``progress(task, done, total)``."""
+    if not enabled:
+        yield None
+        return
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
+
+    tasks: dict[str, Any] = {}
+    with Progress(SpinnerColumn(), TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(), console=console, transient=True) as bar:
+
+        def update(task: str, done: int, total: int) -> None:
+            if task not in tasks:
+                tasks[task] = bar.add_task(task, total=total)
+            bar.update(tasks[task], completed=done, total=total)
+
+        yield update
+
+
+def _floats(text: Optional[str], what: str) -> list[float] | float:
+    if text is None:
+        return 0.0 if what == "--mean" else 1.0
+    try:
+        values = [float(v) for v in text.split(",") if v.strip()]
+    except ValueError:
+        raise InputError(f"{what} must be numbers separated by commas, got {text!r}") from None
+    return values[0] if len(values) == 1 else values
+
+
+def _options(precision: Precision, opset: int, optimize: bool, ort: bool, verify: bool, episodes: int, data: Optional[str],
+             calibration_data: Optional[str], data_dir: Optional[Path], calibration_images: int = 256):
+    from edgemeta.exporters import ExportOptions, ExportSpec, QuantizeSpec, VerifySpec
+
+    return ExportOptions(
+        precision=precision, spec=ExportSpec(opset=opset, optimize=optimize), ort_format=ort,
+        verify=VerifySpec(episodes=episodes) if verify else None, data=data, calibration_data=calibration_data,
+        data_dir=str(data_dir) if data_dir else None, quantize=QuantizeSpec(calibration_images=calibration_images),
+    )
+
+
+def _module_ref(module: str, weights: Optional[Path], size: Optional[int], channels: int, mean: Optional[str], std: Optional[str],
+                metric: Metric, normalization: Normalization):
+    from edgemeta.exporters import ModuleRef
+    from edgemeta.runtime.spec import PreprocessSpec
+
+    if size is None:
+        raise InputError("--module needs the input size: pass --size (and --channels, --mean, --std)")
+    pp = PreprocessSpec.create(size, channels, _floats(mean, "--mean"), _floats(std, "--std"))
+    return ModuleRef(module, str(weights) if weights else None, pp, metric, normalization)
+
+
+def _show_outcome(outcome, json_out: bool) -> None:
+    if json_out:
+        emit_json(outcome.to_dict())
+        return
+    d = outcome.to_dict()
+    extra = f", {d['export']['exporter']} exporter" if d.get("export") else ""
+    out.print(f"wrote {d['path']} ({d['precision']}, opset {d['opset']}, {d['size_bytes'] / 1e6:.2f} MB{extra}; fingerprint {d['fingerprint']})")
+    if d.get("export") and d["export"].get("fallback_reason"):
+        out.print(f"[yellow]TorchScript exporter used: {d['export']['fallback_reason']}[/]")
+    if outcome.verification is not None:
+        _show_report(outcome.verification)
+    if d.get("ort_path"):
+        out.print(f"wrote {d['ort_path']} (ORT format; loads in an InferenceSession)")
+
+
+def _show_report(report) -> None:
+    table = Table(title=f"verification ({report.precision.value}, {report.seconds:.1f} s)")
+    for col in ("check", "result", ""):
+        table.add_column(col)
+    for c in report.checks:
+        table.add_row(c.name, c.detail, "[green]ok[/]" if c.passed else "[red]FAILED[/]")
+    out.print(table)
+
+
+@command("export")
+def export_cmd(
+    checkpoint: Optional[Path] = typer.Argument(None, help="edgemeta checkpoint (.safetensors); omit with --module."),
+    output: Path = typer.Option(..., "--output", "-o", help="ONNX model to write."),
+    precision: Precision = typer.Option(Precision.FP32, help="fp32, fp16 (float32 inputs/outputs) or int8 (QDQ, calibrated on base classes)."),
+    opset: int = typer.Option(18, help="ONNX opset (18: ONNX Runtime 1.17 and later load the model)."),
+    optimize: bool = typer.Option(False, help="Store ONNX Runtime's basic (provider-independent) graph optimizations."),
+    ort: bool = typer.Option(False, "--ort", help="Also write the ORT format (.ort) next to the model."),
+    verify: bool = typer.Option(True, "--verify/--no-verify", help="Verify against torch on real novel-class images."),
+    episodes: int = typer.Option(200, help="Verification episodes (5-way 1-shot)."),
+    data: Optional[str] = typer.Option(None, help=DATA_HELP),
+    calibration_data: Optional[str] = typer.Option(None, help=CALIB_HELP),
+    calibration_images: int = typer.Option(256, help="Images for int8 calibration."),
+    data_dir: Optional[Path] = typer.Option(None, help=DATA_DIR_HELP),
+    module: Optional[str] = typer.Option(None, help="Export your own module instead: package.module:factory."),
+    weights: Optional[Path] = typer.Option(None, help="safetensors weights for --module."),
+    size: Optional[int] = typer.Option(None, help="--module input side in pixels."),
+    channels: int = typer.Option(3, help="--module input channels (1 or 3)."),
+    mean: Optional[str] = typer.Option(None, help="--module per-channel mean, e.g. 0.485,0.456,0.406."),
+    std: Optional[str] = typer.Option(None, help="--module per-channel std."),
+    metric: Metric = typer.Option(Metric.SQEUCLIDEAN, help="--module metric."),
+    normalization: Normalization = typer.Option(Normalization.NONE, help="--module embedding normalization."),
+    json_out: bool = typer.Option(False, "--json", help="Print the result as JSON."),
+) -> None:
+    """Export a checkpoint (or your own module) to ONNX, verified against torch on real images."""
+    from edgemeta.exporters import export_checkpoint, export_module
+
+    options = _options(precision, opset, optimize, ort, verify, episodes, data, calibration_data, data_dir, calibration_images)
+    with _progress(not json_out) as progress:
+        if module:
+            ref = _module_ref(module, weights, size, channels, mean, std, metric, normalization)
+            outcome = export_module(ref, output, options, progress)
+        elif checkpoint is None:
+            raise InputError("give a checkpoint to export, or --module package.module:factory")
+        else:
+            outcome = export_checkpoint(checkpoint, output, options, progress)
+    _show_outcome(outcome, json_out)
+
+
+@command("verify")
+def verify_cmd(
+    model: Path = typer.Argument(..., help="Exported ONNX model."),
+    checkpoint: Path = typer.Option(..., "--checkpoint", "-c", help="The checkpoint the model was exported from."),
+    episodes: int = typer.Option(1000, help="Episodes (5-way 1-shot)."),
+    data: Optional[str] = typer.Option(None, help=DATA_HELP),
+    data_dir: Optional[Path] = typer.Option(None, help=DATA_DIR_HELP),
+    json_out: bool = typer.Option(False, "--json", help="Print the report as JSON."),
+) -> None:
+    """Check an exported model against its checkpoint on real images; store the figures in it."""
+    from edgemeta.exporters import verify_model
+
+    options = _options(Precision.FP32, 18, False, False, True, episodes, data, None, data_dir)
+    with _progress(not json_out) as progress:
+        report = verify_model(model, checkpoint, options, progress)
+    if json_out:
+        emit_json(report.to_dict())
+    else:
+        _show_report(report)
+        out.print(f"figures stored in {model}")
+
+
+@command("quantize")
+def quantize_cmd(
+    model: Path = typer.Argument(..., help="Exported fp32 ONNX model."),
+    checkpoint: Path = typer.Option(..., "--checkpoint", "-c", help="The checkpoint the model was exported from."),
+    output: Path = typer.Option(..., "--output", "-o", help="int8 model to write, e.g. model.int8.onnx."),
+    calibration_data: Optional[str] = typer.Option(None, help=CALIB_HELP),
+    calibration_images: int = typer.Option(256, help="Images for calibration."),
+    verify: bool = typer.Option(True, "--verify/--no-verify", help="Verify against torch on real novel-class images."),
+    episodes: int = typer.Option(200, help="Verification episodes (5-way 1-shot)."),
+    data: Optional[str] = typer.Option(None, help=DATA_HELP),
+    data_dir: Optional[Path] = typer.Option(None, help=DATA_DIR_HELP),
+    ort: bool = typer.Option(False, "--ort", help="Also write the ORT format (.ort)."),
+    json_out: bool = typer.Option(False, "--json", help="Print the result as JSON."),
+) -> None:
+    """int8 static quantization (QDQ), calibrated on base-class images, verified on novel classes."""
+    from edgemeta.exporters import quantize_model
+
+    options = _options(Precision.INT8, 18, False, ort, verify, episodes, data, calibration_data, data_dir, calibration_images)
+    with _progress(not json_out) as progress:
+        outcome = quantize_model(model, checkpoint, output, options, progress)
+    _show_outcome(outcome, json_out)
+
+
+def _opsets(opset: dict[str, int] | None) -> str:
+    return ", ".join(f"{d} {v}" for d, v in opset.items()) if opset else "?"
+
+
+def _inspect_tables(info: dict[str, Any]) -> list[Table]:
+    summary = Table(title=Path(info["path"]).name, show_header=False)
+    meta = info.get("metadata") or {}
+    rows = {
+        "format / size": f"{info['format']}, {info['size_bytes'] / 1e6:.2f} MB",
+        "precision": info.get("precision") or "?",
+        "opset / IR": f"{_opsets(info.get('opset'))} / {info.get('ir_version') or '?'}",
+        "parameters": f"{info['parameters']:,}" if info.get("parameters") is not None else "?",
+        "producer": info.get("producer") or "",
+        **{k: str(meta[k]) for k in ("backbone", "embedding_dim", "metric", "normalization", "fingerprint") if k in meta},
+        **({"preprocess": ", ".join(f"{k}={v}" for k, v in meta["preprocess"].items())} if meta.get("preprocess") else {}),
+    }
+    for k, v in rows.items():
+        summary.add_row(k, v)
+    io = Table(title="inputs / outputs")
+    for col in ("", "name", "type", "shape"):
+        io.add_column(col)
+    for kind in ("inputs", "outputs"):
+        for t in info[kind]:
+            io.add_row(kind[:-1], t["name"], t["type"], str(t["shape"]))
+    tables = [summary, io]
+    ver = info.get("verification") or {}
+    if ver:
+        vt = Table(title="verification", show_header=False)
+        ep = ver.get("episodes") or {}
+        vt.add_row("passed", str(ver.get("passed")))
+        vt.add_row("embeddings / logits max rel. error", f"{ver.get('embeddings_max_rel_error', 0):.2e} / {ver.get('logits_max_rel_error', 0):.2e}")
+        if ep:
+            vt.add_row("episodes", f"{ep['count']} x {ep['n_way']}-way {ep['k_shot']}-shot on {ep['dataset']}")
+            vt.add_row("agreement / accuracy", f"{100 * ep['agreement']:.2f}% / torch {100 * ep['torch_accuracy']:.2f}% vs ONNX {100 * ep['onnx_accuracy']:.2f}%")
+        tables.append(vt)
+    if info.get("operators"):
+        ops = Table(title="operators")
+        ops.add_column("op")
+        ops.add_column("count", justify="right")
+        for op, n in info["operators"].items():
+            ops.add_row(op, str(n))
+        tables.append(ops)
+    return tables
+
+
+@command("inspect")
+def inspect_cmd(
+    model: Path = typer.Argument(..., help="ONNX (.onnx) or ORT-format (.ort) model."),
+    json_out: bool = typer.Option(False, "--json", help="Print the description as JSON."),
+) -> None:
+    """Show a model's inputs, outputs, opset, precision, operators, metadata and verification figures."""
+    from edgemeta.exporters.inspect import inspect
+
+    info = inspect(model)
+    if json_out:
+        emit_json(info)
+        return
+    for table in _inspect_tables(info):
+        out.print(table)
+    for note in info["notes"]:
+        out.print(f"[dim]note: {note}[/]")

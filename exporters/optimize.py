@@ -1,0 +1,88 @@
+"""ONNX Runtime's offline graph optimization and the ORT format.
+
+Offline optimization uses ONNX Runtime's *basic* level only: constant folding,
+redundant-node elimination and fusions that produce standard ONNX operators, so the
+optimized model still runs on every execution provider and ONNX Runtime release. The
+extended and layout levels emit ``com.microsoft`` kernels tied to the CPU provider and
+to the optimizing release, so a device would load them at its peril.
+
+The ORT format (``.ort``) is the flatbuffer form used by minimal ONNX Runtime builds
+on mobile and embedded targets; an ``.ort`` file must be read by the same or a newer
+ONNX Runtime release than the one that wrote it.
+"""
+
+from __future__ import annotations
+
+import os
+import tempfile
+from pathlib import Path
+
+import numpy as np
+import onnx
+
+from edgemeta.errors import ExportError
+from edgemeta.runtime.spec import INPUT_PROTOTYPES
+
+__all__ = ["optimize_offline", "to_ort_format"]
+
+
+def _session_options(output: Path, ort_format: bool):
+    import onnxruntime as ort
+
+    so = ort.SessionOptions()
+    so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_BASIC
+    so.optimized_model_filepath = str(output)
+    so.log_severity_level = 3
+    if ort_format:
+        so.add_session_config_entry("session.save_model_format", "ORT")
+    return so
+
+
+def optimize_offline(model: onnx.ModelProto) -> onnx.ModelProto:
+    """``model`` after ONNX Runtime's basic graph optimizations (metadata kept)."""
+    import onnxruntime as ort
+
+    with tempfile.TemporaryDirectory(prefix="edgemeta-opt-") as tmp:
+        out = Path(tmp) / "optimized.onnx"
+        try:
+            ort.InferenceSession(model.SerializeToString(), _session_options(out, False), providers=["CPUExecutionProvider"])
+            return onnx.load_model(str(out))
+        except Exception as e:
+            raise ExportError(f"ONNX Runtime could not optimize the graph: {str(e).splitlines()[0][:200]}") from None
+
+
+def to_ort_format(onnx_path: str | os.PathLike, ort_path: str | os.PathLike | None = None) -> Path:
+    """Convert ``onnx_path`` to the ORT format next to it (``model.ort``) and check it loads.
+
+    The file is written to a temporary name, loaded in an ``InferenceSession`` and run
+    once with zero prototypes, then renamed into place.
+    """
+    import onnxruntime as ort
+
+    src = Path(onnx_path)
+    dst = Path(ort_path) if ort_path else src.with_suffix(".ort")
+    fd, tmp_name = tempfile.mkstemp(prefix=f".{dst.name}.", suffix=".tmp.ort", dir=dst.parent)
+    os.close(fd)
+    tmp = Path(tmp_name)
+    try:
+        try:
+            ort.InferenceSession(str(src), _session_options(tmp, True), providers=["CPUExecutionProvider"])
+            session = ort.InferenceSession(str(tmp), providers=["CPUExecutionProvider"])
+            feed = {}
+            for inp in session.get_inputs():
+                # one image, zero prototypes: the enrolment call of an app
+                shape = [d if isinstance(d, int) else (0 if inp.name == INPUT_PROTOTYPES else 1) for d in inp.shape]
+                feed[inp.name] = np.zeros(shape, np.float32)
+            session.run(None, feed)
+        except Exception as e:
+            raise ExportError(f"conversion to the ORT format failed: {str(e).splitlines()[0][:200]}") from None
+        with open(tmp, "rb+") as f:
+            os.fsync(f.fileno())
+        umask = os.umask(0)
+        os.umask(umask)
+        os.chmod(tmp, 0o666 & ~umask)  # mkstemp makes 0600; a model is an ordinary file
+        os.replace(tmp, dst)
+    finally:
+        if tmp.exists():
+            tmp.unlink()
+    return dst

@@ -1,0 +1,269 @@
+"""The export pipeline behind ``edgemeta export | verify | quantize``: one call per command.
+
+checkpoint (or user module) -> fp32 ONNX -> [fp16 | int8] -> verification on real
+novel-class images -> figures into the metadata -> atomic write -> [ORT format].
+
+Everything is built in a temporary folder; the output file appears only once the model
+has passed verification, so a failure at any stage leaves no file behind.
+"""
+
+from __future__ import annotations
+
+import os
+import tempfile
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from edgemeta import __version__
+from edgemeta.checkpoint import Checkpoint, file_sha256, load_checkpoint
+from edgemeta.errors import InputError, ModelMismatchError
+from edgemeta.exporters.convert import (
+    ExportResult,
+    ExportSpec,
+    WrappedExtractor,
+    apply_weights,
+    export,
+    is_extractor,
+    load_module_ref,
+    module_fingerprint,
+    read_weights,
+)
+from edgemeta.exporters.data import base_images, novel_images, recorded_dataset
+from edgemeta.exporters.graph import ensure_writable, load_model, read_metadata, save_model, write_metadata
+from edgemeta.exporters.quantize import QuantizeSpec, quantize_int8, to_fp16
+from edgemeta.exporters.verify import Progress, VerificationReport, VerifySpec, metadata_with, verify
+from edgemeta.runtime.spec import Metric, ModelMetadata, Normalization, Precision, PreprocessSpec
+
+__all__ = [
+    "ExportOptions",
+    "ModuleRef",
+    "ExportOutcome",
+    "metadata_for_checkpoint",
+    "export_checkpoint",
+    "export_module",
+    "verify_model",
+    "quantize_model",
+]
+
+
+@dataclass(frozen=True)
+class ExportOptions:
+    """Everything ``edgemeta export`` can be asked; ``verify=None`` skips verification.
+
+    ``data`` names the novel-class images to verify on and ``calibration_data`` the
+    base-class images for int8 (``omniglot``, ``tiny-imagenet``, ``digits`` or a folder);
+    both default to the data set recorded in the checkpoint.
+    """
+
+    precision: Precision = Precision.FP32
+    spec: ExportSpec = ExportSpec()
+    ort_format: bool = False
+    verify: VerifySpec | None = VerifySpec()
+    data: str | None = None
+    calibration_data: str | None = None
+    data_dir: str | None = None
+    quantize: QuantizeSpec = QuantizeSpec()
+
+
+@dataclass(frozen=True)
+class ModuleRef:
+    """A user's module by reference (``package.module:factory``) plus what a checkpoint would
+    record: weights, preprocessing, metric and normalization. A ``center`` (for centered_l2)
+    and a cosine ``scale`` may ride in the weights file under those names."""
+
+    ref: str
+    weights: str | None
+    preprocess: PreprocessSpec
+    metric: Metric = Metric.SQEUCLIDEAN
+    normalization: Normalization = Normalization.NONE
+    scale: float = 10.0
+
+
+@dataclass
+class ExportOutcome:
+    path: Path
+    metadata: ModelMetadata
+    export: ExportResult | None = None
+    verification: VerificationReport | None = None
+    ort_path: Path | None = None
+    extras: dict[str, Any] = field(default_factory=dict)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "path": str(self.path),
+            "precision": self.metadata.precision.value,
+            "fingerprint": self.metadata.fingerprint,
+            "opset": self.metadata.opset,
+            "size_bytes": self.path.stat().st_size if self.path.exists() else None,
+            "export": {k: v for k, v in self.export.to_dict().items() if k != "path"} if self.export else None,
+            "verification": self.verification.to_dict() if self.verification else None,
+            "ort_path": str(self.ort_path) if self.ort_path else None,
+        }
+
+
+def _stage(progress: Progress | None, name: str, done: bool = False) -> None:
+    if progress:
+        progress(name, int(done), 1)
+
+
+def metadata_for_checkpoint(ck: Checkpoint) -> ModelMetadata:
+    """The model metadata a checkpoint implies (fp32; opset and figures are filled in later)."""
+    return ModelMetadata(
+        preprocess=ck.spec.preprocess,
+        embedding_dim=ck.model.embedding_dim,
+        metric=ck.spec.metric,
+        normalization=ck.spec.normalization,
+        fingerprint=ck.fingerprint,
+        backbone=ck.spec.backbone,
+        source_checkpoint_sha256=ck.sha256,
+        producer=f"edgemeta {__version__}",
+        extra={"train_data": (ck.info.get("train_data") or {}).get("name", ""), "dataset": recorded_dataset(ck.info) or ""},
+    )
+
+
+def _reduce(fp32: Path, dst: Path, options: ExportOptions, meta: ModelMetadata, dataset: str | None) -> Path:
+    if options.precision is Precision.FP16:
+        return to_fp16(fp32, dst)
+    calibration = base_images(options.calibration_data or dataset, meta.preprocess, options.data_dir)
+    return quantize_int8(fp32, dst, calibration, options.quantize)
+
+
+def _finish(model_path: Path, torch_model: nn.Module, out: Path, options: ExportOptions, dataset: str | None, progress: Progress | None) -> ExportOutcome:
+    """Verify the model built at ``model_path``, record the figures, write ``out`` atomically."""
+    meta = read_metadata(load_model(model_path))
+    if meta is None:
+        raise InputError(f"{model_path} has no edgemeta metadata; export it with `edgemeta export`")
+    report = None
+    if options.verify is not None:
+        data = novel_images(options.data or dataset, meta.preprocess, options.data_dir)
+        _stage(progress, f"verifying {meta.precision.value}")
+        report = verify(model_path, torch_model, data, options.verify, progress)
+        meta = metadata_with(meta, report)
+        write_metadata(model_path, meta)
+    save_model(load_model(model_path), out)
+    outcome = ExportOutcome(out, meta, verification=report)
+    if options.ort_format:
+        from edgemeta.exporters.optimize import to_ort_format
+
+        _stage(progress, "converting to the ORT format")
+        outcome.ort_path = to_ort_format(out)
+    return outcome
+
+
+def _build(torch_model: nn.Module, meta: ModelMetadata, out: str | os.PathLike, options: ExportOptions, dataset: str | None, progress: Progress | None) -> ExportOutcome:
+    out = ensure_writable(out)
+    with tempfile.TemporaryDirectory(prefix="edgemeta-export-") as tmp:
+        # the model under construction carries the output's name, so messages name the file the user asked for
+        final = Path(tmp) / out.name
+        _stage(progress, "exporting to ONNX")
+        fp32 = final if options.precision is Precision.FP32 else Path(tmp) / f"{out.stem}.fp32.onnx"
+        result = export(torch_model, fp32, meta, options.spec)
+        model_path = result.path
+        if options.precision is not Precision.FP32:
+            _stage(progress, f"converting to {options.precision.value}")
+            model_path = _reduce(model_path, final, options, result.metadata, dataset)
+        outcome = _finish(model_path, torch_model, out, options, dataset, progress)
+    outcome.export = result
+    return outcome
+
+
+def export_checkpoint(checkpoint: str | os.PathLike, out: str | os.PathLike, options: ExportOptions = ExportOptions(), progress: Progress | None = None) -> ExportOutcome:
+    """Export an edgemeta checkpoint to ``out`` at ``options.precision``, verified on real images.
+
+    Example:
+        >>> export_checkpoint("conv4.safetensors", "conv4.int8.onnx", ExportOptions(precision=Precision.INT8))
+    """
+    ck = load_checkpoint(checkpoint)
+    return _build(ck.model, metadata_for_checkpoint(ck), out, options, recorded_dataset(ck.info), progress)
+
+
+def _embedding_dim(model: nn.Module, pp: PreprocessSpec) -> int:
+    if isinstance(getattr(model, "embedding_dim", None), int):
+        return int(model.embedding_dim)
+    embed = getattr(model, "embed", None)
+    if not callable(embed):
+        raise InputError(f"{type(model).__name__}.forward takes (images, prototypes): give it an `embedding_dim` attribute or an `embed(images)` method")
+    try:
+        with torch.no_grad():
+            return int(embed(torch.zeros(2, pp.channels, *pp.size)).shape[1])
+    except Exception as e:
+        raise InputError(f"{type(model).__name__}.embed fails on images of shape {(2, pp.channels, *pp.size)}: {e}") from None
+
+
+def _user_model(ref: ModuleRef) -> tuple[nn.Module, str]:
+    module = load_module_ref(ref.ref)
+    state = read_weights(ref.weights) if ref.weights else {}
+    own = module.state_dict()
+    extras = {k: state.pop(k) for k in ("center", "scale") if k in state and k not in own}
+    if ref.weights:
+        apply_weights(module, state, ref.weights)
+    module.eval()
+    if not is_extractor(module):
+        return module, "module"
+    scale = float(extras["scale"]) if "scale" in extras else ref.scale
+    return WrappedExtractor(module, ref.metric, ref.normalization, extras.get("center"), scale).eval(), "extractor"
+
+
+def export_module(ref: ModuleRef, out: str | os.PathLike, options: ExportOptions = ExportOptions(), progress: Progress | None = None) -> ExportOutcome:
+    """Export a user's module by reference: a feature extractor gets the normalization and the
+    metric added in the graph; a full ``forward(images, prototypes)`` module is exported as is.
+
+    Example:
+        >>> ref = ModuleRef("mynets:build", "mynet.safetensors", PreprocessSpec.create(84, 3))
+        >>> export_module(ref, "mynet.onnx", ExportOptions(data="tiny-imagenet"))
+    """
+    model, kind = _user_model(ref)
+    pp = ref.preprocess
+    description = {"module": ref.ref, "preprocess": pp.to_dict(), "metric": ref.metric.value, "normalization": ref.normalization.value}
+    meta = ModelMetadata(
+        preprocess=pp,
+        embedding_dim=_embedding_dim(model, pp),
+        metric=ref.metric,
+        normalization=ref.normalization,
+        fingerprint=module_fingerprint(model, description),
+        backbone=ref.ref,
+        source_checkpoint_sha256=file_sha256(ref.weights) if ref.weights else "",
+        producer=f"edgemeta {__version__}",
+        extra={"source": kind},
+    )
+    return _build(model, meta, out, options, None, progress)
+
+
+def _matching(model_path: str | os.PathLike, checkpoint: str | os.PathLike) -> tuple[Checkpoint, ModelMetadata]:
+    meta = read_metadata(load_model(model_path))
+    if meta is None:
+        raise InputError(f"{model_path} has no edgemeta metadata; export it with `edgemeta export`")
+    ck = load_checkpoint(checkpoint)
+    if meta.fingerprint != ck.fingerprint:
+        raise ModelMismatchError(
+            f"{Path(model_path).name} was exported from model {meta.fingerprint}, the checkpoint is model {ck.fingerprint}; "
+            "pass the checkpoint the model was exported from"
+        )
+    return ck, meta
+
+
+def verify_model(model_path: str | os.PathLike, checkpoint: str | os.PathLike, options: ExportOptions = ExportOptions(), progress: Progress | None = None) -> VerificationReport:
+    """Verify an exported model against the checkpoint it came from and, when it passes,
+    store the figures in its metadata (atomically). A failure changes nothing."""
+    ck, meta = _matching(model_path, checkpoint)
+    data = novel_images(options.data or recorded_dataset(ck.info), meta.preprocess, options.data_dir)
+    report = verify(model_path, ck.model, data, options.verify or VerifySpec(), progress)
+    write_metadata(model_path, metadata_with(meta, report))
+    return report
+
+
+def quantize_model(model_path: str | os.PathLike, checkpoint: str | os.PathLike, out: str | os.PathLike, options: ExportOptions = ExportOptions(), progress: Progress | None = None) -> ExportOutcome:
+    """int8 variant of an exported fp32 model, calibrated on the checkpoint's base classes and
+    verified against the checkpoint on its novel classes."""
+    ck, meta = _matching(model_path, checkpoint)
+    out = ensure_writable(out)
+    dataset = recorded_dataset(ck.info)
+    with tempfile.TemporaryDirectory(prefix="edgemeta-int8-") as tmp:
+        _stage(progress, "calibrating int8")
+        calibration = base_images(options.calibration_data or dataset, meta.preprocess, options.data_dir)
+        q = quantize_int8(model_path, Path(tmp) / out.name, calibration, options.quantize)
+        return _finish(q, ck.model, out, options, dataset, progress)

@@ -1,0 +1,266 @@
+"""Reduced precision: fp16 conversion and int8 static quantization (QDQ).
+
+Both keep the model's inputs and outputs float32 (an app feeds the same arrays to
+every variant) and keep the metric and the embedding normalization in float32: a sum
+of squares of a 1600-d embedding overflows fp16, and quantized logits would blur the
+nearest-prototype decision. Only the backbone is converted.
+
+fp16 uses a small converter of our own rather than ``onnxconverter_common.float16``:
+that converter's ``node_block_list`` writes inconsistent types on these graphs (the
+ONNX checker rejects the result with "B has inconsistent type tensor(float)").
+
+int8 follows ONNX Runtime's recipe: ``quant_pre_process`` (shape inference and basic
+optimization), then ``quantize_static`` with QDQ format, symmetric int8 weights per
+channel, calibrated on images of the training (base) classes only.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import tempfile
+from collections import defaultdict
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import onnx
+from onnx import TensorProto, helper, numpy_helper
+
+from edgemeta.data import ImageSet
+from edgemeta.errors import ExportError, InputError
+from edgemeta.evaluate import to_tensor
+from edgemeta.exporters.data import subset
+from edgemeta.exporters.graph import finalize, float_nodes, load_model, name_nodes, read_metadata, save_model, set_metadata
+from edgemeta.runtime.spec import INPUT_IMAGES, INPUT_PROTOTYPES, ModelMetadata, Precision
+
+__all__ = ["QuantizeSpec", "convert_fp16", "to_fp16", "quantize_int8"]
+
+_FLOAT, _HALF = TensorProto.FLOAT, TensorProto.FLOAT16
+# (op, input index) pairs that stay float32 whatever the op's data type (scales, sizes)
+_FLOAT32_INPUTS = {("Resize", 1), ("Resize", 2), ("Upsample", 1)}
+
+
+@dataclass(frozen=True)
+class QuantizeSpec:
+    """int8 calibration settings. ``method`` is an ``onnxruntime.quantization.CalibrationMethod``
+    name; ``op_types=None`` quantizes every op ONNX Runtime can (outside the float metric)."""
+
+    calibration_images: int = 256
+    batch: int = 32
+    per_channel: bool = True
+    method: str = "MinMax"
+    op_types: tuple[str, ...] | None = None
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        if self.calibration_images < 1 or self.batch < 1:
+            raise InputError("calibration images and batch must be >= 1")
+        if self.method not in ("MinMax", "Entropy", "Percentile", "Distribution"):
+            raise InputError(f"unknown calibration method {self.method!r}; use MinMax, Entropy, Percentile or Distribution")
+
+
+def _require_fp32(meta: ModelMetadata | None, path: Path) -> ModelMetadata:
+    if meta is None:
+        raise ExportError(f"{path} has no edgemeta metadata; export it with `edgemeta export`")
+    if meta.precision is not Precision.FP32:
+        raise InputError(f"{path} is already {meta.precision.value}; convert the fp32 model instead")
+    return meta
+
+
+# ---------------------------------------------------------------- fp16
+
+
+def _tensor_types(model: onnx.ModelProto) -> dict[str, int]:
+    inferred = onnx.shape_inference.infer_shapes(model)
+    types = {t.name: t.data_type for t in model.graph.initializer}
+    for vi in [*inferred.graph.input, *inferred.graph.value_info, *inferred.graph.output]:
+        types[vi.name] = vi.type.tensor_type.elem_type
+    return types
+
+
+def _half_attributes(node: onnx.NodeProto) -> None:
+    for attr in node.attribute:
+        if node.op_type == "Cast" and attr.name == "to" and attr.i == _FLOAT:
+            attr.i = _HALF
+        elif attr.type == onnx.AttributeProto.TENSOR and attr.t.data_type == _FLOAT:
+            attr.t.CopyFrom(numpy_helper.from_array(numpy_helper.to_array(attr.t).astype(np.float16), attr.t.name))
+
+
+def convert_fp16(model: onnx.ModelProto, keep_float: set[str]) -> onnx.ModelProto:
+    """A copy of ``model`` whose nodes outside ``keep_float`` compute in float16.
+
+    Casts are inserted where a float32 tensor enters the fp16 part and where an fp16
+    tensor leaves it (to a kept node or a graph output), so inputs and outputs keep
+    their types. Float initializers used only by fp16 nodes are stored as fp16.
+    """
+    out = onnx.ModelProto()
+    out.CopyFrom(model)
+    g = out.graph
+    types = _tensor_types(out)
+    half = {n.name for n in g.node} - set(keep_float)
+    uses: dict[str, list[tuple[onnx.NodeProto, int]]] = defaultdict(list)
+    for node in g.node:
+        for k, name in enumerate(node.input):
+            uses[name].append((node, k))
+    outputs = {o.name for o in g.output}
+    convertible = lambda n, k: n.name in half and (n.op_type, k) not in _FLOAT32_INPUTS  # noqa: E731
+    as_half: dict[str, str] = {}
+    for init in list(g.initializer):
+        if init.data_type != _FLOAT or not any(convertible(n, k) for n, k in uses[init.name]):
+            continue
+        arr = numpy_helper.to_array(init).astype(np.float16)
+        if all(convertible(n, k) for n, k in uses[init.name]):
+            init.CopyFrom(numpy_helper.from_array(arr, init.name))
+            as_half[init.name] = init.name
+        else:
+            g.initializer.append(numpy_helper.from_array(arr, f"{init.name}__fp16"))
+            as_half[init.name] = f"{init.name}__fp16"
+    produced_half = {o for n in g.node if n.name in half for o in n.output if types.get(o) == _FLOAT}
+    leaving = {o for o in produced_half if o in outputs or any(not convertible(n, k) for n, k in uses[o])}
+    nodes: list[onnx.NodeProto] = []
+    for node in g.node:
+        if node.name not in half:
+            nodes.append(node)
+            continue
+        for k, name in enumerate(node.input):
+            if not name or types.get(name) != _FLOAT or (node.op_type, k) in _FLOAT32_INPUTS:
+                continue
+            if name in produced_half:
+                node.input[k] = f"{name}__fp16" if name in leaving else name
+                continue
+            if name not in as_half:  # a float32 tensor enters the fp16 part
+                as_half[name] = f"{name}__fp16"
+                nodes.append(helper.make_node("Cast", [name], [as_half[name]], name=f"{name}__to_fp16", to=_HALF))
+            node.input[k] = as_half[name]
+        _half_attributes(node)
+        back = [o for o in node.output if o in leaving]
+        for k, name in enumerate(node.output):
+            if name in leaving:
+                node.output[k] = f"{name}__fp16"
+        nodes.append(node)
+        nodes.extend(helper.make_node("Cast", [f"{o}__fp16"], [o], name=f"{o}__to_fp32", to=_FLOAT) for o in back)
+    # fp32 consumers of an fp16 tensor read the cast-back name, which is the original name
+    del g.node[:]
+    g.node.extend(nodes)
+    del g.value_info[:]
+    return out
+
+
+def _check(model: onnx.ModelProto, what: str) -> None:
+    try:
+        onnx.checker.check_model(model, full_check=True)
+    except Exception as e:
+        raise ExportError(f"the {what} model is not valid ONNX: {str(e).splitlines()[0][:200]}") from None
+
+
+def to_fp16(fp32_path: str | os.PathLike, out_path: str | os.PathLike) -> Path:
+    """Write an fp16 variant of the fp32 model (float32 inputs, outputs and metric).
+
+    Example:
+        >>> to_fp16("conv4.onnx", "conv4.fp16.onnx")
+    """
+    src = Path(fp32_path)
+    model = load_model(src)
+    meta = _require_fp32(read_metadata(model), src)
+    name_nodes(model)
+    half = finalize(convert_fp16(model, float_nodes(model)))
+    _check(half, "fp16")
+    set_metadata(half, meta.with_(precision=Precision.FP16, verification={}, extra={**meta.extra, "float32_part": "metric and normalization"}))
+    return save_model(half, out_path)
+
+
+# ---------------------------------------------------------------- int8
+
+
+def _reader(images: np.ndarray, prototypes: np.ndarray, batch: int):
+    """A ``CalibrationDataReader`` over batches of base-class images."""
+    from onnxruntime.quantization import CalibrationDataReader
+
+    class BaseClassReader(CalibrationDataReader):
+        def __init__(self) -> None:
+            self.i = 0
+
+        def get_next(self) -> dict[str, np.ndarray] | None:
+            if self.i >= len(images):
+                return None
+            self.i += batch
+            return {INPUT_IMAGES: images[self.i - batch : self.i], INPUT_PROTOTYPES: prototypes}
+
+        def rewind(self) -> None:
+            self.i = 0
+
+    return BaseClassReader()
+
+
+def _calibration_inputs(model_path: Path, meta: ModelMetadata, calibration: ImageSet, spec: QuantizeSpec) -> tuple[np.ndarray, np.ndarray]:
+    import onnxruntime as ort
+
+    pp = meta.preprocess
+    if calibration.images.shape[1:] != (*pp.size, pp.channels):
+        raise InputError(f"calibration images are {calibration.images.shape[1:]}, the model takes {(*pp.size, pp.channels)}")
+    idx = subset(calibration, spec.calibration_images, spec.seed)
+    x = np.ascontiguousarray(to_tensor(calibration.images[idx], pp.mean, pp.std).numpy())
+    # real prototypes (not zero rows), so every tensor of the graph has values to calibrate
+    session = ort.InferenceSession(str(model_path), providers=["CPUExecutionProvider"])
+    z = session.run(None, {INPUT_IMAGES: x[:5], INPUT_PROTOTYPES: np.zeros((0, meta.embedding_dim), np.float32)})[0]
+    return x, np.ascontiguousarray(z, dtype=np.float32)
+
+
+def _pre_process(src: Path, dst: Path) -> None:
+    from onnxruntime.quantization.shape_inference import quant_pre_process
+
+    try:
+        quant_pre_process(str(src), str(dst))
+    except Exception:  # symbolic shape inference fails on some graphs; ONNX's own is enough here
+        quant_pre_process(str(src), str(dst), skip_symbolic_shape=True)
+
+
+def quantize_int8(
+    fp32_path: str | os.PathLike,
+    out_path: str | os.PathLike,
+    calibration: ImageSet,
+    spec: QuantizeSpec = QuantizeSpec(),
+) -> Path:
+    """Write an int8 (QDQ) variant of the fp32 model, calibrated on ``calibration`` images.
+
+    ``calibration`` must hold images of base (training) classes, never the classes the
+    model is evaluated on.
+
+    Example:
+        >>> quantize_int8("conv4.onnx", "conv4.int8.onnx", load_omniglot("background"))
+    """
+    from onnxruntime.quantization import CalibrationMethod, QuantFormat, QuantType, quantize_static
+
+    src = Path(fp32_path)
+    meta = _require_fp32(read_metadata(load_model(src)), src)
+    x, protos = _calibration_inputs(src, meta, calibration, spec)
+    previous = logging.root.manager.disable
+    logging.disable(logging.WARNING)  # the quantizer logs every node it skips
+    try:
+        with tempfile.TemporaryDirectory(prefix="edgemeta-int8-") as tmp:
+            pre, out = Path(tmp) / "pre.onnx", Path(tmp) / "int8.onnx"
+            _pre_process(src, pre)
+            model = onnx.load_model(str(pre))
+            name_nodes(model)
+            onnx.save_model(model, str(pre))
+            quantize_static(
+                str(pre), str(out), _reader(x, protos, spec.batch),
+                quant_format=QuantFormat.QDQ, per_channel=spec.per_channel,
+                activation_type=QuantType.QInt8, weight_type=QuantType.QInt8,
+                calibrate_method=CalibrationMethod[spec.method],
+                nodes_to_exclude=sorted(float_nodes(model)),
+                op_types_to_quantize=list(spec.op_types) if spec.op_types else None,
+            )
+            q = finalize(onnx.load_model(str(out)))
+    except (ExportError, InputError):
+        raise
+    except Exception as e:
+        raise ExportError(f"int8 quantization failed: {type(e).__name__}: {str(e).splitlines()[0][:200]}") from None
+    finally:
+        logging.disable(previous)
+    _check(q, "int8")
+    calib: dict[str, Any] = {"dataset": calibration.name, "images": int(len(x)), "method": spec.method, "per_channel": spec.per_channel, "seed": spec.seed}
+    set_metadata(q, meta.with_(precision=Precision.INT8, verification={}, extra={**meta.extra, "calibration": calib, "float32_part": "metric and normalization"}))
+    return save_model(q, out_path)

@@ -1,0 +1,403 @@
+"""Does the ONNX model compute what the torch model computes?
+
+Two kinds of evidence, on real images:
+
+1. tensors: ``embeddings`` and ``logits`` of ONNX Runtime against torch, at several
+   batch sizes and with 0, 1 and many prototypes (max absolute and relative error,
+   relative meaning ``max |onnx - torch| / max |torch|``; for logits the denominator
+   is at least the largest squared norm of an embedding or prototype, the size of the
+   terms the metric adds up);
+2. episodes: the same seeded N-way K-shot episodes classified by both, query by
+   query (prediction agreement) and as accuracy. An image's embedding does not depend
+   on the episode, so each image is embedded once by each side; the logits of every
+   episode then come from the model's own metric (the ONNX graph's metric part, cut
+   out with ``onnx.utils.Extractor``), so 1,000 episodes cost one pass over the images.
+
+Every check runs, then one report; :func:`verify` raises :class:`VerificationError`
+naming every failed check, by how much, and what to try.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any, Callable
+
+import numpy as np
+import onnx
+import torch
+from torch import nn
+
+from edgemeta.data import ImageSet
+from edgemeta.episodes import EpisodeSampler
+from edgemeta.errors import ExportError, InputError, VerificationError
+from edgemeta.evaluate import episode_scores, summarize, to_tensor
+from edgemeta.exporters.graph import load_model, read_metadata
+from edgemeta.runtime.spec import (
+    INPUT_IMAGES,
+    INPUT_PROTOTYPES,
+    OUTPUT_EMBEDDINGS,
+    OUTPUT_LOGITS,
+    ModelMetadata,
+    Precision,
+)
+
+__all__ = ["Tolerance", "VerifySpec", "Check", "VerificationReport", "verify", "metadata_with", "Progress"]
+
+#: ``progress(task, done, total)``: called as long work advances.
+Progress = Callable[[str, int, int], None]
+
+
+@dataclass(frozen=True)
+class Tolerance:
+    """Limits of one precision. Errors are relative to the largest torch value; for fp16
+    and int8 the real criterion is that predictions agree and accuracy holds."""
+
+    embeddings_rel: float
+    logits_rel: float
+    min_agreement: float
+    max_accuracy_drop: float
+
+    @classmethod
+    def for_precision(cls, precision: Precision) -> Tolerance:
+        return {
+            Precision.FP32: cls(embeddings_rel=1e-4, logits_rel=1e-4, min_agreement=0.999, max_accuracy_drop=0.002),
+            Precision.FP16: cls(embeddings_rel=2e-2, logits_rel=2e-2, min_agreement=0.98, max_accuracy_drop=0.01),
+            Precision.INT8: cls(embeddings_rel=0.25, logits_rel=0.25, min_agreement=0.90, max_accuracy_drop=0.03),
+        }[Precision(precision)]
+
+
+@dataclass(frozen=True)
+class VerifySpec:
+    """What :func:`verify` runs. ``tolerance=None`` picks the model's precision's defaults."""
+
+    batch_sizes: tuple[int, ...] = (1, 7, 32, 64)
+    prototype_counts: tuple[int, ...] = (0, 1, 20)
+    episodes: int = 200
+    n_way: int = 5
+    k_shot: int = 1
+    q_query: int = 15
+    seed: int = 0
+    tolerance: Tolerance | None = None
+    batch_size: int = 256  # images per ONNX Runtime / torch call when embedding episode images
+
+    def __post_init__(self) -> None:
+        if not self.batch_sizes or min(self.batch_sizes) < 1:
+            raise InputError(f"batch sizes must be >= 1, got {self.batch_sizes}")
+        if not self.prototype_counts or min(self.prototype_counts) < 0:
+            raise InputError(f"prototype counts must be >= 0, got {self.prototype_counts}")
+        if self.episodes < 0:
+            raise InputError(f"episodes must be >= 0, got {self.episodes}")
+
+
+@dataclass(frozen=True)
+class Check:
+    name: str
+    value: float
+    limit: float
+    passed: bool
+    detail: str = ""
+    hint: str = ""
+
+    def line(self) -> str:
+        return f"{self.name}: {self.detail}" + ("" if self.passed else f" — {self.hint}")
+
+
+@dataclass
+class VerificationReport:
+    """Every figure of one verification; ``summary()`` is what goes into the model's metadata."""
+
+    model: str
+    precision: Precision
+    tolerance: Tolerance
+    checks: list[Check] = field(default_factory=list)
+    tensors: list[dict[str, Any]] = field(default_factory=list)
+    episodes: dict[str, Any] = field(default_factory=dict)
+    seconds: float = 0.0
+
+    @property
+    def passed(self) -> bool:
+        return all(c.passed for c in self.checks)
+
+    @property
+    def failures(self) -> list[Check]:
+        return [c for c in self.checks if not c.passed]
+
+    def _worst(self, key: str) -> float:
+        vals = [t[key] for t in self.tensors if t.get(key) is not None]
+        return float(max(vals)) if vals else 0.0
+
+    def summary(self) -> dict[str, Any]:
+        import onnxruntime as ort
+
+        return {
+            "passed": self.passed,
+            "precision": self.precision.value,
+            "embeddings_max_abs_error": self._worst("embeddings_abs"),
+            "embeddings_max_rel_error": self._worst("embeddings_rel"),
+            "logits_max_abs_error": self._worst("logits_abs"),
+            "logits_max_rel_error": self._worst("logits_rel"),
+            "batch_sizes": sorted({t["batch"] for t in self.tensors}),
+            "prototype_counts": sorted({t["prototypes"] for t in self.tensors}),
+            "episodes": self.episodes,
+            "tolerance": asdict(self.tolerance),
+            "failed_checks": [c.name for c in self.failures],
+            "versions": {"onnxruntime": ort.__version__, "torch": torch.__version__.split("+")[0]},
+            "provider": "CPUExecutionProvider",
+        }
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "model": self.model,
+            **self.summary(),
+            "checks": [asdict(c) for c in self.checks],
+            "tensors": self.tensors,
+            "seconds": round(self.seconds, 2),
+        }
+
+    def error_message(self) -> str:
+        fails = "; ".join(c.line() for c in self.failures)
+        return f"verification of {Path(self.model).name} ({self.precision.value}) failed {len(self.failures)} of {len(self.checks)} checks: {fails}"
+
+
+# ---------------------------------------------------------------- the two sides
+
+
+class _TorchSide:
+    def __init__(self, model: nn.Module, dim: int) -> None:
+        self.model, self.dim = model.eval(), dim
+        self.fast = callable(getattr(model, "embed", None)) and callable(getattr(model, "logits", None))
+
+    @torch.inference_mode()
+    def run(self, x: np.ndarray, p: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        e, lg = self.model(torch.from_numpy(x), torch.from_numpy(p))
+        return e.float().numpy(), lg.float().numpy()
+
+    @torch.inference_mode()
+    def embed(self, x: np.ndarray) -> np.ndarray:
+        if self.fast:
+            return self.model.embed(torch.from_numpy(x)).float().numpy()
+        return self.run(x, np.zeros((0, self.dim), np.float32))[0]
+
+    @torch.inference_mode()
+    def logits(self, z: np.ndarray, p: np.ndarray, x: Callable[[], np.ndarray]) -> np.ndarray:
+        if self.fast:
+            return self.model.logits(torch.from_numpy(z), torch.from_numpy(p)).float().numpy()
+        return self.run(x(), p)[1]  # a module without .logits: run the whole graph on the queries
+
+
+class _OnnxSide:
+    def __init__(self, path: Path, model: onnx.ModelProto, dim: int) -> None:
+        import onnxruntime as ort
+
+        opts = ort.SessionOptions()
+        opts.log_severity_level = 3
+        try:
+            self.session = ort.InferenceSession(str(path), opts, providers=["CPUExecutionProvider"])
+        except Exception as e:
+            raise ExportError(f"ONNX Runtime cannot load {path}: {str(e).splitlines()[0][:200]}") from None
+        self.dim = dim
+        self.head = self._metric_part(model, opts)
+
+    @staticmethod
+    def _metric_part(model: onnx.ModelProto, opts):
+        """A session of the graph's own metric: (embeddings, prototypes) -> logits."""
+        import onnxruntime as ort
+        from onnx.utils import Extractor
+
+        try:
+            head = Extractor(model).extract_model([OUTPUT_EMBEDDINGS, INPUT_PROTOTYPES], [OUTPUT_LOGITS])
+            if {i.name for i in head.graph.input} != {OUTPUT_EMBEDDINGS, INPUT_PROTOTYPES}:
+                return None
+            return ort.InferenceSession(head.SerializeToString(), opts, providers=["CPUExecutionProvider"])
+        except Exception:  # an unusual graph: fall back to running the whole model per episode
+            return None
+
+    def run(self, x: np.ndarray, p: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        e, lg = self.session.run([OUTPUT_EMBEDDINGS, OUTPUT_LOGITS], {INPUT_IMAGES: x, INPUT_PROTOTYPES: p})
+        return e, lg
+
+    def embed(self, x: np.ndarray) -> np.ndarray:
+        return self.run(x, np.zeros((0, self.dim), np.float32))[0]
+
+    def logits(self, z: np.ndarray, p: np.ndarray, x: Callable[[], np.ndarray]) -> np.ndarray:
+        if self.head is not None:
+            return self.head.run([OUTPUT_LOGITS], {OUTPUT_EMBEDDINGS: z, INPUT_PROTOTYPES: p})[0]
+        return self.run(x(), p)[1]
+
+
+# ---------------------------------------------------------------- checks
+
+
+def _errors(a: np.ndarray, b: np.ndarray, scale: float = 0.0) -> tuple[float, float]:
+    """(max |a - b|, max |a - b| / max(max |b|, scale)) of ONNX output ``a`` against torch output ``b``."""
+    if a.size == 0:
+        return 0.0, 0.0
+    diff = float(np.max(np.abs(a.astype(np.float64) - b.astype(np.float64))))
+    return diff, diff / max(float(np.max(np.abs(b))), scale, 1e-12)
+
+
+def _operand_scale(z: np.ndarray, p: np.ndarray) -> float:
+    """The size of the terms the metric combines: squared euclidean logits are
+    ``-(|z|^2 - 2 z.p + |p|^2)``, so near-equal vectors give logits near 0 from terms
+    near ``|z|^2``; their rounding error is relative to that, not to the logit."""
+    norms = [float(np.max(np.sum(v.astype(np.float64) ** 2, axis=1))) for v in (z, p) if v.size]
+    return max(norms, default=0.0)
+
+
+def _tensor_runs(onnx_side: _OnnxSide, torch_side: _TorchSide, x: np.ndarray, spec: VerifySpec) -> list[dict[str, Any]]:
+    bmax = max(spec.batch_sizes)
+    protos = torch_side.embed(x[bmax:]) if len(x) > bmax else torch_side.embed(x)
+    rows = []
+    for b in spec.batch_sizes:
+        for n in spec.prototype_counts:
+            p = np.ascontiguousarray(protos[np.arange(n) % len(protos)]) if n else np.zeros((0, onnx_side.dim), np.float32)
+            xb = x[np.arange(b) % len(x)]
+            oe, ol = onnx_side.run(xb, p)
+            te, tl = torch_side.run(xb, p)
+            row: dict[str, Any] = {"batch": b, "prototypes": n}
+            row["shapes_ok"] = oe.shape == te.shape == (b, onnx_side.dim) and ol.shape == tl.shape == (b, n)
+            row["finite"] = bool(np.isfinite(oe).all() and np.isfinite(ol).all())
+            if row["shapes_ok"]:
+                row["embeddings_abs"], row["embeddings_rel"] = _errors(oe, te)
+                row["logits_abs"], row["logits_rel"] = _errors(ol, tl, _operand_scale(te, p)) if n else (None, None)
+            rows.append(row)
+    return rows
+
+
+def _embed_all(side, x_of: Callable[[np.ndarray], np.ndarray], idx: np.ndarray, spec: VerifySpec, task: str, progress: Progress | None) -> np.ndarray:
+    out = []
+    for i in range(0, len(idx), spec.batch_size):
+        out.append(side.embed(x_of(idx[i : i + spec.batch_size])))
+        if progress:
+            progress(task, min(i + spec.batch_size, len(idx)), len(idx))
+    return np.concatenate(out) if out else np.zeros((0, side.dim), np.float32)
+
+
+def _episodes(onnx_side: _OnnxSide, torch_side: _TorchSide, data: ImageSet, x_of, spec: VerifySpec, progress: Progress | None) -> dict[str, Any]:
+    sampler = EpisodeSampler(data.labels, spec.n_way, spec.k_shot, spec.q_query, spec.seed, data.name)
+    eps = list(sampler(spec.episodes))
+    used = np.unique(np.concatenate([np.concatenate([e.support, e.query]) for e in eps]))
+    where = np.full(len(data), -1, dtype=np.int64)
+    where[used] = np.arange(len(used))
+    z_onnx = _embed_all(onnx_side, x_of, used, spec, "embedding images (ONNX Runtime)", progress)
+    z_torch = _embed_all(torch_side, x_of, used, spec, "embedding images (torch)", progress)
+    agree, total, scores_t, scores_o = 0, 0, [], []
+    for k, ep in enumerate(eps):
+        s, q = where[ep.support], where[ep.query]
+        images = lambda: x_of(ep.query)  # noqa: E731  (only for models without a separable metric)
+        p_o = z_onnx[s].reshape(spec.n_way, spec.k_shot, -1).mean(axis=1)
+        p_t = z_torch[s].reshape(spec.n_way, spec.k_shot, -1).mean(axis=1)
+        pred_o = onnx_side.logits(np.ascontiguousarray(z_onnx[q]), p_o.astype(np.float32), images).argmax(axis=1)
+        pred_t = torch_side.logits(np.ascontiguousarray(z_torch[q]), p_t.astype(np.float32), images).argmax(axis=1)
+        agree += int((pred_o == pred_t).sum())
+        total += len(q)
+        scores_o.append(episode_scores(pred_o, ep.query_labels, spec.n_way))
+        scores_t.append(episode_scores(pred_t, ep.query_labels, spec.n_way))
+        if progress and ((k + 1) % 50 == 0 or k + 1 == len(eps)):
+            progress("episodes", k + 1, len(eps))
+    fields = dict(dataset=data.name, n_way=spec.n_way, k_shot=spec.k_shot, q_query=spec.q_query, seed=spec.seed)
+    rep_t, rep_o = summarize(scores_t, **fields), summarize(scores_o, **fields)
+    return {
+        **fields,
+        "count": len(eps),
+        "queries": total,
+        "agreement": agree / total,
+        "torch_accuracy": rep_t.accuracy,
+        "onnx_accuracy": rep_o.accuracy,
+        "accuracy_difference": rep_o.accuracy - rep_t.accuracy,
+        "torch_ci95": rep_t.ci95,
+        "onnx_ci95": rep_o.ci95,
+        "novel_classes": int(len(np.unique(data.labels))),
+    }
+
+
+_HINTS = {
+    Precision.FP32: "the graph computes something else than torch: make sure the model is in eval mode, export without --optimize, or try --opset 17",
+    Precision.FP16: "the backbone loses too much in fp16 (overflow or rounding); use --precision fp32, or int8 calibrated on base classes",
+    Precision.INT8: "calibrate on more base-class images (--calibration-images), or use --precision fp16",
+}
+
+
+def _checks(rows: list[dict[str, Any]], episodes: dict[str, Any], tol: Tolerance, precision: Precision) -> list[Check]:
+    hint = _HINTS[precision]
+    bad_shape = [r for r in rows if not r["shapes_ok"]]
+    bad_finite = [r for r in rows if not r["finite"]]
+    where = lambda r: f"batch {r['batch']}, {r['prototypes']} prototypes"  # noqa: E731
+    checks = [
+        Check("output shapes", len(bad_shape), 0, not bad_shape,
+              f"{len(rows) - len(bad_shape)}/{len(rows)} runs have the expected shapes" + (f" (first wrong: {where(bad_shape[0])})" if bad_shape else ""),
+              "the graph does not keep the batch and prototype axes dynamic; re-export it with edgemeta"),
+        Check("finite outputs", len(bad_finite), 0, not bad_finite,
+              f"{len(rows) - len(bad_finite)}/{len(rows)} runs are free of NaN/inf" + (f" (first bad: {where(bad_finite[0])})" if bad_finite else ""),
+              "the graph produces NaN or inf; check the normalization epsilon and the input scaling"),
+    ]
+    for out, limit in (("embeddings", tol.embeddings_rel), ("logits", tol.logits_rel)):
+        vals = [(r[f"{out}_rel"], r) for r in rows if r.get(f"{out}_rel") is not None]
+        worst, row = max(vals, key=lambda v: v[0]) if vals else (0.0, None)
+        detail = f"max relative error {worst:.2e} (limit {limit:.0e})" + (f" at {where(row)}, max abs {row[f'{out}_abs']:.2e}" if row else "")
+        checks.append(Check(f"{out} error", worst, limit, worst <= limit, detail, hint))
+    if episodes:
+        a, drop = episodes["agreement"], episodes["torch_accuracy"] - episodes["onnx_accuracy"]
+        what = f"{episodes['count']} episodes {episodes['n_way']}-way {episodes['k_shot']}-shot"
+        checks.append(Check("prediction agreement", a, tol.min_agreement, a >= tol.min_agreement,
+                            f"{100 * a:.2f}% of {episodes['queries']} queries (limit {100 * tol.min_agreement:.1f}%, {what})", hint))
+        checks.append(Check("accuracy drop", drop, tol.max_accuracy_drop, drop <= tol.max_accuracy_drop,
+                            f"torch {100 * episodes['torch_accuracy']:.2f}% vs ONNX {100 * episodes['onnx_accuracy']:.2f}% "
+                            f"(drop {100 * drop:.2f} points, limit {100 * tol.max_accuracy_drop:.1f})", hint))
+    return checks
+
+
+def verify(
+    onnx_path: str | os.PathLike,
+    torch_model: nn.Module,
+    data: ImageSet,
+    spec: VerifySpec = VerifySpec(),
+    progress: Progress | None = None,
+) -> VerificationReport:
+    """Compare the ONNX model at ``onnx_path`` with ``torch_model`` on ``data`` (real images of
+    novel classes, uint8 at the model's input size); raise if any check fails.
+
+    Raises:
+        VerificationError: naming every failed check; the full report is ``error.report``.
+
+    Example:
+        >>> report = verify("conv4.onnx", ckpt.model, load_omniglot("evaluation"))
+        >>> report.summary()["episodes"]["agreement"]
+        1.0
+    """
+    t0 = time.perf_counter()
+    path = Path(onnx_path)
+    proto = load_model(path)
+    meta = read_metadata(proto)
+    if meta is None:
+        raise ExportError(f"{path} has no edgemeta metadata; export it with `edgemeta export`")
+    pp = meta.preprocess
+    if data.images.shape[1:] != (*pp.size, pp.channels):
+        raise InputError(f"{data.name} images are {data.images.shape[1:]}, the model takes {(*pp.size, pp.channels)} (HWC); load them at the model's size")
+    tol = spec.tolerance or Tolerance.for_precision(meta.precision)
+    onnx_side, torch_side = _OnnxSide(path, proto, meta.embedding_dim), _TorchSide(torch_model, meta.embedding_dim)
+
+    def x_of(idx: np.ndarray) -> np.ndarray:
+        return np.ascontiguousarray(to_tensor(data.images[np.asarray(idx)], pp.mean, pp.std).numpy())
+
+    need = max(spec.batch_sizes) + max(spec.prototype_counts)
+    pool = np.random.default_rng([spec.seed, 1]).choice(len(data), size=min(need, len(data)), replace=False)
+    rows = _tensor_runs(onnx_side, torch_side, x_of(np.sort(pool)), spec)
+    if progress:
+        progress("tensor checks", 1, 1)
+    episodes = _episodes(onnx_side, torch_side, data, x_of, spec, progress) if spec.episodes else {}
+    report = VerificationReport(str(path), meta.precision, tol, _checks(rows, episodes, tol, meta.precision), rows, episodes)
+    report.seconds = time.perf_counter() - t0
+    if not report.passed:
+        error = VerificationError(report.error_message())
+        error.report = report  # type: ignore[attr-defined]
+        raise error
+    return report
+
+
+def metadata_with(meta: ModelMetadata, report: VerificationReport) -> ModelMetadata:
+    """``meta`` carrying ``report``'s figures."""
+    return meta.with_(verification=report.summary())

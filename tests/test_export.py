@@ -1,0 +1,285 @@
+"""torch -> ONNX export, the exported contract, verification and inspection (issue: ONNX exporters)."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import numpy as np
+import onnx
+import onnxruntime as ort
+import pytest
+import torch
+from torch import nn
+
+from edgemeta.backbones import BACKBONES
+from edgemeta.checkpoint import load_checkpoint, save_checkpoint
+from edgemeta.data import omniglot_spec
+from edgemeta.evaluate import to_tensor
+from edgemeta.errors import ExportError, VerificationError
+from edgemeta.exporters import (
+    ExportOptions,
+    ExportSpec,
+    VerifySpec,
+    WrappedExtractor,
+    export,
+    export_checkpoint,
+    inspect,
+    metadata_for_checkpoint,
+    to_ort_format,
+    verify,
+)
+from edgemeta.exporters import convert
+from edgemeta.model import FewShotModel, ModelSpec
+from edgemeta.runtime.spec import Metric, ModelMetadata, Normalization, Precision
+
+# Every registered backbone at its smallest, with a metric/normalization each so all
+# combinations are exported somewhere. A new backbone must be added here.
+TINY = {
+    "conv4": ({"channels": 8}, Metric.SQEUCLIDEAN, Normalization.NONE),
+    "resnet12": ({"widths": (8, 16)}, Metric.COSINE, Normalization.L2),
+    "edgenet": ({"widths": (8, 16, 16)}, Metric.SQEUCLIDEAN, Normalization.CENTERED_L2),
+}
+FAST = VerifySpec(batch_sizes=(1, 7, 32), prototype_counts=(0, 1, 12), episodes=10, q_query=5)
+
+
+def tiny_model(name: str = "conv4", seed: int = 0, metric: Metric | None = None, norm: Normalization | None = None,
+               calibration: np.ndarray | None = None) -> FewShotModel:
+    """A tiny untrained model. With ``calibration`` images its batch-norm statistics and
+    center are measured on them (random affine weights on top), so the embeddings differ
+    from image to image as a trained model's do and folding BN into the convolutions matters."""
+    kwargs, m, n = TINY[name]
+    torch.manual_seed(seed)
+    model = FewShotModel(ModelSpec(name, omniglot_spec(28), kwargs, metric or m, norm or n))
+    if calibration is not None:
+        with torch.no_grad():
+            for mod in model.modules():
+                if isinstance(mod, nn.BatchNorm2d):
+                    mod.momentum = None  # running stats = the batch's
+                    mod.weight.uniform_(0.5, 1.5)
+                    mod.bias.uniform_(-0.2, 0.2)
+            x = to_tensor(calibration, (0.9211,), (0.2166,))
+            model.train()
+            model.center.copy_(torch.flatten(model.backbone(x), 1).mean(0))
+    return model.eval()
+
+
+@pytest.fixture(scope="module")
+def calib(omniglot_novel) -> np.ndarray:
+    """200 Omniglot images spread over the classes, for batch-norm statistics."""
+    return omniglot_novel.images[:: len(omniglot_novel) // 200][:200]
+
+
+def leftovers(folder: Path) -> list[str]:
+    return sorted(p.name for p in folder.iterdir() if p.name.startswith(".") or p.suffix in (".tmp", ".probe"))
+
+
+@pytest.fixture(scope="module")
+def tiny_onnx(tmp_path_factory, calib):
+    """(path, torch model, checkpoint) of a tiny Conv-4 exported with a checkpoint's metadata."""
+    folder = tmp_path_factory.mktemp("tiny")
+    model = tiny_model("conv4", metric=Metric.COSINE, norm=Normalization.L2, calibration=calib)
+    save_checkpoint(folder / "tiny.safetensors", model, info={"config": {"dataset": "omniglot"}})
+    ck = load_checkpoint(folder / "tiny.safetensors")
+    return export(ck.model, folder / "tiny.onnx", metadata_for_checkpoint(ck)).path, ck.model, ck
+
+
+def test_every_registered_backbone_has_export_coverage():
+    missing = sorted(set(BACKBONES) - set(TINY))
+    assert not missing, f"backbone(s) {missing} have no export test: add them to TINY in tests/test_export.py"
+
+
+@pytest.mark.parametrize("name", sorted(BACKBONES))
+def test_every_backbone_exports_and_verifies(name, tmp_path, calib):
+    model = tiny_model(name, calibration=calib)
+    save_checkpoint(tmp_path / "m.safetensors", model, info={"config": {"dataset": "omniglot"}})
+    outcome = export_checkpoint(tmp_path / "m.safetensors", tmp_path / "m.onnx", ExportOptions(verify=FAST))
+    figures = outcome.verification.summary()
+    assert figures["passed"] and figures["failed_checks"] == []
+    assert figures["embeddings_max_rel_error"] < 1e-4 and figures["episodes"]["agreement"] == 1.0
+    assert figures["episodes"]["dataset"] == "omniglot-evaluation"
+    stored = ModelMetadata.from_json(ort.InferenceSession(str(tmp_path / "m.onnx")).get_modelmeta().custom_metadata_map["edgemeta"])
+    assert stored.backbone == name and stored.fingerprint == load_checkpoint(tmp_path / "m.safetensors").fingerprint
+    assert stored.verification["episodes"]["count"] == 10 and stored.verification["passed"] is True
+
+
+@pytest.mark.parametrize("batch", [1, 5, 64])
+@pytest.mark.parametrize("n_classes", [0, 1, 40])
+def test_dynamic_batch_and_any_number_of_prototypes(tiny_onnx, batch, n_classes):
+    path, model, _ = tiny_onnx
+    session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    rng = np.random.default_rng(batch * 100 + n_classes)
+    x = rng.standard_normal((batch, 1, 28, 28)).astype(np.float32)
+    p = rng.standard_normal((n_classes, model.embedding_dim)).astype(np.float32)
+    emb, logits = session.run(["embeddings", "logits"], {"images": x, "prototypes": p})
+    with torch.no_grad():
+        te, tl = model(torch.from_numpy(x), torch.from_numpy(p))
+    assert emb.shape == (batch, model.embedding_dim) and logits.shape == (batch, n_classes)
+    np.testing.assert_allclose(emb, te.numpy(), rtol=1e-4, atol=1e-5)
+    np.testing.assert_allclose(logits, tl.numpy(), rtol=1e-4, atol=1e-4)
+
+
+def test_metadata_round_trip_through_onnxruntime(tiny_onnx):
+    path, model, ck = tiny_onnx
+    raw = ort.InferenceSession(str(path)).get_modelmeta().custom_metadata_map["edgemeta"]
+    meta = ModelMetadata.from_json(raw)
+    assert meta == ModelMetadata.from_json(meta.to_json())
+    assert (meta.fingerprint, meta.source_checkpoint_sha256) == (ck.fingerprint, ck.sha256)
+    assert meta.preprocess == ck.spec.preprocess and meta.embedding_dim == model.embedding_dim
+    assert (meta.metric, meta.normalization, meta.precision, meta.opset) == (Metric.COSINE, Normalization.L2, Precision.FP32, 18)
+    assert meta.extra["exporter"] == "dynamo" and "fallback_reason" not in meta.extra
+
+
+def test_graph_is_portable_to_older_onnxruntime(tiny_onnx):
+    """Opset 18 at IR version 8 (ONNX Runtime 1.17 reads IR <= 9), no IR-10 node metadata, checker-clean."""
+    model = onnx.load(str(tiny_onnx[0]))
+    assert model.ir_version == 8 and [(o.domain, o.version) for o in model.opset_import] == [("", 18)]
+    assert not any(n.metadata_props for n in model.graph.node) and not model.graph.metadata_props
+    onnx.checker.check_model(model, full_check=True)
+    ops = {n.op_type for n in model.graph.node}
+    assert "BatchNormalization" not in ops and "Conv" in ops  # folded into the convolutions
+
+
+def test_normalization_epsilon_survives_graph_optimization(tmp_path):
+    """An all-zero embedding stays finite: the 1e-12 that onnxscript's `x + 0` rule would delete is kept."""
+
+    class Zero(nn.Module):
+        def forward(self, x):
+            return torch.flatten(x, 1)[:, :4] * 0.0
+
+    net = WrappedExtractor(Zero(), Metric.COSINE, Normalization.L2)
+    meta = ModelMetadata(omniglot_spec(28), 4, Metric.COSINE, Normalization.L2, "zero")
+    path = export(net, tmp_path / "zero.onnx", meta).path
+    emb, logits = ort.InferenceSession(str(path)).run(None, {"images": np.ones((2, 1, 28, 28), np.float32), "prototypes": np.ones((3, 4), np.float32)})
+    assert np.isfinite(emb).all() and np.isfinite(logits).all() and not emb.any()
+
+
+def test_plain_feature_extractor_gets_metric_in_the_graph(tmp_path, omniglot_novel):
+    extractor = nn.Sequential(nn.Conv2d(1, 8, 3, padding=1), nn.ReLU(), nn.AdaptiveAvgPool2d(2), nn.Flatten())
+    with pytest.raises(ExportError, match="forward takes images only.*wrap a plain feature extractor in WrappedExtractor"):
+        export(extractor, tmp_path / "bare.onnx", ModelMetadata(omniglot_spec(28), 32, Metric.SQEUCLIDEAN, Normalization.NONE, "x"))
+    net = WrappedExtractor(extractor, Metric.SQEUCLIDEAN, Normalization.L2)
+    path = export(net, tmp_path / "wrapped.onnx", ModelMetadata(omniglot_spec(28), 32, Metric.SQEUCLIDEAN, Normalization.L2, "x")).path
+    report = verify(path, net, omniglot_novel, FAST)
+    assert report.passed and report.episodes["agreement"] == 1.0
+    assert not (tmp_path / "bare.onnx").exists() and leftovers(tmp_path) == []
+
+
+def test_forward_may_name_its_arguments_freely(tmp_path):
+    class Named(nn.Module):
+        def forward(self, x, protos):
+            z = torch.flatten(nn.functional.avg_pool2d(x, 7), 1)
+            return z, z @ protos.t()
+
+    result = export(Named(), tmp_path / "named.onnx", ModelMetadata(omniglot_spec(28), 16, Metric.SQEUCLIDEAN, Normalization.NONE, "n"))
+    assert result.exporter == "dynamo" and result.fallback_reason == ""
+    assert [i["name"] for i in inspect(result.path)["inputs"]] == ["images", "prototypes"]
+
+
+class DataDependent(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(1, 4, 3)
+
+    def forward(self, images, prototypes):
+        z = torch.flatten(self.conv(images), 1)[:, :8]
+        if z.sum() > 0:  # the graph would depend on the data
+            z = z * 2
+        return z, z @ prototypes.t()
+
+
+def test_untraceable_model_is_one_clear_error_and_no_file(tmp_path):
+    meta = ModelMetadata(omniglot_spec(28), 8, Metric.SQEUCLIDEAN, Normalization.NONE, "dd")
+    with pytest.raises(ExportError, match=r"does not trace: data-dependent control flow at test_export.py:\d+ \(`if z.sum\(\) > 0:.*`\)"):
+        export(DataDependent(), tmp_path / "dd.onnx", meta)
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_torchscript_fallback_is_reported(tmp_path, monkeypatch):
+    def broken(*args, **kwargs):
+        raise RuntimeError("no ONNX function for aten::frobnicate")
+
+    monkeypatch.setattr(convert, "_export_dynamo", broken)
+    model = tiny_model("conv4")
+    result = export(model, tmp_path / "ts.onnx", ModelMetadata(omniglot_spec(28), model.embedding_dim, Metric.SQEUCLIDEAN, Normalization.NONE, "ts"))
+    assert result.exporter == "torchscript" and "aten::frobnicate" in result.fallback_reason
+    assert result.metadata.extra["fallback_reason"] == result.fallback_reason
+    emb, logits = ort.InferenceSession(str(result.path)).run(None, {"images": np.zeros((3, 1, 28, 28), np.float32), "prototypes": np.zeros((0, model.embedding_dim), np.float32)})
+    assert emb.shape == (3, model.embedding_dim) and logits.shape == (3, 0)
+
+
+def test_offline_optimization_keeps_the_contract(tmp_path, omniglot_novel, calib):
+    model = tiny_model("edgenet", calibration=calib)
+    meta = ModelMetadata(omniglot_spec(28), model.embedding_dim, Metric.SQEUCLIDEAN, Normalization.CENTERED_L2, "opt")
+    result = export(model, tmp_path / "opt.onnx", meta, ExportSpec(optimize=True))
+    proto = onnx.load(str(result.path))
+    assert result.metadata.extra["optimized"] is True and proto.ir_version <= 9
+    assert {o.domain for o in proto.opset_import} == {""}  # basic level: standard operators only
+    assert verify(result.path, model, omniglot_novel, FAST).passed
+
+
+@pytest.mark.parametrize("make_bad", ["missing folder", "parent is a file", "output is a folder"])
+def test_unwritable_output_is_an_export_error_before_any_work(tmp_path, make_bad):
+    (tmp_path / "file.txt").write_text("x")
+    target = {"missing folder": tmp_path / "nope" / "m.onnx", "parent is a file": tmp_path / "file.txt" / "m.onnx", "output is a folder": tmp_path}[make_bad]
+    message = {"missing folder": "does not exist", "parent is a file": "does not exist", "output is a folder": "is a folder"}[make_bad]
+    model = tiny_model("conv4")
+    with pytest.raises(ExportError, match=message):
+        export(model, target, ModelMetadata(omniglot_spec(28), model.embedding_dim, Metric.SQEUCLIDEAN, Normalization.NONE, "w"))
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["file.txt"]
+
+
+def test_failed_verification_names_every_failed_check(tiny_onnx, omniglot_novel, calib):
+    path, _, _ = tiny_onnx
+    other = tiny_model("conv4", seed=7, metric=Metric.COSINE, norm=Normalization.L2, calibration=calib)
+    with pytest.raises(VerificationError) as info:
+        verify(path, other, omniglot_novel, FAST)
+    message = str(info.value)
+    assert message.startswith("verification of tiny.onnx (fp32) failed")
+    for check in ("embeddings error", "logits error", "prediction agreement"):
+        assert check in message
+    assert "limit 1e-04" in message and "make sure the model is in eval mode" in message
+    failed = {c.name for c in info.value.report.failures}
+    assert {"embeddings error", "logits error"} <= failed and "output shapes" not in failed
+
+
+def test_inspect_with_and_without_the_onnx_package(tiny_onnx, monkeypatch):
+    path = tiny_onnx[0]
+    full = inspect(path)
+    assert full["precision"] == "fp32" and full["opset"] == {"ai.onnx": 18} and full["ir_version"] == 8
+    assert full["operators"]["Conv"] == 4 and full["parameters"] > 1000 and full["notes"] == []
+    assert [i["shape"] for i in full["inputs"]] == [["batch", 1, 28, 28], ["n_classes", full["metadata"]["embedding_dim"]]]
+    monkeypatch.setitem(sys.modules, "onnx", None)  # as on a device: import onnx fails
+    lite = inspect(path)
+    assert lite["operators"] is None and lite["parameters"] is None and "pip install onnx" in lite["notes"][0]
+    assert lite["inputs"] == full["inputs"] and lite["metadata"] == full["metadata"] and lite["precision"] == "fp32"
+
+
+def test_ort_format_loads_and_keeps_metadata(tiny_onnx, tmp_path):
+    src = tmp_path / "m.onnx"
+    src.write_bytes(Path(tiny_onnx[0]).read_bytes())
+    dst = to_ort_format(src)
+    assert dst == tmp_path / "m.ort" and sorted(p.name for p in tmp_path.iterdir()) == ["m.onnx", "m.ort"]
+    info = inspect(dst)
+    assert info["format"] == "ort" and info["metadata"]["fingerprint"] == tiny_onnx[2].fingerprint
+
+
+@pytest.mark.skipif(not os.environ.get("EDGEMETA_LITE_PYTHON"), reason="set EDGEMETA_LITE_PYTHON to a runtime-only venv")
+def test_inspect_in_a_runtime_only_environment(tiny_onnx):
+    script = textwrap.dedent(
+        """
+        import json, sys
+        from edgemeta.exporters.inspect import inspect
+        info = inspect(sys.argv[1])
+        assert "torch" not in sys.modules and "onnx" not in sys.modules
+        print(json.dumps(info))
+        """
+    )
+    r = subprocess.run([os.environ["EDGEMETA_LITE_PYTHON"], "-c", script, str(tiny_onnx[0])], capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0, r.stderr[-2000:]
+    info = json.loads(r.stdout)
+    assert info["metadata"]["fingerprint"] == tiny_onnx[2].fingerprint and "pip install onnx" in info["notes"][0]

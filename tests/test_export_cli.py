@@ -1,0 +1,187 @@
+"""``edgemeta export | verify | quantize | inspect``: results, and one clear line for bad input (issue: ONNX exporters)."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import textwrap
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import save_file
+from typer.testing import CliRunner
+
+from edgemeta.checkpoint import file_sha256, save_checkpoint
+from edgemeta.cli import app
+from edgemeta.data import omniglot_spec
+from edgemeta.exporters import inspect
+from edgemeta.model import FewShotModel, ModelSpec
+
+runner = CliRunner()
+
+USER_MODULES = {
+    "usernet_ok.py": """
+        from torch import nn
+
+        def build():
+            return nn.Sequential(nn.Conv2d(1, 8, 3, padding=1), nn.BatchNorm2d(8), nn.ReLU(), nn.AdaptiveAvgPool2d(2), nn.Flatten())
+        """,
+    "usernet_dd.py": """
+        import torch
+        from torch import nn
+
+        class DataDependent(nn.Module):
+            embedding_dim = 16
+
+            def forward(self, images, prototypes):
+                z = torch.flatten(nn.functional.avg_pool2d(images, 7), 1)
+                if z.mean() > 0:
+                    z = -z
+                return z, z @ prototypes.t()
+        """,
+    "usernet_noisy.py": """
+        import torch
+        from torch import nn
+
+        class Noisy(nn.Module):
+            def forward(self, images):
+                z = torch.flatten(nn.functional.avg_pool2d(images, 7), 1)
+                return z + torch.rand_like(z)  # differs on every run: verification must catch it
+        """,
+}
+MODULE_ARGS = ["--size", "28", "--channels", "1", "--mean", "0.9211", "--std", "0.2166"]
+
+
+@pytest.fixture
+def workdir(tmp_path, monkeypatch, export_env):
+    """A folder holding the user modules (importable from the current folder) and a junk file."""
+    for name, code in USER_MODULES.items():
+        (tmp_path / name).write_text(textwrap.dedent(code))
+    (tmp_path / "junk.safetensors").write_bytes(b"this is not a checkpoint, nor any safetensors file")
+    monkeypatch.chdir(tmp_path)
+    return tmp_path
+
+
+def run(*args) -> object:
+    return runner.invoke(app, [str(a) for a in args])
+
+
+def assert_one_line_error(r, message: str) -> None:
+    assert r.exit_code == 1, r.output
+    assert message in r.output, r.output
+    assert "Traceback" not in r.output
+    lines = r.output.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: "), r.output
+
+
+def files(folder: Path) -> list[str]:
+    return sorted(p.name for p in folder.iterdir() if p.name != "__pycache__")
+
+
+BEFORE = ["junk.safetensors", *sorted(USER_MODULES)]
+
+
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (["export", "junk.safetensors", "-o", "m.onnx"], "junk.safetensors is not an edgemeta checkpoint"),
+        (["export", "-o", "m.onnx"], "give a checkpoint to export, or --module package.module:factory"),
+        (["export", "--module", "nosuch_pkg.nets:build", *MODULE_ARGS, "-o", "m.onnx"], "cannot import 'nosuch_pkg.nets' (ModuleNotFoundError"),
+        (["export", "--module", "usernet_ok:nothing", *MODULE_ARGS, "-o", "m.onnx"], "module 'usernet_ok' has no attribute 'nothing'"),
+        (["export", "--module", "usernet_ok", *MODULE_ARGS, "-o", "m.onnx"], "must look like package.module:factory"),
+        (["export", "--module", "usernet_ok:build", "-o", "m.onnx"], "--module needs the input size: pass --size"),
+        (["export", "--module", "usernet_ok:build", "--weights", "junk.safetensors", *MODULE_ARGS, "-o", "m.onnx"], "junk.safetensors is not a safetensors file"),
+        (["export", "--module", "usernet_ok:build", *MODULE_ARGS, "-o", "m.onnx"], "no verification data: the checkpoint records none; pass --data"),
+        (["export", "--module", "usernet_dd:DataDependent", *MODULE_ARGS, "--data", "omniglot", "-o", "m.onnx"],
+         "the model does not trace: data-dependent control flow at usernet_dd.py:10 (`if z.mean() > 0:`)"),
+        (["export", "--module", "usernet_ok:build", *MODULE_ARGS, "--data", "omniglot", "-o", "missing/m.onnx"], "output folder missing does not exist"),
+        (["export", "--module", "usernet_ok:build", *MODULE_ARGS, "--data", "omniglot", "-o", "junk.safetensors/m.onnx"], "does not exist"),
+        (["export", "--module", "usernet_ok:build", *MODULE_ARGS, "--opset", "12", "-o", "m.onnx"], "opset 12 is not supported; choose 17.."),
+        (["inspect", "junk.safetensors"], "junk.safetensors is not a readable ONNX model"),
+        (["inspect", "nothing.onnx"], "model file not found: nothing.onnx"),
+    ],
+)
+def test_bad_input_is_one_line_exit_1_and_leaves_no_file(workdir, args, message):
+    assert_one_line_error(run(*args), message)
+    assert files(workdir) == BEFORE
+
+
+def test_failed_verification_is_one_line_and_writes_nothing(workdir):
+    r = run("export", "--module", "usernet_noisy:Noisy", *MODULE_ARGS, "--data", "omniglot", "--episodes", "5", "-o", "m.onnx")
+    assert_one_line_error(r, "verification of m.onnx (fp32) failed")
+    assert "embeddings error: max relative error" in r.output and "make sure the model is in eval mode" in r.output
+    assert files(workdir) == BEFORE
+
+
+def test_weights_that_do_not_fit_name_the_keys(workdir):
+    save_file({"0.weight": torch.zeros(3, 1, 3, 3)}, str(workdir / "w.safetensors"))
+    r = run("export", "--module", "usernet_ok:build", "--weights", "w.safetensors", *MODULE_ARGS, "--data", "omniglot", "-o", "m.onnx")
+    assert_one_line_error(r, "w.safetensors does not fit the module")
+    assert "Missing key(s)" in r.output
+
+
+def test_export_verify_inspect_a_checkpoint(workdir, trained_conv4):
+    r = run("export", trained_conv4, "-o", "m.onnx", "--episodes", "20", "--json")
+    assert r.exit_code == 0, r.output
+    result = json.loads(r.stdout)
+    assert result["precision"] == "fp32" and result["opset"] == 18 and result["export"]["exporter"] == "dynamo"
+    assert result["verification"]["passed"] and result["verification"]["episodes"]["count"] == 20
+    assert inspect("m.onnx")["verification"]["episodes"]["count"] == 20
+
+    r = run("verify", "m.onnx", "--checkpoint", trained_conv4, "--episodes", "30", "--json")
+    assert r.exit_code == 0, r.output
+    assert json.loads(r.stdout)["episodes"]["agreement"] == 1.0
+    assert inspect("m.onnx")["verification"]["episodes"]["count"] == 30  # the new figures are stored
+
+    r = run("inspect", "m.onnx")
+    assert r.exit_code == 0, r.output
+    for text in ("precision", "fp32", "ai.onnx 18 / 8", "n_classes", "verification", "operators", "Conv"):
+        assert text in r.stdout
+    assert files(workdir) == sorted([*BEFORE, "m.onnx"])
+
+
+def test_verify_refuses_another_models_checkpoint(workdir, trained_conv4_onnx):
+    save_checkpoint(workdir / "other.safetensors", FewShotModel(ModelSpec("conv4", omniglot_spec(28), {"channels": 8})))
+    shutil.copy(trained_conv4_onnx, workdir / "m.onnx")
+    before = (workdir / "m.onnx").read_bytes()
+    r = run("verify", "m.onnx", "--checkpoint", "other.safetensors")
+    assert_one_line_error(r, "m.onnx was exported from model")
+    assert "pass the checkpoint the model was exported from" in r.output
+    assert (workdir / "m.onnx").read_bytes() == before
+
+
+def test_export_int8_with_ort_format(workdir, trained_conv4):
+    r = run("export", trained_conv4, "-o", "m.int8.onnx", "--precision", "int8", "--ort", "--episodes", "20", "--calibration-images", "64", "--json")
+    assert r.exit_code == 0, r.output
+    result = json.loads(r.stdout)
+    assert result["precision"] == "int8" and result["ort_path"] == "m.int8.ort"
+    assert result["verification"]["passed"] and result["verification"]["episodes"]["agreement"] >= 0.9
+    info = inspect("m.int8.ort")
+    assert info["format"] == "ort" and info["precision"] == "int8" and info["metadata"]["extra"]["calibration"]["dataset"] == "omniglot-background"
+    assert files(workdir) == sorted([*BEFORE, "m.int8.onnx", "m.int8.ort"])
+
+
+def test_quantize_an_exported_model(workdir, trained_conv4, trained_conv4_onnx):
+    shutil.copy(trained_conv4_onnx, workdir / "m.onnx")
+    r = run("quantize", "m.onnx", "--checkpoint", trained_conv4, "-o", "m.int8.onnx", "--episodes", "20", "--calibration-images", "64", "--json")
+    assert r.exit_code == 0, r.output
+    result = json.loads(r.stdout)
+    assert result["precision"] == "int8" and result["verification"]["passed"]
+    assert inspect("m.int8.onnx")["metadata"]["fingerprint"] == inspect("m.onnx")["metadata"]["fingerprint"]
+    r = run("quantize", "m.int8.onnx", "--checkpoint", trained_conv4, "-o", "again.onnx")
+    assert_one_line_error(r, "m.int8.onnx is already int8; convert the fp32 model instead")
+    assert files(workdir) == sorted([*BEFORE, "m.int8.onnx", "m.onnx"])
+
+
+def test_export_a_user_module_by_reference(workdir):
+    from usernet_ok import build
+
+    save_file(build().state_dict(), str(workdir / "w.safetensors"))
+    r = run("export", "--module", "usernet_ok:build", "--weights", "w.safetensors", *MODULE_ARGS, "--metric", "cosine",
+            "--normalization", "l2", "--data", "omniglot", "--episodes", "10", "--json", "-o", "user.onnx")
+    assert r.exit_code == 0, r.output
+    meta = inspect("user.onnx")["metadata"]
+    assert meta["backbone"] == "usernet_ok:build" and meta["extra"]["source"] == "extractor"
+    assert (meta["metric"], meta["normalization"], meta["embedding_dim"]) == ("cosine", "l2", 32)
+    assert meta["source_checkpoint_sha256"] == file_sha256(workdir / "w.safetensors") and meta["verification"]["passed"]

@@ -1,0 +1,148 @@
+"""fp16 and int8 variants: valid graphs, float32 interface and metric, agreement with torch (issue: ONNX exporters)."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import textwrap
+from pathlib import Path
+
+import numpy as np
+import onnx
+import onnxruntime as ort
+import pytest
+
+from edgemeta.checkpoint import load_checkpoint
+from edgemeta.data import omniglot_spec
+from edgemeta.errors import InputError
+from edgemeta.exporters import VerifySpec, convert_fp16, quantize_int8, to_fp16, verify
+from edgemeta.exporters.data import base_images, novel_images
+from edgemeta.exporters.graph import float_nodes, name_nodes
+from edgemeta.exporters.quantize import QuantizeSpec
+from edgemeta.runtime.spec import ModelMetadata, Precision
+
+EPISODES = VerifySpec(batch_sizes=(1, 7, 64), prototype_counts=(0, 1, 20), episodes=60)
+
+
+def meta_of(path: Path) -> ModelMetadata:
+    return ModelMetadata.from_json(ort.InferenceSession(str(path)).get_modelmeta().custom_metadata_map["edgemeta"])
+
+
+def io_types(path: Path) -> list[str]:
+    s = ort.InferenceSession(str(path))
+    return [a.type for a in [*s.get_inputs(), *s.get_outputs()]]
+
+
+@pytest.fixture(scope="module")
+def fp16_model(trained_conv4_onnx, tmp_path_factory) -> Path:
+    return to_fp16(trained_conv4_onnx, tmp_path_factory.mktemp("fp16") / "conv4.fp16.onnx")
+
+
+@pytest.fixture(scope="module")
+def background(export_env):
+    """What int8 calibration reads for an Omniglot model: the background (training) alphabets."""
+    return base_images("omniglot", omniglot_spec(28))
+
+
+@pytest.fixture(scope="module")
+def int8_model(trained_conv4_onnx, background, tmp_path_factory) -> Path:
+    return quantize_int8(trained_conv4_onnx, tmp_path_factory.mktemp("int8") / "conv4.int8.onnx", background, QuantizeSpec(calibration_images=128))
+
+
+def test_calibration_uses_base_classes_only(background, omniglot_novel):
+    assert background.name == "omniglot-background" and omniglot_novel.name == "omniglot-evaluation"
+    assert not set(background.classes) & set(novel_images("omniglot", background.spec).classes)
+    with pytest.raises(InputError, match="int8 calibration needs images of the training classes.*--calibration-data"):
+        base_images("digits", background.spec)
+
+
+def test_fp16_keeps_float32_interface_and_metric(fp16_model, trained_conv4_onnx):
+    model = onnx.load(str(fp16_model))
+    onnx.checker.check_model(model, full_check=True)
+    assert io_types(fp16_model) == ["tensor(float)"] * 4
+    convs = [n for n in model.graph.node if n.op_type == "Conv"]
+    inits = {t.name: t.data_type for t in model.graph.initializer}
+    assert convs and all(inits[n.input[1]] == onnx.TensorProto.FLOAT16 for n in convs)
+    matmul = next(n for n in model.graph.node if n.op_type == "MatMul")  # the metric's z.p
+    typed = {v.name: v.type.tensor_type.elem_type for v in onnx.shape_inference.infer_shapes(model).graph.value_info}
+    assert typed[matmul.output[0]] == onnx.TensorProto.FLOAT
+    meta, source = meta_of(fp16_model), meta_of(trained_conv4_onnx)
+    assert meta.precision is Precision.FP16 and meta.fingerprint == source.fingerprint and meta.verification == {}
+    assert model.ir_version == 8
+
+
+def test_fp16_predictions_agree_with_torch(fp16_model, trained_conv4, omniglot_novel):
+    report = verify(fp16_model, load_checkpoint(trained_conv4).model, omniglot_novel, EPISODES)
+    ep = report.episodes
+    assert report.precision is Precision.FP16 and ep["agreement"] >= 0.98
+    assert abs(ep["accuracy_difference"]) <= 0.01 and ep["torch_accuracy"] > 0.5
+    assert 1e-6 < report.summary()["embeddings_max_rel_error"] < 2e-2  # really fp16, and close
+
+
+def test_int8_is_qdq_with_a_float_metric(int8_model, trained_conv4_onnx):
+    model = onnx.load(str(int8_model))
+    onnx.checker.check_model(model, full_check=True)
+    ops = [n.op_type for n in model.graph.node]
+    assert ops.count("QuantizeLinear") >= 4 and ops.count("DequantizeLinear") >= 8
+    assert io_types(int8_model) == ["tensor(float)"] * 4
+    producers = {o: n for n in model.graph.node for o in n.output}
+    matmul = next(n for n in model.graph.node if n.op_type == "MatMul")
+    assert producers[matmul.input[1]].op_type == "Transpose"  # prototypes reach the metric unquantized
+    assert not any(n.op_type == "QuantizeLinear" and n.input[0] in ("prototypes", "logits") for n in model.graph.node)
+    meta = meta_of(int8_model)
+    assert meta.precision is Precision.INT8 and meta.fingerprint == meta_of(trained_conv4_onnx).fingerprint
+    assert meta.extra["calibration"] == {"dataset": "omniglot-background", "images": 128, "method": "MinMax", "per_channel": True, "seed": 0}
+    assert model.ir_version == 8 and {o.domain for o in model.opset_import} == {""}
+
+
+def test_int8_predictions_agree_and_accuracy_holds(int8_model, trained_conv4, omniglot_novel):
+    report = verify(int8_model, load_checkpoint(trained_conv4).model, omniglot_novel, EPISODES)
+    ep = report.episodes
+    assert ep["agreement"] >= 0.9 and ep["accuracy_difference"] > -0.03 and ep["torch_accuracy"] > 0.5
+    assert report.summary()["embeddings_max_rel_error"] > 1e-3  # it is quantized
+
+
+def test_reduced_precision_needs_the_fp32_model(fp16_model, background, tmp_path):
+    with pytest.raises(InputError, match="already fp16; convert the fp32 model instead"):
+        quantize_int8(fp16_model, tmp_path / "x.onnx", background)
+    with pytest.raises(InputError, match="already fp16"):
+        to_fp16(fp16_model, tmp_path / "y.onnx")
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_graph_split_and_fp16_conversion_on_a_handmade_graph(make_onnx_model, tmp_path):
+    """float_nodes keeps the metric and the L2 normalization in float; the backbone goes fp16."""
+    model = onnx.load(str(make_onnx_model(normalization="l2", fingerprint="split")))
+    name_nodes(model)
+    keep = float_nodes(model)
+    ops = {n.name: n.op_type for n in model.graph.node}
+    backbone = {name for name in ops if name not in keep}
+    assert sorted(ops[n] for n in backbone) == ["Add", "Flatten", "MatMul", "MatMul", "Tanh"]
+    assert {"Div", "Sqrt", "Transpose"} <= {ops[n] for n in keep}
+    half = convert_fp16(model, keep)
+    onnx.checker.check_model(half, full_check=True)
+    path = tmp_path / "half.onnx"
+    path.write_bytes(half.SerializeToString())
+    rng = np.random.default_rng(0)
+    feed = {"images": rng.random((3, 1, 16, 16), np.float32), "prototypes": rng.standard_normal((4, 16)).astype(np.float32)}
+    ref = ort.InferenceSession(model.SerializeToString()).run(None, feed)
+    got = ort.InferenceSession(str(path)).run(None, feed)
+    assert got[0].dtype == np.float32 and np.abs(got[0] - ref[0]).max() < 5e-3 and np.abs(got[1] - ref[1]).max() < 2e-2
+
+
+@pytest.mark.skipif(not os.environ.get("EDGEMETA_OLD_ORT_PYTHON"), reason="set EDGEMETA_OLD_ORT_PYTHON to a Python with onnxruntime 1.17")
+def test_all_precisions_load_in_the_oldest_supported_onnxruntime(trained_conv4_onnx, fp16_model, int8_model):
+    script = textwrap.dedent(
+        """
+        import sys, numpy as np, onnxruntime as ort
+        for path in sys.argv[1:]:
+            s = ort.InferenceSession(path, providers=["CPUExecutionProvider"])
+            e, l = s.run(None, {"images": np.zeros((2, 1, 28, 28), np.float32), "prototypes": np.zeros((0, 64), np.float32)})
+            assert e.shape == (2, 64) and l.shape == (2, 0)
+        print("loaded", ort.__version__)
+        """
+    )
+    paths = [str(p) for p in (trained_conv4_onnx, fp16_model, int8_model)]
+    r = subprocess.run([os.environ["EDGEMETA_OLD_ORT_PYTHON"], "-c", script, *paths], capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert r.stdout.startswith("loaded 1.17")
