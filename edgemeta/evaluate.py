@@ -197,3 +197,30 @@ def run_evaluation(
     if data.spec != ck.spec.preprocess:
         raise InputError(f"{data.name} was loaded at {data.spec.size}, the model expects {ck.spec.preprocess.size}")
     return [evaluate(ck.model, data, n, k, q_query, episodes, seed) for n in n_ways for k in k_shots]
+
+
+@torch.inference_mode()
+def open_set_threshold(model: FewShotModel, data: ImageSet, k_shot: int = 5, episodes: int = 200, percentile: float = 95.0, seed: int = 0) -> float:
+    """A default open-set distance threshold, from held-out (never test) classes.
+
+    In ``episodes`` 5-way ``k_shot``-shot episodes, each query's distance to its own
+    class prototype is measured; the threshold is the ``percentile``-th of those, so
+    about ``100 - percentile`` % of genuine queries of unseen classes would be called
+    unknown. The distance is ``-logit`` for squared euclidean and ``1 - cos`` for cosine,
+    as the runtime reads it.
+    """
+    q = max(1, min(5, int(np.bincount(data.labels).min()) - k_shot))
+    sampler = EpisodeSampler(data.labels, min(5, data.num_classes), k_shot, q, seed, data.name)
+    emb = embed_images(model, data.images)
+    dists = []
+    for ep in sampler(episodes):
+        s = emb[torch.from_numpy(ep.support)]
+        protos = s.view(sampler.n_way, k_shot, -1).mean(1)
+        logits = model.logits(emb[torch.from_numpy(ep.query)], protos)
+        own = logits[torch.arange(len(ep.query)), torch.from_numpy(ep.query_labels)]
+        if model.spec.metric.value == "cosine":
+            own = own / torch.exp(model.log_scale)
+            dists.append((1.0 - own).numpy())
+        else:
+            dists.append((-own).numpy())
+    return float(np.percentile(np.concatenate(dists), percentile))

@@ -30,7 +30,7 @@ from edgemeta.checkpoint import load_checkpoint, save_checkpoint
 from edgemeta.data import ImageSet, load_dataset, omniglot_spec
 from edgemeta.episodes import EpisodeSampler
 from edgemeta.errors import CheckpointError, InputError
-from edgemeta.evaluate import EvalReport, embed_images, evaluate, to_tensor
+from edgemeta.evaluate import evaluate, open_set_threshold, to_tensor
 from edgemeta.model import FewShotModel, ModelSpec
 from edgemeta.runtime.spec import Metric, Normalization, PreprocessSpec
 
@@ -217,7 +217,10 @@ class _Trainer:
         if self.best_state is not None:
             final.load_state_dict(self.best_state)
         final.eval()
-        return save_checkpoint(self.out, final.to(memory_format=torch.contiguous_format), self.info())
+        info = self.info()
+        # the runtime's default "unknown" threshold, from held-out classes
+        info["open_set_threshold"] = open_set_threshold(final, self.val_set, k_shot=min(5, int(np.bincount(self.val_set.labels).min()) - 1))
+        return save_checkpoint(self.out, final.to(memory_format=torch.contiguous_format), info)
 
     # -- stages --------------------------------------------------------
     def pretrain(self, progress) -> None:

@@ -121,8 +121,17 @@ def metadata_for_checkpoint(ck: Checkpoint) -> ModelMetadata:
         backbone=ck.spec.backbone,
         source_checkpoint_sha256=ck.sha256,
         producer=f"edgemeta {__version__}",
-        extra={"train_data": (ck.info.get("train_data") or {}).get("name", ""), "dataset": recorded_dataset(ck.info) or ""},
+        extra=_extra(ck),
     )
+
+
+def _extra(ck: Checkpoint) -> dict[str, Any]:
+    extra: dict[str, Any] = {"train_data": (ck.info.get("train_data") or {}).get("name", ""), "dataset": recorded_dataset(ck.info) or ""}
+    if ck.spec.metric is Metric.COSINE:
+        extra["logit_scale"] = float(ck.model.log_scale.exp())
+    if isinstance(ck.info.get("open_set_threshold"), (int, float)):
+        extra["open_set_threshold"] = float(ck.info["open_set_threshold"])
+    return extra
 
 
 def _reduce(fp32: Path, dst: Path, options: ExportOptions, meta: ModelMetadata, dataset: str | None) -> Path:

@@ -139,6 +139,8 @@ def test_centered_l2_stores_the_base_mean(tmp_path):
                       n_way=5, k_shot=1, q_query=2, episodes=3, val_every=3, val_episodes=3, threads=1)
     ck = load_checkpoint(train(cfg, progress=False).checkpoint)
     assert ck.model.center.abs().sum() > 0 and ck.spec.normalization is Normalization.CENTERED_L2
+    # the default open-set threshold: a cosine distance, measured on held-out classes
+    assert 0.0 < ck.info["open_set_threshold"] < 2.0
 
 
 def test_episodes_file_evaluation_matches_direct_classification(tmp_path):
