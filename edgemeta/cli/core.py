@@ -114,3 +114,23 @@ def episodes_cmd(
 
     count = make_episodes_file(folder, output, n_way, k_shot, queries, episodes, seed)
     console.print(f"wrote {count} episodes to {output}")
+
+
+@command("quickstart")
+def quickstart_cmd(
+    out_dir: Path = typer.Option(Path("runs/quickstart"), "--out", "-o", help="Where the models, stores and reports go."),
+    data_dir: Optional[Path] = typer.Option(None, help=DATA_DIR_HELP),
+    classes: int = typer.Option(20, help="Novel Omniglot classes to enrol on the device."),
+    shots: int = typer.Option(5, help="Images per enrolled class."),
+    json_out: bool = typer.Option(False, "--json", help="Print the summary as JSON."),
+) -> None:
+    """The whole path on the embedded model: export (fp32, int8) + verify, enrol novel classes, predict, benchmark."""
+    from edgemeta.quickstart import QuickstartConfig, quickstart, summary_lines
+
+    cfg = QuickstartConfig(out=str(out_dir), data_dir=str(data_dir) if data_dir else None, n_classes=classes, shots=shots)
+    summary = quickstart(cfg, progress=None if json_out else (lambda msg: console.print(f"[bold]>[/bold] {msg}")))
+    if json_out:
+        emit_json(summary)
+    else:
+        for line in summary_lines(summary):
+            out.print(line)
