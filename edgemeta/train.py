@@ -27,7 +27,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from edgemeta.checkpoint import load_checkpoint, save_checkpoint
-from edgemeta.data import ImageSet, load_dataset, omniglot_spec
+from edgemeta.data import ImageSet, load_dataset, omniglot_spec, omniglot_splits
 from edgemeta.episodes import EpisodeSampler
 from edgemeta.errors import CheckpointError, InputError
 from edgemeta.evaluate import evaluate, open_set_threshold, to_tensor
@@ -46,12 +46,15 @@ class TrainConfig:
     data_dir: str | None = None
     backbone: str = "conv4"
     size: int | None = None  # default: 28 for Omniglot, 64 for Tiny-ImageNet
+    val_alphabets: int = 3  # Omniglot: background alphabets held out for validation
     metric: Metric = Metric.SQEUCLIDEAN
     normalization: Normalization = Normalization.NONE
     # episodic stage
     n_way: int = 60
     k_shot: int = 5
     q_query: int = 5
+    # cycle through these shot counts episode by episode (e.g. (1, 5)); empty: always k_shot
+    mixed_shots: tuple[int, ...] = ()
     episodes: int = 5000
     lr: float = 1e-3
     schedule: str = "step"  # step | cosine
@@ -71,6 +74,9 @@ class TrainConfig:
     seed: int = 0
     threads: int | None = None
     channels_last: bool = True
+    # bfloat16 autocast for the forward pass (weights stay float32): much faster on CPUs
+    # with AMX or AVX-512 BF16 and on recent GPUs; evaluation always runs in float32
+    bf16: bool = False
     max_minutes: float | None = None
     log_every: int = 25
 
@@ -83,6 +89,8 @@ class TrainConfig:
                 problems.append(f"{name}={getattr(self, name)} (must be >= 1)")
         if self.n_way < 2 or self.val_n_way < 2:
             problems.append("n-way must be >= 2")
+        if any(k < 1 for k in self.mixed_shots):
+            problems.append(f"mixed shots must be >= 1, got {self.mixed_shots}")
         if self.episodes < 0 or self.pretrain_epochs < 0:
             problems.append("episodes and pretrain epochs must be >= 0")
         if self.episodes == 0 and self.pretrain_epochs == 0:
@@ -151,6 +159,7 @@ class _Trainer:
         self.episode_seconds, self.episodes_done = 0.0, 0
         mf = torch.channels_last if cfg.channels_last else torch.contiguous_format
         self.memory_format = mf
+        self.device_type = "cpu"
         self.model.to(memory_format=mf)
 
     # -- logging -------------------------------------------------------
@@ -242,7 +251,8 @@ class _Trainer:
                     g["lr"] = 0.5 * cfg.pretrain_lr * (1 + math.cos(math.pi * it / total))
                 idx = np.sort(order[b * cfg.batch_size : (b + 1) * cfg.batch_size])
                 y = torch.from_numpy(ds.labels[idx])
-                logits = head(self.model.backbone(self.batch(idx, gen)))
+                with torch.autocast(self.device_type, dtype=torch.bfloat16, enabled=cfg.bf16):
+                    logits = head(self.model.backbone(self.batch(idx, gen))).float()
                 loss = F.cross_entropy(logits, y)
                 opt.zero_grad(set_to_none=True)
                 loss.backward()
@@ -261,12 +271,12 @@ class _Trainer:
 
     def episodic(self, progress, optimizer_state: dict | None) -> None:
         cfg, ds = self.cfg, self.train_set
-        sampler = EpisodeSampler(ds.labels, cfg.n_way, cfg.k_shot, cfg.q_query, cfg.seed, ds.name)
+        shots = cfg.mixed_shots or (cfg.k_shot,)
+        samplers = [EpisodeSampler(ds.labels, cfg.n_way, k, cfg.q_query, cfg.seed + 7 * j, ds.name) for j, k in enumerate(shots)]
         opt = torch.optim.Adam(self.model.parameters(), lr=cfg.lr)
         if optimizer_state is not None:
             opt.load_state_dict(optimizer_state)
         task = progress.add_task("episodes", total=cfg.episodes, completed=self.step, info="") if progress else None
-        nk = cfg.n_way * cfg.k_shot
         q_labels = torch.from_numpy(np.repeat(np.arange(cfg.n_way), cfg.q_query))
         losses, accs = [], []
         self.model.train()
@@ -274,12 +284,15 @@ class _Trainer:
             t0 = time.perf_counter()
             for g in opt.param_groups:
                 g["lr"] = _lr(cfg, self.step)
+            sampler = samplers[self.step % len(samplers)]
             ep = sampler.episode(self.step)
+            nk = cfg.n_way * sampler.k_shot
             gen = torch.Generator().manual_seed(cfg.seed * 7919 + 104729 + self.step) if cfg.augment else None
-            z = self.model.embed(self.batch(np.concatenate([ep.support, ep.query]), gen))
-            protos = z[:nk].view(cfg.n_way, cfg.k_shot, -1).mean(1)
-            logits = self.model.logits(z[nk:], protos)
-            loss = F.cross_entropy(logits, q_labels)
+            with torch.autocast(self.device_type, dtype=torch.bfloat16, enabled=cfg.bf16):
+                z = self.model.embed(self.batch(np.concatenate([ep.support, ep.query]), gen))
+                protos = z[:nk].view(cfg.n_way, sampler.k_shot, -1).mean(1)
+                logits = self.model.logits(z[nk:], protos)
+            loss = F.cross_entropy(logits.float(), q_labels)
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()
@@ -314,7 +327,9 @@ def _progress_bar(enabled: bool):
 
 
 def _load_data(cfg: TrainConfig, spec: PreprocessSpec) -> tuple[ImageSet, ImageSet]:
-    if cfg.dataset in ("omniglot", "tiny-imagenet"):
+    if cfg.dataset == "omniglot":
+        return omniglot_splits(cfg.data_dir, spec.size[0], cfg.val_alphabets)
+    if cfg.dataset == "tiny-imagenet":
         return load_dataset(cfg.dataset, "train", cfg.data_dir, spec), load_dataset(cfg.dataset, "val", cfg.data_dir, spec)
     # a user's image folder: hold out 20% of the classes (seeded) for validation
     full = load_dataset(cfg.dataset, "all", cfg.data_dir, spec)

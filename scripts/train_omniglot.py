@@ -33,10 +33,13 @@ PAPER = {(5, 1): 98.8, (5, 5): 99.7, (20, 1): 96.0, (20, 5): 98.9}
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--out", default="runs/omniglot")
-    ap.add_argument("--episodes", type=int, default=6000)
+    ap.add_argument("--episodes", type=int, default=13000)
+    ap.add_argument("--shots", default="1,5", help="training shots, cycled episode by episode")
+    ap.add_argument("--val-alphabets", type=int, default=2)
+    ap.add_argument("--no-bf16", action="store_true", help="train in float32 (bf16 autocast is much faster with AMX)")
     ap.add_argument("--n-way", type=int, default=60)
-    ap.add_argument("--step-every", type=int, default=1200)
-    ap.add_argument("--max-minutes", type=float, default=55.0)
+    ap.add_argument("--step-every", type=int, default=2500)
+    ap.add_argument("--max-minutes", type=float, default=57.0)
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--eval-episodes", type=int, default=1000)
     ap.add_argument("--install", action="store_true", help="copy the checkpoint to edgemeta/pretrained/")
@@ -47,6 +50,7 @@ def main() -> None:
     ckpt = out / "conv4_omniglot.safetensors"
     cfg = TrainConfig(
         out=str(ckpt), dataset="omniglot", backbone="conv4", n_way=args.n_way, k_shot=5, q_query=5,
+        mixed_shots=tuple(int(k) for k in args.shots.split(",")), bf16=not args.no_bf16, val_alphabets=args.val_alphabets,
         episodes=args.episodes, lr=1e-3, schedule="step", step_every=args.step_every, gamma=0.5,
         val_every=250, val_episodes=300, val_n_way=5, val_k_shot=1, seed=0, threads=args.threads,
         max_minutes=args.max_minutes,

@@ -193,3 +193,13 @@ def test_missing_omniglot_via_cli(tmp_path, monkeypatch):
     monkeypatch.setattr(urllib.request, "urlopen", lambda *a, **k: (_ for _ in ()).throw(OSError("offline")))
     r = runner.invoke(app, ["train", "--data-dir", str(tmp_path), "--episodes", "1", "--out", str(tmp_path / "m.safetensors")])
     assert r.exit_code == 1 and "put images_background.zip and images_evaluation.zip in" in r.output
+
+
+@needs_shared
+def test_mixed_shots_and_bf16_autocast(tmp_path):
+    cfg = TrainConfig(out=str(tmp_path / "b.safetensors"), n_way=5, mixed_shots=(1, 3), q_query=2, episodes=4, bf16=True,
+                      val_every=4, val_episodes=5, val_alphabets=1, threads=1, log_every=2)
+    result = train(cfg, progress=False)
+    ck = load_checkpoint(result.checkpoint)
+    assert ck.info["config"]["mixed_shots"] == [1, 3] and ck.info["config"]["bf16"] is True
+    assert ck.info["train_data"]["classes"] == 4 * (964 - 55)  # one alphabet (Tifinagh, 55 characters) held out
