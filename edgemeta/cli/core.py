@@ -13,6 +13,15 @@ from edgemeta.runtime.spec import Metric, Normalization
 DATA_DIR_HELP = "Data folder (default: $EDGEMETA_DATA_DIR, else ~/.cache/edgemeta/data); Omniglot archives go in DATA/omniglot."
 
 
+def _ints(text: Optional[str]) -> tuple[int, ...]:
+    from edgemeta.errors import InputError
+
+    try:
+        return tuple(int(v) for v in text.split(",")) if text else ()
+    except ValueError:
+        raise InputError(f"expected comma-separated integers like 1,5, got {text!r}") from None
+
+
 @command("train")
 def train_cmd(
     out_path: Path = typer.Option(Path("model.safetensors"), "--out", "-o", help="Checkpoint to write; the .jsonl log and .png curve go next to it."),
@@ -25,6 +34,7 @@ def train_cmd(
     n_way: int = typer.Option(60, help="Classes per training episode."),
     k_shot: int = typer.Option(5, help="Support images per class."),
     queries: int = typer.Option(5, help="Query images per class."),
+    mixed_shots: Optional[str] = typer.Option(None, help="Cycle the shots episode by episode, e.g. 1,5 (overrides --k-shot)."),
     episodes: int = typer.Option(5000, help="Episodic training steps (0: pre-training only)."),
     lr: float = typer.Option(1e-3, help="Adam learning rate of the episodic stage."),
     schedule: str = typer.Option("step", help="step (x gamma every --step-every episodes) or cosine."),
@@ -38,6 +48,8 @@ def train_cmd(
     val_episodes: int = typer.Option(300, help="Validation episodes (5-way 1-shot by default)."),
     seed: int = typer.Option(0, help="Seed for initialization and episodes."),
     threads: Optional[int] = typer.Option(None, help="torch CPU threads (default: torch's choice)."),
+    bf16: bool = typer.Option(False, help="bfloat16 autocast in training (much faster on CPUs with AMX / AVX-512 BF16)."),
+    val_alphabets: int = typer.Option(3, help="Omniglot: background alphabets held out for validation."),
     max_minutes: Optional[float] = typer.Option(None, help="Stop after this many minutes and keep the best model so far."),
     resume: Optional[Path] = typer.Option(None, help="Continue a run from its checkpoint (uses the .last file next to it)."),
     json_out: bool = typer.Option(False, "--json", help="Print the result as JSON."),
@@ -48,6 +60,7 @@ def train_cmd(
     cfg = TrainConfig(
         out=str(out_path), dataset=dataset, data_dir=str(data_dir) if data_dir else None, backbone=backbone, size=size,
         metric=metric, normalization=normalization, n_way=n_way, k_shot=k_shot, q_query=queries, episodes=episodes,
+        mixed_shots=_ints(mixed_shots), bf16=bf16, val_alphabets=val_alphabets,
         lr=lr, schedule=schedule, step_every=step_every, gamma=gamma, pretrain_epochs=pretrain_epochs,
         pretrain_lr=pretrain_lr, batch_size=batch_size, augment=augment, val_every=val_every,
         val_episodes=val_episodes, seed=seed, threads=threads, max_minutes=max_minutes,
