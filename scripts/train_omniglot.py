@@ -84,7 +84,8 @@ def main() -> None:
     (out / "report.json").write_text(json.dumps(report, indent=2))
     lines = [
         "# Conv-4 on Omniglot (Snell et al. protocol)", "",
-        f"Trained on the background split only ({ck.info.get('step')} episodes of {args.n_way}-way 5-shot 5-query, "
+        f"Trained on the background split only ({ck.info.get('step')} episodes of {args.n_way}-way {args.shots.replace(',', '/')}-shot 5-query "
+        f"(shots cycled episode by episode{', bfloat16 autocast' if not args.no_bf16 else ''}), "
         f"{train_min:.1f} min on {report['machine']}); best validation (held-out background alphabets, 5-way 1-shot) "
         f"{100 * ck.info.get('best_val_accuracy', 0):.2f}%.", "",
         f"Evaluation split, 28x28, {args.eval_episodes} episodes each, 15 queries per class:", "",
