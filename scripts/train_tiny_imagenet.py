@@ -31,9 +31,9 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--out", default="runs/tiny")
     ap.add_argument("--backbone", default="edgenet")
-    ap.add_argument("--pretrain-epochs", type=int, default=40)
-    ap.add_argument("--episodes", type=int, default=600)
-    ap.add_argument("--max-minutes", type=float, default=45.0)
+    ap.add_argument("--pretrain-epochs", type=int, default=25)
+    ap.add_argument("--episodes", type=int, default=300)
+    ap.add_argument("--max-minutes", type=float, default=28.0)
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--eval-episodes", type=int, default=1000)
     args = ap.parse_args()
@@ -44,7 +44,7 @@ def main() -> None:
         out=str(ckpt), dataset="tiny-imagenet", backbone=args.backbone, size=64, metric=Metric.COSINE,
         normalization=Normalization.CENTERED_L2, pretrain_epochs=args.pretrain_epochs, pretrain_lr=0.05,
         batch_size=128, augment=True, n_way=5, k_shot=5, q_query=15, episodes=args.episodes, lr=2e-4,
-        schedule="cosine", val_every=200, val_episodes=300, val_n_way=5, val_k_shot=5, seed=0,
+        schedule="cosine", val_every=100, val_episodes=300, val_n_way=5, val_k_shot=5, seed=0,
         threads=args.threads, max_minutes=args.max_minutes,
     )
     t0 = time.time()

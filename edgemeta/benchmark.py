@@ -1,0 +1,1600 @@
+"""Latency users can trust: an exported model on ONNX Runtime against the alternatives, in one run.
+
+:func:`run_benchmark` measures, for every execution provider and precision asked for:
+
+* **embedding latency** at each batch size (mean, p50, p90, p99, max; images/s), measured
+  twice back to back so the report can say whether the machine was quiet enough;
+* the **torch eager baseline** from the checkpoint, in the same process, with the same
+  thread count, in eval and inference mode; channels-last is timed too, and ratios are
+  taken against the faster torch line, so the baseline is never the crippled one;
+* **FLOPs** counted from the ONNX graph (needs the ``onnx`` package) and the achieved
+  FLOP/s as a fraction of the machine's peak, measured in the same run by a large
+  float32 MatMul on ONNX Runtime with the same threads;
+* **adaptation**: enrolling one class from K shots with the runtime's
+  :class:`~edgemeta.runtime.classifier.FewShotClassifier` vs embedding the K images alone;
+* **classification** latency at batch 1 with 1 ... 10,000 (or more) enrolled classes;
+* **cold start** in a fresh process: interpreter, imports, session creation, first
+  prediction, each apart, and that process's peak RSS.
+
+:func:`backprop_baseline` is the skeptic's comparison: on the same seeded Omniglot
+episodes, a last linear layer trained by backprop vs prototype enrolment.
+
+Only numpy and onnxruntime are needed for the ONNX Runtime figures: torch is imported
+for the torch and backprop baselines only, ``onnx`` for FLOP counting only, rich and
+matplotlib only to render.
+
+Example:
+    >>> cfg = BenchConfig(batch_sizes=(1, 32), threads=2)              # doctest: +SKIP
+    >>> report = run_benchmark("conv4.onnx", cfg, checkpoint="conv4.safetensors")  # doctest: +SKIP
+    >>> report.to_dict()["embedding"][0]["latency"]["p50_ms"]          # doctest: +SKIP
+"""
+
+from __future__ import annotations
+
+import gc
+import json
+import math
+import os
+import platform
+import struct
+import subprocess
+import sys
+import tempfile
+import time
+from dataclasses import asdict, dataclass, field, replace
+from enum import Enum
+from pathlib import Path
+from typing import Any, Callable, Sequence
+
+import numpy as np
+import onnxruntime as ort
+
+from edgemeta.runtime.errors import CheckpointError, EdgemetaError, InputError, ModelMismatchError, ProviderError
+from edgemeta.runtime.session import GraphOptimization, Provider, Session, SessionOptions, resolve_providers
+from edgemeta.runtime.spec import INPUT_IMAGES, INPUT_PROTOTYPES, OUTPUT_EMBEDDINGS, OUTPUT_LOGITS, Precision
+
+__all__ = [
+    "ExecutionMode",
+    "OrtTuning",
+    "BenchConfig",
+    "LatencyStats",
+    "time_fn",
+    "time_pair",
+    "FlopCount",
+    "count_flops",
+    "measure_peak_flops",
+    "machine_info",
+    "ModelVariant",
+    "EmbeddingRow",
+    "ClassesRow",
+    "AdaptationRow",
+    "ColdStartRow",
+    "BenchReport",
+    "run_benchmark",
+    "BackpropResult",
+    "backprop_baseline",
+    "render_report",
+    "plot_report",
+    "REPORT_FORMAT",
+]
+
+REPORT_FORMAT = "edgemeta.benchmark"
+REPORT_VERSION = 1
+
+# Bounds of what a benchmark may be asked for; beyond them the request is a typo.
+MAX_BATCH = 4096
+MAX_RUNS = 1_000_000
+MAX_CLASSES = 1_000_000
+MAX_DURATION_S = 3600.0
+REPEAT_TOLERANCE = 0.10  # two back-to-back p50s must agree within 10%
+
+ProgressFn = Callable[[int, int, str], None]  # (done, total, what is running now)
+
+
+# ============================================================================ configuration
+
+
+class ExecutionMode(str, Enum):
+    """ONNX Runtime's execution mode: operators one after another, or independent ones in parallel."""
+
+    SEQUENTIAL = "sequential"
+    PARALLEL = "parallel"
+
+
+@dataclass(frozen=True)
+class OrtTuning:
+    """ONNX Runtime session settings used for every timed session (recorded in the report).
+
+    Attributes:
+        graph_optimization: graph optimization level (``all`` fuses Conv+BN+activation).
+        execution_mode: sequential suits chain-shaped CNNs; parallel only adds scheduling.
+        inter_op_threads: threads across independent operators (1: there are none to overlap).
+        allow_spinning: idle intra-op threads spin instead of sleeping; lower latency at batch 1,
+            at the price of CPU time burnt between calls.
+        memory_arena: keep freed buffers in ONNX Runtime's arena for the next call.
+        pin_threads: pin the intra-op worker threads to distinct logical CPUs.
+    """
+
+    graph_optimization: GraphOptimization = GraphOptimization.ALL
+    execution_mode: ExecutionMode = ExecutionMode.SEQUENTIAL
+    inter_op_threads: int = 1
+    allow_spinning: bool = True
+    memory_arena: bool = True
+    pin_threads: bool = False
+
+    def __post_init__(self) -> None:
+        for name, cls in (("graph_optimization", GraphOptimization), ("execution_mode", ExecutionMode)):
+            try:
+                object.__setattr__(self, name, cls(getattr(self, name)))
+            except ValueError:
+                choices = ", ".join(m.value for m in cls)
+                raise InputError(f"unknown {name} {getattr(self, name)!r}; choose one of: {choices}") from None
+        if self.inter_op_threads < 0:
+            raise InputError(f"inter_op_threads must be >= 0, got {self.inter_op_threads}")
+
+    def session_options(self, threads: int) -> ort.SessionOptions:
+        """The ``onnxruntime.SessionOptions`` for ``threads`` intra-op threads."""
+        levels = {
+            GraphOptimization.DISABLE: ort.GraphOptimizationLevel.ORT_DISABLE_ALL,
+            GraphOptimization.BASIC: ort.GraphOptimizationLevel.ORT_ENABLE_BASIC,
+            GraphOptimization.EXTENDED: ort.GraphOptimizationLevel.ORT_ENABLE_EXTENDED,
+            GraphOptimization.ALL: ort.GraphOptimizationLevel.ORT_ENABLE_ALL,
+        }
+        so = ort.SessionOptions()
+        so.intra_op_num_threads = threads
+        so.inter_op_num_threads = self.inter_op_threads
+        so.graph_optimization_level = levels[self.graph_optimization]
+        so.execution_mode = (
+            ort.ExecutionMode.ORT_PARALLEL if self.execution_mode is ExecutionMode.PARALLEL else ort.ExecutionMode.ORT_SEQUENTIAL
+        )
+        so.enable_cpu_mem_arena = self.memory_arena
+        so.add_session_config_entry("session.intra_op.allow_spinning", "1" if self.allow_spinning else "0")
+        if self.pin_threads and threads > 1:
+            # One entry per worker thread (the calling thread is the first of the pool and
+            # is not pinned); logical processors are numbered from 1.
+            cpus = sorted(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else list(range(threads))
+            so.add_session_config_entry(
+                "session.intra_op_thread_affinities", ";".join(str(cpus[i % len(cpus)] + 1) for i in range(1, threads))
+            )
+        return so
+
+    def to_dict(self) -> dict[str, Any]:
+        d = asdict(self)
+        d["graph_optimization"] = self.graph_optimization.value
+        d["execution_mode"] = self.execution_mode.value
+        return d
+
+
+def _int_tuple(values: Any) -> tuple:
+    if isinstance(values, (int, np.integer)):
+        return (int(values),)
+    return tuple(values)
+
+
+@dataclass(frozen=True)
+class BenchConfig:
+    """What to measure and how long.
+
+    Attributes:
+        providers: ``("auto",)`` benchmarks every provider this onnxruntime build can run and
+            reports the others as unavailable; named providers must run.
+        batch_sizes: batch sizes of the embedding measurements (1 .. 4096).
+        precisions: precisions to compare (fp32, fp16, int8); empty = the given models' own.
+        threads: intra-op threads for ONNX Runtime, torch and the peak measurement;
+            0 = the number of physical cores this process may use.
+        warmup: untimed calls before each measurement.
+        runs: timed calls per measurement (ignored when ``duration`` is set).
+        duration: seconds per measurement instead of a fixed count (at least 3 calls).
+        class_counts: enrolled classes for the classification-latency curve (batch 1).
+        shots: K, the images per class of the enrolment measurement.
+        torch_baseline: time torch eager from the checkpoint (when one is given).
+        cold_start: time a fresh process from start to first prediction.
+        flops: count FLOPs and measure the machine's peak.
+        peak_size: n of the n x n float32 MatMul that measures the peak.
+        backprop_episodes: also run :func:`backprop_baseline` on this many episodes per
+            shot count (0: not at all; needs torch and the Omniglot data).
+        seed: seed of the random inputs.
+        ort: ONNX Runtime session settings.
+    """
+
+    providers: tuple[str, ...] = ("auto",)
+    batch_sizes: tuple[int, ...] = (1, 32)
+    precisions: tuple[Precision, ...] = ()
+    threads: int = 0
+    warmup: int = 10
+    runs: int = 100
+    duration: float | None = None
+    class_counts: tuple[int, ...] = (1, 100, 10_000)
+    shots: int = 5
+    torch_baseline: bool = True
+    cold_start: bool = True
+    flops: bool = True
+    peak_size: int = 2048
+    backprop_episodes: int = 0
+    seed: int = 0
+    ort: OrtTuning = field(default_factory=OrtTuning)
+
+    def __post_init__(self) -> None:
+        set_ = lambda name, value: object.__setattr__(self, name, value)  # noqa: E731 - frozen dataclass
+        set_("providers", tuple([self.providers] if isinstance(self.providers, str) else self.providers))
+        set_("batch_sizes", _int_tuple(self.batch_sizes))
+        set_("class_counts", _int_tuple(self.class_counts))
+        problems = []
+        try:
+            set_("precisions", tuple(Precision(p) for p in ([self.precisions] if isinstance(self.precisions, str) else self.precisions)))
+        except ValueError:
+            problems.append(f"unknown precision in {self.precisions!r} (choose fp32, fp16, int8)")
+        problems += _range_problems("batch size", self.batch_sizes, 1, MAX_BATCH)
+        problems += _range_problems("class count", self.class_counts, 1, MAX_CLASSES)
+        if not self.batch_sizes:
+            problems.append("no batch sizes given")
+        if not self.providers:
+            problems.append("no providers given (use auto)")
+        for name, value, lo, hi in (
+            ("runs", self.runs, 1, MAX_RUNS),
+            ("warmup", self.warmup, 0, MAX_RUNS),
+            ("threads", self.threads, 0, 1024),
+            ("shots", self.shots, 1, MAX_BATCH),
+            ("backprop_episodes", self.backprop_episodes, 0, 100_000),
+            ("peak_size", self.peak_size, 16, 16384),
+        ):
+            if not isinstance(value, (int, np.integer)) or isinstance(value, bool) or not lo <= value <= hi:
+                problems.append(f"{name} must be an integer from {lo} to {hi:,}, got {value!r}")
+        if self.duration is not None and not (isinstance(self.duration, (int, float)) and 0 < self.duration <= MAX_DURATION_S):
+            problems.append(f"duration must be between 0 and {MAX_DURATION_S:g} seconds, got {self.duration!r}")
+        if problems:
+            raise InputError("bad benchmark settings: " + "; ".join(problems))
+
+    @property
+    def resolved_threads(self) -> int:
+        return self.threads or physical_cores()
+
+    def to_dict(self) -> dict[str, Any]:
+        d = asdict(self)
+        d["precisions"] = [p.value for p in self.precisions]
+        d["threads"] = self.resolved_threads
+        d["ort"] = self.ort.to_dict()
+        return d
+
+
+def _range_problems(what: str, values: Sequence[Any], lo: int, hi: int) -> list[str]:
+    bad = [v for v in values if not isinstance(v, (int, np.integer)) or isinstance(v, bool) or not lo <= v <= hi]
+    return [f"{what} {v!r} is out of range (allowed {lo} to {hi:,})" for v in bad]
+
+
+# ============================================================================ timing
+
+
+@dataclass(frozen=True)
+class LatencyStats:
+    """Wall-clock latency of one call, in milliseconds, over ``runs`` timed calls."""
+
+    runs: int
+    mean_ms: float
+    p50_ms: float
+    p90_ms: float
+    p99_ms: float
+    max_ms: float
+    min_ms: float
+    std_ms: float
+    samples_ms: tuple[float, ...] = field(default=(), repr=False)
+
+    @classmethod
+    def from_samples(cls, samples_ms: Sequence[float]) -> LatencyStats:
+        a = np.asarray(samples_ms, dtype=np.float64)
+        if a.size == 0:
+            raise InputError("no timings to summarize")
+        p50, p90, p99 = (float(v) for v in np.percentile(a, [50, 90, 99]))
+        return cls(int(a.size), float(a.mean()), p50, p90, p99, float(a.max()), float(a.min()), float(a.std()), tuple(a.tolist()))
+
+    def throughput(self, batch: int) -> float:
+        """Images per second at this batch size (from the mean latency)."""
+        return batch / (self.mean_ms / 1e3) if self.mean_ms > 0 else float("inf")
+
+    def to_dict(self, samples: bool = False) -> dict[str, Any]:
+        d = asdict(self)
+        if samples:
+            d["samples_ms"] = list(self.samples_ms)
+        else:
+            d.pop("samples_ms")
+        return d
+
+
+def time_fn(fn: Callable[[], Any], warmup: int = 10, runs: int = 100, duration: float | None = None) -> LatencyStats:
+    """Call ``fn`` ``warmup`` times untimed, then time each call.
+
+    With ``duration`` (seconds), calls are timed until that much time has passed (at least
+    3 calls) instead of ``runs`` times. The garbage collector is paused while timing, as
+    :mod:`timeit` does, so a collection does not land in one sample.
+    """
+    for _ in range(warmup):
+        fn()
+    samples: list[float] = []
+    clock = time.perf_counter_ns
+    was_enabled = gc.isenabled()
+    gc.disable()
+    try:
+        if duration is None:
+            for _ in range(runs):
+                t0 = clock()
+                fn()
+                samples.append((clock() - t0) / 1e6)
+        else:
+            end = clock() + int(duration * 1e9)
+            while len(samples) < 3 or (clock() < end and len(samples) < MAX_RUNS):
+                t0 = clock()
+                fn()
+                samples.append((clock() - t0) / 1e6)
+    finally:
+        if was_enabled:
+            gc.enable()
+    return LatencyStats.from_samples(samples)
+
+
+def time_pair(
+    a: Callable[[], Any], b: Callable[[], Any], warmup: int = 10, runs: int = 100, duration: float | None = None
+) -> tuple[LatencyStats, LatencyStats]:
+    """Time two calls alternately (a, b, a, b, ...): a ratio of the two is then immune to the
+    machine getting slower or faster during the measurement. ``duration`` covers both."""
+    for _ in range(warmup):
+        a()
+        b()
+    pair = lambda: (_timed(a), _timed(b))  # noqa: E731
+    was_enabled = gc.isenabled()
+    gc.disable()
+    try:
+        if duration is None:
+            samples = [pair() for _ in range(runs)]
+        else:
+            end, samples = time.perf_counter() + duration, []
+            while len(samples) < 3 or (time.perf_counter() < end and len(samples) < MAX_RUNS):
+                samples.append(pair())
+    finally:
+        if was_enabled:
+            gc.enable()
+    return LatencyStats.from_samples([s[0] for s in samples]), LatencyStats.from_samples([s[1] for s in samples])
+
+
+def _timed(fn: Callable[[], Any]) -> float:
+    t0 = time.perf_counter_ns()
+    fn()
+    return (time.perf_counter_ns() - t0) / 1e6
+
+
+def _agree(a: float, b: float, tolerance: float = REPEAT_TOLERANCE) -> bool:
+    return abs(a - b) <= tolerance * min(a, b)
+
+
+# ============================================================================ the machine
+
+
+def physical_cores() -> int:
+    """Physical cores this process may run on (the default thread count)."""
+    usable = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    try:
+        import psutil
+
+        physical = psutil.cpu_count(logical=False) or usable
+    except ImportError:
+        physical = usable
+    return max(1, min(physical, usable))
+
+
+def _cpu_model_and_flags() -> tuple[str, list[str]]:
+    model, flags = platform.processor() or platform.machine(), []
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                key, _, value = line.partition(":")
+                if key.strip() == "model name" and model in ("", platform.machine(), platform.processor()):
+                    model = value.strip()
+                elif key.strip() == "flags" and not flags:
+                    flags = value.split()
+    except OSError:
+        pass
+    wanted = ("avx2", "fma", "avx512f", "avx512_vnni", "avx_vnni", "avx512_bf16", "avx512_fp16", "amx_tile", "amx_int8", "amx_bf16")
+    return model, [f for f in wanted if f in flags]
+
+
+def _version(dist: str) -> str | None:
+    try:
+        from importlib.metadata import version
+
+        return version(dist)
+    except Exception:  # noqa: BLE001 - not installed, or broken metadata
+        return None
+
+
+def machine_info() -> dict[str, Any]:
+    """CPU model, cores, vector extensions, OS and library versions (torch without importing it)."""
+    model, flags = _cpu_model_and_flags()
+    try:
+        import psutil
+
+        logical, memory = psutil.cpu_count(logical=True), psutil.virtual_memory().total
+    except ImportError:
+        logical, memory = os.cpu_count(), None
+    return {
+        "cpu": model,
+        "physical_cores": physical_cores(),
+        "logical_cores": logical,
+        "cpu_flags": flags,
+        "memory_gb": round(memory / 2**30, 1) if memory else None,
+        "os": platform.platform(),
+        "python": platform.python_version(),
+        "numpy": np.__version__,
+        "onnxruntime": ort.__version__,
+        "onnxruntime_providers": ort.get_available_providers(),
+        "torch": _version("torch"),
+        "onnx": _version("onnx"),
+        "edgemeta": _version("edgemeta"),
+        "load_average": list(os.getloadavg()) if hasattr(os, "getloadavg") else None,
+    }
+
+
+def _peak_rss_mb() -> float | None:
+    try:
+        import resource
+
+        rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+        return rss / 2**20 if sys.platform == "darwin" else rss / 2**10  # bytes on macOS, KiB on Linux
+    except ImportError:  # pragma: no cover - Windows
+        try:
+            import psutil
+
+            return psutil.Process().memory_info().peak_wset / 2**20
+        except Exception:  # noqa: BLE001
+            return None
+
+
+# ============================================================================ FLOPs
+
+
+@dataclass(frozen=True)
+class FlopCount:
+    """Multiply-accumulate work of a graph, as FLOPs (2 per MAC); integer ops count alike.
+
+    ``uncounted`` names the MAC nodes whose shapes shape inference could not resolve.
+    Element-wise operators (activations, pooling, normalization) are not counted: they
+    are a small share of a CNN's work and of its achievable FLOP/s.
+    """
+
+    total: int
+    by_op: dict[str, int]
+    uncounted: tuple[str, ...] = ()
+
+
+# op type -> index of the weight input (conv-like) ; matmul-like ops take A at 0
+_CONV_WEIGHT = {"Conv": 1, "ConvInteger": 1, "QLinearConv": 3, "FusedConv": 1, "NhwcConv": 1}
+_MATMUL_B = {"MatMul": 1, "Gemm": 1, "MatMulInteger": 1, "QLinearMatMul": 3, "MatMulIntegerToFloat": 1, "FusedMatMul": 1}
+
+
+def _set_batch(model: Any, batch: int, n_classes: int) -> None:
+    for inp in model.graph.input:
+        dims = inp.type.tensor_type.shape.dim
+        if inp.name == INPUT_IMAGES and len(dims):
+            dims[0].dim_value = batch
+        elif inp.name == INPUT_PROTOTYPES and len(dims):
+            dims[0].dim_value = n_classes
+    del model.graph.value_info[:]  # stale symbolic shapes would only get in the way
+    for out in model.graph.output:
+        out.type.tensor_type.ClearField("shape")
+
+
+def _shapes(model: Any) -> dict[str, list[int | None]]:
+    shapes: dict[str, list[int | None]] = {}
+    for vi in list(model.graph.input) + list(model.graph.value_info) + list(model.graph.output):
+        t = vi.type.tensor_type
+        if t.HasField("shape"):
+            shapes[vi.name] = [d.dim_value if d.HasField("dim_value") else None for d in t.shape.dim]
+    for init in model.graph.initializer:
+        shapes[init.name] = list(init.dims)
+    return shapes
+
+
+def _known(shape: list[int | None] | None) -> bool:
+    return shape is not None and all(isinstance(d, int) for d in shape)
+
+
+def _node_flops(node: Any, shapes: dict[str, list[int | None]]) -> int | None:
+    """FLOPs of one conv- or matmul-like node, or None when a shape is unknown."""
+    out = shapes.get(node.output[0])
+    if node.op_type in _CONV_WEIGHT or node.op_type == "ConvTranspose":
+        w = shapes.get(node.input[1 if node.op_type == "ConvTranspose" else _CONV_WEIGHT[node.op_type]])
+        # Conv: each output element is a dot product over W[1:]; ConvTranspose: each input element
+        ref = shapes.get(node.input[0]) if node.op_type == "ConvTranspose" else out
+        if not (_known(w) and _known(ref)):
+            return None
+        return 2 * math.prod(ref) * math.prod(w[1:])  # type: ignore[arg-type]
+    a = shapes.get(node.input[0])
+    if not (_known(a) and _known(out)) or not a:
+        return None
+    k = a[-1]
+    if node.op_type == "Gemm" and any(at.name == "transA" and at.i for at in node.attribute):
+        k = a[0]
+    return 2 * math.prod(out) * k  # type: ignore[arg-type,operator]
+
+
+def count_flops(model: str | os.PathLike | Any, batch: int = 1, n_classes: int = 0) -> FlopCount:
+    """Count the FLOPs of Conv, ConvTranspose, Gemm, MatMul (and their integer and fused forms).
+
+    The graph's ``images`` batch and ``prototypes`` count are fixed to ``batch`` and
+    ``n_classes``, then ONNX shape inference gives every tensor's shape.
+
+    Args:
+        model: an ``.onnx`` path or an ``onnx.ModelProto`` (not modified).
+        batch: images per call.
+        n_classes: prototypes fed (0: the embedding alone).
+
+    Raises:
+        InputError: the ``onnx`` package is not installed (``pip install onnx``).
+
+    Example:
+        >>> count_flops("conv4.onnx", batch=32).total        # doctest: +SKIP
+        627572736
+    """
+    try:
+        import onnx
+    except ImportError:
+        raise InputError("counting FLOPs needs the onnx package: pip install onnx") from None
+    proto = onnx.load(str(model)) if isinstance(model, (str, os.PathLike)) else model
+    m = onnx.ModelProto()
+    m.CopyFrom(proto)
+    _set_batch(m, batch, n_classes)
+    try:
+        m = onnx.shape_inference.infer_shapes(m, data_prop=True)
+    except Exception:  # noqa: BLE001 - inference is best effort; nodes left unresolved are reported
+        pass
+    shapes = _shapes(m)
+    total, by_op, uncounted = 0, {}, []
+    for node in m.graph.node:
+        if node.op_type not in _CONV_WEIGHT and node.op_type not in _MATMUL_B and node.op_type != "ConvTranspose":
+            continue
+        flops = _node_flops(node, shapes)
+        if flops is None:
+            uncounted.append(node.name or node.op_type)
+            continue
+        total += flops
+        by_op[node.op_type] = by_op.get(node.op_type, 0) + flops
+    return FlopCount(int(total), by_op, tuple(uncounted))
+
+
+def _varint(n: int) -> bytes:
+    out = bytearray()
+    while True:
+        byte, n = n & 0x7F, n >> 7
+        out.append(byte | (0x80 if n else 0))
+        if not n:
+            return bytes(out)
+
+
+def _pb(field_no: int, value: int | bytes) -> bytes:
+    """One protobuf field: a varint (int) or length-delimited bytes."""
+    if isinstance(value, int):
+        return _varint(field_no << 3) + _varint(value)
+    return _varint(field_no << 3 | 2) + _varint(len(value)) + value
+
+
+def matmul_model_bytes(n: int) -> bytes:
+    """A serialized ONNX model ``c = a @ b`` for float32 [n, n] inputs.
+
+    Written field by field (ModelProto, GraphProto, NodeProto, ValueInfoProto), so the
+    peak measurement needs no ``onnx`` package: the device side has only onnxruntime.
+    """
+    dims = _pb(1, _pb(1, n)) * 2  # TensorShapeProto.dim x2, Dimension.dim_value = n
+    tensor = _pb(1, _pb(1, 1) + _pb(2, dims))  # TypeProto.tensor_type {elem_type FLOAT, shape}
+    value_info = lambda name: _pb(1, name.encode()) + _pb(2, tensor)  # noqa: E731
+    node = _pb(1, b"a") + _pb(1, b"b") + _pb(2, b"c") + _pb(3, b"peak") + _pb(4, b"MatMul")
+    graph = _pb(1, node) + _pb(2, b"peak") + _pb(11, value_info("a")) + _pb(11, value_info("b")) + _pb(12, value_info("c"))
+    return _pb(1, 8) + _pb(2, b"edgemeta") + _pb(7, graph) + _pb(8, _pb(2, 17))  # ir_version 8, opset 17
+
+
+def measure_peak_flops(threads: int, tuning: OrtTuning | None = None, n: int = 2048, runs: int = 5) -> dict[str, Any]:
+    """The machine's float32 peak: the best of ``runs`` large MatMuls on ONNX Runtime and numpy.
+
+    ONNX Runtime runs with ``threads`` intra-op threads; numpy's BLAS is limited to the same
+    count when ``threadpoolctl`` is installed (else its result is reported, not used).
+    """
+    flops = 2 * n**3
+    rng = np.random.default_rng(0)
+    a, b = rng.standard_normal((n, n), dtype=np.float32), rng.standard_normal((n, n), dtype=np.float32)
+    sess = ort.InferenceSession(matmul_model_bytes(n), (tuning or OrtTuning()).session_options(threads), providers=["CPUExecutionProvider"])
+    ort_best = time_fn(lambda: sess.run(None, {"a": a, "b": b}), warmup=1, runs=runs).min_ms
+    result: dict[str, Any] = {"n": n, "threads": threads, "ort_gflops": flops / ort_best / 1e6}
+    try:
+        from threadpoolctl import threadpool_limits
+
+        with threadpool_limits(limits=threads):
+            np_best = time_fn(lambda: a @ b, warmup=1, runs=runs).min_ms
+        result["numpy_gflops"], numpy_counts = flops / np_best / 1e6, True
+    except ImportError:
+        np_best = time_fn(lambda: a @ b, warmup=1, runs=runs).min_ms
+        result["numpy_gflops"], numpy_counts = flops / np_best / 1e6, False
+        result["numpy_note"] = "numpy's thread count is not controlled (no threadpoolctl); not used for the peak"
+    result["peak_gflops"] = max(result["ort_gflops"], result["numpy_gflops"] if numpy_counts else 0.0)
+    return result
+
+
+# ============================================================================ models
+
+
+@dataclass(frozen=True)
+class ModelVariant:
+    """One exported model file of the benchmarked model, at one precision."""
+
+    precision: Precision
+    path: Path
+    origin: str  # "given", "found next to the model", "made with the exporters"
+    fingerprint: str
+    backbone: str
+    input_shape: tuple[int, int, int]  # C, H, W
+    embedding_dim: int
+    size_bytes: int
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "precision": self.precision.value,
+            "path": str(self.path),
+            "origin": self.origin,
+            "fingerprint": self.fingerprint,
+            "backbone": self.backbone,
+            "input_shape": list(self.input_shape),
+            "embedding_dim": self.embedding_dim,
+            "size_mb": round(self.size_bytes / 2**20, 3),
+        }
+
+
+def _open_variant(path: Path, origin: str, threads: int) -> ModelVariant:
+    """Load ``path`` once on the CPU to check it is an edgemeta model and read its metadata."""
+    sess = Session(path, "cpu", options=SessionOptions(intra_op_threads=threads))
+    meta = sess.metadata
+    pp = meta.preprocess
+    return ModelVariant(
+        meta.precision, path, origin, meta.fingerprint, meta.backbone, (pp.channels, *pp.size), meta.embedding_dim, path.stat().st_size
+    )
+
+
+def _base_stem(path: Path) -> str:
+    """``model`` for ``model.onnx``, ``model.int8.onnx`` and ``model.fp32.onnx`` alike."""
+    stem = path.name[: -len(".onnx")] if path.name.endswith(".onnx") else path.stem
+    for p in Precision:
+        if stem.endswith(f".{p.value}"):
+            return stem[: -len(p.value) - 1]
+    return stem
+
+
+def _sibling(path: Path, precision: Precision) -> Path | None:
+    """``model.int8.onnx`` next to ``model.onnx`` (and back); ``model.fp32.onnx`` counts as fp32."""
+    stem = _base_stem(path)
+    names = [f"{stem}.{precision.value}.onnx"] + ([f"{stem}.onnx"] if precision is Precision.FP32 else [])
+    for name in names:
+        cand = path.with_name(name)
+        if cand.is_file() and cand.resolve() != path.resolve():
+            return cand
+    return None
+
+
+def _make_variant(precision: Precision, fp32: ModelVariant | None, checkpoint: Path | None, workdir: Path) -> Path:
+    """Make a missing precision with the exporters: fp16 from the fp32 model; int8 calibrated on
+    the checkpoint's training images; anything from the checkpoint. Not verified: only timed."""
+    try:
+        from edgemeta.exporters import ExportOptions, export_checkpoint, quantize_model, to_fp16
+    except ImportError as e:
+        raise InputError(f"making a {precision.value} model needs the exporters: {e}") from None
+    out = workdir / f"{_base_stem(fp32.path if fp32 else checkpoint or Path('model'))}.{precision.value}.onnx"
+    if fp32 is not None and precision is Precision.FP16:
+        to_fp16(fp32.path, out)
+    elif fp32 is not None and checkpoint is not None and precision is Precision.INT8:
+        quantize_model(fp32.path, checkpoint, out, ExportOptions(verify=None))
+    elif checkpoint is not None:
+        export_checkpoint(checkpoint, out, ExportOptions(precision=precision, verify=None))
+    else:
+        raise InputError(f"making a {precision.value} model needs --checkpoint (int8 is calibrated on its training images)")
+    return out
+
+
+def resolve_variants(
+    models: Sequence[Path], precisions: Sequence[Precision], checkpoint: Path | None, workdir: Path, threads: int
+) -> list[ModelVariant]:
+    """The models to benchmark: the given ones, or one per requested precision.
+
+    A requested precision comes from a given model, else from a sibling file
+    (``model.int8.onnx``), else it is made with the exporters.
+    """
+    given = [_open_variant(Path(m), "given", threads) for m in models]
+    if checkpoint is not None:
+        _check_fingerprints(given, checkpoint)  # before any time is spent making variants
+    if not precisions:
+        return given
+    by_precision = {v.precision: v for v in given}
+    out = []
+    for precision in precisions:
+        if precision in by_precision:
+            out.append(by_precision[precision])
+            continue
+        found = next((s for v in given if (s := _sibling(v.path, precision)) is not None), None)
+        if found is not None:
+            out.append(_open_variant(found, "found next to the model", threads))
+            continue
+        fp32 = by_precision.get(Precision.FP32) or next(
+            (_open_variant(s, "found next to the model", threads) for v in given if (s := _sibling(v.path, Precision.FP32))), None
+        )
+        if checkpoint is None and (fp32 is None or precision is not Precision.FP16):
+            raise InputError(
+                f"no {precision.value} model: pass one, put {_base_stem(given[0].path)}.{precision.value}.onnx next to "
+                f"{given[0].path.name}, or give --checkpoint to make it"
+            )
+        made = _make_variant(precision, fp32, checkpoint, workdir)
+        out.append(_open_variant(made, "made with the exporters", threads))
+    if checkpoint is not None:
+        _check_fingerprints(out, checkpoint)
+    return out
+
+
+def checkpoint_fingerprint(path: str | os.PathLike) -> str:
+    """The model fingerprint recorded in a checkpoint's header, read without torch.
+
+    A safetensors file starts with the header's length (8 bytes, little endian) and
+    the JSON header, whose ``__metadata__`` holds edgemeta's own JSON document.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise CheckpointError(f"checkpoint not found: {path}; check the path")
+    try:
+        with open(path, "rb") as f:
+            (n,) = struct.unpack("<Q", f.read(8))
+            if n > 100 * 2**20:
+                raise ValueError("header too large")
+            header = json.loads(f.read(n))
+        doc = json.loads(header["__metadata__"]["edgemeta"])
+        return str(doc["fingerprint"])
+    except (struct.error, ValueError, KeyError, TypeError, UnicodeDecodeError):
+        raise CheckpointError(f"{path} is not an edgemeta checkpoint (no readable edgemeta header); pass one written by `edgemeta train`") from None
+
+
+def _check_fingerprints(variants: Sequence[ModelVariant], checkpoint: Path) -> None:
+    want = checkpoint_fingerprint(checkpoint)
+    bad = [v for v in variants if v.fingerprint != want]
+    if bad:
+        raise ModelMismatchError(
+            f"checkpoint {checkpoint.name} is model {want}, but "
+            + ", ".join(f"{v.path.name} is model {v.fingerprint}" for v in bad)
+            + "; pass the checkpoint the model was exported from"
+        )
+
+
+def _providers(requested: Sequence[str]) -> tuple[list[str], dict[str, str]]:
+    """ONNX Runtime provider names to benchmark, and the unavailable ones with the reason.
+
+    ``auto`` keeps what this build has and reports the rest; a provider named
+    explicitly that this build lacks is an error (the benchmark never runs elsewhere).
+    """
+    available = ort.get_available_providers()
+    auto = any(p.strip().lower() == "auto" for p in requested)
+    names, _ = resolve_providers("auto" if auto else list(requested))
+    missing = [p for p in names if p not in available]
+    if missing and not auto:
+        raise ProviderError(
+            f"provider(s) {', '.join(missing)} not available in this onnxruntime build (it has {', '.join(available)}); "
+            "install onnxruntime-gpu for CUDA/TensorRT, or use --providers auto to report them as unavailable"
+        )
+    unavailable = {p: f"{_short(p)} unavailable (not in this onnxruntime build)" for p in missing}
+    return [p for p in names if p in available], unavailable
+
+
+def _short(provider: str) -> str:
+    return {Provider.CPU.value: "CPU", Provider.CUDA.value: "CUDA", Provider.TENSORRT.value: "TensorRT"}.get(provider, provider)
+
+
+# ============================================================================ measurements
+
+
+@dataclass(frozen=True)
+class EmbeddingRow:
+    """Embedding latency of one engine at one batch size."""
+
+    provider: str
+    precision: str
+    engine: str  # "onnxruntime", "torch eager", "torch eager channels_last"
+    batch: int
+    latency: LatencyStats
+    throughput_ips: float
+    flops: int | None = None
+    achieved_gflops: float | None = None
+    peak_fraction: float | None = None
+    speedup_vs_torch: float | None = None  # torch p50 (the faster torch line) / this p50
+    speedup_vs_fp32: float | None = None  # ORT fp32 p50 / this p50
+    repeat_p50_ms: float | None = None  # the back-to-back second measurement
+    repeatable: bool | None = None
+
+    def to_dict(self, samples: bool = False) -> dict[str, Any]:
+        d = asdict(self)
+        d["latency"] = self.latency.to_dict(samples)
+        return d
+
+
+@dataclass(frozen=True)
+class ClassesRow:
+    """Classification latency at batch 1 with ``n_classes`` prototypes in the graph."""
+
+    provider: str
+    precision: str
+    n_classes: int
+    latency: LatencyStats
+    vs_fewest: float  # p50 / p50 with the fewest classes measured
+    predict: LatencyStats | None = None  # FewShotClassifier.predict: graph + softmax, top-1, verdict
+
+    def to_dict(self, samples: bool = False) -> dict[str, Any]:
+        d = asdict(self)
+        d["latency"] = self.latency.to_dict(samples)
+        d["predict"] = self.predict.to_dict(samples) if self.predict else None
+        return d
+
+
+@dataclass(frozen=True)
+class AdaptationRow:
+    """Enrolling one class from K shots vs embedding the K images alone (same session)."""
+
+    provider: str
+    precision: str
+    shots: int
+    enroll: LatencyStats
+    embed: LatencyStats
+    ratio: float  # enroll p50 / embed p50
+    method: str
+
+    def to_dict(self, samples: bool = False) -> dict[str, Any]:
+        d = asdict(self)
+        d["enroll"], d["embed"] = self.enroll.to_dict(samples), self.embed.to_dict(samples)
+        return d
+
+
+@dataclass(frozen=True)
+class ColdStartRow:
+    """A fresh process: start -> imports -> session -> first prediction, in ms; its peak RSS."""
+
+    provider: str
+    precision: str
+    interpreter_ms: float
+    import_ms: float
+    session_ms: float
+    first_prediction_ms: float
+    total_ms: float
+    peak_rss_mb: float | None
+    peak_rss_batch_mb: float | None  # after one more call at the largest batch size
+    largest_batch: int
+
+    def to_dict(self, samples: bool = False) -> dict[str, Any]:
+        return asdict(self)
+
+
+def _input_dtype(sess: ort.InferenceSession, name: str) -> type:
+    t = next(i.type for i in sess.get_inputs() if i.name == name)
+    return np.float16 if t == "tensor(float16)" else np.float32
+
+
+def _ort_session(variant: ModelVariant, provider: str, config: BenchConfig) -> ort.InferenceSession:
+    """The timed session: the benchmark's tuning; the provider checked to really run."""
+    so = config.ort.session_options(config.resolved_threads)
+    chain = [provider] if provider == Provider.CPU.value else [provider, Provider.CPU.value]
+    try:
+        sess = ort.InferenceSession(str(variant.path), so, providers=chain)
+    except Exception as e:  # noqa: BLE001 - ONNX Runtime raises its own pybind types
+        raise ProviderError(f"{_short(provider)} cannot run {variant.path.name}: {' '.join(str(e).split())[:300]}") from None
+    if sess.get_providers()[0] != provider:
+        raise ProviderError(f"{_short(provider)} did not load for {variant.path.name} (the session runs {sess.get_providers()})")
+    return sess
+
+
+def _images(variant: ModelVariant, batch: int, dtype: type, seed: int) -> np.ndarray:
+    return np.random.default_rng([seed, batch]).standard_normal((batch, *variant.input_shape)).astype(dtype)
+
+
+def _measure(fn: Callable[[], Any], config: BenchConfig) -> LatencyStats:
+    return time_fn(fn, config.warmup, config.runs, config.duration)
+
+
+def _ort_embedding(sess: ort.InferenceSession, variant: ModelVariant, batch: int, config: BenchConfig) -> tuple[LatencyStats, LatencyStats]:
+    """Two back-to-back measurements of ``embeddings`` at ``batch`` (no prototypes fed)."""
+    feeds = {
+        INPUT_IMAGES: _images(variant, batch, _input_dtype(sess, INPUT_IMAGES), config.seed),
+        INPUT_PROTOTYPES: np.zeros((0, variant.embedding_dim), _input_dtype(sess, INPUT_PROTOTYPES)),
+    }
+    fn = lambda: sess.run([OUTPUT_EMBEDDINGS], feeds)  # noqa: E731
+    return _measure(fn, config), _measure(fn, config)
+
+
+def _ort_classes(sess: ort.InferenceSession, variant: ModelVariant, n_classes: int, config: BenchConfig) -> LatencyStats:
+    rng = np.random.default_rng([config.seed, n_classes])
+    feeds = {
+        INPUT_IMAGES: _images(variant, 1, _input_dtype(sess, INPUT_IMAGES), config.seed),
+        INPUT_PROTOTYPES: rng.standard_normal((n_classes, variant.embedding_dim)).astype(_input_dtype(sess, INPUT_PROTOTYPES)),
+    }
+    return _measure(lambda: sess.run([OUTPUT_EMBEDDINGS, OUTPUT_LOGITS], feeds), config)
+
+
+def _classifier(variant: ModelVariant, provider: str, config: BenchConfig) -> Any:
+    from edgemeta.runtime.classifier import ClassifierOptions, FewShotClassifier
+
+    opts = ClassifierOptions(batch_size=max(64, config.shots), session=SessionOptions(intra_op_threads=config.resolved_threads))
+    return FewShotClassifier(variant.path, providers=[provider], options=opts)
+
+
+def _predict_latencies(variant: ModelVariant, provider: str, config: BenchConfig) -> dict[int, LatencyStats]:
+    """``FewShotClassifier.predict`` on one image with 1 ... N enrolled classes (random prototypes)."""
+    clf = _classifier(variant, provider, config)
+    x = _images(variant, 1, np.float32, config.seed)
+    rng = np.random.default_rng(config.seed)
+    out = {}
+    for n in sorted(config.class_counts):
+        for i in range(len(clf.labels), n):
+            clf.store.add(f"class{i}", rng.standard_normal((1, variant.embedding_dim)).astype(np.float32))
+        out[n] = _measure(lambda: clf.predict(x), config)
+    return out
+
+
+def _adaptation(variant: ModelVariant, provider: str, config: BenchConfig) -> AdaptationRow:
+    """Enrol K preprocessed images as a new class vs embed them, on the classifier's own session.
+
+    Both start from the same preprocessed float tensors, so the ratio is the cost of
+    enrolment itself (input checks, store update) over the embedding it needs; the two
+    are timed alternately so a change in the machine's load hits both alike.
+    """
+    clf = _classifier(variant, provider, config)
+    x = _images(variant, config.shots, np.float32, config.seed)
+    counter = iter(range(MAX_RUNS * 4))
+    enroll, embed = time_pair(
+        lambda: clf.enroll(f"class{next(counter)}", x), lambda: clf.session.embed(x), config.warmup, config.runs, config.duration
+    )
+    return AdaptationRow(
+        _short(provider), variant.precision.value, config.shots, enroll, embed, enroll.p50_ms / embed.p50_ms,
+        "FewShotClassifier.enroll vs Session.embed",
+    )
+
+
+_COLD_START = r"""
+import sys, time
+t0 = time.monotonic()
+import json
+import numpy as np
+import onnxruntime
+from edgemeta.runtime.session import Session, SessionOptions
+t1 = time.monotonic()
+path, provider, threads, big = sys.argv[1], sys.argv[2], int(sys.argv[3]), int(sys.argv[4])
+s = Session(path, [provider], options=SessionOptions(intra_op_threads=threads, batch_size=max(big, 1)))
+t2 = time.monotonic()
+pp = s.preprocess
+x = np.zeros((1, pp.channels, *pp.size), np.float32)
+s.run(x, np.zeros((1, s.embedding_dim), np.float32))
+t3 = time.monotonic()
+def rss():
+    # VmHWM: the peak RSS of this process image. getrusage's ru_maxrss would not do: Linux
+    # carries it over from the spawning parent across exec.
+    try:
+        with open("/proc/self/status") as f:
+            return next(int(l.split()[1]) / 1024 for l in f if l.startswith("VmHWM:"))
+    except (OSError, StopIteration):
+        try:
+            import psutil
+            info = psutil.Process().memory_info()
+            return getattr(info, "peak_wset", info.rss) / 2**20
+        except ImportError:
+            return None
+first = rss()
+s.run(np.zeros((big, pp.channels, *pp.size), np.float32), np.zeros((1, s.embedding_dim), np.float32))
+print(json.dumps({"t0": t0, "t1": t1, "t2": t2, "t3": t3, "rss": first, "rss_batch": rss()}))
+"""
+
+
+def _cold_start(variant: ModelVariant, provider: str, config: BenchConfig) -> ColdStartRow:
+    """Start a fresh interpreter that imports the runtime, opens the model and predicts once.
+
+    ``time.monotonic`` reads the same system-wide clock in both processes, so the
+    child's timestamps are measured from the parent's moment of spawning it.
+    """
+    big = max(config.batch_sizes)
+    args = [sys.executable, "-c", _COLD_START, str(variant.path), provider, str(config.resolved_threads), str(big)]
+    start = time.monotonic()
+    proc = subprocess.run(args, capture_output=True, text=True, timeout=600)
+    if proc.returncode != 0:
+        tail = " ".join(proc.stderr.split())[-300:]
+        raise EdgemetaError(f"the cold-start process failed for {variant.path.name} on {_short(provider)}: {tail}")
+    t = json.loads(proc.stdout.strip().splitlines()[-1])
+    ms = lambda a, b: (b - a) * 1e3  # noqa: E731
+    return ColdStartRow(
+        _short(provider), variant.precision.value, ms(start, t["t0"]), ms(t["t0"], t["t1"]), ms(t["t1"], t["t2"]),
+        ms(t["t2"], t["t3"]), ms(start, t["t3"]), t["rss"], t["rss_batch"], big,
+    )
+
+
+class _TorchBaseline:
+    """torch eager from the checkpoint: eval mode, inference mode, the benchmark's thread count."""
+
+    def __init__(self, checkpoint: Path, threads: int) -> None:
+        try:
+            import torch
+        except ImportError:
+            raise InputError("the torch baseline needs torch (pip install 'edgemeta[train]'); or leave out --checkpoint") from None
+        from edgemeta.checkpoint import load_checkpoint
+
+        self.torch = torch
+        self.saved_threads = torch.get_num_threads()
+        torch.set_num_threads(threads)
+        self.model = load_checkpoint(checkpoint).model.eval()
+
+    def measure(self, batch: int, channels_last: bool, device: str, config: BenchConfig, shape: tuple[int, ...]) -> tuple[LatencyStats, LatencyStats]:
+        """Two back-to-back measurements of the embedding at ``batch``."""
+        torch = self.torch
+        memory_format = torch.channels_last if channels_last else torch.contiguous_format
+        model = self.model.to(device=device, memory_format=memory_format)
+        g = torch.Generator().manual_seed(config.seed)
+        x = torch.randn((batch, *shape), generator=g).to(device=device, memory_format=memory_format)
+        sync = torch.cuda.synchronize if device == "cuda" else (lambda: None)
+
+        def fn() -> None:
+            model.embed(x)
+            sync()
+
+        with torch.inference_mode():
+            stats = _measure(fn, config), _measure(fn, config)
+        self.model = model.to(device="cpu", memory_format=torch.contiguous_format)
+        return stats
+
+    def device_for(self, provider: str) -> str | None:
+        if provider == Provider.CPU.value:
+            return "cpu"
+        return "cuda" if self.torch.cuda.is_available() else None
+
+    def close(self) -> None:
+        self.torch.set_num_threads(self.saved_threads)
+
+
+# ============================================================================ the report
+
+
+@dataclass
+class BenchReport:
+    """Everything one :func:`run_benchmark` call measured; :meth:`to_dict` is the ``--json`` document."""
+
+    machine: dict[str, Any]
+    config: dict[str, Any]
+    models: list[ModelVariant]
+    embedding: list[EmbeddingRow] = field(default_factory=list)
+    classes: list[ClassesRow] = field(default_factory=list)
+    adaptation: list[AdaptationRow] = field(default_factory=list)
+    cold_start: list[ColdStartRow] = field(default_factory=list)
+    peak: dict[str, Any] | None = None
+    unavailable: dict[str, str] = field(default_factory=dict)
+    notes: list[str] = field(default_factory=list)
+    backprop: list[BackpropResult] = field(default_factory=list)
+    benchmark_peak_rss_mb: float | None = None
+
+    @property
+    def repeatability(self) -> dict[str, Any]:
+        rows = [r for r in self.embedding if r.repeatable is not None]
+        noisy = [f"{_name(r)} batch {r.batch}: {r.latency.p50_ms:.3f} vs {r.repeat_p50_ms:.3f} ms" for r in rows if not r.repeatable]
+        if not rows:
+            verdict = "not measured"
+        elif noisy:
+            verdict = (
+                f"the machine was too noisy: {len(noisy)} of {len(rows)} p50s moved more than "
+                f"{REPEAT_TOLERANCE:.0%} between two back-to-back runs"
+            )
+        else:
+            verdict = f"repeatable: every p50 agreed within {REPEAT_TOLERANCE:.0%} between two back-to-back runs"
+        return {"agree": bool(rows) and not noisy, "tolerance": REPEAT_TOLERANCE, "verdict": verdict, "noisy": noisy}
+
+    def to_dict(self, samples: bool = False) -> dict[str, Any]:
+        rows = lambda items: [r.to_dict(samples) for r in items]  # noqa: E731
+        return {
+            "format": REPORT_FORMAT,
+            "version": REPORT_VERSION,
+            "machine": self.machine,
+            "config": self.config,
+            "models": [m.to_dict() for m in self.models],
+            "unavailable": self.unavailable,
+            "peak": self.peak,
+            "embedding": rows(self.embedding),
+            "classes": rows(self.classes),
+            "adaptation": rows(self.adaptation),
+            "cold_start": rows(self.cold_start),
+            "repeatability": self.repeatability,
+            "backprop": [b.to_dict() for b in self.backprop],
+            "benchmark_peak_rss_mb": self.benchmark_peak_rss_mb,
+            "notes": self.notes,
+        }
+
+
+class _Steps:
+    """Counts the steps of a run for the progress callback."""
+
+    def __init__(self, total: int, progress: ProgressFn | None) -> None:
+        self.total, self.done, self.progress = total, 0, progress
+
+    def __call__(self, what: str) -> None:
+        if self.progress is not None:
+            self.progress(self.done, self.total, what)
+        self.done += 1
+
+    def finish(self) -> None:
+        if self.progress is not None:
+            self.progress(self.total, self.total, "done")
+
+
+def _n_steps(config: BenchConfig, n_providers: int, n_variants: int, torch_lines: int) -> int:
+    per_variant = 1 + len(config.batch_sizes) + len(config.class_counts) + 2 + int(config.cold_start)
+    per_provider = n_variants * per_variant + torch_lines * len(config.batch_sizes)
+    return 2 * int(config.flops) + n_providers * per_provider + int(config.backprop_episodes > 0)
+
+
+def _flops_for(variant: ModelVariant, batch: int, cache: dict, notes: list[str]) -> int | None:
+    key = (variant.path, batch)
+    if key not in cache:
+        try:
+            count = count_flops(variant.path, batch)
+        except InputError as e:  # no onnx package: every other figure still stands
+            cache[key] = None
+            note = f"FLOPs unavailable: {e}".replace("counting FLOPs needs the onnx package", "the onnx package is not installed")
+            if note not in notes:
+                notes.append(note)
+            return None
+        if count.uncounted:
+            notes.append(f"{variant.path.name}: {len(count.uncounted)} MAC node(s) of unknown shape not counted")
+        cache[key] = count.total
+    return cache[key]
+
+
+def _ort_rows(
+    sess: ort.InferenceSession, variant: ModelVariant, provider: str, config: BenchConfig, report: BenchReport, steps: _Steps, flops_cache: dict
+) -> None:
+    peak = report.peak["peak_gflops"] if report.peak and provider == Provider.CPU.value else None
+    for batch in config.batch_sizes:
+        steps(f"{_short(provider)} {variant.precision.value} embedding, batch {batch}")
+        first, second = _ort_embedding(sess, variant, batch, config)
+        flops = _flops_for(variant, batch, flops_cache, report.notes) if config.flops else None
+        achieved = flops / (first.p50_ms / 1e3) / 1e9 if flops else None
+        report.embedding.append(
+            EmbeddingRow(
+                _short(provider), variant.precision.value, "onnxruntime", batch, first, first.throughput(batch), flops, achieved,
+                achieved / peak if achieved and peak else None, repeat_p50_ms=second.p50_ms, repeatable=_agree(first.p50_ms, second.p50_ms),
+            )
+        )
+    graph = {}
+    for n in sorted(config.class_counts):
+        steps(f"{_short(provider)} {variant.precision.value} classification, {n:,} classes")
+        graph[n] = _ort_classes(sess, variant, n, config)
+    steps(f"{_short(provider)} {variant.precision.value} FewShotClassifier.predict, {len(graph)} class counts")
+    predict = _predict_latencies(variant, provider, config)
+    fewest = graph[min(graph)].p50_ms
+    for n, stats in graph.items():
+        report.classes.append(ClassesRow(_short(provider), variant.precision.value, n, stats, stats.p50_ms / fewest, predict[n]))
+
+
+def _torch_rows(baseline: _TorchBaseline, variant: ModelVariant, provider: str, config: BenchConfig, report: BenchReport, steps: _Steps) -> None:
+    device = baseline.device_for(provider)
+    if device is None:
+        report.notes.append(f"torch baseline skipped on {_short(provider)}: this torch build has no CUDA")
+        return
+    for channels_last in (False, True):
+        engine = "torch eager channels_last" if channels_last else "torch eager"
+        for batch in config.batch_sizes:
+            steps(f"{_short(provider)} {engine}, batch {batch}")
+            first, second = baseline.measure(batch, channels_last, device, config, variant.input_shape)
+            report.embedding.append(
+                EmbeddingRow(
+                    _short(provider), "fp32", engine, batch, first, first.throughput(batch),
+                    repeat_p50_ms=second.p50_ms, repeatable=_agree(first.p50_ms, second.p50_ms),
+                )
+            )
+
+
+def _best_peak(first: dict[str, Any] | None, second: dict[str, Any]) -> dict[str, Any]:
+    if first is None:
+        return second
+    best = dict(first if first["peak_gflops"] >= second["peak_gflops"] else second)
+    best["measurements_gflops"] = [first["peak_gflops"], second["peak_gflops"]]
+    return best
+
+
+def _with_peak(row: EmbeddingRow, peak: float) -> EmbeddingRow:
+    if row.achieved_gflops is None or row.provider != "CPU":
+        return row
+    return replace(row, peak_fraction=row.achieved_gflops / peak)
+
+
+def _add_ratios(report: BenchReport) -> None:
+    """Fill ``speedup_vs_torch`` (vs the faster torch line) and ``speedup_vs_fp32`` on the ORT rows."""
+    rows = report.embedding
+    for i, r in enumerate(rows):
+        if r.engine != "onnxruntime":
+            continue
+        same = [t for t in rows if t.provider == r.provider and t.batch == r.batch]
+        torch_p50 = [t.latency.p50_ms for t in same if t.engine.startswith("torch")]
+        fp32 = [t.latency.p50_ms for t in same if t.engine == "onnxruntime" and t.precision == "fp32"]
+        rows[i] = replace(
+            r,
+            speedup_vs_torch=min(torch_p50) / r.latency.p50_ms if torch_p50 else None,
+            speedup_vs_fp32=fp32[0] / r.latency.p50_ms if fp32 else None,
+        )
+
+
+def run_benchmark(
+    models: str | os.PathLike | Sequence[str | os.PathLike],
+    config: BenchConfig | None = None,
+    *,
+    checkpoint: str | os.PathLike | None = None,
+    workdir: str | os.PathLike | None = None,
+    progress: ProgressFn | None = None,
+) -> BenchReport:
+    """Benchmark exported models on every requested provider and precision (see the module doc).
+
+    Args:
+        models: one ``.onnx`` file, or several (precision variants of one model, side by side).
+        config: what to measure; the defaults suit a quick run.
+        checkpoint: the checkpoint the models were exported from: enables the torch eager
+            baseline, and lets missing precisions be made. Its fingerprint must match.
+        workdir: where precision variants made on the fly are written (default: a temp folder).
+        progress: called as ``progress(done, total, what)`` before each step.
+
+    Raises:
+        InputError: a model file is missing, not ONNX, or breaks the edgemeta contract; bad settings.
+        ProviderError: a provider asked for by name does not run.
+        ModelMismatchError: the checkpoint is not the models' source.
+    """
+    config = config or BenchConfig()
+    paths = [Path(models)] if isinstance(models, (str, os.PathLike)) else [Path(m) for m in models]
+    if not paths:
+        raise InputError("no model given; pass an .onnx file")
+    ckpt = Path(checkpoint) if checkpoint is not None else None
+    providers, unavailable = _providers(config.providers)
+    threads = config.resolved_threads
+    with tempfile.TemporaryDirectory(prefix="edgemeta-bench-") as tmp:
+        variants = resolve_variants(paths, config.precisions, ckpt, Path(workdir) if workdir else Path(tmp), threads)
+        report = BenchReport(machine_info(), config.to_dict(), variants, unavailable=unavailable)
+        baseline = _TorchBaseline(ckpt, threads) if ckpt is not None and config.torch_baseline else None
+        steps = _Steps(_n_steps(config, len(providers), len(variants), 2 if baseline else 0), progress)
+        try:
+            _run_all(providers, variants, config, report, steps, baseline)
+        finally:
+            if baseline is not None:
+                baseline.close()
+        _wrap_up(report, variants, config, steps)
+    if baseline is None:
+        report.notes.append("no torch baseline: pass --checkpoint (the checkpoint the model was exported from)")
+    steps.finish()
+    return report
+
+
+def _wrap_up(report: BenchReport, variants: list[ModelVariant], config: BenchConfig, steps: _Steps) -> None:
+    """The peak again, the ratios, the backprop baseline, memory and load at the end."""
+    threads = config.resolved_threads
+    if config.flops:  # measured again at the end: a busy moment at the start must not inflate the fractions
+        steps("peak FLOP/s again")
+        report.peak = _best_peak(report.peak, measure_peak_flops(threads, config.ort, n=config.peak_size))
+        report.embedding = [_with_peak(r, report.peak["peak_gflops"]) for r in report.embedding]
+    _add_ratios(report)
+    if config.backprop_episodes:
+        steps(f"backprop baseline, {config.backprop_episodes} episodes per shot count")
+        fp32 = next((v for v in variants if v.precision is Precision.FP32), variants[0])
+        report.backprop = backprop_baseline(fp32.path, episodes=config.backprop_episodes, threads=threads, seed=config.seed)
+    report.benchmark_peak_rss_mb = _peak_rss_mb()
+    report.machine["load_average_after"] = list(os.getloadavg()) if hasattr(os, "getloadavg") else None
+    busy = _busy_note(report.machine)
+    if busy:
+        report.notes.append(busy)
+
+
+def _busy_note(machine: dict[str, Any]) -> str | None:
+    """A warning when other work shared the CPU: the 1-minute load average before the run
+    (before this process did anything) counts only other processes."""
+    load = (machine.get("load_average") or [0.0])[0]
+    cores = machine.get("logical_cores") or 1
+    if load < 0.5 * cores:
+        return None
+    return (
+        f"the machine was busy: load average {load:.2f} on {cores} logical cores before the run started; "
+        "other processes shared the CPU, so the timings (torch's especially) are not trustworthy: rerun on a quiet machine"
+    )
+
+
+def _run_all(
+    providers: list[str], variants: list[ModelVariant], config: BenchConfig, report: BenchReport, steps: _Steps, baseline: _TorchBaseline | None
+) -> None:
+    if config.flops:
+        steps("peak FLOP/s (large float32 MatMul)")
+        report.peak = measure_peak_flops(config.resolved_threads, config.ort, n=config.peak_size)
+    flops_cache: dict = {}
+    for provider in providers:
+        for variant in variants:
+            steps(f"{_short(provider)} {variant.precision.value}: opening the session")
+            try:
+                sess = _ort_session(variant, provider, config)
+            except ProviderError as e:
+                if provider == Provider.CPU.value or "auto" not in [p.lower() for p in config.providers]:
+                    raise
+                report.unavailable[provider] = f"{_short(provider)} unavailable ({e})"
+                break
+            _ort_rows(sess, variant, provider, config, report, steps, flops_cache)
+            steps(f"{_short(provider)} {variant.precision.value}: enrolment vs embedding")
+            report.adaptation.append(_adaptation(variant, provider, config))
+            if config.cold_start:
+                steps(f"{_short(provider)} {variant.precision.value}: cold start")
+                report.cold_start.append(_cold_start(variant, provider, config))
+            del sess
+        if baseline is not None and provider not in report.unavailable:
+            _torch_rows(baseline, variants[0], provider, config, report, steps)
+
+
+# ============================================================================ backprop baseline
+
+
+@dataclass(frozen=True)
+class BackpropResult:
+    """Prototype enrolment vs a last linear layer trained by backprop, on the same episodes.
+
+    Times are per new class set (one episode's N classes), in ms: the embedding of the
+    support images (shared by both) and each method's own adaptation step.
+    """
+
+    n_way: int
+    k_shot: int
+    episodes: int
+    steps: int
+    lr: float
+    embed_ms: float
+    prototype_ms: float
+    backprop_ms: float
+    prototype_accuracy: float
+    prototype_ci95: float
+    backprop_accuracy: float
+    backprop_ci95: float
+
+    @property
+    def speedup(self) -> float:
+        """How many times faster a class set is learned by prototypes (embedding included)."""
+        return (self.embed_ms + self.backprop_ms) / (self.embed_ms + self.prototype_ms)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {**asdict(self), "speedup": self.speedup}
+
+
+def _ci95(values: Sequence[float]) -> float:
+    a = np.asarray(values, dtype=np.float64)
+    return 1.96 * float(a.std(ddof=1)) / math.sqrt(len(a)) if len(a) > 1 else float("nan")
+
+
+def _train_linear(torch: Any, support: Any, labels: Any, n_way: int, steps: int, lr: float) -> Any:
+    """Coral-style on-device training of the last layer: full-batch SGD on frozen embeddings.
+
+    Embeddings are scaled to unit mean norm first, so one learning rate suits any backbone.
+    """
+    scale = support.norm(dim=1).mean().clamp_min(1e-12)
+    x = support / scale
+    layer = torch.nn.Linear(x.shape[1], n_way)
+    torch.nn.init.zeros_(layer.weight)
+    torch.nn.init.zeros_(layer.bias)
+    opt = torch.optim.SGD(layer.parameters(), lr=lr, momentum=0.9, weight_decay=1e-3)
+    for _ in range(steps):
+        opt.zero_grad(set_to_none=True)
+        torch.nn.functional.cross_entropy(layer(x), labels).backward()
+        opt.step()
+    return lambda q: layer(q / scale)
+
+
+def backprop_baseline(
+    model: str | os.PathLike,
+    *,
+    shots: Sequence[int] = (1, 5),
+    n_way: int = 5,
+    queries: int = 15,
+    episodes: int = 100,
+    steps: int = 100,
+    lr: float = 0.5,
+    threads: int = 0,
+    data_dir: str | os.PathLike | None = None,
+    seed: int = 0,
+) -> list[BackpropResult]:
+    """The skeptic's comparison on seeded Omniglot evaluation episodes (needs torch and the data).
+
+    For each episode the support images are embedded by the exported model on ONNX
+    Runtime; then (a) prototypes are the class means and queries are classified by the
+    graph's logits, and (b) a linear layer is trained by ``steps`` SGD steps in torch
+    (zero-initialised, momentum 0.9) and queries are classified by it.
+
+    Example:
+        >>> [r.to_dict() for r in backprop_baseline("conv4.onnx", episodes=100)]   # doctest: +SKIP
+    """
+    try:
+        import torch
+    except ImportError:
+        raise InputError("the backprop baseline needs torch: pip install 'edgemeta[train]'") from None
+    from edgemeta.data import load_omniglot
+    from edgemeta.episodes import EpisodeSampler
+    from edgemeta.runtime.preprocess import normalize
+
+    threads = threads or physical_cores()
+    saved = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    sess = Session(model, "cpu", options=SessionOptions(intra_op_threads=threads))
+    pp = sess.preprocess
+    if pp.channels != 1:
+        raise InputError(f"the backprop baseline runs on Omniglot (grey images); {Path(model).name} takes {pp.channels} channels")
+    data = load_omniglot("evaluation", data_dir, size=pp.size[0])
+    try:
+        return [
+            _backprop_shots(torch, sess, data, normalize, EpisodeSampler(data.labels, n_way, k, queries, seed, data.name), episodes, steps, lr)
+            for k in shots
+        ]
+    finally:
+        torch.set_num_threads(saved)
+
+
+def _backprop_shots(torch: Any, sess: Session, data: Any, normalize: Callable, sampler: Any, episodes: int, steps: int, lr: float) -> BackpropResult:
+    n, k = sampler.n_way, sampler.k_shot
+    t_embed, t_proto, t_bp, acc_proto, acc_bp = [], [], [], [], []
+    for ep in sampler(episodes):
+        support_x = normalize(data.images[ep.support], sess.preprocess)
+        query_x = normalize(data.images[ep.query], sess.preprocess)
+        t0 = time.perf_counter()
+        support = sess.embed(support_x)
+        t1 = time.perf_counter()
+        protos = support.reshape(n, k, -1).mean(axis=1)
+        t2 = time.perf_counter()
+        _, logits = sess.run(query_x, protos)
+        acc_proto.append(float((logits.argmax(axis=1) == ep.query_labels).mean()))
+        t3 = time.perf_counter()
+        classify = _train_linear(torch, torch.from_numpy(support), torch.from_numpy(ep.support_labels), n, steps, lr)
+        t4 = time.perf_counter()
+        with torch.inference_mode():
+            pred = classify(torch.from_numpy(sess.embed(query_x))).argmax(dim=1).numpy()
+        acc_bp.append(float((pred == ep.query_labels).mean()))
+        t_embed.append(t1 - t0)
+        t_proto.append(t2 - t1)
+        t_bp.append(t4 - t3)
+    ms = lambda v: 1e3 * float(np.median(v))  # noqa: E731
+    return BackpropResult(
+        n, k, episodes, steps, lr, ms(t_embed), ms(t_proto), ms(t_bp),
+        float(np.mean(acc_proto)), _ci95(acc_proto), float(np.mean(acc_bp)), _ci95(acc_bp),
+    )
+
+
+# ============================================================================ rendering
+
+
+def _fmt(v: float | None, spec: str = "ms", suffix: str = "") -> str:
+    """A table cell; ``spec="ms"`` keeps about four significant digits."""
+    if v is None or (isinstance(v, float) and not math.isfinite(v)):
+        return "-"
+    if spec == "ms":
+        spec = ".3f" if v < 10 else ".2f" if v < 100 else ".1f" if v < 1000 else ",.0f"
+    return f"{v:{spec}}{suffix}"
+
+
+def _name(r: EmbeddingRow) -> str:
+    engine = "ORT " + r.precision if r.engine == "onnxruntime" else r.engine.replace("torch eager", "torch").replace("channels_last", "CL")
+    return engine if r.provider == "CPU" else f"{r.provider} {engine}"
+
+
+def render_report(report: BenchReport, console: Any) -> None:
+    """Print the report as rich tables on ``console`` (a ``rich.console.Console``)."""
+    from rich import box
+    from rich.table import Table
+
+    m = report.machine
+    console.print(
+        f"[bold]{m['cpu']}[/], {m['physical_cores']} cores ({', '.join(m['cpu_flags']) or 'no vector flags read'}); "
+        f"onnxruntime {m['onnxruntime']}, torch {m['torch'] or 'not installed'}; threads {report.config['threads']}"
+    )
+    if report.peak:
+        p = report.peak
+        console.print(f"peak float32: {p['peak_gflops']:.1f} GFLOP/s (MatMul {p['n']}², ORT {p['ort_gflops']:.1f}, numpy {p['numpy_gflops']:.1f})")
+    best_torch = {(r.provider, r.batch): r.latency.p50_ms for r in report.embedding if r.engine == "torch eager"}
+    shown = [
+        r for r in report.embedding  # channels-last only when it is the faster torch line (the JSON has it always)
+        if not (r.engine == "torch eager channels_last" and r.latency.p50_ms >= best_torch.get((r.provider, r.batch), float("inf")))
+    ]
+    name = _name
+    t = Table(title="Embedding latency (ms)", box=box.SIMPLE_HEAD)
+    for col in ("model", "batch", "mean", "p50", "p90", "p99", "max", "img/s", "p50 again"):
+        t.add_column(col, justify="left" if col == "model" else "right")
+    for r in shown:
+        s = r.latency
+        again = "-" if r.repeat_p50_ms is None else _fmt(r.repeat_p50_ms) + ("" if r.repeatable else " [red]noisy[/]")
+        cells = (s.mean_ms, s.p50_ms, s.p90_ms, s.p99_ms, s.max_ms)
+        t.add_row(name(r), str(r.batch), *map(_fmt, cells), _fmt(r.throughput_ips, ",.0f"), again)
+    console.print(t)
+    t = Table(title="Embedding: work and ratios (p50)", box=box.SIMPLE_HEAD)
+    for col in ("model", "batch", "MFLOP", "GFLOP/s", "% peak", "vs torch", "vs fp32"):
+        t.add_column(col, justify="left" if col == "model" else "right")
+    for r in shown:
+        if r.engine == "onnxruntime":
+            t.add_row(
+                name(r), str(r.batch), _fmt(r.flops and r.flops / 1e6, ",.1f"), _fmt(r.achieved_gflops, ".1f"),
+                _fmt(r.peak_fraction and 100 * r.peak_fraction, ".0f", "%"),
+                _fmt(r.speedup_vs_torch, ".2f", "x"),
+                _fmt(r.speedup_vs_fp32, ".2f", "x"),
+            )
+    console.print(t)
+    if report.classes:
+        t = Table(title="Classification latency at batch 1 (ms)", box=box.SIMPLE_HEAD)
+        for col in ("model", "classes", "p50", "p99", "vs fewest", "predict() p50"):
+            t.add_column(col, justify="right")
+        for r in report.classes:
+            t.add_row(
+                f"{r.provider} {r.precision}", f"{r.n_classes:,}", _fmt(r.latency.p50_ms), _fmt(r.latency.p99_ms), _fmt(r.vs_fewest, ".2f", "x"),
+                _fmt(r.predict and r.predict.p50_ms),
+            )
+        console.print(t)
+    if report.adaptation or report.cold_start:
+        t = Table(title="Enrolment (p50) and cold start (ms)", box=box.SIMPLE_HEAD)
+        for col in ("model", "enrol K", "embed K", "ratio", "start", "import", "session", "1st pred", "total", "RSS MB"):
+            t.add_column(col, justify="right")
+        cold = {(c.provider, c.precision): c for c in report.cold_start}
+        for a in report.adaptation:
+            c = cold.get((a.provider, a.precision))
+            t.add_row(
+                f"{a.provider} {a.precision}", f"{_fmt(a.enroll.p50_ms)} (K={a.shots})", _fmt(a.embed.p50_ms), _fmt(a.ratio, ".2f", "x"),
+                *(("-",) * 6 if c is None else (_fmt(c.interpreter_ms, ".0f"), _fmt(c.import_ms, ".0f"), _fmt(c.session_ms, ".0f"),
+                  _fmt(c.first_prediction_ms, ".1f"), _fmt(c.total_ms, ".0f"), _fmt(c.peak_rss_mb, ".0f"))),
+            )
+        console.print(t)
+    for b in report.backprop:
+        console.print(
+            f"{b.n_way}-way {b.k_shot}-shot, {b.episodes} episodes: "
+            f"prototypes {100 * b.prototype_accuracy:.2f}% in {b.embed_ms + b.prototype_ms:.2f} ms; "
+            f"backprop ({b.steps} SGD steps) {100 * b.backprop_accuracy:.2f}% in {b.embed_ms + b.backprop_ms:.2f} ms per class set ({b.speedup:.0f}x)"
+        )
+    for provider, why in report.unavailable.items():
+        console.print(f"[yellow]{why}[/]")
+    console.print(report.repeatability["verdict"])
+    for note in report.notes:
+        console.print(f"note: {note}")
+
+
+def plot_report(report: BenchReport, path: str | os.PathLike) -> Path:
+    """Write a PNG: latency distributions per configuration, and latency vs number of classes."""
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        raise InputError("--plot needs matplotlib: pip install matplotlib") from None
+    path = Path(path)
+    if not path.parent.exists():
+        raise InputError(f"folder {path.parent} does not exist; create it first")
+    fig, (left, right) = plt.subplots(1, 2, figsize=(14, 5.5), gridspec_kw={"width_ratios": [3, 2]})
+    rows = [r for r in report.embedding if r.latency.samples_ms]
+    if rows:
+        left.boxplot([[s / r.batch for s in r.latency.samples_ms] for r in rows], whis=(1, 99), showfliers=False)
+        ticks = [f"{r.engine.replace('torch eager', 'torch')}\n{r.provider} {r.precision}\nb={r.batch}" for r in rows]
+        left.set_xticks(range(1, len(rows) + 1), ticks, fontsize=7)
+        left.set_yscale("log")
+        left.set_ylabel("ms per image (box: p25-p75, whiskers: p1-p99)")
+        left.set_title("Embedding latency per image")
+    groups: dict[tuple[str, str], list[ClassesRow]] = {}
+    for r in report.classes:
+        groups.setdefault((r.provider, r.precision), []).append(r)
+    for (provider, precision), rs in groups.items():
+        rs = sorted(rs, key=lambda r: r.n_classes)
+        line = right.errorbar(
+            [r.n_classes for r in rs], [r.latency.p50_ms for r in rs],
+            yerr=[[0] * len(rs), [r.latency.p99_ms - r.latency.p50_ms for r in rs]], marker="o", capsize=3, label=f"{provider} {precision}: graph",
+        )
+        if all(r.predict for r in rs):
+            right.plot(
+                [r.n_classes for r in rs], [r.predict.p50_ms for r in rs], "--", marker="x",
+                color=line[0].get_color(), label=f"{provider} {precision}: predict()",
+            )
+    right.set_xscale("log")
+    right.set_xlabel("enrolled classes")
+    right.set_ylabel("ms (p50; bar to the graph's p99)")
+    right.set_title("Classification at batch 1 vs number of classes")
+    if groups:
+        right.legend()
+    right.set_ylim(bottom=0)
+    fig.suptitle(f"{report.machine['cpu']}, {report.config['threads']} threads, onnxruntime {report.machine['onnxruntime']}", fontsize=9)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path

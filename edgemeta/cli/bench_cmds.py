@@ -1,0 +1,84 @@
+"""``edgemeta benchmark``: latency of an exported model against the alternatives, in one run.
+
+The command maps its options onto :class:`edgemeta.benchmark.BenchConfig` and one
+:func:`edgemeta.benchmark.run_benchmark` call; the library does the measuring.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from pathlib import Path
+from typing import Callable, Iterator, List, Optional
+
+import typer
+
+from edgemeta.cli._app import command, console, emit_json, out
+from edgemeta.runtime.errors import InputError
+
+
+def _ints(text: str, option: str) -> tuple[int, ...]:
+    try:
+        return tuple(int(v) for v in text.split(",") if v.strip())
+    except ValueError:
+        raise InputError(f"{option} takes comma-separated integers such as 1,32; got {text!r}") from None
+
+
+def _words(text: str) -> tuple[str, ...]:
+    return tuple(v.strip() for v in text.split(",") if v.strip())
+
+
+@contextlib.contextmanager
+def _progress_bar(enabled: bool) -> Iterator[Callable[[int, int, str], None] | None]:
+    if not enabled:
+        yield None
+        return
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+    columns = (TextColumn("{task.description:<48}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn())
+    with Progress(*columns, console=console, transient=True) as bar:
+        task = bar.add_task("benchmark", total=None)
+        yield lambda done, total, what: bar.update(task, completed=done, total=total, description=what)
+
+
+@command("benchmark")
+def benchmark(
+    models: List[Path] = typer.Argument(..., help="Exported .onnx model(s); several = precision variants side by side."),
+    checkpoint: Optional[Path] = typer.Option(None, "--checkpoint", help="The checkpoint the model came from: torch eager baseline, and missing precisions."),
+    providers: str = typer.Option("auto", help="auto (every provider this onnxruntime has; others reported unavailable) or e.g. cpu,cuda."),
+    batch_sizes: str = typer.Option("1,32", "--batch-sizes", help="Comma-separated batch sizes (1 to 4096)."),
+    precisions: str = typer.Option("", help="Comma-separated fp32,fp16,int8; missing ones are found next to MODEL or made from --checkpoint."),
+    threads: int = typer.Option(0, help="Threads for ONNX Runtime and torch alike; 0 = physical cores."),
+    warmup: int = typer.Option(10, help="Untimed calls before each measurement."),
+    runs: Optional[int] = typer.Option(None, help="Timed calls per measurement (100 unless --duration is given)."),
+    duration: Optional[float] = typer.Option(None, help="Seconds per measurement instead of --runs."),
+    classes: str = typer.Option("1,100,10000", help="Enrolled class counts for classification latency at batch 1."),
+    shots: int = typer.Option(5, help="K images per class for the enrolment measurement."),
+    cold_start: bool = typer.Option(True, "--cold-start/--no-cold-start", help="Time a fresh process up to its first prediction."),
+    backprop_baseline: bool = typer.Option(
+        False, "--backprop-baseline", help="Also compare prototypes with backprop on seeded Omniglot episodes (needs torch)."
+    ),
+    episodes: int = typer.Option(100, help="Episodes per shot count (5-way 1-shot and 5-shot) for --backprop-baseline."),
+    samples: bool = typer.Option(False, "--samples", help="Put every timing in the --json output."),
+    json_out: bool = typer.Option(False, "--json", help="Print the report as JSON on stdout."),
+    plot: Optional[Path] = typer.Option(None, "--plot", help="Write latency distributions and the classes curve to this PNG."),
+) -> None:
+    """Measure latency, throughput, FLOP/s, enrolment and cold start; compare with torch and other precisions."""
+    from edgemeta.benchmark import BenchConfig, plot_report, render_report, run_benchmark
+
+    if runs is not None and duration is not None:
+        raise InputError("give --runs or --duration, not both")
+    if plot is not None and not plot.parent.is_dir():
+        raise InputError(f"--plot: folder {plot.parent} does not exist; create it first")
+    config = BenchConfig(
+        providers=_words(providers), batch_sizes=_ints(batch_sizes, "--batch-sizes"), precisions=_words(precisions), threads=threads,
+        warmup=warmup, runs=100 if runs is None else runs, duration=duration, class_counts=_ints(classes, "--classes"), shots=shots,
+        cold_start=cold_start, backprop_episodes=episodes if backprop_baseline else 0,
+    )
+    with _progress_bar(console.is_terminal) as progress:
+        report = run_benchmark(models, config, checkpoint=checkpoint, progress=progress)
+    if plot is not None:
+        plot_report(report, plot)
+    if json_out:
+        emit_json(report.to_dict(samples=samples))
+    else:
+        render_report(report, out)

@@ -1,0 +1,405 @@
+"""edgemeta.benchmark and ``edgemeta benchmark``: values and error paths, never timings."""
+
+from __future__ import annotations
+
+import io
+import json
+import math
+import os
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import numpy as np
+import onnxruntime as ort
+import pytest
+from typer.testing import CliRunner
+
+from edgemeta import benchmark as bm
+from edgemeta.cli import app
+from edgemeta.runtime.errors import InputError, ModelMismatchError, ProviderError
+
+ROOT = Path(__file__).resolve().parents[1]
+TINY_DIM, TINY_FLAT = 16, 16 * 16  # the conftest model: Flatten -> MatMul 256x64 -> Tanh -> MatMul 64x16
+FAST = dict(warmup=1, runs=5, peak_size=64, cold_start=False)
+HAS_CUDA = "CUDAExecutionProvider" in ort.get_available_providers()
+
+
+def tiny_flops(batch: int) -> int:
+    return 2 * batch * (TINY_FLAT * 64 + 64 * TINY_DIM)
+
+
+def cli(*args) -> object:
+    return CliRunner().invoke(app, ["benchmark", *[str(a) for a in args]])
+
+
+PROGRESS: list[tuple[int, int, str]] = []
+
+
+@pytest.fixture(scope="module")
+def fast_report(tiny_onnx_model_module):
+    cfg = bm.BenchConfig(providers=("cpu",), batch_sizes=(1, 4), class_counts=(1, 100, 1000), threads=1, **FAST)
+    return bm.run_benchmark(tiny_onnx_model_module, cfg, progress=lambda *a: PROGRESS.append(a))
+
+
+@pytest.fixture(scope="module")
+def tiny_onnx_model_module(tmp_path_factory):
+    from conftest import build_runtime_model
+
+    return build_runtime_model(tmp_path_factory.mktemp("bench") / "tiny.onnx")
+
+
+def with_precision(src: Path, dst: Path, precision: str, fingerprint: str | None = None) -> Path:
+    """A copy of ``src`` whose edgemeta metadata says ``precision`` (the graph stays fp32)."""
+    import onnx
+
+    model = onnx.load(str(src))
+    for prop in model.metadata_props:
+        if prop.key == "edgemeta":
+            doc = json.loads(prop.value)
+            doc["precision"] = precision
+            if fingerprint:
+                doc["fingerprint"] = fingerprint
+            prop.value = json.dumps(doc)
+    onnx.save(model, str(dst))
+    return dst
+
+
+def fake_checkpoint(path: Path, fingerprint: str) -> Path:
+    """A safetensors file with an edgemeta checkpoint header (enough for the fingerprint check)."""
+    from safetensors.numpy import save_file
+
+    header = {"format": "edgemeta.checkpoint", "version": 1, "fingerprint": fingerprint}
+    save_file({"w": np.zeros(2, np.float32)}, str(path), metadata={"edgemeta": json.dumps(header)})
+    return path
+
+
+# ---------------------------------------------------------------- statistics
+
+
+def test_latency_stats_from_known_samples():
+    s = bm.LatencyStats.from_samples(list(range(1, 101)))
+    assert (s.runs, s.mean_ms, s.p50_ms, s.max_ms, s.min_ms) == (100, 50.5, 50.5, 100.0, 1.0)
+    assert s.p90_ms == pytest.approx(90.1) and s.p99_ms == pytest.approx(99.01)
+    assert s.throughput(32) == pytest.approx(32 / 0.0505)
+    assert "samples_ms" not in s.to_dict() and len(s.to_dict(samples=True)["samples_ms"]) == 100
+
+
+def test_time_fn_counts_runs_and_honours_duration():
+    calls = []
+    stats = bm.time_fn(lambda: calls.append(1), warmup=3, runs=7)
+    assert stats.runs == 7 and len(calls) == 10
+    assert bm.time_fn(lambda: None, warmup=0, duration=0.01).runs >= 3
+
+
+def test_config_reports_every_problem_at_once():
+    with pytest.raises(InputError) as e:
+        bm.BenchConfig(batch_sizes=(0, 5000), runs=0, threads=-1, precisions=("fp64",))
+    msg = str(e.value)
+    for part in ("batch size 0 is out of range", "batch size 5000", "runs must be an integer from 1", "threads must be", "unknown precision"):
+        assert part in msg
+
+
+# ---------------------------------------------------------------- FLOPs and peak
+
+
+def conv_gemm_model(batch_dim="batch"):
+    """images [B,3,8,8] -> Conv 3->4 3x3 pad 1 -> depthwise Conv 3x3 -> Flatten -> Gemm 256->10 (transB)."""
+    import onnx
+    from onnx import TensorProto, helper, numpy_helper
+
+    inits = [
+        numpy_helper.from_array(np.zeros((4, 3, 3, 3), np.float32), "w1"),
+        numpy_helper.from_array(np.zeros((4, 1, 3, 3), np.float32), "w2"),
+        numpy_helper.from_array(np.zeros((10, 256), np.float32), "w3"),
+    ]
+    nodes = [
+        helper.make_node("Conv", ["images", "w1"], ["c1"], pads=[1, 1, 1, 1]),
+        helper.make_node("Conv", ["c1", "w2"], ["c2"], pads=[1, 1, 1, 1], group=4),
+        helper.make_node("Flatten", ["c2"], ["f"], axis=1),
+        helper.make_node("Gemm", ["f", "w3"], ["out"], transB=1),
+    ]
+    graph = helper.make_graph(
+        nodes, "g", [helper.make_tensor_value_info("images", TensorProto.FLOAT, [batch_dim, 3, 8, 8])],
+        [helper.make_tensor_value_info("out", TensorProto.FLOAT, [batch_dim, 10])], inits,
+    )
+    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+
+
+@pytest.mark.parametrize("batch", [1, 3])
+def test_flop_counter_on_a_hand_built_graph(batch):
+    conv, depthwise, gemm = 2 * 4 * 8 * 8 * (3 * 3 * 3), 2 * 4 * 8 * 8 * 9, 2 * 256 * 10
+    count = bm.count_flops(conv_gemm_model(), batch=batch)
+    assert count.by_op == {"Conv": batch * (conv + depthwise), "Gemm": batch * gemm}
+    assert count.total == batch * (conv + depthwise + gemm) and count.uncounted == ()
+
+
+def test_flop_counter_on_the_edgemeta_contract(tiny_onnx_model_module):
+    assert bm.count_flops(tiny_onnx_model_module, batch=5).total == tiny_flops(5)
+    # with prototypes, the logits MatMul [B, D] x [D, N] is counted too
+    assert bm.count_flops(tiny_onnx_model_module, batch=5, n_classes=7).total == tiny_flops(5) + 2 * 5 * 7 * TINY_DIM
+
+
+def test_matmul_model_is_a_valid_onnx_matmul():
+    sess = ort.InferenceSession(bm.matmul_model_bytes(8), providers=["CPUExecutionProvider"])
+    a, b = np.arange(64, dtype=np.float32).reshape(8, 8), np.eye(8, dtype=np.float32) * 2
+    np.testing.assert_allclose(sess.run(None, {"a": a, "b": b})[0], a @ b)
+    peak = bm.measure_peak_flops(1, n=32, runs=2)
+    assert peak["peak_gflops"] >= peak["ort_gflops"] > 0 and peak["n"] == 32
+
+
+# ---------------------------------------------------------------- the report
+
+
+def test_report_values_are_sane(fast_report):
+    d = fast_report.to_dict()
+    assert d["format"] == "edgemeta.benchmark" and d["config"]["threads"] == 1
+    rows = d["embedding"]
+    assert [(r["engine"], r["batch"]) for r in rows] == [("onnxruntime", 1), ("onnxruntime", 4)]
+    for r in rows:
+        lat = r["latency"]
+        assert lat["runs"] == 5
+        assert 0 < lat["min_ms"] <= lat["p50_ms"] <= lat["p90_ms"] <= lat["p99_ms"] <= lat["max_ms"]
+        assert r["throughput_ips"] == pytest.approx(r["batch"] / (lat["mean_ms"] / 1e3))
+        assert r["flops"] == tiny_flops(r["batch"])
+        assert r["achieved_gflops"] == pytest.approx(r["flops"] / (lat["p50_ms"] / 1e3) / 1e9)
+        assert r["peak_fraction"] == pytest.approx(r["achieved_gflops"] / d["peak"]["peak_gflops"])
+        assert r["speedup_vs_fp32"] == 1.0 and r["speedup_vs_torch"] is None
+        assert isinstance(r["repeatable"], bool) and r["repeat_p50_ms"] > 0
+    assert d["repeatability"]["verdict"].startswith(("repeatable", "the machine was too noisy"))
+    assert any("no torch baseline" in n for n in d["notes"])
+    json.dumps(d)  # serializable as is
+
+
+def test_progress_counts_every_step(fast_report):
+    done = [d for d, _, _ in PROGRESS]
+    assert done == list(range(len(done) - 1)) + [PROGRESS[0][1]]  # one call per step, then total/total
+    assert {t for _, t, _ in PROGRESS} == {len(done) - 1} and PROGRESS[-1][2] == "done"
+    assert any("classification, 1,000 classes" in w for _, _, w in PROGRESS)
+
+
+def test_classes_scaling_rows(fast_report):
+    rows = fast_report.classes
+    assert [r.n_classes for r in rows] == [1, 100, 1000]
+    assert rows[0].vs_fewest == 1.0
+    assert rows[2].vs_fewest == pytest.approx(rows[2].latency.p50_ms / rows[0].latency.p50_ms)
+    assert all(r.predict is not None and r.predict.runs == 5 for r in rows)
+
+
+def test_adaptation_compares_enrolment_with_embedding(fast_report):
+    (a,) = fast_report.adaptation
+    assert a.shots == 5 and a.ratio == pytest.approx(a.enroll.p50_ms / a.embed.p50_ms)
+    assert "FewShotClassifier.enroll" in a.method
+
+
+def test_cold_start_parts_add_up(tiny_onnx_model_module):
+    cfg = bm.BenchConfig(providers=("cpu",), threads=1, warmup=0, runs=1)
+    row = bm._cold_start(bm._open_variant(tiny_onnx_model_module, "given", 1), "CPUExecutionProvider", cfg)
+    parts = row.interpreter_ms + row.import_ms + row.session_ms + row.first_prediction_ms
+    assert row.total_ms == pytest.approx(parts) and min(row.interpreter_ms, row.import_ms, row.session_ms) > 0
+    assert row.peak_rss_mb is None or 0 < row.peak_rss_mb <= row.peak_rss_batch_mb
+    assert row.largest_batch == 32
+
+
+def test_no_cuda_is_reported_not_failed(tiny_onnx_model_module, monkeypatch):
+    monkeypatch.setattr(bm.ort, "get_available_providers", lambda: ["CPUExecutionProvider"])
+    providers, unavailable = bm._providers(("auto",))
+    assert providers == ["CPUExecutionProvider"]
+    assert unavailable["CUDAExecutionProvider"].startswith("CUDA unavailable")
+    with pytest.raises(ProviderError, match="CUDAExecutionProvider not available"):
+        bm._providers(("cuda",))  # asked for by name: an error, never a silent CPU run
+    cfg = bm.BenchConfig(batch_sizes=(1,), class_counts=(1,), threads=1, flops=False, **{k: v for k, v in FAST.items() if k != "peak_size"})
+    report = bm.run_benchmark(tiny_onnx_model_module, cfg)
+    assert {r.provider for r in report.embedding} == {"CPU"}
+    out = io.StringIO()
+    from rich.console import Console
+
+    bm.render_report(report, Console(file=out, width=120))
+    assert "CUDA unavailable" in out.getvalue() and "Embedding latency" in out.getvalue()
+
+
+def test_precision_variants_side_by_side(tmp_path, tiny_onnx_model_module):
+    fp32 = tmp_path / "m.onnx"
+    fp32.write_bytes(tiny_onnx_model_module.read_bytes())
+    with_precision(fp32, tmp_path / "m.int8.onnx", "int8")
+    cfg = bm.BenchConfig(providers=("cpu",), batch_sizes=(2,), class_counts=(1,), precisions=("fp32", "int8"), threads=1, flops=False, **{k: v for k, v in FAST.items() if k != "peak_size"})
+    report = bm.run_benchmark(fp32, cfg)
+    assert [(m.precision.value, m.origin) for m in report.models] == [("fp32", "given"), ("int8", "found next to the model")]
+    int8 = next(r for r in report.embedding if r.precision == "int8")
+    fp = next(r for r in report.embedding if r.precision == "fp32")
+    assert int8.speedup_vs_fp32 == pytest.approx(fp.latency.p50_ms / int8.latency.p50_ms)
+
+
+def test_missing_precision_without_a_source_says_how_to_get_it(tmp_path, tiny_onnx_model_module):
+    model = tmp_path / "m.onnx"
+    model.write_bytes(tiny_onnx_model_module.read_bytes())
+    with pytest.raises(InputError, match=r"no int8 model: pass one, put only\.int8\.onnx next to only\.fp16\.onnx"):
+        bm.run_benchmark(with_precision(model, tmp_path / "only.fp16.onnx", "fp16"), bm.BenchConfig(precisions=("int8",), **FAST))
+
+
+def test_plot_writes_a_png(fast_report, tmp_path):
+    path = bm.plot_report(fast_report, tmp_path / "bench.png")
+    assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_linear_head_learns_separable_classes():
+    torch = pytest.importorskip("torch")
+    g = torch.Generator().manual_seed(0)
+    centers = torch.randn(5, 32, generator=g) * 3
+    labels = torch.arange(5).repeat_interleave(4)
+    x = centers[labels] + 0.1 * torch.randn(20, 32, generator=g)
+    classify = bm._train_linear(torch, x, labels, 5, steps=100, lr=0.5)
+    assert (classify(x).argmax(dim=1) == labels).all()
+    r = bm.BackpropResult(5, 1, 10, 100, 0.5, 1.0, 0.01, 20.0, 0.9, 0.01, 0.8, 0.02)
+    assert r.speedup == pytest.approx(21.0 / 1.01)
+
+
+# ---------------------------------------------------------------- the command line
+
+
+def test_cli_json(tiny_onnx_model_module, tmp_path):
+    res = cli(tiny_onnx_model_module, "--json", "--runs", "3", "--warmup", "0", "--batch-sizes", "1,2", "--classes", "1,10",
+              "--threads", "1", "--no-cold-start", "--providers", "cpu", "--plot", tmp_path / "p.png")
+    assert res.exit_code == 0, res.stderr
+    d = json.loads(res.stdout)
+    assert [r["batch"] for r in d["embedding"]] == [1, 2] and [r["n_classes"] for r in d["classes"]] == [1, 10]
+    assert d["config"]["runs"] == 3 and (tmp_path / "p.png").is_file()
+
+
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (("--batch-sizes", "0"), "batch size 0 is out of range (allowed 1 to 4,096)"),
+        (("--batch-sizes", "1,5000"), "batch size 5000 is out of range"),
+        (("--batch-sizes", "1,x"), "--batch-sizes takes comma-separated integers"),
+        (("--runs", "0"), "runs must be an integer from 1 to 1,000,000, got 0"),
+        (("--runs", "2000000"), "runs must be an integer from 1 to 1,000,000"),
+        (("--runs", "5", "--duration", "1"), "give --runs or --duration, not both"),
+        (("--providers", "foo"), "unknown provider 'foo'"),
+        (("--precisions", "fp64"), "unknown precision"),
+        (("--plot", "/nonexistent-folder/p.png"), "--plot: folder /nonexistent-folder does not exist"),
+    ],
+)
+def test_cli_bad_settings(tiny_onnx_model_module, args, message):
+    res = cli(tiny_onnx_model_module, *args)
+    assert res.exit_code == 1 and message in res.stderr and res.stderr.count("\n") == 1, res.stderr
+
+
+@pytest.mark.skipif(HAS_CUDA, reason="CUDA is available here")
+def test_cli_unavailable_provider(tiny_onnx_model_module):
+    res = cli(tiny_onnx_model_module, "--providers", "cuda")
+    assert res.exit_code == 1
+    assert "CUDAExecutionProvider not available in this onnxruntime build" in res.stderr and "--providers auto" in res.stderr
+
+
+def test_cli_not_onnx(tmp_path):
+    bad = tmp_path / "model.onnx"
+    bad.write_text("this is not a model\n")
+    res = cli(bad)
+    assert res.exit_code == 1 and "not an ONNX model" in res.stderr
+
+
+def test_cli_contract_breach(make_onnx_model):
+    res = cli(make_onnx_model(drop=("prototypes",)))
+    assert res.exit_code == 1 and "is not an edgemeta model: missing input 'prototypes'" in res.stderr
+
+
+def test_cli_checkpoint_of_another_model(tiny_onnx_model_module, tmp_path):
+    ckpt = fake_checkpoint(tmp_path / "other.safetensors", "0123456789abcdef")
+    res = cli(tiny_onnx_model_module, "--checkpoint", ckpt)
+    assert res.exit_code == 1
+    assert "checkpoint other.safetensors is model 0123456789abcdef, but tiny.onnx is model fp-tiny-0001" in res.stderr
+    with pytest.raises(ModelMismatchError):
+        bm.run_benchmark(tiny_onnx_model_module, bm.BenchConfig(**FAST), checkpoint=ckpt)
+
+
+def test_cli_checkpoint_that_is_not_one(tiny_onnx_model_module, tmp_path):
+    bad = tmp_path / "x.safetensors"
+    bad.write_bytes(b"\x00" * 4)
+    res = cli(tiny_onnx_model_module, "--checkpoint", bad)
+    assert res.exit_code == 1 and "is not an edgemeta checkpoint" in res.stderr
+
+
+# ---------------------------------------------------------------- without torch, without onnx
+
+BLOCKED_RUN = textwrap.dedent(
+    """
+    import importlib.abc, json, sys
+
+    class Blocker(importlib.abc.MetaPathFinder):
+        def find_spec(self, name, path=None, target=None):
+            if any(name == b or name.startswith(b + ".") for b in ("torch", "onnx", "onnxscript")):
+                raise ImportError(f"blocked for this test: {name}")
+            return None
+
+    sys.meta_path.insert(0, Blocker())
+    from edgemeta.benchmark import BenchConfig, run_benchmark
+    cfg = BenchConfig(providers=("cpu",), batch_sizes=(1,), class_counts=(1, 10), threads=1, warmup=0, runs=2,
+                      cold_start=False, peak_size=64)
+    d = run_benchmark(sys.argv[1], cfg).to_dict()
+    print(json.dumps({"flops": d["embedding"][0]["flops"], "peak": d["peak"]["peak_gflops"], "notes": d["notes"],
+                      "torch_loaded": "torch" in sys.modules, "onnx_loaded": "onnx" in sys.modules}))
+    """
+)
+
+
+def test_benchmark_runs_without_torch_or_onnx(tiny_onnx_model_module):
+    proc = subprocess.run([sys.executable, "-c", BLOCKED_RUN, str(tiny_onnx_model_module)], capture_output=True, text=True, cwd=ROOT, timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    d = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert d["flops"] is None and d["peak"] > 0 and not d["torch_loaded"] and not d["onnx_loaded"]
+    assert any(n.startswith("FLOPs unavailable: the onnx package is not installed") for n in d["notes"])
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not HAS_CUDA, reason="needs onnxruntime-gpu and an NVIDIA GPU")
+def test_cuda_rows(tiny_onnx_model_module):
+    cfg = bm.BenchConfig(providers=("cuda",), batch_sizes=(1, 8), class_counts=(1, 100), flops=False, **{k: v for k, v in FAST.items() if k != "peak_size"})
+    report = bm.run_benchmark(tiny_onnx_model_module, cfg)
+    assert {r.provider for r in report.embedding} == {"CUDA"} and len(report.classes) == 2
+    assert not math.isnan(report.embedding[0].latency.p50_ms)
+
+
+@pytest.mark.skipif(not os.environ.get("EDGEMETA_LITE_PYTHON"), reason="set EDGEMETA_LITE_PYTHON to a runtime-only venv (scripts/test.sh does)")
+def test_cli_in_a_runtime_only_environment(tiny_onnx_model_module):
+    args = ["benchmark", str(tiny_onnx_model_module), "--json", "--runs", "2", "--warmup", "0", "--batch-sizes", "1", "--classes", "1", "--threads", "1", "--no-cold-start"]
+    r = subprocess.run([os.environ["EDGEMETA_LITE_PYTHON"], "-m", "edgemeta", *args], capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr[-2000:]
+    d = json.loads(r.stdout)
+    assert d["embedding"][0]["flops"] is None and d["machine"]["torch"] is None
+    assert any(n.startswith("FLOPs unavailable") for n in d["notes"])
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not (Path(os.environ.get("EDGEMETA_DATA_DIR", "/nonexistent")) / "omniglot").is_dir(), reason="needs the Omniglot data (EDGEMETA_DATA_DIR)")
+def test_backprop_baseline_on_omniglot_episodes(tmp_path):
+    torch = pytest.importorskip("torch")
+    from edgemeta.checkpoint import save_checkpoint
+    from edgemeta.data import omniglot_spec
+    from edgemeta.exporters import ExportOptions, export_checkpoint
+    from edgemeta.model import FewShotModel, ModelSpec
+
+    torch.manual_seed(0)
+    ckpt = tmp_path / "conv4.safetensors"
+    save_checkpoint(ckpt, FewShotModel(ModelSpec("conv4", omniglot_spec(28))).eval())
+    export_checkpoint(ckpt, tmp_path / "conv4.onnx", ExportOptions(verify=None))
+    results = bm.backprop_baseline(tmp_path / "conv4.onnx", shots=(1, 5), episodes=3, steps=20, threads=1)
+    assert [(r.n_way, r.k_shot, r.episodes, r.steps) for r in results] == [(5, 1, 3, 20), (5, 5, 3, 20)]
+    for r in results:
+        assert 0.2 <= r.prototype_accuracy <= 1 and 0 <= r.backprop_accuracy <= 1  # random weights still beat chance on Omniglot
+        assert min(r.embed_ms, r.prototype_ms, r.backprop_ms) > 0
+
+
+def test_time_pair_alternates():
+    calls = []
+    a, b = bm.time_pair(lambda: calls.append("a"), lambda: calls.append("b"), warmup=2, runs=4)
+    assert calls == ["a", "b"] * 6 and a.runs == b.runs == 4
+
+
+@pytest.mark.parametrize("load, cores, busy", [(0.2, 2, False), (1.0, 2, True), (3.5, 8, False), (6.0, 8, True)])
+def test_busy_machine_is_flagged(load, cores, busy):
+    note = bm._busy_note({"load_average": [load, 0.0, 0.0], "logical_cores": cores})
+    assert (note is not None) == busy
+    if busy:
+        assert note.startswith(f"the machine was busy: load average {load:.2f} on {cores} logical cores")
