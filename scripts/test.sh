@@ -23,4 +23,10 @@ LITE=${EDGEMETA_LITE_VENV:-.venv-lite}
 "$LITE/bin/python" -m pip install -q --disable-pip-version-check --no-deps -e .
 export EDGEMETA_LITE_PYTHON=$PWD/$LITE/bin/python
 
+# 4. the oldest ONNX Runtime the exported models claim to load in (1.17, early 2024)
+OLD=${EDGEMETA_OLD_ORT_VENV:-.venv-ort117}
+[ -x "$OLD/bin/python" ] || "$PY" -m venv "$OLD"
+"$OLD/bin/python" -m pip install -q --disable-pip-version-check "onnxruntime==1.17.3" "numpy<2"
+export EDGEMETA_OLD_ORT_PYTHON=$PWD/$OLD/bin/python
+
 "$VENV/bin/python" -m pytest -q -p no:cacheprovider "$@"
