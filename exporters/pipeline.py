@@ -128,7 +128,7 @@ def metadata_for_checkpoint(ck: Checkpoint) -> ModelMetadata:
 def _extra(ck: Checkpoint) -> dict[str, Any]:
     extra: dict[str, Any] = {"train_data": (ck.info.get("train_data") or {}).get("name", ""), "dataset": recorded_dataset(ck.info) or ""}
     if ck.spec.metric is Metric.COSINE:
-        extra["logit_scale"] = float(ck.model.log_scale.exp())
+        extra["logit_scale"] = float(ck.model.log_scale.detach().exp())
     if isinstance(ck.info.get("open_set_threshold"), (int, float)):
         extra["open_set_threshold"] = float(ck.info["open_set_threshold"])
     return extra
