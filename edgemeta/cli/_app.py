@@ -36,8 +36,9 @@ def fail(message: str) -> None:
     raise typer.Exit(1)
 
 
-def command(*args: Any, **kwargs: Any):
-    """``app.command`` that turns an :class:`EdgemetaError` into one line on stderr and exit 1."""
+def command(*args: Any, target: typer.Typer | None = None, **kwargs: Any):
+    """``app.command`` (or ``target.command`` for a sub-app) that turns an
+    :class:`EdgemetaError` into one line on stderr and exit 1."""
 
     def decorate(fn):
         @functools.wraps(fn)
@@ -50,7 +51,7 @@ def command(*args: Any, **kwargs: Any):
                 sys.stderr.write("error: interrupted\n")
                 raise typer.Exit(130) from None
 
-        return app.command(*args, **kwargs)(wrapper)
+        return (target or app).command(*args, **kwargs)(wrapper)
 
     return decorate
 

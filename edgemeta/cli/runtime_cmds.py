@@ -8,8 +8,6 @@ save atomically), so what was enrolled before is never lost.
 from __future__ import annotations
 
 import contextlib
-import functools
-import sys
 from pathlib import Path
 from typing import Any, Callable, Iterator, List, Optional
 
@@ -17,8 +15,8 @@ import typer
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 from rich.table import Table
 
-from edgemeta.cli._app import app, command, console, emit_json, fail, out
-from edgemeta.runtime.errors import EdgemetaError, InputError
+from edgemeta.cli._app import app, command, console, emit_json, out
+from edgemeta.runtime.errors import InputError
 
 store_app = typer.Typer(name="store", help="Inspect and edit a prototype store file.", no_args_is_help=True)
 app.add_typer(store_app, name="store")
@@ -29,21 +27,7 @@ PROGRESS_MIN = 32  # show a progress bar from this many images
 
 def store_command(name: str):
     """``store_app.command`` with the same error boundary as :func:`command`."""
-
-    def decorate(fn: Callable) -> Callable:
-        @functools.wraps(fn)
-        def wrapper(*a: Any, **k: Any) -> Any:
-            try:
-                return fn(*a, **k)
-            except EdgemetaError as e:
-                fail(str(e))
-            except KeyboardInterrupt:
-                sys.stderr.write("error: interrupted\n")
-                raise typer.Exit(130) from None
-
-        return store_app.command(name)(wrapper)
-
-    return decorate
+    return command(name, target=store_app)
 
 
 @contextlib.contextmanager
