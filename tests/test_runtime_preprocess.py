@@ -157,3 +157,16 @@ def test_nan_inside_a_batch_is_found():
     with pytest.raises(InputError, match="preprocessed array 2 contains NaN"):
         preprocess(batch, GREY)
 
+
+
+def test_preprocessed_batch_fast_path_still_checks_values():
+    from edgemeta.runtime.preprocess import preprocess
+    from edgemeta.runtime.spec import PreprocessSpec
+
+    spec = PreprocessSpec.create(8, 1)
+    batch = np.random.default_rng(0).standard_normal((3, 1, 8, 8)).astype(np.float32)
+    out = preprocess(batch, spec)
+    assert out.shape == (3, 1, 8, 8) and np.array_equal(out, batch)
+    batch[1, 0, 2, 2] = np.nan
+    with pytest.raises(InputError, match="NaN or infinite"):
+        preprocess(batch, spec)
