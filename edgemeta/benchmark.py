@@ -87,6 +87,7 @@ MAX_RUNS = 1_000_000
 MAX_CLASSES = 1_000_000
 MAX_DURATION_S = 3600.0
 REPEAT_TOLERANCE = 0.10  # two back-to-back p50s must agree within 10%
+BUSY_CORES = 0.2  # other processes using this many cores on average make the run "busy"
 
 ProgressFn = Callable[[int, int, str], None]  # (done, total, what is running now)
 
@@ -1248,6 +1249,7 @@ def run_benchmark(
     ckpt = Path(checkpoint) if checkpoint is not None else None
     providers, unavailable = _providers(config.providers)
     threads = config.resolved_threads
+    others = _OtherLoad()
     with tempfile.TemporaryDirectory(prefix="edgemeta-bench-") as tmp:
         variants = resolve_variants(paths, config.precisions, ckpt, Path(workdir) if workdir else Path(tmp), threads)
         report = BenchReport(machine_info(), config.to_dict(), variants, unavailable=unavailable)
@@ -1261,6 +1263,10 @@ def run_benchmark(
         _wrap_up(report, variants, config, steps)
     if baseline is None:
         report.notes.append("no torch baseline: pass --checkpoint (the checkpoint the model was exported from)")
+    report.machine["other_processes_cores"] = others.cores()
+    busy = _busy_note(report.machine["other_processes_cores"], report.machine["logical_cores"] or 1)
+    if busy:
+        report.notes.append(busy)
     steps.finish()
     return report
 
@@ -1279,21 +1285,42 @@ def _wrap_up(report: BenchReport, variants: list[ModelVariant], config: BenchCon
         report.backprop = backprop_baseline(fp32.path, episodes=config.backprop_episodes, threads=threads, seed=config.seed)
     report.benchmark_peak_rss_mb = _peak_rss_mb()
     report.machine["load_average_after"] = list(os.getloadavg()) if hasattr(os, "getloadavg") else None
-    busy = _busy_note(report.machine)
-    if busy:
-        report.notes.append(busy)
 
 
-def _busy_note(machine: dict[str, Any]) -> str | None:
-    """A warning when other work shared the CPU: the 1-minute load average before the run
-    (before this process did anything) counts only other processes."""
-    load = (machine.get("load_average") or [0.0])[0]
-    cores = machine.get("logical_cores") or 1
-    if load < 0.5 * cores:
+def _cpu_ticks() -> tuple[float, float] | None:
+    """(seconds of CPU busy on the whole machine, seconds used by this process and its
+    waited-for children), from /proc/stat and os.times; None where /proc/stat is missing."""
+    try:
+        with open("/proc/stat") as f:
+            fields = [float(v) for v in f.readline().split()[1:9]]
+    except (OSError, ValueError):
+        return None
+    user, nice, system, _idle, _iowait, irq, softirq, steal = (fields + [0.0] * 8)[:8]
+    own = os.times()
+    return (user + nice + system + irq + softirq + steal) / os.sysconf("SC_CLK_TCK"), own.user + own.system + own.children_user + own.children_system
+
+
+class _OtherLoad:
+    """How many cores other processes (and the hypervisor) took while the benchmark ran."""
+
+    def __init__(self) -> None:
+        self.start, self.t0 = _cpu_ticks(), time.monotonic()
+
+    def cores(self) -> float | None:
+        end = _cpu_ticks()
+        if self.start is None or end is None:
+            return None
+        wall = max(time.monotonic() - self.t0, 1e-9)
+        return max(0.0, ((end[0] - self.start[0]) - (end[1] - self.start[1])) / wall)
+
+
+def _busy_note(other_cores: float | None, logical_cores: int) -> str | None:
+    """A warning when other work shared the CPU during the run (0.2 cores on average or more)."""
+    if other_cores is None or other_cores < BUSY_CORES:
         return None
     return (
-        f"the machine was busy: load average {load:.2f} on {cores} logical cores before the run started; "
-        "other processes shared the CPU, so the timings (torch's especially) are not trustworthy: rerun on a quiet machine"
+        f"the machine was busy: other processes used {other_cores:.2f} of {logical_cores} cores on average during the run, "
+        "so these timings (torch's most) are not trustworthy: rerun on a quiet machine"
     )
 
 

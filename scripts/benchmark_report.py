@@ -15,7 +15,7 @@ Benchmarks, on this machine, with :func:`edgemeta.benchmark.run_benchmark`:
 Then the report checks the figures against the project's targets.
 
     EDGEMETA_DATA_DIR=../shared/data python scripts/benchmark_report.py
-    python scripts/benchmark_report.py --quick --out /tmp/report   # a fast smoke run
+    python scripts/benchmark_report.py --quick --out reports/quick   # a fast smoke run
 """
 
 from __future__ import annotations
@@ -231,6 +231,9 @@ def model_section(name: str, d: dict, trained: bool, plot: str) -> str:
             _table(BACKPROP_HEADER, rows), "",
         ]
     rep = d["repeatability"]
+    others = d["machine"].get("other_processes_cores")
+    if others is not None:
+        parts.append(f"Other processes used {others:.2f} cores on average while this model was measured.")
     parts += [f"Repeatability: {rep['verdict']}."] + [f"- {n}" for n in rep["noisy"]] + [""]
     parts += [f"Note: {n}" for n in d["notes"]] + ["", f"![{name}]({plot})", ""]
     return "\n".join(parts)
@@ -313,6 +316,9 @@ def main() -> None:
                 models = export_variants(ckpt, work, precisions, CALIBRATION)
                 reports[name] = run(models, ckpt, replace(big_cfg, precisions=precisions), work, f"{name} (untrained) @{size}")
     docs = {name: r.to_dict() for name, r in reports.items()}
+    for d in docs.values():  # the models lived in a temporary folder: keep their names only
+        for m in d["models"]:
+            m["path"] = Path(m["path"]).name
     for name, r in reports.items():
         plot_report(r, args.out / f"benchmark_{name.lower().replace('-', '')}.png")
     doc = {"reports": docs, "ort_settings_sweep": sweep_rows, "targets": targets(docs)}

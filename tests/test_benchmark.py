@@ -397,9 +397,15 @@ def test_time_pair_alternates():
     assert calls == ["a", "b"] * 6 and a.runs == b.runs == 4
 
 
-@pytest.mark.parametrize("load, cores, busy", [(0.2, 2, False), (1.0, 2, True), (3.5, 8, False), (6.0, 8, True)])
-def test_busy_machine_is_flagged(load, cores, busy):
-    note = bm._busy_note({"load_average": [load, 0.0, 0.0], "logical_cores": cores})
+@pytest.mark.parametrize("others, busy", [(None, False), (0.05, False), (0.2, True), (1.5, True)])
+def test_busy_machine_is_flagged(others, busy):
+    note = bm._busy_note(others, 2)
     assert (note is not None) == busy
     if busy:
-        assert note.startswith(f"the machine was busy: load average {load:.2f} on {cores} logical cores")
+        assert note.startswith(f"the machine was busy: other processes used {others:.2f} of 2 cores on average")
+
+
+@pytest.mark.skipif(not Path("/proc/stat").is_file(), reason="needs /proc/stat")
+def test_other_load_is_measured(fast_report):
+    assert fast_report.machine["other_processes_cores"] >= 0
+    assert bm._OtherLoad().cores() >= 0
