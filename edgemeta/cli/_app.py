@@ -21,7 +21,7 @@ app = typer.Typer(
 )
 
 console = Console(stderr=True)
-out = Console()
+out = Console(soft_wrap=True)  # one line per result, even when piped
 
 
 def emit_json(obj: Any) -> None:
