@@ -5,11 +5,7 @@
 #   bash scripts/quickstart.sh [--out DIR] [--json]
 set -euo pipefail
 cd "$(dirname "$0")/.."
-PY=${PYTHON:-python3}
-VENV=${EDGEMETA_VENV:-.venv}
-[ -x "$VENV/bin/python" ] || "$PY" -m venv "$VENV"
-"$VENV/bin/python" -m pip install -q --disable-pip-version-check "torch==2.13.0"
-"$VENV/bin/python" -m pip install -q --disable-pip-version-check -e ".[cpu,train,export]"
+. scripts/_env.sh cpu,train,export
 # Omniglot: ../shared/data when present, else EDGEMETA_DATA_DIR, else downloaded (checksum-verified)
 if [ -z "${EDGEMETA_DATA_DIR:-}" ] && [ -d ../shared/data/omniglot ]; then
   export EDGEMETA_DATA_DIR=$(cd .. && pwd)/shared/data

@@ -4,13 +4,9 @@
 #   bash scripts/test.sh -k export  # extra arguments go to pytest
 set -euo pipefail
 cd "$(dirname "$0")/.."
-PY=${PYTHON:-python3}
-VENV=${EDGEMETA_VENV:-.venv}
 
-# 1. the development environment: torch's CPU build first (a bare `torch` would pull CUDA), then the project
-[ -x "$VENV/bin/python" ] || "$PY" -m venv "$VENV"
-"$VENV/bin/python" -m pip install -q --disable-pip-version-check "torch==2.13.0"
-"$VENV/bin/python" -m pip install -q --disable-pip-version-check -e ".[dev]"
+# 1. the development environment
+. scripts/_env.sh dev
 
 # 2. the real data: ../shared/data unless told otherwise
 export EDGEMETA_DATA_DIR=${EDGEMETA_DATA_DIR:-$(cd .. && pwd)/shared/data}
