@@ -17,7 +17,10 @@ Example:
 
 from __future__ import annotations
 
+import contextlib
+import functools
 import hashlib
+import io
 import os
 import warnings
 from dataclasses import dataclass
@@ -168,6 +171,31 @@ def _ort_error_kind(e: Exception) -> str:
     return "provider"
 
 
+_GPU_PROVIDERS = (Provider.TENSORRT.value, Provider.CUDA.value)
+_preloaded = False
+
+
+def _preload_cuda_libraries() -> None:
+    """Load CUDA / cuDNN from the ``nvidia-*`` pip packages (or torch) before a GPU session.
+
+    onnxruntime-gpu needs those libraries on the loader path; ``onnxruntime.preload_dlls``
+    (ONNX Runtime >= 1.21) finds them where pip put them, so ``pip install
+    onnxruntime-gpu[cuda,cudnn]`` works without setting ``LD_LIBRARY_PATH``. Best effort:
+    libraries it cannot find are left to the system loader, and a provider that still
+    cannot load is reported as a fallback by the session.
+    """
+    global _preloaded
+    if _preloaded or not hasattr(ort, "preload_dlls") or os.environ.get("EDGEMETA_NO_PRELOAD"):
+        return
+    _preloaded = True
+    try:  # it prints its warnings; keep them off stdout, where --json output goes
+        with warnings.catch_warnings(), contextlib.redirect_stdout(io.StringIO()):
+            warnings.simplefilter("ignore")
+            ort.preload_dlls()
+    except Exception:  # noqa: BLE001 - whatever is missing shows up as a provider fallback
+        pass
+
+
 class Session:
     """One exported edgemeta model, loaded in ONNX Runtime.
 
@@ -205,6 +233,8 @@ class Session:
         self.io_binding = False  # decided once the providers are known (probes run unbound)
         self.prototype_uploads = 0  # how many times prototypes were copied to the device
         self._proto_cache: tuple[np.ndarray, object] | None = None
+        self._no_prototypes_value = None  # the empty prototypes input of embed(), on the device
+        self._ort_said = ""  # what ONNX Runtime printed while a GPU provider failed to load
         self._sess = self._create_session()
         self._check_contract()
         meta = self._stored_metadata()
@@ -241,6 +271,8 @@ class Session:
     def _create_session(self) -> ort.InferenceSession:
         available = ort.get_available_providers()
         wanted = list(self.requested_providers)
+        if any(p in available for p in wanted if p in _GPU_PROVIDERS):
+            _preload_cuda_libraries()
         missing = [p for p in wanted if p not in available]
         if missing and not self._auto:
             self._fallback(missing, f"not in this onnxruntime build (it has {', '.join(available)})")
@@ -261,12 +293,29 @@ class Session:
         actual = sess.get_providers()
         lost = [p for p in wanted if p not in actual]
         if lost:
-            self._fallback(lost, f"ONNX Runtime could not load it (the session runs {', '.join(actual)})")
+            said = f"; ONNX Runtime said: {self._ort_said}" if self._ort_said else ""
+            self._fallback(lost, f"ONNX Runtime could not load it (the session runs {', '.join(actual)}){said}")
         return sess
 
     def _open(self, providers: list[str]) -> ort.InferenceSession:
         try:
-            return ort.InferenceSession(str(self.path), sess_options=self._ort_options(), providers=providers)
+            if not any(p in _GPU_PROVIDERS for p in providers):
+                sess = ort.InferenceSession(str(self.path), sess_options=self._ort_options(), providers=providers)
+            else:
+                # A GPU provider that fails to load makes ONNX Runtime print to stdout (where
+                # `--json` output goes) and log errors to stderr before it falls back; keep both
+                # quiet here: the fallback is detected and reported by _create_session.
+                said = io.StringIO()
+                ort.set_default_logger_severity(4)
+                try:
+                    with contextlib.redirect_stdout(said):
+                        sess = ort.InferenceSession(str(self.path), sess_options=self._ort_options(), providers=providers)
+                finally:
+                    ort.set_default_logger_severity(2)  # ONNX Runtime's default
+                self._ort_said = " ".join(line.strip() for line in said.getvalue().splitlines() if line.strip().startswith("EP Error"))[:300]
+            # ONNX Runtime would otherwise switch providers inside run() on an EP failure, silently
+            sess.disable_fallback()
+            return sess
         except Exception as e:  # noqa: BLE001
             if _ort_error_kind(e) == "model":
                 raise InputError(f"{self.path}: not an ONNX model ONNX Runtime can load ({' '.join(str(e).split())[:300]}); re-export it") from None
@@ -419,11 +468,16 @@ class Session:
             )
         return p
 
+    @functools.cached_property
+    def _no_prototypes(self) -> np.ndarray:
+        empty = np.zeros((0, self.embedding_dim), self._in_types[INPUT_PROTOTYPES])
+        empty.flags.writeable = False
+        return empty
+
     def embed(self, images: np.ndarray) -> np.ndarray:
         """Preprocessed float images [B, C, H, W] -> embeddings float32 [B, D]."""
         x = self._check_images(images)
-        empty = np.zeros((0, self.embedding_dim), np.float32)
-        return self._chunked(x, empty, logits=False)[0]
+        return self._chunked(x, self._no_prototypes, logits=False)[0]
 
     def run(self, images: np.ndarray, prototypes: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """Preprocessed images and prototypes [N, D] -> (embeddings [B, D], logits [B, N]).
@@ -476,7 +530,12 @@ class Session:
         device, device_id = self._device()
         binding = self._sess.io_binding()
         binding.bind_ortvalue_input(INPUT_IMAGES, ort.OrtValue.ortvalue_from_numpy(x, device, device_id))
-        binding.bind_ortvalue_input(INPUT_PROTOTYPES, self._prototype_value(protos))
+        if OUTPUT_LOGITS in names:
+            binding.bind_ortvalue_input(INPUT_PROTOTYPES, self._prototype_value(protos))
+        else:  # embedding only: a fixed empty input, so the cached prototypes stay on the device
+            if self._no_prototypes_value is None:
+                self._no_prototypes_value = ort.OrtValue.ortvalue_from_numpy(self._no_prototypes, device, device_id)
+            binding.bind_ortvalue_input(INPUT_PROTOTYPES, self._no_prototypes_value)
         for name in names:
             binding.bind_output(name, device, device_id)
         self._sess.run_with_iobinding(binding)
