@@ -155,9 +155,11 @@ def _softmax(logits: np.ndarray) -> np.ndarray:
     return z / z.sum(axis=1, keepdims=True)
 
 
-def _as_list(images: ImageLike | Sequence[ImageLike]) -> list:
+def _as_list(images: ImageLike | Sequence[ImageLike]) -> Sequence:
+    """A sliceable sequence of images; a 4-D array stays one array, so that a batch already
+    preprocessed takes :func:`preprocess`'s fast path (checked once, not image by image)."""
     if isinstance(images, np.ndarray) and images.ndim == 4:
-        return list(images)
+        return images
     if isinstance(images, (list, tuple)):
         return list(images)
     return [images]
@@ -271,7 +273,7 @@ class FewShotClassifier:
     def embed(self, images: ImageLike | Sequence[ImageLike], on_progress: Callable[[int], None] | None = None) -> np.ndarray:
         """Images (paths, PIL images, arrays, or a 4-D array) -> embeddings float32 [n, D]."""
         items = _as_list(images)
-        if not items:
+        if len(items) == 0:
             raise InputError("no images given; pass at least one image")
         spec, bs = self.session.preprocess, self.options.batch_size
         parts = []
@@ -291,7 +293,7 @@ class FewShotClassifier:
         """
         check_label(label)
         items = _as_list(images)
-        if not items:
+        if len(items) == 0:
             raise InputError(f"no images given for label {label!r}; pass at least one image")
         return self._store.add(label, self.embed(items, on_progress))
 
@@ -349,7 +351,7 @@ class FewShotClassifier:
         if not snap.labels:
             raise InputError("nothing is enrolled yet; call enroll(label, images) for at least one class first")
         items = _as_list(images)
-        if not items:
+        if len(items) == 0:
             raise InputError("no images given; pass at least one image")
         scores = snap.examples if knn else snap.prototypes
         spec, bs = self.session.preprocess, self.options.batch_size

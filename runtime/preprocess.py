@@ -153,7 +153,8 @@ def preprocess(images: ImageLike | Sequence[ImageLike], spec: PreprocessSpec) ->
         and images.shape[1:] == (spec.channels, *spec.size)
     ):
         # fast path: an already-preprocessed batch is checked once, not image by image
-        if not np.isfinite(images).all():
+        # one float64 reduction, not a boolean copy of the batch; value by value only if needed
+        if not np.isfinite(images.sum(dtype=np.float64)) and not np.isfinite(images).all():
             bad = int(np.flatnonzero(~np.isfinite(images).reshape(len(images), -1).all(axis=1))[0])
             _check_finite(images[bad], f"preprocessed array {bad}")
         return np.ascontiguousarray(images)

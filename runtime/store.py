@@ -300,7 +300,9 @@ class PrototypeStore:
             raise InputError(f"embeddings of shape {e.shape} do not fit [n, {self.embedding_dim}]; use this model's embeddings")
         if e.shape[0] == 0:
             raise InputError("no embeddings given; enrol at least one example")
-        if e.dtype.kind not in "fiu" or not np.isfinite(e).all():
+        # one reduction instead of a boolean array: the sum is finite when every value is
+        # (an overflowing sum of finite values is re-checked value by value)
+        if e.dtype.kind not in "fiu" or (not np.isfinite(e.sum(dtype=np.float64)) and not np.isfinite(e).all()):
             raise InputError("embeddings must be finite numbers; check the model's output")
         return e
 
@@ -308,11 +310,12 @@ class PrototypeStore:
         """Add embeddings [n, D] (or one [D]) to ``label``, creating it if new; returns its count."""
         check_label(label)
         e = self._check_embeddings(embeddings)
+        total = e.sum(axis=0, dtype=np.float64)  # outside the lock: predictions wait less
         with self._lock:
             row = self._index.get(label)
             if row is None:
                 row = self._append_row(label)
-            self._sums[row] += e.sum(axis=0, dtype=np.float64)
+            self._sums[row] += total
             self._counts[row] += e.shape[0]
             if self.keep_embeddings:
                 self._examples[label].append(_readonly(np.array(e, dtype=np.float32)))
