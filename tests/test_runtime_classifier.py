@@ -108,7 +108,7 @@ def test_enrolment_embeds_only_the_new_images(tiny_onnx_model, runtime_images, m
     ],
 )
 def test_bad_enrolment_and_empty_predict(tiny_onnx_model, runtime_images, call, message):
-    clf = FewShotClassifier(tiny_onnx_model)
+    clf = FewShotClassifier(tiny_onnx_model, "cpu")
     with pytest.raises(InputError, match=message):
         call(clf, runtime_images["class0"])
 
@@ -134,11 +134,11 @@ def test_open_set_threshold(tiny_onnx_model, make_onnx_model, runtime_images):
     assert not clf.predict(stranger)[0].unknown
     with pytest.raises(InputError, match="threshold must be a finite distance >= 0"):
         clf.threshold = -1.0
-    unnormalized = FewShotClassifier(make_onnx_model(normalization="none"))
+    unnormalized = FewShotClassifier(make_onnx_model(normalization="none"), "cpu")
     assert unnormalized.threshold is None
-    given = FewShotClassifier(make_onnx_model(extra={"open_set_threshold": 0.3}))
+    given = FewShotClassifier(make_onnx_model(extra={"open_set_threshold": 0.3}), "cpu")
     assert given.threshold == 0.3
-    closed = FewShotClassifier(tiny_onnx_model, options=ClassifierOptions(open_set=False, threshold=0.1))
+    closed = FewShotClassifier(tiny_onnx_model, "cpu", options=ClassifierOptions(open_set=False, threshold=0.1))
     assert closed.threshold is None
 
 
@@ -158,7 +158,7 @@ def test_calibrated_threshold_is_the_leave_one_out_percentile(tiny_onnx_model, r
     _, queries, _ = _split(runtime_images)
     assert sum(p.unknown for p in clf.predict(queries)) <= 2  # genuine queries mostly known
     assert clf.predict(runtime_class_images(1, 1, seed=77)["class0"])[0].unknown  # a stranger is not
-    single = FewShotClassifier(tiny_onnx_model, options=ClassifierOptions(keep_embeddings=True))
+    single = FewShotClassifier(tiny_onnx_model, "cpu", options=ClassifierOptions(keep_embeddings=True))
     single.enroll("one", runtime_images["class0"][:1])
     with pytest.raises(InputError, match="at least one class with 2 or more enrolled examples"):
         single.calibrate_threshold()
@@ -185,7 +185,7 @@ def test_knn_mode(tiny_onnx_model, runtime_images, k):
 def test_knn_needs_a_store_with_embeddings(tiny_onnx_model):
     lean = PrototypeStore(16, fingerprint="fp-tiny-0001")
     with pytest.raises(InputError, match="k-NN mode needs a store that keeps embeddings"):
-        FewShotClassifier(tiny_onnx_model, store=lean, options=ClassifierOptions(mode="knn"))
+        FewShotClassifier(tiny_onnx_model, "cpu", store=lean, options=ClassifierOptions(mode="knn"))
 
 
 def test_forget_rename_and_persistence(tiny_onnx_model, tiny_cosine_model, runtime_images, tmp_path):
@@ -196,25 +196,25 @@ def test_forget_rename_and_persistence(tiny_onnx_model, tiny_cosine_model, runti
     _, queries, _ = _split(runtime_images)
     before = clf.predict(queries, top_k=2)
     path = clf.save(tmp_path / "device.store")
-    fresh = FewShotClassifier(tiny_onnx_model).load(path)
+    fresh = FewShotClassifier(tiny_onnx_model, "cpu").load(path)
     assert fresh.counts == clf.counts and fresh.predict(queries, top_k=2) == before
     with pytest.raises(ModelMismatchError, match="made with model fp-tiny-0001, this model is fp-tiny-cos; re-enrol or load the matching model"):
-        FewShotClassifier(tiny_cosine_model).load(path)
+        FewShotClassifier(tiny_cosine_model, "cpu").load(path)
     with pytest.raises(ModelMismatchError, match="made with model fp-tiny-0001, this model is fp-tiny-cos"):
-        FewShotClassifier(tiny_cosine_model, store=clf.store)
+        FewShotClassifier(tiny_cosine_model, "cpu", store=clf.store)
 
 
 def test_editing_adds_to_the_file(tiny_onnx_model, runtime_images, tmp_path):
     path = tmp_path / "s.store"
-    with FewShotClassifier(tiny_onnx_model).editing(path) as clf:
+    with FewShotClassifier(tiny_onnx_model, "cpu").editing(path) as clf:
         clf.enroll("class0", runtime_images["class0"])
-    with FewShotClassifier(tiny_onnx_model).editing(path) as clf:
+    with FewShotClassifier(tiny_onnx_model, "cpu").editing(path) as clf:
         clf.enroll("class1", runtime_images["class1"])
     assert PrototypeStore.load(path).counts == {"class0": 6, "class1": 6}
 
 
 def test_enroll_folder(tiny_onnx_model, runtime_image_folder, tmp_path):
-    clf = FewShotClassifier(tiny_onnx_model)
+    clf = FewShotClassifier(tiny_onnx_model, "cpu")
     progress = []
     added = clf.enroll_folder(runtime_image_folder, on_progress=progress.append)
     assert added == {f"class{k}": 6 for k in range(4)} and sum(progress) == 24
@@ -229,7 +229,7 @@ def test_enroll_folder(tiny_onnx_model, runtime_image_folder, tmp_path):
 
 def test_predictions_never_see_a_half_updated_store(tiny_onnx_model):
     images = runtime_class_images(14, 2, seed=5)
-    clf = FewShotClassifier(tiny_onnx_model, options=ClassifierOptions(batch_size=4))
+    clf = FewShotClassifier(tiny_onnx_model, "cpu", options=ClassifierOptions(batch_size=4))
     query = images["class0"][0]
     e = _embed(clf, [query])[0]
     expected = {lab: float(((e - _embed(clf, imgs).mean(0)) ** 2).sum()) for lab, imgs in images.items()}
