@@ -128,6 +128,39 @@ def build_runtime_model(
     return path
 
 
+_CUDA_RUNS: bool | None = None
+
+
+def cuda_runs() -> bool:
+    """Whether ONNX Runtime really runs on CUDA here: a GPU build lists the CUDA provider
+    also on a machine without a GPU or CUDA libraries, where it cannot load."""
+    global _CUDA_RUNS
+    if _CUDA_RUNS is None:
+        import contextlib
+        import io
+
+        import onnx
+        import onnxruntime as ort
+        from onnx import TensorProto, helper
+
+        _CUDA_RUNS = False
+        if "CUDAExecutionProvider" in ort.get_available_providers():
+            x = helper.make_tensor_value_info("x", TensorProto.FLOAT, [1])
+            y = helper.make_tensor_value_info("y", TensorProto.FLOAT, [1])
+            graph = helper.make_graph([helper.make_node("Relu", ["x"], ["y"])], "probe", [x], [y])
+            model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)], ir_version=8)
+            ort.set_default_logger_severity(4)
+            try:
+                with contextlib.redirect_stdout(io.StringIO()):
+                    sess = ort.InferenceSession(model.SerializeToString(), providers=["CUDAExecutionProvider", "CPUExecutionProvider"])
+                _CUDA_RUNS = sess.get_providers()[0] == "CUDAExecutionProvider"
+            except Exception:  # noqa: BLE001 - no usable CUDA
+                pass
+            finally:
+                ort.set_default_logger_severity(2)
+    return _CUDA_RUNS
+
+
 @pytest.fixture(scope="session")
 def make_onnx_model(tmp_path_factory):
     """Factory: ``make_onnx_model(**kwargs)`` -> path of a cached tiny edgemeta model."""

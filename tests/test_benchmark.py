@@ -16,6 +16,7 @@ import onnxruntime as ort
 import pytest
 from typer.testing import CliRunner
 
+from conftest import cuda_runs
 from edgemeta import benchmark as bm
 from edgemeta.cli import app
 from edgemeta.runtime.errors import InputError, ModelMismatchError, ProviderError
@@ -23,7 +24,7 @@ from edgemeta.runtime.errors import InputError, ModelMismatchError, ProviderErro
 ROOT = Path(__file__).resolve().parents[1]
 TINY_DIM, TINY_FLAT = 16, 16 * 16  # the conftest model: Flatten -> MatMul 256x64 -> Tanh -> MatMul 64x16
 FAST = dict(warmup=1, runs=5, peak_size=64, cold_start=False)
-HAS_CUDA = "CUDAExecutionProvider" in ort.get_available_providers()
+CUDA_IN_BUILD = "CUDAExecutionProvider" in ort.get_available_providers()
 
 
 def tiny_flops(batch: int) -> int:
@@ -286,7 +287,7 @@ def test_cli_bad_settings(tiny_onnx_model_module, args, message):
     assert res.exit_code == 1 and message in res.stderr and res.stderr.count("\n") == 1, res.stderr
 
 
-@pytest.mark.skipif(HAS_CUDA, reason="CUDA is available here")
+@pytest.mark.skipif(CUDA_IN_BUILD, reason="this onnxruntime build has the CUDA provider")
 def test_cli_unavailable_provider(tiny_onnx_model_module):
     res = cli(tiny_onnx_model_module, "--providers", "cuda")
     assert res.exit_code == 1
@@ -353,7 +354,7 @@ def test_benchmark_runs_without_torch_or_onnx(tiny_onnx_model_module):
 
 
 @pytest.mark.gpu
-@pytest.mark.skipif(not HAS_CUDA, reason="needs onnxruntime-gpu and an NVIDIA GPU")
+@pytest.mark.skipif(not cuda_runs(), reason="needs onnxruntime-gpu, CUDA libraries and an NVIDIA GPU")
 def test_cuda_rows(tiny_onnx_model_module):
     cfg = bm.BenchConfig(providers=("cuda",), batch_sizes=(1, 8), class_counts=(1, 100), flops=False, **{k: v for k, v in FAST.items() if k != "peak_size"})
     report = bm.run_benchmark(tiny_onnx_model_module, cfg)

@@ -19,6 +19,7 @@ from edgemeta.runtime import (
     Session,
     SessionOptions,
 )
+from conftest import cuda_runs
 from edgemeta.runtime.session import resolve_providers
 
 CPU = "CPUExecutionProvider"
@@ -267,8 +268,8 @@ def test_bad_run_inputs(tiny_onnx_model, images, protos, msg):
 
 @pytest.mark.gpu
 def test_cuda_session_with_io_binding(tiny_onnx_model):
-    if "CUDAExecutionProvider" not in ort.get_available_providers():
-        pytest.skip("needs onnxruntime-gpu and an NVIDIA GPU")
+    if not cuda_runs():
+        pytest.skip("needs onnxruntime-gpu, CUDA libraries and an NVIDIA GPU")
     s = Session(tiny_onnx_model, "cuda")
     assert s.providers[0] == "CUDAExecutionProvider" and s.io_binding
     x = _batch(4)

@@ -56,6 +56,14 @@ def command(*args: Any, target: typer.Typer | None = None, **kwargs: Any):
     return decorate
 
 
+def _show_warning(message: Any, category: type, filename: str, lineno: int, file: Any = None, line: Any = None) -> None:
+    """Warnings as one ``warning: ...`` line on stderr (a provider fallback, say), not Python's two-line form."""
+    (file or sys.stderr).write(f"warning: {' '.join(str(message).split())}\n")
+
+
 def main() -> None:
     """Console entry point."""
+    import warnings
+
+    warnings.showwarning = _show_warning
     app(prog_name="edgemeta")
