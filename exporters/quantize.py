@@ -53,10 +53,18 @@ class QuantizeSpec:
     method: str = "MinMax"
     op_types: tuple[str, ...] | None = None
     seed: int = 0
+    # activations as signed (int8: S8S8) or unsigned (uint8: U8S8) integers. Which one is
+    # faster depends on the model and the CPU's int8 kernels: measure with `edgemeta benchmark`
+    activations: str = "int8"
+    # keep the first convolution (the stem: 1 or 3 input channels, which int8 kernels
+    # handle poorly) in float32
+    float_stem: bool = False
 
     def __post_init__(self) -> None:
         if self.calibration_images < 1 or self.batch < 1:
             raise InputError("calibration images and batch must be >= 1")
+        if self.activations not in ("int8", "uint8"):
+            raise InputError(f"unknown activation type {self.activations!r}; use int8 or uint8")
         if self.method not in ("MinMax", "Entropy", "Percentile", "Distribution"):
             raise InputError(f"unknown calibration method {self.method!r}; use MinMax, Entropy, Percentile or Distribution")
 
@@ -208,6 +216,11 @@ def _calibration_inputs(model_path: Path, meta: ModelMetadata, calibration: Imag
     return x, np.ascontiguousarray(z, dtype=np.float32)
 
 
+def _stem(model: onnx.ModelProto) -> set[str]:
+    """The name of the first convolution in graph order (the graph is topologically sorted)."""
+    return next(({n.name} for n in model.graph.node if n.op_type == "Conv"), set())
+
+
 def _pre_process(src: Path, dst: Path) -> None:
     from onnxruntime.quantization.shape_inference import quant_pre_process
 
@@ -248,9 +261,9 @@ def quantize_int8(
             quantize_static(
                 str(pre), str(out), _reader(x, protos, spec.batch),
                 quant_format=QuantFormat.QDQ, per_channel=spec.per_channel,
-                activation_type=QuantType.QInt8, weight_type=QuantType.QInt8,
+                activation_type=QuantType.QInt8 if spec.activations == "int8" else QuantType.QUInt8, weight_type=QuantType.QInt8,
                 calibrate_method=CalibrationMethod[spec.method],
-                nodes_to_exclude=sorted(float_nodes(model)),
+                nodes_to_exclude=sorted(float_nodes(model) | (_stem(model) if spec.float_stem else set())),
                 op_types_to_quantize=list(spec.op_types) if spec.op_types else None,
             )
             q = finalize(onnx.load_model(str(out)))
@@ -261,6 +274,7 @@ def quantize_int8(
     finally:
         logging.disable(previous)
     _check(q, "int8")
-    calib: dict[str, Any] = {"dataset": calibration.name, "images": int(len(x)), "method": spec.method, "per_channel": spec.per_channel, "seed": spec.seed}
+    calib: dict[str, Any] = {"dataset": calibration.name, "images": int(len(x)), "method": spec.method, "per_channel": spec.per_channel, "seed": spec.seed,
+                             "activations": spec.activations, "float_stem": spec.float_stem}
     set_metadata(q, meta.with_(precision=Precision.INT8, verification={}, extra={**meta.extra, "calibration": calib, "float32_part": "metric and normalization"}))
     return save_model(q, out_path)

@@ -91,7 +91,25 @@ def test_int8_is_qdq_with_a_float_metric(int8_model, trained_conv4_onnx):
     assert not any(n.op_type == "QuantizeLinear" and n.input[0] in ("prototypes", "logits") for n in model.graph.node)
     meta = meta_of(int8_model)
     assert meta.precision is Precision.INT8 and meta.fingerprint == meta_of(trained_conv4_onnx).fingerprint
-    assert meta.extra["calibration"] == {"dataset": "omniglot-background", "images": 128, "method": "MinMax", "per_channel": True, "seed": 0}
+    assert meta.extra["calibration"] == {"dataset": "omniglot-background", "images": 128, "method": "MinMax", "per_channel": True, "seed": 0,
+                                         "activations": "int8", "float_stem": False}
+    zero_points = {t.name: t.data_type for t in model.graph.initializer if "zero_point" in t.name}
+    assert zero_points and set(zero_points.values()) == {onnx.TensorProto.INT8}
+
+
+def test_int8_with_unsigned_activations_and_a_float_stem(trained_conv4_onnx, background, tmp_path):
+    out = quantize_int8(trained_conv4_onnx, tmp_path / "u8.onnx", background, QuantizeSpec(calibration_images=64, activations="uint8", float_stem=True))
+    model = onnx.load(str(out))
+    inits = {t.name: t for t in model.graph.initializer}
+    producers = {o: n for n in model.graph.node for o in n.output}
+    convs = [n for n in model.graph.node if n.op_type == "Conv"]
+    assert convs[0].input[1] in inits and inits[convs[0].input[1]].data_type == onnx.TensorProto.FLOAT  # the stem stays float32
+    assert all(producers[c.input[1]].op_type == "DequantizeLinear" for c in convs[1:])  # the rest is int8
+    q_zero_points = [inits[n.input[2]].data_type for n in model.graph.node if n.op_type == "QuantizeLinear"]
+    assert q_zero_points and set(q_zero_points) == {onnx.TensorProto.UINT8}
+    assert meta_of(out).extra["calibration"]["activations"] == "uint8"
+    with pytest.raises(InputError, match="unknown activation type 'int4'"):
+        QuantizeSpec(activations="int4")
     assert model.ir_version == 8 and {o.domain for o in model.opset_import} == {""}
 
 
