@@ -26,3 +26,16 @@ OLD=${EDGEMETA_OLD_ORT_VENV:-.venv-ort117}
 export EDGEMETA_OLD_ORT_PYTHON=$PWD/$OLD/bin/python
 
 "$VENV/bin/python" -m pytest -q -p no:cacheprovider "$@"
+
+# 5. the runtime tests once more with onnxruntime-gpu, which users install on machines
+#    with or without a GPU: without one, its CUDA/TensorRT providers list but cannot load
+#    (skip with EDGEMETA_SKIP_GPU_BUILD=1)
+if [ -z "${EDGEMETA_SKIP_GPU_BUILD:-}" ] && [ $# -eq 0 ]; then
+  GPUB=${EDGEMETA_GPU_BUILD_VENV:-.venv-ortgpu}
+  [ -x "$GPUB/bin/python" ] || "$PY" -m venv "$GPUB"
+  "$GPUB/bin/python" -m pip install -q --disable-pip-version-check onnxruntime-gpu numpy pillow safetensors typer rich onnx pytest psutil
+  "$GPUB/bin/python" -m pip install -q --disable-pip-version-check --no-deps -e .
+  echo "runtime tests with onnxruntime-gpu:"
+  "$GPUB/bin/python" -m pytest -q -p no:cacheprovider -W ignore::UserWarning tests/test_runtime_*.py
+fi
+
