@@ -93,8 +93,9 @@ def test_int8_is_qdq_with_a_float_metric(int8_model, trained_conv4_onnx):
     assert meta.precision is Precision.INT8 and meta.fingerprint == meta_of(trained_conv4_onnx).fingerprint
     assert meta.extra["calibration"] == {"dataset": "omniglot-background", "images": 128, "method": "MinMax", "per_channel": True, "seed": 0,
                                          "activations": "int8", "float_stem": False}
-    zero_points = {t.name: t.data_type for t in model.graph.initializer if "zero_point" in t.name}
-    assert zero_points and set(zero_points.values()) == {onnx.TensorProto.INT8}
+    inits = {t.name: t.data_type for t in model.graph.initializer}
+    q_zero_points = {inits[n.input[2]] for n in model.graph.node if n.op_type == "QuantizeLinear"}
+    assert q_zero_points == {onnx.TensorProto.INT8}  # signed activations by default
 
 
 def test_int8_with_unsigned_activations_and_a_float_stem(trained_conv4_onnx, background, tmp_path):

@@ -11,6 +11,8 @@ from pathlib import Path
 
 import pytest
 
+from conftest import cuda_runs
+
 ROOT = Path(__file__).resolve().parents[1]
 RUNTIME = ROOT / "runtime"
 EXAMPLE = ROOT / "examples" / "device_app.py"
@@ -121,7 +123,7 @@ def test_enrol_predict_save_load_without_torch_onnx_or_core(tmp_path, tiny_onnx_
     doc = json.loads(proc.stdout.strip().splitlines()[-1])
     assert doc["label"] == "class1" and doc["added"] == {f"class{k}": 6 for k in range(4)}
     assert all(m == "edgemeta" or m.startswith("edgemeta.runtime") for m in doc["modules"]), doc["modules"]
-    assert doc["providers"] == ["CPUExecutionProvider"]
+    assert doc["providers"] == (["CUDAExecutionProvider", "CPUExecutionProvider"] if cuda_runs() else ["CPUExecutionProvider"])
 
 
 def test_device_commands_of_the_cli_without_torch_or_onnx(tmp_path, tiny_onnx_model, runtime_image_folder):
