@@ -37,6 +37,7 @@ def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--out", default="gpu_check")
     ap.add_argument("--runs", type=int, default=200)
+    ap.add_argument("--no-benchmark", action="store_true", help="checks 1-3 only")
     ap.add_argument("--gpu", default="cuda", help="the provider checked as the GPU (cpu: a dry run of this script)")
     args = ap.parse_args()
     out = Path(args.out)
@@ -132,7 +133,7 @@ def main() -> int:
         "conv4": BenchConfig(providers=providers, batch_sizes=(1, 32, 256), runs=args.runs, class_counts=(1, 100, 10000, 100000)),
         "resnet12": BenchConfig(providers=providers, batch_sizes=(1, 32), runs=args.runs // 2, class_counts=(1, 10000), cold_start=False),
     }
-    for name, models, ckpt in (("conv4", conv4, shipped), ("resnet12", [resnet], res_ckpt)):
+    for name, models, ckpt in () if args.no_benchmark else (("conv4", conv4, shipped), ("resnet12", [resnet], res_ckpt)):
         rep = run_benchmark(models, configs[name], checkpoint=ckpt, workdir=out).to_dict()
         (out / f"benchmark_{name}.json").write_text(json.dumps(rep, indent=2))
         rows = [{k: r.get(k) for k in ("provider", "precision", "batch", "engine", "speedup_vs_torch")} | {"p50_ms": r["latency"]["p50_ms"]}
