@@ -122,6 +122,9 @@ def to_uint8(image: ImageLike, spec: PreprocessSpec) -> np.ndarray | None:
             )
         if arr.shape[0] * arr.shape[1] > MAX_PIXELS or min(arr.shape[:2]) < 1:
             raise InputError(f"image array of shape {arr.shape} has an absurd size; pass an ordinary image")
+        if arr.shape[:2] == tuple(spec.size) and (arr.ndim == 2) == (spec.channels == 1) and (arr.ndim == 2 or arr.shape[2] == 3):
+            # already the model's size and colour (grey HW or RGB HWC): Pillow would change nothing
+            return arr[:, :, None] if arr.ndim == 2 else arr
         # fromarray infers L / RGB / RGBA from the shape (its `mode` argument is deprecated)
         return _resize_pil(_pil().fromarray(np.ascontiguousarray(arr)), spec)
     if hasattr(image, "convert") and hasattr(image, "size"):

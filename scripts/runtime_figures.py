@@ -93,9 +93,11 @@ def _images(clf: FewShotClassifier, k: int, folder: Path | None) -> list:
 
 def enrol_overhead(clf: FewShotClassifier, images: list, repeats: int) -> dict:
     clf.embed(images)  # warm-up
-    embed = _timed(lambda: clf.embed(images), repeats)
     counter = iter(range(10**9))
-    enrol = _timed(lambda: clf.enroll(f"bench{next(counter)}", images), repeats)
+    embed, enrol = [], []
+    for _ in range(repeats):  # alternated, so a change in the machine's load hits both alike
+        embed += _timed(lambda: clf.embed(images), 1)
+        enrol += _timed(lambda: clf.enroll(f"bench{next(counter)}", images), 1)
     e, n = statistics.median(embed), statistics.median(enrol)
     return {"k": len(images), "embed_ms": e * 1e3, "enrol_ms": n * 1e3, "ratio": n / e}
 

@@ -170,3 +170,14 @@ def test_preprocessed_batch_fast_path_still_checks_values():
     batch[1, 0, 2, 2] = np.nan
     with pytest.raises(InputError, match="NaN or infinite"):
         preprocess(batch, spec)
+
+
+@pytest.mark.parametrize("spec", [GREY, RGB], ids=["grey", "rgb"])
+def test_arrays_already_at_the_model_size_skip_pillow_with_the_same_result(spec):
+    h, w = spec.size
+    rng = np.random.default_rng(3)
+    rgb = rng.integers(0, 256, (h, w, 3)).astype(np.uint8)
+    grey = np.asarray(Image.fromarray(rgb).convert("L"))
+    for arr in (rgb, grey, grey[:, :, None]):
+        via_pillow = preprocess(Image.fromarray(arr[:, :, 0] if arr.ndim == 3 and arr.shape[2] == 1 else arr), spec)
+        np.testing.assert_array_equal(preprocess(arr, spec), via_pillow)
