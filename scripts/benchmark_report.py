@@ -44,9 +44,9 @@ IMAGENET_MEAN, IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
 
 # (name, backbone, input size, channels, precisions); int8 calibrated on Tiny-ImageNet's base classes
 UNTRAINED = [("ResNet-12", "resnet12", 84, 3, ("fp32", "int8")), ("EdgeNet", "edgenet", 84, 3, ("fp32", "int8"))]
-# int8 settings per model, from an A/B on this machine at batch 32 (int8 vs uint8 activations,
-# stem in int8 or float32): ResNet-12's residual blocks fuse only with unsigned activations
-# (3.5x fp32 against 2.0x with signed ones); Conv-4 is fastest with the defaults.
+# int8 settings per model, from `scripts/int8_ab.py` on this machine at batch 32: ResNet-12's
+# residual blocks fuse only with unsigned activations (3.6-4.0x fp32 against 2.2x with
+# signed ones); for Conv-4 signed and unsigned are alike and a float stem is 2x slower.
 INT8 = {"ResNet-12": {"activations": "uint8", "float_stem": True}, "EdgeNet": {}}
 CALIBRATION = "tiny-imagenet"
 UNTRAINED_NOTE = (

@@ -1,0 +1,89 @@
+#!/usr/bin/env python3
+"""A/B of the int8 settings: signed or unsigned activations, stem in int8 or float32.
+
+    EDGEMETA_DATA_DIR=../shared/data python scripts/int8_ab.py conv4 resnet12
+
+For each model (the shipped Conv-4, or an untrained backbone at 84x84 calibrated on
+Tiny-ImageNet's train classes) it writes fp32 and the four int8 variants, then times
+each at batch 32 (median of ``--runs`` calls; one session at a time, 2 threads, ONNX
+Runtime's worker threads not spinning between calls, so no session steals CPU from the
+next) and prints the speed-up over fp32. Run it twice: the order is repeated and the best
+median of the two rounds is kept.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import tempfile
+import time
+import warnings
+from pathlib import Path
+
+import numpy as np
+import onnxruntime as ort
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from benchmark_report import SHIPPED, export_variants, untrained_checkpoint  # noqa: E402
+
+from edgemeta.exporters.data import base_images  # noqa: E402
+from edgemeta.exporters.quantize import QuantizeSpec, quantize_int8  # noqa: E402
+from edgemeta.runtime.session import Session  # noqa: E402
+
+VARIANTS = {"int8": {}, "int8 + float stem": {"float_stem": True}, "uint8": {"activations": "uint8"},
+            "uint8 + float stem": {"activations": "uint8", "float_stem": True}}
+
+
+def _session(path: Path, threads: int) -> ort.InferenceSession:
+    so = ort.SessionOptions()
+    so.intra_op_num_threads = threads
+    so.add_session_config_entry("session.intra_op.allow_spinning", "0")
+    return ort.InferenceSession(str(path), so, providers=["CPUExecutionProvider"])
+
+
+def ab(model: str, work: Path, runs: int, threads: int) -> dict[str, float]:
+    if model == "conv4":
+        ckpt, dataset = SHIPPED, "omniglot"
+    else:
+        ckpt, dataset = untrained_checkpoint(model, 84, 3, work / f"{model}.safetensors"), "tiny-imagenet"
+    (fp32,) = export_variants(ckpt, work, ("fp32",))
+    meta = Session(fp32, "cpu")
+    calibration = base_images(dataset, meta.preprocess, None)
+    paths = {"fp32": fp32}
+    for name, fields in VARIANTS.items():
+        paths[name] = quantize_int8(fp32, work / f"{model}.{name.replace(' + ', '_').replace(' ', '_')}.onnx", calibration, QuantizeSpec(**fields))
+    pp = meta.preprocess
+    feed = {"images": np.random.default_rng(0).random((32, pp.channels, *pp.size), dtype=np.float32),
+            "prototypes": np.zeros((5, meta.embedding_dim), np.float32)}
+    best: dict[str, float] = {}
+    for _ in range(2):
+        for name, path in paths.items():
+            sess = _session(path, threads)
+            for _ in range(3):
+                sess.run(None, feed)
+            times = []
+            for _ in range(runs):
+                t0 = time.perf_counter()
+                sess.run(None, feed)
+                times.append(time.perf_counter() - t0)
+            best[name] = min(best.get(name, float("inf")), float(np.median(times)) * 1e3)
+            del sess
+    return best
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("models", nargs="+", choices=("conv4", "resnet12", "edgenet"))
+    ap.add_argument("--runs", type=int, default=0, help="timed calls per variant and round (default: 60 for conv4, 8 otherwise)")
+    ap.add_argument("--threads", type=int, default=2)
+    args = ap.parse_args()
+    warnings.filterwarnings("ignore")
+    with tempfile.TemporaryDirectory(prefix="edgemeta-int8-ab-") as tmp:
+        for model in args.models:
+            best = ab(model, Path(tmp), args.runs or (60 if model == "conv4" else 8), args.threads)
+            cells = [f"{name} {ms:.2f} ms ({best['fp32'] / ms:.2f}x)" for name, ms in best.items()]
+            print(f"{model}, batch 32, {args.threads} threads: " + "; ".join(cells), flush=True)
+
+
+if __name__ == "__main__":
+    main()
