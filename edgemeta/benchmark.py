@@ -50,7 +50,7 @@ import numpy as np
 import onnxruntime as ort
 
 from edgemeta.runtime.errors import CheckpointError, EdgemetaError, InputError, ModelMismatchError, ProviderError
-from edgemeta.runtime.session import GraphOptimization, Provider, Session, SessionOptions, resolve_providers
+from edgemeta.runtime.session import ORT_LEVELS, GraphOptimization, Provider, Session, SessionOptions, open_ort_session, resolve_providers
 from edgemeta.runtime.spec import INPUT_IMAGES, INPUT_PROTOTYPES, OUTPUT_EMBEDDINGS, OUTPUT_LOGITS, Precision
 
 __all__ = [
@@ -135,16 +135,10 @@ class OrtTuning:
 
     def session_options(self, threads: int) -> ort.SessionOptions:
         """The ``onnxruntime.SessionOptions`` for ``threads`` intra-op threads."""
-        levels = {
-            GraphOptimization.DISABLE: ort.GraphOptimizationLevel.ORT_DISABLE_ALL,
-            GraphOptimization.BASIC: ort.GraphOptimizationLevel.ORT_ENABLE_BASIC,
-            GraphOptimization.EXTENDED: ort.GraphOptimizationLevel.ORT_ENABLE_EXTENDED,
-            GraphOptimization.ALL: ort.GraphOptimizationLevel.ORT_ENABLE_ALL,
-        }
         so = ort.SessionOptions()
         so.intra_op_num_threads = threads
         so.inter_op_num_threads = self.inter_op_threads
-        so.graph_optimization_level = levels[self.graph_optimization]
+        so.graph_optimization_level = ORT_LEVELS[self.graph_optimization]
         so.execution_mode = (
             ort.ExecutionMode.ORT_PARALLEL if self.execution_mode is ExecutionMode.PARALLEL else ort.ExecutionMode.ORT_SEQUENTIAL
         )
@@ -875,15 +869,18 @@ def _input_dtype(sess: ort.InferenceSession, name: str) -> type:
 
 
 def _ort_session(variant: ModelVariant, provider: str, config: BenchConfig) -> ort.InferenceSession:
-    """The timed session: the benchmark's tuning; the provider checked to really run."""
+    """The timed session: the benchmark's tuning, opened as the runtime opens its sessions
+    (CUDA libraries preloaded, ONNX Runtime's fallback notices off stdout); the provider is
+    checked to really run."""
     so = config.ort.session_options(config.resolved_threads)
     chain = [provider] if provider == Provider.CPU.value else [provider, Provider.CPU.value]
     try:
-        sess = ort.InferenceSession(str(variant.path), so, providers=chain)
+        sess, said = open_ort_session(variant.path, so, chain)
     except Exception as e:  # noqa: BLE001 - ONNX Runtime raises its own pybind types
         raise ProviderError(f"{_short(provider)} cannot run {variant.path.name}: {' '.join(str(e).split())[:300]}") from None
     if sess.get_providers()[0] != provider:
-        raise ProviderError(f"{_short(provider)} did not load for {variant.path.name} (the session runs {sess.get_providers()})")
+        said = f"; ONNX Runtime said: {said}" if said else ""
+        raise ProviderError(f"{_short(provider)} did not load for {variant.path.name} (the session runs {sess.get_providers()}){said}")
     return sess
 
 
@@ -917,7 +914,8 @@ def _ort_classes(sess: ort.InferenceSession, variant: ModelVariant, n_classes: i
 def _classifier(variant: ModelVariant, provider: str, config: BenchConfig) -> Any:
     from edgemeta.runtime.classifier import ClassifierOptions, FewShotClassifier
 
-    opts = ClassifierOptions(batch_size=max(64, config.shots), session=SessionOptions(intra_op_threads=config.resolved_threads))
+    batch = max(64, config.shots)  # K shots in one call: the session chunks at its own batch size too
+    opts = ClassifierOptions(batch_size=batch, session=SessionOptions(intra_op_threads=config.resolved_threads, batch_size=batch))
     return FewShotClassifier(variant.path, providers=[provider], options=opts)
 
 
@@ -1009,7 +1007,10 @@ def _cold_start(variant: ModelVariant, provider: str, config: BenchConfig) -> Co
 
 
 class _TorchBaseline:
-    """torch eager from the checkpoint: eval mode, inference mode, the benchmark's thread count."""
+    """torch eager from the checkpoint: eval mode, inference mode, the benchmark's thread count.
+
+    On CUDA its input and output stay on the GPU, while each ONNX Runtime call copies the
+    images in and the embeddings out: the ratio to torch on a GPU favours torch."""
 
     def __init__(self, checkpoint: Path, threads: int) -> None:
         try:
@@ -1148,7 +1149,6 @@ def _flops_for(variant: ModelVariant, batch: int, cache: dict, notes: list[str])
 def _ort_rows(
     sess: ort.InferenceSession, variant: ModelVariant, provider: str, config: BenchConfig, report: BenchReport, steps: _Steps, flops_cache: dict
 ) -> None:
-    peak = report.peak["peak_gflops"] if report.peak and provider == Provider.CPU.value else None
     for batch in config.batch_sizes:
         steps(f"{_short(provider)} {variant.precision.value} embedding, batch {batch}")
         first, second = _ort_embedding(sess, variant, batch, config)
@@ -1157,7 +1157,7 @@ def _ort_rows(
         report.embedding.append(
             EmbeddingRow(
                 _short(provider), variant.precision.value, "onnxruntime", batch, first, first.throughput(batch), flops, achieved,
-                achieved / peak if achieved and peak else None, repeat_p50_ms=second.p50_ms, repeatable=_agree(first.p50_ms, second.p50_ms),
+                None, repeat_p50_ms=second.p50_ms, repeatable=_agree(first.p50_ms, second.p50_ms),  # share of peak: set in _wrap_up
             )
         )
     graph = {}
@@ -1332,6 +1332,7 @@ def _run_all(
         report.peak = measure_peak_flops(config.resolved_threads, config.ort, n=config.peak_size)
     flops_cache: dict = {}
     for provider in providers:
+        ran = 0
         for variant in variants:
             steps(f"{_short(provider)} {variant.precision.value}: opening the session")
             try:
@@ -1339,8 +1340,12 @@ def _run_all(
             except ProviderError as e:
                 if provider == Provider.CPU.value or "auto" not in [p.lower() for p in config.providers]:
                     raise
+                if ran:  # the provider runs, only not this precision
+                    report.notes.append(f"{_short(provider)} {variant.precision.value} not measured: {e}")
+                    continue
                 report.unavailable[provider] = f"{_short(provider)} unavailable ({e})"
                 break
+            ran += 1
             _ort_rows(sess, variant, provider, config, report, steps, flops_cache)
             steps(f"{_short(provider)} {variant.precision.value}: enrolment vs embedding")
             report.adaptation.append(_adaptation(variant, provider, config))
@@ -1440,13 +1445,13 @@ def backprop_baseline(
     from edgemeta.runtime.preprocess import normalize
 
     threads = threads or physical_cores()
-    saved = torch.get_num_threads()
-    torch.set_num_threads(threads)
     sess = Session(model, "cpu", options=SessionOptions(intra_op_threads=threads))
     pp = sess.preprocess
     if pp.channels != 1:
         raise InputError(f"the backprop baseline runs on Omniglot (grey images); {Path(model).name} takes {pp.channels} channels")
     data = load_omniglot("evaluation", data_dir, size=pp.size[0])
+    saved = torch.get_num_threads()
+    torch.set_num_threads(threads)
     try:
         return [
             _backprop_shots(torch, sess, data, normalize, EpisodeSampler(data.labels, n_way, k, queries, seed, data.name), episodes, steps, lr)
@@ -1467,13 +1472,13 @@ def _backprop_shots(torch: Any, sess: Session, data: Any, normalize: Callable, s
         t1 = time.perf_counter()
         protos = support.reshape(n, k, -1).mean(axis=1)
         t2 = time.perf_counter()
-        _, logits = sess.run(query_x, protos)
+        query, logits = sess.run(query_x, protos)
         acc_proto.append(float((logits.argmax(axis=1) == ep.query_labels).mean()))
         t3 = time.perf_counter()
         classify = _train_linear(torch, torch.from_numpy(support), torch.from_numpy(ep.support_labels), n, steps, lr)
         t4 = time.perf_counter()
         with torch.inference_mode():
-            pred = classify(torch.from_numpy(sess.embed(query_x))).argmax(dim=1).numpy()
+            pred = classify(torch.from_numpy(query)).argmax(dim=1).numpy()
         acc_bp.append(float((pred == ep.query_labels).mean()))
         t_embed.append(t1 - t0)
         t_proto.append(t2 - t1)

@@ -80,7 +80,7 @@ class GraphOptimization(str, Enum):
     ALL = "all"
 
 
-_ORT_LEVELS = {
+ORT_LEVELS = {
     GraphOptimization.DISABLE: ort.GraphOptimizationLevel.ORT_DISABLE_ALL,
     GraphOptimization.BASIC: ort.GraphOptimizationLevel.ORT_ENABLE_BASIC,
     GraphOptimization.EXTENDED: ort.GraphOptimizationLevel.ORT_ENABLE_EXTENDED,
@@ -196,6 +196,32 @@ def _preload_cuda_libraries() -> None:
         pass
 
 
+def open_ort_session(path: str | os.PathLike, options: ort.SessionOptions, providers: list[str]) -> tuple[ort.InferenceSession, str]:
+    """An ``onnxruntime.InferenceSession`` on ``providers``, as every edgemeta session opens one.
+
+    For a GPU provider, CUDA / cuDNN are preloaded first (see :func:`_preload_cuda_libraries`),
+    and what ONNX Runtime prints and logs while such a provider fails to load is kept off
+    stdout (where ``--json`` goes) and stderr: it is returned instead (its "EP Error" lines),
+    for the caller to report. ONNX Runtime's own fallback inside ``run()`` is disabled, so a
+    session never changes provider silently. Note: ONNX Runtime's default logger severity is
+    set back to its default (warning) afterwards. Returns ``(session, what ONNX Runtime said)``.
+    """
+    if not any(p in _GPU_PROVIDERS for p in providers):
+        sess, said = ort.InferenceSession(str(path), sess_options=options, providers=providers), ""
+    else:
+        _preload_cuda_libraries()
+        out = io.StringIO()
+        ort.set_default_logger_severity(4)
+        try:
+            with contextlib.redirect_stdout(out):
+                sess = ort.InferenceSession(str(path), sess_options=options, providers=providers)
+        finally:
+            ort.set_default_logger_severity(2)  # ONNX Runtime's default
+        said = " ".join(line.strip() for line in out.getvalue().splitlines() if line.strip().startswith("EP Error"))[:300]
+    sess.disable_fallback()
+    return sess, said
+
+
 class Session:
     """One exported edgemeta model, loaded in ONNX Runtime.
 
@@ -265,14 +291,12 @@ class Session:
         so = ort.SessionOptions()
         so.intra_op_num_threads = self.options.intra_op_threads
         so.inter_op_num_threads = self.options.inter_op_threads
-        so.graph_optimization_level = _ORT_LEVELS[self.options.graph_optimization]
+        so.graph_optimization_level = ORT_LEVELS[self.options.graph_optimization]
         return so
 
     def _create_session(self) -> ort.InferenceSession:
         available = ort.get_available_providers()
         wanted = list(self.requested_providers)
-        if any(p in available for p in wanted if p in _GPU_PROVIDERS):
-            _preload_cuda_libraries()
         missing = [p for p in wanted if p not in available]
         if missing and not self._auto:
             self._fallback(missing, f"not in this onnxruntime build (it has {', '.join(available)})")
@@ -299,22 +323,7 @@ class Session:
 
     def _open(self, providers: list[str]) -> ort.InferenceSession:
         try:
-            if not any(p in _GPU_PROVIDERS for p in providers):
-                sess = ort.InferenceSession(str(self.path), sess_options=self._ort_options(), providers=providers)
-            else:
-                # A GPU provider that fails to load makes ONNX Runtime print to stdout (where
-                # `--json` output goes) and log errors to stderr before it falls back; keep both
-                # quiet here: the fallback is detected and reported by _create_session.
-                said = io.StringIO()
-                ort.set_default_logger_severity(4)
-                try:
-                    with contextlib.redirect_stdout(said):
-                        sess = ort.InferenceSession(str(self.path), sess_options=self._ort_options(), providers=providers)
-                finally:
-                    ort.set_default_logger_severity(2)  # ONNX Runtime's default
-                self._ort_said = " ".join(line.strip() for line in said.getvalue().splitlines() if line.strip().startswith("EP Error"))[:300]
-            # ONNX Runtime would otherwise switch providers inside run() on an EP failure, silently
-            sess.disable_fallback()
+            sess, self._ort_said = open_ort_session(self.path, self._ort_options(), providers)
             return sess
         except Exception as e:  # noqa: BLE001
             if _ort_error_kind(e) == "model":

@@ -292,7 +292,8 @@ class PrototypeStore:
     def _changed(self) -> None:
         self._cache = {}
 
-    def _check_embeddings(self, embeddings: np.ndarray) -> np.ndarray:
+    def _check_embeddings(self, embeddings: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """``(embeddings [n, D], their float64 sum over n)``, or :class:`InputError`."""
         e = np.asarray(embeddings)
         if e.ndim == 1:
             e = e[None]
@@ -300,17 +301,19 @@ class PrototypeStore:
             raise InputError(f"embeddings of shape {e.shape} do not fit [n, {self.embedding_dim}]; use this model's embeddings")
         if e.shape[0] == 0:
             raise InputError("no embeddings given; enrol at least one example")
-        # one reduction instead of a boolean array: the sum is finite when every value is
-        # (an overflowing sum of finite values is re-checked value by value)
-        if e.dtype.kind not in "fiu" or (not np.isfinite(e.sum(dtype=np.float64)) and not np.isfinite(e).all()):
+        if e.dtype.kind not in "fiu":
             raise InputError("embeddings must be finite numbers; check the model's output")
-        return e
+        # the sums are what the store keeps; they are finite exactly when every value is
+        # (float32 values cannot overflow a float64 sum), so one reduction does both jobs
+        total = e.sum(axis=0, dtype=np.float64)
+        if not np.isfinite(total).all():
+            raise InputError("embeddings must be finite numbers; check the model's output")
+        return e, total
 
     def add(self, label: str, embeddings: np.ndarray) -> int:
         """Add embeddings [n, D] (or one [D]) to ``label``, creating it if new; returns its count."""
         check_label(label)
-        e = self._check_embeddings(embeddings)
-        total = e.sum(axis=0, dtype=np.float64)  # outside the lock: predictions wait less
+        e, total = self._check_embeddings(embeddings)  # outside the lock: predictions wait less
         with self._lock:
             row = self._index.get(label)
             if row is None:

@@ -133,31 +133,23 @@ _CUDA_RUNS: bool | None = None
 
 def cuda_runs() -> bool:
     """Whether ONNX Runtime really runs on CUDA here: a GPU build lists the CUDA provider
-    also on a machine without a GPU or CUDA libraries, where it cannot load."""
+    also on a machine without a GPU or CUDA libraries, where it cannot load. Asked of the
+    runtime's own :class:`Session`, which raises when a provider named explicitly does not run."""
     global _CUDA_RUNS
     if _CUDA_RUNS is None:
-        import contextlib
-        import io
+        import tempfile
 
-        import onnx
         import onnxruntime as ort
-        from onnx import TensorProto, helper
+
+        from edgemeta.runtime import ProviderError, Session
 
         _CUDA_RUNS = False
         if "CUDAExecutionProvider" in ort.get_available_providers():
-            x = helper.make_tensor_value_info("x", TensorProto.FLOAT, [1])
-            y = helper.make_tensor_value_info("y", TensorProto.FLOAT, [1])
-            graph = helper.make_graph([helper.make_node("Relu", ["x"], ["y"])], "probe", [x], [y])
-            model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)], ir_version=8)
-            ort.set_default_logger_severity(4)
-            try:
-                with contextlib.redirect_stdout(io.StringIO()):
-                    sess = ort.InferenceSession(model.SerializeToString(), providers=["CUDAExecutionProvider", "CPUExecutionProvider"])
-                _CUDA_RUNS = sess.get_providers()[0] == "CUDAExecutionProvider"
-            except Exception:  # noqa: BLE001 - no usable CUDA
-                pass
-            finally:
-                ort.set_default_logger_severity(2)
+            with tempfile.TemporaryDirectory() as tmp:
+                try:
+                    _CUDA_RUNS = Session(build_runtime_model(Path(tmp) / "probe.onnx"), "cuda").on_gpu
+                except ProviderError:
+                    pass
     return _CUDA_RUNS
 
 
