@@ -16,7 +16,6 @@ from __future__ import annotations
 import argparse
 import sys
 import tempfile
-import time
 import warnings
 from pathlib import Path
 
@@ -26,19 +25,13 @@ import onnxruntime as ort
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from benchmark_report import SHIPPED, export_variants, untrained_checkpoint  # noqa: E402
 
+from edgemeta.benchmark import OrtTuning, time_fn  # noqa: E402
 from edgemeta.exporters.data import base_images  # noqa: E402
 from edgemeta.exporters.quantize import QuantizeSpec, quantize_int8  # noqa: E402
 from edgemeta.runtime.session import Session  # noqa: E402
 
 VARIANTS = {"int8": {}, "int8 + float stem": {"float_stem": True}, "uint8": {"activations": "uint8"},
             "uint8 + float stem": {"activations": "uint8", "float_stem": True}}
-
-
-def _session(path: Path, threads: int) -> ort.InferenceSession:
-    so = ort.SessionOptions()
-    so.intra_op_num_threads = threads
-    so.add_session_config_entry("session.intra_op.allow_spinning", "0")
-    return ort.InferenceSession(str(path), so, providers=["CPUExecutionProvider"])
 
 
 def ab(model: str, work: Path, runs: int, threads: int) -> dict[str, float]:
@@ -55,18 +48,13 @@ def ab(model: str, work: Path, runs: int, threads: int) -> dict[str, float]:
     pp = meta.preprocess
     feed = {"images": np.random.default_rng(0).random((32, pp.channels, *pp.size), dtype=np.float32),
             "prototypes": np.zeros((5, meta.embedding_dim), np.float32)}
+    options = OrtTuning(allow_spinning=False).session_options(threads)
     best: dict[str, float] = {}
     for _ in range(2):
         for name, path in paths.items():
-            sess = _session(path, threads)
-            for _ in range(3):
-                sess.run(None, feed)
-            times = []
-            for _ in range(runs):
-                t0 = time.perf_counter()
-                sess.run(None, feed)
-                times.append(time.perf_counter() - t0)
-            best[name] = min(best.get(name, float("inf")), float(np.median(times)) * 1e3)
+            sess = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+            p50 = time_fn(lambda: sess.run(None, feed), warmup=3, runs=runs).p50_ms
+            best[name] = min(best.get(name, float("inf")), p50)
             del sess
     return best
 

@@ -92,14 +92,13 @@ def _images(clf: FewShotClassifier, k: int, folder: Path | None) -> list:
 
 
 def enrol_overhead(clf: FewShotClassifier, images: list, repeats: int) -> dict:
-    clf.embed(images)  # warm-up
+    from edgemeta.benchmark import time_pair  # numpy + onnxruntime only, like the runtime
+
     counter = iter(range(10**9))
-    embed, enrol = [], []
-    for _ in range(repeats):  # alternated, so a change in the machine's load hits both alike
-        embed += _timed(lambda: clf.embed(images), 1)
-        enrol += _timed(lambda: clf.enroll(f"bench{next(counter)}", images), 1)
-    e, n = statistics.median(embed), statistics.median(enrol)
-    return {"k": len(images), "embed_ms": e * 1e3, "enrol_ms": n * 1e3, "ratio": n / e}
+    # timed alternately, so a change in the machine's load hits both alike
+    embed, enrol = time_pair(lambda: clf.embed(images), lambda: clf.enroll(f"bench{next(counter)}", images), warmup=3, runs=repeats)
+    e, n = embed.p50_ms, enrol.p50_ms
+    return {"k": len(images), "embed_ms": e, "enrol_ms": n, "ratio": n / e}
 
 
 def predict_latency(clf: FewShotClassifier, image, classes: list[int], repeats: int) -> list[dict]:
@@ -134,7 +133,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("-k", "--shots", type=int, default=5, help="images per enrolled class")
     p.add_argument("--classes", default="1,100,10000", help="enrolled class counts for the latency rows")
     p.add_argument("--memory-classes", type=int, default=1000, help="classes enrolled by the memory probe")
-    p.add_argument("--repeats", type=int, default=30, help="timed repetitions per figure")
+    p.add_argument("--repeats", type=int, default=200, help="timed repetitions per figure")
     p.add_argument("--json", action="store_true", help="print JSON instead of a table")
     args = p.parse_args(argv)
 

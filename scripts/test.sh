@@ -12,18 +12,25 @@ cd "$(dirname "$0")/.."
 export EDGEMETA_DATA_DIR=${EDGEMETA_DATA_DIR:-$(cd .. && pwd)/shared/data}
 export EDGEMETA_CACHE_DIR=${EDGEMETA_CACHE_DIR:-$PWD/.cache/edgemeta}
 
+# side_venv DIR PACKAGES...: a venv with exactly these packages (plus edgemeta without
+# dependencies when the list names "edgemeta"); prints its python
+side_venv() {
+  local dir=$1 pkgs=() self=0
+  shift
+  for p in "$@"; do [ "$p" = edgemeta ] && self=1 || pkgs+=("$p"); done
+  [ -x "$dir/bin/python" ] || "$PY" -m venv "$dir" >&2
+  "$dir/bin/python" -m pip install -q --disable-pip-version-check "${pkgs[@]}" >&2
+  [ $self = 0 ] || "$dir/bin/python" -m pip install -q --disable-pip-version-check --no-deps -e . >&2
+  echo "$PWD/$dir/bin/python"
+}
+
 # 3. a device-like environment: numpy, onnxruntime, pillow, safetensors and edgemeta, nothing else
-LITE=${EDGEMETA_LITE_VENV:-.venv-lite}
-[ -x "$LITE/bin/python" ] || "$PY" -m venv "$LITE"
-"$LITE/bin/python" -m pip install -q --disable-pip-version-check numpy onnxruntime pillow safetensors typer rich
-"$LITE/bin/python" -m pip install -q --disable-pip-version-check --no-deps -e .
-export EDGEMETA_LITE_PYTHON=$PWD/$LITE/bin/python
+EDGEMETA_LITE_PYTHON=$(side_venv "${EDGEMETA_LITE_VENV:-.venv-lite}" numpy onnxruntime pillow safetensors typer rich edgemeta)
+export EDGEMETA_LITE_PYTHON  # (apart from the assignment, so that a failed install stops the script)
 
 # 4. the oldest ONNX Runtime the exported models claim to load in (1.17, early 2024)
-OLD=${EDGEMETA_OLD_ORT_VENV:-.venv-ort117}
-[ -x "$OLD/bin/python" ] || "$PY" -m venv "$OLD"
-"$OLD/bin/python" -m pip install -q --disable-pip-version-check "onnxruntime==1.17.3" "numpy<2"
-export EDGEMETA_OLD_ORT_PYTHON=$PWD/$OLD/bin/python
+EDGEMETA_OLD_ORT_PYTHON=$(side_venv "${EDGEMETA_OLD_ORT_VENV:-.venv-ort117}" "onnxruntime==1.17.3" "numpy<2")
+export EDGEMETA_OLD_ORT_PYTHON
 
 "$VENV/bin/python" -m pytest -q -p no:cacheprovider "$@"
 
@@ -31,11 +38,7 @@ export EDGEMETA_OLD_ORT_PYTHON=$PWD/$OLD/bin/python
 #    with or without a GPU: without one, its CUDA/TensorRT providers list but cannot load
 #    (skip with EDGEMETA_SKIP_GPU_BUILD=1)
 if [ -z "${EDGEMETA_SKIP_GPU_BUILD:-}" ] && [ $# -eq 0 ]; then
-  GPUB=${EDGEMETA_GPU_BUILD_VENV:-.venv-ortgpu}
-  [ -x "$GPUB/bin/python" ] || "$PY" -m venv "$GPUB"
-  "$GPUB/bin/python" -m pip install -q --disable-pip-version-check onnxruntime-gpu numpy pillow safetensors typer rich onnx pytest psutil
-  "$GPUB/bin/python" -m pip install -q --disable-pip-version-check --no-deps -e .
+  GPU_BUILD_PYTHON=$(side_venv "${EDGEMETA_GPU_BUILD_VENV:-.venv-ortgpu}" onnxruntime-gpu numpy pillow safetensors typer rich onnx pytest psutil edgemeta)
   echo "runtime tests with onnxruntime-gpu:"
-  "$GPUB/bin/python" -m pytest -q -p no:cacheprovider -W ignore::UserWarning tests/test_runtime_*.py
+  "$GPU_BUILD_PYTHON" -m pytest -q -p no:cacheprovider tests/test_runtime_*.py
 fi
-
