@@ -21,6 +21,7 @@ import numpy as np
 import onnx
 
 from edgemeta.errors import ExportError
+from edgemeta.runtime.session import DISABLED_OPTIMIZERS
 from edgemeta.runtime.spec import INPUT_PROTOTYPES
 
 __all__ = ["optimize_offline", "to_ort_format"]
@@ -45,7 +46,7 @@ def optimize_offline(model: onnx.ModelProto) -> onnx.ModelProto:
     with tempfile.TemporaryDirectory(prefix="edgemeta-opt-") as tmp:
         out = Path(tmp) / "optimized.onnx"
         try:
-            ort.InferenceSession(model.SerializeToString(), _session_options(out, False), providers=["CPUExecutionProvider"])
+            ort.InferenceSession(model.SerializeToString(), _session_options(out, False), providers=["CPUExecutionProvider"], disabled_optimizers=list(DISABLED_OPTIMIZERS))
             return onnx.load_model(str(out))
         except Exception as e:
             raise ExportError(f"ONNX Runtime could not optimize the graph: {str(e).splitlines()[0][:200]}") from None
@@ -66,7 +67,7 @@ def to_ort_format(onnx_path: str | os.PathLike, ort_path: str | os.PathLike | No
     tmp = Path(tmp_name)
     try:
         try:
-            ort.InferenceSession(str(src), _session_options(tmp, True), providers=["CPUExecutionProvider"])
+            ort.InferenceSession(str(src), _session_options(tmp, True), providers=["CPUExecutionProvider"], disabled_optimizers=list(DISABLED_OPTIMIZERS))
             session = ort.InferenceSession(str(tmp), providers=["CPUExecutionProvider"])
             feed = {}
             for inp in session.get_inputs():

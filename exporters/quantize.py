@@ -11,7 +11,10 @@ ONNX checker rejects the result with "B has inconsistent type tensor(float)").
 
 int8 follows ONNX Runtime's recipe: ``quant_pre_process`` (shape inference and basic
 optimization), then ``quantize_static`` with QDQ format, symmetric int8 weights per
-channel, calibrated on images of the training (base) classes only.
+channel, calibrated on images of the training (base) classes only. Options
+(:class:`QuantizeSpec`): signed or unsigned activations, the stem (and the activation and
+pooling right after it) kept in float32, and the weight encoding that picks ONNX Runtime's
+int8 convolution kernel (direct or GEMM).
 """
 
 from __future__ import annotations
@@ -57,14 +60,23 @@ class QuantizeSpec:
     # faster depends on the model and the CPU's int8 kernels: measure with `edgemeta benchmark`
     activations: str = "int8"
     # keep the first convolution (the stem: 1 or 3 input channels, which int8 kernels
-    # handle poorly) in float32
-    float_stem: bool = False
+    # handle poorly) in float32, with the activation and pooling that follow it
+    float_stem: bool = True
+    # how ONNX Runtime's CPU provider runs the int8 convolutions: "direct" (its int8 direct
+    # convolution, VNNI), or "gemm": int8 weights stored with zero point -1 (the same values,
+    # shifted by one level: lossless) so each convolution runs as an int8 GEMM, which uses
+    # AMX on CPUs that have it. Wide layers gain (ResNet-12), narrow ones lose (Conv-4).
+    conv_kernel: str = "direct"
 
     def __post_init__(self) -> None:
         if self.calibration_images < 1 or self.batch < 1:
             raise InputError("calibration images and batch must be >= 1")
         if self.activations not in ("int8", "uint8"):
             raise InputError(f"unknown activation type {self.activations!r}; use int8 or uint8")
+        if self.conv_kernel not in ("direct", "gemm"):
+            raise InputError(f"unknown int8 convolution kernel {self.conv_kernel!r}; use direct or gemm")
+        if self.conv_kernel == "gemm" and self.activations != "uint8":
+            raise InputError("the gemm convolution kernel needs uint8 activations (ONNX Runtime's int8 GEMM is uint8 x int8); add --activations uint8")
         if self.method not in ("MinMax", "Entropy", "Percentile", "Distribution"):
             raise InputError(f"unknown calibration method {self.method!r}; use MinMax, Entropy, Percentile or Distribution")
 
@@ -216,9 +228,55 @@ def _calibration_inputs(model_path: Path, meta: ModelMetadata, calibration: Imag
     return x, np.ascontiguousarray(z, dtype=np.float32)
 
 
+# ops that may follow the stem convolution and stay in float32 with it
+_STEM_FOLLOWERS = {"BatchNormalization", "Relu", "LeakyRelu", "Clip", "Sigmoid", "HardSigmoid", "HardSwish", "MaxPool", "AveragePool"}
+
+
 def _stem(model: onnx.ModelProto) -> set[str]:
-    """The name of the first convolution in graph order (the graph is topologically sorted)."""
-    return next(({n.name} for n in model.graph.node if n.op_type == "Conv"), set())
+    """The names of the first convolution in graph order (the graph is topologically sorted)
+    and of the activation and pooling ops that follow it alone, up to the next branch or
+    convolution: quantizing between the stem and its pooling would run the pooling on
+    int8 tensors four times the pooled size (ONNX Runtime's int8 MaxPool in NCHW is slow)."""
+    stem = next((n for n in model.graph.node if n.op_type == "Conv"), None)
+    if stem is None:
+        return set()
+    consumers: dict[str, list[onnx.NodeProto]] = defaultdict(list)
+    for n in model.graph.node:
+        for name in n.input:
+            consumers[name].append(n)
+    outputs = {o.name for o in model.graph.output}
+    names, node = {stem.name}, stem
+    while len(node.output) == 1 and node.output[0] not in outputs:
+        after = consumers[node.output[0]]
+        if len(after) != 1 or after[0].op_type not in _STEM_FOLLOWERS:
+            break
+        node = after[0]
+        names.add(node.name)
+    return names
+
+
+def _weights_to_gemm(model: onnx.ModelProto) -> int:
+    """Store each convolution's symmetric int8 weights with zero point -1 (values shifted by
+    -1, so dequantization gives exactly the same weights). ONNX Runtime's QLinearConv takes
+    its direct (VNNI) kernel only for zero points of 0; with -1 it runs an int8 GEMM, which
+    uses AMX where the CPU has it. A tensor holding -128 cannot shift and is left as it is.
+    Returns how many weight tensors were shifted."""
+    init = {t.name: t for t in model.graph.initializer}
+    conv_weights = {n.input[1] for n in model.graph.node if n.op_type == "Conv" and len(n.input) > 1}
+    shifted = 0
+    for node in model.graph.node:
+        if node.op_type != "DequantizeLinear" or node.output[0] not in conv_weights or len(node.input) < 3:
+            continue
+        w, zp = init.get(node.input[0]), init.get(node.input[2])
+        if w is None or zp is None or w.data_type != TensorProto.INT8:
+            continue
+        weights, zero = numpy_helper.to_array(w), numpy_helper.to_array(zp)
+        if zero.any() or weights.min() <= -128:
+            continue
+        w.CopyFrom(numpy_helper.from_array((weights.astype(np.int16) - 1).astype(np.int8), w.name))
+        zp.CopyFrom(numpy_helper.from_array(np.full_like(zero, -1), zp.name))
+        shifted += 1
+    return shifted
 
 
 def _pre_process(src: Path, dst: Path) -> None:
@@ -266,7 +324,9 @@ def quantize_int8(
                 nodes_to_exclude=sorted(float_nodes(model) | (_stem(model) if spec.float_stem else set())),
                 op_types_to_quantize=list(spec.op_types) if spec.op_types else None,
             )
-            q = finalize(onnx.load_model(str(out)))
+            q = onnx.load_model(str(out))
+            gemm_weights = _weights_to_gemm(q) if spec.conv_kernel == "gemm" else 0
+            q = finalize(q)
     except (ExportError, InputError):
         raise
     except Exception as e:
@@ -275,6 +335,7 @@ def quantize_int8(
         logging.disable(previous)
     _check(q, "int8")
     calib: dict[str, Any] = {"dataset": calibration.name, "images": int(len(x)), "method": spec.method, "per_channel": spec.per_channel, "seed": spec.seed,
-                             "activations": spec.activations, "float_stem": spec.float_stem}
+                             "activations": spec.activations, "float_stem": spec.float_stem,
+                             "conv_kernel": spec.conv_kernel, "gemm_weight_tensors": gemm_weights}
     set_metadata(q, meta.with_(precision=Precision.INT8, verification={}, extra={**meta.extra, "calibration": calib, "float32_part": "metric and normalization"}))
     return save_model(q, out_path)

@@ -1,10 +1,11 @@
 #!/usr/bin/env python3
-"""A/B of the int8 settings: signed or unsigned activations, stem in int8 or float32.
+"""A/B of the int8 settings: signed or unsigned activations, stem in int8 or float32, and
+ONNX Runtime's direct or GEMM int8 convolution kernel.
 
     EDGEMETA_DATA_DIR=../shared/data python scripts/int8_ab.py conv4 resnet12
 
 For each model (the shipped Conv-4, or an untrained backbone at 84x84 calibrated on
-Tiny-ImageNet's train classes) it writes fp32 and the four int8 variants, then times
+Tiny-ImageNet's train classes) it writes fp32 and the six int8 variants, then times
 each at batch 32 (median of ``--runs`` calls; one session at a time, 2 threads, ONNX
 Runtime's worker threads not spinning between calls, so no session steals CPU from the
 next) and prints the speed-up over fp32. Run it twice: the order is repeated and the best
@@ -20,7 +21,6 @@ import warnings
 from pathlib import Path
 
 import numpy as np
-import onnxruntime as ort
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from benchmark_report import SHIPPED, export_variants, untrained_checkpoint  # noqa: E402
@@ -28,10 +28,13 @@ from benchmark_report import SHIPPED, export_variants, untrained_checkpoint  # n
 from edgemeta.benchmark import OrtTuning, time_fn  # noqa: E402
 from edgemeta.exporters.data import base_images  # noqa: E402
 from edgemeta.exporters.quantize import QuantizeSpec, quantize_int8  # noqa: E402
-from edgemeta.runtime.session import Session  # noqa: E402
+from edgemeta.runtime.session import Session, open_ort_session  # noqa: E402
 
-VARIANTS = {"int8": {}, "int8 + float stem": {"float_stem": True}, "uint8": {"activations": "uint8"},
-            "uint8 + float stem": {"activations": "uint8", "float_stem": True}}
+VARIANTS = {"int8": {"float_stem": False}, "int8 + float stem": {"float_stem": True},
+            "uint8": {"activations": "uint8", "float_stem": False},
+            "uint8 + float stem": {"activations": "uint8", "float_stem": True},
+            "uint8 + gemm": {"activations": "uint8", "float_stem": False, "conv_kernel": "gemm"},
+            "uint8 + float stem + gemm": {"activations": "uint8", "float_stem": True, "conv_kernel": "gemm"}}
 
 
 def ab(model: str, work: Path, runs: int, threads: int) -> dict[str, float]:
@@ -52,7 +55,7 @@ def ab(model: str, work: Path, runs: int, threads: int) -> dict[str, float]:
     best: dict[str, float] = {}
     for _ in range(2):
         for name, path in paths.items():
-            sess = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+            sess, _ = open_ort_session(path, options, ["CPUExecutionProvider"])  # as the runtime opens it
             p50 = time_fn(lambda: sess.run(None, feed), warmup=3, runs=runs).p50_ms
             best[name] = min(best.get(name, float("inf")), p50)
             del sess

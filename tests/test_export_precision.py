@@ -92,7 +92,7 @@ def test_int8_is_qdq_with_a_float_metric(int8_model, trained_conv4_onnx):
     meta = meta_of(int8_model)
     assert meta.precision is Precision.INT8 and meta.fingerprint == meta_of(trained_conv4_onnx).fingerprint
     assert meta.extra["calibration"] == {"dataset": "omniglot-background", "images": 128, "method": "MinMax", "per_channel": True, "seed": 0,
-                                         "activations": "int8", "float_stem": False}
+                                         "activations": "int8", "float_stem": True, "conv_kernel": "direct", "gemm_weight_tensors": 0}
     inits = {t.name: t.data_type for t in model.graph.initializer}
     q_zero_points = {inits[n.input[2]] for n in model.graph.node if n.op_type == "QuantizeLinear"}
     assert q_zero_points == {onnx.TensorProto.INT8}  # signed activations by default
@@ -106,12 +106,65 @@ def test_int8_with_unsigned_activations_and_a_float_stem(trained_conv4_onnx, bac
     convs = [n for n in model.graph.node if n.op_type == "Conv"]
     assert convs[0].input[1] in inits and inits[convs[0].input[1]].data_type == onnx.TensorProto.FLOAT  # the stem stays float32
     assert all(producers[c.input[1]].op_type == "DequantizeLinear" for c in convs[1:])  # the rest is int8
+    # its ReLU and pooling stay float too: the first activation quantized is the pooled one
+    first_q = next(n for n in model.graph.node if n.op_type == "QuantizeLinear" and n.input[0] != "images")
+    assert producers[first_q.input[0]].op_type == "MaxPool"
+    assert producers[producers[first_q.input[0]].input[0]].op_type == "Relu"
     q_zero_points = [inits[n.input[2]].data_type for n in model.graph.node if n.op_type == "QuantizeLinear"]
     assert q_zero_points and set(q_zero_points) == {onnx.TensorProto.UINT8}
     assert meta_of(out).extra["calibration"]["activations"] == "uint8"
     with pytest.raises(InputError, match="unknown activation type 'int4'"):
         QuantizeSpec(activations="int4")
     assert model.ir_version == 8 and {o.domain for o in model.opset_import} == {""}
+
+
+def test_float_pooling_is_not_moved_into_int8_by_onnxruntime(trained_conv4_onnx, background, tmp_path):
+    """ONNX Runtime's QDQ propagation would move the quantization above the float pooling (an
+    int8 NCHW MaxPool, many times slower); every edgemeta session turns it off."""
+    from edgemeta.runtime.session import open_ort_session
+
+    out = quantize_int8(trained_conv4_onnx, tmp_path / "q.onnx", background, QuantizeSpec(calibration_images=32))
+    for disabled in (True, False):
+        so = ort.SessionOptions()
+        so.optimized_model_filepath = str(tmp_path / f"optimized_{disabled}.onnx")
+        if disabled:
+            open_ort_session(out, so, ["CPUExecutionProvider"])
+        else:
+            ort.InferenceSession(str(out), so, providers=["CPUExecutionProvider"])
+        optimized = onnx.load(so.optimized_model_filepath)
+        plain_pools = [n for n in optimized.graph.node if n.op_type == "MaxPool" and n.domain in ("", "ai.onnx")]
+        assert (plain_pools == []) is disabled  # float NCHWc or int8 NHWC pooling only, when disabled
+
+
+def test_int8_gemm_kernel_keeps_the_weights_exactly(trained_conv4_onnx, background, tmp_path):
+    spec = QuantizeSpec(calibration_images=64, activations="uint8")
+    direct = quantize_int8(trained_conv4_onnx, tmp_path / "direct.onnx", background, spec)
+    gemm = quantize_int8(trained_conv4_onnx, tmp_path / "gemm.onnx", background, QuantizeSpec(calibration_images=64, activations="uint8", conv_kernel="gemm"))
+
+    def conv_weights(path: Path) -> list[np.ndarray]:
+        model = onnx.load(str(path))
+        inits = {t.name: onnx.numpy_helper.to_array(t) for t in model.graph.initializer}
+        producers = {o: n for n in model.graph.node for o in n.output}
+        out = []
+        for conv in (n for n in model.graph.node if n.op_type == "Conv" and n.input[1] in producers):
+            dq = producers[conv.input[1]]
+            w, scale, zp = (inits[name] for name in dq.input)
+            shape = (-1,) + (1,) * (w.ndim - 1)
+            out.append(((w.astype(np.float32) - zp.reshape(shape)) * scale.reshape(shape), zp))
+        return out
+
+    a, b = conv_weights(direct), conv_weights(gemm)
+    assert len(a) == len(b) == 3  # the int8 convolutions (the stem is float)
+    assert all((za == 0).all() and (zb == -1).all() and np.array_equal(wa, wb) for (wa, za), (wb, zb) in zip(a, b))
+    assert meta_of(gemm).extra["calibration"]["gemm_weight_tensors"] == 3
+    x = np.random.default_rng(0).standard_normal((4, 1, 28, 28)).astype(np.float32)
+    feed = {"images": x, "prototypes": np.zeros((0, 64), np.float32)}
+    za, zb = (ort.InferenceSession(str(p), providers=["CPUExecutionProvider"]).run(["embeddings"], feed)[0] for p in (direct, gemm))
+    np.testing.assert_allclose(za, zb, rtol=0, atol=1e-3 * float(np.abs(za).max()))
+    with pytest.raises(InputError, match="gemm convolution kernel needs uint8 activations.*--activations uint8"):
+        QuantizeSpec(conv_kernel="gemm")
+    with pytest.raises(InputError, match="unknown int8 convolution kernel 'amx'"):
+        QuantizeSpec(activations="uint8", conv_kernel="amx")
 
 
 def test_int8_predictions_agree_and_accuracy_holds(int8_model, trained_conv4, omniglot_novel):

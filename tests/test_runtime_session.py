@@ -290,12 +290,12 @@ def test_gpu_provider_failing_to_load_keeps_stdout_clean(tiny_onnx_model, monkey
     # falls back; stdout is where `--json` goes, so the session must swallow it and report it.
     real_session, real_available = ort.InferenceSession, ort.get_available_providers
 
-    def noisy_session(path, sess_options=None, providers=None):
+    def noisy_session(path, sess_options=None, providers=None, **kwargs):
         if any(p != CPU for p in providers or []):
             print("*************** EP Error ***************")
             print("EP Error libnvinfer.so.10: cannot open shared object file when using ['TensorrtExecutionProvider']")
             print("Falling back to ['CPUExecutionProvider'] and retrying.")
-        return real_session(path, sess_options=sess_options, providers=[CPU])
+        return real_session(path, sess_options=sess_options, providers=[CPU], **kwargs)
 
     monkeypatch.setattr(ort, "InferenceSession", noisy_session)
     monkeypatch.setattr(ort, "get_available_providers", lambda: ["TensorrtExecutionProvider", *real_available()])
