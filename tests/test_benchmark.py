@@ -253,7 +253,8 @@ def test_linear_head_learns_separable_classes():
     classify = bm._train_linear(torch, x, labels, 5, steps=100, lr=0.5)
     assert (classify(x).argmax(dim=1) == labels).all()
     r = bm.BackpropResult(5, 1, 10, 100, 0.5, 1.0, 0.01, 20.0, 0.9, 0.01, 0.8, 0.02)
-    assert r.speedup == pytest.approx(21.0 / 1.01)
+    assert r.speedup == pytest.approx(21.0 / 1.01) and r.learning_speedup == pytest.approx(20.0 / 0.01)
+    assert r.to_dict()["learning_speedup"] == pytest.approx(2000.0)
 
 
 # ---------------------------------------------------------------- the command line
