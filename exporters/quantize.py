@@ -66,6 +66,7 @@ class QuantizeSpec:
     # convolution, VNNI), or "gemm": int8 weights stored with zero point -1 (the same values,
     # shifted by one level: lossless) so each convolution runs as an int8 GEMM, which uses
     # AMX on CPUs that have it. Wide layers gain (ResNet-12), narrow ones lose (Conv-4).
+    # For CPUs only: TensorRT takes int8 weights with zero points of 0 only.
     conv_kernel: str = "direct"
 
     def __post_init__(self) -> None:

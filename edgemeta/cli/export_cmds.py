@@ -22,7 +22,7 @@ ACT_HELP = "int8: activations as int8 (S8S8); uint8: as uint8 (U8S8), often fast
 STEM_HELP = "Keep the first convolution (1 or 3 input channels, slow in int8), with the activation and pooling right after it, in float32."
 KERNEL_HELP = ("int8 convolution kernel of ONNX Runtime's CPU provider: direct (VNNI direct convolution) or gemm (weights stored "
                "with zero point -1, lossless, so convolutions run as int8 GEMMs: AMX where the CPU has it; needs --activations uint8). "
-               "Wide layers gain from gemm, narrow ones lose: compare with `edgemeta benchmark`.")
+               "Wide layers gain from gemm, narrow ones lose: compare with `edgemeta benchmark`. gemm is for CPUs: TensorRT takes only zero points of 0.")
 CALIB_HELP = "Base-class images for int8 calibration (default: Omniglot background / Tiny-ImageNet train; never evaluation classes)."
 DATA_DIR_HELP = "Data folder (default: $EDGEMETA_DATA_DIR)."
 
