@@ -2,8 +2,11 @@
 
 :func:`run_benchmark` measures, for every execution provider and precision asked for:
 
-* **embedding latency** at each batch size (mean, p50, p90, p99, max; images/s), measured
-  twice back to back so the report can say whether the machine was quiet enough;
+* **embedding latency** at each batch size (mean, p50, p90, p99, max; images/s), in
+  rounds that time every precision and the torch lines in turn (one session alive at a
+  time), so the ratios between them hold even when the machine drifts; the p50s of the
+  first and second half of the rounds are compared, so the report can say whether the
+  machine was quiet enough;
 * the **torch eager baseline** from the checkpoint, in the same process, with the same
   thread count, in eval and inference mode; channels-last is timed too, and ratios are
   taken against the faster torch line, so the baseline is never the crippled one;
@@ -31,6 +34,7 @@ Example:
 
 from __future__ import annotations
 
+import copy
 import gc
 import json
 import math
@@ -86,7 +90,7 @@ MAX_BATCH = 4096
 MAX_RUNS = 1_000_000
 MAX_CLASSES = 1_000_000
 MAX_DURATION_S = 3600.0
-REPEAT_TOLERANCE = 0.10  # two back-to-back p50s must agree within 10%
+REPEAT_TOLERANCE = 0.10  # the p50s of two back-to-back halves of the calls must agree within 10%
 BUSY_CORES = 0.2  # other processes using this many cores on average make the run "busy"
 
 ProgressFn = Callable[[int, int, str], None]  # (done, total, what is running now)
@@ -177,9 +181,13 @@ class BenchConfig:
         precisions: precisions to compare (fp32, fp16, int8); empty = the given models' own.
         threads: intra-op threads for ONNX Runtime, torch and the peak measurement;
             0 = the number of physical cores this process may use.
-        warmup: untimed calls before each measurement.
+        warmup: untimed calls before each measurement (and before each round's block).
         runs: timed calls per measurement (ignored when ``duration`` is set).
         duration: seconds per measurement instead of a fixed count (at least 3 calls).
+        rounds: embedding latency is measured in this many rounds; each round times every
+            precision and torch line in turn, one block of ``runs / rounds`` calls each, on a
+            freshly opened session (one session alive at a time: idle sessions' spinning
+            threads would slow the timed one), so a machine that drifts hits all alike.
         class_counts: enrolled classes for the classification-latency curve (batch 1).
         shots: K, the images per class of the enrolment measurement.
         torch_baseline: time torch eager from the checkpoint (when one is given).
@@ -199,6 +207,7 @@ class BenchConfig:
     warmup: int = 10
     runs: int = 100
     duration: float | None = None
+    rounds: int = 4
     class_counts: tuple[int, ...] = (1, 100, 10_000)
     shots: int = 5
     torch_baseline: bool = True
@@ -228,6 +237,7 @@ class BenchConfig:
         for name, value, lo, hi in (
             ("runs", self.runs, 1, MAX_RUNS),
             ("warmup", self.warmup, 0, MAX_RUNS),
+            ("rounds", self.rounds, 1, 100),
             ("threads", self.threads, 0, 1024),
             ("shots", self.shots, 1, MAX_BATCH),
             ("backprop_episodes", self.backprop_episodes, 0, 100_000),
@@ -799,8 +809,9 @@ class EmbeddingRow:
     peak_fraction: float | None = None
     speedup_vs_torch: float | None = None  # torch p50 (the faster torch line) / this p50
     speedup_vs_fp32: float | None = None  # ORT fp32 p50 / this p50
-    repeat_p50_ms: float | None = None  # the back-to-back second measurement
-    repeatable: bool | None = None
+    repeat_p50_ms: float | None = None  # p50 of the second half of the rounds
+    repeatable: bool | None = None  # the two halves' p50s agree within REPEAT_TOLERANCE
+    first_half_p50_ms: float | None = None  # p50 of the first half of the rounds
 
     def to_dict(self, samples: bool = False) -> dict[str, Any]:
         d = asdict(self)
@@ -892,14 +903,13 @@ def _measure(fn: Callable[[], Any], config: BenchConfig) -> LatencyStats:
     return time_fn(fn, config.warmup, config.runs, config.duration)
 
 
-def _ort_embedding(sess: ort.InferenceSession, variant: ModelVariant, batch: int, config: BenchConfig) -> tuple[LatencyStats, LatencyStats]:
-    """Two back-to-back measurements of ``embeddings`` at ``batch`` (no prototypes fed)."""
+def _ort_embedding_fn(sess: ort.InferenceSession, variant: ModelVariant, batch: int, config: BenchConfig) -> Callable[[], Any]:
+    """One call of ``embeddings`` at ``batch`` (no prototypes fed)."""
     feeds = {
         INPUT_IMAGES: _images(variant, batch, _input_dtype(sess, INPUT_IMAGES), config.seed),
         INPUT_PROTOTYPES: np.zeros((0, variant.embedding_dim), _input_dtype(sess, INPUT_PROTOTYPES)),
     }
-    fn = lambda: sess.run([OUTPUT_EMBEDDINGS], feeds)  # noqa: E731
-    return _measure(fn, config), _measure(fn, config)
+    return lambda: sess.run([OUTPUT_EMBEDDINGS], feeds)
 
 
 def _ort_classes(sess: ort.InferenceSession, variant: ModelVariant, n_classes: int, config: BenchConfig) -> LatencyStats:
@@ -1023,12 +1033,16 @@ class _TorchBaseline:
         self.saved_threads = torch.get_num_threads()
         torch.set_num_threads(threads)
         self.model = load_checkpoint(checkpoint).model.eval()
+        self.models: dict[tuple[str, bool], Any] = {}
 
-    def measure(self, batch: int, channels_last: bool, device: str, config: BenchConfig, shape: tuple[int, ...]) -> tuple[LatencyStats, LatencyStats]:
-        """Two back-to-back measurements of the embedding at ``batch``."""
+    def embed_fn(self, batch: int, channels_last: bool, device: str, config: BenchConfig, shape: tuple[int, ...]) -> Callable[[], Any]:
+        """One call of the embedding at ``batch`` (run it inside :meth:`timing`)."""
         torch = self.torch
         memory_format = torch.channels_last if channels_last else torch.contiguous_format
-        model = self.model.to(device=device, memory_format=memory_format)
+        key = (device, channels_last)
+        if key not in self.models:  # one copy per device and memory format, made once
+            self.models[key] = copy.deepcopy(self.model).to(device=device, memory_format=memory_format)
+        model = self.models[key]
         g = torch.Generator().manual_seed(config.seed)
         x = torch.randn((batch, *shape), generator=g).to(device=device, memory_format=memory_format)
         sync = torch.cuda.synchronize if device == "cuda" else (lambda: None)
@@ -1037,10 +1051,11 @@ class _TorchBaseline:
             model.embed(x)
             sync()
 
-        with torch.inference_mode():
-            stats = _measure(fn, config), _measure(fn, config)
-        self.model = model.to(device="cpu", memory_format=torch.contiguous_format)
-        return stats
+        return fn
+
+    def timing(self) -> Any:
+        """The context torch's calls are timed in: ``torch.inference_mode()``."""
+        return self.torch.inference_mode()
 
     def device_for(self, provider: str) -> str | None:
         if provider == Provider.CPU.value:
@@ -1074,16 +1089,19 @@ class BenchReport:
     @property
     def repeatability(self) -> dict[str, Any]:
         rows = [r for r in self.embedding if r.repeatable is not None]
-        noisy = [f"{_name(r)} batch {r.batch}: {r.latency.p50_ms:.3f} vs {r.repeat_p50_ms:.3f} ms" for r in rows if not r.repeatable]
+        noisy = [
+            f"{_name(r)} batch {r.batch}: {r.first_half_p50_ms if r.first_half_p50_ms is not None else r.latency.p50_ms:.3f} vs {r.repeat_p50_ms:.3f} ms"
+            for r in rows if not r.repeatable
+        ]
         if not rows:
             verdict = "not measured"
         elif noisy:
             verdict = (
                 f"the machine was too noisy: {len(noisy)} of {len(rows)} p50s moved more than "
-                f"{REPEAT_TOLERANCE:.0%} between two back-to-back runs"
+                f"{REPEAT_TOLERANCE:.0%} between the first and the second half of the rounds"
             )
         else:
-            verdict = f"repeatable: every p50 agreed within {REPEAT_TOLERANCE:.0%} between two back-to-back runs"
+            verdict = f"repeatable: every p50 agreed within {REPEAT_TOLERANCE:.0%} between the first and the second half of the rounds"
         return {"agree": bool(rows) and not noisy, "tolerance": REPEAT_TOLERANCE, "verdict": verdict, "noisy": noisy}
 
     def to_dict(self, samples: bool = False) -> dict[str, Any]:
@@ -1123,9 +1141,9 @@ class _Steps:
             self.progress(self.total, self.total, "done")
 
 
-def _n_steps(config: BenchConfig, n_providers: int, n_variants: int, torch_lines: int) -> int:
-    per_variant = 1 + len(config.batch_sizes) + len(config.class_counts) + 2 + int(config.cold_start)
-    per_provider = n_variants * per_variant + torch_lines * len(config.batch_sizes)
+def _n_steps(config: BenchConfig, n_providers: int, n_variants: int) -> int:
+    per_variant = 1 + len(config.class_counts) + 2 + int(config.cold_start)
+    per_provider = n_variants * per_variant + len(config.batch_sizes)
     return 2 * int(config.flops) + n_providers * per_provider + int(config.backprop_episodes > 0)
 
 
@@ -1146,47 +1164,67 @@ def _flops_for(variant: ModelVariant, batch: int, cache: dict, notes: list[str])
     return cache[key]
 
 
-def _ort_rows(
-    sess: ort.InferenceSession, variant: ModelVariant, provider: str, config: BenchConfig, report: BenchReport, steps: _Steps, flops_cache: dict
+SETTLE_S = 0.02  # pause before each block: the previous engine's idle threads stop spinning
+
+
+def _embedding_rows(
+    variants: list[ModelVariant], baseline: _TorchBaseline | None, provider: str, config: BenchConfig, report: BenchReport,
+    steps: _Steps, flops_cache: dict,
 ) -> None:
+    """Embedding latency at each batch size, in ``config.rounds`` rounds: each round times
+    every precision and both torch lines in turn, a block of calls each, each ONNX Runtime
+    session opened for its block and closed after it. Ratios between engines then hold even
+    if the machine drifts; the p50s of the first and second half of the rounds are compared."""
+    device = baseline.device_for(provider) if baseline is not None else None
+    if baseline is not None and device is None:
+        report.notes.append(f"torch baseline skipped on {_short(provider)}: this torch build has no CUDA")
+    engines: list[ModelVariant | str] = [*variants, *(("torch eager", "torch eager channels_last") if device is not None else ())]
+    rounds = config.rounds if config.duration is not None else min(config.rounds, config.runs)
+    runs = [config.runs // rounds + int(r < config.runs % rounds) for r in range(rounds)]  # runs in all, spread over the rounds
+    duration = None if config.duration is None else config.duration / rounds
+    shape = variants[0].input_shape
     for batch in config.batch_sizes:
-        steps(f"{_short(provider)} {variant.precision.value} embedding, batch {batch}")
-        first, second = _ort_embedding(sess, variant, batch, config)
-        flops = _flops_for(variant, batch, flops_cache, report.notes) if config.flops else None
-        achieved = flops / (first.p50_ms / 1e3) / 1e9 if flops else None
-        report.embedding.append(
-            EmbeddingRow(
-                _short(provider), variant.precision.value, "onnxruntime", batch, first, first.throughput(batch), flops, achieved,
-                None, repeat_p50_ms=second.p50_ms, repeatable=_agree(first.p50_ms, second.p50_ms),  # share of peak: set in _wrap_up
-            )
-        )
+        steps(f"{_short(provider)} embedding, batch {batch}: {len(engines)} engines in turn, {rounds} round(s)")
+        blocks: list[list[LatencyStats]] = [[] for _ in engines]
+        for r in range(rounds):
+            for i, engine in enumerate(engines):
+                time.sleep(SETTLE_S)
+                if isinstance(engine, str):
+                    fn = baseline.embed_fn(batch, engine.endswith("channels_last"), device, config, shape)
+                    with baseline.timing():
+                        blocks[i].append(time_fn(fn, config.warmup, runs[r], duration))
+                    continue
+                sess = _ort_session(engine, provider, config)
+                blocks[i].append(time_fn(_ort_embedding_fn(sess, engine, batch, config), config.warmup, runs[r], duration))
+                del sess
+        for engine, mine in zip(engines, blocks):
+            lat = LatencyStats.from_samples([t for b in mine for t in b.samples_ms])
+            half = max(1, len(mine) // 2)
+            first = float(np.median([t for b in mine[:half] for t in b.samples_ms]))
+            second = float(np.median([t for b in (mine[half:] or mine) for t in b.samples_ms]))
+            common = dict(repeat_p50_ms=second, repeatable=_agree(first, second), first_half_p50_ms=first)
+            if isinstance(engine, str):
+                report.embedding.append(EmbeddingRow(_short(provider), "fp32", engine, batch, lat, lat.throughput(batch), **common))
+                continue
+            flops = _flops_for(engine, batch, flops_cache, report.notes) if config.flops else None
+            achieved = flops / (lat.p50_ms / 1e3) / 1e9 if flops else None
+            report.embedding.append(EmbeddingRow(
+                _short(provider), engine.precision.value, "onnxruntime", batch, lat, lat.throughput(batch), flops, achieved, None, **common,
+            ))  # share of peak: set in _wrap_up
+
+
+def _class_rows(variant: ModelVariant, provider: str, config: BenchConfig, report: BenchReport, steps: _Steps) -> None:
+    sess = _ort_session(variant, provider, config)
     graph = {}
     for n in sorted(config.class_counts):
         steps(f"{_short(provider)} {variant.precision.value} classification, {n:,} classes")
         graph[n] = _ort_classes(sess, variant, n, config)
+    del sess
     steps(f"{_short(provider)} {variant.precision.value} FewShotClassifier.predict, {len(graph)} class counts")
     predict = _predict_latencies(variant, provider, config)
     fewest = graph[min(graph)].p50_ms
     for n, stats in graph.items():
         report.classes.append(ClassesRow(_short(provider), variant.precision.value, n, stats, stats.p50_ms / fewest, predict[n]))
-
-
-def _torch_rows(baseline: _TorchBaseline, variant: ModelVariant, provider: str, config: BenchConfig, report: BenchReport, steps: _Steps) -> None:
-    device = baseline.device_for(provider)
-    if device is None:
-        report.notes.append(f"torch baseline skipped on {_short(provider)}: this torch build has no CUDA")
-        return
-    for channels_last in (False, True):
-        engine = "torch eager channels_last" if channels_last else "torch eager"
-        for batch in config.batch_sizes:
-            steps(f"{_short(provider)} {engine}, batch {batch}")
-            first, second = baseline.measure(batch, channels_last, device, config, variant.input_shape)
-            report.embedding.append(
-                EmbeddingRow(
-                    _short(provider), "fp32", engine, batch, first, first.throughput(batch),
-                    repeat_p50_ms=second.p50_ms, repeatable=_agree(first.p50_ms, second.p50_ms),
-                )
-            )
 
 
 def _best_peak(first: dict[str, Any] | None, second: dict[str, Any]) -> dict[str, Any]:
@@ -1254,7 +1292,7 @@ def run_benchmark(
         variants = resolve_variants(paths, config.precisions, ckpt, Path(workdir) if workdir else Path(tmp), threads)
         report = BenchReport(machine_info(), config.to_dict(), variants, unavailable=unavailable)
         baseline = _TorchBaseline(ckpt, threads) if ckpt is not None and config.torch_baseline else None
-        steps = _Steps(_n_steps(config, len(providers), len(variants), 2 if baseline else 0), progress)
+        steps = _Steps(_n_steps(config, len(providers), len(variants)), progress)
         try:
             _run_all(providers, variants, config, report, steps, baseline)
         finally:
@@ -1332,29 +1370,30 @@ def _run_all(
         report.peak = measure_peak_flops(config.resolved_threads, config.ort, n=config.peak_size)
     flops_cache: dict = {}
     for provider in providers:
-        ran = 0
+        running: list[ModelVariant] = []
         for variant in variants:
             steps(f"{_short(provider)} {variant.precision.value}: opening the session")
             try:
-                sess = _ort_session(variant, provider, config)
+                _ort_session(variant, provider, config)  # does the provider run it? (timed sessions open later, one at a time)
             except ProviderError as e:
                 if provider == Provider.CPU.value or "auto" not in [p.lower() for p in config.providers]:
                     raise
-                if ran:  # the provider runs, only not this precision
+                if running:  # the provider runs, only not this precision
                     report.notes.append(f"{_short(provider)} {variant.precision.value} not measured: {e}")
                     continue
                 report.unavailable[provider] = f"{_short(provider)} unavailable ({e})"
                 break
-            ran += 1
-            _ort_rows(sess, variant, provider, config, report, steps, flops_cache)
+            running.append(variant)
+        if not running:
+            continue
+        _embedding_rows(running, baseline, provider, config, report, steps, flops_cache)
+        for variant in running:
+            _class_rows(variant, provider, config, report, steps)
             steps(f"{_short(provider)} {variant.precision.value}: enrolment vs embedding")
             report.adaptation.append(_adaptation(variant, provider, config))
             if config.cold_start:
                 steps(f"{_short(provider)} {variant.precision.value}: cold start")
                 report.cold_start.append(_cold_start(variant, provider, config))
-            del sess
-        if baseline is not None and provider not in report.unavailable:
-            _torch_rows(baseline, variants[0], provider, config, report, steps)
 
 
 # ============================================================================ backprop baseline

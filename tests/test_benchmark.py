@@ -9,6 +9,7 @@ import os
 import subprocess
 import sys
 import textwrap
+import weakref
 from pathlib import Path
 
 import numpy as np
@@ -230,6 +231,45 @@ def test_precision_variants_side_by_side(tmp_path, tiny_onnx_model_module):
     int8 = next(r for r in report.embedding if r.precision == "int8")
     fp = next(r for r in report.embedding if r.precision == "fp32")
     assert int8.speedup_vs_fp32 == pytest.approx(fp.latency.p50_ms / int8.latency.p50_ms)
+
+
+def test_precisions_are_timed_in_turn_one_session_at_a_time(tmp_path, tiny_onnx_model_module, monkeypatch):
+    fp32 = tmp_path / "m.onnx"
+    fp32.write_bytes(tiny_onnx_model_module.read_bytes())
+    with_precision(fp32, tmp_path / "m.int8.onnx", "int8")
+    events, alive = [], weakref.WeakSet()
+    real_session, real_time_fn = bm._ort_session, bm.time_fn
+
+    class Tracked:  # a session that records when it is opened and closed
+        def __init__(self, variant, provider, config):
+            self.sess, self.precision = real_session(variant, provider, config), variant.precision.value
+            alive.add(self)
+            events.append(("open", self.precision, len(alive)))
+
+        def __getattr__(self, name):
+            return getattr(self.sess, name)
+
+    def timed(fn, warmup, runs, duration=None):
+        events.append(("time", runs))
+        return real_time_fn(fn, warmup, runs, duration)
+
+    monkeypatch.setattr(bm, "_ort_session", Tracked)
+    monkeypatch.setattr(bm, "time_fn", timed)
+    monkeypatch.setattr(bm, "SETTLE_S", 0.0)
+    cfg = bm.BenchConfig(providers=("cpu",), batch_sizes=(2,), class_counts=(1,), precisions=("fp32", "int8"), threads=1, flops=False,
+                         warmup=1, runs=7, rounds=3, cold_start=False)
+    report = bm.run_benchmark(fp32, cfg)
+    opened = [e for e in events if e[0] == "open"]
+    # one check per precision, then 3 rounds of fp32, int8 (each session alone), then the classification sessions
+    assert [e[1] for e in opened[:8]] == ["fp32", "int8"] + ["fp32", "int8"] * 3
+    assert all(e[2] == 1 for e in opened), opened
+    embedding_blocks = [e[1] for e in events[events.index(opened[2]):] if e[0] == "time"][:6]
+    assert embedding_blocks == [3, 3, 2, 2, 2, 2]  # 7 runs spread over 3 rounds, per engine
+    rows = report.embedding
+    assert [(r.precision, r.latency.runs) for r in rows] == [("fp32", 7), ("int8", 7)]
+    assert all(r.first_half_p50_ms is not None and r.repeat_p50_ms is not None for r in rows)
+    with pytest.raises(InputError, match="rounds must be an integer from 1 to 100"):
+        bm.BenchConfig(rounds=0)
 
 
 def test_missing_precision_without_a_source_says_how_to_get_it(tmp_path, tiny_onnx_model_module):

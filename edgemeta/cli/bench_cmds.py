@@ -51,6 +51,9 @@ def benchmark(
     warmup: int = typer.Option(10, help="Untimed calls before each measurement."),
     runs: Optional[int] = typer.Option(None, help="Timed calls per measurement (100 unless --duration is given)."),
     duration: Optional[float] = typer.Option(None, help="Seconds per measurement instead of --runs."),
+    rounds: int = typer.Option(
+        4, help="Embedding latency in this many rounds, each timing every engine in turn (a fresh session each), so ratios survive a drifting machine."
+    ),
     classes: str = typer.Option("1,100,10000", help="Enrolled class counts for classification latency at batch 1."),
     shots: int = typer.Option(5, help="K images per class for the enrolment measurement."),
     cold_start: bool = typer.Option(True, "--cold-start/--no-cold-start", help="Time a fresh process up to its first prediction."),
@@ -71,7 +74,7 @@ def benchmark(
         raise InputError(f"--plot: folder {plot.parent} does not exist; create it first")
     config = BenchConfig(
         providers=_words(providers), batch_sizes=_ints(batch_sizes, "--batch-sizes"), precisions=_words(precisions), threads=threads,
-        warmup=warmup, runs=100 if runs is None else runs, duration=duration, class_counts=_ints(classes, "--classes"), shots=shots,
+        warmup=warmup, runs=100 if runs is None else runs, duration=duration, rounds=rounds, class_counts=_ints(classes, "--classes"), shots=shots,
         cold_start=cold_start, backprop_episodes=episodes if backprop_baseline else 0,
     )
     with _progress_bar(console.is_terminal) as progress:
