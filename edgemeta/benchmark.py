@@ -90,7 +90,7 @@ MAX_BATCH = 4096
 MAX_RUNS = 1_000_000
 MAX_CLASSES = 1_000_000
 MAX_DURATION_S = 3600.0
-REPEAT_TOLERANCE = 0.10  # the p50s of two back-to-back halves of the calls must agree within 10%
+REPEAT_TOLERANCE = 0.10  # the p50s of the first and the second half of the rounds must agree within 10%
 BUSY_CORES = 0.2  # other processes using this many cores on average make the run "busy"
 
 ProgressFn = Callable[[int, int, str], None]  # (done, total, what is running now)
