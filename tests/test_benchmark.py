@@ -302,11 +302,12 @@ def test_linear_head_learns_separable_classes():
 
 def test_cli_json(tiny_onnx_model_module, tmp_path):
     res = cli(tiny_onnx_model_module, "--json", "--runs", "3", "--warmup", "0", "--batch-sizes", "1,2", "--classes", "1,10",
-              "--threads", "1", "--no-cold-start", "--providers", "cpu", "--plot", tmp_path / "p.png")
+              "--threads", "1", "--no-cold-start", "--providers", "cpu", "--rounds", "2", "--plot", tmp_path / "p.png")
     assert res.exit_code == 0, res.stderr
     d = json.loads(res.stdout)
     assert [r["batch"] for r in d["embedding"]] == [1, 2] and [r["n_classes"] for r in d["classes"]] == [1, 10]
-    assert d["config"]["runs"] == 3 and (tmp_path / "p.png").is_file()
+    assert d["config"]["runs"] == 3 and d["config"]["rounds"] == 2 and (tmp_path / "p.png").is_file()
+    assert all(r["latency"]["runs"] == 3 and r["first_half_p50_ms"] > 0 for r in d["embedding"])
 
 
 @pytest.mark.parametrize(
@@ -316,6 +317,7 @@ def test_cli_json(tiny_onnx_model_module, tmp_path):
         (("--batch-sizes", "1,5000"), "batch size 5000 is out of range"),
         (("--batch-sizes", "1,x"), "--batch-sizes takes comma-separated integers"),
         (("--runs", "0"), "runs must be an integer from 1 to 1,000,000, got 0"),
+        (("--rounds", "0"), "rounds must be an integer from 1 to 100, got 0"),
         (("--runs", "2000000"), "runs must be an integer from 1 to 1,000,000"),
         (("--runs", "5", "--duration", "1"), "give --runs or --duration, not both"),
         (("--providers", "foo"), "unknown provider 'foo'"),
