@@ -5,7 +5,7 @@
 * **embedding latency** at each batch size (mean, p50, p90, p99, max; images/s), in
   rounds that time every precision and the torch lines in turn (one session alive at a
   time), so the ratios between them hold even when the machine drifts; the p50s of the
-  first and second half of the rounds are compared, so the report can say whether the
+  first and second half of the calls are compared, so the report can say whether the
   machine was quiet enough;
 * the **torch eager baseline** from the checkpoint, in the same process, with the same
   thread count, in eval and inference mode; channels-last is timed too, and ratios are
@@ -90,7 +90,7 @@ MAX_BATCH = 4096
 MAX_RUNS = 1_000_000
 MAX_CLASSES = 1_000_000
 MAX_DURATION_S = 3600.0
-REPEAT_TOLERANCE = 0.10  # the p50s of the first and the second half of the rounds must agree within 10%
+REPEAT_TOLERANCE = 0.10  # the p50s of the first and the second half of the calls must agree within 10%
 BUSY_CORES = 0.2  # other processes using this many cores on average make the run "busy"
 
 ProgressFn = Callable[[int, int, str], None]  # (done, total, what is running now)
@@ -809,9 +809,9 @@ class EmbeddingRow:
     peak_fraction: float | None = None
     speedup_vs_torch: float | None = None  # torch p50 (the faster torch line) / this p50
     speedup_vs_fp32: float | None = None  # ORT fp32 p50 / this p50
-    repeat_p50_ms: float | None = None  # p50 of the second half of the rounds
-    repeatable: bool | None = None  # the two halves' p50s agree within REPEAT_TOLERANCE
-    first_half_p50_ms: float | None = None  # p50 of the first half of the rounds
+    repeat_p50_ms: float | None = None  # p50 of the second half of the calls (in the order they ran)
+    repeatable: bool | None = None  # the two halves' p50s agree within REPEAT_TOLERANCE (None: one call)
+    first_half_p50_ms: float | None = None  # p50 of the first half of the calls
 
     def to_dict(self, samples: bool = False) -> dict[str, Any]:
         d = asdict(self)
@@ -1098,10 +1098,10 @@ class BenchReport:
         elif noisy:
             verdict = (
                 f"the machine was too noisy: {len(noisy)} of {len(rows)} p50s moved more than "
-                f"{REPEAT_TOLERANCE:.0%} between the first and the second half of the rounds"
+                f"{REPEAT_TOLERANCE:.0%} between the first and the second half of their calls"
             )
         else:
-            verdict = f"repeatable: every p50 agreed within {REPEAT_TOLERANCE:.0%} between the first and the second half of the rounds"
+            verdict = f"repeatable: every p50 agreed within {REPEAT_TOLERANCE:.0%} between the first and the second half of its calls"
         return {"agree": bool(rows) and not noisy, "tolerance": REPEAT_TOLERANCE, "verdict": verdict, "noisy": noisy}
 
     def to_dict(self, samples: bool = False) -> dict[str, Any]:
@@ -1174,7 +1174,8 @@ def _embedding_rows(
     """Embedding latency at each batch size, in ``config.rounds`` rounds: each round times
     every precision and both torch lines in turn, a block of calls each, each ONNX Runtime
     session opened for its block and closed after it. Ratios between engines then hold even
-    if the machine drifts; the p50s of the first and second half of the rounds are compared."""
+    if the machine drifts. The p50s of the first and second half of each engine's calls (with
+    several rounds, the first and the later rounds) are compared."""
     device = baseline.device_for(provider) if baseline is not None else None
     if baseline is not None and device is None:
         report.notes.append(f"torch baseline skipped on {_short(provider)}: this torch build has no CUDA")
@@ -1198,11 +1199,10 @@ def _embedding_rows(
                 blocks[i].append(time_fn(_ort_embedding_fn(sess, engine, batch, config), config.warmup, runs[r], duration))
                 del sess
         for engine, mine in zip(engines, blocks):
-            lat = LatencyStats.from_samples([t for b in mine for t in b.samples_ms])
-            half = max(1, len(mine) // 2)
-            first = float(np.median([t for b in mine[:half] for t in b.samples_ms]))
-            second = float(np.median([t for b in (mine[half:] or mine) for t in b.samples_ms]))
-            common = dict(repeat_p50_ms=second, repeatable=_agree(first, second), first_half_p50_ms=first)
+            samples = [t for b in mine for t in b.samples_ms]  # in the order they ran
+            lat, half = LatencyStats.from_samples(samples), len(samples) // 2
+            first, second = (float(np.median(samples[:half])), float(np.median(samples[half:]))) if half else (None, None)
+            common = dict(repeat_p50_ms=second, repeatable=_agree(first, second) if half else None, first_half_p50_ms=first)
             if isinstance(engine, str):
                 report.embedding.append(EmbeddingRow(_short(provider), "fp32", engine, batch, lat, lat.throughput(batch), **common))
                 continue

@@ -293,7 +293,8 @@ def markdown(reports: dict[str, dict], sweep_rows: list[dict], argv: list[str], 
         "Every latency is the wall-clock time of one call from Python (inputs already in memory), "
         f"after warm-up calls. At each batch size the precisions and the torch lines are timed in {cfg['rounds']} rounds, each "
         "timing every engine in turn (a block of calls on a freshly opened session, one session alive at a time), so their "
-        "ratios hold even if the machine drifts; the p50s of the first and the second half of the rounds must agree within 10%.", "",
+        "ratios hold even if the machine drifts; the p50s of the first and the second half of each engine's calls (in the order "
+        "they ran) must agree within 10%.", "",
         "## Targets", "",
         _table(["what", "target", "measured", "met"], [[w, t, _f(v, ".2f"), _met(ok)] for w, t, v, ok in tg], left=(0, 3)), "",
     ]

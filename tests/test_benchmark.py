@@ -10,6 +10,7 @@ import subprocess
 import sys
 import textwrap
 import weakref
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -270,6 +271,8 @@ def test_precisions_are_timed_in_turn_one_session_at_a_time(tmp_path, tiny_onnx_
     assert all(r.first_half_p50_ms is not None and r.repeat_p50_ms is not None for r in rows)
     with pytest.raises(InputError, match="rounds must be an integer from 1 to 100"):
         bm.BenchConfig(rounds=0)
+    one_call = bm.run_benchmark(fp32, replace(cfg, runs=1, precisions=("fp32",)))
+    assert [(r.latency.runs, r.repeatable, r.repeat_p50_ms) for r in one_call.embedding] == [(1, None, None)]  # nothing to compare
 
 
 def test_missing_precision_without_a_source_says_how_to_get_it(tmp_path, tiny_onnx_model_module):
