@@ -214,18 +214,18 @@ def open_ort_session(path: str | os.PathLike, options: ort.SessionOptions, provi
     are off. Note: ONNX Runtime's default logger severity is
     set back to its default (warning) afterwards. Returns ``(session, what ONNX Runtime said)``.
     """
-    if not any(p in _GPU_PROVIDERS for p in providers):
-        sess, said = ort.InferenceSession(str(path), sess_options=options, providers=providers, disabled_optimizers=list(DISABLED_OPTIMIZERS)), ""
-    else:
+    gpu = any(p in _GPU_PROVIDERS for p in providers)
+    out = io.StringIO()
+    if gpu:
         _preload_cuda_libraries()
-        out = io.StringIO()
         ort.set_default_logger_severity(4)
-        try:
-            with contextlib.redirect_stdout(out):
-                sess = ort.InferenceSession(str(path), sess_options=options, providers=providers, disabled_optimizers=list(DISABLED_OPTIMIZERS))
-        finally:
+    try:
+        with contextlib.redirect_stdout(out) if gpu else contextlib.nullcontext():
+            sess = ort.InferenceSession(str(path), sess_options=options, providers=providers, disabled_optimizers=list(DISABLED_OPTIMIZERS))
+    finally:
+        if gpu:
             ort.set_default_logger_severity(2)  # ONNX Runtime's default
-        said = " ".join(line.strip() for line in out.getvalue().splitlines() if line.strip().startswith("EP Error"))[:300]
+    said = " ".join(line.strip() for line in out.getvalue().splitlines() if line.strip().startswith("EP Error"))[:300]
     sess.disable_fallback()
     return sess, said
 
