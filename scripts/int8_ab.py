@@ -8,8 +8,8 @@ For each model (the shipped Conv-4, or an untrained backbone at 84x84 calibrated
 Tiny-ImageNet's train classes) it writes fp32 and the six int8 variants, then times
 each at batch 32 (median of ``--runs`` calls; one session at a time, 2 threads, ONNX
 Runtime's worker threads not spinning between calls, so no session steals CPU from the
-next) and prints the speed-up over fp32. Run it twice: the order is repeated and the best
-median of the two rounds is kept.
+next) and prints the speed-up over fp32. Every variant is timed in two rounds, in the same
+order, and the better of its two medians is kept.
 """
 
 from __future__ import annotations
