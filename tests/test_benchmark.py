@@ -438,6 +438,36 @@ def test_backprop_baseline_on_omniglot_episodes(tmp_path):
         assert min(r.embed_ms, r.prototype_ms, r.backprop_ms) > 0
 
 
+def test_backprop_baseline_times_each_engine_in_its_own_phase(monkeypatch):
+    """No SGD step is timed while ONNX Runtime's threads spin, and no embedding while torch's do."""
+    torch = pytest.importorskip("torch")
+    from types import SimpleNamespace
+
+    from edgemeta.episodes import EpisodeSampler
+
+    calls = []
+    labels = np.repeat(np.arange(6), 4)
+    data = SimpleNamespace(images=np.zeros((len(labels), 4), np.float32), labels=labels)
+
+    class FakeSession:
+        preprocess = None
+
+        def embed(self, x):
+            calls.append("embed")
+            return np.random.default_rng(len(calls)).standard_normal((len(x), 8)).astype(np.float32)
+
+        def run(self, x, protos):
+            calls.append("run")
+            return self.embed(x), np.zeros((len(x), len(protos)), np.float32)
+
+    real = bm._train_linear
+    monkeypatch.setattr(bm, "_train_linear", lambda *a: (calls.append("sgd"), real(*a))[1])
+    sampler = EpisodeSampler(labels, 3, 2, 1, 0, "fake")
+    r = bm._backprop_shots(torch, FakeSession(), data, lambda x, spec: x, sampler, 4, 5, 0.5)
+    assert calls == ["embed", "run", "embed"] * 4 + ["sgd"] * 4
+    assert (r.n_way, r.k_shot, r.episodes, r.steps) == (3, 2, 4, 5)
+
+
 def test_time_pair_alternates():
     calls = []
     a, b = bm.time_pair(lambda: calls.append("a"), lambda: calls.append("b"), warmup=2, runs=4)
