@@ -55,7 +55,7 @@ import onnxruntime as ort
 
 from edgemeta.runtime.errors import CheckpointError, EdgemetaError, InputError, ModelMismatchError, ProviderError
 from edgemeta.runtime.session import ORT_LEVELS, GraphOptimization, Provider, Session, SessionOptions, open_ort_session, resolve_providers
-from edgemeta.runtime.spec import INPUT_IMAGES, INPUT_PROTOTYPES, OUTPUT_EMBEDDINGS, OUTPUT_LOGITS, Precision
+from edgemeta.runtime.spec import INPUT_IMAGES, INPUT_PROTOTYPES, INPUT_SQNORMS, OUTPUT_EMBEDDINGS, OUTPUT_LOGITS, Precision
 
 __all__ = [
     "ExecutionMode",
@@ -913,11 +913,14 @@ def _ort_embedding_fn(sess: ort.InferenceSession, variant: ModelVariant, batch: 
 
 
 def _ort_classes(sess: ort.InferenceSession, variant: ModelVariant, n_classes: int, config: BenchConfig) -> LatencyStats:
+    """The graph at batch 1 with ``n_classes`` prototypes, fed as the runtime feeds them: with
+    their squared norms (kept with the store) when the model takes them, except on TensorRT."""
     rng = np.random.default_rng([config.seed, n_classes])
-    feeds = {
-        INPUT_IMAGES: _images(variant, 1, _input_dtype(sess, INPUT_IMAGES), config.seed),
-        INPUT_PROTOTYPES: rng.standard_normal((n_classes, variant.embedding_dim)).astype(_input_dtype(sess, INPUT_PROTOTYPES)),
-    }
+    protos = rng.standard_normal((n_classes, variant.embedding_dim)).astype(_input_dtype(sess, INPUT_PROTOTYPES))
+    feeds = {INPUT_IMAGES: _images(variant, 1, _input_dtype(sess, INPUT_IMAGES), config.seed), INPUT_PROTOTYPES: protos}
+    takes_norms = INPUT_SQNORMS in {i.name for i in sess.get_overridable_initializers()}
+    if takes_norms and n_classes and sess.get_providers()[0] != Provider.TENSORRT.value:
+        feeds[INPUT_SQNORMS] = np.square(protos, dtype=np.float32).sum(axis=1)
     return _measure(lambda: sess.run([OUTPUT_EMBEDDINGS, OUTPUT_LOGITS], feeds), config)
 
 

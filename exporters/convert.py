@@ -43,10 +43,12 @@ from torch import nn
 from edgemeta import __version__
 from edgemeta.errors import ExportError, InputError
 from edgemeta.exporters.graph import ensure_writable, finalize, save_model, set_metadata
+from edgemeta.exporters.head import has_fed_norms, with_fed_norms
 from edgemeta.model import compute_logits, normalize_embeddings
 from edgemeta.runtime.spec import (
     INPUT_IMAGES,
     INPUT_PROTOTYPES,
+    INPUT_SQNORMS,
     OUTPUT_EMBEDDINGS,
     OUTPUT_LOGITS,
     Metric,
@@ -105,6 +107,8 @@ class ExportSpec:
         (OUTPUT_LOGITS, 1, "n_classes"),
     )
     optimize: bool = False
+    # rebuild the metric so the prototypes' squared norms can be fed (edgemeta.exporters.head)
+    fed_norms: bool = True
     # trace with batch >= 2 and several prototypes so neither size is specialized to 0/1
     trace_batch: int = 2
     trace_prototypes: int = 3
@@ -458,7 +462,8 @@ def check_graph(proto: onnx.ModelProto, spec: ExportSpec, embedding_dim: int) ->
         onnx.checker.check_model(proto, full_check=True)
     except Exception as e:
         raise ExportError(f"the exported graph is not valid ONNX: {str(e).splitlines()[0][:200]}") from None
-    io_names = ([i.name for i in proto.graph.input], [o.name for o in proto.graph.output])
+    optional = {INPUT_SQNORMS} if has_fed_norms(proto) else set()
+    io_names = ([i.name for i in proto.graph.input if i.name not in optional], [o.name for o in proto.graph.output])
     if io_names != (list(spec.input_names), list(spec.output_names)):
         raise ExportError(f"graph inputs/outputs are {io_names}, expected {spec.input_names} -> {spec.output_names}")
     for vi in [*proto.graph.input, *proto.graph.output]:
@@ -472,20 +477,32 @@ def check_graph(proto: onnx.ModelProto, spec: ExportSpec, embedding_dim: int) ->
         raise ExportError(f"{emb.name} has shape {dims}, expected [batch, {embedding_dim}]")
 
 
+def _ort_session(model_bytes: bytes):
+    import onnxruntime as ort
+
+    so = ort.SessionOptions()
+    so.log_severity_level = 3  # not the notice that the optional norms input is an overridable initializer
+    return ort.InferenceSession(model_bytes, so, providers=["CPUExecutionProvider"])
+
+
 def smoke_test(model_bytes: bytes, spec: ExportSpec, image_shape: tuple[int, ...], embedding_dim: int) -> None:
-    """Run the graph in ONNX Runtime with 0 and 3 prototypes (the app enrols with none)."""
+    """Run the graph in ONNX Runtime with 0 and 3 prototypes (the app enrols with none),
+    and with the prototypes' norms fed when the graph takes them."""
     import onnxruntime as ort
 
     try:
-        session = ort.InferenceSession(model_bytes, providers=["CPUExecutionProvider"])
+        session = _ort_session(model_bytes)
     except Exception as e:
         raise ExportError(f"ONNX Runtime {ort.__version__} cannot load the exported graph: {str(e).splitlines()[0][:200]}") from None
+    fed = any(i.name == INPUT_SQNORMS for i in session.get_overridable_initializers())
     rng = np.random.default_rng(0)
-    for batch, n in ((2, 0), (1, 3)):
+    for batch, n, feed_norms in ((2, 0, False), (1, 3, False), (1, 3, fed)):
         feed = {
             spec.input_names[0]: rng.standard_normal((batch, *image_shape)).astype(np.float32),
             spec.input_names[1]: rng.standard_normal((n, embedding_dim)).astype(np.float32),
         }
+        if feed_norms:
+            feed[INPUT_SQNORMS] = np.square(feed[spec.input_names[1]]).sum(axis=1)
         try:
             emb, logits = session.run(list(spec.output_names), feed)
         except Exception as e:
@@ -495,6 +512,36 @@ def smoke_test(model_bytes: bytes, spec: ExportSpec, image_shape: tuple[int, ...
                 f"with batch {batch} and {n} prototypes the graph returns {emb.shape} and {logits.shape}, "
                 f"expected {(batch, embedding_dim)} and {(batch, n)}"
             )
+
+
+def _cosine_scale(logits: np.ndarray, emb: np.ndarray, protos: np.ndarray) -> float:
+    unit = lambda a: a / np.sqrt(np.square(a).sum(axis=1, keepdims=True) + 1e-12)  # noqa: E731
+    cos = unit(emb.astype(np.float64)) @ unit(protos.astype(np.float64)).T
+    big = np.abs(cos) > 1e-3
+    return float(np.median(logits[big] / cos[big])) if big.any() else 1.0
+
+
+def _with_fed_norms(proto: onnx.ModelProto, metadata: ModelMetadata, image_shape: tuple[int, ...]) -> tuple[onnx.ModelProto, str]:
+    """The graph with the metric head of :mod:`edgemeta.exporters.head`, when it gives the
+    exported graph's logits (random images and prototypes, norms fed or not); else the
+    graph as it was and why."""
+    rng = np.random.default_rng(1)
+    images = rng.standard_normal((3, *image_shape)).astype(np.float32)
+    protos = rng.standard_normal((7, metadata.embedding_dim)).astype(np.float32)
+    try:
+        emb, want = _ort_session(proto.SerializeToString()).run(None, {INPUT_IMAGES: images, INPUT_PROTOTYPES: protos})
+    except Exception as e:  # noqa: BLE001 - smoke_test reports a graph that does not run
+        return proto, f"not checked: {_first_line(e)}"
+    scale = float(metadata.extra.get("logit_scale") or _cosine_scale(want, emb, protos)) if metadata.metric is Metric.COSINE else 1.0
+    candidate = with_fed_norms(proto, metadata.metric, scale)
+    sess = _ort_session(candidate.SerializeToString())
+    tol = 1e-4 * max(1.0, float(np.abs(want).max()))
+    for norms in (None, np.square(protos).sum(axis=1)):
+        feed = {INPUT_IMAGES: images, INPUT_PROTOTYPES: protos, **({} if norms is None else {INPUT_SQNORMS: norms})}
+        got = sess.run([OUTPUT_LOGITS], feed)[0]
+        if got.shape != want.shape or not np.allclose(got, want, rtol=1e-4, atol=tol):
+            return proto, f"the module's logits are not edgemeta's {metadata.metric.value} metric; kept as exported"
+    return candidate, ""
 
 
 def _probe(module: nn.Module, args: tuple[torch.Tensor, ...], embedding_dim: int) -> None:
@@ -544,13 +591,19 @@ def export(module: nn.Module, path: str | os.PathLike, metadata: ModelMetadata, 
     _probe(module, args, metadata.embedding_dim)
     proto, used, reason = _trace(module, args, spec)
     finalize(proto)
+    extra = {**metadata.extra, "exporter": used, "optimized": spec.optimize}
+    why_not = "not asked for (ExportSpec.fed_norms=False)"
+    if spec.fed_norms:
+        proto, why_not = _with_fed_norms(proto, metadata, image_shape)
+    extra["fed_norms"] = not why_not
+    if why_not:
+        extra["fed_norms_reason"] = why_not
     if spec.optimize:
         from edgemeta.exporters.optimize import optimize_offline
 
         proto = finalize(optimize_offline(proto))
     check_graph(proto, spec, metadata.embedding_dim)
     opset = next(o.version for o in proto.opset_import if o.domain in ("", "ai.onnx"))
-    extra = {**metadata.extra, "exporter": used, "optimized": spec.optimize}
     if reason:
         extra["fallback_reason"] = reason
     metadata = metadata.with_(opset=opset, precision=Precision.FP32, producer=metadata.producer or f"edgemeta {__version__}", extra=extra)

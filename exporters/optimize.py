@@ -68,7 +68,9 @@ def to_ort_format(onnx_path: str | os.PathLike, ort_path: str | os.PathLike | No
     try:
         try:
             ort.InferenceSession(str(src), _session_options(tmp, True), providers=["CPUExecutionProvider"], disabled_optimizers=list(DISABLED_OPTIMIZERS))
-            session = ort.InferenceSession(str(tmp), providers=["CPUExecutionProvider"])
+            quiet = ort.SessionOptions()
+            quiet.log_severity_level = 3
+            session = ort.InferenceSession(str(tmp), quiet, providers=["CPUExecutionProvider"])
             feed = {}
             for inp in session.get_inputs():
                 # one image, zero prototypes: the enrolment call of an app

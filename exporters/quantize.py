@@ -224,7 +224,9 @@ def _calibration_inputs(model_path: Path, meta: ModelMetadata, calibration: Imag
     idx = subset(calibration, spec.calibration_images, spec.seed)
     x = np.ascontiguousarray(to_tensor(calibration.images[idx], pp.mean, pp.std).numpy())
     # real prototypes (not zero rows), so every tensor of the graph has values to calibrate
-    session = ort.InferenceSession(str(model_path), providers=["CPUExecutionProvider"])
+    opts = ort.SessionOptions()
+    opts.log_severity_level = 3
+    session = ort.InferenceSession(str(model_path), opts, providers=["CPUExecutionProvider"])
     z = session.run(None, {INPUT_IMAGES: x[:5], INPUT_PROTOTYPES: np.zeros((0, meta.embedding_dim), np.float32)})[0]
     return x, np.ascontiguousarray(z, dtype=np.float32)
 
@@ -303,6 +305,7 @@ def quantize_int8(
     Example:
         >>> quantize_int8("conv4.onnx", "conv4.int8.onnx", load_omniglot("background"))
     """
+    import onnxruntime as ort
     from onnxruntime.quantization import CalibrationMethod, QuantFormat, QuantType, quantize_static
 
     src = Path(fp32_path)
@@ -310,6 +313,8 @@ def quantize_int8(
     x, protos = _calibration_inputs(src, meta, calibration, spec)
     previous = logging.root.manager.disable
     logging.disable(logging.WARNING)  # the quantizer logs every node it skips
+    # and its sessions log that the optional norms input is an overridable initializer
+    ort.set_default_logger_severity(3)
     try:
         with tempfile.TemporaryDirectory(prefix="edgemeta-int8-") as tmp:
             pre, out = Path(tmp) / "pre.onnx", Path(tmp) / "int8.onnx"
@@ -334,6 +339,7 @@ def quantize_int8(
         raise ExportError(f"int8 quantization failed: {type(e).__name__}: {str(e).splitlines()[0][:200]}") from None
     finally:
         logging.disable(previous)
+        ort.set_default_logger_severity(2)  # ONNX Runtime's default
     _check(q, "int8")
     calib: dict[str, Any] = {"dataset": calibration.name, "images": int(len(x)), "method": spec.method, "per_channel": spec.per_channel, "seed": spec.seed,
                              "activations": spec.activations, "float_stem": spec.float_stem,

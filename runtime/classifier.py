@@ -148,13 +148,6 @@ class Prediction:
         }
 
 
-def _softmax(logits: np.ndarray) -> np.ndarray:
-    z = logits.astype(np.float64)
-    z = z - z.max(axis=1, keepdims=True)
-    np.exp(z, out=z)
-    return z / z.sum(axis=1, keepdims=True)
-
-
 def _as_list(images: ImageLike | Sequence[ImageLike]) -> Sequence:
     """A sliceable sequence of images; a 4-D array stays one array, so that a batch already
     preprocessed takes :func:`preprocess`'s fast path (checked once, not image by image)."""
@@ -378,20 +371,27 @@ class FewShotClassifier:
         return out
 
     def _verdicts(self, logits: np.ndarray, labels: tuple[str, ...], k: int, threshold: float | None) -> list[Prediction]:
-        probs = _softmax(logits)
-        dists = self.session.distances(logits)
-        if k < logits.shape[1]:
+        """Top-``k`` candidates per row. Probabilities and distances are computed for those
+        only (the softmax denominator still sums over every class): with 10,000 classes,
+        the full arrays cost more than the graph's whole metric."""
+        if k == 1:
+            top = logits.argmax(axis=1)[:, None]
+        elif k < logits.shape[1]:
             top = np.argpartition(-logits, k - 1, axis=1)[:, :k]
             order = np.take_along_axis(logits, top, axis=1).argsort(axis=1)[:, ::-1]
             top = np.take_along_axis(top, order, axis=1)
         else:
             top = np.argsort(-logits, axis=1, kind="stable")
+        best = np.take_along_axis(logits, top, axis=1).astype(np.float64)
+        z = logits.astype(np.float64) - best[:, :1]  # the row maximum
+        probs = np.exp(best - best[:, :1]) / np.exp(z).sum(axis=1, keepdims=True)
+        dists = self.session.distances(best)
         preds = []
         for b in range(logits.shape[0]):
-            cands = tuple(Candidate(labels[j], float(probs[b, j]), float(dists[b, j])) for j in top[b])
-            best = cands[0]
-            unknown = threshold is not None and best.distance > threshold
-            preds.append(Prediction(best.label, best.probability, best.distance, bool(unknown), cands))
+            cands = tuple(Candidate(labels[j], float(probs[b, i]), float(dists[b, i])) for i, j in enumerate(top[b]))
+            first = cands[0]
+            unknown = threshold is not None and first.distance > threshold
+            preds.append(Prediction(first.label, first.probability, first.distance, bool(unknown), cands))
         return preds
 
     # ---- open-set calibration ---------------------------------------------------------

@@ -35,6 +35,7 @@ from edgemeta.runtime.errors import InputError, ProviderError
 from edgemeta.runtime.spec import (
     INPUT_IMAGES,
     INPUT_PROTOTYPES,
+    INPUT_SQNORMS,
     METADATA_KEY,
     OUTPUT_EMBEDDINGS,
     OUTPUT_LOGITS,
@@ -215,6 +216,9 @@ def open_ort_session(path: str | os.PathLike, options: ort.SessionOptions, provi
     set back to its default (warning) afterwards. Returns ``(session, what ONNX Runtime said)``.
     """
     gpu = any(p in _GPU_PROVIDERS for p in providers)
+    # errors only: ONNX Runtime warns on every load that the optional prototype_sqnorms input
+    # is an initializer a caller may override, which is what it is for
+    options.log_severity_level = max(options.log_severity_level, 3)
     out = io.StringIO()
     if gpu:
         _preload_cuda_libraries()
@@ -267,10 +271,12 @@ class Session:
         self.io_binding = False  # decided once the providers are known (probes run unbound)
         self.prototype_uploads = 0  # how many times prototypes were copied to the device
         self._proto_cache: tuple[np.ndarray, object] | None = None
+        self._norms_cache: tuple[np.ndarray, np.ndarray, object | None] | None = None  # (prototypes, norms, on device)
         self._no_prototypes_value = None  # the empty prototypes input of embed(), on the device
         self._ort_said = ""  # what ONNX Runtime printed while a GPU provider failed to load
         self._sess = self._create_session()
         self._check_contract()
+        self.feeds_norms = self._takes_norms()
         meta = self._stored_metadata()
         spec = preprocess or (meta.preprocess if meta else None)
         if spec is None:
@@ -371,6 +377,40 @@ class Session:
             raise InputError(f"{self.path} breaks the edgemeta contract: {'; '.join(ranks)}; re-export the model")
         self._in_types = {n: np.float16 if inputs[n].type == "tensor(float16)" else np.float32 for n in inputs}
         self._images_shape = inputs[INPUT_IMAGES].shape
+
+    def _takes_norms(self) -> bool:
+        """Whether the prototypes' squared norms are fed (models exported with the optional
+        ``prototype_sqnorms`` input). Not under TensorRT: that path has not been measured
+        with the input fed, and the graph computes the norms itself when they are not."""
+        names = {i.name for i in self._sess.get_overridable_initializers()}
+        return INPUT_SQNORMS in names and self._sess.get_providers()[0] != Provider.TENSORRT.value
+
+    def _norms(self, protos: np.ndarray) -> np.ndarray | None:
+        """The squared norms of read-only ``protos`` (computed once per array), else None.
+
+        A store's prototypes are a read-only array that is replaced when a class changes,
+        so the norms cost one pass over the prototypes per enrolment instead of one per
+        call. A writable array could change between calls: the graph computes its norms.
+        """
+        if not self.feeds_norms or protos.flags.writeable or len(protos) == 0:
+            return None
+        cached = self._norms_cache
+        if cached is not None and cached[0] is protos:
+            return cached[1]
+        p = np.asarray(protos, np.float32)
+        norms = np.einsum("nd,nd->n", p, p)
+        self._norms_cache = (protos, norms, None)
+        return norms
+
+    def _norms_value(self, protos: np.ndarray):
+        """:meth:`_norms` as an OrtValue on the device (IO binding), else None."""
+        norms = self._norms(protos)
+        if norms is None:
+            return None
+        cached = self._norms_cache
+        if cached[2] is None:
+            cached = self._norms_cache = (cached[0], norms, ort.OrtValue.ortvalue_from_numpy(norms, *self._device()))
+        return cached[2]
 
     def _stored_metadata(self) -> ModelMetadata | None:
         custom = self._sess.get_modelmeta().custom_metadata_map
@@ -523,8 +563,11 @@ class Session:
         if self.io_binding:
             outs = self._run_bound(x, protos, names)
         else:
-            p = np.ascontiguousarray(protos, dtype=self._in_types[INPUT_PROTOTYPES])
-            outs = self._sess.run(names, {INPUT_IMAGES: x, INPUT_PROTOTYPES: p})
+            feed = {INPUT_IMAGES: x, INPUT_PROTOTYPES: np.ascontiguousarray(protos, dtype=self._in_types[INPUT_PROTOTYPES])}
+            norms = self._norms(protos) if logits else None
+            if norms is not None:
+                feed[INPUT_SQNORMS] = norms
+            outs = self._sess.run(names, feed)
         outs = [np.asarray(o, dtype=np.float32) for o in outs]
         return outs[0], (outs[1] if logits else None)
 
@@ -549,6 +592,9 @@ class Session:
         binding.bind_ortvalue_input(INPUT_IMAGES, ort.OrtValue.ortvalue_from_numpy(x, device, device_id))
         if OUTPUT_LOGITS in names:
             binding.bind_ortvalue_input(INPUT_PROTOTYPES, self._prototype_value(protos))
+            norms = self._norms_value(protos)
+            if norms is not None:
+                binding.bind_ortvalue_input(INPUT_SQNORMS, norms)
         else:  # embedding only: a fixed empty input, so the cached prototypes stay on the device
             if self._no_prototypes_value is None:
                 self._no_prototypes_value = ort.OrtValue.ortvalue_from_numpy(self._no_prototypes, device, device_id)

@@ -19,6 +19,7 @@ __all__ = [
     "METADATA_VERSION",
     "INPUT_IMAGES",
     "INPUT_PROTOTYPES",
+    "INPUT_SQNORMS",
     "OUTPUT_EMBEDDINGS",
     "OUTPUT_LOGITS",
     "Metric",
@@ -32,6 +33,9 @@ METADATA_KEY = "edgemeta"
 METADATA_VERSION = 1
 INPUT_IMAGES = "images"
 INPUT_PROTOTYPES = "prototypes"
+# optional: the squared L2 norm of each prototype row, [n_classes]; the graph computes them
+# when they are not fed (see edgemeta.exporters.head)
+INPUT_SQNORMS = "prototype_sqnorms"
 OUTPUT_EMBEDDINGS = "embeddings"
 OUTPUT_LOGITS = "logits"
 

@@ -226,8 +226,10 @@ def model_section(name: str, d: dict, trained: bool, plot: str) -> str:
     ] for r in d["classes"]]
     parts += [
         "### Classification at batch 1 vs enrolled classes (ms)", "",
-        "The graph with that many prototypes (what the target is about), and `FewShotClassifier.predict` "
-        "(graph, softmax, top-1, open-set verdict) with that many classes enrolled.", "",
+        "The graph with that many prototypes (what the target is about), fed as the runtime feeds it: with the "
+        "prototypes' squared norms, which the runtime computes once per change of the store (the optional "
+        "`prototype_sqnorms` input); and `FewShotClassifier.predict` (graph, softmax, top-1, open-set verdict) "
+        "with that many classes enrolled.", "",
         _table(["precision", "classes", "graph p50", "graph p99", "graph vs 1 class", "predict() p50", "predict() p99"], rows), "",
     ]
     cold = {x["precision"]: x for x in d["cold_start"]}

@@ -486,3 +486,32 @@ def test_busy_machine_is_flagged(others, busy):
 def test_other_load_is_measured(fast_report):
     assert fast_report.machine["other_processes_cores"] >= 0
     assert bm._OtherLoad().cores() >= 0
+
+
+def test_class_scaling_feeds_the_prototype_norms_as_the_runtime_does(tmp_path):
+    import onnx
+
+    from conftest import build_runtime_model
+    from edgemeta.exporters.head import with_fed_norms
+    from edgemeta.runtime.spec import INPUT_SQNORMS, Precision
+
+    path = tmp_path / "fed.onnx"
+    onnx.save(with_fed_norms(onnx.load(str(build_runtime_model(tmp_path / "tiny.onnx"))), "sqeuclidean"), str(path))
+    variant = bm.ModelVariant(Precision.FP32, path, "given", "fp-tiny-0001", "mlp", (1, 16, 16), TINY_DIM, path.stat().st_size)
+    cfg = bm.BenchConfig(providers=("cpu",), batch_sizes=(1,), class_counts=(1,), threads=1, **FAST)
+    feeds = []
+
+    class Recorder:
+        def __init__(self, sess):
+            self.sess = sess
+
+        def run(self, names, feed):
+            feeds.append(feed)
+            return self.sess.run(names, feed)
+
+        def __getattr__(self, name):
+            return getattr(self.sess, name)
+
+    stats = bm._ort_classes(Recorder(bm._ort_session(variant, "CPUExecutionProvider", cfg)), variant, 50, cfg)
+    assert stats.runs == FAST["runs"] and feeds and all(INPUT_SQNORMS in f for f in feeds)
+    np.testing.assert_allclose(feeds[0][INPUT_SQNORMS], np.square(feeds[0]["prototypes"]).sum(axis=1), rtol=1e-6)

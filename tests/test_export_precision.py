@@ -63,7 +63,9 @@ def test_fp16_keeps_float32_interface_and_metric(fp16_model, trained_conv4_onnx)
     convs = [n for n in model.graph.node if n.op_type == "Conv"]
     inits = {t.name: t.data_type for t in model.graph.initializer}
     assert convs and all(inits[n.input[1]] == onnx.TensorProto.FLOAT16 for n in convs)
-    matmul = next(n for n in model.graph.node if n.op_type == "MatMul")  # the metric's z.p
+    matmul = next(n for n in model.graph.node if n.op_type in ("MatMul", "Gemm"))  # the metric's z.p
+    sqnorms = next(t for t in model.graph.initializer if t.name == "prototype_sqnorms")  # the optional input's default
+    assert sqnorms.data_type == onnx.TensorProto.FLOAT
     typed = {v.name: v.type.tensor_type.elem_type for v in onnx.shape_inference.infer_shapes(model).graph.value_info}
     assert typed[matmul.output[0]] == onnx.TensorProto.FLOAT
     meta, source = meta_of(fp16_model), meta_of(trained_conv4_onnx)
@@ -86,8 +88,9 @@ def test_int8_is_qdq_with_a_float_metric(int8_model, trained_conv4_onnx):
     assert ops.count("QuantizeLinear") >= 4 and ops.count("DequantizeLinear") >= 8
     assert io_types(int8_model) == ["tensor(float)"] * 4
     producers = {o: n for n in model.graph.node for o in n.output}
-    matmul = next(n for n in model.graph.node if n.op_type == "MatMul")
-    assert producers[matmul.input[1]].op_type == "Transpose"  # prototypes reach the metric unquantized
+    gemm = next(n for n in model.graph.node if n.op_type == "Gemm")
+    assert gemm.input[1] == "prototypes" and gemm.input[1] not in producers  # prototypes reach the metric unquantized
+    assert producers[gemm.input[0]].op_type == "Mul" and "prototype_sqnorms" in {t.name for t in model.graph.initializer}
     assert not any(n.op_type == "QuantizeLinear" and n.input[0] in ("prototypes", "logits") for n in model.graph.node)
     meta = meta_of(int8_model)
     assert meta.precision is Precision.INT8 and meta.fingerprint == meta_of(trained_conv4_onnx).fingerprint

@@ -58,6 +58,8 @@ def test_enrol_and_predict(tiny_onnx_model, runtime_images):
     np.testing.assert_allclose([c.probability for c in p.top_k], soft[np.argsort(d)[:3]], atol=1e-5)
     everything = clf.predict(queries[0], top_k=99)[0].top_k  # clamped to the classes there are
     assert len(everything) == 4 and sum(c.probability for c in everything) == pytest.approx(1.0)
+    best = clf.predict(queries, top_k=1)  # the argmax path: the same first candidate, softmax over all classes
+    assert [b.top_k for b in best] == [q.top_k[:1] for q in preds] and best[0].probability == pytest.approx(soft.max(), abs=1e-5)
 
 
 def test_logits_come_from_the_graph(tiny_onnx_model, runtime_images, monkeypatch):

@@ -1,0 +1,131 @@
+"""The metric head whose prototype norms can be fed (issue: `edgemeta benchmark`, 10,000 classes)."""
+
+from __future__ import annotations
+
+import numpy as np
+import onnx
+import onnxruntime as ort
+import pytest
+import torch
+from torch import nn
+
+from edgemeta.data import omniglot_spec
+from edgemeta.exporters import ExportSpec, export
+from edgemeta.exporters.head import has_fed_norms
+from edgemeta.model import FewShotModel, ModelSpec
+from edgemeta.runtime.session import Session, SessionOptions
+from edgemeta.runtime.spec import INPUT_SQNORMS, Metric, ModelMetadata, Normalization
+
+
+def quiet_session(path) -> ort.InferenceSession:
+    so = ort.SessionOptions()
+    so.log_severity_level = 3
+    return ort.InferenceSession(str(path), so, providers=["CPUExecutionProvider"])
+
+
+@pytest.fixture(scope="module", params=[(Metric.SQEUCLIDEAN, Normalization.NONE), (Metric.COSINE, Normalization.L2)], ids=["sqeuclidean", "cosine"])
+def exported(request, tmp_path_factory):
+    """(torch model, graph with the head, graph as torch exported it)."""
+    metric, norm = request.param
+    torch.manual_seed(0)
+    model = FewShotModel(ModelSpec("conv4", omniglot_spec(28), {"channels": 8}, metric, norm)).eval()
+    with torch.no_grad():
+        if hasattr(model, "log_scale"):
+            model.log_scale.fill_(np.log(7.0))  # not the default, so a wrong scale shows
+    folder = tmp_path_factory.mktemp("head")
+    meta = ModelMetadata(omniglot_spec(28), model.embedding_dim, metric, norm, "head-test")
+    fast = export(model, folder / "fast.onnx", meta).path
+    plain = export(model, folder / "plain.onnx", meta, ExportSpec(fed_norms=False)).path
+    return model, fast, plain
+
+
+def inputs(n: int, dim: int, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
+    """Four images and ``n`` prototypes."""
+    rng = np.random.default_rng(seed)
+    return rng.standard_normal((4, 1, 28, 28)).astype(np.float32), rng.standard_normal((n, dim)).astype(np.float32)
+
+
+@pytest.mark.parametrize("n", [0, 1, 9])
+def test_head_gives_torchs_logits_with_and_without_norms(exported, n):
+    model, fast, plain = exported
+    x, p = inputs(n, model.embedding_dim)
+    with torch.no_grad():
+        want = model(torch.from_numpy(x), torch.from_numpy(p))[1].numpy()
+    feeds = {"images": x, "prototypes": p}
+    got_plain = quiet_session(plain).run(["logits"], feeds)[0]
+    got_computed = quiet_session(fast).run(["logits"], feeds)[0]
+    got_fed = quiet_session(fast).run(["logits"], {**feeds, INPUT_SQNORMS: np.square(p).sum(axis=1)})[0]
+    tol = 1e-4 * max(1.0, float(np.abs(want).max(initial=0)))
+    for got in (got_plain, got_computed, got_fed):
+        assert got.shape == (4, n)
+        np.testing.assert_allclose(got, want, rtol=1e-4, atol=tol)
+
+
+def test_fed_norms_are_used_and_a_wrong_length_is_ignored(exported):
+    model, fast, _ = exported
+    sess = quiet_session(fast)
+    x, p = inputs(5, model.embedding_dim, seed=2)
+    norms = np.square(p).sum(axis=1)
+    right = sess.run(["logits"], {"images": x, "prototypes": p, INPUT_SQNORMS: norms})[0]
+    wrong = sess.run(["logits"], {"images": x, "prototypes": p, INPUT_SQNORMS: norms * 4.0})[0]
+    assert not np.allclose(wrong, right, rtol=1e-3)  # the graph reads the fed norms
+    other_length = sess.run(["logits"], {"images": x, "prototypes": p, INPUT_SQNORMS: np.ones(6, np.float32)})[0]
+    np.testing.assert_allclose(other_length, right, rtol=1e-5, atol=1e-4)  # not n_classes long: computed
+
+
+def test_contract_inputs_stay_images_and_prototypes(exported):
+    _, fast, plain = exported
+    sess = quiet_session(fast)
+    assert [i.name for i in sess.get_inputs()] == ["images", "prototypes"]
+    assert [i.name for i in sess.get_overridable_initializers()] == [INPUT_SQNORMS]
+    assert has_fed_norms(onnx.load(str(fast))) and not has_fed_norms(onnx.load(str(plain)))
+    assert Session(fast, "cpu").metadata.extra["fed_norms"] is True
+    assert Session(plain, "cpu").metadata.extra["fed_norms"] is False
+
+
+def test_module_with_its_own_logits_keeps_the_exported_graph(tmp_path):
+    class DotProduct(nn.Module):
+        def forward(self, images, prototypes):
+            z = torch.flatten(nn.functional.avg_pool2d(images, 7), 1)
+            return z, z @ prototypes.t()
+
+    path = export(DotProduct(), tmp_path / "dot.onnx", ModelMetadata(omniglot_spec(28), 16, Metric.SQEUCLIDEAN, Normalization.NONE, "d")).path
+    assert not has_fed_norms(onnx.load(str(path)))
+    extra = Session(path, "cpu").metadata.extra
+    assert extra["fed_norms"] is False and "not edgemeta's sqeuclidean metric" in extra["fed_norms_reason"]
+
+
+class Recorder:
+    """Wraps an InferenceSession and keeps the names of every feed."""
+
+    def __init__(self, sess) -> None:
+        self.sess, self.feeds = sess, []
+
+    def run(self, names, feed):
+        self.feeds.append(sorted(feed))
+        return self.sess.run(names, feed)
+
+    def __getattr__(self, name):
+        return getattr(self.sess, name)
+
+
+def test_runtime_feeds_norms_of_read_only_prototypes_once(exported, monkeypatch):
+    model, fast, plain = exported
+    s = Session(fast, "cpu", options=SessionOptions(io_binding=False))
+    ref = Session(plain, "cpu", options=SessionOptions(io_binding=False))
+    assert s.feeds_norms and not ref.feeds_norms
+    rec = s._sess = Recorder(s._sess)
+    x, p = inputs(6, model.embedding_dim, seed=3)
+    writable = p.copy()
+    p.flags.writeable = False
+    calls = []
+    real = np.einsum
+    monkeypatch.setattr(np, "einsum", lambda *a, **k: (calls.append(1), real(*a, **k))[1])
+    first, second, mutable = s.run(x, p)[1], s.run(x, p)[1], s.run(x, writable)[1]
+    assert len(calls) == 1  # once per read-only array
+    assert rec.feeds == [["images", INPUT_SQNORMS, "prototypes"]] * 2 + [["images", "prototypes"]]
+    want = ref.run(x, p)[1]
+    for got in (first, second, mutable):
+        np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-4 * max(1.0, float(np.abs(want).max())))
+    s.embed(x)
+    assert rec.feeds[-1] == ["images", "prototypes"]  # embedding only: nothing to norm
