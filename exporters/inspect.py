@@ -46,6 +46,7 @@ def _with_ort(path: Path, notes: list[str]) -> dict[str, Any]:
     io = lambda args: [{"name": a.name, "type": _ort_type(a.type), "shape": list(a.shape)} for a in args]  # noqa: E731
     return {
         "inputs": io(session.get_inputs()),
+        "optional_inputs": io(session.get_overridable_initializers()),  # inputs with a default: may be left out
         "outputs": io(session.get_outputs()),
         "producer": meta.producer_name,  # ONNX Runtime does not expose the producer version
         "raw_metadata": meta.custom_metadata_map.get(METADATA_KEY),
@@ -71,7 +72,7 @@ def _with_onnx(onnx, path: Path) -> dict[str, Any]:
     g = model.graph
     inits = {t.name for t in g.initializer}
 
-    def io(values) -> list[dict[str, Any]]:
+    def io(values, optional: bool = False) -> list[dict[str, Any]]:
         return [
             {
                 "name": v.name,
@@ -79,7 +80,7 @@ def _with_onnx(onnx, path: Path) -> dict[str, Any]:
                 "shape": [d.dim_param or (d.dim_value if d.HasField("dim_value") else None) for d in v.type.tensor_type.shape.dim],
             }
             for v in values
-            if v.name not in inits
+            if (v.name in inits) == optional
         ]
 
     tensors = list(g.initializer) + [a.t for n in g.node if n.op_type == "Constant" for a in n.attribute if a.type == onnx.AttributeProto.TENSOR]
@@ -93,6 +94,7 @@ def _with_onnx(onnx, path: Path) -> dict[str, Any]:
     ops = Counter((f"{n.domain}." if n.domain not in ("", "ai.onnx") else "") + n.op_type for n in g.node)
     return {
         "inputs": io(g.input),
+        "optional_inputs": io(g.input, optional=True),  # inputs with a default: may be left out
         "outputs": io(g.output),
         "producer": f"{model.producer_name} {model.producer_version}".strip(),
         "raw_metadata": raw,

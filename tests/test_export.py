@@ -34,6 +34,7 @@ from edgemeta.exporters import (
     verify,
 )
 from edgemeta.exporters import convert
+from edgemeta.exporters.head import has_fed_norms
 from edgemeta.model import FewShotModel, ModelSpec
 from edgemeta.runtime.spec import Metric, ModelMetadata, Normalization, Precision
 
@@ -219,6 +220,7 @@ def test_offline_optimization_keeps_the_contract(tmp_path, omniglot_novel, calib
     proto = onnx.load(str(result.path))
     assert result.metadata.extra["optimized"] is True and proto.ir_version <= 9
     assert {o.domain for o in proto.opset_import} == {""}  # basic level: standard operators only
+    assert has_fed_norms(proto) and result.metadata.extra["fed_norms"] is True
     assert verify(result.path, model, omniglot_novel, FAST).passed
 
 
@@ -257,6 +259,7 @@ def test_inspect_with_and_without_the_onnx_package(tiny_onnx, monkeypatch):
     lite = inspect(path)
     assert lite["operators"] is None and lite["parameters"] is None and "pip install onnx" in lite["notes"][0]
     assert lite["inputs"] == full["inputs"] and lite["metadata"] == full["metadata"] and lite["precision"] == "fp32"
+    assert lite["optional_inputs"] == full["optional_inputs"] == [{"name": "prototype_sqnorms", "type": "float32", "shape": ["n_norms"]}]
 
 
 def test_ort_format_loads_and_keeps_metadata(tiny_onnx, tmp_path):
@@ -266,6 +269,7 @@ def test_ort_format_loads_and_keeps_metadata(tiny_onnx, tmp_path):
     assert dst == tmp_path / "m.ort" and sorted(p.name for p in tmp_path.iterdir()) == ["m.onnx", "m.ort"]
     info = inspect(dst)
     assert info["format"] == "ort" and info["metadata"]["fingerprint"] == tiny_onnx[2].fingerprint
+    assert [i["name"] for i in info["optional_inputs"]] == ["prototype_sqnorms"]  # the ORT format keeps it
 
 
 @pytest.mark.skipif(not os.environ.get("EDGEMETA_LITE_PYTHON"), reason="set EDGEMETA_LITE_PYTHON to a runtime-only venv")

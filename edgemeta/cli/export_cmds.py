@@ -215,9 +215,9 @@ def _inspect_tables(info: dict[str, Any]) -> list[Table]:
     io = Table(title="inputs / outputs")
     for col in ("", "name", "type", "shape"):
         io.add_column(col)
-    for kind in ("inputs", "outputs"):
-        for t in info[kind]:
-            io.add_row(kind[:-1], t["name"], t["type"], str(t["shape"]))
+    for kind, shown in (("inputs", "input"), ("optional_inputs", "input (optional)"), ("outputs", "output")):
+        for t in info.get(kind, []):
+            io.add_row(shown, t["name"], t["type"], str(t["shape"]))
     tables = [summary, io]
     ver = info.get("verification") or {}
     if ver:
