@@ -374,17 +374,19 @@ class FewShotClassifier:
         """Top-``k`` candidates per row. Probabilities and distances are computed for those
         only (the softmax denominator still sums over every class): with 10,000 classes,
         the full arrays cost more than the graph's whole metric."""
+        logits = np.asarray(logits, dtype=np.float32)
+        rows = np.arange(logits.shape[0])[:, None]
         if k == 1:
             top = logits.argmax(axis=1)[:, None]
         elif k < logits.shape[1]:
             top = np.argpartition(-logits, k - 1, axis=1)[:, :k]
-            order = np.take_along_axis(logits, top, axis=1).argsort(axis=1)[:, ::-1]
-            top = np.take_along_axis(top, order, axis=1)
+            top = top[rows, logits[rows, top].argsort(axis=1)[:, ::-1]]
         else:
             top = np.argsort(-logits, axis=1, kind="stable")
-        best = np.take_along_axis(logits, top, axis=1).astype(np.float64)
-        z = logits.astype(np.float64) - best[:, :1]  # the row maximum
-        probs = np.exp(best - best[:, :1]) / np.exp(z).sum(axis=1, keepdims=True)
+        best = logits[rows, top].astype(np.float64)
+        # exp in float32 over every class (relative error ~1e-7), summed in float64
+        denom = np.exp(logits - logits[rows, top[:, :1]]).sum(axis=1, keepdims=True, dtype=np.float64)
+        probs = np.exp(best - best[:, :1]) / denom
         dists = self.session.distances(best)
         preds = []
         for b in range(logits.shape[0]):

@@ -258,7 +258,9 @@ def model_section(name: str, d: dict, trained: bool, plot: str) -> str:
             f"Same seeded Omniglot evaluation episodes (15 queries per class). Backprop: a zero-initialised linear layer on the frozen "
             f"embeddings, {b0['steps']} full-batch SGD steps in torch (lr {b0['lr']}, momentum 0.9, weight decay 1e-3), as on-device "
             "last-layer training does. Times are medians per new class set. Learning step: class means against the SGD steps, from the "
-            "same support embeddings; end to end: with the embedding of the support images, which both need (it dominates at 5 shots).", "",
+            "same support embeddings; end to end: with the embedding of the support images, which both need. ONNX Runtime (embedding, "
+            "prototypes) and torch (SGD) are timed in separate passes over the episodes, so neither runs beside the other's "
+            "idle spinning threads.", "",
             _table(BACKPROP_HEADER, rows), "",
         ]
     rep = d["repeatability"]

@@ -129,3 +129,19 @@ def test_runtime_feeds_norms_of_read_only_prototypes_once(exported, monkeypatch)
         np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-4 * max(1.0, float(np.abs(want).max())))
     s.embed(x)
     assert rec.feeds[-1] == ["images", "prototypes"]  # embedding only: nothing to norm
+
+
+def test_io_binding_binds_the_norms_once_per_prototypes(exported):
+    """The GPU path (IO binding), run on the CPU: norms bound with the prototypes, uploaded once."""
+    model, fast, plain = exported
+    s = Session(fast, "cpu", options=SessionOptions(io_binding=True))
+    ref = Session(plain, "cpu", options=SessionOptions(io_binding=False))
+    x, p = inputs(7, model.embedding_dim, seed=4)
+    p.flags.writeable = False
+    first = s.run(x, p)[1]
+    value = s._norms_cache[2]
+    second = s.run(x, p)[1]
+    assert value is not None and s._norms_cache[2] is value and s.prototype_uploads == 1
+    want = ref.run(x, p)[1]
+    for got in (first, second):
+        np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-4 * max(1.0, float(np.abs(want).max())))
