@@ -385,32 +385,37 @@ class Session:
         names = {i.name for i in self._sess.get_overridable_initializers()}
         return INPUT_SQNORMS in names and self._sess.get_providers()[0] != Provider.TENSORRT.value
 
-    def _norms(self, protos: np.ndarray) -> np.ndarray | None:
-        """The squared norms of read-only ``protos`` (computed once per array), else None.
+    def _norms_entry(self, protos: np.ndarray) -> tuple[np.ndarray, np.ndarray, object | None] | None:
+        """``(protos, their squared norms, those on the device or None)`` for read-only
+        ``protos`` (the norms computed once per array), else None.
 
         A store's prototypes are a read-only array that is replaced when a class changes,
         so the norms cost one pass over the prototypes per enrolment instead of one per
         call. A writable array could change between calls: the graph computes its norms.
+        One tuple is read and written at a time, so threads sharing a session never pair
+        one array's norms with another array.
         """
         if not self.feeds_norms or protos.flags.writeable or len(protos) == 0:
             return None
         cached = self._norms_cache
         if cached is not None and cached[0] is protos:
-            return cached[1]
+            return cached
         p = np.asarray(protos, np.float32)
-        norms = np.einsum("nd,nd->n", p, p)
-        self._norms_cache = (protos, norms, None)
-        return norms
+        entry = self._norms_cache = (protos, np.einsum("nd,nd->n", p, p), None)
+        return entry
+
+    def _norms(self, protos: np.ndarray) -> np.ndarray | None:
+        entry = self._norms_entry(protos)
+        return None if entry is None else entry[1]
 
     def _norms_value(self, protos: np.ndarray):
-        """:meth:`_norms` as an OrtValue on the device (IO binding), else None."""
-        norms = self._norms(protos)
-        if norms is None:
+        """The norms of :meth:`_norms_entry` as an OrtValue on the device (IO binding), else None."""
+        entry = self._norms_entry(protos)
+        if entry is None:
             return None
-        cached = self._norms_cache
-        if cached[2] is None:
-            cached = self._norms_cache = (cached[0], norms, ort.OrtValue.ortvalue_from_numpy(norms, *self._device()))
-        return cached[2]
+        if entry[2] is None:
+            entry = self._norms_cache = (entry[0], entry[1], ort.OrtValue.ortvalue_from_numpy(entry[1], *self._device()))
+        return entry[2]
 
     def _stored_metadata(self) -> ModelMetadata | None:
         custom = self._sess.get_modelmeta().custom_metadata_map
