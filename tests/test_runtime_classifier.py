@@ -66,14 +66,14 @@ def test_logits_come_from_the_graph(tiny_onnx_model, runtime_images, monkeypatch
     clf = _enrolled(tiny_onnx_model, runtime_images)
     _, queries, truth = _split(runtime_images)
     seen = []
-    real_run = clf.session._run_checked  # Session.run without re-checking preprocessed images
+    real_run = clf.session.run
 
     def reversed_graph(images, prototypes):
         seen.append(prototypes)
         emb, logits = real_run(images, prototypes)
         return emb, -logits  # a graph scoring the other way round
 
-    monkeypatch.setattr(clf.session, "_run_checked", reversed_graph)
+    monkeypatch.setattr(clf.session, "run", reversed_graph)
     preds = clf.predict(queries[:1])
     assert seen[0] is clf.store.prototypes()  # the cached, read-only matrix is fed as is
     assert preds[0].label != truth[0] and preds[0].distance < 0  # verdict and distance follow the graph
@@ -93,8 +93,8 @@ def test_cosine_model(tiny_cosine_model, runtime_images):
 def test_enrolment_embeds_only_the_new_images(tiny_onnx_model, runtime_images, monkeypatch):
     clf = _enrolled(tiny_onnx_model, runtime_images)
     embedded = []
-    real = clf.session._embed_checked  # Session.embed without re-checking preprocessed images
-    monkeypatch.setattr(clf.session, "_embed_checked", lambda x: embedded.append(len(x)) or real(x))
+    real = clf.session.embed
+    monkeypatch.setattr(clf.session, "embed", lambda x: embedded.append(len(x)) or real(x))
     assert clf.enroll("class4", np.stack(runtime_class_images(5, 3, seed=9)["class4"])[..., None]) == 3  # NHWC
     assert clf.enroll("class0", runtime_images["class0"][4:]) == 6
     assert embedded == [3, 2]
