@@ -271,7 +271,7 @@ class FewShotClassifier:
         spec, bs = self.session.preprocess, self.options.batch_size
         parts = []
         for i in range(0, len(items), bs):
-            parts.append(self.session._embed_checked(preprocess(items[i : i + bs], spec)))  # preprocess checked them
+            parts.append(self.session.embed(preprocess(items[i : i + bs], spec)))
             if on_progress is not None:
                 on_progress(len(parts[-1]))
         return parts[0] if len(parts) == 1 else np.concatenate(parts)
@@ -351,7 +351,7 @@ class FewShotClassifier:
         threshold = self.threshold
         out: list[Prediction] = []
         for i in range(0, len(items), bs):
-            _, logits = self.session._run_checked(preprocess(items[i : i + bs], spec), scores)  # preprocess checked them
+            _, logits = self.session.run(preprocess(items[i : i + bs], spec), scores)
             if knn:
                 logits = self._knn_logits(logits, snap)
             out.extend(self._verdicts(logits, snap.labels, min(int(top_k), len(snap.labels)), threshold))

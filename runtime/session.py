@@ -538,11 +538,7 @@ class Session:
 
     def embed(self, images: np.ndarray) -> np.ndarray:
         """Preprocessed float images [B, C, H, W] -> embeddings float32 [B, D]."""
-        return self._embed_checked(self._check_images(images))
-
-    def _embed_checked(self, x: np.ndarray) -> np.ndarray:
-        """:meth:`embed` of images already checked (what ``preprocess`` returns): the
-        classifier's path, which would otherwise check every image twice."""
+        x = self._check_images(images)
         return self._chunked(x, self._no_prototypes, logits=False)[0]
 
     def run(self, images: np.ndarray, prototypes: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -552,11 +548,9 @@ class Session:
         read-only array (as :meth:`PrototypeStore.prototypes` returns) to let IO binding
         keep it on the device between calls.
         """
-        return self._run_checked(self._check_images(images), prototypes)
-
-    def _run_checked(self, x: np.ndarray, prototypes: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        """:meth:`run` of images already checked (what ``preprocess`` returns)."""
-        emb, logits = self._chunked(x, self._check_prototypes(prototypes), logits=True)
+        x = self._check_images(images)
+        p = self._check_prototypes(prototypes)
+        emb, logits = self._chunked(x, p, logits=True)
         return emb, logits
 
     def _chunked(self, x: np.ndarray, protos: np.ndarray, logits: bool) -> tuple[np.ndarray, np.ndarray | None]:
