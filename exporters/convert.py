@@ -533,14 +533,18 @@ def _with_fed_norms(proto: onnx.ModelProto, metadata: ModelMetadata, image_shape
     except Exception as e:  # noqa: BLE001 - smoke_test reports a graph that does not run
         return proto, f"not checked: {_first_line(e)}"
     scale = float(metadata.extra.get("logit_scale") or _cosine_scale(want, emb, protos)) if metadata.metric is Metric.COSINE else 1.0
-    candidate = with_fed_norms(proto, metadata.metric, scale)
-    sess = _ort_session(candidate.SerializeToString())
     tol = 1e-4 * max(1.0, float(np.abs(want).max()))
-    for norms in (None, np.square(protos).sum(axis=1)):
-        feed = {INPUT_IMAGES: images, INPUT_PROTOTYPES: protos, **({} if norms is None else {INPUT_SQNORMS: norms})}
-        got = sess.run([OUTPUT_LOGITS], feed)[0]
-        if got.shape != want.shape or not np.allclose(got, want, rtol=1e-4, atol=tol):
-            return proto, f"the module's logits are not edgemeta's {metadata.metric.value} metric; kept as exported"
+    try:
+        candidate = with_fed_norms(proto, metadata.metric, scale)
+        onnx.checker.check_model(candidate)
+        sess = _ort_session(candidate.SerializeToString())
+        for norms in (None, np.square(protos).sum(axis=1)):
+            feed = {INPUT_IMAGES: images, INPUT_PROTOTYPES: protos, **({} if norms is None else {INPUT_SQNORMS: norms})}
+            got = sess.run([OUTPUT_LOGITS], feed)[0]
+            if got.shape != want.shape or not np.allclose(got, want, rtol=1e-4, atol=tol):
+                return proto, f"the module's logits are not edgemeta's {metadata.metric.value} metric; kept as exported"
+    except Exception as e:  # noqa: BLE001 - an unusual graph (float64 embeddings, ...): keep the traced one
+        return proto, f"the rebuilt metric does not run on this graph ({_first_line(e)[:200]}); kept as exported"
     return candidate, ""
 
 

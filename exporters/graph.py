@@ -172,6 +172,16 @@ def _producers(model: onnx.ModelProto) -> dict[str, onnx.NodeProto]:
     return {out: node for node in model.graph.node for out in node.output if out}
 
 
+def node_inputs(node: onnx.NodeProto) -> list[str]:
+    """``node``'s inputs, and the outer-scope names its subgraphs (If, Loop, Scan) read."""
+    names = [i for i in node.input if i]
+    for attr in node.attribute:
+        for g in [attr.g] if attr.HasField("g") else list(attr.graphs):
+            local = {i.name for i in g.input} | {t.name for t in g.initializer} | {o for n in g.node for o in n.output}
+            names += [i for n in g.node for i in node_inputs(n) if i not in local]
+    return names
+
+
 def _ancestors(model: onnx.ModelProto, tensor: str) -> set[str]:
     """Names of the nodes that ``tensor`` depends on (including its producer)."""
     producers = _producers(model)
@@ -182,7 +192,7 @@ def _ancestors(model: onnx.ModelProto, tensor: str) -> set[str]:
         if node is None or node.name in seen:
             continue
         seen.add(node.name)
-        queue.extend(i for i in node.input if i)
+        queue.extend(node_inputs(node))
     return seen
 
 

@@ -22,7 +22,7 @@ import numpy as np
 import onnx
 from onnx import TensorProto, helper, numpy_helper
 
-from edgemeta.exporters.graph import _ancestors, name_nodes
+from edgemeta.exporters.graph import _ancestors, name_nodes, node_inputs
 from edgemeta.runtime.spec import INPUT_PROTOTYPES, INPUT_SQNORMS, OUTPUT_EMBEDDINGS, OUTPUT_LOGITS, Metric
 
 __all__ = ["with_fed_norms", "has_fed_norms"]
@@ -116,7 +116,7 @@ def with_fed_norms(model: onnx.ModelProto, metric: Metric | str, scale: float = 
     head, consts = _head_nodes(metric, scale, _opset(out))
     del g.node[:]
     g.node.extend([*nodes, *head])
-    used = {i for n in g.node for i in n.input} | {i for n in head for a in n.attribute if a.g for m in a.g.node for i in m.input}
+    used = {i for n in g.node for i in node_inputs(n)}
     kept = [t for t in g.initializer if t.name in used]
     del g.initializer[:]
     g.initializer.extend([*kept, *consts, _const(INPUT_SQNORMS, np.zeros(0, np.float32))])

@@ -234,6 +234,15 @@ def open_ort_session(path: str | os.PathLike, options: ort.SessionOptions, provi
     return sess, said
 
 
+def _frozen(a: np.ndarray) -> bool:
+    """True when no one can change ``a``'s values: it and every array it views are read-only."""
+    while isinstance(a, np.ndarray):
+        if a.flags.writeable:
+            return False
+        a = a.base
+    return True
+
+
 class Session:
     """One exported edgemeta model, loaded in ONNX Runtime.
 
@@ -391,11 +400,12 @@ class Session:
 
         A store's prototypes are a read-only array that is replaced when a class changes,
         so the norms cost one pass over the prototypes per enrolment instead of one per
-        call. A writable array could change between calls: the graph computes its norms.
+        call. An array that could change between calls (writable, or a read-only view of
+        writable memory): the graph computes its norms.
         One tuple is read and written at a time, so threads sharing a session never pair
         one array's norms with another array.
         """
-        if not self.feeds_norms or protos.flags.writeable or len(protos) == 0:
+        if not self.feeds_norms or not _frozen(protos) or len(protos) == 0:
             return None
         cached = self._norms_cache
         if cached is not None and cached[0] is protos:
@@ -587,7 +597,7 @@ class Session:
         p = np.ascontiguousarray(protos, dtype=self._in_types[INPUT_PROTOTYPES])
         value = ort.OrtValue.ortvalue_from_numpy(p, *self._device())
         self.prototype_uploads += 1
-        if not protos.flags.writeable:  # a writable array could change under the cached copy
+        if _frozen(protos):  # an array that can change could do so under the cached copy
             self._proto_cache = (protos, value)
         return value
 

@@ -145,3 +145,86 @@ def test_io_binding_binds_the_norms_once_per_prototypes(exported):
     want = ref.run(x, p)[1]
     for got in (first, second):
         np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-4 * max(1.0, float(np.abs(want).max())))
+
+
+def test_read_only_view_of_writable_memory_is_not_cached(exported):
+    """A read-only view can still change through its base: its norms are never reused."""
+    from edgemeta.runtime.store import PrototypeStore
+
+    model, fast, plain = exported
+    s, ref = Session(fast, "cpu"), Session(plain, "cpu")
+    x, base = inputs(5, model.embedding_dim, seed=5)
+    view = base[:]
+    view.flags.writeable = False
+    s.run(x, view)
+    base *= 3.0
+    got, want = s.run(x, view)[1], ref.run(x, base)[1]
+    np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-4 * max(1.0, float(np.abs(want).max())))
+    store = PrototypeStore(model.embedding_dim, metric=model.spec.metric, keep_embeddings=True)
+    store.add("a", base[:2])
+    store.add("b", base[2:])
+    snap = store.snapshot(examples=True)
+    assert s._norms(snap.prototypes) is not None and s._norms(snap.examples) is not None  # the store's arrays are frozen
+
+
+def test_bound_norms_are_the_ones_the_graph_reads(exported):
+    model, fast, _ = exported
+    s = Session(fast, "cpu", options=SessionOptions(io_binding=True))
+    x, p = inputs(6, model.embedding_dim, seed=6)
+    p.flags.writeable = False
+    right = s.run(x, p)[1]
+    protos, norms, _ = s._norms_cache
+    s._norms_cache = (protos, norms, ort.OrtValue.ortvalue_from_numpy(norms * 4.0))  # what IO binding will bind
+    assert not np.allclose(s.run(x, p)[1], right, rtol=1e-3)
+
+
+def test_a_graph_the_head_cannot_take_keeps_the_traced_one(tmp_path):
+    class Float64(nn.Module):
+        def forward(self, images, prototypes):
+            z = torch.flatten(nn.functional.avg_pool2d(images, 7), 1).double()
+            d = (z * z).sum(1, keepdim=True) - 2 * z @ prototypes.double().t() + (prototypes.double() ** 2).sum(1)
+            return z, -d.clamp_min(0)
+
+    path = export(Float64(), tmp_path / "f64.onnx", ModelMetadata(omniglot_spec(28), 16, Metric.SQEUCLIDEAN, Normalization.NONE, "f")).path
+    extra = Session(path, "cpu").metadata.extra
+    assert not has_fed_norms(onnx.load(str(path))) and extra["fed_norms"] is False
+    assert "does not run on this graph" in extra["fed_norms_reason"]
+
+
+def test_backbone_with_a_subgraph_keeps_what_the_subgraph_reads():
+    """An If in the backbone reads a tensor and a weight from the outer scope: both stay."""
+    from onnx import TensorProto, helper, numpy_helper
+
+    from edgemeta.exporters.head import with_fed_norms
+
+    w = numpy_helper.from_array(np.full((4, 3), 0.5, np.float32), "W")
+    flag = numpy_helper.from_array(np.array(True), "flag")
+    branch = lambda name: helper.make_graph(  # noqa: E731
+        [helper.make_node("MatMul", ["flat", "W"], [f"{name}_out"])], name, [], [helper.make_tensor_value_info(f"{name}_out", TensorProto.FLOAT, None)]
+    )
+    nodes = [
+        helper.make_node("Flatten", ["images"], ["flat"]),
+        helper.make_node("If", ["flag"], ["embeddings"], then_branch=branch("a"), else_branch=branch("b")),
+        helper.make_node("MatMul", ["embeddings", "Pt"], ["logits"]),
+        helper.make_node("Transpose", ["prototypes"], ["Pt"]),
+    ]
+    graph = helper.make_graph(
+        nodes, "g",
+        [helper.make_tensor_value_info("images", TensorProto.FLOAT, ["b", 1, 2, 2]), helper.make_tensor_value_info("prototypes", TensorProto.FLOAT, ["n", 3])],
+        [helper.make_tensor_value_info("embeddings", TensorProto.FLOAT, ["b", 3]), helper.make_tensor_value_info("logits", TensorProto.FLOAT, ["b", "n"])],
+        [w, flag],
+    )
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18)])
+    model.ir_version = 8
+    new = with_fed_norms(model, "sqeuclidean")
+    onnx.checker.check_model(new, full_check=True)
+    sess = quiet_session_bytes(new.SerializeToString())
+    x, p = np.ones((2, 1, 2, 2), np.float32), np.arange(6, dtype=np.float32).reshape(2, 3)
+    emb, logits = sess.run(None, {"images": x, "prototypes": p})
+    np.testing.assert_allclose(logits, -np.square(emb[:, None] - p[None]).sum(-1), rtol=1e-5)
+
+
+def quiet_session_bytes(model_bytes: bytes) -> ort.InferenceSession:
+    so = ort.SessionOptions()
+    so.log_severity_level = 3
+    return ort.InferenceSession(model_bytes, so, providers=["CPUExecutionProvider"])

@@ -18,7 +18,9 @@ from edgemeta.errors import InputError
 from edgemeta.exporters import VerifySpec, convert_fp16, quantize_int8, to_fp16, verify
 from edgemeta.exporters.data import base_images, novel_images
 from edgemeta.exporters.graph import float_nodes, name_nodes
+from edgemeta.exporters.head import has_fed_norms
 from edgemeta.exporters.quantize import QuantizeSpec
+from edgemeta.runtime.session import Session
 from edgemeta.runtime.spec import ModelMetadata, Precision
 
 EPISODES = VerifySpec(batch_sizes=(1, 7, 64), prototype_counts=(0, 1, 20), episodes=60)
@@ -65,7 +67,7 @@ def test_fp16_keeps_float32_interface_and_metric(fp16_model, trained_conv4_onnx)
     assert convs and all(inits[n.input[1]] == onnx.TensorProto.FLOAT16 for n in convs)
     matmul = next(n for n in model.graph.node if n.op_type in ("MatMul", "Gemm"))  # the metric's z.p
     sqnorms = next(t for t in model.graph.initializer if t.name == "prototype_sqnorms")  # the optional input's default
-    assert sqnorms.data_type == onnx.TensorProto.FLOAT
+    assert sqnorms.data_type == onnx.TensorProto.FLOAT and has_fed_norms(model) and Session(fp16_model, "cpu").feeds_norms
     typed = {v.name: v.type.tensor_type.elem_type for v in onnx.shape_inference.infer_shapes(model).graph.value_info}
     assert typed[matmul.output[0]] == onnx.TensorProto.FLOAT
     meta, source = meta_of(fp16_model), meta_of(trained_conv4_onnx)
@@ -90,7 +92,7 @@ def test_int8_is_qdq_with_a_float_metric(int8_model, trained_conv4_onnx):
     producers = {o: n for n in model.graph.node for o in n.output}
     gemm = next(n for n in model.graph.node if n.op_type == "Gemm")
     assert gemm.input[1] == "prototypes" and gemm.input[1] not in producers  # prototypes reach the metric unquantized
-    assert producers[gemm.input[0]].op_type == "Mul" and "prototype_sqnorms" in {t.name for t in model.graph.initializer}
+    assert producers[gemm.input[0]].op_type == "Mul" and has_fed_norms(model) and Session(int8_model, "cpu").feeds_norms
     assert not any(n.op_type == "QuantizeLinear" and n.input[0] in ("prototypes", "logits") for n in model.graph.node)
     meta = meta_of(int8_model)
     assert meta.precision is Precision.INT8 and meta.fingerprint == meta_of(trained_conv4_onnx).fingerprint
