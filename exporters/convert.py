@@ -480,9 +480,9 @@ def check_graph(proto: onnx.ModelProto, spec: ExportSpec, embedding_dim: int) ->
 def _ort_session(model_bytes: bytes):
     import onnxruntime as ort
 
-    so = ort.SessionOptions()
-    so.log_severity_level = 3  # not the notice that the optional norms input is an overridable initializer
-    return ort.InferenceSession(model_bytes, so, providers=["CPUExecutionProvider"])
+    from edgemeta.runtime.session import open_ort_session
+
+    return open_ort_session(model_bytes, ort.SessionOptions(), ["CPUExecutionProvider"])[0]
 
 
 def smoke_test(model_bytes: bytes, spec: ExportSpec, image_shape: tuple[int, ...], embedding_dim: int) -> None:

@@ -21,7 +21,7 @@ import numpy as np
 import onnx
 
 from edgemeta.errors import ExportError
-from edgemeta.runtime.session import DISABLED_OPTIMIZERS
+from edgemeta.runtime.session import DISABLED_OPTIMIZERS, open_ort_session
 from edgemeta.runtime.spec import INPUT_PROTOTYPES
 
 __all__ = ["optimize_offline", "to_ort_format"]
@@ -68,9 +68,7 @@ def to_ort_format(onnx_path: str | os.PathLike, ort_path: str | os.PathLike | No
     try:
         try:
             ort.InferenceSession(str(src), _session_options(tmp, True), providers=["CPUExecutionProvider"], disabled_optimizers=list(DISABLED_OPTIMIZERS))
-            quiet = ort.SessionOptions()
-            quiet.log_severity_level = 3
-            session = ort.InferenceSession(str(tmp), quiet, providers=["CPUExecutionProvider"])
+            session, _ = open_ort_session(tmp, ort.SessionOptions(), ["CPUExecutionProvider"])
             feed = {}
             for inp in session.get_inputs():
                 # one image, zero prototypes: the enrolment call of an app

@@ -36,6 +36,7 @@ from edgemeta.errors import ExportError, InputError
 from edgemeta.evaluate import to_tensor
 from edgemeta.exporters.data import subset
 from edgemeta.exporters.graph import finalize, float_nodes, load_model, name_nodes, read_metadata, save_model, set_metadata
+from edgemeta.runtime.session import open_ort_session
 from edgemeta.runtime.spec import INPUT_IMAGES, INPUT_PROTOTYPES, ModelMetadata, Precision
 
 __all__ = ["QuantizeSpec", "convert_fp16", "to_fp16", "quantize_int8"]
@@ -224,9 +225,7 @@ def _calibration_inputs(model_path: Path, meta: ModelMetadata, calibration: Imag
     idx = subset(calibration, spec.calibration_images, spec.seed)
     x = np.ascontiguousarray(to_tensor(calibration.images[idx], pp.mean, pp.std).numpy())
     # real prototypes (not zero rows), so every tensor of the graph has values to calibrate
-    opts = ort.SessionOptions()
-    opts.log_severity_level = 3
-    session = ort.InferenceSession(str(model_path), opts, providers=["CPUExecutionProvider"])
+    session, _ = open_ort_session(model_path, ort.SessionOptions(), ["CPUExecutionProvider"])
     z = session.run(None, {INPUT_IMAGES: x[:5], INPUT_PROTOTYPES: np.zeros((0, meta.embedding_dim), np.float32)})[0]
     return x, np.ascontiguousarray(z, dtype=np.float32)
 

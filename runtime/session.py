@@ -204,8 +204,9 @@ def _preload_cuda_libraries() -> None:
 DISABLED_OPTIMIZERS = ("QDQPropagationTransformer",)
 
 
-def open_ort_session(path: str | os.PathLike, options: ort.SessionOptions, providers: list[str]) -> tuple[ort.InferenceSession, str]:
+def open_ort_session(path: str | os.PathLike | bytes, options: ort.SessionOptions, providers: list[str]) -> tuple[ort.InferenceSession, str]:
     """An ``onnxruntime.InferenceSession`` on ``providers``, as every edgemeta session opens one.
+    ``path`` is a model file or a serialized model.
 
     For a GPU provider, CUDA / cuDNN are preloaded first (see :func:`_preload_cuda_libraries`),
     and what ONNX Runtime prints and logs while such a provider fails to load is kept off
@@ -225,7 +226,8 @@ def open_ort_session(path: str | os.PathLike, options: ort.SessionOptions, provi
         ort.set_default_logger_severity(4)
     try:
         with contextlib.redirect_stdout(out) if gpu else contextlib.nullcontext():
-            sess = ort.InferenceSession(str(path), sess_options=options, providers=providers, disabled_optimizers=list(DISABLED_OPTIMIZERS))
+            model = path if isinstance(path, bytes) else str(path)
+            sess = ort.InferenceSession(model, sess_options=options, providers=providers, disabled_optimizers=list(DISABLED_OPTIMIZERS))
     finally:
         if gpu:
             ort.set_default_logger_severity(2)  # ONNX Runtime's default

@@ -303,8 +303,9 @@ class PrototypeStore:
             raise InputError("no embeddings given; enrol at least one example")
         if e.dtype.kind not in "fiu":
             raise InputError("embeddings must be finite numbers; check the model's output")
-        # the sums are what the store keeps; they are finite exactly when every value is
-        # (float32 values cannot overflow a float64 sum), so one reduction does both jobs
+        # the sums are what the store keeps, so one reduction does both jobs: a float32 batch's
+        # float64 sum is finite exactly when every value is, and a sum that overflows (huge
+        # float64 values) could not be stored either
         total = e.sum(axis=0, dtype=np.float64)
         if not np.isfinite(total).all():
             raise InputError("embeddings must be finite numbers; check the model's output")
