@@ -47,10 +47,11 @@ def main() -> int:
     from sklearn.datasets import load_digits
 
     from benchmark_report import export_variants, untrained_checkpoint
-    from edgemeta.benchmark import BenchConfig, run_benchmark
+    from edgemeta.benchmark import BenchConfig, run_benchmark, time_pair
     from edgemeta.runtime import FewShotClassifier, ProviderError, Session
     from edgemeta.runtime.preprocess import preprocess
     from edgemeta.runtime.session import ProviderFallbackWarning
+    from edgemeta.runtime.spec import INPUT_IMAGES, INPUT_PROTOTYPES, INPUT_SQNORMS, OUTPUT_EMBEDDINGS, OUTPUT_LOGITS
 
     shipped = ROOT / "edgemeta" / "pretrained" / "conv4_omniglot.safetensors"
     result: dict = {"onnxruntime": ort.__version__, "available": ort.get_available_providers(), "checks": {}}
@@ -103,6 +104,35 @@ def main() -> int:
         agree = float((l_cpu.argmax(1) == l_gpu.argmax(1)).mean())
         tol = 1e-3 if "fp32" in path.name else 5e-2 * float(np.abs(e_cpu).max())
         check(f"CUDA equals CPU ({path.name})", diff <= tol and agree >= (0.99 if "fp32" in path.name else 0.98), max_abs_embedding_diff=diff, label_agreement=agree, tolerance=tol)
+
+    rng_norms = np.random.default_rng(1)
+    # 2b. the optional prototype_sqnorms input on the GPU: the norms the runtime feeds (bound
+    # with IO binding) give the logits the graph gives when it computes them, the graph reads
+    # them (wrong norms change the logits), and what feeding them saves at 10,000 classes
+    gpu_ep = {"cuda": "CUDAExecutionProvider", "cpu": "CPUExecutionProvider"}.get(args.gpu, args.gpu)
+    for path in conv4:
+        s = Session(path, args.gpu)
+        quiet = ort.SessionOptions()
+        quiet.log_severity_level = 3  # not the load-time warning about the optional input
+        raw = ort.InferenceSession(str(path), quiet, providers=[gpu_ep])
+        protos = rng_norms.standard_normal((10000, s.embedding_dim)).astype(np.float32)
+        protos.flags.writeable = False  # as the store keeps them: the runtime feeds norms only for frozen arrays
+        x = preprocess(list(imgs[:32]), s.preprocess)
+        _, fed = s.run(x, protos)
+        plain = {INPUT_IMAGES: x, INPUT_PROTOTYPES: protos}
+        computed = raw.run([OUTPUT_LOGITS], plain)[0]
+        wrong = raw.run([OUTPUT_LOGITS], plain | {INPUT_SQNORMS: np.zeros(len(protos), np.float32)})[0]
+        scale = float(np.abs(computed).max())
+        diff = float(np.abs(fed - computed).max())
+        one = {INPUT_IMAGES: x[:1], INPUT_PROTOTYPES: protos}
+        norms = np.einsum("nd,nd->n", protos, protos)
+        t_fed, t_graph = time_pair(lambda: raw.run([OUTPUT_EMBEDDINGS, OUTPUT_LOGITS], one | {INPUT_SQNORMS: norms}),
+                                   lambda: raw.run([OUTPUT_EMBEDDINGS, OUTPUT_LOGITS], one), 20, args.runs)
+        check(f"fed prototype norms on the GPU ({path.name})",
+              s.feeds_norms and s.io_binding and diff <= 1e-4 * scale and float(np.abs(wrong - computed).max()) > 1e-2 * scale,
+              feeds_norms=s.feeds_norms, io_binding=s.io_binding, max_abs_logit_diff=diff, logit_scale=scale,
+              p50_ms_10000_classes_fed=t_fed.p50_ms, p50_ms_10000_classes_computed=t_graph.p50_ms,
+              computed_over_fed=t_graph.p50_ms / t_fed.p50_ms)
 
     # 3. classifier on CUDA: same predictions as on CPU, prototypes uploaded once per store change
     labels = digits.target
