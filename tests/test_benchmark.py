@@ -515,3 +515,34 @@ def test_class_scaling_feeds_the_prototype_norms_as_the_runtime_does(tmp_path):
     stats = bm._ort_classes(Recorder(bm._ort_session(variant, "CPUExecutionProvider", cfg)), variant, 50, cfg)
     assert stats.runs == FAST["runs"] and feeds and all(INPUT_SQNORMS in f for f in feeds)
     np.testing.assert_allclose(feeds[0][INPUT_SQNORMS], np.square(feeds[0]["prototypes"]).sum(axis=1), rtol=1e-6)
+
+
+def test_gpu_class_rows_keep_the_prototypes_on_the_device(tmp_path, monkeypatch):
+    """On a GPU the class-scaling rows bind the prototypes and norms once, as the runtime's
+    IO binding does; only the image is copied per call. Run here on the CPU device."""
+    import onnx
+    import onnxruntime as ort
+
+    from conftest import build_runtime_model
+    from edgemeta.exporters.head import with_fed_norms
+    from edgemeta.runtime.spec import INPUT_SQNORMS
+
+    path = tmp_path / "fed.onnx"
+    onnx.save(with_fed_norms(onnx.load(str(build_runtime_model(tmp_path / "tiny.onnx"))), "sqeuclidean"), str(path))
+    sess = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    rng = np.random.default_rng(0)
+    protos = rng.standard_normal((30, TINY_DIM)).astype(np.float32)
+    feeds = {"images": rng.standard_normal((1, 1, 16, 16)).astype(np.float32), "prototypes": protos,
+             INPUT_SQNORMS: np.square(protos).sum(axis=1)}
+    uploads = []
+    real = ort.OrtValue.ortvalue_from_numpy
+    monkeypatch.setattr(ort.OrtValue, "ortvalue_from_numpy", staticmethod(lambda a, *d: uploads.append(a.shape) or real(a, *d)))
+    call = bm._bound_call(sess, feeds, ("cpu", 0))
+    outs = [call() for _ in range(3)]
+    assert uploads.count((30, TINY_DIM)) == 1 and uploads.count((30,)) == 1 and uploads.count((1, 1, 16, 16)) == 3
+    want = sess.run(["embeddings", "logits"], feeds)
+    for got in outs:
+        np.testing.assert_allclose(got[0], want[0], rtol=1e-6)
+        np.testing.assert_allclose(got[1], want[1], rtol=1e-5, atol=1e-5)
+    wrong = bm._bound_call(sess, feeds | {INPUT_SQNORMS: np.zeros(30, np.float32)}, ("cpu", 0))()
+    assert np.abs(wrong[1] - want[1]).max() > 1e-2  # the bound norms are what the graph reads
