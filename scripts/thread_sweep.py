@@ -31,21 +31,23 @@ def main() -> int:
     ap.add_argument("--runs", type=int, default=100)
     ap.add_argument("--rounds", type=int, default=2)
     ap.add_argument("--profile", action="store_true", help="list the top operators at the largest thread count")
+    ap.add_argument("--no-spinning", action="store_true", help="idle intra-op threads sleep instead of spinning")
     ap.add_argument("--json", type=Path)
     args = ap.parse_args()
 
     import onnxruntime as ort
 
-    from edgemeta.benchmark import BenchConfig, _images, _open_variant, _ort_embedding_fn, _ort_session, time_fn
+    from edgemeta.benchmark import BenchConfig, OrtTuning, _images, _open_variant, _ort_embedding_fn, _ort_session, time_fn
     from edgemeta.runtime.session import open_ort_session
 
     threads = [int(t) for t in args.threads.split(",")]
+    tuning = OrtTuning(allow_spinning=not args.no_spinning)
     variants = [_open_variant(m, "given", max(threads)) for m in args.models]
     result: dict = {"batch": args.batch, "onnxruntime": ort.__version__, "cores": os.cpu_count(), "p50_ms": {}, "top_ops": {}}
-    print(f"batch {args.batch}, p50 ms (best of {args.rounds} rounds of {args.runs} runs)")
+    print(f"batch {args.batch}, spinning {'off' if args.no_spinning else 'on'}, p50 ms (best of {args.rounds} rounds of {args.runs} runs)")
     print("threads " + " ".join(f"{v.path.name:>32s}" for v in variants))
     for t in threads:
-        config = BenchConfig(providers=("cpu",), batch_sizes=(args.batch,), threads=t, runs=args.runs, warmup=10)
+        config = BenchConfig(providers=("cpu",), batch_sizes=(args.batch,), threads=t, runs=args.runs, warmup=10, ort=tuning)
         fns = [_ort_embedding_fn(_ort_session(v, "CPUExecutionProvider", config), v, args.batch, config) for v in variants]
         best = [float("inf")] * len(fns)
         for _ in range(args.rounds):
@@ -55,7 +57,7 @@ def main() -> int:
 
     if args.profile:
         t = max(threads)
-        config = BenchConfig(providers=("cpu",), batch_sizes=(args.batch,), threads=t, runs=args.runs, warmup=10)
+        config = BenchConfig(providers=("cpu",), batch_sizes=(args.batch,), threads=t, runs=args.runs, warmup=10, ort=tuning)
         for v in variants:
             so = config.ort.session_options(t)
             so.enable_profiling = True
