@@ -1284,6 +1284,26 @@ def _add_ratios(report: BenchReport) -> None:
         )
 
 
+def _precision_notes(rows: Sequence[EmbeddingRow], threads: int) -> list[str]:
+    """What to try where a reduced precision ran clearly slower than fp32 on the CPU.
+
+    On many cores the int8 models' layout conversions (ONNX Runtime's transposes into and
+    out of its NHWC int8 kernels) stop scaling before fp32 convolutions do: on a 16-core
+    Xeon the shipped Conv-4 in int8 was 1.8x fp32 at 2 threads and 0.34x at 16."""
+    notes = []
+    for r in rows:
+        ratio = r.speedup_vs_fp32
+        if r.provider != "CPU" or r.engine != "onnxruntime" or r.precision == "fp32" or ratio is None or ratio >= 1 / (1 + REPEAT_TOLERANCE):
+            continue
+        if r.precision == Precision.INT8.value:
+            advice = ("int8 gains most on few cores; with many threads its layout conversions stop scaling: "
+                      "compare both precisions at fewer threads (--threads 4, 8)") if threads > 4 else "this CPU may lack fast int8 instructions (VNNI, AMX)"
+        else:
+            advice = "fp16 pays off on GPUs; ONNX Runtime's CPU provider lacks fast fp16 kernels for many operators"
+        notes.append(f"CPU {r.precision} ran at {ratio:.2f}x fp32 at batch {r.batch} with {threads} threads: {advice}")
+    return notes
+
+
 def run_benchmark(
     models: str | os.PathLike | Sequence[str | os.PathLike],
     config: BenchConfig | None = None,
@@ -1344,6 +1364,7 @@ def _wrap_up(report: BenchReport, variants: list[ModelVariant], config: BenchCon
         report.peak = _best_peak(report.peak, measure_peak_flops(threads, config.ort, n=config.peak_size))
         report.embedding = [_with_peak(r, report.peak["peak_gflops"]) for r in report.embedding]
     _add_ratios(report)
+    report.notes.extend(_precision_notes(report.embedding, threads))
     if config.backprop_episodes:
         steps(f"backprop baseline, {config.backprop_episodes} episodes per shot count")
         fp32 = next((v for v in variants if v.precision is Precision.FP32), variants[0])

@@ -546,3 +546,18 @@ def test_gpu_class_rows_keep_the_prototypes_on_the_device(tmp_path, monkeypatch)
         np.testing.assert_allclose(got[1], want[1], rtol=1e-5, atol=1e-5)
     wrong = bm._bound_call(sess, feeds | {INPUT_SQNORMS: np.zeros(30, np.float32)}, ("cpu", 0))()
     assert np.abs(wrong[1] - want[1]).max() > 1e-2  # the bound norms are what the graph reads
+
+
+def test_a_reduced_precision_slower_than_fp32_on_the_cpu_gets_a_note():
+    def row(provider, precision, ratio, batch=32):
+        return bm.EmbeddingRow(provider, precision, "onnxruntime", batch, bm.LatencyStats.from_samples([1.0, 1.0]), 32.0,
+                               speedup_vs_fp32=ratio)
+
+    rows = [row("CPU", "fp32", 1.0), row("CPU", "int8", 0.4), row("CPU", "fp16", 0.5, batch=1), row("CPU", "int8", 0.95, batch=1),
+            row("CUDA", "int8", 0.5), row("CPU", "int8", 1.8, batch=256)]
+    many = bm._precision_notes(rows, threads=16)
+    assert len(many) == 2  # within the noise (0.95x), on a GPU, or faster: no note
+    assert "int8 ran at 0.40x fp32 at batch 32 with 16 threads" in many[0] and "--threads" in many[0]
+    assert "fp16 ran at 0.50x fp32 at batch 1" in many[1] and "GPUs" in many[1]
+    few = bm._precision_notes(rows[:2], threads=2)
+    assert len(few) == 1 and "VNNI" in few[0]
