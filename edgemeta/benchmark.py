@@ -12,7 +12,8 @@
   taken against the faster torch line, so the baseline is never the crippled one;
 * **FLOPs** counted from the ONNX graph (needs the ``onnx`` package) and the achieved
   FLOP/s as a fraction of the machine's peak, measured in the same run by a large
-  float32 MatMul on ONNX Runtime with the same threads;
+  float32 MatMul on ONNX Runtime with the same threads; for CUDA and TensorRT rows, by a
+  large MatMul on the CUDA provider with its inputs on the GPU;
 * **adaptation**: enrolling one class from K shots with the runtime's
   :class:`~edgemeta.runtime.classifier.FewShotClassifier` vs embedding the K images alone;
 * **classification** latency at batch 1 with 1 ... 10,000 (or more) enrolled classes;
@@ -66,6 +67,7 @@ __all__ = [
     "time_pair",
     "FlopCount",
     "count_flops",
+    "measure_gpu_peak_flops",
     "measure_peak_flops",
     "machine_info",
     "ModelVariant",
@@ -90,6 +92,7 @@ MAX_BATCH = 4096
 MAX_RUNS = 1_000_000
 MAX_CLASSES = 1_000_000
 MAX_DURATION_S = 3600.0
+GPU_PEAK_SIZE = 8192  # n of the n x n MatMul that measures a GPU's peak (0.8 GB on the device)
 REPEAT_TOLERANCE = 0.10  # the p50s of the first and the second half of the calls must agree within 10%
 BUSY_CORES = 0.2  # other processes using this many cores on average make the run "busy"
 
@@ -620,6 +623,33 @@ def measure_peak_flops(threads: int, tuning: OrtTuning | None = None, n: int = 2
     return result
 
 
+def measure_gpu_peak_flops(provider: str = Provider.CUDA.value, n: int = 8192, runs: int = 5) -> dict[str, Any]:
+    """The GPU's float32 MatMul peak as ONNX Runtime reaches it on ``provider`` (with that
+    provider's default settings): inputs and output bound on the device with IO binding, so
+    no copy is timed; the best of ``runs``.
+
+    Raises:
+        ProviderError: ``provider`` does not run the MatMul.
+    """
+    sess, said = open_ort_session(matmul_model_bytes(n), ort.SessionOptions(), [provider, Provider.CPU.value])
+    if sess.get_providers()[0] != provider:
+        raise ProviderError(f"{_short(provider)} did not load for the peak MatMul{'; ONNX Runtime said: ' + said if said else ''}")
+    rng = np.random.default_rng(0)
+    device = ("cuda", 0)
+    binding = sess.io_binding()
+    for name in ("a", "b"):
+        binding.bind_ortvalue_input(name, ort.OrtValue.ortvalue_from_numpy(rng.standard_normal((n, n), dtype=np.float32), *device))
+    binding.bind_output("c", *device)
+
+    def call() -> None:
+        sess.run_with_iobinding(binding)
+        binding.synchronize_outputs()
+
+    best = time_fn(call, warmup=2, runs=runs).min_ms
+    gflops = 2 * n**3 / best / 1e6
+    return {"provider": _short(provider), "n": n, "ort_gflops": gflops, "peak_gflops": gflops}
+
+
 # ============================================================================ models
 
 
@@ -1107,7 +1137,8 @@ class BenchReport:
     classes: list[ClassesRow] = field(default_factory=list)
     adaptation: list[AdaptationRow] = field(default_factory=list)
     cold_start: list[ColdStartRow] = field(default_factory=list)
-    peak: dict[str, Any] | None = None
+    peak: dict[str, Any] | None = None  # the CPU's (measured when the CPU provider is benchmarked)
+    gpu_peak: dict[str, Any] | None = None  # the GPU's (when a GPU provider is)
     unavailable: dict[str, str] = field(default_factory=dict)
     notes: list[str] = field(default_factory=list)
     backprop: list[BackpropResult] = field(default_factory=list)
@@ -1141,6 +1172,7 @@ class BenchReport:
             "models": [m.to_dict() for m in self.models],
             "unavailable": self.unavailable,
             "peak": self.peak,
+            "gpu_peak": self.gpu_peak,
             "embedding": rows(self.embedding),
             "classes": rows(self.classes),
             "adaptation": rows(self.adaptation),
@@ -1168,10 +1200,11 @@ class _Steps:
             self.progress(self.total, self.total, "done")
 
 
-def _n_steps(config: BenchConfig, n_providers: int, n_variants: int) -> int:
+def _n_steps(config: BenchConfig, providers: Sequence[str], n_variants: int) -> int:
     per_variant = 1 + len(config.class_counts) + 2 + int(config.cold_start)
     per_provider = n_variants * per_variant + len(config.batch_sizes)
-    return 2 * int(config.flops) + n_providers * per_provider + int(config.backprop_episodes > 0)
+    peaks = 2 * int(Provider.CPU.value in providers) + int(any(p != Provider.CPU.value for p in providers))
+    return int(config.flops) * peaks + len(providers) * per_provider + int(config.backprop_episodes > 0)
 
 
 def _flops_for(variant: ModelVariant, batch: int, cache: dict, notes: list[str]) -> int | None:
@@ -1262,10 +1295,13 @@ def _best_peak(first: dict[str, Any] | None, second: dict[str, Any]) -> dict[str
     return best
 
 
-def _with_peak(row: EmbeddingRow, peak: float) -> EmbeddingRow:
-    if row.achieved_gflops is None or row.provider != "CPU":
+def _with_peak(row: EmbeddingRow, report: BenchReport) -> EmbeddingRow:
+    """The row's share of its own processor's peak: the CPU's for CPU rows, the GPU's for
+    CUDA and TensorRT rows."""
+    peak = report.peak if row.provider == _short(Provider.CPU.value) else report.gpu_peak
+    if row.achieved_gflops is None or peak is None:
         return row
-    return replace(row, peak_fraction=row.achieved_gflops / peak)
+    return replace(row, peak_fraction=row.achieved_gflops / peak["peak_gflops"])
 
 
 def _add_ratios(report: BenchReport) -> None:
@@ -1339,13 +1375,13 @@ def run_benchmark(
         variants = resolve_variants(paths, config.precisions, ckpt, Path(workdir) if workdir else Path(tmp), threads)
         report = BenchReport(machine_info(), config.to_dict(), variants, unavailable=unavailable)
         baseline = _TorchBaseline(ckpt, threads) if ckpt is not None and config.torch_baseline else None
-        steps = _Steps(_n_steps(config, len(providers), len(variants)), progress)
+        steps = _Steps(_n_steps(config, providers, len(variants)), progress)
         try:
             _run_all(providers, variants, config, report, steps, baseline)
         finally:
             if baseline is not None:
                 baseline.close()
-        _wrap_up(report, variants, config, steps)
+        _wrap_up(report, providers, variants, config, steps)
     if baseline is None:
         report.notes.append("no torch baseline: pass --checkpoint (the checkpoint the model was exported from)")
     report.machine["other_processes_cores"] = others.cores()
@@ -1356,13 +1392,19 @@ def run_benchmark(
     return report
 
 
-def _wrap_up(report: BenchReport, variants: list[ModelVariant], config: BenchConfig, steps: _Steps) -> None:
-    """The peak again, the ratios, the backprop baseline, memory and load at the end."""
+def _wrap_up(report: BenchReport, providers: list[str], variants: list[ModelVariant], config: BenchConfig, steps: _Steps) -> None:
+    """The peaks (the CPU's again), the ratios, the backprop baseline, memory and load at the end."""
     threads = config.resolved_threads
-    if config.flops:  # measured again at the end: a busy moment at the start must not inflate the fractions
+    if config.flops and Provider.CPU.value in providers:  # again at the end: a busy moment at the start must not inflate the fractions
         steps("peak FLOP/s again")
         report.peak = _best_peak(report.peak, measure_peak_flops(threads, config.ort, n=config.peak_size))
-        report.embedding = [_with_peak(r, report.peak["peak_gflops"]) for r in report.embedding]
+    if config.flops and any(p != Provider.CPU.value for p in providers):
+        steps("GPU peak FLOP/s (large float32 MatMul on CUDA)")
+        try:
+            report.gpu_peak = measure_gpu_peak_flops(n=max(config.peak_size, GPU_PEAK_SIZE))
+        except (ProviderError, RuntimeError) as e:  # RuntimeError: ONNX Runtime's own failures (out of memory, ...)
+            report.notes.append(f"GPU peak not measured: {' '.join(str(e).split())[:200]}")
+    report.embedding = [_with_peak(r, report) for r in report.embedding]
     _add_ratios(report)
     report.notes.extend(_precision_notes(report.embedding, threads))
     if config.backprop_episodes:
@@ -1413,7 +1455,7 @@ def _busy_note(other_cores: float | None, logical_cores: int) -> str | None:
 def _run_all(
     providers: list[str], variants: list[ModelVariant], config: BenchConfig, report: BenchReport, steps: _Steps, baseline: _TorchBaseline | None
 ) -> None:
-    if config.flops:
+    if config.flops and Provider.CPU.value in providers:
         steps("peak FLOP/s (large float32 MatMul)")
         report.peak = measure_peak_flops(config.resolved_threads, config.ort, n=config.peak_size)
     flops_cache: dict = {}
@@ -1623,6 +1665,9 @@ def render_report(report: BenchReport, console: Any) -> None:
     if report.peak:
         p = report.peak
         console.print(f"peak float32: {p['peak_gflops']:.1f} GFLOP/s (MatMul {p['n']}², ORT {p['ort_gflops']:.1f}, numpy {p['numpy_gflops']:.1f})")
+    if report.gpu_peak:
+        p = report.gpu_peak
+        console.print(f"GPU peak float32: {p['peak_gflops']:.0f} GFLOP/s (MatMul {p['n']}² on {p['provider']}, inputs on the GPU)")
     best_torch = {(r.provider, r.batch): r.latency.p50_ms for r in report.embedding if r.engine == "torch eager"}
     shown = [
         r for r in report.embedding  # channels-last only when it is the faster torch line (the JSON has it always)

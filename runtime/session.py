@@ -172,7 +172,6 @@ def _ort_error_kind(e: Exception) -> str:
     return "provider"
 
 
-_GPU_PROVIDERS = (Provider.TENSORRT.value, Provider.CUDA.value)
 _preloaded = False
 
 

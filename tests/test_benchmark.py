@@ -561,3 +561,40 @@ def test_a_reduced_precision_slower_than_fp32_on_the_cpu_gets_a_note():
     assert "fp16 ran at 0.50x fp32 at batch 1" in many[1] and "GPUs" in many[1]
     few = bm._precision_notes(rows[:2], threads=2)
     assert len(few) == 1 and "VNNI" in few[0]
+
+
+def test_each_row_gets_its_own_processors_peak():
+    stats = bm.LatencyStats.from_samples([1.0, 1.0])
+    rows = [bm.EmbeddingRow(p, "fp32", "onnxruntime", 1, stats, 1e3, flops=10**9, achieved_gflops=100.0) for p in ("CPU", "CUDA", "TensorRT")]
+    report = bm.BenchReport({}, {}, [], peak={"peak_gflops": 400.0}, gpu_peak={"peak_gflops": 20000.0})
+    fractions = [bm._with_peak(r, report).peak_fraction for r in rows]
+    assert fractions == [pytest.approx(0.25), pytest.approx(0.005), pytest.approx(0.005)]
+    no_gpu = bm.BenchReport({}, {}, [], peak={"peak_gflops": 400.0})
+    assert bm._with_peak(rows[1], no_gpu).peak_fraction is None and bm._with_peak(rows[0], no_gpu).peak_fraction == pytest.approx(0.25)
+
+
+def test_steps_count_a_peak_per_processor():
+    cfg = bm.BenchConfig(providers=("cpu",), batch_sizes=(1,), class_counts=(1,), threads=1, **FAST)
+    cpu, cuda = "CPUExecutionProvider", "CUDAExecutionProvider"
+    base = bm._n_steps(replace(cfg, flops=False), [cpu, cuda], 1)
+    assert bm._n_steps(cfg, [cpu], 1) - bm._n_steps(replace(cfg, flops=False), [cpu], 1) == 2  # CPU peak at the start and the end
+    assert bm._n_steps(cfg, [cuda], 1) - bm._n_steps(replace(cfg, flops=False), [cuda], 1) == 1  # one GPU peak, no CPU peak
+    assert bm._n_steps(cfg, [cpu, cuda], 1) - base == 3
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not cuda_runs(), reason="needs onnxruntime-gpu, CUDA libraries and an NVIDIA GPU")
+def test_gpu_peak_is_measured_with_the_inputs_on_the_device():
+    peak = bm.measure_gpu_peak_flops(n=2048, runs=3)
+    assert peak["provider"] == "CUDA" and peak["n"] == 2048 and peak["peak_gflops"] > 1000  # any CUDA GPU of this decade
+    assert "CUDAExecutionProvider" in ort.get_available_providers()
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not cuda_runs(), reason="needs onnxruntime-gpu, CUDA libraries and an NVIDIA GPU")
+def test_cuda_rows_get_the_gpus_peak_and_no_cpu_peak_is_measured(tiny_onnx_model_module):
+    cfg = bm.BenchConfig(providers=("cuda",), batch_sizes=(8,), class_counts=(1,), **FAST)
+    report = bm.run_benchmark(tiny_onnx_model_module, cfg)
+    assert report.peak is None and report.gpu_peak["provider"] == "CUDA" and report.gpu_peak["n"] == bm.GPU_PEAK_SIZE
+    ort_rows = [r for r in report.embedding if r.engine == "onnxruntime"]
+    assert ort_rows and all(0 < r.peak_fraction < 1 for r in ort_rows)
