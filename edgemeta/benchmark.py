@@ -623,7 +623,7 @@ def measure_peak_flops(threads: int, tuning: OrtTuning | None = None, n: int = 2
     return result
 
 
-def measure_gpu_peak_flops(provider: str = Provider.CUDA.value, n: int = 8192, runs: int = 5) -> dict[str, Any]:
+def measure_gpu_peak_flops(provider: str = Provider.CUDA.value, n: int = GPU_PEAK_SIZE, runs: int = 5) -> dict[str, Any]:
     """The GPU's float32 MatMul peak as ONNX Runtime reaches it on ``provider`` (with that
     provider's default settings, under which the CUDA provider computes float32 MatMul and
     convolutions on TF32 tensor cores: about 410 TFLOP/s on an H200): inputs and output bound
@@ -632,7 +632,10 @@ def measure_gpu_peak_flops(provider: str = Provider.CUDA.value, n: int = 8192, r
     Raises:
         ProviderError: ``provider`` does not run the MatMul.
     """
-    sess, said = open_ort_session(matmul_model_bytes(n), ort.SessionOptions(), [provider, Provider.CPU.value])
+    try:
+        sess, said = open_ort_session(matmul_model_bytes(n), ort.SessionOptions(), [provider, Provider.CPU.value])
+    except Exception as e:  # noqa: BLE001 - ONNX Runtime raises its own pybind types
+        raise ProviderError(f"{_short(provider)} cannot run the peak MatMul: {' '.join(str(e).split())[:200]}") from None
     if sess.get_providers()[0] != provider:
         raise ProviderError(f"{_short(provider)} did not load for the peak MatMul{'; ONNX Runtime said: ' + said if said else ''}")
     rng = np.random.default_rng(0)
@@ -1321,23 +1324,34 @@ def _add_ratios(report: BenchReport) -> None:
         )
 
 
-def _precision_notes(rows: Sequence[EmbeddingRow], threads: int) -> list[str]:
-    """What to try where a reduced precision ran clearly slower than fp32 on the CPU.
+_INT8_FLAGS = ("avx512_vnni", "avx_vnni", "amx_int8", "asimddp", "i8mm")  # x86 VNNI / AMX, Arm dot product / int8 matmul
+
+
+def _precision_notes(rows: Sequence[EmbeddingRow], threads: int, cpu_flags: Sequence[str] = ()) -> list[str]:
+    """What to try where a reduced precision ran clearly slower than fp32 on the CPU (one
+    note per precision).
 
     On many cores the int8 models' layout conversions (ONNX Runtime's transposes into and
     out of its NHWC int8 kernels) stop scaling before fp32 convolutions do: on a 16-core
     Xeon the shipped Conv-4 in int8 was 1.8x fp32 at 2 threads and 0.34x at 16."""
-    notes = []
+    slow: dict[str, list[EmbeddingRow]] = {}
     for r in rows:
         ratio = r.speedup_vs_fp32
-        if r.provider != "CPU" or r.engine != "onnxruntime" or r.precision == "fp32" or ratio is None or ratio >= 1 / (1 + REPEAT_TOLERANCE):
-            continue
-        if r.precision == Precision.INT8.value:
-            advice = ("int8 gains most on few cores; with many threads its layout conversions stop scaling: "
-                      "compare both precisions at fewer threads (--threads 4, 8)") if threads > 4 else "this CPU may lack fast int8 instructions (VNNI, AMX)"
-        else:
+        if r.provider == "CPU" and r.engine == "onnxruntime" and r.precision != "fp32" and ratio is not None and ratio < 1 / (1 + REPEAT_TOLERANCE):
+            slow.setdefault(r.precision, []).append(r)
+    notes = []
+    for precision, found in slow.items():
+        if precision != Precision.INT8.value:
             advice = "fp16 pays off on GPUs; ONNX Runtime's CPU provider lacks fast fp16 kernels for many operators"
-        notes.append(f"CPU {r.precision} ran at {ratio:.2f}x fp32 at batch {r.batch} with {threads} threads: {advice}")
+        elif threads > 4:
+            advice = ("int8 gains most on few cores; with many threads its layout conversions stop scaling: "
+                      "compare both precisions at fewer threads (--threads 4, 8)")
+        elif not any(f in cpu_flags for f in _INT8_FLAGS):
+            advice = "this CPU reports no fast int8 instructions (VNNI, AMX, Arm dot product)"
+        else:
+            advice = "for so small a model the quantize and layout conversions outweigh the faster int8 convolutions"
+        at = ", ".join(f"{r.speedup_vs_fp32:.2f}x at batch {r.batch}" for r in found)
+        notes.append(f"CPU {precision} ran slower than fp32 with {threads} threads ({at}): {advice}")
     return notes
 
 
@@ -1401,13 +1415,14 @@ def _wrap_up(report: BenchReport, providers: list[str], variants: list[ModelVari
         report.peak = _best_peak(report.peak, measure_peak_flops(threads, config.ort, n=config.peak_size))
     if config.flops and any(p != Provider.CPU.value for p in providers):
         steps("GPU peak FLOP/s (large float32 MatMul on CUDA)")
-        try:
-            report.gpu_peak = measure_gpu_peak_flops(n=max(config.peak_size, GPU_PEAK_SIZE))
-        except (ProviderError, RuntimeError) as e:  # RuntimeError: ONNX Runtime's own failures (out of memory, ...)
-            report.notes.append(f"GPU peak not measured: {' '.join(str(e).split())[:200]}")
+        if any(r.provider != _short(Provider.CPU.value) for r in report.embedding):  # not when no GPU provider ran
+            try:
+                report.gpu_peak = measure_gpu_peak_flops(n=max(config.peak_size, GPU_PEAK_SIZE))
+            except (ProviderError, RuntimeError) as e:  # RuntimeError: ONNX Runtime's own failures (out of memory, ...)
+                report.notes.append(f"GPU peak not measured: {' '.join(str(e).split())[:200]}")
     report.embedding = [_with_peak(r, report) for r in report.embedding]
     _add_ratios(report)
-    report.notes.extend(_precision_notes(report.embedding, threads))
+    report.notes.extend(_precision_notes(report.embedding, threads, report.machine.get("cpu_flags") or ()))
     if config.backprop_episodes:
         steps(f"backprop baseline, {config.backprop_episodes} episodes per shot count")
         fp32 = next((v for v in variants if v.precision is Precision.FP32), variants[0])
@@ -1691,7 +1706,7 @@ def render_report(report: BenchReport, console: Any) -> None:
         if r.engine == "onnxruntime":
             t.add_row(
                 name(r), str(r.batch), _fmt(r.flops and r.flops / 1e6, ",.1f"), _fmt(r.achieved_gflops, ".1f"),
-                _fmt(r.peak_fraction and 100 * r.peak_fraction, ".0f", "%"),
+                _fmt(r.peak_fraction and 100 * r.peak_fraction, ".0f" if (r.peak_fraction or 0) >= 0.01 else ".2g", "%"),
                 _fmt(r.speedup_vs_torch, ".2f", "x"),
                 _fmt(r.speedup_vs_fp32, ".2f", "x"),
             )

@@ -554,13 +554,13 @@ def test_a_reduced_precision_slower_than_fp32_on_the_cpu_gets_a_note():
                                speedup_vs_fp32=ratio)
 
     rows = [row("CPU", "fp32", 1.0), row("CPU", "int8", 0.4), row("CPU", "fp16", 0.5, batch=1), row("CPU", "int8", 0.95, batch=1),
-            row("CUDA", "int8", 0.5), row("CPU", "int8", 1.8, batch=256)]
+            row("CUDA", "int8", 0.5), row("CPU", "int8", 1.8, batch=256), row("CPU", "int8", 0.6, batch=64)]
     many = bm._precision_notes(rows, threads=16)
-    assert len(many) == 2  # within the noise (0.95x), on a GPU, or faster: no note
-    assert "int8 ran at 0.40x fp32 at batch 32 with 16 threads" in many[0] and "--threads" in many[0]
-    assert "fp16 ran at 0.50x fp32 at batch 1" in many[1] and "GPUs" in many[1]
-    few = bm._precision_notes(rows[:2], threads=2)
-    assert len(few) == 1 and "VNNI" in few[0]
+    assert len(many) == 2  # one per precision; within the noise (0.95x), on a GPU, or faster: not listed
+    assert many[0].startswith("CPU int8 ran slower than fp32 with 16 threads (0.40x at batch 32, 0.60x at batch 64)") and "--threads" in many[0]
+    assert "fp16 ran slower than fp32 with 16 threads (0.50x at batch 1)" in many[1] and "GPUs" in many[1]
+    assert "VNNI" in bm._precision_notes(rows[:2], threads=2, cpu_flags=["avx2", "fma"])[0]
+    assert "so small a model" in bm._precision_notes(rows[:2], threads=2, cpu_flags=["avx512_vnni"])[0]
 
 
 def test_each_row_gets_its_own_processors_peak():
@@ -598,3 +598,49 @@ def test_cuda_rows_get_the_gpus_peak_and_no_cpu_peak_is_measured(tiny_onnx_model
     assert report.peak is None and report.gpu_peak["provider"] == "CUDA" and report.gpu_peak["n"] == bm.GPU_PEAK_SIZE
     ort_rows = [r for r in report.embedding if r.engine == "onnxruntime"]
     assert ort_rows and all(0 < r.peak_fraction < 1 for r in ort_rows)
+
+
+def test_class_rows_on_a_gpu_provider_go_through_the_bound_call(monkeypatch, tmp_path):
+    """Only the CPU feeds numpy arrays to run(); any other provider binds its inputs on the device."""
+    from conftest import build_runtime_model
+    from edgemeta.runtime.spec import Precision
+
+    path = build_runtime_model(tmp_path / "tiny.onnx")
+    variant = bm.ModelVariant(Precision.FP32, path, "given", "fp-tiny-0001", "mlp", (1, 16, 16), TINY_DIM, path.stat().st_size)
+    cfg = bm.BenchConfig(providers=("cpu",), batch_sizes=(1,), class_counts=(1,), threads=1, **FAST)
+    sess = bm._ort_session(variant, "CPUExecutionProvider", cfg)
+    bound = []
+
+    def fake_bound_call(s, feeds, device):
+        bound.append((sorted(feeds), device))
+        return lambda: s.run(["embeddings", "logits"], feeds)
+
+    monkeypatch.setattr(bm, "_bound_call", fake_bound_call)
+    bm._ort_classes(sess, variant, 5, cfg)
+    assert bound == []
+
+    class OnCuda:
+        def get_providers(self):
+            return ["CUDAExecutionProvider", "CPUExecutionProvider"]
+
+        def __getattr__(self, name):
+            return getattr(sess, name)
+
+    bm._ort_classes(OnCuda(), variant, 5, cfg)
+    assert bound == [(["images", "prototypes"], ("cuda", 0))]
+
+
+def test_a_failed_gpu_peak_is_a_note_not_a_lost_report(monkeypatch, tiny_onnx_model_module):
+    """A GPU row exists (simulated), its peak cannot be measured: the report keeps its rows and says why."""
+    cfg = bm.BenchConfig(providers=("cpu",), batch_sizes=(1,), class_counts=(1,), threads=1, **FAST)
+    report = bm.run_benchmark(tiny_onnx_model_module, replace(cfg, flops=False))
+    report.embedding.append(replace(report.embedding[0], provider="CUDA"))
+
+    def fail(**_):
+        raise bm.ProviderError("CUDA cannot run the peak MatMul: out of memory")
+
+    monkeypatch.setattr(bm, "measure_gpu_peak_flops", fail)
+    steps = bm._Steps(10, None)
+    bm._wrap_up(report, ["CPUExecutionProvider", "CUDAExecutionProvider"], [], cfg, steps)
+    assert report.gpu_peak is None and any(n.startswith("GPU peak not measured: CUDA cannot run") for n in report.notes)
+    assert len(report.embedding) == 2 and report.peak is not None  # the rows kept, the CPU peak measured
