@@ -39,6 +39,7 @@ def main() -> int:
 
     from edgemeta.benchmark import BenchConfig, OrtTuning, _images, _open_variant, _ort_embedding_fn, _ort_session, time_fn
     from edgemeta.runtime.session import open_ort_session
+    from edgemeta.runtime.spec import INPUT_IMAGES, INPUT_PROTOTYPES, OUTPUT_EMBEDDINGS
 
     threads = [int(t) for t in args.threads.split(",")]
     tuning = OrtTuning(allow_spinning=not args.no_spinning)
@@ -65,9 +66,9 @@ def main() -> int:
                 so.profile_file_prefix = str(Path(tmp) / "prof")
                 sess, _ = open_ort_session(v.path, so, ["CPUExecutionProvider"])  # as the timed sessions
                 x = _images(v, args.batch, np.float32, 0)
-                feeds = {"images": x, "prototypes": np.zeros((0, v.embedding_dim), np.float32)}
+                feeds = {INPUT_IMAGES: x, INPUT_PROTOTYPES: np.zeros((0, v.embedding_dim), np.float32)}
                 for _ in range(40):  # the first 10 calls (allocations, thread start) are left out below
-                    sess.run(["embeddings"], feeds)
+                    sess.run([OUTPUT_EMBEDDINGS], feeds)
                 events = json.loads(Path(sess.end_profiling()).read_text())
             runs = [e["ts"] for e in events if e.get("cat") == "Session" and e.get("name") == "model_run"]
             start = sorted(runs)[10]
