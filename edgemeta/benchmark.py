@@ -986,7 +986,11 @@ def _classifier(variant: ModelVariant, provider: str, config: BenchConfig) -> An
     from edgemeta.runtime.classifier import ClassifierOptions, FewShotClassifier
 
     batch = max(64, config.shots)  # K shots in one call: the session chunks at its own batch size too
-    opts = ClassifierOptions(batch_size=batch, session=SessionOptions(intra_op_threads=config.resolved_threads, batch_size=batch))
+    session = SessionOptions(  # the benchmark's ONNX Runtime settings, as far as the runtime has them
+        intra_op_threads=config.resolved_threads, inter_op_threads=config.ort.inter_op_threads, batch_size=batch,
+        graph_optimization=config.ort.graph_optimization, allow_spinning=config.ort.allow_spinning,
+    )
+    opts = ClassifierOptions(batch_size=batch, session=session)
     return FewShotClassifier(variant.path, providers=[provider], options=opts)
 
 

@@ -313,6 +313,24 @@ def test_cli_json(tiny_onnx_model_module, tmp_path):
     assert all(r["latency"]["runs"] == 3 and r["first_half_p50_ms"] > 0 for r in d["embedding"])
 
 
+def test_cli_no_spinning_reaches_every_session(tiny_onnx_model_module, monkeypatch):
+    """--no-spinning is in the report's settings and in the classifier's session (enrolment, predict) too."""
+    seen = []
+    real = bm._classifier
+
+    def spy(variant, provider, config):
+        clf = real(variant, provider, config)
+        seen.append(clf.session._sess.get_session_options().get_session_config_entry("session.intra_op.allow_spinning"))
+        return clf
+
+    monkeypatch.setattr(bm, "_classifier", spy)
+    res = cli(tiny_onnx_model_module, "--json", "--runs", "2", "--warmup", "0", "--batch-sizes", "1", "--classes", "1",
+              "--threads", "1", "--no-cold-start", "--providers", "cpu", "--rounds", "1", "--no-spinning")
+    assert res.exit_code == 0, res.stderr
+    assert json.loads(res.stdout)["config"]["ort"]["allow_spinning"] is False
+    assert seen and set(seen) == {"0"}
+
+
 @pytest.mark.parametrize(
     "args, message",
     [

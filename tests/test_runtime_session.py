@@ -191,6 +191,16 @@ def test_options_reach_onnxruntime(tiny_onnx_model):
     so = s._sess.get_session_options()
     assert so.intra_op_num_threads == 1
     assert so.graph_optimization_level == ort.GraphOptimizationLevel.ORT_ENABLE_BASIC
+    with pytest.raises(RuntimeError, match="does not have configuration"):  # not set: ONNX Runtime's default kept
+        so.get_session_config_entry("session.intra_op.allow_spinning")
+
+
+@pytest.mark.parametrize("spin, entry", [(False, "0"), (True, "1")])
+def test_spinning_reaches_onnxruntime(tiny_onnx_model, spin, entry):
+    s = Session(tiny_onnx_model, options=SessionOptions(intra_op_threads=2, allow_spinning=spin))
+    assert s._sess.get_session_options().get_session_config_entry("session.intra_op.allow_spinning") == entry
+    x = np.random.default_rng(0).standard_normal((3, 1, 16, 16)).astype(np.float32)
+    np.testing.assert_allclose(s.embed(x), Session(tiny_onnx_model).embed(x), rtol=1e-6)
 
 
 @pytest.mark.parametrize(
@@ -199,6 +209,7 @@ def test_options_reach_onnxruntime(tiny_onnx_model):
         ({"intra_op_threads": -1}, "thread counts must be >= 0"),
         ({"batch_size": 0}, "batch_size must be >= 1"),
         ({"graph_optimization": "max"}, "unknown graph_optimization 'max'; choose one of: disable, basic, extended, all"),
+        ({"allow_spinning": "no"}, "allow_spinning must be True, False or None"),
     ],
 )
 def test_bad_session_options(kwargs, msg):

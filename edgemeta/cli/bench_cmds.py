@@ -48,6 +48,9 @@ def benchmark(
     batch_sizes: str = typer.Option("1,32", "--batch-sizes", help="Comma-separated batch sizes (1 to 4096)."),
     precisions: str = typer.Option("", help="Comma-separated fp32,fp16,int8; missing ones are found next to MODEL or made from --checkpoint."),
     threads: int = typer.Option(0, help="Threads for ONNX Runtime and torch alike; 0 = physical cores."),
+    spinning: bool = typer.Option(
+        True, "--spinning/--no-spinning", help="Idle ONNX Runtime threads spin between calls (its default) or sleep (saves power and cores)."
+    ),
     warmup: int = typer.Option(10, help="Untimed calls before each measurement."),
     runs: Optional[int] = typer.Option(None, help="Timed calls per measurement (100 unless --duration is given)."),
     duration: Optional[float] = typer.Option(None, help="Seconds per measurement instead of --runs."),
@@ -66,7 +69,7 @@ def benchmark(
     plot: Optional[Path] = typer.Option(None, "--plot", help="Write latency distributions and the classes curve to this PNG."),
 ) -> None:
     """Measure latency, throughput, FLOP/s, enrolment and cold start; compare with torch and other precisions."""
-    from edgemeta.benchmark import BenchConfig, plot_report, render_report, run_benchmark
+    from edgemeta.benchmark import BenchConfig, OrtTuning, plot_report, render_report, run_benchmark
 
     if runs is not None and duration is not None:
         raise InputError("give --runs or --duration, not both")
@@ -75,7 +78,7 @@ def benchmark(
     config = BenchConfig(
         providers=_words(providers), batch_sizes=_ints(batch_sizes, "--batch-sizes"), precisions=_words(precisions), threads=threads,
         warmup=warmup, runs=100 if runs is None else runs, duration=duration, rounds=rounds, class_counts=_ints(classes, "--classes"), shots=shots,
-        cold_start=cold_start, backprop_episodes=episodes if backprop_baseline else 0,
+        cold_start=cold_start, backprop_episodes=episodes if backprop_baseline else 0, ort=OrtTuning(allow_spinning=spinning),
     )
     with _progress_bar(console.is_terminal) as progress:
         report = run_benchmark(models, config, checkpoint=checkpoint, progress=progress)
