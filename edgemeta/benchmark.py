@@ -1212,7 +1212,7 @@ def _n_steps(config: BenchConfig, providers: Sequence[str], n_variants: int) -> 
     per_variant = 1 + len(config.class_counts) + 2 + int(config.cold_start)
     per_provider = n_variants * per_variant + len(config.batch_sizes)
     peaks = 2 * int(Provider.CPU.value in providers) + int(any(p != Provider.CPU.value for p in providers))
-    return int(config.flops) * peaks + len(providers) * per_provider + int(config.backprop_episodes > 0)
+    return int(config.flops) * peaks + len(providers) * per_provider + n_variants * int(config.backprop_episodes > 0)
 
 
 def _flops_for(variant: ModelVariant, batch: int, cache: dict, notes: list[str]) -> int | None:
@@ -1427,10 +1427,9 @@ def _wrap_up(report: BenchReport, providers: list[str], variants: list[ModelVari
     report.embedding = [_with_peak(r, report) for r in report.embedding]
     _add_ratios(report)
     report.notes.extend(_precision_notes(report.embedding, threads, report.machine.get("cpu_flags") or ()))
-    if config.backprop_episodes:
-        steps(f"backprop baseline, {config.backprop_episodes} episodes per shot count")
-        fp32 = next((v for v in variants if v.precision is Precision.FP32), variants[0])
-        report.backprop = backprop_baseline(fp32.path, episodes=config.backprop_episodes, threads=threads, seed=config.seed)
+    for variant in variants if config.backprop_episodes else ():  # each precision: both methods learn from its embeddings
+        steps(f"backprop baseline on {variant.precision.value} embeddings, {config.backprop_episodes} episodes per shot count")
+        report.backprop += backprop_baseline(variant.path, episodes=config.backprop_episodes, threads=threads, seed=config.seed)
     report.benchmark_peak_rss_mb = _peak_rss_mb()
     report.machine["load_average_after"] = list(os.getloadavg()) if hasattr(os, "getloadavg") else None
 
@@ -1529,6 +1528,7 @@ class BackpropResult:
     prototype_ci95: float
     backprop_accuracy: float
     backprop_ci95: float
+    precision: str = "fp32"  # of the exported model that embeds the images for both methods
 
     @property
     def speedup(self) -> float:
@@ -1587,7 +1587,9 @@ def backprop_baseline(
     For each episode the support images are embedded by the exported model on ONNX
     Runtime; then (a) prototypes are the class means and queries are classified by the
     graph's logits, and (b) a linear layer is trained by ``steps`` SGD steps in torch
-    (zero-initialised, momentum 0.9) and queries are classified by it.
+    (zero-initialised, momentum 0.9) and queries are classified by it. With an int8
+    model both methods learn from int8 embeddings, as on an int8 accelerator with
+    on-device last-layer training (Coral's Edge TPU).
 
     Example:
         >>> [r.to_dict() for r in backprop_baseline("conv4.onnx", episodes=100)]   # doctest: +SKIP
@@ -1610,7 +1612,10 @@ def backprop_baseline(
     torch.set_num_threads(threads)
     try:
         return [
-            _backprop_shots(torch, sess, data, normalize, EpisodeSampler(data.labels, n_way, k, queries, seed, data.name), episodes, steps, lr)
+            replace(
+                _backprop_shots(torch, sess, data, normalize, EpisodeSampler(data.labels, n_way, k, queries, seed, data.name), episodes, steps, lr),
+                precision=sess.metadata.precision.value,
+            )
             for k in shots
         ]
     finally:
@@ -1740,7 +1745,7 @@ def render_report(report: BenchReport, console: Any) -> None:
         console.print(t)
     for b in report.backprop:
         console.print(
-            f"{b.n_way}-way {b.k_shot}-shot, {b.episodes} episodes: "
+            f"{b.n_way}-way {b.k_shot}-shot, {b.episodes} episodes, {b.precision} embeddings: "
             f"prototypes {100 * b.prototype_accuracy:.2f}% in {b.embed_ms + b.prototype_ms:.2f} ms; "
             f"backprop ({b.steps} SGD steps) {100 * b.backprop_accuracy:.2f}% in {b.embed_ms + b.backprop_ms:.2f} ms per class set "
             f"({b.speedup:.0f}x end to end; learning step alone {b.learning_speedup:.0f}x)"

@@ -153,7 +153,7 @@ def targets(reports: dict[str, dict]) -> list[tuple[str, str, float | None, bool
         tenk = next((c for c in conv4["classes"] if c["precision"] == "fp32" and c["n_classes"] == 10_000), None)
         add("Conv-4: classify with 10,000 classes / with 1", "<=", 2, _val(tenk, "vs_fewest"))
         for b in conv4.get("backprop") or []:
-            shots = f"{b['n_way']}-way {b['k_shot']}-shot"
+            shots = f"{b['n_way']}-way {b['k_shot']}-shot, {b.get('precision', 'fp32')} embeddings"
             add(f"Conv-4: prototypes vs {b['steps']}-step backprop, {shots}, learning step", ">=", 50, b["learning_speedup"])
             add(f"Conv-4: prototypes vs {b['steps']}-step backprop, {shots}, end to end", ">=", 50, b["speedup"])
     if resnet:
@@ -178,7 +178,7 @@ def _table(header: list[str], rows: list[list[str]], left: tuple[int, ...] = (0,
     return "\n".join(lines + ["| " + " | ".join(r) + " |" for r in rows])
 
 
-BACKPROP_HEADER = ["episodes", "n", "prototypes acc %", "backprop acc %", "embed support ms", "prototypes ms", "backprop ms",
+BACKPROP_HEADER = ["episodes", "embeddings", "n", "prototypes acc %", "backprop acc %", "embed support ms", "prototypes ms", "backprop ms",
                    "faster: learning step", "faster: end to end"]
 
 
@@ -248,7 +248,7 @@ def model_section(name: str, d: dict, trained: bool, plot: str) -> str:
     parts += [f"### Enrolment (K={shots}, p50 ms) and cold start (ms, fresh process)", "", _table(header, rows), ""]
     if d["backprop"]:
         rows = [[
-            f"{b['n_way']}-way {b['k_shot']}-shot", str(b["episodes"]), f"{100 * b['prototype_accuracy']:.2f} ± {100 * b['prototype_ci95']:.2f}",
+            f"{b['n_way']}-way {b['k_shot']}-shot", b.get("precision", "fp32"), str(b["episodes"]), f"{100 * b['prototype_accuracy']:.2f} ± {100 * b['prototype_ci95']:.2f}",
             f"{100 * b['backprop_accuracy']:.2f} ± {100 * b['backprop_ci95']:.2f}", _f(b["embed_ms"], ".2f"), _f(b["prototype_ms"], ".3f"),
             _f(b["backprop_ms"], ".1f"), _f(b["learning_speedup"], ".0f", "x"), _f(b["speedup"], ".0f", "x"),
         ] for b in d["backprop"]]
@@ -258,7 +258,8 @@ def model_section(name: str, d: dict, trained: bool, plot: str) -> str:
             f"Same seeded Omniglot evaluation episodes (15 queries per class). Backprop: a zero-initialised linear layer on the frozen "
             f"embeddings, {b0['steps']} full-batch SGD steps in torch (lr {b0['lr']}, momentum 0.9, weight decay 1e-3), as on-device "
             "last-layer training does. Times are medians per new class set. Learning step: class means against the SGD steps, from the "
-            "same support embeddings; end to end: with the embedding of the support images, which both need. ONNX Runtime (embedding, "
+            "same support embeddings; end to end: with the embedding of the support images, which both need, by the model at that "
+            "precision (an int8 accelerator with on-device last-layer training, as Coral's, embeds in int8). ONNX Runtime (embedding, "
             "prototypes) and torch (SGD) are timed in separate passes over the episodes, so neither runs beside the other's "
             "idle spinning threads.", "",
             _table(BACKPROP_HEADER, rows), "",

@@ -454,6 +454,31 @@ def test_backprop_baseline_on_omniglot_episodes(tmp_path):
     for r in results:
         assert 0.2 <= r.prototype_accuracy <= 1 and 0 <= r.backprop_accuracy <= 1  # random weights still beat chance on Omniglot
         assert min(r.embed_ms, r.prototype_ms, r.backprop_ms) > 0
+        assert r.precision == "fp32" and r.to_dict()["precision"] == "fp32"
+
+
+def test_backprop_baseline_runs_on_each_precisions_embeddings(monkeypatch, tiny_onnx_model_module):
+    """With fp32 and int8 variants, both methods are compared on each variant's embeddings."""
+    from edgemeta.runtime.spec import Precision
+
+    calls = []
+
+    def fake(path, **kw):
+        calls.append((Path(path).name, kw["episodes"]))
+        precision = "int8" if "int8" in Path(path).name else "fp32"
+        return [bm.BackpropResult(5, k, kw["episodes"], 100, 0.5, 1.0, 0.01, 20.0, 0.9, 0.01, 0.9, 0.01, precision) for k in (1, 5)]
+
+    monkeypatch.setattr(bm, "backprop_baseline", fake)
+    path = Path(tiny_onnx_model_module)
+    variants = [bm.ModelVariant(p, path.with_name(f"m.{p.value}.onnx"), "given", "fp", "mlp", (1, 16, 16), TINY_DIM, 1)
+                for p in (Precision.FP32, Precision.INT8)]
+    cfg = bm.BenchConfig(providers=("cpu",), batch_sizes=(1,), class_counts=(1,), threads=1, flops=False, backprop_episodes=7,
+                         **{k: v for k, v in FAST.items() if k != "peak_size"})
+    report = bm.BenchReport({}, {}, variants)
+    steps = bm._Steps(bm._n_steps(cfg, ["CPUExecutionProvider"], 2), None)
+    bm._wrap_up(report, ["CPUExecutionProvider"], variants, cfg, steps)
+    assert calls == [("m.fp32.onnx", 7), ("m.int8.onnx", 7)]
+    assert [(b.precision, b.k_shot) for b in report.backprop] == [("fp32", 1), ("fp32", 5), ("int8", 1), ("int8", 5)]
 
 
 def test_backprop_baseline_times_each_engine_in_its_own_phase(monkeypatch):
