@@ -61,7 +61,7 @@ def benchmark(
     shots: int = typer.Option(5, help="K images per class for the enrolment measurement."),
     cold_start: bool = typer.Option(True, "--cold-start/--no-cold-start", help="Time a fresh process up to its first prediction."),
     backprop_baseline: bool = typer.Option(
-        False, "--backprop-baseline", help="Also compare prototypes with backprop on seeded Omniglot episodes (needs torch)."
+        False, "--backprop-baseline", help="Also compare prototypes with backprop on seeded Omniglot episodes, on each precision's embeddings (needs torch)."
     ),
     episodes: int = typer.Option(100, help="Episodes per shot count (5-way 1-shot and 5-shot) for --backprop-baseline."),
     samples: bool = typer.Option(False, "--samples", help="Put every timing in the --json output."),
