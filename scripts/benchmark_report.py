@@ -262,7 +262,7 @@ def model_section(name: str, d: dict, trained: bool, plot: str) -> str:
             "precision (an int8 accelerator with on-device last-layer training, as Coral's, embeds in int8). ONNX Runtime (embedding, "
             "prototypes) and torch (SGD) are timed in separate passes over the episodes, so neither runs beside the other's "
             "idle spinning threads.", "",
-            _table(BACKPROP_HEADER, rows), "",
+            _table(BACKPROP_HEADER, rows, left=(0, 1)), "",
         ]
     rep = d["repeatability"]
     others = d["machine"].get("other_processes_cores")

@@ -295,7 +295,7 @@ def test_linear_head_learns_separable_classes():
     x = centers[labels] + 0.1 * torch.randn(20, 32, generator=g)
     classify = bm._train_linear(torch, x, labels, 5, steps=100, lr=0.5)
     assert (classify(x).argmax(dim=1) == labels).all()
-    r = bm.BackpropResult(5, 1, 10, 100, 0.5, 1.0, 0.01, 20.0, 0.9, 0.01, 0.8, 0.02)
+    r = bm.BackpropResult(5, 1, 10, 100, 0.5, 1.0, 0.01, 20.0, 0.9, 0.01, 0.8, 0.02, "fp32")
     assert r.speedup == pytest.approx(21.0 / 1.01) and r.learning_speedup == pytest.approx(20.0 / 0.01)
     assert r.to_dict()["learning_speedup"] == pytest.approx(2000.0)
 
@@ -313,7 +313,7 @@ def test_cli_json(tiny_onnx_model_module, tmp_path):
     assert all(r["latency"]["runs"] == 3 and r["first_half_p50_ms"] > 0 for r in d["embedding"])
 
 
-def test_cli_no_spinning_reaches_every_session(tiny_onnx_model_module, monkeypatch):
+def test_cli_no_spinning_reaches_the_report_and_the_runtime_sessions(tiny_onnx_model_module, monkeypatch):
     """--no-spinning is in the report's settings and in the classifier's session (enrolment, predict) too."""
     seen = []
     real = bm._classifier
@@ -464,21 +464,27 @@ def test_backprop_baseline_runs_on_each_precisions_embeddings(monkeypatch, tiny_
     calls = []
 
     def fake(path, **kw):
-        calls.append((Path(path).name, kw["episodes"]))
+        calls.append((Path(path).name, kw["episodes"], kw["options"].allow_spinning))
+        if "fp16" in Path(path).name:
+            raise InputError("the backprop baseline runs on Omniglot (grey images); m.fp16.onnx takes 3 channels")
         precision = "int8" if "int8" in Path(path).name else "fp32"
         return [bm.BackpropResult(5, k, kw["episodes"], 100, 0.5, 1.0, 0.01, 20.0, 0.9, 0.01, 0.9, 0.01, precision) for k in (1, 5)]
 
     monkeypatch.setattr(bm, "backprop_baseline", fake)
     path = Path(tiny_onnx_model_module)
     variants = [bm.ModelVariant(p, path.with_name(f"m.{p.value}.onnx"), "given", "fp", "mlp", (1, 16, 16), TINY_DIM, 1)
-                for p in (Precision.FP32, Precision.INT8)]
+                for p in (Precision.FP32, Precision.FP16, Precision.INT8)]
     cfg = bm.BenchConfig(providers=("cpu",), batch_sizes=(1,), class_counts=(1,), threads=1, flops=False, backprop_episodes=7,
-                         **{k: v for k, v in FAST.items() if k != "peak_size"})
+                         ort=bm.OrtTuning(allow_spinning=False), **{k: v for k, v in FAST.items() if k != "peak_size"})
     report = bm.BenchReport({}, {}, variants)
-    steps = bm._Steps(bm._n_steps(cfg, ["CPUExecutionProvider"], 2), None)
+    steps = bm._Steps(0, None)
     bm._wrap_up(report, ["CPUExecutionProvider"], variants, cfg, steps)
-    assert calls == [("m.fp32.onnx", 7), ("m.int8.onnx", 7)]
+    assert calls == [("m.fp32.onnx", 7, False), ("m.fp16.onnx", 7, False), ("m.int8.onnx", 7, False)]  # the benchmark's settings
     assert [(b.precision, b.k_shot) for b in report.backprop] == [("fp32", 1), ("fp32", 5), ("int8", 1), ("int8", 5)]
+    assert report.notes == ["backprop baseline on fp16 embeddings not run: the backprop baseline runs on Omniglot (grey images); "
+                            "m.fp16.onnx takes 3 channels"]  # one precision failing loses nothing else
+    no_bp = replace(cfg, backprop_episodes=0)
+    assert steps.done == 3 == bm._n_steps(cfg, ["CPUExecutionProvider"], 3) - bm._n_steps(no_bp, ["CPUExecutionProvider"], 3)
 
 
 def test_backprop_baseline_times_each_engine_in_its_own_phase(monkeypatch):
@@ -487,6 +493,7 @@ def test_backprop_baseline_times_each_engine_in_its_own_phase(monkeypatch):
     from types import SimpleNamespace
 
     from edgemeta.episodes import EpisodeSampler
+    from edgemeta.runtime.spec import Precision
 
     calls = []
     labels = np.repeat(np.arange(6), 4)
@@ -494,6 +501,7 @@ def test_backprop_baseline_times_each_engine_in_its_own_phase(monkeypatch):
 
     class FakeSession:
         preprocess = None
+        metadata = SimpleNamespace(precision=Precision.INT8)
 
         def embed(self, x):
             calls.append("embed")
@@ -509,6 +517,7 @@ def test_backprop_baseline_times_each_engine_in_its_own_phase(monkeypatch):
     r = bm._backprop_shots(torch, FakeSession(), data, lambda x, spec: x, sampler, 4, 5, 0.5)
     assert calls == ["embed", "run", "embed"] * 4 + ["sgd"] * 4
     assert (r.n_way, r.k_shot, r.episodes, r.steps) == (3, 2, 4, 5)
+    assert r.precision == "int8"  # the embedding model's precision, from its metadata
 
 
 def test_time_pair_alternates():
