@@ -1,95 +1,106 @@
 #!/usr/bin/env python3
 """How to feed a classification call on a GPU: IO-binding variants side by side.
 
-    python scripts/gpu_binding_ab.py model.fp32.onnx CUDAExecutionProvider
+    python scripts/gpu_binding_ab.py model.fp32.onnx --provider CUDAExecutionProvider
 
 With 1 and 10,000 prototypes: ``run()`` with numpy feeds (the prototypes uploaded on every
 call), the runtime's binding (prototypes and their norms on the device, the image bound as
-a device OrtValue, the outputs bound on the device), variants of it (the image bound from
-host memory, outputs to the host, norms not fed, one binding reused across calls), and the
-runtime's own ``Session.run``. Each variant is checked to give the same logits, then timed
-in three rounds (best p50 kept). ``CPUExecutionProvider`` runs it as a dry run.
+a device OrtValue, the outputs bound on the device: ``edgemeta.benchmark._bound_call``),
+variants of it (the image bound from host memory, outputs to the host, norms not fed, one
+binding reused across calls), and the runtime's own ``Session.run``. Each variant is
+checked to give the same logits, then timed in three rounds (best p50 kept).
+``--provider CPUExecutionProvider`` runs it as a dry run on the CPU.
 """
+
+from __future__ import annotations
+
+import argparse
 import sys
+
 import numpy as np
-import onnxruntime as ort
-from edgemeta.benchmark import time_fn
-from edgemeta.runtime.session import Session, open_ort_session
 
-M, EP = sys.argv[1], sys.argv[2]
-DEV = ("cuda", 0) if EP != "CPUExecutionProvider" else ("cpu", 0)
-sess, _ = open_ort_session(M, ort.SessionOptions(), [EP, "CPUExecutionProvider"])
-print(sess.get_providers()[0])
-rng = np.random.default_rng(0)
-x = rng.standard_normal((1, *sess.get_inputs()[0].shape[1:])).astype(np.float32)
-DIM = sess.get_inputs()[1].shape[1]
-OUTS = ["embeddings", "logits"]
-for n in (1, 10000):
-    protos = rng.standard_normal((n, DIM)).astype(np.float32)
-    norms = np.einsum("nd,nd->n", protos, protos)
-    P, N = (ort.OrtValue.ortvalue_from_numpy(a, *DEV) for a in (protos, norms))
-    reused = sess.io_binding()
-    reused.bind_ortvalue_input("prototypes", P)
-    reused.bind_ortvalue_input("prototype_sqnorms", N)
-    for o in OUTS:
-        reused.bind_output(o)
 
-    def plain():
-        return sess.run(OUTS, {"images": x, "prototypes": protos, "prototype_sqnorms": norms})
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("model")
+    ap.add_argument("--provider", default="CUDAExecutionProvider")
+    ap.add_argument("--runs", type=int, default=300)
+    args = ap.parse_args()
 
-    def dev_in_dev_out(norms_bound=True):
-        b = sess.io_binding()
-        b.bind_ortvalue_input("images", ort.OrtValue.ortvalue_from_numpy(x, *DEV))
-        b.bind_ortvalue_input("prototypes", P)
-        if norms_bound:
-            b.bind_ortvalue_input("prototype_sqnorms", N)
-        for o in OUTS:
-            b.bind_output(o, *DEV)
-        sess.run_with_iobinding(b)
-        return b.copy_outputs_to_cpu()
+    import onnxruntime as ort
 
-    def cpu_in_dev_out():
-        b = sess.io_binding()
-        b.bind_cpu_input("images", x)
-        b.bind_ortvalue_input("prototypes", P)
-        b.bind_ortvalue_input("prototype_sqnorms", N)
-        for o in OUTS:
-            b.bind_output(o, *DEV)
-        sess.run_with_iobinding(b)
-        return b.copy_outputs_to_cpu()
+    from edgemeta.benchmark import _bound_call, time_fn
+    from edgemeta.runtime.session import Session, open_ort_session
+    from edgemeta.runtime.spec import INPUT_IMAGES, INPUT_PROTOTYPES, INPUT_SQNORMS, OUTPUT_EMBEDDINGS, OUTPUT_LOGITS
 
-    def cpu_in_cpu_out(norms_bound=True):
-        b = sess.io_binding()
-        b.bind_cpu_input("images", x)
-        b.bind_ortvalue_input("prototypes", P)
-        if norms_bound:
-            b.bind_ortvalue_input("prototype_sqnorms", N)
-        for o in OUTS:
-            b.bind_output(o)
-        sess.run_with_iobinding(b)
-        return [v.numpy() for v in b.get_outputs()]
+    on_cpu = args.provider == "CPUExecutionProvider"
+    device = ("cpu", 0) if on_cpu else ("cuda", 0)
+    sess, _ = open_ort_session(args.model, ort.SessionOptions(), list(dict.fromkeys([args.provider, "CPUExecutionProvider"])))
+    runtime = Session(args.model, "cpu" if on_cpu else "cuda")
+    takes_norms = INPUT_SQNORMS in {i.name for i in sess.get_overridable_initializers()}
+    print(f"{args.model}: {sess.get_providers()[0]}, onnxruntime {ort.__version__}, norms input: {takes_norms}")
+    rng = np.random.default_rng(0)
+    x = rng.standard_normal((1, runtime.preprocess.channels, *runtime.preprocess.size)).astype(np.float32)
+    outs = [OUTPUT_EMBEDDINGS, OUTPUT_LOGITS]
 
-    def reuse_binding():
-        reused.bind_cpu_input("images", x)
-        sess.run_with_iobinding(reused)
-        return [v.numpy() for v in reused.get_outputs()]
+    def bound(fixed: dict, image_on_device: bool, outputs_on_device: bool, binding=None):
+        """A graph call with ``fixed`` inputs bound once; a new binding per call unless one is given."""
+        values = {k: ort.OrtValue.ortvalue_from_numpy(v, *device) for k, v in fixed.items()}
+        if binding is not None:
+            for k, v in values.items():
+                binding.bind_ortvalue_input(k, v)
+            for o in outs:
+                binding.bind_output(o)
 
-    frozen = protos.copy()
-    frozen.flags.writeable = False
-    s = Session(M, "cuda" if EP != "CPUExecutionProvider" else "cpu")
-    variants = {"plain run (numpy feeds)": plain, "runtime binding: all on device": dev_in_dev_out,
-                "runtime binding, no norms": lambda: dev_in_dev_out(False), "bind_cpu_input, outputs on device": cpu_in_dev_out,
-                "bind_cpu_input, outputs to CPU": cpu_in_cpu_out, "host in/out, no norms": lambda: cpu_in_cpu_out(False),
-                "one binding reused": reuse_binding, "runtime Session.run": lambda: s.run(x, frozen)}
-    ref = plain()[1]
-    for name, fn in variants.items():
-        out = fn()
-        got = out[1] if isinstance(out, list) else out[1]
-        assert np.allclose(got, ref, rtol=1e-4, atol=1e-3 * np.abs(ref).max()), name
-    best = {k: float("inf") for k in variants}
-    for _ in range(3):
-        for k, fn in variants.items():
-            best[k] = min(best[k], time_fn(fn, 20, 300).p50_ms)
-    print(f"{n} classes, p50 ms (best of 3 rounds of 300):")
-    for k, v in best.items():
-        print(f"  {k:38s} {v:7.3f}")
+        def call():
+            b = binding or sess.io_binding()
+            if image_on_device:
+                b.bind_ortvalue_input(INPUT_IMAGES, ort.OrtValue.ortvalue_from_numpy(x, *device))
+            else:
+                b.bind_cpu_input(INPUT_IMAGES, x)
+            if binding is None:
+                for k, v in values.items():
+                    b.bind_ortvalue_input(k, v)
+                for o in outs:
+                    if outputs_on_device:
+                        b.bind_output(o, *device)
+                    else:
+                        b.bind_output(o)
+            sess.run_with_iobinding(b)
+            return b.copy_outputs_to_cpu() if outputs_on_device else [v.numpy() for v in b.get_outputs()]
+
+        return call
+
+    for n in (1, 10000):
+        protos = rng.standard_normal((n, runtime.embedding_dim)).astype(np.float32)
+        fed = {INPUT_PROTOTYPES: protos} | ({INPUT_SQNORMS: np.einsum("nd,nd->n", protos, protos)} if takes_norms else {})
+        frozen = protos.copy()
+        frozen.flags.writeable = False  # as the store keeps them: the runtime binds them once
+        variants = {
+            "plain run (numpy feeds)": lambda: sess.run(outs, {INPUT_IMAGES: x, **fed}),
+            "runtime binding: all on device": _bound_call(sess, {INPUT_IMAGES: x, **fed}, device),
+            "runtime binding, no norms": _bound_call(sess, {INPUT_IMAGES: x, INPUT_PROTOTYPES: protos}, device),
+            "bind_cpu_input, outputs on device": bound(fed, False, True),
+            "bind_cpu_input, outputs to CPU": bound(fed, False, False),
+            "host in/out, no norms": bound({INPUT_PROTOTYPES: protos}, False, False),
+            "one binding reused": bound(fed, False, False, sess.io_binding()),
+            "runtime Session.run": lambda: runtime.run(x, frozen),
+        }
+        want = sess.run(outs, {INPUT_IMAGES: x, INPUT_PROTOTYPES: protos})[1]
+        for name, fn in variants.items():
+            got = fn()[1]
+            if not np.allclose(got, want, rtol=1e-4, atol=1e-3 * np.abs(want).max()):
+                print(f"{name}: logits differ from the plain run", file=sys.stderr)
+                return 1
+        best = dict.fromkeys(variants, float("inf"))
+        for _ in range(3):
+            for name, fn in variants.items():
+                best[name] = min(best[name], time_fn(fn, 20, args.runs).p50_ms)
+        print(f"{n} classes, p50 ms (best of 3 rounds of {args.runs}):")
+        for name, v in best.items():
+            print(f"  {name:38s} {v:7.3f}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
