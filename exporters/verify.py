@@ -13,6 +13,11 @@ Two kinds of evidence, on real images:
    episode then come from the model's own metric (the ONNX graph's metric part, cut
    out with ``onnx.utils.Extractor``), so 1,000 episodes cost one pass over the images.
 
+A model that takes the optional ``prototype_sqnorms`` input is checked both ways: the
+tensor runs compare the logits with the norms fed (as the runtime feeds them) and
+computed by the graph (as an app on plain ONNX Runtime gets them), and the episodes
+are classified with the norms fed.
+
 Every check runs, then one report; :func:`verify` raises :class:`VerificationError`
 naming every failed check, by how much, and what to try.
 """
@@ -38,6 +43,7 @@ from edgemeta.exporters.graph import load_model, read_metadata
 from edgemeta.runtime.spec import (
     INPUT_IMAGES,
     INPUT_PROTOTYPES,
+    INPUT_SQNORMS,
     OUTPUT_EMBEDDINGS,
     OUTPUT_LOGITS,
     ModelMetadata,
@@ -199,7 +205,9 @@ class _OnnxSide:
         except Exception as e:
             raise ExportError(f"ONNX Runtime cannot load {path}: {str(e).splitlines()[0][:200]}") from None
         self.dim = dim
+        self.fed = _takes_norms(self.session)
         self.head = self._metric_part(model, opts)
+        self.head_fed = self.head is not None and _takes_norms(self.head)
 
     @staticmethod
     def _metric_part(model: onnx.ModelProto, opts):
@@ -211,21 +219,35 @@ class _OnnxSide:
             head = Extractor(model).extract_model([OUTPUT_EMBEDDINGS, INPUT_PROTOTYPES], [OUTPUT_LOGITS])
             if {i.name for i in head.graph.input} != {OUTPUT_EMBEDDINGS, INPUT_PROTOTYPES}:
                 return None
+            if any(t.name == INPUT_SQNORMS for t in head.graph.initializer):  # keep the optional input overridable
+                head.graph.input.append(onnx.helper.make_tensor_value_info(INPUT_SQNORMS, onnx.TensorProto.FLOAT, ["n_norms"]))
             return ort.InferenceSession(head.SerializeToString(), opts, providers=["CPUExecutionProvider"])
         except Exception:  # an unusual graph: fall back to running the whole model per episode
             return None
 
-    def run(self, x: np.ndarray, p: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        e, lg = self.session.run([OUTPUT_EMBEDDINGS, OUTPUT_LOGITS], {INPUT_IMAGES: x, INPUT_PROTOTYPES: p})
+    def run(self, x: np.ndarray, p: np.ndarray, fed: bool = False) -> tuple[np.ndarray, np.ndarray]:
+        """``fed``: feed the prototypes' squared norms, as the runtime does (models that take them)."""
+        feeds = {INPUT_IMAGES: x, INPUT_PROTOTYPES: p} | (_norms(p) if fed and self.fed else {})
+        e, lg = self.session.run([OUTPUT_EMBEDDINGS, OUTPUT_LOGITS], feeds)
         return e, lg
 
     def embed(self, x: np.ndarray) -> np.ndarray:
         return self.run(x, np.zeros((0, self.dim), np.float32))[0]
 
     def logits(self, z: np.ndarray, p: np.ndarray, x: Callable[[], np.ndarray]) -> np.ndarray:
+        """The episode logits as the runtime gets them: norms fed where the model takes them."""
         if self.head is not None:
-            return self.head.run([OUTPUT_LOGITS], {OUTPUT_EMBEDDINGS: z, INPUT_PROTOTYPES: p})[0]
-        return self.run(x(), p)[1]
+            feeds = {OUTPUT_EMBEDDINGS: z, INPUT_PROTOTYPES: p} | (_norms(p) if self.head_fed else {})
+            return self.head.run([OUTPUT_LOGITS], feeds)[0]
+        return self.run(x(), p, fed=True)[1]
+
+
+def _takes_norms(session) -> bool:
+    return INPUT_SQNORMS in {i.name for i in session.get_overridable_initializers()}
+
+
+def _norms(p: np.ndarray) -> dict[str, np.ndarray]:
+    return {INPUT_SQNORMS: np.einsum("nd,nd->n", p, p).astype(np.float32)} if len(p) else {}
 
 
 # ---------------------------------------------------------------- checks
@@ -255,15 +277,17 @@ def _tensor_runs(onnx_side: _OnnxSide, torch_side: _TorchSide, x: np.ndarray, sp
         for n in spec.prototype_counts:
             p = np.ascontiguousarray(protos[np.arange(n) % len(protos)]) if n else np.zeros((0, onnx_side.dim), np.float32)
             xb = x[np.arange(b) % len(x)]
-            oe, ol = onnx_side.run(xb, p)
             te, tl = torch_side.run(xb, p)
-            row: dict[str, Any] = {"batch": b, "prototypes": n}
-            row["shapes_ok"] = oe.shape == te.shape == (b, onnx_side.dim) and ol.shape == tl.shape == (b, n)
-            row["finite"] = bool(np.isfinite(oe).all() and np.isfinite(ol).all())
-            if row["shapes_ok"]:
-                row["embeddings_abs"], row["embeddings_rel"] = _errors(oe, te)
-                row["logits_abs"], row["logits_rel"] = _errors(ol, tl, _operand_scale(te, p)) if n else (None, None)
-            rows.append(row)
+            # the graph's own norms, and (models that take them) the fed ones: a row per way
+            for fed in (False, True) if onnx_side.fed and n else (False,):
+                oe, ol = onnx_side.run(xb, p, fed=fed)
+                row: dict[str, Any] = {"batch": b, "prototypes": n, "norms_fed": fed}
+                row["shapes_ok"] = oe.shape == te.shape == (b, onnx_side.dim) and ol.shape == tl.shape == (b, n)
+                row["finite"] = bool(np.isfinite(oe).all() and np.isfinite(ol).all())
+                if row["shapes_ok"]:
+                    row["embeddings_abs"], row["embeddings_rel"] = _errors(oe, te)
+                    row["logits_abs"], row["logits_rel"] = _errors(ol, tl, _operand_scale(te, p)) if n else (None, None)
+                rows.append(row)
     return rows
 
 
@@ -325,7 +349,7 @@ def _checks(rows: list[dict[str, Any]], episodes: dict[str, Any], tol: Tolerance
     hint = _HINTS[precision]
     bad_shape = [r for r in rows if not r["shapes_ok"]]
     bad_finite = [r for r in rows if not r["finite"]]
-    where = lambda r: f"batch {r['batch']}, {r['prototypes']} prototypes"  # noqa: E731
+    where = lambda r: f"batch {r['batch']}, {r['prototypes']} prototypes" + (", norms fed" if r.get("norms_fed") else "")  # noqa: E731
     checks = [
         Check("output shapes", len(bad_shape), 0, not bad_shape,
               f"{len(rows) - len(bad_shape)}/{len(rows)} runs have the expected shapes" + (f" (first wrong: {where(bad_shape[0])})" if bad_shape else ""),

@@ -168,6 +168,27 @@ def test_plain_feature_extractor_gets_metric_in_the_graph(tmp_path, omniglot_nov
     report = verify(path, net, omniglot_novel, FAST)
     assert report.passed and report.episodes["agreement"] == 1.0
     assert not (tmp_path / "bare.onnx").exists() and leftovers(tmp_path) == []
+    # the optional norms input is verified both ways: fed (as the runtime feeds it) and computed
+    runs = {(t["batch"], t["prototypes"], t["norms_fed"]) for t in report.tensors}
+    assert {(b, n) for b, n, fed in runs if fed} == {(b, n) for b, n, fed in runs if n and not fed} != set()
+
+
+def test_verification_feeds_the_norms_as_the_runtime_does(tmp_path, omniglot_novel, monkeypatch):
+    """Episodes and tensor runs use the fed norms: wrong ones fail both checks, while the
+    runs with the graph's own norms stay right."""
+    import importlib
+
+    vf = importlib.import_module("edgemeta.exporters.verify")  # the module (the package exports its function)
+    extractor = nn.Sequential(nn.Conv2d(1, 8, 3, padding=1), nn.ReLU(), nn.AdaptiveAvgPool2d(2), nn.Flatten())
+    net = WrappedExtractor(extractor, Metric.SQEUCLIDEAN, Normalization.L2)
+    path = export(net, tmp_path / "wrapped.onnx", ModelMetadata(omniglot_spec(28), 32, Metric.SQEUCLIDEAN, Normalization.L2, "x")).path
+    wrong = lambda p: {"prototype_sqnorms": np.random.default_rng(0).uniform(0, 10, len(p)).astype(np.float32)} if len(p) else {}  # noqa: E731
+    monkeypatch.setattr(vf, "_norms", wrong)
+    with pytest.raises(vf.VerificationError) as e:
+        vf.verify(path, net, omniglot_novel, FAST)
+    report = e.value.report
+    assert {"logits error", "prediction agreement"} <= {c.name for c in report.failures}
+    assert all(t["logits_rel"] < 1e-4 for t in report.tensors if t["prototypes"] and not t["norms_fed"])
 
 
 def test_forward_may_name_its_arguments_freely(tmp_path):
