@@ -379,6 +379,25 @@ def test_cli_checkpoint_of_another_model(tiny_onnx_model_module, tmp_path):
         bm.run_benchmark(tiny_onnx_model_module, bm.BenchConfig(**FAST), checkpoint=ckpt)
 
 
+def test_checkpoint_fingerprint_is_read_without_torch(tmp_path):
+    """From the safetensors metadata, in a process where torch cannot be imported."""
+    from safetensors.numpy import save_file
+
+    good, plain = tmp_path / "good.safetensors", tmp_path / "plain.safetensors"
+    save_file({"w": np.zeros(3, np.float32)}, str(good), metadata={"edgemeta": json.dumps({"fingerprint": "abc123"})})
+    save_file({"w": np.zeros(3, np.float32)}, str(plain))
+    code = textwrap.dedent(f"""
+        import sys
+        sys.modules["torch"] = None  # any import of torch now fails
+        from edgemeta.benchmark import checkpoint_fingerprint
+        print(checkpoint_fingerprint({str(good)!r}))
+    """)
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0 and r.stdout.strip() == "abc123", r.stderr[-1000:]
+    with pytest.raises(bm.CheckpointError, match="is not an edgemeta checkpoint"):
+        bm.checkpoint_fingerprint(plain)
+
+
 def test_cli_checkpoint_that_is_not_one(tiny_onnx_model_module, tmp_path):
     bad = tmp_path / "x.safetensors"
     bad.write_bytes(b"\x00" * 4)
