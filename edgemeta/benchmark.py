@@ -68,6 +68,7 @@ __all__ = [
     "FlopCount",
     "count_flops",
     "measure_gpu_peak_flops",
+    "measure_int8_peak",
     "measure_peak_flops",
     "machine_info",
     "ModelVariant",
@@ -596,6 +597,33 @@ def matmul_model_bytes(n: int) -> bytes:
     node = _pb(1, b"a") + _pb(1, b"b") + _pb(2, b"c") + _pb(3, b"peak") + _pb(4, b"MatMul")
     graph = _pb(1, node) + _pb(2, b"peak") + _pb(11, value_info("a")) + _pb(11, value_info("b")) + _pb(12, value_info("c"))
     return _pb(1, 8) + _pb(2, b"edgemeta") + _pb(7, graph) + _pb(8, _pb(2, 17))  # ir_version 8, opset 17
+
+
+def int8_matmul_model_bytes(n: int, weights: np.ndarray) -> bytes:
+    """A serialized ONNX model ``c = MatMulInteger(a, w)``: uint8 input ``a`` [n, n], int8
+    weights ``w`` [n, n] stored in the model (so ONNX Runtime prepacks them, as it does a
+    quantized layer's), int32 output. Written field by field, as :func:`matmul_model_bytes`."""
+    dims = _pb(1, _pb(1, n)) * 2
+    value_info = lambda name, elem: _pb(1, name.encode()) + _pb(2, _pb(1, _pb(1, elem) + _pb(2, dims)))  # noqa: E731
+    w = np.ascontiguousarray(weights, dtype=np.int8)
+    tensor = _pb(1, n) + _pb(1, n) + _pb(2, 3) + _pb(8, b"w") + _pb(9, w.tobytes())  # TensorProto: dims, INT8, name, raw_data
+    node = _pb(1, b"a") + _pb(1, b"w") + _pb(2, b"c") + _pb(3, b"peak") + _pb(4, b"MatMulInteger")
+    graph = _pb(1, node) + _pb(2, b"peak") + _pb(5, tensor) + _pb(11, value_info("a", 2)) + _pb(12, value_info("c", 6))  # UINT8 in, INT32 out
+    return _pb(1, 8) + _pb(2, b"edgemeta") + _pb(7, graph) + _pb(8, _pb(2, 17))
+
+
+def measure_int8_peak(threads: int, tuning: OrtTuning | None = None, sizes: Sequence[int] = (512, 1024, 2048), runs: int = 5) -> dict[str, Any]:
+    """The CPU's int8 peak as ONNX Runtime reaches it: u8 x s8 ``MatMulInteger`` with
+    prepacked weights (the kernels its quantized layers use: VNNI, AMX where the CPU has
+    them), the best over ``sizes`` (which size runs fastest depends on the caches)."""
+    rng = np.random.default_rng(0)
+    best: dict[int, float] = {}
+    for n in sizes:
+        model = int8_matmul_model_bytes(n, rng.integers(-127, 128, (n, n), dtype=np.int8))
+        sess = ort.InferenceSession(model, (tuning or OrtTuning()).session_options(threads), providers=["CPUExecutionProvider"])
+        a = rng.integers(0, 256, (n, n), dtype=np.uint8)
+        best[n] = 2 * n**3 / time_fn(lambda: sess.run(None, {"a": a}), warmup=1, runs=runs).min_ms / 1e6
+    return {"int8_peak_gops": max(best.values()), "int8_gops_by_size": best, "threads": threads}
 
 
 def measure_peak_flops(threads: int, tuning: OrtTuning | None = None, n: int = 2048, runs: int = 5) -> dict[str, Any]:
@@ -1295,21 +1323,33 @@ def _class_rows(variant: ModelVariant, provider: str, config: BenchConfig, repor
         report.classes.append(ClassesRow(_short(provider), variant.precision.value, n, stats, stats.p50_ms / fewest, predict[n]))
 
 
+def _cpu_peak(config: BenchConfig, variants: Sequence[ModelVariant]) -> dict[str, Any]:
+    """The float32 peak, and the int8 one when an int8 model is benchmarked."""
+    peak = measure_peak_flops(config.resolved_threads, config.ort, n=config.peak_size)
+    if any(v.precision is Precision.INT8 for v in variants):
+        peak.update(measure_int8_peak(config.resolved_threads, config.ort))
+    return peak
+
+
 def _best_peak(first: dict[str, Any] | None, second: dict[str, Any]) -> dict[str, Any]:
     if first is None:
         return second
     best = dict(first if first["peak_gflops"] >= second["peak_gflops"] else second)
     best["measurements_gflops"] = [first["peak_gflops"], second["peak_gflops"]]
+    if "int8_peak_gops" in first and "int8_peak_gops" in second:
+        best["int8_peak_gops"] = max(first["int8_peak_gops"], second["int8_peak_gops"])
+        best["int8_measurements_gops"] = [first["int8_peak_gops"], second["int8_peak_gops"]]
     return best
 
 
 def _with_peak(row: EmbeddingRow, report: BenchReport) -> EmbeddingRow:
-    """The row's share of its own processor's peak: the CPU's for CPU rows, the GPU's for
-    CUDA and TensorRT rows."""
+    """The row's share of its own processor's peak: the CPU's for CPU rows (its int8 peak
+    for int8 models, when measured), the GPU's for CUDA and TensorRT rows."""
     peak = report.peak if row.provider == _short(Provider.CPU.value) else report.gpu_peak
     if row.achieved_gflops is None or peak is None:
         return row
-    return replace(row, peak_fraction=row.achieved_gflops / peak["peak_gflops"])
+    key = "int8_peak_gops" if row.precision == Precision.INT8.value and "int8_peak_gops" in peak else "peak_gflops"
+    return replace(row, peak_fraction=row.achieved_gflops / peak[key])
 
 
 def _add_ratios(report: BenchReport) -> None:
@@ -1416,7 +1456,7 @@ def _wrap_up(report: BenchReport, providers: list[str], variants: list[ModelVari
     threads = config.resolved_threads
     if config.flops and Provider.CPU.value in providers:  # again at the end: a busy moment at the start must not inflate the fractions
         steps("peak FLOP/s again")
-        report.peak = _best_peak(report.peak, measure_peak_flops(threads, config.ort, n=config.peak_size))
+        report.peak = _best_peak(report.peak, _cpu_peak(config, variants))
     if config.flops and any(p != Provider.CPU.value for p in providers):
         steps("GPU peak FLOP/s (large float32 MatMul on CUDA)")
         if any(r.provider != _short(Provider.CPU.value) for r in report.embedding):  # not when no GPU provider ran
@@ -1480,8 +1520,8 @@ def _run_all(
     providers: list[str], variants: list[ModelVariant], config: BenchConfig, report: BenchReport, steps: _Steps, baseline: _TorchBaseline | None
 ) -> None:
     if config.flops and Provider.CPU.value in providers:
-        steps("peak FLOP/s (large float32 MatMul)")
-        report.peak = measure_peak_flops(config.resolved_threads, config.ort, n=config.peak_size)
+        steps("peak FLOP/s (large float32 MatMul; int8 too for int8 models)")
+        report.peak = _cpu_peak(config, variants)
     flops_cache: dict = {}
     for provider in providers:
         running: list[ModelVariant] = []
@@ -1693,6 +1733,8 @@ def render_report(report: BenchReport, console: Any) -> None:
     if report.peak:
         p = report.peak
         console.print(f"peak float32: {p['peak_gflops']:.1f} GFLOP/s (MatMul {p['n']}², ORT {p['ort_gflops']:.1f}, numpy {p['numpy_gflops']:.1f})")
+        if "int8_peak_gops" in p:
+            console.print(f"peak int8: {p['int8_peak_gops']:.0f} GOP/s (MatMulInteger u8 x s8, weights prepacked; int8 rows' % peak is of this)")
     if report.gpu_peak:
         p = report.gpu_peak
         console.print(f"GPU peak float32: {p['peak_gflops']:.0f} GFLOP/s (MatMul {p['n']}² on {p['provider']} with its default settings, TF32 where it allows; inputs on the GPU)")

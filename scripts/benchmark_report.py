@@ -293,6 +293,9 @@ def markdown(reports: dict[str, dict], sweep_rows: list[dict], argv: list[str], 
         f"- threads: {cfg['threads']} for ONNX Runtime, torch and the peak measurement alike",
         f"- measured float32 peak: {first['peak']['peak_gflops']:.1f} GFLOP/s ({first['peak']['n']}x{first['peak']['n']} MatMul: "
         f"ONNX Runtime {first['peak']['ort_gflops']:.1f}, numpy {first['peak']['numpy_gflops']:.1f})",
+        *([f"- measured int8 peak: {first['peak']['int8_peak_gops']:,.0f} GOP/s (ONNX Runtime MatMulInteger, uint8 x int8 with "
+           "prepacked weights, the best of 512², 1024² and 2048²); the `% peak` of int8 rows is of this, of fp32 and fp16 rows of the "
+           "float32 peak"] if "int8_peak_gops" in first["peak"] else []),
         f"- ONNX Runtime session: {json.dumps(cfg['ort'])}",
         "- torch: eval mode, `torch.inference_mode()`, same thread count; plain (NCHW) and channels-last both timed.", "",
         "Every latency is the wall-clock time of one call from Python (inputs already in memory), "

@@ -152,6 +152,26 @@ def test_matmul_model_is_a_valid_onnx_matmul():
     assert peak["peak_gflops"] >= peak["ort_gflops"] > 0 and peak["n"] == 32
 
 
+def test_int8_matmul_model_computes_the_integer_product():
+    rng = np.random.default_rng(0)
+    w = rng.integers(-127, 128, (8, 8), dtype=np.int8)
+    a = rng.integers(0, 256, (8, 8), dtype=np.uint8)
+    sess = ort.InferenceSession(bm.int8_matmul_model_bytes(8, w), providers=["CPUExecutionProvider"])
+    out = sess.run(None, {"a": a})[0]
+    assert out.dtype == np.int32 and np.array_equal(out, a.astype(np.int32) @ w.astype(np.int32))
+    peak = bm.measure_int8_peak(1, sizes=(16, 32), runs=2)
+    assert set(peak["int8_gops_by_size"]) == {16, 32} and peak["int8_peak_gops"] == max(peak["int8_gops_by_size"].values()) > 0
+
+
+def test_int8_rows_are_measured_against_the_int8_peak():
+    stats = bm.LatencyStats.from_samples([1.0, 1.0])
+    rows = [bm.EmbeddingRow("CPU", p, "onnxruntime", 1, stats, 1e3, flops=10**9, achieved_gflops=300.0) for p in ("fp32", "int8", "fp16")]
+    report = bm.BenchReport({}, {}, [], peak={"peak_gflops": 300.0, "int8_peak_gops": 1200.0})
+    assert [bm._with_peak(r, report).peak_fraction for r in rows] == [pytest.approx(1.0), pytest.approx(0.25), pytest.approx(1.0)]
+    best = bm._best_peak({"peak_gflops": 300.0, "int8_peak_gops": 1000.0}, {"peak_gflops": 280.0, "int8_peak_gops": 1200.0})
+    assert best["peak_gflops"] == 300.0 and best["int8_peak_gops"] == 1200.0 and best["int8_measurements_gops"] == [1000.0, 1200.0]
+
+
 # ---------------------------------------------------------------- the report
 
 
