@@ -55,7 +55,18 @@ import numpy as np
 import onnxruntime as ort
 
 from edgemeta.runtime.errors import CheckpointError, EdgemetaError, InputError, ModelMismatchError, ProviderError
-from edgemeta.runtime.session import ORT_LEVELS, GraphOptimization, Provider, Session, SessionOptions, open_ort_session, resolve_providers
+from edgemeta.runtime.session import (
+    ORT_LEVELS,
+    GraphOptimization,
+    Provider,
+    Session,
+    SessionOptions,
+    feeds_prototype_norms,
+    open_ort_session,
+    prototype_sqnorms,
+    resolve_providers,
+    run_bound,
+)
 from edgemeta.runtime.spec import INPUT_IMAGES, INPUT_PROTOTYPES, INPUT_SQNORMS, OUTPUT_EMBEDDINGS, OUTPUT_LOGITS, Precision
 
 __all__ = [
@@ -977,9 +988,8 @@ def _ort_classes(sess: ort.InferenceSession, variant: ModelVariant, n_classes: i
     rng = np.random.default_rng([config.seed, n_classes])
     protos = rng.standard_normal((n_classes, variant.embedding_dim)).astype(_input_dtype(sess, INPUT_PROTOTYPES))
     feeds = {INPUT_IMAGES: _images(variant, 1, _input_dtype(sess, INPUT_IMAGES), config.seed), INPUT_PROTOTYPES: protos}
-    takes_norms = INPUT_SQNORMS in {i.name for i in sess.get_overridable_initializers()}
-    if takes_norms and n_classes and sess.get_providers()[0] != Provider.TENSORRT.value:
-        feeds[INPUT_SQNORMS] = np.square(protos, dtype=np.float32).sum(axis=1)
+    if feeds_prototype_norms(sess) and n_classes:
+        feeds[INPUT_SQNORMS] = prototype_sqnorms(protos)
     if sess.get_providers()[0] == Provider.CPU.value:
         return _measure(lambda: sess.run([OUTPUT_EMBEDDINGS, OUTPUT_LOGITS], feeds), config)
     return _measure(_bound_call(sess, feeds, ("cuda", 0)), config)
@@ -992,18 +1002,7 @@ def _bound_call(sess: ort.InferenceSession, feeds: dict[str, np.ndarray], device
     on a GPU would time the upload of the prototypes, which the runtime does not repeat."""
     fixed = {name: ort.OrtValue.ortvalue_from_numpy(value, *device) for name, value in feeds.items() if name != INPUT_IMAGES}
     images = feeds[INPUT_IMAGES]
-
-    def call() -> list[np.ndarray]:
-        binding = sess.io_binding()
-        binding.bind_ortvalue_input(INPUT_IMAGES, ort.OrtValue.ortvalue_from_numpy(images, *device))
-        for name, value in fixed.items():
-            binding.bind_ortvalue_input(name, value)
-        for name in (OUTPUT_EMBEDDINGS, OUTPUT_LOGITS):
-            binding.bind_output(name, *device)
-        sess.run_with_iobinding(binding)
-        return binding.copy_outputs_to_cpu()
-
-    return call
+    return lambda: run_bound(sess, images, fixed, [OUTPUT_EMBEDDINGS, OUTPUT_LOGITS], device)
 
 
 def _runtime_options(config: BenchConfig, batch: int = 64) -> SessionOptions:

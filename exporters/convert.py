@@ -490,11 +490,13 @@ def smoke_test(model_bytes: bytes, spec: ExportSpec, image_shape: tuple[int, ...
     and with the prototypes' norms fed when the graph takes them."""
     import onnxruntime as ort
 
+    from edgemeta.runtime.session import feeds_prototype_norms, prototype_sqnorms
+
     try:
         session = _ort_session(model_bytes)
     except Exception as e:
         raise ExportError(f"ONNX Runtime {ort.__version__} cannot load the exported graph: {str(e).splitlines()[0][:200]}") from None
-    fed = any(i.name == INPUT_SQNORMS for i in session.get_overridable_initializers())
+    fed = feeds_prototype_norms(session)
     rng = np.random.default_rng(0)
     for batch, n, feed_norms in ((2, 0, False), (1, 3, False), (1, 3, fed)):
         feed = {
@@ -502,7 +504,7 @@ def smoke_test(model_bytes: bytes, spec: ExportSpec, image_shape: tuple[int, ...
             spec.input_names[1]: rng.standard_normal((n, embedding_dim)).astype(np.float32),
         }
         if feed_norms:
-            feed[INPUT_SQNORMS] = np.square(feed[spec.input_names[1]]).sum(axis=1)
+            feed[INPUT_SQNORMS] = prototype_sqnorms(feed[spec.input_names[1]])
         try:
             emb, logits = session.run(list(spec.output_names), feed)
         except Exception as e:
@@ -525,6 +527,8 @@ def _with_fed_norms(proto: onnx.ModelProto, metadata: ModelMetadata, image_shape
     """The graph with the metric head of :mod:`edgemeta.exporters.head`, when it gives the
     exported graph's logits (random images and prototypes, norms fed or not); else the
     graph as it was and why."""
+    from edgemeta.runtime.session import prototype_sqnorms
+
     rng = np.random.default_rng(1)
     images = rng.standard_normal((3, *image_shape)).astype(np.float32)
     protos = rng.standard_normal((7, metadata.embedding_dim)).astype(np.float32)
@@ -538,7 +542,7 @@ def _with_fed_norms(proto: onnx.ModelProto, metadata: ModelMetadata, image_shape
         candidate = with_fed_norms(proto, metadata.metric, scale)
         onnx.checker.check_model(candidate)
         sess = _ort_session(candidate.SerializeToString())
-        for norms in (None, np.square(protos).sum(axis=1)):
+        for norms in (None, prototype_sqnorms(protos)):
             feed = {INPUT_IMAGES: images, INPUT_PROTOTYPES: protos, **({} if norms is None else {INPUT_SQNORMS: norms})}
             got = sess.run([OUTPUT_LOGITS], feed)[0]
             if got.shape != want.shape or not np.allclose(got, want, rtol=1e-4, atol=tol):

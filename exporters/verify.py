@@ -40,6 +40,7 @@ from edgemeta.episodes import EpisodeSampler
 from edgemeta.errors import ExportError, InputError, VerificationError
 from edgemeta.evaluate import episode_scores, summarize, to_tensor
 from edgemeta.exporters.graph import load_model, read_metadata
+from edgemeta.runtime.session import feeds_prototype_norms, prototype_sqnorms
 from edgemeta.runtime.spec import (
     INPUT_IMAGES,
     INPUT_PROTOTYPES,
@@ -205,9 +206,9 @@ class _OnnxSide:
         except Exception as e:
             raise ExportError(f"ONNX Runtime cannot load {path}: {str(e).splitlines()[0][:200]}") from None
         self.dim = dim
-        self.fed = _takes_norms(self.session)
+        self.fed = feeds_prototype_norms(self.session)
         self.head = self._metric_part(model, opts)
-        self.head_fed = self.head is not None and _takes_norms(self.head)
+        self.head_fed = self.head is not None and feeds_prototype_norms(self.head)
 
     @staticmethod
     def _metric_part(model: onnx.ModelProto, opts):
@@ -242,12 +243,8 @@ class _OnnxSide:
         return self.run(x(), p, fed=True)[1]
 
 
-def _takes_norms(session) -> bool:
-    return INPUT_SQNORMS in {i.name for i in session.get_overridable_initializers()}
-
-
 def _norms(p: np.ndarray) -> dict[str, np.ndarray]:
-    return {INPUT_SQNORMS: np.einsum("nd,nd->n", p, p).astype(np.float32)} if len(p) else {}
+    return {INPUT_SQNORMS: prototype_sqnorms(p)} if len(p) else {}
 
 
 # ---------------------------------------------------------------- checks

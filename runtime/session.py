@@ -245,6 +245,37 @@ def open_ort_session(path: str | os.PathLike | bytes, options: ort.SessionOption
     return sess, said
 
 
+def feeds_prototype_norms(session: ort.InferenceSession) -> bool:
+    """Whether an edgemeta model's session is fed the prototypes' squared norms: the model
+    takes the optional ``prototype_sqnorms`` input, and the session does not run on
+    TensorRT (that path has not been measured with the input fed; the graph computes the
+    norms itself when they are not). The one rule for the runtime, the benchmark and the
+    exporters' checks."""
+    takes = INPUT_SQNORMS in {i.name for i in session.get_overridable_initializers()}
+    return takes and session.get_providers()[0] != Provider.TENSORRT.value
+
+
+def prototype_sqnorms(prototypes: np.ndarray) -> np.ndarray:
+    """What is fed as ``prototype_sqnorms``: each prototype row's squared L2 norm, float32."""
+    p = np.asarray(prototypes, np.float32)
+    return np.einsum("nd,nd->n", p, p)
+
+
+def run_bound(
+    session: ort.InferenceSession, images: np.ndarray, bound: dict[str, ort.OrtValue], outputs: list[str], device: tuple[str, int]
+) -> list[np.ndarray]:
+    """One graph call with IO binding: ``images`` copied to ``device``, the other inputs
+    already there (``bound``: name -> OrtValue), the outputs made there and copied back."""
+    binding = session.io_binding()
+    binding.bind_ortvalue_input(INPUT_IMAGES, ort.OrtValue.ortvalue_from_numpy(images, *device))
+    for name, value in bound.items():
+        binding.bind_ortvalue_input(name, value)
+    for name in outputs:
+        binding.bind_output(name, *device)
+    session.run_with_iobinding(binding)
+    return binding.copy_outputs_to_cpu()
+
+
 def _frozen(a: np.ndarray) -> bool:
     """True when no one can change ``a``'s values: it and every array it views are read-only."""
     while isinstance(a, np.ndarray):
@@ -296,7 +327,7 @@ class Session:
         self._ort_said = ""  # what ONNX Runtime printed while a GPU provider failed to load
         self._sess = self._create_session()
         self._check_contract()
-        self.feeds_norms = self._takes_norms()
+        self.feeds_norms = feeds_prototype_norms(self._sess)
         meta = self._stored_metadata()
         spec = preprocess or (meta.preprocess if meta else None)
         if spec is None:
@@ -400,13 +431,6 @@ class Session:
         self._in_types = {n: np.float16 if inputs[n].type == "tensor(float16)" else np.float32 for n in inputs}
         self._images_shape = inputs[INPUT_IMAGES].shape
 
-    def _takes_norms(self) -> bool:
-        """Whether the prototypes' squared norms are fed (models exported with the optional
-        ``prototype_sqnorms`` input). Not under TensorRT: that path has not been measured
-        with the input fed, and the graph computes the norms itself when they are not."""
-        names = {i.name for i in self._sess.get_overridable_initializers()}
-        return INPUT_SQNORMS in names and self._sess.get_providers()[0] != Provider.TENSORRT.value
-
     def _norms_entry(self, protos: np.ndarray) -> tuple[np.ndarray, np.ndarray, object | None] | None:
         """``(protos, their squared norms, those on the device or None)`` for read-only
         ``protos`` (the norms computed once per array), else None.
@@ -423,8 +447,7 @@ class Session:
         cached = self._norms_cache
         if cached is not None and cached[0] is protos:
             return cached
-        p = np.asarray(protos, np.float32)
-        entry = self._norms_cache = (protos, np.einsum("nd,nd->n", p, p), None)
+        entry = self._norms_cache = (protos, prototype_sqnorms(protos), None)
         return entry
 
     def _norms(self, protos: np.ndarray) -> np.ndarray | None:
@@ -615,22 +638,17 @@ class Session:
         return value
 
     def _run_bound(self, x: np.ndarray, protos: np.ndarray, names: list[str]) -> list[np.ndarray]:
-        device, device_id = self._device()
-        binding = self._sess.io_binding()
-        binding.bind_ortvalue_input(INPUT_IMAGES, ort.OrtValue.ortvalue_from_numpy(x, device, device_id))
+        device = self._device()
         if OUTPUT_LOGITS in names:
-            binding.bind_ortvalue_input(INPUT_PROTOTYPES, self._prototype_value(protos))
+            bound = {INPUT_PROTOTYPES: self._prototype_value(protos)}
             norms = self._norms_value(protos)
             if norms is not None:
-                binding.bind_ortvalue_input(INPUT_SQNORMS, norms)
+                bound[INPUT_SQNORMS] = norms
         else:  # embedding only: a fixed empty input, so the cached prototypes stay on the device
             if self._no_prototypes_value is None:
-                self._no_prototypes_value = ort.OrtValue.ortvalue_from_numpy(self._no_prototypes, device, device_id)
-            binding.bind_ortvalue_input(INPUT_PROTOTYPES, self._no_prototypes_value)
-        for name in names:
-            binding.bind_output(name, device, device_id)
-        self._sess.run_with_iobinding(binding)
-        return binding.copy_outputs_to_cpu()
+                self._no_prototypes_value = ort.OrtValue.ortvalue_from_numpy(self._no_prototypes, *device)
+            bound = {INPUT_PROTOTYPES: self._no_prototypes_value}
+        return run_bound(self._sess, x, bound, names, device)
 
     def __repr__(self) -> str:
         return f"Session({str(self.path)!r}, providers={self.providers}, dim={self.embedding_dim}, metric={self.metric.value})"

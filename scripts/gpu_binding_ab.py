@@ -30,14 +30,14 @@ def main() -> int:
     import onnxruntime as ort
 
     from edgemeta.benchmark import _bound_call, time_fn
-    from edgemeta.runtime.session import Session, open_ort_session
+    from edgemeta.runtime.session import Session, feeds_prototype_norms, open_ort_session, prototype_sqnorms
     from edgemeta.runtime.spec import INPUT_IMAGES, INPUT_PROTOTYPES, INPUT_SQNORMS, OUTPUT_EMBEDDINGS, OUTPUT_LOGITS
 
     on_cpu = args.provider == "CPUExecutionProvider"
     device = ("cpu", 0) if on_cpu else ("cuda", 0)
     sess, _ = open_ort_session(args.model, ort.SessionOptions(), list(dict.fromkeys([args.provider, "CPUExecutionProvider"])))
     runtime = Session(args.model, "cpu" if on_cpu else "cuda")
-    takes_norms = INPUT_SQNORMS in {i.name for i in sess.get_overridable_initializers()}
+    takes_norms = feeds_prototype_norms(sess)
     print(f"{args.model}: {sess.get_providers()[0]}, onnxruntime {ort.__version__}, norms input: {takes_norms}")
     rng = np.random.default_rng(0)
     x = rng.standard_normal((1, runtime.preprocess.channels, *runtime.preprocess.size)).astype(np.float32)
@@ -73,7 +73,7 @@ def main() -> int:
 
     for n in (1, 10000):
         protos = rng.standard_normal((n, runtime.embedding_dim)).astype(np.float32)
-        fed = {INPUT_PROTOTYPES: protos} | ({INPUT_SQNORMS: np.einsum("nd,nd->n", protos, protos)} if takes_norms else {})
+        fed = {INPUT_PROTOTYPES: protos} | ({INPUT_SQNORMS: prototype_sqnorms(protos)} if takes_norms else {})
         frozen = protos.copy()
         frozen.flags.writeable = False  # as the store keeps them: the runtime binds them once
         variants = {

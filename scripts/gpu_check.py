@@ -50,8 +50,8 @@ def main() -> int:
     from edgemeta.benchmark import BenchConfig, _bound_call, run_benchmark, time_pair
     from edgemeta.runtime import FewShotClassifier, ProviderError, Session
     from edgemeta.runtime.preprocess import preprocess
-    from edgemeta.runtime.session import ProviderFallbackWarning, _provider_name
-    from edgemeta.runtime.spec import INPUT_IMAGES, INPUT_PROTOTYPES, INPUT_SQNORMS, OUTPUT_EMBEDDINGS, OUTPUT_LOGITS
+    from edgemeta.runtime.session import ProviderFallbackWarning, _provider_name, prototype_sqnorms
+    from edgemeta.runtime.spec import INPUT_IMAGES, INPUT_PROTOTYPES, INPUT_SQNORMS, OUTPUT_LOGITS
 
     shipped = ROOT / "edgemeta" / "pretrained" / "conv4_omniglot.safetensors"
     result: dict = {"onnxruntime": ort.__version__, "available": ort.get_available_providers(), "checks": {}}
@@ -126,7 +126,7 @@ def main() -> int:
         scale = float(np.abs(computed).max())
         diff = float(np.abs(fed - computed).max())
         one = {INPUT_IMAGES: x[:1], INPUT_PROTOTYPES: protos}
-        norms = np.einsum("nd,nd->n", protos, protos)
+        norms = prototype_sqnorms(protos)
         # the prototypes (and norms) bound on the device once, as the runtime keeps them
         t_fed, t_graph = time_pair(_bound_call(raw, one | {INPUT_SQNORMS: norms}, device), _bound_call(raw, one, device), 20, args.runs)
         check(f"fed prototype norms on the GPU ({path.name})",
