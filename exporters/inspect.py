@@ -36,10 +36,10 @@ def _metadata(raw: str | None, notes: list[str]) -> dict[str, Any] | None:
 def _with_ort(path: Path, notes: list[str]) -> dict[str, Any]:
     import onnxruntime as ort
 
-    opts = ort.SessionOptions()
-    opts.log_severity_level = 3
+    from edgemeta.runtime.session import open_ort_session
+
     try:
-        session = ort.InferenceSession(str(path), opts, providers=["CPUExecutionProvider"])
+        session, _ = open_ort_session(path, ort.SessionOptions(), ["CPUExecutionProvider"])
     except Exception as e:
         raise InputError(f"{path} is not a model ONNX Runtime can load ({str(e).splitlines()[0][:120]})") from None
     meta = session.get_modelmeta()

@@ -21,7 +21,7 @@ import numpy as np
 import onnx
 
 from edgemeta.errors import ExportError
-from edgemeta.runtime.session import DISABLED_OPTIMIZERS, open_ort_session
+from edgemeta.runtime.session import open_ort_session
 from edgemeta.runtime.spec import INPUT_PROTOTYPES
 
 __all__ = ["optimize_offline", "to_ort_format"]
@@ -33,7 +33,6 @@ def _session_options(output: Path, ort_format: bool):
     so = ort.SessionOptions()
     so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_BASIC
     so.optimized_model_filepath = str(output)
-    so.log_severity_level = 3
     if ort_format:
         so.add_session_config_entry("session.save_model_format", "ORT")
     return so
@@ -41,12 +40,10 @@ def _session_options(output: Path, ort_format: bool):
 
 def optimize_offline(model: onnx.ModelProto) -> onnx.ModelProto:
     """``model`` after ONNX Runtime's basic graph optimizations (metadata kept)."""
-    import onnxruntime as ort
-
     with tempfile.TemporaryDirectory(prefix="edgemeta-opt-") as tmp:
         out = Path(tmp) / "optimized.onnx"
         try:
-            ort.InferenceSession(model.SerializeToString(), _session_options(out, False), providers=["CPUExecutionProvider"], disabled_optimizers=list(DISABLED_OPTIMIZERS))
+            open_ort_session(model.SerializeToString(), _session_options(out, False), ["CPUExecutionProvider"])
             return onnx.load_model(str(out))
         except Exception as e:
             raise ExportError(f"ONNX Runtime could not optimize the graph: {str(e).splitlines()[0][:200]}") from None
@@ -67,7 +64,7 @@ def to_ort_format(onnx_path: str | os.PathLike, ort_path: str | os.PathLike | No
     tmp = Path(tmp_name)
     try:
         try:
-            ort.InferenceSession(str(src), _session_options(tmp, True), providers=["CPUExecutionProvider"], disabled_optimizers=list(DISABLED_OPTIMIZERS))
+            open_ort_session(src, _session_options(tmp, True), ["CPUExecutionProvider"])
             session, _ = open_ort_session(tmp, ort.SessionOptions(), ["CPUExecutionProvider"])
             feed = {}
             for inp in session.get_inputs():

@@ -40,7 +40,7 @@ from edgemeta.episodes import EpisodeSampler
 from edgemeta.errors import ExportError, InputError, VerificationError
 from edgemeta.evaluate import episode_scores, summarize, to_tensor
 from edgemeta.exporters.graph import load_model, read_metadata
-from edgemeta.runtime.session import feeds_prototype_norms, prototype_sqnorms
+from edgemeta.runtime.session import feeds_prototype_norms, open_ort_session, prototype_sqnorms
 from edgemeta.runtime.spec import (
     INPUT_IMAGES,
     INPUT_PROTOTYPES,
@@ -197,23 +197,18 @@ class _TorchSide:
 
 class _OnnxSide:
     def __init__(self, path: Path, model: onnx.ModelProto, dim: int) -> None:
-        import onnxruntime as ort
-
-        opts = ort.SessionOptions()
-        opts.log_severity_level = 3
         try:
-            self.session = ort.InferenceSession(str(path), opts, providers=["CPUExecutionProvider"])
+            self.session = _cpu_session(path)  # as the runtime opens it
         except Exception as e:
             raise ExportError(f"ONNX Runtime cannot load {path}: {str(e).splitlines()[0][:200]}") from None
         self.dim = dim
         self.fed = feeds_prototype_norms(self.session)
-        self.head = self._metric_part(model, opts)
+        self.head = self._metric_part(model)
         self.head_fed = self.head is not None and feeds_prototype_norms(self.head)
 
     @staticmethod
-    def _metric_part(model: onnx.ModelProto, opts):
+    def _metric_part(model: onnx.ModelProto):
         """A session of the graph's own metric: (embeddings, prototypes) -> logits."""
-        import onnxruntime as ort
         from onnx.utils import Extractor
 
         try:
@@ -222,7 +217,7 @@ class _OnnxSide:
                 return None
             if any(t.name == INPUT_SQNORMS for t in head.graph.initializer):  # keep the optional input overridable
                 head.graph.input.append(onnx.helper.make_tensor_value_info(INPUT_SQNORMS, onnx.TensorProto.FLOAT, ["n_norms"]))
-            return ort.InferenceSession(head.SerializeToString(), opts, providers=["CPUExecutionProvider"])
+            return _cpu_session(head.SerializeToString())
         except Exception:  # an unusual graph: fall back to running the whole model per episode
             return None
 
@@ -241,6 +236,12 @@ class _OnnxSide:
             feeds = {OUTPUT_EMBEDDINGS: z, INPUT_PROTOTYPES: p} | (_norms(p) if self.head_fed else {})
             return self.head.run([OUTPUT_LOGITS], feeds)[0]
         return self.run(x(), p, fed=True)[1]
+
+
+def _cpu_session(model: Path | bytes):
+    import onnxruntime as ort
+
+    return open_ort_session(model, ort.SessionOptions(), ["CPUExecutionProvider"])[0]
 
 
 def _norms(p: np.ndarray) -> dict[str, np.ndarray]:
