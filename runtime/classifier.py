@@ -52,7 +52,7 @@ from typing import Callable, Iterator, NamedTuple, Sequence
 import numpy as np
 
 from edgemeta.runtime.errors import InputError, ModelMismatchError
-from edgemeta.runtime.preprocess import ImageLike, preprocess
+from edgemeta.runtime.preprocess import ImageLike, is_preprocessed, preprocess
 from edgemeta.runtime.session import ProvidersArg, Session, SessionOptions
 from edgemeta.runtime.spec import Metric, Normalization, PreprocessSpec
 from edgemeta.runtime.store import PrototypeStore, StoreSnapshot, check_label
@@ -269,9 +269,10 @@ class FewShotClassifier:
         if len(items) == 0:
             raise InputError("no images given; pass at least one image")
         spec, bs = self.session.preprocess, self.options.batch_size
+        ready = is_preprocessed(items, spec)  # Session.embed checks it (shape, finite values) once
         parts = []
         for i in range(0, len(items), bs):
-            parts.append(self.session.embed(preprocess(items[i : i + bs], spec)))
+            parts.append(self.session.embed(items[i : i + bs] if ready else preprocess(items[i : i + bs], spec)))
             if on_progress is not None:
                 on_progress(len(parts[-1]))
         return parts[0] if len(parts) == 1 else np.concatenate(parts)

@@ -564,7 +564,8 @@ class Session:
         if x.dtype.kind != "f":
             raise InputError(f"images must be a float array, got {x.dtype}; preprocess them first")
         if not np.isfinite(x).all():
-            raise InputError("images contain NaN or infinite values; clean the array before passing it")
+            bad = int(np.flatnonzero(~np.isfinite(x).reshape(len(x), -1).all(axis=1))[0])
+            raise InputError(f"image {bad} of the batch contains NaN or infinite values; clean the array before passing it")
         return x
 
     def _check_prototypes(self, prototypes: np.ndarray) -> np.ndarray:

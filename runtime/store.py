@@ -26,6 +26,7 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import json
+import math
 import os
 import tempfile
 import threading
@@ -303,11 +304,12 @@ class PrototypeStore:
             raise InputError("no embeddings given; enrol at least one example")
         if e.dtype.kind not in "fiu":
             raise InputError("embeddings must be finite numbers; check the model's output")
-        # the sums are what the store keeps, so one reduction does both jobs: a float32 batch's
-        # float64 sum is finite exactly when every value is, and a sum that overflows (huge
-        # float64 values) could not be stored either
+        # the sums are what the store keeps, so the reduction that makes them is also the check: a
+        # float32 batch's float64 sum (and the sum of that) is finite exactly when every value
+        # is, and a sum that overflows (huge float64 values) could not be stored either. As few
+        # numpy calls as possible: right after the embedding run each one starts cache-cold
         total = e.sum(axis=0, dtype=np.float64)
-        if not np.isfinite(total).all():
+        if not math.isfinite(total.sum()):
             raise InputError("embeddings must be finite numbers; check the model's output")
         return e, total
 

@@ -125,6 +125,19 @@ def test_bad_image_leaves_the_store_unchanged(tiny_onnx_model, runtime_images, t
         clf.predict(runtime_images["class0"][0], top_k=0)
 
 
+def test_preprocessed_batch_enrols_like_images_and_bad_values_change_nothing(tiny_onnx_model, runtime_images):
+    clf = _enrolled(tiny_onnx_model, runtime_images)
+    batch = preprocess(runtime_images["class1"][4:], clf.session.preprocess)  # float32 [B, C, H, W]: checked once
+    ref = _enrolled(tiny_onnx_model, runtime_images)
+    assert clf.enroll("class1", batch) == ref.enroll("class1", runtime_images["class1"][4:]) == 6
+    np.testing.assert_allclose(clf.store.prototypes(), ref.store.prototypes(), atol=1e-6)
+    before = clf.store.prototypes()
+    batch[1, 0, 3, 3] = np.nan
+    with pytest.raises(InputError, match="image 1 of the batch contains NaN or infinite values"):
+        clf.enroll("class1", batch)
+    assert clf.counts["class1"] == 6 and clf.store.prototypes() is before
+
+
 def test_open_set_threshold(tiny_onnx_model, make_onnx_model, runtime_images):
     clf = _enrolled(tiny_onnx_model, runtime_images)
     assert clf.threshold == 1.0 == clf.default_threshold()  # l2-normalized squared euclidean

@@ -267,7 +267,8 @@ def test_large_batches_are_chunked(tiny_onnx_model):
         (np.zeros((2, 3, 16, 16), np.float32), None, r"images of shape \(2, 3, 16, 16\) do not fit the model input \[batch>=1, 1, 16, 16\]"),
         (np.zeros((0, 1, 16, 16), np.float32), None, "do not fit the model input"),
         (np.zeros((1, 1, 16, 16), np.uint8), None, "images must be a float array"),
-        (np.full((1, 1, 16, 16), np.nan, np.float32), None, "NaN or infinite"),
+        (np.full((1, 1, 16, 16), np.nan, np.float32), None, "image 0 of the batch contains NaN or infinite"),
+        (np.stack([np.zeros((1, 16, 16), np.float32)] * 2 + [np.full((1, 16, 16), np.inf, np.float32)]), None, "image 2 of the batch"),
         (np.zeros((1, 1, 16, 16), np.float32), np.zeros((2, 8), np.float32), r"prototypes of shape \(2, 8\) do not fit \[n_classes, 16\]"),
     ],
 )
