@@ -376,6 +376,11 @@ def time_pair(
     return LatencyStats.from_samples([s[0] for s in samples]), LatencyStats.from_samples([s[1] for s in samples])
 
 
+def paired_ratio(a: LatencyStats, b: LatencyStats) -> float:
+    """The median of ``a_i / b_i`` over the calls :func:`time_pair` timed side by side."""
+    return float(np.median(np.asarray(a.samples_ms) / np.asarray(b.samples_ms)))
+
+
 def _timed(fn: Callable[[], Any]) -> float:
     t0 = time.perf_counter_ns()
     fn()
@@ -915,7 +920,7 @@ class AdaptationRow:
     shots: int
     enroll: LatencyStats
     embed: LatencyStats
-    ratio: float  # enroll p50 / embed p50
+    ratio: float  # median over the timed pairs of enroll / the embed timed right after it
     method: str
 
     def to_dict(self, samples: bool = False) -> dict[str, Any]:
@@ -1038,8 +1043,11 @@ def _adaptation(variant: ModelVariant, provider: str, config: BenchConfig) -> Ad
     """Enrol K preprocessed images as a new class vs embed them, on the classifier's own session.
 
     Both start from the same preprocessed float tensors, so the ratio is the cost of
-    enrolment itself (input checks, store update) over the embedding it needs; the two
-    are timed alternately so a change in the machine's load hits both alike.
+    enrolment itself (input checks, store update) over the embedding it needs. The two
+    are timed alternately and the ratio is the median of each pair's: a change in the
+    machine's speed hits both calls of a pair alike, where a ratio of the two p50s
+    compares calls from different moments (on a shared 2-core machine the embedding's
+    p50 alone moved by 20-40% between runs).
     """
     clf = _classifier(variant, provider, config)
     x = _images(variant, config.shots, np.float32, config.seed)
@@ -1048,7 +1056,7 @@ def _adaptation(variant: ModelVariant, provider: str, config: BenchConfig) -> Ad
         lambda: clf.enroll(f"class{next(counter)}", x), lambda: clf.session.embed(x), config.warmup, config.runs, config.duration
     )
     return AdaptationRow(
-        _short(provider), variant.precision.value, config.shots, enroll, embed, enroll.p50_ms / embed.p50_ms,
+        _short(provider), variant.precision.value, config.shots, enroll, embed, paired_ratio(enroll, embed),
         "FewShotClassifier.enroll vs Session.embed",
     )
 

@@ -245,7 +245,12 @@ def model_section(name: str, d: dict, trained: bool, plot: str) -> str:
     shots = d["config"]["shots"]
     header = ["precision", "enrol K", "embed K", "ratio", "interpreter", "imports", "session", "1st prediction", "total", "RSS MB"]
     header.append(f"RSS MB after batch {max(d['config']['batch_sizes'])}")
-    parts += [f"### Enrolment (K={shots}, p50 ms) and cold start (ms, fresh process)", "", _table(header, rows), ""]
+    parts += [
+        f"### Enrolment (K={shots}, p50 ms) and cold start (ms, fresh process)", "",
+        "Enrolment and embedding are timed alternately on the same session; the ratio is the median of each "
+        "enrolment's time over that of the embedding timed right after it.", "",
+        _table(header, rows), "",
+    ]
     if d["backprop"]:
         rows = [[
             f"{b['n_way']}-way {b['k_shot']}-shot", b.get("precision", "fp32"), str(b["episodes"]), f"{100 * b['prototype_accuracy']:.2f} ± {100 * b['prototype_ci95']:.2f}",

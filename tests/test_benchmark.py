@@ -89,6 +89,12 @@ def test_latency_stats_from_known_samples():
     assert "samples_ms" not in s.to_dict() and len(s.to_dict(samples=True)["samples_ms"]) == 100
 
 
+def test_paired_ratio_is_the_median_of_the_pairs_ratios():
+    a, b = bm.LatencyStats.from_samples([2.0, 3.0, 10.0]), bm.LatencyStats.from_samples([1.0, 2.0, 1.0])
+    assert bm.paired_ratio(a, b) == 2.0  # pairs 2, 1.5, 10; the p50s' ratio would be 3.0
+    assert bm.paired_ratio(b, a) == 0.5
+
+
 def test_time_fn_counts_runs_and_honours_duration():
     calls = []
     stats = bm.time_fn(lambda: calls.append(1), warmup=3, runs=7)
@@ -212,7 +218,8 @@ def test_classes_scaling_rows(fast_report):
 
 def test_adaptation_compares_enrolment_with_embedding(fast_report):
     (a,) = fast_report.adaptation
-    assert a.shots == 5 and a.ratio == pytest.approx(a.enroll.p50_ms / a.embed.p50_ms)
+    pairs = np.asarray(a.enroll.samples_ms) / np.asarray(a.embed.samples_ms)
+    assert a.shots == 5 and len(pairs) == a.enroll.runs and a.ratio == pytest.approx(float(np.median(pairs)))
     assert "FewShotClassifier.enroll" in a.method
 
 
