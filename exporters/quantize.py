@@ -13,8 +13,8 @@ int8 follows ONNX Runtime's recipe: ``quant_pre_process`` (shape inference and b
 optimization), then ``quantize_static`` with QDQ format, symmetric int8 weights per
 channel, calibrated on images of the training (base) classes only. Options
 (:class:`QuantizeSpec`): signed or unsigned activations, the stem (and the activation and
-pooling right after it) kept in float32, and the weight encoding that picks ONNX Runtime's
-int8 convolution kernel (direct or GEMM).
+pooling right after it) kept in float32, the weight encoding that picks ONNX Runtime's
+int8 convolution kernel (direct or GEMM), and how the float stem hands over to int8.
 """
 
 from __future__ import annotations
@@ -69,6 +69,15 @@ class QuantizeSpec:
     # AMX on CPUs that have it. Wide layers gain (ResNet-12), narrow ones lose (Conv-4).
     # For CPUs only: TensorRT takes int8 weights with zero points of 0 only.
     conv_kernel: str = "direct"
+    # how the float stem hands its output to the int8 part on ONNX Runtime's CPU provider:
+    # "nchw" (the graph as quantized: ONNX Runtime reorders its NCHWc output to NCHW,
+    # quantizes, then transposes the int8 tensor to NHWC for its int8 convolutions) or
+    # "nhwc": an explicit NHWC round trip (a Transpose pair, a no-op) after the stem, which
+    # lets the NCHWc pass write NHWC directly when the runtime turns off the transpose
+    # optimizer that would remove the pair (edgemeta does on x86-64; see
+    # ``runtime.session.wants_nhwc_stem``). Wide stems gain (Conv-4, 64 channels: 7% at
+    # batch 32); narrow ones lose (EdgeNet: its direct NHWC reorder is slower). Needs float_stem.
+    stem_layout: str = "nchw"
 
     def __post_init__(self) -> None:
         if self.calibration_images < 1 or self.batch < 1:
@@ -79,6 +88,10 @@ class QuantizeSpec:
             raise InputError(f"unknown int8 convolution kernel {self.conv_kernel!r}; use direct or gemm")
         if self.conv_kernel == "gemm" and self.activations != "uint8":
             raise InputError("the gemm convolution kernel needs uint8 activations (ONNX Runtime's int8 GEMM is uint8 x int8); add --activations uint8")
+        if self.stem_layout not in ("nchw", "nhwc"):
+            raise InputError(f"unknown stem layout {self.stem_layout!r}; use nchw or nhwc")
+        if self.stem_layout == "nhwc" and not self.float_stem:
+            raise InputError("--stem-layout nhwc needs the float stem (--float-stem): it changes how the float stem hands over to int8")
         if self.method not in ("MinMax", "Entropy", "Percentile", "Distribution"):
             raise InputError(f"unknown calibration method {self.method!r}; use MinMax, Entropy, Percentile or Distribution")
 
@@ -281,6 +294,31 @@ def _weights_to_gemm(model: onnx.ModelProto) -> int:
     return shifted
 
 
+def _nhwc_round_trip(model: onnx.ModelProto, stem: set[str]) -> bool:
+    """Insert Transpose(0,2,3,1) -> Transpose(0,3,1,2) between the float stem's last node and
+    the QuantizeLinear nodes that read it (see ``QuantizeSpec.stem_layout``). The values do
+    not change. Returns whether the stem hands over to int8 (there was somewhere to insert)."""
+    nodes = list(model.graph.node)
+    last = next((n for n in reversed(nodes) if n.name in stem), None)
+    if last is None or len(last.output) != 1:
+        return False
+    out = last.output[0]
+    readers = [n for n in nodes if out in n.input]
+    if not readers or any(n.op_type != "QuantizeLinear" for n in readers):
+        return False
+    nhwc, nchw = f"{out}_nhwc", f"{out}_nchw"
+    pair = [
+        helper.make_node("Transpose", [out], [nhwc], name=f"{last.name}_to_nhwc", perm=[0, 2, 3, 1]),
+        helper.make_node("Transpose", [nhwc], [nchw], name=f"{last.name}_to_nchw", perm=[0, 3, 1, 2]),
+    ]
+    for n in readers:
+        n.input[0] = nchw
+    at = nodes.index(last) + 1
+    del model.graph.node[:]
+    model.graph.node.extend(nodes[:at] + pair + nodes[at:])
+    return True
+
+
 def _pre_process(src: Path, dst: Path) -> None:
     from onnxruntime.quantization.shape_inference import quant_pre_process
 
@@ -321,16 +359,18 @@ def quantize_int8(
             model = onnx.load_model(str(pre))
             name_nodes(model)
             onnx.save_model(model, str(pre))
+            stem = _stem(model) if spec.float_stem else set()
             quantize_static(
                 str(pre), str(out), _reader(x, protos, spec.batch),
                 quant_format=QuantFormat.QDQ, per_channel=spec.per_channel,
                 activation_type=QuantType.QInt8 if spec.activations == "int8" else QuantType.QUInt8, weight_type=QuantType.QInt8,
                 calibrate_method=CalibrationMethod[spec.method],
-                nodes_to_exclude=sorted(float_nodes(model) | (_stem(model) if spec.float_stem else set())),
+                nodes_to_exclude=sorted(float_nodes(model) | stem),
                 op_types_to_quantize=list(spec.op_types) if spec.op_types else None,
             )
             q = onnx.load_model(str(out))
             gemm_weights = _weights_to_gemm(q) if spec.conv_kernel == "gemm" else 0
+            stem_layout = "nhwc" if spec.stem_layout == "nhwc" and _nhwc_round_trip(q, stem) else "nchw"
             q = finalize(q)
     except (ExportError, InputError):
         raise
@@ -342,6 +382,6 @@ def quantize_int8(
     _check(q, "int8")
     calib: dict[str, Any] = {"dataset": calibration.name, "images": int(len(x)), "method": spec.method, "per_channel": spec.per_channel, "seed": spec.seed,
                              "activations": spec.activations, "float_stem": spec.float_stem,
-                             "conv_kernel": spec.conv_kernel, "gemm_weight_tensors": gemm_weights}
+                             "conv_kernel": spec.conv_kernel, "gemm_weight_tensors": gemm_weights, "stem_layout": stem_layout}
     set_metadata(q, meta.with_(precision=Precision.INT8, verification={}, extra={**meta.extra, "calibration": calib, "float32_part": "metric and normalization"}))
     return save_model(q, out_path)

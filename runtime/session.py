@@ -22,6 +22,7 @@ import functools
 import hashlib
 import io
 import os
+import platform
 import warnings
 from dataclasses import dataclass
 from enum import Enum
@@ -211,6 +212,14 @@ def _preload_cuda_libraries() -> None:
 # runs on int8 NCHW tensors, which the CPU provider does far slower than in float (Conv-4,
 # batch 32: 5.5 ms against 0.2 ms). It only moves quantization nodes: no result changes.
 DISABLED_OPTIMIZERS = ("QDQPropagationTransformer",)
+# ... and these two (ONNX Runtime's transpose optimizer at its levels 1 and 2) for an int8
+# model exported with ``stem_layout="nhwc"``, on the CPU provider of an x86-64 CPU: they
+# would remove the NHWC round trip after the float stem (a Transpose pair: a no-op), which
+# is what lets the NCHWc layout pass write the stem's output in NHWC directly, as the int8
+# convolutions read it, instead of writing NCHW and transposing the int8 tensor after its
+# quantization (Conv-4, batch 32: 7% faster). Elsewhere the pair is removed as a no-op.
+NHWC_STEM_DISABLED_OPTIMIZERS = ("TransposeOptimizer", "TransposeOptimizer_CPUExecutionProvider")
+_NCHWC_MACHINES = {"x86_64", "amd64"}  # where ONNX Runtime has its NCHWc kernels (AVX2 and later)
 
 
 def open_ort_session(path: str | os.PathLike | bytes, options: ort.SessionOptions, providers: list[str]) -> tuple[ort.InferenceSession, str]:
@@ -222,7 +231,8 @@ def open_ort_session(path: str | os.PathLike | bytes, options: ort.SessionOption
     stdout (where ``--json`` goes) and stderr: it is returned instead (its "EP Error" lines),
     for the caller to report. ONNX Runtime's own fallback inside ``run()`` is disabled, so a
     session never changes provider silently. The optimizers in :data:`DISABLED_OPTIMIZERS`
-    are off. Note: ONNX Runtime's default logger severity is
+    are off, and for a model that asks for it (:func:`wants_nhwc_stem`) those in
+    :data:`NHWC_STEM_DISABLED_OPTIMIZERS` too: the session is then opened a second time. Note: ONNX Runtime's default logger severity is
     set back to its default (warning) afterwards. Returns ``(session, what ONNX Runtime said)``.
     """
     gpu = any(p in _GPU_PROVIDERS for p in providers)
@@ -237,12 +247,29 @@ def open_ort_session(path: str | os.PathLike | bytes, options: ort.SessionOption
         with contextlib.redirect_stdout(out) if gpu else contextlib.nullcontext():
             model = path if isinstance(path, bytes) else str(path)
             sess = ort.InferenceSession(model, sess_options=options, providers=providers, disabled_optimizers=list(DISABLED_OPTIMIZERS))
+            if wants_nhwc_stem(sess):  # the metadata is known only once a session has read the model
+                disabled = [*DISABLED_OPTIMIZERS, *NHWC_STEM_DISABLED_OPTIMIZERS]
+                sess = ort.InferenceSession(model, sess_options=options, providers=providers, disabled_optimizers=disabled)
     finally:
         if gpu:
             ort.set_default_logger_severity(2)  # ONNX Runtime's default
     said = " ".join(line.strip() for line in out.getvalue().splitlines() if line.strip().startswith("EP Error"))[:300]
     sess.disable_fallback()
     return sess, said
+
+
+def wants_nhwc_stem(session: ort.InferenceSession) -> bool:
+    """Whether ``session``'s model was exported with an NHWC stem hand-over (int8,
+    ``stem_layout="nhwc"``) and the session runs where that pays: on the CPU provider (it
+    comes first) of an x86-64 machine (see :data:`NHWC_STEM_DISABLED_OPTIMIZERS`)."""
+    providers = session.get_providers()
+    if not providers or providers[0] != Provider.CPU.value or platform.machine().lower() not in _NCHWC_MACHINES:
+        return False
+    raw = session.get_modelmeta().custom_metadata_map.get(METADATA_KEY)
+    try:
+        return ModelMetadata.from_json(raw).extra.get("calibration", {}).get("stem_layout") == "nhwc" if raw else False
+    except Exception:  # noqa: BLE001 - bad metadata is reported where the session reads it
+        return False
 
 
 def feeds_prototype_norms(session: ort.InferenceSession) -> bool:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import platform
 import subprocess
 import textwrap
 from pathlib import Path
@@ -83,6 +84,12 @@ def test_fp16_predictions_agree_with_torch(fp16_model, trained_conv4, omniglot_n
     assert 1e-6 < report.summary()["embeddings_max_rel_error"] < 2e-2  # really fp16, and close
 
 
+@pytest.fixture(scope="module")
+def int8_nhwc_model(trained_conv4_onnx, background, tmp_path_factory) -> Path:
+    return quantize_int8(trained_conv4_onnx, tmp_path_factory.mktemp("int8") / "conv4.int8.nhwc.onnx", background,
+                         QuantizeSpec(calibration_images=128, stem_layout="nhwc"))
+
+
 def test_int8_is_qdq_with_a_float_metric(int8_model, trained_conv4_onnx):
     model = onnx.load(str(int8_model))
     onnx.checker.check_model(model, full_check=True)
@@ -97,7 +104,8 @@ def test_int8_is_qdq_with_a_float_metric(int8_model, trained_conv4_onnx):
     meta = meta_of(int8_model)
     assert meta.precision is Precision.INT8 and meta.fingerprint == meta_of(trained_conv4_onnx).fingerprint
     assert meta.extra["calibration"] == {"dataset": "omniglot-background", "images": 128, "method": "MinMax", "per_channel": True, "seed": 0,
-                                         "activations": "int8", "float_stem": True, "conv_kernel": "direct", "gemm_weight_tensors": 0}
+                                         "activations": "int8", "float_stem": True, "conv_kernel": "direct", "gemm_weight_tensors": 0,
+                                         "stem_layout": "nchw"}
     inits = {t.name: t.data_type for t in model.graph.initializer}
     q_zero_points = {inits[n.input[2]] for n in model.graph.node if n.op_type == "QuantizeLinear"}
     assert q_zero_points == {onnx.TensorProto.INT8}  # signed activations by default
@@ -139,6 +147,51 @@ def test_float_pooling_is_not_moved_into_int8_by_onnxruntime(trained_conv4_onnx,
         optimized = onnx.load(so.optimized_model_filepath)
         plain_pools = [n for n in optimized.graph.node if n.op_type == "MaxPool" and n.domain in ("", "ai.onnx")]
         assert (plain_pools == []) is disabled  # float NCHWc or int8 NHWC pooling only, when disabled
+
+
+def test_int8_nhwc_stem_hand_over(int8_nhwc_model, int8_model, tmp_path):
+    """stem_layout="nhwc": an NHWC round trip after the float stem (no value changes); on x86-64 the
+    runtime opens such a model with ONNX Runtime's transpose optimizer off, so that its NCHWc pass
+    writes the stem's output in NHWC and no transpose runs between the stem and the first int8
+    convolution. Anywhere else the pair is removed as a no-op."""
+    from edgemeta.runtime.session import open_ort_session, wants_nhwc_stem
+
+    model = onnx.load(str(int8_nhwc_model))
+    onnx.checker.check_model(model, full_check=True)
+    producers = {o: n for n in model.graph.node for o in n.output}
+    first_q = next(n for n in model.graph.node if n.op_type == "QuantizeLinear" and n.input[0] != "images")
+    back, there = producers[first_q.input[0]], producers[producers[first_q.input[0]].input[0]]
+    perm = lambda n: list(onnx.helper.get_attribute_value(n.attribute[0]))  # noqa: E731
+    assert (back.op_type, perm(back), there.op_type, perm(there)) == ("Transpose", [0, 3, 1, 2], "Transpose", [0, 2, 3, 1])
+    assert producers[there.input[0]].op_type == "MaxPool"  # after the float stem's pooling
+    assert sum(n.op_type == "Transpose" for n in model.graph.node) == 2
+    assert meta_of(int8_nhwc_model).extra["calibration"]["stem_layout"] == "nhwc"
+    x = np.random.default_rng(0).standard_normal((8, 1, 28, 28)).astype(np.float32)
+    np.testing.assert_array_equal(Session(int8_nhwc_model, "cpu").embed(x), Session(int8_model, "cpu").embed(x))  # same calibration
+
+    so = ort.SessionOptions()
+    so.optimized_model_filepath = str(tmp_path / "optimized.onnx")
+    sess, _ = open_ort_session(int8_nhwc_model, so, ["CPUExecutionProvider"])
+    x86 = platform.machine().lower() in ("x86_64", "amd64")
+    assert wants_nhwc_stem(sess) is x86
+    assert not wants_nhwc_stem(ort.InferenceSession(str(int8_model)))  # exported without it
+
+    class OnCuda:  # the same model, as a session whose first provider is CUDA
+        get_modelmeta = sess.get_modelmeta
+
+        def get_providers(self):
+            return ["CUDAExecutionProvider", "CPUExecutionProvider"]
+
+    assert not wants_nhwc_stem(OnCuda())
+    optimized = onnx.load(so.optimized_model_filepath).graph.node
+    before_int8 = optimized[: next(i for i, n in enumerate(optimized) if n.op_type == "QLinearConv")]
+    channels_last = [onnx.helper.get_attribute_value(a) for n in before_int8 if n.op_type == "ReorderOutput" for a in n.attribute if a.name == "channels_last"]
+    if x86:  # ONNX Runtime's NCHWc kernels (AVX2 and later); elsewhere the session is the plain one (asserted above)
+        assert channels_last == [1] and not any(n.op_type == "Transpose" for n in before_int8)
+    with pytest.raises(InputError, match="unknown stem layout 'nhcw'; use nchw or nhwc"):
+        QuantizeSpec(stem_layout="nhcw")
+    with pytest.raises(InputError, match="needs the float stem"):
+        QuantizeSpec(stem_layout="nhwc", float_stem=False)
 
 
 def test_int8_gemm_kernel_keeps_the_weights_exactly(trained_conv4_onnx, background, tmp_path):
@@ -208,7 +261,7 @@ def test_graph_split_and_fp16_conversion_on_a_handmade_graph(make_onnx_model, tm
 
 
 @pytest.mark.skipif(not os.environ.get("EDGEMETA_OLD_ORT_PYTHON"), reason="set EDGEMETA_OLD_ORT_PYTHON to a Python with onnxruntime 1.17")
-def test_all_precisions_load_in_the_oldest_supported_onnxruntime(trained_conv4_onnx, fp16_model, int8_model):
+def test_all_precisions_load_in_the_oldest_supported_onnxruntime(trained_conv4_onnx, fp16_model, int8_model, int8_nhwc_model):
     script = textwrap.dedent(
         """
         import sys, numpy as np, onnxruntime as ort
@@ -219,7 +272,7 @@ def test_all_precisions_load_in_the_oldest_supported_onnxruntime(trained_conv4_o
         print("loaded", ort.__version__)
         """
     )
-    paths = [str(p) for p in (trained_conv4_onnx, fp16_model, int8_model)]
+    paths = [str(p) for p in (trained_conv4_onnx, fp16_model, int8_model, int8_nhwc_model)]
     r = subprocess.run([os.environ["EDGEMETA_OLD_ORT_PYTHON"], "-c", script, *paths], capture_output=True, text=True, timeout=120)
     assert r.returncode == 0, r.stderr[-2000:]
     assert r.stdout.startswith("loaded 1.17")

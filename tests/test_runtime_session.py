@@ -318,3 +318,29 @@ def test_gpu_provider_failing_to_load_keeps_stdout_clean(tiny_onnx_model, monkey
     with pytest.raises(ProviderError, match="TensorrtExecutionProvider asked for but ONNX Runtime could not load it"):
         Session(tiny_onnx_model, "tensorrt")
     assert capsys.readouterr().out == ""
+
+
+def test_a_model_asking_for_the_nhwc_stem_hand_over_is_opened_without_the_transpose_optimizer(make_onnx_model, monkeypatch):
+    """An int8 model exported with stem_layout="nhwc" says so in its metadata; on the CPU provider
+    of an x86-64 machine the session is opened again with ONNX Runtime's transpose optimizer off
+    (what the NHWC round trip needs), on other machines once, as every other model."""
+    from edgemeta.runtime import session as session_module
+
+    hinted = make_onnx_model(extra={"calibration": {"stem_layout": "nhwc"}})
+    plain = make_onnx_model(extra={"calibration": {"stem_layout": "nchw"}})
+    opened = []
+    real = ort.InferenceSession
+
+    def counting(*args, **kwargs):
+        opened.append(tuple(kwargs.get("disabled_optimizers", ())))
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(session_module.ort, "InferenceSession", counting)
+    for machine in ("x86_64", "aarch64"):
+        monkeypatch.setattr(session_module.platform, "machine", lambda m=machine: m)
+        for model, wanted in ((hinted, machine == "x86_64"), (plain, False)):
+            opened.clear()
+            s = Session(model, "cpu")
+            base = session_module.DISABLED_OPTIMIZERS
+            assert opened == ([base, (*base, *session_module.NHWC_STEM_DISABLED_OPTIMIZERS)] if wanted else [base])
+            assert s.embed(np.ones((2, 1, 16, 16), np.float32)).shape == (2, 16)

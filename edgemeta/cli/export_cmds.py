@@ -23,6 +23,9 @@ STEM_HELP = "Keep the first convolution (1 or 3 input channels, slow in int8), w
 KERNEL_HELP = ("int8 convolution kernel of ONNX Runtime's CPU provider: direct (VNNI direct convolution) or gemm (weights stored "
                "with zero point -1, lossless, so convolutions run as int8 GEMMs: AMX where the CPU has it; needs --activations uint8). "
                "Wide layers gain from gemm, narrow ones lose: compare with `edgemeta benchmark`. gemm is for CPUs: TensorRT takes only zero points of 0.")
+LAYOUT_HELP = ("How the float stem hands over to int8 on ONNX Runtime's CPU provider: nchw (as quantized) or nhwc (an NHWC round trip "
+               "after the stem, so that on x86-64 the stem writes NHWC directly and no int8 transpose runs; needs --float-stem). "
+               "Wide stems gain (Conv-4), narrow ones lose: compare with `edgemeta benchmark`.")
 CALIB_HELP = "Base-class images for int8 calibration (default: Omniglot background / Tiny-ImageNet train; never evaluation classes)."
 DATA_DIR_HELP = "Data folder (default: $EDGEMETA_DATA_DIR)."
 
@@ -58,14 +61,15 @@ def _floats(text: Optional[str], what: str) -> list[float] | float:
 
 def _options(precision: Precision, opset: int, optimize: bool, ort: bool, verify: bool, episodes: int, data: Optional[str],
              calibration_data: Optional[str], data_dir: Optional[Path], calibration_images: int = 256,
-             activations: str = "int8", float_stem: bool = True, conv_kernel: str = "direct"):
+             activations: str = "int8", float_stem: bool = True, conv_kernel: str = "direct", stem_layout: str = "nchw"):
     from edgemeta.exporters import ExportOptions, ExportSpec, QuantizeSpec, VerifySpec
 
     return ExportOptions(
         precision=precision, spec=ExportSpec(opset=opset, optimize=optimize), ort_format=ort,
         verify=VerifySpec(episodes=episodes) if verify else None, data=data, calibration_data=calibration_data,
         data_dir=str(data_dir) if data_dir else None, quantize=QuantizeSpec(
-            calibration_images=calibration_images, activations=activations, float_stem=float_stem, conv_kernel=conv_kernel),
+            calibration_images=calibration_images, activations=activations, float_stem=float_stem, conv_kernel=conv_kernel,
+            stem_layout=stem_layout),
     )
 
 
@@ -120,6 +124,7 @@ def export_cmd(
     activations: str = typer.Option("int8", help=ACT_HELP),
     float_stem: bool = typer.Option(True, "--float-stem/--no-float-stem", help=STEM_HELP),
     conv_kernel: str = typer.Option("direct", help=KERNEL_HELP),
+    stem_layout: str = typer.Option("nchw", help=LAYOUT_HELP),
     data_dir: Optional[Path] = typer.Option(None, help=DATA_DIR_HELP),
     module: Optional[str] = typer.Option(None, help="Export your own module instead: package.module:factory."),
     weights: Optional[Path] = typer.Option(None, help="safetensors weights for --module."),
@@ -134,7 +139,7 @@ def export_cmd(
     """Export a checkpoint (or your own module) to ONNX, verified against torch on real images."""
     from edgemeta.exporters import export_checkpoint, export_module
 
-    options = _options(precision, opset, optimize, ort, verify, episodes, data, calibration_data, data_dir, calibration_images, activations, float_stem, conv_kernel)
+    options = _options(precision, opset, optimize, ort, verify, episodes, data, calibration_data, data_dir, calibration_images, activations, float_stem, conv_kernel, stem_layout)
     with _progress(not json_out) as progress:
         if module:
             ref = _module_ref(module, weights, size, channels, mean, std, metric, normalization)
@@ -178,6 +183,7 @@ def quantize_cmd(
     activations: str = typer.Option("int8", help=ACT_HELP),
     float_stem: bool = typer.Option(True, "--float-stem/--no-float-stem", help=STEM_HELP),
     conv_kernel: str = typer.Option("direct", help=KERNEL_HELP),
+    stem_layout: str = typer.Option("nchw", help=LAYOUT_HELP),
     verify: bool = typer.Option(True, "--verify/--no-verify", help="Verify against torch on real novel-class images."),
     episodes: int = typer.Option(200, help="Verification episodes (5-way 1-shot)."),
     data: Optional[str] = typer.Option(None, help=DATA_HELP),
@@ -188,7 +194,7 @@ def quantize_cmd(
     """int8 static quantization (QDQ), calibrated on base-class images, verified on novel classes."""
     from edgemeta.exporters import quantize_model
 
-    options = _options(Precision.INT8, 18, False, ort, verify, episodes, data, calibration_data, data_dir, calibration_images, activations, float_stem, conv_kernel)
+    options = _options(Precision.INT8, 18, False, ort, verify, episodes, data, calibration_data, data_dir, calibration_images, activations, float_stem, conv_kernel, stem_layout)
     with _progress(not json_out) as progress:
         outcome = quantize_model(model, checkpoint, output, options, progress)
     _show_outcome(outcome, json_out)
