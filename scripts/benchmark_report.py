@@ -44,12 +44,13 @@ IMAGENET_MEAN, IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
 
 # (name, backbone, input size, channels, precisions); int8 calibrated on Tiny-ImageNet's base classes
 UNTRAINED = [("ResNet-12", "resnet12", 84, 3, ("fp32", "int8")), ("EdgeNet", "edgenet", 84, 3, ("fp32", "int8"))]
-# int8 settings per model (QuantizeSpec fields; Conv-4 takes the defaults), from
-# `scripts/int8_ab.py` on this machine at batch 32 (fp32 = 1x): ResNet-12 runs its wide
-# convolutions fastest as AMX GEMMs (uint8 activations, float stem, gemm kernel: 4.9x,
-# against 3.4x for the direct kernel and 1.8x with signed activations); Conv-4 and EdgeNet
-# are fastest with the defaults (int8, float stem: 2.0x and 1.6x; gemm loses on narrow layers).
-INT8 = {"ResNet-12": {"activations": "uint8", "float_stem": True, "conv_kernel": "gemm"}, "EdgeNet": {}}
+# int8 settings per model (QuantizeSpec fields), from `scripts/int8_ab.py` on this machine at
+# batch 32 (fp32 = 1x): ResNet-12 runs its wide convolutions fastest as AMX GEMMs (uint8
+# activations, float stem, gemm kernel: 4.9x, against 3.4x for the direct kernel and 1.8x with
+# signed activations); Conv-4 and EdgeNet are fastest with int8 activations, a float stem and
+# the direct kernel (gemm loses on narrow layers), Conv-4 with the NHWC stem hand-over too
+# (its 64-channel stem output; EdgeNet's narrower one loses with it).
+INT8 = {"Conv-4": {"stem_layout": "nhwc"}, "ResNet-12": {"activations": "uint8", "float_stem": True, "conv_kernel": "gemm"}, "EdgeNet": {}}
 CALIBRATION = "tiny-imagenet"
 UNTRAINED_NOTE = (
     "**untrained weights** (seeded random initialisation): these models were not trained; their latency is what "
@@ -196,7 +197,8 @@ def model_section(name: str, d: dict, trained: bool, plot: str) -> str:
     parts.append("")
     parts.append(f"int8: static QDQ calibrated on base-class images, {q.activations} activations, "
                  f"int8 weights per channel, {'stem (with its activation and pooling) in float32' if q.float_stem else 'every convolution in int8'}, "
-                 f"{q.conv_kernel} int8 convolution kernel.")
+                 f"{q.conv_kernel} int8 convolution kernel"
+                 + (", NHWC stem hand-over." if q.stem_layout == "nhwc" else "."))
     parts.append("")
     models = [[v["precision"], f"{v['size_mb']:.2f}", v["origin"]] for v in d["models"]]
     parts.append(_table(["model", "size MB", "origin"], models, left=(0, 2)))
@@ -352,7 +354,7 @@ def main() -> None:
     reports: dict[str, BenchReport] = {}
     with tempfile.TemporaryDirectory(prefix="edgemeta-report-") as tmp:
         work = Path(tmp)
-        conv4 = export_variants(args.checkpoint, work, conv4_cfg.precisions and tuple(p.value for p in conv4_cfg.precisions))
+        conv4 = export_variants(args.checkpoint, work, conv4_cfg.precisions and tuple(p.value for p in conv4_cfg.precisions), int8=INT8["Conv-4"])
         reports["Conv-4"] = run(conv4, args.checkpoint, conv4_cfg, work, "Conv-4 (shipped), fp32/fp16/int8")
         sweep_rows = sweep(conv4[0], replace(conv4_cfg, runs=10 if quick else 200), work)
         if not args.skip_untrained:

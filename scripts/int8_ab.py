@@ -1,11 +1,11 @@
 #!/usr/bin/env python3
-"""A/B of the int8 settings: signed or unsigned activations, stem in int8 or float32, and
-ONNX Runtime's direct or GEMM int8 convolution kernel.
+"""A/B of the int8 settings: signed or unsigned activations, stem in int8 or float32,
+ONNX Runtime's direct or GEMM int8 convolution kernel, and the NHWC stem hand-over.
 
     EDGEMETA_DATA_DIR=../shared/data python scripts/int8_ab.py conv4 resnet12
 
 For each model (the shipped Conv-4, or an untrained backbone at 84x84 calibrated on
-Tiny-ImageNet's train classes) it writes fp32 and the six int8 variants, then times
+Tiny-ImageNet's train classes) it writes fp32 and the seven int8 variants, then times
 each at batch 32 (median of ``--runs`` calls; one session at a time, 2 threads, ONNX
 Runtime's worker threads not spinning between calls, so no session steals CPU from the
 next) and prints the speed-up over fp32. Every variant is timed in two rounds, in the same
@@ -34,7 +34,8 @@ VARIANTS = {"int8": {"float_stem": False}, "int8 + float stem": {"float_stem": T
             "uint8": {"activations": "uint8", "float_stem": False},
             "uint8 + float stem": {"activations": "uint8", "float_stem": True},
             "uint8 + gemm": {"activations": "uint8", "float_stem": False, "conv_kernel": "gemm"},
-            "uint8 + float stem + gemm": {"activations": "uint8", "float_stem": True, "conv_kernel": "gemm"}}
+            "uint8 + float stem + gemm": {"activations": "uint8", "float_stem": True, "conv_kernel": "gemm"},
+            "int8 + float stem + NHWC hand-over": {"float_stem": True, "stem_layout": "nhwc"}}
 
 
 def ab(model: str, work: Path, runs: int, threads: int) -> dict[str, float]:
