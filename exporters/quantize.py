@@ -297,13 +297,16 @@ def _weights_to_gemm(model: onnx.ModelProto) -> int:
 def _nhwc_round_trip(model: onnx.ModelProto, stem: set[str]) -> bool:
     """Insert Transpose(0,2,3,1) -> Transpose(0,3,1,2) between the float stem's last node and
     the QuantizeLinear nodes that read it (see ``QuantizeSpec.stem_layout``). The values do
-    not change. Returns whether the stem hands over to int8 (there was somewhere to insert)."""
+    not change. Returns False, changing nothing, unless the stem's output is read by
+    QuantizeLinear nodes only (and is not a graph output)."""
     nodes = list(model.graph.node)
     last = next((n for n in reversed(nodes) if n.name in stem), None)
     if last is None or len(last.output) != 1:
         return False
     out = last.output[0]
     readers = [n for n in nodes if out in n.input]
+    if out in {o.name for o in model.graph.output}:
+        return False
     if not readers or any(n.op_type != "QuantizeLinear" for n in readers):
         return False
     nhwc, nchw = f"{out}_nhwc", f"{out}_nchw"
@@ -370,7 +373,11 @@ def quantize_int8(
             )
             q = onnx.load_model(str(out))
             gemm_weights = _weights_to_gemm(q) if spec.conv_kernel == "gemm" else 0
-            stem_layout = "nhwc" if spec.stem_layout == "nhwc" and _nhwc_round_trip(q, stem) else "nchw"
+            if spec.stem_layout == "nhwc" and not _nhwc_round_trip(q, stem):
+                raise InputError(
+                    "--stem-layout nhwc: this model's float stem does not hand its output to int8 alone (it has other "
+                    "readers, or none); export it with --stem-layout nchw"
+                )
             q = finalize(q)
     except (ExportError, InputError):
         raise
@@ -382,6 +389,6 @@ def quantize_int8(
     _check(q, "int8")
     calib: dict[str, Any] = {"dataset": calibration.name, "images": int(len(x)), "method": spec.method, "per_channel": spec.per_channel, "seed": spec.seed,
                              "activations": spec.activations, "float_stem": spec.float_stem,
-                             "conv_kernel": spec.conv_kernel, "gemm_weight_tensors": gemm_weights, "stem_layout": stem_layout}
+                             "conv_kernel": spec.conv_kernel, "gemm_weight_tensors": gemm_weights, "stem_layout": spec.stem_layout}
     set_metadata(q, meta.with_(precision=Precision.INT8, verification={}, extra={**meta.extra, "calibration": calib, "float32_part": "metric and normalization"}))
     return save_model(q, out_path)

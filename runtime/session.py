@@ -33,6 +33,7 @@ import numpy as np
 import onnxruntime as ort
 
 from edgemeta.runtime.errors import InputError, ProviderError
+from edgemeta.runtime.preprocess import first_nonfinite
 from edgemeta.runtime.spec import (
     INPUT_IMAGES,
     INPUT_PROTOTYPES,
@@ -213,11 +214,14 @@ def _preload_cuda_libraries() -> None:
 # batch 32: 5.5 ms against 0.2 ms). It only moves quantization nodes: no result changes.
 DISABLED_OPTIMIZERS = ("QDQPropagationTransformer",)
 # ... and these two (ONNX Runtime's transpose optimizer at its levels 1 and 2) for an int8
-# model exported with ``stem_layout="nhwc"``, on the CPU provider of an x86-64 CPU: they
-# would remove the NHWC round trip after the float stem (a Transpose pair: a no-op), which
-# is what lets the NCHWc layout pass write the stem's output in NHWC directly, as the int8
-# convolutions read it, instead of writing NCHW and transposing the int8 tensor after its
-# quantization (Conv-4, batch 32: 7% faster). Elsewhere the pair is removed as a no-op.
+# model exported with ``stem_layout="nhwc"``, in a session that runs it on the CPU provider
+# of an x86-64 CPU with every optimization level on: they would remove the NHWC round trip
+# after the float stem (a Transpose pair: a no-op), which is what lets the NCHWc layout pass
+# (level "all" only) write the stem's output in NHWC directly, as the int8 convolutions read
+# it, instead of writing NCHW and transposing the int8 tensor after its quantization (Conv-4,
+# batch 32: 7-10% faster). Every other session keeps the optimizer, which removes the pair:
+# on GPU providers, on other CPUs, at lower optimization levels, and where an optimized model
+# is written (an ``.ort`` file must not keep two real transposes) or a profile is taken.
 NHWC_STEM_DISABLED_OPTIMIZERS = ("TransposeOptimizer", "TransposeOptimizer_CPUExecutionProvider")
 _NCHWC_MACHINES = {"x86_64", "amd64"}  # where ONNX Runtime has its NCHWc kernels (AVX2 and later)
 
@@ -231,8 +235,10 @@ def open_ort_session(path: str | os.PathLike | bytes, options: ort.SessionOption
     stdout (where ``--json`` goes) and stderr: it is returned instead (its "EP Error" lines),
     for the caller to report. ONNX Runtime's own fallback inside ``run()`` is disabled, so a
     session never changes provider silently. The optimizers in :data:`DISABLED_OPTIMIZERS`
-    are off, and for a model that asks for it (:func:`wants_nhwc_stem`) those in
-    :data:`NHWC_STEM_DISABLED_OPTIMIZERS` too: the session is then opened a second time. Note: ONNX Runtime's default logger severity is
+    are off, and for a model that asks for it (:func:`wants_nhwc_stem`) on a CPU-only
+    session with every optimization level, not writing an optimized model or a profile,
+    those in :data:`NHWC_STEM_DISABLED_OPTIMIZERS` too: the session is then opened a second
+    time (the metadata is known only once a session has read the model). Note: ONNX Runtime's default logger severity is
     set back to its default (warning) afterwards. Returns ``(session, what ONNX Runtime said)``.
     """
     gpu = any(p in _GPU_PROVIDERS for p in providers)
@@ -247,7 +253,7 @@ def open_ort_session(path: str | os.PathLike | bytes, options: ort.SessionOption
         with contextlib.redirect_stdout(out) if gpu else contextlib.nullcontext():
             model = path if isinstance(path, bytes) else str(path)
             sess = ort.InferenceSession(model, sess_options=options, providers=providers, disabled_optimizers=list(DISABLED_OPTIMIZERS))
-            if wants_nhwc_stem(sess):  # the metadata is known only once a session has read the model
+            if _nhwc_stem_pays(options, gpu) and wants_nhwc_stem(sess):
                 disabled = [*DISABLED_OPTIMIZERS, *NHWC_STEM_DISABLED_OPTIMIZERS]
                 sess = ort.InferenceSession(model, sess_options=options, providers=providers, disabled_optimizers=disabled)
     finally:
@@ -256,6 +262,19 @@ def open_ort_session(path: str | os.PathLike | bytes, options: ort.SessionOption
     said = " ".join(line.strip() for line in out.getvalue().splitlines() if line.strip().startswith("EP Error"))[:300]
     sess.disable_fallback()
     return sess, said
+
+
+def _nhwc_stem_pays(options: ort.SessionOptions, gpu: bool) -> bool:
+    """Whether a session with these settings would run an NHWC stem hand-over faster (see
+    :data:`NHWC_STEM_DISABLED_OPTIMIZERS`): no GPU provider asked for (one that fails to load
+    would be tried twice), ONNX Runtime's NCHWc pass on (level "all"), and neither an
+    optimized model (an ``.ort`` file) nor a profile written."""
+    return (
+        not gpu
+        and options.graph_optimization_level == ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+        and not options.optimized_model_filepath
+        and not options.enable_profiling
+    )
 
 
 def wants_nhwc_stem(session: ort.InferenceSession) -> bool:
@@ -590,8 +609,8 @@ class Session:
             )
         if x.dtype.kind != "f":
             raise InputError(f"images must be a float array, got {x.dtype}; preprocess them first")
-        if not np.isfinite(x).all():
-            bad = int(np.flatnonzero(~np.isfinite(x).reshape(len(x), -1).all(axis=1))[0])
+        bad = first_nonfinite(x)
+        if bad is not None:
             raise InputError(f"image {bad} of the batch contains NaN or infinite values; clean the array before passing it")
         return x
 

@@ -169,10 +169,25 @@ def test_int8_nhwc_stem_hand_over(int8_nhwc_model, int8_model, tmp_path):
     x = np.random.default_rng(0).standard_normal((8, 1, 28, 28)).astype(np.float32)
     np.testing.assert_array_equal(Session(int8_nhwc_model, "cpu").embed(x), Session(int8_model, "cpu").embed(x))  # same calibration
 
-    so = ort.SessionOptions()
-    so.optimized_model_filepath = str(tmp_path / "optimized.onnx")
-    sess, _ = open_ort_session(int8_nhwc_model, so, ["CPUExecutionProvider"])
+    from edgemeta.runtime import session as session_module
+
+    def optimized(disabled: tuple[str, ...]) -> list:
+        so = ort.SessionOptions()
+        so.optimized_model_filepath = str(tmp_path / "optimized.onnx")
+        ort.InferenceSession(str(int8_nhwc_model), so, providers=["CPUExecutionProvider"], disabled_optimizers=list(disabled))
+        nodes = onnx.load(so.optimized_model_filepath).graph.node
+        return nodes[: next(i for i, n in enumerate(nodes) if n.op_type == "QLinearConv")]  # up to the first int8 convolution
+
+    def reorders(nodes: list) -> list[int]:
+        return [onnx.helper.get_attribute_value(a) for n in nodes if n.op_type == "ReorderOutput" for a in n.attribute if a.name == "channels_last"]
+
     x86 = platform.machine().lower() in ("x86_64", "amd64")
+    if x86:  # ONNX Runtime's NCHWc kernels (AVX2 and later): what the runtime's session runs ...
+        fast = optimized((*session_module.DISABLED_OPTIMIZERS, *session_module.NHWC_STEM_DISABLED_OPTIMIZERS))
+        assert reorders(fast) == [1] and not any(n.op_type == "Transpose" for n in fast)
+        plain = optimized(session_module.DISABLED_OPTIMIZERS)  # ... and what it would run with the optimizer on
+        assert reorders(plain) == [0] and [n.op_type for n in plain].count("Transpose") == 1
+    sess, _ = open_ort_session(int8_nhwc_model, ort.SessionOptions(), ["CPUExecutionProvider"])
     assert wants_nhwc_stem(sess) is x86
     assert not wants_nhwc_stem(ort.InferenceSession(str(int8_model)))  # exported without it
 
@@ -183,15 +198,59 @@ def test_int8_nhwc_stem_hand_over(int8_nhwc_model, int8_model, tmp_path):
             return ["CUDAExecutionProvider", "CPUExecutionProvider"]
 
     assert not wants_nhwc_stem(OnCuda())
-    optimized = onnx.load(so.optimized_model_filepath).graph.node
-    before_int8 = optimized[: next(i for i, n in enumerate(optimized) if n.op_type == "QLinearConv")]
-    channels_last = [onnx.helper.get_attribute_value(a) for n in before_int8 if n.op_type == "ReorderOutput" for a in n.attribute if a.name == "channels_last"]
-    if x86:  # ONNX Runtime's NCHWc kernels (AVX2 and later); elsewhere the session is the plain one (asserted above)
-        assert channels_last == [1] and not any(n.op_type == "Transpose" for n in before_int8)
+    # a model an edgemeta session writes (the .ort conversion, basic level) keeps no transpose: the optimizer stays on there
+    so = ort.SessionOptions()
+    so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_BASIC
+    so.optimized_model_filepath = str(tmp_path / "written.onnx")
+    open_ort_session(int8_nhwc_model, so, ["CPUExecutionProvider"])
+    assert not any(n.op_type == "Transpose" for n in onnx.load(so.optimized_model_filepath).graph.node)
     with pytest.raises(InputError, match="unknown stem layout 'nhcw'; use nchw or nhwc"):
         QuantizeSpec(stem_layout="nhcw")
     with pytest.raises(InputError, match="needs the float stem"):
         QuantizeSpec(stem_layout="nhwc", float_stem=False)
+
+
+def _stem_graph(readers: tuple[str, ...], stem_is_output: bool = False) -> onnx.ModelProto:
+    """images -> Conv (the float stem) -> Relu ("stem_relu") read by ``readers`` ("q": a
+    QuantizeLinear feeding a DequantizeLinear; "relu": a float Relu), each ending in an output."""
+    h = onnx.helper
+    nodes = [h.make_node("Conv", ["images", "w"], ["c"], name="stem_conv", pads=[1, 1, 1, 1]),
+             h.make_node("Relu", ["c"], ["r"], name="stem_relu")]
+    shape = ["b", 4, 8, 8]
+    outputs = [h.make_tensor_value_info("r", onnx.TensorProto.FLOAT, shape)] if stem_is_output else []
+    for i, kind in enumerate(readers):
+        if kind == "q":
+            nodes += [h.make_node("QuantizeLinear", ["r", "s", "z"], [f"q{i}"], name=f"q{i}"),
+                      h.make_node("DequantizeLinear", [f"q{i}", "s", "z"], [f"o{i}"], name=f"dq{i}")]
+        else:
+            nodes.append(h.make_node("Relu", ["r"], [f"o{i}"], name=f"relu{i}"))
+        outputs.append(h.make_tensor_value_info(f"o{i}", onnx.TensorProto.FLOAT, shape))
+    inits = [onnx.numpy_helper.from_array(np.ones((4, 1, 3, 3), np.float32), "w"),
+             onnx.numpy_helper.from_array(np.float32(0.1), "s"), onnx.numpy_helper.from_array(np.int8(0), "z")]
+    graph = h.make_graph(nodes, "stem", [h.make_tensor_value_info("images", onnx.TensorProto.FLOAT, ["b", 1, 8, 8])], outputs, inits)
+    return h.make_model(graph, opset_imports=[h.make_opsetid("", 18)])
+
+
+def test_nhwc_round_trip_goes_only_where_the_stem_hands_over_to_int8_alone(trained_conv4_onnx, background, tmp_path, monkeypatch):
+    from edgemeta.exporters import quantize as quantize_module
+
+    stem = {"stem_conv", "stem_relu"}
+    model = _stem_graph(("q", "q"))
+    assert quantize_module._nhwc_round_trip(model, stem)
+    onnx.checker.check_model(model, full_check=True)
+    ops = [(n.op_type, list(n.input)) for n in model.graph.node]
+    assert ops[2:4] == [("Transpose", ["r"]), ("Transpose", ["r_nhwc"])] and ops[4][1][0] == ops[6][1][0] == "r_nchw"
+    x = np.random.default_rng(0).standard_normal((2, 1, 8, 8)).astype(np.float32)
+    ref = ort.InferenceSession(_stem_graph(("q", "q")).SerializeToString()).run(None, {"images": x})
+    for a, b in zip(ref, ort.InferenceSession(model.SerializeToString()).run(None, {"images": x})):
+        np.testing.assert_array_equal(a, b)
+    for refused in (_stem_graph(("q", "relu")), _stem_graph(("q",), stem_is_output=True), _stem_graph(())):
+        before = refused.SerializeToString()
+        assert not quantize_module._nhwc_round_trip(refused, stem) and refused.SerializeToString() == before
+    monkeypatch.setattr(quantize_module, "_nhwc_round_trip", lambda model, stem: False)  # a model like those
+    with pytest.raises(InputError, match="--stem-layout nhwc: this model's float stem does not hand its output to int8 alone.*--stem-layout nchw"):
+        quantize_int8(trained_conv4_onnx, tmp_path / "no.onnx", background, QuantizeSpec(calibration_images=8, stem_layout="nhwc"))
+    assert not (tmp_path / "no.onnx").exists()
 
 
 def test_int8_gemm_kernel_keeps_the_weights_exactly(trained_conv4_onnx, background, tmp_path):

@@ -320,6 +320,7 @@ def test_gpu_provider_failing_to_load_keeps_stdout_clean(tiny_onnx_model, monkey
     assert capsys.readouterr().out == ""
 
 
+@pytest.mark.filterwarnings("ignore:Specified provider 'CUDAExecutionProvider' is not in available provider names")
 def test_a_model_asking_for_the_nhwc_stem_hand_over_is_opened_without_the_transpose_optimizer(make_onnx_model, monkeypatch):
     """An int8 model exported with stem_layout="nhwc" says so in its metadata; on the CPU provider
     of an x86-64 machine the session is opened again with ONNX Runtime's transpose optimizer off
@@ -344,3 +345,43 @@ def test_a_model_asking_for_the_nhwc_stem_hand_over_is_opened_without_the_transp
             base = session_module.DISABLED_OPTIMIZERS
             assert opened == ([base, (*base, *session_module.NHWC_STEM_DISABLED_OPTIMIZERS)] if wanted else [base])
             assert s.embed(np.ones((2, 1, 16, 16), np.float32)).shape == (2, 16)
+    # x86-64 again: sessions where the hand-over would not pay, or would be written into a file, open once
+    monkeypatch.setattr(session_module.platform, "machine", lambda: "x86_64")
+    basic = ort.SessionOptions()
+    basic.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_BASIC
+    writing = ort.SessionOptions()
+    writing.optimized_model_filepath = str(hinted.with_suffix(".written.onnx"))
+    profiling = ort.SessionOptions()
+    profiling.enable_profiling = True
+    profiling.profile_file_prefix = str(hinted.with_suffix(".profile"))
+    cases = [(basic, ["CPUExecutionProvider"]), (writing, ["CPUExecutionProvider"]), (profiling, ["CPUExecutionProvider"]),
+             (ort.SessionOptions(), ["CUDAExecutionProvider", "CPUExecutionProvider"])]  # a GPU that fails would be tried twice
+    for options, providers in cases:
+        opened.clear()
+        session_module.open_ort_session(hinted, options, providers)
+        assert opened == [session_module.DISABLED_OPTIMIZERS]
+    opened.clear()
+    session_module.open_ort_session(hinted, ort.SessionOptions(), ["CPUExecutionProvider"])
+    assert len(opened) == 2
+
+
+def test_nhwc_stem_request_is_read_safely_from_metadata(make_onnx_model, monkeypatch):
+    from edgemeta.runtime import session as session_module
+
+    monkeypatch.setattr(session_module.platform, "machine", lambda: "x86_64")
+
+    class Stub:
+        def __init__(self, custom):
+            self.custom = custom
+
+        def get_providers(self):
+            return ["CPUExecutionProvider"]
+
+        def get_modelmeta(self):
+            return type("Meta", (), {"custom_metadata_map": self.custom})()
+
+    assert session_module.wants_nhwc_stem(ort.InferenceSession(str(make_onnx_model(extra={"calibration": {"stem_layout": "nhwc"}}))))
+    for custom in ({}, {"edgemeta": "{not json"}, {"edgemeta": '{"precision": "int8"}'}):
+        assert not session_module.wants_nhwc_stem(Stub(custom))
+    assert not session_module.wants_nhwc_stem(ort.InferenceSession(str(make_onnx_model(extra={"calibration": "nhwc"}))))
+    assert not session_module.wants_nhwc_stem(ort.InferenceSession(str(make_onnx_model(metadata=False))))
