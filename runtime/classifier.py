@@ -150,7 +150,7 @@ class Prediction:
 
 def _as_list(images: ImageLike | Sequence[ImageLike]) -> Sequence:
     """A sliceable sequence of images; a 4-D array stays one array, so that a batch already
-    preprocessed takes :func:`preprocess`'s fast path (checked once, not image by image)."""
+    preprocessed (:func:`is_preprocessed`) goes to the session whole, checked once."""
     if isinstance(images, np.ndarray) and images.ndim == 4:
         return images
     if isinstance(images, (list, tuple)):
@@ -269,10 +269,14 @@ class FewShotClassifier:
         if len(items) == 0:
             raise InputError("no images given; pass at least one image")
         spec, bs = self.session.preprocess, self.options.batch_size
-        ready = is_preprocessed(items, spec)  # Session.embed checks it (shape, finite values) once
+        if is_preprocessed(items, spec):  # already in memory: one call, which checks it once and runs it in batches
+            emb = self.session.embed(items)
+            if on_progress is not None:
+                on_progress(len(emb))
+            return emb
         parts = []
-        for i in range(0, len(items), bs):
-            parts.append(self.session.embed(items[i : i + bs] if ready else preprocess(items[i : i + bs], spec)))
+        for i in range(0, len(items), bs):  # images are decoded batch by batch
+            parts.append(self.session.embed(preprocess(items[i : i + bs], spec)))
             if on_progress is not None:
                 on_progress(len(parts[-1]))
         return parts[0] if len(parts) == 1 else np.concatenate(parts)
@@ -351,8 +355,9 @@ class FewShotClassifier:
         spec, bs = self.session.preprocess, self.options.batch_size
         threshold = self.threshold
         out: list[Prediction] = []
-        for i in range(0, len(items), bs):
-            _, logits = self.session.run(preprocess(items[i : i + bs], spec), scores)
+        ready = is_preprocessed(items, spec)  # already in memory: one call, checked once
+        for i in range(0, len(items), len(items) if ready else bs):
+            _, logits = self.session.run(items if ready else preprocess(items[i : i + bs], spec), scores)
             if knn:
                 logits = self._knn_logits(logits, snap)
             out.extend(self._verdicts(logits, snap.labels, min(int(top_k), len(snap.labels)), threshold))

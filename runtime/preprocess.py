@@ -158,14 +158,20 @@ def is_preprocessed(images: object, spec: PreprocessSpec) -> bool:
     )
 
 
+def first_nonfinite(batch: np.ndarray) -> int | None:
+    """The index of the first image of a float batch [B, ...] that holds a NaN or an infinity,
+    or None. One vectorized check of the whole batch (3x faster than a float64 sum on 32 RGB
+    84x84 images); the culprit is looked for only when there is one."""
+    if batch.dtype.kind != "f" or np.isfinite(batch).all():
+        return None
+    return int(np.flatnonzero(~np.isfinite(batch).reshape(len(batch), -1).all(axis=1))[0])
+
+
 def preprocess(images: ImageLike | Sequence[ImageLike], spec: PreprocessSpec) -> np.ndarray:
     """Turn one image or a sequence of images into the model's float32 NCHW input."""
-    if is_preprocessed(images, spec):
-        # fast path: an already-preprocessed batch is checked once, not image by image (one
-        # vectorized isfinite: 3x faster than a float64 sum on 32 RGB 84x84 images); the
-        # culprit is found only then
-        if not np.isfinite(images).all():
-            bad = int(np.flatnonzero(~np.isfinite(images).reshape(len(images), -1).all(axis=1))[0])
+    if is_preprocessed(images, spec):  # fast path: an already-preprocessed batch is checked once
+        bad = first_nonfinite(images)
+        if bad is not None:
             _check_finite(images[bad], f"preprocessed array {bad}")
         return np.ascontiguousarray(images)
     if isinstance(images, np.ndarray) and images.ndim == 4:

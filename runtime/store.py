@@ -304,10 +304,11 @@ class PrototypeStore:
             raise InputError("no embeddings given; enrol at least one example")
         if e.dtype.kind not in "fiu":
             raise InputError("embeddings must be finite numbers; check the model's output")
-        # the sums are what the store keeps, so the reduction that makes them is also the check: a
-        # float32 batch's float64 sum (and the sum of that) is finite exactly when every value
-        # is, and a sum that overflows (huge float64 values) could not be stored either. As few
-        # numpy calls as possible: right after the embedding run each one starts cache-cold
+        # the sums are what the store keeps, so the reduction that makes them is also the check:
+        # a float32 batch's float64 sum (and the sum of that) is finite exactly when every value
+        # is. float64 embeddings so huge that the sum of their sums overflows are refused too,
+        # as if not finite (they are far outside any model's range). As few numpy calls as
+        # possible: right after the embedding run each one starts cache-cold
         total = e.sum(axis=0, dtype=np.float64)
         if not math.isfinite(total.sum()):
             raise InputError("embeddings must be finite numbers; check the model's output")

@@ -138,6 +138,21 @@ def test_preprocessed_batch_enrols_like_images_and_bad_values_change_nothing(tin
     assert clf.counts["class1"] == 6 and clf.store.prototypes() is before
 
 
+def test_a_bad_image_in_a_preprocessed_batch_is_named_by_its_place_in_the_whole_batch(tiny_onnx_model, runtime_images):
+    clf = _enrolled(tiny_onnx_model, runtime_images, batch_size=2)  # smaller than the batch
+    batch = preprocess(runtime_images["class1"][:5] + runtime_images["class2"][:2], clf.session.preprocess)
+    before = clf.store.prototypes()
+    batch[5, 0, 0, 0] = np.inf
+    for call in (lambda: clf.enroll("class1", batch), lambda: clf.predict(batch), lambda: clf.embed(batch)):
+        with pytest.raises(InputError, match="image 5 of the batch contains NaN or infinite values"):
+            call()
+    assert clf.store.prototypes() is before
+    batch[5, 0, 0, 0] = 0.0
+    done = []
+    assert clf.embed(batch, on_progress=done.append).shape == (7, clf.session.embedding_dim) and done == [7]
+    assert [p.label for p in clf.predict(batch)] == [p.label for p in clf.predict(list(batch))]  # one call or image by image
+
+
 def test_open_set_threshold(tiny_onnx_model, make_onnx_model, runtime_images):
     clf = _enrolled(tiny_onnx_model, runtime_images)
     assert clf.threshold == 1.0 == clf.default_threshold()  # l2-normalized squared euclidean
