@@ -62,11 +62,16 @@ class ExportOptions:
     precision: Precision = Precision.FP32
     spec: ExportSpec = ExportSpec()
     ort_format: bool = False
+    ort_level: str = "basic"  # the .ort file's optimization level: basic or extended (see optimize.to_ort_format)
     verify: VerifySpec | None = VerifySpec()
     data: str | None = None
     calibration_data: str | None = None
     data_dir: str | None = None
     quantize: QuantizeSpec = QuantizeSpec()
+
+    def __post_init__(self) -> None:  # before anything is written
+        if self.ort_level not in ("basic", "extended"):
+            raise InputError(f"unknown ORT-format optimization level {self.ort_level!r}; use basic or extended")
 
 
 @dataclass(frozen=True)
@@ -159,7 +164,7 @@ def _finish(model_path: Path, torch_model: nn.Module, out: Path, options: Export
         from edgemeta.exporters.optimize import to_ort_format
 
         _stage(progress, "converting to the ORT format")
-        outcome.ort_path = to_ort_format(out)
+        outcome.ort_path = to_ort_format(out, level=options.ort_level)
     return outcome
 
 

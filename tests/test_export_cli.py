@@ -102,6 +102,8 @@ BEFORE = ["junk.safetensors", *sorted(USER_MODULES)]
          "the gemm convolution kernel needs uint8 activations (ONNX Runtime's int8 GEMM is uint8 x int8); add --activations uint8"),
         (["export", "--module", "usernet_ok:build", *MODULE_ARGS, "--precision", "int8", "--conv-kernel", "amx", "-o", "m.onnx"],
          "unknown int8 convolution kernel 'amx'; use direct or gemm"),
+        (["export", "--module", "usernet_ok:build", *MODULE_ARGS, "--ort", "--ort-optimization", "fast", "-o", "m.onnx"],
+         "unknown ORT-format optimization level 'fast'; use basic or extended"),
         (["export", "--module", "usernet_ok:build", *MODULE_ARGS, "--precision", "int8", "--stem-layout", "nhcw", "-o", "m.onnx"],
          "unknown stem layout 'nhcw'; use nchw or nhwc"),
         (["export", "--module", "usernet_ok:build", *MODULE_ARGS, "--precision", "int8", "--stem-layout", "nhwc", "--no-float-stem", "-o", "m.onnx"],

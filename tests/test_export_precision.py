@@ -284,6 +284,42 @@ def test_int8_gemm_kernel_keeps_the_weights_exactly(trained_conv4_onnx, backgrou
         QuantizeSpec(activations="uint8", conv_kernel="amx")
 
 
+def test_int8_ort_format_at_the_extended_level_runs_the_int8_kernels(int8_model, tmp_path):
+    """ONNX Runtime optimizes an .ort model no further when it loads it: at the basic level an
+    int8 .ort runs its QDQ convolutions as DequantizeLinear + float Conv; at the extended
+    level they are fused into int8 kernels, with the same embeddings as the .onnx."""
+    import json
+    import shutil
+
+    from edgemeta.exporters import ExportOptions
+    from edgemeta.exporters.optimize import to_ort_format
+
+    src = tmp_path / "m.onnx"
+    shutil.copy(int8_model, src)
+    x = np.random.default_rng(0).standard_normal((4, 1, 28, 28)).astype(np.float32)
+    feed = {"images": x, "prototypes": np.zeros((0, 64), np.float32)}
+    ref = ort.InferenceSession(str(src)).run(["embeddings"], feed)[0]
+
+    def kernels_run(path: Path) -> tuple[set[str], np.ndarray]:
+        so = ort.SessionOptions()
+        so.enable_profiling = True
+        so.profile_file_prefix = str(tmp_path / path.stem)
+        s = ort.InferenceSession(str(path), so, providers=["CPUExecutionProvider"])
+        emb = s.run(["embeddings"], feed)[0]
+        events = json.loads(Path(s.end_profiling()).read_text())
+        return {e["args"]["op_name"] for e in events if e.get("cat") == "Node" and "op_name" in e.get("args", {})}, emb
+
+    basic_ops, basic = kernels_run(to_ort_format(src, tmp_path / "basic.ort"))
+    fused_ops, fused = kernels_run(to_ort_format(src, tmp_path / "extended.ort", level="extended"))
+    assert "QLinearConv" in fused_ops and "QLinearConv" not in basic_ops and "DequantizeLinear" in basic_ops
+    np.testing.assert_allclose(fused, ref, rtol=0, atol=1e-5 * float(np.abs(ref).max()))
+    with pytest.raises(InputError, match="unknown ORT-format optimization level 'fast'; use basic or extended"):
+        to_ort_format(src, tmp_path / "x.ort", level="fast")
+    with pytest.raises(InputError, match="unknown ORT-format optimization level 'fast'"):
+        ExportOptions(ort_format=True, ort_level="fast")
+    assert not (tmp_path / "x.ort").exists()
+
+
 def test_int8_predictions_agree_and_accuracy_holds(int8_model, trained_conv4, omniglot_novel):
     report = verify(int8_model, load_checkpoint(trained_conv4).model, omniglot_novel, EPISODES)
     ep = report.episodes
