@@ -52,7 +52,7 @@ from typing import Callable, Iterator, NamedTuple, Sequence
 import numpy as np
 
 from edgemeta.runtime.errors import InputError, ModelMismatchError
-from edgemeta.runtime.preprocess import ImageLike, is_preprocessed, preprocess
+from edgemeta.runtime.preprocess import ImageLike, check_batch_finite, is_preprocessed, preprocess
 from edgemeta.runtime.session import ProvidersArg, Session, SessionOptions
 from edgemeta.runtime.spec import Metric, Normalization, PreprocessSpec
 from edgemeta.runtime.store import PrototypeStore, StoreSnapshot, check_label
@@ -150,7 +150,7 @@ class Prediction:
 
 def _as_list(images: ImageLike | Sequence[ImageLike]) -> Sequence:
     """A sliceable sequence of images; a 4-D array stays one array, so that a batch already
-    preprocessed (:func:`is_preprocessed`) goes to the session whole, checked once."""
+    preprocessed (:func:`is_preprocessed`) goes to the session as it is, checked once."""
     if isinstance(images, np.ndarray) and images.ndim == 4:
         return images
     if isinstance(images, (list, tuple)):
@@ -269,17 +269,25 @@ class FewShotClassifier:
         if len(items) == 0:
             raise InputError("no images given; pass at least one image")
         spec, bs = self.session.preprocess, self.options.batch_size
-        if is_preprocessed(items, spec):  # already in memory: one call, which checks it once and runs it in batches
-            emb = self.session.embed(items)
-            if on_progress is not None:
-                on_progress(len(emb))
-            return emb
+        ready = self._ready(items, spec, bs)
         parts = []
-        for i in range(0, len(items), bs):  # images are decoded batch by batch
-            parts.append(self.session.embed(preprocess(items[i : i + bs], spec)))
+        for i in range(0, len(items), bs):  # batch by batch: images are decoded, and memory bounded, per batch
+            parts.append(self.session.embed(items[i : i + bs] if ready else preprocess(items[i : i + bs], spec)))
             if on_progress is not None:
                 on_progress(len(parts[-1]))
         return parts[0] if len(parts) == 1 else np.concatenate(parts)
+
+    @staticmethod
+    def _ready(items: Sequence, spec: PreprocessSpec, bs: int) -> bool:
+        """Whether ``items`` is an already-preprocessed batch (:func:`is_preprocessed`), which goes
+        to the session as it is: checked there once per call, not also by :func:`preprocess`.
+        One larger than a call (``bs``) is checked whole first, so that a bad image is named
+        by its place in the whole batch."""
+        if not is_preprocessed(items, spec):
+            return False
+        if len(items) > bs:
+            check_batch_finite(items)
+        return True
 
     def enroll(
         self, label: str, images: ImageLike | Sequence[ImageLike], *, on_progress: Callable[[int], None] | None = None
@@ -355,9 +363,9 @@ class FewShotClassifier:
         spec, bs = self.session.preprocess, self.options.batch_size
         threshold = self.threshold
         out: list[Prediction] = []
-        ready = is_preprocessed(items, spec)  # already in memory: one call, checked once
-        for i in range(0, len(items), len(items) if ready else bs):
-            _, logits = self.session.run(items if ready else preprocess(items[i : i + bs], spec), scores)
+        ready = self._ready(items, spec, bs)
+        for i in range(0, len(items), bs):
+            _, logits = self.session.run(items[i : i + bs] if ready else preprocess(items[i : i + bs], spec), scores)
             if knn:
                 logits = self._knn_logits(logits, snap)
             out.extend(self._verdicts(logits, snap.labels, min(int(top_k), len(snap.labels)), threshold))

@@ -167,6 +167,13 @@ def first_nonfinite(batch: np.ndarray) -> int | None:
     return int(np.flatnonzero(~np.isfinite(batch).reshape(len(batch), -1).all(axis=1))[0])
 
 
+def check_batch_finite(batch: np.ndarray) -> None:
+    """Raise :class:`InputError` naming the first image of ``batch`` with a NaN or an infinity."""
+    bad = first_nonfinite(batch)
+    if bad is not None:
+        raise InputError(f"image {bad} of the batch contains NaN or infinite values; clean the array before passing it")
+
+
 def preprocess(images: ImageLike | Sequence[ImageLike], spec: PreprocessSpec) -> np.ndarray:
     """Turn one image or a sequence of images into the model's float32 NCHW input."""
     if is_preprocessed(images, spec):  # fast path: an already-preprocessed batch is checked once

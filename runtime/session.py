@@ -33,7 +33,7 @@ import numpy as np
 import onnxruntime as ort
 
 from edgemeta.runtime.errors import InputError, ProviderError
-from edgemeta.runtime.preprocess import first_nonfinite
+from edgemeta.runtime.preprocess import check_batch_finite
 from edgemeta.runtime.spec import (
     INPUT_IMAGES,
     INPUT_PROTOTYPES,
@@ -609,9 +609,7 @@ class Session:
             )
         if x.dtype.kind != "f":
             raise InputError(f"images must be a float array, got {x.dtype}; preprocess them first")
-        bad = first_nonfinite(x)
-        if bad is not None:
-            raise InputError(f"image {bad} of the batch contains NaN or infinite values; clean the array before passing it")
+        check_batch_finite(x)
         return x
 
     def _check_prototypes(self, prototypes: np.ndarray) -> np.ndarray:

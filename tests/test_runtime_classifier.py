@@ -149,7 +149,12 @@ def test_a_bad_image_in_a_preprocessed_batch_is_named_by_its_place_in_the_whole_
     assert clf.store.prototypes() is before
     batch[5, 0, 0, 0] = 0.0
     done = []
-    assert clf.embed(batch, on_progress=done.append).shape == (7, clf.session.embedding_dim) and done == [7]
+    assert clf.embed(batch, on_progress=done.append).shape == (7, clf.session.embedding_dim) and done == [2, 2, 2, 1]  # batch by batch
+    calls = []
+    real = clf.session.run
+    clf.session.run = lambda x, p: calls.append(len(x)) or real(x, p)
+    clf.predict(batch)
+    assert calls == [2, 2, 2, 1]  # the classifier's batch size bounds each call, preprocessed or not
     assert [p.label for p in clf.predict(batch)] == [p.label for p in clf.predict(list(batch))]  # one call or image by image
 
 
