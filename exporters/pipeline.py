@@ -70,8 +70,11 @@ class ExportOptions:
     quantize: QuantizeSpec = QuantizeSpec()
 
     def __post_init__(self) -> None:  # before anything is written
-        if self.ort_level not in ("basic", "extended"):
-            raise InputError(f"unknown ORT-format optimization level {self.ort_level!r}; use basic or extended")
+        from edgemeta.exporters.optimize import check_ort_level
+
+        check_ort_level(self.ort_level)
+        if self.ort_level != "basic" and not self.ort_format:
+            raise InputError("--ort-optimization applies to the .ort file; add --ort")
 
 
 @dataclass(frozen=True)

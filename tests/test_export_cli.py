@@ -104,6 +104,8 @@ BEFORE = ["junk.safetensors", *sorted(USER_MODULES)]
          "unknown int8 convolution kernel 'amx'; use direct or gemm"),
         (["export", "--module", "usernet_ok:build", *MODULE_ARGS, "--ort", "--ort-optimization", "fast", "-o", "m.onnx"],
          "unknown ORT-format optimization level 'fast'; use basic or extended"),
+        (["export", "--module", "usernet_ok:build", *MODULE_ARGS, "--ort-optimization", "extended", "-o", "m.onnx"],
+         "--ort-optimization applies to the .ort file; add --ort"),
         (["export", "--module", "usernet_ok:build", *MODULE_ARGS, "--precision", "int8", "--stem-layout", "nhcw", "-o", "m.onnx"],
          "unknown stem layout 'nhcw'; use nchw or nhwc"),
         (["export", "--module", "usernet_ok:build", *MODULE_ARGS, "--precision", "int8", "--stem-layout", "nhwc", "--no-float-stem", "-o", "m.onnx"],

@@ -24,8 +24,8 @@ KERNEL_HELP = ("int8 convolution kernel of ONNX Runtime's CPU provider: direct (
                "with zero point -1, lossless, so convolutions run as int8 GEMMs: AMX where the CPU has it; needs --activations uint8). "
                "Wide layers gain from gemm, narrow ones lose: compare with `edgemeta benchmark`. gemm is for CPUs: TensorRT takes only zero points of 0.")
 ORT_LEVEL_HELP = ("Optimization baked into the --ort file (ONNX Runtime adds none when it loads one): basic (runs on every provider) "
-                  "or extended (the CPU provider's fusions, int8 kernels included: for devices that run it on the CPU; Conv-4 int8 "
-                  "about 5x faster).")
+                  "or extended (the CPU provider's fusions, int8 kernels included, as chosen for this machine's CPU architecture: for "
+                  "devices of that architecture running the CPU provider; Conv-4 int8 about 5x faster than basic).")
 LAYOUT_HELP = ("How the float stem hands over to int8 on ONNX Runtime's CPU provider: nchw (as quantized) or nhwc (an NHWC round trip "
                "after the stem, so that on x86-64 the stem writes NHWC directly and no int8 transpose runs; needs --float-stem). "
                "Wide stems gain (Conv-4), narrow ones lose: compare with `edgemeta benchmark`.")
