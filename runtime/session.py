@@ -284,11 +284,17 @@ def wants_nhwc_stem(session: ort.InferenceSession) -> bool:
     providers = session.get_providers()
     if not providers or providers[0] != Provider.CPU.value or platform.machine().lower() not in _NCHWC_MACHINES:
         return False
-    raw = session.get_modelmeta().custom_metadata_map.get(METADATA_KEY)
     try:
-        return ModelMetadata.from_json(raw).extra.get("calibration", {}).get("stem_layout") == "nhwc" if raw else False
+        meta = stored_metadata(session)
+        return meta is not None and meta.extra.get("calibration", {}).get("stem_layout") == "nhwc"
     except Exception:  # noqa: BLE001 - bad metadata is reported where the session reads it
         return False
+
+
+def stored_metadata(session: ort.InferenceSession) -> ModelMetadata | None:
+    """The edgemeta metadata stored in ``session``'s model, or None (a model from elsewhere)."""
+    custom = session.get_modelmeta().custom_metadata_map
+    return ModelMetadata.from_json(custom[METADATA_KEY]) if METADATA_KEY in custom else None
 
 
 def feeds_prototype_norms(session: ort.InferenceSession) -> bool:
@@ -374,7 +380,7 @@ class Session:
         self._sess = self._create_session()
         self._check_contract()
         self.feeds_norms = feeds_prototype_norms(self._sess)
-        meta = self._stored_metadata()
+        meta = stored_metadata(self._sess)
         spec = preprocess or (meta.preprocess if meta else None)
         if spec is None:
             raise InputError(
@@ -508,10 +514,6 @@ class Session:
         if entry[2] is None:
             entry = self._norms_cache = (entry[0], entry[1], ort.OrtValue.ortvalue_from_numpy(entry[1], *self._device()))
         return entry[2]
-
-    def _stored_metadata(self) -> ModelMetadata | None:
-        custom = self._sess.get_modelmeta().custom_metadata_map
-        return ModelMetadata.from_json(custom[METADATA_KEY]) if METADATA_KEY in custom else None
 
     def _check_input_shape(self, spec: PreprocessSpec) -> None:
         want = (spec.channels, *spec.size)
