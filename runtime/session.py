@@ -69,6 +69,7 @@ class Provider(str, Enum):
 #: The order ``providers="auto"`` tries, among those this onnxruntime build has.
 AUTO_ORDER = (Provider.TENSORRT.value, Provider.CUDA.value, Provider.CPU.value)
 _GPU_PROVIDERS = (Provider.TENSORRT.value, Provider.CUDA.value)
+_FLOAT_TYPES = ("tensor(float)", "tensor(float16)")
 _SHORT_NAMES = {"cpu": Provider.CPU, "cuda": Provider.CUDA, "gpu": Provider.CUDA, "tensorrt": Provider.TENSORRT, "trt": Provider.TENSORRT}
 
 ProvidersArg = Union[str, Provider, Sequence[Union[str, Provider]]]
@@ -389,6 +390,7 @@ class Session:
             )
         self._check_input_shape(spec)
         self.metadata = meta.with_(preprocess=spec) if meta else self._infer_metadata(spec)
+        self._check_embedding_dim(self.metadata)
         self._logit_scale = self._find_logit_scale()
         self.io_binding = self.options.io_binding if self.options.io_binding is not None else self.on_gpu
 
@@ -398,7 +400,7 @@ class Session:
         if not (self._auto or self.allow_fallback):
             raise ProviderError(
                 f"provider(s) {', '.join(lost)} asked for but {reason}; install onnxruntime-gpu with "
-                "matching CUDA/TensorRT libraries, or pass providers='auto' or allow_fallback=True"
+                "matching CUDA/TensorRT libraries, or pass providers='auto' or allow_fallback=True (`--providers auto` on the command line)"
             )
         for p in lost:
             self.fallbacks.append(f"{p}: {reason}")
@@ -480,8 +482,32 @@ class Session:
                 ranks.append(f"input '{name}' has rank {len(shape)}, expected {want}")
         if ranks:
             raise InputError(f"{self.path} breaks the edgemeta contract: {'; '.join(ranks)}; re-export the model")
+        types = [f"input '{n}' is {inputs[n].type}" for n in inputs if inputs[n].type not in _FLOAT_TYPES]
+        types += [f"output '{n}' is {outputs[n].type}" for n in (OUTPUT_EMBEDDINGS, OUTPUT_LOGITS) if outputs[n].type not in _FLOAT_TYPES]
+        if types:
+            raise InputError(f"{self.path} breaks the edgemeta contract: {'; '.join(types)}, expected float or float16; re-export the model")
+        count = inputs[INPUT_PROTOTYPES].shape[0] if inputs[INPUT_PROTOTYPES].shape else None
+        if isinstance(count, int):
+            raise InputError(
+                f"{self.path} takes a fixed number of prototypes ({count}), so classes cannot be enrolled; "
+                "re-export it with `edgemeta export` (a dynamic class count)"
+            )
         self._in_types = {n: np.float16 if inputs[n].type == "tensor(float16)" else np.float32 for n in inputs}
         self._images_shape = inputs[INPUT_IMAGES].shape
+        batch = self._images_shape[0] if self._images_shape else None
+        self.fixed_batch: int | None = batch if isinstance(batch, int) and batch > 0 else None
+        """The batch size the graph was exported with when it is fixed, else None: calls then
+        go in chunks of exactly that size, the last one padded with zero images (their
+        outputs dropped)."""
+
+    def _check_embedding_dim(self, metadata: ModelMetadata) -> None:
+        """The metadata's embedding size against the graph's, where the graph fixes it."""
+        graph = {self._output_dim(), self._prototypes_dim()} - {None}
+        if graph and graph != {metadata.embedding_dim}:
+            raise InputError(
+                f"{self.path}: its metadata says {metadata.embedding_dim}-d embeddings but the graph's are "
+                f"{'/'.join(map(str, sorted(graph)))}-d; re-export the model with `edgemeta export`"
+            )
 
     def _norms_entry(self, protos: np.ndarray) -> tuple[np.ndarray, np.ndarray, object | None] | None:
         """``(protos, their squared norms, those on the device or None)`` for read-only
@@ -536,6 +562,10 @@ class Session:
 
     def _output_dim(self) -> int | None:
         shape = next(o.shape for o in self._sess.get_outputs() if o.name == OUTPUT_EMBEDDINGS)
+        return shape[-1] if shape and isinstance(shape[-1], int) else None
+
+    def _prototypes_dim(self) -> int | None:
+        shape = next(i.shape for i in self._sess.get_inputs() if i.name == INPUT_PROTOTYPES)
         return shape[-1] if shape and isinstance(shape[-1], int) else None
 
     def _infer_metadata(self, preprocess: PreprocessSpec) -> ModelMetadata:
@@ -647,7 +677,7 @@ class Session:
         return emb, logits
 
     def _chunked(self, x: np.ndarray, protos: np.ndarray, logits: bool) -> tuple[np.ndarray, np.ndarray | None]:
-        bs = self.options.batch_size
+        bs = self.fixed_batch or self.options.batch_size
         parts = [self._raw_run(x[i : i + bs], protos, logits) for i in range(0, len(x), bs)]
         emb = parts[0][0] if len(parts) == 1 else np.concatenate([e for e, _ in parts])
         if not logits:
@@ -656,6 +686,9 @@ class Session:
         return emb, lg
 
     def _raw_run(self, x: np.ndarray, protos: np.ndarray, logits: bool = True) -> tuple[np.ndarray, np.ndarray | None]:
+        n = len(x)
+        if self.fixed_batch and n < self.fixed_batch:  # the graph takes exactly that many images
+            x = np.concatenate([x, np.zeros((self.fixed_batch - n, *x.shape[1:]), x.dtype)])
         x = np.ascontiguousarray(x, dtype=self._in_types[INPUT_IMAGES])
         names = [OUTPUT_EMBEDDINGS, OUTPUT_LOGITS] if logits else [OUTPUT_EMBEDDINGS]
         if self.io_binding:
@@ -667,6 +700,8 @@ class Session:
                 feed[INPUT_SQNORMS] = norms
             outs = self._sess.run(names, feed)
         outs = [np.asarray(o, dtype=np.float32) for o in outs]
+        if len(outs[0]) != n:
+            outs = [o[:n] for o in outs]
         return outs[0], (outs[1] if logits else None)
 
     def _device(self) -> tuple[str, int]:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import warnings
+from pathlib import Path
 
 import numpy as np
 import onnxruntime as ort
@@ -385,3 +386,67 @@ def test_nhwc_stem_request_is_read_safely_from_metadata(make_onnx_model, monkeyp
         assert not session_module.wants_nhwc_stem(Stub(custom))
     assert not session_module.wants_nhwc_stem(ort.InferenceSession(str(make_onnx_model(extra={"calibration": "nhwc"}))))
     assert not session_module.wants_nhwc_stem(ort.InferenceSession(str(make_onnx_model(metadata=False))))
+
+
+def _edited(src: Path, dst: Path, edit) -> Path:
+    import onnx
+
+    m = onnx.load(str(src))
+    edit(m)
+    onnx.save(m, str(dst))
+    return dst
+
+
+def _fix_batch(batch: int):
+    def edit(m):
+        for v in (*m.graph.input[:1], *m.graph.output):  # images, embeddings, logits
+            v.type.tensor_type.shape.dim[0].dim_value = batch
+
+    return edit
+
+
+@pytest.mark.parametrize("batch", [1, 4])
+def test_a_model_with_a_fixed_batch_runs_any_number_of_images(tmp_path, tiny_onnx_model, batch):
+    fixed = Session(_edited(tiny_onnx_model, tmp_path / "fixed.onnx", _fix_batch(batch)), "cpu", options=SessionOptions(batch_size=3))
+    free = Session(tiny_onnx_model, "cpu")
+    assert fixed.fixed_batch == batch and free.fixed_batch is None
+    x, protos = _batch(6), np.eye(16, dtype=np.float32)[:3]
+    fixed._sess = _CountingSession(fixed._sess)
+    emb, logits = fixed.run(x, protos)
+    ref_emb, ref_logits = free.run(x, protos)
+    assert fixed._sess.batches == [batch] * -(-6 // batch)  # every call exactly the graph's batch, the last one padded
+    assert emb.shape == (6, 16) and logits.shape == (6, 3)
+    np.testing.assert_allclose(emb, ref_emb, atol=1e-6)
+    np.testing.assert_allclose(logits, ref_logits, atol=1e-6)
+    np.testing.assert_allclose(fixed.embed(x[:1]), ref_emb[:1], atol=1e-6)
+
+
+def test_metadata_that_disagrees_with_the_graph_is_refused(tmp_path, tiny_onnx_model):
+    def wrong_dim(m):
+        m.metadata_props[0].value = m.metadata_props[0].value.replace('"embedding_dim": 16', '"embedding_dim": 128')
+
+    path = _edited(tiny_onnx_model, tmp_path / "dim.onnx", wrong_dim)
+    assert '"embedding_dim": 128' in path.read_bytes().decode("latin-1")  # the edit took
+    with pytest.raises(InputError, match="metadata says 128-d embeddings but the graph's are 16-d; re-export"):
+        Session(path, "cpu")
+
+
+def test_an_input_that_is_not_float_is_refused(tmp_path, tiny_onnx_model):
+    from onnx import TensorProto, helper
+
+    def int_images(m):
+        m.graph.input[0].type.tensor_type.elem_type = TensorProto.INT64
+        for node in m.graph.node:
+            node.input[:] = ["images_f" if i == "images" else i for i in node.input]
+        m.graph.node.insert(0, helper.make_node("Cast", ["images"], ["images_f"], to=TensorProto.FLOAT))
+
+    with pytest.raises(InputError, match=r"input 'images' is tensor\(int64\), expected float or float16; re-export"):
+        Session(_edited(tiny_onnx_model, tmp_path / "int.onnx", int_images), "cpu")
+
+
+def test_a_fixed_number_of_prototypes_is_refused(tmp_path, tiny_onnx_model):
+    def fixed_classes(m):
+        m.graph.input[1].type.tensor_type.shape.dim[0].dim_value = 5
+
+    with pytest.raises(InputError, match=r"takes a fixed number of prototypes \(5\), so classes cannot be enrolled"):
+        Session(_edited(tiny_onnx_model, tmp_path / "five.onnx", fixed_classes), "cpu")
