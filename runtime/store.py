@@ -362,7 +362,7 @@ class PrototypeStore:
                 return
             if new in self._index:
                 if not merge:
-                    raise InputError(f"label {new!r} already exists; pass merge=True to combine {old!r} into it")
+                    raise InputError(f"label {new!r} already exists; pass merge=True (`edgemeta store rename --merge`) to combine {old!r} into it")
                 self._absorb(new, self._sums[self._index[old]].copy(), int(self._counts[self._index[old]]), self._examples[old])
                 self.forget(old)
                 return

@@ -79,14 +79,15 @@ def test_store_commands(enrolled):
         (["enroll", "{model}", "--store", "{store}", "--label", "x", "{tmp}/nope.png"], "error: image file not found: .*nope.png"),
         (["enroll", "{model}", "--store", "{store}", "--label", " ", "{folder}/class0/0.png"], "error: label must be a non-empty string"),
         (["enroll", "{tmp}/none.onnx", "--store", "{store}", "--folder", "{folder}"], "error: model file not found"),
-        pytest.param(["enroll", "{model}", "--store", "{store}", "--folder", "{folder}", "--providers", "cuda"], "error: provider.s. CUDAExecutionProvider asked for",
+        pytest.param(["enroll", "{model}", "--store", "{store}", "--folder", "{folder}", "--providers", "cuda"],
+                     "error: provider.s. CUDAExecutionProvider asked for .*`--providers auto` on the command line",
                      marks=pytest.mark.skipif(cuda_runs(), reason="CUDA runs here")),
         (["predict", "{model}", "--store", "{tmp}/missing.store", "{folder}/class0/0.png"], "error: store file not found"),
         (["predict", "{cosine}", "--store", "{store}", "{folder}/class0/0.png"], "error: store .* was made with model fp-tiny-0001, this model is fp-tiny-cos; re-enrol"),
         (["predict", "{model}", "--store", "{store}", "{folder}/class0/0.png", "--top-k", "0"], "error: top_k must be an integer >= 1"),
-        (["predict", "{model}", "--store", "{store}", "{folder}/class0/0.png", "--knn", "1"], "error: k-NN mode needs a store that keeps embeddings"),
+        (["predict", "{model}", "--store", "{store}", "{folder}/class0/0.png", "--knn", "1"], "error: k-NN mode needs a store that keeps embeddings.*`edgemeta enroll --keep-embeddings`"),
         (["store", "forget", "{store}", "dragon"], r"error: unknown label 'dragon'; enrolled labels: 'class0'"),
-        (["store", "rename", "{store}", "class0", "class1"], "error: label 'class1' already exists; pass merge=True"),
+        (["store", "rename", "{store}", "class0", "class1"], r"error: label 'class1' already exists; pass merge=True \(`edgemeta store rename --merge`\)"),
         (["store", "list", "{tmp}"], "error: .* is a folder, not a store file"),
     ],
 )
@@ -112,3 +113,33 @@ def test_knn_predict_with_a_store_that_keeps_embeddings(tmp_path, tiny_onnx_mode
     _run("enroll", tiny_onnx_model, "-s", store, "--folder", runtime_image_folder, "--keep-embeddings")
     doc = json.loads(_run("predict", tiny_onnx_model, "-s", store, runtime_image_folder / "class3" / "1.png", "--knn", "1", "--json").stdout)
     assert doc["predictions"][0]["label"] == "class3" and doc["predictions"][0]["distance"] == pytest.approx(0.0, abs=1e-5)
+
+
+@pytest.mark.parametrize(
+    "argv, message",
+    [
+        (["benchmark", "m.onnx", "--runs", "abc"], r"Invalid value for '--runs'.*; see 'edgemeta benchmark --help'"),
+        (["predict", "m.onnx", "--nosuch"], r"No such option: --nosuch; see 'edgemeta predict --help'"),
+        (["benchmark"], r"Missing argument 'models'; see 'edgemeta benchmark --help'"),
+        (["nosuch"], r"No such command 'nosuch'; see 'edgemeta --help'"),
+        (["inspect", "/nonexistent/m.onnx"], r"model file not found: /nonexistent/m.onnx"),
+    ],
+)
+def test_the_entry_point_ends_every_bad_input_in_one_line_and_exit_1(monkeypatch, capsys, argv, message):
+    from edgemeta.cli import main
+
+    monkeypatch.setattr("sys.argv", ["edgemeta", *argv])
+    with pytest.raises(SystemExit) as done:
+        main()
+    err = capsys.readouterr().err
+    assert done.value.code == 1 and len(err.strip().splitlines()) == 1 and err.startswith("error: "), err
+    assert re.search(message, err), err
+
+
+def test_the_entry_point_exits_0_after_help(monkeypatch, capsys):
+    from edgemeta.cli import main
+
+    monkeypatch.setattr("sys.argv", ["edgemeta", "predict", "--help"])
+    with pytest.raises(SystemExit) as done:
+        main()
+    assert done.value.code == 0 and "--store" in capsys.readouterr().out

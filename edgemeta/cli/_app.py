@@ -61,9 +61,39 @@ def _show_warning(message: Any, category: type, filename: str, lineno: int, file
     (file or sys.stderr).write(f"warning: {' '.join(str(message).split())}\n")
 
 
+def _usage_error(e: BaseException) -> str | None:
+    """The one-line form of a command-line usage error (an unknown option, a value of the
+    wrong type, a missing argument), or None when ``e`` is not one. Typer raises its own or
+    click's exception classes depending on its version, so they are recognised by shape."""
+    message = getattr(e, "format_message", None)
+    if getattr(e, "exit_code", None) != 2 or not callable(message):
+        return None
+    text = " ".join(str(message()).split())
+    if not text:  # no arguments at all: the help has been shown
+        return None
+    ctx = getattr(e, "ctx", None)
+    path = getattr(ctx, "command_path", None) or "edgemeta"
+    return f"{text.rstrip('.')}; see '{path} --help'"
+
+
 def main() -> None:
-    """Console entry point."""
+    """Console entry point. Every bad input ends the same way: one ``error:`` line on stderr
+    and exit 1, usage errors included (which click would show in a box and exit 2 for)."""
     import warnings
 
     warnings.showwarning = _show_warning
-    app(prog_name="edgemeta")
+    try:
+        code = app(prog_name="edgemeta", standalone_mode=False)
+    except Exception as e:  # noqa: BLE001 - re-raised unless it is a usage error
+        line = _usage_error(e)
+        if line is not None:
+            sys.stderr.write(f"error: {line}\n")
+            sys.exit(1)
+        if type(e).__name__ == "Abort":  # Ctrl-C outside a command
+            sys.stderr.write("error: interrupted\n")
+            sys.exit(130)
+        if hasattr(e, "exit_code") and callable(getattr(e, "show", None)):  # any other click error, as click shows it
+            e.show()
+            sys.exit(e.exit_code)
+        raise
+    sys.exit(code if isinstance(code, int) else 0)
