@@ -19,6 +19,7 @@ from typing import Any, Callable
 import numpy as np
 
 from edgemeta.checkpoint import default_checkpoint
+from edgemeta.runtime.errors import InputError
 from edgemeta.runtime.spec import Precision
 
 __all__ = ["QuickstartConfig", "quickstart", "summary_lines"]
@@ -33,6 +34,11 @@ class QuickstartConfig:
     verify_episodes: int = 200
     bench_runs: int = 50
     seed: int = 0
+
+    def __post_init__(self) -> None:
+        for flag, value in (("--classes", self.n_classes), ("--shots", self.shots), ("verify_episodes", self.verify_episodes), ("bench_runs", self.bench_runs)):
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise InputError(f"{flag} must be a whole number of at least 1, got {value!r}")
 
 
 def _enrol_and_predict(model: Path, data, classes: np.ndarray, shots: int, store: Path) -> dict[str, Any]:
@@ -72,6 +78,14 @@ def quickstart(cfg: QuickstartConfig = QuickstartConfig(), progress: Callable[[s
 
     say = progress or (lambda msg: None)
     out = Path(cfg.out)
+    if out.exists() and not out.is_dir():
+        raise InputError(f"--out {out} is a file; name a folder for the models, stores and reports")
+    data = load_omniglot("evaluation", cfg.data_dir)  # checked against the request before the minute of exporting
+    per_class = int(np.bincount(data.labels).min())
+    if cfg.n_classes > data.num_classes:
+        raise InputError(f"--classes {cfg.n_classes} is more than the {data.num_classes} novel Omniglot classes; pass at most {data.num_classes}")
+    if cfg.shots >= per_class:
+        raise InputError(f"--shots {cfg.shots} leaves no image to predict (novel Omniglot classes have {per_class} images); pass at most {per_class - 1}")
     out.mkdir(parents=True, exist_ok=True)
     ckpt = default_checkpoint()
     summary: dict[str, Any] = {"checkpoint": str(ckpt), "export": {}, "runtime": {}}
@@ -92,7 +106,6 @@ def quickstart(cfg: QuickstartConfig = QuickstartConfig(), progress: Callable[[s
             "embeddings_max_abs_error": v.get("embeddings_max_abs_error"),
         }
     say("enrolling novel Omniglot classes through the device runtime")
-    data = load_omniglot("evaluation", cfg.data_dir)
     classes = np.random.default_rng(cfg.seed).choice(data.num_classes, cfg.n_classes, replace=False)
     for precision, path in models.items():
         summary["runtime"][precision.value] = _enrol_and_predict(path, data, classes, cfg.shots, out / f"store.{precision.value}.safetensors")
