@@ -73,20 +73,27 @@ def file_sha256(path: str | os.PathLike) -> str:
     return h.hexdigest()
 
 
-def atomic_write(path: str | os.PathLike, write) -> None:
-    """Call ``write(tmp_path)`` then fsync and rename over ``path``; never leaves half a file."""
+def atomic_write(path: str | os.PathLike, write, suffix: str = ".tmp") -> None:
+    """Call ``write(tmp_path)`` then fsync and rename over ``path``; never leaves half a file.
+    A replaced file keeps its permission bits (a read-only model stays read-only); a new one
+    is an ordinary file (0666 less the umask). ``suffix``: the temporary file's, for writers
+    that go by the extension."""
     path = Path(path)
     if not path.parent.exists():
         raise CheckpointError(f"output folder {path.parent} does not exist; create it first")
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=suffix, dir=path.parent)
     os.close(fd)
     try:
         write(tmp)
-        umask = os.umask(0)
-        os.umask(umask)
-        os.chmod(tmp, 0o666 & ~umask)  # mkstemp makes 0600; a checkpoint is an ordinary file
         with open(tmp, "rb+") as f:
             os.fsync(f.fileno())
+        try:
+            mode = os.stat(path).st_mode & 0o777
+        except FileNotFoundError:
+            umask = os.umask(0)
+            os.umask(umask)
+            mode = 0o666 & ~umask  # mkstemp makes 0600
+        os.chmod(tmp, mode)  # after the fsync: a 0444 file could not be opened for it
         os.replace(tmp, path)
     except BaseException:
         if os.path.exists(tmp):

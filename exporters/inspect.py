@@ -69,6 +69,10 @@ def _type_name(onnx, elem_type: int) -> str:
 
 def _with_onnx(onnx, path: Path) -> dict[str, Any]:
     model = onnx.load_model(str(path), load_external_data=False)
+    # protobuf reads any bytes that happen to parse (an empty file among them) as a model;
+    # ONNX Runtime refuses one without a graph, and so does inspect
+    if not model.HasField("graph") or model.ir_version < 1:
+        raise ValueError("no graph or no IR version in it")
     g = model.graph
     inits = {t.name for t in g.initializer}
 
@@ -130,6 +134,8 @@ def inspect(path: str | os.PathLike, use_onnx: bool | None = None) -> dict[str, 
     path = Path(path)
     if not path.is_file():
         raise InputError(f"model file not found: {path}")
+    if path.stat().st_size == 0:
+        raise InputError(f"{path} is empty, not an ONNX or ORT model; export it again")
     notes: list[str] = []
     onnx = None
     if use_onnx is not False and path.suffix != ".ort":

@@ -26,7 +26,9 @@ from pathlib import Path
 import numpy as np
 import onnx
 
-from edgemeta.errors import ExportError, InputError
+from edgemeta.errors import CheckpointError, ExportError, InputError
+from edgemeta.checkpoint import atomic_write
+from edgemeta.exporters.graph import same_file
 from edgemeta.runtime.session import open_ort_session
 from edgemeta.runtime.spec import INPUT_PROTOTYPES
 
@@ -77,12 +79,12 @@ def to_ort_format(onnx_path: str | os.PathLike, ort_path: str | os.PathLike | No
     check_ort_level(level)
     src = Path(onnx_path)
     dst = Path(ort_path) if ort_path else src.with_suffix(".ort")
-    fd, tmp_name = tempfile.mkstemp(prefix=f".{dst.name}.", suffix=".tmp.ort", dir=dst.parent)
-    os.close(fd)
-    tmp = Path(tmp_name)
-    try:
+    if same_file(src, dst):
+        raise InputError(f"{src} and its ORT-format copy {dst} are one file; give the model a .onnx name or another ort_path")
+
+    def convert(tmp: str) -> None:  # the temporary name ends in .ort: ONNX Runtime goes by it
         try:
-            open_ort_session(src, _session_options(tmp, True, level), ["CPUExecutionProvider"])
+            open_ort_session(src, _session_options(Path(tmp), True, level), ["CPUExecutionProvider"])
             session, _ = open_ort_session(tmp, ort.SessionOptions(), ["CPUExecutionProvider"])
             feed = {}
             for inp in session.get_inputs():
@@ -92,13 +94,9 @@ def to_ort_format(onnx_path: str | os.PathLike, ort_path: str | os.PathLike | No
             session.run(None, feed)
         except Exception as e:
             raise ExportError(f"conversion to the ORT format failed: {str(e).splitlines()[0][:200]}") from None
-        with open(tmp, "rb+") as f:
-            os.fsync(f.fileno())
-        umask = os.umask(0)
-        os.umask(umask)
-        os.chmod(tmp, 0o666 & ~umask)  # mkstemp makes 0600; a model is an ordinary file
-        os.replace(tmp, dst)
-    finally:
-        if tmp.exists():
-            tmp.unlink()
+
+    try:
+        atomic_write(dst, convert, suffix=".tmp.ort")
+    except CheckpointError as e:
+        raise ExportError(str(e)) from None
     return dst

@@ -33,7 +33,7 @@ from edgemeta.exporters.convert import (
     read_weights,
 )
 from edgemeta.exporters.data import base_images, novel_images, recorded_dataset
-from edgemeta.exporters.graph import ensure_writable, load_model, read_metadata, save_model, write_metadata
+from edgemeta.exporters.graph import ensure_writable, load_model, read_metadata, refuse_overwrite, save_model, write_metadata
 from edgemeta.exporters.quantize import QuantizeSpec, quantize_int8, to_fp16
 from edgemeta.exporters.verify import Progress, VerificationReport, VerifySpec, metadata_with, verify
 from edgemeta.runtime.spec import Metric, ModelMetadata, Normalization, Precision, PreprocessSpec
@@ -113,6 +113,19 @@ class ExportOutcome:
         }
 
 
+def _outputs(out: str | os.PathLike, options: ExportOptions, *inputs: str | os.PathLike | None) -> Path:
+    """``out``, once it is writable and neither it nor its ``.ort`` copy is one of ``inputs``
+    (checked before any work: the atomic rename would silently replace an input)."""
+    out = ensure_writable(out)
+    written = [out]
+    if options.ort_format:
+        if out.suffix == ".ort":
+            raise InputError(f"-o names the .onnx model; --ort writes {out.name} beside it: use -o {out.with_suffix('.onnx')}")
+        written.append(out.with_suffix(".ort"))
+    refuse_overwrite(written, list(inputs))
+    return out
+
+
 def _stage(progress: Progress | None, name: str, done: bool = False) -> None:
     if progress:
         progress(name, int(done), 1)
@@ -161,18 +174,17 @@ def _finish(model_path: Path, torch_model: nn.Module, out: Path, options: Export
         report = verify(model_path, torch_model, data, options.verify, progress)
         meta = metadata_with(meta, report)
         write_metadata(model_path, meta)
-    save_model(load_model(model_path), out)
-    outcome = ExportOutcome(out, meta, verification=report)
-    if options.ort_format:
+    ort_path = None
+    if options.ort_format:  # first, so that a failed conversion leaves no .onnx behind either
         from edgemeta.exporters.optimize import to_ort_format
 
         _stage(progress, "converting to the ORT format")
-        outcome.ort_path = to_ort_format(out, level=options.ort_level)
-    return outcome
+        ort_path = to_ort_format(model_path, out.with_suffix(".ort"), level=options.ort_level)
+    save_model(load_model(model_path), out)
+    return ExportOutcome(out, meta, verification=report, ort_path=ort_path)
 
 
-def _build(torch_model: nn.Module, meta: ModelMetadata, out: str | os.PathLike, options: ExportOptions, dataset: str | None, progress: Progress | None) -> ExportOutcome:
-    out = ensure_writable(out)
+def _build(torch_model: nn.Module, meta: ModelMetadata, out: Path, options: ExportOptions, dataset: str | None, progress: Progress | None) -> ExportOutcome:
     with tempfile.TemporaryDirectory(prefix="edgemeta-export-") as tmp:
         # the model under construction carries the output's name, so messages name the file the user asked for
         final = Path(tmp) / out.name
@@ -194,6 +206,7 @@ def export_checkpoint(checkpoint: str | os.PathLike, out: str | os.PathLike, opt
     Example:
         >>> export_checkpoint("conv4.safetensors", "conv4.int8.onnx", ExportOptions(precision=Precision.INT8))
     """
+    out = _outputs(out, options, checkpoint)
     ck = load_checkpoint(checkpoint)
     return _build(ck.model, metadata_for_checkpoint(ck), out, options, recorded_dataset(ck.info), progress)
 
@@ -233,6 +246,7 @@ def export_module(ref: ModuleRef, out: str | os.PathLike, options: ExportOptions
         >>> ref = ModuleRef("mynets:build", "mynet.safetensors", PreprocessSpec.create(84, 3))
         >>> export_module(ref, "mynet.onnx", ExportOptions(data="tiny-imagenet"))
     """
+    out = _outputs(out, options, ref.weights)
     model, kind = _user_model(ref)
     pp = ref.preprocess
     description = {"module": ref.ref, "preprocess": pp.to_dict(), "metric": ref.metric.value, "normalization": ref.normalization.value}
@@ -276,8 +290,8 @@ def verify_model(model_path: str | os.PathLike, checkpoint: str | os.PathLike, o
 def quantize_model(model_path: str | os.PathLike, checkpoint: str | os.PathLike, out: str | os.PathLike, options: ExportOptions = ExportOptions(), progress: Progress | None = None) -> ExportOutcome:
     """int8 variant of an exported fp32 model, calibrated on the checkpoint's base classes and
     verified against the checkpoint on its novel classes."""
+    out = _outputs(out, options, model_path, checkpoint)
     ck, meta = _matching(model_path, checkpoint)
-    out = ensure_writable(out)
     dataset = recorded_dataset(ck.info)
     with tempfile.TemporaryDirectory(prefix="edgemeta-int8-") as tmp:
         _stage(progress, "calibrating int8")

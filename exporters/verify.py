@@ -37,7 +37,7 @@ from torch import nn
 
 from edgemeta.data import ImageSet
 from edgemeta.episodes import EpisodeSampler
-from edgemeta.errors import ExportError, InputError, VerificationError
+from edgemeta.errors import DataError, ExportError, InputError, VerificationError
 from edgemeta.evaluate import episode_scores, summarize, to_tensor
 from edgemeta.exporters.graph import load_model, read_metadata
 from edgemeta.runtime.session import feeds_prototype_norms, open_ort_session, prototype_sqnorms
@@ -201,6 +201,12 @@ class _OnnxSide:
             self.session = _cpu_session(path)  # as the runtime opens it
         except Exception as e:
             raise ExportError(f"ONNX Runtime cannot load {path}: {str(e).splitlines()[0][:200]}") from None
+        batch = next((i.shape or [None])[0] for i in self.session.get_inputs() if i.name == INPUT_IMAGES)
+        if isinstance(batch, int):
+            raise InputError(
+                f"{path} takes a fixed batch of {batch}; verification runs whole episodes through the graph and needs a "
+                "dynamic batch: verify the model it was made from (`edgemeta export` writes a dynamic batch)"
+            )
         self.dim = dim
         self.fed = feeds_prototype_norms(self.session)
         self.head = self._metric_part(model)
@@ -296,6 +302,19 @@ def _embed_all(side, x_of: Callable[[np.ndarray], np.ndarray], idx: np.ndarray, 
         if progress:
             progress(task, min(i + spec.batch_size, len(idx)), len(idx))
     return np.concatenate(out) if out else np.zeros((0, side.dim), np.float32)
+
+
+def _check_episode_data(data: ImageSet, spec: VerifySpec) -> None:
+    """Fail before any work when ``data`` cannot fill the episodes. The message names what the
+    data needs, not the sampler's --n-way: export, verify and quantize have no such option."""
+    per_class = spec.k_shot + spec.q_query
+    _, counts = np.unique(data.labels, return_counts=True)
+    enough = int((counts >= per_class).sum())
+    if enough < spec.n_way:
+        raise DataError(
+            f"{data.name}: {enough} of its {len(counts)} classes have {per_class} or more images; verification draws {spec.n_way}-way "
+            f"{spec.k_shot}-shot episodes with {spec.q_query} queries: pass --data with at least {spec.n_way} classes of {per_class} images"
+        )
 
 
 def _episodes(onnx_side: _OnnxSide, torch_side: _TorchSide, data: ImageSet, x_of, spec: VerifySpec, progress: Progress | None) -> dict[str, Any]:
@@ -399,6 +418,8 @@ def verify(
     pp = meta.preprocess
     if data.images.shape[1:] != (*pp.size, pp.channels):
         raise InputError(f"{data.name} images are {data.images.shape[1:]}, the model takes {(*pp.size, pp.channels)} (HWC); load them at the model's size")
+    if spec.episodes:
+        _check_episode_data(data, spec)
     tol = spec.tolerance or Tolerance.for_precision(meta.precision)
     onnx_side, torch_side = _OnnxSide(path, proto, meta.embedding_dim), _TorchSide(torch_model, meta.embedding_dim)
 

@@ -81,6 +81,15 @@ def test_checkpoint_round_trip_and_tampering(tmp_path):
         load_checkpoint(tmp_path / "bad.safetensors")
 
 
+def test_rewriting_a_checkpoint_keeps_its_mode(tmp_path):
+    model = FewShotModel(ModelSpec("conv4", PreprocessSpec.create(28, 1, 0.5, 0.25))).eval()
+    path = tmp_path / "m.safetensors"
+    save_checkpoint(path, model, {})
+    path.chmod(0o640)
+    save_checkpoint(path, model, {"again": True})
+    assert path.stat().st_mode & 0o777 == 0o640 and load_checkpoint(path).info["again"] is True
+
+
 def test_foreign_files_are_not_checkpoints(tmp_path):
     from safetensors.torch import save_file
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import stat
 import subprocess
 import sys
 import textwrap
@@ -20,7 +21,7 @@ from edgemeta.backbones import BACKBONES
 from edgemeta.checkpoint import load_checkpoint, save_checkpoint
 from edgemeta.data import omniglot_spec
 from edgemeta.evaluate import to_tensor
-from edgemeta.errors import ExportError, VerificationError
+from edgemeta.errors import ExportError, InputError, VerificationError
 from edgemeta.exporters import (
     ExportOptions,
     ExportSpec,
@@ -34,6 +35,7 @@ from edgemeta.exporters import (
     verify,
 )
 from edgemeta.exporters import convert
+from edgemeta.exporters.graph import save_model
 from edgemeta.exporters.head import has_fed_norms
 from edgemeta.model import FewShotModel, ModelSpec
 from edgemeta.runtime.spec import Metric, ModelMetadata, Normalization, Precision
@@ -291,6 +293,44 @@ def test_ort_format_loads_and_keeps_metadata(tiny_onnx, tmp_path):
     info = inspect(dst)
     assert info["format"] == "ort" and info["metadata"]["fingerprint"] == tiny_onnx[2].fingerprint
     assert [i["name"] for i in info["optional_inputs"]] == ["prototype_sqnorms"]  # the ORT format keeps it
+
+
+@pytest.mark.parametrize("mode", [0o444, 0o600, 0o664])
+def test_replacing_a_model_keeps_its_mode(tiny_onnx, tmp_path, mode):
+    src = tmp_path / "m.onnx"
+    src.write_bytes(Path(tiny_onnx[0]).read_bytes())
+    to_ort_format(src)
+    for path in (src, tmp_path / "m.ort"):
+        os.chmod(path, mode)
+    save_model(onnx.load(str(src)), src)
+    to_ort_format(src)
+    assert [stat.S_IMODE(p.stat().st_mode) for p in (src, tmp_path / "m.ort")] == [mode, mode]
+    assert inspect(tmp_path / "m.ort")["metadata"]["fingerprint"] == tiny_onnx[2].fingerprint and leftovers(tmp_path) == []
+
+
+def test_a_new_model_is_an_ordinary_file(tiny_onnx, tmp_path):
+    umask = os.umask(0o022)
+    try:
+        save_model(onnx.load(str(tiny_onnx[0])), tmp_path / "m.onnx")
+    finally:
+        os.umask(umask)
+    assert stat.S_IMODE((tmp_path / "m.onnx").stat().st_mode) == 0o644
+
+
+def test_the_library_refuses_to_write_over_its_input(tiny_onnx, tmp_path):
+    _, _, ck = tiny_onnx
+    checkpoint = tmp_path / "tiny.safetensors"
+    checkpoint.write_bytes(Path(ck.path).read_bytes())
+    before = checkpoint.read_bytes()
+    with pytest.raises(InputError, match="is the input .*tiny.safetensors and would overwrite it; choose another -o"):
+        export_checkpoint(checkpoint, tmp_path / "." / "tiny.safetensors", ExportOptions(verify=None))
+    with pytest.raises(InputError, match="--ort writes tiny.ort beside it: use -o .*tiny.onnx"):
+        export_checkpoint(checkpoint, tmp_path / "tiny.ort", ExportOptions(verify=None, ort_format=True))
+    onnx_model = tmp_path / "m.onnx"
+    onnx_model.write_bytes(Path(tiny_onnx[0]).read_bytes())
+    with pytest.raises(InputError, match="and its ORT-format copy .* are one file"):
+        to_ort_format(onnx_model, onnx_model)
+    assert checkpoint.read_bytes() == before and sorted(p.name for p in tmp_path.iterdir()) == ["m.onnx", "tiny.safetensors"]
 
 
 @pytest.mark.skipif(not os.environ.get("EDGEMETA_LITE_PYTHON"), reason="set EDGEMETA_LITE_PYTHON to a runtime-only venv")

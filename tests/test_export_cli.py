@@ -3,10 +3,13 @@
 from __future__ import annotations
 
 import json
+import os
 import shutil
+import stat
 import textwrap
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 from safetensors.torch import save_file
@@ -71,7 +74,7 @@ def assert_one_line_error(r, message: str) -> None:
     assert r.exit_code == 1, r.output
     assert message in r.output, r.output
     assert "Traceback" not in r.output
-    lines = r.output.strip().splitlines()
+    lines = r.output.splitlines()  # not stripped: a blank line before the error is a bug too
     assert len(lines) == 1 and lines[0].startswith("error: "), r.output
 
 
@@ -197,3 +200,102 @@ def test_export_a_user_module_by_reference(workdir):
     assert meta["backbone"] == "usernet_ok:build" and meta["extra"]["source"] == "extractor"
     assert (meta["metric"], meta["normalization"], meta["embedding_dim"]) == ("cosine", "l2", 32)
     assert meta["source_checkpoint_sha256"] == file_sha256(workdir / "w.safetensors") and meta["verification"]["passed"]
+
+
+def write_pngs(folder: Path, n_classes: int, per_class: int) -> Path:
+    """``n_classes`` class folders of ``per_class`` 28x28 grey PNG images."""
+    from PIL import Image
+
+    for c in range(n_classes):
+        (folder / f"c{c}").mkdir(parents=True)
+        for i in range(per_class):
+            Image.fromarray(np.full((28, 28), 10 * i + c, np.uint8)).save(folder / f"c{c}" / f"{i}.png")
+    return folder
+
+
+@pytest.mark.parametrize(
+    "args, output",
+    [
+        (["export", "ck.safetensors", "-o", "ck.safetensors"], "ck.safetensors"),
+        (["export", "ck.safetensors", "-o", "./ck.safetensors"], "ck.safetensors"),
+        (["export", "ck.safetensors", "-o", "sub/../ck.safetensors"], "sub/../ck.safetensors"),
+        (["export", "ck.safetensors", "-o", "link.safetensors"], "link.safetensors"),
+        (["export", "ck.safetensors", "-o", "hard.safetensors"], "hard.safetensors"),
+        (["export", "ck.safetensors", "--precision", "int8", "-o", "ck.safetensors"], "ck.safetensors"),
+        (["export", "--module", "usernet_ok:build", "--weights", "w.safetensors", *MODULE_ARGS, "--data", "omniglot", "-o", "w.safetensors"],
+         "w.safetensors"),
+        (["export", "--module", "usernet_ok:build", "--weights", "w.ort", *MODULE_ARGS, "--data", "omniglot", "--ort", "-o", "w.onnx"], "w.ort"),
+        (["quantize", "m.onnx", "-c", "ck.safetensors", "-o", "ck.safetensors"], "ck.safetensors"),
+        (["quantize", "m.onnx", "-c", "ck.safetensors", "-o", "m.onnx"], "m.onnx"),
+        (["quantize", "m.onnx", "-c", "ck.safetensors", "-o", "./m.onnx"], "m.onnx"),
+    ],
+)
+def test_an_output_that_is_an_input_is_refused_and_the_input_kept(workdir, trained_conv4, trained_conv4_onnx, args, output):
+    from usernet_ok import build
+
+    shutil.copy(trained_conv4, workdir / "ck.safetensors")
+    shutil.copy(trained_conv4_onnx, workdir / "m.onnx")
+    save_file(build().state_dict(), str(workdir / "w.safetensors"))
+    shutil.copy(workdir / "w.safetensors", workdir / "w.ort")
+    (workdir / "sub").mkdir()
+    (workdir / "link.safetensors").symlink_to("ck.safetensors")
+    os.link(workdir / "ck.safetensors", workdir / "hard.safetensors")
+    before = {p.name: p.read_bytes() for p in workdir.iterdir() if p.is_file()}
+    r = run(*args)
+    assert_one_line_error(r, f"output {output} is the input")
+    assert "and would overwrite it; choose another -o" in r.output
+    assert {p.name: p.read_bytes() for p in workdir.iterdir() if p.is_file()} == before
+
+
+def test_ort_output_named_like_the_ort_copy_is_refused(workdir, trained_conv4):
+    r = run("export", trained_conv4, "-o", "m.ort", "--ort")
+    assert_one_line_error(r, "-o names the .onnx model; --ort writes m.ort beside it: use -o m.onnx")
+    assert files(workdir) == BEFORE
+
+
+def test_too_few_classes_name_what_the_data_needs_not_a_missing_option(workdir, trained_conv4, trained_conv4_onnx):
+    write_pngs(workdir / "onecls", 1, 20)
+    shutil.copy(trained_conv4_onnx, workdir / "m.onnx")
+    before = (workdir / "m.onnx").read_bytes()
+    expected = "onecls: 1 of its 1 classes have 16 or more images; verification draws 5-way 1-shot episodes with 15 queries: " \
+               "pass --data with at least 5 classes of 16 images"
+    for args in (["export", "--module", "usernet_ok:build", *MODULE_ARGS, "--data", "onecls", "-o", "x.onnx"],
+                 ["verify", "m.onnx", "-c", trained_conv4, "--data", "onecls"]):
+        r = run(*args)
+        assert_one_line_error(r, expected)
+        assert "--n-way" not in r.output
+    assert not (workdir / "x.onnx").exists() and (workdir / "m.onnx").read_bytes() == before
+
+
+@pytest.mark.parametrize(
+    "name, content, message",
+    [
+        ("empty.onnx", b"", "empty.onnx is empty, not an ONNX or ORT model; export it again"),
+        ("empty.ort", b"", "empty.ort is empty, not an ONNX or ORT model; export it again"),
+        ("nograph.onnx", b"\x08\x07", "nograph.onnx is not a readable ONNX model (no graph or no IR version in it)"),
+    ],
+)
+def test_inspect_refuses_a_file_that_is_no_model(workdir, name, content, message):
+    (workdir / name).write_bytes(content)
+    assert_one_line_error(run("inspect", name), message)
+
+
+def test_verify_keeps_the_mode_of_the_model_it_rewrites(workdir, trained_conv4, trained_conv4_onnx):
+    shutil.copy(trained_conv4_onnx, workdir / "m.onnx")
+    os.chmod(workdir / "m.onnx", 0o444)
+    r = run("verify", "m.onnx", "-c", trained_conv4, "--episodes", "5")
+    assert r.exit_code == 0, r.output
+    assert inspect("m.onnx")["verification"]["episodes"]["count"] == 5  # rewritten...
+    assert stat.S_IMODE((workdir / "m.onnx").stat().st_mode) == 0o444  # ...and still read-only
+
+
+def test_verify_refuses_a_fixed_batch_model_in_one_line(workdir, trained_conv4, trained_conv4_onnx):
+    import onnx
+
+    m = onnx.load(str(trained_conv4_onnx))
+    m.graph.input[0].type.tensor_type.shape.dim[0].dim_value = 1
+    onnx.save(m, str(workdir / "b1.onnx"))
+    before = (workdir / "b1.onnx").read_bytes()
+    r = run("verify", "b1.onnx", "-c", trained_conv4, "--episodes", "5")
+    assert_one_line_error(r, "b1.onnx takes a fixed batch of 1; verification runs whole episodes through the graph and needs a dynamic batch")
+    assert (workdir / "b1.onnx").read_bytes() == before

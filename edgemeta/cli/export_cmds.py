@@ -35,8 +35,11 @@ DATA_DIR_HELP = "Data folder (default: $EDGEMETA_DATA_DIR)."
 
 @contextlib.contextmanager
 def _progress(enabled: bool) -> Iterator[Callable[[str, int, int], None] | None]:
-    """A rich progress display on stderr fed by the exporters' ``progress(task, done, total)``."""
-    if not enabled:
+    """A rich progress display on stderr fed by the exporters' ``progress(task, done, total)``.
+
+    Only on a terminal: elsewhere rich draws nothing but still ends the display with a
+    newline, which put a blank line before every ``error:`` line of a script's log."""
+    if not enabled or not console.is_terminal:
         yield None
         return
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
