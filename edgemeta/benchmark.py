@@ -10,7 +10,7 @@
 * the **torch eager baseline** from the checkpoint, in the same process, with the same
   thread count, in eval and inference mode; channels-last is timed too, and ratios are
   taken against the faster torch line, so the baseline is never the crippled one;
-* **FLOPs** counted from the ONNX graph (needs the ``onnx`` package) and the achieved
+* **FLOPs** counted from the ONNX graph (needs the ``onnx`` package; not from an ``.ort`` file) and the achieved
   FLOP/s as a fraction of the machine's peak, measured in the same run by a large
   float32 MatMul on ONNX Runtime with the same threads; for CUDA and TensorRT rows, by a
   large MatMul on the CUDA provider with its inputs on the GPU;
@@ -36,20 +36,24 @@ Example:
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import gc
 import json
 import math
 import os
 import platform
+import signal
 import subprocess
 import sys
 import tempfile
+import threading
 import time
+import warnings
 from dataclasses import asdict, dataclass, field, replace
 from enum import Enum
 from pathlib import Path
-from typing import Any, Callable, Sequence
+from typing import Any, Callable, Iterator, Sequence
 
 import numpy as np
 import onnxruntime as ort
@@ -92,7 +96,9 @@ __all__ = [
     "BackpropResult",
     "backprop_baseline",
     "render_report",
+    "check_plot_path",
     "plot_report",
+    "is_ort_format",
     "REPORT_FORMAT",
 ]
 
@@ -106,6 +112,7 @@ MAX_CLASSES = 1_000_000
 MAX_DURATION_S = 3600.0
 GPU_PEAK_SIZE = 8192  # n of the n x n MatMul that measures a GPU's peak (0.8 GB on the device)
 REPEAT_TOLERANCE = 0.10  # the p50s of the first and the second half of the calls must agree within 10%
+MAX_THREADS_PER_CORE = 4  # more threads than this per logical core is a typo (1,000 on 2 cores all but hangs)
 BUSY_CORES = 0.2  # other processes using this many cores on average make the run "busy"
 
 ProgressFn = Callable[[int, int, str], None]  # (done, total, what is running now)
@@ -180,9 +187,10 @@ class OrtTuning:
 
 
 def _int_tuple(values: Any) -> tuple:
+    """The values as a tuple, each once, in the order given (a repeated batch size would be two identical rows)."""
     if isinstance(values, (int, np.integer)):
         return (int(values),)
-    return tuple(values)
+    return tuple(dict.fromkeys(values))
 
 
 @dataclass(frozen=True)
@@ -244,10 +252,15 @@ class BenchConfig:
             set_("precisions", tuple(Precision(p) for p in ([self.precisions] if isinstance(self.precisions, str) else self.precisions)))
         except ValueError:
             problems.append(f"unknown precision in {self.precisions!r} (choose fp32, fp16, int8)")
+        twice = sorted({p.value for p in self.precisions if isinstance(p, Precision) and self.precisions.count(p) > 1})
+        if twice:
+            problems.append(f"precision {', '.join(twice)} given twice (each precision is one model)")
         problems += _range_problems("batch size", self.batch_sizes, 1, MAX_BATCH)
         problems += _range_problems("class count", self.class_counts, 1, MAX_CLASSES)
         if not self.batch_sizes:
             problems.append("no batch sizes given")
+        if not self.class_counts:
+            problems.append("no class counts given")
         if not self.providers:
             problems.append("no providers given (use auto)")
         for name, value, lo, hi in (
@@ -263,12 +276,30 @@ class BenchConfig:
                 problems.append(f"{name} must be an integer from {lo} to {hi:,}, got {value!r}")
         if self.duration is not None and not (isinstance(self.duration, (int, float)) and 0 < self.duration <= MAX_DURATION_S):
             problems.append(f"duration must be between 0 and {MAX_DURATION_S:g} seconds, got {self.duration!r}")
+        cores = logical_cores()
+        if isinstance(self.threads, (int, np.integer)) and MAX_THREADS_PER_CORE * cores < self.threads <= 1024:
+            problems.append(
+                f"threads {self.threads} is more than {MAX_THREADS_PER_CORE}x the {cores} logical cores this process may use "
+                f"(at most {MAX_THREADS_PER_CORE * cores}; 0 = one per physical core)"
+            )
         if problems:
             raise InputError("bad benchmark settings: " + "; ".join(problems))
 
     @property
     def resolved_threads(self) -> int:
         return self.threads or physical_cores()
+
+    @property
+    def oversubscribed(self) -> str | None:
+        """Why the thread count asked for would distort the timings, or None: more threads than
+        logical cores make them wait for each other, and the timings show the waiting."""
+        cores = logical_cores()
+        if self.resolved_threads <= cores:
+            return None
+        return (
+            f"{self.resolved_threads} threads on {cores} logical cores: the threads wait for each other, so the timings "
+            f"measure oversubscription more than the model; use --threads {cores} or fewer (0 = one per physical core)"
+        )
 
     def to_dict(self) -> dict[str, Any]:
         d = asdict(self)
@@ -394,9 +425,14 @@ def _agree(a: float, b: float, tolerance: float = REPEAT_TOLERANCE) -> bool:
 # ============================================================================ the machine
 
 
+def logical_cores() -> int:
+    """Logical CPUs this process may run on (its affinity mask where the OS has one)."""
+    return max(1, len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1))
+
+
 def physical_cores() -> int:
     """Physical cores this process may run on (the default thread count)."""
-    usable = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    usable = logical_cores()
     try:
         import psutil
 
@@ -553,12 +589,15 @@ def count_flops(model: str | os.PathLike | Any, batch: int = 1, n_classes: int =
         n_classes: prototypes fed (0: the embedding alone).
 
     Raises:
-        InputError: the ``onnx`` package is not installed (``pip install onnx``).
+        InputError: the ``onnx`` package is not installed (``pip install onnx``), or ``model``
+            is an ORT-format file (``.ort``), which the ``onnx`` package cannot read.
 
     Example:
         >>> count_flops("conv4.onnx", batch=32).total        # doctest: +SKIP
         627572736
     """
+    if isinstance(model, (str, os.PathLike)) and is_ort_format(model):
+        raise InputError(f"{Path(model).name} is an ORT-format model, whose graph the onnx package cannot read; count the .onnx it was made from")
     try:
         import onnx
     except ImportError:
@@ -583,6 +622,16 @@ def count_flops(model: str | os.PathLike | Any, batch: int = 1, n_classes: int =
         total += flops
         by_op[node.op_type] = by_op.get(node.op_type, 0) + flops
     return FlopCount(int(total), by_op, tuple(uncounted))
+
+
+def is_ort_format(path: str | os.PathLike) -> bool:
+    """Whether ``path`` is an ORT-format model (``edgemeta export --ort``): a FlatBuffer with the
+    file identifier ``ORTM``, which ONNX Runtime loads and the ``onnx`` package cannot parse."""
+    try:
+        with open(path, "rb") as f:
+            return f.read(8)[4:8] == b"ORTM"
+    except OSError:
+        return False
 
 
 def _varint(n: int) -> bytes:
@@ -786,6 +835,7 @@ def resolve_variants(
     (``model.int8.onnx``), else it is made with the exporters.
     """
     given = [_open_variant(Path(m), "given", threads) for m in models]
+    _check_given(given, checkpoint)
     if checkpoint is not None:
         _check_fingerprints(given, checkpoint)  # before any time is spent making variants
     if not precisions:
@@ -798,11 +848,11 @@ def resolve_variants(
             continue
         found = next((s for v in given if (s := _sibling(v.path, precision)) is not None), None)
         if found is not None:
-            out.append(_open_variant(found, "found next to the model", threads))
+            out.append(_open_sibling(found, precision, given[0], checkpoint, threads))
             continue
-        fp32 = by_precision.get(Precision.FP32) or next(
-            (_open_variant(s, "found next to the model", threads) for v in given if (s := _sibling(v.path, Precision.FP32))), None
-        )
+        fp32 = by_precision.get(Precision.FP32)
+        if fp32 is None or is_ort_format(fp32.path):  # the exporters read ONNX, not the ORT format
+            fp32 = next((_open_sibling(s, Precision.FP32, given[0], checkpoint, threads) for v in given if (s := _sibling(v.path, Precision.FP32))), None)
         if checkpoint is None and (fp32 is None or precision is not Precision.FP16):
             raise InputError(
                 f"no {precision.value} model: pass one, put {_base_stem(given[0].path)}.{precision.value}.onnx next to "
@@ -813,6 +863,59 @@ def resolve_variants(
     if checkpoint is not None:
         _check_fingerprints(out, checkpoint)
     return out
+
+
+def _name_precision(path: Path) -> Precision | None:
+    """The precision a file's name says (``model.int8.onnx``: int8), or None (``model.onnx``)."""
+    return next((p for p in Precision if path.stem.endswith(f".{p.value}")), None)
+
+
+def _remake(path: Path, precision: Precision, first: ModelVariant, checkpoint: Path | None) -> str:
+    """How to replace a model file that is not what it should be."""
+    ckpt = str(checkpoint) if checkpoint is not None else "CHECKPOINT"
+    how = f"`edgemeta export {ckpt} --precision {precision.value} -o {path}`"
+    if precision is Precision.INT8 and not is_ort_format(first.path) and first.precision is Precision.FP32:
+        how += f" or `edgemeta quantize {first.path} -c {ckpt} -o {path}`"
+    return f"remake it from the checkpoint {first.path.name} was exported from ({how}), or delete it"
+
+
+def _check_given(given: Sequence[ModelVariant], checkpoint: Path | None) -> None:
+    """Several models are precision variants of one model: the first one's fingerprint, one file
+    per precision, each of the precision its name says. Raises once with every problem found."""
+    first, problems, seen = given[0], [], {}
+    for v in given:
+        if v.fingerprint != first.fingerprint:
+            problems.append(
+                f"{v.path} is model {v.fingerprint}, but {first.path.name} is model {first.fingerprint} (several models are precision "
+                f"variants of one model): benchmark different models one at a time; if it should be {first.path.name}'s "
+                f"{v.precision.value} variant, {_remake(v.path, v.precision, first, checkpoint)}"
+            )
+        named = _name_precision(v.path)
+        if named is not None and named is not v.precision:
+            problems.append(f"{v.path} is an {v.precision.value} model though its name says {named.value}: {_remake(v.path, named, first, checkpoint)}")
+        if v.precision in seen:
+            problems.append(f"{seen[v.precision].path} and {v.path} are both {v.precision.value} models; pass one model per precision")
+        seen.setdefault(v.precision, v)
+    if problems:
+        raise ModelMismatchError("; ".join(problems))
+
+
+def _open_sibling(path: Path, precision: Precision, first: ModelVariant, checkpoint: Path | None, threads: int) -> ModelVariant:
+    """A model file found next to ``first`` for ``precision``: it must be ``first``'s model at that
+    precision. One left over from another model (or a copy of another precision) would be compared
+    with ``first`` as if it were its variant; the error names the file and how to replace it."""
+    v = _open_variant(path, "found next to the model", threads)
+    problems = []
+    if v.fingerprint != first.fingerprint:
+        problems.append(f"is model {v.fingerprint}, but {first.path.name} is model {first.fingerprint}")
+    if v.precision is not precision:
+        problems.append(f"is an {v.precision.value} model")
+    if problems:
+        raise ModelMismatchError(
+            f"{path}, found next to {first.path.name} as its {precision.value} model, {' and '.join(problems)}: "
+            f"{_remake(path, precision, first, checkpoint)}"
+        )
+    return v
 
 
 def checkpoint_fingerprint(path: str | os.PathLike) -> str:
@@ -863,6 +966,16 @@ def _providers(requested: Sequence[str]) -> tuple[list[str], dict[str, str]]:
 
 def _short(provider: str) -> str:
     return {Provider.CPU.value: "CPU", Provider.CUDA.value: "CUDA", Provider.TENSORRT.value: "TensorRT"}.get(provider, provider)
+
+
+_CUDA_PROVIDERS = (Provider.CUDA.value, Provider.TENSORRT.value)  # run on a CUDA device: inputs bound there, the GPU's peak
+
+
+def _bind_device(provider: str) -> tuple[str, int] | None:
+    """Where a provider's inputs are bound for the timed calls: the CUDA device for CUDA and
+    TensorRT, None (plain ``run`` with numpy arrays) for the CPU and any other provider, which
+    this onnxruntime may not be able to allocate device memory for (AzureExecutionProvider)."""
+    return ("cuda", 0) if provider in _CUDA_PROVIDERS else None
 
 
 # ============================================================================ measurements
@@ -989,15 +1102,16 @@ def _ort_embedding_fn(sess: ort.InferenceSession, variant: ModelVariant, batch: 
 def _ort_classes(sess: ort.InferenceSession, variant: ModelVariant, n_classes: int, config: BenchConfig) -> LatencyStats:
     """The graph at batch 1 with ``n_classes`` prototypes, fed as the runtime feeds them: with
     their squared norms (kept with the store) when the model takes them, except on TensorRT;
-    on a GPU bound once on the device (:func:`_bound_call`)."""
+    on CUDA and TensorRT bound once on the device (:func:`_bound_call`, :func:`_bind_device`)."""
     rng = np.random.default_rng([config.seed, n_classes])
     protos = rng.standard_normal((n_classes, variant.embedding_dim)).astype(_input_dtype(sess, INPUT_PROTOTYPES))
     feeds = {INPUT_IMAGES: _images(variant, 1, _input_dtype(sess, INPUT_IMAGES), config.seed), INPUT_PROTOTYPES: protos}
     if feeds_prototype_norms(sess) and n_classes:
         feeds[INPUT_SQNORMS] = prototype_sqnorms(protos)
-    if sess.get_providers()[0] == Provider.CPU.value:
+    device = _bind_device(sess.get_providers()[0])
+    if device is None:
         return _measure(lambda: sess.run([OUTPUT_EMBEDDINGS, OUTPUT_LOGITS], feeds), config)
-    return _measure(_bound_call(sess, feeds, ("cuda", 0)), config)
+    return _measure(_bound_call(sess, feeds, device), config)
 
 
 def _bound_call(sess: ort.InferenceSession, feeds: dict[str, np.ndarray], device: tuple[str, int]) -> Callable[[], list[np.ndarray]]:
@@ -1158,9 +1272,11 @@ class _TorchBaseline:
         return self.torch.inference_mode()
 
     def device_for(self, provider: str) -> str | None:
+        """torch's device for ``provider``'s rows: the CPU's, CUDA for CUDA and TensorRT; None
+        where torch has no such device (no CUDA in this build) or no match (any other provider)."""
         if provider == Provider.CPU.value:
             return "cpu"
-        return "cuda" if self.torch.cuda.is_available() else None
+        return "cuda" if provider in _CUDA_PROVIDERS and self.torch.cuda.is_available() else None
 
     def close(self) -> None:
         self.torch.set_num_threads(self.saved_threads)
@@ -1194,8 +1310,12 @@ class BenchReport:
             f"{_name(r)} batch {r.batch}: {r.first_half_p50_ms if r.first_half_p50_ms is not None else r.latency.p50_ms:.3f} vs {r.repeat_p50_ms:.3f} ms"
             for r in rows if not r.repeatable
         ]
-        if not rows:
-            verdict = "not measured"
+        if not rows:  # one timed call per measurement (--runs 1): no halves to compare
+            verdict = (
+                "repeatability not measured: it compares the p50s of the first and the second half of each measurement's "
+                "calls, and " + ("each embedding measurement timed one call; use --runs 2 or more" if self.embedding
+                                 else "no embedding latency was measured")
+            )
         elif noisy:
             verdict = (
                 f"the machine was too noisy: {len(noisy)} of {len(rows)} p50s moved more than "
@@ -1246,18 +1366,28 @@ class _Steps:
 def _n_steps(config: BenchConfig, providers: Sequence[str], n_variants: int) -> int:
     per_variant = 1 + len(config.class_counts) + 2 + int(config.cold_start)
     per_provider = n_variants * per_variant + len(config.batch_sizes)
-    peaks = 2 * int(Provider.CPU.value in providers) + int(any(p != Provider.CPU.value for p in providers))
+    peaks = 2 * int(Provider.CPU.value in providers) + int(any(p in _CUDA_PROVIDERS for p in providers))
     return int(config.flops) * peaks + len(providers) * per_provider + n_variants * int(config.backprop_episodes > 0)
 
 
 def _flops_for(variant: ModelVariant, batch: int, cache: dict, notes: list[str]) -> int | None:
+    """The FLOPs of ``variant`` at ``batch``, or None with a note saying why: whatever goes wrong
+    in counting, the latencies measured stand."""
     key = (variant.path, batch)
     if key not in cache:
-        try:
-            count = count_flops(variant.path, batch)
-        except InputError as e:  # no onnx package: every other figure still stands
+        note = None
+        if is_ort_format(variant.path):
+            note = (f"FLOPs and % of peak not counted for {variant.path.name}: it is an ORT-format model, whose graph the onnx "
+                    "package cannot read; benchmark the .onnx it was made from for them")
+        else:
+            try:
+                count = count_flops(variant.path, batch)
+            except InputError as e:  # no onnx package: every other figure still stands
+                note = f"FLOPs unavailable: {e}".replace("counting FLOPs needs the onnx package", "the onnx package is not installed")
+            except Exception as e:  # noqa: BLE001 - onnx raises its own types (protobuf, shape inference); the timings must survive
+                note = f"FLOPs not counted for {variant.path.name}: {type(e).__name__}: {' '.join(str(e).split())[:200]}"
+        if note is not None:
             cache[key] = None
-            note = f"FLOPs unavailable: {e}".replace("counting FLOPs needs the onnx package", "the onnx package is not installed")
             if note not in notes:
                 notes.append(note)
             return None
@@ -1281,7 +1411,8 @@ def _embedding_rows(
     several rounds, the first and the later rounds) are compared."""
     device = baseline.device_for(provider) if baseline is not None else None
     if baseline is not None and device is None:
-        report.notes.append(f"torch baseline skipped on {_short(provider)}: this torch build has no CUDA")
+        why = "this torch build has no CUDA" if provider in _CUDA_PROVIDERS else "torch has no device that matches this provider"
+        report.notes.append(f"torch baseline skipped on {_short(provider)}: {why}")
     engines: list[ModelVariant | str] = [*variants, *(("torch eager", "torch eager channels_last") if device is not None else ())]
     rounds = config.rounds if config.duration is not None else min(config.rounds, config.runs)
     runs = [config.runs // rounds + int(r < config.runs % rounds) for r in range(rounds)]  # runs in all, spread over the rounds
@@ -1351,8 +1482,8 @@ def _best_peak(first: dict[str, Any] | None, second: dict[str, Any]) -> dict[str
 
 def _with_peak(row: EmbeddingRow, report: BenchReport) -> EmbeddingRow:
     """The row's share of its own processor's peak: the CPU's for CPU rows (its int8 peak
-    for int8 models, when measured), the GPU's for CUDA and TensorRT rows."""
-    peak = report.peak if row.provider == _short(Provider.CPU.value) else report.gpu_peak
+    for int8 models, when measured), the GPU's for CUDA and TensorRT rows; none for others."""
+    peak = {_short(Provider.CPU.value): report.peak, **{_short(p): report.gpu_peak for p in _CUDA_PROVIDERS}}.get(row.provider)
     if row.achieved_gflops is None or peak is None:
         return row
     key = "int8_peak_gops" if row.precision == Precision.INT8.value and "int8_peak_gops" in peak else "peak_gflops"
@@ -1427,7 +1558,8 @@ def run_benchmark(
     Raises:
         InputError: a model file is missing, not ONNX, or breaks the edgemeta contract; bad settings.
         ProviderError: a provider asked for by name does not run.
-        ModelMismatchError: the checkpoint is not the models' source.
+        ModelMismatchError: the checkpoint is not the models' source; the models (or a file found
+            next to them) are not one model's precision variants, one per precision.
     """
     config = config or BenchConfig()
     paths = [Path(models)] if isinstance(models, (str, os.PathLike)) else [Path(m) for m in models]
@@ -1436,8 +1568,10 @@ def run_benchmark(
     ckpt = Path(checkpoint) if checkpoint is not None else None
     providers, unavailable = _providers(config.providers)
     threads = config.resolved_threads
+    if config.oversubscribed:  # said now, before the minutes of measuring; the report keeps it as a note
+        warnings.warn(config.oversubscribed, RuntimeWarning, stacklevel=2)
     others = _OtherLoad()
-    with tempfile.TemporaryDirectory(prefix="edgemeta-bench-") as tmp:
+    with _sigterm_exits(), tempfile.TemporaryDirectory(prefix="edgemeta-bench-") as tmp:
         variants = resolve_variants(paths, config.precisions, ckpt, Path(workdir) if workdir else Path(tmp), threads)
         report = BenchReport(machine_info(), config.to_dict(), variants, unavailable=unavailable)
         baseline = _TorchBaseline(ckpt, threads) if ckpt is not None and config.torch_baseline else None
@@ -1450,6 +1584,8 @@ def run_benchmark(
         _wrap_up(report, providers, variants, config, steps)
     if baseline is None:
         report.notes.append("no torch baseline: pass --checkpoint (the checkpoint the model was exported from)")
+    if config.oversubscribed:
+        report.notes.append(config.oversubscribed)
     report.machine["other_processes_cores"] = others.cores()
     busy = _busy_note(report.machine["other_processes_cores"], report.machine["logical_cores"] or 1)
     if busy:
@@ -1458,15 +1594,36 @@ def run_benchmark(
     return report
 
 
+@contextlib.contextmanager
+def _sigterm_exits() -> Iterator[None]:
+    """While a benchmark runs, SIGTERM (``timeout``, ``kill``) exits through ``SystemExit`` as
+    Ctrl-C does through ``KeyboardInterrupt``, so the folder of made variants is removed and
+    torch's thread count restored. Python's default for SIGTERM is to die on the spot. Only in
+    the main thread, and only over that default (an application's own handler is left alone);
+    the default comes back afterwards."""
+    if threading.current_thread() is not threading.main_thread() or signal.getsignal(signal.SIGTERM) is not signal.SIG_DFL:
+        yield
+        return
+
+    def terminate(signum: int, frame: Any) -> None:
+        raise SystemExit(128 + signum)
+
+    signal.signal(signal.SIGTERM, terminate)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, signal.SIG_DFL)
+
+
 def _wrap_up(report: BenchReport, providers: list[str], variants: list[ModelVariant], config: BenchConfig, steps: _Steps) -> None:
     """The peaks (the CPU's again), the ratios, the backprop baseline, memory and load at the end."""
     threads = config.resolved_threads
     if config.flops and Provider.CPU.value in providers:  # again at the end: a busy moment at the start must not inflate the fractions
         steps("peak FLOP/s again")
         report.peak = _best_peak(report.peak, _cpu_peak(config, variants))
-    if config.flops and any(p != Provider.CPU.value for p in providers):
+    if config.flops and any(p in _CUDA_PROVIDERS for p in providers):
         steps("GPU peak FLOP/s (large float32 MatMul on CUDA)")
-        if any(r.provider != _short(Provider.CPU.value) for r in report.embedding):  # not when no GPU provider ran
+        if any(r.provider in {_short(p) for p in _CUDA_PROVIDERS} for r in report.embedding):  # not when no GPU provider ran
             try:
                 report.gpu_peak = measure_gpu_peak_flops(n=max(config.peak_size, GPU_PEAK_SIZE))
             except (ProviderError, RuntimeError) as e:  # RuntimeError: ONNX Runtime's own failures (out of memory, ...)
@@ -1809,18 +1966,46 @@ def render_report(report: BenchReport, console: Any) -> None:
         console.print(f"note: {note}")
 
 
-def plot_report(report: BenchReport, path: str | os.PathLike) -> Path:
-    """Write a PNG: latency distributions per configuration, and latency vs number of classes."""
-    try:
-        import matplotlib
+def check_plot_path(path: str | os.PathLike) -> Path:
+    """Check, before any measuring, that :func:`plot_report` can write ``path``: matplotlib is
+    installed, the name ends in ``.png``, it is not a folder, and its folder exists and takes a
+    new file (tried with a temporary file, which tells what permission bits do not: a read-only
+    file system, ``/proc``, a root user).
 
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
-        raise InputError("--plot needs matplotlib: pip install matplotlib") from None
+    Raises:
+        InputError: one of these does not hold (the message says which, and what to do).
+    """
+    import importlib.util
+
     path = Path(path)
-    if not path.parent.exists():
-        raise InputError(f"folder {path.parent} does not exist; create it first")
+    if importlib.util.find_spec("matplotlib") is None:
+        raise InputError("--plot needs matplotlib: pip install matplotlib")
+    if path.is_dir():
+        raise InputError(f"--plot: {path} is a folder; name the PNG file to write, such as {path / 'benchmark.png'}")
+    if path.suffix.lower() != ".png":
+        raise InputError(f"--plot: {path} does not end in .png (the plot is a PNG); give a name such as {path.with_suffix('.png').name}")
+    if not path.parent.is_dir():
+        raise InputError(f"--plot: folder {path.parent} does not exist; create it first")
+    try:
+        with tempfile.TemporaryFile(dir=path.parent):
+            pass
+    except OSError as e:
+        raise InputError(f"--plot: cannot write in folder {path.parent} ({e.strerror or e}); choose a writable folder") from None
+    return path
+
+
+def plot_report(report: BenchReport, path: str | os.PathLike) -> Path:
+    """Write a PNG: latency distributions per configuration, and latency vs number of classes.
+
+    Raises:
+        InputError: ``path`` fails :func:`check_plot_path`, or the file cannot be written.
+    """
+    path = check_plot_path(path)
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
     fig, (left, right) = plt.subplots(1, 2, figsize=(14, 5.5), gridspec_kw={"width_ratios": [3, 2]})
     rows = [r for r in report.embedding if r.latency.samples_ms]
     if rows:
@@ -1853,6 +2038,10 @@ def plot_report(report: BenchReport, path: str | os.PathLike) -> Path:
     right.set_ylim(bottom=0)
     fig.suptitle(f"{report.machine['cpu']}, {report.config['threads']} threads, onnxruntime {report.machine['onnxruntime']}", fontsize=9)
     fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    try:
+        fig.savefig(path, dpi=110, format="png")
+    except OSError as e:
+        raise InputError(f"--plot: could not write {path} ({e.strerror or e}); choose another path") from None
+    finally:
+        plt.close(fig)
     return path

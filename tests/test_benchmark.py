@@ -6,9 +6,12 @@ import io
 import json
 import math
 import os
+import signal
 import subprocess
 import sys
 import textwrap
+import time
+import warnings
 import weakref
 from dataclasses import replace
 from pathlib import Path
@@ -38,6 +41,17 @@ def cli(*args) -> object:
 
 
 PROGRESS: list[tuple[int, int, str]] = []
+
+
+@pytest.fixture
+def no_measuring(monkeypatch):
+    """Fail the test if any timing starts: bad input must be refused before the minutes of measuring."""
+
+    def measured(*a, **k):
+        raise AssertionError("measuring started before the input was checked")
+
+    for name in ("time_fn", "time_pair", "measure_peak_flops", "_run_all"):
+        monkeypatch.setattr(bm, name, measured)
 
 
 @pytest.fixture(scope="module")
@@ -300,6 +314,9 @@ def test_precisions_are_timed_in_turn_one_session_at_a_time(tmp_path, tiny_onnx_
         bm.BenchConfig(rounds=0)
     one_call = bm.run_benchmark(fp32, replace(cfg, runs=1, precisions=("fp32",)))
     assert [(r.latency.runs, r.repeatable, r.repeat_p50_ms) for r in one_call.embedding] == [(1, None, None)]  # nothing to compare
+    verdict = one_call.repeatability
+    assert not verdict["agree"] and verdict["verdict"].startswith("repeatability not measured: it compares the p50s of the first and")
+    assert verdict["verdict"].endswith("each embedding measurement timed one call; use --runs 2 or more")
 
 
 def test_missing_precision_without_a_source_says_how_to_get_it(tmp_path, tiny_onnx_model_module):
@@ -307,6 +324,158 @@ def test_missing_precision_without_a_source_says_how_to_get_it(tmp_path, tiny_on
     model.write_bytes(tiny_onnx_model_module.read_bytes())
     with pytest.raises(InputError, match=r"no int8 model: pass one, put only\.int8\.onnx next to only\.fp16\.onnx"):
         bm.run_benchmark(with_precision(model, tmp_path / "only.fp16.onnx", "fp16"), bm.BenchConfig(precisions=("int8",), **FAST))
+
+
+@pytest.mark.parametrize("stale, problem", [
+    ("other model", "is model 0123456789abcdef, but m.onnx is model fp-tiny-0001"),
+    ("fp32 copy", "is an fp32 model"),
+])
+def test_a_stale_file_next_to_the_model_is_refused_by_name(tmp_path, tiny_onnx_model_module, stale, problem, no_measuring):
+    """m.int8.onnx left over from another model, or a copy of the fp32 one, is never compared as m.onnx's int8 variant."""
+    model = tmp_path / "m.onnx"
+    model.write_bytes(tiny_onnx_model_module.read_bytes())
+    sibling = tmp_path / "m.int8.onnx"
+    if stale == "other model":
+        with_precision(model, sibling, "int8", fingerprint="0123456789abcdef")
+    else:
+        sibling.write_bytes(model.read_bytes())
+    cfg = bm.BenchConfig(precisions=("fp32", "int8"), **FAST)
+    with pytest.raises(ModelMismatchError) as e:
+        bm.run_benchmark(model, cfg)
+    assert str(e.value).startswith(f"{sibling}, found next to m.onnx as its int8 model, {problem}: remake it")
+    assert str(e.value).endswith("or delete it") and f"-o {sibling}" in str(e.value)
+    ckpt = fake_checkpoint(tmp_path / "m.safetensors", "fp-tiny-0001")  # the model's own checkpoint: the file is blamed, not it
+    res = cli(model, "--precisions", "fp32,int8", "--checkpoint", ckpt)
+    assert res.exit_code == 1 and res.stderr.count("\n") == 1, res.stderr
+    assert f"error: {sibling}, found next to m.onnx as its int8 model, {problem}" in res.stderr
+    assert f"edgemeta export {ckpt} --precision int8 -o {sibling}" in res.stderr and "checkpoint m.safetensors is model" not in res.stderr
+
+
+@pytest.mark.parametrize("case, message", [
+    ("other model", "b.onnx is model 0123456789abcdef, but a.onnx is model fp-tiny-0001 (several models are precision variants of one model"),
+    ("same file twice", "a.onnx and {tmp}/a.onnx are both fp32 models; pass one model per precision"),
+    ("name says int8", "b.int8.onnx is an fp32 model though its name says int8: remake it"),
+])
+def test_models_given_together_are_one_models_precision_variants(tmp_path, tiny_onnx_model_module, case, message, no_measuring):
+    a = tmp_path / "a.onnx"
+    a.write_bytes(tiny_onnx_model_module.read_bytes())
+    b = {"other model": lambda: with_precision(a, tmp_path / "b.onnx", "int8", fingerprint="0123456789abcdef"),
+         "same file twice": lambda: a,
+         "name says int8": lambda: with_precision(a, tmp_path / "b.int8.onnx", "fp32")}[case]()
+    res = cli(a, b)
+    assert res.exit_code == 1 and res.stderr.count("\n") == 1, res.stderr
+    assert message.format(tmp=tmp_path) in res.stderr
+    with pytest.raises(ModelMismatchError):
+        bm.run_benchmark([a, b], bm.BenchConfig(**FAST))
+
+
+def test_repeated_batch_sizes_and_class_counts_are_measured_once():
+    cfg = bm.BenchConfig(batch_sizes=(1, 32, 1), class_counts=(100, 1, 100))
+    assert cfg.batch_sizes == (1, 32) and cfg.class_counts == (100, 1)
+    with pytest.raises(InputError, match=r"precision fp32 given twice"):
+        bm.BenchConfig(precisions=("fp32", "fp32"))
+
+
+def test_an_ort_model_is_measured_and_its_flops_are_a_note(tmp_path, tiny_onnx_model_module, monkeypatch):
+    """An .ort file cannot be read by the onnx package: the run keeps every timing and says where the FLOPs are."""
+    from edgemeta.exporters.optimize import to_ort_format
+
+    onnx_path = tmp_path / "m.onnx"
+    onnx_path.write_bytes(tiny_onnx_model_module.read_bytes())
+    ort_path = to_ort_format(onnx_path)
+    assert bm.is_ort_format(ort_path) and not bm.is_ort_format(onnx_path)
+    with pytest.raises(InputError, match="m.ort is an ORT-format model"):
+        bm.count_flops(ort_path)
+    cfg = bm.BenchConfig(providers=("cpu",), batch_sizes=(1, 2), class_counts=(1,), threads=1, **FAST)
+    report = bm.run_benchmark(ort_path, cfg)
+    assert [r.batch for r in report.embedding] == [1, 2] and report.peak is not None
+    assert all(r.flops is None and r.peak_fraction is None for r in report.embedding)
+    notes = [n for n in report.notes if "FLOPs" in n]
+    assert notes == ["FLOPs and % of peak not counted for m.ort: it is an ORT-format model, whose graph the onnx package cannot read; "
+                     "benchmark the .onnx it was made from for them"]
+    # a missing precision is made from the .onnx next to the .ort, never from the .ort
+    made, fp16 = [], with_precision(onnx_path, tmp_path / "made.fp16.onnx", "fp16")  # not m.fp16.onnx: that would be found
+    monkeypatch.setattr(bm, "_make_variant", lambda precision, fp32, ckpt, workdir: made.append(fp32.path) or fp16)
+    variants = bm.resolve_variants([ort_path], [bm.Precision.FP32, bm.Precision.FP16], None, tmp_path, 1)
+    assert made == [onnx_path] and [(v.path, v.precision.value) for v in variants] == [(ort_path, "fp32"), (fp16, "fp16")]
+
+
+def test_a_failing_flop_count_is_a_note_not_a_lost_report(tiny_onnx_model_module, monkeypatch):
+    def broken(*a, **k):
+        raise RuntimeError("shape inference blew up")
+
+    monkeypatch.setattr(bm, "count_flops", broken)
+    cfg = bm.BenchConfig(providers=("cpu",), batch_sizes=(1,), class_counts=(1,), threads=1, **FAST)
+    report = bm.run_benchmark(tiny_onnx_model_module, cfg)
+    assert report.embedding[0].flops is None and report.classes
+    assert "FLOPs not counted for tiny.onnx: RuntimeError: shape inference blew up" in report.notes
+
+
+def test_more_threads_than_cores_warn_and_absurd_counts_are_refused(tiny_onnx_model_module, monkeypatch):
+    monkeypatch.setattr(bm, "logical_cores", lambda: 2)
+    assert bm.BenchConfig(threads=2).oversubscribed is None
+    with pytest.raises(InputError, match=r"threads 9 is more than 4x the 2 logical cores this process may use \(at most 8"):
+        bm.BenchConfig(threads=9)
+    cfg = bm.BenchConfig(providers=("cpu",), batch_sizes=(1,), class_counts=(1,), threads=3, flops=False,
+                         **{k: v for k, v in FAST.items() if k != "peak_size"})
+    with pytest.warns(RuntimeWarning, match="3 threads on 2 logical cores: the threads wait for each other"):
+        report = bm.run_benchmark(tiny_onnx_model_module, cfg)
+    assert report.notes.count(cfg.oversubscribed) == 1
+
+
+def test_cli_warns_once_on_stderr_about_more_threads_than_cores(tiny_onnx_model_module, monkeypatch):
+    from edgemeta.cli._app import _show_warning
+
+    monkeypatch.setattr(bm, "logical_cores", lambda: 1)
+    with warnings.catch_warnings():
+        warnings.simplefilter("always")
+        warnings.showwarning = _show_warning  # as the edgemeta entry point sets it
+        res = cli(tiny_onnx_model_module, "--json", "--runs", "2", "--warmup", "0", "--batch-sizes", "1", "--classes", "1",
+                  "--threads", "2", "--no-cold-start", "--providers", "cpu", "--rounds", "1")
+    assert res.exit_code == 0, res.stderr
+    lines = [line for line in res.stderr.splitlines() if "logical core" in line]
+    assert lines == ["warning: 2 threads on 1 logical cores: the threads wait for each other, so the timings measure oversubscription "
+                     "more than the model; use --threads 1 or fewer (0 = one per physical core)"]
+    assert any(n.startswith("2 threads on 1 logical cores") for n in json.loads(res.stdout)["notes"])
+
+
+@pytest.mark.skipif(sys.platform == "win32", reason="POSIX signals")
+def test_sigterm_removes_the_temporary_folder(tiny_onnx_model_module, tmp_path):
+    """``timeout`` ends a run with SIGTERM: it exits (128 + 15) through the same clean-up as Ctrl-C."""
+    args = [sys.executable, "-m", "edgemeta", "benchmark", str(tiny_onnx_model_module), "--runs", "1000000", "--warmup", "0",
+            "--batch-sizes", "1", "--classes", "1", "--threads", "1", "--no-cold-start", "--providers", "cpu", "--rounds", "1"]
+    proc = subprocess.Popen(args, env={**os.environ, "TMPDIR": str(tmp_path)}, stdout=subprocess.PIPE, stderr=subprocess.PIPE, cwd=ROOT)
+    try:
+        deadline = time.monotonic() + 120
+        while not list(tmp_path.glob("edgemeta-bench-*")) and proc.poll() is None and time.monotonic() < deadline:
+            time.sleep(0.1)
+        assert list(tmp_path.glob("edgemeta-bench-*")), proc.stderr.read() if proc.poll() is not None else "no temporary folder made"
+        time.sleep(0.5)  # into the measuring
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(timeout=60) == 128 + signal.SIGTERM
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    assert list(tmp_path.glob("edgemeta-bench-*")) == []
+
+
+@pytest.mark.skipif(sys.platform == "win32", reason="POSIX signals")
+def test_sigterm_exits_only_while_a_benchmark_runs():
+    assert signal.getsignal(signal.SIGTERM) is signal.SIG_DFL
+    with pytest.raises(SystemExit) as e, bm._sigterm_exits():
+        signal.raise_signal(signal.SIGTERM)
+    assert e.value.code == 128 + signal.SIGTERM and signal.getsignal(signal.SIGTERM) is signal.SIG_DFL  # the default is back
+
+    def own(signum, frame):
+        pass
+
+    signal.signal(signal.SIGTERM, own)
+    try:
+        with bm._sigterm_exits():
+            assert signal.getsignal(signal.SIGTERM) is own  # an application's own handler is left alone
+    finally:
+        signal.signal(signal.SIGTERM, signal.SIG_DFL)
 
 
 def test_plot_writes_a_png(fast_report, tmp_path):
@@ -338,6 +507,7 @@ def test_cli_json(tiny_onnx_model_module, tmp_path):
     assert [r["batch"] for r in d["embedding"]] == [1, 2] and [r["n_classes"] for r in d["classes"]] == [1, 10]
     assert d["config"]["runs"] == 3 and d["config"]["rounds"] == 2 and (tmp_path / "p.png").is_file()
     assert all(r["latency"]["runs"] == 3 and r["first_half_p50_ms"] > 0 for r in d["embedding"])
+    assert f"wrote {tmp_path / 'p.png'}\n" in res.stderr  # where the plot went, on stderr: stdout is the JSON alone
 
 
 def test_cli_no_spinning_reaches_the_report_and_the_runtime_sessions(tiny_onnx_model_module, monkeypatch):
@@ -371,11 +541,40 @@ def test_cli_no_spinning_reaches_the_report_and_the_runtime_sessions(tiny_onnx_m
         (("--providers", "foo"), "unknown provider 'foo'"),
         (("--precisions", "fp64"), "unknown precision"),
         (("--plot", "/nonexistent-folder/p.png"), "--plot: folder /nonexistent-folder does not exist"),
+        (("--plot", "p.txt"), "--plot: p.txt does not end in .png (the plot is a PNG); give a name such as p.png"),
+        (("--plot", "plot"), "--plot: plot does not end in .png"),
+        (("--plot", ROOT / "tests"), f"--plot: {ROOT / 'tests'} is a folder; name the PNG file to write, such as {ROOT / 'tests' / 'benchmark.png'}"),
+        (("--classes", ""), "bad benchmark settings: no class counts given"),
+        (("--classes", ","), "bad benchmark settings: no class counts given"),
+        (("--precisions", "fp32,int8,fp32"), "precision fp32 given twice"),
+        (("--backprop-baseline", "--episodes", "0"), "--episodes must be at least 1 with --backprop-baseline, got 0"),
+        (("--threads", "1025"), "threads must be an integer from 0 to 1,024"),
     ],
 )
-def test_cli_bad_settings(tiny_onnx_model_module, args, message):
+def test_cli_bad_settings(tiny_onnx_model_module, args, message, no_measuring):
     res = cli(tiny_onnx_model_module, *args)
     assert res.exit_code == 1 and message in res.stderr and res.stderr.count("\n") == 1, res.stderr
+
+
+@pytest.mark.skipif(not Path("/proc/self").is_dir(), reason="needs /proc")
+def test_cli_plot_in_a_folder_that_takes_no_files(tiny_onnx_model_module, no_measuring):
+    res = cli(tiny_onnx_model_module, "--plot", "/proc/x.png")  # a folder whose permission bits say writable, to root
+    assert res.exit_code == 1 and res.stderr.startswith("error: --plot: cannot write in folder /proc (") and res.stderr.count("\n") == 1
+
+
+def test_cli_plot_failure_comes_after_the_report(tiny_onnx_model_module, tmp_path, monkeypatch):
+    """A plot that cannot be written (disk full) is one error line after the report, which is whole on stdout."""
+    import matplotlib.figure
+
+    def full(*a, **k):
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(matplotlib.figure.Figure, "savefig", full)
+    res = cli(tiny_onnx_model_module, "--json", "--runs", "2", "--warmup", "0", "--batch-sizes", "1", "--classes", "1",
+              "--threads", "1", "--no-cold-start", "--providers", "cpu", "--rounds", "1", "--plot", tmp_path / "p.png")
+    assert res.exit_code == 1
+    assert res.stderr == f"error: --plot: could not write {tmp_path / 'p.png'} (No space left on device); choose another path\n"
+    assert json.loads(res.stdout)["embedding"][0]["batch"] == 1  # the report was printed first, and whole
 
 
 @pytest.mark.skipif(CUDA_IN_BUILD, reason="this onnxruntime build has the CUDA provider")
@@ -726,6 +925,34 @@ def test_class_rows_on_a_gpu_provider_go_through_the_bound_call(monkeypatch, tmp
 
     bm._ort_classes(OnCuda(), variant, 5, cfg)
     assert bound == [(["images", "prototypes"], ("cuda", 0))]
+
+    class OnAzure(OnCuda):  # a provider with no device memory this onnxruntime can allocate: plain run()
+        def get_providers(self):
+            return ["AzureExecutionProvider", "CPUExecutionProvider"]
+
+    bm._ort_classes(OnAzure(), variant, 5, cfg)
+    assert len(bound) == 1
+
+
+@pytest.mark.parametrize(
+    "provider, device",
+    [("CPUExecutionProvider", None), ("CUDAExecutionProvider", ("cuda", 0)), ("TensorrtExecutionProvider", ("cuda", 0)),
+     ("AzureExecutionProvider", None), ("OpenVINOExecutionProvider", None)],
+)
+def test_only_cuda_and_tensorrt_bind_their_inputs_on_the_gpu(provider, device):
+    assert bm._bind_device(provider) == device
+
+
+@pytest.mark.skipif("AzureExecutionProvider" not in ort.get_available_providers(), reason="this onnxruntime build has no Azure provider")
+def test_a_provider_other_than_cpu_cuda_tensorrt_is_measured(tiny_onnx_model_module):
+    """AzureExecutionProvider (in the CPU wheel) runs the model: rows for it, and no GPU peak asked of CUDA for them."""
+    azure = "AzureExecutionProvider"
+    cfg = bm.BenchConfig(providers=(azure,), batch_sizes=(1,), class_counts=(1, 10), threads=1, **FAST)
+    report = bm.run_benchmark(tiny_onnx_model_module, cfg)
+    assert {r.provider for r in report.embedding} == {azure} and [r.n_classes for r in report.classes] == [1, 10]
+    assert report.gpu_peak is None and report.peak is None and all(r.peak_fraction is None for r in report.embedding)
+    assert not any("GPU peak" in n for n in report.notes)
+    assert bm._n_steps(cfg, [azure], 1) == bm._n_steps(replace(cfg, flops=False), [azure], 1)  # no peak step for it
 
 
 def test_a_failed_gpu_peak_is_a_note_not_a_lost_report(monkeypatch, tiny_onnx_model_module):

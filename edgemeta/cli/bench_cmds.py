@@ -42,12 +42,12 @@ def _progress_bar(enabled: bool) -> Iterator[Callable[[int, int, str], None] | N
 
 @command("benchmark")
 def benchmark(
-    models: List[Path] = typer.Argument(..., help="Exported .onnx model(s); several = precision variants side by side."),
+    models: List[Path] = typer.Argument(..., help="Exported .onnx (or .ort) model(s); several = precision variants of one model, one per precision, side by side."),
     checkpoint: Optional[Path] = typer.Option(None, "--checkpoint", help="The checkpoint the model came from: torch eager baseline, and missing precisions."),
     providers: str = typer.Option("auto", help="auto (every provider this onnxruntime has; others reported unavailable) or e.g. cpu,cuda."),
     batch_sizes: str = typer.Option("1,32", "--batch-sizes", help="Comma-separated batch sizes (1 to 4096)."),
     precisions: str = typer.Option("", help="Comma-separated fp32,fp16,int8; missing ones are found next to MODEL or made from --checkpoint."),
-    threads: int = typer.Option(0, help="Threads for ONNX Runtime and torch alike; 0 = physical cores."),
+    threads: int = typer.Option(0, help="Threads for ONNX Runtime and torch alike; 0 = physical cores (more than the logical cores: a warning)."),
     spinning: bool = typer.Option(
         True, "--spinning/--no-spinning", help="Idle ONNX Runtime threads spin between calls (its default) or sleep (saves power and cores)."
     ),
@@ -69,12 +69,14 @@ def benchmark(
     plot: Optional[Path] = typer.Option(None, "--plot", help="Write latency distributions and the classes curve to this PNG."),
 ) -> None:
     """Measure latency, throughput, FLOP/s, enrolment and cold start; compare with torch and other precisions."""
-    from edgemeta.benchmark import BenchConfig, OrtTuning, plot_report, render_report, run_benchmark
+    from edgemeta.benchmark import BenchConfig, OrtTuning, check_plot_path, plot_report, render_report, run_benchmark
 
     if runs is not None and duration is not None:
         raise InputError("give --runs or --duration, not both")
-    if plot is not None and not plot.parent.is_dir():
-        raise InputError(f"--plot: folder {plot.parent} does not exist; create it first")
+    if backprop_baseline and episodes < 1:
+        raise InputError(f"--episodes must be at least 1 with --backprop-baseline, got {episodes}")
+    if plot is not None:
+        check_plot_path(plot)  # now, not after minutes of measuring
     config = BenchConfig(
         providers=_words(providers), batch_sizes=_ints(batch_sizes, "--batch-sizes"), precisions=_words(precisions), threads=threads,
         warmup=warmup, runs=100 if runs is None else runs, duration=duration, rounds=rounds, class_counts=_ints(classes, "--classes"), shots=shots,
@@ -82,9 +84,9 @@ def benchmark(
     )
     with _progress_bar(console.is_terminal) as progress:
         report = run_benchmark(models, config, checkpoint=checkpoint, progress=progress)
-    if plot is not None:
-        plot_report(report, plot)
     if json_out:
         emit_json(report.to_dict(samples=samples))
     else:
         render_report(report, out)
+    if plot is not None:  # after the report: a plot that cannot be written loses nothing measured
+        console.print(f"wrote {plot_report(report, plot)}", markup=False, highlight=False, soft_wrap=True)
