@@ -763,6 +763,7 @@ class ModelVariant:
     input_shape: tuple[int, int, int]  # C, H, W
     embedding_dim: int
     size_bytes: int
+    fixed_batch: int | None = None  # the graph's batch size when it is fixed (it runs no other)
 
     def to_dict(self) -> dict[str, Any]:
         return {
@@ -774,6 +775,7 @@ class ModelVariant:
             "input_shape": list(self.input_shape),
             "embedding_dim": self.embedding_dim,
             "size_mb": round(self.size_bytes / 2**20, 3),
+            "fixed_batch": self.fixed_batch,
         }
 
 
@@ -783,8 +785,21 @@ def _open_variant(path: Path, origin: str, threads: int) -> ModelVariant:
     meta = sess.metadata
     pp = meta.preprocess
     return ModelVariant(
-        meta.precision, path, origin, meta.fingerprint, meta.backbone, (pp.channels, *pp.size), meta.embedding_dim, path.stat().st_size
+        meta.precision, path, origin, meta.fingerprint, meta.backbone, (pp.channels, *pp.size), meta.embedding_dim, path.stat().st_size,
+        sess.fixed_batch,
     )
+
+
+def _check_batch_sizes(variants: Sequence[ModelVariant], batch_sizes: Sequence[int]) -> None:
+    """A graph with a fixed batch size runs that batch only: other batch sizes are refused
+    before any measuring (the runtime pads a smaller call; the benchmark times the graph)."""
+    for v in variants:
+        other = [b for b in batch_sizes if v.fixed_batch is not None and b != v.fixed_batch]
+        if other:
+            raise InputError(
+                f"{v.path} takes a fixed batch of {v.fixed_batch}, so batch size {', '.join(map(str, other))} cannot be timed: "
+                f"pass --batch-sizes {v.fixed_batch}, or re-export it with a dynamic batch (`edgemeta export`)"
+            )
 
 
 def _base_stem(path: Path) -> str:
@@ -1105,7 +1120,8 @@ def _ort_classes(sess: ort.InferenceSession, variant: ModelVariant, n_classes: i
     on CUDA and TensorRT bound once on the device (:func:`_bound_call`, :func:`_bind_device`)."""
     rng = np.random.default_rng([config.seed, n_classes])
     protos = rng.standard_normal((n_classes, variant.embedding_dim)).astype(_input_dtype(sess, INPUT_PROTOTYPES))
-    feeds = {INPUT_IMAGES: _images(variant, 1, _input_dtype(sess, INPUT_IMAGES), config.seed), INPUT_PROTOTYPES: protos}
+    batch = variant.fixed_batch or 1  # a fixed-batch graph: the call the runtime makes for one image, padded
+    feeds = {INPUT_IMAGES: _images(variant, batch, _input_dtype(sess, INPUT_IMAGES), config.seed), INPUT_PROTOTYPES: protos}
     if feeds_prototype_norms(sess) and n_classes:
         feeds[INPUT_SQNORMS] = prototype_sqnorms(protos)
     device = _bind_device(sess.get_providers()[0])
@@ -1573,7 +1589,12 @@ def run_benchmark(
     others = _OtherLoad()
     with _sigterm_exits(), tempfile.TemporaryDirectory(prefix="edgemeta-bench-") as tmp:
         variants = resolve_variants(paths, config.precisions, ckpt, Path(workdir) if workdir else Path(tmp), threads)
+        _check_batch_sizes(variants, config.batch_sizes)
         report = BenchReport(machine_info(), config.to_dict(), variants, unavailable=unavailable)
+        report.notes += [
+            f"{v.path.name} takes a fixed batch of {v.fixed_batch}: its classification latency is of a call of {v.fixed_batch} "
+            "images (one image padded, as the runtime sends it)" for v in variants if v.fixed_batch and v.fixed_batch > 1
+        ]
         baseline = _TorchBaseline(ckpt, threads) if ckpt is not None and config.torch_baseline else None
         steps = _Steps(_n_steps(config, providers, len(variants)), progress)
         try:

@@ -376,6 +376,32 @@ def test_repeated_batch_sizes_and_class_counts_are_measured_once():
         bm.BenchConfig(precisions=("fp32", "fp32"))
 
 
+def _fixed_batch_copy(src, dst, batch):
+    import onnx
+
+    m = onnx.load(str(src))
+    for v in (*m.graph.input[:1], *m.graph.output):  # images, embeddings, logits
+        v.type.tensor_type.shape.dim[0].dim_value = batch
+    onnx.save(m, str(dst))
+    return dst
+
+
+def test_a_fixed_batch_model_is_timed_at_its_batch_only(tmp_path, tiny_onnx_model_module, no_measuring):
+    fixed = _fixed_batch_copy(tiny_onnx_model_module, tmp_path / "b4.onnx", 4)
+    with pytest.raises(InputError, match=r"b4.onnx takes a fixed batch of 4, so batch size 1, 32 cannot be timed: pass --batch-sizes 4"):
+        bm.run_benchmark(fixed, bm.BenchConfig(providers=("cpu",), batch_sizes=(1, 4, 32), threads=1, **FAST))
+
+
+def test_a_fixed_batch_model_runs_every_part_of_the_benchmark(tmp_path, tiny_onnx_model_module):
+    fixed = _fixed_batch_copy(tiny_onnx_model_module, tmp_path / "b4.onnx", 4)
+    cfg = bm.BenchConfig(providers=("cpu",), batch_sizes=(4,), class_counts=(1, 100), threads=1, **{**FAST, "cold_start": True})
+    report = bm.run_benchmark(fixed, cfg)
+    assert report.models[0].fixed_batch == 4 and report.to_dict()["models"][0]["fixed_batch"] == 4
+    assert [r.batch for r in report.embedding] == [4] and len(report.classes) == 2 and len(report.cold_start) == 1
+    assert report.adaptation[0].shots == 5 and report.adaptation[0].ratio > 0  # 5 shots through the runtime: a call of 4 and a padded one
+    assert any("b4.onnx takes a fixed batch of 4" in n for n in report.notes)
+
+
 def test_an_ort_model_is_measured_and_its_flops_are_a_note(tmp_path, tiny_onnx_model_module, monkeypatch):
     """An .ort file cannot be read by the onnx package: the run keeps every timing and says where the FLOPs are."""
     from edgemeta.exporters.optimize import to_ort_format
