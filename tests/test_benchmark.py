@@ -246,6 +246,14 @@ def test_cold_start_parts_add_up(tiny_onnx_model_module):
     assert row.largest_batch == 32
 
 
+def test_a_failing_cold_start_process_is_a_note_not_a_lost_report(tiny_onnx_model_module, monkeypatch):
+    monkeypatch.setattr(bm, "_COLD_START", "import sys; sys.exit('no such luck')")
+    cfg = bm.BenchConfig(providers=("cpu",), batch_sizes=(1,), class_counts=(1,), threads=1, **{**FAST, "cold_start": True})
+    report = bm.run_benchmark(tiny_onnx_model_module, cfg)
+    assert report.embedding and report.classes and report.adaptation and not report.cold_start
+    assert any(n.startswith("cold start not measured for tiny.onnx on CPU: the cold-start process failed") and "no such luck" in n for n in report.notes)
+
+
 def test_no_cuda_is_reported_not_failed(tiny_onnx_model_module, monkeypatch):
     monkeypatch.setattr(bm.ort, "get_available_providers", lambda: ["CPUExecutionProvider"])
     providers, unavailable = bm._providers(("auto",))
