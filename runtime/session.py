@@ -482,10 +482,14 @@ class Session:
                 ranks.append(f"input '{name}' has rank {len(shape)}, expected {want}")
         if ranks:
             raise InputError(f"{self.path} breaks the edgemeta contract: {'; '.join(ranks)}; re-export the model")
-        types = [f"input '{n}' is {inputs[n].type}" for n in inputs if inputs[n].type not in _FLOAT_TYPES]
-        types += [f"output '{n}' is {outputs[n].type}" for n in (OUTPUT_EMBEDDINGS, OUTPUT_LOGITS) if outputs[n].type not in _FLOAT_TYPES]
+        # inputs are fed float32 or float16; outputs of any float type are read as float32
+        types = [f"input '{n}' is {inputs[n].type}, expected float or float16" for n in inputs if inputs[n].type not in _FLOAT_TYPES]
+        types += [
+            f"output '{n}' is {outputs[n].type}, expected a float type"
+            for n in (OUTPUT_EMBEDDINGS, OUTPUT_LOGITS) if outputs[n].type not in (*_FLOAT_TYPES, "tensor(double)")
+        ]
         if types:
-            raise InputError(f"{self.path} breaks the edgemeta contract: {'; '.join(types)}, expected float or float16; re-export the model")
+            raise InputError(f"{self.path} breaks the edgemeta contract: {'; '.join(types)}; re-export the model")
         count = inputs[INPUT_PROTOTYPES].shape[0] if inputs[INPUT_PROTOTYPES].shape else None
         if isinstance(count, int):
             raise InputError(

@@ -450,3 +450,17 @@ def test_a_fixed_number_of_prototypes_is_refused(tmp_path, tiny_onnx_model):
 
     with pytest.raises(InputError, match=r"takes a fixed number of prototypes \(5\), so classes cannot be enrolled"):
         Session(_edited(tiny_onnx_model, tmp_path / "five.onnx", fixed_classes), "cpu")
+
+
+def test_an_output_that_is_not_a_float_type_is_refused(tmp_path, tiny_onnx_model):
+    from onnx import TensorProto, helper
+
+    def int_embeddings(m):
+        for node in m.graph.node:
+            node.output[:] = ["emb_f" if o == "embeddings" else o for o in node.output]
+            node.input[:] = ["emb_f" if i == "embeddings" else i for i in node.input]
+        m.graph.node.append(helper.make_node("Cast", ["emb_f"], ["embeddings"], to=TensorProto.INT32))
+        m.graph.output[0].type.tensor_type.elem_type = TensorProto.INT32
+
+    with pytest.raises(InputError, match=r"output 'embeddings' is tensor\(int32\), expected a float type; re-export"):
+        Session(_edited(tiny_onnx_model, tmp_path / "int_out.onnx", int_embeddings), "cpu")
