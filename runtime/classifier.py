@@ -270,11 +270,6 @@ class FewShotClassifier:
             raise InputError("no images given; pass at least one image")
         spec, bs = self.session.preprocess, self.options.batch_size
         ready = self._ready(items, spec, bs)
-        if ready and len(items) <= bs:  # one call, the batch as it is (enrolment's usual case)
-            out = self.session.embed(items)
-            if on_progress is not None:
-                on_progress(len(out))
-            return out
         parts = []
         for i in range(0, len(items), bs):  # batch by batch: images are decoded, and memory bounded, per batch
             parts.append(self.session.embed(items[i : i + bs] if ready else preprocess(items[i : i + bs], spec)))
