@@ -42,7 +42,11 @@ class EpisodeSampler:
         >>> ep = sampler.episode(0)
     """
 
-    def __init__(self, labels: np.ndarray, n_way: int, k_shot: int, q_query: int, seed: int = 0, name: str = "data set") -> None:
+    def __init__(
+        self, labels: np.ndarray, n_way: int, k_shot: int, q_query: int, seed: int = 0, name: str = "data set", remedy: str | None = None
+    ) -> None:
+        """``remedy``: what the error for too little data tells the user to do, for callers
+        whose command has no --n-way, --k-shot or --queries to lower."""
         for what, v, lo in (("n_way", n_way, 2), ("k_shot", k_shot, 1), ("q_query", q_query, 1)):
             if not isinstance(v, (int, np.integer)) or v < lo:
                 raise InputError(f"{what} must be an integer >= {lo}, got {v!r}")
@@ -55,11 +59,11 @@ class EpisodeSampler:
         self._eligible = classes[counts >= self.k_shot + self.q_query]
         self._index = {int(c): i for i, c in enumerate(classes)}
         if len(classes) < self.n_way:
-            raise DataError(f"{name} has {len(classes)} classes, fewer than {n_way}-way; lower --n-way to at most {len(classes)}")
+            raise DataError(f"{name} has {len(classes)} classes, fewer than {n_way}-way; {remedy or f'lower --n-way to at most {len(classes)}'}")
         if len(self._eligible) < self.n_way:
             raise DataError(
                 f"{name}: only {len(self._eligible)} classes have {self.k_shot + self.q_query} images "
-                f"(K={k_shot} shots + Q={q_query} queries), {n_way} needed; lower --k-shot/--queries "
+                f"(K={k_shot} shots + Q={q_query} queries), {n_way} needed; {remedy or 'lower --k-shot/--queries'} "
                 f"(smallest class has {counts.min()} images)"
             )
 

@@ -35,7 +35,7 @@ from edgemeta.exporters.convert import (
 from edgemeta.exporters.data import base_images, novel_images, recorded_dataset
 from edgemeta.exporters.graph import ensure_writable, load_model, read_metadata, refuse_overwrite, save_model, write_metadata
 from edgemeta.exporters.quantize import QuantizeSpec, quantize_int8, to_fp16
-from edgemeta.exporters.verify import Progress, VerificationReport, VerifySpec, metadata_with, verify
+from edgemeta.exporters.verify import Progress, VerificationReport, VerifySpec, metadata_with, refuse_fixed_batch, verify
 from edgemeta.runtime.spec import Metric, ModelMetadata, Normalization, Precision, PreprocessSpec
 
 __all__ = [
@@ -292,6 +292,7 @@ def quantize_model(model_path: str | os.PathLike, checkpoint: str | os.PathLike,
     verified against the checkpoint on its novel classes."""
     out = _outputs(out, options, model_path, checkpoint)
     ck, meta = _matching(model_path, checkpoint)
+    refuse_fixed_batch(Path(model_path), "calibration")
     dataset = recorded_dataset(ck.info)
     with tempfile.TemporaryDirectory(prefix="edgemeta-int8-") as tmp:
         _stage(progress, "calibrating int8")

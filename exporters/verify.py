@@ -37,10 +37,10 @@ from torch import nn
 
 from edgemeta.data import ImageSet
 from edgemeta.episodes import EpisodeSampler
-from edgemeta.errors import DataError, ExportError, InputError, VerificationError
+from edgemeta.errors import ExportError, InputError, VerificationError
 from edgemeta.evaluate import episode_scores, summarize, to_tensor
 from edgemeta.exporters.graph import load_model, read_metadata
-from edgemeta.runtime.session import feeds_prototype_norms, open_ort_session, prototype_sqnorms
+from edgemeta.runtime.session import feeds_prototype_norms, graph_batch, open_ort_session, prototype_sqnorms
 from edgemeta.runtime.spec import (
     INPUT_IMAGES,
     INPUT_PROTOTYPES,
@@ -201,12 +201,7 @@ class _OnnxSide:
             self.session = _cpu_session(path)  # as the runtime opens it
         except Exception as e:
             raise ExportError(f"ONNX Runtime cannot load {path}: {str(e).splitlines()[0][:200]}") from None
-        batch = next((i.shape or [None])[0] for i in self.session.get_inputs() if i.name == INPUT_IMAGES)
-        if isinstance(batch, int):
-            raise InputError(
-                f"{path} takes a fixed batch of {batch}; verification runs whole episodes through the graph and needs a "
-                "dynamic batch: verify the model it was made from (`edgemeta export` writes a dynamic batch)"
-            )
+        refuse_fixed_batch(path, "verification", self.session)
         self.dim = dim
         self.fed = feeds_prototype_norms(self.session)
         self.head = self._metric_part(model)
@@ -242,6 +237,17 @@ class _OnnxSide:
             feeds = {OUTPUT_EMBEDDINGS: z, INPUT_PROTOTYPES: p} | (_norms(p) if self.head_fed else {})
             return self.head.run([OUTPUT_LOGITS], feeds)[0]
         return self.run(x(), p, fed=True)[1]
+
+
+def refuse_fixed_batch(path: Path, action: str, session=None) -> None:
+    """Refuse a graph with a fixed batch size, in one line: ``action`` (verification,
+    calibration) runs batches of every size through it. ``session``: one already open on it."""
+    batch = graph_batch(session or _cpu_session(path))
+    if batch is not None:
+        raise InputError(
+            f"{path} takes a fixed batch of {batch}; {action} runs batches of other sizes through the graph and needs a "
+            "dynamic batch: use the model it was made from (`edgemeta export` writes a dynamic batch)"
+        )
 
 
 def _cpu_session(model: Path | bytes):
@@ -304,21 +310,17 @@ def _embed_all(side, x_of: Callable[[np.ndarray], np.ndarray], idx: np.ndarray, 
     return np.concatenate(out) if out else np.zeros((0, side.dim), np.float32)
 
 
-def _check_episode_data(data: ImageSet, spec: VerifySpec) -> None:
-    """Fail before any work when ``data`` cannot fill the episodes. The message names what the
-    data needs, not the sampler's --n-way: export, verify and quantize have no such option."""
-    per_class = spec.k_shot + spec.q_query
-    _, counts = np.unique(data.labels, return_counts=True)
-    enough = int((counts >= per_class).sum())
-    if enough < spec.n_way:
-        raise DataError(
-            f"{data.name}: {enough} of its {len(counts)} classes have {per_class} or more images; verification draws {spec.n_way}-way "
-            f"{spec.k_shot}-shot episodes with {spec.q_query} queries: pass --data with at least {spec.n_way} classes of {per_class} images"
-        )
+def _sampler(data: ImageSet, spec: VerifySpec) -> EpisodeSampler:
+    """The episodes' sampler, made before any work: data that cannot fill them is refused with
+    what it needs (export, verify and quantize have no --n-way or --k-shot to lower)."""
+    need = spec.k_shot + spec.q_query
+    remedy = f"verification draws {spec.n_way}-way {spec.k_shot}-shot episodes with {spec.q_query} queries: pass --data with at least {spec.n_way} classes of {need} images"
+    return EpisodeSampler(data.labels, spec.n_way, spec.k_shot, spec.q_query, spec.seed, data.name, remedy=remedy)
 
 
-def _episodes(onnx_side: _OnnxSide, torch_side: _TorchSide, data: ImageSet, x_of, spec: VerifySpec, progress: Progress | None) -> dict[str, Any]:
-    sampler = EpisodeSampler(data.labels, spec.n_way, spec.k_shot, spec.q_query, spec.seed, data.name)
+def _episodes(
+    onnx_side: _OnnxSide, torch_side: _TorchSide, data: ImageSet, x_of, spec: VerifySpec, sampler: EpisodeSampler, progress: Progress | None
+) -> dict[str, Any]:
     eps = list(sampler(spec.episodes))
     used = np.unique(np.concatenate([np.concatenate([e.support, e.query]) for e in eps]))
     where = np.full(len(data), -1, dtype=np.int64)
@@ -418,8 +420,7 @@ def verify(
     pp = meta.preprocess
     if data.images.shape[1:] != (*pp.size, pp.channels):
         raise InputError(f"{data.name} images are {data.images.shape[1:]}, the model takes {(*pp.size, pp.channels)} (HWC); load them at the model's size")
-    if spec.episodes:
-        _check_episode_data(data, spec)
+    sampler = _sampler(data, spec) if spec.episodes else None
     tol = spec.tolerance or Tolerance.for_precision(meta.precision)
     onnx_side, torch_side = _OnnxSide(path, proto, meta.embedding_dim), _TorchSide(torch_model, meta.embedding_dim)
 
@@ -431,7 +432,7 @@ def verify(
     rows = _tensor_runs(onnx_side, torch_side, x_of(np.sort(pool)), spec)
     if progress:
         progress("tensor checks", 1, 1)
-    episodes = _episodes(onnx_side, torch_side, data, x_of, spec, progress) if spec.episodes else {}
+    episodes = _episodes(onnx_side, torch_side, data, x_of, spec, sampler, progress) if sampler is not None else {}
     report = VerificationReport(str(path), meta.precision, tol, _checks(rows, episodes, tol, meta.precision), rows, episodes)
     report.seconds = time.perf_counter() - t0
     if not report.passed:

@@ -68,7 +68,7 @@ class Provider(str, Enum):
 
 #: The order ``providers="auto"`` tries, among those this onnxruntime build has.
 AUTO_ORDER = (Provider.TENSORRT.value, Provider.CUDA.value, Provider.CPU.value)
-_GPU_PROVIDERS = (Provider.TENSORRT.value, Provider.CUDA.value)
+GPU_PROVIDERS = (Provider.TENSORRT.value, Provider.CUDA.value)  #: those that run on a CUDA device
 _FLOAT_TYPES = ("tensor(float)", "tensor(float16)")
 _SHORT_NAMES = {"cpu": Provider.CPU, "cuda": Provider.CUDA, "gpu": Provider.CUDA, "tensorrt": Provider.TENSORRT, "trt": Provider.TENSORRT}
 
@@ -242,7 +242,7 @@ def open_ort_session(path: str | os.PathLike | bytes, options: ort.SessionOption
     time (the metadata is known only once a session has read the model). Note: ONNX Runtime's default logger severity is
     set back to its default (warning) afterwards. Returns ``(session, what ONNX Runtime said)``.
     """
-    gpu = any(p in _GPU_PROVIDERS for p in providers)
+    gpu = any(p in GPU_PROVIDERS for p in providers)
     # errors only: ONNX Runtime warns on every load that the optional prototype_sqnorms input
     # is an initializer a caller may override, which is what it is for
     options.log_severity_level = max(options.log_severity_level, 3)
@@ -327,6 +327,13 @@ def run_bound(
         binding.bind_output(name, *device)
     session.run_with_iobinding(binding)
     return binding.copy_outputs_to_cpu()
+
+
+def graph_batch(sess: ort.InferenceSession) -> int | None:
+    """The batch size of a session's ``images`` input when the graph fixes it, else None."""
+    shape = next((i.shape for i in sess.get_inputs() if i.name == INPUT_IMAGES), None)
+    batch = shape[0] if shape else None
+    return batch if isinstance(batch, int) and batch > 0 else None
 
 
 def _frozen(a: np.ndarray) -> bool:
@@ -458,7 +465,7 @@ class Session:
 
     @property
     def on_gpu(self) -> bool:
-        return self.providers[0] in _GPU_PROVIDERS
+        return self.providers[0] in GPU_PROVIDERS
 
     # ---- the model contract ------------------------------------------------------
 
@@ -485,7 +492,7 @@ class Session:
         # inputs are fed float32 or float16; outputs of any float type are read as float32
         types = [f"input '{n}' is {inputs[n].type}, expected float or float16" for n in inputs if inputs[n].type not in _FLOAT_TYPES]
         types += [
-            f"output '{n}' is {outputs[n].type}, expected a float type"
+            f"output '{n}' is {outputs[n].type}, expected float, float16 or double"
             for n in (OUTPUT_EMBEDDINGS, OUTPUT_LOGITS) if outputs[n].type not in (*_FLOAT_TYPES, "tensor(double)")
         ]
         if types:
@@ -498,8 +505,7 @@ class Session:
             )
         self._in_types = {n: np.float16 if inputs[n].type == "tensor(float16)" else np.float32 for n in inputs}
         self._images_shape = inputs[INPUT_IMAGES].shape
-        batch = self._images_shape[0] if self._images_shape else None
-        self.fixed_batch: int | None = batch if isinstance(batch, int) and batch > 0 else None
+        self.fixed_batch: int | None = graph_batch(self._sess)
         """The batch size the graph was exported with when it is fixed, else None: calls then
         go in chunks of exactly that size, the last one padded with zero images (their
         outputs dropped)."""

@@ -128,6 +128,20 @@ def build_runtime_model(
     return path
 
 
+def fixed_batch_copy(src: Path, dst: Path, batch: int) -> Path:
+    """A copy of an edgemeta model whose graph takes a fixed batch of ``batch`` images."""
+    import onnx
+
+    m = onnx.load(str(src))
+    for v in m.graph.input:
+        if v.name == "images":
+            v.type.tensor_type.shape.dim[0].dim_value = batch
+    for v in m.graph.output:  # embeddings, logits
+        v.type.tensor_type.shape.dim[0].dim_value = batch
+    onnx.save(m, str(dst))
+    return dst
+
+
 _CUDA_RUNS: bool | None = None
 
 

@@ -16,6 +16,7 @@ from safetensors.torch import save_file
 from typer.testing import CliRunner
 
 from edgemeta.checkpoint import file_sha256, save_checkpoint
+from conftest import fixed_batch_copy
 from edgemeta.cli import app
 from edgemeta.data import omniglot_spec
 from edgemeta.exporters import inspect
@@ -257,7 +258,7 @@ def test_too_few_classes_name_what_the_data_needs_not_a_missing_option(workdir, 
     write_pngs(workdir / "onecls", 1, 20)
     shutil.copy(trained_conv4_onnx, workdir / "m.onnx")
     before = (workdir / "m.onnx").read_bytes()
-    expected = "onecls: 1 of its 1 classes have 16 or more images; verification draws 5-way 1-shot episodes with 15 queries: " \
+    expected = "onecls has 1 classes, fewer than 5-way; verification draws 5-way 1-shot episodes with 15 queries: " \
                "pass --data with at least 5 classes of 16 images"
     for args in (["export", "--module", "usernet_ok:build", *MODULE_ARGS, "--data", "onecls", "-o", "x.onnx"],
                  ["verify", "m.onnx", "-c", trained_conv4, "--data", "onecls"]):
@@ -265,6 +266,10 @@ def test_too_few_classes_name_what_the_data_needs_not_a_missing_option(workdir, 
         assert_one_line_error(r, expected)
         assert "--n-way" not in r.output
     assert not (workdir / "x.onnx").exists() and (workdir / "m.onnx").read_bytes() == before
+    write_pngs(workdir / "small", 6, 10)  # enough classes, too few images in each
+    r = run("verify", "m.onnx", "-c", trained_conv4, "--data", "small")
+    assert_one_line_error(r, "small: only 0 classes have 16 images (K=1 shots + Q=15 queries), 5 needed; verification draws 5-way")
+    assert "--k-shot" not in r.output and (workdir / "m.onnx").read_bytes() == before
 
 
 @pytest.mark.parametrize(
@@ -289,13 +294,10 @@ def test_verify_keeps_the_mode_of_the_model_it_rewrites(workdir, trained_conv4, 
     assert stat.S_IMODE((workdir / "m.onnx").stat().st_mode) == 0o444  # ...and still read-only
 
 
-def test_verify_refuses_a_fixed_batch_model_in_one_line(workdir, trained_conv4, trained_conv4_onnx):
-    import onnx
-
-    m = onnx.load(str(trained_conv4_onnx))
-    m.graph.input[0].type.tensor_type.shape.dim[0].dim_value = 1
-    onnx.save(m, str(workdir / "b1.onnx"))
+@pytest.mark.parametrize("command, action", [("verify", "verification"), ("quantize", "calibration")])
+def test_verify_and_quantize_refuse_a_fixed_batch_model_in_one_line(workdir, trained_conv4, trained_conv4_onnx, command, action):
+    fixed_batch_copy(trained_conv4_onnx, workdir / "b1.onnx", 1)
     before = (workdir / "b1.onnx").read_bytes()
-    r = run("verify", "b1.onnx", "-c", trained_conv4, "--episodes", "5")
-    assert_one_line_error(r, "b1.onnx takes a fixed batch of 1; verification runs whole episodes through the graph and needs a dynamic batch")
-    assert (workdir / "b1.onnx").read_bytes() == before
+    r = run(command, "b1.onnx", "-c", trained_conv4, *(["-o", "q.onnx"] if command == "quantize" else []), "--episodes", "5")
+    assert_one_line_error(r, f"b1.onnx takes a fixed batch of 1; {action} runs batches of other sizes through the graph and needs a dynamic batch")
+    assert (workdir / "b1.onnx").read_bytes() == before and not (workdir / "q.onnx").exists()

@@ -20,7 +20,7 @@ from edgemeta.runtime import (
     Session,
     SessionOptions,
 )
-from conftest import cuda_runs
+from conftest import cuda_runs, fixed_batch_copy
 from edgemeta.runtime.session import resolve_providers
 
 CPU = "CPUExecutionProvider"
@@ -397,21 +397,18 @@ def _edited(src: Path, dst: Path, edit) -> Path:
     return dst
 
 
-def _fix_batch(batch: int):
-    def edit(m):
-        for v in (*m.graph.input[:1], *m.graph.output):  # images, embeddings, logits
-            v.type.tensor_type.shape.dim[0].dim_value = batch
+@pytest.mark.parametrize("batch, io_binding", [(1, False), (4, False), (4, True)])
+def test_a_model_with_a_fixed_batch_runs_any_number_of_images(tmp_path, tiny_onnx_model, monkeypatch, batch, io_binding):
+    import edgemeta.runtime.session as session_module
 
-    return edit
-
-
-@pytest.mark.parametrize("batch", [1, 4])
-def test_a_model_with_a_fixed_batch_runs_any_number_of_images(tmp_path, tiny_onnx_model, batch):
-    fixed = Session(_edited(tiny_onnx_model, tmp_path / "fixed.onnx", _fix_batch(batch)), "cpu", options=SessionOptions(batch_size=3))
+    options = SessionOptions(batch_size=3, io_binding=io_binding)
+    fixed = Session(fixed_batch_copy(tiny_onnx_model, tmp_path / "fixed.onnx", batch), "cpu", options=options)
     free = Session(tiny_onnx_model, "cpu")
     assert fixed.fixed_batch == batch and free.fixed_batch is None
     x, protos = _batch(6), np.eye(16, dtype=np.float32)[:3]
     fixed._sess = _CountingSession(fixed._sess)
+    bound = session_module.run_bound
+    monkeypatch.setattr(session_module, "run_bound", lambda sess, images, *a: fixed._sess.batches.append(len(images)) or bound(sess.inner, images, *a))
     emb, logits = fixed.run(x, protos)
     ref_emb, ref_logits = free.run(x, protos)
     assert fixed._sess.batches == [batch] * -(-6 // batch)  # every call exactly the graph's batch, the last one padded
@@ -462,5 +459,25 @@ def test_an_output_that_is_not_a_float_type_is_refused(tmp_path, tiny_onnx_model
         m.graph.node.append(helper.make_node("Cast", ["emb_f"], ["embeddings"], to=TensorProto.INT32))
         m.graph.output[0].type.tensor_type.elem_type = TensorProto.INT32
 
-    with pytest.raises(InputError, match=r"output 'embeddings' is tensor\(int32\), expected a float type; re-export"):
+    with pytest.raises(InputError, match=r"output 'embeddings' is tensor\(int32\), expected float, float16 or double; re-export"):
         Session(_edited(tiny_onnx_model, tmp_path / "int_out.onnx", int_embeddings), "cpu")
+
+
+def test_float64_outputs_are_read_as_float32(tmp_path, tiny_onnx_model):
+    from onnx import TensorProto, helper
+
+    def double_outputs(m):
+        for name in ("embeddings", "logits"):
+            for node in m.graph.node:
+                node.output[:] = [f"{name}_f" if o == name else o for o in node.output]
+                node.input[:] = [f"{name}_f" if i == name else i for i in node.input]
+            m.graph.node.append(helper.make_node("Cast", [f"{name}_f"], [name], to=TensorProto.DOUBLE))
+        for out in m.graph.output:
+            out.type.tensor_type.elem_type = TensorProto.DOUBLE
+
+    s = Session(_edited(tiny_onnx_model, tmp_path / "f64.onnx", double_outputs), "cpu")
+    emb, logits = s.run(_batch(3), np.eye(16, dtype=np.float32)[:2])
+    ref_emb, ref_logits = Session(tiny_onnx_model, "cpu").run(_batch(3), np.eye(16, dtype=np.float32)[:2])
+    assert emb.dtype == logits.dtype == np.float32
+    np.testing.assert_allclose(emb, ref_emb, atol=1e-6)
+    np.testing.assert_allclose(logits, ref_logits, atol=1e-5)
