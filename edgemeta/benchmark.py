@@ -60,6 +60,7 @@ import onnxruntime as ort
 
 from edgemeta.runtime.errors import CheckpointError, EdgemetaError, InputError, ModelMismatchError, ProviderError
 from edgemeta.runtime.session import (
+    GPU_PROVIDERS,
     ORT_LEVELS,
     GraphOptimization,
     Provider,
@@ -597,7 +598,7 @@ def count_flops(model: str | os.PathLike | Any, batch: int = 1, n_classes: int =
         627572736
     """
     if isinstance(model, (str, os.PathLike)) and is_ort_format(model):
-        raise InputError(f"{Path(model).name} is an ORT-format model, whose graph the onnx package cannot read; count the .onnx it was made from")
+        raise InputError(f"{Path(model).name} is an ORT-format model, whose graph the onnx package cannot read; count (or benchmark) the .onnx it was made from")
     try:
         import onnx
     except ImportError:
@@ -842,15 +843,18 @@ def _make_variant(precision: Precision, fp32: ModelVariant | None, checkpoint: P
 
 
 def resolve_variants(
-    models: Sequence[Path], precisions: Sequence[Precision], checkpoint: Path | None, workdir: Path, threads: int
+    models: Sequence[Path], precisions: Sequence[Precision], checkpoint: Path | None, workdir: Path, threads: int,
+    batch_sizes: Sequence[int] = (),
 ) -> list[ModelVariant]:
     """The models to benchmark: the given ones, or one per requested precision.
 
     A requested precision comes from a given model, else from a sibling file
-    (``model.int8.onnx``), else it is made with the exporters.
+    (``model.int8.onnx``), else it is made with the exporters. ``batch_sizes``: those to
+    be timed, which a fixed-batch model must take (checked before any variant is made).
     """
     given = [_open_variant(Path(m), "given", threads) for m in models]
     _check_given(given, checkpoint)
+    _check_batch_sizes(given, batch_sizes)
     if checkpoint is not None:
         _check_fingerprints(given, checkpoint)  # before any time is spent making variants
     if not precisions:
@@ -877,6 +881,7 @@ def resolve_variants(
         out.append(_open_variant(made, "made with the exporters", threads))
     if checkpoint is not None:
         _check_fingerprints(out, checkpoint)
+    _check_batch_sizes(out, batch_sizes)
     return out
 
 
@@ -888,7 +893,8 @@ def _name_precision(path: Path) -> Precision | None:
 def _remake(path: Path, precision: Precision, first: ModelVariant, checkpoint: Path | None) -> str:
     """How to replace a model file that is not what it should be."""
     ckpt = str(checkpoint) if checkpoint is not None else "CHECKPOINT"
-    how = f"`edgemeta export {ckpt} --precision {precision.value} -o {path}`"
+    # an .ort file comes from export --ort, which writes it beside the .onnx that -o names
+    how = f"`edgemeta export {ckpt} --precision {precision.value} " + (f"--ort -o {path.with_suffix('.onnx')}`" if path.suffix == ".ort" else f"-o {path}`")
     if precision is Precision.INT8 and not is_ort_format(first.path) and first.precision is Precision.FP32:
         how += f" or `edgemeta quantize {first.path} -c {ckpt} -o {path}`"
     return f"remake it from the checkpoint {first.path.name} was exported from ({how}), or delete it"
@@ -908,8 +914,11 @@ def _check_given(given: Sequence[ModelVariant], checkpoint: Path | None) -> None
         named = _name_precision(v.path)
         if named is not None and named is not v.precision:
             problems.append(f"{v.path} is an {v.precision.value} model though its name says {named.value}: {_remake(v.path, named, first, checkpoint)}")
-        if v.precision in seen:
-            problems.append(f"{seen[v.precision].path} and {v.path} are both {v.precision.value} models; pass one model per precision")
+        if v.precision in seen and os.path.samefile(seen[v.precision].path, v.path):
+            problems.append(f"{v.path} is given twice; pass each model once")
+        elif v.precision in seen:
+            ort = " (benchmark an .ort file on its own)" if is_ort_format(v.path) != is_ort_format(seen[v.precision].path) else ""
+            problems.append(f"{seen[v.precision].path} and {v.path} are both {v.precision.value} models; pass one model per precision{ort}")
         seen.setdefault(v.precision, v)
     if problems:
         raise ModelMismatchError("; ".join(problems))
@@ -983,14 +992,11 @@ def _short(provider: str) -> str:
     return {Provider.CPU.value: "CPU", Provider.CUDA.value: "CUDA", Provider.TENSORRT.value: "TensorRT"}.get(provider, provider)
 
 
-_CUDA_PROVIDERS = (Provider.CUDA.value, Provider.TENSORRT.value)  # run on a CUDA device: inputs bound there, the GPU's peak
-
-
 def _bind_device(provider: str) -> tuple[str, int] | None:
     """Where a provider's inputs are bound for the timed calls: the CUDA device for CUDA and
     TensorRT, None (plain ``run`` with numpy arrays) for the CPU and any other provider, which
     this onnxruntime may not be able to allocate device memory for (AzureExecutionProvider)."""
-    return ("cuda", 0) if provider in _CUDA_PROVIDERS else None
+    return ("cuda", 0) if provider in GPU_PROVIDERS else None
 
 
 # ============================================================================ measurements
@@ -1292,7 +1298,7 @@ class _TorchBaseline:
         where torch has no such device (no CUDA in this build) or no match (any other provider)."""
         if provider == Provider.CPU.value:
             return "cpu"
-        return "cuda" if provider in _CUDA_PROVIDERS and self.torch.cuda.is_available() else None
+        return "cuda" if provider in GPU_PROVIDERS and self.torch.cuda.is_available() else None
 
     def close(self) -> None:
         self.torch.set_num_threads(self.saved_threads)
@@ -1382,7 +1388,7 @@ class _Steps:
 def _n_steps(config: BenchConfig, providers: Sequence[str], n_variants: int) -> int:
     per_variant = 1 + len(config.class_counts) + 2 + int(config.cold_start)
     per_provider = n_variants * per_variant + len(config.batch_sizes)
-    peaks = 2 * int(Provider.CPU.value in providers) + int(any(p in _CUDA_PROVIDERS for p in providers))
+    peaks = 2 * int(Provider.CPU.value in providers) + int(any(p in GPU_PROVIDERS for p in providers))
     return int(config.flops) * peaks + len(providers) * per_provider + n_variants * int(config.backprop_episodes > 0)
 
 
@@ -1392,16 +1398,12 @@ def _flops_for(variant: ModelVariant, batch: int, cache: dict, notes: list[str])
     key = (variant.path, batch)
     if key not in cache:
         note = None
-        if is_ort_format(variant.path):
-            note = (f"FLOPs and % of peak not counted for {variant.path.name}: it is an ORT-format model, whose graph the onnx "
-                    "package cannot read; benchmark the .onnx it was made from for them")
-        else:
-            try:
-                count = count_flops(variant.path, batch)
-            except InputError as e:  # no onnx package: every other figure still stands
-                note = f"FLOPs unavailable: {e}".replace("counting FLOPs needs the onnx package", "the onnx package is not installed")
-            except Exception as e:  # noqa: BLE001 - onnx raises its own types (protobuf, shape inference); the timings must survive
-                note = f"FLOPs not counted for {variant.path.name}: {type(e).__name__}: {' '.join(str(e).split())[:200]}"
+        try:
+            count = count_flops(variant.path, batch)
+        except InputError as e:  # no onnx package, or an .ort file: every other figure still stands
+            note = f"FLOPs and % of peak not counted: {e}"
+        except Exception as e:  # noqa: BLE001 - onnx raises its own types (protobuf, shape inference); the timings must survive
+            note = f"FLOPs not counted for {variant.path.name}: {type(e).__name__}: {' '.join(str(e).split())[:200]}"
         if note is not None:
             cache[key] = None
             if note not in notes:
@@ -1427,7 +1429,7 @@ def _embedding_rows(
     several rounds, the first and the later rounds) are compared."""
     device = baseline.device_for(provider) if baseline is not None else None
     if baseline is not None and device is None:
-        why = "this torch build has no CUDA" if provider in _CUDA_PROVIDERS else "torch has no device that matches this provider"
+        why = "this torch build has no CUDA" if provider in GPU_PROVIDERS else "torch has no device that matches this provider"
         report.notes.append(f"torch baseline skipped on {_short(provider)}: {why}")
     engines: list[ModelVariant | str] = [*variants, *(("torch eager", "torch eager channels_last") if device is not None else ())]
     rounds = config.rounds if config.duration is not None else min(config.rounds, config.runs)
@@ -1499,7 +1501,7 @@ def _best_peak(first: dict[str, Any] | None, second: dict[str, Any]) -> dict[str
 def _with_peak(row: EmbeddingRow, report: BenchReport) -> EmbeddingRow:
     """The row's share of its own processor's peak: the CPU's for CPU rows (its int8 peak
     for int8 models, when measured), the GPU's for CUDA and TensorRT rows; none for others."""
-    peak = {_short(Provider.CPU.value): report.peak, **{_short(p): report.gpu_peak for p in _CUDA_PROVIDERS}}.get(row.provider)
+    peak = {_short(Provider.CPU.value): report.peak, **{_short(p): report.gpu_peak for p in GPU_PROVIDERS}}.get(row.provider)
     if row.achieved_gflops is None or peak is None:
         return row
     key = "int8_peak_gops" if row.precision == Precision.INT8.value and "int8_peak_gops" in peak else "peak_gflops"
@@ -1588,8 +1590,7 @@ def run_benchmark(
         warnings.warn(config.oversubscribed, RuntimeWarning, stacklevel=2)
     others = _OtherLoad()
     with _sigterm_exits(), tempfile.TemporaryDirectory(prefix="edgemeta-bench-") as tmp:
-        variants = resolve_variants(paths, config.precisions, ckpt, Path(workdir) if workdir else Path(tmp), threads)
-        _check_batch_sizes(variants, config.batch_sizes)
+        variants = resolve_variants(paths, config.precisions, ckpt, Path(workdir) if workdir else Path(tmp), threads, config.batch_sizes)
         report = BenchReport(machine_info(), config.to_dict(), variants, unavailable=unavailable)
         report.notes += [
             f"{v.path.name} takes a fixed batch of {v.fixed_batch}: its classification latency is of a call of {v.fixed_batch} "
@@ -1642,9 +1643,9 @@ def _wrap_up(report: BenchReport, providers: list[str], variants: list[ModelVari
     if config.flops and Provider.CPU.value in providers:  # again at the end: a busy moment at the start must not inflate the fractions
         steps("peak FLOP/s again")
         report.peak = _best_peak(report.peak, _cpu_peak(config, variants))
-    if config.flops and any(p in _CUDA_PROVIDERS for p in providers):
+    if config.flops and any(p in GPU_PROVIDERS for p in providers):
         steps("GPU peak FLOP/s (large float32 MatMul on CUDA)")
-        if any(r.provider in {_short(p) for p in _CUDA_PROVIDERS} for r in report.embedding):  # not when no GPU provider ran
+        if any(r.provider in {_short(p) for p in GPU_PROVIDERS} for r in report.embedding):  # not when no GPU provider ran
             try:
                 report.gpu_peak = measure_gpu_peak_flops(n=max(config.peak_size, GPU_PEAK_SIZE))
             except (ProviderError, RuntimeError) as e:  # RuntimeError: ONNX Runtime's own failures (out of memory, ...)
@@ -1734,7 +1735,7 @@ def _run_all(
                 steps(f"{_short(provider)} {variant.precision.value}: cold start")
                 try:
                     report.cold_start.append(_cold_start(variant, provider, config))
-                except (EdgemetaError, subprocess.TimeoutExpired, ValueError) as e:  # the timings so far stand; ValueError: no JSON line
+                except (EdgemetaError, subprocess.TimeoutExpired, ValueError, IndexError, KeyError) as e:  # the timings so far stand; no or bad JSON line
                     report.notes.append(f"cold start not measured for {variant.path.name} on {_short(provider)}: {' '.join(str(e).split())[:400]}")
 
 

@@ -234,7 +234,7 @@ class FewShotClassifier:
                 f"{s.embedding_dim}-D {s.metric.value}; re-enrol or load the matching model"
             )
         if self.options.mode is Mode.KNN and not store.keep_embeddings:
-            raise InputError("k-NN mode needs a store that keeps embeddings; re-enrol with keep_embeddings=True (`edgemeta enroll --keep-embeddings`)")
+            raise InputError("k-NN mode needs a store that keeps embeddings; re-enrol into a new store with keep_embeddings=True (`edgemeta enroll --keep-embeddings --store NEW`)")
         return store
 
     def use_store(self, store: PrototypeStore) -> None:

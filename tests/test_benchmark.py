@@ -21,7 +21,7 @@ import onnxruntime as ort
 import pytest
 from typer.testing import CliRunner
 
-from conftest import cuda_runs
+from conftest import cuda_runs, fixed_batch_copy
 from edgemeta import benchmark as bm
 from edgemeta.cli import app
 from edgemeta.runtime.errors import InputError, ModelMismatchError, ProviderError
@@ -361,7 +361,7 @@ def test_a_stale_file_next_to_the_model_is_refused_by_name(tmp_path, tiny_onnx_m
 
 @pytest.mark.parametrize("case, message", [
     ("other model", "b.onnx is model 0123456789abcdef, but a.onnx is model fp-tiny-0001 (several models are precision variants of one model"),
-    ("same file twice", "a.onnx and {tmp}/a.onnx are both fp32 models; pass one model per precision"),
+    ("same file twice", "{tmp}/a.onnx is given twice; pass each model once"),
     ("name says int8", "b.int8.onnx is an fp32 model though its name says int8: remake it"),
 ])
 def test_models_given_together_are_one_models_precision_variants(tmp_path, tiny_onnx_model_module, case, message, no_measuring):
@@ -384,24 +384,14 @@ def test_repeated_batch_sizes_and_class_counts_are_measured_once():
         bm.BenchConfig(precisions=("fp32", "fp32"))
 
 
-def _fixed_batch_copy(src, dst, batch):
-    import onnx
-
-    m = onnx.load(str(src))
-    for v in (*m.graph.input[:1], *m.graph.output):  # images, embeddings, logits
-        v.type.tensor_type.shape.dim[0].dim_value = batch
-    onnx.save(m, str(dst))
-    return dst
-
-
 def test_a_fixed_batch_model_is_timed_at_its_batch_only(tmp_path, tiny_onnx_model_module, no_measuring):
-    fixed = _fixed_batch_copy(tiny_onnx_model_module, tmp_path / "b4.onnx", 4)
+    fixed = fixed_batch_copy(tiny_onnx_model_module, tmp_path / "b4.onnx", 4)
     with pytest.raises(InputError, match=r"b4.onnx takes a fixed batch of 4, so batch size 1, 32 cannot be timed: pass --batch-sizes 4"):
         bm.run_benchmark(fixed, bm.BenchConfig(providers=("cpu",), batch_sizes=(1, 4, 32), threads=1, **FAST))
 
 
 def test_a_fixed_batch_model_runs_every_part_of_the_benchmark(tmp_path, tiny_onnx_model_module):
-    fixed = _fixed_batch_copy(tiny_onnx_model_module, tmp_path / "b4.onnx", 4)
+    fixed = fixed_batch_copy(tiny_onnx_model_module, tmp_path / "b4.onnx", 4)
     cfg = bm.BenchConfig(providers=("cpu",), batch_sizes=(4,), class_counts=(1, 100), threads=1, **{**FAST, "cold_start": True})
     report = bm.run_benchmark(fixed, cfg)
     assert report.models[0].fixed_batch == 4 and report.to_dict()["models"][0]["fixed_batch"] == 4
@@ -425,13 +415,19 @@ def test_an_ort_model_is_measured_and_its_flops_are_a_note(tmp_path, tiny_onnx_m
     assert [r.batch for r in report.embedding] == [1, 2] and report.peak is not None
     assert all(r.flops is None and r.peak_fraction is None for r in report.embedding)
     notes = [n for n in report.notes if "FLOPs" in n]
-    assert notes == ["FLOPs and % of peak not counted for m.ort: it is an ORT-format model, whose graph the onnx package cannot read; "
-                     "benchmark the .onnx it was made from for them"]
+    assert notes == ["FLOPs and % of peak not counted: m.ort is an ORT-format model, whose graph the onnx package cannot read; "
+                     "count (or benchmark) the .onnx it was made from"]
     # a missing precision is made from the .onnx next to the .ort, never from the .ort
     made, fp16 = [], with_precision(onnx_path, tmp_path / "made.fp16.onnx", "fp16")  # not m.fp16.onnx: that would be found
     monkeypatch.setattr(bm, "_make_variant", lambda precision, fp32, ckpt, workdir: made.append(fp32.path) or fp16)
     variants = bm.resolve_variants([ort_path], [bm.Precision.FP32, bm.Precision.FP16], None, tmp_path, 1)
     assert made == [onnx_path] and [(v.path, v.precision.value) for v in variants] == [(ort_path, "fp32"), (fp16, "fp16")]
+    # a model with its own .ort: one precision twice, and the hint says how to time the .ort
+    with pytest.raises(ModelMismatchError, match=r"m.onnx and .*m.ort are both fp32 models; pass one model per precision \(benchmark an .ort file on its own\)"):
+        bm.resolve_variants([onnx_path, ort_path], [], None, tmp_path, 1)
+    # an .ort to remake comes from export --ort, whose -o names the .onnx beside it
+    hint = bm._remake(tmp_path / "m.int8.ort", bm.Precision.INT8, variants[0], Path("ck.safetensors"))
+    assert f"`edgemeta export ck.safetensors --precision int8 --ort -o {tmp_path / 'm.int8.onnx'}`" in hint
 
 
 def test_a_failing_flop_count_is_a_note_not_a_lost_report(tiny_onnx_model_module, monkeypatch):
@@ -693,7 +689,7 @@ def test_benchmark_runs_without_torch_or_onnx(tiny_onnx_model_module):
     assert proc.returncode == 0, proc.stderr
     d = json.loads(proc.stdout.strip().splitlines()[-1])
     assert d["flops"] is None and d["peak"] > 0 and not d["torch_loaded"] and not d["onnx_loaded"]
-    assert any(n.startswith("FLOPs unavailable: the onnx package is not installed") for n in d["notes"])
+    assert any(n.startswith("FLOPs and % of peak not counted: counting FLOPs needs the onnx package") for n in d["notes"])
 
 
 @pytest.mark.gpu
@@ -712,7 +708,7 @@ def test_cli_in_a_runtime_only_environment(tiny_onnx_model_module):
     assert r.returncode == 0, r.stderr[-2000:]
     d = json.loads(r.stdout)
     assert d["embedding"][0]["flops"] is None and d["machine"]["torch"] is None
-    assert any(n.startswith("FLOPs unavailable") for n in d["notes"])
+    assert any(n.startswith("FLOPs and % of peak not counted: counting FLOPs needs the onnx package") for n in d["notes"])
 
 
 @pytest.mark.slow

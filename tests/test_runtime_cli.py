@@ -85,7 +85,7 @@ def test_store_commands(enrolled):
         (["predict", "{model}", "--store", "{tmp}/missing.store", "{folder}/class0/0.png"], "error: store file not found"),
         (["predict", "{cosine}", "--store", "{store}", "{folder}/class0/0.png"], "error: store .* was made with model fp-tiny-0001, this model is fp-tiny-cos; re-enrol"),
         (["predict", "{model}", "--store", "{store}", "{folder}/class0/0.png", "--top-k", "0"], "error: top_k must be an integer >= 1"),
-        (["predict", "{model}", "--store", "{store}", "{folder}/class0/0.png", "--knn", "1"], "error: k-NN mode needs a store that keeps embeddings.*`edgemeta enroll --keep-embeddings`"),
+        (["predict", "{model}", "--store", "{store}", "{folder}/class0/0.png", "--knn", "1"], "error: k-NN mode needs a store that keeps embeddings; re-enrol into a new store .*`edgemeta enroll --keep-embeddings --store NEW`"),
         (["store", "forget", "{store}", "dragon"], r"error: unknown label 'dragon'; enrolled labels: 'class0'"),
         (["store", "rename", "{store}", "class0", "class1"], r"error: label 'class1' already exists; pass merge=True \(`edgemeta store rename --merge`\)"),
         (["store", "list", "{tmp}"], "error: .* is a folder, not a store file"),

@@ -47,7 +47,7 @@ def benchmark(
     providers: str = typer.Option("auto", help="auto (every provider this onnxruntime has; others reported unavailable) or e.g. cpu,cuda."),
     batch_sizes: str = typer.Option("1,32", "--batch-sizes", help="Comma-separated batch sizes (1 to 4096)."),
     precisions: str = typer.Option("", help="Comma-separated fp32,fp16,int8; missing ones are found next to MODEL or made from --checkpoint."),
-    threads: int = typer.Option(0, help="Threads for ONNX Runtime and torch alike; 0 = physical cores (more than the logical cores: a warning)."),
+    threads: int = typer.Option(0, help="Threads for ONNX Runtime and torch alike; 0 = physical cores (more than the logical cores: a warning; more than 4x: refused)."),
     spinning: bool = typer.Option(
         True, "--spinning/--no-spinning", help="Idle ONNX Runtime threads spin between calls (its default) or sleep (saves power and cores)."
     ),
