@@ -14,13 +14,11 @@ import onnx
 from onnx import helper
 
 from edgemeta import __version__
-from edgemeta.errors import CheckpointError, ExportError, InputError
+from edgemeta.errors import CheckpointError, ExportError
 from edgemeta.runtime.spec import METADATA_KEY, OUTPUT_EMBEDDINGS, ModelMetadata
 
 __all__ = [
     "ensure_writable",
-    "same_file",
-    "refuse_overwrite",
     "save_model",
     "load_model",
     "read_metadata",
@@ -68,25 +66,6 @@ def ensure_writable(path: str | os.PathLike) -> Path:
     os.close(fd)
     os.unlink(probe)
     return path
-
-
-def same_file(a: str | os.PathLike, b: str | os.PathLike) -> bool:
-    """Whether ``a`` and ``b`` name one file (through ``./``, ``..``, symlinks or hard links)."""
-    try:
-        if os.path.exists(a) and os.path.exists(b):
-            return os.path.samefile(a, b)
-        return Path(a).resolve() == Path(b).resolve()
-    except OSError:
-        return False
-
-
-def refuse_overwrite(outputs: list[Path], inputs: list[str | os.PathLike | None]) -> None:
-    """Refuse, before any work, to write a file that is one of the command's inputs: the
-    atomic rename would replace the checkpoint (or the fp32 model) with the new model."""
-    for dst in outputs:
-        for src in inputs:
-            if src is not None and os.path.exists(src) and same_file(dst, src):
-                raise InputError(f"output {dst} is the input {src} and would overwrite it; choose another -o")
 
 
 def save_model(model: onnx.ModelProto, path: str | os.PathLike) -> Path:

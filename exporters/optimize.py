@@ -28,7 +28,7 @@ import onnx
 
 from edgemeta.errors import CheckpointError, ExportError, InputError
 from edgemeta.checkpoint import atomic_write
-from edgemeta.exporters.graph import same_file
+from edgemeta.files import same_file
 from edgemeta.runtime.session import open_ort_session
 from edgemeta.runtime.spec import INPUT_PROTOTYPES
 
