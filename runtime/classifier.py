@@ -355,7 +355,7 @@ class FewShotClassifier:
         knn = self.options.mode is Mode.KNN
         snap = self._store.snapshot(examples=knn)
         if not snap.labels:
-            raise InputError("nothing is enrolled yet; call enroll(label, images) for at least one class first")
+            raise InputError("nothing is enrolled yet; call enroll(label, images) (`edgemeta enroll`) for at least one class first")
         items = _as_list(images)
         if len(items) == 0:
             raise InputError("no images given; pass at least one image")
@@ -477,7 +477,10 @@ def list_images(paths: Sequence[str | os.PathLike]) -> list[Path]:
     out: list[Path] = []
     for p in map(Path, paths):
         if p.is_dir():
-            out.extend(sorted(q for q in p.iterdir() if q.is_file() and q.suffix.lower() in IMAGE_SUFFIXES))
+            found = sorted(q for q in p.iterdir() if q.is_file() and q.suffix.lower() in IMAGE_SUFFIXES)
+            if not found and any(q.is_dir() for q in p.iterdir()):
+                raise InputError(f"{p} holds no image files, only subfolders (not searched); pass the image files or the subfolders themselves")
+            out.extend(found)
         else:
             out.append(p)  # a missing file is reported by the decoder, with its name
     return out

@@ -41,7 +41,7 @@ def _filter(name: str):
 def decode(path: str | os.PathLike | Any) -> Any:
     """Open an image file (or a file object) fully, with clear errors for bad files."""
     Image = _pil()
-    name = getattr(path, "name", path)
+    name = str(path) if isinstance(path, (str, os.PathLike)) else getattr(path, "name", "the image data")  # the path as given
     if isinstance(path, (str, os.PathLike)):
         p = Path(path)
         if p.is_dir():

@@ -30,6 +30,7 @@ import math
 import os
 import tempfile
 import threading
+import unicodedata
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterator
@@ -52,12 +53,16 @@ _HEADER_KEY = "edgemeta.store"
 _CHECKSUM_KEY = "sha256"
 
 
-def check_label(label: object) -> str:
-    """Return ``label`` if it is a non-empty string, else raise :class:`InputError`."""
+def check_label(label: object, *, new: bool = True) -> str:
+    """Return ``label`` if it is a non-empty string, else raise :class:`InputError`. A ``new``
+    label (one being enrolled or renamed to) must not hold control characters either: they
+    would break every table and log it appears in. Labels already stored are read as they are."""
     if not isinstance(label, str):
         raise InputError(f"label must be a string, got {type(label).__name__} {label!r}; pass e.g. str(label)")
     if not label.strip():
         raise InputError(f"label must be a non-empty string, got {label!r}; name the class")
+    if new and any(unicodedata.category(ch) == "Cc" for ch in label):
+        raise InputError(f"label {label!r} contains control characters (newline, tab, escape, ...); name the class without them")
     return label
 
 
@@ -131,6 +136,16 @@ def _fsync_dir(folder: Path) -> None:
         pass
     finally:
         os.close(fd)
+
+
+def _store_path(path: str | os.PathLike) -> Path:
+    """``path`` once a store file can be written there: not a folder, in a folder that exists."""
+    path = Path(path)
+    if path.is_dir():
+        raise InputError(f"{path} is a folder; give a store file path such as {path / 'store.safetensors'}")
+    if not path.parent.is_dir():
+        raise InputError(f"folder {path.parent} does not exist; create it first")
+    return path
 
 
 def _atomic_write(path: Path, data: bytes) -> None:
@@ -282,7 +297,7 @@ class PrototypeStore:
             raise InputError(f"{what} needs the individual embeddings; create the store with keep_embeddings=True and re-enrol")
 
     def _row_label(self, label: object) -> str:
-        check_label(label)
+        check_label(label, new=False)  # an existing label, as it was stored
         if label not in self._index:
             shown = ", ".join(repr(x) for x in self._labels[:10]) + (", ..." if len(self._labels) > 10 else "")
             raise InputError(f"unknown label {label!r}; enrolled labels: {shown or 'none'}")
@@ -456,11 +471,7 @@ class PrototypeStore:
         Raises:
             StoreWriteError: the file could not be written; the previous one is intact.
         """
-        path = Path(path)
-        if path.is_dir():
-            raise InputError(f"{path} is a folder; give a store file path such as {path / 'store.safetensors'}")
-        if not path.parent.is_dir():
-            raise InputError(f"folder {path.parent} does not exist; create it first")
+        path = _store_path(path)
         data = self.to_bytes()
         with _locked(path):
             _atomic_write(path, data)
@@ -509,7 +520,9 @@ class PrototypeStore:
         Holding the lock from load to save means two processes enrolling into the same
         file never lose each other's classes. Nothing is saved if the block raises.
         """
-        path = Path(path)
+        path = _store_path(path)  # before the lock: a bad path leaves no lock file behind
+        if default is None and not path.exists():
+            cls.load(path)  # says the store is missing
         with _locked(path):
             if path.exists() or default is None:
                 store = cls.load(path, fingerprint=fingerprint)
@@ -521,7 +534,7 @@ class PrototypeStore:
     @classmethod
     def _from_parts(cls, header: dict, tensors: dict[str, np.ndarray], source: str) -> PrototypeStore:
         try:
-            labels = [check_label(x) for x in header["labels"]]
+            labels = [check_label(x, new=False) for x in header["labels"]]
             counts = [int(c) for c in header["counts"]]
             store = cls(
                 int(header["embedding_dim"]),

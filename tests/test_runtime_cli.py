@@ -67,7 +67,7 @@ def test_store_commands(enrolled):
     assert doc["counts"] == {f"class{k}": 6 for k in range(4)} and doc["fingerprint"] == "fp-tiny-0001"
     assert "4 classes" in _run("store", "list", enrolled).stdout
     assert "renamed 'class1' to 'cats'" in _run("store", "rename", enrolled, "class1", "cats").stderr
-    _run("store", "rename", enrolled, "class2", "cats", "--merge")
+    assert "merged 'class2' into 'cats'" in _run("store", "rename", enrolled, "class2", "cats", "--merge").stderr
     assert "forgot 'class0'; 2 classes left" in _run("store", "forget", enrolled, "class0").stderr
     assert PrototypeStore.load(enrolled).counts == {"cats": 12, "class3": 6}
 
@@ -89,6 +89,11 @@ def test_store_commands(enrolled):
         (["store", "forget", "{store}", "dragon"], r"error: unknown label 'dragon'; enrolled labels: 'class0'"),
         (["store", "rename", "{store}", "class0", "class1"], r"error: label 'class1' already exists; pass merge=True \(`edgemeta store rename --merge`\)"),
         (["store", "list", "{tmp}"], "error: .* is a folder, not a store file"),
+        (["enroll", "{model}", "--store", "{store}", "--label", "new\nline", "{folder}/class0/0.png"], r"error: label 'new\\nline' contains control characters"),
+        (["enroll", "{model}", "--store", "{store}", "--label", "x", "{folder}/class0/0.png", "--keep-embeddings"],
+         r"error: .* keeps no embeddings, so --keep-embeddings cannot apply to it; enrol into a new store file"),
+        (["predict", "{model}", "--store", "{store}", "{folder}/class0/0.png", "--knn", "0"], r"error: --knn must be at least 1"),
+        (["predict", "{model}", "--store", "{store}", "{folder}"], r"error: .* holds no image files, only subfolders"),
     ],
 )
 def test_bad_input_is_one_line_and_exit_1(enrolled, tmp_path, tiny_onnx_model, tiny_cosine_model, runtime_image_folder, args, message):
@@ -143,3 +148,29 @@ def test_the_entry_point_exits_0_after_help(monkeypatch, capsys):
     with pytest.raises(SystemExit) as done:
         main()
     assert done.value.code == 0 and "--store" in capsys.readouterr().out
+
+
+def test_labels_are_shown_as_they_are_not_as_markup(tmp_path, tiny_onnx_model, runtime_image_folder):
+    store = tmp_path / "markup.store"
+    _run("enroll", tiny_onnx_model, "--store", store, "--label", "[red]bold[/red]", runtime_image_folder / "class0" / "0.png")
+    assert "[red]bold[/red]" in _run("store", "list", store).stdout
+    assert "[red]bold[/red]" in _run("predict", tiny_onnx_model, "--store", store, runtime_image_folder / "class0" / "1.png").stdout
+    assert "forgot '[red]bold[/red]'" in _run("store", "forget", store, "[red]bold[/red]").stderr
+
+
+def test_a_bad_store_path_leaves_no_lock_file(tmp_path, tiny_onnx_model, runtime_image_folder):
+    res = _run("store", "forget", tmp_path / "none.store", "x", code=1)
+    assert "store file not found" in res.stderr
+    res = _run("enroll", tiny_onnx_model, "--store", tmp_path / "nodir" / "x.store", "--folder", runtime_image_folder, code=1)
+    assert re.match(r"error: folder .*nodir does not exist; create it first", res.stderr), res.stderr
+    assert not list(tmp_path.glob("*.lock")) and not (tmp_path / "nodir").exists()
+
+
+def test_a_bad_image_is_named_by_its_path(tmp_path, tiny_onnx_model, runtime_image_folder):
+    import shutil
+
+    folder = tmp_path / "classes"
+    shutil.copytree(runtime_image_folder, folder)
+    (folder / "class2" / "bad.png").write_bytes(b"not an image")
+    res = _run("enroll", tiny_onnx_model, "--store", tmp_path / "s.store", "--folder", folder, code=1)
+    assert f"error: {folder / 'class2' / 'bad.png'}: not an image file Pillow can read" in res.stderr

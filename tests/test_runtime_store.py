@@ -289,3 +289,13 @@ def test_concurrent_saves_leave_one_complete_store(tmp_path):
     s = PrototypeStore.load(path)  # checksum verified: never a mix of the two
     assert (s.fingerprint, len(s)) in {("fp-3", 3), ("fp-40", 40)}
     assert s.examples().shape == (50 * len(s), D)
+
+
+def test_new_labels_refuse_control_characters_and_stored_ones_still_load():
+    from edgemeta.runtime.store import check_label
+
+    s = PrototypeStore(4)
+    for bad in ("new\nline", "tab\there", "\x1b[31mred"):
+        with pytest.raises(InputError, match="contains control characters"):
+            s.add(bad, np.ones((1, 4), np.float32))
+    assert len(s) == 0 and check_label("new\nline", new=False) == "new\nline"  # a store written before the rule still loads

@@ -13,7 +13,9 @@ from typing import Any, Callable, Iterator, List, Optional
 
 import typer
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+from rich.markup import escape
 from rich.table import Table
+from rich.text import Text
 
 from edgemeta.cli._app import app, command, console, emit_json, out
 from edgemeta.runtime.errors import InputError
@@ -42,13 +44,13 @@ def _progress(total: int, enabled: bool) -> Iterator[Callable[[int], None]]:
 
 
 def _counts_table(title: str, counts: dict[str, int], added: dict[str, int] | None = None) -> Table:
-    table = Table(title=title)
+    table = Table(title=escape(title))
     table.add_column("label")
     if added is not None:
         table.add_column("added", justify="right")
     table.add_column("examples", justify="right")
     for label, n in counts.items():
-        row = [label, str(added.get(label, 0))] if added is not None else [label]
+        row = [Text(label), str(added.get(label, 0))] if added is not None else [Text(label)]  # Text: a label is never markup
         table.add_row(*row, str(n))
     return table
 
@@ -73,6 +75,8 @@ def enroll_cmd(
     clf = FewShotClassifier(model, providers, options=ClassifierOptions(keep_embeddings=keep_embeddings))
     total = sum(len(p) for p in paths.values())
     with clf.editing(store), _progress(total, not json_out) as advance:
+        if keep_embeddings and not clf.store.keep_embeddings:  # the store's own setting wins; nothing is saved after this
+            raise InputError(f"{store} keeps no embeddings, so --keep-embeddings cannot apply to it; enrol into a new store file with --keep-embeddings")
         added = clf.enroll_folder(folder, on_progress=advance) if folder is not None else {label: len(paths[label])}
         if folder is None:
             clf.enroll(label, paths[label], on_progress=advance)
@@ -96,6 +100,8 @@ def predict_cmd(
     """Classify images against the classes of a store."""
     from edgemeta.runtime import ClassifierOptions, FewShotClassifier, Mode, list_images
 
+    if knn is not None and knn < 1:
+        raise InputError(f"--knn must be at least 1 (the K nearest examples), got {knn}; leave it out to classify by prototypes")
     options = ClassifierOptions(threshold=threshold, mode=Mode.KNN if knn else Mode.PROTOTYPE, knn_k=knn or 1)
     clf = FewShotClassifier(model, providers, options=options).load(store)
     paths = list_images(images)
@@ -103,13 +109,13 @@ def predict_cmd(
     if json_out:
         emit_json({"providers": clf.providers, "threshold": clf.threshold, "predictions": [{"image": str(p), **r.to_dict()} for p, r in zip(paths, preds)]})
         return
-    table = Table(title=f"{len(paths)} image(s), {len(clf.labels)} classes ({', '.join(clf.providers)})")
+    table = Table(title=escape(f"{len(paths)} image(s), {len(clf.labels)} classes ({', '.join(clf.providers)})"))
     for col in ("image", "label", "probability", "distance", "top-k"):
         table.add_column(col, justify="right" if col in ("probability", "distance") else "left")
     for p, r in zip(paths, preds):
         label = f"unknown (nearest: {r.label})" if r.unknown else r.label
         others = ", ".join(f"{c.label} {c.probability:.2f}" for c in r.top_k)
-        table.add_row(str(p), label, f"{r.probability:.3f}", f"{r.distance:.4f}", others)
+        table.add_row(Text(str(p)), Text(label), f"{r.probability:.3f}", f"{r.distance:.4f}", Text(others))
     out.print(table)
 
 
@@ -138,7 +144,7 @@ def store_forget_cmd(
 
     with PrototypeStore.edit(store) as s:
         s.forget(label)
-    console.print(f"forgot {label!r}; {len(s)} classes left in {store}")
+    console.print(f"forgot {label!r}; {len(s)} classes left in {store}", markup=False, highlight=False)
 
 
 @store_command("rename")
@@ -152,5 +158,6 @@ def store_rename_cmd(
     from edgemeta.runtime import PrototypeStore
 
     with PrototypeStore.edit(store) as s:
+        merged = merge and new in s.counts
         s.rename(old, new, merge=merge)
-    console.print(f"renamed {old!r} to {new!r} in {store}")
+    console.print(f"{'merged' if merged else 'renamed'} {old!r} {'into' if merged else 'to'} {new!r} in {store}", markup=False, highlight=False)
