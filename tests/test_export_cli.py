@@ -231,7 +231,8 @@ def write_pngs(folder: Path, n_classes: int, per_class: int) -> Path:
         (["quantize", "m.onnx", "-c", "ck.safetensors", "-o", "./m.onnx"], "m.onnx"),
     ],
 )
-def test_an_output_that_is_an_input_is_refused_and_the_input_kept(workdir, trained_conv4, trained_conv4_onnx, args, output):
+def test_an_output_that_is_an_input_is_refused_and_the_input_kept(workdir, trained_conv4, trained_conv4_onnx, monkeypatch, args, output):
+    monkeypatch.syspath_prepend(str(workdir))  # the user module, importable on its own too
     from usernet_ok import build
 
     shutil.copy(trained_conv4, workdir / "ck.safetensors")
