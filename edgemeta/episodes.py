@@ -109,14 +109,30 @@ def write_episodes_file(
     sampler: EpisodeSampler,
     count: int,
 ) -> None:
-    """Write ``count`` episodes of ``sampler`` over images ``paths`` (absolute or relative to cwd)."""
+    """Write ``count`` episodes of ``sampler`` over images ``paths`` (absolute or relative to cwd).
+
+    Every image the episodes use is decoded first, so the file never names one that
+    evaluation cannot read; the file is written atomically.
+
+    Raises:
+        DataError: an image the episodes use cannot be decoded (named with its class folder).
+    """
+    from edgemeta.checkpoint import atomic_write
+    from edgemeta.runtime.preprocess import decode
+
     out = Path(path)
     base = out.parent.resolve()
+    episodes = list(sampler(count))
+    for ix in sorted({int(i) for ep in episodes for i in np.concatenate([ep.support, ep.query])}):
+        try:
+            decode(paths[ix]).close()
+        except InputError as e:
+            raise DataError(f"{e}; remove or replace that file, then write the episodes again") from None
 
     def entry(ix: int) -> list:
         return [os.path.relpath(Path(paths[ix]).resolve(), base), classes[int(labels[ix])]]
 
-    eps = [{"support": [entry(i) for i in ep.support], "query": [entry(i) for i in ep.query]} for ep in sampler(count)]
+    eps = [{"support": [entry(i) for i in ep.support], "query": [entry(i) for i in ep.query]} for ep in episodes]
     doc = {
         "format": EPISODES_FORMAT,
         "version": EPISODES_VERSION,
@@ -126,9 +142,31 @@ def write_episodes_file(
         "seed": sampler.seed,
         "episodes": eps,
     }
-    tmp = out.with_suffix(out.suffix + ".tmp")
-    tmp.write_text(json.dumps(doc))
-    os.replace(tmp, out)
+    atomic_write(out, lambda tmp: Path(tmp).write_text(json.dumps(doc)))
+
+
+def _episode_problems(i: int, ep: dict, header: dict[str, int]) -> list[str]:
+    """What is wrong with well-formed episode ``i``: labels, leakage, and the header's N/K/Q."""
+    problems = []
+    support, query = ep["support"], ep["query"]
+    s_count: dict[str, int] = {}
+    q_count: dict[str, int] = {}
+    for x in support:
+        s_count[str(x[1])] = s_count.get(str(x[1]), 0) + 1
+    for x in query:
+        q_count[str(x[1])] = q_count.get(str(x[1]), 0) + 1
+    bad = set(q_count) - set(s_count)
+    if bad:
+        problems.append(f"episode {i}: query labels with no support images: {sorted(bad)[:3]}")
+    # the same image as support and query is its own nearest prototype: the score would be inflated
+    leaked = {os.path.normpath(str(x[0])) for x in support} & {os.path.normpath(str(x[0])) for x in query}
+    if leaked:
+        problems.append(f"episode {i}: {len(leaked)} support image(s) also used as queries, e.g. {sorted(leaked)[0]}; an image must not be both")
+    found = {"n_way": {len(s_count)}, "k_shot": set(s_count.values()), "q_query": {q_count.get(c, 0) for c in s_count}}
+    for key, n in header.items():
+        if found[key] != {n}:
+            problems.append(f"episode {i}: {key} {'/'.join(map(str, sorted(found[key])))}, the header says {n}")
+    return problems
 
 
 def read_episodes_file(path: str | os.PathLike) -> EpisodeFile:
@@ -138,43 +176,64 @@ def read_episodes_file(path: str | os.PathLike) -> EpisodeFile:
         doc = json.loads(path.read_text())
     except FileNotFoundError:
         raise InputError(f"episodes file not found: {path}") from None
+    except IsADirectoryError:
+        raise InputError(f"{path} is a folder, not an episodes file; pass the JSON file `edgemeta episodes` wrote") from None
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
         raise InputError(f"{path} is not a JSON episodes file ({e})") from None
     if not isinstance(doc, dict) or doc.get("format") != EPISODES_FORMAT:
         raise InputError(f"{path} is not an edgemeta episodes file (missing \"format\": \"{EPISODES_FORMAT}\")")
-    problems = []
+    version = doc.get("version")
+    if type(version) is not int or not 1 <= version <= EPISODES_VERSION:
+        raise InputError(
+            f"{path}: episodes file version {version!r} is not supported; this edgemeta reads version {EPISODES_VERSION} "
+            "(upgrade edgemeta for a newer file, or write it again with `edgemeta episodes`)"
+        )
+    problems, header = [], {}
+    for key in ("n_way", "k_shot", "q_query"):  # optional in a hand-written file; checked against the episodes when given
+        if key in doc:
+            if type(doc[key]) is int and doc[key] >= 1:
+                header[key] = doc[key]
+            else:
+                problems.append(f"header {key} must be a positive integer, got {doc[key]!r}")
     eps = doc.get("episodes")
     if not isinstance(eps, list) or not eps:
         problems.append("no episodes")
         eps = []
     for i, ep in enumerate(eps):
+        well_formed = True
         for part in ("support", "query"):
             items = ep.get(part) if isinstance(ep, dict) else None
             if not isinstance(items, list) or not items or not all(isinstance(x, list) and len(x) == 2 for x in items):
                 problems.append(f"episode {i}: '{part}' must be a non-empty list of [path, label]")
+                well_formed = False
                 continue
             missing = [x[0] for x in items if not (path.parent / str(x[0])).is_file()]
             if missing:
                 problems.append(f"episode {i}: {len(missing)} missing image(s), e.g. {missing[0]}")
-        if isinstance(ep, dict) and isinstance(ep.get("support"), list) and isinstance(ep.get("query"), list):
-            s_labels = {str(x[1]) for x in ep["support"] if isinstance(x, list) and len(x) == 2}
-            bad = {str(x[1]) for x in ep["query"] if isinstance(x, list) and len(x) == 2} - s_labels
-            if bad:
-                problems.append(f"episode {i}: query labels with no support images: {sorted(bad)[:3]}")
+        if well_formed:
+            problems += _episode_problems(i, ep, header)
         if len(problems) > 10:
             break
     if problems:
         raise InputError(f"{path}: " + "; ".join(problems[:10]))
-    return EpisodeFile(int(doc.get("n_way", 0)), int(doc.get("k_shot", 0)), int(doc.get("q_query", 0)), eps, path.parent)
+    return EpisodeFile(header.get("n_way", 0), header.get("k_shot", 0), header.get("q_query", 0), eps, path.parent)
 
 
 def make_episodes_file(folder: str | os.PathLike, out: str | os.PathLike, n_way: int, k_shot: int, q_query: int, count: int, seed: int = 0) -> int:
-    """Sample ``count`` episodes over ``folder/<class>/<image>`` and write them to ``out``."""
+    """Sample ``count`` episodes over ``folder/<class>/<image>`` and write them to ``out``.
+
+    ``out`` may replace an earlier episodes file (any JSON file), never anything else,
+    and must lie outside ``folder``.
+    """
     from edgemeta.data import IMAGE_EXTENSIONS
+    from edgemeta.files import check_output, is_json_file
 
     root = Path(folder)
     if not root.is_dir():
         raise InputError(f"{root} is not a folder of class folders; pass a folder like root/<class>/<image>.png")
+    target = Path(out)
+    if root.resolve() in target.resolve().parents:  # it would sit among the images it describes
+        raise InputError(f"-o {target} is inside the image folder {root}; write the episodes file outside it")
     paths, labels, classes = [], [], []
     for d in sorted(p for p in root.iterdir() if p.is_dir()):
         files = sorted(f for f in d.iterdir() if f.suffix.lower() in IMAGE_EXTENSIONS)
@@ -187,6 +246,7 @@ def make_episodes_file(folder: str | os.PathLike, out: str | os.PathLike, n_way:
         raise DataError(f"{root} has no class folders")
     if count < 1:
         raise InputError(f"episodes must be >= 1, got {count}")
+    check_output(target, option="-o", what="JSON episodes file", inputs=paths, is_own=is_json_file)
     sampler = EpisodeSampler(np.array(labels), n_way, k_shot, q_query, seed, str(root))
-    write_episodes_file(out, paths, np.array(labels), classes, sampler, count)
+    write_episodes_file(target, paths, np.array(labels), classes, sampler, count)
     return count

@@ -8,8 +8,11 @@ embedding each episode separately.
 
 from __future__ import annotations
 
+import json
 import math
+import os
 from dataclasses import asdict, dataclass, field
+from pathlib import Path
 from typing import Callable, Iterable
 
 import numpy as np
@@ -18,8 +21,9 @@ import torch
 from edgemeta.data import ImageSet
 from edgemeta.episodes import Episode, EpisodeSampler
 from edgemeta.model import FewShotModel, compute_logits
+from edgemeta.runtime.spec import PreprocessSpec
 
-__all__ = ["EvalReport", "embed_images", "episode_scores", "evaluate", "summarize", "to_tensor"]
+__all__ = ["EvalReport", "embed_images", "episode_scores", "evaluate", "pixel_mismatch", "report_doc", "summarize", "to_tensor"]
 
 
 @dataclass
@@ -168,35 +172,92 @@ def evaluate_episodes_file(model: FewShotModel, path: str, progress: Callable[[i
     return summarize(scores, dataset=str(path), n_way=one(ways), k_shot=one(shots), q_query=one(queries), seed=-1)
 
 
+# Channels of the named data sets, known before decoding them (digits and folders take the model's).
+_DATASET_CHANNELS = {"omniglot": 1, "tiny-imagenet": 3}
+
+
+def pixel_mismatch(data: PreprocessSpec, model: PreprocessSpec) -> list[str]:
+    """How images decoded with ``data`` differ from what ``model`` takes: channels, size,
+    interpolation. Mean and std do not count: evaluation normalizes with the model's own."""
+    found = []
+    if data.channels != model.channels:
+        found.append(f"{data.channels} channel(s), the model takes {model.channels}")
+    if data.size != model.size:
+        found.append(f"size {data.size[0]}x{data.size[1]}, the model takes {model.size[0]}x{model.size[1]}")
+    if data.interpolation != model.interpolation:
+        found.append(f"{data.interpolation} resizing, the model was trained with {model.interpolation}")
+    return found
+
+
+def report_doc(checkpoint: str | os.PathLike | None, reports: list[EvalReport]) -> dict:
+    """The JSON report of ``edgemeta evaluate``."""
+    return {"checkpoint": str(checkpoint or "embedded"), "results": [r.to_dict() for r in reports]}
+
+
 def run_evaluation(
-    checkpoint: str | None,
-    dataset: str,
-    split: str,
-    data_dir: str | None,
-    n_ways: list[int],
-    k_shots: list[int],
-    q_query: int,
-    episodes: int,
-    seed: int,
-    episodes_file: str | None = None,
+    checkpoint: str | os.PathLike | None,
+    dataset: str | None = None,
+    split: str | None = None,
+    data_dir: str | os.PathLike | None = None,
+    n_ways: list[int] | None = None,
+    k_shots: list[int] | None = None,
+    q_query: int | None = None,
+    episodes: int | None = None,
+    seed: int | None = None,
+    episodes_file: str | os.PathLike | None = None,
     threads: int | None = None,
+    report: str | os.PathLike | None = None,
 ) -> list[EvalReport]:
-    """What ``edgemeta evaluate`` does: load the checkpoint (default: embedded) and the data, run each protocol."""
-    from edgemeta.checkpoint import default_checkpoint, load_checkpoint
+    """What ``edgemeta evaluate`` does: load the checkpoint (default: embedded) and the data, run each
+    protocol, and write the JSON ``report`` when given (checked before any work; it may replace an
+    earlier report, never an input or another kind of file).
+
+    ``None`` takes the default: omniglot, its novel classes (split ``test``, which is Omniglot's
+    evaluation split and Tiny-ImageNet's test classes), 5-way, 1-shot, 15 queries, 1000 episodes,
+    seed 0. With ``episodes_file`` the file fixes all of these, and passing any is an error.
+    """
+    from edgemeta.checkpoint import atomic_write, default_checkpoint, load_checkpoint
     from edgemeta.data import load_dataset
     from edgemeta.errors import InputError
+    from edgemeta.files import check_output, is_json_file
 
-    if threads:
-        torch.set_num_threads(threads)
+    ckpt_path = Path(checkpoint) if checkpoint else default_checkpoint()
+    if report is not None:
+        inputs = [ckpt_path, episodes_file, dataset]  # a data set that is not a path is no file, so not an input
+        check_output(report, option="--report", what="JSON report", inputs=inputs, is_own=is_json_file)
+    sampling = {"--dataset": dataset, "--split": split, "--data-dir": data_dir, "--n-way": n_ways, "--k-shot": k_shots,
+                "--queries": q_query, "--episodes": episodes, "--seed": seed}
+    given = [flag for flag, v in sampling.items() if v is not None and not (isinstance(v, (list, tuple)) and not v)]
+    if episodes_file and given:
+        raise InputError(f"the episodes file fixes the data and N-way/K-shot/queries of every episode; drop {', '.join(given)}")
+    dataset, split = dataset or "omniglot", split or "test"
+    episodes = 1000 if episodes is None else episodes
     if episodes < 1:
         raise InputError(f"episodes must be >= 1, got {episodes}")
-    ck = load_checkpoint(checkpoint or default_checkpoint())
+    if threads:
+        torch.set_num_threads(threads)
+    ck = load_checkpoint(ckpt_path)
     if episodes_file:
-        return [evaluate_episodes_file(ck.model, str(episodes_file))]
-    data = load_dataset(dataset, split, data_dir, ck.spec.preprocess)
-    if data.spec != ck.spec.preprocess:
-        raise InputError(f"{data.name} was loaded at {data.spec.size}, the model expects {ck.spec.preprocess.size}")
-    return [evaluate(ck.model, data, n, k, q_query, episodes, seed) for n in n_ways for k in k_shots]
+        reports = [evaluate_episodes_file(ck.model, str(episodes_file))]
+    else:
+        pp = ck.spec.preprocess
+        channels = _DATASET_CHANNELS.get(dataset, pp.channels)
+        if channels != pp.channels:  # before decoding the whole set
+            raise InputError(
+                f"{dataset} images have {channels} channel(s), the model takes {pp.channels}-channel {pp.size[0]}x{pp.size[1]} images; "
+                "evaluate it on a data set of its kind, or on an image folder (decoded to the model's input)"
+            )
+        data = load_dataset(dataset, split, data_dir, pp)
+        found = pixel_mismatch(data.spec, pp)
+        if found:
+            raise InputError(f"{data.name} was loaded with {'; '.join(found)}; evaluate it on a data set of its kind")
+        sweep = [(n, k) for n in n_ways or [5] for k in k_shots or [1]]
+        q = 15 if q_query is None else q_query
+        reports = [evaluate(ck.model, data, n, k, q, episodes, 0 if seed is None else seed) for n, k in sweep]
+    if report is not None:
+        text = json.dumps(report_doc(checkpoint, reports), indent=2)
+        atomic_write(report, lambda tmp: Path(tmp).write_text(text))
+    return reports
 
 
 @torch.inference_mode()

@@ -197,3 +197,164 @@ def test_episodes_file_round_trip(tmp_path):
     out.write_text(json.dumps(doc))
     with pytest.raises(InputError, match=r"episode 0: query labels with no support images.*episode 1: 1 missing image"):
         read_episodes_file(out)
+
+
+# ---------------------------------------------------------------- output checks and episodes-file consistency
+
+
+def _checkpoint(path: Path, channels: int = 1, size: int = 28) -> Path:
+    from edgemeta.checkpoint import save_checkpoint
+    from edgemeta.model import FewShotModel, ModelSpec
+
+    save_checkpoint(path, FewShotModel(ModelSpec("conv4", PreprocessSpec.create(size, channels))))
+    return path
+
+
+def _cli(*args: str):
+    from typer.testing import CliRunner
+
+    from edgemeta.cli import app
+
+    return CliRunner().invoke(app, [str(a) for a in args])
+
+
+def _one_line_error(r, message: str) -> None:
+    assert r.exit_code == 1, r.output
+    assert message in r.output
+    assert "Traceback" not in r.output and len(r.output.strip().splitlines()) == 1
+
+
+@pytest.fixture
+def protocol(tmp_path) -> tuple[Path, Path, Path]:
+    """(image folder, episodes file next to it, checkpoint): 4 classes x 4 images, 3 episodes."""
+    root = _make_folder(tmp_path / "imgs", {f"c{i}": 4 for i in range(4)})
+    eps = tmp_path / "eps.json"
+    make_episodes_file(root, eps, 4, 2, 2, 3)
+    return root, eps, _checkpoint(tmp_path / "ck.safetensors")
+
+
+@pytest.mark.parametrize("victim", ["checkpoint", "other checkpoint", "episodes file", "image"])
+def test_evaluate_report_never_replaces_an_input_or_another_kind_of_file(protocol, tmp_path, victim):
+    root, eps, ck = protocol
+    target = {"checkpoint": ck, "other checkpoint": _checkpoint(tmp_path / "other.safetensors"),
+              "episodes file": eps, "image": root / "c1" / "0.png"}[victim]
+    before = target.read_bytes()
+    r = _cli("evaluate", ck, "--episodes-file", eps, "--report", target)
+    _one_line_error(r, "is the input" if victim in ("checkpoint", "episodes file") else "exists and is not a JSON report")
+    assert target.read_bytes() == before
+
+
+@pytest.mark.parametrize("where, message", [("nodir/r.json", "folder nodir does not exist"), (".", "is a folder")])
+def test_evaluate_report_path_is_checked_before_any_work(protocol, tmp_path, monkeypatch, where, message):
+    import edgemeta.evaluate
+
+    root, eps, ck = protocol
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setattr(edgemeta.evaluate, "evaluate_episodes_file", lambda *a, **k: pytest.fail("evaluated before the check"))
+    _one_line_error(_cli("evaluate", ck, "--episodes-file", eps, "--report", where), message)
+
+
+def test_evaluate_report_replaces_an_earlier_report(protocol, tmp_path):
+    root, eps, ck = protocol
+    report = tmp_path / "r.json"
+    report.write_text('{"checkpoint": "older"}')
+    r = _cli("evaluate", ck, "--episodes-file", eps, "--report", report)
+    assert r.exit_code == 0, r.output
+    doc = json.loads(report.read_text())
+    assert doc["checkpoint"] == str(ck) and doc["results"][0]["episodes"] == 3 and doc["results"][0]["n_way"] == 4
+    assert not [p for p in tmp_path.iterdir() if p.name.endswith(".tmp")]
+
+
+@pytest.mark.parametrize("option", [["--n-way", "20"], ["--k-shot", "5"], ["--seed", "0"], ["--dataset", "digits"]])
+def test_evaluate_refuses_sampling_options_with_an_episodes_file(protocol, option):
+    root, eps, ck = protocol
+    _one_line_error(_cli("evaluate", ck, "--episodes-file", eps, *option), f"the episodes file fixes the data and N-way/K-shot/queries of every episode; drop {option[0]}")
+
+
+def test_evaluate_mismatch_names_channels_and_size(tmp_path):
+    from edgemeta.evaluate import pixel_mismatch
+
+    rgb = _checkpoint(tmp_path / "rgb.safetensors", channels=3, size=32)
+    # refused before Omniglot is decoded (no data folder here)
+    r = _cli("evaluate", rgb, "--episodes", "2", "--data-dir", tmp_path)
+    _one_line_error(r, "omniglot images have 1 channel(s), the model takes 3-channel 32x32 images")
+    found = pixel_mismatch(PreprocessSpec.create(28, 1), PreprocessSpec.create(32, 3, interpolation="bicubic"))
+    assert found == ["1 channel(s), the model takes 3", "size 28x28, the model takes 32x32", "bilinear resizing, the model was trained with bicubic"]
+    assert pixel_mismatch(PreprocessSpec.create(28, 1, mean=0.9), PreprocessSpec.create(28, 1)) == []  # the model's own mean/std apply
+
+
+@pytest.mark.parametrize("dataset", ["omniglot", "tiny-imagenet"])
+def test_evaluate_default_split_is_the_novel_classes_of_each_data_set(tmp_path, monkeypatch, dataset):
+    """``test`` is a split of both (load_dataset reads Omniglot's as its evaluation split)."""
+    seen = []
+
+    def load(name, split, *a):
+        seen.append((name, split))
+        raise DataError("stop here")
+
+    monkeypatch.setattr(D, "load_dataset", load)
+    ck = _checkpoint(tmp_path / "ck.safetensors", channels=1 if dataset == "omniglot" else 3)
+    _one_line_error(_cli("evaluate", ck, "--dataset", dataset), "stop here")
+    assert seen == [(dataset, "test")]
+
+
+@pytest.mark.parametrize("where", ["image", "checkpoint", "nodir", "folder"])
+def test_episodes_output_is_checked_before_any_work(tmp_path, where):
+    root = _make_folder(tmp_path / "imgs", {f"c{i}": 4 for i in range(4)})
+    ck = _checkpoint(tmp_path / "ck.safetensors")
+    (tmp_path / "sub").mkdir()
+    target, message = {
+        "image": (root / "c1" / "0.png", "is inside the image folder"),
+        "checkpoint": (ck, "exists and is not a JSON episodes file"),
+        "nodir": (tmp_path / "nodir" / "x.json", "does not exist"),
+        "folder": (tmp_path / "sub", "is a folder"),
+    }[where]
+    before = target.read_bytes() if target.is_file() else None
+    _one_line_error(_cli("episodes", root, "-o", target, "--n-way", "3", "--queries", "2", "--episodes", "3"), message)
+    assert (target.read_bytes() if target.is_file() else None) == before
+    assert not [p for p in tmp_path.rglob("*") if ".tmp" in p.name]
+    with pytest.raises(InputError, match="inside the image folder"):
+        make_episodes_file(root, root / "eps.json", 3, 1, 2, 3)
+
+
+def test_episodes_file_rewrite_is_atomic_and_keeps_its_mode(tmp_path):
+    root = _make_folder(tmp_path / "imgs", {f"c{i}": 4 for i in range(4)})
+    out = tmp_path / "eps.json"
+    make_episodes_file(root, out, 3, 1, 2, 3)
+    out.chmod(0o444)
+    make_episodes_file(root, out, 3, 1, 2, 5)
+    assert len(read_episodes_file(out).episodes) == 5 and out.stat().st_mode & 0o777 == 0o444
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["eps.json", "imgs"]
+
+
+def test_episodes_refuse_an_undecodable_image_with_its_class_folder(tmp_path):
+    root = _make_folder(tmp_path / "imgs", {"a": 3, "b": 3, "zz": 2})
+    (root / "zz" / "bad.png").write_bytes(b"\x89PNG not really")
+    out = tmp_path / "eps.json"
+    # 3-way 1-shot 2-query over 3 images per class: every image is used
+    _one_line_error(_cli("episodes", root, "-o", out, "--n-way", "3", "--queries", "2", "--episodes", "2"), "zz/bad.png")
+    assert not out.exists()
+
+
+def _edit(path: Path, change) -> Path:
+    doc = json.loads(path.read_text())
+    change(doc)
+    path.write_text(json.dumps(doc))
+    return path
+
+
+@pytest.mark.parametrize(
+    "change, message",
+    [
+        (lambda d: d.update(version=99), r"episodes file version 99 is not supported; this edgemeta reads version 1"),
+        (lambda d: d.pop("version"), r"episodes file version None is not supported"),
+        (lambda d: d.update(n_way=5), r"episode 0: n_way 4, the header says 5"),
+        (lambda d: d.update(k_shot="2"), r"header k_shot must be a positive integer, got '2'"),
+        (lambda d: d["episodes"][1]["query"].__setitem__(0, d["episodes"][1]["support"][0]), r"episode 1: 1 support image\(s\) also used as queries"),
+    ],
+)
+def test_episodes_file_inconsistencies_are_refused(protocol, change, message):
+    root, eps, ck = protocol
+    with pytest.raises(InputError, match=message):
+        read_episodes_file(_edit(eps, change))
+    _one_line_error(_cli("evaluate", ck, "--episodes-file", eps), message.split(r"\(")[0].replace("\\", ""))
