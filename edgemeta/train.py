@@ -6,7 +6,8 @@ Two recipes share one loop:
   over all base classes, then fine-tune episodically (``pretrain_epochs>0``).
 
 Validation runs on held-out classes every ``val_every`` episodes (and after each
-pre-training epoch); the best model is what the checkpoint holds. Everything is
+pre-training epoch); the best model is what the checkpoint holds, and it is written
+whenever validation improves, so a run that is stopped keeps it. Everything is
 seeded, and ``resume`` continues on exactly the episodes the run would have seen.
 """
 
@@ -17,6 +18,7 @@ import json
 import math
 import os
 import time
+import warnings
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any, Callable
@@ -26,15 +28,17 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from edgemeta.checkpoint import load_checkpoint, save_checkpoint
+from edgemeta.backbones import build_backbone
+from edgemeta.checkpoint import atomic_write, load_checkpoint, read_header, save_checkpoint
 from edgemeta.data import ImageSet, load_dataset, omniglot_spec, omniglot_splits
 from edgemeta.episodes import EpisodeSampler
 from edgemeta.errors import CheckpointError, InputError
 from edgemeta.evaluate import evaluate, open_set_threshold, to_tensor
+from edgemeta.files import check_output, same_file
 from edgemeta.model import FewShotModel, ModelSpec
 from edgemeta.runtime.spec import Metric, Normalization, PreprocessSpec
 
-__all__ = ["TrainConfig", "TrainResult", "train", "default_spec", "resume_path"]
+__all__ = ["TrainConfig", "TrainResult", "train", "default_spec", "resume_path", "run_files"]
 
 
 @dataclass(frozen=True)
@@ -72,7 +76,7 @@ class TrainConfig:
     val_k_shot: int = 1
     # execution
     seed: int = 0
-    threads: int | None = None
+    threads: int | None = None  # None or 0: torch's choice
     channels_last: bool = True
     # bfloat16 autocast for the forward pass (weights stay float32): much faster on CPUs
     # with AMX or AVX-512 BF16 and on recent GPUs; evaluation always runs in float32
@@ -81,12 +85,21 @@ class TrainConfig:
     log_every: int = 25
 
     def check(self) -> None:
+        """Every problem of the config at once, as options: ``bad training config: --gamma -1.0 (...)``."""
         problems = []
         if self.schedule not in ("step", "cosine"):
             problems.append(f"schedule {self.schedule!r} (use step or cosine)")
-        for name in ("n_way", "k_shot", "q_query", "val_n_way", "val_k_shot", "batch_size", "val_every", "val_episodes", "log_every"):
+        for name in ("n_way", "k_shot", "q_query", "val_n_way", "val_k_shot", "batch_size", "val_every", "val_episodes", "log_every", "step_every"):
             if getattr(self, name) < 1:
-                problems.append(f"{name}={getattr(self, name)} (must be >= 1)")
+                problems.append(f"{_option(name)} {getattr(self, name)} (must be >= 1)")
+        if self.size is not None and self.size < 1:
+            problems.append(f"--size {self.size} (must be >= 1, or left out for the data set's default)")
+        if not 0 < self.gamma <= 1:
+            problems.append(f"--gamma {self.gamma} (the learning-rate factor per step must be in (0, 1])")
+        if self.threads is not None and self.threads < 0:
+            problems.append(f"--threads {self.threads} (must be >= 1, or 0 for torch's choice)")
+        if self.max_minutes is not None and not self.max_minutes > 0:
+            problems.append(f"--max-minutes {self.max_minutes} (must be > 0)")
         if self.n_way < 2 or self.val_n_way < 2:
             problems.append("n-way must be >= 2")
         if any(k < 1 for k in self.mixed_shots):
@@ -99,6 +112,11 @@ class TrainConfig:
             problems.append("learning rates must be > 0")
         if problems:
             raise InputError("bad training config: " + "; ".join(problems))
+
+
+def _option(name: str) -> str:
+    """The command-line spelling of a config field."""
+    return "--queries" if name == "q_query" else "--" + name.replace("_", "-")
 
 
 @dataclass
@@ -123,6 +141,70 @@ def resume_path(out: str | os.PathLike) -> Path:
     """Where the last (not best) state is kept for ``--resume``."""
     out = Path(out)
     return out.with_name(out.name.replace(".safetensors", "") + ".last.safetensors")
+
+
+def run_files(out: str | os.PathLike) -> list[Path]:
+    """The files of a run at ``out``: its checkpoint, resume file, JSONL log and PNG curve."""
+    out = Path(out)
+    return [out, resume_path(out), out.with_suffix(".jsonl"), out.with_suffix(".png")]
+
+
+def _is_checkpoint(path: Path) -> bool:
+    try:
+        read_header(path)
+        return True
+    except CheckpointError:
+        return False
+
+
+def _resume_files(path: Path) -> tuple[Path, Path]:
+    """The resume file of the run at ``path`` (its ``.last`` file, or a checkpoint) and the
+    run's checkpoint, which holds its best weights so far."""
+    if path.name.endswith(".last.safetensors"):
+        out = read_header(path).get("info", {}).get("config", {}).get("out") or path.name.replace(".last.safetensors", ".safetensors")
+        return path, path.parent / Path(out).name  # the run writes its .last next to its checkpoint
+    last = resume_path(path)
+    return (last if last.exists() else path), path
+
+
+def _check_out(cfg: TrainConfig, resume: Path | None, force: bool) -> Path:
+    """Refuse, before any work, an ``-o`` that would lose something: a folder, a file that is
+    not a checkpoint, or an earlier run that is neither continued (``resume``) nor replaced."""
+    out = check_output(cfg.out, option="-o", what="checkpoint", is_own=_is_checkpoint)
+    files = run_files(out)
+    if out.name.endswith(".last.safetensors"):
+        raise InputError(f"-o {out} is named like a run's resume file; name the checkpoint like model.safetensors")
+    if len({f.resolve() for f in files}) < len(files):
+        raise InputError(f"-o {out}: the run's log or curve would overwrite the checkpoint; name it like model.safetensors")
+    existing = [f for f in files if f.exists()]
+    if existing and not (_continues(resume, out) or force):
+        raise InputError(
+            f"-o {out}: a run is there already ({', '.join(f.name for f in existing)}); "
+            f"pass --resume {out} to continue it or --force to replace it, or choose another -o"
+        )
+    return out
+
+
+def _continues(resume: Path | None, out: Path) -> bool:
+    """Whether ``resume`` is the run at ``out`` (its checkpoint or its ``.last`` file)."""
+    return resume is not None and any(same_file(resume, f) for f in run_files(out)[:2])
+
+
+def _check_size(spec: ModelSpec) -> None:
+    """Refuse an input size the backbone cannot take, naming the smallest it can."""
+    try:
+        FewShotModel(spec)  # one dry forward pass; also fails early on an unknown backbone
+    except RuntimeError:
+        c, size = spec.preprocess.channels, spec.preprocess.size[0]
+        backbone = build_backbone(spec.backbone, c, **spec.backbone_kwargs).eval()
+        for side in range(size + 1, 1025):
+            try:
+                with torch.no_grad():
+                    backbone(torch.zeros(1, c, side, side))
+            except RuntimeError:
+                continue
+            raise InputError(f"--size {size} is too small for {spec.backbone}: it takes {side} pixels or more") from None
+        raise
 
 
 def _lr(cfg: TrainConfig, step: int) -> float:
@@ -152,22 +234,45 @@ class _Trainer:
         self.out = Path(cfg.out)
         self.log_path = self.out.with_suffix(".jsonl")
         self.history: list[dict[str, Any]] = []
-        self.best_acc, self.best_state = -1.0, None
+        self.best_acc, self.best_state, self.best_threshold = -1.0, None, None
         self.step, self.epoch = 0, 0
         self.start_time = time.perf_counter()
-        self.train_seconds = 0.0
+        self.train_seconds = 0.0  # of the sessions before this one (--resume)
+        # an earlier run's files that --force replaces, removed at this session's first write
+        self.replaces: list[Path] = []
+        self.claimed = False
         self.episode_seconds, self.episodes_done = 0.0, 0
         mf = torch.channels_last if cfg.channels_last else torch.contiguous_format
         self.memory_format = mf
         self.device_type = "cpu"
         self.model.to(memory_format=mf)
 
-    # -- logging -------------------------------------------------------
+    # -- logging and files ---------------------------------------------
+    def elapsed(self) -> float:
+        """Training seconds of the whole run, earlier sessions included."""
+        return self.train_seconds + time.perf_counter() - self.start_time
+
+    def claim(self) -> None:
+        """Before this session's first write: remove the files of the run that ``--force``
+        replaces (only now, so that a run stopped before it writes anything leaves the old
+        one whole rather than half replaced) and start the log with the history so far (a
+        resumed run's, up to where it continues)."""
+        if self.claimed:
+            return
+        for f in self.replaces:
+            f.unlink(missing_ok=True)
+        text = "".join(json.dumps(h) + "\n" for h in self.history)
+        atomic_write(self.log_path, lambda tmp: Path(tmp).write_text(text))
+        self.claimed = True
+
     def log(self, record: dict[str, Any]) -> None:
-        record = {"time": round(time.perf_counter() - self.start_time, 2), **record}
+        record = {"time": round(self.elapsed(), 2), **record}
         self.history.append(record)
-        with open(self.log_path, "a") as f:
-            f.write(json.dumps(record) + "\n")
+        if self.claimed:
+            with open(self.log_path, "a") as f:
+                f.write(json.dumps(record) + "\n")
+        else:
+            self.claim()
         if self.on_event:
             self.on_event(record)
 
@@ -201,9 +306,11 @@ class _Trainer:
         rep = evaluate(self.model, self.val_set, cfg.val_n_way, cfg.val_k_shot, q, cfg.val_episodes, seed=cfg.seed + 1)
         improved = rep.accuracy > self.best_acc
         if improved:
-            self.best_acc = rep.accuracy
+            self.best_acc, self.best_threshold = rep.accuracy, None
             self.best_state = copy.deepcopy(self.model.state_dict())
         self.log({"stage": stage, "step": self.step, "epoch": self.epoch, "val_acc": rep.accuracy, "val_ci95": rep.ci95, "best": improved})
+        if improved:
+            self.save_best()  # now, not at the end: a run that is stopped keeps its best model
         self.model.train()
         return rep.accuracy
 
@@ -215,20 +322,24 @@ class _Trainer:
             "step": self.step,
             "epoch": self.epoch,
             "best_val_accuracy": self.best_acc,
-            "train_seconds": round(self.train_seconds + time.perf_counter() - self.start_time, 1),
+            "train_seconds": round(self.elapsed(), 1),
         }
 
     def save_last(self, optimizer: torch.optim.Optimizer, stage: str) -> None:
+        self.claim()
         save_checkpoint(resume_path(self.out), self.model, {**self.info(), "stage": stage}, optimizer.state_dict())
 
     def save_best(self) -> str:
+        """Write the best weights so far to ``out``; ``best_val_accuracy`` is theirs."""
+        self.claim()
         final = copy.deepcopy(self.model)
         if self.best_state is not None:
             final.load_state_dict(self.best_state)
         final.eval()
-        info = self.info()
-        # the runtime's default "unknown" threshold, from held-out classes
-        info["open_set_threshold"] = open_set_threshold(final, self.val_set, k_shot=min(5, int(np.bincount(self.val_set.labels).min()) - 1))
+        if self.best_threshold is None:
+            # the runtime's default "unknown" threshold, from held-out classes
+            self.best_threshold = open_set_threshold(final, self.val_set, k_shot=min(5, int(np.bincount(self.val_set.labels).min()) - 1))
+        info = {**self.info(), "open_set_threshold": self.best_threshold}
         return save_checkpoint(self.out, final.to(memory_format=torch.contiguous_format), info)
 
     # -- stages --------------------------------------------------------
@@ -340,31 +451,48 @@ def _load_data(cfg: TrainConfig, spec: PreprocessSpec) -> tuple[ImageSet, ImageS
     return full.select_classes(sorted(perm[n_val:]), full.name + "-train"), full.select_classes(sorted(perm[:n_val]), full.name + "-val")
 
 
-def train(cfg: TrainConfig, resume: str | os.PathLike | None = None, progress: bool = True, on_event: Callable[[dict], None] | None = None) -> TrainResult:
+def train(
+    cfg: TrainConfig,
+    resume: str | os.PathLike | None = None,
+    progress: bool = True,
+    on_event: Callable[[dict], None] | None = None,
+    force: bool = False,
+) -> TrainResult:
     """Meta-train a model and write its checkpoint, JSONL log and training curve next to ``cfg.out``.
+
+    ``cfg.out`` must not hold an earlier run (see :func:`run_files`) unless ``resume`` continues
+    it or ``force`` replaces it; a replaced run's files are removed when the new run first
+    writes (its first log record), not before.
 
     Example:
         >>> result = train(TrainConfig(out="conv4.safetensors", episodes=2000))
         >>> print(result.best_val_accuracy)
     """
     cfg.check()
-    if cfg.threads:
-        torch.set_num_threads(cfg.threads)
-    out = Path(cfg.out)
-    if not out.parent.exists():
-        raise InputError(f"output folder {out.parent} does not exist; create it or choose another --out")
+    resume = Path(resume) if resume is not None else None
+    out = _check_out(cfg, resume, force)
     pp = default_spec(cfg)
     spec = ModelSpec(cfg.backbone, pp, {}, cfg.metric, cfg.normalization)
-    FewShotModel(spec)  # fails early on an unknown backbone
+    _check_size(spec)
+    if resume is not None:
+        last, best = _resume_files(resume)
+        was = ModelSpec.from_dict(read_header(last)["spec"])
+        if was != spec:
+            raise CheckpointError(
+                f"{last} was trained with {was.backbone} at size {was.preprocess.size[0]}, {was.metric.value}, {was.normalization.value}, "
+                "not this config; resume with the same --backbone, --size, --metric and --normalization"
+            )
+    if cfg.threads:
+        torch.set_num_threads(cfg.threads)
     train_set, val_set = _load_data(cfg, pp)
     train_set.check_episode_size(cfg.n_way, cfg.k_shot + cfg.q_query) if cfg.episodes else None
     val_set.check_episode_size(cfg.val_n_way, cfg.val_k_shot + 1)
     trainer = _Trainer(cfg, train_set, val_set, spec, on_event)
     optimizer_state = None
     if resume is not None:
-        optimizer_state = _restore(trainer, Path(resume))
-    elif trainer.log_path.exists():
-        trainer.log_path.unlink()  # a fresh run starts a fresh log
+        optimizer_state = _restore(trainer, last, best)
+    if not _continues(resume, out):
+        trainer.replaces = [f for f in run_files(out) if f.exists()]
     bar = _progress_bar(progress)
     if bar:
         bar.start()
@@ -381,27 +509,39 @@ def train(cfg: TrainConfig, resume: str | os.PathLike | None = None, progress: b
     fingerprint = trainer.save_best()
     plot_curve(trainer.history, out.with_suffix(".png"))
     eps = trainer.episodes_done / trainer.episode_seconds if trainer.episode_seconds else 0.0
-    return TrainResult(out, fingerprint, trainer.best_acc, trainer.history, time.perf_counter() - trainer.start_time, eps)
+    return TrainResult(out, fingerprint, trainer.best_acc, trainer.history, trainer.elapsed(), eps)
 
 
-def _restore(trainer: _Trainer, path: Path) -> dict | None:
-    """Load the last state from ``path`` (a ``.last`` file or a checkpoint) and the best so far."""
-    last = path if path.name.endswith(".last.safetensors") or not resume_path(path).exists() else resume_path(path)
+def _restore(trainer: _Trainer, last: Path, best: Path) -> dict | None:
+    """Load the last state from ``last`` (a ``.last`` file or a checkpoint), the best weights
+    so far from the run's checkpoint ``best``, and the run's log up to the last state."""
     ck = load_checkpoint(last, with_optimizer=True)
-    if ck.spec != trainer.model.spec:
-        raise CheckpointError(f"{last} was trained with {ck.spec.backbone}/{ck.spec.preprocess.size}, not this config; resume with the same --backbone and --size")
     trainer.model.load_state_dict(ck.model.state_dict())
     trainer.model.to(memory_format=trainer.memory_format)
     trainer.step = int(ck.info.get("step", 0))
     trainer.epoch = int(ck.info.get("epoch", 0))
     trainer.train_seconds = float(ck.info.get("train_seconds", 0.0))
-    trainer.best_acc = float(ck.info.get("best_val_accuracy", -1.0))
-    if trainer.out.exists():
-        best = load_checkpoint(trainer.out)
-        trainer.best_state = copy.deepcopy(best.model.state_dict())
-        trainer.best_acc = float(best.info.get("best_val_accuracy", trainer.best_acc))
-    if trainer.log_path.exists():
-        trainer.history = [json.loads(line) for line in trainer.log_path.read_text().splitlines() if line.strip()]
+    recorded = float(ck.info.get("best_val_accuracy", -1.0))
+    # the run writes its checkpoint whenever validation improves, before its .last file, so
+    # the checkpoint's accuracy is at least the one .last recorded; a lower one (or none)
+    # means the best weights are lost, and the best is chosen anew, so the final checkpoint's
+    # accuracy is always that of the weights it holds
+    try:
+        ck_best = ck if same_file(best, last) else load_checkpoint(best)
+        best_acc = float(ck_best.info.get("best_val_accuracy", -1.0))
+    except CheckpointError:
+        ck_best, best_acc = None, -1.0
+    if ck_best is not None and ck_best.spec == ck.spec and best_acc >= recorded:
+        trainer.best_state = copy.deepcopy(ck_best.model.state_dict())
+        trainer.best_acc, trainer.best_threshold = best_acc, ck_best.info.get("open_set_threshold")
+    elif recorded >= 0:
+        warnings.warn(f"{best} does not hold the best weights ({100 * recorded:.2f}%) of the run resumed from {last}; "
+                      "the best model is chosen anew from the validations of this session")
+    log = best.with_suffix(".jsonl")
+    if log.is_file():
+        history = [json.loads(line) for line in log.read_text().splitlines() if line.strip()]
+        # records past the last state are made again by this session
+        trainer.history = [h for h in history if h.get("step", 0) <= trainer.step and h.get("epoch", 0) <= trainer.epoch]
     return ck.optimizer_state if ck.info.get("stage") == "episodic" else None
 
 

@@ -63,7 +63,7 @@ def main() -> None:
     t0 = time.time()
     result = None
     if not args.skip_train:
-        result = train(cfg, progress=True)
+        result = train(cfg, progress=True, force=True)  # a re-run of this script replaces its earlier run
     train_min = (time.time() - t0) / 60
     ck = load_checkpoint(ckpt)
     torch.set_num_threads(args.threads)

@@ -48,7 +48,7 @@ def main() -> None:
         threads=args.threads, max_minutes=args.max_minutes,
     )
     t0 = time.time()
-    result = train(cfg, progress=True)
+    result = train(cfg, progress=True, force=True)  # a re-run of this script replaces its earlier run
     minutes = (time.time() - t0) / 60
     ck = load_checkpoint(ckpt)
     test = load_tiny_imagenet("test")

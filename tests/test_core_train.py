@@ -173,7 +173,7 @@ def test_episodes_file_evaluation_matches_direct_classification(tmp_path):
     "args, message",
     [
         (["train", "--backbone", "vgg", "--episodes", "1"], "unknown backbone 'vgg'"),
-        (["train", "--out", "/nonexistent/dir/m.safetensors"], "output folder /nonexistent/dir does not exist"),
+        (["train", "--out", "/nonexistent/dir/m.safetensors"], "-o: folder /nonexistent/dir does not exist"),
         pytest.param(["train", "--n-way", "4000", "--episodes", "1"], "fewer than the 4000-way episodes", marks=needs_shared),
         pytest.param(["train", "--k-shot", "15", "--queries", "10", "--episodes", "1"], "only 0 classes have at least 25 images", marks=needs_shared),
         (["evaluate", "missing.safetensors"], "checkpoint not found: missing.safetensors"),
@@ -212,3 +212,160 @@ def test_mixed_shots_and_bf16_autocast(tmp_path):
     ck = load_checkpoint(result.checkpoint)
     assert ck.info["config"]["mixed_shots"] == [1, 3] and ck.info["config"]["bf16"] is True
     assert ck.info["train_data"]["classes"] == 4 * (964 - 55)  # one alphabet (Tifinagh, 55 characters) held out
+
+
+# -- train: what -o may replace, bad values, interruption and resume ---------------------------
+
+TINY = ["--n-way", "5", "--k-shot", "1", "--queries", "2", "--val-episodes", "3", "--threads", "1", "--json"]
+
+
+def _old_run(folder: Path) -> dict[str, bytes]:
+    """An earlier run's files at folder/m.safetensors (an untrained model; nothing trained)."""
+    model = FewShotModel(ModelSpec("conv4", PreprocessSpec.create(28, 1)))
+    save_checkpoint(folder / "m.safetensors", model, {"best_val_accuracy": 0.5})
+    save_checkpoint(folder / "m.last.safetensors", model, {"best_val_accuracy": 0.5, "step": 3})
+    (folder / "m.jsonl").write_text('{"old": true}\n')
+    (folder / "m.png").write_bytes(b"old curve")
+    return {f.name: f.read_bytes() for f in folder.iterdir() if f.is_file()}
+
+
+@pytest.mark.parametrize(
+    "setup, out, message",
+    [
+        (lambda d: (d / "notes.txt").write_text("keep me"), "notes.txt", "-o {d}/notes.txt exists and is not a checkpoint"),
+        (lambda d: (d / "m.onnx").write_bytes(b"\x08\x07onnx model"), "m.onnx", "-o {d}/m.onnx exists and is not a checkpoint"),
+        (lambda d: (d / "sub").mkdir(), "sub", "-o {d}/sub is a folder"),
+        (lambda d: None, "m.jsonl", "the run's log or curve would overwrite the checkpoint"),
+        (lambda d: None, "m.last.safetensors", "is named like a run's resume file"),
+        (_old_run, "m.safetensors", "a run is there already (m.safetensors, m.last.safetensors, m.jsonl, m.png); "
+                                    "pass --resume {d}/m.safetensors to continue it or --force to replace it"),
+        (lambda d: (_old_run(d), (d / "m.safetensors").unlink()), "m.safetensors", "a run is there already (m.last.safetensors, m.jsonl, m.png)"),
+        (lambda d: (d / "m.jsonl").write_text("{}\n"), "m.safetensors", "a run is there already (m.jsonl)"),
+    ],
+)
+def test_train_refuses_an_output_that_would_lose_files(setup, out, message, tmp_path):
+    setup(tmp_path)
+    before = {f.name: f.read_bytes() for f in tmp_path.iterdir() if f.is_file()}
+    r = runner.invoke(app, ["train", "-o", str(tmp_path / out), "--episodes", "1", *TINY])
+    assert r.exit_code == 1, r.output
+    assert message.format(d=tmp_path) in r.output and len(r.output.strip().splitlines()) == 1
+    assert {f.name: f.read_bytes() for f in tmp_path.iterdir() if f.is_file()} == before
+
+
+def test_resume_of_another_run_does_not_replace_a_run_at_out(tmp_path):
+    (tmp_path / "a").mkdir()
+    _old_run(tmp_path / "a")
+    before = _old_run(tmp_path)
+    r = runner.invoke(app, ["train", "-o", str(tmp_path / "m.safetensors"), "--resume", str(tmp_path / "a" / "m.safetensors"), *TINY])
+    assert r.exit_code == 1 and "--force to replace it" in r.output
+    assert {f.name: f.read_bytes() for f in tmp_path.iterdir() if f.is_file()} == before
+
+
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (["--size", "3"], "--size 3 is too small for conv4: it takes 16 pixels or more"),
+        (["--size", "8"], "--size 8 is too small for conv4: it takes 16 pixels or more"),
+        (["--size", "12", "--backbone", "resnet12"], "--size 12 is too small for resnet12: it takes 16 pixels or more"),
+        (["--size", "0"], "--size 0 (must be >= 1"),
+        (["--step-every", "0"], "--step-every 0 (must be >= 1)"),
+        (["--threads", "-3"], "--threads -3 (must be >= 1, or 0 for torch's choice)"),
+        (["--gamma", "-1"], "--gamma -1.0 (the learning-rate factor per step must be in (0, 1])"),
+        (["--gamma", "0"], "--gamma 0.0 (the learning-rate factor"),
+        (["--gamma", "1.5"], "--gamma 1.5 (the learning-rate factor"),
+        (["--max-minutes", "-1"], "--max-minutes -1.0 (must be > 0)"),
+        (["--max-minutes", "0", "--step-every", "0"], "--step-every 0 (must be >= 1); --max-minutes 0.0 (must be > 0)"),
+    ],
+)
+def test_train_refuses_bad_values_before_any_work(args, message, tmp_path, monkeypatch):
+    import edgemeta.train as train_mod
+
+    monkeypatch.setattr(train_mod, "_load_data", lambda *a: pytest.fail("loaded data before refusing"))
+    r = runner.invoke(app, ["train", "-o", str(tmp_path / "m.safetensors"), "--episodes", "1", *TINY[:-1], *args])
+    assert r.exit_code == 1, r.output
+    assert message in r.output and "Traceback" not in r.output and len(r.output.strip().splitlines()) == 1
+    assert list(tmp_path.iterdir()) == []
+
+
+def _val_accuracy(model: FewShotModel, cfg: TrainConfig) -> float:
+    """What ``validate`` measures, on the checkpoint's own weights."""
+    from edgemeta.data import omniglot_splits
+
+    val = omniglot_splits(None, 28, cfg.val_alphabets)[1]
+    q = max(1, min(15, int(np.bincount(val.labels).min()) - cfg.val_k_shot))
+    return evaluate(model, val, cfg.val_n_way, cfg.val_k_shot, q, cfg.val_episodes, seed=cfg.seed + 1).accuracy
+
+
+def _interrupt_after_last(monkeypatch, step: int) -> None:
+    """Ctrl-C right after the resume file of ``step`` is written."""
+    import edgemeta.train as train_mod
+
+    save_last = train_mod._Trainer.save_last
+
+    def stop(self, *a):
+        save_last(self, *a)
+        if self.step == step:
+            raise KeyboardInterrupt
+
+    monkeypatch.setattr(train_mod._Trainer, "save_last", stop)
+
+
+@needs_shared
+def test_interrupted_run_keeps_its_best_model_and_resume_labels_it(tmp_path, monkeypatch):
+    cfg = TrainConfig(out=str(tmp_path / "m.safetensors"), n_way=5, k_shot=1, q_query=2, episodes=10, val_every=2, val_episodes=20,
+                      threads=1, seed=1, log_every=1)
+    with monkeypatch.context() as m:
+        _interrupt_after_last(m, 6)
+        with pytest.raises(KeyboardInterrupt):
+            train(cfg, progress=False)
+    log = [json.loads(line) for line in (tmp_path / "m.jsonl").read_text().splitlines()]
+    best = max(h["val_acc"] for h in log if "val_acc" in h)
+    ck = load_checkpoint(tmp_path / "m.safetensors")  # the best model survives the interruption
+    assert ck.info["best_val_accuracy"] == best == pytest.approx(_val_accuracy(ck.model, cfg))
+    result = train(cfg, resume=tmp_path / "m.safetensors", progress=False)
+    ck = load_checkpoint(result.checkpoint)
+    assert result.best_val_accuracy == ck.info["best_val_accuracy"] == max(h["val_acc"] for h in result.history if "val_acc" in h)
+    assert ck.info["best_val_accuracy"] == pytest.approx(_val_accuracy(ck.model, cfg))
+    # one record per step, and the time goes on from the interrupted session
+    log = [json.loads(line) for line in (tmp_path / "m.jsonl").read_text().splitlines()]
+    steps = [h["step"] for h in log if h["stage"] == "episodic" and "loss" in h]
+    assert steps == list(range(1, 11))
+    assert [h["time"] for h in log] == sorted(h["time"] for h in log) and result.seconds >= log[-1]["time"]
+
+
+@needs_shared
+def test_resume_without_the_best_weights_chooses_the_best_anew(tmp_path, monkeypatch):
+    """A resume file whose checkpoint is gone (as runs before this fix left them): the final
+    checkpoint's accuracy is that of the weights it holds, not the lost best's."""
+    cfg = TrainConfig(out=str(tmp_path / "m.safetensors"), n_way=5, k_shot=1, q_query=2, episodes=6, val_every=2, val_episodes=20,
+                      threads=1, seed=1)
+    with monkeypatch.context() as m:
+        _interrupt_after_last(m, 4)
+        with pytest.raises(KeyboardInterrupt):
+            train(cfg, progress=False)
+    (tmp_path / "m.safetensors").unlink(missing_ok=True)
+    # the lost best was better than anything the resumed session reaches
+    last = load_checkpoint(resume_path(tmp_path / "m.safetensors"), with_optimizer=True)
+    save_checkpoint(last.path, last.model, {**last.info, "best_val_accuracy": 0.99}, last.optimizer_state)
+    with pytest.warns(UserWarning, match="does not hold the best weights .* chosen anew"):
+        result = train(cfg, resume=tmp_path / "m.safetensors", progress=False)
+    ck = load_checkpoint(result.checkpoint)
+    assert ck.info["best_val_accuracy"] == result.best_val_accuracy == pytest.approx(_val_accuracy(ck.model, cfg))
+    assert result.best_val_accuracy < 0.99
+
+
+@needs_shared
+def test_force_replaces_a_run_only_when_the_new_one_writes(tmp_path, monkeypatch):
+    import edgemeta.train as train_mod
+
+    before = _old_run(tmp_path)
+    cfg = TrainConfig(out=str(tmp_path / "m.safetensors"), n_way=5, k_shot=1, q_query=2, episodes=2, val_every=2, val_episodes=3, threads=1)
+    with monkeypatch.context() as m:
+        m.setattr(train_mod._Trainer, "episodic", lambda *a: (_ for _ in ()).throw(KeyboardInterrupt))
+        with pytest.raises(KeyboardInterrupt):
+            train(cfg, progress=False, force=True)
+    assert {f.name: f.read_bytes() for f in tmp_path.iterdir()} == before  # stopped before writing: the old run is whole
+    result = train(cfg, progress=False, force=True)
+    assert load_checkpoint(result.checkpoint).info["config"]["episodes"] == 2
+    assert load_checkpoint(resume_path(result.checkpoint)).info["step"] == 2
+    assert '"old"' not in (tmp_path / "m.jsonl").read_text() and (tmp_path / "m.png").read_bytes() != b"old curve"

@@ -24,11 +24,11 @@ def _ints(text: Optional[str]) -> tuple[int, ...]:
 
 @command("train")
 def train_cmd(
-    out_path: Path = typer.Option(Path("model.safetensors"), "--out", "-o", help="Checkpoint to write; the .jsonl log and .png curve go next to it."),
+    out_path: Path = typer.Option(Path("model.safetensors"), "--out", "-o", help="Checkpoint to write (with the best model whenever validation improves); the .last resume file, .jsonl log and .png curve go next to it."),
     dataset: str = typer.Option("omniglot", help="omniglot, tiny-imagenet, or a folder/zip of class folders."),
     data_dir: Optional[Path] = typer.Option(None, help=DATA_DIR_HELP),
     backbone: str = typer.Option("conv4", help="conv4, resnet12 or edgenet."),
-    size: Optional[int] = typer.Option(None, help="Input side in pixels (default 28 for Omniglot, 64 for Tiny-ImageNet, 84 otherwise)."),
+    size: Optional[int] = typer.Option(None, help="Input side in pixels (default 28 for Omniglot, 64 for Tiny-ImageNet, 84 otherwise; conv4 and resnet12 take 16 or more)."),
     metric: Metric = typer.Option(Metric.SQEUCLIDEAN, help="Distance to prototypes; cosine learns a temperature."),
     normalization: Normalization = typer.Option(Normalization.NONE, help="Embedding normalization; centered_l2 subtracts the base-class mean (SimpleShot)."),
     n_way: int = typer.Option(60, help="Classes per training episode."),
@@ -39,7 +39,7 @@ def train_cmd(
     lr: float = typer.Option(1e-3, help="Adam learning rate of the episodic stage."),
     schedule: str = typer.Option("step", help="step (x gamma every --step-every episodes) or cosine."),
     step_every: int = typer.Option(2000, help="Episodes between learning-rate steps."),
-    gamma: float = typer.Option(0.5, help="Learning-rate factor per step."),
+    gamma: float = typer.Option(0.5, help="Learning-rate factor per step, in (0, 1]."),
     pretrain_epochs: int = typer.Option(0, help="Cross-entropy pre-training epochs over all base classes before episodes (Meta-Baseline)."),
     pretrain_lr: float = typer.Option(0.05, help="SGD learning rate of pre-training (cosine decay)."),
     batch_size: int = typer.Option(128, help="Pre-training batch size."),
@@ -47,11 +47,12 @@ def train_cmd(
     val_every: int = typer.Option(500, help="Validate on held-out classes every N episodes."),
     val_episodes: int = typer.Option(300, help="Validation episodes (5-way 1-shot by default)."),
     seed: int = typer.Option(0, help="Seed for initialization and episodes."),
-    threads: Optional[int] = typer.Option(None, help="torch CPU threads (default: torch's choice)."),
+    threads: Optional[int] = typer.Option(None, help="torch CPU threads (default or 0: torch's choice)."),
     bf16: bool = typer.Option(False, help="bfloat16 autocast in training (much faster on CPUs with AMX / AVX-512 BF16)."),
     val_alphabets: int = typer.Option(3, help="Omniglot: background alphabets held out for validation."),
-    max_minutes: Optional[float] = typer.Option(None, help="Stop after this many minutes and keep the best model so far."),
-    resume: Optional[Path] = typer.Option(None, help="Continue a run from its checkpoint (uses the .last file next to it)."),
+    max_minutes: Optional[float] = typer.Option(None, help="Stop after this many minutes (of this session, with --resume) and keep the best model so far."),
+    resume: Optional[Path] = typer.Option(None, help="Continue a run from its checkpoint (uses the .last file next to it); usually the same path as -o."),
+    force: bool = typer.Option(False, "--force", help="Replace an existing run at -o (checkpoint, .last, .jsonl, .png); its files go when the new run first writes."),
     json_out: bool = typer.Option(False, "--json", help="Print the result as JSON."),
 ) -> None:
     """Meta-train a few-shot model (prototypical networks) and write a self-describing checkpoint."""
@@ -65,41 +66,38 @@ def train_cmd(
         pretrain_lr=pretrain_lr, batch_size=batch_size, augment=augment, val_every=val_every,
         val_episodes=val_episodes, seed=seed, threads=threads, max_minutes=max_minutes,
     )
-    result = train(cfg, resume=resume, progress=not json_out)
+    result = train(cfg, resume=resume, progress=not json_out, force=force)
     summary = {"checkpoint": str(result.checkpoint), "fingerprint": result.fingerprint, "best_val_accuracy": result.best_val_accuracy,
                "seconds": round(result.seconds, 1), "episodes_per_second": round(result.episodes_per_second, 2)}
     if json_out:
         emit_json(summary)
     else:
         out.print(f"wrote {result.checkpoint} (fingerprint {result.fingerprint}); best validation accuracy "
-                  f"{100 * result.best_val_accuracy:.2f}% in {result.seconds / 60:.1f} min")
+                  f"{100 * result.best_val_accuracy:.2f}% in {result.seconds / 60:.1f} min of training")
 
 
 @command("evaluate")
 def evaluate_cmd(
     checkpoint: Optional[Path] = typer.Argument(None, help="Checkpoint (default: the embedded Conv-4 Omniglot model)."),
-    dataset: str = typer.Option("omniglot", help="omniglot, tiny-imagenet, digits, or a folder/zip of class folders."),
-    split: str = typer.Option("evaluation", help="Omniglot: evaluation/background; Tiny-ImageNet: test/val/train."),
+    dataset: Optional[str] = typer.Option(None, help="omniglot (default), tiny-imagenet, digits, or a folder/zip of class folders."),
+    split: Optional[str] = typer.Option(None, help="Default test: the novel classes (Omniglot evaluation, Tiny-ImageNet 150-199); also Omniglot background, Tiny-ImageNet train/val."),
     data_dir: Optional[Path] = typer.Option(None, help=DATA_DIR_HELP),
-    n_way: List[int] = typer.Option([5], help="Classes per episode (repeat for several)."),
-    k_shot: List[int] = typer.Option([1], help="Support images per class (repeat for several)."),
-    queries: int = typer.Option(15, help="Query images per class."),
-    episodes: int = typer.Option(1000, help="Episodes per protocol."),
-    seed: int = typer.Option(0, help="Episode seed."),
-    episodes_file: Optional[Path] = typer.Option(None, help="Evaluate the fixed episodes of this JSON file instead."),
-    report: Optional[Path] = typer.Option(None, help="Also write the JSON report here."),
+    n_way: Optional[List[int]] = typer.Option(None, help="Classes per episode (repeat for several; default 5)."),
+    k_shot: Optional[List[int]] = typer.Option(None, help="Support images per class (repeat for several; default 1)."),
+    queries: Optional[int] = typer.Option(None, help="Query images per class (default 15)."),
+    episodes: Optional[int] = typer.Option(None, help="Episodes per protocol (default 1000)."),
+    seed: Optional[int] = typer.Option(None, help="Episode seed (default 0)."),
+    episodes_file: Optional[Path] = typer.Option(None, help="Evaluate the fixed episodes of this JSON file instead (it fixes data, N-way, K-shot and queries)."),
+    report: Optional[Path] = typer.Option(None, help="Also write the JSON report here (may replace an earlier report, nothing else)."),
     threads: Optional[int] = typer.Option(None, help="torch CPU threads."),
     json_out: bool = typer.Option(False, "--json", help="Print the report as JSON."),
 ) -> None:
     """Few-shot accuracy (95% CI) and macro precision/recall/F1 on novel classes."""
-    from edgemeta.evaluate import run_evaluation
+    from edgemeta.evaluate import report_doc, run_evaluation
 
-    reports = run_evaluation(checkpoint, dataset, split, data_dir, n_way, k_shot, queries, episodes, seed, episodes_file, threads)
-    doc = {"checkpoint": str(checkpoint or "embedded"), "results": [r.to_dict() for r in reports]}
-    if report:
-        report.write_text(__import__("json").dumps(doc, indent=2))
+    reports = run_evaluation(checkpoint, dataset, split, data_dir, n_way, k_shot, queries, episodes, seed, episodes_file, threads, report)
     if json_out:
-        emit_json(doc)
+        emit_json(report_doc(checkpoint, reports))
         return
     from rich.table import Table
 
@@ -115,7 +113,7 @@ def evaluate_cmd(
 @command("episodes")
 def episodes_cmd(
     folder: Path = typer.Argument(..., help="A folder of class sub-folders of images."),
-    output: Path = typer.Option(..., "--out", "-o", help="The JSON episodes file to write (paths are stored relative to it)."),
+    output: Path = typer.Option(..., "--out", "-o", help="The JSON episodes file to write, outside FOLDER (paths are stored relative to it; may replace an earlier episodes file, nothing else)."),
     n_way: int = typer.Option(5, help="Classes per episode."),
     k_shot: int = typer.Option(1, help="Support images per class."),
     queries: int = typer.Option(15, help="Query images per class."),
