@@ -226,7 +226,7 @@ def make_episodes_file(folder: str | os.PathLike, out: str | os.PathLike, n_way:
     and must lie outside ``folder``.
     """
     from edgemeta.data import IMAGE_EXTENSIONS
-    from edgemeta.files import check_output, is_json_file
+    from edgemeta.files import check_output, json_document
 
     root = Path(folder)
     if not root.is_dir():
@@ -246,7 +246,8 @@ def make_episodes_file(folder: str | os.PathLike, out: str | os.PathLike, n_way:
         raise DataError(f"{root} has no class folders")
     if count < 1:
         raise InputError(f"episodes must be >= 1, got {count}")
-    check_output(target, option="-o", what="JSON episodes file", inputs=paths, is_own=is_json_file)
+    is_episodes = lambda p: isinstance(doc := json_document(p), dict) and doc.get("format") == EPISODES_FORMAT  # noqa: E731
+    check_output(target, option="-o", what="file written by edgemeta episodes", inputs=paths, is_own=is_episodes)
     sampler = EpisodeSampler(np.array(labels), n_way, k_shot, q_query, seed, str(root))
     write_episodes_file(target, paths, np.array(labels), classes, sampler, count)
     return count

@@ -219,12 +219,13 @@ def run_evaluation(
     from edgemeta.checkpoint import atomic_write, default_checkpoint, load_checkpoint
     from edgemeta.data import load_dataset
     from edgemeta.errors import InputError
-    from edgemeta.files import check_output, is_json_file
+    from edgemeta.files import check_output, json_document
 
     ckpt_path = Path(checkpoint) if checkpoint else default_checkpoint()
     if report is not None:
         inputs = [ckpt_path, episodes_file, dataset]  # a data set that is not a path is no file, so not an input
-        check_output(report, option="--report", what="JSON report", inputs=inputs, is_own=is_json_file)
+        is_report = lambda p: isinstance(doc := json_document(p), dict) and {"checkpoint", "results"} <= doc.keys()  # noqa: E731
+        check_output(report, option="--report", what="report of edgemeta evaluate", inputs=inputs, is_own=is_report)
     sampling = {"--dataset": dataset, "--split": split, "--data-dir": data_dir, "--n-way": n_ways, "--k-shot": k_shots,
                 "--queries": q_query, "--episodes": episodes, "--seed": seed}
     given = [flag for flag, v in sampling.items() if v is not None and not (isinstance(v, (list, tuple)) and not v)]

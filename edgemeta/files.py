@@ -14,7 +14,7 @@ from typing import Callable, Iterable
 
 from edgemeta.errors import InputError
 
-__all__ = ["same_file", "refuse_overwrite", "check_output", "is_json_file"]
+__all__ = ["same_file", "refuse_overwrite", "check_output", "json_document"]
 
 
 def same_file(a: str | os.PathLike, b: str | os.PathLike) -> bool:
@@ -62,13 +62,13 @@ def check_output(
     return path
 
 
-def is_json_file(path: Path) -> bool:
-    """Whether ``path`` holds one JSON document (what reports and episode files are)."""
+def json_document(path: Path) -> object | None:
+    """The JSON document ``path`` holds, or None when it holds none (for an ``is_own`` check:
+    a command's own reports and episode files are JSON documents of a known shape)."""
     import json
 
     try:
         with open(path, "rb") as f:
-            json.loads(f.read())
-        return True
+            return json.loads(f.read())
     except (OSError, ValueError):
-        return False
+        return None

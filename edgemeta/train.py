@@ -161,8 +161,13 @@ def _resume_files(path: Path) -> tuple[Path, Path]:
     """The resume file of the run at ``path`` (its ``.last`` file, or a checkpoint) and the
     run's checkpoint, which holds its best weights so far."""
     if path.name.endswith(".last.safetensors"):
-        out = read_header(path).get("info", {}).get("config", {}).get("out") or path.name.replace(".last.safetensors", ".safetensors")
-        return path, path.parent / Path(out).name  # the run writes its .last next to its checkpoint
+        # the checkpoint beside it, as the run wrote them (a moved or renamed run keeps the pair);
+        # the name recorded inside only when that one is missing
+        beside = path.with_name(path.name[: -len(".last.safetensors")] + ".safetensors")
+        if beside.exists():
+            return path, beside
+        out = read_header(path).get("info", {}).get("config", {}).get("out") or beside.name
+        return path, path.parent / Path(out).name
     last = resume_path(path)
     return (last if last.exists() else path), path
 
@@ -178,9 +183,11 @@ def _check_out(cfg: TrainConfig, resume: Path | None, force: bool) -> Path:
         raise InputError(f"-o {out}: the run's log or curve would overwrite the checkpoint; name it like model.safetensors")
     existing = [f for f in files if f.exists()]
     if existing and not (_continues(resume, out) or force):
+        resumable = any(f.exists() for f in files[:2])  # a log or curve alone: stopped before anything to resume
         raise InputError(
             f"-o {out}: a run is there already ({', '.join(f.name for f in existing)}); "
-            f"pass --resume {out} to continue it or --force to replace it, or choose another -o"
+            + (f"pass --resume {out} to continue it or --force to replace it" if resumable else "pass --force to replace it (it has nothing to resume)")
+            + ", or choose another -o"
         )
     return out
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 import hashlib
 import io
 import json
+import shutil
 import zipfile
 from pathlib import Path
 
@@ -233,14 +234,16 @@ def protocol(tmp_path) -> tuple[Path, Path, Path]:
     return root, eps, _checkpoint(tmp_path / "ck.safetensors")
 
 
-@pytest.mark.parametrize("victim", ["checkpoint", "other checkpoint", "episodes file", "image"])
+@pytest.mark.parametrize("victim", ["checkpoint", "other checkpoint", "episodes file", "other episodes file", "other JSON", "image"])
 def test_evaluate_report_never_replaces_an_input_or_another_kind_of_file(protocol, tmp_path, victim):
     root, eps, ck = protocol
-    target = {"checkpoint": ck, "other checkpoint": _checkpoint(tmp_path / "other.safetensors"),
-              "episodes file": eps, "image": root / "c1" / "0.png"}[victim]
+    (tmp_path / "summary.json").write_text('{"benchmark": {}}')
+    target = {"checkpoint": ck, "other checkpoint": _checkpoint(tmp_path / "other.safetensors"), "episodes file": eps,
+              "other episodes file": Path(shutil.copy(eps, tmp_path / "eps2.json")), "other JSON": tmp_path / "summary.json",
+              "image": root / "c1" / "0.png"}[victim]
     before = target.read_bytes()
     r = _cli("evaluate", ck, "--episodes-file", eps, "--report", target)
-    _one_line_error(r, "is the input" if victim in ("checkpoint", "episodes file") else "exists and is not a JSON report")
+    _one_line_error(r, "is the input" if victim in ("checkpoint", "episodes file") else "exists and is not a report of edgemeta evaluate")
     assert target.read_bytes() == before
 
 
@@ -257,7 +260,7 @@ def test_evaluate_report_path_is_checked_before_any_work(protocol, tmp_path, mon
 def test_evaluate_report_replaces_an_earlier_report(protocol, tmp_path):
     root, eps, ck = protocol
     report = tmp_path / "r.json"
-    report.write_text('{"checkpoint": "older"}')
+    report.write_text(json.dumps({"checkpoint": "older", "results": []}))  # an earlier report: replaced
     r = _cli("evaluate", ck, "--episodes-file", eps, "--report", report)
     assert r.exit_code == 0, r.output
     doc = json.loads(report.read_text())
@@ -298,14 +301,16 @@ def test_evaluate_default_split_is_the_novel_classes_of_each_data_set(tmp_path, 
     assert seen == [(dataset, "test")]
 
 
-@pytest.mark.parametrize("where", ["image", "checkpoint", "nodir", "folder"])
+@pytest.mark.parametrize("where", ["image", "checkpoint", "report", "nodir", "folder"])
 def test_episodes_output_is_checked_before_any_work(tmp_path, where):
     root = _make_folder(tmp_path / "imgs", {f"c{i}": 4 for i in range(4)})
     ck = _checkpoint(tmp_path / "ck.safetensors")
     (tmp_path / "sub").mkdir()
+    (tmp_path / "report.json").write_text('{"checkpoint": "ck.safetensors", "results": []}')
     target, message = {
         "image": (root / "c1" / "0.png", "is inside the image folder"),
-        "checkpoint": (ck, "exists and is not a JSON episodes file"),
+        "checkpoint": (ck, "exists and is not a file written by edgemeta episodes"),
+        "report": (tmp_path / "report.json", "exists and is not a file written by edgemeta episodes"),
         "nodir": (tmp_path / "nodir" / "x.json", "does not exist"),
         "folder": (tmp_path / "sub", "is a folder"),
     }[where]

@@ -240,7 +240,7 @@ def _old_run(folder: Path) -> dict[str, bytes]:
         (_old_run, "m.safetensors", "a run is there already (m.safetensors, m.last.safetensors, m.jsonl, m.png); "
                                     "pass --resume {d}/m.safetensors to continue it or --force to replace it"),
         (lambda d: (_old_run(d), (d / "m.safetensors").unlink()), "m.safetensors", "a run is there already (m.last.safetensors, m.jsonl, m.png)"),
-        (lambda d: (d / "m.jsonl").write_text("{}\n"), "m.safetensors", "a run is there already (m.jsonl)"),
+        (lambda d: (d / "m.jsonl").write_text("{}\n"), "m.safetensors", "a run is there already (m.jsonl); pass --force to replace it (it has nothing to resume)"),
     ],
 )
 def test_train_refuses_an_output_that_would_lose_files(setup, out, message, tmp_path):
@@ -369,3 +369,19 @@ def test_force_replaces_a_run_only_when_the_new_one_writes(tmp_path, monkeypatch
     assert load_checkpoint(result.checkpoint).info["config"]["episodes"] == 2
     assert load_checkpoint(resume_path(result.checkpoint)).info["step"] == 2
     assert '"old"' not in (tmp_path / "m.jsonl").read_text() and (tmp_path / "m.png").read_bytes() != b"old curve"
+
+
+def test_a_moved_run_resumed_through_its_last_file_keeps_its_best_model(tmp_path):
+    import warnings
+
+    base = dict(n_way=5, k_shot=1, q_query=2, val_every=5, val_episodes=5, threads=1, seed=4, log_every=5)
+    first = train(TrainConfig(out=str(tmp_path / "m.safetensors"), episodes=10, **base), progress=False)
+    for f in tmp_path.iterdir():  # the run moves: m.* -> run1.*
+        f.rename(tmp_path / f.name.replace("m.", "run1.", 1))
+    records = len((tmp_path / "run1.jsonl").read_text().splitlines())
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # no "best weights chosen anew": the checkpoint beside the .last file is the run's
+        resumed = train(TrainConfig(out=str(tmp_path / "run1.safetensors"), episodes=15, **base),
+                        resume=tmp_path / "run1.last.safetensors", progress=False)
+    assert resumed.best_val_accuracy >= first.best_val_accuracy
+    assert len((tmp_path / "run1.jsonl").read_text().splitlines()) > records  # the earlier records kept
