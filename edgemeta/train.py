@@ -336,14 +336,16 @@ class _Trainer:
         self.claim()
         save_checkpoint(resume_path(self.out), self.model, {**self.info(), "stage": stage}, optimizer.state_dict())
 
-    def save_best(self) -> str:
-        """Write the best weights so far to ``out``; ``best_val_accuracy`` is theirs."""
+    def save_best(self, final_write: bool = False) -> str:
+        """Write the best weights so far to ``out``; ``best_val_accuracy`` is theirs. The
+        open-set threshold (one more pass over the validation images) is measured for the
+        final write only: a checkpoint written during training carries none until then."""
         self.claim()
         final = copy.deepcopy(self.model)
         if self.best_state is not None:
             final.load_state_dict(self.best_state)
         final.eval()
-        if self.best_threshold is None:
+        if self.best_threshold is None and final_write:
             # the runtime's default "unknown" threshold, from held-out classes
             self.best_threshold = open_set_threshold(final, self.val_set, k_shot=min(5, int(np.bincount(self.val_set.labels).min()) - 1))
         info = {**self.info(), "open_set_threshold": self.best_threshold}
@@ -513,7 +515,7 @@ def train(
             bar.stop()
     if trainer.best_state is None:
         trainer.validate("final")
-    fingerprint = trainer.save_best()
+    fingerprint = trainer.save_best(final_write=True)
     plot_curve(trainer.history, out.with_suffix(".png"))
     eps = trainer.episodes_done / trainer.episode_seconds if trainer.episode_seconds else 0.0
     return TrainResult(out, fingerprint, trainer.best_acc, trainer.history, trainer.elapsed(), eps)

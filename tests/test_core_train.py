@@ -322,8 +322,10 @@ def test_interrupted_run_keeps_its_best_model_and_resume_labels_it(tmp_path, mon
     best = max(h["val_acc"] for h in log if "val_acc" in h)
     ck = load_checkpoint(tmp_path / "m.safetensors")  # the best model survives the interruption
     assert ck.info["best_val_accuracy"] == best == pytest.approx(_val_accuracy(ck.model, cfg))
+    assert ck.info["open_set_threshold"] is None  # measured for the final write only
     result = train(cfg, resume=tmp_path / "m.safetensors", progress=False)
     ck = load_checkpoint(result.checkpoint)
+    assert ck.info["open_set_threshold"] > 0
     assert result.best_val_accuracy == ck.info["best_val_accuracy"] == max(h["val_acc"] for h in result.history if "val_acc" in h)
     assert ck.info["best_val_accuracy"] == pytest.approx(_val_accuracy(ck.model, cfg))
     # one record per step, and the time goes on from the interrupted session
