@@ -2002,21 +2002,14 @@ def check_plot_path(path: str | os.PathLike) -> Path:
     """
     import importlib.util
 
+    from edgemeta.files import check_output
+
     path = Path(path)
     if importlib.util.find_spec("matplotlib") is None:
         raise InputError("--plot needs matplotlib: pip install matplotlib")
-    if path.is_dir():
-        raise InputError(f"--plot: {path} is a folder; name the PNG file to write, such as {path / 'benchmark.png'}")
-    if path.suffix.lower() != ".png":
+    if not path.is_dir() and path.suffix.lower() != ".png":
         raise InputError(f"--plot: {path} does not end in .png (the plot is a PNG); give a name such as {path.with_suffix('.png').name}")
-    if not path.parent.is_dir():
-        raise InputError(f"--plot: folder {path.parent} does not exist; create it first")
-    try:
-        with tempfile.TemporaryFile(dir=path.parent):
-            pass
-    except OSError as e:
-        raise InputError(f"--plot: cannot write in folder {path.parent} ({e.strerror or e}); choose a writable folder") from None
-    return path
+    return check_output(path, option="--plot", what="PNG file")
 
 
 def plot_report(report: BenchReport, path: str | os.PathLike) -> Path:

@@ -9,6 +9,7 @@ that the command would silently turn into its own.
 from __future__ import annotations
 
 import os
+import tempfile
 from pathlib import Path
 from typing import Callable, Iterable
 
@@ -45,8 +46,10 @@ def check_output(
     is_own: Callable[[Path], bool] | None = None,
 ) -> Path:
     """``path`` as a :class:`Path`, once it is safe to write: not a folder, in a folder that
-    exists, not one of ``inputs``, and, when it exists, a file of the command's own kind
-    (``is_own(path)``, e.g. an earlier report), which is replaced.
+    exists and takes a new file (tried with a temporary file, which tells what permission
+    bits do not: a read-only file system, ``/proc``, a root user), not one of ``inputs``, and,
+    when it exists, a file of the command's own kind (``is_own(path)``, e.g. an earlier
+    report), which is replaced.
 
     Raises:
         InputError: one of these does not hold (the message names ``option`` and the fix).
@@ -56,6 +59,11 @@ def check_output(
         raise InputError(f"{option} {path} is a folder; name the {what} to write")
     if not path.parent.is_dir():
         raise InputError(f"{option}: folder {path.parent} does not exist; create it first or choose another {option}")
+    try:
+        with tempfile.TemporaryFile(dir=path.parent):
+            pass
+    except OSError as e:
+        raise InputError(f"{option}: cannot write in folder {path.parent} ({e.strerror or e}); choose a writable folder") from None
     refuse_overwrite([path], inputs, option)
     if path.exists() and is_own is not None and not is_own(path):
         raise InputError(f"{option} {path} exists and is not a {what}; choose another {option}, or delete it if it is not needed")

@@ -7,14 +7,13 @@ an error never leaves half a model behind.
 from __future__ import annotations
 
 import os
-import tempfile
 from collections import deque
 from pathlib import Path
 import onnx
 from onnx import helper
 
 from edgemeta import __version__
-from edgemeta.errors import CheckpointError, ExportError
+from edgemeta.errors import CheckpointError, ExportError, InputError
 from edgemeta.runtime.spec import METADATA_KEY, OUTPUT_EMBEDDINGS, ModelMetadata
 
 __all__ = [
@@ -52,20 +51,14 @@ _NEW_IR_TYPES = {
 
 
 def ensure_writable(path: str | os.PathLike) -> Path:
-    """Fail early, with the reason, when ``path`` cannot be written (before minutes of work)."""
-    path = Path(path)
-    parent = path.parent
-    if path.is_dir():
-        raise ExportError(f"output {path} is a folder; give a file name such as {path / 'model.onnx'}")
-    if not parent.is_dir():
-        raise ExportError(f"output folder {parent} does not exist; create it first or choose another -o")
+    """Fail early, with the reason, when ``path`` cannot be written (before minutes of work):
+    :func:`edgemeta.files.check_output`'s checks, as an :class:`ExportError`."""
+    from edgemeta.files import check_output
+
     try:
-        fd, probe = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".probe", dir=parent)
-    except OSError as e:
-        raise ExportError(f"cannot write to {parent} ({e.strerror or e}); choose a writable output folder") from None
-    os.close(fd)
-    os.unlink(probe)
-    return path
+        return check_output(path, option="-o", what="model file")
+    except InputError as e:
+        raise ExportError(str(e)) from None
 
 
 def save_model(model: onnx.ModelProto, path: str | os.PathLike) -> Path:

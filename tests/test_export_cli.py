@@ -99,7 +99,7 @@ BEFORE = ["junk.safetensors", *sorted(USER_MODULES)]
         (["export", "--module", "usernet_ok:build", *MODULE_ARGS, "-o", "m.onnx"], "no verification data: the checkpoint records none; pass --data"),
         (["export", "--module", "usernet_dd:DataDependent", *MODULE_ARGS, "--data", "omniglot", "-o", "m.onnx"],
          "the model does not trace: data-dependent control flow at usernet_dd.py:10 (`if z.mean() > 0:`)"),
-        (["export", "--module", "usernet_ok:build", *MODULE_ARGS, "--data", "omniglot", "-o", "missing/m.onnx"], "output folder missing does not exist"),
+        (["export", "--module", "usernet_ok:build", *MODULE_ARGS, "--data", "omniglot", "-o", "missing/m.onnx"], "-o: folder missing does not exist"),
         (["export", "--module", "usernet_ok:build", *MODULE_ARGS, "--data", "omniglot", "-o", "junk.safetensors/m.onnx"], "does not exist"),
         (["export", "--module", "usernet_ok:build", *MODULE_ARGS, "--opset", "12", "-o", "m.onnx"], "opset 12 is not supported; choose 17.."),
         (["export", "--module", "usernet_ok:build", *MODULE_ARGS, "--precision", "int8", "--conv-kernel", "gemm", "-o", "m.onnx"],
