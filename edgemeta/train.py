@@ -204,14 +204,26 @@ def _check_size(spec: ModelSpec) -> None:
     except RuntimeError:
         c, size = spec.preprocess.channels, spec.preprocess.size[0]
         backbone = build_backbone(spec.backbone, c, **spec.backbone_kwargs).eval()
-        for side in range(size + 1, 1025):
+
+        def runs(side: int) -> bool:
             try:
                 with torch.no_grad():
                     backbone(torch.zeros(1, c, side, side))
+                return True
             except RuntimeError:
-                continue
-            raise InputError(f"--size {size} is too small for {spec.backbone}: it takes {side} pixels or more") from None
-        raise
+                return False
+
+        # larger inputs always run, so a doubling search and a bisection find the smallest
+        # size in a few dry passes; none up to 1024 means the error was not about the size
+        bad, good = size, size + 1
+        while not runs(good):
+            if good >= 1024:
+                raise
+            bad, good = good, min(2 * good, 1024)
+        while good - bad > 1:
+            mid = (bad + good) // 2
+            bad, good = (bad, mid) if runs(mid) else (mid, good)
+        raise InputError(f"--size {size} is too small for {spec.backbone}: it takes {good} pixels or more") from None
 
 
 def _lr(cfg: TrainConfig, step: int) -> float:
