@@ -222,8 +222,8 @@ def read_episodes_file(path: str | os.PathLike) -> EpisodeFile:
 def make_episodes_file(folder: str | os.PathLike, out: str | os.PathLike, n_way: int, k_shot: int, q_query: int, count: int, seed: int = 0) -> int:
     """Sample ``count`` episodes over ``folder/<class>/<image>`` and write them to ``out``.
 
-    ``out`` may replace an earlier episodes file (any JSON file), never anything else,
-    and must lie outside ``folder``.
+    ``out`` may replace an earlier episodes file, never anything else, and must lie
+    outside ``folder``.
     """
     from edgemeta.data import IMAGE_EXTENSIONS
     from edgemeta.files import check_output, json_document
