@@ -20,9 +20,10 @@
 * **cold start** in a fresh process: interpreter, imports, session creation, first
   prediction, each apart, and that process's peak RSS.
 
-:func:`backprop_baseline` is the skeptic's comparison: on the same seeded Omniglot
-episodes, a last linear layer trained by backprop vs prototype enrolment, on the
-embeddings of each precision benchmarked.
+:func:`backprop_baseline` is the skeptic's comparison: on the same seeded episodes of
+novel classes (Omniglot's evaluation classes by default, or the evaluation classes of the
+data set the model records, or any folder of class folders), a last linear layer trained
+by backprop vs prototype enrolment, on the embeddings of each precision benchmarked.
 
 Only numpy and onnxruntime are needed for the ONNX Runtime figures: torch is imported
 for the torch and backprop baselines only, ``onnx`` for FLOP counting only, rich and
@@ -39,6 +40,7 @@ from __future__ import annotations
 import contextlib
 import copy
 import gc
+import importlib.util
 import json
 import math
 import os
@@ -219,8 +221,14 @@ class BenchConfig:
         flops: count FLOPs and measure the machine's peak.
         peak_size: n of the n x n float32 MatMul that measures the peak.
         backprop_episodes: also run :func:`backprop_baseline` on this many episodes per
-            shot count, once per precision (0: not at all; needs torch and the Omniglot
-            data; a precision it cannot run on gets a note instead).
+            shot count, once per precision (0: not at all; needs torch and the data; a
+            precision it cannot run on gets a note instead).
+        backprop_data: the novel-class images of the backprop baseline: omniglot,
+            tiny-imagenet, digits or a folder/zip of class folders; None: see
+            :func:`backprop_data`.
+        data_dir: where the named data sets are, for the backprop baseline and the int8
+            calibration of a variant made on the fly (None: ``$EDGEMETA_DATA_DIR``, else
+            ``~/.cache/edgemeta/data``).
         seed: seed of the random inputs.
         ort: ONNX Runtime session settings.
     """
@@ -240,6 +248,8 @@ class BenchConfig:
     flops: bool = True
     peak_size: int = 2048
     backprop_episodes: int = 0
+    backprop_data: str | None = None
+    data_dir: str | None = None
     seed: int = 0
     ort: OrtTuning = field(default_factory=OrtTuning)
 
@@ -275,6 +285,8 @@ class BenchConfig:
         ):
             if not isinstance(value, (int, np.integer)) or isinstance(value, bool) or not lo <= value <= hi:
                 problems.append(f"{name} must be an integer from {lo} to {hi:,}, got {value!r}")
+        if self.backprop_data is not None and not self.backprop_episodes:
+            problems.append("backprop data given without the backprop baseline (add --backprop-baseline)")
         if self.duration is not None and not (isinstance(self.duration, (int, float)) and 0 < self.duration <= MAX_DURATION_S):
             problems.append(f"duration must be between 0 and {MAX_DURATION_S:g} seconds, got {self.duration!r}")
         cores = logical_cores()
@@ -765,6 +777,7 @@ class ModelVariant:
     embedding_dim: int
     size_bytes: int
     fixed_batch: int | None = None  # the graph's batch size when it is fixed (it runs no other)
+    dataset: str = ""  # the data set the model records it was trained on ("" if none)
 
     def to_dict(self) -> dict[str, Any]:
         return {
@@ -777,6 +790,7 @@ class ModelVariant:
             "embedding_dim": self.embedding_dim,
             "size_mb": round(self.size_bytes / 2**20, 3),
             "fixed_batch": self.fixed_batch,
+            "dataset": self.dataset,
         }
 
 
@@ -785,9 +799,10 @@ def _open_variant(path: Path, origin: str, threads: int) -> ModelVariant:
     sess = Session(path, "cpu", options=SessionOptions(intra_op_threads=threads))
     meta = sess.metadata
     pp = meta.preprocess
+    dataset = meta.extra.get("dataset")
     return ModelVariant(
         meta.precision, path, origin, meta.fingerprint, meta.backbone, (pp.channels, *pp.size), meta.embedding_dim, path.stat().st_size,
-        sess.fixed_batch,
+        sess.fixed_batch, dataset if isinstance(dataset, str) else "",
     )
 
 
@@ -823,7 +838,7 @@ def _sibling(path: Path, precision: Precision) -> Path | None:
     return None
 
 
-def _make_variant(precision: Precision, fp32: ModelVariant | None, checkpoint: Path | None, workdir: Path) -> Path:
+def _make_variant(precision: Precision, fp32: ModelVariant | None, checkpoint: Path | None, workdir: Path, data_dir: str | None = None) -> Path:
     """Make a missing precision with the exporters: fp16 from the fp32 model; int8 calibrated on
     the checkpoint's training images; anything from the checkpoint. Not verified: only timed."""
     try:
@@ -834,9 +849,9 @@ def _make_variant(precision: Precision, fp32: ModelVariant | None, checkpoint: P
     if fp32 is not None and precision is Precision.FP16:
         to_fp16(fp32.path, out)
     elif fp32 is not None and checkpoint is not None and precision is Precision.INT8:
-        quantize_model(fp32.path, checkpoint, out, ExportOptions(verify=None))
+        quantize_model(fp32.path, checkpoint, out, ExportOptions(verify=None, data_dir=data_dir))
     elif checkpoint is not None:
-        export_checkpoint(checkpoint, out, ExportOptions(precision=precision, verify=None))
+        export_checkpoint(checkpoint, out, ExportOptions(precision=precision, verify=None, data_dir=data_dir))
     else:
         raise InputError(f"making a {precision.value} model needs --checkpoint (int8 is calibrated on its training images)")
     return out
@@ -844,13 +859,14 @@ def _make_variant(precision: Precision, fp32: ModelVariant | None, checkpoint: P
 
 def resolve_variants(
     models: Sequence[Path], precisions: Sequence[Precision], checkpoint: Path | None, workdir: Path, threads: int,
-    batch_sizes: Sequence[int] = (),
+    batch_sizes: Sequence[int] = (), data_dir: str | None = None,
 ) -> list[ModelVariant]:
     """The models to benchmark: the given ones, or one per requested precision.
 
     A requested precision comes from a given model, else from a sibling file
-    (``model.int8.onnx``), else it is made with the exporters. ``batch_sizes``: those to
-    be timed, which a fixed-batch model must take (checked before any variant is made).
+    (``model.int8.onnx``), else it is made with the exporters (int8 calibrated on the
+    training images, from ``data_dir``). ``batch_sizes``: those to be timed, which a
+    fixed-batch model must take (checked before any variant is made).
     """
     given = [_open_variant(Path(m), "given", threads) for m in models]
     _check_given(given, checkpoint)
@@ -877,7 +893,7 @@ def resolve_variants(
                 f"no {precision.value} model: pass one, put {_base_stem(given[0].path)}.{precision.value}.onnx next to "
                 f"{given[0].path.name}, or give --checkpoint to make it"
             )
-        made = _make_variant(precision, fp32, checkpoint, workdir)
+        made = _make_variant(precision, fp32, checkpoint, workdir, data_dir)
         out.append(_open_variant(made, "made with the exporters", threads))
     if checkpoint is not None:
         _check_fingerprints(out, checkpoint)
@@ -1590,7 +1606,9 @@ def run_benchmark(
         warnings.warn(config.oversubscribed, RuntimeWarning, stacklevel=2)
     others = _OtherLoad()
     with _sigterm_exits(), tempfile.TemporaryDirectory(prefix="edgemeta-bench-") as tmp:
-        variants = resolve_variants(paths, config.precisions, ckpt, Path(workdir) if workdir else Path(tmp), threads, config.batch_sizes)
+        variants = resolve_variants(paths, config.precisions, ckpt, Path(workdir) if workdir else Path(tmp), threads, config.batch_sizes, config.data_dir)
+        if config.backprop_episodes:  # what the baseline needs is checked now, not after the minutes of measuring
+            _check_backprop(config, variants[0])
         report = BenchReport(machine_info(), config.to_dict(), variants, unavailable=unavailable)
         report.notes += [
             f"{v.path.name} takes a fixed batch of {v.fixed_batch}: its classification latency is of a call of {v.fixed_batch} "
@@ -1657,7 +1675,8 @@ def _wrap_up(report: BenchReport, providers: list[str], variants: list[ModelVari
         steps(f"backprop baseline on {variant.precision.value} embeddings, {config.backprop_episodes} episodes per shot count")
         try:
             report.backprop += backprop_baseline(
-                variant.path, episodes=config.backprop_episodes, threads=threads, seed=config.seed, options=_runtime_options(config)
+                variant.path, data=config.backprop_data, episodes=config.backprop_episodes, threads=threads, data_dir=config.data_dir,
+                seed=config.seed, options=_runtime_options(config),
             )
         except (EdgemetaError, RuntimeError) as e:  # the timings above stay: a note says what is missing and why
             report.notes.append(f"backprop baseline on {variant.precision.value} embeddings not run: {' '.join(str(e).split())[:300]}")
@@ -1763,6 +1782,7 @@ class BackpropResult:
     backprop_accuracy: float
     backprop_ci95: float
     precision: str  # of the exported model that embeds the images for both methods
+    dataset: str = "omniglot-evaluation"  # where the episodes' classes come from (never the model's training classes)
 
     @property
     def speedup(self) -> float:
@@ -1803,9 +1823,37 @@ def _train_linear(torch: Any, support: Any, labels: Any, n_way: int, steps: int,
     return lambda q: layer(q / scale)
 
 
+def backprop_data(given: str | None, recorded: object, channels: int) -> str:
+    """Which novel-class images the backprop baseline runs on: ``given`` (``--backprop-data``),
+    else the data set the model records it was trained on (its metadata's ``dataset``; the
+    episodes then come from its evaluation classes), else Omniglot for a grey model, as the
+    issue's protocol has it. A colour model that records none must be told."""
+    from edgemeta.data import NAMED
+
+    if given:
+        if given not in NAMED and not Path(given).exists():
+            raise InputError(f"--backprop-data {given!r} is neither omniglot, tiny-imagenet, digits nor an existing folder or zip of class folders")
+        return given
+    if isinstance(recorded, str) and (recorded in NAMED or (recorded and Path(recorded).exists())):
+        return recorded
+    if channels == 1:
+        return "omniglot"
+    raise InputError(
+        f"the backprop baseline needs images of classes the model was not trained on, and this {channels}-channel model records no "
+        "data set found here; pass --backprop-data tiny-imagenet or a folder (or zip) of class folders"
+    )
+
+
+def _check_backprop(config: BenchConfig, variant: ModelVariant) -> None:
+    if importlib.util.find_spec("torch") is None:
+        raise InputError("--backprop-baseline trains the last layer in torch, which is not installed: pip install 'edgemeta[train]'")
+    backprop_data(config.backprop_data, variant.dataset, variant.input_shape[0])
+
+
 def backprop_baseline(
     model: str | os.PathLike,
     *,
+    data: str | None = None,
     shots: Sequence[int] = (1, 5),
     n_way: int = 5,
     queries: int = 15,
@@ -1817,7 +1865,10 @@ def backprop_baseline(
     seed: int = 0,
     options: SessionOptions | None = None,
 ) -> list[BackpropResult]:
-    """The skeptic's comparison on seeded Omniglot evaluation episodes (needs torch and the data).
+    """The skeptic's comparison on seeded episodes of novel classes (needs torch and the data).
+
+    ``data`` names the images (see :func:`backprop_data`): by default Omniglot's evaluation
+    classes for a grey model, or the evaluation classes of the data set the model records.
 
     For each episode the support images are embedded by the exported model on ONNX
     Runtime; then (a) prototypes are the class means and queries are classified by the
@@ -1833,21 +1884,22 @@ def backprop_baseline(
         import torch
     except ImportError:
         raise InputError("the backprop baseline needs torch: pip install 'edgemeta[train]'") from None
-    from edgemeta.data import load_omniglot
+    from edgemeta.data import novel_images
     from edgemeta.episodes import EpisodeSampler
     from edgemeta.runtime.preprocess import normalize
 
     threads = threads or physical_cores()
     sess = Session(model, "cpu", options=options or SessionOptions(intra_op_threads=threads))
     pp = sess.preprocess
-    if pp.channels != 1:
-        raise InputError(f"the backprop baseline runs on Omniglot (grey images); {Path(model).name} takes {pp.channels} channels")
-    data = load_omniglot("evaluation", data_dir, size=pp.size[0])
+    name = backprop_data(data, sess.metadata.extra.get("dataset"), pp.channels)
+    images = novel_images(name, pp, data_dir, option="--backprop-data")
     saved = torch.get_num_threads()
     torch.set_num_threads(threads)
     try:
         return [
-            _backprop_shots(torch, sess, data, normalize, EpisodeSampler(data.labels, n_way, k, queries, seed, data.name), episodes, steps, lr)
+            _backprop_shots(torch, sess, images, normalize, EpisodeSampler(images.labels, n_way, k, queries, seed, images.name, remedy=(
+                f"the backprop baseline needs {n_way} classes of at least {k + queries} images ({k} shots + {queries} queries); "
+                "pass --backprop-data with more")), episodes, steps, lr)
             for k in shots
         ]
     finally:
@@ -1889,6 +1941,7 @@ def _backprop_shots(torch: Any, sess: Session, data: Any, normalize: Callable, s
     return BackpropResult(
         n, k, episodes, steps, lr, ms(t_embed), ms(t_proto), ms(t_bp),
         float(np.mean(acc_proto)), _ci95(acc_proto), float(np.mean(acc_bp)), _ci95(acc_bp), sess.metadata.precision.value,
+        str(getattr(data, "name", "")),
     )
 
 
@@ -1979,7 +2032,7 @@ def render_report(report: BenchReport, console: Any) -> None:
         console.print(t)
     for b in report.backprop:
         console.print(
-            f"{b.n_way}-way {b.k_shot}-shot, {b.episodes} episodes, {b.precision} embeddings: "
+            f"{b.n_way}-way {b.k_shot}-shot, {b.episodes} episodes of {b.dataset}, {b.precision} embeddings: "
             f"prototypes {100 * b.prototype_accuracy:.2f}% in {b.embed_ms + b.prototype_ms:.2f} ms; "
             f"backprop ({b.steps} SGD steps) {100 * b.backprop_accuracy:.2f}% in {b.embed_ms + b.backprop_ms:.2f} ms per class set "
             f"({b.speedup:.0f}x end to end; learning step alone {b.learning_speedup:.0f}x)"

@@ -37,6 +37,9 @@ __all__ = [
     "load_tiny_imagenet",
     "load_digits",
     "load_dataset",
+    "load_for_model",
+    "novel_images",
+    "NAMED",
     "IMAGE_EXTENSIONS",
 ]
 
@@ -467,3 +470,53 @@ def load_dataset(name: str, split: str, root: str | os.PathLike | None, spec: Pr
             raise InputError(f"loading the image folder {path} needs the preprocessing (--size, --channels)")
         return load_image_folder(path, spec)
     raise InputError(f"unknown data set {name!r}; use omniglot, tiny-imagenet, digits, or a folder/zip of class folders")
+
+
+NAMED = ("omniglot", "tiny-imagenet", "digits")
+
+
+def _square(preprocess: PreprocessSpec, what: str, option: str) -> int:
+    h, w = preprocess.size
+    if h != w:
+        raise InputError(f"{what} images are square; the model takes {h}x{w}: pass {option} with a folder of images")
+    return h
+
+
+def _match_channels(ds: ImageSet, preprocess: PreprocessSpec, option: str) -> ImageSet:
+    if ds.images.shape[-1] == preprocess.channels:
+        return ds
+    if ds.images.shape[-1] == 1 and preprocess.channels == 3:  # PIL's L -> RGB repeats the grey value
+        ds.images = np.repeat(ds.images, 3, axis=-1)
+        ds.spec = preprocess
+        return ds
+    raise InputError(f"{ds.name} has colour images but the model takes {preprocess.channels} channel(s); pass {option} with matching images")
+
+
+def load_for_model(
+    dataset: str, split: str, preprocess: PreprocessSpec, data_dir: str | os.PathLike | None, option: str = "--data"
+) -> ImageSet:
+    """A split of a named data set (or a folder of class folders), at the model's size and
+    channels (grey images are repeated for an RGB model). ``option``: the command-line option
+    that names the data, for the errors' fix."""
+    if dataset == "omniglot":
+        ds = load_omniglot(split, data_dir, _square(preprocess, "Omniglot", option))
+    elif dataset == "tiny-imagenet":
+        ds = load_tiny_imagenet(split, data_dir, _square(preprocess, "Tiny-ImageNet", option))
+    elif dataset == "digits":
+        ds = load_digits(preprocess)
+    else:
+        ds = load_image_folder(Path(dataset), preprocess)
+    return _match_channels(ds, preprocess, option)
+
+
+def novel_images(
+    dataset: str | None, preprocess: PreprocessSpec, data_dir: str | os.PathLike | None = None, option: str = "--data"
+) -> ImageSet:
+    """Images of classes the model was not trained on: Omniglot evaluation, Tiny-ImageNet test,
+    the digits, or a folder of class folders."""
+    if not dataset:
+        raise InputError(f"no verification data: the checkpoint records none; pass {option} omniglot|tiny-imagenet|FOLDER")
+    split = {"omniglot": "evaluation", "tiny-imagenet": "test"}.get(dataset, "")
+    if dataset not in NAMED and not Path(dataset).exists():
+        raise InputError(f"unknown data set {dataset!r}; use omniglot, tiny-imagenet, digits, or a folder of class folders ({option})")
+    return load_for_model(dataset, split, preprocess, data_dir, option)

@@ -24,6 +24,7 @@ from typer.testing import CliRunner
 from conftest import cuda_runs, fixed_batch_copy
 from edgemeta import benchmark as bm
 from edgemeta.cli import app
+from edgemeta.errors import DataError
 from edgemeta.runtime.errors import InputError, ModelMismatchError, ProviderError
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -419,9 +420,9 @@ def test_an_ort_model_is_measured_and_its_flops_are_a_note(tmp_path, tiny_onnx_m
                      "count (or benchmark) the .onnx it was made from"]
     # a missing precision is made from the .onnx next to the .ort, never from the .ort
     made, fp16 = [], with_precision(onnx_path, tmp_path / "made.fp16.onnx", "fp16")  # not m.fp16.onnx: that would be found
-    monkeypatch.setattr(bm, "_make_variant", lambda precision, fp32, ckpt, workdir: made.append(fp32.path) or fp16)
-    variants = bm.resolve_variants([ort_path], [bm.Precision.FP32, bm.Precision.FP16], None, tmp_path, 1)
-    assert made == [onnx_path] and [(v.path, v.precision.value) for v in variants] == [(ort_path, "fp32"), (fp16, "fp16")]
+    monkeypatch.setattr(bm, "_make_variant", lambda precision, fp32, ckpt, workdir, data_dir=None: made.append((fp32.path, data_dir)) or fp16)
+    variants = bm.resolve_variants([ort_path], [bm.Precision.FP32, bm.Precision.FP16], None, tmp_path, 1, data_dir="/data")
+    assert made == [(onnx_path, "/data")] and [(v.path, v.precision.value) for v in variants] == [(ort_path, "fp32"), (fp16, "fp16")]
     # a model with its own .ort: one precision twice, and the hint says how to time the .ort
     with pytest.raises(ModelMismatchError, match=r"m.onnx and .*m.ort are both fp32 models; pass one model per precision \(benchmark an .ort file on its own\)"):
         bm.resolve_variants([onnx_path, ort_path], [], None, tmp_path, 1)
@@ -760,6 +761,46 @@ def test_backprop_baseline_runs_on_each_precisions_embeddings(monkeypatch, tiny_
                             "m.fp16.onnx takes 3 channels"]  # one precision failing loses nothing else
     no_bp = replace(cfg, backprop_episodes=0)
     assert steps.done == 3 == bm._n_steps(cfg, ["CPUExecutionProvider"], 3) - bm._n_steps(no_bp, ["CPUExecutionProvider"], 3)
+
+
+def test_backprop_data_comes_from_the_option_the_model_or_omniglot(tmp_path):
+    """--backprop-data wins; else the data set the model records, when known here; else
+    Omniglot for a grey model; a colour model that records none is told what to pass."""
+    assert bm.backprop_data("digits", "omniglot", 1) == "digits"
+    assert bm.backprop_data(str(tmp_path), None, 3) == str(tmp_path)  # a folder of class folders
+    assert bm.backprop_data(None, "tiny-imagenet", 3) == "tiny-imagenet"
+    assert bm.backprop_data(None, str(tmp_path), 3) == str(tmp_path)  # a training folder that exists here
+    assert bm.backprop_data(None, "/trained/elsewhere", 1) == "omniglot"
+    assert bm.backprop_data(None, None, 1) == "omniglot"
+    with pytest.raises(InputError, match="records no data set found here; pass --backprop-data tiny-imagenet or a folder"):
+        bm.backprop_data(None, "/trained/elsewhere", 3)
+    with pytest.raises(InputError, match="--backprop-data 'imagenet' is neither omniglot, tiny-imagenet, digits nor an existing folder"):
+        bm.backprop_data("imagenet", "omniglot", 1)
+
+
+def test_backprop_baseline_on_a_folder_of_class_folders(runtime_image_folder, tiny_onnx_model_module, monkeypatch, tmp_path):
+    """Any labelled images serve: the episodes come from the folder, named in the result."""
+    pytest.importorskip("torch")
+    monkeypatch.setenv("EDGEMETA_CACHE_DIR", str(tmp_path / "cache"))
+    results = bm.backprop_baseline(tiny_onnx_model_module, data=str(runtime_image_folder), shots=(1, 2), n_way=3, queries=2,
+                                   episodes=4, steps=10, threads=1)
+    assert [(r.n_way, r.k_shot, r.episodes, r.steps, r.dataset) for r in results] == [(3, 1, 4, 10, "images"), (3, 2, 4, 10, "images")]
+    for r in results:  # 4 well-separated classes: both methods do far better than chance (1/3)
+        assert r.prototype_accuracy > 0.6 and r.backprop_accuracy > 0.6
+        assert r.to_dict()["dataset"] == "images"
+    with pytest.raises(DataError, match=r"only 0 classes have 20 images .*the backprop baseline needs 3 classes of at least 20 images "
+                                           r"\(5 shots \+ 15 queries\); pass --backprop-data with more"):
+        bm.backprop_baseline(tiny_onnx_model_module, data=str(runtime_image_folder), shots=(5,), n_way=3, episodes=1, threads=1)
+
+
+def test_backprop_settings_are_checked_before_measuring(tiny_onnx_model_module, make_onnx_model, no_measuring, tmp_path):
+    rgb = make_onnx_model(channels=3, fingerprint="fp-rgb-none")
+    r = cli(rgb, "--backprop-baseline", "--threads", "1")
+    assert r.exit_code == 1 and "records no data set found here; pass --backprop-data" in r.output
+    r = cli(tiny_onnx_model_module, "--backprop-baseline", "--backprop-data", tmp_path / "missing", "--threads", "1")
+    assert r.exit_code == 1 and "is neither omniglot, tiny-imagenet, digits nor an existing folder" in r.output
+    r = cli(tiny_onnx_model_module, "--backprop-data", "digits", "--threads", "1")
+    assert r.exit_code == 1 and "backprop data given without the backprop baseline (add --backprop-baseline)" in r.output
 
 
 def test_backprop_baseline_times_each_engine_in_its_own_phase(monkeypatch):

@@ -61,9 +61,16 @@ def benchmark(
     shots: int = typer.Option(5, help="K images per class for the enrolment measurement."),
     cold_start: bool = typer.Option(True, "--cold-start/--no-cold-start", help="Time a fresh process up to its first prediction."),
     backprop_baseline: bool = typer.Option(
-        False, "--backprop-baseline", help="Also compare prototypes with backprop on seeded Omniglot episodes, on each precision's embeddings (needs torch)."
+        False, "--backprop-baseline",
+        help="Also compare prototypes with 100 SGD steps of last-layer backprop on seeded episodes of novel classes, on each precision's embeddings (needs torch).",
     ),
     episodes: int = typer.Option(100, help="Episodes per shot count (5-way 1-shot and 5-shot) for --backprop-baseline."),
+    backprop_data: Optional[str] = typer.Option(
+        None, "--backprop-data",
+        help="Novel-class images for --backprop-baseline: omniglot (evaluation classes), tiny-imagenet (test classes), digits, or a folder/zip of "
+        "class folders. Default: the data set the model records, else omniglot for a grey model.",
+    ),
+    data_dir: Optional[Path] = typer.Option(None, "--data-dir", help="Data folder of the named data sets, for --backprop-baseline and the int8 calibration of a model made from --checkpoint (default: $EDGEMETA_DATA_DIR, else ~/.cache/edgemeta/data)."),
     samples: bool = typer.Option(False, "--samples", help="Put every timing in the --json output."),
     json_out: bool = typer.Option(False, "--json", help="Print the report as JSON on stdout."),
     plot: Optional[Path] = typer.Option(None, "--plot", help="Write latency distributions and the classes curve to this PNG."),
@@ -80,7 +87,8 @@ def benchmark(
     config = BenchConfig(
         providers=_words(providers), batch_sizes=_ints(batch_sizes, "--batch-sizes"), precisions=_words(precisions), threads=threads,
         warmup=warmup, runs=100 if runs is None else runs, duration=duration, rounds=rounds, class_counts=_ints(classes, "--classes"), shots=shots,
-        cold_start=cold_start, backprop_episodes=episodes if backprop_baseline else 0, ort=OrtTuning(allow_spinning=spinning),
+        cold_start=cold_start, backprop_episodes=episodes if backprop_baseline else 0, backprop_data=backprop_data,
+        data_dir=None if data_dir is None else str(data_dir), ort=OrtTuning(allow_spinning=spinning),
     )
     with _progress_bar(console.is_terminal) as progress:
         report = run_benchmark(models, config, checkpoint=checkpoint, progress=progress)
