@@ -117,6 +117,14 @@ GPU_PEAK_SIZE = 8192  # n of the n x n MatMul that measures a GPU's peak (0.8 GB
 REPEAT_TOLERANCE = 0.10  # the p50s of the first and the second half of the calls must agree within 10%
 MAX_THREADS_PER_CORE = 4  # more threads than this per logical core is a typo (1,000 on 2 cores all but hangs)
 BUSY_CORES = 0.2  # other processes using this many cores on average make the run "busy"
+# torch threads of the backprop baseline's SGD steps. A 64 x 5 layer's tensors are far below
+# torch's parallel grain, so more threads only add a team to wake: on 2 quiet cores one
+# thread was 3-4% faster (17.0 vs 17.7 ms per 100 steps), and while another process used
+# one of the cores a 2-thread team took 1.4-2.4 s (its barriers waiting on a preempted
+# thread) where one thread took 40 ms. The faster baseline is the stricter comparison.
+SGD_THREADS = 1
+REMOTE_PROVIDERS = ("AzureExecutionProvider",)  # in ONNX Runtime's CPU builds; it calls a cloud endpoint
+BUSY_SAMPLE_S = 0.1  # the least time over which the other processes' load says anything (10 ms ticks)
 
 ProgressFn = Callable[[int, int, str], None]  # (done, total, what is running now)
 
@@ -288,7 +296,7 @@ class BenchConfig:
         if self.backprop_data is not None and not self.backprop_episodes:
             problems.append("backprop data given without the backprop baseline (add --backprop-baseline)")
         if self.duration is not None and not (isinstance(self.duration, (int, float)) and 0 < self.duration <= MAX_DURATION_S):
-            problems.append(f"duration must be between 0 and {MAX_DURATION_S:g} seconds, got {self.duration!r}")
+            problems.append(f"duration must be more than 0 and at most {MAX_DURATION_S:g} seconds, got {self.duration!r}")
         cores = logical_cores()
         if isinstance(self.threads, (int, np.integer)) and MAX_THREADS_PER_CORE * cores < self.threads <= 1024:
             problems.append(
@@ -318,6 +326,8 @@ class BenchConfig:
         d = asdict(self)
         d["precisions"] = [p.value for p in self.precisions]
         d["threads"] = self.resolved_threads
+        if self.duration is not None:  # the calls per measurement were set by the duration (each row says how many)
+            d["runs"] = None
         d["ort"] = self.ort.to_dict()
         return d
 
@@ -770,7 +780,7 @@ class ModelVariant:
 
     precision: Precision
     path: Path
-    origin: str  # "given", "found next to the model", "made with the exporters"
+    origin: str  # "given", "found next to the model", "made from ..." (with the exporters)
     fingerprint: str
     backbone: str
     input_shape: tuple[int, int, int]  # C, H, W
@@ -788,7 +798,7 @@ class ModelVariant:
             "backbone": self.backbone,
             "input_shape": list(self.input_shape),
             "embedding_dim": self.embedding_dim,
-            "size_mb": round(self.size_bytes / 2**20, 3),
+            "size_mb": round(self.size_bytes / 1e6, 3),  # MB, as `edgemeta export` reports it
             "fixed_batch": self.fixed_batch,
             "dataset": self.dataset,
         }
@@ -894,11 +904,28 @@ def resolve_variants(
                 f"{given[0].path.name}, or give --checkpoint to make it"
             )
         made = _make_variant(precision, fp32, checkpoint, workdir, data_dir)
-        out.append(_open_variant(made, "made with the exporters", threads))
+        source = f"{fp32.path.name} (fp16 conversion)" if fp32 is not None and precision is Precision.FP16 else (
+            f"{fp32.path.name} and the checkpoint (int8 calibration)" if fp32 is not None and precision is Precision.INT8 else "the checkpoint")
+        out.append(_open_variant(made, f"made from {source}", threads))
     if checkpoint is not None:
         _check_fingerprints(out, checkpoint)
     _check_batch_sizes(out, batch_sizes)
     return out
+
+
+def _variant_notes(given: Sequence[Path], variants: Sequence[ModelVariant], temporary: bool) -> list[str]:
+    """Which files ran, where they did not all come from the command line: a given model that
+    --precisions leaves out, and each precision found beside it or made."""
+    timed = {v.path.resolve() for v in variants}
+    notes = [
+        f"{p.name} was given but not timed: --precisions ({', '.join(v.precision.value for v in variants)}) leaves its precision out"
+        for p in dict.fromkeys(given) if p.resolve() not in timed
+    ]
+    for v in variants:
+        if v.origin != "given":
+            where = " in a temporary folder, removed after the run" if temporary and v.origin.startswith("made") else ""
+            notes.append(f"{v.precision.value}: {v.path.name}, {v.origin}{where}")
+    return notes
 
 
 def _name_precision(path: Path) -> Precision | None:
@@ -916,11 +943,19 @@ def _remake(path: Path, precision: Precision, first: ModelVariant, checkpoint: P
     return f"remake it from the checkpoint {first.path.name} was exported from ({how}), or delete it"
 
 
+def _kind(v: ModelVariant) -> str:
+    """What a model is, in words: its backbone and input (``conv4 1x28x28``)."""
+    return f"{v.backbone} {'x'.join(map(str, v.input_shape))}"
+
+
 def _check_given(given: Sequence[ModelVariant], checkpoint: Path | None) -> None:
     """Several models are precision variants of one model: the first one's fingerprint, one file
     per precision, each of the precision its name says. Raises once with every problem found."""
     first, problems, seen = given[0], [], {}
     for v in given:
+        if _kind(v) != _kind(first):  # plainly another model: nothing about it is worth remaking
+            problems.append(f"{v.path} is a {_kind(v)} model and {first.path.name} a {_kind(first)} model: benchmark different models one at a time")
+            continue
         if v.fingerprint != first.fingerprint:
             problems.append(
                 f"{v.path} is model {v.fingerprint}, but {first.path.name} is model {first.fingerprint} (several models are precision "
@@ -961,26 +996,41 @@ def _open_sibling(path: Path, precision: Precision, first: ModelVariant, checkpo
 def checkpoint_fingerprint(path: str | os.PathLike) -> str:
     """The model fingerprint recorded in a checkpoint's header, read without torch (the
     safetensors metadata, through safetensors' numpy side, holds edgemeta's JSON document)."""
+    return _checkpoint_header(path)[0]
+
+
+def _checkpoint_header(path: str | os.PathLike) -> tuple[str, str]:
+    """``(fingerprint, what the model is in words)`` from a checkpoint's header, without torch."""
     from safetensors import safe_open
 
     path = Path(path)
+    if path.is_dir():
+        raise CheckpointError(f"checkpoint {path} is a folder; pass the .safetensors file `edgemeta train` wrote")
     if not path.is_file():
         raise CheckpointError(f"checkpoint not found: {path}; check the path")
     try:
         with safe_open(str(path), framework="numpy") as f:
             doc = json.loads((f.metadata() or {})["edgemeta"])
-        return str(doc["fingerprint"])
+        fingerprint = str(doc["fingerprint"])
     except Exception:  # noqa: BLE001 - safetensors raises its own types for files that are not safetensors
         raise CheckpointError(f"{path} is not an edgemeta checkpoint (no readable edgemeta header); pass one written by `edgemeta train`") from None
+    try:  # the words are a courtesy: a header without them still names the model by its fingerprint
+        spec = doc["spec"]
+        pp = spec["preprocess"]
+        size = pp["size"] if isinstance(pp["size"], list) else [pp["size"], pp["size"]]
+        kind = f" ({spec['backbone']} {'x'.join(map(str, [pp['channels'], *size]))})"
+    except (KeyError, TypeError):
+        kind = ""
+    return fingerprint, kind
 
 
 def _check_fingerprints(variants: Sequence[ModelVariant], checkpoint: Path) -> None:
-    want = checkpoint_fingerprint(checkpoint)
+    want, kind = _checkpoint_header(checkpoint)
     bad = [v for v in variants if v.fingerprint != want]
     if bad:
         raise ModelMismatchError(
-            f"checkpoint {checkpoint.name} is model {want}, but "
-            + ", ".join(f"{v.path.name} is model {v.fingerprint}" for v in bad)
+            f"checkpoint {checkpoint.name} is model {want}{kind}, but "
+            + ", ".join(f"{v.path.name} is model {v.fingerprint} ({_kind(v)})" for v in bad)
             + "; pass the checkpoint the model was exported from"
         )
 
@@ -994,6 +1044,9 @@ def _providers(requested: Sequence[str]) -> tuple[list[str], dict[str, str]]:
     available = ort.get_available_providers()
     auto = any(p.strip().lower() == "auto" for p in requested)
     names, _ = resolve_providers("auto" if auto else list(requested))
+    remote = [p for p in names if p in REMOTE_PROVIDERS]
+    if remote:  # its sessions run every node on the CPU provider: rows under its name would be the CPU's
+        raise ProviderError(f"{', '.join(remote)} sends requests to a remote endpoint and runs nothing on this machine; benchmark cpu (or cuda, tensorrt)")
     missing = [p for p in names if p not in available]
     if missing and not auto:
         raise ProviderError(
@@ -1453,7 +1506,7 @@ def _embedding_rows(
     duration = None if config.duration is None else config.duration / rounds
     shape = variants[0].input_shape
     for batch in config.batch_sizes:
-        steps(f"{_short(provider)} embedding, batch {batch}: {len(engines)} engines in turn, {rounds} round(s)")
+        steps(f"{_short(provider)} embedding, batch {batch}: " + (f"{len(engines)} engines in turn, {rounds} round(s)" if len(engines) > 1 else f"{rounds} round(s)"))
         blocks: list[list[LatencyStats]] = [[] for _ in engines]
         for r in range(rounds):
             for i, engine in enumerate(engines):
@@ -1609,7 +1662,12 @@ def run_benchmark(
         variants = resolve_variants(paths, config.precisions, ckpt, Path(workdir) if workdir else Path(tmp), threads, config.batch_sizes, config.data_dir)
         if config.backprop_episodes:  # what the baseline needs is checked now, not after the minutes of measuring
             _check_backprop(config, variants[0])
+        time.sleep(max(0.0, BUSY_SAMPLE_S - (time.monotonic() - others.t0)))  # long enough to tell whether the machine is busy
+        busy = _busy_note(others.cores(), logical_cores(), threads, when="as the benchmark started")
+        if busy:  # said now, when the user can still stop and rerun; the end of the run says it again if it stays so
+            warnings.warn(busy.replace("these timings", "the timings"), RuntimeWarning, stacklevel=2)
         report = BenchReport(machine_info(), config.to_dict(), variants, unavailable=unavailable)
+        report.notes += _variant_notes(paths, variants, workdir is None)
         report.notes += [
             f"{v.path.name} takes a fixed batch of {v.fixed_batch}: its classification latency is of a call of {v.fixed_batch} "
             "images (one image padded, as the runtime sends it)" for v in variants if v.fixed_batch and v.fixed_batch > 1
@@ -1627,7 +1685,7 @@ def run_benchmark(
     if config.oversubscribed:
         report.notes.append(config.oversubscribed)
     report.machine["other_processes_cores"] = others.cores()
-    busy = _busy_note(report.machine["other_processes_cores"], report.machine["logical_cores"] or 1)
+    busy = _busy_note(report.machine["other_processes_cores"], report.machine["logical_cores"] or 1, threads)
     if busy:
         report.notes.append(busy)
     steps.finish()
@@ -1711,13 +1769,17 @@ class _OtherLoad:
         return max(0.0, ((end[0] - self.start[0]) - (end[1] - self.start[1])) / wall)
 
 
-def _busy_note(other_cores: float | None, logical_cores: int) -> str | None:
-    """A warning when other work shared the CPU during the run (0.2 cores on average or more)."""
+def _busy_note(other_cores: float | None, logical_cores: int, threads: int | None = None, when: str = "during the run") -> str | None:
+    """A warning when other work shared the CPU (0.2 cores on average or more), with the
+    thread count that would leave the other work its cores: a thread team larger than the
+    free cores waits on its preempted threads at every step (torch's most: 100x seen)."""
     if other_cores is None or other_cores < BUSY_CORES:
         return None
+    free = max(1, logical_cores - math.ceil(other_cores - BUSY_CORES))
+    fewer = f", or leave them their cores with --threads {free}" if threads is not None and free < threads else ""
     return (
-        f"the machine was busy: other processes used {other_cores:.2f} of {logical_cores} cores on average during the run, "
-        "so these timings (torch's most) are not trustworthy: rerun on a quiet machine"
+        f"the machine was busy: other processes used {other_cores:.2f} of {logical_cores} cores on average {when}, "
+        f"so these timings (torch's most) are not trustworthy: rerun on a quiet machine{fewer}"
     )
 
 
@@ -1783,6 +1845,7 @@ class BackpropResult:
     backprop_ci95: float
     precision: str  # of the exported model that embeds the images for both methods
     dataset: str = "omniglot-evaluation"  # where the episodes' classes come from (never the model's training classes)
+    sgd_threads: int = SGD_THREADS  # torch threads of the SGD steps (see SGD_THREADS)
 
     @property
     def speedup(self) -> float:
@@ -1873,7 +1936,8 @@ def backprop_baseline(
     For each episode the support images are embedded by the exported model on ONNX
     Runtime; then (a) prototypes are the class means and queries are classified by the
     graph's logits, and (b) a linear layer is trained by ``steps`` SGD steps in torch
-    (zero-initialised, momentum 0.9) and queries are classified by it. With an int8
+    (zero-initialised, momentum 0.9; on :data:`SGD_THREADS` thread, its fastest) and queries
+    are classified by it. ``threads``: ONNX Runtime's intra-op threads. With an int8
     model both methods learn from int8 embeddings, as on an int8 accelerator with
     on-device last-layer training (Coral's Edge TPU).
 
@@ -1894,7 +1958,7 @@ def backprop_baseline(
     name = backprop_data(data, sess.metadata.extra.get("dataset"), pp.channels)
     images = novel_images(name, pp, data_dir, option="--backprop-data")
     saved = torch.get_num_threads()
-    torch.set_num_threads(threads)
+    torch.set_num_threads(SGD_THREADS)
     try:
         return [
             _backprop_shots(torch, sess, images, normalize, EpisodeSampler(images.labels, n_way, k, queries, seed, images.name, remedy=(

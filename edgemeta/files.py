@@ -57,6 +57,8 @@ def check_output(
     path = Path(path)
     if path.is_dir():
         raise InputError(f"{option} {path} is a folder; name the {what} to write")
+    if path.parent.exists() and not path.parent.is_dir():
+        raise InputError(f"{option}: {path.parent} is a file, not a folder; choose another {option}")
     if not path.parent.is_dir():
         raise InputError(f"{option}: folder {path.parent} does not exist; create it first or choose another {option}")
     try:

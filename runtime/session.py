@@ -32,7 +32,7 @@ from typing import Sequence, Union
 import numpy as np
 import onnxruntime as ort
 
-from edgemeta.runtime.errors import InputError, ProviderError
+from edgemeta.runtime.errors import InputError, ModelMismatchError, ProviderError
 from edgemeta.runtime.preprocess import check_batch_finite
 from edgemeta.runtime.spec import (
     INPUT_IMAGES,
@@ -373,6 +373,8 @@ class Session:
         allow_fallback: bool = False,
     ) -> None:
         self.path = Path(model)
+        if self.path.is_dir():
+            raise InputError(f"{self.path} is a folder, not a model file; pass the .onnx (or .ort) file")
         if not self.path.is_file():
             raise InputError(f"model file not found: {self.path}; check the path")
         self.options = options or SessionOptions()
@@ -388,12 +390,15 @@ class Session:
         self._sess = self._create_session()
         self._check_contract()
         self.feeds_norms = feeds_prototype_norms(self._sess)
-        meta = stored_metadata(self._sess)
+        try:
+            meta = stored_metadata(self._sess)
+        except ModelMismatchError as e:  # the metadata's own message does not know the file
+            raise ModelMismatchError(f"{self.path}: {e}") from None
         spec = preprocess or (meta.preprocess if meta else None)
         if spec is None:
             raise InputError(
-                f"{self.path} carries no edgemeta metadata, so its preprocessing is unknown; pass "
-                "preprocess=PreprocessSpec(...) or re-export the model with `edgemeta export`"
+                f"{self.path} carries no edgemeta metadata, so its preprocessing is unknown; re-export the model with "
+                "`edgemeta export` (from Python: pass preprocess=PreprocessSpec(...))"
             )
         self._check_input_shape(spec)
         self.metadata = meta.with_(preprocess=spec) if meta else self._infer_metadata(spec)

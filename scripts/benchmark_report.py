@@ -263,7 +263,8 @@ def model_section(name: str, d: dict, trained: bool, plot: str) -> str:
         parts += [
             "### Prototype enrolment vs backprop (the skeptic's comparison)", "",
             f"Same seeded Omniglot evaluation episodes (15 queries per class). Backprop: a zero-initialised linear layer on the frozen "
-            f"embeddings, {b0['steps']} full-batch SGD steps in torch (lr {b0['lr']}, momentum 0.9, weight decay 1e-3), as on-device "
+            f"embeddings, {b0['steps']} full-batch SGD steps in torch on {b0.get('sgd_threads', 'its default number of')} thread(s) (its fastest for "
+            f"so small a layer; lr {b0['lr']}, momentum 0.9, weight decay 1e-3), as on-device "
             "last-layer training does. Times are medians per new class set. Learning step: class means against the SGD steps, from the "
             "same support embeddings; end to end: with the embedding of the support images, which both need, by the model at that "
             "precision (an int8 accelerator with on-device last-layer training, as Coral's, embeds in int8). ONNX Runtime (embedding, "

@@ -21,7 +21,7 @@ import onnxruntime as ort
 import pytest
 from typer.testing import CliRunner
 
-from conftest import cuda_runs, fixed_batch_copy
+from conftest import build_runtime_model, cuda_runs, fixed_batch_copy
 from edgemeta import benchmark as bm
 from edgemeta.cli import app
 from edgemeta.errors import DataError
@@ -364,16 +364,19 @@ def test_a_stale_file_next_to_the_model_is_refused_by_name(tmp_path, tiny_onnx_m
     ("other model", "b.onnx is model 0123456789abcdef, but a.onnx is model fp-tiny-0001 (several models are precision variants of one model"),
     ("same file twice", "{tmp}/a.onnx is given twice; pass each model once"),
     ("name says int8", "b.int8.onnx is an fp32 model though its name says int8: remake it"),
+    ("other backbone", "b.int8.onnx is a tiny-mlp 3x16x16 model and a.onnx a tiny-mlp 1x16x16 model: benchmark different models one at a time"),
 ])
 def test_models_given_together_are_one_models_precision_variants(tmp_path, tiny_onnx_model_module, case, message, no_measuring):
     a = tmp_path / "a.onnx"
     a.write_bytes(tiny_onnx_model_module.read_bytes())
     b = {"other model": lambda: with_precision(a, tmp_path / "b.onnx", "int8", fingerprint="0123456789abcdef"),
          "same file twice": lambda: a,
-         "name says int8": lambda: with_precision(a, tmp_path / "b.int8.onnx", "fp32")}[case]()
+         "name says int8": lambda: with_precision(a, tmp_path / "b.int8.onnx", "fp32"),
+         "other backbone": lambda: with_precision(build_runtime_model(tmp_path / "rgb.onnx", channels=3), tmp_path / "b.int8.onnx", "int8")}[case]()
     res = cli(a, b)
     assert res.exit_code == 1 and res.stderr.count("\n") == 1, res.stderr
     assert message.format(tmp=tmp_path) in res.stderr
+    assert case != "other backbone" or "remake" not in res.stderr  # no advice to overwrite another model's file
     with pytest.raises(ModelMismatchError):
         bm.run_benchmark([a, b], bm.BenchConfig(**FAST))
 
@@ -580,6 +583,12 @@ def test_cli_no_spinning_reaches_the_report_and_the_runtime_sessions(tiny_onnx_m
         (("--precisions", "fp32,int8,fp32"), "precision fp32 given twice"),
         (("--backprop-baseline", "--episodes", "0"), "--episodes must be at least 1 with --backprop-baseline, got 0"),
         (("--threads", "1025"), "threads must be an integer from 0 to 1,024"),
+        (("--classes", "a"), "--classes takes comma-separated integers such as 1,100,10000; got 'a'"),
+        (("--duration", "0"), "duration must be more than 0 and at most 3600 seconds, got 0.0"),
+        (("--episodes", "5"), "--episodes sets the episodes of --backprop-baseline; add --backprop-baseline or leave --episodes out"),
+        (("--samples",), "--samples adds every timing to the --json output; add --json or leave --samples out"),
+        (("--providers", "AzureExecutionProvider"), "AzureExecutionProvider sends requests to a remote endpoint and runs nothing on this machine"),
+        (("--plot", ROOT / "README.md" / "p.png"), f"--plot: {ROOT / 'README.md'} is a file, not a folder; choose another --plot"),
     ],
 )
 def test_cli_bad_settings(tiny_onnx_model_module, args, message, no_measuring):
@@ -631,9 +640,18 @@ def test_cli_checkpoint_of_another_model(tiny_onnx_model_module, tmp_path):
     ckpt = fake_checkpoint(tmp_path / "other.safetensors", "0123456789abcdef")
     res = cli(tiny_onnx_model_module, "--checkpoint", ckpt)
     assert res.exit_code == 1
-    assert "checkpoint other.safetensors is model 0123456789abcdef, but tiny.onnx is model fp-tiny-0001" in res.stderr
+    assert "checkpoint other.safetensors is model 0123456789abcdef, but tiny.onnx is model fp-tiny-0001 (tiny-mlp 1x16x16)" in res.stderr
     with pytest.raises(ModelMismatchError):
         bm.run_benchmark(tiny_onnx_model_module, bm.BenchConfig(**FAST), checkpoint=ckpt)
+    # a real checkpoint's header also says what model it is
+    pytest.importorskip("torch")
+    from edgemeta.data import omniglot_spec
+    from edgemeta.model import FewShotModel, ModelSpec
+    from edgemeta.checkpoint import save_checkpoint
+
+    save_checkpoint(tmp_path / "conv4.safetensors", FewShotModel(ModelSpec("conv4", omniglot_spec(28))))
+    res = cli(tiny_onnx_model_module, "--checkpoint", tmp_path / "conv4.safetensors")
+    assert res.exit_code == 1 and " (conv4 1x28x28), but tiny.onnx is model fp-tiny-0001 (tiny-mlp 1x16x16)" in res.stderr
 
 
 def test_checkpoint_fingerprint_is_read_without_torch(tmp_path):
@@ -782,8 +800,13 @@ def test_backprop_baseline_on_a_folder_of_class_folders(runtime_image_folder, ti
     """Any labelled images serve: the episodes come from the folder, named in the result."""
     pytest.importorskip("torch")
     monkeypatch.setenv("EDGEMETA_CACHE_DIR", str(tmp_path / "cache"))
+    torch = pytest.importorskip("torch")
+    sgd_threads, real = [], bm._train_linear
+    monkeypatch.setattr(bm, "_train_linear", lambda *a: (sgd_threads.append(torch.get_num_threads()), real(*a))[1])
+    before = torch.get_num_threads()
     results = bm.backprop_baseline(tiny_onnx_model_module, data=str(runtime_image_folder), shots=(1, 2), n_way=3, queries=2,
-                                   episodes=4, steps=10, threads=1)
+                                   episodes=4, steps=10, threads=2)
+    assert sgd_threads == [bm.SGD_THREADS] * 8 and torch.get_num_threads() == before  # one thread: the faster baseline
     assert [(r.n_way, r.k_shot, r.episodes, r.steps, r.dataset) for r in results] == [(3, 1, 4, 10, "images"), (3, 2, 4, 10, "images")]
     for r in results:  # 4 well-separated classes: both methods do far better than chance (1/3)
         assert r.prototype_accuracy > 0.6 and r.backprop_accuracy > 0.6
@@ -848,6 +871,28 @@ def test_busy_machine_is_flagged(others, busy):
     assert (note is not None) == busy
     if busy:
         assert note.startswith(f"the machine was busy: other processes used {others:.2f} of 2 cores on average")
+
+
+def test_busy_note_says_how_many_threads_leave_the_other_work_its_cores():
+    assert bm._busy_note(1.0, 2, threads=2).endswith("rerun on a quiet machine, or leave them their cores with --threads 1")
+    assert bm._busy_note(2.6, 8, threads=8).endswith("--threads 5")
+    assert bm._busy_note(1.0, 2, threads=1).endswith("rerun on a quiet machine")  # already as few as can be
+    assert bm._busy_note(3.0, 2, threads=2).endswith("--threads 1")  # never fewer than one
+
+
+def test_a_busy_machine_is_said_before_measuring(monkeypatch, tiny_onnx_model_module, no_measuring):
+    class Busy:
+        t0 = time.monotonic() - 1
+
+        def cores(self):
+            return 1.0
+
+    monkeypatch.setattr(bm, "_OtherLoad", Busy)
+    cfg = bm.BenchConfig(providers=("cpu",), batch_sizes=(1,), class_counts=(1,), threads=2, **FAST)
+    with pytest.warns(RuntimeWarning, match=r"^the machine was busy: other processes used 1.00 of \d+ cores on average as the benchmark "
+                                            r"started, so the timings \(torch's most\) are not trustworthy"):
+        with pytest.raises(AssertionError, match="measuring started"):  # the warning came first
+            bm.run_benchmark(tiny_onnx_model_module, cfg)
 
 
 @pytest.mark.skipif(not Path("/proc/stat").is_file(), reason="needs /proc/stat")
@@ -1015,9 +1060,14 @@ def test_only_cuda_and_tensorrt_bind_their_inputs_on_the_gpu(provider, device):
 
 
 @pytest.mark.skipif("AzureExecutionProvider" not in ort.get_available_providers(), reason="this onnxruntime build has no Azure provider")
-def test_a_provider_other_than_cpu_cuda_tensorrt_is_measured(tiny_onnx_model_module):
-    """AzureExecutionProvider (in the CPU wheel) runs the model: rows for it, and no GPU peak asked of CUDA for them."""
+def test_a_provider_other_than_cpu_cuda_tensorrt_is_measured(tiny_onnx_model_module, monkeypatch):
+    """A third-party provider (OpenVINO, CoreML, ... in other builds) gets rows under its name and no GPU peak
+    asked of CUDA for them. AzureExecutionProvider, the only other provider of the CPU wheel, stands in for one
+    here; the benchmark itself refuses it, since it runs nothing on the machine."""
     azure = "AzureExecutionProvider"
+    with pytest.raises(ProviderError, match="runs nothing on this machine"):
+        bm.run_benchmark(tiny_onnx_model_module, bm.BenchConfig(providers=(azure,), **FAST))
+    monkeypatch.setattr(bm, "REMOTE_PROVIDERS", ())
     cfg = bm.BenchConfig(providers=(azure,), batch_sizes=(1,), class_counts=(1, 10), threads=1, **FAST)
     report = bm.run_benchmark(tiny_onnx_model_module, cfg)
     assert {r.provider for r in report.embedding} == {azure} and [r.n_classes for r in report.classes] == [1, 10]
@@ -1040,3 +1090,28 @@ def test_a_failed_gpu_peak_is_a_note_not_a_lost_report(monkeypatch, tiny_onnx_mo
     bm._wrap_up(report, ["CPUExecutionProvider", "CUDAExecutionProvider"], [], cfg, steps)
     assert report.gpu_peak is None and any(n.startswith("GPU peak not measured: CUDA cannot run") for n in report.notes)
     assert len(report.embedding) == 2 and report.peak is not None  # the rows kept, the CPU peak measured
+
+
+def test_notes_say_which_files_ran_when_not_all_were_given(tmp_path, tiny_onnx_model_module):
+    """A given model that --precisions leaves out, and a precision found beside the model or
+    made, are each named in a note: the table alone would not say which file ran."""
+    model = tmp_path / "m.onnx"
+    model.write_bytes(tiny_onnx_model_module.read_bytes())
+    int8 = with_precision(model, tmp_path / "m.int8.onnx", "int8")
+    made = bm.ModelVariant(bm.Precision.FP16, tmp_path / "w" / "m.fp16.onnx", "made from m.onnx (fp16 conversion)", "fp", "mlp", (1, 16, 16), 16, 1)
+    found = bm.ModelVariant(bm.Precision.INT8, int8, "found next to the model", "fp", "mlp", (1, 16, 16), 16, 1)
+    assert bm._variant_notes([model], [found, made], temporary=True) == [
+        "m.onnx was given but not timed: --precisions (int8, fp16) leaves its precision out",
+        "int8: m.int8.onnx, found next to the model",
+        "fp16: m.fp16.onnx, made from m.onnx (fp16 conversion) in a temporary folder, removed after the run",
+    ]
+    cfg = bm.BenchConfig(providers=("cpu",), batch_sizes=(1,), class_counts=(1,), threads=1, precisions=("int8",), **FAST)
+    report = bm.run_benchmark(model, cfg)
+    assert [v.path for v in report.models] == [int8]
+    assert report.notes[:2] == ["m.onnx was given but not timed: --precisions (int8) leaves its precision out",
+                                "int8: m.int8.onnx, found next to the model"]
+
+
+def test_cli_checkpoint_that_is_a_folder(tiny_onnx_model_module, tmp_path, no_measuring):
+    res = cli(tiny_onnx_model_module, "--checkpoint", tmp_path)
+    assert res.exit_code == 1 and f"checkpoint {tmp_path} is a folder; pass the .safetensors file" in res.stderr

@@ -251,7 +251,7 @@ def test_offline_optimization_keeps_the_contract(tmp_path, omniglot_novel, calib
 def test_unwritable_output_is_an_export_error_before_any_work(tmp_path, make_bad):
     (tmp_path / "file.txt").write_text("x")
     target = {"missing folder": tmp_path / "nope" / "m.onnx", "parent is a file": tmp_path / "file.txt" / "m.onnx", "output is a folder": tmp_path}[make_bad]
-    message = {"missing folder": "does not exist", "parent is a file": "does not exist", "output is a folder": "is a folder"}[make_bad]
+    message = {"missing folder": "does not exist", "parent is a file": "file.txt is a file, not a folder", "output is a folder": "is a folder"}[make_bad]
     model = tiny_model("conv4")
     with pytest.raises(ExportError, match=message):
         export(model, target, ModelMetadata(omniglot_spec(28), model.embedding_dim, Metric.SQEUCLIDEAN, Normalization.NONE, "w"))

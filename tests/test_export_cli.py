@@ -100,7 +100,7 @@ BEFORE = ["junk.safetensors", *sorted(USER_MODULES)]
         (["export", "--module", "usernet_dd:DataDependent", *MODULE_ARGS, "--data", "omniglot", "-o", "m.onnx"],
          "the model does not trace: data-dependent control flow at usernet_dd.py:10 (`if z.mean() > 0:`)"),
         (["export", "--module", "usernet_ok:build", *MODULE_ARGS, "--data", "omniglot", "-o", "missing/m.onnx"], "-o: folder missing does not exist"),
-        (["export", "--module", "usernet_ok:build", *MODULE_ARGS, "--data", "omniglot", "-o", "junk.safetensors/m.onnx"], "does not exist"),
+        (["export", "--module", "usernet_ok:build", *MODULE_ARGS, "--data", "omniglot", "-o", "junk.safetensors/m.onnx"], "-o: junk.safetensors is a file, not a folder"),
         (["export", "--module", "usernet_ok:build", *MODULE_ARGS, "--opset", "12", "-o", "m.onnx"], "opset 12 is not supported; choose 17.."),
         (["export", "--module", "usernet_ok:build", *MODULE_ARGS, "--precision", "int8", "--conv-kernel", "gemm", "-o", "m.onnx"],
          "the gemm convolution kernel needs uint8 activations (ONNX Runtime's int8 GEMM is uint8 x int8); add --activations uint8"),

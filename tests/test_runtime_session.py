@@ -69,7 +69,8 @@ def test_cosine_scale_is_measured_or_read(make_onnx_model, tiny_cosine_model):
 @pytest.mark.parametrize("metric, scale", [("sqeuclidean", 1.0), ("cosine", 7.0)])
 def test_model_without_metadata_needs_a_spec_and_infers_the_rest(make_onnx_model, metric, scale):
     path = make_onnx_model(metric=metric, scale=scale, metadata=False)
-    with pytest.raises(InputError, match=r"carries no edgemeta metadata.*preprocess=PreprocessSpec"):
+    with pytest.raises(InputError, match=r"carries no edgemeta metadata, so its preprocessing is unknown; re-export the model with "
+                                         r"`edgemeta export` \(from Python: pass preprocess=PreprocessSpec\(\.\.\.\)\)"):
         Session(path)
     s = Session(path, preprocess=SPEC)
     assert s.metric is Metric(metric) and s.embedding_dim == 16
@@ -100,6 +101,9 @@ def test_preprocess_that_does_not_fit_the_model_is_refused(tiny_onnx_model):
 def test_bad_model_files(tmp_path):
     with pytest.raises(InputError, match="model file not found"):
         Session(tmp_path / "none.onnx")
+    (tmp_path / "dir.onnx").mkdir()
+    with pytest.raises(InputError, match=r"dir.onnx is a folder, not a model file; pass the .onnx \(or .ort\) file"):
+        Session(tmp_path / "dir.onnx")
     junk = tmp_path / "junk.onnx"
     junk.write_bytes(b"not a protobuf at all")
     with pytest.raises(InputError, match="not an ONNX model ONNX Runtime can load"):
@@ -113,7 +117,11 @@ def test_bad_metadata_is_a_model_mismatch(tmp_path, tiny_onnx_model):
     m.metadata_props[0].value = m.metadata_props[0].value.replace('"version": 1', '"version": 99')
     path = tmp_path / "new.onnx"
     onnx.save(m, str(path))
-    with pytest.raises(ModelMismatchError, match="version 99 is newer"):
+    with pytest.raises(ModelMismatchError, match=r"new.onnx: .*version 99 is newer"):  # the message names the file
+        Session(path)
+    m.metadata_props[0].value = "{not json"
+    onnx.save(m, str(path))
+    with pytest.raises(ModelMismatchError, match=r"new.onnx: model metadata is not valid JSON"):
         Session(path)
 
 

@@ -16,11 +16,11 @@ from edgemeta.cli._app import command, console, emit_json, out
 from edgemeta.runtime.errors import InputError
 
 
-def _ints(text: str, option: str) -> tuple[int, ...]:
+def _ints(text: str, option: str, example: str) -> tuple[int, ...]:
     try:
         return tuple(int(v) for v in text.split(",") if v.strip())
     except ValueError:
-        raise InputError(f"{option} takes comma-separated integers such as 1,32; got {text!r}") from None
+        raise InputError(f"{option} takes comma-separated integers such as {example}; got {text!r}") from None
 
 
 def _words(text: str) -> tuple[str, ...]:
@@ -46,7 +46,7 @@ def benchmark(
     checkpoint: Optional[Path] = typer.Option(None, "--checkpoint", help="The checkpoint the model came from: torch eager baseline, and missing precisions."),
     providers: str = typer.Option("auto", help="auto (every provider this onnxruntime has; others reported unavailable) or e.g. cpu,cuda."),
     batch_sizes: str = typer.Option("1,32", "--batch-sizes", help="Comma-separated batch sizes (1 to 4096)."),
-    precisions: str = typer.Option("", help="Comma-separated fp32,fp16,int8; missing ones are found next to MODEL or made from --checkpoint."),
+    precisions: str = typer.Option("", help="Comma-separated fp32,fp16,int8; missing ones are found next to MODEL (MODEL.int8.onnx) or made: fp16 from the fp32 model, the others from --checkpoint."),
     threads: int = typer.Option(0, help="Threads for ONNX Runtime and torch alike; 0 = physical cores (more than the logical cores: a warning; more than 4x: refused)."),
     spinning: bool = typer.Option(
         True, "--spinning/--no-spinning", help="Idle ONNX Runtime threads spin between calls (its default) or sleep (saves power and cores)."
@@ -64,7 +64,7 @@ def benchmark(
         False, "--backprop-baseline",
         help="Also compare prototypes with 100 SGD steps of last-layer backprop on seeded episodes of novel classes, on each precision's embeddings (needs torch).",
     ),
-    episodes: int = typer.Option(100, help="Episodes per shot count (5-way 1-shot and 5-shot) for --backprop-baseline."),
+    episodes: Optional[int] = typer.Option(None, help="Episodes per shot count (5-way 1-shot and 5-shot) for --backprop-baseline (default 100)."),
     backprop_data: Optional[str] = typer.Option(
         None, "--backprop-data",
         help="Novel-class images for --backprop-baseline: omniglot (evaluation classes), tiny-imagenet (test classes), digits, or a folder/zip of "
@@ -80,13 +80,18 @@ def benchmark(
 
     if runs is not None and duration is not None:
         raise InputError("give --runs or --duration, not both")
+    if episodes is not None and not backprop_baseline:
+        raise InputError("--episodes sets the episodes of --backprop-baseline; add --backprop-baseline or leave --episodes out")
+    if samples and not json_out:
+        raise InputError("--samples adds every timing to the --json output; add --json or leave --samples out")
+    episodes = 100 if episodes is None else episodes
     if backprop_baseline and episodes < 1:
         raise InputError(f"--episodes must be at least 1 with --backprop-baseline, got {episodes}")
     if plot is not None:
         check_plot_path(plot)  # now, not after minutes of measuring
     config = BenchConfig(
-        providers=_words(providers), batch_sizes=_ints(batch_sizes, "--batch-sizes"), precisions=_words(precisions), threads=threads,
-        warmup=warmup, runs=100 if runs is None else runs, duration=duration, rounds=rounds, class_counts=_ints(classes, "--classes"), shots=shots,
+        providers=_words(providers), batch_sizes=_ints(batch_sizes, "--batch-sizes", "1,32"), precisions=_words(precisions), threads=threads,
+        warmup=warmup, runs=100 if runs is None else runs, duration=duration, rounds=rounds, class_counts=_ints(classes, "--classes", "1,100,10000"), shots=shots,
         cold_start=cold_start, backprop_episodes=episodes if backprop_baseline else 0, backprop_data=backprop_data,
         data_dir=None if data_dir is None else str(data_dir), ort=OrtTuning(allow_spinning=spinning),
     )
