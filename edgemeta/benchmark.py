@@ -21,9 +21,10 @@
   prediction, each apart, and that process's peak RSS.
 
 :func:`backprop_baseline` is the skeptic's comparison: on the same seeded episodes of
-novel classes (Omniglot's evaluation classes by default, or the evaluation classes of the
-data set the model records, or any folder of class folders), a last linear layer trained
-by backprop vs prototype enrolment, on the embeddings of each precision benchmarked.
+novel classes (those of the data set the model records, when it is Omniglot or
+Tiny-ImageNet; else Omniglot's for a grey model; or any data named, see
+:func:`backprop_data`), a last linear layer trained by backprop vs prototype enrolment, on
+the embeddings of each precision benchmarked.
 
 Only numpy and onnxruntime are needed for the ONNX Runtime figures: torch is imported
 for the torch and backprop baselines only, ``onnx`` for FLOP counting only, rich and
@@ -74,7 +75,7 @@ from edgemeta.runtime.session import (
     resolve_providers,
     run_bound,
 )
-from edgemeta.runtime.spec import INPUT_IMAGES, INPUT_PROTOTYPES, INPUT_SQNORMS, OUTPUT_EMBEDDINGS, OUTPUT_LOGITS, Precision
+from edgemeta.runtime.spec import INPUT_IMAGES, INPUT_PROTOTYPES, INPUT_SQNORMS, OUTPUT_EMBEDDINGS, OUTPUT_LOGITS, Precision, PreprocessSpec
 
 __all__ = [
     "ExecutionMode",
@@ -119,12 +120,17 @@ MAX_THREADS_PER_CORE = 4  # more threads than this per logical core is a typo (1
 BUSY_CORES = 0.2  # other processes using this many cores on average make the run "busy"
 # torch threads of the backprop baseline's SGD steps. A 64 x 5 layer's tensors are far below
 # torch's parallel grain, so more threads only add a team to wake: on 2 quiet cores one
-# thread was 3-4% faster (17.0 vs 17.7 ms per 100 steps), and while another process used
-# one of the cores a 2-thread team took 1.4-2.4 s (its barriers waiting on a preempted
-# thread) where one thread took 40 ms. The faster baseline is the stricter comparison.
+# thread was about as fast (17.0 vs 17.7 ms per 100 steps in an isolated A/B, well inside
+# the 16-45 ms the steps take from run to run), and far steadier under load: while another
+# process held a core, a 2-thread team took 35 ms to 2.4 s (its barriers waiting on a
+# preempted thread), one thread 22-50 ms.
 SGD_THREADS = 1
+BACKPROP_SHOTS, BACKPROP_WAYS, BACKPROP_QUERIES = (1, 5), 5, 15  # the issue's protocol: 5-way 1- and 5-shot, 15 queries
 REMOTE_PROVIDERS = ("AzureExecutionProvider",)  # in ONNX Runtime's CPU builds; it calls a cloud endpoint
-BUSY_SAMPLE_S = 0.1  # the least time over which the other processes' load says anything (10 ms ticks)
+# the start-of-run check: at least this long a sample, and this many cores of other load. On
+# 2 quiet cores 0.1 s samples read up to 0.3 cores (single 10 ms ticks); a process holding a
+# core reads about 1.0
+BUSY_SAMPLE_S, BUSY_START_CORES = 0.2, 0.5
 
 ProgressFn = Callable[[int, int, str], None]  # (done, total, what is running now)
 
@@ -295,6 +301,13 @@ class BenchConfig:
                 problems.append(f"{name} must be an integer from {lo} to {hi:,}, got {value!r}")
         if self.backprop_data is not None and not self.backprop_episodes:
             problems.append("backprop data given without the backprop baseline (add --backprop-baseline)")
+        elif self.backprop_data is not None:
+            from edgemeta.data import is_data_name
+
+            if not is_data_name(self.backprop_data):
+                problems.append(f"backprop data {self.backprop_data!r} is neither omniglot, tiny-imagenet, digits nor an existing folder or zip of class folders")
+        if self.data_dir is not None and not Path(self.data_dir).is_dir():
+            problems.append(f"data folder {self.data_dir} does not exist; pass the folder that holds the data sets")
         if self.duration is not None and not (isinstance(self.duration, (int, float)) and 0 < self.duration <= MAX_DURATION_S):
             problems.append(f"duration must be more than 0 and at most {MAX_DURATION_S:g} seconds, got {self.duration!r}")
         cores = logical_cores()
@@ -945,7 +958,11 @@ def _remake(path: Path, precision: Precision, first: ModelVariant, checkpoint: P
 
 def _kind(v: ModelVariant) -> str:
     """What a model is, in words: its backbone and input (``conv4 1x28x28``)."""
-    return f"{v.backbone} {'x'.join(map(str, v.input_shape))}"
+    return _describe(v.backbone, v.input_shape)
+
+
+def _describe(backbone: str, input_shape: Sequence[int]) -> str:
+    return f"{backbone} {'x'.join(map(str, input_shape))}"
 
 
 def _check_given(given: Sequence[ModelVariant], checkpoint: Path | None) -> None:
@@ -1018,7 +1035,7 @@ def _checkpoint_header(path: str | os.PathLike) -> tuple[str, str]:
         spec = doc["spec"]
         pp = spec["preprocess"]
         size = pp["size"] if isinstance(pp["size"], list) else [pp["size"], pp["size"]]
-        kind = f" ({spec['backbone']} {'x'.join(map(str, [pp['channels'], *size]))})"
+        kind = f" ({_describe(spec['backbone'], [pp['channels'], *size])})"
     except (KeyError, TypeError):
         kind = ""
     return fingerprint, kind
@@ -1659,13 +1676,10 @@ def run_benchmark(
         warnings.warn(config.oversubscribed, RuntimeWarning, stacklevel=2)
     others = _OtherLoad()
     with _sigterm_exits(), tempfile.TemporaryDirectory(prefix="edgemeta-bench-") as tmp:
+        if config.backprop_episodes:
+            _check_backprop(config, paths[0])
         variants = resolve_variants(paths, config.precisions, ckpt, Path(workdir) if workdir else Path(tmp), threads, config.batch_sizes, config.data_dir)
-        if config.backprop_episodes:  # what the baseline needs is checked now, not after the minutes of measuring
-            _check_backprop(config, variants[0])
-        time.sleep(max(0.0, BUSY_SAMPLE_S - (time.monotonic() - others.t0)))  # long enough to tell whether the machine is busy
-        busy = _busy_note(others.cores(), logical_cores(), threads, when="as the benchmark started")
-        if busy:  # said now, when the user can still stop and rerun; the end of the run says it again if it stays so
-            warnings.warn(busy.replace("these timings", "the timings"), RuntimeWarning, stacklevel=2)
+        _warn_if_busy(others, threads)
         report = BenchReport(machine_info(), config.to_dict(), variants, unavailable=unavailable)
         report.notes += _variant_notes(paths, variants, workdir is None)
         report.notes += [
@@ -1783,6 +1797,19 @@ def _busy_note(other_cores: float | None, logical_cores: int, threads: int | Non
     )
 
 
+def _warn_if_busy(others: _OtherLoad, threads: int) -> None:
+    """Say now, when the user can still stop and rerun, that other processes hold cores (the
+    note at the end says it again if they kept on). Sampled for at least BUSY_SAMPLE_S, and
+    only a load that 10 ms ticks cannot fake counts (BUSY_START_CORES)."""
+    if others.start is None:  # no /proc/stat: nothing to sample
+        return
+    time.sleep(max(0.0, BUSY_SAMPLE_S - (time.monotonic() - others.t0)))
+    cores = others.cores()
+    if cores is not None and cores >= BUSY_START_CORES:
+        busy = _busy_note(cores, logical_cores(), threads, when="as the benchmark started")
+        warnings.warn(busy.replace("these timings", "the timings"), RuntimeWarning, stacklevel=2)
+
+
 def _run_all(
     providers: list[str], variants: list[ModelVariant], config: BenchConfig, report: BenchReport, steps: _Steps, baseline: _TorchBaseline | None
 ) -> None:
@@ -1887,39 +1914,61 @@ def _train_linear(torch: Any, support: Any, labels: Any, n_way: int, steps: int,
 
 
 def backprop_data(given: str | None, recorded: object, channels: int) -> str:
-    """Which novel-class images the backprop baseline runs on: ``given`` (``--backprop-data``),
-    else the data set the model records it was trained on (its metadata's ``dataset``; the
-    episodes then come from its evaluation classes), else Omniglot for a grey model, as the
-    issue's protocol has it. A colour model that records none must be told."""
-    from edgemeta.data import NAMED
+    """Which images the backprop baseline's episodes come from: ``given``
+    (``--backprop-data``: the user vouches that the model never saw its classes), else the
+    novel classes of the data set the model records, when it is one whose novel split
+    edgemeta's training never touches (Omniglot's evaluation alphabets, Tiny-ImageNet's test
+    classes), else Omniglot's evaluation classes for a grey model. A folder or the digits
+    the model records are not followed: training used most of their classes. A colour model
+    without such a record must be told."""
+    from edgemeta.data import NOVEL_SPLITS, is_data_name
 
-    if given:
-        if given not in NAMED and not Path(given).exists():
+    if given is not None:
+        if not is_data_name(given):
             raise InputError(f"--backprop-data {given!r} is neither omniglot, tiny-imagenet, digits nor an existing folder or zip of class folders")
         return given
-    if isinstance(recorded, str) and (recorded in NAMED or (recorded and Path(recorded).exists())):
-        return recorded
+    if recorded in NOVEL_SPLITS:
+        return str(recorded)
     if channels == 1:
         return "omniglot"
     raise InputError(
         f"the backprop baseline needs images of classes the model was not trained on, and this {channels}-channel model records no "
-        "data set found here; pass --backprop-data tiny-imagenet or a folder (or zip) of class folders"
+        "data set with such a split; pass --backprop-data tiny-imagenet or a folder (or zip) of classes it never saw"
     )
 
 
-def _check_backprop(config: BenchConfig, variant: ModelVariant) -> None:
+def _backprop_episodes(
+    spec: PreprocessSpec, data: str | None, recorded: object, data_dir: str | os.PathLike | None, shots: Sequence[int], n_way: int, queries: int, seed: int
+) -> tuple[Any, list[Any]]:
+    """The images and one episode sampler per shot count; every problem with the data (a
+    missing set, images the model cannot take, too few images for the largest shot count)
+    is raised here, before any episode runs."""
+    from edgemeta.data import novel_images
+    from edgemeta.episodes import EpisodeSampler
+
+    images = novel_images(backprop_data(data, recorded, spec.channels), spec, data_dir, option="--backprop-data")
+    remedy = "pass --backprop-data with more classes or more images per class"
+    return images, [EpisodeSampler(images.labels, n_way, k, queries, seed, images.name, remedy=remedy) for k in shots]
+
+
+def _check_backprop(config: BenchConfig, model: Path) -> None:
+    """What the backprop baseline needs, checked before the minutes of measuring (and of
+    making variants): torch, and episodes of the data for every shot count (the data is
+    decoded now, and cached for the baseline)."""
     if importlib.util.find_spec("torch") is None:
         raise InputError("--backprop-baseline trains the last layer in torch, which is not installed: pip install 'edgemeta[train]'")
-    backprop_data(config.backprop_data, variant.dataset, variant.input_shape[0])
+    sess = Session(model, "cpu", options=SessionOptions(intra_op_threads=1))
+    recorded = sess.metadata.extra.get("dataset")
+    _backprop_episodes(sess.preprocess, config.backprop_data, recorded, config.data_dir, BACKPROP_SHOTS, BACKPROP_WAYS, BACKPROP_QUERIES, config.seed)
 
 
 def backprop_baseline(
     model: str | os.PathLike,
     *,
     data: str | None = None,
-    shots: Sequence[int] = (1, 5),
-    n_way: int = 5,
-    queries: int = 15,
+    shots: Sequence[int] = BACKPROP_SHOTS,
+    n_way: int = BACKPROP_WAYS,
+    queries: int = BACKPROP_QUERIES,
     episodes: int = 100,
     steps: int = 100,
     lr: float = 0.5,
@@ -1930,13 +1979,13 @@ def backprop_baseline(
 ) -> list[BackpropResult]:
     """The skeptic's comparison on seeded episodes of novel classes (needs torch and the data).
 
-    ``data`` names the images (see :func:`backprop_data`): by default Omniglot's evaluation
-    classes for a grey model, or the evaluation classes of the data set the model records.
+    ``data`` names the images (see :func:`backprop_data`): by default the novel classes of the
+    data set the model records (Omniglot, Tiny-ImageNet), else Omniglot's for a grey model.
 
     For each episode the support images are embedded by the exported model on ONNX
     Runtime; then (a) prototypes are the class means and queries are classified by the
     graph's logits, and (b) a linear layer is trained by ``steps`` SGD steps in torch
-    (zero-initialised, momentum 0.9; on :data:`SGD_THREADS` thread, its fastest) and queries
+    (zero-initialised, momentum 0.9; on :data:`SGD_THREADS` thread) and queries
     are classified by it. ``threads``: ONNX Runtime's intra-op threads. With an int8
     model both methods learn from int8 embeddings, as on an int8 accelerator with
     on-device last-layer training (Coral's Edge TPU).
@@ -1948,24 +1997,15 @@ def backprop_baseline(
         import torch
     except ImportError:
         raise InputError("the backprop baseline needs torch: pip install 'edgemeta[train]'") from None
-    from edgemeta.data import novel_images
-    from edgemeta.episodes import EpisodeSampler
     from edgemeta.runtime.preprocess import normalize
 
     threads = threads or physical_cores()
     sess = Session(model, "cpu", options=options or SessionOptions(intra_op_threads=threads))
-    pp = sess.preprocess
-    name = backprop_data(data, sess.metadata.extra.get("dataset"), pp.channels)
-    images = novel_images(name, pp, data_dir, option="--backprop-data")
+    images, samplers = _backprop_episodes(sess.preprocess, data, sess.metadata.extra.get("dataset"), data_dir, shots, n_way, queries, seed)
     saved = torch.get_num_threads()
     torch.set_num_threads(SGD_THREADS)
     try:
-        return [
-            _backprop_shots(torch, sess, images, normalize, EpisodeSampler(images.labels, n_way, k, queries, seed, images.name, remedy=(
-                f"the backprop baseline needs {n_way} classes of at least {k + queries} images ({k} shots + {queries} queries); "
-                "pass --backprop-data with more")), episodes, steps, lr)
-            for k in shots
-        ]
+        return [_backprop_shots(torch, sess, images, normalize, sampler, episodes, steps, lr) for sampler in samplers]
     finally:
         torch.set_num_threads(saved)
 

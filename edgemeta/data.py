@@ -40,6 +40,8 @@ __all__ = [
     "load_for_model",
     "novel_images",
     "NAMED",
+    "NOVEL_SPLITS",
+    "is_data_name",
     "IMAGE_EXTENSIONS",
 ]
 
@@ -473,6 +475,13 @@ def load_dataset(name: str, split: str, root: str | os.PathLike | None, spec: Pr
 
 
 NAMED = ("omniglot", "tiny-imagenet", "digits")
+# the named sets with a split of classes that edgemeta's training never uses (its novel classes)
+NOVEL_SPLITS = {"omniglot": "evaluation", "tiny-imagenet": "test"}
+
+
+def is_data_name(name: str) -> bool:
+    """Whether ``name`` names data :func:`load_for_model` can load: a named set, or an existing folder or zip."""
+    return name in NAMED or (bool(name) and Path(name).exists())
 
 
 def _square(preprocess: PreprocessSpec, what: str, option: str) -> int:
@@ -516,7 +525,7 @@ def novel_images(
     the digits, or a folder of class folders."""
     if not dataset:
         raise InputError(f"no verification data: the checkpoint records none; pass {option} omniglot|tiny-imagenet|FOLDER")
-    split = {"omniglot": "evaluation", "tiny-imagenet": "test"}.get(dataset, "")
-    if dataset not in NAMED and not Path(dataset).exists():
+    split = NOVEL_SPLITS.get(dataset, "")
+    if not is_data_name(dataset):
         raise InputError(f"unknown data set {dataset!r}; use omniglot, tiny-imagenet, digits, or a folder of class folders ({option})")
     return load_for_model(dataset, split, preprocess, data_dir, option)

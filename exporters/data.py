@@ -31,9 +31,9 @@ def base_images(dataset: str | None, preprocess: PreprocessSpec, data_dir: str |
     """Images of training (base) classes for int8 calibration: Omniglot background,
     Tiny-ImageNet train, or a folder given explicitly."""
     if dataset in ("omniglot", "tiny-imagenet"):
-        return load_for_model(dataset, "background" if dataset == "omniglot" else "train", preprocess, data_dir)
+        return load_for_model(dataset, "background" if dataset == "omniglot" else "train", preprocess, data_dir, option="--calibration-data")
     if dataset and dataset not in NAMED and Path(dataset).exists():
-        return load_for_model(dataset, "", preprocess, data_dir)
+        return load_for_model(dataset, "", preprocess, data_dir, option="--calibration-data")
     raise InputError(
         f"int8 calibration needs images of the training classes, and {dataset or 'this model'} has no known base split; "
         "pass --calibration-data FOLDER (never the evaluation classes)"

@@ -758,9 +758,9 @@ def test_backprop_baseline_runs_on_each_precisions_embeddings(monkeypatch, tiny_
     calls = []
 
     def fake(path, **kw):
-        calls.append((Path(path).name, kw["episodes"], kw["options"].allow_spinning))
+        calls.append((Path(path).name, kw["episodes"], kw["options"].allow_spinning, kw["data"], kw["data_dir"]))
         if "fp16" in Path(path).name:
-            raise InputError("the backprop baseline runs on Omniglot (grey images); m.fp16.onnx takes 3 channels")
+            raise InputError("digits has colour images but the model takes 1 channel(s); pass --backprop-data with matching images")
         precision = "int8" if "int8" in Path(path).name else "fp32"
         return [bm.BackpropResult(5, k, kw["episodes"], 100, 0.5, 1.0, 0.01, 20.0, 0.9, 0.01, 0.9, 0.01, precision) for k in (1, 5)]
 
@@ -769,61 +769,90 @@ def test_backprop_baseline_runs_on_each_precisions_embeddings(monkeypatch, tiny_
     variants = [bm.ModelVariant(p, path.with_name(f"m.{p.value}.onnx"), "given", "fp", "mlp", (1, 16, 16), TINY_DIM, 1)
                 for p in (Precision.FP32, Precision.FP16, Precision.INT8)]
     cfg = bm.BenchConfig(providers=("cpu",), batch_sizes=(1,), class_counts=(1,), threads=1, flops=False, backprop_episodes=7,
-                         ort=bm.OrtTuning(allow_spinning=False), **{k: v for k, v in FAST.items() if k != "peak_size"})
+                         backprop_data="digits", data_dir=str(path.parent), ort=bm.OrtTuning(allow_spinning=False),
+                         **{k: v for k, v in FAST.items() if k != "peak_size"})
     report = bm.BenchReport({}, {}, variants)
     steps = bm._Steps(0, None)
     bm._wrap_up(report, ["CPUExecutionProvider"], variants, cfg, steps)
-    assert calls == [("m.fp32.onnx", 7, False), ("m.fp16.onnx", 7, False), ("m.int8.onnx", 7, False)]  # the benchmark's settings
+    assert calls == [(f"m.{p}.onnx", 7, False, "digits", str(path.parent)) for p in ("fp32", "fp16", "int8")]  # the benchmark's settings
     assert [(b.precision, b.k_shot) for b in report.backprop] == [("fp32", 1), ("fp32", 5), ("int8", 1), ("int8", 5)]
-    assert report.notes == ["backprop baseline on fp16 embeddings not run: the backprop baseline runs on Omniglot (grey images); "
-                            "m.fp16.onnx takes 3 channels"]  # one precision failing loses nothing else
-    no_bp = replace(cfg, backprop_episodes=0)
+    assert report.notes == ["backprop baseline on fp16 embeddings not run: digits has colour images but the model takes 1 channel(s); "
+                            "pass --backprop-data with matching images"]  # one precision failing loses nothing else
+    no_bp = replace(cfg, backprop_episodes=0, backprop_data=None)
     assert steps.done == 3 == bm._n_steps(cfg, ["CPUExecutionProvider"], 3) - bm._n_steps(no_bp, ["CPUExecutionProvider"], 3)
 
 
 def test_backprop_data_comes_from_the_option_the_model_or_omniglot(tmp_path):
-    """--backprop-data wins; else the data set the model records, when known here; else
-    Omniglot for a grey model; a colour model that records none is told what to pass."""
+    """--backprop-data wins; else the novel classes of the data set the model records, when that
+    set has a split training never touches; else Omniglot for a grey model. A recorded folder
+    or the digits are not followed (training used most of their classes), and a colour model
+    without a usable record is told what to pass."""
     assert bm.backprop_data("digits", "omniglot", 1) == "digits"
-    assert bm.backprop_data(str(tmp_path), None, 3) == str(tmp_path)  # a folder of class folders
+    assert bm.backprop_data(str(tmp_path), None, 3) == str(tmp_path)  # a folder the user names
     assert bm.backprop_data(None, "tiny-imagenet", 3) == "tiny-imagenet"
-    assert bm.backprop_data(None, str(tmp_path), 3) == str(tmp_path)  # a training folder that exists here
-    assert bm.backprop_data(None, "/trained/elsewhere", 1) == "omniglot"
-    assert bm.backprop_data(None, None, 1) == "omniglot"
-    with pytest.raises(InputError, match="records no data set found here; pass --backprop-data tiny-imagenet or a folder"):
-        bm.backprop_data(None, "/trained/elsewhere", 3)
-    with pytest.raises(InputError, match="--backprop-data 'imagenet' is neither omniglot, tiny-imagenet, digits nor an existing folder"):
-        bm.backprop_data("imagenet", "omniglot", 1)
+    assert bm.backprop_data(None, "omniglot", 3) == "omniglot"
+    for recorded in (str(tmp_path), "digits", "/trained/elsewhere", None, ""):
+        assert bm.backprop_data(None, recorded, 1) == "omniglot"
+        with pytest.raises(InputError, match="records no data set with such a split; pass --backprop-data tiny-imagenet or a folder"):
+            bm.backprop_data(None, recorded, 3)
+    for given in ("imagenet", ""):
+        with pytest.raises(InputError, match=f"--backprop-data '{given}' is neither omniglot, tiny-imagenet, digits nor an existing folder"):
+            bm.backprop_data(given, "omniglot", 1)
+
+
+def class_folder(root: Path, n_classes: int, per_class: int) -> Path:
+    from PIL import Image
+
+    from conftest import runtime_class_images
+
+    for label, imgs in runtime_class_images(n_classes, per_class).items():
+        (root / label).mkdir(parents=True)
+        for i, arr in enumerate(imgs):
+            Image.fromarray(arr).save(root / label / f"{i}.png")
+    return root
 
 
 def test_backprop_baseline_on_a_folder_of_class_folders(runtime_image_folder, tiny_onnx_model_module, monkeypatch, tmp_path):
     """Any labelled images serve: the episodes come from the folder, named in the result."""
-    pytest.importorskip("torch")
-    monkeypatch.setenv("EDGEMETA_CACHE_DIR", str(tmp_path / "cache"))
     torch = pytest.importorskip("torch")
+    monkeypatch.setenv("EDGEMETA_CACHE_DIR", str(tmp_path / "cache"))
     sgd_threads, real = [], bm._train_linear
     monkeypatch.setattr(bm, "_train_linear", lambda *a: (sgd_threads.append(torch.get_num_threads()), real(*a))[1])
     before = torch.get_num_threads()
     results = bm.backprop_baseline(tiny_onnx_model_module, data=str(runtime_image_folder), shots=(1, 2), n_way=3, queries=2,
                                    episodes=4, steps=10, threads=2)
-    assert sgd_threads == [bm.SGD_THREADS] * 8 and torch.get_num_threads() == before  # one thread: the faster baseline
+    assert sgd_threads == [bm.SGD_THREADS] * 8 and torch.get_num_threads() == before  # the SGD steps on one thread
     assert [(r.n_way, r.k_shot, r.episodes, r.steps, r.dataset) for r in results] == [(3, 1, 4, 10, "images"), (3, 2, 4, 10, "images")]
     for r in results:  # 4 well-separated classes: both methods do far better than chance (1/3)
         assert r.prototype_accuracy > 0.6 and r.backprop_accuracy > 0.6
-        assert r.to_dict()["dataset"] == "images"
-    with pytest.raises(DataError, match=r"only 0 classes have 20 images .*the backprop baseline needs 3 classes of at least 20 images "
-                                           r"\(5 shots \+ 15 queries\); pass --backprop-data with more"):
-        bm.backprop_baseline(tiny_onnx_model_module, data=str(runtime_image_folder), shots=(5,), n_way=3, episodes=1, threads=1)
+        assert r.to_dict()["dataset"] == "images" and r.to_dict()["sgd_threads"] == 1
+    # 1-shot fits (16 images), 5-shot does not (20): refused before any episode, naming the larger need
+    sgd_threads.clear()
+    few = class_folder(tmp_path / "few", 5, 18)
+    with pytest.raises(DataError, match=r"few: only 0 classes have 20 images \(K=5 shots \+ Q=15 queries\), 5 needed; pass --backprop-data "
+                                        r"with more classes or more images per class \(smallest class has 18 images\)"):
+        bm.backprop_baseline(tiny_onnx_model_module, data=str(few), episodes=1, threads=1)
+    assert sgd_threads == []
 
 
-def test_backprop_settings_are_checked_before_measuring(tiny_onnx_model_module, make_onnx_model, no_measuring, tmp_path):
+def test_backprop_settings_are_checked_before_measuring(tiny_onnx_model_module, make_onnx_model, no_measuring, tmp_path, monkeypatch):
+    monkeypatch.setenv("EDGEMETA_CACHE_DIR", str(tmp_path / "cache"))
     rgb = make_onnx_model(channels=3, fingerprint="fp-rgb-none")
     r = cli(rgb, "--backprop-baseline", "--threads", "1")
-    assert r.exit_code == 1 and "records no data set found here; pass --backprop-data" in r.output
+    assert r.exit_code == 1 and "records no data set with such a split; pass --backprop-data" in r.output
     r = cli(tiny_onnx_model_module, "--backprop-baseline", "--backprop-data", tmp_path / "missing", "--threads", "1")
-    assert r.exit_code == 1 and "is neither omniglot, tiny-imagenet, digits nor an existing folder" in r.output
+    assert r.exit_code == 1 and "backprop data '" in r.output and "is neither omniglot, tiny-imagenet, digits nor an existing folder" in r.output
     r = cli(tiny_onnx_model_module, "--backprop-data", "digits", "--threads", "1")
     assert r.exit_code == 1 and "backprop data given without the backprop baseline (add --backprop-baseline)" in r.output
+    r = cli(tiny_onnx_model_module, "--backprop-baseline", "--backprop-data", "", "--threads", "1")
+    assert r.exit_code == 1 and "backprop data '' is neither" in r.output
+    r = cli(tiny_onnx_model_module, "--data-dir", tmp_path, "--threads", "1")
+    assert r.exit_code == 1 and "--data-dir is where --backprop-baseline and the int8 calibration of a --checkpoint find their data" in r.output
+    r = cli(tiny_onnx_model_module, "--backprop-baseline", "--data-dir", tmp_path / "nope", "--threads", "1")
+    assert r.exit_code == 1 and f"data folder {tmp_path / 'nope'} does not exist" in r.output
+    # the data itself is loaded and checked before measuring: too few images for 5 shots
+    r = cli(tiny_onnx_model_module, "--backprop-baseline", "--backprop-data", class_folder(tmp_path / "few", 5, 18), "--threads", "1")
+    assert r.exit_code == 1 and "few: only 0 classes have 20 images (K=5 shots + Q=15 queries)" in r.output
 
 
 def test_backprop_baseline_times_each_engine_in_its_own_phase(monkeypatch):
@@ -882,7 +911,7 @@ def test_busy_note_says_how_many_threads_leave_the_other_work_its_cores():
 
 def test_a_busy_machine_is_said_before_measuring(monkeypatch, tiny_onnx_model_module, no_measuring):
     class Busy:
-        t0 = time.monotonic() - 1
+        t0, start = time.monotonic() - 1, (0.0, 0.0)
 
         def cores(self):
             return 1.0

@@ -47,7 +47,7 @@ def benchmark(
     providers: str = typer.Option("auto", help="auto (every provider this onnxruntime has; others reported unavailable) or e.g. cpu,cuda."),
     batch_sizes: str = typer.Option("1,32", "--batch-sizes", help="Comma-separated batch sizes (1 to 4096)."),
     precisions: str = typer.Option("", help="Comma-separated fp32,fp16,int8; missing ones are found next to MODEL (MODEL.int8.onnx) or made: fp16 from the fp32 model, the others from --checkpoint."),
-    threads: int = typer.Option(0, help="Threads for ONNX Runtime and torch alike; 0 = physical cores (more than the logical cores: a warning; more than 4x: refused)."),
+    threads: int = typer.Option(0, help="Threads for ONNX Runtime and torch alike (the backprop baseline's SGD steps: one); 0 = physical cores (more than the logical cores: a warning; more than 4x: refused)."),
     spinning: bool = typer.Option(
         True, "--spinning/--no-spinning", help="Idle ONNX Runtime threads spin between calls (its default) or sleep (saves power and cores)."
     ),
@@ -67,8 +67,9 @@ def benchmark(
     episodes: Optional[int] = typer.Option(None, help="Episodes per shot count (5-way 1-shot and 5-shot) for --backprop-baseline (default 100)."),
     backprop_data: Optional[str] = typer.Option(
         None, "--backprop-data",
-        help="Novel-class images for --backprop-baseline: omniglot (evaluation classes), tiny-imagenet (test classes), digits, or a folder/zip of "
-        "class folders. Default: the data set the model records, else omniglot for a grey model.",
+        help="Images of classes the model never saw, for --backprop-baseline: omniglot (its evaluation classes), tiny-imagenet (its test classes), "
+        "digits, or a folder/zip of class folders. Default: the novel classes of omniglot or tiny-imagenet when the model records it, else omniglot "
+        "for a grey model.",
     ),
     data_dir: Optional[Path] = typer.Option(None, "--data-dir", help="Data folder of the named data sets, for --backprop-baseline and the int8 calibration of a model made from --checkpoint (default: $EDGEMETA_DATA_DIR, else ~/.cache/edgemeta/data)."),
     samples: bool = typer.Option(False, "--samples", help="Put every timing in the --json output."),
@@ -82,6 +83,8 @@ def benchmark(
         raise InputError("give --runs or --duration, not both")
     if episodes is not None and not backprop_baseline:
         raise InputError("--episodes sets the episodes of --backprop-baseline; add --backprop-baseline or leave --episodes out")
+    if data_dir is not None and not backprop_baseline and checkpoint is None:
+        raise InputError("--data-dir is where --backprop-baseline and the int8 calibration of a --checkpoint find their data; add one of them or leave --data-dir out")
     if samples and not json_out:
         raise InputError("--samples adds every timing to the --json output; add --json or leave --samples out")
     episodes = 100 if episodes is None else episodes
