@@ -108,8 +108,9 @@ class TrainConfig:
             problems.append("episodes and pretrain epochs must be >= 0")
         if self.episodes == 0 and self.pretrain_epochs == 0:
             problems.append("nothing to train: set --episodes or --pretrain-epochs")
-        if self.lr <= 0 or self.pretrain_lr <= 0:
-            problems.append("learning rates must be > 0")
+        for name in ("lr", "pretrain_lr"):  # NaN and infinity too: they would train to NaN weights and save them
+            if not (math.isfinite(getattr(self, name)) and getattr(self, name) > 0):
+                problems.append(f"{_option(name)} {getattr(self, name)} (must be a finite number > 0)")
         if problems:
             raise InputError("bad training config: " + "; ".join(problems))
 

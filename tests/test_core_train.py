@@ -274,6 +274,9 @@ def test_resume_of_another_run_does_not_replace_a_run_at_out(tmp_path):
         (["--gamma", "0"], "--gamma 0.0 (the learning-rate factor"),
         (["--gamma", "1.5"], "--gamma 1.5 (the learning-rate factor"),
         (["--max-minutes", "-1"], "--max-minutes -1.0 (must be > 0)"),
+        (["--lr", "nan"], "--lr nan (must be a finite number > 0)"),
+        (["--lr", "0"], "--lr 0.0 (must be a finite number > 0)"),
+        (["--pretrain-lr", "inf"], "--pretrain-lr inf (must be a finite number > 0)"),
         (["--max-minutes", "0", "--step-every", "0"], "--step-every 0 (must be >= 1); --max-minutes 0.0 (must be > 0)"),
     ],
 )
