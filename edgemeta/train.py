@@ -108,7 +108,7 @@ class TrainConfig:
             problems.append("episodes and pretrain epochs must be >= 0")
         if self.episodes == 0 and self.pretrain_epochs == 0:
             problems.append("nothing to train: set --episodes or --pretrain-epochs")
-        for name in ("lr", "pretrain_lr"):  # NaN and infinity too: they would train to NaN weights and save them
+        for name in ("lr", "pretrain_lr"):  # NaN and infinity too: one update makes every weight NaN
             if not (math.isfinite(getattr(self, name)) and getattr(self, name) > 0):
                 problems.append(f"{_option(name)} {getattr(self, name)} (must be a finite number > 0)")
         if problems:
