@@ -63,7 +63,20 @@ def check_label(label: object, *, new: bool = True) -> str:
         raise InputError(f"label must be a non-empty string, got {label!r}; name the class")
     if new and any(unicodedata.category(ch) == "Cc" for ch in label):
         raise InputError(f"label {label!r} contains control characters (newline, tab, escape, ...); name the class without them")
+    if new and not _utf8(label):
+        raise InputError(
+            f"label {label!r} cannot be written as UTF-8 (a lone surrogate: a file or folder name in another encoding?); "
+            "rename the class (or its folder) in UTF-8"
+        )
     return label
+
+
+def _utf8(text: str) -> bool:
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True
 
 
 @dataclass(frozen=True)
@@ -146,6 +159,22 @@ def _store_path(path: str | os.PathLike) -> Path:
     if not path.parent.is_dir():
         raise InputError(f"folder {path.parent} does not exist; create it first")
     return path
+
+
+def _refuse_other_file(path: Path) -> None:
+    """A store may replace an earlier store (even a damaged one) or an empty file, never
+    another kind of file: saving over the session's own model is an easy slip."""
+    try:
+        with open(path, "rb") as f:
+            head = f.read(8)
+            n = int.from_bytes(head, "little") if len(head) == 8 else 0
+            text = f.read(n).decode("utf-8", "replace") if 0 < n < 1 << 24 else ""
+    except FileNotFoundError:
+        return
+    except OSError as e:
+        raise StoreWriteError(f"cannot check {path} before replacing it ({e.strerror or e}); choose another path") from None
+    if head and f'"{_HEADER_KEY}"' not in text:
+        raise InputError(f"{path} exists and is not an edgemeta store (a model, an image, ...); save the store to another path, or remove that file first")
 
 
 def _atomic_write(path: Path, data: bytes) -> None:
@@ -299,7 +328,7 @@ class PrototypeStore:
     def _row_label(self, label: object) -> str:
         check_label(label, new=False)  # an existing label, as it was stored
         if label not in self._index:
-            shown = ", ".join(repr(x) for x in self._labels[:10]) + (", ..." if len(self._labels) > 10 else "")
+            shown = ", ".join(repr(x if len(x) <= 40 else x[:37] + "...") for x in self._labels[:10]) + (", ..." if len(self._labels) > 10 else "")
             raise InputError(f"unknown label {label!r}; enrolled labels: {shown or 'none'}")
         return label  # type: ignore[return-value]
 
@@ -469,11 +498,13 @@ class PrototypeStore:
         """Write the store atomically; concurrent savers of the same path take turns.
 
         Raises:
+            InputError: ``path`` is a file other than a store (a model, an image): it is left alone.
             StoreWriteError: the file could not be written; the previous one is intact.
         """
         path = _store_path(path)
         data = self.to_bytes()
         with _locked(path):
+            _refuse_other_file(path)
             _atomic_write(path, data)
         return path
 

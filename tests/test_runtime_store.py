@@ -299,3 +299,39 @@ def test_new_labels_refuse_control_characters_and_stored_ones_still_load():
         with pytest.raises(InputError, match="contains control characters"):
             s.add(bad, np.ones((1, 4), np.float32))
     assert len(s) == 0 and check_label("new\nline", new=False) == "new\nline"  # a store written before the rule still loads
+
+
+def test_save_never_replaces_a_file_that_is_not_a_store(tmp_path):
+    """A store replaces an earlier store (even a damaged one) or an empty file, never a model
+    or an image: saving over the session's own model was one keystroke away."""
+    s = _store()
+    s.add("a", _emb(2, 5))
+    for name, content in (("m.onnx", b"\x08\x07\x12\x0bonnx-model-bytes"), ("img.png", b"\x89PNG\r\n\x1a\n" + b"\0" * 64), ("t.txt", b"hi")):
+        path = tmp_path / name
+        path.write_bytes(content)
+        with pytest.raises(InputError, match=f"{name} exists and is not an edgemeta store"):
+            s.save(path)
+        assert path.read_bytes() == content
+    for name, content in (("empty.store", b""), ("old.store", None), ("damaged.store", "truncate")):
+        path = tmp_path / name
+        if content is None or content == "truncate":
+            _store().save(path)
+            if content == "truncate":
+                path.write_bytes(path.read_bytes()[:-10])
+        else:
+            path.write_bytes(content)
+        s.save(path)
+        assert PrototypeStore.load(path).counts == {"cat": 4, "dog": 2, "a": 2}
+
+
+def test_labels_that_cannot_be_written_are_refused():
+    with pytest.raises(InputError, match=r"label 'caf\\udce9' cannot be written as UTF-8"):
+        _store().add("caf\udce9", _emb(1, 5))
+
+
+def test_unknown_label_error_shortens_long_labels():
+    s = _store()
+    s.add("x" * 1000, _emb(1, 5))
+    with pytest.raises(InputError) as err:
+        s.forget("nope")
+    assert len(str(err.value)) < 200 and "xxx..." in str(err.value)
