@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import threading
 
 import numpy as np
@@ -306,3 +307,92 @@ def test_predictions_never_see_a_half_updated_store(tiny_onnx_model):
         t.join(60)
     assert problems == [] and checked[0] > 0
     assert len(clf.labels) == 14 - 4 and "renamedclass11" in clf.labels
+
+
+def test_editing_that_raises_keeps_neither_the_file_nor_the_memory_changed(tiny_onnx_model, runtime_images, tmp_path):
+    path = tmp_path / "s.store"
+    clf = FewShotClassifier(tiny_onnx_model, "cpu")
+    clf.enroll("mine", runtime_images["class3"])
+    with clf.editing(path):
+        clf.enroll("class0", runtime_images["class0"])
+    with pytest.raises(RuntimeError, match="stop"), clf.editing(path):
+        clf.enroll("class1", runtime_images["class1"])
+        raise RuntimeError("stop")
+    assert PrototypeStore.load(path).labels == ["class0"]
+    assert clf.labels == ["class0"]  # the store of before the failed block (the file's, after the first block)
+    clf.save(path)
+    assert PrototypeStore.load(path).labels == ["class0"]  # a later save writes no half-done edit
+
+
+def test_knn_logits_match_the_per_class_definition(tiny_onnx_model):
+    """Vectorized k-NN: each class's logit is the mean of its k best examples' logits, for classes
+    with fewer, as many and more examples than k."""
+    from edgemeta.runtime.store import StoreSnapshot
+
+    rng = np.random.default_rng(0)
+    counts = (1, 3, 5, 2, 7, 1)
+    logits = rng.standard_normal((4, sum(counts)))
+    logits[:, 3] = logits[:, 4]  # ties inside a class
+    snap = StoreSnapshot(tuple(f"c{i}" for i in range(len(counts))), counts, np.zeros((len(counts), 16), np.float32))
+    for k in (1, 2, 3, 10):
+        clf = FewShotClassifier(tiny_onnx_model, "cpu", options=ClassifierOptions(mode="knn", knn_k=k))
+        want, start = np.empty((4, len(counts))), 0
+        for c, n in enumerate(counts):
+            want[:, c] = np.sort(logits[:, start : start + n], axis=1)[:, ::-1][:, :k].mean(axis=1)
+            start += n
+        assert np.allclose(clf._knn_logits(logits, snap), want, rtol=0, atol=1e-12), k
+
+
+def test_top1_does_not_depend_on_top_k_when_classes_tie(tiny_onnx_model, runtime_images):
+    clf = FewShotClassifier(tiny_onnx_model, "cpu")
+    for label in ("first", "second", "third"):
+        clf.enroll(label, runtime_images["class0"][:3])  # the same images: exactly equal logits
+    clf.enroll("other", runtime_images["class1"][:3])
+    q = runtime_images["class0"][4]
+    assert {k: clf.predict(q, top_k=k)[0].label for k in (1, 2, 3, 4)} == {k: "first" for k in (1, 2, 3, 4)}
+    assert [c.label for c in clf.predict(q, top_k=3)[0].top_k] == ["first", "second", "third"]
+    # and on random rows with ties: the order of a stable sort of every class, cut at k
+    from edgemeta.runtime.classifier import _top_k
+
+    rng = np.random.default_rng(1)
+    logits = rng.integers(0, 4, (50, 12)).astype(np.float32)
+    for k in (2, 3, 5, 11):
+        assert (_top_k(logits, k) == np.argsort(-logits, axis=1, kind="stable")[:, :k]).all(), k
+
+
+@pytest.mark.parametrize("options, message", [
+    (dict(mode="knn", knn_k=2.5), "knn_k must be an integer >= 1, got 2.5"),
+    (dict(mode="knn", knn_k="3"), "knn_k must be an integer >= 1, got '3'"),
+    (dict(knn_k=True), "knn_k must be an integer >= 1, got True"),
+    (dict(batch_size=0), "batch_size must be an integer >= 1, got 0"),
+    (dict(threshold="1"), "threshold must be a finite distance >= 0 or None, got '1'"),
+    (dict(threshold=float("nan")), "threshold must be a finite distance >= 0 or None, got nan"),
+])
+def test_bad_options_are_refused_when_made(options, message):
+    with pytest.raises(InputError, match=message.replace("(", r"\(").replace(")", r"\)")):
+        ClassifierOptions(**options)
+
+
+def test_threshold_setter_refuses_what_is_not_a_distance(tiny_onnx_model):
+    clf = FewShotClassifier(tiny_onnx_model, "cpu")
+    with pytest.raises(InputError, match="threshold must be a finite distance >= 0 or None, got '1'"):
+        clf.threshold = "1"
+    clf.threshold = np.float32(2.5)
+    assert clf.threshold == 2.5
+
+
+def test_a_label_that_cannot_be_written_is_refused_before_embedding(tiny_onnx_model, runtime_images, tmp_path, monkeypatch):
+    clf = FewShotClassifier(tiny_onnx_model, "cpu")
+    with pytest.raises(InputError, match=r"cannot be written as UTF-8 \(a lone surrogate"):
+        clf.enroll("caf\udce9", runtime_images["class0"])
+    from PIL import Image
+
+    root = tmp_path / "folders"
+    for name in (b"good", b"caf\xe9"):  # a folder name in Latin-1: Python reads it with a lone surrogate
+        folder = os.path.join(os.fsencode(root), name)
+        os.makedirs(folder)
+        Image.fromarray(runtime_images["class0"][0]).save(os.path.join(os.fsdecode(folder), "0.png"))
+    monkeypatch.setattr(clf, "embed", lambda *a, **k: pytest.fail("embedded before refusing the label"))
+    with pytest.raises(InputError, match="cannot be written as UTF-8"):
+        clf.enroll_folder(root)
+    assert clf.labels == []
