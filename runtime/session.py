@@ -21,6 +21,7 @@ import contextlib
 import functools
 import hashlib
 import io
+import math
 import os
 import platform
 import warnings
@@ -278,6 +279,18 @@ def _nhwc_stem_pays(options: ort.SessionOptions, gpu: bool) -> bool:
     )
 
 
+def _value_bounds(spec: PreprocessSpec) -> tuple[float, float, float, float]:
+    """``(lowest, highest)`` value a preprocessed image may hold before it is refused as not
+    preprocessed, then the exact range that preprocessing gives (pixels 0..1 through
+    ``(x - mean) / std``). The margin, four times that range on each side, lets augmented or
+    differently resized inputs through and catches raw 0-255 pixels."""
+    lows = [(0.0 - m) / s for m, s in zip(spec.mean, spec.std)]
+    highs = [(1.0 - m) / s for m, s in zip(spec.mean, spec.std)]
+    lo, hi = min(lows), max(highs)
+    margin = 4 * (hi - lo)
+    return lo - margin, hi + margin, lo, hi
+
+
 def wants_nhwc_stem(session: ort.InferenceSession) -> bool:
     """Whether ``session``'s model was exported with an NHWC stem hand-over (int8,
     ``stem_layout="nhwc"``) and the session runs where that pays: on the CPU provider (it
@@ -405,6 +418,7 @@ class Session:
         self._check_embedding_dim(self.metadata)
         self._logit_scale = self._find_logit_scale()
         self.io_binding = self.options.io_binding if self.options.io_binding is not None else self.on_gpu
+        self._value_bounds = _value_bounds(spec)
 
     # ---- providers -------------------------------------------------------------
 
@@ -656,7 +670,15 @@ class Session:
             )
         if x.dtype.kind != "f":
             raise InputError(f"images must be a float array, got {x.dtype}; preprocess them first")
-        check_batch_finite(x)
+        lo, hi = float(x.min()), float(x.max())  # one pass each; NaN and infinities show in them too
+        if not (math.isfinite(lo) and math.isfinite(hi)):
+            check_batch_finite(x)  # names the first bad image
+        if lo < self._value_bounds[0] or hi > self._value_bounds[1]:
+            raise InputError(
+                f"images hold values from {lo:.4g} to {hi:.4g}, far outside what this model's preprocessing gives "
+                f"({self._value_bounds[2]:.3g} to {self._value_bounds[3]:.3g}): 0-255 pixels are not preprocessed; pass the images "
+                "themselves (paths, PIL images, uint8 arrays) or run them through edgemeta.runtime.preprocess"
+            )
         return x
 
     def _check_prototypes(self, prototypes: np.ndarray) -> np.ndarray:

@@ -489,3 +489,18 @@ def test_float64_outputs_are_read_as_float32(tmp_path, tiny_onnx_model):
     assert emb.dtype == logits.dtype == np.float32
     np.testing.assert_allclose(emb, ref_emb, atol=1e-6)
     np.testing.assert_allclose(logits, ref_logits, atol=1e-5)
+
+
+def test_raw_pixels_passed_as_preprocessed_are_refused(tiny_onnx_model):
+    """0-255 floats in the model's input shape look preprocessed and used to classify at chance, silently."""
+    s = Session(tiny_onnx_model)
+    raw = np.random.default_rng(0).integers(0, 256, (2, 1, 16, 16)).astype(np.float32)
+    with pytest.raises(InputError, match=r"images hold values from .* far outside what this model's preprocessing gives \(-2 to 2\): "
+                                         r"0-255 pixels are not preprocessed"):
+        s.embed(raw)
+    s.embed(raw / 255.0)  # unnormalized 0-1 values are inside the margin: taken as they are
+    s.embed(np.random.default_rng(0).standard_normal((2, 1, 16, 16)).astype(np.float32) * 3)  # augmented inputs pass
+    bad = raw / 255.0
+    bad[1, 0, 3, 3] = np.nan
+    with pytest.raises(InputError, match="image 1 of the batch contains NaN"):
+        s.embed(bad)
