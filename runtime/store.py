@@ -28,6 +28,7 @@ import hashlib
 import json
 import math
 import os
+import stat
 import tempfile
 import threading
 import unicodedata
@@ -162,18 +163,26 @@ def _store_path(path: str | os.PathLike) -> Path:
 
 
 def _refuse_other_file(path: Path) -> None:
-    """A store may replace an earlier store (even a damaged one) or an empty file, never
-    another kind of file: saving over the session's own model is an easy slip."""
+    """A store may replace an earlier store (also one with damaged tensors or checksum) or an
+    empty file, never another kind of file: saving over the session's own model is an easy
+    slip. A store's safetensors header opens with its metadata, whose keys (the store header
+    and the checksum) come first, so the first 64 KiB of it tell."""
+    try:
+        st = path.stat()
+    except FileNotFoundError:
+        return
+    if not stat.S_ISREG(st.st_mode):  # a FIFO would block the read below; a device is no store
+        raise InputError(f"{path} exists and is not a regular file; save the store to another path")
+    if st.st_size == 0:
+        return
     try:
         with open(path, "rb") as f:
             head = f.read(8)
             n = int.from_bytes(head, "little") if len(head) == 8 else 0
-            text = f.read(n).decode("utf-8", "replace") if 0 < n < 1 << 24 else ""
-    except FileNotFoundError:
-        return
+            text = f.read(min(n, 1 << 16)).decode("utf-8", "replace")
     except OSError as e:
         raise StoreWriteError(f"cannot check {path} before replacing it ({e.strerror or e}); choose another path") from None
-    if head and f'"{_HEADER_KEY}"' not in text:
+    if f'"{_HEADER_KEY}"' not in text:
         raise InputError(f"{path} exists and is not an edgemeta store (a model, an image, ...); save the store to another path, or remove that file first")
 
 

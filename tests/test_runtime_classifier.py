@@ -309,7 +309,7 @@ def test_predictions_never_see_a_half_updated_store(tiny_onnx_model):
     assert len(clf.labels) == 14 - 4 and "renamedclass11" in clf.labels
 
 
-def test_editing_that_raises_keeps_neither_the_file_nor_the_memory_changed(tiny_onnx_model, runtime_images, tmp_path):
+def test_editing_that_raises_keeps_neither_the_file_nor_the_memory_changed(tiny_onnx_model, runtime_images, tmp_path, monkeypatch):
     path = tmp_path / "s.store"
     clf = FewShotClassifier(tiny_onnx_model, "cpu")
     clf.enroll("mine", runtime_images["class3"])
@@ -322,6 +322,17 @@ def test_editing_that_raises_keeps_neither_the_file_nor_the_memory_changed(tiny_
     assert clf.labels == ["class0"]  # the store of before the failed block (the file's, after the first block)
     clf.save(path)
     assert PrototypeStore.load(path).labels == ["class0"]  # a later save writes no half-done edit
+    # a block that succeeds but whose save fails (a full disk): the same
+    from edgemeta.runtime import StoreWriteError
+
+    def full(self, path):
+        raise StoreWriteError("no space left on device")
+
+    monkeypatch.setattr(PrototypeStore, "save", full)
+    fresh = FewShotClassifier(tiny_onnx_model, "cpu")
+    with pytest.raises(StoreWriteError, match="no space"), fresh.editing(tmp_path / "new.store"):
+        fresh.enroll("class2", runtime_images["class2"])
+    assert fresh.labels == [] and not (tmp_path / "new.store").exists()
 
 
 def test_knn_logits_match_the_per_class_definition(tiny_onnx_model):
@@ -330,9 +341,10 @@ def test_knn_logits_match_the_per_class_definition(tiny_onnx_model):
     from edgemeta.runtime.store import StoreSnapshot
 
     rng = np.random.default_rng(0)
-    counts = (1, 3, 5, 2, 7, 1)
+    counts = (1, 3, 5, 2, 7, 1, 3)
     logits = rng.standard_normal((4, sum(counts)))
-    logits[:, 3] = logits[:, 4]  # ties inside a class
+    logits[:, 5] = logits[:, 6]  # ties inside a class (the third, examples 4-8)
+    logits[:, 19] = logits[:, 20] = logits[:, 21]  # a class of three equal examples
     snap = StoreSnapshot(tuple(f"c{i}" for i in range(len(counts))), counts, np.zeros((len(counts), 16), np.float32))
     for k in (1, 2, 3, 10):
         clf = FewShotClassifier(tiny_onnx_model, "cpu", options=ClassifierOptions(mode="knn", knn_k=k))

@@ -491,16 +491,26 @@ def test_float64_outputs_are_read_as_float32(tmp_path, tiny_onnx_model):
     np.testing.assert_allclose(logits, ref_logits, atol=1e-5)
 
 
-def test_raw_pixels_passed_as_preprocessed_are_refused(tiny_onnx_model):
+def test_raw_pixels_passed_as_preprocessed_are_refused(tiny_onnx_model, make_onnx_model):
     """0-255 floats in the model's input shape look preprocessed and used to classify at chance, silently."""
     s = Session(tiny_onnx_model)
     raw = np.random.default_rng(0).integers(0, 256, (2, 1, 16, 16)).astype(np.float32)
-    with pytest.raises(InputError, match=r"images hold values from .* far outside what this model's preprocessing gives \(-2 to 2\): "
+    with pytest.raises(InputError, match=r"images average 1\d\d\.\d, far above what this model's preprocessing gives \(-2 to 2\): "
                                          r"0-255 pixels are not preprocessed"):
         s.embed(raw)
-    s.embed(raw / 255.0)  # unnormalized 0-1 values are inside the margin: taken as they are
-    s.embed(np.random.default_rng(0).standard_normal((2, 1, 16, 16)).astype(np.float32) * 3)  # augmented inputs pass
+    with pytest.raises(InputError, match="far above"):
+        s.embed(raw.astype(np.float16))
+    s.embed(raw / 255.0)  # unnormalized 0-1 values: taken as they are
+    s.embed(raw.astype(np.float16) / 255)
     bad = raw / 255.0
     bad[1, 0, 3, 3] = np.nan
     with pytest.raises(InputError, match="image 1 of the batch contains NaN"):
         s.embed(bad)
+    # a model normalized with mean 0, std 1 (preprocessing gives 0..1): standard-normal noise,
+    # whose extremes pass 5 in a large batch, is still taken
+    plain = Session(make_onnx_model(channels=3, fingerprint="fp-plain"), preprocess=PreprocessSpec.create(16, 3))
+    noise = np.random.default_rng(1).standard_normal((256, 3, 16, 16)).astype(np.float32)
+    assert noise.min() < -4 and noise.max() > 4
+    plain.embed(noise)
+    with pytest.raises(InputError, match=r"far above what this model's preprocessing gives \(0 to 1\)"):
+        plain.embed(noise + 30)

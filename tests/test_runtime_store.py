@@ -335,3 +335,18 @@ def test_unknown_label_error_shortens_long_labels():
     with pytest.raises(InputError) as err:
         s.forget("nope")
     assert len(str(err.value)) < 200 and "xxx..." in str(err.value)
+
+
+def test_save_replaces_a_store_with_a_long_header_and_refuses_a_fifo(tmp_path):
+    s = PrototypeStore(D, fingerprint="fp-a")
+    for i in range(3000):  # a header of about 150 KB: the store key is read from its first bytes
+        s.add(f"class-{i:05d}-" + "x" * 30, _emb(1, i))
+    path = tmp_path / "big.store"
+    s.save(path)
+    assert len(s.to_bytes()) > 100_000
+    s.save(path)
+    assert PrototypeStore.load(path).counts == s.counts
+    fifo = tmp_path / "pipe"
+    os.mkfifo(fifo)
+    with pytest.raises(InputError, match="pipe exists and is not a regular file"):
+        s.save(fifo)
