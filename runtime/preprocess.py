@@ -76,10 +76,28 @@ def decode(path: str | os.PathLike | Any) -> Any:
     return im
 
 
+_EXIF_ORIENTATION = 0x0112
+
+
+def _upright(im: Any) -> Any:
+    """``im`` turned as its EXIF orientation says: cameras and phones store photos sideways
+    and record the turn there, so without this a portrait photo is embedded lying down.
+    A new image only when there is a turn to make (the caller's own image is not changed)."""
+    try:
+        orientation = im.getexif().get(_EXIF_ORIENTATION, 1)
+    except Exception:  # noqa: BLE001 - unreadable EXIF: take the pixels as stored
+        return im
+    if orientation in (2, 3, 4, 5, 6, 7, 8):
+        from PIL import ImageOps
+
+        return ImageOps.exif_transpose(im)
+    return im
+
+
 def _resize_pil(im: Any, spec: PreprocessSpec) -> np.ndarray:
     h, w = spec.size
     try:  # a PIL image the caller opened is decoded lazily here: its file may be damaged
-        im = im.convert(spec.color)
+        im = _upright(im).convert(spec.color)
         if im.size != (w, h):
             im = im.resize((w, h), _filter(spec.interpolation))
     except (OSError, SyntaxError, ValueError, EOFError) as e:

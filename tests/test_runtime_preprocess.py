@@ -186,3 +186,27 @@ def test_arrays_already_at_the_model_size_skip_pillow_with_the_same_result(spec)
     for arr in (rgb, grey, grey[:, :, None]):
         via_pillow = preprocess(Image.fromarray(arr[:, :, 0] if arr.ndim == 3 and arr.shape[2] == 1 else arr), spec)
         np.testing.assert_array_equal(preprocess(arr, spec), via_pillow)
+
+
+@pytest.mark.parametrize("orientation, turn", [(1, None), (3, "ROTATE_180"), (6, "ROTATE_270"), (8, "ROTATE_90")])
+def test_photos_are_turned_upright_by_their_exif_orientation(tmp_path, orientation, turn):
+    """A phone stores a portrait photo sideways with an EXIF orientation tag: the image is
+    embedded as it is seen, as it would be shown, whether given as a path or a PIL image."""
+    from PIL import Image
+
+    rng = np.random.default_rng(0)
+    seen = rng.integers(0, 256, (12, 20, 3), dtype=np.uint8)  # what the camera saw, upright (not square)
+    stored = Image.fromarray(seen)
+    if turn:  # the camera stores it turned the other way; the tag says how to turn it back
+        back = {"ROTATE_180": "ROTATE_180", "ROTATE_270": "ROTATE_90", "ROTATE_90": "ROTATE_270"}[turn]
+        stored = stored.transpose(getattr(Image.Transpose, back))
+    exif = Image.Exif()
+    exif[0x0112] = orientation
+    path = tmp_path / "photo.png"
+    stored.save(path, exif=exif)
+    spec = PreprocessSpec.create((12, 20), 3, mean=0.0, std=1.0, interpolation="nearest")
+    want = seen.transpose(2, 0, 1).astype(np.float32) / 255.0
+    np.testing.assert_allclose(preprocess(str(path), spec)[0], want, atol=1e-6)
+    with Image.open(path) as im:
+        np.testing.assert_allclose(preprocess(im, spec)[0], want, atol=1e-6)
+        assert im.getexif().get(0x0112) == orientation  # the caller's image is left as it was
