@@ -94,10 +94,22 @@ def _upright(im: Any) -> Any:
     return im
 
 
+def _opaque(im: Any) -> Any:
+    """An image with transparency, flattened onto white, as it looks on a page or a screen
+    (and as Omniglot's characters are drawn): what is drawn only through the alpha channel
+    is seen. Pillow's plain conversion drops the alpha and keeps whatever colour lies under
+    transparent pixels (often black). Opaque images are returned as they are."""
+    if im.mode not in ("RGBA", "LA", "PA", "RGBa", "La") and "transparency" not in im.info:
+        return im
+    Image = _pil()
+    rgba = im.convert("RGBA")
+    return Image.alpha_composite(Image.new("RGBA", rgba.size, (255, 255, 255, 255)), rgba).convert("RGB")
+
+
 def _resize_pil(im: Any, spec: PreprocessSpec) -> np.ndarray:
     h, w = spec.size
     try:  # a PIL image the caller opened is decoded lazily here: its file may be damaged
-        im = _upright(im).convert(spec.color)
+        im = _opaque(_upright(im)).convert(spec.color)
         if im.size != (w, h):
             im = im.resize((w, h), _filter(spec.interpolation))
     except (OSError, SyntaxError, ValueError, EOFError) as e:

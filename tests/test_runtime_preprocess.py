@@ -210,3 +210,25 @@ def test_photos_are_turned_upright_by_their_exif_orientation(tmp_path, orientati
     with Image.open(path) as im:
         np.testing.assert_allclose(preprocess(im, spec)[0], want, atol=1e-6)
         assert im.getexif().get(0x0112) == orientation  # the caller's image is left as it was
+
+
+def test_transparent_images_are_flattened_onto_white(tmp_path):
+    """A glyph drawn only through the alpha channel (black under every transparent pixel) is
+    seen as drawn: transparency becomes white, as on a page; opaque pixels keep their colour."""
+    from PIL import Image
+
+    rgba = np.zeros((16, 16, 4), np.uint8)  # transparent black everywhere
+    rgba[4:12, 7:9, 3] = 255  # an opaque black bar: the glyph
+    rgba[0, 0] = (200, 10, 10, 255)  # one opaque red pixel
+    want = np.full((16, 16), 255, np.uint8)
+    want[4:12, 7:9] = 0
+    spec = PreprocessSpec.create(16, 1, mean=0.0, std=1.0, interpolation="nearest")
+    path = tmp_path / "glyph.png"
+    Image.fromarray(rgba).save(path)
+    for image in (str(path), rgba, Image.fromarray(rgba), Image.fromarray(rgba).convert("LA")):
+        got = to_uint8(image, spec)[:, :, 0]
+        assert (got[1:] == want[1:]).all() and (got[0, 1:] == want[0, 1:]).all()
+        assert got[0, 0] == round(0.299 * 200 + 0.587 * 10 + 0.114 * 10)  # the opaque pixel's own grey
+    opaque = rgba.copy()
+    opaque[..., 3] = 255  # fully opaque: the colours as they are (black where the glyph was not drawn)
+    assert to_uint8(opaque, spec)[4, 0, 0] == 0
