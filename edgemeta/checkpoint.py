@@ -77,8 +77,11 @@ def atomic_write(path: str | os.PathLike, write, suffix: str = ".tmp") -> None:
     """Call ``write(tmp_path)`` then fsync and rename over ``path``; never leaves half a file.
     A replaced file keeps its permission bits (a read-only model stays read-only); a new one
     is an ordinary file (0666 less the umask). ``suffix``: the temporary file's, for writers
-    that go by the extension."""
+    that go by the extension. A symlink is written through: its target is replaced, and the
+    link stays a link."""
     path = Path(path)
+    if path.is_symlink():
+        path = Path(os.path.realpath(path))
     if not path.parent.exists():
         raise CheckpointError(f"output folder {path.parent} does not exist; create it first")
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=suffix, dir=path.parent)

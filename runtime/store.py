@@ -153,8 +153,11 @@ def _fsync_dir(folder: Path) -> None:
 
 
 def _store_path(path: str | os.PathLike) -> Path:
-    """``path`` once a store file can be written there: not a folder, in a folder that exists."""
+    """``path`` once a store file can be written there: not a folder, in a folder that exists.
+    A symlink is written through (its target is the store, and its lock is beside it)."""
     path = Path(path)
+    if path.is_symlink():
+        path = Path(os.path.realpath(path))
     if path.is_dir():
         raise InputError(f"{path} is a folder; give a store file path such as {path / 'store.safetensors'}")
     if not path.parent.is_dir():

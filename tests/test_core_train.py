@@ -88,6 +88,10 @@ def test_rewriting_a_checkpoint_keeps_its_mode(tmp_path):
     path.chmod(0o640)
     save_checkpoint(path, model, {"again": True})
     assert path.stat().st_mode & 0o777 == 0o640 and load_checkpoint(path).info["again"] is True
+    link = tmp_path / "latest.safetensors"  # written through a symlink: the target is replaced, the link stays
+    link.symlink_to(path)
+    save_checkpoint(link, model, {"third": True})
+    assert link.is_symlink() and load_checkpoint(path).info["third"] is True and path.stat().st_mode & 0o777 == 0o640
 
 
 def test_foreign_files_are_not_checkpoints(tmp_path):

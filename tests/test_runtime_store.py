@@ -350,3 +350,17 @@ def test_save_replaces_a_store_with_a_long_header_and_refuses_a_fifo(tmp_path):
     os.mkfifo(fifo)
     with pytest.raises(InputError, match="pipe exists and is not a regular file"):
         s.save(fifo)
+
+
+def test_a_store_reached_through_a_symlink_is_written_through_it(tmp_path):
+    s = _store()
+    target = tmp_path / "real" / "s.store"
+    target.parent.mkdir()
+    _store(keep=False).save(target)
+    link = tmp_path / "link.store"
+    link.symlink_to(target)
+    s.save(link)
+    assert link.is_symlink() and PrototypeStore.load(target).keep_embeddings  # the target holds the new store
+    with PrototypeStore.edit(link) as edited:
+        edited.add("bird", _emb(1, 9))
+    assert link.is_symlink() and "bird" in PrototypeStore.load(target).labels
