@@ -32,11 +32,12 @@ from edgemeta.exporters.convert import (
     module_fingerprint,
     read_weights,
 )
+from edgemeta.data import ImageSet
 from edgemeta.exporters.data import base_images, novel_images, recorded_dataset
 from edgemeta.exporters.graph import ensure_writable, load_model, read_metadata, save_model, write_metadata
 from edgemeta.files import refuse_overwrite
 from edgemeta.exporters.quantize import QuantizeSpec, quantize_int8, to_fp16
-from edgemeta.exporters.verify import Progress, VerificationReport, VerifySpec, metadata_with, refuse_fixed_batch, verify
+from edgemeta.exporters.verify import Progress, VerificationReport, VerifySpec, metadata_with, refuse_fixed_batch, verification_sampler, verify
 from edgemeta.runtime.spec import Metric, ModelMetadata, Normalization, Precision, PreprocessSpec
 
 __all__ = [
@@ -163,14 +164,24 @@ def _reduce(fp32: Path, dst: Path, options: ExportOptions, meta: ModelMetadata, 
     return quantize_int8(fp32, dst, calibration, options.quantize)
 
 
-def _finish(model_path: Path, torch_model: nn.Module, out: Path, options: ExportOptions, dataset: str | None, progress: Progress | None) -> ExportOutcome:
-    """Verify the model built at ``model_path``, record the figures, write ``out`` atomically."""
+def _verification_data(options: ExportOptions, dataset: str | None, pp: PreprocessSpec) -> ImageSet | None:
+    """The novel-class images verification will use, loaded and checked against its episodes
+    before any export or calibration work: too few classes or images is said at once."""
+    if options.verify is None:
+        return None
+    data = novel_images(options.data or dataset, pp, options.data_dir)
+    if options.verify.episodes:
+        verification_sampler(data, options.verify)
+    return data
+
+
+def _finish(model_path: Path, torch_model: nn.Module, out: Path, options: ExportOptions, data: ImageSet | None, progress: Progress | None) -> ExportOutcome:
+    """Verify the model built at ``model_path`` on ``data``, record the figures, write ``out`` atomically."""
     meta = read_metadata(load_model(model_path))
     if meta is None:
         raise InputError(f"{model_path} has no edgemeta metadata; export it with `edgemeta export`")
     report = None
     if options.verify is not None:
-        data = novel_images(options.data or dataset, meta.preprocess, options.data_dir)
         _stage(progress, f"verifying {meta.precision.value}")
         report = verify(model_path, torch_model, data, options.verify, progress)
         meta = metadata_with(meta, report)
@@ -186,6 +197,7 @@ def _finish(model_path: Path, torch_model: nn.Module, out: Path, options: Export
 
 
 def _build(torch_model: nn.Module, meta: ModelMetadata, out: Path, options: ExportOptions, dataset: str | None, progress: Progress | None) -> ExportOutcome:
+    data = _verification_data(options, dataset, meta.preprocess)
     with tempfile.TemporaryDirectory(prefix="edgemeta-export-") as tmp:
         # the model under construction carries the output's name, so messages name the file the user asked for
         final = Path(tmp) / out.name
@@ -196,7 +208,7 @@ def _build(torch_model: nn.Module, meta: ModelMetadata, out: Path, options: Expo
         if options.precision is not Precision.FP32:
             _stage(progress, f"converting to {options.precision.value}")
             model_path = _reduce(model_path, final, options, result.metadata, dataset)
-        outcome = _finish(model_path, torch_model, out, options, dataset, progress)
+        outcome = _finish(model_path, torch_model, out, options, data, progress)
     outcome.export = result
     return outcome
 
@@ -295,8 +307,9 @@ def quantize_model(model_path: str | os.PathLike, checkpoint: str | os.PathLike,
     ck, meta = _matching(model_path, checkpoint)
     refuse_fixed_batch(Path(model_path), "calibration")
     dataset = recorded_dataset(ck.info)
+    data = _verification_data(options, dataset, meta.preprocess)
     with tempfile.TemporaryDirectory(prefix="edgemeta-int8-") as tmp:
         _stage(progress, "calibrating int8")
         calibration = base_images(options.calibration_data or dataset, meta.preprocess, options.data_dir)
         q = quantize_int8(model_path, Path(tmp) / out.name, calibration, options.quantize)
-        return _finish(q, ck.model, out, options, dataset, progress)
+        return _finish(q, ck.model, out, options, data, progress)

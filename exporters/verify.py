@@ -310,7 +310,7 @@ def _embed_all(side, x_of: Callable[[np.ndarray], np.ndarray], idx: np.ndarray, 
     return np.concatenate(out) if out else np.zeros((0, side.dim), np.float32)
 
 
-def _sampler(data: ImageSet, spec: VerifySpec) -> EpisodeSampler:
+def verification_sampler(data: ImageSet, spec: VerifySpec) -> EpisodeSampler:
     """The episodes' sampler, made before any work: data that cannot fill them is refused with
     what it needs (export, verify and quantize have no --n-way or --k-shot to lower)."""
     need = spec.k_shot + spec.q_query
@@ -420,7 +420,7 @@ def verify(
     pp = meta.preprocess
     if data.images.shape[1:] != (*pp.size, pp.channels):
         raise InputError(f"{data.name} images are {data.images.shape[1:]}, the model takes {(*pp.size, pp.channels)} (HWC); load them at the model's size")
-    sampler = _sampler(data, spec) if spec.episodes else None
+    sampler = verification_sampler(data, spec) if spec.episodes else None
     tol = spec.tolerance or Tolerance.for_precision(meta.precision)
     onnx_side, torch_side = _OnnxSide(path, proto, meta.embedding_dim), _TorchSide(torch_model, meta.embedding_dim)
 

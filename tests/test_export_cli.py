@@ -273,6 +273,22 @@ def test_too_few_classes_name_what_the_data_needs_not_a_missing_option(workdir, 
     assert "--k-shot" not in r.output and (workdir / "m.onnx").read_bytes() == before
 
 
+def test_verification_data_is_checked_before_exporting_or_calibrating(workdir, trained_conv4, trained_conv4_onnx, monkeypatch):
+    """Data that cannot fill the verification episodes is refused before the export or the
+    int8 calibration runs (they take from seconds to minutes), not after."""
+    import edgemeta.exporters.pipeline as pipeline
+
+    for name in ("export", "quantize_int8"):
+        monkeypatch.setattr(pipeline, name, lambda *a, **k: pytest.fail("worked before checking the verification data"))
+    write_pngs(workdir / "onecls", 1, 20)
+    shutil.copy(trained_conv4_onnx, workdir / "m.onnx")
+    for args in (["export", trained_conv4, "--data", "onecls", "-o", "x.onnx"],
+                 ["export", trained_conv4, "--precision", "int8", "--data", "onecls", "-o", "x.onnx"],
+                 ["quantize", "m.onnx", "-c", trained_conv4, "--data", "onecls", "-o", "q.onnx"]):
+        assert_one_line_error(run(*args), "onecls has 1 classes, fewer than 5-way; verification draws 5-way 1-shot episodes")
+    assert not (workdir / "x.onnx").exists() and not (workdir / "q.onnx").exists()
+
+
 @pytest.mark.parametrize(
     "name, content, message",
     [
