@@ -52,7 +52,7 @@ OMNIGLOT_MD5 = {
     "images_background": "68d2efa1b9178cc56df9314c21c6e718",
     "images_evaluation": "6b91aef0f799c5bb55b94e3f2daec811",
 }
-_CACHE_VERSION = 1
+_CACHE_VERSION = 2  # 2: photos turned by their EXIF orientation, transparency flattened onto white
 
 
 @dataclass

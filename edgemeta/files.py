@@ -51,10 +51,15 @@ def check_output(
     when it exists, a file of the command's own kind (``is_own(path)``, e.g. an earlier
     report), which is replaced.
 
+    A symlink is followed: the writers replace its target, so the target's folder is the one
+    checked, and the returned path (where files written beside it go) is the target's.
+
     Raises:
         InputError: one of these does not hold (the message names ``option`` and the fix).
     """
-    path = Path(path)
+    given = path = Path(path)
+    if path.is_symlink():
+        path = Path(os.path.realpath(path))
     if path.is_dir():
         raise InputError(f"{option} {path} is a folder; name the {what} to write")
     if path.parent.exists() and not path.parent.is_dir():
@@ -66,7 +71,7 @@ def check_output(
             pass
     except OSError as e:
         raise InputError(f"{option}: cannot write in folder {path.parent} ({e.strerror or e}); choose a writable folder") from None
-    refuse_overwrite([path], inputs, option)
+    refuse_overwrite([given], inputs, option)  # named as the user gave it
     if path.exists() and is_own is not None and not is_own(path):
         raise InputError(f"{option} {path} exists and is not a {what}; choose another {option}, or delete it if it is not needed")
     return path

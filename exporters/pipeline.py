@@ -118,11 +118,12 @@ class ExportOutcome:
 def _outputs(out: str | os.PathLike, options: ExportOptions, *inputs: str | os.PathLike | None) -> Path:
     """``out``, once it is writable and neither it nor its ``.ort`` copy is one of ``inputs``
     (checked before any work: the atomic rename would silently replace an input)."""
-    out = ensure_writable(out)
-    written = [out]
+    given = Path(out)
+    out = ensure_writable(out)  # a symlink's target: what is written, and where the .ort copy goes
+    written = [given]  # named as the user gave it
     if options.ort_format:
-        if out.suffix == ".ort":
-            raise InputError(f"-o names the .onnx model; --ort writes {out.name} beside it: use -o {out.with_suffix('.onnx')}")
+        if given.suffix == ".ort":
+            raise InputError(f"-o names the .onnx model; --ort writes {given.name} beside it: use -o {given.with_suffix('.onnx')}")
         written.append(out.with_suffix(".ort"))
     refuse_overwrite(written, list(inputs))
     return out

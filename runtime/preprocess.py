@@ -77,32 +77,39 @@ def decode(path: str | os.PathLike | Any) -> Any:
 
 
 _EXIF_ORIENTATION = 0x0112
+# EXIF orientation -> the PIL transpose that turns the stored pixels upright (the table of
+# ImageOps.exif_transpose, without its rewrite of the EXIF block, which has raised on
+# malformed phone EXIF in some Pillow versions)
+_UPRIGHT = {2: "FLIP_LEFT_RIGHT", 3: "ROTATE_180", 4: "FLIP_TOP_BOTTOM", 5: "TRANSPOSE", 6: "ROTATE_270", 7: "TRANSVERSE", 8: "ROTATE_90"}
 
 
 def _upright(im: Any) -> Any:
     """``im`` turned as its EXIF orientation says: cameras and phones store photos sideways
     and record the turn there, so without this a portrait photo is embedded lying down.
-    A new image only when there is a turn to make (the caller's own image is not changed)."""
+    A new image only when there is a turn to make (the caller's own image is not changed).
+    An image turned by hand must drop the tag (``ImageOps.exif_transpose`` does), or it is
+    turned again."""
     try:
-        orientation = im.getexif().get(_EXIF_ORIENTATION, 1)
+        turn = _UPRIGHT.get(im.getexif().get(_EXIF_ORIENTATION, 1))
     except Exception:  # noqa: BLE001 - unreadable EXIF: take the pixels as stored
         return im
-    if orientation in (2, 3, 4, 5, 6, 7, 8):
-        from PIL import ImageOps
-
-        return ImageOps.exif_transpose(im)
-    return im
+    return im if turn is None else im.transpose(getattr(_pil().Transpose, turn))
 
 
 def _opaque(im: Any) -> Any:
     """An image with transparency, flattened onto white, as it looks on a page or a screen
     (and as Omniglot's characters are drawn): what is drawn only through the alpha channel
     is seen. Pillow's plain conversion drops the alpha and keeps whatever colour lies under
-    transparent pixels (often black). Opaque images are returned as they are."""
-    if im.mode not in ("RGBA", "LA", "PA", "RGBa", "La") and "transparency" not in im.info:
+    transparent pixels (often black). An alpha channel that is 255 everywhere changes
+    nothing; one that is 0 everywhere is taken for padding (RGBX/BGRX camera and screen
+    buffers), and the colours are used as they are."""
+    if im.mode not in ("RGBA", "LA", "PA", "RGBa") and "transparency" not in im.info:
         return im
     Image = _pil()
     rgba = im.convert("RGBA")
+    lo, hi = rgba.getchannel("A").getextrema()
+    if lo == 255 or hi == 0:
+        return rgba.convert("RGB")
     return Image.alpha_composite(Image.new("RGBA", rgba.size, (255, 255, 255, 255)), rgba).convert("RGB")
 
 
@@ -126,6 +133,10 @@ def _check_finite(arr: np.ndarray, what: str) -> None:
 
 def to_uint8(image: ImageLike, spec: PreprocessSpec) -> np.ndarray | None:
     """Decode and resize one image to ``uint8`` HWC at the spec's size and colour.
+
+    Photos are first turned upright by their EXIF orientation, and transparency is
+    flattened onto white; a 4-channel array is RGBA (an alpha of 0 everywhere is taken for
+    padding, as in RGBX buffers).
 
     Returns ``None`` for an already-normalized CHW float array, which
     :func:`preprocess` passes through unchanged.

@@ -509,6 +509,8 @@ class PrototypeStore:
     def save(self, path: str | os.PathLike) -> Path:
         """Write the store atomically; concurrent savers of the same path take turns.
 
+        Returns the path written: a symlink's target when ``path`` is a link.
+
         Raises:
             InputError: ``path`` is a file other than a store (a model, an image): it is left alone.
             StoreWriteError: the file could not be written; the previous one is intact.

@@ -232,3 +232,22 @@ def test_transparent_images_are_flattened_onto_white(tmp_path):
     opaque = rgba.copy()
     opaque[..., 3] = 255  # fully opaque: the colours as they are (black where the glyph was not drawn)
     assert to_uint8(opaque, spec)[4, 0, 0] == 0
+
+
+def test_a_padding_alpha_channel_is_ignored_and_every_exif_turn_matches_pillows():
+    from PIL import Image, ImageOps
+
+    from edgemeta.runtime.preprocess import _upright
+
+    rgb = np.random.default_rng(2).integers(0, 256, (16, 16, 3), dtype=np.uint8)
+    spec = PreprocessSpec.create(16, 3, mean=0.0, std=1.0)
+    rgbx = np.concatenate([rgb, np.zeros((16, 16, 1), np.uint8)], axis=2)  # a camera buffer's padding byte
+    assert (to_uint8(rgbx, spec) == rgb).all()
+    assert (to_uint8(np.concatenate([rgb, np.full((16, 16, 1), 255, np.uint8)], axis=2), spec) == rgb).all()
+    stored = Image.fromarray(np.random.default_rng(3).integers(0, 256, (6, 10, 3), dtype=np.uint8))
+    for orientation in range(1, 9):
+        exif = Image.Exif()
+        exif[0x0112] = orientation
+        im = stored.copy()
+        im.info["exif"] = exif.tobytes()
+        assert (np.asarray(_upright(im)) == np.asarray(ImageOps.exif_transpose(im))).all(), orientation
