@@ -861,9 +861,12 @@ def _sibling(path: Path, precision: Precision) -> Path | None:
     return None
 
 
-def _make_variant(precision: Precision, fp32: ModelVariant | None, checkpoint: Path | None, workdir: Path, data_dir: str | None = None) -> Path:
+def _make_variant(
+    precision: Precision, fp32: ModelVariant | None, checkpoint: Path | None, workdir: Path, data_dir: str | None = None
+) -> tuple[Path, str]:
     """Make a missing precision with the exporters: fp16 from the fp32 model; int8 calibrated on
-    the checkpoint's training images; anything from the checkpoint. Not verified: only timed."""
+    the checkpoint's training images; anything from the checkpoint. Not verified: only timed.
+    Returns the file and what it was made from (for the notes)."""
     try:
         from edgemeta.exporters import ExportOptions, export_checkpoint, quantize_model, to_fp16
     except ImportError as e:
@@ -871,13 +874,14 @@ def _make_variant(precision: Precision, fp32: ModelVariant | None, checkpoint: P
     out = workdir / f"{_base_stem(fp32.path if fp32 else checkpoint or Path('model'))}.{precision.value}.onnx"
     if fp32 is not None and precision is Precision.FP16:
         to_fp16(fp32.path, out)
-    elif fp32 is not None and checkpoint is not None and precision is Precision.INT8:
+        return out, f"{fp32.path.name} (fp16 conversion)"
+    if fp32 is not None and checkpoint is not None and precision is Precision.INT8:
         quantize_model(fp32.path, checkpoint, out, ExportOptions(verify=None, data_dir=data_dir))
-    elif checkpoint is not None:
+        return out, f"{fp32.path.name} and the checkpoint (int8 calibration)"
+    if checkpoint is not None:
         export_checkpoint(checkpoint, out, ExportOptions(precision=precision, verify=None, data_dir=data_dir))
-    else:
-        raise InputError(f"making a {precision.value} model needs --checkpoint (int8 is calibrated on its training images)")
-    return out
+        return out, "the checkpoint"
+    raise InputError(f"making a {precision.value} model needs --checkpoint (int8 is calibrated on its training images)")
 
 
 def resolve_variants(
@@ -916,9 +920,7 @@ def resolve_variants(
                 f"no {precision.value} model: pass one, put {_base_stem(given[0].path)}.{precision.value}.onnx next to "
                 f"{given[0].path.name}, or give --checkpoint to make it"
             )
-        made = _make_variant(precision, fp32, checkpoint, workdir, data_dir)
-        source = f"{fp32.path.name} (fp16 conversion)" if fp32 is not None and precision is Precision.FP16 else (
-            f"{fp32.path.name} and the checkpoint (int8 calibration)" if fp32 is not None and precision is Precision.INT8 else "the checkpoint")
+        made, source = _make_variant(precision, fp32, checkpoint, workdir, data_dir)
         out.append(_open_variant(made, f"made from {source}", threads))
     if checkpoint is not None:
         _check_fingerprints(out, checkpoint)

@@ -423,7 +423,7 @@ def test_an_ort_model_is_measured_and_its_flops_are_a_note(tmp_path, tiny_onnx_m
                      "count (or benchmark) the .onnx it was made from"]
     # a missing precision is made from the .onnx next to the .ort, never from the .ort
     made, fp16 = [], with_precision(onnx_path, tmp_path / "made.fp16.onnx", "fp16")  # not m.fp16.onnx: that would be found
-    monkeypatch.setattr(bm, "_make_variant", lambda precision, fp32, ckpt, workdir, data_dir=None: made.append((fp32.path, data_dir)) or fp16)
+    monkeypatch.setattr(bm, "_make_variant", lambda precision, fp32, ckpt, workdir, data_dir=None: made.append((fp32.path, data_dir)) or (fp16, "m.onnx (fp16 conversion)"))
     variants = bm.resolve_variants([ort_path], [bm.Precision.FP32, bm.Precision.FP16], None, tmp_path, 1, data_dir="/data")
     assert made == [(onnx_path, "/data")] and [(v.path, v.precision.value) for v in variants] == [(ort_path, "fp32"), (fp16, "fp16")]
     # a model with its own .ort: one precision twice, and the hint says how to time the .ort
