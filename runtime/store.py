@@ -62,9 +62,11 @@ def check_label(label: object, *, new: bool = True) -> str:
         raise InputError(f"label must be a string, got {type(label).__name__} {label!r}; pass e.g. str(label)")
     if not label.strip():
         raise InputError(f"label must be a non-empty string, got {label!r}; name the class")
-    if new and any(unicodedata.category(ch) == "Cc" for ch in label):
+    if not new or (label.isprintable() and label.isascii()):  # the common label, checked in C (enrolment's hot path runs this twice)
+        return label
+    if any(unicodedata.category(ch) == "Cc" for ch in label):
         raise InputError(f"label {label!r} contains control characters (newline, tab, escape, ...); name the class without them")
-    if new and not _utf8(label):
+    if not _utf8(label):
         raise InputError(
             f"label {label!r} cannot be written as UTF-8 (a lone surrogate: a file or folder name in another encoding?); "
             "rename the class (or its folder) in UTF-8"
