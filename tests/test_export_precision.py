@@ -90,6 +90,12 @@ def int8_nhwc_model(trained_conv4_onnx, background, tmp_path_factory) -> Path:
                          QuantizeSpec(calibration_images=128, stem_layout="nhwc"))
 
 
+@pytest.fixture(scope="module")
+def int8_s2d_model(trained_conv4_onnx, background, tmp_path_factory) -> Path:
+    return quantize_int8(trained_conv4_onnx, tmp_path_factory.mktemp("int8") / "conv4.int8.s2d.onnx", background,
+                         QuantizeSpec(calibration_images=128, float_stem=False, stem_layout="s2d"))
+
+
 def test_int8_is_qdq_with_a_float_metric(int8_model, trained_conv4_onnx):
     model = onnx.load(str(int8_model))
     onnx.checker.check_model(model, full_check=True)
@@ -204,10 +210,61 @@ def test_int8_nhwc_stem_hand_over(int8_nhwc_model, int8_model, tmp_path):
     so.optimized_model_filepath = str(tmp_path / "written.onnx")
     open_ort_session(int8_nhwc_model, so, ["CPUExecutionProvider"])
     assert not any(n.op_type == "Transpose" for n in onnx.load(so.optimized_model_filepath).graph.node)
-    with pytest.raises(InputError, match="unknown stem layout 'nhcw'; use nchw or nhwc"):
+    with pytest.raises(InputError, match="unknown stem layout 'nhcw'; use nchw, nhwc or s2d"):
         QuantizeSpec(stem_layout="nhcw")
     with pytest.raises(InputError, match="needs the float stem"):
         QuantizeSpec(stem_layout="nhwc", float_stem=False)
+
+
+def test_int8_space_to_depth_stem(int8_s2d_model, trained_conv4, omniglot_novel, trained_conv4_onnx):
+    """stem_layout="s2d": the stem runs in int8 as a space-to-depth convolution, with its
+    pooling; only the input crosses from float to int8, and accuracy holds."""
+    from edgemeta.runtime.session import open_ort_session, wants_nhwc_stem
+
+    model = onnx.load(str(int8_s2d_model))
+    onnx.checker.check_model(model, full_check=True)
+    producers = {o: n for n in model.graph.node for o in n.output}
+    inits = {t.name: t for t in model.graph.initializer}
+    convs = [n for n in model.graph.node if n.op_type == "Conv"]
+    assert len(convs) == 4 and all(producers[c.input[1]].op_type == "DequantizeLinear" for c in convs)  # all four in int8
+    stem_weights = inits[producers[convs[0].input[1]].input[0]]
+    assert list(stem_weights.dims) == [256, 4, 3, 3] and stem_weights.data_type == onnx.TensorProto.INT8
+    pools = [n for n in model.graph.node if n.op_type == "MaxPool"]
+    assert all(producers[n.input[0]].op_type == "DequantizeLinear" for n in convs + pools)  # int8 in, pooling included
+    first_q = next(n for n in model.graph.node if n.op_type == "QuantizeLinear")
+    moves, name = [], first_q.input[0]
+    while name != "images":  # the image, laid out in 2x2 blocks: only moved, not computed on, in float
+        moves.append(producers[name].op_type)
+        name = producers[name].input[0]
+    assert moves and set(moves) <= {"Reshape", "Transpose"}
+    meta = meta_of(int8_s2d_model)
+    assert meta.extra["calibration"]["stem_layout"] == "s2d" and meta.extra["calibration"]["float_stem"] is False
+    sess, _ = open_ort_session(int8_s2d_model, ort.SessionOptions(), ["CPUExecutionProvider"])
+    assert not wants_nhwc_stem(sess)  # ONNX Runtime's transpose optimizer stays on: it cancels the stem's transposes
+    report = verify(int8_s2d_model, load_checkpoint(trained_conv4).model, omniglot_novel, EPISODES)
+    ep = report.episodes
+    assert ep["agreement"] >= 0.9 and ep["accuracy_difference"] > -0.03 and ep["torch_accuracy"] > 0.5
+    assert report.summary()["embeddings_max_rel_error"] > 1e-3  # it is quantized
+    with pytest.raises(InputError, match="--stem-layout s2d runs the stem in int8: add --no-float-stem"):
+        QuantizeSpec(stem_layout="s2d")
+
+
+def test_int8_space_to_depth_stem_refuses_a_stem_it_does_not_fit(tmp_path):
+    """ResNet-12's stem convolution feeds a second convolution, not a pooling."""
+    from edgemeta.checkpoint import save_checkpoint
+    from edgemeta.data import ImageSet
+    from edgemeta.exporters import export, metadata_for_checkpoint
+    from edgemeta.model import FewShotModel, ModelSpec
+    from edgemeta.runtime.spec import PreprocessSpec
+
+    save_checkpoint(tmp_path / "r12.safetensors", FewShotModel(ModelSpec("resnet12", PreprocessSpec.create(16, 3))).eval())
+    ck = load_checkpoint(tmp_path / "r12.safetensors")
+    fp32 = export(ck.model, tmp_path / "r12.onnx", metadata_for_checkpoint(ck)).path
+    images = np.random.default_rng(0).integers(0, 255, (8, 16, 16, 3), dtype=np.uint8)
+    calibration = ImageSet(images, np.repeat(np.arange(4), 2), [f"c{i}" for i in range(4)], "random", ck.spec.preprocess)
+    with pytest.raises(InputError, match="--stem-layout s2d does not fit this model: its first convolution is followed by LeakyRelu and Conv, not by an activation and a 2x2 max pooling; export it with --stem-layout nchw"):
+        quantize_int8(fp32, tmp_path / "r12.int8.onnx", calibration, QuantizeSpec(calibration_images=8, float_stem=False, stem_layout="s2d"))
+    assert not (tmp_path / "r12.int8.onnx").exists()
 
 
 def _stem_graph(readers: tuple[str, ...], stem_is_output: bool = False) -> onnx.ModelProto:
@@ -356,7 +413,7 @@ def test_graph_split_and_fp16_conversion_on_a_handmade_graph(make_onnx_model, tm
 
 
 @pytest.mark.skipif(not os.environ.get("EDGEMETA_OLD_ORT_PYTHON"), reason="set EDGEMETA_OLD_ORT_PYTHON to a Python with onnxruntime 1.17")
-def test_all_precisions_load_in_the_oldest_supported_onnxruntime(trained_conv4_onnx, fp16_model, int8_model, int8_nhwc_model):
+def test_all_precisions_load_in_the_oldest_supported_onnxruntime(trained_conv4_onnx, fp16_model, int8_model, int8_nhwc_model, int8_s2d_model):
     script = textwrap.dedent(
         """
         import sys, numpy as np, onnxruntime as ort
@@ -367,7 +424,7 @@ def test_all_precisions_load_in_the_oldest_supported_onnxruntime(trained_conv4_o
         print("loaded", ort.__version__)
         """
     )
-    paths = [str(p) for p in (trained_conv4_onnx, fp16_model, int8_model, int8_nhwc_model)]
+    paths = [str(p) for p in (trained_conv4_onnx, fp16_model, int8_model, int8_nhwc_model, int8_s2d_model)]
     r = subprocess.run([os.environ["EDGEMETA_OLD_ORT_PYTHON"], "-c", script, *paths], capture_output=True, text=True, timeout=120)
     assert r.returncode == 0, r.stderr[-2000:]
     assert r.stdout.startswith("loaded 1.17")

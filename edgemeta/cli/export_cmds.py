@@ -26,9 +26,10 @@ KERNEL_HELP = ("int8 convolution kernel of ONNX Runtime's CPU provider: direct (
 ORT_LEVEL_HELP = ("Optimization baked into the --ort file (ONNX Runtime adds none when it loads one): basic (runs on every provider) "
                   "or extended (the CPU provider's fusions, int8 kernels included, as chosen for this machine's CPU architecture: for "
                   "devices of that architecture running the CPU provider; Conv-4 int8 about 5x faster than basic).")
-LAYOUT_HELP = ("How the float stem hands over to int8 on ONNX Runtime's CPU provider: nchw (as quantized) or nhwc (an NHWC round trip "
-               "after the stem, so that on x86-64 the stem writes NHWC directly and no int8 transpose runs; needs --float-stem). "
-               "Wide stems gain (Conv-4), narrow ones lose: compare with `edgemeta benchmark`.")
+LAYOUT_HELP = ("How the stem meets int8 on ONNX Runtime's CPU provider: nchw (as quantized), nhwc (with --float-stem: an NHWC "
+               "round trip after the float stem, so that on x86-64 it writes NHWC directly and no int8 transpose runs) or s2d "
+               "(with --no-float-stem: a stem of convolution, activation and 2x2 max pooling rewritten, exactly, as a space-to-depth "
+               "convolution that runs in int8 with its pooling; Conv-4's fastest). Compare with `edgemeta benchmark`.")
 CALIB_HELP = "Base-class images for int8 calibration (default: Omniglot background / Tiny-ImageNet train; never evaluation classes)."
 DATA_DIR_HELP = "Data folder (default: $EDGEMETA_DATA_DIR)."
 
