@@ -15,8 +15,9 @@ with operators that int8 kernels run well:
    laid side by side (Transpose, Reshape, Transpose).
 
 The result equals the stem's to float rounding. On ONNX Runtime's CPU provider the int8
-convolution and the pooling run in NHWC, where the transposes of steps 1 and 4 cancel
-against the layout changes it inserts, so they cost nothing. It is plain ONNX, so every
+convolution and the pooling run in NHWC, where the transposes of step 4 and the last one
+of step 1 cancel against the layout changes it inserts: one Transpose stays, on the float
+image itself (a 64-channel stem's map is 64 times larger). It is plain ONNX, so every
 provider runs it.
 """
 
@@ -47,8 +48,8 @@ def _static_shape(model: onnx.ModelProto, name: str) -> list[int] | None:
 
 
 def _stem_chain(model: onnx.ModelProto) -> tuple[list[onnx.NodeProto], str]:
-    """The first Conv, its activation (if any) and the MaxPool, or raise ``ValueError``
-    naming what does not fit."""
+    """The first Conv, its activation (if any) and the MaxPool, and the Conv's input, or
+    raise ``ValueError`` naming what does not fit."""
     nodes = list(model.graph.node)
     conv = next((n for n in nodes if n.op_type == "Conv"), None)
     if conv is None:
@@ -62,7 +63,9 @@ def _stem_chain(model: onnx.ModelProto) -> tuple[list[onnx.NodeProto], str]:
     while True:
         after = consumers[node.output[0]]
         if node.output[0] in outputs or len(after) != 1:
-            raise ValueError("its first convolution's output is read by more than a pooling (a branch or a graph output)")
+            what = "first convolution's" if node is conv else f"stem's {node.op_type}"
+            read = "not read by anything" if not after and node.output[0] not in outputs else "read by more than its next op (a branch or a graph output)"
+            raise ValueError(f"its {what} output is {read}")
         node = after[0]
         chain.append(node)
         if node.op_type == "MaxPool":
@@ -74,24 +77,52 @@ def _stem_chain(model: onnx.ModelProto) -> tuple[list[onnx.NodeProto], str]:
             raise ValueError("its stem's LeakyRelu has a negative slope, which does not commute with max pooling")
 
 
-def _check(conv: onnx.NodeProto, pool: onnx.NodeProto, shape: list[int] | None) -> tuple[int, int]:
+def _check(conv: onnx.NodeProto, weight: np.ndarray, pool: onnx.NodeProto, shape: list[int] | None) -> tuple[int, int]:
+    """The stem's kernel size and input channels, or ``ValueError`` naming what does not fit."""
     a = _attrs(conv)
-    k = list(a.get("kernel_shape", []))
+    k = list(a.get("kernel_shape", weight.shape[2:]))  # the weights give it when the attribute does not
     if len(k) != 2 or k[0] != k[1] or k[0] % 2 == 0:
-        raise ValueError(f"its first convolution's kernel is {k or 'not given'}, not square and odd")
+        raise ValueError(f"its first convolution's kernel is {'x'.join(map(str, k))}, not square and odd")
     if a.get("group", 1) != 1 or any(s != 1 for s in a.get("strides", [1, 1])) or any(d != 1 for d in a.get("dilations", [1, 1])):
         raise ValueError("its first convolution is grouped, strided or dilated")
-    if a.get("auto_pad", b"NOTSET") not in (b"NOTSET", "NOTSET") or list(a.get("pads", [0] * 4)) != [k[0] // 2] * 4:
+    auto_pad = a.get("auto_pad", b"NOTSET")
+    auto_pad = auto_pad.decode() if isinstance(auto_pad, bytes) else auto_pad
+    same = auto_pad in ("SAME_UPPER", "SAME_LOWER") or (auto_pad == "NOTSET" and list(a.get("pads", [0] * 4)) == [k[0] // 2] * 4)
+    if not same:  # an odd kernel pads alike on both sides under SAME_UPPER and SAME_LOWER
         raise ValueError("its first convolution does not pad to keep the image size")
     p = _attrs(pool)
     if (list(p.get("kernel_shape", [])) != [2, 2] or list(p.get("strides", [1, 1])) != [2, 2] or any(p.get("pads", [0] * 4))
-            or any(d != 1 for d in p.get("dilations", [1, 1])) or p.get("ceil_mode", 0) or len(pool.output) != 1):
+            or any(d != 1 for d in p.get("dilations", [1, 1])) or p.get("ceil_mode", 0) or any(pool.output[1:])):
         raise ValueError("its stem's pooling is not a plain 2x2 max pooling with stride 2")
     if shape is None or len(shape) != 4 or min(shape[1:]) < 1:
-        raise ValueError("its input's channels and size are not fixed")
+        raise ValueError("its input's channels and size are not known; run ONNX shape inference on it first")
     if shape[2] % 2 or shape[3] % 2:
         raise ValueError(f"its input is {shape[2]}x{shape[3]}; the rewrite needs an even height and width")
     return k[0], shape[1]
+
+
+def _used_names(graph: onnx.GraphProto) -> set[str]:
+    """Every tensor name read by a node of ``graph`` or of its subgraphs (If, Loop, Scan)."""
+    used = set()
+    for n in graph.node:
+        used.update(n.input)
+        for a in n.attribute:
+            for sub in ([a.g] if a.type == onnx.AttributeProto.GRAPH else list(a.graphs)):
+                used |= _used_names(sub)
+    return used
+
+
+def _fresh_prefix(model: onnx.ModelProto, prefix: str) -> str:
+    """``prefix``, or ``prefix_2``, ... : one that no tensor or node name of ``model`` starts with."""
+    g = model.graph
+    names = {*(t.name for t in g.initializer), *(v.name for v in [*g.input, *g.output, *g.value_info])}
+    for n in g.node:
+        names.update([n.name, *n.input, *n.output])
+    candidate, k = prefix, 1
+    while any(name.startswith(candidate + "/") for name in names):
+        k += 1
+        candidate = f"{prefix}_{k}"
+    return candidate
 
 
 def space_to_depth_stem(model: onnx.ModelProto) -> onnx.ModelProto:
@@ -102,14 +133,18 @@ def space_to_depth_stem(model: onnx.ModelProto) -> onnx.ModelProto:
     out.CopyFrom(model)
     chain, source = _stem_chain(out)
     conv, pool = chain[0], chain[-1]
-    k, c = _check(conv, pool, _static_shape(out, source))
-    _, _, h, w = _static_shape(out, source)
     init = {t.name: t for t in out.graph.initializer}
-    if conv.input[1] not in init or (len(conv.input) > 2 and conv.input[2] and conv.input[2] not in init):
-        raise ValueError("its first convolution's weights are not constants")
-    weight = numpy_helper.to_array(init[conv.input[1]]).astype(np.float32)
+    params = [name for name in conv.input[1:] if name]
+    if any(name not in init for name in params):
+        raise ValueError("its first convolution's weights are not constants (initializers)")
+    if any(init[name].data_type != onnx.TensorProto.FLOAT for name in params):
+        raise ValueError("its first convolution's weights are not float32; rewrite the fp32 model")
+    weight = numpy_helper.to_array(init[conv.input[1]])
+    shape = _static_shape(out, source)
+    k, c = _check(conv, weight, pool, shape)
+    _, _, h, w = shape
     o = weight.shape[0]
-    bias = numpy_helper.to_array(init[conv.input[2]]).astype(np.float32) if len(conv.input) > 2 and conv.input[2] else np.zeros(o, np.float32)
+    bias = numpy_helper.to_array(init[params[1]]) if len(params) > 1 else np.zeros(o, np.float32)
 
     # output pixel (2i + a, 2j + b) reads input row 2i + a + ky - pad = 2(i + di) + dh
     pad = k // 2
@@ -126,7 +161,7 @@ def space_to_depth_stem(model: onnx.ModelProto) -> onnx.ModelProto:
                     block = (dh * 2 + dw) * c
                     s2d[rows, block:block + c, di - lo, dj - lo] = weight[:, :, ky, kx]
 
-    p = f"{conv.name}_s2d"
+    p = _fresh_prefix(out, f"{conv.name or 'stem'}_s2d")
     ints = lambda name, v: numpy_helper.from_array(np.array(v, np.int64), name)  # noqa: E731
     out.graph.initializer.extend([
         numpy_helper.from_array(s2d, f"{p}/weight"), numpy_helper.from_array(np.tile(bias, 4), f"{p}/bias"),
@@ -157,15 +192,19 @@ def space_to_depth_stem(model: onnx.ModelProto) -> onnx.ModelProto:
         node("Transpose", [f"{p}/side_by_side_nhwc"], [f"{p}/side_by_side_nchw"], name=f"{p}/side_by_side_nchw", perm=[0, 3, 1, 2]),
         node("MaxPool", [f"{p}/side_by_side_nchw"], [pool.output[0]], name=pool.name, kernel_shape=[1, 4], strides=[1, 4]),
     ]
+    # in the pool's place: whatever the activation reads (Clip's bounds) is made before it
     nodes = list(out.graph.node)
-    at = nodes.index(conv)
     rest = [n for n in nodes if all(n is not s for s in chain)]
+    at = sum(1 for n in nodes[: next(i for i, n in enumerate(nodes) if n is pool)] if all(n is not s for s in chain))
     del out.graph.node[:]
     out.graph.node.extend(rest[:at] + new + rest[at:])
-    used = {i for n in out.graph.node for i in n.input}
-    for name in conv.input[1:]:
-        if name and name not in used and name in init:
+    used = _used_names(out.graph)
+    for name in params:
+        if name not in used:
             out.graph.initializer.remove(init[name])
+            inputs = [i for i in out.graph.input if i.name != name]  # listed as an input too by older exporters
+            del out.graph.input[:]
+            out.graph.input.extend(inputs)
     stale = {n for s in chain for n in s.output} - {pool.output[0]}
     kept = [vi for vi in out.graph.value_info if vi.name not in stale]
     del out.graph.value_info[:]

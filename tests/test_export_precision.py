@@ -216,7 +216,7 @@ def test_int8_nhwc_stem_hand_over(int8_nhwc_model, int8_model, tmp_path):
         QuantizeSpec(stem_layout="nhwc", float_stem=False)
 
 
-def test_int8_space_to_depth_stem(int8_s2d_model, trained_conv4, omniglot_novel, trained_conv4_onnx):
+def test_int8_space_to_depth_stem(int8_s2d_model, trained_conv4, omniglot_novel, tmp_path):
     """stem_layout="s2d": the stem runs in int8 as a space-to-depth convolution, with its
     pooling; only the input crosses from float to int8, and accuracy holds."""
     from edgemeta.runtime.session import open_ort_session, wants_nhwc_stem
@@ -239,8 +239,15 @@ def test_int8_space_to_depth_stem(int8_s2d_model, trained_conv4, omniglot_novel,
     assert moves and set(moves) <= {"Reshape", "Transpose"}
     meta = meta_of(int8_s2d_model)
     assert meta.extra["calibration"]["stem_layout"] == "s2d" and meta.extra["calibration"]["float_stem"] is False
-    sess, _ = open_ort_session(int8_s2d_model, ort.SessionOptions(), ["CPUExecutionProvider"])
-    assert not wants_nhwc_stem(sess)  # ONNX Runtime's transpose optimizer stays on: it cancels the stem's transposes
+    so = ort.SessionOptions()
+    so.optimized_model_filepath = str(tmp_path / "as_run.onnx")
+    sess, _ = open_ort_session(int8_s2d_model, so, ["CPUExecutionProvider"])
+    assert not wants_nhwc_stem(sess)  # ONNX Runtime's transpose optimizer stays on, and cancels the stem's transposes:
+    ran = [n.op_type for n in onnx.load(so.optimized_model_filepath).graph.node]
+    if platform.machine().lower() in ("x86_64", "amd64"):  # where its CPU provider runs int8 convolutions in NHWC
+        first, last = ran.index("QLinearConv"), len(ran) - ran[::-1].index("NhwcMaxPool")
+        assert set(ran[first:last]) == {"QLinearConv", "NhwcMaxPool", "Reshape"}, ran  # no layout change within the int8 part
+        assert ran[:first].count("Transpose") == 1  # the float image moved into 2x2 blocks, once
     report = verify(int8_s2d_model, load_checkpoint(trained_conv4).model, omniglot_novel, EPISODES)
     ep = report.episodes
     assert ep["agreement"] >= 0.9 and ep["accuracy_difference"] > -0.03 and ep["torch_accuracy"] > 0.5
