@@ -256,19 +256,39 @@ def test_int8_space_to_depth_stem(int8_s2d_model, trained_conv4, omniglot_novel,
         QuantizeSpec(stem_layout="s2d")
 
 
-def test_int8_space_to_depth_stem_refuses_a_stem_it_does_not_fit(tmp_path):
-    """ResNet-12's stem convolution feeds a second convolution, not a pooling."""
+def _untrained_rgb(backbone: str, tmp_path: Path):
+    """An untrained 3x16x16 model exported to fp32, and random calibration images for it."""
     from edgemeta.checkpoint import save_checkpoint
     from edgemeta.data import ImageSet
     from edgemeta.exporters import export, metadata_for_checkpoint
     from edgemeta.model import FewShotModel, ModelSpec
     from edgemeta.runtime.spec import PreprocessSpec
 
-    save_checkpoint(tmp_path / "r12.safetensors", FewShotModel(ModelSpec("resnet12", PreprocessSpec.create(16, 3))).eval())
-    ck = load_checkpoint(tmp_path / "r12.safetensors")
-    fp32 = export(ck.model, tmp_path / "r12.onnx", metadata_for_checkpoint(ck)).path
+    save_checkpoint(tmp_path / f"{backbone}.safetensors", FewShotModel(ModelSpec(backbone, PreprocessSpec.create(16, 3))).eval())
+    ck = load_checkpoint(tmp_path / f"{backbone}.safetensors")
+    fp32 = export(ck.model, tmp_path / f"{backbone}.onnx", metadata_for_checkpoint(ck)).path
     images = np.random.default_rng(0).integers(0, 255, (8, 16, 16, 3), dtype=np.uint8)
-    calibration = ImageSet(images, np.repeat(np.arange(4), 2), [f"c{i}" for i in range(4)], "random", ck.spec.preprocess)
+    return fp32, ImageSet(images, np.repeat(np.arange(4), 2), [f"c{i}" for i in range(4)], "random", ck.spec.preprocess)
+
+
+def test_int8_space_to_depth_stem_on_colour_images(tmp_path):
+    """Three channels move into blocks by SpaceToDepth; the int8 model stays close to fp32."""
+    fp32, calibration = _untrained_rgb("conv4", tmp_path)
+    out = quantize_int8(fp32, tmp_path / "c4.int8.onnx", calibration, QuantizeSpec(calibration_images=8, float_stem=False, stem_layout="s2d"))
+    model = onnx.load(str(out))
+    ops = [n.op_type for n in model.graph.node]
+    assert ops.count("SpaceToDepth") == 1 and "Transpose" in ops  # the group max's layout moves
+    float_stem = quantize_int8(fp32, tmp_path / "c4.float_stem.int8.onnx", calibration, QuantizeSpec(calibration_images=8))
+    x = np.random.default_rng(1).random((4, 3, 16, 16), dtype=np.float32)  # in the calibrated range, as images are
+    feed = {"images": x, "prototypes": np.zeros((0, meta_of(fp32).embedding_dim), np.float32)}
+    ref = ort.InferenceSession(str(fp32)).run(["embeddings"], feed)[0]
+    error = {p.name: np.abs(ort.InferenceSession(str(p)).run(["embeddings"], feed)[0] - ref).max() / np.abs(ref).max() for p in (out, float_stem)}
+    assert 0 < error[out.name] < 0.1 and error[out.name] < 2 * error[float_stem.name]  # quantized, and about as close as a float stem
+
+
+def test_int8_space_to_depth_stem_refuses_a_stem_it_does_not_fit(tmp_path):
+    """ResNet-12's stem convolution feeds a second convolution, not a pooling."""
+    fp32, calibration = _untrained_rgb("resnet12", tmp_path)
     with pytest.raises(InputError, match="--stem-layout s2d does not fit this model: its first convolution is followed by LeakyRelu and Conv, not by an activation and a 2x2 max pooling; export it with --stem-layout nchw"):
         quantize_int8(fp32, tmp_path / "r12.int8.onnx", calibration, QuantizeSpec(calibration_images=8, float_stem=False, stem_layout="s2d"))
     assert not (tmp_path / "r12.int8.onnx").exists()
