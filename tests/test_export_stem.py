@@ -68,6 +68,9 @@ def test_space_to_depth_stem_is_exact(channels, kernel, act, bias, size):
     weights = {t.name: numpy_helper.to_array(t) for t in s2d.graph.initializer}
     assert weights[convs[0].input[1]].shape[:2] == (4 * 8, 4 * channels)  # 4 positions out, a 2x2 block in
     assert [n.op_type for n in s2d.graph.node].count("MaxPool") == 1 and "w" not in weights  # the old stem's weights are gone
+    read = {i for n in s2d.graph.node for i in n.input}
+    own = {name for name in weights if "_s2d/" in name}
+    assert own and own <= read  # the rewrite leaves no initializer unused (the grey path's shapes only where it runs)
 
 
 @pytest.mark.parametrize(("kwargs", "reason"), [
