@@ -305,7 +305,7 @@ class BenchConfig:
             from edgemeta.data import is_data_name
 
             if not is_data_name(self.backprop_data):
-                problems.append(f"backprop data {self.backprop_data!r} is neither omniglot, tiny-imagenet, digits nor an existing folder or zip of class folders")
+                problems.append(_unknown_data(self.backprop_data))
         if self.data_dir is not None and not Path(self.data_dir).is_dir():
             problems.append(f"data folder {self.data_dir} does not exist; pass the folder that holds the data sets")
         if self.duration is not None and not (isinstance(self.duration, (int, float)) and 0 < self.duration <= MAX_DURATION_S):
@@ -1915,6 +1915,10 @@ def _train_linear(torch: Any, support: Any, labels: Any, n_way: int, steps: int,
     return lambda q: layer(q / scale)
 
 
+def _unknown_data(name: str) -> str:
+    return f"--backprop-data {name!r} is neither omniglot, tiny-imagenet, digits nor an existing folder or zip of class folders"
+
+
 def backprop_data(given: str | None, recorded: object, channels: int) -> str:
     """Which images the backprop baseline's episodes come from: ``given``
     (``--backprop-data``: the user vouches that the model never saw its classes), else the
@@ -1927,7 +1931,7 @@ def backprop_data(given: str | None, recorded: object, channels: int) -> str:
 
     if given is not None:
         if not is_data_name(given):
-            raise InputError(f"--backprop-data {given!r} is neither omniglot, tiny-imagenet, digits nor an existing folder or zip of class folders")
+            raise InputError(_unknown_data(given))
         return given
     if recorded in NOVEL_SPLITS:
         return str(recorded)

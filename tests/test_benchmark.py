@@ -841,11 +841,11 @@ def test_backprop_settings_are_checked_before_measuring(tiny_onnx_model_module, 
     r = cli(rgb, "--backprop-baseline", "--threads", "1")
     assert r.exit_code == 1 and "records no data set with such a split; pass --backprop-data" in r.output
     r = cli(tiny_onnx_model_module, "--backprop-baseline", "--backprop-data", tmp_path / "missing", "--threads", "1")
-    assert r.exit_code == 1 and "backprop data '" in r.output and "is neither omniglot, tiny-imagenet, digits nor an existing folder" in r.output
+    assert r.exit_code == 1 and "--backprop-data '" in r.output and "is neither omniglot, tiny-imagenet, digits nor an existing folder" in r.output
     r = cli(tiny_onnx_model_module, "--backprop-data", "digits", "--threads", "1")
     assert r.exit_code == 1 and "backprop data given without the backprop baseline (add --backprop-baseline)" in r.output
     r = cli(tiny_onnx_model_module, "--backprop-baseline", "--backprop-data", "", "--threads", "1")
-    assert r.exit_code == 1 and "backprop data '' is neither" in r.output
+    assert r.exit_code == 1 and "--backprop-data '' is neither" in r.output
     r = cli(tiny_onnx_model_module, "--data-dir", tmp_path, "--threads", "1")
     assert r.exit_code == 1 and "--data-dir is where --backprop-baseline and the int8 calibration of a --checkpoint find their data" in r.output
     r = cli(tiny_onnx_model_module, "--backprop-baseline", "--data-dir", tmp_path / "nope", "--threads", "1")
