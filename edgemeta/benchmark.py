@@ -116,6 +116,9 @@ MAX_CLASSES = 1_000_000
 MAX_DURATION_S = 3600.0
 GPU_PEAK_SIZE = 8192  # n of the n x n MatMul that measures a GPU's peak (0.8 GB on the device)
 REPEAT_TOLERANCE = 0.10  # the p50s of the first and the second half of the calls must agree within 10%
+# Calls a measurement needs for a repeatability verdict: a p50 of one or two calls says
+# little, so with fewer than 5 per half the row reports both halves and judges nothing.
+MIN_REPEAT_CALLS = 10
 MAX_THREADS_PER_CORE = 4  # more threads than this per logical core is a typo (1,000 on 2 cores all but hangs)
 BUSY_CORES = 0.2  # other processes using this many cores on average make the run "busy"
 # torch threads of the backprop baseline's SGD steps. A 64 x 5 layer's tensors are far below
@@ -420,14 +423,23 @@ def time_fn(fn: Callable[[], Any], warmup: int = 10, runs: int = 100, duration: 
 
 
 def time_pair(
-    a: Callable[[], Any], b: Callable[[], Any], warmup: int = 10, runs: int = 100, duration: float | None = None
+    a: Callable[[], Any], b: Callable[[], Any], warmup: int = 10, runs: int = 100, duration: float | None = None,
+    after: Callable[[], Any] | None = None,
 ) -> tuple[LatencyStats, LatencyStats]:
     """Time two calls alternately (a, b, a, b, ...): a ratio of the two is then immune to the
-    machine getting slower or faster during the measurement. ``duration`` covers both."""
+    machine getting slower or faster during the measurement. ``duration`` covers both.
+    ``after``, untimed, follows each pair (warm-up pairs too): to undo what ``a`` did."""
+    undo = after or (lambda: None)
     for _ in range(warmup):
         a()
         b()
-    pair = lambda: (_timed(a), _timed(b))  # noqa: E731
+        undo()
+
+    def pair() -> tuple[float, float]:
+        timed = _timed(a), _timed(b)
+        undo()
+        return timed
+
     was_enabled = gc.isenabled()
     gc.disable()
     try:
@@ -1106,7 +1118,7 @@ class EmbeddingRow:
     speedup_vs_torch: float | None = None  # torch p50 (the faster torch line) / this p50
     speedup_vs_fp32: float | None = None  # ORT fp32 p50 / this p50
     repeat_p50_ms: float | None = None  # p50 of the second half of the calls (in the order they ran)
-    repeatable: bool | None = None  # the two halves' p50s agree within REPEAT_TOLERANCE (None: one call)
+    repeatable: bool | None = None  # the two halves' p50s agree within REPEAT_TOLERANCE (None: under MIN_REPEAT_CALLS calls)
     first_half_p50_ms: float | None = None  # p50 of the first half of the calls
 
     def to_dict(self, samples: bool = False) -> dict[str, Any]:
@@ -1271,13 +1283,15 @@ def _adaptation(variant: ModelVariant, provider: str, config: BenchConfig) -> Ad
     are timed alternately and the ratio is the median of each pair's: a change in the
     machine's speed hits both calls of a pair alike, where a ratio of the two p50s
     compares calls from different moments (on a shared 2-core machine the embedding's
-    p50 alone moved by 20-40% between runs).
+    p50 alone moved by 20-40% between runs). Each enrolment adds a new class to a store
+    of one class, and is forgotten (untimed) after its pair: the store does not grow
+    with the number of calls.
     """
     clf = _classifier(variant, provider, config)
-    x = _images(variant, config.shots, np.float32, config.seed)
-    counter = iter(range(MAX_RUNS * 4))
+    clf.enroll("enrolled", x := _images(variant, config.shots, np.float32, config.seed))
     enroll, embed = time_pair(
-        lambda: clf.enroll(f"class{next(counter)}", x), lambda: clf.session.embed(x), config.warmup, config.runs, config.duration
+        lambda: clf.enroll("new class", x), lambda: clf.session.embed(x), config.warmup, config.runs, config.duration,
+        after=lambda: clf.forget("new class"),
     )
     return AdaptationRow(
         _short(provider), variant.precision.value, config.shots, enroll, embed, paired_ratio(enroll, embed),
@@ -1416,14 +1430,15 @@ class BenchReport:
     @property
     def repeatability(self) -> dict[str, Any]:
         rows = [r for r in self.embedding if r.repeatable is not None]
+        unjudged = len(self.embedding) - len(rows)
         noisy = [
-            f"{_name(r)} batch {r.batch}: {r.first_half_p50_ms if r.first_half_p50_ms is not None else r.latency.p50_ms:.3f} vs {r.repeat_p50_ms:.3f} ms"
-            for r in rows if not r.repeatable
+            f"{_name(r)} batch {r.batch}: {r.first_half_p50_ms:.3f} vs {r.repeat_p50_ms:.3f} ms" for r in rows if not r.repeatable
         ]
-        if not rows:  # one timed call per measurement (--runs 1): no halves to compare
+        few = f"use --runs {MIN_REPEAT_CALLS} or more, or a longer --duration"
+        if not rows:  # too few timed calls per measurement: no halves worth comparing
             verdict = (
                 "repeatability not measured: it compares the p50s of the first and the second half of each measurement's "
-                "calls, and " + ("each embedding measurement timed one call; use --runs 2 or more" if self.embedding
+                "calls, and " + (f"each embedding measurement timed fewer than {MIN_REPEAT_CALLS} calls; {few}" if self.embedding
                                  else "no embedding latency was measured")
             )
         elif noisy:
@@ -1433,6 +1448,8 @@ class BenchReport:
             )
         else:
             verdict = f"repeatable: every p50 agreed within {REPEAT_TOLERANCE:.0%} between the first and the second half of its calls"
+        if rows and unjudged:
+            verdict += f" ({unjudged} measurement(s) timed fewer than {MIN_REPEAT_CALLS} calls and were not judged; {few})"
         return {"agree": bool(rows) and not noisy, "tolerance": REPEAT_TOLERANCE, "verdict": verdict, "noisy": noisy}
 
     def to_dict(self, samples: bool = False) -> dict[str, Any]:
@@ -1542,7 +1559,8 @@ def _embedding_rows(
             samples = [t for b in mine for t in b.samples_ms]  # in the order they ran
             lat, half = LatencyStats.from_samples(samples), len(samples) // 2
             first, second = (float(np.median(samples[:half])), float(np.median(samples[half:]))) if half else (None, None)
-            common = dict(repeat_p50_ms=second, repeatable=_agree(first, second) if half else None, first_half_p50_ms=first)
+            judged = len(samples) >= MIN_REPEAT_CALLS
+            common = dict(repeat_p50_ms=second, repeatable=_agree(first, second) if judged else None, first_half_p50_ms=first)
             if isinstance(engine, str):
                 report.embedding.append(EmbeddingRow(_short(provider), "fp32", engine, batch, lat, lat.throughput(batch), **common))
                 continue
@@ -2101,7 +2119,8 @@ def render_report(report: BenchReport, console: Any) -> None:
         t.add_column(col, justify="left" if col == "model" else "right")
     for r in shown:
         s = r.latency
-        again = "-" if r.repeat_p50_ms is None else _fmt(r.repeat_p50_ms) + ("" if r.repeatable else " [red]noisy[/]")
+        verdict = {True: "", False: " [red]noisy[/]", None: " [dim]too few calls[/]"}[r.repeatable]
+        again = "-" if r.repeat_p50_ms is None else _fmt(r.repeat_p50_ms) + verdict
         cells = (s.mean_ms, s.p50_ms, s.p90_ms, s.p99_ms, s.max_ms)
         t.add_row(name(r), str(r.batch), *map(_fmt, cells), _fmt(r.throughput_ips, ",.0f"), again)
     console.print(t)

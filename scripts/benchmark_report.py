@@ -222,7 +222,7 @@ def model_section(name: str, d: dict, trained: bool, plot: str) -> str:
         rows.append([
             eng, str(r["batch"]), _f(lat["mean_ms"]), _f(lat["p50_ms"]), _f(lat["p90_ms"]), _f(lat["p99_ms"]), _f(lat["max_ms"]),
             _f(r["throughput_ips"], ",.0f"), _f(r["achieved_gflops"], ".1f"), _f(r["peak_fraction"] and 100 * r["peak_fraction"], ".0f", "%"),
-            _f(r["speedup_vs_torch"], ".2f", "x"), _f(r["speedup_vs_fp32"], ".2f", "x"), "yes" if r["repeatable"] else "**no**",
+            _f(r["speedup_vs_torch"], ".2f", "x"), _f(r["speedup_vs_fp32"], ".2f", "x"), {True: "yes", False: "**no**", None: "-"}[r["repeatable"]],
         ])
     parts += ["### Embedding latency (ms)", "", _table(
         ["engine", "batch", "mean", "p50", "p90", "p99", "max", "img/s", "GFLOP/s", "% peak", "vs torch", "vs fp32", "p50 repeats ±10%"], rows), ""]
@@ -328,7 +328,7 @@ def markdown(reports: dict[str, dict], sweep_rows: list[dict], argv: list[str], 
         batches = sorted({r["batch"] for r in sweep_rows})
         settings = list(dict.fromkeys(r["setting"] for r in sweep_rows))
         cell = {(r["setting"], r["batch"]): r for r in sweep_rows}
-        rows = [[s] + [f"{cell[(s, b)]['p50_ms']:.3f}" + ("" if cell[(s, b)]["repeatable"] else " (noisy)") for b in batches] for s in settings]
+        rows = [[s] + [f"{cell[(s, b)]['p50_ms']:.3f}" + ("" if cell[(s, b)]["repeatable"] is not False else " (noisy)") for b in batches] for s in settings]
         lines += [
             "## ONNX Runtime settings (Conv-4 fp32, p50 ms)", "",
             "Each line changes one setting from the report's defaults.", "",

@@ -210,8 +210,8 @@ def test_report_values_are_sane(fast_report):
         assert r["achieved_gflops"] == pytest.approx(r["flops"] / (lat["p50_ms"] / 1e3) / 1e9)
         assert r["peak_fraction"] == pytest.approx(r["achieved_gflops"] / d["peak"]["peak_gflops"])
         assert r["speedup_vs_fp32"] == 1.0 and r["speedup_vs_torch"] is None
-        assert isinstance(r["repeatable"], bool) and r["repeat_p50_ms"] > 0
-    assert d["repeatability"]["verdict"].startswith(("repeatable", "the machine was too noisy"))
+        assert r["repeatable"] is None and r["first_half_p50_ms"] > 0 and r["repeat_p50_ms"] > 0  # 5 calls: too few to judge
+    assert d["repeatability"]["verdict"].startswith("repeatability not measured")
     assert any("no torch baseline" in n for n in d["notes"])
     json.dumps(d)  # serializable as is
 
@@ -325,7 +325,29 @@ def test_precisions_are_timed_in_turn_one_session_at_a_time(tmp_path, tiny_onnx_
     assert [(r.latency.runs, r.repeatable, r.repeat_p50_ms) for r in one_call.embedding] == [(1, None, None)]  # nothing to compare
     verdict = one_call.repeatability
     assert not verdict["agree"] and verdict["verdict"].startswith("repeatability not measured: it compares the p50s of the first and")
-    assert verdict["verdict"].endswith("each embedding measurement timed one call; use --runs 2 or more")
+    assert verdict["verdict"].endswith("each embedding measurement timed fewer than 10 calls; use --runs 10 or more, or a longer --duration")
+
+
+def test_repeatability_is_judged_from_ten_calls(tiny_onnx_model_module):
+    cfg = bm.BenchConfig(providers=("cpu",), batch_sizes=(1, 2), class_counts=(1,), threads=1, flops=False, warmup=1, cold_start=False)
+    nine = bm.run_benchmark(tiny_onnx_model_module, replace(cfg, runs=9))
+    assert [r.repeatable for r in nine.embedding] == [None, None]  # both halves reported, nothing judged
+    assert all(r.first_half_p50_ms > 0 and r.repeat_p50_ms > 0 for r in nine.embedding)
+    assert not nine.repeatability["agree"] and "fewer than 10 calls" in nine.repeatability["verdict"]
+    ten = bm.run_benchmark(tiny_onnx_model_module, replace(cfg, runs=10))
+    assert all(isinstance(r.repeatable, bool) for r in ten.embedding)
+    verdict = ten.repeatability
+    assert verdict["verdict"].startswith(("repeatable", "the machine was too noisy")) and "not judged" not in verdict["verdict"]
+    # a report where one row had too few calls says so beside the verdict on the others
+    ten.embedding[1] = replace(ten.embedding[1], repeatable=None)
+    slow = replace(ten.embedding[0], first_half_p50_ms=1.0, repeat_p50_ms=1.2, repeatable=False)
+    ten.embedding[0] = slow
+    verdict = ten.repeatability
+    assert not verdict["agree"] and verdict["noisy"] == ["ORT fp32 batch 1: 1.000 vs 1.200 ms"]
+    assert verdict["verdict"] == (
+        "the machine was too noisy: 1 of 1 p50s moved more than 10% between the first and the second half of their calls "
+        "(1 measurement(s) timed fewer than 10 calls and were not judged; use --runs 10 or more, or a longer --duration)"
+    )
 
 
 def test_missing_precision_without_a_source_says_how_to_get_it(tmp_path, tiny_onnx_model_module):
@@ -892,6 +914,26 @@ def test_time_pair_alternates():
     calls = []
     a, b = bm.time_pair(lambda: calls.append("a"), lambda: calls.append("b"), warmup=2, runs=4)
     assert calls == ["a", "b"] * 6 and a.runs == b.runs == 4
+    calls.clear()
+    bm.time_pair(lambda: calls.append("a"), lambda: calls.append("b"), warmup=1, runs=2, after=lambda: calls.append("undo"))
+    assert calls == ["a", "b", "undo"] * 3
+
+
+def test_enrolment_is_timed_into_a_store_that_does_not_grow(tiny_onnx_model_module, monkeypatch):
+    sizes = []
+    real = bm._classifier
+
+    def tracked(*a):
+        clf = real(*a)
+        enroll = clf.enroll
+        clf.enroll = lambda label, x: (sizes.append(len(clf.labels)), enroll(label, x))[1]
+        return clf
+
+    monkeypatch.setattr(bm, "_classifier", tracked)
+    cfg = bm.BenchConfig(providers=("cpu",), threads=1, warmup=2, runs=6, shots=3)
+    row = bm._adaptation(bm._open_variant(tiny_onnx_model_module, "given", 1), "CPUExecutionProvider", cfg)
+    assert sizes == [0] + [1] * 8  # the store's first class, then each timed or warm-up enrolment into a store of one
+    assert row.enroll.runs == row.embed.runs == 6 and row.shots == 3 and row.ratio > 0
 
 
 @pytest.mark.parametrize("others, busy", [(None, False), (0.05, False), (0.2, True), (1.5, True)])
