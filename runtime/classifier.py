@@ -248,6 +248,9 @@ class FewShotClassifier:
         return PrototypeStore(s.embedding_dim, metric=s.metric, fingerprint=s.fingerprint, keep_embeddings=self.options.keep_embeddings)
 
     def _checked(self, store: PrototypeStore) -> PrototypeStore:
+        """``store`` if it fits this model. One that records no model (made by hand) is
+        taken as this model's and records its fingerprint from then on, so it saves and
+        loads again like any other."""
         s = self.session
         if store.fingerprint and store.fingerprint != s.fingerprint:
             raise ModelMismatchError(
@@ -261,6 +264,8 @@ class FewShotClassifier:
             )
         if self.options.mode is Mode.KNN and not store.keep_embeddings:
             raise InputError("k-NN mode needs a store that keeps embeddings; re-enrol into a new store with keep_embeddings=True (`edgemeta enroll --keep-embeddings --store NEW`)")
+        if not store.fingerprint:
+            store.fingerprint = s.fingerprint
         return store
 
     def use_store(self, store: PrototypeStore) -> None:
@@ -330,7 +335,7 @@ class FewShotClassifier:
         Only the new images are embedded. All images are embedded before the store
         changes, so a bad image leaves the store as it was.
         """
-        check_label(label)
+        label = check_label(label)
         items = _as_list(images)
         if len(items) == 0:
             raise InputError(f"no images given for label {label!r}; pass at least one image")
@@ -341,9 +346,16 @@ class FewShotClassifier:
     ) -> dict[str, int]:
         """Enrol every class subfolder of ``folder`` (label = subfolder name); returns label -> images added."""
         classes = scan_class_folders(folder)
-        for label in classes:  # a folder name no store can hold is refused before any image is embedded
-            check_label(label)
-        embedded = {label: self.embed(paths, on_progress) for label, paths in classes.items()}
+        named: dict[str, str] = {}
+        for name in classes:  # a folder name no store can hold is refused before any image is embedded
+            label = check_label(name)
+            if label in named:
+                raise InputError(
+                    f"folders {named[label]!r} and {name!r} in {folder} name the same class {label!r} (one written decomposed); "
+                    "merge the two folders into one"
+                )
+            named[label] = name
+        embedded = {label: self.embed(classes[name], on_progress) for label, name in named.items()}
         for label, emb in embedded.items():  # every image decoded before the store changes
             self._store.add(label, emb)
         return {label: len(emb) for label, emb in embedded.items()}

@@ -55,11 +55,16 @@ _CHECKSUM_KEY = "sha256"
 
 
 def check_label(label: object, *, new: bool = True) -> str:
-    """Return ``label`` if it is a non-empty string, else raise :class:`InputError`. A ``new``
-    label (one being enrolled or renamed to) must not hold control characters either: they
-    would break every table and log it appears in. Labels already stored are read as they are."""
-    if not isinstance(label, str):
-        raise InputError(f"label must be a string, got {type(label).__name__} {label!r}; pass e.g. str(label)")
+    """Return ``label`` as a plain ``str`` if it is a non-empty string, else raise
+    :class:`InputError`. A ``new`` label (one being enrolled or renamed to) must not hold
+    control characters either: they would break every table and log it appears in; and it
+    is returned in Unicode's composed form (NFC), so "café" typed on a keyboard and "café"
+    from a folder name written decomposed (as macOS writes them) name one class. Labels
+    already stored are read as they are."""
+    if type(label) is not str:
+        if not isinstance(label, str):
+            raise InputError(f"label must be a string, got {type(label).__name__} {label!r}; pass e.g. str(label)")
+        label = str(label)  # a str subclass (numpy's str_, an enum's value): stored and returned as a plain str
     if not label.strip():
         raise InputError(f"label must be a non-empty string, got {label!r}; name the class")
     if not new or (label.isprintable() and label.isascii()):  # the common label, checked in C (enrolment's hot path runs this twice)
@@ -71,7 +76,7 @@ def check_label(label: object, *, new: bool = True) -> str:
             f"label {label!r} cannot be written as UTF-8 (a lone surrogate: a file or folder name in another encoding?); "
             "rename the class (or its folder) in UTF-8"
         )
-    return label
+    return unicodedata.normalize("NFC", label)
 
 
 def _utf8(text: str) -> bool:
@@ -340,7 +345,9 @@ class PrototypeStore:
             raise InputError(f"{what} needs the individual embeddings; create the store with keep_embeddings=True and re-enrol")
 
     def _row_label(self, label: object) -> str:
-        check_label(label, new=False)  # an existing label, as it was stored
+        label = check_label(label, new=False)  # an existing label, as it was stored
+        if label not in self._index and not label.isascii():  # as enrolled: in composed form (see check_label)
+            label = unicodedata.normalize("NFC", label) if unicodedata.normalize("NFC", label) in self._index else label
         if label not in self._index:
             shown = ", ".join(repr(x if len(x) <= 40 else x[:37] + "...") for x in self._labels[:10]) + (", ..." if len(self._labels) > 10 else "")
             raise InputError(f"unknown label {label!r}; enrolled labels: {shown or 'none'}")
@@ -362,10 +369,12 @@ class PrototypeStore:
             raise InputError("no embeddings given; enrol at least one example")
         if e.dtype.kind not in "fiu":
             raise InputError("embeddings must be finite numbers; check the model's output")
+        if e.dtype != np.float32:  # as a model gives them: float64 values beyond float32's range become inf, refused below
+            with np.errstate(over="ignore", invalid="ignore"):
+                e = e.astype(np.float32)
         # the sums are what the store keeps, so the reduction that makes them is also the check:
         # a float32 batch's float64 sum (and the sum of that) is finite exactly when every value
-        # is. float64 embeddings so huge that the sum of their sums overflows are refused too,
-        # as if not finite (they are far outside any model's range). As few numpy calls as
+        # is (other types were made float32 above, so no sum can overflow). As few numpy calls as
         # possible: right after the embedding run each one starts cache-cold
         total = e.sum(axis=0, dtype=np.float64)
         if not math.isfinite(total.sum()):
@@ -374,7 +383,7 @@ class PrototypeStore:
 
     def add(self, label: str, embeddings: np.ndarray) -> int:
         """Add embeddings [n, D] (or one [D]) to ``label``, creating it if new; returns its count."""
-        check_label(label)
+        label = check_label(label)
         e, total = self._check_embeddings(embeddings)  # outside the lock: predictions wait less
         with self._lock:
             row = self._index.get(label)
@@ -400,7 +409,8 @@ class PrototypeStore:
     def forget(self, label: str) -> None:
         """Remove a class and everything enrolled for it."""
         with self._lock:
-            row = self._index[self._row_label(label)]
+            label = self._row_label(label)
+            row = self._index[label]
             n = len(self._labels)
             self._sums[row : n - 1] = self._sums[row + 1 : n]
             self._counts[row : n - 1] = self._counts[row + 1 : n]
@@ -413,9 +423,9 @@ class PrototypeStore:
 
     def rename(self, old: str, new: str, *, merge: bool = False) -> None:
         """Rename a class; with ``merge=True`` an existing ``new`` absorbs ``old``'s examples."""
-        check_label(new)
+        new = check_label(new)
         with self._lock:
-            self._row_label(old)
+            old = self._row_label(old)
             if old == new:
                 return
             if new in self._index:
@@ -526,11 +536,12 @@ class PrototypeStore:
 
     @classmethod
     def from_bytes(cls, data: bytes, *, source: str = "store", fingerprint: str | None = None) -> PrototypeStore:
-        """Parse and verify store bytes; ``fingerprint`` (if given) must match the store's model."""
+        """Parse and verify store bytes; ``fingerprint`` (if given) must match the store's model
+        when the store records one (a store made by hand may not: it is accepted)."""
         header_text, tensors = _read_safetensors(data, source)
         header = _parse_header(header_text, source)
         store = cls._from_parts(header, tensors, source)
-        if fingerprint is not None and store.fingerprint != fingerprint:
+        if fingerprint is not None and store.fingerprint and store.fingerprint != fingerprint:  # none recorded: made by hand
             raise ModelMismatchError(
                 f"store {source} was made with model {store.fingerprint or '(unknown)'}, this model is {fingerprint}; "
                 "re-enrol or load the matching model"
@@ -598,6 +609,8 @@ class PrototypeStore:
             problems.append("labels/counts disagree")
         if sums is None or sums.shape != (n, d) or sums.dtype != np.float64:
             problems.append(f"sums tensor is not float64 [{n}, {d}]")
+        elif not np.isfinite(sums).all():
+            problems.append("sums tensor holds values that are not finite")
         if cnt is None or cnt.shape != (n,) or cnt.tolist() != counts or (n and cnt.min() < 1):
             problems.append("counts tensor does not match the header")
         emb = tensors.get("embeddings")

@@ -240,6 +240,19 @@ def test_forget_rename_and_persistence(tiny_onnx_model, tiny_cosine_model, runti
         FewShotClassifier(tiny_cosine_model, "cpu", store=clf.store)
 
 
+def test_a_store_made_by_hand_is_taken_as_this_models(tiny_onnx_model, tiny_cosine_model, runtime_images, tmp_path):
+    hand = PrototypeStore(16)  # records no model: accepted, and from then on records this one
+    clf = FewShotClassifier(tiny_onnx_model, "cpu", store=hand)
+    assert hand.fingerprint == clf.fingerprint == "fp-tiny-0001"
+    clf.enroll("class0", runtime_images["class0"])
+    fresh = FewShotClassifier(tiny_onnx_model, "cpu").load(clf.save(tmp_path / "s.store"))  # it saves and loads like any other
+    assert fresh.counts == {"class0": 6}
+    PrototypeStore(16).save(tmp_path / "hand.store")  # a file without a fingerprint loads as the memory one does
+    assert FewShotClassifier(tiny_onnx_model, "cpu").load(tmp_path / "hand.store").store.fingerprint == "fp-tiny-0001"
+    with pytest.raises(ModelMismatchError, match="store holds 16-D sqeuclidean prototypes, this model gives 16-D cosine"):
+        FewShotClassifier(tiny_cosine_model, "cpu", store=PrototypeStore(16))  # the rest is still checked
+
+
 def test_editing_adds_to_the_file(tiny_onnx_model, runtime_images, tmp_path):
     path = tmp_path / "s.store"
     with FewShotClassifier(tiny_onnx_model, "cpu").editing(path) as clf:
@@ -261,6 +274,14 @@ def test_enroll_folder(tiny_onnx_model, runtime_image_folder, tmp_path):
     with pytest.raises(InputError, match="has no class subfolders"):
         clf.enroll_folder(tmp_path / "images" / "class0")
     assert clf.counts["class0"] == 6  # the failed calls changed nothing
+    (runtime_image_folder / "empty").rmdir()
+    composed, decomposed = "caf\u00e9", "cafe\u0301"
+    (runtime_image_folder / "class0").rename(runtime_image_folder / decomposed)  # as macOS writes folder names
+    assert FewShotClassifier(tiny_onnx_model, "cpu").enroll_folder(runtime_image_folder)[composed] == 6
+    (runtime_image_folder / "class1").rename(runtime_image_folder / composed)
+    with pytest.raises(InputError, match=f"folders .* name the same class '{composed}' .one written decomposed.; merge the two folders into one"):
+        clf.enroll_folder(runtime_image_folder)
+    assert clf.counts == {f"class{k}": 6 for k in range(4)}  # refused before anything was embedded
 
 
 def test_predictions_never_see_a_half_updated_store(tiny_onnx_model):

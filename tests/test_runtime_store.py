@@ -108,6 +108,39 @@ def test_bad_embeddings(emb, message):
         PrototypeStore(D).add("x", emb)
 
 
+def test_float64_embeddings_beyond_float32_are_refused_without_a_warning():
+    s = PrototypeStore(D)
+    with np.errstate(all="raise"):  # a numpy warning would raise here
+        with pytest.raises(InputError, match="embeddings must be finite"):
+            s.add("x", np.full((2, D), 1e300))
+        with pytest.raises(InputError, match="embeddings must be finite"):
+            s.add("x", np.full((2, D), 1e39))  # finite in float64, inf as the float32 a model gives
+        s.add("x", np.array([[1.0, 2.0, 3.0, 4.0]]))  # in range: taken, as float32
+        s.add("y", np.arange(D))  # integers too
+    assert s.labels == ["x", "y"] and s.prototypes().dtype == np.float32
+    np.testing.assert_array_equal(s.prototypes(), [[1, 2, 3, 4], [0, 1, 2, 3]])
+
+
+def test_labels_are_plain_composed_strings():
+    s = PrototypeStore(D, keep_embeddings=True)
+    s.add(np.str_("cat"), _emb(1, 0))
+    composed, decomposed = "caf\u00e9", "cafe\u0301"
+    s.add(decomposed, _emb(1, 1))  # as macOS writes folder names
+    s.add(composed, _emb(1, 2))  # as typed: the same class
+    assert s.labels == ["cat", composed] and all(type(x) is str for x in s.labels)
+    assert s.counts == {"cat": 1, composed: 2}
+    assert s.examples(decomposed).shape == (2, D)  # either form finds it
+    s.rename(decomposed, np.str_("coffee"))
+    assert s.labels == ["cat", "coffee"] and type(s.labels[1]) is str
+    s.forget("coffee")
+    assert s.labels == ["cat"]
+
+
+def test_a_store_without_a_fingerprint_loads_for_any_model(tmp_path):
+    path = PrototypeStore(D).save(tmp_path / "hand.store")  # made by hand: it records no model
+    assert PrototypeStore.load(path, fingerprint="fp-z").fingerprint == ""
+
+
 @pytest.mark.parametrize("keep", [True, False])
 def test_save_load_round_trip(tmp_path, keep):
     s = _store(keep=keep)
@@ -185,9 +218,11 @@ def _flip_last_byte(path: Path) -> None:
         (lambda p: _resave(p, lambda h: h.update(version=2)), r"format version 2, newer than this edgemeta reads \(1\); upgrade edgemeta"),
         (lambda p: _resave(p, lambda h: h.update(format="something.else")), "is not an edgemeta prototype store"),
         (lambda p: _resave(p, lambda h: h.update(counts=[4, 3])), "inconsistent: counts tensor does not match the header"),
+        (lambda p: _resave(p, tensors_edit=lambda t: t["sums"].__setitem__((1, 2), np.nan)), "inconsistent: sums tensor holds values that are not finite"),
         (lambda p: p.write_bytes(st_save({"w": np.zeros(3, np.float32)})), "safetensors file without an edgemeta store header"),
     ],
-    ids=["truncated-end", "truncated-header", "empty", "garbage", "bit-flip", "header-edit", "tensor-edit", "newer", "foreign-format", "inconsistent", "other-safetensors"],
+    ids=["truncated-end", "truncated-header", "empty", "garbage", "bit-flip", "header-edit", "tensor-edit", "newer", "foreign-format", "inconsistent",
+         "not-finite", "other-safetensors"],
 )
 def test_damaged_files_are_refused(tmp_path, damage, message):
     path = _store().save(tmp_path / "s.store")
