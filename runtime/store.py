@@ -347,7 +347,8 @@ class PrototypeStore:
     def _row_label(self, label: object) -> str:
         label = check_label(label, new=False)  # an existing label, as it was stored
         if label not in self._index and not label.isascii():  # as enrolled: in composed form (see check_label)
-            label = unicodedata.normalize("NFC", label) if unicodedata.normalize("NFC", label) in self._index else label
+            composed = unicodedata.normalize("NFC", label)
+            label = composed if composed in self._index else label
         if label not in self._index:
             shown = ", ".join(repr(x if len(x) <= 40 else x[:37] + "...") for x in self._labels[:10]) + (", ..." if len(self._labels) > 10 else "")
             raise InputError(f"unknown label {label!r}; enrolled labels: {shown or 'none'}")
