@@ -52,7 +52,7 @@ def benchmark(
         True, "--spinning/--no-spinning", help="Idle ONNX Runtime threads spin between calls (its default) or sleep (saves power and cores)."
     ),
     warmup: int = typer.Option(10, help="Untimed calls before each measurement."),
-    runs: Optional[int] = typer.Option(None, help="Timed calls per measurement (100 unless --duration is given)."),
+    runs: Optional[int] = typer.Option(None, help="Timed calls per measurement (100 unless --duration is given); a repeatability verdict needs 10 or more."),
     duration: Optional[float] = typer.Option(None, help="Seconds per measurement instead of --runs."),
     rounds: int = typer.Option(
         4, help="Embedding latency in this many rounds, each timing every engine in turn (a fresh session each), so ratios survive a drifting machine."
