@@ -112,6 +112,7 @@ class ExportOutcome:
             "export": {k: v for k, v in self.export.to_dict().items() if k != "path"} if self.export else None,
             "verification": self.verification.to_dict() if self.verification else None,
             "ort_path": str(self.ort_path) if self.ort_path else None,
+            "calibration": self.metadata.extra.get("calibration"),  # int8: how it was calibrated, and its stem
         }
 
 

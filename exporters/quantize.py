@@ -47,6 +47,9 @@ _FLOAT, _HALF = TensorProto.FLOAT, TensorProto.FLOAT16
 _FLOAT32_INPUTS = {("Resize", 1), ("Resize", 2), ("Upsample", 1)}
 
 
+STEM_LAYOUTS = ("auto", "nchw", "nhwc", "s2d")  # see QuantizeSpec.stem_layout
+
+
 @dataclass(frozen=True)
 class QuantizeSpec:
     """int8 calibration settings. ``method`` is an ``onnxruntime.quantization.CalibrationMethod``
@@ -62,8 +65,9 @@ class QuantizeSpec:
     # faster depends on the model and the CPU's int8 kernels: measure with `edgemeta benchmark`
     activations: str = "int8"
     # keep the first convolution (the stem: 1 or 3 input channels, which int8 kernels
-    # handle poorly) in float32, with the activation and pooling that follow it
-    float_stem: bool = True
+    # handle poorly) in float32, with the activation and pooling that follow it. None
+    # (the default): the stem as ``stem_layout="auto"`` chooses it
+    float_stem: bool | None = None
     # how ONNX Runtime's CPU provider runs the int8 convolutions: "direct" (its int8 direct
     # convolution, VNNI), or "gemm": int8 weights stored with zero point -1 (the same values,
     # shifted by one level: lossless) so each convolution runs as an int8 GEMM, which uses
@@ -77,12 +81,15 @@ class QuantizeSpec:
     # lets the NCHWc pass write NHWC directly when the runtime turns off the transpose
     # optimizer that would remove the pair (edgemeta does on x86-64; see
     # ``runtime.session.wants_nhwc_stem``). Wide stems gain (Conv-4, 64 channels: 7% at
-    # batch 32); narrow ones lose (EdgeNet: its direct NHWC reorder is slower). Needs float_stem.
+    # batch 32); narrow ones lose (EdgeNet: its direct NHWC reorder is slower). Not with float_stem=False.
     # Or "s2d": the stem (Conv -> activation -> 2x2 MaxPool) rewritten as a space-to-depth
     # convolution and a max over its output groups (exact in float; ``exporters.stem``), so
     # that it runs in int8 with its pooling and nothing crosses from float to int8 but the
-    # input. Needs float_stem=False. Conv-4: ~13% faster at batch 32 than "nhwc".
-    stem_layout: str = "nchw"
+    # input. Not with float_stem=True. Conv-4: ~13% faster at batch 32 than "nhwc".
+    # "auto" (the default): "s2d" where the stem fits it (unless float_stem=True), else
+    # "nchw" with the float stem (or without it, with float_stem=False); the model's
+    # metadata records what was chosen, and why not "s2d" when it was not.
+    stem_layout: str = "auto"
 
     def __post_init__(self) -> None:
         if self.calibration_images < 1 or self.batch < 1:
@@ -93,12 +100,12 @@ class QuantizeSpec:
             raise InputError(f"unknown int8 convolution kernel {self.conv_kernel!r}; use direct or gemm")
         if self.conv_kernel == "gemm" and self.activations != "uint8":
             raise InputError("the gemm convolution kernel needs uint8 activations (ONNX Runtime's int8 GEMM is uint8 x int8); add --activations uint8")
-        if self.stem_layout not in ("nchw", "nhwc", "s2d"):
-            raise InputError(f"unknown stem layout {self.stem_layout!r}; use nchw, nhwc or s2d")
-        if self.stem_layout == "nhwc" and not self.float_stem:
-            raise InputError("--stem-layout nhwc needs the float stem (--float-stem): it changes how the float stem hands over to int8")
+        if self.stem_layout not in STEM_LAYOUTS:
+            raise InputError(f"unknown stem layout {self.stem_layout!r}; use {', '.join(STEM_LAYOUTS[:-1])} or {STEM_LAYOUTS[-1]}")
+        if self.stem_layout == "nhwc" and self.float_stem is False:
+            raise InputError("--stem-layout nhwc needs the float stem: it changes how the float stem hands over to int8; drop --no-float-stem")
         if self.stem_layout == "s2d" and self.float_stem:
-            raise InputError("--stem-layout s2d runs the stem in int8: add --no-float-stem")
+            raise InputError("--stem-layout s2d runs the stem in int8: drop --float-stem")
         if self.method not in ("MinMax", "Entropy", "Percentile", "Distribution"):
             raise InputError(f"unknown calibration method {self.method!r}; use MinMax, Entropy, Percentile or Distribution")
 
@@ -329,11 +336,18 @@ def _nhwc_round_trip(model: onnx.ModelProto, stem: set[str]) -> bool:
     return True
 
 
-def _s2d(model: onnx.ModelProto) -> onnx.ModelProto:
-    try:
-        return space_to_depth_stem(model)
-    except ValueError as e:
-        raise InputError(f"--stem-layout s2d does not fit this model: {e}; export it with --stem-layout nchw") from None
+def _stem_choice(model: onnx.ModelProto, spec: QuantizeSpec) -> tuple[onnx.ModelProto, str, bool, str | None]:
+    """``(model, stem layout, float stem, why not s2d)`` as ``spec`` asks: the model with the
+    space-to-depth stem where it is asked for or chosen (``"auto"``), and what runs."""
+    layout, float_stem = spec.stem_layout, spec.float_stem
+    if layout == "s2d" or (layout == "auto" and float_stem is not True):
+        try:
+            return space_to_depth_stem(model), "s2d", False, None
+        except ValueError as e:
+            if layout == "s2d":
+                raise InputError(f"--stem-layout s2d does not fit this model: {e}; export it with --stem-layout nchw") from None
+            return model, "nchw", float_stem is None, f"the space-to-depth stem does not fit: {e}"
+    return model, "nchw" if layout == "auto" else layout, float_stem is not False, None
 
 
 def _pre_process(src: Path, dst: Path) -> None:
@@ -375,10 +389,9 @@ def quantize_int8(
             _pre_process(src, pre)
             model = onnx.load_model(str(pre))
             name_nodes(model)
-            if spec.stem_layout == "s2d":
-                model = _s2d(model)
+            model, layout, float_stem, not_s2d = _stem_choice(model, spec)
             onnx.save_model(model, str(pre))
-            stem = _stem(model) if spec.float_stem else set()
+            stem = _stem(model) if float_stem else set()
             quantize_static(
                 str(pre), str(out), _reader(x, protos, spec.batch),
                 quant_format=QuantFormat.QDQ, per_channel=spec.per_channel,
@@ -389,7 +402,7 @@ def quantize_int8(
             )
             q = onnx.load_model(str(out))
             gemm_weights = _weights_to_gemm(q) if spec.conv_kernel == "gemm" else 0
-            if spec.stem_layout == "nhwc" and not _nhwc_round_trip(q, stem):
+            if layout == "nhwc" and not _nhwc_round_trip(q, stem):
                 raise InputError(
                     "--stem-layout nhwc: this model's float stem does not hand its output to int8 alone (it has other "
                     "readers, or none); export it with --stem-layout nchw"
@@ -404,7 +417,9 @@ def quantize_int8(
         ort.set_default_logger_severity(2)  # ONNX Runtime's default
     _check(q, "int8")
     calib: dict[str, Any] = {"dataset": calibration.name, "images": int(len(x)), "method": spec.method, "per_channel": spec.per_channel, "seed": spec.seed,
-                             "activations": spec.activations, "float_stem": spec.float_stem,
-                             "conv_kernel": spec.conv_kernel, "gemm_weight_tensors": gemm_weights, "stem_layout": spec.stem_layout}
+                             "activations": spec.activations, "float_stem": float_stem,
+                             "conv_kernel": spec.conv_kernel, "gemm_weight_tensors": gemm_weights, "stem_layout": layout}
+    if spec.stem_layout == "auto":  # what was asked, and why the space-to-depth stem was not chosen
+        calib.update(stem_layout_asked="auto", **({"stem_note": not_s2d} if not_s2d else {}))
     set_metadata(q, meta.with_(precision=Precision.INT8, verification={}, extra={**meta.extra, "calibration": calib, "float32_part": "metric and normalization"}))
     return save_model(q, out_path)

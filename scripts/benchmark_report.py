@@ -51,7 +51,7 @@ UNTRAINED = [("ResNet-12", "resnet12", 84, 3, ("fp32", "int8")), ("EdgeNet", "ed
 # kernel (gemm loses on narrow layers). Conv-4 runs its stem in int8 as a space-to-depth
 # convolution, pooling included (against a float stem with an NHWC hand-over: 13% faster);
 # EdgeNet's strided stem does not fit that rewrite and stays in float32.
-INT8 = {"Conv-4": {"float_stem": False, "stem_layout": "s2d"}, "ResNet-12": {"activations": "uint8", "float_stem": True, "conv_kernel": "gemm"}, "EdgeNet": {}}
+INT8 = {"Conv-4": {"float_stem": False, "stem_layout": "s2d"}, "ResNet-12": {"activations": "uint8", "float_stem": True, "conv_kernel": "gemm"}, "EdgeNet": {"float_stem": True, "stem_layout": "nchw"}}
 CALIBRATION = "tiny-imagenet"
 UNTRAINED_NOTE = (
     "**untrained weights** (seeded random initialisation): these models were not trained; their latency is what "

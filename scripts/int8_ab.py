@@ -31,11 +31,12 @@ from edgemeta.exporters.data import base_images  # noqa: E402
 from edgemeta.exporters.quantize import QuantizeSpec, quantize_int8  # noqa: E402
 from edgemeta.runtime.session import Session, open_ort_session  # noqa: E402
 
-VARIANTS = {"int8": {"float_stem": False}, "int8 + float stem": {"float_stem": True},
-            "uint8": {"activations": "uint8", "float_stem": False},
-            "uint8 + float stem": {"activations": "uint8", "float_stem": True},
-            "uint8 + gemm": {"activations": "uint8", "float_stem": False, "conv_kernel": "gemm"},
-            "uint8 + float stem + gemm": {"activations": "uint8", "float_stem": True, "conv_kernel": "gemm"},
+NCHW = {"stem_layout": "nchw"}  # the stem as quantized (no space-to-depth rewrite)
+VARIANTS = {"int8": {"float_stem": False, **NCHW}, "int8 + float stem": {"float_stem": True, **NCHW},
+            "uint8": {"activations": "uint8", "float_stem": False, **NCHW},
+            "uint8 + float stem": {"activations": "uint8", "float_stem": True, **NCHW},
+            "uint8 + gemm": {"activations": "uint8", "float_stem": False, "conv_kernel": "gemm", **NCHW},
+            "uint8 + float stem + gemm": {"activations": "uint8", "float_stem": True, "conv_kernel": "gemm", **NCHW},
             "int8 + float stem + NHWC hand-over": {"float_stem": True, "stem_layout": "nhwc"},
             "int8 + space-to-depth stem": {"float_stem": False, "stem_layout": "s2d"}}
 

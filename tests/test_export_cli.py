@@ -111,11 +111,11 @@ BEFORE = ["junk.safetensors", *sorted(USER_MODULES)]
         (["export", "--module", "usernet_ok:build", *MODULE_ARGS, "--ort-optimization", "extended", "-o", "m.onnx"],
          "--ort-optimization applies to the .ort file; add --ort"),
         (["export", "--module", "usernet_ok:build", *MODULE_ARGS, "--precision", "int8", "--stem-layout", "nhcw", "-o", "m.onnx"],
-         "unknown stem layout 'nhcw'; use nchw, nhwc or s2d"),
+         "unknown stem layout 'nhcw'; use auto, nchw, nhwc or s2d"),
         (["export", "--module", "usernet_ok:build", *MODULE_ARGS, "--precision", "int8", "--stem-layout", "nhwc", "--no-float-stem", "-o", "m.onnx"],
-         "--stem-layout nhwc needs the float stem (--float-stem)"),
-        (["export", "--module", "usernet_ok:build", *MODULE_ARGS, "--precision", "int8", "--stem-layout", "s2d", "-o", "m.onnx"],
-         "--stem-layout s2d runs the stem in int8: add --no-float-stem"),
+         "--stem-layout nhwc needs the float stem: it changes how the float stem hands over to int8; drop --no-float-stem"),
+        (["export", "--module", "usernet_ok:build", *MODULE_ARGS, "--precision", "int8", "--stem-layout", "s2d", "--float-stem", "-o", "m.onnx"],
+         "--stem-layout s2d runs the stem in int8: drop --float-stem"),
         (["inspect", "junk.safetensors"], "junk.safetensors is not a readable ONNX model"),
         (["inspect", "nothing.onnx"], "model file not found: nothing.onnx"),
     ],
@@ -175,9 +175,24 @@ def test_export_int8_with_ort_format(workdir, trained_conv4):
     result = json.loads(r.stdout)
     assert result["precision"] == "int8" and result["ort_path"] == "m.int8.ort"
     assert result["verification"]["passed"] and result["verification"]["episodes"]["agreement"] >= 0.9
+    stem = result["calibration"]  # by default Conv-4's stem runs in int8, as a space-to-depth convolution
+    assert (stem["stem_layout"], stem["float_stem"], stem["stem_layout_asked"], "stem_note" in stem) == ("s2d", False, "auto", False)
     info = inspect("m.int8.ort")
     assert info["format"] == "ort" and info["precision"] == "int8" and info["metadata"]["extra"]["calibration"]["dataset"] == "omniglot-background"
     assert files(workdir) == sorted([*BEFORE, "m.int8.onnx", "m.int8.ort"])
+
+
+def test_the_int8_stem_is_said_in_one_line():
+    from edgemeta.cli.export_cmds import _stem_line
+
+    auto = {"stem_layout_asked": "auto"}
+    assert _stem_line({"stem_layout": "s2d", "float_stem": False, **auto}) == (
+        "stem: in int8, as a space-to-depth convolution with its pooling (chosen by --stem-layout auto)")
+    assert _stem_line({"stem_layout": "nchw", "float_stem": True, "stem_note": "the space-to-depth stem does not fit: its first "
+                       "convolution is strided", **auto}) == "stem: in float32 (the space-to-depth stem does not fit: its first convolution is strided)"
+    assert _stem_line({"stem_layout": "nhwc", "float_stem": True}) == "stem: in float32, handed to int8 in NHWC"
+    assert _stem_line({"stem_layout": "nchw", "float_stem": False}) == "stem: in int8"
+    assert _stem_line(None) is None and _stem_line({"dataset": "x"}) is None  # fp32, or an int8 model from before
 
 
 def test_quantize_an_exported_model(workdir, trained_conv4, trained_conv4_onnx):

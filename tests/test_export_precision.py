@@ -49,7 +49,7 @@ def background(export_env):
 
 @pytest.fixture(scope="module")
 def int8_model(trained_conv4_onnx, background, tmp_path_factory) -> Path:
-    return quantize_int8(trained_conv4_onnx, tmp_path_factory.mktemp("int8") / "conv4.int8.onnx", background, QuantizeSpec(calibration_images=128))
+    return quantize_int8(trained_conv4_onnx, tmp_path_factory.mktemp("int8") / "conv4.int8.onnx", background, QuantizeSpec(calibration_images=128, float_stem=True))
 
 
 def test_calibration_uses_base_classes_only(background, omniglot_novel):
@@ -111,7 +111,7 @@ def test_int8_is_qdq_with_a_float_metric(int8_model, trained_conv4_onnx):
     assert meta.precision is Precision.INT8 and meta.fingerprint == meta_of(trained_conv4_onnx).fingerprint
     assert meta.extra["calibration"] == {"dataset": "omniglot-background", "images": 128, "method": "MinMax", "per_channel": True, "seed": 0,
                                          "activations": "int8", "float_stem": True, "conv_kernel": "direct", "gemm_weight_tensors": 0,
-                                         "stem_layout": "nchw"}
+                                         "stem_layout": "nchw", "stem_layout_asked": "auto"}
     inits = {t.name: t.data_type for t in model.graph.initializer}
     q_zero_points = {inits[n.input[2]] for n in model.graph.node if n.op_type == "QuantizeLinear"}
     assert q_zero_points == {onnx.TensorProto.INT8}  # signed activations by default
@@ -142,7 +142,7 @@ def test_float_pooling_is_not_moved_into_int8_by_onnxruntime(trained_conv4_onnx,
     int8 NCHW MaxPool, many times slower); every edgemeta session turns it off."""
     from edgemeta.runtime.session import open_ort_session
 
-    out = quantize_int8(trained_conv4_onnx, tmp_path / "q.onnx", background, QuantizeSpec(calibration_images=32))
+    out = quantize_int8(trained_conv4_onnx, tmp_path / "q.onnx", background, QuantizeSpec(calibration_images=32, float_stem=True))
     for disabled in (True, False):
         so = ort.SessionOptions()
         so.optimized_model_filepath = str(tmp_path / f"optimized_{disabled}.onnx")
@@ -210,9 +210,9 @@ def test_int8_nhwc_stem_hand_over(int8_nhwc_model, int8_model, tmp_path):
     so.optimized_model_filepath = str(tmp_path / "written.onnx")
     open_ort_session(int8_nhwc_model, so, ["CPUExecutionProvider"])
     assert not any(n.op_type == "Transpose" for n in onnx.load(so.optimized_model_filepath).graph.node)
-    with pytest.raises(InputError, match="unknown stem layout 'nhcw'; use nchw, nhwc or s2d"):
+    with pytest.raises(InputError, match="unknown stem layout 'nhcw'; use auto, nchw, nhwc or s2d"):
         QuantizeSpec(stem_layout="nhcw")
-    with pytest.raises(InputError, match="needs the float stem"):
+    with pytest.raises(InputError, match="--stem-layout nhwc needs the float stem: it changes how the float stem hands over to int8; drop --no-float-stem"):
         QuantizeSpec(stem_layout="nhwc", float_stem=False)
 
 
@@ -252,8 +252,8 @@ def test_int8_space_to_depth_stem(int8_s2d_model, trained_conv4, omniglot_novel,
     ep = report.episodes
     assert ep["agreement"] >= 0.9 and ep["accuracy_difference"] > -0.03 and ep["torch_accuracy"] > 0.5
     assert report.summary()["embeddings_max_rel_error"] > 1e-3  # it is quantized
-    with pytest.raises(InputError, match="--stem-layout s2d runs the stem in int8: add --no-float-stem"):
-        QuantizeSpec(stem_layout="s2d")
+    with pytest.raises(InputError, match="--stem-layout s2d runs the stem in int8: drop --float-stem"):
+        QuantizeSpec(stem_layout="s2d", float_stem=True)
 
 
 def _untrained_rgb(backbone: str, tmp_path: Path):
@@ -278,7 +278,7 @@ def test_int8_space_to_depth_stem_on_colour_images(tmp_path):
     model = onnx.load(str(out))
     ops = [n.op_type for n in model.graph.node]
     assert ops.count("SpaceToDepth") == 1 and "Transpose" in ops  # the group max's layout moves
-    float_stem = quantize_int8(fp32, tmp_path / "c4.float_stem.int8.onnx", calibration, QuantizeSpec(calibration_images=8))
+    float_stem = quantize_int8(fp32, tmp_path / "c4.float_stem.int8.onnx", calibration, QuantizeSpec(calibration_images=8, float_stem=True))
     x = np.random.default_rng(1).random((4, 3, 16, 16), dtype=np.float32)  # in the calibrated range, as images are
     feed = {"images": x, "prototypes": np.zeros((0, meta_of(fp32).embedding_dim), np.float32)}
     ref = ort.InferenceSession(str(fp32)).run(["embeddings"], feed)[0]
@@ -292,6 +292,29 @@ def test_int8_space_to_depth_stem_refuses_a_stem_it_does_not_fit(tmp_path):
     with pytest.raises(InputError, match="--stem-layout s2d does not fit this model: its first convolution is followed by LeakyRelu and Conv, not by an activation and a 2x2 max pooling; export it with --stem-layout nchw"):
         quantize_int8(fp32, tmp_path / "r12.int8.onnx", calibration, QuantizeSpec(calibration_images=8, float_stem=False, stem_layout="s2d"))
     assert not (tmp_path / "r12.int8.onnx").exists()
+
+
+def test_int8_stem_layout_auto_runs_the_stem_in_int8_where_space_to_depth_fits(tmp_path):
+    """The default: Conv-4's stem as a space-to-depth convolution; ResNet-12's, which does not
+    fit, in float32 (or in int8 as asked), with the reason recorded."""
+    conv4, calibration = _untrained_rgb("conv4", tmp_path)
+
+    def stem(path: Path) -> tuple:
+        c = meta_of(path).extra["calibration"]
+        model = onnx.load(str(path))
+        first_conv = next(n for n in model.graph.node if n.op_type == "Conv")
+        float_weights = first_conv.input[1] in {t.name for t in model.graph.initializer}
+        return c["stem_layout"], c["float_stem"], c.get("stem_layout_asked"), c.get("stem_note"), float_weights
+
+    auto = quantize_int8(conv4, tmp_path / "c4.int8.onnx", calibration, QuantizeSpec(calibration_images=8))
+    assert stem(auto) == ("s2d", False, "auto", None, False)
+    assert stem(quantize_int8(conv4, tmp_path / "c4.fs.onnx", calibration, QuantizeSpec(calibration_images=8, float_stem=True))) == (
+        "nchw", True, "auto", None, True)
+    r12, calibration = _untrained_rgb("resnet12", tmp_path)
+    why = "the space-to-depth stem does not fit: its first convolution is followed by LeakyRelu and Conv, not by an activation and a 2x2 max pooling"
+    for float_stem, expected in ((None, True), (False, False)):
+        out = quantize_int8(r12, tmp_path / f"r12.{float_stem}.onnx", calibration, QuantizeSpec(calibration_images=8, float_stem=float_stem))
+        assert stem(out) == ("nchw", expected, "auto", why, expected)
 
 
 def _stem_graph(readers: tuple[str, ...], stem_is_output: bool = False) -> onnx.ModelProto:
@@ -338,9 +361,9 @@ def test_nhwc_round_trip_goes_only_where_the_stem_hands_over_to_int8_alone(train
 
 
 def test_int8_gemm_kernel_keeps_the_weights_exactly(trained_conv4_onnx, background, tmp_path):
-    spec = QuantizeSpec(calibration_images=64, activations="uint8")
+    spec = QuantizeSpec(calibration_images=64, activations="uint8", float_stem=True)
     direct = quantize_int8(trained_conv4_onnx, tmp_path / "direct.onnx", background, spec)
-    gemm = quantize_int8(trained_conv4_onnx, tmp_path / "gemm.onnx", background, QuantizeSpec(calibration_images=64, activations="uint8", conv_kernel="gemm"))
+    gemm = quantize_int8(trained_conv4_onnx, tmp_path / "gemm.onnx", background, QuantizeSpec(calibration_images=64, activations="uint8", float_stem=True, conv_kernel="gemm"))
 
     def conv_weights(path: Path) -> list[np.ndarray]:
         model = onnx.load(str(path))

@@ -19,17 +19,19 @@ from edgemeta.runtime.spec import Metric, Normalization, Precision
 
 DATA_HELP = "Novel-class images to verify on: omniglot, tiny-imagenet, digits, or a folder of class folders (default: the checkpoint's data set)."
 ACT_HELP = "int8: activations as int8 (S8S8); uint8: as uint8 (U8S8), often faster for residual networks on x86. Compare with `edgemeta benchmark`."
-STEM_HELP = "Keep the first convolution (1 or 3 input channels, slow in int8), with the activation and pooling right after it, in float32."
+STEM_HELP = ("Keep the first convolution (1 or 3 input channels, slow in int8), with the activation and pooling right after it, "
+             "in float32, or run it in int8. Default: as --stem-layout auto chooses.")
 KERNEL_HELP = ("int8 convolution kernel of ONNX Runtime's CPU provider: direct (VNNI direct convolution) or gemm (weights stored "
                "with zero point -1, lossless, so convolutions run as int8 GEMMs: AMX where the CPU has it; needs --activations uint8). "
                "Wide layers gain from gemm, narrow ones lose: compare with `edgemeta benchmark`. gemm is for CPUs: TensorRT takes only zero points of 0.")
 ORT_LEVEL_HELP = ("Optimization baked into the --ort file (ONNX Runtime adds none when it loads one): basic (runs on every provider) "
                   "or extended (the CPU provider's fusions, int8 kernels included, as chosen for this machine's CPU architecture: for "
                   "devices of that architecture running the CPU provider; Conv-4 int8 about 5x faster than basic).")
-LAYOUT_HELP = ("How the stem meets int8 on ONNX Runtime's CPU provider: nchw (as quantized), nhwc (with --float-stem: an NHWC "
-               "round trip after the float stem, so that on x86-64 it writes NHWC directly and no int8 transpose runs) or s2d "
-               "(with --no-float-stem: a stem of convolution, activation and 2x2 max pooling rewritten, exactly, as a space-to-depth "
-               "convolution that runs in int8 with its pooling; Conv-4's fastest). Compare with `edgemeta benchmark`.")
+LAYOUT_HELP = ("How the stem meets int8 on ONNX Runtime's CPU provider: auto (s2d where the stem fits it, else nchw with the "
+               "float stem; the model's metadata records the choice and why), nchw (as quantized), nhwc (with the float stem: an NHWC "
+               "round trip after it, so that on x86-64 it writes NHWC directly and no int8 transpose runs) or s2d (the stem in int8: "
+               "a stem of convolution, activation and 2x2 max pooling rewritten, exactly, as a space-to-depth convolution that runs "
+               "in int8 with its pooling; Conv-4's fastest). Compare with `edgemeta benchmark`.")
 CALIB_HELP = "Base-class images for int8 calibration (default: Omniglot background / Tiny-ImageNet train; never evaluation classes)."
 DATA_DIR_HELP = "Data folder (default: $EDGEMETA_DATA_DIR)."
 
@@ -68,7 +70,7 @@ def _floats(text: Optional[str], what: str) -> list[float] | float:
 
 def _options(precision: Precision, opset: int, optimize: bool, ort: bool, verify: bool, episodes: int, data: Optional[str],
              calibration_data: Optional[str], data_dir: Optional[Path], calibration_images: int = 256,
-             activations: str = "int8", float_stem: bool = True, conv_kernel: str = "direct", stem_layout: str = "nchw",
+             activations: str = "int8", float_stem: Optional[bool] = None, conv_kernel: str = "direct", stem_layout: str = "auto",
              ort_level: str = "basic"):
     from edgemeta.exporters import ExportOptions, ExportSpec, QuantizeSpec, VerifySpec
 
@@ -101,10 +103,29 @@ def _show_outcome(outcome, json_out: bool) -> None:
     out.print(f"wrote {d['path']} ({d['precision']}, opset {d['opset']}, {d['size_bytes'] / 1e6:.2f} MB{extra}; fingerprint {d['fingerprint']})")
     if d.get("export") and d["export"].get("fallback_reason"):
         out.print(f"[yellow]TorchScript exporter used: {d['export']['fallback_reason']}[/]")
+    stem = _stem_line(d.get("calibration"))
+    if stem:
+        out.print(stem)
     if outcome.verification is not None:
         _show_report(outcome.verification)
     if d.get("ort_path"):
         out.print(f"wrote {d['ort_path']} (ORT format; loads in an InferenceSession)")
+
+
+def _stem_line(calibration: dict | None) -> str | None:
+    """How an int8 model runs its stem, and why, as one line."""
+    if not calibration or "stem_layout" not in calibration:
+        return None
+    layout = calibration["stem_layout"]
+    if layout == "s2d":
+        how = "in int8, as a space-to-depth convolution with its pooling"
+    elif calibration.get("float_stem"):
+        how = "in float32" + (", handed to int8 in NHWC" if layout == "nhwc" else "")
+    else:
+        how = "in int8"
+    if calibration.get("stem_note"):
+        return f"stem: {how} ({calibration['stem_note']})"
+    return f"stem: {how}" + (" (chosen by --stem-layout auto)" if calibration.get("stem_layout_asked") == "auto" else "")
 
 
 def _show_report(report) -> None:
@@ -131,9 +152,9 @@ def export_cmd(
     calibration_data: Optional[str] = typer.Option(None, help=CALIB_HELP),
     calibration_images: int = typer.Option(256, help="Images for int8 calibration."),
     activations: str = typer.Option("int8", help=ACT_HELP),
-    float_stem: bool = typer.Option(True, "--float-stem/--no-float-stem", help=STEM_HELP),
+    float_stem: Optional[bool] = typer.Option(None, "--float-stem/--no-float-stem", help=STEM_HELP, show_default=False),
     conv_kernel: str = typer.Option("direct", help=KERNEL_HELP),
-    stem_layout: str = typer.Option("nchw", help=LAYOUT_HELP),
+    stem_layout: str = typer.Option("auto", help=LAYOUT_HELP),
     data_dir: Optional[Path] = typer.Option(None, help=DATA_DIR_HELP),
     module: Optional[str] = typer.Option(None, help="Export your own module instead: package.module:factory."),
     weights: Optional[Path] = typer.Option(None, help="safetensors weights for --module."),
@@ -191,9 +212,9 @@ def quantize_cmd(
     calibration_data: Optional[str] = typer.Option(None, help=CALIB_HELP),
     calibration_images: int = typer.Option(256, help="Images for calibration."),
     activations: str = typer.Option("int8", help=ACT_HELP),
-    float_stem: bool = typer.Option(True, "--float-stem/--no-float-stem", help=STEM_HELP),
+    float_stem: Optional[bool] = typer.Option(None, "--float-stem/--no-float-stem", help=STEM_HELP, show_default=False),
     conv_kernel: str = typer.Option("direct", help=KERNEL_HELP),
-    stem_layout: str = typer.Option("nchw", help=LAYOUT_HELP),
+    stem_layout: str = typer.Option("auto", help=LAYOUT_HELP),
     verify: bool = typer.Option(True, "--verify/--no-verify", help="Verify against torch on real novel-class images."),
     episodes: int = typer.Option(200, help="Verification episodes (5-way 1-shot)."),
     data: Optional[str] = typer.Option(None, help=DATA_HELP),
