@@ -38,6 +38,7 @@ from edgemeta.errors import EdgemetaError, VerificationError
 from edgemeta.evaluate import to_tensor
 from edgemeta.exporters import ExportOptions, VerifySpec, export_checkpoint, quantize_int8, to_fp16, verify
 from edgemeta.exporters.data import base_images, novel_images, recorded_dataset
+from edgemeta.exporters.graph import load_model, read_metadata
 from edgemeta.exporters.quantize import QuantizeSpec
 from edgemeta.runtime.session import open_ort_session
 from edgemeta.runtime.spec import Precision
@@ -122,6 +123,12 @@ def latency(models: dict[Precision, Path], ckpt: Path, dataset: str, args: argpa
     return out
 
 
+def _stem(stem: dict) -> str:
+    if stem["stem_layout"] == "s2d":
+        return "its stem in int8 as a space-to-depth convolution (the default export's choice)"
+    return ("its stem in float32" if stem["float_stem"] else "its stem in int8") + (f" ({stem['stem_note']})" if stem.get("stem_note") else "")
+
+
 def markdown(rows: dict[Precision, dict], header: dict) -> str:
     ep = rows[Precision.FP32]["verification"]["episodes"]
     lines = [
@@ -129,7 +136,7 @@ def markdown(rows: dict[Precision, dict], header: dict) -> str:
         "",
         f"Model fingerprint {header['fingerprint']} ({header['backbone']}); {ep['count']} seeded episodes "
         f"{ep['n_way']}-way {ep['k_shot']}-shot, {ep['q_query']} queries per class, on {ep['dataset']} "
-        f"({ep['novel_classes']} novel classes); int8 calibrated on {header['calibration']}. "
+        f"({ep['novel_classes']} novel classes); int8 calibrated on {header['calibration']}, {_stem(header['int8_stem'])}. "
         f"Latency: ONNX Runtime {header['onnxruntime']} CPU provider, {header['threads']} thread(s), median of "
         f"{header['repeats']} runs, 5 prototypes; {header['machine']}. {header['date']}.",
         "",
@@ -163,11 +170,13 @@ def main() -> int:
         figures = verify_all(models, Path(ckpt), dataset, args)
         lat = latency(models, Path(ckpt), dataset, args)
         rows = {p: {"size_mb": models[p].stat().st_size / 1e6, "verification": figures[p], "latency": lat[p]} for p in PRECISIONS}
+        calibration = read_metadata(load_model(models[Precision.INT8])).extra["calibration"]
     import onnxruntime as ort
 
     header = {
         "checkpoint": Path(ckpt).name, "fingerprint": ck.fingerprint, "backbone": ck.spec.backbone,
         "calibration": "Omniglot background" if dataset == "omniglot" else "Tiny-ImageNet train classes",
+        "int8_stem": {k: calibration.get(k) for k in ("stem_layout", "float_stem", "stem_note")},  # as the default export chose it
         "onnxruntime": ort.__version__, "threads": args.threads, "repeats": args.repeats,
         "machine": f"{platform.machine()} {platform.processor() or ''}, {os.cpu_count()} cores".replace(" ,", ","),
         "date": datetime.date.today().isoformat(),
