@@ -813,6 +813,7 @@ class ModelVariant:
     size_bytes: int
     fixed_batch: int | None = None  # the graph's batch size when it is fixed (it runs no other)
     dataset: str = ""  # the data set the model records it was trained on ("" if none)
+    int8_stem: str | None = None  # an int8 model: how it runs its stem (ModelMetadata.int8_stem)
 
     def to_dict(self) -> dict[str, Any]:
         return {
@@ -826,6 +827,7 @@ class ModelVariant:
             "size_mb": round(self.size_bytes / 1e6, 3),  # MB, as `edgemeta export` reports it
             "fixed_batch": self.fixed_batch,
             "dataset": self.dataset,
+            "int8_stem": self.int8_stem,
         }
 
 
@@ -837,7 +839,7 @@ def _open_variant(path: Path, origin: str, threads: int) -> ModelVariant:
     dataset = meta.extra.get("dataset")
     return ModelVariant(
         meta.precision, path, origin, meta.fingerprint, meta.backbone, (pp.channels, *pp.size), meta.embedding_dim, path.stat().st_size,
-        sess.fixed_batch, dataset if isinstance(dataset, str) else "",
+        sess.fixed_batch, dataset if isinstance(dataset, str) else "", meta.int8_stem,
     )
 
 
@@ -2108,6 +2110,9 @@ def render_report(report: BenchReport, console: Any) -> None:
     if report.gpu_peak:
         p = report.gpu_peak
         console.print(f"GPU peak float32: {p['peak_gflops']:.0f} GFLOP/s (MatMul {p['n']}² on {p['provider']} with its default settings, TF32 where it allows; inputs on the GPU)")
+    for v in report.models:
+        if v.int8_stem:
+            console.print(f"{v.path.name}: stem {v.int8_stem}")
     best_torch = {(r.provider, r.batch): r.latency.p50_ms for r in report.embedding if r.engine == "torch eager"}
     shown = [
         r for r in report.embedding  # channels-last only when it is the faster torch line (the JSON has it always)

@@ -211,3 +211,16 @@ class ModelMetadata:
 
     def with_(self, **changes: Any) -> ModelMetadata:
         return replace(self, **changes)
+
+    @property
+    def int8_stem(self) -> str | None:
+        """How an int8 model runs its stem (the first convolution, with its activation and
+        pooling), as its export recorded it; None for other precisions or when not recorded."""
+        c = self.extra.get("calibration")
+        if self.precision is not Precision.INT8 or not isinstance(c, dict) or "stem_layout" not in c:
+            return None
+        if c["stem_layout"] == "s2d":
+            return "in int8, as a space-to-depth convolution with its pooling"
+        if c.get("float_stem"):
+            return "in float32" + (", handed to int8 in NHWC" if c["stem_layout"] == "nhwc" else "")
+        return "in int8"

@@ -209,8 +209,8 @@ def model_section(name: str, d: dict, trained: bool, plot: str) -> str:
                  f"{q.conv_kernel} int8 convolution kernel"
                  + {"nhwc": ", NHWC stem hand-over.", "s2d": ", the stem as a space-to-depth convolution with its pooling (exact in float)."}.get(q.stem_layout, "."))
     parts.append("")
-    models = [[v["precision"], f"{v['size_mb']:.2f}", v["origin"]] for v in d["models"]]
-    parts.append(_table(["model", "size MB", "origin"], models, left=(0, 2)))
+    models = [[v["precision"], f"{v['size_mb']:.2f}", v["origin"], v.get("int8_stem") or "–"] for v in d["models"]]
+    parts.append(_table(["model", "size MB", "origin", "stem (int8)"], models, left=(0, 2, 3)))
     parts.append("")
     rows = []
     best = {r["batch"]: r["latency"]["p50_ms"] for r in d["embedding"] if r["engine"] == "torch eager"}

@@ -68,7 +68,7 @@ def tiny_onnx_model_module(tmp_path_factory):
     return build_runtime_model(tmp_path_factory.mktemp("bench") / "tiny.onnx")
 
 
-def with_precision(src: Path, dst: Path, precision: str, fingerprint: str | None = None) -> Path:
+def with_precision(src: Path, dst: Path, precision: str, fingerprint: str | None = None, calibration: dict | None = None) -> Path:
     """A copy of ``src`` whose edgemeta metadata says ``precision`` (the graph stays fp32)."""
     import onnx
 
@@ -79,6 +79,8 @@ def with_precision(src: Path, dst: Path, precision: str, fingerprint: str | None
             doc["precision"] = precision
             if fingerprint:
                 doc["fingerprint"] = fingerprint
+            if calibration:
+                doc["extra"]["calibration"] = calibration
             prop.value = json.dumps(doc)
     onnx.save(model, str(dst))
     return dst
@@ -275,10 +277,17 @@ def test_no_cuda_is_reported_not_failed(tiny_onnx_model_module, monkeypatch):
 def test_precision_variants_side_by_side(tmp_path, tiny_onnx_model_module):
     fp32 = tmp_path / "m.onnx"
     fp32.write_bytes(tiny_onnx_model_module.read_bytes())
-    with_precision(fp32, tmp_path / "m.int8.onnx", "int8")
+    with_precision(fp32, tmp_path / "m.int8.onnx", "int8", calibration={"stem_layout": "s2d", "float_stem": False})
     cfg = bm.BenchConfig(providers=("cpu",), batch_sizes=(2,), class_counts=(1,), precisions=("fp32", "int8"), threads=1, flops=False, **{k: v for k, v in FAST.items() if k != "peak_size"})
     report = bm.run_benchmark(fp32, cfg)
     assert [(m.precision.value, m.origin) for m in report.models] == [("fp32", "given"), ("int8", "found next to the model")]
+    stem = "in int8, as a space-to-depth convolution with its pooling"  # how the timed int8 model runs its stem, as its export recorded
+    assert [m["int8_stem"] for m in report.to_dict()["models"]] == [None, stem]
+    from rich.console import Console
+
+    out = io.StringIO()
+    bm.render_report(report, Console(file=out, width=200))
+    assert f"m.int8.onnx: stem {stem}" in out.getvalue()
     int8 = next(r for r in report.embedding if r.precision == "int8")
     fp = next(r for r in report.embedding if r.precision == "fp32")
     assert int8.speedup_vs_fp32 == pytest.approx(fp.latency.p50_ms / int8.latency.p50_ms)

@@ -184,15 +184,19 @@ def test_export_int8_with_ort_format(workdir, trained_conv4):
 
 def test_the_int8_stem_is_said_in_one_line():
     from edgemeta.cli.export_cmds import _stem_line
+    from edgemeta.runtime.spec import Metric, ModelMetadata, Normalization, Precision, PreprocessSpec
+
+    def line(precision=Precision.INT8, **calibration):
+        return _stem_line(ModelMetadata(PreprocessSpec.create(28, 1), 64, Metric.SQEUCLIDEAN, Normalization.NONE, "fp", precision=precision,
+                                        extra={"calibration": calibration} if calibration else {}))
 
     auto = {"stem_layout_asked": "auto"}
-    assert _stem_line({"stem_layout": "s2d", "float_stem": False, **auto}) == (
-        "stem: in int8, as a space-to-depth convolution with its pooling (chosen by --stem-layout auto)")
-    assert _stem_line({"stem_layout": "nchw", "float_stem": True, "stem_note": "the space-to-depth stem does not fit: its first "
-                       "convolution is strided", **auto}) == "stem: in float32 (the space-to-depth stem does not fit: its first convolution is strided)"
-    assert _stem_line({"stem_layout": "nhwc", "float_stem": True}) == "stem: in float32, handed to int8 in NHWC"
-    assert _stem_line({"stem_layout": "nchw", "float_stem": False}) == "stem: in int8"
-    assert _stem_line(None) is None and _stem_line({"dataset": "x"}) is None  # fp32, or an int8 model from before
+    assert line(stem_layout="s2d", float_stem=False, **auto) == "stem: in int8, as a space-to-depth convolution with its pooling (chosen by --stem-layout auto)"
+    assert line(stem_layout="nchw", float_stem=True, stem_note="the space-to-depth stem does not fit: its first convolution is strided", **auto) == (
+        "stem: in float32 (the space-to-depth stem does not fit: its first convolution is strided)")
+    assert line(stem_layout="nhwc", float_stem=True) == "stem: in float32, handed to int8 in NHWC"
+    assert line(stem_layout="nchw", float_stem=False) == "stem: in int8"
+    assert line(Precision.FP32) is None and line(dataset="x") is None  # fp32, or an int8 model from before the record
 
 
 def test_quantize_an_exported_model(workdir, trained_conv4, trained_conv4_onnx):

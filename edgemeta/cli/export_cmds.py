@@ -103,7 +103,7 @@ def _show_outcome(outcome, json_out: bool) -> None:
     out.print(f"wrote {d['path']} ({d['precision']}, opset {d['opset']}, {d['size_bytes'] / 1e6:.2f} MB{extra}; fingerprint {d['fingerprint']})")
     if d.get("export") and d["export"].get("fallback_reason"):
         out.print(f"[yellow]TorchScript exporter used: {d['export']['fallback_reason']}[/]")
-    stem = _stem_line(d.get("calibration"))
+    stem = _stem_line(outcome.metadata)
     if stem:
         out.print(stem)
     if outcome.verification is not None:
@@ -112,20 +112,15 @@ def _show_outcome(outcome, json_out: bool) -> None:
         out.print(f"wrote {d['ort_path']} (ORT format; loads in an InferenceSession)")
 
 
-def _stem_line(calibration: dict | None) -> str | None:
+def _stem_line(meta) -> str | None:
     """How an int8 model runs its stem, and why, as one line."""
-    if not calibration or "stem_layout" not in calibration:
+    how = meta.int8_stem
+    if how is None:
         return None
-    layout = calibration["stem_layout"]
-    if layout == "s2d":
-        how = "in int8, as a space-to-depth convolution with its pooling"
-    elif calibration.get("float_stem"):
-        how = "in float32" + (", handed to int8 in NHWC" if layout == "nhwc" else "")
-    else:
-        how = "in int8"
-    if calibration.get("stem_note"):
-        return f"stem: {how} ({calibration['stem_note']})"
-    return f"stem: {how}" + (" (chosen by --stem-layout auto)" if calibration.get("stem_layout_asked") == "auto" else "")
+    c = meta.extra["calibration"]
+    if c.get("stem_note"):
+        return f"stem: {how} ({c['stem_note']})"
+    return f"stem: {how}" + (" (chosen by --stem-layout auto)" if c.get("stem_layout_asked") == "auto" else "")
 
 
 def _show_report(report) -> None:
