@@ -428,7 +428,7 @@ def time_pair(
 ) -> tuple[LatencyStats, LatencyStats]:
     """Time two calls alternately (a, b, a, b, ...): a ratio of the two is then immune to the
     machine getting slower or faster during the measurement. ``duration`` covers both.
-    ``after``, untimed, follows each pair (warm-up pairs too): to undo what ``a`` did."""
+    ``after``, untimed, follows each pair (warm-up pairs too): to undo what the pair did."""
     undo = after or (lambda: None)
     for _ in range(warmup):
         a()

@@ -420,6 +420,10 @@ def quantize_int8(
                              "activations": spec.activations, "float_stem": float_stem,
                              "conv_kernel": spec.conv_kernel, "gemm_weight_tensors": gemm_weights, "stem_layout": layout}
     if spec.stem_layout == "auto":  # what was asked, and why the space-to-depth stem was not chosen
-        calib.update(stem_layout_asked="auto", **({"stem_note": not_s2d} if not_s2d else {}))
+        calib["stem_layout_asked"] = "auto"
+        if spec.float_stem is not None:  # --float-stem / --no-float-stem narrowed the choice
+            calib["float_stem_asked"] = spec.float_stem
+        if not_s2d:
+            calib["stem_note"] = not_s2d
     set_metadata(q, meta.with_(precision=Precision.INT8, verification={}, extra={**meta.extra, "calibration": calib, "float32_part": "metric and normalization"}))
     return save_model(q, out_path)

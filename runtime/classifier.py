@@ -252,6 +252,11 @@ class FewShotClassifier:
         taken as this model's and records its fingerprint from then on, so it saves and
         loads again like any other."""
         s = self.session
+        with store._lock:  # checked and adopted at once: another classifier may be given the same store
+            return self._adopted(store)
+
+    def _adopted(self, store: PrototypeStore) -> PrototypeStore:
+        s = self.session
         if store.fingerprint and store.fingerprint != s.fingerprint:
             raise ModelMismatchError(
                 f"store was made with model {store.fingerprint}, this model is {s.fingerprint}; "

@@ -76,7 +76,12 @@ def check_label(label: object, *, new: bool = True) -> str:
             f"label {label!r} cannot be written as UTF-8 (a lone surrogate: a file or folder name in another encoding?); "
             "rename the class (or its folder) in UTF-8"
         )
-    return unicodedata.normalize("NFC", label)
+    return _composed(label)
+
+
+def _composed(label: str) -> str:
+    """``label`` in Unicode's composed form (NFC), as :func:`check_label` stores new labels."""
+    return label if label.isascii() else unicodedata.normalize("NFC", label)
 
 
 def _utf8(text: str) -> bool:
@@ -282,7 +287,7 @@ class PrototypeStore:
         return len(self._labels)
 
     def __contains__(self, label: object) -> bool:
-        return label in self._index
+        return label in self._index or (isinstance(label, str) and _composed(label) in self._index)
 
     def __repr__(self) -> str:
         return (
@@ -346,9 +351,8 @@ class PrototypeStore:
 
     def _row_label(self, label: object) -> str:
         label = check_label(label, new=False)  # an existing label, as it was stored
-        if label not in self._index and not label.isascii():  # as enrolled: in composed form (see check_label)
-            composed = unicodedata.normalize("NFC", label)
-            label = composed if composed in self._index else label
+        if label not in self._index and _composed(label) in self._index:  # as enrolled: in composed form (see check_label)
+            label = _composed(label)
         if label not in self._index:
             shown = ", ".join(repr(x if len(x) <= 40 else x[:37] + "...") for x in self._labels[:10]) + (", ..." if len(self._labels) > 10 else "")
             raise InputError(f"unknown label {label!r}; enrolled labels: {shown or 'none'}")
@@ -544,7 +548,7 @@ class PrototypeStore:
         store = cls._from_parts(header, tensors, source)
         if fingerprint is not None and store.fingerprint and store.fingerprint != fingerprint:  # none recorded: made by hand
             raise ModelMismatchError(
-                f"store {source} was made with model {store.fingerprint or '(unknown)'}, this model is {fingerprint}; "
+                f"store {source} was made with model {store.fingerprint}, this model is {fingerprint}; "
                 "re-enrol or load the matching model"
             )
         return store
@@ -594,6 +598,9 @@ class PrototypeStore:
     def _from_parts(cls, header: dict, tensors: dict[str, np.ndarray], source: str) -> PrototypeStore:
         try:
             labels = [check_label(x, new=False) for x in header["labels"]]
+            composed = [_composed(x) for x in labels]
+            if len(set(composed)) == len(composed):  # a store written before labels were composed: as they are now
+                labels = composed
             counts = [int(c) for c in header["counts"]]
             store = cls(
                 int(header["embedding_dim"]),

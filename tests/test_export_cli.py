@@ -194,6 +194,9 @@ def test_the_int8_stem_is_said_in_one_line():
     assert line(stem_layout="s2d", float_stem=False, **auto) == "stem: in int8, as a space-to-depth convolution with its pooling (chosen by --stem-layout auto)"
     assert line(stem_layout="nchw", float_stem=True, stem_note="the space-to-depth stem does not fit: its first convolution is strided", **auto) == (
         "stem: in float32 (the space-to-depth stem does not fit: its first convolution is strided)")
+    assert line(stem_layout="nchw", float_stem=True, float_stem_asked=True, **auto) == "stem: in float32 (--float-stem)"  # the flag chose
+    assert line(stem_layout="s2d", float_stem=False, float_stem_asked=False, **auto) == (
+        "stem: in int8, as a space-to-depth convolution with its pooling (--no-float-stem)")
     assert line(stem_layout="nhwc", float_stem=True) == "stem: in float32, handed to int8 in NHWC"
     assert line(stem_layout="nchw", float_stem=False) == "stem: in int8"
     assert line(Precision.FP32) is None and line(dataset="x") is None  # fp32, or an int8 model from before the record

@@ -111,7 +111,7 @@ def test_int8_is_qdq_with_a_float_metric(int8_model, trained_conv4_onnx):
     assert meta.precision is Precision.INT8 and meta.fingerprint == meta_of(trained_conv4_onnx).fingerprint
     assert meta.extra["calibration"] == {"dataset": "omniglot-background", "images": 128, "method": "MinMax", "per_channel": True, "seed": 0,
                                          "activations": "int8", "float_stem": True, "conv_kernel": "direct", "gemm_weight_tensors": 0,
-                                         "stem_layout": "nchw", "stem_layout_asked": "auto"}
+                                         "stem_layout": "nchw", "stem_layout_asked": "auto", "float_stem_asked": True}
     inits = {t.name: t.data_type for t in model.graph.initializer}
     q_zero_points = {inits[n.input[2]] for n in model.graph.node if n.op_type == "QuantizeLinear"}
     assert q_zero_points == {onnx.TensorProto.INT8}  # signed activations by default

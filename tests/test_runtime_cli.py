@@ -45,6 +45,16 @@ def test_enroll_folder_then_label_keeps_everything(enrolled, tiny_onnx_model, ru
     assert doc["providers"] == (["CUDAExecutionProvider", "CPUExecutionProvider"] if cuda_runs() else ["CPUExecutionProvider"])
 
 
+def test_a_decomposed_label_is_enrolled_and_renamed_as_one_class(enrolled, tiny_onnx_model, runtime_image_folder):
+    composed, decomposed = "caf\u00e9", "cafe\u0301"
+    extra = runtime_image_folder / "class1"
+    for k in range(2):  # typed once decomposed, once composed: one class
+        doc = json.loads(_run("enroll", tiny_onnx_model, "-s", enrolled, "--label", (decomposed, composed)[k], extra / f"{k}.png", "--json").stdout)
+        assert doc["added"] == {composed: 1} and doc["counts"][composed] == k + 1
+    assert "merged 'class1' into" in _run("store", "rename", enrolled, "class1", decomposed, "--merge").stderr
+    assert PrototypeStore.load(enrolled).counts[composed] == 8
+
+
 def test_enroll_prints_a_table(tmp_path, tiny_onnx_model, runtime_image_folder, monkeypatch):
     monkeypatch.setattr(runtime_cmds, "PROGRESS_MIN", 1)  # exercise the progress bar too
     res = _run("enroll", tiny_onnx_model, "-s", tmp_path / "s.store", "--folder", runtime_image_folder)

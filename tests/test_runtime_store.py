@@ -136,6 +136,18 @@ def test_labels_are_plain_composed_strings():
     assert s.labels == ["cat"]
 
 
+def test_labels_from_an_older_file_are_read_in_composed_form(tmp_path):
+    composed, decomposed = "caf\u00e9", "cafe\u0301"
+    path = _store().save(tmp_path / "s.store")
+    _resave(path, lambda h: h.update(labels=[decomposed, "dog"]))  # as a store saved before labels were composed
+    back = PrototypeStore.load(path)
+    assert back.labels == [composed, "dog"] and composed in back and decomposed in back
+    back.add(decomposed, _emb(1, 5))  # the same class, whichever form is typed
+    assert back.counts == {composed: 5, "dog": 2}
+    _resave(path, lambda h: h.update(labels=[decomposed, composed], counts=[4, 2]))  # both forms: two classes, kept as they are
+    assert PrototypeStore.load(path).labels == [decomposed, composed]
+
+
 def test_a_store_without_a_fingerprint_loads_for_any_model(tmp_path):
     path = PrototypeStore(D).save(tmp_path / "hand.store")  # made by hand: it records no model
     assert PrototypeStore.load(path, fingerprint="fp-z").fingerprint == ""

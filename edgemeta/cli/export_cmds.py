@@ -120,6 +120,8 @@ def _stem_line(meta) -> str | None:
     c = meta.extra["calibration"]
     if c.get("stem_note"):
         return f"stem: {how} ({c['stem_note']})"
+    if c.get("float_stem_asked") is not None:
+        return f"stem: {how} (--{'' if c['float_stem_asked'] else 'no-'}float-stem)"
     return f"stem: {how}" + (" (chosen by --stem-layout auto)" if c.get("stem_layout_asked") == "auto" else "")
 
 

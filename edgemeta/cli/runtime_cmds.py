@@ -68,9 +68,12 @@ def enroll_cmd(
 ) -> None:
     """Learn classes from a few images and add them to a store file."""
     from edgemeta.runtime import ClassifierOptions, FewShotClassifier, list_images, scan_class_folders
+    from edgemeta.runtime.store import check_label
 
     if (folder is None) == (label is None) or (label is not None and not images) or (folder is not None and images):
         raise InputError("give either --label LABEL with IMAGES, or --folder DIR (one subfolder per class)")
+    if label is not None:
+        label = check_label(label)  # as the store keeps it (composed form), so the counts below match
     paths = scan_class_folders(folder) if folder is not None else {label: list_images(images)}
     clf = FewShotClassifier(model, providers, options=ClassifierOptions(keep_embeddings=keep_embeddings))
     total = sum(len(p) for p in paths.values())
@@ -158,6 +161,6 @@ def store_rename_cmd(
     from edgemeta.runtime import PrototypeStore
 
     with PrototypeStore.edit(store) as s:
-        merged = merge and new in s.counts
+        merged = merge and new in s
         s.rename(old, new, merge=merge)
     console.print(f"{'merged' if merged else 'renamed'} {old!r} {'into' if merged else 'to'} {new!r} in {store}", markup=False, highlight=False)
