@@ -251,7 +251,6 @@ class FewShotClassifier:
         """``store`` if it fits this model. One that records no model (made by hand) is
         taken as this model's and records its fingerprint from then on, so it saves and
         loads again like any other."""
-        s = self.session
         with store._lock:  # checked and adopted at once: another classifier may be given the same store
             return self._adopted(store)
 
