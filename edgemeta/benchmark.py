@@ -1632,6 +1632,23 @@ def _add_ratios(report: BenchReport) -> None:
         )
 
 
+def _work_notes(rows: Sequence[EmbeddingRow]) -> list[str]:
+    """A note for each precision whose graph counts more work than the fp32 graph of the same
+    model (an int8 space-to-depth stem computes its zero weights too): its GFLOP/s and % peak
+    are of its own graph's count, so they overstate the useful work."""
+    fp32 = {(r.provider, r.batch): r.flops for r in rows if r.engine == "onnxruntime" and r.precision == "fp32" and r.flops}
+    notes = {}
+    for r in rows:
+        base = fp32.get((r.provider, r.batch))
+        if r.engine == "onnxruntime" and r.precision != "fp32" and r.flops and base and r.flops > base * 1.005:
+            notes.setdefault(r.precision, (
+                f"the {r.precision} graph counts {r.flops / base - 1:.0%} more FLOPs than the fp32 graph (its stem, written as a "
+                "space-to-depth convolution, multiplies zero weights too): its GFLOP/s and % peak are of its own count, not of the "
+                "model's useful work"
+            ))
+    return list(notes.values())
+
+
 _INT8_FLAGS = ("avx512_vnni", "avx_vnni", "amx_int8", "asimddp", "i8mm")  # x86 VNNI / AMX, Arm dot product / int8 matmul
 
 
@@ -1765,6 +1782,7 @@ def _wrap_up(report: BenchReport, providers: list[str], variants: list[ModelVari
     report.embedding = [_with_peak(r, report) for r in report.embedding]
     _add_ratios(report)
     report.notes.extend(_precision_notes(report.embedding, threads, report.machine.get("cpu_flags") or ()))
+    report.notes.extend(_work_notes(report.embedding))
     for variant in variants if config.backprop_episodes else ():  # each precision: both methods learn from its embeddings
         steps(f"backprop baseline on {variant.precision.value} embeddings, {config.backprop_episodes} episodes per shot count")
         try:

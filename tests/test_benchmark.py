@@ -1056,6 +1056,19 @@ def test_a_reduced_precision_slower_than_fp32_on_the_cpu_gets_a_note():
     assert "so small a model" in bm._precision_notes(rows[:2], threads=2, cpu_flags=["avx512_vnni"])[0]
 
 
+def test_a_graph_that_counts_more_work_than_fp32_gets_a_note():
+    def row(precision, flops, batch=32, engine="onnxruntime"):
+        return bm.EmbeddingRow("CPU", precision, engine, batch, bm.LatencyStats.from_samples([1.0, 1.0]), 32.0, flops=flops)
+
+    rows = [row("fp32", 1000), row("int8", 1375), row("fp32", 30, batch=1), row("int8", 41, batch=1), row("fp16", 1000),
+            row("fp32", None, engine="torch eager")]
+    assert bm._work_notes(rows) == [
+        "the int8 graph counts 38% more FLOPs than the fp32 graph (its stem, written as a space-to-depth convolution, multiplies "
+        "zero weights too): its GFLOP/s and % peak are of its own count, not of the model's useful work"
+    ]  # once per precision; the same count (fp16), or no fp32 row to compare: nothing
+    assert bm._work_notes(rows[1:2]) == [] and bm._work_notes([row("fp32", 1000), row("int8", 1004)]) == []
+
+
 def test_each_row_gets_its_own_processors_peak():
     stats = bm.LatencyStats.from_samples([1.0, 1.0])
     rows = [bm.EmbeddingRow(p, "fp32", "onnxruntime", 1, stats, 1e3, flops=10**9, achieved_gflops=100.0) for p in ("CPU", "CUDA", "TensorRT")]
