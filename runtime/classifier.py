@@ -55,7 +55,7 @@ from typing import Callable, Iterator, NamedTuple, Sequence
 
 import numpy as np
 
-from edgemeta.runtime.errors import InputError, ModelMismatchError
+from edgemeta.runtime.errors import InputError
 from edgemeta.runtime.preprocess import ImageLike, check_batch_finite, is_preprocessed, preprocess
 from edgemeta.runtime.session import ProvidersArg, Session, SessionOptions
 from edgemeta.runtime.spec import Metric, Normalization, PreprocessSpec
@@ -248,28 +248,12 @@ class FewShotClassifier:
         return PrototypeStore(s.embedding_dim, metric=s.metric, fingerprint=s.fingerprint, keep_embeddings=self.options.keep_embeddings)
 
     def _checked(self, store: PrototypeStore) -> PrototypeStore:
-        """``store`` if it fits this model. One that records no model (made by hand) is
-        taken as this model's and records its fingerprint from then on, so it saves and
-        loads again like any other."""
-        with store._lock:  # checked and adopted at once: another classifier may be given the same store
-            return self._adopted(store)
-
-    def _adopted(self, store: PrototypeStore) -> PrototypeStore:
-        s = self.session
-        if store.fingerprint and store.fingerprint != s.fingerprint:
-            raise ModelMismatchError(
-                f"store was made with model {store.fingerprint}, this model is {s.fingerprint}; "
-                "re-enrol or load the matching model"
-            )
-        if store.embedding_dim != s.embedding_dim or store.metric is not s.metric:
-            raise ModelMismatchError(
-                f"store holds {store.embedding_dim}-D {store.metric.value} prototypes, this model gives "
-                f"{s.embedding_dim}-D {s.metric.value}; re-enrol or load the matching model"
-            )
+        """``store`` if it fits this model (see :meth:`PrototypeStore.claim`: one made by hand,
+        which records no model, is taken as this model's from then on)."""
         if self.options.mode is Mode.KNN and not store.keep_embeddings:
             raise InputError("k-NN mode needs a store that keeps embeddings; re-enrol into a new store with keep_embeddings=True (`edgemeta enroll --keep-embeddings --store NEW`)")
-        if not store.fingerprint:
-            store.fingerprint = s.fingerprint
+        s = self.session
+        store.claim(s.fingerprint, s.embedding_dim, s.metric)
         return store
 
     def use_store(self, store: PrototypeStore) -> None:

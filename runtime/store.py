@@ -455,6 +455,23 @@ class PrototypeStore:
             self._examples[label].extend(parts)
         self._changed()
 
+    def claim(self, fingerprint: str, embedding_dim: int, metric: Metric) -> None:
+        """Check that the store comes from the model with this fingerprint, embedding width and
+        metric, else raise :class:`ModelMismatchError`. A store that records no model (made by
+        hand) is taken as this one's and records its fingerprint from then on, so that it saves
+        and loads again like any other; checked and recorded at once, under the store's lock."""
+        with self._lock:
+            if self.fingerprint and self.fingerprint != fingerprint:
+                raise ModelMismatchError(
+                    f"store was made with model {self.fingerprint}, this model is {fingerprint}; re-enrol or load the matching model"
+                )
+            if self.embedding_dim != embedding_dim or self.metric is not metric:
+                raise ModelMismatchError(
+                    f"store holds {self.embedding_dim}-D {self.metric.value} prototypes, this model gives "
+                    f"{embedding_dim}-D {metric.value}; re-enrol or load the matching model"
+                )
+            self.fingerprint = self.fingerprint or fingerprint
+
     def merge(self, other: PrototypeStore) -> None:
         """Add every class of ``other`` (same model) into this store; shared labels are combined."""
         if other.embedding_dim != self.embedding_dim or other.metric is not self.metric:

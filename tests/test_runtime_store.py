@@ -148,6 +148,18 @@ def test_labels_from_an_older_file_are_read_in_composed_form(tmp_path):
     assert PrototypeStore.load(path).labels == [decomposed, composed]
 
 
+def test_claim_records_the_model_of_a_hand_made_store_once():
+    hand = PrototypeStore(D, metric="cosine")
+    with pytest.raises(ModelMismatchError, match="store holds 4-D cosine prototypes, this model gives 8-D cosine"):
+        hand.claim("fp-a", 8, Metric.COSINE)
+    assert hand.fingerprint == ""  # a refused claim records nothing
+    hand.claim("fp-a", D, Metric.COSINE)
+    hand.claim("fp-a", D, Metric.COSINE)  # the same model again: nothing to change
+    assert hand.fingerprint == "fp-a"
+    with pytest.raises(ModelMismatchError, match="store was made with model fp-a, this model is fp-b; re-enrol or load the matching model"):
+        hand.claim("fp-b", D, Metric.COSINE)
+
+
 def test_a_store_without_a_fingerprint_loads_for_any_model(tmp_path):
     path = PrototypeStore(D).save(tmp_path / "hand.store")  # made by hand: it records no model
     assert PrototypeStore.load(path, fingerprint="fp-z").fingerprint == ""
