@@ -84,6 +84,13 @@ def _composed(label: str) -> str:
     return label if label.isascii() else unicodedata.normalize("NFC", label)
 
 
+def _same_model(recorded: str, fingerprint: str, what: str) -> None:
+    """Raise :class:`ModelMismatchError` if a store records a model other than ``fingerprint``
+    (one that records none, made by hand, fits any)."""
+    if recorded and recorded != fingerprint:
+        raise ModelMismatchError(f"{what} was made with model {recorded}, this model is {fingerprint}; re-enrol or load the matching model")
+
+
 def _utf8(text: str) -> bool:
     try:
         text.encode("utf-8")
@@ -461,10 +468,7 @@ class PrototypeStore:
         hand) is taken as this one's and records its fingerprint from then on, so that it saves
         and loads again like any other; checked and recorded at once, under the store's lock."""
         with self._lock:
-            if self.fingerprint and self.fingerprint != fingerprint:
-                raise ModelMismatchError(
-                    f"store was made with model {self.fingerprint}, this model is {fingerprint}; re-enrol or load the matching model"
-                )
+            _same_model(self.fingerprint, fingerprint, "store")
             if self.embedding_dim != embedding_dim or self.metric is not metric:
                 raise ModelMismatchError(
                     f"store holds {self.embedding_dim}-D {self.metric.value} prototypes, this model gives "
@@ -563,11 +567,8 @@ class PrototypeStore:
         header_text, tensors = _read_safetensors(data, source)
         header = _parse_header(header_text, source)
         store = cls._from_parts(header, tensors, source)
-        if fingerprint is not None and store.fingerprint and store.fingerprint != fingerprint:  # none recorded: made by hand
-            raise ModelMismatchError(
-                f"store {source} was made with model {store.fingerprint}, this model is {fingerprint}; "
-                "re-enrol or load the matching model"
-            )
+        if fingerprint is not None:
+            _same_model(store.fingerprint, fingerprint, f"store {source}")
         return store
 
     @classmethod
