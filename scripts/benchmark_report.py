@@ -204,10 +204,8 @@ def model_section(name: str, d: dict, trained: bool, plot: str) -> str:
 
     q = QuantizeSpec(**INT8.get(name, {}))
     parts.append("")
-    parts.append(f"int8: static QDQ calibrated on base-class images, {q.activations} activations, "
-                 f"int8 weights per channel, {'stem (with its activation and pooling) in float32' if q.float_stem else 'every convolution in int8'}, "
-                 f"{q.conv_kernel} int8 convolution kernel"
-                 + {"nhwc": ", NHWC stem hand-over.", "s2d": ", the stem as a space-to-depth convolution with its pooling (exact in float)."}.get(q.stem_layout, "."))
+    parts.append(f"int8: static QDQ calibrated on base-class images, {q.activations} activations, int8 weights per channel, "
+                 f"{q.conv_kernel} int8 convolution kernel; how its stem runs is in the table.")
     parts.append("")
     models = [[v["precision"], f"{v['size_mb']:.2f}", v["origin"], v.get("int8_stem") or "–"] for v in d["models"]]
     parts.append(_table(["model", "size MB", "origin", "stem (int8)"], models, left=(0, 2, 3)))

@@ -123,12 +123,6 @@ def latency(models: dict[Precision, Path], ckpt: Path, dataset: str, args: argpa
     return out
 
 
-def _stem(stem: dict) -> str:
-    if stem["stem_layout"] == "s2d":
-        return "its stem in int8 as a space-to-depth convolution (the default export's choice)"
-    return ("its stem in float32" if stem["float_stem"] else "its stem in int8") + (f" ({stem['stem_note']})" if stem.get("stem_note") else "")
-
-
 def markdown(rows: dict[Precision, dict], header: dict) -> str:
     ep = rows[Precision.FP32]["verification"]["episodes"]
     lines = [
@@ -136,7 +130,7 @@ def markdown(rows: dict[Precision, dict], header: dict) -> str:
         "",
         f"Model fingerprint {header['fingerprint']} ({header['backbone']}); {ep['count']} seeded episodes "
         f"{ep['n_way']}-way {ep['k_shot']}-shot, {ep['q_query']} queries per class, on {ep['dataset']} "
-        f"({ep['novel_classes']} novel classes); int8 calibrated on {header['calibration']}, {_stem(header['int8_stem'])}. "
+        f"({ep['novel_classes']} novel classes); int8 calibrated on {header['calibration']}, its stem {header['int8_stem']} (the default export's choice). "
         f"Latency: ONNX Runtime {header['onnxruntime']} CPU provider, {header['threads']} thread(s), median of "
         f"{header['repeats']} runs, 5 prototypes; {header['machine']}. {header['date']}.",
         "",
@@ -170,13 +164,13 @@ def main() -> int:
         figures = verify_all(models, Path(ckpt), dataset, args)
         lat = latency(models, Path(ckpt), dataset, args)
         rows = {p: {"size_mb": models[p].stat().st_size / 1e6, "verification": figures[p], "latency": lat[p]} for p in PRECISIONS}
-        calibration = read_metadata(load_model(models[Precision.INT8])).extra["calibration"]
+        int8_stem = read_metadata(load_model(models[Precision.INT8])).int8_stem
     import onnxruntime as ort
 
     header = {
         "checkpoint": Path(ckpt).name, "fingerprint": ck.fingerprint, "backbone": ck.spec.backbone,
         "calibration": "Omniglot background" if dataset == "omniglot" else "Tiny-ImageNet train classes",
-        "int8_stem": {k: calibration.get(k) for k in ("stem_layout", "float_stem", "stem_note")},  # as the default export chose it
+        "int8_stem": int8_stem,
         "onnxruntime": ort.__version__, "threads": args.threads, "repeats": args.repeats,
         "machine": f"{platform.machine()} {platform.processor() or ''}, {os.cpu_count()} cores".replace(" ,", ","),
         "date": datetime.date.today().isoformat(),
