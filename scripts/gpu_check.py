@@ -103,7 +103,8 @@ def main() -> int:
         diff = float(np.abs(e_cpu - e_gpu).max())
         agree = float((l_cpu.argmax(1) == l_gpu.argmax(1)).mean())
         tol = 1e-3 if "fp32" in path.name else 5e-2 * float(np.abs(e_cpu).max())
-        check(f"CUDA equals CPU ({path.name})", diff <= tol and agree >= (0.99 if "fp32" in path.name else 0.98), max_abs_embedding_diff=diff, label_agreement=agree, tolerance=tol)
+        check(f"CUDA equals CPU ({path.name})", diff <= tol and agree >= (0.99 if "fp32" in path.name else 0.98), max_abs_embedding_diff=diff, label_agreement=agree, tolerance=tol,
+              int8_stem=cpu_s.metadata.int8_stem)
 
     rng_norms = np.random.default_rng(1)
     # 2b. the optional prototype_sqnorms input on the GPU: the norms the runtime feeds (bound
