@@ -1653,20 +1653,33 @@ _INT8_FLAGS = ("avx512_vnni", "avx_vnni", "amx_int8", "asimddp", "i8mm")  # x86 
 
 
 def _precision_notes(rows: Sequence[EmbeddingRow], threads: int, cpu_flags: Sequence[str] = ()) -> list[str]:
-    """What to try where a reduced precision ran clearly slower than fp32 on the CPU (one
-    note per precision).
+    """What to try where a reduced precision ran clearly slower than fp32 (one note per
+    provider and precision).
 
     On many cores the int8 models' layout conversions (ONNX Runtime's transposes into and
     out of its NHWC int8 kernels) stop scaling before fp32 convolutions do: on a 16-core
-    Xeon the shipped Conv-4 in int8 was 1.8x fp32 at 2 threads and 0.34x at 16."""
-    slow: dict[str, list[EmbeddingRow]] = {}
+    Xeon the shipped Conv-4 in int8 (float stem) was 1.8x fp32 at 2 threads and 0.34x at 16.
+    On an H200 the CUDA provider ran the shipped Conv-4 in int8 at 0.47-0.86x fp32 (two
+    runs, batch 1-256): it has no int8 convolutions, so a QDQ model runs in float with
+    quantize and dequantize steps added."""
+    slow: dict[tuple[str, str], list[EmbeddingRow]] = {}
     for r in rows:
         ratio = r.speedup_vs_fp32
-        if r.provider == "CPU" and r.engine == "onnxruntime" and r.precision != "fp32" and ratio is not None and ratio < 1 / (1 + REPEAT_TOLERANCE):
-            slow.setdefault(r.precision, []).append(r)
+        if r.engine == "onnxruntime" and r.precision != "fp32" and ratio is not None and ratio < 1 / (1 + REPEAT_TOLERANCE):
+            slow.setdefault((r.provider, r.precision), []).append(r)
     notes = []
-    for precision, found in slow.items():
-        if precision != Precision.INT8.value:
+    for (provider, precision), found in slow.items():
+        int8 = precision == Precision.INT8.value
+        if provider == "TensorRT":
+            advice = ("TensorRT builds its own kernels per precision and GPU: compare with --providers cuda, "
+                      "and check that this GPU has fast kernels for it")
+        elif provider != "CPU":
+            advice = ("ONNX Runtime's CUDA provider has no int8 convolutions: it runs a QDQ model in float with quantize "
+                      "and dequantize steps added, so use fp32 or fp16 on CUDA, or the TensorRT provider for int8"
+                      if int8 else
+                      "a model this small is bound by kernel launches and copies on a GPU, not by arithmetic, "
+                      "so a reduced precision cannot pay off at this batch size")
+        elif not int8:
             advice = "fp16 pays off on GPUs; ONNX Runtime's CPU provider lacks fast fp16 kernels for many operators"
         elif threads > 4:
             advice = ("int8 gains most on few cores; with many threads its layout conversions stop scaling: "
@@ -1676,7 +1689,8 @@ def _precision_notes(rows: Sequence[EmbeddingRow], threads: int, cpu_flags: Sequ
         else:
             advice = "for so small a model the quantize and layout conversions outweigh the faster int8 convolutions"
         at = ", ".join(f"{r.speedup_vs_fp32:.2f}x at batch {r.batch}" for r in found)
-        notes.append(f"CPU {precision} ran slower than fp32 with {threads} threads ({at}): {advice}")
+        on = f" with {threads} threads" if provider == "CPU" else ""
+        notes.append(f"{provider} {precision} ran slower than fp32{on} ({at}): {advice}")
     return notes
 
 

@@ -1049,11 +1049,16 @@ def test_a_reduced_precision_slower_than_fp32_on_the_cpu_gets_a_note():
     rows = [row("CPU", "fp32", 1.0), row("CPU", "int8", 0.4), row("CPU", "fp16", 0.5, batch=1), row("CPU", "int8", 0.95, batch=1),
             row("CUDA", "int8", 0.5), row("CPU", "int8", 1.8, batch=256), row("CPU", "int8", 0.6, batch=64)]
     many = bm._precision_notes(rows, threads=16)
-    assert len(many) == 2  # one per precision; within the noise (0.95x), on a GPU, or faster: not listed
+    assert len(many) == 3  # one per provider and precision; within the noise (0.95x) or faster: not listed
     assert many[0].startswith("CPU int8 ran slower than fp32 with 16 threads (0.40x at batch 32, 0.60x at batch 64)") and "--threads" in many[0]
     assert "fp16 ran slower than fp32 with 16 threads (0.50x at batch 1)" in many[1] and "GPUs" in many[1]
+    assert many[2].startswith("CUDA int8 ran slower than fp32 (0.50x at batch 32): ") and "TensorRT provider for int8" in many[2]
     assert "VNNI" in bm._precision_notes(rows[:2], threads=2, cpu_flags=["avx2", "fma"])[0]
     assert "so small a model" in bm._precision_notes(rows[:2], threads=2, cpu_flags=["avx512_vnni"])[0]
+    gpu = [row("CUDA", "fp32", 1.0), row("CUDA", "fp16", 0.7, batch=1), row("TensorRT", "int8", 0.5), row("CUDA", "int8", 0.95)]
+    fp16, trt = bm._precision_notes(gpu, threads=2)
+    assert fp16.startswith("CUDA fp16 ran slower than fp32 (0.70x at batch 1): ") and "kernel launches" in fp16
+    assert trt.startswith("TensorRT int8 ran slower than fp32 (0.50x at batch 32): ") and "--providers cuda" in trt
 
 
 def test_a_graph_that_counts_more_work_than_fp32_gets_a_note():
