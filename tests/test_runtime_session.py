@@ -426,6 +426,24 @@ def test_a_model_with_a_fixed_batch_runs_any_number_of_images(tmp_path, tiny_onn
     np.testing.assert_allclose(fixed.embed(x[:1]), ref_emb[:1], atol=1e-6)
 
 
+@pytest.mark.gpu
+def test_a_model_with_a_fixed_batch_runs_on_cuda_with_io_binding(tmp_path, tiny_onnx_model):
+    if not cuda_runs():
+        pytest.skip("needs onnxruntime-gpu, CUDA libraries and an NVIDIA GPU")
+    fixed = Session(fixed_batch_copy(tiny_onnx_model, tmp_path / "fixed.onnx", 4), "cuda", options=SessionOptions(batch_size=3))
+    assert fixed.providers[0] == "CUDAExecutionProvider" and fixed.io_binding and fixed.fixed_batch == 4
+    x = _batch(6)
+    protos = np.eye(16, dtype=np.float32)[:3].copy()  # its own data: a view of a writeable array could change
+    protos.flags.writeable = False  # as the store keeps them: bound on the GPU once
+    emb, logits = fixed.run(x, protos)  # two calls of 4 images, the last one padded
+    fixed.run(x[:1], protos)
+    assert emb.shape == (6, 16) and logits.shape == (6, 3) and fixed.prototype_uploads == 1
+    ref_emb, ref_logits = Session(tiny_onnx_model, "cpu").run(x, protos)
+    np.testing.assert_allclose(emb, ref_emb, atol=1e-3)  # GPU convolutions may differ in the last bits
+    np.testing.assert_allclose(logits, ref_logits, atol=1e-2)
+    np.testing.assert_allclose(fixed.embed(x[5:]), ref_emb[5:], atol=1e-3)
+
+
 def test_metadata_that_disagrees_with_the_graph_is_refused(tmp_path, tiny_onnx_model):
     def wrong_dim(m):
         m.metadata_props[0].value = m.metadata_props[0].value.replace('"embedding_dim": 16', '"embedding_dim": 128')
