@@ -426,17 +426,24 @@ def time_pair(
     a: Callable[[], Any], b: Callable[[], Any], warmup: int = 10, runs: int = 100, duration: float | None = None,
     after: Callable[[], Any] | None = None,
 ) -> tuple[LatencyStats, LatencyStats]:
-    """Time two calls alternately (a, b, a, b, ...): a ratio of the two is then immune to the
-    machine getting slower or faster during the measurement. ``duration`` covers both.
-    ``after``, untimed, follows each pair (warm-up pairs too): to undo what the pair did."""
+    """Time two calls side by side, in pairs: a ratio of the two is then immune to the
+    machine getting slower or faster during the measurement. Every second pair runs the
+    other way round (a b, b a, a b, ...), so neither call always runs first: of two
+    back-to-back calls of the same function the first was 1-2% slower here, which a fixed
+    order would have charged to one side. ``duration`` covers both. ``after``, untimed,
+    follows each pair (warm-up pairs too): to undo what the pair did."""
     undo = after or (lambda: None)
-    for _ in range(warmup):
-        a()
-        b()
+    for i in range(warmup):
+        for fn in (b, a) if i % 2 else (a, b):
+            fn()
         undo()
 
-    def pair() -> tuple[float, float]:
-        timed = _timed(a), _timed(b)
+    def pair(i: int) -> tuple[float, float]:
+        if i % 2:
+            t_b = _timed(b)
+            timed = _timed(a), t_b
+        else:
+            timed = _timed(a), _timed(b)
         undo()
         return timed
 
@@ -444,11 +451,11 @@ def time_pair(
     gc.disable()
     try:
         if duration is None:
-            samples = [pair() for _ in range(runs)]
+            samples = [pair(i) for i in range(runs)]
         else:
             end, samples = time.perf_counter() + duration, []
             while len(samples) < 3 or (time.perf_counter() < end and len(samples) < MAX_RUNS):
-                samples.append(pair())
+                samples.append(pair(len(samples)))
     finally:
         if was_enabled:
             gc.enable()
@@ -1677,8 +1684,8 @@ def _precision_notes(rows: Sequence[EmbeddingRow], threads: int, cpu_flags: Sequ
             advice = ("ONNX Runtime's CUDA provider has no int8 convolutions: it runs a QDQ model in float with quantize "
                       "and dequantize steps added, so use fp32 or fp16 on CUDA, or the TensorRT provider for int8"
                       if int8 else
-                      "a model this small is bound by kernel launches and copies on a GPU, not by arithmetic, "
-                      "so a reduced precision cannot pay off at this batch size")
+                      "at this batch size the GPU waits on kernel launches and copies more than on arithmetic, "
+                      "so a reduced precision cannot pay off; compare larger batches (--batch-sizes)")
         elif not int8:
             advice = "fp16 pays off on GPUs; ONNX Runtime's CPU provider lacks fast fp16 kernels for many operators"
         elif threads > 4:

@@ -919,13 +919,23 @@ def test_backprop_baseline_times_each_engine_in_its_own_phase(monkeypatch):
     assert r.precision == "int8"  # the embedding model's precision, from its metadata
 
 
-def test_time_pair_alternates():
+def test_time_pair_alternates_and_neither_call_always_runs_first():
     calls = []
     a, b = bm.time_pair(lambda: calls.append("a"), lambda: calls.append("b"), warmup=2, runs=4)
-    assert calls == ["a", "b"] * 6 and a.runs == b.runs == 4
+    assert calls == ["a", "b", "b", "a"] * 3 and a.runs == b.runs == 4
     calls.clear()
     bm.time_pair(lambda: calls.append("a"), lambda: calls.append("b"), warmup=1, runs=2, after=lambda: calls.append("undo"))
-    assert calls == ["a", "b", "undo"] * 3
+    assert calls == ["a", "b", "undo", "a", "b", "undo", "b", "a", "undo"]
+
+
+def test_time_pair_keeps_each_calls_times_apart_whichever_ran_first(monkeypatch):
+    clock = iter(range(0, 10**9, 1000))  # each reading 1 us after the last: every call lasts 1 us ...
+    monkeypatch.setattr(bm.time, "perf_counter_ns", lambda: next(clock))
+    slow = lambda: [next(clock) for _ in range(2)]  # ... and 3 us with two more readings inside
+    a, b = bm.time_pair(slow, lambda: None, warmup=0, runs=5)
+    assert list(a.samples_ms) == [0.003] * 5 and list(b.samples_ms) == [0.001] * 5
+    b, a = bm.time_pair(lambda: None, slow, warmup=0, runs=5, duration=1e-9)  # the duration form: at least 3 pairs
+    assert list(a.samples_ms) == [0.003] * 3 and list(b.samples_ms) == [0.001] * 3
 
 
 def test_enrolment_is_timed_into_a_store_that_does_not_grow(tiny_onnx_model_module, monkeypatch):
@@ -1057,7 +1067,7 @@ def test_a_reduced_precision_slower_than_fp32_on_the_cpu_gets_a_note():
     assert "so small a model" in bm._precision_notes(rows[:2], threads=2, cpu_flags=["avx512_vnni"])[0]
     gpu = [row("CUDA", "fp32", 1.0), row("CUDA", "fp16", 0.7, batch=1), row("TensorRT", "int8", 0.5), row("CUDA", "int8", 0.95)]
     fp16, trt = bm._precision_notes(gpu, threads=2)
-    assert fp16.startswith("CUDA fp16 ran slower than fp32 (0.70x at batch 1): ") and "kernel launches" in fp16
+    assert fp16.startswith("CUDA fp16 ran slower than fp32 (0.70x at batch 1): ") and "kernel launches" in fp16 and "--batch-sizes" in fp16
     assert trt.startswith("TensorRT int8 ran slower than fp32 (0.50x at batch 32): ") and "--providers cuda" in trt
 
 
