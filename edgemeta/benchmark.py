@@ -1163,7 +1163,7 @@ class AdaptationRow:
     shots: int
     enroll: LatencyStats
     embed: LatencyStats
-    ratio: float  # median over the timed pairs of enroll / the embed timed right after it
+    ratio: float  # median over the timed pairs of enroll / the embed timed beside it
     method: str
 
     def to_dict(self, samples: bool = False) -> dict[str, Any]:

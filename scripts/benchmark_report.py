@@ -256,8 +256,8 @@ def model_section(name: str, d: dict, trained: bool, plot: str) -> str:
     header.append(f"RSS MB after batch {max(d['config']['batch_sizes'])}")
     parts += [
         f"### Enrolment (K={shots}, p50 ms) and cold start (ms, fresh process)", "",
-        "Enrolment and embedding are timed alternately on the same session; the ratio is the median of each "
-        "enrolment's time over that of the embedding timed right after it.", "",
+        "Enrolment and embedding are timed in pairs on the same session, every second pair the other way round; "
+        "the ratio is the median of each enrolment's time over that of the embedding timed beside it.", "",
         _table(header, rows), "",
     ]
     if d["backprop"]:
