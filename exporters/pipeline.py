@@ -10,6 +10,7 @@ has passed verification, so a failure at any stage leaves no file behind.
 from __future__ import annotations
 
 import os
+import stat
 import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -188,13 +189,26 @@ def _finish(model_path: Path, torch_model: nn.Module, out: Path, options: Export
         report = verify(model_path, torch_model, data, options.verify, progress)
         meta = metadata_with(meta, report)
         write_metadata(model_path, meta)
-    ort_path = None
+    ort_path = staged = None
     if options.ort_format:  # first, so that a failed conversion leaves no .onnx behind either
         from edgemeta.exporters.optimize import to_ort_format
 
         _stage(progress, "converting to the ORT format")
-        ort_path = to_ort_format(model_path, out.with_suffix(".ort"), level=options.ort_level)
-    save_model(load_model(model_path), out)
+        ort_path = out.with_suffix(".ort")
+        final = Path(os.path.realpath(ort_path)) if ort_path.is_symlink() else ort_path  # a link is written through
+        # staged beside it: a failed .onnx write below leaves no new .ort beside an older .onnx
+        # (or none), and an .ort already there stays as it was until both are written
+        staged = to_ort_format(model_path, final.with_name(f".{final.stem}.staged.ort"), level=options.ort_level)
+    try:
+        save_model(load_model(model_path), out)
+    except BaseException:
+        if staged is not None:
+            staged.unlink(missing_ok=True)
+        raise
+    if staged is not None:
+        if final.exists():  # a replaced file keeps its permission bits, as atomic_write keeps them
+            os.chmod(staged, stat.S_IMODE(final.stat().st_mode))
+        os.replace(staged, final)
     return ExportOutcome(out, meta, verification=report, ort_path=ort_path)
 
 

@@ -308,6 +308,39 @@ def test_replacing_a_model_keeps_its_mode(tiny_onnx, tmp_path, mode):
     assert inspect(tmp_path / "m.ort")["metadata"]["fingerprint"] == tiny_onnx[2].fingerprint and leftovers(tmp_path) == []
 
 
+def test_an_ort_copy_is_written_with_its_onnx_or_not_at_all(tiny_onnx, tmp_path, monkeypatch):
+    from edgemeta.exporters import pipeline
+
+    checkpoint = Path(tiny_onnx[2].path)
+    out, ort_copy = tmp_path / "m.onnx", tmp_path / "m.ort"
+    export_checkpoint(checkpoint, out, ExportOptions(verify=None, ort_format=True))
+    os.chmod(ort_copy, 0o444)
+    before = out.read_bytes(), ort_copy.read_bytes()
+
+    def full_disk(*_):
+        raise ExportError("cannot write m.onnx (No space left on device); choose a writable output folder")
+
+    monkeypatch.setattr(pipeline, "save_model", full_disk)
+    with pytest.raises(ExportError, match="No space left"):
+        export_checkpoint(checkpoint, out, ExportOptions(verify=None, ort_format=True))
+    assert (out.read_bytes(), ort_copy.read_bytes()) == before and leftovers(tmp_path) == []  # the pair as it was
+    with pytest.raises(ExportError, match="No space left"):
+        export_checkpoint(checkpoint, tmp_path / "new.onnx", ExportOptions(verify=None, ort_format=True))
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["m.onnx", "m.ort"]  # no .ort without its .onnx
+    monkeypatch.undo()
+
+    os.remove(out)
+    export_checkpoint(checkpoint, out, ExportOptions(verify=None, ort_format=True))  # replaces the read-only copy
+    assert stat.S_IMODE(ort_copy.stat().st_mode) == 0o444 and leftovers(tmp_path) == []
+    assert inspect(ort_copy)["metadata"]["fingerprint"] == tiny_onnx[2].fingerprint
+    real = tmp_path / "kept" / "m.ort"
+    real.parent.mkdir()
+    os.replace(ort_copy, real)
+    ort_copy.symlink_to(real)
+    export_checkpoint(checkpoint, out, ExportOptions(verify=None, ort_format=True))
+    assert ort_copy.is_symlink() and inspect(real)["format"] == "ort" and leftovers(tmp_path) == leftovers(real.parent) == []
+
+
 def test_a_new_model_is_an_ordinary_file(tiny_onnx, tmp_path):
     umask = os.umask(0o022)
     try:
