@@ -4,12 +4,15 @@ checkpoint (or user module) -> fp32 ONNX -> [fp16 | int8] -> verification on rea
 novel-class images -> figures into the metadata -> atomic write -> [ORT format].
 
 Everything is built in a temporary folder; the output file appears only once the model
-has passed verification, so a failure at any stage leaves no file behind.
+has passed verification, so a failure at any stage leaves no file behind. With ``--ort``
+the ORT-format copy is staged in a hidden folder beside it and moved into place right
+after the ``.onnx``, so a failed write leaves the files that were there as they were.
 """
 
 from __future__ import annotations
 
 import os
+import shutil
 import stat
 import tempfile
 from dataclasses import dataclass, field
@@ -21,7 +24,7 @@ from torch import nn
 
 from edgemeta import __version__
 from edgemeta.checkpoint import Checkpoint, file_sha256, load_checkpoint
-from edgemeta.errors import InputError, ModelMismatchError
+from edgemeta.errors import ExportError, InputError, ModelMismatchError
 from edgemeta.exporters.convert import (
     ExportResult,
     ExportSpec,
@@ -126,7 +129,13 @@ def _outputs(out: str | os.PathLike, options: ExportOptions, *inputs: str | os.P
     if options.ort_format:
         if given.suffix == ".ort":
             raise InputError(f"-o names the .onnx model; --ort writes {given.name} beside it: use -o {given.with_suffix('.onnx')}")
-        written.append(out.with_suffix(".ort"))
+        ort_copy = out.with_suffix(".ort")
+        if os.path.realpath(ort_copy) == os.path.realpath(out):
+            raise ExportError(f"{ort_copy} links to the model {out} itself, which --ort would write over; remove the link or choose another -o")
+        if os.path.isdir(ort_copy):
+            raise ExportError(f"--ort writes {ort_copy} beside the model, and that is a folder; move it or choose another -o")
+        ensure_writable(ort_copy)
+        written.append(ort_copy)
     refuse_overwrite(written, list(inputs))
     return out
 
@@ -189,26 +198,29 @@ def _finish(model_path: Path, torch_model: nn.Module, out: Path, options: Export
         report = verify(model_path, torch_model, data, options.verify, progress)
         meta = metadata_with(meta, report)
         write_metadata(model_path, meta)
-    ort_path = staged = None
-    if options.ort_format:  # first, so that a failed conversion leaves no .onnx behind either
-        from edgemeta.exporters.optimize import to_ort_format
-
-        _stage(progress, "converting to the ORT format")
-        ort_path = out.with_suffix(".ort")
-        final = Path(os.path.realpath(ort_path)) if ort_path.is_symlink() else ort_path  # a link is written through
-        # staged beside it: a failed .onnx write below leaves no new .ort beside an older .onnx
-        # (or none), and an .ort already there stays as it was until both are written
-        staged = to_ort_format(model_path, final.with_name(f".{final.stem}.staged.ort"), level=options.ort_level)
-    try:
+    if not options.ort_format:
         save_model(load_model(model_path), out)
-    except BaseException:
-        if staged is not None:
-            staged.unlink(missing_ok=True)
-        raise
-    if staged is not None:
+        return ExportOutcome(out, meta, verification=report)
+    from edgemeta.exporters.optimize import to_ort_format
+
+    _stage(progress, "converting to the ORT format")
+    ort_path = out.with_suffix(".ort")
+    final = Path(os.path.realpath(ort_path))  # a link is written through
+    # converted first (a failed conversion leaves no .onnx behind), in a folder of its own
+    # beside the target, and moved into place once the .onnx is written: a failure leaves
+    # no new .ort beside an older .onnx (or none), nor an older .ort beside a new .onnx
+    staging = Path(tempfile.mkdtemp(prefix=f".{final.name}.", dir=final.parent))
+    try:
+        staged = to_ort_format(model_path, staging / final.name, level=options.ort_level)
+        save_model(load_model(model_path), out)
         if final.exists():  # a replaced file keeps its permission bits, as atomic_write keeps them
             os.chmod(staged, stat.S_IMODE(final.stat().st_mode))
-        os.replace(staged, final)
+        try:
+            os.replace(staged, final)
+        except OSError as e:
+            raise ExportError(f"wrote {out} but not its ORT-format copy {ort_path} ({e.strerror or e}); export again once {final} can be replaced") from None
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
     return ExportOutcome(out, meta, verification=report, ort_path=ort_path)
 
 

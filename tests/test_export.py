@@ -320,13 +320,17 @@ def test_an_ort_copy_is_written_with_its_onnx_or_not_at_all(tiny_onnx, tmp_path,
     def full_disk(*_):
         raise ExportError("cannot write m.onnx (No space left on device); choose a writable output folder")
 
-    monkeypatch.setattr(pipeline, "save_model", full_disk)
-    with pytest.raises(ExportError, match="No space left"):
-        export_checkpoint(checkpoint, out, ExportOptions(verify=None, ort_format=True))
-    assert (out.read_bytes(), ort_copy.read_bytes()) == before and leftovers(tmp_path) == []  # the pair as it was
-    with pytest.raises(ExportError, match="No space left"):
-        export_checkpoint(checkpoint, tmp_path / "new.onnx", ExportOptions(verify=None, ort_format=True))
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["m.onnx", "m.ort"]  # no .ort without its .onnx
+    def interrupted(*_):
+        raise KeyboardInterrupt
+
+    for failure, raised in ((full_disk, ExportError), (interrupted, KeyboardInterrupt)):
+        monkeypatch.setattr(pipeline, "save_model", failure)
+        with pytest.raises(raised):
+            export_checkpoint(checkpoint, out, ExportOptions(verify=None, ort_format=True))
+        assert (out.read_bytes(), ort_copy.read_bytes()) == before and leftovers(tmp_path) == []  # the pair as it was
+        with pytest.raises(raised):
+            export_checkpoint(checkpoint, tmp_path / "new.onnx", ExportOptions(verify=None, ort_format=True))
+        assert sorted(p.name for p in tmp_path.iterdir()) == ["m.onnx", "m.ort"]  # no .ort without its .onnx
     monkeypatch.undo()
 
     os.remove(out)
@@ -337,8 +341,24 @@ def test_an_ort_copy_is_written_with_its_onnx_or_not_at_all(tiny_onnx, tmp_path,
     real.parent.mkdir()
     os.replace(ort_copy, real)
     ort_copy.symlink_to(real)
+    inode = real.stat().st_ino
     export_checkpoint(checkpoint, out, ExportOptions(verify=None, ort_format=True))
-    assert ort_copy.is_symlink() and inspect(real)["format"] == "ort" and leftovers(tmp_path) == leftovers(real.parent) == []
+    assert ort_copy.is_symlink() and real.stat().st_ino != inode  # the link kept, its target replaced
+    assert inspect(real)["format"] == "ort" and leftovers(tmp_path) == leftovers(real.parent) == []
+
+
+@pytest.mark.parametrize("make_bad", ["folder", "link to the model"])
+def test_an_ort_copy_that_cannot_be_written_is_refused_before_any_work(tiny_onnx, tmp_path, make_bad):
+    checkpoint, out, ort_copy = Path(tiny_onnx[2].path), tmp_path / "m.onnx", tmp_path / "m.ort"
+    if make_bad == "folder":
+        ort_copy.mkdir()
+    else:
+        out.write_bytes(Path(tiny_onnx[0]).read_bytes())
+        ort_copy.symlink_to(out)
+    before = out.read_bytes() if out.exists() else None
+    with pytest.raises(ExportError, match="is a folder; move it or choose another -o" if make_bad == "folder" else "links to the model .* itself"):
+        export_checkpoint(checkpoint, out, ExportOptions(verify=None, ort_format=True))
+    assert (out.read_bytes() if out.exists() else None) == before and leftovers(tmp_path) == []
 
 
 def test_a_new_model_is_an_ordinary_file(tiny_onnx, tmp_path):
