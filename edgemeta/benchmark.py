@@ -1666,9 +1666,9 @@ def _precision_notes(rows: Sequence[EmbeddingRow], threads: int, cpu_flags: Sequ
     On many cores the int8 models' layout conversions (ONNX Runtime's transposes into and
     out of its NHWC int8 kernels) stop scaling before fp32 convolutions do: on a 16-core
     Xeon the shipped Conv-4 in int8 (float stem) was 1.8x fp32 at 2 threads and 0.34x at 16.
-    On an H200 the CUDA provider ran the shipped Conv-4 in int8 at 0.47-0.86x fp32 (two
+    On an H200 the CUDA provider ran the shipped Conv-4 in int8 at 0.44-0.86x fp32 (three
     runs, batch 1-256): it has no int8 convolutions, so a QDQ model runs in float with
-    quantize and dequantize steps added."""
+    quantize and dequantize steps added. Other providers get a note without a diagnosis."""
     slow: dict[tuple[str, str], list[EmbeddingRow]] = {}
     for r in rows:
         ratio = r.speedup_vs_fp32
@@ -1677,15 +1677,18 @@ def _precision_notes(rows: Sequence[EmbeddingRow], threads: int, cpu_flags: Sequ
     notes = []
     for (provider, precision), found in slow.items():
         int8 = precision == Precision.INT8.value
+        these = "these batch sizes" if len(found) > 1 else "this batch size"
         if provider == "TensorRT":
             advice = ("TensorRT builds its own kernels per precision and GPU: compare with --providers cuda, "
                       "and check that this GPU has fast kernels for it")
-        elif provider != "CPU":
+        elif provider == "CUDA":
             advice = ("ONNX Runtime's CUDA provider has no int8 convolutions: it runs a QDQ model in float with quantize "
                       "and dequantize steps added, so use fp32 or fp16 on CUDA, or the TensorRT provider for int8"
                       if int8 else
-                      "at this batch size the GPU waits on kernel launches and copies more than on arithmetic, "
+                      f"at {these} the GPU waits on kernel launches and copies more than on arithmetic, "
                       "so a reduced precision cannot pay off; compare larger batches (--batch-sizes)")
+        elif provider != "CPU":
+            advice = f"this provider runs it slower than fp32 here; keep fp32 on {provider}, or compare another provider (--providers)"
         elif not int8:
             advice = "fp16 pays off on GPUs; ONNX Runtime's CPU provider lacks fast fp16 kernels for many operators"
         elif threads > 4:

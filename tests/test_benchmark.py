@@ -938,6 +938,12 @@ def test_time_pair_keeps_each_calls_times_apart_whichever_ran_first(monkeypatch)
     assert list(a.samples_ms) == [0.003] * 3 and list(b.samples_ms) == [0.001] * 3
 
 
+def test_time_pair_alternates_in_the_duration_form_too():
+    calls = []
+    bm.time_pair(lambda: calls.append("a"), lambda: calls.append("b"), warmup=0, duration=1e-9)  # at least 3 pairs
+    assert calls == ["a", "b", "b", "a", "a", "b"]
+
+
 def test_enrolment_is_timed_into_a_store_that_does_not_grow(tiny_onnx_model_module, monkeypatch):
     sizes = []
     real = bm._classifier
@@ -1065,10 +1071,14 @@ def test_a_reduced_precision_slower_than_fp32_on_the_cpu_gets_a_note():
     assert many[2].startswith("CUDA int8 ran slower than fp32 (0.50x at batch 32): ") and "TensorRT provider for int8" in many[2]
     assert "VNNI" in bm._precision_notes(rows[:2], threads=2, cpu_flags=["avx2", "fma"])[0]
     assert "so small a model" in bm._precision_notes(rows[:2], threads=2, cpu_flags=["avx512_vnni"])[0]
-    gpu = [row("CUDA", "fp32", 1.0), row("CUDA", "fp16", 0.7, batch=1), row("TensorRT", "int8", 0.5), row("CUDA", "int8", 0.95)]
-    fp16, trt = bm._precision_notes(gpu, threads=2)
-    assert fp16.startswith("CUDA fp16 ran slower than fp32 (0.70x at batch 1): ") and "kernel launches" in fp16 and "--batch-sizes" in fp16
+    gpu = [row("CUDA", "fp32", 1.0), row("CUDA", "fp16", 0.7, batch=1), row("TensorRT", "int8", 0.5), row("CUDA", "int8", 0.95),
+           row("OpenVINOExecutionProvider", "int8", 0.6), row("CUDA", "fp16", 0.8, batch=8)]
+    fp16, trt, other = bm._precision_notes(gpu, threads=2)
+    assert fp16.startswith("CUDA fp16 ran slower than fp32 (0.70x at batch 1, 0.80x at batch 8): at these batch sizes the GPU waits")
+    assert "kernel launches" in fp16 and "--batch-sizes" in fp16
     assert trt.startswith("TensorRT int8 ran slower than fp32 (0.50x at batch 32): ") and "--providers cuda" in trt
+    assert other.startswith("OpenVINOExecutionProvider int8 ran slower than fp32 (0.60x at batch 32): ") and "CUDA" not in other
+    assert "at this batch size" in bm._precision_notes(gpu[:2], threads=2)[0]
 
 
 def test_a_graph_that_counts_more_work_than_fp32_gets_a_note():
