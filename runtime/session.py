@@ -34,7 +34,7 @@ import numpy as np
 import onnxruntime as ort
 
 from edgemeta.runtime.errors import InputError, ModelMismatchError, ProviderError
-from edgemeta.runtime.preprocess import check_batch_finite
+from edgemeta.runtime.preprocess import check_batch_finite, first_nonfinite
 from edgemeta.runtime.spec import (
     INPUT_IMAGES,
     INPUT_PROTOTYPES,
@@ -320,6 +320,13 @@ def feeds_prototype_norms(session: ort.InferenceSession) -> bool:
     return takes and session.get_providers()[0] != Provider.TENSORRT.value
 
 
+def _refuse_nonfinite(prototypes: np.ndarray) -> None:
+    """Raise :class:`InputError` naming the first prototype row with a NaN or an infinity, if any."""
+    bad = first_nonfinite(np.asarray(prototypes))
+    if bad is not None:
+        raise InputError(f"prototype {bad} contains NaN or infinite values; build prototypes from finite embeddings")
+
+
 def prototype_sqnorms(prototypes: np.ndarray) -> np.ndarray:
     """What is fed as ``prototype_sqnorms``: each prototype row's squared L2 norm, float32."""
     p = np.asarray(prototypes, np.float32)
@@ -553,7 +560,10 @@ class Session:
         cached = self._norms_cache
         if cached is not None and cached[0] is protos:
             return cached
-        entry = self._norms_cache = (protos, prototype_sqnorms(protos), None)
+        norms = prototype_sqnorms(protos)
+        if not math.isfinite(float(norms.sum())):  # a NaN or infinity in a row makes its norm one
+            _refuse_nonfinite(protos)
+        entry = self._norms_cache = (protos, norms, None)
         return entry
 
     def _norms(self, protos: np.ndarray) -> np.ndarray | None:
@@ -713,6 +723,10 @@ class Session:
         x = self._check_images(images)
         p = self._check_prototypes(prototypes)
         emb, logits = self._chunked(x, p, logits=True)
+        # prototypes whose norms are fed were checked once, with them (_norms_entry); others by
+        # one pass over the logits, and the prototypes themselves only when that finds one
+        if self._norms_entry(p) is None and not math.isfinite(float(logits.sum())):
+            _refuse_nonfinite(p)
         return emb, logits
 
     def _chunked(self, x: np.ndarray, protos: np.ndarray, logits: bool) -> tuple[np.ndarray, np.ndarray | None]:

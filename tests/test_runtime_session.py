@@ -467,6 +467,21 @@ def test_an_input_that_is_not_float_is_refused(tmp_path, tiny_onnx_model):
         Session(_edited(tiny_onnx_model, tmp_path / "int.onnx", int_images), "cpu")
 
 
+@pytest.mark.parametrize("frozen", [False, True])
+def test_prototypes_with_nan_or_infinity_are_named(tiny_onnx_model, frozen):
+    s = Session(tiny_onnx_model, "cpu")
+    x = _batch(3)
+    protos = s.embed(x)
+    for value in (np.nan, np.inf):
+        bad = protos.copy()
+        bad[2, 5] = value
+        bad.flags.writeable = not frozen  # frozen: the runtime feeds the norms it computes from them
+        with pytest.raises(InputError, match="prototype 2 contains NaN or infinite values; build prototypes from finite embeddings"):
+            s.run(x, bad)
+    assert np.isfinite(s.run(x, protos)[1]).all()
+    assert s.run(x, protos.astype(np.int64))[1].shape == (3, 3)  # integer prototypes are finite by type
+
+
 def test_a_fixed_number_of_prototypes_is_refused(tmp_path, tiny_onnx_model):
     def fixed_classes(m):
         m.graph.input[1].type.tensor_type.shape.dim[0].dim_value = 5
