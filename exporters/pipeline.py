@@ -39,7 +39,7 @@ from edgemeta.exporters.convert import (
 from edgemeta.data import ImageSet
 from edgemeta.exporters.data import base_images, novel_images, recorded_dataset
 from edgemeta.exporters.graph import ensure_writable, load_model, read_metadata, save_model, write_metadata
-from edgemeta.files import refuse_overwrite
+from edgemeta.files import refuse_overwrite, same_file
 from edgemeta.exporters.quantize import QuantizeSpec, quantize_int8, to_fp16
 from edgemeta.exporters.verify import Progress, VerificationReport, VerifySpec, metadata_with, refuse_fixed_batch, verification_sampler, verify
 from edgemeta.runtime.spec import Metric, ModelMetadata, Normalization, Precision, PreprocessSpec
@@ -127,13 +127,18 @@ def _outputs(out: str | os.PathLike, options: ExportOptions, *inputs: str | os.P
     out = ensure_writable(out)  # a symlink's target: what is written, and where the .ort copy goes
     written = [given]  # named as the user gave it
     if options.ort_format:
-        if given.suffix == ".ort":
+        if given.suffix.lower() == ".ort":
             raise InputError(f"-o names the .onnx model; --ort writes {given.name} beside it: use -o {given.with_suffix('.onnx')}")
+        if out.suffix.lower() == ".ort":
+            raise ExportError(f"-o {given} links to {out}, an .ort file; --ort writes the .ort copy itself: point -o at an .onnx file")
         ort_copy = out.with_suffix(".ort")
-        if os.path.realpath(ort_copy) == os.path.realpath(out):
+        if same_file(ort_copy, out):
             raise ExportError(f"{ort_copy} links to the model {out} itself, which --ort would write over; remove the link or choose another -o")
         if os.path.isdir(ort_copy):
             raise ExportError(f"--ort writes {ort_copy} beside the model, and that is a folder; move it or choose another -o")
+        target = Path(os.path.realpath(ort_copy))
+        if ort_copy.is_symlink() and not target.parent.is_dir():
+            raise ExportError(f"--ort writes {ort_copy}, a link to {target} in a folder that does not exist; remove the link or create the folder")
         ensure_writable(ort_copy)
         written.append(ort_copy)
     refuse_overwrite(written, list(inputs))
@@ -209,9 +214,15 @@ def _finish(model_path: Path, torch_model: nn.Module, out: Path, options: Export
     # converted first (a failed conversion leaves no .onnx behind), in a folder of its own
     # beside the target, and moved into place once the .onnx is written: a failure leaves
     # no new .ort beside an older .onnx (or none), nor an older .ort beside a new .onnx
-    staging = Path(tempfile.mkdtemp(prefix=f".{final.name}.", dir=final.parent))
     try:
-        staged = to_ort_format(model_path, staging / final.name, level=options.ort_level)
+        staging = Path(tempfile.mkdtemp(prefix=".edgemeta-ort-", dir=final.parent))
+    except OSError as e:
+        raise ExportError(f"cannot write beside {final} ({e.strerror or e}); choose a writable output folder") from None
+    try:
+        try:
+            staged = to_ort_format(model_path, staging / "copy.ort", level=options.ort_level)
+        except OSError as e:
+            raise ExportError(f"cannot write the ORT-format copy of {out} ({e.strerror or e}); choose a writable output folder") from None
         save_model(load_model(model_path), out)
         if final.exists():  # a replaced file keeps its permission bits, as atomic_write keeps them
             os.chmod(staged, stat.S_IMODE(final.stat().st_mode))
