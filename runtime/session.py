@@ -320,11 +320,20 @@ def feeds_prototype_norms(session: ort.InferenceSession) -> bool:
     return takes and session.get_providers()[0] != Provider.TENSORRT.value
 
 
-def _refuse_nonfinite(prototypes: np.ndarray) -> None:
-    """Raise :class:`InputError` naming the first prototype row with a NaN or an infinity, if any."""
-    bad = first_nonfinite(np.asarray(prototypes))
+_SCAN_PROTOTYPES = 4096  # prototype values checked directly, before the graph runs (a few us)
+
+
+def _refuse_nonfinite(prototypes: np.ndarray, dtype: np.dtype) -> None:
+    """Raise :class:`InputError` naming the first prototype row with a NaN or an infinity, if
+    any, in the ``dtype`` the graph takes them in (a value beyond its range becomes one)."""
+    with np.errstate(over="ignore", invalid="ignore"):
+        cast = np.asarray(prototypes, dtype)
+    bad = first_nonfinite(cast)
     if bad is not None:
-        raise InputError(f"prototype {bad} contains NaN or infinite values; build prototypes from finite embeddings")
+        raise InputError(
+            f"prototype {bad} contains NaN or infinite values (or values beyond {np.dtype(dtype).name}'s range); "
+            "build prototypes from finite embeddings"
+        )
 
 
 def prototype_sqnorms(prototypes: np.ndarray) -> np.ndarray:
@@ -560,9 +569,10 @@ class Session:
         cached = self._norms_cache
         if cached is not None and cached[0] is protos:
             return cached
-        norms = prototype_sqnorms(protos)
+        with np.errstate(over="ignore", invalid="ignore"):
+            norms = prototype_sqnorms(protos)
         if not math.isfinite(float(norms.sum())):  # a NaN or infinity in a row makes its norm one
-            _refuse_nonfinite(protos)
+            _refuse_nonfinite(protos, np.float32)
         entry = self._norms_cache = (protos, norms, None)
         return entry
 
@@ -722,11 +732,15 @@ class Session:
         """
         x = self._check_images(images)
         p = self._check_prototypes(prototypes)
+        # prototypes whose norms are fed are checked once, with them (_norms_entry); a few
+        # others directly (ONNX Runtime before 1.19 let Min(NaN, 0) give 0 with one class);
+        # more by one pass over the logits, and the rows themselves only when that finds one
+        scan = self._norms_entry(p) is None
+        if scan and p.size <= _SCAN_PROTOTYPES:
+            _refuse_nonfinite(p, self._in_types[INPUT_PROTOTYPES])
         emb, logits = self._chunked(x, p, logits=True)
-        # prototypes whose norms are fed were checked once, with them (_norms_entry); others by
-        # one pass over the logits, and the prototypes themselves only when that finds one
-        if self._norms_entry(p) is None and not math.isfinite(float(logits.sum())):
-            _refuse_nonfinite(p)
+        if scan and p.size > _SCAN_PROTOTYPES and not math.isfinite(float(logits.sum())):
+            _refuse_nonfinite(p, self._in_types[INPUT_PROTOTYPES])
         return emb, logits
 
     def _chunked(self, x: np.ndarray, protos: np.ndarray, logits: bool) -> tuple[np.ndarray, np.ndarray | None]:
@@ -775,8 +789,8 @@ class Session:
     def _run_bound(self, x: np.ndarray, protos: np.ndarray, names: list[str]) -> list[np.ndarray]:
         device = self._device()
         if OUTPUT_LOGITS in names:
+            norms = self._norms_value(protos)  # first: it refuses non-finite prototypes before any upload
             bound = {INPUT_PROTOTYPES: self._prototype_value(protos)}
-            norms = self._norms_value(protos)
             if norms is not None:
                 bound[INPUT_SQNORMS] = norms
         else:  # embedding only: a fixed empty input, so the cached prototypes stay on the device

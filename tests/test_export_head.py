@@ -10,6 +10,7 @@ import torch
 from torch import nn
 
 from edgemeta.data import omniglot_spec
+from edgemeta.errors import InputError
 from edgemeta.exporters import ExportSpec, export
 from edgemeta.exporters.head import has_fed_norms
 from edgemeta.model import FewShotModel, ModelSpec
@@ -71,6 +72,27 @@ def test_fed_norms_are_used_and_a_wrong_length_is_ignored(exported):
     assert not np.allclose(wrong, right, rtol=1e-3)  # the graph reads the fed norms
     other_length = sess.run(["logits"], {"images": x, "prototypes": p, INPUT_SQNORMS: np.ones(6, np.float32)})[0]
     np.testing.assert_allclose(other_length, right, rtol=1e-5, atol=1e-4)  # not n_classes long: computed
+
+
+@pytest.mark.parametrize("io_binding", [False, True])
+def test_non_finite_prototypes_are_refused_with_the_norms_the_runtime_feeds(exported, io_binding):
+    model, fast, _ = exported
+    s = Session(fast, "cpu", options=SessionOptions(io_binding=io_binding))
+    assert s.feeds_norms
+    x, p = inputs(1, model.embedding_dim)
+    for value in (np.nan, np.inf, -np.inf):
+        bad = p.copy()
+        bad[0, 3] = value
+        bad.flags.writeable = False  # as a store keeps them: checked once, with the norms fed
+        with pytest.raises(InputError, match=r"prototype 0 contains NaN or infinite values \(or values beyond float32's range\)"):
+            s.run(x, bad)
+    assert s.prototype_uploads == 0  # refused before anything went to the device
+    big = np.full((1, model.embedding_dim), 1e39)  # finite in float64, infinite as the float32 the graph takes
+    big.flags.writeable = False
+    with pytest.raises(InputError, match="prototype 0 contains NaN or infinite values"):
+        s.run(x, big)
+    p.flags.writeable = False
+    assert np.isfinite(s.run(x, p)[1]).all()
 
 
 def test_contract_inputs_stay_images_and_prototypes(exported):

@@ -475,9 +475,17 @@ def test_prototypes_with_nan_or_infinity_are_named(tiny_onnx_model, frozen):
     for value in (np.nan, np.inf):
         bad = protos.copy()
         bad[2, 5] = value
-        bad.flags.writeable = not frozen  # frozen: the runtime feeds the norms it computes from them
-        with pytest.raises(InputError, match="prototype 2 contains NaN or infinite values; build prototypes from finite embeddings"):
+        bad.flags.writeable = not frozen  # (this model takes no norms: both are checked as given)
+        with pytest.raises(InputError, match=r"prototype 2 contains NaN or infinite values \(or values beyond float32's range\); "
+                                             "build prototypes from finite embeddings"):
             s.run(x, bad)
+    many = np.tile(protos, (100, 1))  # past the values checked before the run: found through the logits
+    many[250, 1] = np.nan
+    many.flags.writeable = not frozen
+    with pytest.raises(InputError, match="prototype 250 contains NaN"):
+        s.run(x, many)
+    with pytest.raises(InputError, match="prototype 0 contains NaN or infinite values"):
+        s.run(x, np.full((1, 16), 1e39))  # finite in float64, infinite as the float32 the graph takes
     assert np.isfinite(s.run(x, protos)[1]).all()
     assert s.run(x, protos.astype(np.int64))[1].shape == (3, 3)  # integer prototypes are finite by type
 
