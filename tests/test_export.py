@@ -347,18 +347,31 @@ def test_an_ort_copy_is_written_with_its_onnx_or_not_at_all(tiny_onnx, tmp_path,
     assert inspect(real)["format"] == "ort" and leftovers(tmp_path) == leftovers(real.parent) == []
 
 
-@pytest.mark.parametrize("make_bad", ["folder", "link to the model"])
-def test_an_ort_copy_that_cannot_be_written_is_refused_before_any_work(tiny_onnx, tmp_path, make_bad):
+@pytest.mark.parametrize("make_bad, error", [
+    ("folder", "is a folder; move it or choose another -o"),
+    ("link to the model", "links to the model .* itself, which --ort would write over"),
+    ("link into a missing folder", r"a link to .*nope.m\.ort in a folder that does not exist; remove the link or create the folder"),
+    ("-o links to an .ort file", r"links to .*t\.ort, an \.ort file; --ort writes the \.ort copy itself"),
+    ("-o in capitals", "-o names the .onnx model; --ort writes m.ORT beside it: use -o"),
+])
+def test_an_ort_copy_that_cannot_be_written_is_refused_before_any_work(tiny_onnx, tmp_path, make_bad, error):
     checkpoint, out, ort_copy = Path(tiny_onnx[2].path), tmp_path / "m.onnx", tmp_path / "m.ort"
     if make_bad == "folder":
         ort_copy.mkdir()
-    else:
+    elif make_bad == "link to the model":
         out.write_bytes(Path(tiny_onnx[0]).read_bytes())
         ort_copy.symlink_to(out)
-    before = out.read_bytes() if out.exists() else None
-    with pytest.raises(ExportError, match="is a folder; move it or choose another -o" if make_bad == "folder" else "links to the model .* itself"):
+    elif make_bad == "link into a missing folder":
+        ort_copy.symlink_to(tmp_path / "nope" / "m.ort")
+    elif make_bad == "-o links to an .ort file":
+        (tmp_path / "t.ort").write_bytes(b"kept")
+        out.symlink_to(tmp_path / "t.ort")
+    else:
+        out = tmp_path / "m.ORT"
+    before = {p.name: p.read_bytes() for p in tmp_path.iterdir() if p.is_file()}
+    with pytest.raises((ExportError, InputError), match=error):
         export_checkpoint(checkpoint, out, ExportOptions(verify=None, ort_format=True))
-    assert (out.read_bytes() if out.exists() else None) == before and leftovers(tmp_path) == []
+    assert {p.name: p.read_bytes() for p in tmp_path.iterdir() if p.is_file()} == before and leftovers(tmp_path) == []
 
 
 def test_a_new_model_is_an_ordinary_file(tiny_onnx, tmp_path):
