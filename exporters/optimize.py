@@ -99,4 +99,6 @@ def to_ort_format(onnx_path: str | os.PathLike, ort_path: str | os.PathLike | No
         atomic_write(dst, convert, suffix=".tmp.ort")
     except CheckpointError as e:
         raise ExportError(str(e)) from None
+    except OSError as e:  # as save_model words it
+        raise ExportError(f"cannot write {dst} ({e.strerror or e}); choose a writable output folder") from None
     return dst

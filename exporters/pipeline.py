@@ -219,10 +219,7 @@ def _finish(model_path: Path, torch_model: nn.Module, out: Path, options: Export
     except OSError as e:
         raise ExportError(f"cannot write beside {final} ({e.strerror or e}); choose a writable output folder") from None
     try:
-        try:
-            staged = to_ort_format(model_path, staging / "copy.ort", level=options.ort_level)
-        except OSError as e:
-            raise ExportError(f"cannot write the ORT-format copy of {out} ({e.strerror or e}); choose a writable output folder") from None
+        staged = to_ort_format(model_path, staging / "copy.ort", level=options.ort_level)
         save_model(load_model(model_path), out)
         if final.exists():  # a replaced file keeps its permission bits, as atomic_write keeps them
             os.chmod(staged, stat.S_IMODE(final.stat().st_mode))

@@ -295,6 +295,20 @@ def test_ort_format_loads_and_keeps_metadata(tiny_onnx, tmp_path):
     assert [i["name"] for i in info["optional_inputs"]] == ["prototype_sqnorms"]  # the ORT format keeps it
 
 
+def test_an_ort_copy_that_cannot_be_written_is_an_export_error(tiny_onnx, tmp_path, monkeypatch):
+    from edgemeta.exporters import optimize
+
+    def full_disk(path, write, suffix=".tmp"):
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(optimize, "atomic_write", full_disk)
+    with pytest.raises(ExportError, match=r"cannot write .*m\.ort \(No space left on device\); choose a writable output folder"):
+        to_ort_format(tiny_onnx[0], tmp_path / "m.ort")
+    with pytest.raises(ExportError, match="No space left on device"):  # through export --ort: nothing written
+        export_checkpoint(Path(tiny_onnx[2].path), tmp_path / "m.onnx", ExportOptions(verify=None, ort_format=True))
+    assert list(tmp_path.iterdir()) == []
+
+
 @pytest.mark.parametrize("mode", [0o444, 0o600, 0o664])
 def test_replacing_a_model_keeps_its_mode(tiny_onnx, tmp_path, mode):
     src = tmp_path / "m.onnx"
