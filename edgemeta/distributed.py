@@ -22,6 +22,7 @@ must start without torch (the device-side install).
 
 from __future__ import annotations
 
+import gc
 import os
 import warnings
 from contextlib import contextmanager
@@ -89,7 +90,9 @@ def _env_int(name: str, default: int) -> int:
     try:
         return int(text)
     except ValueError:
-        raise InputError(f"environment variable {name}={text!r} is not an integer; launch with torchrun, which sets it") from None
+        raise InputError(
+            f"environment variable {name}={text!r} is not an integer; launch with torchrun, which sets it"
+        ) from None
 
 
 def detect(device: Device | str = Device.AUTO) -> DistEnv:
@@ -107,19 +110,27 @@ def detect(device: Device | str = Device.AUTO) -> DistEnv:
     local_rank = _env_int("LOCAL_RANK", 0)
     local_world = _env_int("LOCAL_WORLD_SIZE", 1 if world == 1 else world)
     if world < 1 or not 0 <= rank < world or not 0 <= local_rank < local_world:
-        raise InputError(f"RANK={rank}, LOCAL_RANK={local_rank}, WORLD_SIZE={world} do not fit together; launch with torchrun, which sets them")
+        raise InputError(
+            f"RANK={rank}, LOCAL_RANK={local_rank}, WORLD_SIZE={world} do not fit together; "
+            "launch with torchrun, which sets them"
+        )
     gpus = torch.cuda.device_count() if torch.cuda.is_available() else 0
     if device is Device.CUDA and gpus == 0:
-        raise InputError(f"--device cuda, but this torch ({torch.__version__}) sees no GPU; use --device cpu, or install a CUDA build of torch")
+        raise InputError(
+            f"--device cuda, but this torch ({torch.__version__}) sees no GPU; "
+            "use --device cpu, or install a CUDA build of torch"
+        )
     if device is Device.CUDA and local_world > gpus:
         raise InputError(
-            f"--device cuda with {local_world} processes on this machine and {gpus} GPU(s): NCCL takes one GPU per process; "
-            f"use --nproc-per-node {gpus}, or --device cpu"
+            f"--device cuda with {local_world} processes on this machine and {gpus} GPU(s): "
+            f"NCCL takes one GPU per process; use --nproc-per-node {gpus}, or --device cpu"
         )
     if device is Device.AUTO:
         if 0 < gpus < local_world:
-            warnings.warn(f"{local_world} processes on this machine and {gpus} GPU(s): training on the CPU (gloo); "
-                          f"use --nproc-per-node {gpus} to train on the GPUs")
+            warnings.warn(
+                f"{local_world} processes on this machine and {gpus} GPU(s): training on the CPU (gloo); "
+                f"use --nproc-per-node {gpus} to train on the GPUs"
+            )
         device = Device.CUDA if 0 < local_world <= gpus else Device.CPU
     dev = torch.device("cuda", local_rank) if device is Device.CUDA else torch.device("cpu")
     return DistEnv(rank, world, local_rank, local_world, dev)
@@ -149,18 +160,25 @@ def session(env: DistEnv, timeout_s: float = 1800.0) -> Iterator[DistEnv]:
         torch.cuda.set_device(env.device)
     where = f"{os.environ.get('MASTER_ADDR', '?')}:{os.environ.get('MASTER_PORT', '?')}"
     try:
-        dist.init_process_group(env.backend, rank=env.rank, world_size=env.world_size, timeout=timedelta(seconds=timeout_s))
+        dist.init_process_group(
+            env.backend, rank=env.rank, world_size=env.world_size, timeout=timedelta(seconds=timeout_s)
+        )
         _control = dist.new_group(backend="gloo") if env.backend != "gloo" else None
     except (RuntimeError, ValueError) as e:  # torch raises DistStoreError / DistNetworkError, both RuntimeErrors
         first = str(e).strip().splitlines()[0][:200] if str(e).strip() else type(e).__name__
         raise DistributedError(
-            f"rank {env.rank} of {env.world_size} could not reach the rendezvous at {where} within {timeout_s:g} s ({first}); "
-            "check that every node runs the same torchrun command and that the address and port are reachable from this machine"
+            f"rank {env.rank} of {env.world_size} could not reach the rendezvous at {where} within {timeout_s:g} s "
+            f"({first}); check that every node runs the same torchrun command and that the address and port are "
+            "reachable from this machine"
         ) from None
     try:
         yield env
     finally:
         _control = None
+        # DDP's reducer and gloo's pending work hold references into the group: free them while
+        # the interpreter is whole, not at its exit, where a gloo thread can abort the process
+        # (pytorch/pytorch#179291)
+        gc.collect()
         dist.destroy_process_group()
 
 

@@ -277,8 +277,15 @@ def _crossed(before: int, after: int, every: int) -> bool:
 class _Trainer:
     """Holds the state of one run; ``train()`` is the public entry point."""
 
-    def __init__(self, cfg: TrainConfig, train_set: ImageSet, val_set: ImageSet, spec: ModelSpec, on_event: Callable[[dict], None] | None,
-                 env: DistEnv | None = None):
+    def __init__(
+        self,
+        cfg: TrainConfig,
+        train_set: ImageSet,
+        val_set: ImageSet,
+        spec: ModelSpec,
+        on_event: Callable[[dict], None] | None,
+        env: DistEnv | None = None,
+    ):
         self.cfg, self.train_set, self.val_set, self.on_event = cfg, train_set, val_set, on_event
         self.env = env or DistEnv()
         torch.manual_seed(cfg.seed)  # the same initial weights on every rank
@@ -353,8 +360,10 @@ class _Trainer:
         idx = rng.choice(len(self.train_set), size=min(len(self.train_set), 5000), replace=False)
         self.model.eval()
         pp = self.model.spec.preprocess
-        feats = [self.model.backbone(to_tensor(self.train_set.images[np.sort(idx[i : i + 512])], pp.mean, pp.std).to(self.device))
-                 for i in range(0, len(idx), 512)]
+        feats = [
+            self.model.backbone(to_tensor(self.train_set.images[ix], pp.mean, pp.std).to(self.device))
+            for ix in (np.sort(idx[i : i + 512]) for i in range(0, len(idx), 512))
+        ]
         self.model.center.copy_(torch.cat(feats).mean(0))
 
     # -- validation ----------------------------------------------------
@@ -427,7 +436,9 @@ class _Trainer:
         self.model.train()
         while self.epoch < cfg.pretrain_epochs and not self.out_of_time():
             order = distributed.shard(env, len(ds), self.epoch, cfg.seed)
-            gen = torch.Generator().manual_seed(cfg.seed * 7919 + self.epoch + 1_000_033 * env.rank) if cfg.augment else None
+            gen = None
+            if cfg.augment:
+                gen = torch.Generator().manual_seed(cfg.seed * 7919 + self.epoch + 1_000_033 * env.rank)
             losses, accs = [], []
             for b in range(steps_per_epoch):
                 it = self.epoch * steps_per_epoch + b
@@ -479,8 +490,9 @@ class _Trainer:
             accs.append((logits.argmax(1) == q_labels).float().mean().item())
             before, self.step = self.step, self.step + self.env.world_size
             if progress:
-                progress.update(task, advance=self.env.world_size,
-                                info=f"loss {np.mean(losses[-50:]):.3f} acc {100 * np.mean(accs[-50:]):.1f}% best val {100 * max(self.best_acc, 0):.2f}%")
+                info = f"loss {np.mean(losses[-50:]):.3f} acc {100 * np.mean(accs[-50:]):.1f}%"
+                info += f" best val {100 * max(self.best_acc, 0):.2f}%"
+                progress.update(task, advance=self.env.world_size, info=info)
             if _crossed(before, self.step, cfg.log_every):  # rank 0's episodes
                 self.log({"stage": "episodic", "step": self.step, "loss": float(np.mean(losses)), "acc": float(np.mean(accs)), "lr": opt.param_groups[0]["lr"]})
                 losses, accs = [], []
@@ -493,7 +505,9 @@ class _Trainer:
         if progress:
             progress.remove_task(task)
 
-    def episode_loss(self, net: nn.Module, samplers: list[EpisodeSampler], i: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    def episode_loss(
+        self, net: nn.Module, samplers: list[EpisodeSampler], i: int
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """Loss, logits and query labels of training episode ``i`` through ``net`` (an
         :class:`_EpisodeLogits`, or DDP around one)."""
         cfg = self.cfg
@@ -508,7 +522,10 @@ class _Trainer:
     def samplers(self) -> list[EpisodeSampler]:
         """The episode samplers of the run: one per shot count of --mixed-shots, used in turn."""
         cfg, ds = self.cfg, self.train_set
-        return [EpisodeSampler(ds.labels, cfg.n_way, k, cfg.q_query, cfg.seed + 7 * j, ds.name) for j, k in enumerate(cfg.mixed_shots or (cfg.k_shot,))]
+        shots = cfg.mixed_shots or (cfg.k_shot,)
+        return [
+            EpisodeSampler(ds.labels, cfg.n_way, k, cfg.q_query, cfg.seed + 7 * j, ds.name) for j, k in enumerate(shots)
+        ]
 
 
 def _progress_bar(enabled: bool):
@@ -570,7 +587,9 @@ def train(
         return _run(trainer, out, optimizer_state, progress and env.is_main)
 
 
-def _check_run(cfg: TrainConfig, resume: str | os.PathLike | None, force: bool, env: DistEnv) -> tuple[Path, ModelSpec, tuple[Path, Path] | None]:
+def _check_run(
+    cfg: TrainConfig, resume: str | os.PathLike | None, force: bool, env: DistEnv
+) -> tuple[Path, ModelSpec, tuple[Path, Path] | None]:
     """The output, the model spec and the files to resume from (if any), once every check passed."""
     cfg.check()
     resume = Path(resume) if resume is not None else None
@@ -596,16 +615,21 @@ def _check_run(cfg: TrainConfig, resume: str | os.PathLike | None, force: bool, 
 
 # what a resumed run may change: where it writes and reads, how long it runs and on what;
 # everything else decides which episodes it sees and what it learns from them
-_RESUME_MAY_CHANGE = frozenset({"out", "data_dir", "episodes", "threads", "max_minutes", "log_every", "device", "dist_timeout"})
+_RESUME_MAY_CHANGE = frozenset(
+    {"out", "data_dir", "episodes", "threads", "max_minutes", "log_every", "device", "dist_timeout"}
+)
 
 
 def _check_same_config(last: Path, was: dict[str, Any], cfg: TrainConfig) -> None:
     """Refuse a resume whose config differs from the run's in anything but where and how long
     it runs (the number of processes may change); every difference named at once."""
     now = json.loads(json.dumps({k: (v.value if hasattr(v, "value") else v) for k, v in asdict(cfg).items()}))
-    diffs = [f"{_option(k)} {was[k]!r} (now {v!r})" for k, v in now.items() if k in was and k not in _RESUME_MAY_CHANGE and was[k] != v]
-    if diffs:
-        raise CheckpointError(f"{last} was trained with {', '.join(diffs)}; resume with the run's own settings, or start a new run with another -o")
+    changed = [k for k, v in now.items() if k in was and k not in _RESUME_MAY_CHANGE and was[k] != v]
+    if changed:
+        diffs = ", ".join(f"{_option(k)} {was[k]!r} (now {now[k]!r})" for k in changed)
+        raise CheckpointError(
+            f"{last} was trained with {diffs}; resume with the run's own settings, or start a new run with another -o"
+        )
 
 
 def _check_world_size(cfg: TrainConfig, step: int, world_size: int) -> None:
@@ -615,8 +639,11 @@ def _check_world_size(cfg: TrainConfig, step: int, world_size: int) -> None:
         lower, upper = step + left // world_size * world_size, step + -(-left // world_size) * world_size
         at = f" (resuming at episode {step}, {left} left)" if step else ""
         raise InputError(
-            f"--episodes {cfg.episodes} does not split over {world_size} processes{at}: each step takes one episode per process; "
-            f"use --episodes {upper}" + (f" or {lower}" if lower > step else "") + f", or a number of processes that divides {left}"
+            f"--episodes {cfg.episodes} does not split over {world_size} processes{at}: "
+            "each step takes one episode per process; "
+            f"use --episodes {upper}"
+            + (f" or {lower}" if lower > step else "")
+            + f", or a number of processes that divides {left}"
         )
 
 
@@ -650,7 +677,9 @@ def _run(trainer: _Trainer, out: Path, optimizer_state: dict | None, progress: b
             fingerprint = trainer.save_best(final_write=True)
             plot_curve(trainer.history, out.with_suffix(".png"))
     eps = trainer.episodes_done / trainer.episode_seconds if trainer.episode_seconds else 0.0
-    return TrainResult(out, fingerprint, trainer.best_acc, trainer.history, trainer.elapsed(), eps, env.world_size, env.is_main)
+    return TrainResult(
+        out, fingerprint, trainer.best_acc, trainer.history, trainer.elapsed(), eps, env.world_size, env.is_main
+    )
 
 
 def _restore(trainer: _Trainer, last: Path, best: Path) -> dict | None:
