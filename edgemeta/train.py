@@ -9,6 +9,10 @@ Validation runs on held-out classes every ``val_every`` episodes (and after each
 pre-training epoch); the best model is what the checkpoint holds, and it is written
 whenever validation improves, so a run that is stopped keeps it. Everything is
 seeded, and ``resume`` continues on exactly the episodes the run would have seen.
+
+Under ``torchrun`` the same loop runs on every process (see :mod:`edgemeta.distributed`):
+one optimizer step takes one episode per process with the gradients averaged, and rank 0
+alone validates and writes.
 """
 
 from __future__ import annotations
