@@ -3,6 +3,7 @@
 from edgemeta.runtime.errors import (
     CheckpointError,
     DataError,
+    DistributedError,
     EdgemetaError,
     ExportError,
     InputError,
@@ -16,6 +17,7 @@ from edgemeta.runtime.errors import (
 __all__ = [
     "CheckpointError",
     "DataError",
+    "DistributedError",
     "EdgemetaError",
     "ExportError",
     "InputError",

@@ -18,6 +18,7 @@ __all__ = [
     "StoreCorruptError",
     "StoreWriteError",
     "ProviderError",
+    "DistributedError",
 ]
 
 
@@ -59,3 +60,7 @@ class StoreWriteError(EdgemetaError, OSError):
 
 class ProviderError(EdgemetaError):
     """An ONNX Runtime execution provider was asked for and cannot run."""
+
+
+class DistributedError(EdgemetaError):
+    """The processes of a distributed run cannot meet (rendezvous) or one of them failed."""
