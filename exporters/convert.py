@@ -480,7 +480,7 @@ def check_graph(proto: onnx.ModelProto, spec: ExportSpec, embedding_dim: int) ->
 def _ort_session(model_bytes: bytes):
     import onnxruntime as ort
 
-    from edgemeta.runtime.session import open_ort_session
+    from edgemeta.runtime.ort import open_session as open_ort_session
 
     return open_ort_session(model_bytes, ort.SessionOptions(), ["CPUExecutionProvider"])[0]
 

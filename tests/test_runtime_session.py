@@ -21,7 +21,7 @@ from edgemeta.runtime import (
     SessionOptions,
 )
 from conftest import cuda_runs, fixed_batch_copy
-from edgemeta.runtime.session import resolve_providers
+from edgemeta.runtime.ort import resolve_providers
 
 CPU = "CPUExecutionProvider"
 GPU_BUILD = bool({"CUDAExecutionProvider", "TensorrtExecutionProvider"} & set(ort.get_available_providers()))
@@ -334,7 +334,7 @@ def test_a_model_asking_for_the_nhwc_stem_hand_over_is_opened_without_the_transp
     """An int8 model exported with stem_layout="nhwc" says so in its metadata; on the CPU provider
     of an x86-64 machine the session is opened again with ONNX Runtime's transpose optimizer off
     (what the NHWC round trip needs), on other machines once, as every other model."""
-    from edgemeta.runtime import session as session_module
+    from edgemeta.runtime import ort as session_module
 
     hinted = make_onnx_model(extra={"calibration": {"stem_layout": "nhwc"}})
     plain = make_onnx_model(extra={"calibration": {"stem_layout": "nchw"}})
@@ -367,15 +367,15 @@ def test_a_model_asking_for_the_nhwc_stem_hand_over_is_opened_without_the_transp
              (ort.SessionOptions(), ["CUDAExecutionProvider", "CPUExecutionProvider"])]  # a GPU that fails would be tried twice
     for options, providers in cases:
         opened.clear()
-        session_module.open_ort_session(hinted, options, providers)
+        session_module.open_session(hinted, options, providers)
         assert opened == [session_module.DISABLED_OPTIMIZERS]
     opened.clear()
-    session_module.open_ort_session(hinted, ort.SessionOptions(), ["CPUExecutionProvider"])
+    session_module.open_session(hinted, ort.SessionOptions(), ["CPUExecutionProvider"])
     assert len(opened) == 2
 
 
 def test_nhwc_stem_request_is_read_safely_from_metadata(make_onnx_model, monkeypatch):
-    from edgemeta.runtime import session as session_module
+    from edgemeta.runtime import ort as session_module
 
     monkeypatch.setattr(session_module.platform, "machine", lambda: "x86_64")
 
