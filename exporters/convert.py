@@ -41,7 +41,7 @@ import torch
 from torch import nn
 
 from edgemeta import __version__
-from edgemeta.errors import ExportError, InputError
+from edgemeta.runtime.errors import ExportError, InputError
 from edgemeta.exporters.graph import ensure_writable, finalize, save_model, set_metadata
 from edgemeta.exporters.head import has_fed_norms, with_fed_norms
 from edgemeta.model import compute_logits, normalize_embeddings

@@ -26,7 +26,7 @@ from pathlib import Path
 import numpy as np
 import onnx
 
-from edgemeta.errors import CheckpointError, ExportError, InputError
+from edgemeta.runtime.errors import CheckpointError, ExportError, InputError
 from edgemeta.checkpoint import atomic_write
 from edgemeta.files import same_file
 from edgemeta.runtime.ort import open_session as open_ort_session

@@ -32,7 +32,7 @@ import onnx
 from onnx import TensorProto, helper, numpy_helper
 
 from edgemeta.data import ImageSet
-from edgemeta.errors import ExportError, InputError
+from edgemeta.runtime.errors import ExportError, InputError
 from edgemeta.evaluate import to_tensor
 from edgemeta.exporters.data import subset
 from edgemeta.exporters.graph import finalize, float_nodes, load_model, name_nodes, read_metadata, save_model, set_metadata

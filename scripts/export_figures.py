@@ -34,7 +34,7 @@ from pathlib import Path
 import numpy as np
 
 from edgemeta.checkpoint import default_checkpoint, load_checkpoint
-from edgemeta.errors import EdgemetaError, VerificationError
+from edgemeta.runtime.errors import EdgemetaError, VerificationError
 from edgemeta.evaluate import to_tensor
 from edgemeta.exporters import ExportOptions, VerifySpec, export_checkpoint, quantize_int8, to_fp16, verify
 from edgemeta.exporters.data import base_images, novel_images, recorded_dataset

@@ -27,7 +27,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from benchmark_report import SHIPPED, export_variants, untrained_checkpoint  # noqa: E402
 
 from edgemeta.bench import BENCH_SESSION_OPTIONS, time_fn  # noqa: E402
-from edgemeta.errors import InputError  # noqa: E402
+from edgemeta.runtime.errors import InputError  # noqa: E402
 from edgemeta.exporters.data import base_images  # noqa: E402
 from edgemeta.exporters.quantize import QuantizeSpec, quantize_int8  # noqa: E402
 from edgemeta.runtime.ort import open_session  # noqa: E402

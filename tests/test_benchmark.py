@@ -33,8 +33,7 @@ from edgemeta.bench import render as brender
 from edgemeta.bench import report as breport
 from edgemeta.bench import timing as btiming
 from edgemeta.cli import app
-from edgemeta.errors import DataError
-from edgemeta.runtime.errors import CheckpointError, InputError, ModelMismatchError, ProviderError
+from edgemeta.runtime.errors import CheckpointError, DataError, InputError, ModelMismatchError, ProviderError
 from edgemeta.runtime.spec import Precision
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -139,6 +138,23 @@ def test_time_fn_counts_runs_and_honours_duration():
     assert bm.time_fn(lambda: None, warmup=0, duration=0.01).runs >= 3
 
 
+def test_the_report_records_the_onnx_runtime_settings_it_timed_with():
+    assert bm.BenchConfig(threads=1).to_dict()["ort"] == {
+        "graph_optimization": "all", "execution_mode": "sequential", "inter_op_threads": 1,
+        "allow_spinning": True, "memory_arena": True, "pin_threads": False,
+    }
+    from edgemeta.runtime.ort import SessionOptions
+
+    given = bm.BenchConfig(threads=1, ort=SessionOptions(execution_mode="parallel", memory_arena=False))
+    assert given.to_dict()["ort"] == {  # spinning left to ONNX Runtime is recorded as what it does: on
+        "graph_optimization": "all", "execution_mode": "parallel", "inter_op_threads": 0,
+        "allow_spinning": True, "memory_arena": False, "pin_threads": False,
+    }
+    so = bconfig.timed_options(given.ort, 2)
+    assert so.intra_op_num_threads == 2 and so.execution_mode == ort.ExecutionMode.ORT_PARALLEL
+    assert so.get_session_config_entry("session.intra_op.allow_spinning") == "1"
+
+
 def test_config_reports_every_problem_at_once():
     with pytest.raises(InputError) as e:
         bm.BenchConfig(batch_sizes=(0, 5000), runs=0, threads=-1, precisions=("fp64",))
@@ -204,6 +220,18 @@ def test_int8_matmul_model_computes_the_integer_product():
     assert out.dtype == np.int32 and np.array_equal(out, a.astype(np.int32) @ w.astype(np.int32))
     peak = bm.measure_int8_peak(1, sizes=(16, 32), runs=2)
     assert set(peak["int8_gops_by_size"]) == {16, 32} and peak["int8_peak_gops"] == max(peak["int8_gops_by_size"].values()) > 0
+
+
+def test_the_hand_written_peak_models_pass_onnx_checks():
+    onnx = pytest.importorskip("onnx")
+    w = np.arange(-32, 32, dtype=np.int8).reshape(8, 8)
+    for data, op, elem in ((bm.matmul_model_bytes(8), "MatMul", onnx.TensorProto.FLOAT),
+                           (bflops.int8_matmul_model_bytes(8, w), "MatMulInteger", onnx.TensorProto.INT32)):
+        model = onnx.load_from_string(data)
+        onnx.checker.check_model(model, full_check=True)
+        assert [n.op_type for n in model.graph.node] == [op] and model.opset_import[0].version == 17
+        assert model.graph.output[0].type.tensor_type.elem_type == elem
+    assert np.array_equal(onnx.numpy_helper.to_array(onnx.load_from_string(bflops.int8_matmul_model_bytes(8, w)).graph.initializer[0]), w)
 
 
 def test_int8_rows_are_measured_against_the_int8_peak():

@@ -15,7 +15,7 @@ import pytest
 
 from edgemeta.checkpoint import load_checkpoint
 from edgemeta.data import omniglot_spec
-from edgemeta.errors import InputError
+from edgemeta.runtime.errors import InputError
 from edgemeta.exporters import VerifySpec, convert_fp16, quantize_int8, to_fp16, verify
 from edgemeta.exporters.data import base_images, novel_images
 from edgemeta.exporters.graph import float_nodes, name_nodes

@@ -219,11 +219,30 @@ def test_spinning_reaches_onnxruntime(tiny_onnx_model, spin, entry):
         ({"batch_size": 0}, "batch_size must be >= 1"),
         ({"graph_optimization": "max"}, "unknown graph_optimization 'max'; choose one of: disable, basic, extended, all"),
         ({"allow_spinning": "no"}, "allow_spinning must be True, False or None"),
+        ({"execution_mode": "fast"}, "unknown execution_mode 'fast'; choose one of: sequential, parallel"),
     ],
 )
 def test_bad_session_options(kwargs, msg):
     with pytest.raises(InputError, match=msg):
         SessionOptions(**kwargs)
+
+
+def test_the_benchmark_settings_reach_the_runtime_sessions(tiny_onnx_model):
+    options = SessionOptions(intra_op_threads=2, execution_mode="parallel", memory_arena=False, pin_threads=True)
+    so = Session(tiny_onnx_model, options=options)._sess.get_session_options()
+    assert so.execution_mode == ort.ExecutionMode.ORT_PARALLEL and not so.enable_cpu_mem_arena
+    assert len(so.get_session_config_entry("session.intra_op_thread_affinities").split(";")) == 1  # the second thread
+    default = SessionOptions().to_ort()
+    assert default.execution_mode == ort.ExecutionMode.ORT_SEQUENTIAL and default.enable_cpu_mem_arena
+    assert default.intra_op_num_threads == 0 and default.inter_op_num_threads == 0
+
+
+@pytest.mark.parametrize("name, full", [("cpu", CPU), ("TRT", "TensorrtExecutionProvider"), ("MyExecutionProvider", "MyExecutionProvider")])
+def test_provider_name_and_display_name(name, full):
+    from edgemeta.runtime.ort import display_name, provider_name
+
+    assert provider_name(name) == full
+    assert display_name(full) == {"cpu": "CPU", "TRT": "TensorRT"}.get(name, full)
 
 
 def test_io_binding_keeps_readonly_prototypes_on_the_device(tiny_onnx_model):

@@ -140,6 +140,10 @@ def is_ort_format(path: str | os.PathLike) -> bool:
         return False
 
 
+# The peak models are written with a small protobuf encoder rather than onnx.helper: the
+# benchmark runs on the device, where `pip install edgemeta` gives numpy and onnxruntime and
+# no onnx package (DESIGN.md), and the peak is measured there (it is what the FLOP/s of each
+# row is a fraction of). tests/test_benchmark.py checks the bytes with onnx's own checker.
 def _varint(n: int) -> bytes:
     out = bytearray()
     while True:

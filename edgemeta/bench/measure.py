@@ -223,7 +223,8 @@ t0 = time.monotonic()
 import json
 import numpy as np
 import onnxruntime
-from edgemeta.runtime.session import Session, SessionOptions
+from edgemeta.runtime.ort import SessionOptions
+from edgemeta.runtime.session import Session
 t1 = time.monotonic()
 path, provider, threads, big = sys.argv[1], sys.argv[2], int(sys.argv[3]), int(sys.argv[4])
 s = Session(path, [provider], options=SessionOptions(intra_op_threads=threads, batch_size=max(big, 1)))
