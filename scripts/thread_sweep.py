@@ -39,6 +39,7 @@ def main() -> int:
     import onnxruntime as ort
 
     from edgemeta.bench import BENCH_SESSION_OPTIONS, BenchConfig, time_fn
+    from edgemeta.bench.config import timed_options
     from edgemeta.bench.measure import embedding_call, random_images, timed_session
     from edgemeta.bench.models import open_variant
     from edgemeta.runtime.ort import open_session
@@ -63,7 +64,7 @@ def main() -> int:
         t = max(threads)
         config = BenchConfig(providers=("cpu",), batch_sizes=(args.batch,), threads=t, runs=args.runs, warmup=10, ort=tuning)
         for v in variants:
-            so = config.ort.session_options(t)
+            so = timed_options(config.ort, t)
             so.enable_profiling = True
             with tempfile.TemporaryDirectory() as tmp:
                 so.profile_file_prefix = str(Path(tmp) / "prof")
