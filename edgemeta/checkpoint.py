@@ -21,7 +21,7 @@ from typing import Any
 import torch
 
 from edgemeta import __version__
-from edgemeta.errors import CheckpointError
+from edgemeta.runtime.errors import CheckpointError
 from edgemeta.model import FewShotModel, ModelSpec
 
 __all__ = ["default_checkpoint", "read_header", "Checkpoint", "save_checkpoint", "load_checkpoint", "model_fingerprint", "file_sha256", "atomic_write"]

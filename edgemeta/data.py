@@ -23,7 +23,7 @@ from typing import Callable, Iterable, Sequence
 
 import numpy as np
 
-from edgemeta.errors import DataError, InputError
+from edgemeta.runtime.errors import DataError, InputError
 from edgemeta.runtime.preprocess import decode, to_uint8
 from edgemeta.runtime.spec import PreprocessSpec
 

@@ -15,7 +15,7 @@ from typing import Iterator, Sequence
 
 import numpy as np
 
-from edgemeta.errors import DataError, InputError
+from edgemeta.runtime.errors import DataError, InputError
 
 __all__ = ["Episode", "EpisodeSampler", "EpisodeFile", "write_episodes_file", "read_episodes_file"]
 

@@ -218,7 +218,7 @@ def run_evaluation(
     """
     from edgemeta.checkpoint import atomic_write, default_checkpoint, load_checkpoint
     from edgemeta.data import load_dataset
-    from edgemeta.errors import InputError
+    from edgemeta.runtime.errors import InputError
     from edgemeta.files import check_output, json_document
 
     ckpt_path = Path(checkpoint) if checkpoint else default_checkpoint()

@@ -13,7 +13,7 @@ import tempfile
 from pathlib import Path
 from typing import Callable, Iterable
 
-from edgemeta.errors import InputError
+from edgemeta.runtime.errors import InputError
 
 __all__ = ["same_file", "refuse_overwrite", "check_output", "json_document"]
 

@@ -38,7 +38,7 @@ from edgemeta import distributed
 from edgemeta.data import ImageSet, load_dataset, omniglot_spec, omniglot_splits
 from edgemeta.distributed import Device, DistEnv
 from edgemeta.episodes import EpisodeSampler
-from edgemeta.errors import CheckpointError, InputError
+from edgemeta.runtime.errors import CheckpointError, InputError
 from edgemeta.evaluate import evaluate, open_set_threshold, to_tensor
 from edgemeta.files import check_output, same_file
 from edgemeta.model import FewShotModel, ModelSpec

@@ -41,7 +41,7 @@ import torch
 from torch import nn
 
 from edgemeta import __version__
-from edgemeta.errors import ExportError, InputError
+from edgemeta.runtime.errors import ExportError, InputError
 from edgemeta.exporters.graph import ensure_writable, finalize, save_model, set_metadata
 from edgemeta.exporters.head import has_fed_norms, with_fed_norms
 from edgemeta.model import compute_logits, normalize_embeddings
@@ -480,7 +480,7 @@ def check_graph(proto: onnx.ModelProto, spec: ExportSpec, embedding_dim: int) ->
 def _ort_session(model_bytes: bytes):
     import onnxruntime as ort
 
-    from edgemeta.runtime.session import open_ort_session
+    from edgemeta.runtime.ort import open_session as open_ort_session
 
     return open_ort_session(model_bytes, ort.SessionOptions(), ["CPUExecutionProvider"])[0]
 

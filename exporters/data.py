@@ -15,7 +15,7 @@ from typing import Any
 import numpy as np
 
 from edgemeta.data import NAMED, ImageSet, load_for_model, novel_images
-from edgemeta.errors import InputError
+from edgemeta.runtime.errors import InputError
 from edgemeta.runtime.spec import PreprocessSpec
 
 __all__ = ["recorded_dataset", "novel_images", "base_images", "subset"]

@@ -13,7 +13,7 @@ import onnx
 from onnx import helper
 
 from edgemeta import __version__
-from edgemeta.errors import CheckpointError, ExportError, InputError
+from edgemeta.runtime.errors import CheckpointError, ExportError, InputError
 from edgemeta.runtime.spec import METADATA_KEY, OUTPUT_EMBEDDINGS, ModelMetadata
 
 __all__ = [
@@ -175,7 +175,7 @@ def node_inputs(node: onnx.NodeProto) -> list[str]:
     return names
 
 
-def _ancestors(model: onnx.ModelProto, tensor: str) -> set[str]:
+def ancestors(model: onnx.ModelProto, tensor: str) -> set[str]:
     """Names of the nodes that ``tensor`` depends on (including its producer)."""
     producers = _producers(model)
     seen: set[str] = set()
@@ -215,6 +215,6 @@ def float_nodes(model: onnx.ModelProto, embeddings: str = OUTPUT_EMBEDDINGS) -> 
         raise ExportError("graph nodes need unique names before splitting; call name_nodes() first")
     if embeddings not in {o.name for o in model.graph.output}:
         raise ExportError(f"the model has no {embeddings!r} output; export it with edgemeta")
-    backbone = _ancestors(model, embeddings) - _normalization_tail(model, embeddings)
+    backbone = ancestors(model, embeddings) - _normalization_tail(model, embeddings)
     return set(names) - backbone
 

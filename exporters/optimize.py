@@ -26,10 +26,10 @@ from pathlib import Path
 import numpy as np
 import onnx
 
-from edgemeta.errors import CheckpointError, ExportError, InputError
+from edgemeta.runtime.errors import CheckpointError, ExportError, InputError
 from edgemeta.checkpoint import atomic_write
 from edgemeta.files import same_file
-from edgemeta.runtime.session import open_ort_session
+from edgemeta.runtime.ort import open_session as open_ort_session
 from edgemeta.runtime.spec import INPUT_PROTOTYPES
 
 __all__ = ["optimize_offline", "to_ort_format"]

@@ -24,7 +24,7 @@ from torch import nn
 
 from edgemeta import __version__
 from edgemeta.checkpoint import Checkpoint, file_sha256, load_checkpoint
-from edgemeta.errors import ExportError, InputError, ModelMismatchError
+from edgemeta.runtime.errors import ExportError, InputError, ModelMismatchError
 from edgemeta.exporters.convert import (
     ExportResult,
     ExportSpec,

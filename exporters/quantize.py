@@ -32,12 +32,12 @@ import onnx
 from onnx import TensorProto, helper, numpy_helper
 
 from edgemeta.data import ImageSet
-from edgemeta.errors import ExportError, InputError
+from edgemeta.runtime.errors import ExportError, InputError
 from edgemeta.evaluate import to_tensor
 from edgemeta.exporters.data import subset
 from edgemeta.exporters.graph import finalize, float_nodes, load_model, name_nodes, read_metadata, save_model, set_metadata
 from edgemeta.exporters.stem import space_to_depth_stem
-from edgemeta.runtime.session import open_ort_session
+from edgemeta.runtime.ort import open_session as open_ort_session
 from edgemeta.runtime.spec import INPUT_IMAGES, INPUT_PROTOTYPES, ModelMetadata, Precision
 
 __all__ = ["QuantizeSpec", "convert_fp16", "to_fp16", "quantize_int8"]

@@ -37,10 +37,11 @@ from torch import nn
 
 from edgemeta.data import ImageSet
 from edgemeta.episodes import EpisodeSampler
-from edgemeta.errors import ExportError, InputError, VerificationError
+from edgemeta.runtime.errors import ExportError, InputError, VerificationError
 from edgemeta.evaluate import episode_scores, summarize, to_tensor
 from edgemeta.exporters.graph import load_model, read_metadata
-from edgemeta.runtime.session import feeds_prototype_norms, graph_batch, open_ort_session, prototype_sqnorms
+from edgemeta.runtime.ort import open_session as open_ort_session
+from edgemeta.runtime.session import feeds_prototype_norms, graph_batch, prototype_sqnorms
 from edgemeta.runtime.spec import (
     INPUT_IMAGES,
     INPUT_PROTOTYPES,

@@ -24,8 +24,9 @@ from edgemeta.runtime.errors import (
     StoreCorruptError,
     StoreWriteError,
 )
+from edgemeta.runtime.ort import GraphOptimization, Provider, SessionOptions
 from edgemeta.runtime.preprocess import decode, preprocess
-from edgemeta.runtime.session import GraphOptimization, Provider, ProviderFallbackWarning, Session, SessionOptions
+from edgemeta.runtime.session import ProviderFallbackWarning, Session
 from edgemeta.runtime.spec import METADATA_KEY, Metric, ModelMetadata, Normalization, Precision, PreprocessSpec
 from edgemeta.runtime.store import PrototypeStore, StoreSnapshot
 

@@ -56,8 +56,9 @@ from typing import Callable, Iterator, NamedTuple, Sequence
 import numpy as np
 
 from edgemeta.runtime.errors import InputError
+from edgemeta.runtime.ort import ProvidersArg, SessionOptions
 from edgemeta.runtime.preprocess import ImageLike, check_batch_finite, is_preprocessed, preprocess
-from edgemeta.runtime.session import ProvidersArg, Session, SessionOptions
+from edgemeta.runtime.session import Session
 from edgemeta.runtime.spec import Metric, Normalization, PreprocessSpec
 from edgemeta.runtime.store import PrototypeStore, StoreSnapshot, check_label
 

@@ -1,7 +1,8 @@
 """The one exception hierarchy of edgemeta.
 
 It lives in the runtime package because the runtime must import nothing from the
-torch side; ``edgemeta.errors`` re-exports it so core code and the CLI share it.
+torch side; core code, the exporters and the CLI import it from here too, so there is
+one module to read and no second name for the same classes.
 Every message names the bad value and the fix.
 """
 

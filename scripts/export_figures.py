@@ -34,13 +34,13 @@ from pathlib import Path
 import numpy as np
 
 from edgemeta.checkpoint import default_checkpoint, load_checkpoint
-from edgemeta.errors import EdgemetaError, VerificationError
+from edgemeta.runtime.errors import EdgemetaError, VerificationError
 from edgemeta.evaluate import to_tensor
 from edgemeta.exporters import ExportOptions, VerifySpec, export_checkpoint, quantize_int8, to_fp16, verify
 from edgemeta.exporters.data import base_images, novel_images, recorded_dataset
 from edgemeta.exporters.graph import load_model, read_metadata
 from edgemeta.exporters.quantize import QuantizeSpec
-from edgemeta.runtime.session import open_ort_session
+from edgemeta.runtime.ort import open_session
 from edgemeta.runtime.spec import Precision
 
 PRECISIONS = (Precision.FP32, Precision.FP16, Precision.INT8)
@@ -100,7 +100,7 @@ def latency(models: dict[Precision, Path], ckpt: Path, dataset: str, args: argpa
     x = to_tensor(data.images[:32], pp.mean, pp.std).numpy()
     opts = ort.SessionOptions()
     opts.intra_op_num_threads = args.threads
-    sessions = {p: open_ort_session(m, opts, ["CPUExecutionProvider"])[0] for p, m in models.items()}  # as the runtime opens them
+    sessions = {p: open_session(m, opts, ["CPUExecutionProvider"])[0] for p, m in models.items()}  # as the runtime opens them
     dim = sessions[Precision.FP32].get_inputs()[1].shape[1]
     protos = np.random.default_rng(0).standard_normal((5, dim)).astype(np.float32)
     times: dict[tuple[Precision, int], list[float]] = {(p, b): [] for p in models for b in (1, 32)}

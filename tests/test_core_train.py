@@ -14,7 +14,7 @@ from edgemeta.backbones import BACKBONES, build_backbone
 from edgemeta.checkpoint import default_checkpoint, load_checkpoint, save_checkpoint
 from edgemeta.cli import app
 from edgemeta.data import load_omniglot
-from edgemeta.errors import CheckpointError, InputError
+from edgemeta.runtime.errors import CheckpointError, InputError
 from edgemeta.evaluate import episode_scores, evaluate, evaluate_episodes_file, summarize
 from edgemeta.model import FewShotModel, ModelSpec
 from edgemeta.runtime.spec import Metric, Normalization, PreprocessSpec

@@ -21,7 +21,7 @@ from edgemeta.backbones import BACKBONES
 from edgemeta.checkpoint import load_checkpoint, save_checkpoint
 from edgemeta.data import omniglot_spec
 from edgemeta.evaluate import to_tensor
-from edgemeta.errors import ExportError, InputError, VerificationError
+from edgemeta.runtime.errors import ExportError, InputError, VerificationError
 from edgemeta.exporters import (
     ExportOptions,
     ExportSpec,

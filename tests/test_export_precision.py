@@ -15,7 +15,7 @@ import pytest
 
 from edgemeta.checkpoint import load_checkpoint
 from edgemeta.data import omniglot_spec
-from edgemeta.errors import InputError
+from edgemeta.runtime.errors import InputError
 from edgemeta.exporters import VerifySpec, convert_fp16, quantize_int8, to_fp16, verify
 from edgemeta.exporters.data import base_images, novel_images
 from edgemeta.exporters.graph import float_nodes, name_nodes
@@ -141,14 +141,14 @@ def test_int8_with_unsigned_activations_and_a_float_stem(trained_conv4_onnx, bac
 def test_float_pooling_is_not_moved_into_int8_by_onnxruntime(trained_conv4_onnx, background, tmp_path):
     """ONNX Runtime's QDQ propagation would move the quantization above the float pooling (an
     int8 NCHW MaxPool, many times slower); every edgemeta session turns it off."""
-    from edgemeta.runtime.session import open_ort_session
+    from edgemeta.runtime.ort import open_session
 
     out = quantize_int8(trained_conv4_onnx, tmp_path / "q.onnx", background, QuantizeSpec(calibration_images=32, float_stem=True))
     for disabled in (True, False):
         so = ort.SessionOptions()
         so.optimized_model_filepath = str(tmp_path / f"optimized_{disabled}.onnx")
         if disabled:
-            open_ort_session(out, so, ["CPUExecutionProvider"])
+            open_session(out, so, ["CPUExecutionProvider"])
         else:
             ort.InferenceSession(str(out), so, providers=["CPUExecutionProvider"])
         optimized = onnx.load(so.optimized_model_filepath)
@@ -161,7 +161,7 @@ def test_int8_nhwc_stem_hand_over(int8_nhwc_model, int8_model, tmp_path):
     runtime opens such a model with ONNX Runtime's transpose optimizer off, so that its NCHWc pass
     writes the stem's output in NHWC and no transpose runs between the stem and the first int8
     convolution. Anywhere else the pair is removed as a no-op."""
-    from edgemeta.runtime.session import open_ort_session, wants_nhwc_stem
+    from edgemeta.runtime.ort import open_session, wants_nhwc_stem
 
     model = onnx.load(str(int8_nhwc_model))
     onnx.checker.check_model(model, full_check=True)
@@ -176,7 +176,7 @@ def test_int8_nhwc_stem_hand_over(int8_nhwc_model, int8_model, tmp_path):
     x = np.random.default_rng(0).standard_normal((8, 1, 28, 28)).astype(np.float32)
     np.testing.assert_array_equal(Session(int8_nhwc_model, "cpu").embed(x), Session(int8_model, "cpu").embed(x))  # same calibration
 
-    from edgemeta.runtime import session as session_module
+    from edgemeta.runtime import ort as session_module
 
     def optimized(disabled: tuple[str, ...]) -> list:
         so = ort.SessionOptions()
@@ -194,7 +194,7 @@ def test_int8_nhwc_stem_hand_over(int8_nhwc_model, int8_model, tmp_path):
         assert reorders(fast) == [1] and not any(n.op_type == "Transpose" for n in fast)
         plain = optimized(session_module.DISABLED_OPTIMIZERS)  # ... and what it would run with the optimizer on
         assert reorders(plain) == [0] and [n.op_type for n in plain].count("Transpose") == 1
-    sess, _ = open_ort_session(int8_nhwc_model, ort.SessionOptions(), ["CPUExecutionProvider"])
+    sess, _ = open_session(int8_nhwc_model, ort.SessionOptions(), ["CPUExecutionProvider"])
     assert wants_nhwc_stem(sess) is x86
     assert not wants_nhwc_stem(ort.InferenceSession(str(int8_model)))  # exported without it
 
@@ -209,7 +209,7 @@ def test_int8_nhwc_stem_hand_over(int8_nhwc_model, int8_model, tmp_path):
     so = ort.SessionOptions()
     so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_BASIC
     so.optimized_model_filepath = str(tmp_path / "written.onnx")
-    open_ort_session(int8_nhwc_model, so, ["CPUExecutionProvider"])
+    open_session(int8_nhwc_model, so, ["CPUExecutionProvider"])
     assert not any(n.op_type == "Transpose" for n in onnx.load(so.optimized_model_filepath).graph.node)
     with pytest.raises(InputError, match="unknown stem layout 'nhcw'; use auto, nchw, nhwc or s2d"):
         QuantizeSpec(stem_layout="nhcw")
@@ -221,7 +221,7 @@ def test_int8_nhwc_stem_hand_over(int8_nhwc_model, int8_model, tmp_path):
 def test_int8_space_to_depth_stem(int8_s2d_model, trained_conv4, omniglot_novel, tmp_path):
     """stem_layout="s2d": the stem runs in int8 as a space-to-depth convolution, with its
     pooling; only the input crosses from float to int8, and accuracy holds."""
-    from edgemeta.runtime.session import open_ort_session, wants_nhwc_stem
+    from edgemeta.runtime.ort import open_session, wants_nhwc_stem
 
     model = onnx.load(str(int8_s2d_model))
     onnx.checker.check_model(model, full_check=True)
@@ -243,7 +243,7 @@ def test_int8_space_to_depth_stem(int8_s2d_model, trained_conv4, omniglot_novel,
     assert meta.extra["calibration"]["stem_layout"] == "s2d" and meta.extra["calibration"]["float_stem"] is False
     so = ort.SessionOptions()
     so.optimized_model_filepath = str(tmp_path / "as_run.onnx")
-    sess, _ = open_ort_session(int8_s2d_model, so, ["CPUExecutionProvider"])
+    sess, _ = open_session(int8_s2d_model, so, ["CPUExecutionProvider"])
     assert not wants_nhwc_stem(sess)  # ONNX Runtime's transpose optimizer stays on, and cancels the stem's transposes:
     ran = [n.op_type for n in onnx.load(so.optimized_model_filepath).graph.node]
     if platform.machine().lower() in ("x86_64", "amd64"):  # where its CPU provider runs int8 convolutions in NHWC

@@ -15,7 +15,7 @@ DATA_DIR_HELP = "Data folder (default: $EDGEMETA_DATA_DIR, else ~/.cache/edgemet
 
 
 def _ints(text: Optional[str]) -> tuple[int, ...]:
-    from edgemeta.errors import InputError
+    from edgemeta.runtime.errors import InputError
 
     try:
         return tuple(int(v) for v in text.split(",")) if text else ()
