@@ -36,8 +36,8 @@ import numpy as np
 from edgemeta.checkpoint import default_checkpoint, load_checkpoint
 from edgemeta.runtime.errors import EdgemetaError, VerificationError
 from edgemeta.evaluate import to_tensor
-from edgemeta.exporters import ExportOptions, VerifySpec, export_checkpoint, quantize_int8, to_fp16, verify
-from edgemeta.exporters.data import base_images, novel_images, recorded_dataset
+from edgemeta.data import base_images, novel_images, recorded_dataset
+from edgemeta.exporters import ExportOptions, VerifySpec, calibration_images, export_checkpoint, labelled_images, quantize_int8, to_fp16, verify
 from edgemeta.exporters.graph import load_model, read_metadata
 from edgemeta.exporters.quantize import QuantizeSpec
 from edgemeta.runtime.ort import open_session
@@ -66,17 +66,18 @@ def build_models(ckpt: Path, folder: Path, dataset: str, args: argparse.Namespac
     stem = ckpt.stem
     fp32 = export_checkpoint(ckpt, folder / f"{stem}.onnx", ExportOptions(verify=None, data=dataset, data_dir=args.data_dir)).path
     meta_pp = load_checkpoint(ckpt).spec.preprocess
-    calibration = base_images(dataset, meta_pp, args.data_dir)
+    spec = QuantizeSpec(calibration_images=args.calibration_images)
+    calibration = calibration_images(base_images(dataset, meta_pp, args.data_dir), spec)
     return {
         Precision.FP32: fp32,
         Precision.FP16: to_fp16(fp32, folder / f"{stem}.fp16.onnx"),
-        Precision.INT8: quantize_int8(fp32, folder / f"{stem}.int8.onnx", calibration, QuantizeSpec(calibration_images=args.calibration_images)),
+        Precision.INT8: quantize_int8(fp32, folder / f"{stem}.int8.onnx", calibration, spec),
     }
 
 
 def verify_all(models: dict[Precision, Path], ckpt: Path, dataset: str, args: argparse.Namespace) -> dict[Precision, dict]:
     model = load_checkpoint(ckpt).model
-    data = novel_images(dataset, model.spec.preprocess, args.data_dir)
+    data = labelled_images(novel_images(dataset, model.spec.preprocess, args.data_dir))
     k_shot = args.k_shot or (1 if dataset == "omniglot" else 5)
     spec = VerifySpec(episodes=args.episodes, n_way=5, k_shot=k_shot, q_query=15)
     out = {}

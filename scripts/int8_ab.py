@@ -28,7 +28,8 @@ from benchmark_report import SHIPPED, export_variants, untrained_checkpoint  # n
 
 from edgemeta.bench import BENCH_SESSION_OPTIONS, time_fn  # noqa: E402
 from edgemeta.runtime.errors import InputError  # noqa: E402
-from edgemeta.exporters.data import base_images  # noqa: E402
+from edgemeta.data import base_images  # noqa: E402
+from edgemeta.exporters.pipeline import calibration_images  # noqa: E402
 from edgemeta.exporters.quantize import QuantizeSpec, quantize_int8  # noqa: E402
 from edgemeta.runtime.ort import open_session  # noqa: E402
 from edgemeta.runtime.session import Session  # noqa: E402
@@ -54,7 +55,9 @@ def ab(model: str, work: Path, runs: int, threads: int) -> dict[str, float]:
     paths = {"fp32": fp32}
     for name, fields in VARIANTS.items():
         try:
-            paths[name] = quantize_int8(fp32, work / f"{model}.{name.replace(' + ', '_').replace(' ', '_')}.onnx", calibration, QuantizeSpec(**fields))
+            spec = QuantizeSpec(**fields)
+            out = work / f"{model}.{name.replace(' + ', '_').replace(' ', '_')}.onnx"
+            paths[name] = quantize_int8(fp32, out, calibration_images(calibration, spec), spec)
         except InputError as e:  # a setting this model's graph does not fit (the space-to-depth stem)
             print(f"{model}: {name} left out: {e}", flush=True)
     pp = meta.preprocess

@@ -23,7 +23,7 @@ from PIL import Image
 from edgemeta import distributed
 from edgemeta.checkpoint import load_checkpoint, read_header
 from edgemeta.distributed import Device, DistEnv
-from edgemeta.errors import CheckpointError, InputError
+from edgemeta.runtime.errors import CheckpointError, InputError
 from edgemeta.model import ModelSpec
 from edgemeta.train import (
     TrainConfig,
@@ -260,7 +260,7 @@ def test_a_rank_that_cannot_reach_the_rendezvous_stops_with_an_error(images, tmp
 
 AGREE = """
 from edgemeta import distributed
-from edgemeta.errors import EdgemetaError, InputError
+from edgemeta.runtime.errors import EdgemetaError, InputError
 env = distributed.detect("cpu")
 with distributed.session(env, timeout_s=30):
     try:

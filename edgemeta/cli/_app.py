@@ -36,9 +36,20 @@ def fail(message: str) -> None:
     raise typer.Exit(1)
 
 
+def _json_failure(e: EdgemetaError) -> None:
+    """A failure as the JSON document a ``--json`` caller parses: ``ok`` false, the one-line
+    error, and a failed verification's report when there is one."""
+    doc: dict[str, Any] = {"ok": False, "error": " ".join(str(e).split())}
+    report = getattr(e, "report", None)
+    if report is not None and callable(getattr(report, "to_dict", None)):
+        doc["report"] = report.to_dict()
+    emit_json(doc)
+
+
 def command(*args: Any, target: typer.Typer | None = None, **kwargs: Any):
     """``app.command`` (or ``target.command`` for a sub-app) that turns an
-    :class:`EdgemetaError` into one line on stderr and exit 1."""
+    :class:`EdgemetaError` into one line on stderr and exit 1; a command run with ``--json``
+    also prints ``{"ok": false, "error": ...}`` on stdout, so its output is always JSON."""
 
     def decorate(fn):
         @functools.wraps(fn)
@@ -46,6 +57,8 @@ def command(*args: Any, target: typer.Typer | None = None, **kwargs: Any):
             try:
                 return fn(*a, **k)
             except EdgemetaError as e:
+                if k.get("json_out"):
+                    _json_failure(e)
                 fail(str(e))
             except KeyboardInterrupt:
                 sys.stderr.write("error: interrupted\n")
