@@ -117,7 +117,7 @@ def write_episodes_file(
     Raises:
         DataError: an image the episodes use cannot be decoded (named with its class folder).
     """
-    from edgemeta.checkpoint import atomic_write
+    from edgemeta.runtime.files import atomic_write
     from edgemeta.runtime.preprocess import decode
 
     out = Path(path)
@@ -226,7 +226,7 @@ def make_episodes_file(folder: str | os.PathLike, out: str | os.PathLike, n_way:
     outside ``folder``.
     """
     from edgemeta.data import IMAGE_EXTENSIONS
-    from edgemeta.files import check_output, json_document
+    from edgemeta.runtime.files import check_output, json_document
 
     root = Path(folder)
     if not root.is_dir():

@@ -52,8 +52,8 @@ _NEW_IR_TYPES = {
 
 def ensure_writable(path: str | os.PathLike) -> Path:
     """Fail early, with the reason, when ``path`` cannot be written (before minutes of work):
-    :func:`edgemeta.files.check_output`'s checks, as an :class:`ExportError`."""
-    from edgemeta.files import check_output
+    :func:`edgemeta.runtime.files.check_output`'s checks, as an :class:`ExportError`."""
+    from edgemeta.runtime.files import check_output
 
     try:
         return check_output(path, option="-o", what="model file")
@@ -63,7 +63,7 @@ def ensure_writable(path: str | os.PathLike) -> Path:
 
 def save_model(model: onnx.ModelProto, path: str | os.PathLike) -> Path:
     """Write ``model`` atomically (temp file, fsync, rename), keeping the mode of the file it replaces."""
-    from edgemeta.checkpoint import atomic_write
+    from edgemeta.runtime.files import atomic_write
 
     path = Path(path)
     try:

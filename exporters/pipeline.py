@@ -39,7 +39,7 @@ from edgemeta.exporters.convert import (
 from edgemeta.data import ImageSet
 from edgemeta.exporters.data import base_images, novel_images, recorded_dataset
 from edgemeta.exporters.graph import ensure_writable, load_model, read_metadata, save_model, write_metadata
-from edgemeta.files import refuse_overwrite, same_file
+from edgemeta.runtime.files import refuse_overwrite, same_file
 from edgemeta.exporters.quantize import QuantizeSpec, quantize_int8, to_fp16
 from edgemeta.exporters.verify import Progress, VerificationReport, VerifySpec, metadata_with, refuse_fixed_batch, verification_sampler, verify
 from edgemeta.runtime.spec import Metric, ModelMetadata, Normalization, Precision, PreprocessSpec

@@ -369,7 +369,7 @@ def atomic_write(
     lock: bool = True,
     timeout: float | None = None,
     on_wait: Callable[[str], None] | None = None,
-    error: type[Exception] = StoreWriteError,
+    error: type[Exception] | None = None,
 ) -> Path:
     """Write ``data`` (bytes, or a callable that writes the file whose path it is given) to
     ``path`` so that a reader sees the old file or the new one, never a mix; returns the
@@ -380,7 +380,8 @@ def atomic_write(
         lock: hold :func:`locked` on the target (re-entrant: a caller that holds it already,
             as the store's ``edit`` does, keeps it); ``timeout`` and ``on_wait`` go to it.
         error: the exception a failed write becomes (one line naming the path; the old
-            file is intact). A callable's own :class:`EdgemetaError` passes unchanged.
+            file is intact); None re-raises the :class:`OSError` for the caller to word.
+            A callable's own :class:`EdgemetaError` passes unchanged.
 
     Raises:
         InputError: ``path`` is a folder, a symlink loop, or a special file.
@@ -397,7 +398,7 @@ def atomic_write(
     return target
 
 
-def _write_replace(target: Path, data: bytes | Writer, suffix: str, error: type[Exception]) -> None:
+def _write_replace(target: Path, data: bytes | Writer, suffix: str, error: type[Exception] | None) -> None:
     from edgemeta.runtime.errors import EdgemetaError
 
     if not suffix.startswith(_TMP_SUFFIX):
@@ -405,6 +406,8 @@ def _write_replace(target: Path, data: bytes | Writer, suffix: str, error: type[
     try:
         fd, tmp = tempfile.mkstemp(prefix=f"{_temp_prefix(target)}{os.getpid()}.", suffix=suffix, dir=target.parent)
     except OSError as e:
+        if error is None:
+            raise
         raise error(f"cannot write in folder {target.parent} ({e.strerror or e}); choose a writable folder") from None
     try:
         if fcntl is not None:
@@ -425,7 +428,7 @@ def _write_replace(target: Path, data: bytes | Writer, suffix: str, error: type[
     except BaseException as e:
         with contextlib.suppress(OSError):
             os.unlink(tmp)
-        if isinstance(e, OSError) and not isinstance(e, EdgemetaError):
+        if error is not None and isinstance(e, OSError) and not isinstance(e, EdgemetaError):
             raise error(
                 f"could not write {target} ({e.strerror or e}); the previous file is unchanged - free space or fix permissions and retry"
             ) from None

@@ -449,7 +449,7 @@ class PrototypeStore:
                     StoreConflictWarning,
                     stacklevel=2,
                 )
-            atomic_write(path, data, lock=False)
+            atomic_write(path, data, lock=False, error=StoreWriteError)
             self._origins[key] = _checksum_of(data)
         return path
 
