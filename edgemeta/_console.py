@@ -1,0 +1,21 @@
+"""The ``edgemeta`` console script: Ctrl-C while the CLI is still importing ends in one line.
+
+Importing the CLI (typer, rich, numpy, the command modules) takes a few tenths of a
+second; a Ctrl-C then would print a KeyboardInterrupt traceback, since the CLI's own
+error boundary is not yet in place. This module imports nothing heavy itself.
+"""
+
+from __future__ import annotations
+
+import sys
+
+
+def main() -> None:
+    """Import the CLI and run it; an interrupt during the imports (or outside a command) exits 130 with one line."""
+    try:
+        from edgemeta.cli import main as cli_main
+
+        cli_main()  # its commands catch an interrupt themselves; this catches one between them
+    except KeyboardInterrupt:
+        sys.stderr.write("error: interrupted\n")
+        sys.exit(130)
