@@ -198,7 +198,8 @@ def read_episodes_file(path: str | os.PathLike) -> EpisodeFile:
     if check_readable(path, "episodes file") is None:
         raise InputError(f"episodes file not found: {path}")
     try:
-        doc = loads(read_limited(path, MAX_EPISODES_BYTES, "episodes file"), limit=MAX_EPISODES_BYTES, max_depth=5, max_string=4096)
+        data = read_limited(path, MAX_EPISODES_BYTES, "episodes file")
+        doc = loads(data, limit=MAX_EPISODES_BYTES, max_depth=5, max_string=4096)
     except SchemaError as e:
         raise InputError(f"{path} is not a JSON episodes file ({e})") from None
     if not isinstance(doc, dict) or doc.get("format") != EPISODES_FORMAT:
@@ -225,7 +226,7 @@ def read_episodes_file(path: str | os.PathLike) -> EpisodeFile:
         for part in ("support", "query"):
             items = ep.get(part) if isinstance(ep, dict) else None
             if not isinstance(items, list) or not items or not all(_entry_ok(x) for x in items):
-                problems.append(f"episode {i}: '{part}' must be a non-empty list of [path, label] (two strings of printable text)")
+                problems.append(f"episode {i}: '{part}' must be a non-empty list of [path, label] (two strings of text)")
                 well_formed = False
                 continue
             missing = [x[0] for x in items if not (path.parent / str(x[0])).is_file()]

@@ -260,7 +260,9 @@ class FewShotClassifier:
         """Replace the classifier's store (after checking it comes from this model)."""
         self._store = self._checked(store)
 
-    def save(self, path: str | os.PathLike, *, timeout: float | None = None, on_wait: Callable[[str], None] | None = None) -> Path:
+    def save(
+        self, path: str | os.PathLike, *, timeout: float | None = None, on_wait: Callable[[str], None] | None = None
+    ) -> Path:
         """Save what was enrolled, atomically (see :meth:`PrototypeStore.save`: it warns when
         another process changed the file since it was loaded; :meth:`editing` merges)."""
         return self._store.save(path, timeout=timeout, on_wait=on_wait)

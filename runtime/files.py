@@ -69,8 +69,13 @@ class LockTimeout(StoreWriteError):
 
 
 def _kind(mode: int) -> str | None:
-    for test, name in ((stat.S_ISFIFO, "a FIFO (named pipe)"), (stat.S_ISCHR, "a character device"),
-                       (stat.S_ISBLK, "a block device"), (stat.S_ISSOCK, "a socket"), (stat.S_ISDIR, "a folder")):
+    for test, name in (
+        (stat.S_ISFIFO, "a FIFO (named pipe)"),
+        (stat.S_ISCHR, "a character device"),
+        (stat.S_ISBLK, "a block device"),
+        (stat.S_ISSOCK, "a socket"),
+        (stat.S_ISDIR, "a folder"),
+    ):
         if test(mode):
             return name
     return None
@@ -89,7 +94,9 @@ def check_readable(path: PathLike, what: str = "file") -> os.stat_result | None:
         return None
     except OSError as e:
         if e.errno == errno.ELOOP:
-            raise InputError(f"{path} is a symlink loop, not a {what}; point it at a real file or pass another path") from None
+            raise InputError(
+                f"{path} is a symlink loop, not a {what}; point it at a real file or pass another path"
+            ) from None
         if e.errno == errno.ENOTDIR:
             return None
         raise InputError(f"cannot read {path} ({e.strerror or e}); check the path and its permissions") from None
@@ -120,7 +127,9 @@ def read_limited(path: PathLike, limit: int, what: str = "file") -> bytes:
         if kind is not None:
             raise InputError(f"{path} is {kind}, not a {what}; pass a regular file")
         if st.st_size > limit:
-            raise InputError(f"{what} {path} is {st.st_size:,} bytes, over the {limit:,}-byte limit; is it the right file?")
+            raise InputError(
+                f"{what} {path} is {st.st_size:,} bytes, over the {limit:,}-byte limit; is it the right file?"
+            )
         chunks = [f.read(min(limit, st.st_size) + 1)]  # a regular file: its size is known, so the buffer fits it
         size = len(chunks[0])
         while size <= limit and chunks[-1]:  # it may grow while being read
@@ -218,7 +227,9 @@ def _open_and_lock(key: str, deadline: float | None, on_wait: Callable[[str], No
         try:
             fd = os.open(key, os.O_RDWR | os.O_CREAT, 0o644)
         except OSError as e:
-            raise StoreWriteError(f"cannot create the lock file {key} ({e.strerror or e}); check the folder's permissions") from None
+            raise StoreWriteError(
+                f"cannot create the lock file {key} ({e.strerror or e}); check the folder's permissions"
+            ) from None
         try:
             while True:
                 try:
@@ -249,7 +260,9 @@ def _open_and_lock(key: str, deadline: float | None, on_wait: Callable[[str], No
 
 
 @contextlib.contextmanager
-def locked(path: PathLike, *, timeout: float | None = None, on_wait: Callable[[str], None] | None = None) -> Iterator[None]:
+def locked(
+    path: PathLike, *, timeout: float | None = None, on_wait: Callable[[str], None] | None = None
+) -> Iterator[None]:
     """Hold ``path``'s lock exclusively: re-entrant within a thread, exclusive across threads and processes.
 
     Args:
@@ -270,7 +283,9 @@ def locked(path: PathLike, *, timeout: float | None = None, on_wait: Callable[[s
         if on_wait is not None:
             on_wait(f"waiting for the lock on {path} held by another thread of this process ...")
         if not rlock.acquire(timeout=-1 if timeout is None else max(0.0, timeout)):
-            raise LockTimeout(f"{path} is locked by another thread of this process; wait for it or raise the lock timeout")
+            raise LockTimeout(
+                f"{path} is locked by another thread of this process; wait for it or raise the lock timeout"
+            )
     try:
         entry = _held.get(key)
         if entry is not None:
@@ -320,9 +335,9 @@ def clean_stale_temps(path: PathLike) -> list[Path]:
         return removed
     prefix = _temp_prefix(path)
     for name in names:
-        if not name.startswith(prefix) or not (name.endswith(_TMP_SUFFIX) or ".tmp." in name[len(prefix):]):
+        if not name.startswith(prefix) or not (name.endswith(_TMP_SUFFIX) or ".tmp." in name[len(prefix) :]):
             continue
-        pid_text = name[len(prefix):].split(".", 1)[0]
+        pid_text = name[len(prefix) :].split(".", 1)[0]
         if not pid_text.isdigit() or _alive(int(pid_text)):
             continue
         tmp = path.parent / name
@@ -430,7 +445,8 @@ def _write_replace(target: Path, data: bytes | Writer, suffix: str, error: type[
             os.unlink(tmp)
         if error is not None and isinstance(e, OSError) and not isinstance(e, EdgemetaError):
             raise error(
-                f"could not write {target} ({e.strerror or e}); the previous file is unchanged - free space or fix permissions and retry"
+                f"could not write {target} ({e.strerror or e}); the previous file is unchanged - "
+                "free space or fix permissions and retry"
             ) from None
         raise
     finally:
@@ -497,10 +513,14 @@ def check_output(
         with tempfile.TemporaryFile(dir=path.parent):
             pass
     except OSError as e:
-        raise InputError(f"{option}: cannot write in folder {path.parent} ({e.strerror or e}); choose a writable folder") from None
+        raise InputError(
+            f"{option}: cannot write in folder {path.parent} ({e.strerror or e}); choose a writable folder"
+        ) from None
     refuse_overwrite([given], inputs, option)  # named as the user gave it
     if path.exists() and is_own is not None and not is_own(path):
-        raise InputError(f"{option} {path} exists and is not a {what}; choose another {option}, or delete it if it is not needed")
+        raise InputError(
+            f"{option} {path} exists and is not a {what}; choose another {option}, or delete it if it is not needed"
+        )
     return path
 
 

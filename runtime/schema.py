@@ -121,7 +121,9 @@ def _check_strings(doc: Any, max_len: int) -> None:
             stack.extend(x)
 
 
-def loads(data: str | bytes, *, limit: int = _DEFAULT_LIMIT, max_depth: int = MAX_DEPTH, max_string: int = 1 << 20) -> Any:
+def loads(
+    data: str | bytes, *, limit: int = _DEFAULT_LIMIT, max_depth: int = MAX_DEPTH, max_string: int = 1 << 20
+) -> Any:
     """Parse untrusted JSON: at most ``limit`` bytes, ``max_depth`` levels, strings of at most
     ``max_string`` characters; no NaN/Infinity, no duplicate keys, no lone surrogates.
 
@@ -179,7 +181,9 @@ def as_int(v: Any, what: str, *, lo: int | None = None, hi: int | None = None) -
     if type(v) is not int:
         raise SchemaError(f"{what} must be an integer, got {_show(v)}")
     if (lo is not None and v < lo) or (hi is not None and v > hi):
-        raise SchemaError(f"{what} must be in [{lo if lo is not None else '-inf'}, {hi if hi is not None else 'inf'}], got {v}")
+        raise SchemaError(
+            f"{what} must be in [{lo if lo is not None else '-inf'}, {hi if hi is not None else 'inf'}], got {v}"
+        )
     return v
 
 
@@ -191,11 +195,15 @@ def as_float(v: Any, what: str, *, lo: float | None = None, hi: float | None = N
     return float(v)
 
 
-def need_float(doc: dict, key: str, *, lo: float | None = None, hi: float | None = None, default: Any = _MISSING) -> float:
+def need_float(
+    doc: dict, key: str, *, lo: float | None = None, hi: float | None = None, default: Any = _MISSING
+) -> float:
     return need(doc, key, lambda v, what: as_float(v, what, lo=lo, hi=hi), default)
 
 
-def need_str(doc: dict, key: str, *, max_len: int = 4096, choices: tuple[str, ...] | None = None, default: Any = _MISSING) -> str:
+def need_str(
+    doc: dict, key: str, *, max_len: int = 4096, choices: tuple[str, ...] | None = None, default: Any = _MISSING
+) -> str:
     """A text field (see :func:`check_text`), one of ``choices`` when given."""
 
     def check(v: Any, what: str) -> str:

@@ -212,10 +212,13 @@ class ModelMetadata:
             raise ModelMismatchError("model metadata is not an edgemeta document; re-export the model with edgemeta")
         version = d.get("version")
         if type(version) is not int or version < 1:
-            raise ModelMismatchError(f"model metadata has an invalid version {str(version)[:20]}; re-export the model with edgemeta")
+            raise ModelMismatchError(
+                f"model metadata has an invalid version {str(version)[:20]}; re-export the model with edgemeta"
+            )
         if version > METADATA_VERSION:
             raise ModelMismatchError(
-                f"model metadata version {version} is newer than this edgemeta understands ({METADATA_VERSION}); upgrade edgemeta"
+                f"model metadata version {version} is newer than this edgemeta understands ({METADATA_VERSION}); "
+                "upgrade edgemeta"
             )
         try:
             return cls._from_doc(d, version)
@@ -246,7 +249,11 @@ class ModelMetadata:
             interpolation=need_str(pp, "interpolation", max_len=16, default="bilinear"),
             color=need_str(pp, "color", max_len=8, default="L" if channels == 1 else "RGB"),
         )
-        enum = lambda e, key, default=None: e(need_str(d, key, max_len=32, choices=tuple(m.value for m in e), **({} if default is None else {"default": default})))  # noqa: E731
+
+        def enum(e: type[Enum], key: str, default: str | None = None) -> Any:
+            given = {} if default is None else {"default": default}
+            return e(need_str(d, key, max_len=32, choices=tuple(m.value for m in e), **given))  # type: ignore[attr-defined]
+
         return cls(
             preprocess=spec,
             embedding_dim=need_int(d, "embedding_dim", lo=1, hi=MAX_EMBEDDING_DIM),

@@ -416,7 +416,9 @@ class PrototypeStore:
         """The store as safetensors bytes (see :mod:`edgemeta.runtime.store_format`)."""
         return serialize(self.data())
 
-    def save(self, path: str | os.PathLike, *, timeout: float | None = None, on_wait: Callable[[str], None] | None = None) -> Path:
+    def save(
+        self, path: str | os.PathLike, *, timeout: float | None = None, on_wait: Callable[[str], None] | None = None
+    ) -> Path:
         """Write the store atomically; concurrent savers of the same path take turns.
 
         The store is copied under the file's lock, so files are written in the order their
@@ -510,7 +512,9 @@ class PrototypeStore:
 
     @classmethod
     def _from_data(cls, data: StoreData) -> PrototypeStore:
-        store = cls(data.embedding_dim, metric=data.metric, fingerprint=data.fingerprint, keep_embeddings=data.keep_embeddings)
+        store = cls(
+            data.embedding_dim, metric=data.metric, fingerprint=data.fingerprint, keep_embeddings=data.keep_embeddings
+        )
         n = len(data.labels)
         if n:
             store._sums = np.array(data.sums, dtype=np.float64)
@@ -541,7 +545,8 @@ def _store_path(path: str | os.PathLike) -> Path:
         target = resolve_target(path)
     except InputError as e:
         if path.is_dir() or (path.is_symlink() and Path(os.path.realpath(path)).is_dir()):
-            raise InputError(f"{path} is a folder; give a store file path such as {path / 'store.safetensors'}") from None
+            example = path / "store.safetensors"
+            raise InputError(f"{path} is a folder; give a store file path such as {example}") from None
         raise InputError(f"{e}") from None
     if not target.parent.is_dir():
         raise InputError(f"folder {target.parent} does not exist; create it first")
@@ -561,9 +566,13 @@ def _existing_store(path: Path) -> str | None:
             n = int.from_bytes(head, "little") if len(head) == 8 else 0
             head += f.read(n) if n <= MAX_HEADER_BYTES else b""
     except OSError as e:
-        raise StoreWriteError(f"cannot check {path} before replacing it ({e.strerror or e}); choose another path") from None
+        why = e.strerror or e
+        raise StoreWriteError(f"cannot check {path} before replacing it ({why}); choose another path") from None
     if not is_store(head):
-        raise InputError(f"{path} exists and is not an edgemeta store (a model, an image, ...); save the store to another path, or remove that file first")
+        raise InputError(
+            f"{path} exists and is not an edgemeta store (a model, an image, ...); save the store to another path, "
+            "or remove that file first"
+        )
     return read_metadata(head, str(path))[1].get(CHECKSUM_KEY, "")
 
 

@@ -109,7 +109,9 @@ def serialize(data: StoreData) -> bytes:
 
 
 def _bad(source: str, why: str) -> StoreCorruptError:
-    return StoreCorruptError(f"store {source} is not a readable edgemeta store ({why}); restore it from a backup or re-enrol")
+    return StoreCorruptError(
+        f"store {source} is not a readable edgemeta store ({why}); restore it from a backup or re-enrol"
+    )
 
 
 def read_metadata(data: bytes, source: str, *, what: str = "safetensors file") -> tuple[dict, dict[str, str], int]:
@@ -139,16 +141,21 @@ def _header(text: str, source: str) -> dict:
     try:
         header = loads(text, max_depth=2, max_string=MAX_LABEL_LENGTH * 4)
     except SchemaError as e:
-        raise StoreCorruptError(f"store {source} has an unreadable header ({e}); restore it from a backup or re-enrol") from None
+        raise StoreCorruptError(
+            f"store {source} has an unreadable header ({e}); restore it from a backup or re-enrol"
+        ) from None
     if type(header) is not dict or header.get("format") != FORMAT_NAME:
         fmt = header.get("format") if type(header) is dict else None
         raise StoreCorruptError(f"{source} is not an edgemeta prototype store (format {str(fmt)[:60]!r})")
     version = header.get("version")
     if type(version) is not int or version < 1:
-        raise StoreCorruptError(f"store {source} has an invalid format version {str(version)[:20]}; restore it from a backup or re-enrol")
+        raise StoreCorruptError(
+            f"store {source} has an invalid format version {str(version)[:20]}; restore it from a backup or re-enrol"
+        )
     if version > FORMAT_VERSION:
         raise StoreCorruptError(
-            f"store {source} has format version {version}, newer than this edgemeta reads ({FORMAT_VERSION}); upgrade edgemeta"
+            f"store {source} has format version {version}, newer than this edgemeta reads ({FORMAT_VERSION}); "
+            "upgrade edgemeta"
         )
     return header
 
@@ -181,13 +188,24 @@ def _fields(header: dict, source: str) -> tuple:
         counts = tuple(as_int(c, f"counts[{i}]", lo=1, hi=MAX_COUNT) for i, c in enumerate(raw_counts))
         keep = need_bool(header, "keep_embeddings", default=False)
         labels = _labels(raw_labels, source)
-        extra = set(header) - {"format", "version", "fingerprint", "embedding_dim", "metric", "labels", "counts", "keep_embeddings"}
+        extra = set(header) - {
+            "format",
+            "version",
+            "fingerprint",
+            "embedding_dim",
+            "metric",
+            "labels",
+            "counts",
+            "keep_embeddings",
+        }
         if extra:
             raise SchemaError(f"unknown field(s) {', '.join(sorted(extra))[:80]}")
         if len(labels) != len(counts):
             raise SchemaError(f"{len(labels)} labels but {len(counts)} counts")
     except SchemaError as e:
-        raise StoreCorruptError(f"store {source} has a bad header ({e}); restore it from a backup or re-enrol") from None
+        raise StoreCorruptError(
+            f"store {source} has a bad header ({e}); restore it from a backup or re-enrol"
+        ) from None
     return fingerprint, dim, metric, labels, counts, keep
 
 
@@ -202,7 +220,9 @@ def _check_table(table: dict, expected: dict[str, tuple[str, list[int]]], source
         elif type(got) is not dict or got.get("dtype") != want[0] or got.get("shape") != want[1]:
             problems.append(f"{name} tensor is not {want[0]} {want[1]}")
     if problems:
-        raise StoreCorruptError(f"store {source} is inconsistent: {'; '.join(problems[:4])}; restore it from a backup or re-enrol")
+        raise StoreCorruptError(
+            f"store {source} is inconsistent: {'; '.join(problems[:4])}; restore it from a backup or re-enrol"
+        )
 
 
 def parse(data: bytes, source: str = "store") -> StoreData:
@@ -215,7 +235,10 @@ def parse(data: bytes, source: str = "store") -> StoreData:
 
     table, meta, n = read_metadata(data, source)
     if HEADER_KEY not in meta:
-        raise StoreCorruptError(f"store {source} is not a readable edgemeta store: a safetensors file without an edgemeta store header; pass a store file")
+        raise StoreCorruptError(
+            f"store {source} is not a readable edgemeta store: a safetensors file without an edgemeta store header; "
+            "pass a store file"
+        )
     text = meta[HEADER_KEY]
     header = _header(text, source)  # format and version first: a newer file may checksum differently
     fingerprint, dim, metric, labels, counts, keep = _fields(header, source)
@@ -232,7 +255,9 @@ def parse(data: bytes, source: str = "store") -> StoreData:
     except Exception as e:  # noqa: BLE001 - safetensors raises its own error types
         raise _bad(source, f"damaged tensors: {' '.join(str(e).split())[:120]}") from None
     if meta.get(CHECKSUM_KEY) != checksum(text, tensors):
-        raise StoreCorruptError(f"store {source} failed its checksum: the file was damaged or edited; restore it from a backup or re-enrol")
+        raise StoreCorruptError(
+            f"store {source} failed its checksum: the file was damaged or edited; restore it from a backup or re-enrol"
+        )
     problems = []
     sums, cnt = tensors["sums"], tensors["counts"]
     if cnt.tolist() != list(counts):
@@ -243,7 +268,9 @@ def parse(data: bytes, source: str = "store") -> StoreData:
     if emb is not None and not np.isfinite(emb).all():
         problems.append("embeddings tensor holds values that are not finite")
     if problems:
-        raise StoreCorruptError(f"store {source} is inconsistent: {'; '.join(problems)}; restore it from a backup or re-enrol")
+        raise StoreCorruptError(
+            f"store {source} is inconsistent: {'; '.join(problems)}; restore it from a backup or re-enrol"
+        )
     for t in tensors.values():
         t.flags.writeable = False
     return StoreData(fingerprint, dim, metric, labels, counts, keep, sums, emb)

@@ -3,12 +3,10 @@ every file in the folder as it was (names, bytes and modes), lock files included
 
 from __future__ import annotations
 
-import json
 import os
 import shutil
 from pathlib import Path
 
-import numpy as np
 import pytest
 from typer.testing import CliRunner
 
@@ -39,7 +37,9 @@ def world(tmp_path, tiny_onnx_model, runtime_image_folder):
     w = tmp_path / "w"
     w.mkdir()
     shutil.copy(tiny_onnx_model, w / "m.onnx")
-    res = CliRunner().invoke(app, ["enroll", str(w / "m.onnx"), "-s", str(w / "good.store"), "--folder", str(runtime_image_folder)])
+    res = CliRunner().invoke(
+        app, ["enroll", str(w / "m.onnx"), "-s", str(w / "good.store"), "--folder", str(runtime_image_folder)]
+    )
     assert res.exit_code == 0, res.stderr
     (w / "notes.md").write_text("# notes\n")
     (w / "photo.jpg").write_bytes(b"\xff\xd8\xff\xe0" + b"\0" * 100)
@@ -100,9 +100,15 @@ def test_a_store_held_by_another_writer_times_out_with_one_line(world):
     import sys
 
     holder = subprocess.Popen(
-        [sys.executable, "-c", "import sys, time; from edgemeta.runtime.files import locked\n"
-         "with locked(sys.argv[1]):\n    print('held', flush=True); time.sleep(30)", str(world / "good.store")],
-        stdout=subprocess.PIPE, text=True,
+        [
+            sys.executable,
+            "-c",
+            "import sys, time; from edgemeta.runtime.files import locked\n"
+            "with locked(sys.argv[1]):\n    print('held', flush=True); time.sleep(30)",
+            str(world / "good.store"),
+        ],
+        stdout=subprocess.PIPE,
+        text=True,
     )
     try:
         assert holder.stdout.readline().strip() == "held"

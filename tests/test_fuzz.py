@@ -37,12 +37,18 @@ settings.load_profile("edgemeta")
 
 # ---- strategies ---------------------------------------------------------------------------
 
-labels = st.text(
-    st.characters(blacklist_categories=("Cc", "Cs")), min_size=1, max_size=12
-).filter(lambda s: s.strip() != "").map(lambda s: __import__("unicodedata").normalize("NFC", s))
+labels = (
+    st.text(st.characters(blacklist_categories=("Cc", "Cs")), min_size=1, max_size=12)
+    .filter(lambda s: s.strip() != "")
+    .map(lambda s: __import__("unicodedata").normalize("NFC", s))
+)
 
 json_values = st.recursive(
-    st.none() | st.booleans() | st.integers(-(2**70), 2**70) | st.floats(allow_nan=False, allow_infinity=False) | st.text(max_size=8),
+    st.none()
+    | st.booleans()
+    | st.integers(-(2**70), 2**70)
+    | st.floats(allow_nan=False, allow_infinity=False)
+    | st.text(max_size=8),
     lambda inner: st.lists(inner, max_size=4) | st.dictionaries(st.text(max_size=6), inner, max_size=4),
     max_leaves=12,
 )
@@ -57,9 +63,13 @@ def stores(draw) -> StoreData:
     rng = np.random.default_rng(draw(st.integers(0, 2**32 - 1)))
     emb = rng.standard_normal((sum(counts), dim)).astype(np.float32)
     offsets = np.cumsum([0, *counts])
-    sums = np.array([emb[offsets[i] : offsets[i + 1]].sum(0, dtype=np.float64) for i in range(len(labs))]).reshape(len(labs), dim)
+    sums = np.array([emb[offsets[i] : offsets[i + 1]].sum(0, dtype=np.float64) for i in range(len(labs))]).reshape(
+        len(labs), dim
+    )
     fp = draw(st.text("0123456789abcdef", max_size=16))
-    return StoreData(fp, dim, draw(st.sampled_from(list(Metric))), tuple(labs), counts, keep, sums, emb if keep else None)
+    return StoreData(
+        fp, dim, draw(st.sampled_from(list(Metric))), tuple(labs), counts, keep, sums, emb if keep else None
+    )
 
 
 def _resealed(data: bytes, edit) -> bytes:
@@ -71,7 +81,10 @@ def _resealed(data: bytes, edit) -> bytes:
     tensors = dict(load(data))
     edit(header)
     text = json.dumps(header)
-    return save(tensors, metadata={store_format.HEADER_KEY: text, store_format.CHECKSUM_KEY: store_format.checksum(text, tensors)})
+    return save(
+        tensors,
+        metadata={store_format.HEADER_KEY: text, store_format.CHECKSUM_KEY: store_format.checksum(text, tensors)},
+    )
 
 
 # ---- the store format ---------------------------------------------------------------------
@@ -81,7 +94,13 @@ def _resealed(data: bytes, edit) -> bytes:
 def test_store_format_round_trips(data):
     back = parse(serialize(data))
     assert (back.fingerprint, back.embedding_dim, back.metric, back.labels, back.counts, back.keep_embeddings) == (
-        data.fingerprint, data.embedding_dim, data.metric, data.labels, data.counts, data.keep_embeddings)
+        data.fingerprint,
+        data.embedding_dim,
+        data.metric,
+        data.labels,
+        data.counts,
+        data.keep_embeddings,
+    )
     assert np.array_equal(back.sums, data.sums)
     assert (back.embeddings is None) == (data.embeddings is None)
     if data.embeddings is not None:
@@ -110,10 +129,18 @@ def test_damaged_stores_load_whole_or_not_at_all(data, draw):
         back = parse(bytes(blob))
     except StoreCorruptError:
         return
-    assert back.labels == data.labels and back.counts == data.counts  # only a change the format ignores (header padding)
+    assert (
+        back.labels == data.labels and back.counts == data.counts
+    )  # only a change the format ignores (header padding)
 
 
-@given(stores(), st.sampled_from(["format", "version", "fingerprint", "embedding_dim", "metric", "labels", "counts", "keep_embeddings", "extra"]), json_values)
+@given(
+    stores(),
+    st.sampled_from(
+        ["format", "version", "fingerprint", "embedding_dim", "metric", "labels", "counts", "keep_embeddings", "extra"]
+    ),
+    json_values,
+)
 def test_hand_made_headers_with_a_valid_checksum_are_refused_or_exact(data, field, value):
     blob = _resealed(serialize(data), lambda h: h.__setitem__(field, value))
     try:
@@ -132,13 +159,22 @@ def _metadata(draw) -> ModelMetadata:
     channels = draw(st.sampled_from([1, 3]))
     floats = st.floats(-10, 10, allow_nan=False)
     spec = PreprocessSpec(
-        (draw(st.integers(1, 512)), draw(st.integers(1, 512))), channels,
-        tuple(draw(floats) for _ in range(channels)), tuple(draw(st.floats(0.01, 10)) for _ in range(channels)),
-        draw(st.sampled_from(["nearest", "bilinear", "bicubic"])), "L" if channels == 1 else "RGB",
+        (draw(st.integers(1, 512)), draw(st.integers(1, 512))),
+        channels,
+        tuple(draw(floats) for _ in range(channels)),
+        tuple(draw(st.floats(0.01, 10)) for _ in range(channels)),
+        draw(st.sampled_from(["nearest", "bilinear", "bicubic"])),
+        "L" if channels == 1 else "RGB",
     )
     return ModelMetadata(
-        spec, draw(st.integers(1, 4096)), draw(st.sampled_from(list(Metric))), draw(st.sampled_from(list(Normalization))),
-        draw(st.text("0123456789abcdef", max_size=16)), draw(labels), draw(st.sampled_from(list(Precision))), draw(st.integers(0, 30)),
+        spec,
+        draw(st.integers(1, 4096)),
+        draw(st.sampled_from(list(Metric))),
+        draw(st.sampled_from(list(Normalization))),
+        draw(st.text("0123456789abcdef", max_size=16)),
+        draw(labels),
+        draw(st.sampled_from(list(Precision))),
+        draw(st.integers(0, 30)),
     )
 
 
@@ -154,8 +190,26 @@ def test_arbitrary_metadata_text_is_only_ever_a_model_mismatch(text):
         ModelMetadata.from_json(text)
 
 
-@given(st.data(), st.sampled_from(["format", "version", "preprocess", "embedding_dim", "metric", "normalization", "fingerprint",
-                                   "precision", "opset", "verification", "extra", "producer"]), json_values)
+@given(
+    st.data(),
+    st.sampled_from(
+        [
+            "format",
+            "version",
+            "preprocess",
+            "embedding_dim",
+            "metric",
+            "normalization",
+            "fingerprint",
+            "precision",
+            "opset",
+            "verification",
+            "extra",
+            "producer",
+        ]
+    ),
+    json_values,
+)
 def test_metadata_with_a_field_replaced_is_refused_or_valid(draw, field, value):
     doc = json.loads(_metadata(draw.draw).to_json())
     doc[field] = value
@@ -200,7 +254,14 @@ def test_episodes_file_round_trips(episode_folder, n_way, k_shot, q_query, count
         support = [[f"c{c}_{i}.png", f"class {c}"] for c in range(n_way) for i in range(k_shot)]
         query = [[f"c{c}_{k_shot + i}.png", f"class {c}"] for c in range(n_way) for i in range(q_query)]
         eps.append({"support": support, "query": query})
-    doc = {"format": EPISODES_FORMAT, "version": EPISODES_VERSION, "n_way": n_way, "k_shot": k_shot, "q_query": q_query, "episodes": eps}
+    doc = {
+        "format": EPISODES_FORMAT,
+        "version": EPISODES_VERSION,
+        "n_way": n_way,
+        "k_shot": k_shot,
+        "q_query": q_query,
+        "episodes": eps,
+    }
     path = episode_folder / "e.json"
     path.write_text(json.dumps(doc))
     back = read_episodes_file(path)
@@ -223,8 +284,14 @@ def test_arbitrary_episodes_files_are_only_ever_an_input_error(episode_folder, b
 def test_episodes_with_a_field_replaced_are_refused_or_valid(episode_folder, field, value):
     from edgemeta.episodes import EPISODES_FORMAT, EPISODES_VERSION, read_episodes_file
 
-    doc = {"format": EPISODES_FORMAT, "version": EPISODES_VERSION, "n_way": 1, "k_shot": 1, "q_query": 1,
-           "episodes": [{"support": [["c0_0.png", "a"]], "query": [["c0_1.png", "a"]]}]}
+    doc = {
+        "format": EPISODES_FORMAT,
+        "version": EPISODES_VERSION,
+        "n_way": 1,
+        "k_shot": 1,
+        "q_query": 1,
+        "episodes": [{"support": [["c0_0.png", "a"]], "query": [["c0_1.png", "a"]]}],
+    }
     doc[field] = value
     path = episode_folder / "edit.json"
     path.write_text(json.dumps(doc))

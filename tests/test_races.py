@@ -72,7 +72,7 @@ STORE_METHODS: dict[str, Callable[[PrototypeStore, int], None]] = {
     "add-existing": lambda s, i: s.add("c0", _emb(i)),
     "add-new": lambda s, i: s.add(f"n{i}", _emb(i)),
     "forget": lambda s, i: (s.add(f"f{i}", _emb(i)), s.forget(f"f{i}")),
-    "rename": lambda s, i: s.rename(f"c1" if i % 2 == 0 else "renamed", "renamed" if i % 2 == 0 else "c1"),
+    "rename": lambda s, i: s.rename("c1" if i % 2 == 0 else "renamed", "renamed" if i % 2 == 0 else "c1"),
     "rename-merge": lambda s, i: (s.add(f"m{i}", _emb(i)), s.rename(f"m{i}", "c2", merge=True)),
     "merge": lambda s, i: s.merge(_small(i)),
     "recompute": lambda s, i: (s.add("c3", _emb(i)), s.recompute()),
@@ -88,7 +88,19 @@ def _small(i: int) -> PrototypeStore:
 
 def test_every_mutating_store_method_is_raced():
     public = {n for n in vars(PrototypeStore) if not n.startswith("_") and callable(getattr(PrototypeStore, n))}
-    readers = {"prototypes", "examples", "snapshot", "sums", "copy", "data", "to_bytes", "from_bytes", "load", "edit", "save"}
+    readers = {
+        "prototypes",
+        "examples",
+        "snapshot",
+        "sums",
+        "copy",
+        "data",
+        "to_bytes",
+        "from_bytes",
+        "load",
+        "edit",
+        "save",
+    }
     raced = {k.split("-")[0] for k in STORE_METHODS}
     assert public - readers == raced, "a new mutating method needs a race test"
 
@@ -146,8 +158,12 @@ def _clf_methods(runtime_images, tmp_path) -> dict[str, Callable]:
     }
 
 
-@pytest.mark.parametrize("method", ["enroll", "enroll_folder", "forget", "rename", "use_store", "load", "calibrate_threshold", "predict"])
-def test_classifier_method_racing_with_save_writes_consistent_files(clf, runtime_images, runtime_image_folder, tmp_path, method):
+@pytest.mark.parametrize(
+    "method", ["enroll", "enroll_folder", "forget", "rename", "use_store", "load", "calibrate_threshold", "predict"]
+)
+def test_classifier_method_racing_with_save_writes_consistent_files(
+    clf, runtime_images, runtime_image_folder, tmp_path, method
+):
     clf.save(tmp_path / "spare.store")
     methods = _clf_methods(runtime_images, tmp_path)
     methods["enroll_folder"] = lambda c, i: c.enroll_folder(runtime_image_folder)
