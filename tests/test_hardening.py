@@ -166,26 +166,31 @@ def test_locks_are_exclusive_between_threads_and_reentrant_within_one(tmp_path):
 
 @pytest.mark.parametrize("mutate", ["add", "forget"])
 def test_a_save_racing_with_enrolment_always_writes_a_consistent_store(tmp_path, mutate):
+    """Class ``c<k>``'s embeddings are all ``k``: a save that took the labels before another
+    thread's change and the arrays after it fails its checksum or shows the wrong prototype."""
     s = PrototypeStore(64, fingerprint="fp")
-    for i in range(2000):
-        s.add(f"c{i}", np.ones((1, 64), np.float32))
+    for k in range(2000 if mutate == "add" else 300):  # forget rebuilds the label index: O(classes) each
+        s.add(f"c{k}", np.full((1, 64), k, np.float32))
     stop = threading.Event()
 
     def churn():
         i = 0
         while not stop.is_set():
+            k = i % 50
             if mutate == "add":
-                s.add("c0", np.full((1, 64), i % 7, np.float32))
-            else:
-                s.add(f"n{i}", np.ones((1, 64), np.float32))
-                s.forget(f"n{i}")
+                s.add(f"c{k}", np.full((1, 64), k, np.float32))
+            else:  # forget an early class (every later row moves up), then enrol it again at the end
+                s.forget(f"c{k}")
+                s.add(f"c{k}", np.full((1, 64), k, np.float32))
             i += 1
 
     t = threading.Thread(target=churn)
     t.start()
     try:
         for _ in range(15):
-            PrototypeStore.load(s.save(tmp_path / "s.store"))  # checksum verified each time
+            back = PrototypeStore.load(s.save(tmp_path / "s.store"))  # checksum verified each time
+            protos = back.prototypes()[:, 0]
+            assert np.array_equal(protos, [float(lab[1:]) for lab in back.labels])
     finally:
         stop.set()
         t.join()
