@@ -46,15 +46,26 @@ MAX_EMBEDDING_DIM = 1 << 16
 
 
 def _verification(v: dict) -> dict:
-    """The verification figures, as what reads them expects: numbers, strings, booleans,
-    or null at the top level (anything else nested is kept as data)."""
-    from edgemeta.runtime.schema import SchemaError
+    """The verification figures, checked where something reads them (``edgemeta inspect``'s
+    table): ``passed`` a boolean, the error figures non-negative numbers, and ``episodes``,
+    when not empty, with its counts as integers, its dataset as text and its rates in [0, 1].
+    Other fields are kept as the exporter wrote them."""
+    from edgemeta.runtime.schema import SchemaError, as_float, as_int, need_bool, need_dict, need_float, need_str
 
-    for key, value in v.items():
-        if isinstance(value, float) and value != value:  # pragma: no cover - loads refuses NaN
-            raise SchemaError(f"verification.{key} is not a number")
-        if not isinstance(value, (int, float, str, bool, type(None), list, dict)):
-            raise SchemaError(f"verification.{key} has an unknown type")
+    need_bool(v, "passed", default=None)
+    for key in ("embeddings_max_rel_error", "logits_max_rel_error", "embeddings_max_abs_error", "logits_max_abs_error"):
+        need_float(v, key, lo=0.0, default=None)
+    if "episodes" in v and v["episodes"] is not None:
+        ep = need_dict(v, "episodes")
+        if ep:
+            try:
+                for key in ("count", "n_way", "k_shot"):
+                    as_int(ep.get(key), f"verification.episodes.{key}", lo=0)
+                need_str(ep, "dataset", max_len=256)
+                for key in ("agreement", "torch_accuracy", "onnx_accuracy"):
+                    as_float(ep.get(key), f"verification.episodes.{key}", lo=0.0, hi=1.0)
+            except SchemaError as e:
+                raise SchemaError(f"verification.episodes: {e}") from None
     return dict(v)
 
 

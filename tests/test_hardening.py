@@ -267,9 +267,14 @@ def test_deeply_nested_model_metadata_is_a_model_mismatch():
         (lambda d: d.update(embedding_dim=True), "embedding_dim must be an integer, got true"),
         (lambda d: d.update(version=True), "invalid version True"),
         (lambda d: d.update(verification="fast"), "verification must be an object"),
+        (lambda d: d.update(verification={"passed": "yes"}), "passed must be true or false"),
+        (lambda d: d.update(verification={"logits_max_rel_error": "small"}), "logits_max_rel_error must be a finite number"),
+        (lambda d: d.update(verification={"episodes": {"count": 5}}), r"verification.episodes: verification.episodes.n_way"),
+        (lambda d: d.update(verification={"episodes": [1]}), "episodes must be an object"),
         (lambda d: d["preprocess"].update(mean=["0"]), "preprocess.mean must be a finite number"),
     ],
-    ids=["huge-size", "pixels", "bool-dim", "bool-version", "verification-string", "string-mean"],
+    ids=["huge-size", "pixels", "bool-dim", "bool-version", "verification-string", "passed-string", "error-string",
+         "episodes-partial", "episodes-list", "string-mean"],
 )
 def test_model_metadata_is_checked_before_use(change, message):
     from edgemeta.runtime import Metric, Normalization, PreprocessSpec
