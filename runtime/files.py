@@ -32,7 +32,7 @@ import time
 from pathlib import Path
 from typing import Callable, Iterable, Iterator, Union
 
-from edgemeta.runtime.errors import InputError, StoreWriteError
+from edgemeta.runtime.errors import InputError, LockTimeout, StoreWriteError
 
 try:  # POSIX advisory locks; elsewhere writes stay atomic but are not serialized between processes
     import fcntl
@@ -59,10 +59,6 @@ PathLike = Union[str, os.PathLike]
 Writer = Callable[[str], None]
 
 _TMP_SUFFIX = ".tmp"
-
-
-class LockTimeout(StoreWriteError):
-    """Another writer held a file's lock longer than the timeout allowed."""
 
 
 # ---- reading files that may be anything --------------------------------------------

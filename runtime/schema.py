@@ -21,7 +21,7 @@ import math
 import unicodedata
 from typing import Any, Callable
 
-from edgemeta.runtime.errors import InputError
+from edgemeta.runtime.errors import SchemaError
 
 __all__ = [
     "MAX_DEPTH",
@@ -39,10 +39,6 @@ __all__ = [
 
 MAX_DEPTH = 32  # no edgemeta document nests deeper than ~6 levels
 _DEFAULT_LIMIT = 1 << 26
-
-
-class SchemaError(InputError):
-    """A JSON document breaks its schema; parsers turn it into their own error class."""
 
 
 def _depth(text: str) -> int:
