@@ -131,8 +131,11 @@ def main() -> int:
     if args.json:
         print(json.dumps(result, indent=2))
     else:
-        print(f"{result['runs']} kill -9 runs: {result['damaged']} with a damaged file or leftover temp file; "
-              f"{result['temps_left_by_kill']} kills left a temp file, {result['temps_after_next_write']} remained after the next write")
+        print(
+            f"{result['runs']} kill -9 runs: {result['damaged']} with a damaged file or leftover temp file; "
+            f"{result['temps_left_by_kill']} kills left a temp file, "
+            f"{result['temps_after_next_write']} remained after the next write"
+        )
         for line in result["problems"][:20]:
             print("  " + line)
     return 1 if result["damaged"] else 0

@@ -268,7 +268,7 @@ def test_deeply_nested_model_metadata_is_a_model_mismatch():
         (lambda d: d.update(version=True), "invalid version True"),
         (lambda d: d.update(verification="fast"), "verification must be an object"),
         (lambda d: d.update(verification={"passed": "yes"}), "passed must be true or false"),
-        (lambda d: d.update(verification={"logits_max_rel_error": "x"}), "logits_max_rel_error must be a finite number"),
+        (lambda d: d.update(verification={"logits_max_rel_error": "x"}), "logits_max_rel_error must be a finite"),
         (lambda d: d.update(verification={"episodes": {"count": 5}}), r"episodes: verification.episodes.n_way must"),
         (lambda d: d.update(verification={"episodes": [1]}), "episodes must be an object"),
         (lambda d: d["preprocess"].update(mean=["0"]), "preprocess.mean must be a finite number"),
