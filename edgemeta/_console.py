@@ -37,13 +37,17 @@ def main() -> None:
 
         cli_main()  # its commands catch an interrupt themselves; this catches one between them
     except KeyboardInterrupt:
+        _armed = False  # a second Ctrl-C while saying so is held, not a traceback
         _say_interrupted()
     except ImportError:
+        _armed = False
         # an interrupt inside a compiled module's initialisation (onnxruntime's) surfaces as
         # "ImportError: initialization failed"
         if not _interrupts:
             raise
         _say_interrupted()
+    finally:
+        _armed = False  # the command is over: a Ctrl-C during the interpreter's shutdown is held
 
 
 def _say_interrupted() -> None:

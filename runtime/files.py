@@ -493,6 +493,9 @@ def check_output(
         InputError: one of these does not hold (the message names ``option`` and the fix).
     """
     given = Path(path)
+    if given.is_dir():
+        shown = Path(os.path.realpath(given)) if given.is_symlink() else given
+        raise InputError(f"{option} {shown} is a folder; name the {what} to write")
     try:
         path = resolve_target(given)
     except InputError as e:
