@@ -5,7 +5,7 @@ from anyone. Python's ``json`` module recurses once per nesting level (``[`` x 1
 is a RecursionError), accepts ``NaN``, duplicate keys (the last one wins) and ``\\ud800``
 escapes that decode to lone surrogates (which no file or terminal can encode), and
 ``bool`` is an ``int`` subclass. :func:`loads` refuses all of these before parsing, and the
-``need_*`` helpers check one field's type and range, so that a parser reads a document
+``need_*`` functions check one field's type and range, so that a parser reads a document
 only through them and every failure is the caller's own one-line error.
 
 Example:
