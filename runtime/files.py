@@ -25,6 +25,7 @@ from __future__ import annotations
 import contextlib
 import errno
 import os
+import re
 import stat
 import tempfile
 import threading
@@ -311,6 +312,12 @@ def locked(
 # ---- temporary files -----------------------------------------------------------------
 
 
+# mkstemp's 8 random characters, as earlier versions named temporary files (no pid, no lock):
+# one untouched for 10 minutes is a crashed writer's (no save takes that long)
+_LEGACY_TEMP = re.compile(r"[a-z0-9_]{8}\.tmp(\.ort)?")
+_LEGACY_AGE = 600.0
+
+
 def _temp_prefix(path: Path) -> str:
     return f".{path.name}."
 
@@ -320,7 +327,8 @@ def clean_stale_temps(path: PathLike) -> list[Path]:
 
     A temporary file is taken as a crashed writer's only when its lock is free (a live
     writer holds it for as long as the file exists) and the process id in its name is not
-    running (a writer that went through another route keeps its file). Call it under
+    running (a writer that went through another route keeps its file); one named as earlier
+    versions named them (no process id) when it is also over 10 minutes old. Call it under
     :func:`locked` (:func:`atomic_write` does).
     """
     path = Path(path)
@@ -333,8 +341,10 @@ def clean_stale_temps(path: PathLike) -> list[Path]:
     for name in names:
         if not name.startswith(prefix) or not (name.endswith(_TMP_SUFFIX) or ".tmp." in name[len(prefix) :]):
             continue
-        pid_text = name[len(prefix) :].split(".", 1)[0]
-        if not pid_text.isdigit() or _alive(int(pid_text)):
+        rest = name[len(prefix) :]
+        pid_text = rest.split(".", 1)[0]
+        legacy = _LEGACY_TEMP.fullmatch(rest) is not None  # written before temp names held a pid
+        if not legacy and (not pid_text.isdigit() or _alive(int(pid_text))):
             continue
         tmp = path.parent / name
         try:
@@ -342,7 +352,8 @@ def clean_stale_temps(path: PathLike) -> list[Path]:
         except OSError:
             continue
         try:
-            if not stat.S_ISREG(os.fstat(fd).st_mode):
+            st = os.fstat(fd)
+            if not stat.S_ISREG(st.st_mode) or (legacy and time.time() - st.st_mtime < _LEGACY_AGE):
                 continue
             if fcntl is not None:
                 try:

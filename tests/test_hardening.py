@@ -101,8 +101,14 @@ def test_temp_files_of_dead_writers_are_cleaned_by_the_next_writer_and_live_ones
     live.write_bytes(b"y")
     other = tmp_path / f".other.store.{dead}.zzzz.tmp"  # another file's: not this writer's business
     other.write_bytes(b"z")
+    legacy_old = tmp_path / ".s.store.k3j_x9a2.tmp"  # as earlier versions named them: no pid
+    legacy_old.write_bytes(b"old")
+    os.utime(legacy_old, (time.time() - 3600, time.time() - 3600))
+    legacy_new = tmp_path / ".s.store.q8w7e6r5.tmp"  # a minute old: perhaps an earlier version still writing
+    legacy_new.write_bytes(b"new")
     _store(3).save(path)
     assert not stale.exists() and live.exists() and other.exists()
+    assert not legacy_old.exists() and legacy_new.exists()
     assert clean_stale_temps(tmp_path / "other.store") == [other]
 
 
