@@ -52,7 +52,7 @@ _NEW_IR_TYPES = {
 
 def ensure_writable(path: str | os.PathLike) -> Path:
     """Fail early, with the reason, when ``path`` cannot be written (before minutes of work):
-    :func:`edgemeta.runtime.files.check_output`'s checks, as an :class:`ExportError`."""
+    :func:`edgemeta.files.check_output`'s checks, as an :class:`ExportError`."""
     from edgemeta.runtime.files import check_output
 
     try:
