@@ -33,7 +33,7 @@ from typing import TYPE_CHECKING, Any, Callable, Iterator, TypeVar
 
 import numpy as np
 
-from edgemeta.errors import DistributedError, InputError
+from edgemeta.runtime.errors import DistributedError, InputError
 
 if TYPE_CHECKING:
     import torch

@@ -33,14 +33,14 @@ import torch.nn.functional as F
 from torch import nn
 
 from edgemeta.backbones import build_backbone
-from edgemeta.checkpoint import atomic_write, load_checkpoint, read_header, save_checkpoint
+from edgemeta.checkpoint import load_checkpoint, read_header, save_checkpoint
 from edgemeta import distributed
 from edgemeta.data import ImageSet, load_dataset, omniglot_spec, omniglot_splits
 from edgemeta.distributed import Device, DistEnv
 from edgemeta.episodes import EpisodeSampler
 from edgemeta.runtime.errors import CheckpointError, InputError
 from edgemeta.evaluate import evaluate, open_set_threshold, to_tensor
-from edgemeta.files import check_output, same_file
+from edgemeta.runtime.files import atomic_write, check_output, same_file
 from edgemeta.model import FewShotModel, ModelSpec
 from edgemeta.runtime.spec import Metric, Normalization, PreprocessSpec
 

@@ -79,10 +79,10 @@ def is_ort_file(path: str | os.PathLike) -> bool:
 
 def ensure_writable(path: str | os.PathLike, ort_format: bool = False, *, own_kind: bool = True) -> Path:
     """Fail early, with the reason, when ``path`` cannot be written (before minutes of work):
-    :func:`edgemeta.files.check_output`'s checks, as an :class:`ExportError`. An existing file
+    :func:`edgemeta.runtime.files.check_output`'s checks, as an :class:`ExportError`. An existing file
     is replaced only when it is an edgemeta model (``ort_format``: an ORT-format file); with
     ``own_kind=False`` that is left to a later :func:`refuse_foreign`."""
-    from edgemeta.files import check_output
+    from edgemeta.runtime.files import check_output
 
     try:
         path = check_output(path, option="-o", what="model file")
@@ -122,7 +122,7 @@ def _check_size(model: onnx.ModelProto) -> None:
 
 def save_model(model: onnx.ModelProto, path: str | os.PathLike) -> Path:
     """Write ``model`` atomically (temp file, fsync, rename), keeping the mode of the file it replaces."""
-    from edgemeta.checkpoint import atomic_write
+    from edgemeta.runtime.files import atomic_write
 
     path = Path(path)
     _check_size(model)  # before any file is touched

@@ -27,8 +27,7 @@ import numpy as np
 import onnx
 
 from edgemeta.runtime.errors import CheckpointError, ExportError, InputError
-from edgemeta.checkpoint import atomic_write
-from edgemeta.files import same_file
+from edgemeta.runtime.files import atomic_write, same_file
 from edgemeta.runtime.ort import open_session as open_ort_session
 from edgemeta.runtime.spec import INPUT_PROTOTYPES
 

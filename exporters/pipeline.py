@@ -50,7 +50,7 @@ from edgemeta.exporters.graph import ensure_writable, load_model, read_metadata,
 from edgemeta.exporters.images import CalibrationImages, LabelledImages
 from edgemeta.exporters.quantize import QuantizeSpec, fp16_model, int8_model
 from edgemeta.exporters.verify import Progress, VerificationReport, VerifySpec, metadata_with, refuse_fixed_batch, verification_sampler, verify
-from edgemeta.files import refuse_overwrite, same_file
+from edgemeta.runtime.files import refuse_overwrite, same_file
 from edgemeta.runtime.spec import Metric, ModelMetadata, Normalization, Precision, PreprocessSpec
 
 __all__ = [

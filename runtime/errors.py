@@ -18,6 +18,8 @@ __all__ = [
     "ModelMismatchError",
     "StoreCorruptError",
     "StoreWriteError",
+    "LockTimeout",
+    "SchemaError",
     "ProviderError",
     "DistributedError",
 ]
@@ -57,6 +59,15 @@ class StoreCorruptError(EdgemetaError):
 
 class StoreWriteError(EdgemetaError, OSError):
     """A prototype store could not be written (disk full, permissions); the old file is intact."""
+
+
+class LockTimeout(StoreWriteError):
+    """Another writer held a file's lock longer than the timeout allowed; nothing was written."""
+
+
+class SchemaError(InputError):
+    """An untrusted JSON document breaks its schema (type, range, size, depth, text rules);
+    each parser turns it into its own error class (a store's into :class:`StoreCorruptError`)."""
 
 
 class ProviderError(EdgemetaError):

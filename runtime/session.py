@@ -134,6 +134,31 @@ def run_bound(
     return binding.copy_outputs_to_cpu()
 
 
+def _available_memory() -> int:
+    """Bytes of memory free now (Linux, macOS); a generous 16 GiB where it cannot be told."""
+    try:
+        return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+    except (ValueError, OSError, AttributeError):
+        return 16 << 30
+
+
+def _check_fixed_batch(batch: int | None, shape: Sequence, source: str) -> None:
+    """Refuse, before any allocation, a graph whose fixed batch of images (padded with zeros
+    on every call) would not fit in memory: a batch dimension of 2**40 is a damaged or
+    hostile model, not a request for petabytes."""
+    if not batch:
+        return
+    per_image = 4
+    for d in list(shape)[1:]:
+        per_image *= d if isinstance(d, int) and d > 0 else 1
+    need = batch * per_image
+    if need > _available_memory() // 2:
+        raise ModelMismatchError(
+            f"{source}: the model fixes a batch of {batch:,} images ({need / 2**30:,.1f} GiB per call), more than this "
+            "machine's free memory; re-export it with a dynamic batch"
+        )
+
+
 def graph_batch(sess: ort.InferenceSession) -> int | None:
     """The batch size of a session's ``images`` input when the graph fixes it, else None."""
     shape = next((i.shape for i in sess.get_inputs() if i.name == INPUT_IMAGES), None)
@@ -311,6 +336,7 @@ class Session:
         """The batch size the graph was exported with when it is fixed, else None: calls then
         go in chunks of exactly that size, the last one padded with zero images (their
         outputs dropped)."""
+        _check_fixed_batch(self.fixed_batch, self._images_shape, str(self.path))
 
     def _check_embedding_dim(self, metadata: ModelMetadata) -> None:
         """The metadata's embedding size against the graph's, where the graph fixes it."""

@@ -120,7 +120,7 @@ def check_plot_path(path: str | os.PathLike) -> Path:
     """
     import importlib.util
 
-    from edgemeta.files import check_output
+    from edgemeta.runtime.files import check_output
 
     path = Path(path)
     if importlib.util.find_spec("matplotlib") is None:
