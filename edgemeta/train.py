@@ -30,7 +30,7 @@ from torch import nn
 
 from edgemeta.backbones import build_backbone
 from edgemeta.checkpoint import atomic_write, load_checkpoint, read_header, save_checkpoint
-from edgemeta.data import ImageSet, load_dataset, omniglot_spec, omniglot_splits
+from edgemeta.data import ClassSplit, ImageSet, folder_classes, load_dataset, omniglot_spec, omniglot_splits, split_classes
 from edgemeta.episodes import EpisodeSampler
 from edgemeta.errors import CheckpointError, InputError
 from edgemeta.evaluate import evaluate, open_set_threshold, to_tensor
@@ -261,6 +261,7 @@ class _Trainer:
         # an earlier run's files that --force replaces, removed at this session's first write
         self.replaces: list[Path] = []
         self.claimed = False
+        self.class_split: ClassSplit | None = None
         self.episode_seconds, self.episodes_done = 0.0, 0
         mf = torch.channels_last if cfg.channels_last else torch.contiguous_format
         self.memory_format = mf
@@ -339,6 +340,7 @@ class _Trainer:
             "config": {k: (v.value if hasattr(v, "value") else v) for k, v in asdict(self.cfg).items()},
             "train_data": {"name": self.train_set.name, "classes": self.train_set.num_classes, "images": len(self.train_set), "fingerprint": self.train_set.fingerprint()},
             "val_data": {"name": self.val_set.name, "classes": self.val_set.num_classes},
+            **({"class_split": self.class_split.to_dict()} if self.class_split else {}),
             "step": self.step,
             "epoch": self.epoch,
             "best_val_accuracy": self.best_acc,
@@ -459,18 +461,32 @@ def _progress_bar(enabled: bool):
     )
 
 
-def _load_data(cfg: TrainConfig, spec: PreprocessSpec) -> tuple[ImageSet, ImageSet]:
+def _folder_split(cfg: TrainConfig) -> ClassSplit | None:
+    """The class split of a user's image folder, decided from its class names before any image
+    is decoded (so too few classes is said at once); None for the named data sets."""
+    if cfg.dataset in ("omniglot", "tiny-imagenet"):
+        return None
+    if cfg.dataset == "digits":
+        classes = [str(i) for i in range(10)]
+    elif Path(cfg.dataset).exists():
+        classes = folder_classes(cfg.dataset)
+    else:
+        return None  # load_dataset names the unknown data set
+    n_way = cfg.n_way if cfg.episodes else 2  # pre-training alone draws no training episodes
+    return split_classes(classes, n_way, cfg.val_n_way, cfg.seed, name=cfg.dataset)
+
+
+def _load_data(cfg: TrainConfig, spec: PreprocessSpec, split: ClassSplit | None) -> tuple[ImageSet, ImageSet]:
     if cfg.dataset == "omniglot":
         return omniglot_splits(cfg.data_dir, spec.size[0], cfg.val_alphabets)
-    if cfg.dataset == "tiny-imagenet":
+    if cfg.dataset == "tiny-imagenet" or split is None:
         return load_dataset(cfg.dataset, "train", cfg.data_dir, spec), load_dataset(cfg.dataset, "val", cfg.data_dir, spec)
-    # a user's image folder: hold out 20% of the classes (seeded) for validation
+    # a user's image folder: base classes train, validation classes choose the best weights,
+    # and the novel classes stay unseen for verification and evaluation
     full = load_dataset(cfg.dataset, "all", cfg.data_dir, spec)
-    perm = np.random.default_rng(cfg.seed).permutation(full.num_classes)
-    n_val = max(cfg.val_n_way, full.num_classes // 5)
-    if full.num_classes - n_val < cfg.n_way:
-        raise InputError(f"{full.name} has {full.num_classes} classes: too few to hold out {n_val} for validation and train {cfg.n_way}-way; lower --n-way")
-    return full.select_classes(sorted(perm[n_val:]), full.name + "-train"), full.select_classes(sorted(perm[:n_val]), full.name + "-val")
+    index = {c: i for i, c in enumerate(full.classes)}
+    return (full.select_classes([index[c] for c in split.base], full.name + "-train"),
+            full.select_classes([index[c] for c in split.val], full.name + "-val"))
 
 
 def train(
@@ -493,6 +509,7 @@ def train(
     cfg.check()
     resume = Path(resume) if resume is not None else None
     out = _check_out(cfg, resume, force)
+    split = _folder_split(cfg)
     pp = default_spec(cfg)
     spec = ModelSpec(cfg.backbone, pp, {}, cfg.metric, cfg.normalization)
     _check_size(spec)
@@ -506,10 +523,11 @@ def train(
             )
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
-    train_set, val_set = _load_data(cfg, pp)
+    train_set, val_set = _load_data(cfg, pp, split)
     train_set.check_episode_size(cfg.n_way, cfg.k_shot + cfg.q_query) if cfg.episodes else None
     val_set.check_episode_size(cfg.val_n_way, cfg.val_k_shot + 1)
     trainer = _Trainer(cfg, train_set, val_set, spec, on_event)
+    trainer.class_split = split
     optimizer_state = None
     if resume is not None:
         optimizer_state = _restore(trainer, last, best)
