@@ -451,14 +451,25 @@ class _Trainer:
 
 
 def _progress_bar(enabled: bool):
+    """Rich progress bars on a terminal; elsewhere (a log, a pipe) plain lines per stage and a heartbeat."""
     if not enabled:
         return None
+    from edgemeta.progress import StageLog, plain_progress_wanted
+
+    if plain_progress_wanted():
+        return StageLog()
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 
     return Progress(
         TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(), TimeRemainingColumn(), TextColumn("{task.fields[info]}"),
         transient=False,
     )
+
+
+def _stage(bar, name: str) -> None:
+    """A stage line for the plain progress log (a progress bar shows its tasks instead)."""
+    if bar is not None and hasattr(bar, "stage"):
+        bar.stage(name)
 
 
 def _folder_split(cfg: TrainConfig) -> ClassSplit | None:
@@ -523,30 +534,38 @@ def train(
             )
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
-    train_set, val_set = _load_data(cfg, pp, split)
-    train_set.check_episode_size(cfg.n_way, cfg.k_shot + cfg.q_query) if cfg.episodes else None
-    val_set.check_episode_size(cfg.val_n_way, cfg.val_k_shot + 1)
-    trainer = _Trainer(cfg, train_set, val_set, spec, on_event)
-    trainer.class_split = split
-    optimizer_state = None
-    if resume is not None:
-        optimizer_state = _restore(trainer, last, best)
-    if not _continues(resume, out):
-        trainer.replaces = [f for f in run_files(out) if f.exists()]
     bar = _progress_bar(progress)
-    if bar:
+    plain = bar is not None and hasattr(bar, "stage")
+    if plain:  # a progress bar starts after loading: the data loader draws its own on a terminal
         bar.start()
     try:
+        _stage(bar, f"loading {cfg.dataset}")
+        train_set, val_set = _load_data(cfg, pp, split)
+        train_set.check_episode_size(cfg.n_way, cfg.k_shot + cfg.q_query) if cfg.episodes else None
+        val_set.check_episode_size(cfg.val_n_way, cfg.val_k_shot + 1)
+        trainer = _Trainer(cfg, train_set, val_set, spec, on_event)
+        trainer.class_split = split
+        optimizer_state = None
+        if resume is not None:
+            optimizer_state = _restore(trainer, last, best)
+        if not _continues(resume, out):
+            trainer.replaces = [f for f in run_files(out) if f.exists()]
+        if bar is not None and not plain:
+            bar.start()
         if trainer.epoch < cfg.pretrain_epochs and trainer.step == 0:
             trainer.pretrain(bar)
         if cfg.episodes:
             trainer.episodic(bar, optimizer_state)
-    finally:
-        if bar:
+        if not plain and bar is not None:
             bar.stop()
-    if trainer.best_state is None:
-        trainer.validate("final")
-    fingerprint = trainer.save_best(final_write=True)
+        if trainer.best_state is None:
+            _stage(bar, "validating")
+            trainer.validate("final")
+        _stage(bar, "writing the checkpoint (open-set threshold from the validation classes)")
+        fingerprint = trainer.save_best(final_write=True)
+    finally:
+        if bar is not None:
+            bar.stop()
     plot_curve(trainer.history, out.with_suffix(".png"))
     eps = trainer.episodes_done / trainer.episode_seconds if trainer.episode_seconds else 0.0
     return TrainResult(out, fingerprint, trainer.best_acc, trainer.history, trainer.elapsed(), eps)

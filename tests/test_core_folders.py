@@ -146,3 +146,57 @@ def test_images_of_novel_classes_only_are_no_calibration_data(folder_run):
     ds = D.load_image_folder(folder, PreprocessSpec.create(16, 3))
     with pytest.raises(DataError, match="every class is a novel class of the model"):
         D.base_classes(ds.select_classes([ds.classes.index(c) for c in split.novel]), split)
+
+
+# -- without a terminal: a line per stage and a heartbeat -------------------------------------
+
+
+def test_stage_log_prints_stages_and_a_heartbeat_but_nothing_for_a_quick_command():
+    import time
+
+    from edgemeta.progress import StageLog
+
+    buf = io.StringIO()
+    with StageLog(buf, interval=0.05, quiet_s=0) as log:
+        log.stage("calibrating int8", 0, 4)
+        task = log.add_task("episodes", total=10, info="")
+        log.update(task, advance=3, info="loss 1.2")
+        time.sleep(0.3)
+    lines = buf.getvalue().splitlines()
+    assert lines[0].startswith("edgemeta [0:00] calibrating int8 ...") and lines[1].endswith("episodes ...")
+    assert any("still running: episodes, 3/10, loss 1.2, stage 0:00" in line for line in lines[2:]), lines
+    quick = io.StringIO()
+    with StageLog(quick, interval=0.05, quiet_s=60) as log:
+        log.stage("exporting to ONNX")
+        time.sleep(0.2)
+    assert quick.getvalue() == ""
+
+
+def test_training_in_a_log_prints_each_stage_and_a_heartbeat(tmp_path, monkeypatch):
+    import edgemeta.progress as P
+
+    monkeypatch.setattr(P, "QUIET_S", 0.0)
+    monkeypatch.setenv("EDGEMETA_PROGRESS", "auto")
+    monkeypatch.setenv("EDGEMETA_HEARTBEAT", "0.05")
+    folder = _folder(tmp_path / "photos", 9, per_class=3)
+    args = ["train", "--dataset", str(folder), "--size", "16", "--n-way", "2", "--val-n-way", "2", "--k-shot", "1", "--queries", "1",
+            "--episodes", "4", "--val-every", "2", "--val-episodes", "2", "--threads", "1", "-o", str(tmp_path / "m.safetensors")]
+    r = runner.invoke(app, args)
+    assert r.exit_code == 0, r.output
+    log = [line for line in r.output.splitlines() if line.startswith("edgemeta [")]
+    stages = [line.split("] ", 1)[1] for line in log if line.endswith(" ...")]
+    assert stages[0] == f"loading {folder} ..." and "episodes ..." in stages
+    assert stages[-1] == "writing the checkpoint (open-set threshold from the validation classes) ..."
+    assert any("still running: " in line for line in log)
+    assert r.output.strip().splitlines()[-1].startswith("wrote ")
+    r = runner.invoke(app, ["evaluate", str(tmp_path / "m.safetensors"), "--n-way", "2", "--queries", "1", "--episodes", "3"])
+    assert r.exit_code == 0 and "evaluating ..." in r.output and "few-shot accuracy on photos-novel" in r.output
+
+
+def test_progress_lines_can_be_turned_off(monkeypatch):
+    from edgemeta.progress import plain_progress_wanted
+
+    monkeypatch.setenv("EDGEMETA_PROGRESS", "auto")
+    assert plain_progress_wanted(io.StringIO())
+    monkeypatch.setenv("EDGEMETA_PROGRESS", "off")
+    assert not plain_progress_wanted(io.StringIO())

@@ -96,7 +96,10 @@ def evaluate_cmd(
     """Few-shot accuracy (95% CI) and macro precision/recall/F1 on novel classes."""
     from edgemeta.evaluate import report_doc, run_evaluation
 
-    reports = run_evaluation(checkpoint, dataset, split, data_dir, n_way, k_shot, queries, episodes, seed, episodes_file, threads, report)
+    from edgemeta.progress import stage_lines
+
+    with stage_lines("evaluating", enabled=not json_out):
+        reports = run_evaluation(checkpoint, dataset, split, data_dir, n_way, k_shot, queries, episodes, seed, episodes_file, threads, report)
     if json_out:
         emit_json(report_doc(checkpoint, reports))
         return
