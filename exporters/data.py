@@ -14,11 +14,11 @@ from typing import Any
 
 import numpy as np
 
-from edgemeta.data import NAMED, ImageSet, load_for_model, novel_images
+from edgemeta.data import NAMED, ClassSplit, ImageSet, base_classes, load_for_model, novel_images
 from edgemeta.errors import InputError
 from edgemeta.runtime.spec import PreprocessSpec
 
-__all__ = ["recorded_dataset", "novel_images", "base_images", "subset"]
+__all__ = ["recorded_dataset", "recorded_split", "novel_images", "base_images", "subset"]
 
 
 def recorded_dataset(info: dict[str, Any]) -> str | None:
@@ -27,13 +27,20 @@ def recorded_dataset(info: dict[str, Any]) -> str | None:
     return str(name) if name else None
 
 
-def base_images(dataset: str | None, preprocess: PreprocessSpec, data_dir: str | os.PathLike | None = None) -> ImageSet:
+def recorded_split(info: dict[str, Any]) -> ClassSplit | None:
+    """The class split of the image folder a checkpoint was trained on, if recorded."""
+    return ClassSplit.from_dict(info.get("class_split"))
+
+
+def base_images(
+    dataset: str | None, preprocess: PreprocessSpec, data_dir: str | os.PathLike | None = None, split: ClassSplit | None = None
+) -> ImageSet:
     """Images of training (base) classes for int8 calibration: Omniglot background,
-    Tiny-ImageNet train, or a folder given explicitly."""
+    Tiny-ImageNet train, or a folder (without the novel classes ``split`` holds out)."""
     if dataset in ("omniglot", "tiny-imagenet"):
         return load_for_model(dataset, "background" if dataset == "omniglot" else "train", preprocess, data_dir, option="--calibration-data")
     if dataset and dataset not in NAMED and Path(dataset).exists():
-        return load_for_model(dataset, "", preprocess, data_dir, option="--calibration-data")
+        return base_classes(load_for_model(dataset, "", preprocess, data_dir, option="--calibration-data"), split)
     raise InputError(
         f"int8 calibration needs images of the training classes, and {dataset or 'this model'} has no known base split; "
         "pass --calibration-data FOLDER (never the evaluation classes)"

@@ -37,7 +37,8 @@ from edgemeta.exporters.convert import (
     read_weights,
 )
 from edgemeta.data import ImageSet
-from edgemeta.exporters.data import base_images, novel_images, recorded_dataset
+from edgemeta.data import ClassSplit
+from edgemeta.exporters.data import base_images, novel_images, recorded_dataset, recorded_split
 from edgemeta.exporters.graph import ensure_writable, load_model, read_metadata, save_model, write_metadata
 from edgemeta.files import refuse_overwrite, same_file
 from edgemeta.exporters.quantize import QuantizeSpec, quantize_int8, to_fp16
@@ -169,6 +170,8 @@ def _extra(ck: Checkpoint) -> dict[str, Any]:
     extra: dict[str, Any] = {"train_data": (ck.info.get("train_data") or {}).get("name", ""), "dataset": recorded_dataset(ck.info) or ""}
     if ck.spec.metric is Metric.COSINE:
         extra["logit_scale"] = float(ck.model.log_scale.detach().exp())
+    if recorded_split(ck.info) is not None:  # verification and calibration keep to the recorded classes
+        extra["class_split"] = ck.info["class_split"]
     if isinstance(ck.info.get("open_set_threshold"), (int, float)):
         extra["open_set_threshold"] = float(ck.info["open_set_threshold"])
     return extra
@@ -177,16 +180,17 @@ def _extra(ck: Checkpoint) -> dict[str, Any]:
 def _reduce(fp32: Path, dst: Path, options: ExportOptions, meta: ModelMetadata, dataset: str | None) -> Path:
     if options.precision is Precision.FP16:
         return to_fp16(fp32, dst)
-    calibration = base_images(options.calibration_data or dataset, meta.preprocess, options.data_dir)
+    split = ClassSplit.from_dict(meta.extra.get("class_split"))
+    calibration = base_images(options.calibration_data or dataset, meta.preprocess, options.data_dir, split)
     return quantize_int8(fp32, dst, calibration, options.quantize)
 
 
-def _verification_data(options: ExportOptions, dataset: str | None, pp: PreprocessSpec) -> ImageSet | None:
+def _verification_data(options: ExportOptions, dataset: str | None, pp: PreprocessSpec, split: ClassSplit | None = None) -> ImageSet | None:
     """The novel-class images verification will use, loaded and checked against its episodes
     before any export or calibration work: too few classes or images is said at once."""
     if options.verify is None:
         return None
-    data = novel_images(options.data or dataset, pp, options.data_dir)
+    data = novel_images(options.data or dataset, pp, options.data_dir, split=split)
     if options.verify.episodes:
         verification_sampler(data, options.verify)
     return data
@@ -233,7 +237,7 @@ def _finish(model_path: Path, torch_model: nn.Module, out: Path, options: Export
 
 
 def _build(torch_model: nn.Module, meta: ModelMetadata, out: Path, options: ExportOptions, dataset: str | None, progress: Progress | None) -> ExportOutcome:
-    data = _verification_data(options, dataset, meta.preprocess)
+    data = _verification_data(options, dataset, meta.preprocess, ClassSplit.from_dict(meta.extra.get("class_split")))
     with tempfile.TemporaryDirectory(prefix="edgemeta-export-") as tmp:
         # the model under construction carries the output's name, so messages name the file the user asked for
         final = Path(tmp) / out.name
@@ -330,7 +334,7 @@ def verify_model(model_path: str | os.PathLike, checkpoint: str | os.PathLike, o
     """Verify an exported model against the checkpoint it came from and, when it passes,
     store the figures in its metadata (atomically). A failure changes nothing."""
     ck, meta = _matching(model_path, checkpoint)
-    data = novel_images(options.data or recorded_dataset(ck.info), meta.preprocess, options.data_dir)
+    data = novel_images(options.data or recorded_dataset(ck.info), meta.preprocess, options.data_dir, split=recorded_split(ck.info))
     report = verify(model_path, ck.model, data, options.verify or VerifySpec(), progress)
     write_metadata(model_path, metadata_with(meta, report))
     return report
@@ -343,9 +347,9 @@ def quantize_model(model_path: str | os.PathLike, checkpoint: str | os.PathLike,
     ck, meta = _matching(model_path, checkpoint)
     refuse_fixed_batch(Path(model_path), "calibration")
     dataset = recorded_dataset(ck.info)
-    data = _verification_data(options, dataset, meta.preprocess)
+    data = _verification_data(options, dataset, meta.preprocess, recorded_split(ck.info))
     with tempfile.TemporaryDirectory(prefix="edgemeta-int8-") as tmp:
         _stage(progress, "calibrating int8")
-        calibration = base_images(options.calibration_data or dataset, meta.preprocess, options.data_dir)
+        calibration = base_images(options.calibration_data or dataset, meta.preprocess, options.data_dir, recorded_split(ck.info))
         q = quantize_int8(model_path, Path(tmp) / out.name, calibration, options.quantize)
         return _finish(q, ck.model, out, options, data, progress)

@@ -200,3 +200,22 @@ def test_progress_lines_can_be_turned_off(monkeypatch):
     assert plain_progress_wanted(io.StringIO())
     monkeypatch.setenv("EDGEMETA_PROGRESS", "off")
     assert not plain_progress_wanted(io.StringIO())
+
+
+def test_export_verifies_on_novel_classes_and_calibrates_on_the_others(folder_run, tmp_path, monkeypatch):
+    import edgemeta.exporters.pipeline as P
+    from edgemeta.exporters.verify import VerifySpec
+    from edgemeta.runtime.spec import Precision
+
+    folder, ckpt = folder_run
+    split = D.ClassSplit.from_dict(load_checkpoint(ckpt).info["class_split"])
+    seen: dict[str, list[str]] = {}
+    quantize, verify = P.quantize_int8, P.verify
+    monkeypatch.setattr(P, "quantize_int8", lambda src, dst, calib, spec: seen.setdefault("calibration", calib.classes) and quantize(src, dst, calib, spec))
+    monkeypatch.setattr(P, "verify", lambda path, model, data, *a: seen.setdefault("verification", data.classes) and verify(path, model, data, *a))
+    options = P.ExportOptions(precision=Precision.INT8, verify=VerifySpec(episodes=2, q_query=2, batch_sizes=(1,), prototype_counts=(1,)),
+                              quantize=P.QuantizeSpec(calibration_images=16))
+    outcome = P.export_checkpoint(ckpt, tmp_path / "m.int8.onnx", options)
+    assert seen["verification"] == list(split.novel)
+    assert set(seen["calibration"]) == set(split.base) | set(split.val) and not set(seen["calibration"]) & set(split.novel)
+    assert D.ClassSplit.from_dict(outcome.metadata.extra["class_split"]) == split
