@@ -181,3 +181,14 @@ def test_malformed_models_are_refused_by_the_library_too(models, tmp_path):
         run_generic(tmp_path / "bad.onnx")
     with pytest.raises(InputError, match="model not found"):
         run_generic(tmp_path / "none.onnx")
+
+
+def test_in_a_log_the_benchmark_prints_its_stages(models, monkeypatch):
+    import edgemeta.progress as P
+
+    monkeypatch.setattr(P, "QUIET_S", 0.0)
+    monkeypatch.setenv("EDGEMETA_PROGRESS", "auto")
+    r = _bench(models["classifier"], "--runs", "3", "--warmup", "0", "--batch-sizes", "1,2", "--json")
+    assert r.exit_code == 0, r.output
+    assert "classifier.onnx: batch 1 ..." in r.stderr and "classifier.onnx: batch 2 ..." in r.stderr
+    assert json.loads(r.stdout)["runs"] == 3  # stdout stays one JSON document

@@ -29,8 +29,15 @@ def _words(text: str) -> tuple[str, ...]:
 
 @contextlib.contextmanager
 def _progress_bar(enabled: bool) -> Iterator[Callable[[int, int, str], None] | None]:
+    """A progress bar on a terminal; elsewhere a line per stage and a heartbeat (edgemeta.progress)."""
     if not enabled:
-        yield None
+        from edgemeta.progress import StageLog, plain_progress_wanted
+
+        if not plain_progress_wanted():
+            yield None
+            return
+        with StageLog() as log:
+            yield lambda done, total, what: log.stage(what, done, total)
         return
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
