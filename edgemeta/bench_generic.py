@@ -13,9 +13,10 @@ import os
 import re
 import tempfile
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Sequence
+from typing import Any, Callable
 
 import numpy as np
 import onnxruntime as ort
@@ -23,18 +24,38 @@ import onnxruntime as ort
 from edgemeta.runtime.errors import InputError
 from edgemeta.runtime.session import ORT_LEVELS, GraphOptimization, open_ort_session, resolve_providers, stored_metadata
 
-__all__ = ["GenericConfig", "GenericReport", "parse_dims", "has_edgemeta_contract", "run_generic", "render_generic", "FEW_SHOT_ROWS"]
+__all__ = [
+    "GenericConfig",
+    "GenericReport",
+    "parse_dims",
+    "has_edgemeta_contract",
+    "run_generic",
+    "render_generic",
+    "FEW_SHOT_ROWS",
+]
 
 # the rows only a model with the edgemeta contract has
 FEW_SHOT_ROWS = ("enrolment", "class scaling", "backprop baseline", "torch baseline")
 DEFAULT_BATCH = 1
 # defaults for free dimensions by their name; any other free dimension needs --dim
-_NAMED_DEFAULTS = ((re.compile(r"seq|len|token|time|step", re.I), 128), (re.compile(r"^(height|width|h|w)$", re.I), 224))
+_NAMED_DEFAULTS = (
+    (re.compile(r"seq|len|token|time|step", re.I), 128),
+    (re.compile(r"^(height|width|h|w)$", re.I), 224),
+)
 _INT_HIGH = 10  # integer inputs (token ids, indices) are drawn from 0..9: inside any vocabulary
 _TYPES = {
-    "tensor(float)": np.float32, "tensor(float16)": np.float16, "tensor(double)": np.float64, "tensor(int64)": np.int64,
-    "tensor(int32)": np.int32, "tensor(int16)": np.int16, "tensor(int8)": np.int8, "tensor(uint8)": np.uint8,
-    "tensor(uint16)": np.uint16, "tensor(uint32)": np.uint32, "tensor(uint64)": np.uint64, "tensor(bool)": np.bool_,
+    "tensor(float)": np.float32,
+    "tensor(float16)": np.float16,
+    "tensor(double)": np.float64,
+    "tensor(int64)": np.int64,
+    "tensor(int32)": np.int32,
+    "tensor(int16)": np.int16,
+    "tensor(int8)": np.int8,
+    "tensor(uint8)": np.uint8,
+    "tensor(uint16)": np.uint16,
+    "tensor(uint32)": np.uint32,
+    "tensor(uint64)": np.uint64,
+    "tensor(bool)": np.bool_,
 }
 
 
@@ -83,7 +104,9 @@ def parse_dims(items: Sequence[str]) -> tuple[tuple[str, int], ...]:
         else:
             found.append((key.strip(), n))
     if bad:
-        raise InputError(f"--dim takes NAME=N or INPUT:AXIS=N with N >= 1 (such as batch=8 or input_ids:1=128); got {', '.join(bad)}")
+        raise InputError(
+            f"--dim takes NAME=N or INPUT:AXIS=N with N >= 1 (such as batch=8 or input_ids:1=128); got {', '.join(bad)}"
+        )
     return tuple(found)
 
 
@@ -135,13 +158,21 @@ class GenericReport:
 
     def to_dict(self, samples: bool = False) -> dict[str, Any]:
         return {
-            "model": self.model, "size_bytes": self.size_bytes, "producer": self.producer, "edgemeta_contract": False,
-            "providers": self.providers, "threads": self.threads, "optimization": self.optimization,
-            "warmup": self.warmup, "runs": self.runs,
-            "inputs": [t.to_dict() for t in self.inputs], "outputs": [t.to_dict() for t in self.outputs],
+            "model": self.model,
+            "size_bytes": self.size_bytes,
+            "producer": self.producer,
+            "edgemeta_contract": False,
+            "providers": self.providers,
+            "threads": self.threads,
+            "optimization": self.optimization,
+            "warmup": self.warmup,
+            "runs": self.runs,
+            "inputs": [t.to_dict() for t in self.inputs],
+            "outputs": [t.to_dict() for t in self.outputs],
             "free_dimension_defaults": self.defaults,
             "measurements": [m.to_dict(samples) for m in self.measurements],
-            "profile_top_operators": self.profile, "skipped": self.skipped,
+            "profile_top_operators": self.profile,
+            "skipped": self.skipped,
         }
 
 
@@ -153,14 +184,20 @@ def _session(path: Path, config: GenericConfig, profile_dir: str | None = None) 
     """A session as every edgemeta session opens one (the providers asked for, no silent fallback),
     with the model's errors turned into one line that says what is wrong with the file."""
     if not path.is_file():
-        raise InputError(f"model not found: {path}; check the path" if not path.exists() else f"{path} is a folder; pass an .onnx file")
+        raise InputError(
+            f"model not found: {path}; check the path"
+            if not path.exists()
+            else f"{path} is a folder; pass an .onnx file"
+        )
     names, auto = resolve_providers(config.providers)
     if auto:
         names = [p for p in names if p in ort.get_available_providers()]
     missing = [p for p in names if p not in ort.get_available_providers()]
     if missing:
-        raise InputError(f"provider {', '.join(missing)} is not in this onnxruntime build (it has {', '.join(ort.get_available_providers())}); "
-                         "pass --providers auto or one it has")
+        raise InputError(
+            f"provider {', '.join(missing)} is not in this onnxruntime build "
+            f"(it has {', '.join(ort.get_available_providers())}); pass --providers auto or one it has"
+        )
     so = ort.SessionOptions()
     so.intra_op_num_threads = config.threads
     so.graph_optimization_level = ORT_LEVELS[GraphOptimization(config.optimization)]
@@ -172,12 +209,20 @@ def _session(path: Path, config: GenericConfig, profile_dir: str | None = None) 
     except Exception as e:  # ONNX Runtime raises its own classes, by kind of failure
         kind = type(e).__name__
         text = _ort_message(e)
-        if kind == "NotImplemented" or "Could not find an implementation" in text or "is not a registered function/op" in text:
-            raise InputError(f"{path.name} uses an operator this ONNX Runtime {ort.__version__} cannot run ({text}); "
-                             "export it with a supported opset or operator, or use a newer onnxruntime") from None
+        if (
+            kind == "NotImplemented"
+            or "Could not find an implementation" in text
+            or "is not a registered function/op" in text
+        ):
+            raise InputError(
+                f"{path.name} uses an operator this ONNX Runtime {ort.__version__} cannot run ({text}); "
+                "export it with a supported opset or operator, or use a newer onnxruntime"
+            ) from None
         if kind in ("InvalidProtobuf", "InvalidGraph", "Fail", "InvalidArgument", "NoSuchFile"):
-            raise InputError(f"{path.name} is not a loadable ONNX model ({text}); pass a complete .onnx file (re-export or re-copy a "
-                             "truncated one)") from None
+            raise InputError(
+                f"{path.name} is not a loadable ONNX model ({text}); "
+                "pass a complete .onnx file (re-export or re-copy a truncated one)"
+            ) from None
         raise
     return sess
 
@@ -188,7 +233,9 @@ def has_edgemeta_contract(path: str | os.PathLike) -> bool:
     return stored_metadata(sess) is not None
 
 
-def _resolve_shapes(sess: ort.InferenceSession, dims: dict[str, int], batch: int) -> tuple[list[Tensor], dict[str, int], bool]:
+def _resolve_shapes(
+    sess: ort.InferenceSession, dims: dict[str, int], batch: int
+) -> tuple[list[Tensor], dict[str, int], bool]:
     """The shape each input gets: declared sizes, ``dims`` for free ones, defaults where the name
     says what it is; a free dimension with no default is an error naming the ``--dim`` to pass.
     Returns (inputs, defaults used, whether a free first axis took ``batch``)."""
@@ -221,14 +268,18 @@ def _resolve_shapes(sess: ort.InferenceSession, dims: dict[str, int], batch: int
             else:
                 what = f"{name!r}" if name else "unnamed"
                 fix = f"--dim {name}=N" if name else f"--dim {by_axis}=N"
-                problems.append(f"input {arg.name!r} axis {axis} is a free dimension ({what}) with no default: pass {fix}")
+                problems.append(
+                    f"input {arg.name!r} axis {axis} is a free dimension ({what}) with no default: pass {fix}"
+                )
                 t.shape.append(0)
         inputs.append(t)
     unknown = sorted(set(dims) - used)
     if unknown:
         free = sorted({str(d) for a in sess.get_inputs() for d in a.shape if isinstance(d, str) and d})
-        problems.append(f"--dim {', '.join(unknown)}: no such free dimension (the model's named ones: {', '.join(free) or 'none'}; "
-                        "name an unnamed one as INPUT:AXIS)")
+        problems.append(
+            f"--dim {', '.join(unknown)}: no such free dimension (the model's named ones: {', '.join(free) or 'none'}; "
+            "name an unnamed one as INPUT:AXIS)"
+        )
     if problems:
         raise InputError("; ".join(problems))
     return inputs, defaults, batched
@@ -255,14 +306,25 @@ def _run(sess: ort.InferenceSession, feeds: dict[str, np.ndarray], path: Path) -
         return sess.run(None, feeds)
     except Exception as e:  # ONNX Runtime's own error classes
         shapes = ", ".join(f"{k} {list(v.shape)} {v.dtype}" for k, v in feeds.items())
-        raise InputError(f"{path.name} does not run on generated inputs ({shapes}): {_ort_message(e)}; set the free dimensions "
-                         f"with --dim (integer inputs are drawn from 0..{_INT_HIGH - 1}, masks are ones)") from None
+        raise InputError(
+            f"{path.name} does not run on generated inputs ({shapes}): {_ort_message(e)}; set the free dimensions "
+            f"with --dim (integer inputs are drawn from 0..{_INT_HIGH - 1}, masks are ones)"
+        ) from None
 
 
 def _stats(samples: list[float]) -> dict[str, float]:
     a = np.asarray(samples)
     pct = {f"p{q}": float(np.percentile(a, q)) for q in (50, 90, 95, 99)}
-    return {k: round(v, 4) for k, v in {"mean": float(a.mean()), "std": float(a.std()), "min": float(a.min()), **pct, "max": float(a.max())}.items()}
+    return {
+        k: round(v, 4)
+        for k, v in {
+            "mean": float(a.mean()),
+            "std": float(a.std()),
+            "min": float(a.min()),
+            **pct,
+            "max": float(a.max()),
+        }.items()
+    }
 
 
 def _measure(sess: ort.InferenceSession, feeds: dict[str, np.ndarray], config: GenericConfig) -> list[float]:
@@ -296,18 +358,31 @@ def _profile(path: Path, config: GenericConfig, feeds: dict[str, np.ndarray]) ->
             per_op.setdefault(str(args.get("op_name", "?")), []).append(float(ev.get("dur", 0)))
     total = sum(sum(v) for v in per_op.values()) or 1.0
     rows = sorted(per_op.items(), key=lambda kv: -sum(kv[1]))[: config.top_ops]
-    return [{"op": op, "calls": len(d), "total_ms": round(sum(d) / 1000.0, 3), "ms_per_run": round(sum(d) / 1000.0 / config.runs, 4),
-             "share": round(sum(d) / total, 4)} for op, d in rows]
+    return [
+        {
+            "op": op,
+            "calls": len(d),
+            "total_ms": round(sum(d) / 1000.0, 3),
+            "ms_per_run": round(sum(d) / 1000.0 / config.runs, 4),
+            "share": round(sum(d) / total, 4),
+        }
+        for op, d in rows
+    ]
 
 
 def _skipped(path: Path) -> dict[str, str]:
-    why = (f"{path.name} has no edgemeta metadata (an images/prototypes contract made by `edgemeta export`); "
-           "the few-shot rows need it")
+    why = (
+        f"{path.name} has no edgemeta metadata (an images/prototypes contract made by `edgemeta export`); "
+        "the few-shot rows need it"
+    )
     return {row: why for row in FEW_SHOT_ROWS}
 
 
-def run_generic(model: str | os.PathLike, config: GenericConfig = GenericConfig(),
-                progress: Callable[[int, int, str], None] | None = None) -> GenericReport:
+def run_generic(
+    model: str | os.PathLike,
+    config: GenericConfig = GenericConfig(),
+    progress: Callable[[int, int, str], None] | None = None,
+) -> GenericReport:
     """Measure any ONNX model on generated inputs: latency percentiles per batch size, and with
     ``config.profile`` the top operators by time.
 
@@ -333,16 +408,28 @@ def run_generic(model: str | os.PathLike, config: GenericConfig = GenericConfig(
         produced = _run(sess, feeds, path)
         outs = outs if i else produced  # the report shows the first shape's inputs and outputs
         samples = _measure(sess, feeds, config)
-        measurements.append(Measurement({t.name: t.shape for t in inputs}, batch, _stats(samples), [round(s, 4) for s in samples]))
+        measurements.append(
+            Measurement({t.name: t.shape for t in inputs}, batch, _stats(samples), [round(s, 4) for s in samples])
+        )
         if config.profile and profile is None:
             profile = _profile(path, config, feeds)
     outputs = [Tensor(o.name, o.type, list(o.shape), list(v.shape)) for o, v in zip(sess.get_outputs(), outs)]
     meta = sess.get_modelmeta()
     return GenericReport(
-        model=str(path), size_bytes=path.stat().st_size, producer=meta.producer_name,
-        providers=sess.get_providers(), threads=config.threads, optimization=GraphOptimization(config.optimization).value,
-        warmup=config.warmup, runs=config.runs, inputs=plans[0][1], outputs=outputs, defaults=plans[0][2],
-        measurements=measurements, profile=profile, skipped=_skipped(path),
+        model=str(path),
+        size_bytes=path.stat().st_size,
+        producer=meta.producer_name,
+        providers=sess.get_providers(),
+        threads=config.threads,
+        optimization=GraphOptimization(config.optimization).value,
+        warmup=config.warmup,
+        runs=config.runs,
+        inputs=plans[0][1],
+        outputs=outputs,
+        defaults=plans[0][2],
+        measurements=measurements,
+        profile=profile,
+        skipped=_skipped(path),
     )
 
 
@@ -352,9 +439,13 @@ def render_generic(report: GenericReport, console: Any) -> None:
     from rich.table import Table
     from rich.text import Text
 
-    console.print(escape(f"{report.model}: {report.size_bytes / 1e6:.2f} MB, producer {report.producer or 'unknown'}, "
-                         f"{', '.join(report.providers)}, threads {report.threads or 'auto'}, optimization {report.optimization}, "
-                         f"{report.warmup} warm-up + {report.runs} timed runs"))
+    console.print(
+        escape(
+            f"{report.model}: {report.size_bytes / 1e6:.2f} MB, producer {report.producer or 'unknown'}, "
+            f"{', '.join(report.providers)}, threads {report.threads or 'auto'}, optimization {report.optimization}, "
+            f"{report.warmup} warm-up + {report.runs} timed runs"
+        )
+    )
     io = Table(title="inputs and outputs")
     for col in ("", "name", "type", "declared", "used"):
         io.add_column(col, overflow="fold")

@@ -19,7 +19,8 @@ import os
 import sys
 import threading
 import time
-from typing import Any, Iterator, TextIO
+from collections.abc import Iterator
+from typing import Any, TextIO
 
 __all__ = ["StageLog", "heartbeat_seconds", "plain_progress_wanted", "stage_lines"]
 
@@ -62,7 +63,13 @@ class StageLog:
         ...     log.stage("calibrating int8")
     """
 
-    def __init__(self, stream: TextIO | None = None, interval: float | None = None, quiet_s: float | None = None, prefix: str = "edgemeta"):
+    def __init__(
+        self,
+        stream: TextIO | None = None,
+        interval: float | None = None,
+        quiet_s: float | None = None,
+        prefix: str = "edgemeta",
+    ):
         self.stream = stream
         self.interval = heartbeat_seconds() if interval is None else interval
         self.quiet_s = QUIET_S if quiet_s is None else quiet_s
@@ -114,12 +121,25 @@ class StageLog:
     def add_task(self, description: str, total: float | None = None, completed: float = 0, **fields: Any) -> int:
         with self._lock:
             tid = len(self._tasks)
-            self._tasks[tid] = {"description": description, "total": total, "completed": completed, "info": str(fields.get("info", ""))}
+            self._tasks[tid] = {
+                "description": description,
+                "total": total,
+                "completed": completed,
+                "info": str(fields.get("info", "")),
+            }
             self._enter(tid)
             return tid
 
-    def update(self, task: Any, *args: Any, advance: float | None = None, completed: float | None = None,
-               total: float | None = None, description: str | None = None, **fields: Any) -> None:
+    def update(
+        self,
+        task: Any,
+        *args: Any,
+        advance: float | None = None,
+        completed: float | None = None,
+        total: float | None = None,
+        description: str | None = None,
+        **fields: Any,
+    ) -> None:
         if isinstance(task, str):  # the exporters' update(stage, done, total)
             self.stage(task, *args)
             return
@@ -193,7 +213,6 @@ class StageLog:
         stream = self.stream or sys.stderr
         stream.write(f"{self.prefix} [{_clock(time.monotonic() - self._t0)}] {text}\n")
         stream.flush()
-
 
 
 @contextlib.contextmanager

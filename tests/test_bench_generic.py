@@ -33,24 +33,48 @@ def _init(name: str, shape: tuple[int, ...], seed: int = 0) -> onnx.TensorProto:
 
 def classifier(path: Path) -> Path:
     """Conv -> Relu -> GlobalAveragePool -> Flatten -> Gemm -> Softmax on [batch, 3, 32, 32]."""
-    nodes = [helper.make_node("Conv", ["x", "w", "b"], ["c"], pads=[1, 1, 1, 1]), helper.make_node("Relu", ["c"], ["r"]),
-             helper.make_node("GlobalAveragePool", ["r"], ["g"]), helper.make_node("Flatten", ["g"], ["f"]),
-             helper.make_node("Gemm", ["f", "fw", "fb"], ["logits"], transB=1), helper.make_node("Softmax", ["logits"], ["probs"], axis=1)]
-    graph = helper.make_graph(nodes, "classifier", [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["batch", 3, 32, 32])],
-                              [helper.make_tensor_value_info("probs", TensorProto.FLOAT, ["batch", 10])],
-                              [_init("w", (8, 3, 3, 3)), _init("b", (8,)), _init("fw", (10, 8)), _init("fb", (10,))])
+    nodes = [
+        helper.make_node("Conv", ["x", "w", "b"], ["c"], pads=[1, 1, 1, 1]),
+        helper.make_node("Relu", ["c"], ["r"]),
+        helper.make_node("GlobalAveragePool", ["r"], ["g"]),
+        helper.make_node("Flatten", ["g"], ["f"]),
+        helper.make_node("Gemm", ["f", "fw", "fb"], ["logits"], transB=1),
+        helper.make_node("Softmax", ["logits"], ["probs"], axis=1),
+    ]
+    graph = helper.make_graph(
+        nodes,
+        "classifier",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["batch", 3, 32, 32])],
+        [helper.make_tensor_value_info("probs", TensorProto.FLOAT, ["batch", 10])],
+        [_init("w", (8, 3, 3, 3)), _init("b", (8,)), _init("fw", (10, 8)), _init("fb", (10,))],
+    )
     return _save(graph, path)
 
 
 def token_model(path: Path) -> Path:
     """int64 input_ids and attention_mask [batch, sequence_length] -> mean token embedding."""
-    nodes = [helper.make_node("Gather", ["table", "input_ids"], ["e"]), helper.make_node("Cast", ["attention_mask"], ["m"], to=TensorProto.FLOAT),
-             helper.make_node("Unsqueeze", ["m", "axis"], ["m3"]), helper.make_node("Mul", ["e", "m3"], ["em"]),
-             helper.make_node("ReduceSum", ["em", "axes"], ["pooled"], keepdims=0)]
-    ints = [helper.make_tensor_value_info(n, TensorProto.INT64, ["batch", "sequence_length"]) for n in ("input_ids", "attention_mask")]
-    graph = helper.make_graph(nodes, "tokens", ints, [helper.make_tensor_value_info("pooled", TensorProto.FLOAT, ["batch", 16])],
-                              [_init("table", (1000, 16)), numpy_helper.from_array(np.array([2], np.int64), "axis"),
-                               numpy_helper.from_array(np.array([1], np.int64), "axes")])
+    nodes = [
+        helper.make_node("Gather", ["table", "input_ids"], ["e"]),
+        helper.make_node("Cast", ["attention_mask"], ["m"], to=TensorProto.FLOAT),
+        helper.make_node("Unsqueeze", ["m", "axis"], ["m3"]),
+        helper.make_node("Mul", ["e", "m3"], ["em"]),
+        helper.make_node("ReduceSum", ["em", "axes"], ["pooled"], keepdims=0),
+    ]
+    ints = [
+        helper.make_tensor_value_info(n, TensorProto.INT64, ["batch", "sequence_length"])
+        for n in ("input_ids", "attention_mask")
+    ]
+    graph = helper.make_graph(
+        nodes,
+        "tokens",
+        ints,
+        [helper.make_tensor_value_info("pooled", TensorProto.FLOAT, ["batch", 16])],
+        [
+            _init("table", (1000, 16)),
+            numpy_helper.from_array(np.array([2], np.int64), "axis"),
+            numpy_helper.from_array(np.array([1], np.int64), "axes"),
+        ],
+    )
     return _save(graph, path)
 
 
@@ -64,10 +88,18 @@ def multi_io(path: Path) -> Path:
 def symbolic(path: Path) -> Path:
     """A free dimension that says nothing of its size ('features') and an unnamed one."""
     nodes = [helper.make_node("Relu", ["x"], ["y"]), helper.make_node("Abs", ["z"], ["w"])]
-    graph = helper.make_graph(nodes, "symbolic", [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["batch", "features"]),
-                                                  helper.make_tensor_value_info("z", TensorProto.FLOAT, [2, None])],
-                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["batch", "features"]),
-                               helper.make_tensor_value_info("w", TensorProto.FLOAT, [2, None])])
+    graph = helper.make_graph(
+        nodes,
+        "symbolic",
+        [
+            helper.make_tensor_value_info("x", TensorProto.FLOAT, ["batch", "features"]),
+            helper.make_tensor_value_info("z", TensorProto.FLOAT, [2, None]),
+        ],
+        [
+            helper.make_tensor_value_info("y", TensorProto.FLOAT, ["batch", "features"]),
+            helper.make_tensor_value_info("w", TensorProto.FLOAT, [2, None]),
+        ],
+    )
     return _save(graph, path)
 
 
@@ -75,9 +107,13 @@ def quantized(path: Path, tmp: Path) -> Path:
     """A MatMul model quantized by ONNX Runtime's own tool (dynamic int8: MatMulInteger)."""
     from onnxruntime.quantization import QuantType, quantize_dynamic
 
-    graph = helper.make_graph([helper.make_node("MatMul", ["x", "w"], ["y"]), helper.make_node("Relu", ["y"], ["out"])], "mm",
-                              [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["batch", 128])],
-                              [helper.make_tensor_value_info("out", TensorProto.FLOAT, ["batch", 64])], [_init("w", (128, 64))])
+    graph = helper.make_graph(
+        [helper.make_node("MatMul", ["x", "w"], ["y"]), helper.make_node("Relu", ["y"], ["out"])],
+        "mm",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["batch", 128])],
+        [helper.make_tensor_value_info("out", TensorProto.FLOAT, ["batch", 64])],
+        [_init("w", (128, 64))],
+    )
     fp32 = _save(graph, tmp / "fp32_mm.onnx")
     quantize_dynamic(str(fp32), str(path), weight_type=QuantType.QInt8)
     return path
@@ -86,16 +122,29 @@ def quantized(path: Path, tmp: Path) -> Path:
 @pytest.fixture(scope="module")
 def models(tmp_path_factory) -> dict[str, Path]:
     d = tmp_path_factory.mktemp("foreign")
-    return {"classifier": classifier(d / "classifier.onnx"), "tokens": token_model(d / "tokens.onnx"), "multi": multi_io(d / "multi.onnx"),
-            "symbolic": symbolic(d / "symbolic.onnx"), "quantized": quantized(d / "quantized.onnx", d)}
+    return {
+        "classifier": classifier(d / "classifier.onnx"),
+        "tokens": token_model(d / "tokens.onnx"),
+        "multi": multi_io(d / "multi.onnx"),
+        "symbolic": symbolic(d / "symbolic.onnx"),
+        "quantized": quantized(d / "quantized.onnx", d),
+    }
 
 
 def _bench(*args: str):
     return runner.invoke(app, ["benchmark", *map(str, args)])
 
 
-@pytest.mark.parametrize("name, extra", [("classifier", []), ("tokens", []), ("multi", []), ("symbolic", ["--dim", "features=16", "--dim", "z:1=3"]),
-                                         ("quantized", [])])
+@pytest.mark.parametrize(
+    "name, extra",
+    [
+        ("classifier", []),
+        ("tokens", []),
+        ("multi", []),
+        ("symbolic", ["--dim", "features=16", "--dim", "z:1=3"]),
+        ("quantized", []),
+    ],
+)
 def test_benchmark_measures_a_foreign_model(models, name, extra):
     r = _bench(models[name], "--runs", "5", "--warmup", "1", "--batch-sizes", "1,4", "--json", *extra)
     assert r.exit_code == 0, r.output
@@ -113,7 +162,10 @@ def test_benchmark_measures_a_foreign_model(models, name, extra):
 
 def test_generated_inputs_follow_the_declared_types_and_shapes(models):
     rep = run_generic(models["tokens"], GenericConfig(runs=2, warmup=0, batch_sizes=(3,)))
-    assert [(t.name, t.type, t.shape) for t in rep.inputs] == [("input_ids", "tensor(int64)", [3, 128]), ("attention_mask", "tensor(int64)", [3, 128])]
+    assert [(t.name, t.type, t.shape) for t in rep.inputs] == [
+        ("input_ids", "tensor(int64)", [3, 128]),
+        ("attention_mask", "tensor(int64)", [3, 128]),
+    ]
     assert rep.defaults == {"sequence_length": 128} and rep.outputs[0].shape == [3, 16]
     rep = run_generic(models["tokens"], GenericConfig(runs=2, warmup=0, dims=(("batch", 2), ("sequence_length", 7))))
     assert rep.inputs[0].shape == [2, 7] and rep.measurements[0].batch is None
@@ -142,8 +194,12 @@ def test_table_output_names_what_it_skipped(models):
 
 def _unsupported(path: Path) -> Path:
     node = helper.make_node("Frobnicate", ["x"], ["y"], domain="com.example")
-    graph = helper.make_graph([node], "odd", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 4])],
-                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 4])])
+    graph = helper.make_graph(
+        [node],
+        "odd",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 4])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 4])],
+    )
     model = helper.make_model(graph, opset_imports=[*OPSET, helper.make_opsetid("com.example", 1)])
     model.ir_version = 8
     onnx.save(model, path)
@@ -154,17 +210,45 @@ def _unsupported(path: Path) -> Path:
     "make, args, message",
     [
         (lambda d, m: d / "missing.onnx", [], "not found"),
-        (lambda d, m: (d / "notes.onnx").write_text("these are notes, not a model") and d / "notes.onnx", [], "notes.onnx"),
-        (lambda d, m: (d / "half.onnx").write_bytes(m["classifier"].read_bytes()[:300]) and d / "half.onnx", [], "half.onnx"),
+        (
+            lambda d, m: (d / "notes.onnx").write_text("these are notes, not a model") and d / "notes.onnx",
+            [],
+            "notes.onnx",
+        ),
+        (
+            lambda d, m: (d / "half.onnx").write_bytes(m["classifier"].read_bytes()[:300]) and d / "half.onnx",
+            [],
+            "half.onnx",
+        ),
         (lambda d, m: _unsupported(d / "odd.onnx"), ["--generic"], "odd.onnx uses an operator this ONNX Runtime"),
         (lambda d, m: _unsupported(d / "odd.onnx"), [], "com.example:Frobnicate(-1) is not a registered function/op"),
-        (lambda d, m: m["symbolic"], [], "input 'x' axis 1 is a free dimension ('features') with no default: pass --dim features=N; "
-                                         "input 'z' axis 1 is a free dimension (unnamed) with no default: pass --dim z:1=N"),
-        (lambda d, m: m["classifier"], ["--dim", "seq=4"], "--dim seq: no such free dimension (the model's named ones: batch"),
+        (
+            lambda d, m: m["symbolic"],
+            [],
+            "input 'x' axis 1 is a free dimension ('features') with no default: pass --dim features=N; "
+            "input 'z' axis 1 is a free dimension (unnamed) with no default: pass --dim z:1=N",
+        ),
+        (
+            lambda d, m: m["classifier"],
+            ["--dim", "seq=4"],
+            "--dim seq: no such free dimension (the model's named ones: batch",
+        ),
         (lambda d, m: m["classifier"], ["--dim", "batch"], "--dim takes NAME=N or INPUT:AXIS=N"),
-        (lambda d, m: m["classifier"], ["--optimization", "max"], "--optimization 'max': use one of disable, basic, extended, all"),
-        (lambda d, m: m["classifier"], ["--backprop-baseline"], "--backprop-baseline need a model with the edgemeta contract"),
-        (lambda d, m: m["classifier"], ["--providers", "tensorrt"], "provider TensorrtExecutionProvider is not in this onnxruntime build"),
+        (
+            lambda d, m: m["classifier"],
+            ["--optimization", "max"],
+            "--optimization 'max': use one of disable, basic, extended, all",
+        ),
+        (
+            lambda d, m: m["classifier"],
+            ["--backprop-baseline"],
+            "--backprop-baseline need a model with the edgemeta contract",
+        ),
+        (
+            lambda d, m: m["classifier"],
+            ["--providers", "tensorrt"],
+            "provider TensorrtExecutionProvider is not in this onnxruntime build",
+        ),
         (lambda d, m: m["classifier"], ["--runs", "0"], "--runs 0 (must be >= 1)"),
     ],
 )

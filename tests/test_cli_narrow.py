@@ -10,8 +10,7 @@ import pytest
 import typer
 from typer.testing import CliRunner
 
-from edgemeta.cli import app
-from edgemeta.cli import runtime_cmds
+from edgemeta.cli import app, runtime_cmds
 from edgemeta.cli.runtime_cmds import image_names
 
 
@@ -39,7 +38,10 @@ def _option_names(path: tuple[str, ...]) -> list[str]:
 
 
 def test_every_command_is_checked():
-    assert {"train", "export", "predict", "benchmark"} <= {p[0] for p in _commands()} and ("store", "list") in _commands()
+    assert {"train", "export", "predict", "benchmark"} <= {p[0] for p in _commands()} and (
+        "store",
+        "list",
+    ) in _commands()
 
 
 @pytest.mark.parametrize("columns", [80])  # the test runner formats click's help at 80 at most
@@ -60,21 +62,31 @@ def test_help_on_a_wide_terminal_keeps_the_panels():
 
 
 def test_image_names_shorten_to_what_tells_rows_apart():
-    paths = [Path("/srv/photos/2024/shop-floor/camera-left/class0/0.png"), Path("/srv/photos/2024/shop-floor/camera-left/class1/0.png"),
-             Path("/srv/photos/2024/shop-floor/camera-left/class1/1.png")]
+    paths = [
+        Path("/srv/photos/2024/shop-floor/camera-left/class0/0.png"),
+        Path("/srv/photos/2024/shop-floor/camera-left/class1/0.png"),
+        Path("/srv/photos/2024/shop-floor/camera-left/class1/1.png"),
+    ]
     assert image_names(paths, 200) == [str(p) for p in paths]
     assert image_names(paths, 20) == ["class0/0.png", "class1/0.png", "class1/1.png"]
     assert image_names(paths[1:], 20) == ["0.png", "1.png"]
     assert image_names([paths[0], paths[0]], 20) == ["0.png", "0.png"]  # the same image twice stays the same name
 
 
-def test_predict_table_at_80_columns_tells_every_image_apart(tmp_path, tiny_onnx_model, runtime_image_folder, monkeypatch):
+def test_predict_table_at_80_columns_tells_every_image_apart(
+    tmp_path, tiny_onnx_model, runtime_image_folder, monkeypatch
+):
     deep = tmp_path / "a-folder-with-a-long-name-for-the-photos-from-the-shop-floor" / "camera-left"
     deep.mkdir(parents=True)
     shutil.copytree(runtime_image_folder, deep / "images")
     store = tmp_path / "s.store"
     runner = CliRunner()
-    assert runner.invoke(app, ["enroll", str(tiny_onnx_model), "-s", str(store), "--folder", str(deep / "images")]).exit_code == 0
+    assert (
+        runner.invoke(
+            app, ["enroll", str(tiny_onnx_model), "-s", str(store), "--folder", str(deep / "images")]
+        ).exit_code
+        == 0
+    )
     monkeypatch.setattr(runtime_cmds.out, "_width", 80)
     queries = [deep / "images" / c / "5.png" for c in ("class0", "class1", "class2")]
     r = runner.invoke(app, ["predict", str(tiny_onnx_model), "-s", str(store), *map(str, queries), "--top-k", "2"])

@@ -56,11 +56,22 @@ def test_a_folder_split_is_disjoint_seeded_and_leaves_enough_base_classes(n, n_w
 @pytest.mark.parametrize(
     "n, n_way, val, message",
     [
-        (5, 60, 5, "has 5 classes; training 60-way on it needs at least 70: 60 base classes (--n-way), 5 held out for validation "
-                   "(--val-n-way) and 5 held out as novel classes for verification and evaluation; add class folders: training on a "
-                   "folder needs at least 9 classes"),
-        (48, 60, 5, "has 48 classes; training 60-way on it needs at least 70: 60 base classes (--n-way), 5 held out for validation "
-                    "(--val-n-way) and 5 held out as novel classes for verification and evaluation; lower --n-way to at most 38"),
+        (
+            5,
+            60,
+            5,
+            "has 5 classes; training 60-way on it needs at least 70: 60 base classes (--n-way), "
+            "5 held out for validation (--val-n-way) and 5 held out as novel classes for verification "
+            "and evaluation; add class folders: training on a folder needs at least 9 classes",
+        ),
+        (
+            48,
+            60,
+            5,
+            "has 48 classes; training 60-way on it needs at least 70: 60 base classes (--n-way), "
+            "5 held out for validation (--val-n-way) and 5 held out as novel classes for verification "
+            "and evaluation; lower --n-way to at most 38",
+        ),
         (10, 5, 5, "lower --n-way and --val-n-way so that they add up to at most 5, or add class folders"),
     ],
 )
@@ -78,7 +89,9 @@ def test_train_refuses_a_small_folder_before_decoding_it(tmp_path, monkeypatch):
 
     folder = _folder(tmp_path / "shop", 5, per_class=2)
     monkeypatch.setattr(train_mod, "_load_data", lambda *a: pytest.fail("loaded data before refusing"))
-    r = runner.invoke(app, ["train", "--dataset", str(folder), "-o", str(tmp_path / "m.safetensors"), "--episodes", "1", "--json"])
+    r = runner.invoke(
+        app, ["train", "--dataset", str(folder), "-o", str(tmp_path / "m.safetensors"), "--episodes", "1", "--json"]
+    )
     assert r.exit_code == 1
     assert "has 5 classes; training 60-way on it needs at least 70" in r.output and "add class folders" in r.output
     assert len(r.output.strip().splitlines()) == 1 and not (tmp_path / "m.safetensors").exists()
@@ -88,8 +101,20 @@ def test_train_refuses_a_small_folder_before_decoding_it(tmp_path, monkeypatch):
 def folder_run(tmp_path_factory):
     root = tmp_path_factory.mktemp("folder_run")
     folder = _folder(root / "photos", 14, per_class=4)
-    cfg = TrainConfig(out=str(root / "m.safetensors"), dataset=str(folder), size=16, n_way=2, k_shot=1, q_query=1, episodes=2,
-                      val_every=2, val_episodes=2, val_n_way=2, threads=1, log_every=1)
+    cfg = TrainConfig(
+        out=str(root / "m.safetensors"),
+        dataset=str(folder),
+        size=16,
+        n_way=2,
+        k_shot=1,
+        q_query=1,
+        episodes=2,
+        val_every=2,
+        val_episodes=2,
+        val_n_way=2,
+        threads=1,
+        log_every=1,
+    )
     train(cfg, progress=False)
     return folder, root / "m.safetensors"
 
@@ -120,7 +145,9 @@ def test_evaluation_after_folder_training_uses_only_its_novel_classes(folder_run
     copy = _folder(tmp_path / "copy", 14, per_class=4)
     assert D.novel_images(str(copy), pp, split=split).classes == list(split.novel)
     # the recorded base classes, on request
-    assert run_evaluation(ckpt, dataset=str(folder), split="train", n_ways=[2], q_query=1, episodes=1)[0].dataset.endswith("-train")
+    assert run_evaluation(ckpt, dataset=str(folder), split="train", n_ways=[2], q_query=1, episodes=1)[
+        0
+    ].dataset.endswith("-train")
 
 
 def test_a_folder_of_nothing_but_training_classes_is_refused(folder_run, tmp_path):
@@ -132,12 +159,20 @@ def test_a_folder_of_nothing_but_training_classes_is_refused(folder_run, tmp_pat
         for f in (folder / c).iterdir():
             (seen / c / f.name).write_bytes(f.read_bytes())
     pp = load_checkpoint(ckpt).spec.preprocess
-    with pytest.raises(DataError, match=r"3 of its 3 classes trained the model .* 0 left; pass --data with a folder of classes the model never saw"):
+    with pytest.raises(
+        DataError,
+        match=r"3 of its 3 classes trained the model .* 0 left; "
+        r"pass --data with a folder of classes the model never saw",
+    ):
         D.novel_images(str(seen), pp, split=split)
     r = runner.invoke(app, ["evaluate", str(ckpt), "--dataset", str(seen), "--episodes", "1"])
     assert r.exit_code == 1 and "0 left; evaluate on classes the model never saw" in r.output
     r = runner.invoke(app, ["evaluate", str(ckpt), "--split", "background", "--episodes", "1"])
-    assert r.exit_code == 1 and "--split 'background': the checkpoint was trained on an image folder; use one of test, val, train, all" in r.output
+    assert (
+        r.exit_code == 1
+        and "--split 'background': the checkpoint was trained on an image folder; use one of test, val, train, all"
+        in r.output
+    )
 
 
 def test_images_of_novel_classes_only_are_no_calibration_data(folder_run):
@@ -179,8 +214,31 @@ def test_training_in_a_log_prints_each_stage_and_a_heartbeat(tmp_path, monkeypat
     monkeypatch.setenv("EDGEMETA_PROGRESS", "auto")
     monkeypatch.setenv("EDGEMETA_HEARTBEAT", "0.05")
     folder = _folder(tmp_path / "photos", 9, per_class=3)
-    args = ["train", "--dataset", str(folder), "--size", "16", "--n-way", "2", "--val-n-way", "2", "--k-shot", "1", "--queries", "1",
-            "--episodes", "4", "--val-every", "2", "--val-episodes", "2", "--threads", "1", "-o", str(tmp_path / "m.safetensors")]
+    args = [
+        "train",
+        "--dataset",
+        str(folder),
+        "--size",
+        "16",
+        "--n-way",
+        "2",
+        "--val-n-way",
+        "2",
+        "--k-shot",
+        "1",
+        "--queries",
+        "1",
+        "--episodes",
+        "4",
+        "--val-every",
+        "2",
+        "--val-episodes",
+        "2",
+        "--threads",
+        "1",
+        "-o",
+        str(tmp_path / "m.safetensors"),
+    ]
     r = runner.invoke(app, args)
     assert r.exit_code == 0, r.output
     log = [line for line in r.output.splitlines() if line.startswith("edgemeta [")]
@@ -189,7 +247,9 @@ def test_training_in_a_log_prints_each_stage_and_a_heartbeat(tmp_path, monkeypat
     assert stages[-1] == "writing the checkpoint (open-set threshold from the validation classes) ..."
     assert any("still running: " in line for line in log)
     assert r.output.strip().splitlines()[-1].startswith("wrote ")
-    r = runner.invoke(app, ["evaluate", str(tmp_path / "m.safetensors"), "--n-way", "2", "--queries", "1", "--episodes", "3"])
+    r = runner.invoke(
+        app, ["evaluate", str(tmp_path / "m.safetensors"), "--n-way", "2", "--queries", "1", "--episodes", "3"]
+    )
     assert r.exit_code == 0 and "evaluating ..." in r.output and "few-shot accuracy on photos-novel" in r.output
 
 
@@ -211,11 +271,24 @@ def test_export_verifies_on_novel_classes_and_calibrates_on_the_others(folder_ru
     split = D.ClassSplit.from_dict(load_checkpoint(ckpt).info["class_split"])
     seen: dict[str, list[str]] = {}
     quantize, verify = P.quantize_int8, P.verify
-    monkeypatch.setattr(P, "quantize_int8", lambda src, dst, calib, spec: seen.setdefault("calibration", calib.classes) and quantize(src, dst, calib, spec))
-    monkeypatch.setattr(P, "verify", lambda path, model, data, *a: seen.setdefault("verification", data.classes) and verify(path, model, data, *a))
-    options = P.ExportOptions(precision=Precision.INT8, verify=VerifySpec(episodes=2, q_query=2, batch_sizes=(1,), prototype_counts=(1,)),
-                              quantize=P.QuantizeSpec(calibration_images=16))
+    monkeypatch.setattr(
+        P,
+        "quantize_int8",
+        lambda src, dst, calib, spec: seen.setdefault("calibration", calib.classes) and quantize(src, dst, calib, spec),
+    )
+    monkeypatch.setattr(
+        P,
+        "verify",
+        lambda path, model, data, *a: seen.setdefault("verification", data.classes) and verify(path, model, data, *a),
+    )
+    options = P.ExportOptions(
+        precision=Precision.INT8,
+        verify=VerifySpec(episodes=2, q_query=2, batch_sizes=(1,), prototype_counts=(1,)),
+        quantize=P.QuantizeSpec(calibration_images=16),
+    )
     outcome = P.export_checkpoint(ckpt, tmp_path / "m.int8.onnx", options)
     assert seen["verification"] == list(split.novel)
-    assert set(seen["calibration"]) == set(split.base) | set(split.val) and not set(seen["calibration"]) & set(split.novel)
+    assert set(seen["calibration"]) == set(split.base) | set(split.val) and not set(seen["calibration"]) & set(
+        split.novel
+    )
     assert D.ClassSplit.from_dict(outcome.metadata.extra["class_split"]) == split
