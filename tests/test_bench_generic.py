@@ -276,3 +276,32 @@ def test_in_a_log_the_benchmark_prints_its_stages(models, monkeypatch):
     assert r.exit_code == 0, r.output
     assert "classifier.onnx: batch 1 ..." in r.stderr and "classifier.onnx: batch 2 ..." in r.stderr
     assert json.loads(r.stdout)["runs"] == 3  # stdout stays one JSON document
+
+
+def test_benchmark_measures_a_torch_onnx_export(tmp_path):
+    torch = pytest.importorskip("torch")
+    from torch import nn
+
+    net = nn.Sequential(
+        nn.Conv2d(3, 8, 3, padding=1),
+        nn.BatchNorm2d(8),
+        nn.ReLU(),
+        nn.AdaptiveAvgPool2d(1),
+        nn.Flatten(),
+        nn.Linear(8, 32),
+    ).eval()
+    path = tmp_path / "torch_net.onnx"
+    torch.onnx.export(
+        net,
+        (torch.zeros(2, 3, 24, 24),),
+        str(path),
+        input_names=["pixels"],
+        output_names=["features"],
+        dynamic_axes={"pixels": {0: "N"}, "features": {0: "N"}},
+        dynamo=False,
+    )
+    r = _bench(path, "--runs", "3", "--warmup", "1", "--batch-sizes", "1,3", "--json")
+    assert r.exit_code == 0, r.output
+    doc = json.loads(r.stdout)
+    assert [m["shapes"]["pixels"] for m in doc["measurements"]] == [[1, 3, 24, 24], [3, 3, 24, 24]]
+    assert doc["outputs"][0]["shape"] == [1, 32] and doc["producer"] == "pytorch"
