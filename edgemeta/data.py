@@ -41,6 +41,13 @@ __all__ = [
     "novel_images",
     "base_images",
     "recorded_dataset",
+    "base_classes",
+    "novel_classes",
+    "folder_classes",
+    "ClassSplit",
+    "split_classes",
+    "NOVEL_MIN",
+    "recorded_split",
     "NAMED",
     "NOVEL_SPLITS",
     "is_data_name",
@@ -102,6 +109,11 @@ class ImageSet:
             groups=[self.groups[i] for i in keep] if self.groups else [],
             paths=[p for p, m in zip(self.paths, mask) if m] if self.paths else [],
         )
+
+    def drop_classes(self, names: Iterable[str], name: str | None = None) -> ImageSet:
+        """The subset without the classes named in ``names`` (the others keep their order)."""
+        drop = set(names)
+        return self.select_classes([i for i, c in enumerate(self.classes) if c not in drop], name)
 
     def with_rotations(self, angles: Iterable[int] = (90, 180, 270)) -> ImageSet:
         """Add each rotation of every class as a new class (Snell et al.'s Omniglot protocol)."""
@@ -521,26 +533,63 @@ def load_for_model(
 
 
 def novel_images(
-    dataset: str | None, preprocess: PreprocessSpec, data_dir: str | os.PathLike | None = None, option: str = "--data"
+    dataset: str | None,
+    preprocess: PreprocessSpec,
+    data_dir: str | os.PathLike | None = None,
+    option: str = "--data",
+    split: ClassSplit | None = None,
 ) -> ImageSet:
     """Images of classes the model was not trained on: Omniglot evaluation, Tiny-ImageNet test,
-    the digits, or a folder of class folders."""
+    the digits, or a folder of class folders. ``split``: the class split recorded in the checkpoint
+    of a model trained on a folder; the classes it names as base or validation classes are left out,
+    in any folder, so they are never counted as novel."""
     if not dataset:
         raise InputError(f"no verification data: the checkpoint records none; pass {option} omniglot|tiny-imagenet|FOLDER")
-    split = NOVEL_SPLITS.get(dataset, "")
+    split_name = NOVEL_SPLITS.get(dataset, "")
     if not is_data_name(dataset):
         raise InputError(f"unknown data set {dataset!r}; use omniglot, tiny-imagenet, digits, or a folder of class folders ({option})")
-    return load_for_model(dataset, split, preprocess, data_dir, option)
+    ds = load_for_model(dataset, split_name, preprocess, data_dir, option)
+    if split is None or dataset in NAMED:
+        return ds
+    return novel_classes(ds, split, f"pass {option} with a folder of classes the model never saw")
 
 
-def base_images(dataset: str | None, preprocess: PreprocessSpec, data_dir: str | os.PathLike | None = None) -> ImageSet:
+def novel_classes(ds: ImageSet, split: ClassSplit, fix: str) -> ImageSet:
+    """``ds`` without the classes that trained or validated the model (by name, in any folder);
+    ``fix``: what the error says to do when fewer than two classes are left."""
+    novel = ds.drop_classes(split.seen, ds.name + "-novel")
+    if novel.num_classes < 2:
+        raise DataError(
+            f"{ds.name}: {ds.num_classes - novel.num_classes} of its {ds.num_classes} classes trained the model (base or validation "
+            f"classes recorded in its checkpoint), {novel.num_classes} left; {fix}"
+        )
+    return novel
+
+
+def base_classes(ds: ImageSet, split: ClassSplit | None) -> ImageSet:
+    """``ds`` without the classes ``split`` holds out as novel (for int8 calibration, which must never see them)."""
+    if split is None:
+        return ds
+    base = ds.drop_classes(split.novel, ds.name + "-base")
+    if base.num_classes == 0:
+        raise DataError(f"{ds.name}: every class is a novel class of the model (held out in training); pass images of its base classes")
+    return base
+
+
+def base_images(
+    dataset: str | None,
+    preprocess: PreprocessSpec,
+    data_dir: str | os.PathLike | None = None,
+    split: ClassSplit | None = None,
+) -> ImageSet:
     """Images of training (base) classes for int8 calibration: Omniglot background,
-    Tiny-ImageNet train, or a folder given explicitly. Never the evaluation classes, so the
-    reported int8 accuracy is not inflated by calibrating on the test set."""
+    Tiny-ImageNet train, or a folder given explicitly (without the novel classes ``split`` holds
+    out). Never the evaluation classes, so the reported int8 accuracy is not inflated by
+    calibrating on the test set."""
     if dataset in ("omniglot", "tiny-imagenet"):
         return load_for_model(dataset, "background" if dataset == "omniglot" else "train", preprocess, data_dir, option="--calibration-data")
     if dataset and dataset not in NAMED and Path(dataset).exists():
-        return load_for_model(dataset, "", preprocess, data_dir, option="--calibration-data")
+        return base_classes(load_for_model(dataset, "", preprocess, data_dir, option="--calibration-data"), split)
     raise InputError(
         f"int8 calibration needs images of the training classes, and {dataset or 'this model'} has no known base split; "
         "pass --calibration-data FOLDER (never the evaluation classes)"
@@ -551,3 +600,81 @@ def recorded_dataset(info: dict) -> str | None:
     """The data set a checkpoint was trained on (from its training config, ``Checkpoint.info``), if recorded."""
     name = (info.get("config") or {}).get("dataset")
     return str(name) if name else None
+
+
+def recorded_split(info: dict) -> ClassSplit | None:
+    """The class split of the image folder a checkpoint was trained on, if recorded."""
+    return ClassSplit.from_dict(info.get("class_split"))
+
+
+# ---------------------------------------------------------------- class splits of image folders
+
+# novel classes held out of a folder: verification and evaluation draw 5-way episodes from them
+NOVEL_MIN = 5
+
+
+@dataclass(frozen=True)
+class ClassSplit:
+    """How training divided the classes of an image folder: ``base`` classes trained the model,
+    ``val`` classes chose its best weights, ``novel`` classes were held out for verification,
+    calibration checks and evaluation. Recorded in the checkpoint (``info["class_split"]``) and in
+    the exported model's metadata."""
+
+    base: tuple[str, ...]
+    val: tuple[str, ...]
+    novel: tuple[str, ...]
+    seed: int = 0
+
+    @property
+    def seen(self) -> frozenset[str]:
+        """The classes training saw (base and validation)."""
+        return frozenset(self.base) | frozenset(self.val)
+
+    def to_dict(self) -> dict:
+        return {"base": list(self.base), "val": list(self.val), "novel": list(self.novel), "seed": self.seed}
+
+    @classmethod
+    def from_dict(cls, doc: object) -> ClassSplit | None:
+        """The split a checkpoint or model records, or None when it records none (named data sets)."""
+        if not isinstance(doc, dict) or not all(isinstance(doc.get(k), list) for k in ("base", "val", "novel")):
+            return None
+        return cls(tuple(map(str, doc["base"])), tuple(map(str, doc["val"])), tuple(map(str, doc["novel"])), int(doc.get("seed", 0)))
+
+
+def folder_classes(root: str | os.PathLike) -> list[str]:
+    """The class names of an image folder or zip, sorted, without decoding any image."""
+    _, files, source = _list_tree(root)
+    rel, _ = _strip_common_root(files)
+    classes = sorted({r.split("/", 1)[0] for r in rel if "/" in r})
+    if not classes:
+        raise DataError(f"{source} holds no class folders with images; expected root/<class>/<image>{IMAGE_EXTENSIONS[0]}")
+    return classes
+
+
+def split_classes(classes: Sequence[str], n_way: int, val_n_way: int, seed: int = 0, name: str = "the folder") -> ClassSplit:
+    """Divide a folder's classes (seeded) into base, validation and novel classes: a fifth each for
+    validation and novel where there are enough classes, never fewer than ``val_n_way`` and
+    :data:`NOVEL_MIN`, and never so many that fewer than ``n_way`` base classes are left.
+
+    Raises InputError naming the minimum number of classes and the fix that helps."""
+    n = len(classes)
+    need = n_way + val_n_way + NOVEL_MIN
+    if n < need:
+        floor = 2 + 2 + NOVEL_MIN  # 2-way training and validation episodes
+        if n >= 2 + val_n_way + NOVEL_MIN:
+            fix = f"lower --n-way to at most {n - val_n_way - NOVEL_MIN}, or add class folders"
+        elif n >= floor:
+            fix = f"lower --n-way and --val-n-way so that they add up to at most {n - NOVEL_MIN}, or add class folders"
+        else:
+            fix = f"add class folders: training on a folder needs at least {floor} classes (2-way episodes)"
+        raise InputError(
+            f"{name} has {n} classes; training {n_way}-way on it needs at least {need}: {n_way} base classes (--n-way), "
+            f"{val_n_way} held out for validation (--val-n-way) and {NOVEL_MIN} held out as novel classes for verification "
+            f"and evaluation; {fix}"
+        )
+    spare = n - need
+    n_val = val_n_way + min(max(n // 5 - val_n_way, 0), spare // 2)
+    n_novel = NOVEL_MIN + min(max(n // 5 - NOVEL_MIN, 0), spare - (n_val - val_n_way))
+    perm = np.random.default_rng(seed).permutation(n)
+    pick = lambda idx: tuple(sorted(classes[i] for i in idx))  # noqa: E731
+    return ClassSplit(pick(perm[n_novel + n_val:]), pick(perm[n_novel:n_novel + n_val]), pick(perm[:n_novel]), seed)

@@ -18,7 +18,7 @@ from typing import Callable, Iterable
 import numpy as np
 import torch
 
-from edgemeta.data import ImageSet
+from edgemeta.data import ClassSplit, ImageSet
 from edgemeta.episodes import Episode, EpisodeSampler
 from edgemeta.model import FewShotModel, compute_logits
 from edgemeta.runtime.spec import PreprocessSpec
@@ -189,6 +189,40 @@ def pixel_mismatch(data: PreprocessSpec, model: PreprocessSpec) -> list[str]:
     return found
 
 
+def _recorded_data(info: dict) -> str:
+    """The data set a checkpoint was trained on when it can be loaded here (its novel classes are
+    the default evaluation), else Omniglot."""
+    from edgemeta.data import is_data_name
+
+    recorded = str((info.get("config") or {}).get("dataset") or "")
+    return recorded if is_data_name(recorded) else "omniglot"
+
+
+FOLDER_SPLITS = ("test", "val", "train", "all")
+
+
+def _recorded_split(dataset: str, data: ImageSet, split: ClassSplit | None, which: str) -> ImageSet:
+    """The classes of an image folder that ``which`` names under the checkpoint's class split:
+    ``test`` the classes training never saw (base and validation classes are left out by name,
+    whatever folder they are in), ``val`` and ``train`` the recorded ones, ``all`` every class."""
+    from edgemeta.data import NAMED, novel_classes
+    from edgemeta.runtime.errors import InputError
+
+    if split is None or dataset in NAMED:
+        return data
+    if which not in FOLDER_SPLITS:
+        raise InputError(f"--split {which!r}: the checkpoint was trained on an image folder; use one of {', '.join(FOLDER_SPLITS)}")
+    if which == "test":
+        return novel_classes(data, split, "evaluate on classes the model never saw")
+    if which == "all":
+        return data
+    names = set(split.val if which == "val" else split.base)
+    picked = data.select_classes([i for i, c in enumerate(data.classes) if c in names], f"{data.name}-{which}")
+    if picked.num_classes == 0:
+        raise InputError(f"{data.name} holds none of the checkpoint's {which} classes; pass the folder it was trained on")
+    return picked
+
+
 def report_doc(checkpoint: str | os.PathLike | None, reports: list[EvalReport]) -> dict:
     """The JSON report of ``edgemeta evaluate``."""
     return {"checkpoint": str(checkpoint or "embedded"), "results": [r.to_dict() for r in reports]}
@@ -232,13 +266,14 @@ def run_evaluation(
     given = [flag for flag, v in sampling.items() if v is not None and not (isinstance(v, (list, tuple)) and not v)]
     if episodes_file and given:
         raise InputError(f"the episodes file fixes the data and N-way/K-shot/queries of every episode; drop {', '.join(given)}")
-    dataset, split = dataset or "omniglot", split or "test"
+    split = split or "test"
     episodes = 1000 if episodes is None else episodes
     if episodes < 1:
         raise InputError(f"episodes must be >= 1, got {episodes}")
     if threads:
         torch.set_num_threads(threads)
     ck = load_checkpoint(ckpt_path)
+    dataset = dataset or _recorded_data(ck.info)
     if episodes_file:
         reports = [evaluate_episodes_file(ck.model, str(episodes_file))]
     else:
@@ -249,7 +284,7 @@ def run_evaluation(
                 f"{dataset} images have {channels} channel(s), the model takes {pp.channels}-channel {pp.size[0]}x{pp.size[1]} images; "
                 "evaluate it on a data set of its kind, or on an image folder (decoded to the model's input)"
             )
-        data = load_dataset(dataset, split, data_dir, pp)
+        data = _recorded_split(dataset, load_dataset(dataset, split, data_dir, pp), ClassSplit.from_dict(ck.info.get("class_split")), split)
         found = pixel_mismatch(data.spec, pp)
         if found:
             raise InputError(f"{data.name} was loaded with {'; '.join(found)}; evaluate it on a data set of its kind")

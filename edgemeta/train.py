@@ -35,7 +35,7 @@ from torch import nn
 from edgemeta.backbones import build_backbone
 from edgemeta.checkpoint import load_checkpoint, read_header, save_checkpoint
 from edgemeta import distributed
-from edgemeta.data import ImageSet, load_dataset, omniglot_spec, omniglot_splits
+from edgemeta.data import ClassSplit, ImageSet, folder_classes, load_dataset, omniglot_spec, omniglot_splits, split_classes
 from edgemeta.distributed import Device, DistEnv
 from edgemeta.episodes import EpisodeSampler
 from edgemeta.runtime.errors import CheckpointError, InputError
@@ -304,6 +304,7 @@ class _Trainer:
         # an earlier run's files that --force replaces, removed at this session's first write
         self.replaces: list[Path] = []
         self.claimed = False
+        self.class_split: ClassSplit | None = None
         self.episode_seconds, self.episodes_done = 0.0, 0
         mf = torch.channels_last if cfg.channels_last else torch.contiguous_format
         self.memory_format = mf
@@ -396,6 +397,7 @@ class _Trainer:
             "config": {k: (v.value if hasattr(v, "value") else v) for k, v in asdict(self.cfg).items()},
             "train_data": {"name": self.train_set.name, "classes": self.train_set.num_classes, "images": len(self.train_set), "fingerprint": self.train_set.fingerprint()},
             "val_data": {"name": self.val_set.name, "classes": self.val_set.num_classes},
+            **({"class_split": self.class_split.to_dict()} if self.class_split else {}),
             "step": self.step,
             "epoch": self.epoch,
             # the episodes of one optimizer step: one per process, gradients averaged
@@ -533,8 +535,13 @@ class _Trainer:
 
 
 def _progress_bar(enabled: bool):
+    """Rich progress bars on a terminal; elsewhere (a log, a pipe) plain lines per stage and a heartbeat."""
     if not enabled:
         return None
+    from edgemeta.progress import StageLog, plain_progress_wanted
+
+    if plain_progress_wanted():
+        return StageLog()
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 
     return Progress(
@@ -543,18 +550,40 @@ def _progress_bar(enabled: bool):
     )
 
 
-def _load_data(cfg: TrainConfig, spec: PreprocessSpec) -> tuple[ImageSet, ImageSet]:
+def _stage(bar, name: str) -> None:
+    """A stage line for the plain progress log (a progress bar shows its tasks instead)."""
+    if bar is not None and hasattr(bar, "stage"):
+        bar.stage(name)
+
+
+def _folder_split(cfg: TrainConfig) -> ClassSplit | None:
+    """The class split of a user's image folder, decided from its class names before any image
+    is decoded (so too few classes is said at once); None for the named data sets."""
+    if cfg.dataset in ("omniglot", "tiny-imagenet"):
+        return None
+    if cfg.dataset == "digits":
+        classes = [str(i) for i in range(10)]
+    elif Path(cfg.dataset).exists():
+        classes = folder_classes(cfg.dataset)
+    else:
+        return None  # load_dataset names the unknown data set
+    n_way = cfg.n_way if cfg.episodes else 2  # pre-training alone draws no training episodes
+    return split_classes(classes, n_way, cfg.val_n_way, cfg.seed, name=cfg.dataset)
+
+
+def _load_data(cfg: TrainConfig, spec: PreprocessSpec, split: ClassSplit | None) -> tuple[ImageSet, ImageSet]:
     if cfg.dataset == "omniglot":
         return omniglot_splits(cfg.data_dir, spec.size[0], cfg.val_alphabets)
-    if cfg.dataset == "tiny-imagenet":
+    if cfg.dataset == "tiny-imagenet" or split is None:
         return load_dataset(cfg.dataset, "train", cfg.data_dir, spec), load_dataset(cfg.dataset, "val", cfg.data_dir, spec)
-    # a user's image folder: hold out 20% of the classes (seeded) for validation
+    # a user's image folder: base classes train, validation classes choose the best weights,
+    # and the novel classes stay unseen for verification and evaluation
     full = load_dataset(cfg.dataset, "all", cfg.data_dir, spec)
-    perm = np.random.default_rng(cfg.seed).permutation(full.num_classes)
-    n_val = max(cfg.val_n_way, full.num_classes // 5)
-    if full.num_classes - n_val < cfg.n_way:
-        raise InputError(f"{full.name} has {full.num_classes} classes: too few to hold out {n_val} for validation and train {cfg.n_way}-way; lower --n-way")
-    return full.select_classes(sorted(perm[n_val:]), full.name + "-train"), full.select_classes(sorted(perm[:n_val]), full.name + "-val")
+    index = {c: i for i, c in enumerate(full.classes)}
+    return (
+        full.select_classes([index[c] for c in split.base], full.name + "-train"),
+        full.select_classes([index[c] for c in split.val], full.name + "-val"),
+    )
 
 
 def train(
@@ -580,11 +609,13 @@ def train(
         # message, and nothing is written
         with distributed.all_or_none(env):
             out, spec, files = _check_run(cfg, resume, force, env)
+            split = _folder_split(cfg)
         if cfg.threads:
             torch.set_num_threads(cfg.threads)
-        train_set, val_set = distributed.local_first(env, lambda: _load_checked_data(cfg, spec.preprocess))
+        train_set, val_set = distributed.local_first(env, lambda: _load_checked_data(cfg, spec.preprocess, split))
         with distributed.all_or_none(env):
             trainer = _Trainer(cfg, train_set, val_set, spec, on_event, env)
+            trainer.class_split = split
             optimizer_state = _restore(trainer, *files) if files else None
         if not _continues(resume, out):
             trainer.replaces = [f for f in run_files(out) if f.exists()]
@@ -651,8 +682,8 @@ def _check_world_size(cfg: TrainConfig, step: int, world_size: int) -> None:
         )
 
 
-def _load_checked_data(cfg: TrainConfig, pp: PreprocessSpec) -> tuple[ImageSet, ImageSet]:
-    train_set, val_set = _load_data(cfg, pp)
+def _load_checked_data(cfg: TrainConfig, pp: PreprocessSpec, split: ClassSplit | None) -> tuple[ImageSet, ImageSet]:
+    train_set, val_set = _load_data(cfg, pp, split)
     if cfg.episodes:
         train_set.check_episode_size(cfg.n_way, cfg.k_shot + cfg.q_query)
     val_set.check_episode_size(cfg.val_n_way, cfg.val_k_shot + 1)
@@ -677,7 +708,9 @@ def _run(trainer: _Trainer, out: Path, optimizer_state: dict | None, progress: b
     with distributed.all_or_none(env):  # a failed final write fails every rank, not only rank 0
         if env.is_main:
             if trainer.best_state is None:
+                _stage(bar, "validating")
                 trainer.validate("final")
+            _stage(bar, "writing the checkpoint")
             fingerprint = trainer.save_best(final_write=True)
             plot_curve(trainer.history, out.with_suffix(".png"))
     eps = trainer.episodes_done / trainer.episode_seconds if trainer.episode_seconds else 0.0

@@ -33,7 +33,7 @@ from torch import nn
 from edgemeta import __version__
 from edgemeta.checkpoint import Checkpoint, file_sha256, load_checkpoint
 from edgemeta.runtime.errors import ExportError, InputError, ModelMismatchError
-from edgemeta.data import ImageSet, base_images, novel_images, recorded_dataset
+from edgemeta.data import ClassSplit, ImageSet, base_images, novel_images, recorded_dataset, recorded_split
 from edgemeta.evaluate import to_tensor
 from edgemeta.exporters.convert import (
     ExportResult,
@@ -245,6 +245,8 @@ def _extra(ck: Checkpoint) -> dict[str, Any]:
     extra: dict[str, Any] = {"train_data": (ck.info.get("train_data") or {}).get("name", ""), "dataset": recorded_dataset(ck.info) or ""}
     if ck.spec.metric is Metric.COSINE:
         extra["logit_scale"] = float(ck.model.log_scale.detach().exp())
+    if recorded_split(ck.info) is not None:  # verification and calibration keep to the recorded classes
+        extra["class_split"] = ck.info["class_split"]
     if isinstance(ck.info.get("open_set_threshold"), (int, float)):
         extra["open_set_threshold"] = float(ck.info["open_set_threshold"])
     return extra
@@ -253,16 +255,19 @@ def _extra(ck: Checkpoint) -> dict[str, Any]:
 def _reduce(model: onnx.ModelProto, options: ExportOptions, meta: ModelMetadata, dataset: str | None) -> onnx.ModelProto:
     if options.precision is Precision.FP16:
         return fp16_model(model)
-    calibration = base_images(options.calibration_data or dataset, meta.preprocess, options.data_dir)
+    split = ClassSplit.from_dict(meta.extra.get("class_split"))
+    calibration = base_images(options.calibration_data or dataset, meta.preprocess, options.data_dir, split)
     return int8_model(model, calibration_images(calibration, options.quantize), options.quantize)
 
 
-def _verification_data(options: ExportOptions, dataset: str | None, pp: PreprocessSpec) -> LabelledImages | None:
+def _verification_data(
+    options: ExportOptions, dataset: str | None, pp: PreprocessSpec, split: ClassSplit | None = None
+) -> LabelledImages | None:
     """The novel-class images verification will use, loaded and checked against its episodes
     before any export or calibration work: too few classes or images is said at once."""
     if options.verify is None:
         return None
-    data = labelled_images(novel_images(options.data or dataset, pp, options.data_dir))
+    data = labelled_images(novel_images(options.data or dataset, pp, options.data_dir, split=split))
     if options.verify.episodes:
         verification_sampler(data, options.verify)
     return data
@@ -310,7 +315,7 @@ def _finish(model: onnx.ModelProto, torch_model: nn.Module, out: Path, options: 
 
 
 def _build(torch_model: nn.Module, meta: ModelMetadata, out: Path, options: ExportOptions, dataset: str | None, progress: Progress | None) -> ExportOutcome:
-    data = _verification_data(options, dataset, meta.preprocess)
+    data = _verification_data(options, dataset, meta.preprocess, ClassSplit.from_dict(meta.extra.get("class_split")))
     _stage(progress, "exporting to ONNX")
     result = to_onnx(torch_model, meta, options.spec)
     model = result.model
@@ -411,7 +416,7 @@ def verify_model(
     (written atomically). A failure changes nothing."""
     model = load_model(model_path)
     ck, meta = _matching(model, model_path, checkpoint)
-    data = labelled_images(novel_images(options.data or recorded_dataset(ck.info), meta.preprocess, options.data_dir))
+    data = labelled_images(novel_images(options.data or recorded_dataset(ck.info), meta.preprocess, options.data_dir, split=recorded_split(ck.info)))
     report = verify(model, ck.model, data, options.verify or VerifySpec(), progress, name=str(model_path))
     if write_figures:
         write_metadata(model_path, metadata_with(meta, report), model)
@@ -426,8 +431,8 @@ def quantize_model(model_path: str | os.PathLike, checkpoint: str | os.PathLike,
     ck, meta = _matching(model, model_path, checkpoint)
     refuse_fixed_batch(Path(model_path), "calibration", model=model)
     dataset = recorded_dataset(ck.info)
-    data = _verification_data(options, dataset, meta.preprocess)
+    data = _verification_data(options, dataset, meta.preprocess, recorded_split(ck.info))
     _stage(progress, "calibrating int8")
-    calibration = base_images(options.calibration_data or dataset, meta.preprocess, options.data_dir)
+    calibration = base_images(options.calibration_data or dataset, meta.preprocess, options.data_dir, recorded_split(ck.info))
     q = int8_model(model, calibration_images(calibration, options.quantize), options.quantize, name=str(model_path))
     return _finish(q, ck.model, out, options, data, progress)

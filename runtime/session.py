@@ -22,6 +22,7 @@ import hashlib
 import math
 import os
 import warnings
+from typing import Sequence
 from pathlib import Path
 
 import numpy as np

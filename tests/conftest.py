@@ -12,6 +12,15 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+
+
+@pytest.fixture(autouse=True)
+def _no_progress_lines(monkeypatch):
+    """No plain progress lines (stderr is no terminal under CliRunner): tests assert whole outputs;
+    the tests of those lines turn them back on."""
+    monkeypatch.setenv("EDGEMETA_PROGRESS", "off")
+
+
 RUNTIME_SIZE = 16  # test models take 1x16x16 (grey) or 3x16x16 (RGB) images
 RUNTIME_DIM = 16
 

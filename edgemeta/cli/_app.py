@@ -4,11 +4,13 @@ from __future__ import annotations
 
 import functools
 import json
+import shutil
 import sys
 from typing import Any
 
 import typer
 from rich.console import Console
+from typer.core import TyperCommand
 
 from edgemeta.runtime.errors import EdgemetaError
 
@@ -46,6 +48,25 @@ def _json_failure(e: EdgemetaError) -> None:
     emit_json(doc)
 
 
+# typer's rich help lays options out in a table that cuts long option names (--calibration-…)
+# when the terminal is narrower than this; below it, click's plain help wraps and cuts nothing
+RICH_HELP_MIN_COLUMNS = 100
+
+
+class _Command(TyperCommand):
+    """A typer command whose ``--help`` stays whole at any width: rich panels on a wide terminal,
+    click's plain layout (every option name in full, the help wrapped beside it) on a narrow one."""
+
+    def format_help(self, ctx: Any, formatter: Any) -> None:
+        if shutil.get_terminal_size().columns >= RICH_HELP_MIN_COLUMNS or self.rich_markup_mode is None:
+            return super().format_help(ctx, formatter)
+        mode, self.rich_markup_mode = self.rich_markup_mode, None
+        try:
+            return super().format_help(ctx, formatter)
+        finally:
+            self.rich_markup_mode = mode
+
+
 def command(*args: Any, target: typer.Typer | None = None, **kwargs: Any):
     """``app.command`` (or ``target.command`` for a sub-app) that turns an
     :class:`EdgemetaError` into one line on stderr and exit 1; a command run with ``--json``
@@ -64,6 +85,7 @@ def command(*args: Any, target: typer.Typer | None = None, **kwargs: Any):
                 _interrupted()
                 raise typer.Exit(130) from None
 
+        kwargs.setdefault("cls", _Command)
         return (target or app).command(*args, **kwargs)(wrapper)
 
     return decorate

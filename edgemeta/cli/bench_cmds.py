@@ -30,8 +30,15 @@ def _words(text: str) -> tuple[str, ...]:
 
 @contextlib.contextmanager
 def _progress_bar(enabled: bool) -> Iterator[Callable[[int, int, str], None] | None]:
+    """A progress bar on a terminal; elsewhere a line per stage and a heartbeat (edgemeta.progress)."""
     if not enabled:
-        yield None
+        from edgemeta.progress import StageLog, plain_progress_wanted
+
+        if not plain_progress_wanted():
+            yield None
+            return
+        with StageLog() as log:
+            yield lambda done, total, what: log.stage(what, done, total)
         return
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
@@ -73,6 +80,10 @@ def benchmark(
         "for a grey model.",
     ),
     data_dir: Optional[Path] = typer.Option(None, "--data-dir", help="Data folder of the named data sets, for --backprop-baseline and the int8 calibration of a model made from --checkpoint (default: $EDGEMETA_DATA_DIR, else ~/.cache/edgemeta/data)."),
+    dim: Optional[List[str]] = typer.Option(None, "--dim", help="A model without the edgemeta contract: the size of a free input dimension, NAME=N or INPUT:AXIS=N (repeat: --dim batch=8 --dim seq=128). A free first axis takes --batch-sizes; names like seq or length 128, height or width 224."),
+    optimization: str = typer.Option("all", "--optimization", help="A model without the edgemeta contract: ONNX Runtime's graph optimization level, disable, basic, extended or all."),
+    profile: bool = typer.Option(False, "--profile", help="A model without the edgemeta contract: also profile it with ONNX Runtime and list the operators that take the most time."),
+    generic: bool = typer.Option(False, "--generic", help="Measure an edgemeta model as any ONNX model (generated inputs; --dim, --optimization, --profile)."),
     samples: bool = typer.Option(False, "--samples", help="Put every timing in the --json output."),
     json_out: bool = typer.Option(False, "--json", help="Print the report as JSON on stdout."),
     plot: Optional[Path] = typer.Option(None, "--plot", help="Write latency distributions and the classes curve to this PNG."),
@@ -80,6 +91,11 @@ def benchmark(
     """Measure latency, throughput, FLOP/s, enrolment and cold start; compare with torch and other precisions."""
     from edgemeta.bench import BENCH_SESSION_OPTIONS, BenchConfig, check_plot_path, plot_report, render_report, run_benchmark
 
+    if _any_onnx(models, generic, dim, optimization, profile):
+        generic_options = {"--checkpoint": checkpoint, "--precisions": precisions or None, "--backprop-baseline": backprop_baseline or None,
+                           "--episodes": episodes, "--backprop-data": backprop_data, "--data-dir": data_dir, "--plot": plot, "--duration": duration}
+        _benchmark_any(models, providers, batch_sizes, threads, warmup, runs, dim or [], optimization, profile, generic_options, samples, json_out)
+        return
     if runs is not None and duration is not None:
         raise InputError("give --runs or --duration, not both")
     if episodes is not None and not backprop_baseline:
@@ -107,3 +123,55 @@ def benchmark(
         render_report(report, out)
     if plot is not None:  # after the report: a plot that cannot be written loses nothing measured
         console.print(f"wrote {plot_report(report, plot)}", markup=False, highlight=False, soft_wrap=True)
+
+
+def _any_onnx(models: List[Path], generic: bool, dim: Optional[List[str]], optimization: str, profile: bool) -> bool:
+    """Whether to measure the models as any ONNX model: asked for, or none has the edgemeta contract.
+    A model that does not load goes the edgemeta way, which says what is wrong with it."""
+    from edgemeta.bench.generic import has_edgemeta_contract
+
+    if generic:
+        return True
+
+    def contract(m: Path) -> bool:
+        try:
+            return has_edgemeta_contract(m)
+        except InputError:
+            return True
+
+    kinds = [contract(m) for m in models]
+    if all(kinds):
+        given = [o for o, v in (("--dim", dim), ("--optimization", optimization != "all"), ("--profile", profile)) if v]
+        if given:
+            raise InputError(f"{', '.join(given)} apply to models measured as any ONNX model; add --generic to measure an edgemeta model so")
+        return False
+    if any(kinds):
+        raise InputError("some models have the edgemeta contract and some do not; benchmark them in separate runs (or add --generic)")
+    return True
+
+
+def _benchmark_any(models: List[Path], providers: str, batch_sizes: str, threads: int, warmup: int, runs: Optional[int], dim: List[str],
+                   optimization: str, profile: bool, edgemeta_only: dict, samples: bool, json_out: bool) -> None:
+    """``benchmark`` on models without the edgemeta contract: :func:`edgemeta.bench.generic.run_generic` on each."""
+    from edgemeta.bench.generic import GenericConfig, parse_dims, render_generic, run_generic
+    from edgemeta.runtime.session import GraphOptimization
+
+    given = [o for o, v in edgemeta_only.items() if v is not None]
+    if given:
+        raise InputError(f"{', '.join(given)} need a model with the edgemeta contract (made by `edgemeta export`); leave them out for any ONNX model")
+    if samples and not json_out:
+        raise InputError("--samples adds every timing to the --json output; add --json or leave --samples out")
+    levels = [g.value for g in GraphOptimization]
+    if optimization not in levels:
+        raise InputError(f"--optimization {optimization!r}: use one of {', '.join(levels)}")
+    config = GenericConfig(providers=providers, threads=threads, optimization=GraphOptimization(optimization), warmup=warmup,
+                           runs=100 if runs is None else runs, dims=parse_dims(dim),
+                           batch_sizes=_ints(batch_sizes, "--batch-sizes", "1,32"), profile=profile)
+    with _progress_bar(console.is_terminal) as progress:
+        reports = [run_generic(m, config, progress) for m in models]
+    if json_out:
+        docs = [r.to_dict(samples=samples) for r in reports]
+        emit_json(docs[0] if len(docs) == 1 else {"models": docs})
+        return
+    for r in reports:
+        render_generic(r, out)

@@ -26,7 +26,7 @@ def _ints(text: Optional[str]) -> tuple[int, ...]:
 @command("train")
 def train_cmd(
     out_path: Path = typer.Option(Path("model.safetensors"), "--out", "-o", help="Checkpoint to write (with the best model whenever validation improves); the .last resume file, .jsonl log and .png curve go next to it."),
-    dataset: str = typer.Option("omniglot", help="omniglot, tiny-imagenet, or a folder/zip of class folders."),
+    dataset: str = typer.Option("omniglot", help="omniglot, tiny-imagenet, or a folder/zip of class folders (split into base, validation and novel classes; the checkpoint records which)."),
     data_dir: Optional[Path] = typer.Option(None, help=DATA_DIR_HELP),
     backbone: str = typer.Option("conv4", help="conv4, resnet12 or edgenet."),
     size: Optional[int] = typer.Option(None, help="Input side in pixels (default 28 for Omniglot, 64 for Tiny-ImageNet, 84 otherwise; conv4 and resnet12 take 16 or more)."),
@@ -47,6 +47,7 @@ def train_cmd(
     augment: bool = typer.Option(False, help="Random flips and crops (natural images)."),
     val_every: int = typer.Option(500, help="Validate on held-out classes every N episodes."),
     val_episodes: int = typer.Option(300, help="Validation episodes (5-way 1-shot by default)."),
+    val_n_way: int = typer.Option(5, help="Classes per validation episode; an image folder holds out at least this many classes for validation."),
     seed: int = typer.Option(0, help="Seed for initialization and episodes."),
     threads: Optional[int] = typer.Option(None, help="torch CPU threads (default or 0: torch's choice)."),
     bf16: bool = typer.Option(False, help="bfloat16 autocast in training (much faster on CPUs with AMX / AVX-512 BF16)."),
@@ -67,7 +68,8 @@ def train_cmd(
         mixed_shots=_ints(mixed_shots), bf16=bf16, val_alphabets=val_alphabets,
         lr=lr, schedule=schedule, step_every=step_every, gamma=gamma, pretrain_epochs=pretrain_epochs,
         pretrain_lr=pretrain_lr, batch_size=batch_size, augment=augment, val_every=val_every,
-        val_episodes=val_episodes, seed=seed, threads=threads, max_minutes=max_minutes, device=device, dist_timeout=dist_timeout,
+        val_episodes=val_episodes, val_n_way=val_n_way, seed=seed, threads=threads, max_minutes=max_minutes,
+        device=device, dist_timeout=dist_timeout,
     )
     result = train(cfg, resume=resume, progress=not json_out, force=force)
     if not result.is_main:  # under torchrun, rank 0 reports for the run
@@ -100,7 +102,10 @@ def evaluate_cmd(
     """Few-shot accuracy (95% CI) and macro precision/recall/F1 on novel classes."""
     from edgemeta.evaluate import report_doc, run_evaluation
 
-    reports = run_evaluation(checkpoint, dataset, split, data_dir, n_way, k_shot, queries, episodes, seed, episodes_file, threads, report)
+    from edgemeta.progress import stage_lines
+
+    with stage_lines("evaluating", enabled=not json_out):
+        reports = run_evaluation(checkpoint, dataset, split, data_dir, n_way, k_shot, queries, episodes, seed, episodes_file, threads, report)
     if json_out:
         emit_json(report_doc(checkpoint, reports))
         return

@@ -41,9 +41,19 @@ def _progress(enabled: bool) -> Iterator[Callable[[str, int, int], None] | None]
     """A rich progress display on stderr fed by the exporters' ``progress(task, done, total)``.
 
     Only on a terminal: elsewhere rich draws nothing but still ends the display with a
-    newline, which put a blank line before every ``error:`` line of a script's log."""
-    if not enabled or not console.is_terminal:
+    newline, which put a blank line before every ``error:`` line of a script's log; there,
+    plain lines say each stage and a heartbeat while it runs."""
+    if not enabled:
         yield None
+        return
+    if not console.is_terminal:
+        from edgemeta.progress import StageLog, plain_progress_wanted
+
+        if not plain_progress_wanted():
+            yield None
+            return
+        with StageLog() as log:
+            yield log
         return
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
 

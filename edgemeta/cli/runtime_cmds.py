@@ -38,6 +38,16 @@ def _progress(total: int, enabled: bool) -> Iterator[Callable[[int], None]]:
     if not enabled or total < PROGRESS_MIN:
         yield lambda n: None
         return
+    if not console.is_terminal:  # a log: a line when embedding starts, then a heartbeat
+        from edgemeta.progress import StageLog, plain_progress_wanted
+
+        if not plain_progress_wanted():
+            yield lambda n: None
+            return
+        with StageLog() as log:
+            task = log.add_task("embedding", total=total)
+            yield lambda n: log.advance(task, n)
+        return
     columns = (TextColumn("embedding"), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn())
     with Progress(*columns, console=console, transient=True) as bar:
         task = bar.add_task("embedding", total=total)
@@ -123,14 +133,32 @@ def predict_cmd(
     if json_out:
         emit_json({"providers": clf.providers, "threshold": clf.threshold, "predictions": [{"image": str(p), **r.to_dict()} for p, r in zip(paths, preds)]})
         return
+    names = image_names(paths, max(out.width // 3, 16))
     table = Table(title=escape(f"{len(paths)} image(s), {len(clf.labels)} classes ({', '.join(clf.providers)})"))
     for col in ("image", "label", "probability", "distance", "top-k"):
-        table.add_column(col, justify="right" if col in ("probability", "distance") else "left")
-    for p, r in zip(paths, preds):
+        # fold, never cut: a cut name could make two rows look alike
+        table.add_column(col, justify="right" if col in ("probability", "distance") else "left", overflow="fold")
+    for name, r in zip(names, preds):
         label = f"unknown (nearest: {r.label})" if r.unknown else r.label
         others = ", ".join(f"{c.label} {c.probability:.2f}" for c in r.top_k)
-        table.add_row(Text(str(p)), Text(label), f"{r.probability:.3f}", f"{r.distance:.4f}", Text(others))
+        table.add_row(Text(name), Text(label), f"{r.probability:.3f}", f"{r.distance:.4f}", Text(others))
     out.print(table)
+
+
+def image_names(paths: List[Path], width: int) -> List[str]:
+    """How the table names each image: its path where every path fits in ``width`` columns, else
+    the shortest tail of the path (the file name, then its folders) that still tells the images
+    apart. The full paths are in ``--json``."""
+    full = [str(p) for p in paths]
+    if not full or max(map(len, full)) <= width:
+        return full
+    parts = [Path(p).parts for p in paths]
+    distinct = len(set(full))
+    for depth in range(1, max(map(len, parts)) + 1):
+        names = [str(Path(*pt[-depth:])) for pt in parts]
+        if len(set(names)) == distinct:
+            return names
+    return full
 
 
 @store_command("list")
