@@ -55,7 +55,9 @@ def default_checkpoint(name: str = DEFAULT_CHECKPOINT) -> Path:
     """An embedded model: by default the Conv-4 meta-trained on Omniglot (see scripts/train_omniglot.py)."""
     path = Path(__file__).resolve().parent / "pretrained" / name
     if not path.is_file():
-        raise CheckpointError(f"the embedded model {name} is missing from this install; reinstall edgemeta or pass a checkpoint")
+        raise CheckpointError(
+            f"the embedded model {name} is missing from this install; reinstall edgemeta or pass a checkpoint"
+        )
     return path
 
 
@@ -154,7 +156,10 @@ def save_checkpoint(
             for t in model.state_dict().values():
                 if t.is_floating_point():
                     t.copy_(t.half().float())
-    tensors = {k: (v.half() if half and v.is_floating_point() else v).detach().cpu().contiguous() for k, v in model.state_dict().items()}
+    tensors = {
+        k: (v.half() if half and v.is_floating_point() else v).detach().cpu().contiguous()
+        for k, v in model.state_dict().items()
+    }
     optim_meta = None
     if optimizer_state is not None:
         opt_tensors, optim_meta = _flatten_optimizer(optimizer_state)
@@ -222,7 +227,9 @@ def load_checkpoint(path: str | os.PathLike, with_optimizer: bool = False) -> Ch
     except Exception as e:
         raise CheckpointError(f"{path}: the weights cannot be read ({e}); the file is damaged") from None
     # float16 files (shipped models) are upcast: the model always computes in float32
-    weights = {k: (v.float() if v.is_floating_point() else v) for k, v in tensors.items() if not k.startswith(_OPTIM_PREFIX)}
+    weights = {
+        k: (v.float() if v.is_floating_point() else v) for k, v in tensors.items() if not k.startswith(_OPTIM_PREFIX)
+    }
     try:
         model.load_state_dict(weights, strict=True)
     except RuntimeError as e:

@@ -72,11 +72,15 @@ def _same_pad(size: int, kernel: int, stride: int) -> tuple[int, int]:
 class ConvBN(nn.Module):
     """Conv (TensorFlow 'SAME' padding, no bias) -> BatchNorm -> optional ReLU6."""
 
-    def __init__(self, cin: int, cout: int, kernel: int = 1, stride: int = 1, groups: int = 1, act: bool = True) -> None:
+    def __init__(
+        self, cin: int, cout: int, kernel: int = 1, stride: int = 1, groups: int = 1, act: bool = True
+    ) -> None:
         super().__init__()
         self.kernel, self.stride = kernel, stride
         # stride 1 'SAME' is symmetric, so the convolution pads itself; stride 2 pads in forward()
-        self.conv = nn.Conv2d(cin, cout, kernel, stride, padding=kernel // 2 if stride == 1 else 0, groups=groups, bias=False)
+        self.conv = nn.Conv2d(
+            cin, cout, kernel, stride, padding=kernel // 2 if stride == 1 else 0, groups=groups, bias=False
+        )
         self.bn = nn.BatchNorm2d(cout, eps=_BN_EPS, momentum=_BN_MOMENTUM)
         self.act = nn.ReLU6(inplace=True) if act else nn.Identity()
 
@@ -137,7 +141,9 @@ class EfficientNetLite(nn.Module):
         if min(int(x.shape[-2]), int(x.shape[-1])) < MIN_SIZE:
             # a RuntimeError, as a too-small input is for the other backbones: training's size
             # check turns it into "takes N pixels or more"
-            raise RuntimeError(f"EfficientNet-Lite takes inputs of {MIN_SIZE}x{MIN_SIZE} pixels or more, got {tuple(x.shape[-2:])}")
+            raise RuntimeError(
+                f"EfficientNet-Lite takes inputs of {MIN_SIZE}x{MIN_SIZE} pixels or more, got {tuple(x.shape[-2:])}"
+            )
         x = self.stem(x)
         for block in self.blocks:
             x = block(x)

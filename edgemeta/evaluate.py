@@ -294,7 +294,8 @@ def open_set_threshold(model: FewShotModel, data: ImageSet, k_shot: int = 5, epi
     unknown. The distance is ``-logit`` for squared euclidean and ``1 - cos`` for cosine,
     as the runtime reads it.
     """
-    return open_set_threshold_of(model, embed_images(model, data.images), data.labels, k_shot, episodes, percentile, seed, data.name)
+    emb = embed_images(model, data.images)
+    return open_set_threshold_of(model, emb, data.labels, k_shot, episodes, percentile, seed, data.name)
 
 
 @torch.inference_mode()

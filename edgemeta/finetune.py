@@ -88,8 +88,16 @@ def frozen_runner(trunk: torch.nn.Module, pp: PreprocessSpec) -> Callable[[torch
             warnings.simplefilter("ignore")  # the TorchScript exporter's deprecation notes
             # the TorchScript exporter: seconds for a frozen, fixed-size trunk, where the
             # torch.export-based one takes a minute and gives the same arithmetic
-            torch.onnx.export(trunk, (torch.zeros(1, pp.channels, *pp.size),), buf, dynamo=False, input_names=["x"],
-                              output_names=["y"], dynamic_axes={"x": {0: "batch"}, "y": {0: "batch"}}, opset_version=17)
+            torch.onnx.export(
+                trunk,
+                (torch.zeros(1, pp.channels, *pp.size),),
+                buf,
+                dynamo=False,
+                input_names=["x"],
+                output_names=["y"],
+                dynamic_axes={"x": {0: "batch"}, "y": {0: "batch"}},
+                opset_version=17,
+            )
         options = ort.SessionOptions()
         options.intra_op_num_threads = torch.get_num_threads()
         session = ort.InferenceSession(buf.getvalue(), options, providers=["CPUExecutionProvider"])
@@ -107,7 +115,10 @@ class _TailTrainer(_Trainer):
         _, self.provenance = pretrained_backbone(cfg.backbone, backbone)
         self.freeze_until = backbone.default_freeze if cfg.freeze_until is None else cfg.freeze_until
         if self.freeze_until > len(backbone.blocks):
-            raise InputError(f"--freeze-until {self.freeze_until}: {cfg.backbone} has {len(backbone.blocks)} blocks; use 0..{len(backbone.blocks)}")
+            raise InputError(
+                f"--freeze-until {self.freeze_until}: {cfg.backbone} has {len(backbone.blocks)} blocks; use "
+                f"0..{len(backbone.blocks)}"
+            )
         self.trunk, self.tail = backbone.trunk_and_tail(self.freeze_until)
         for p in self.trunk.parameters():
             p.requires_grad_(False)
@@ -120,9 +131,15 @@ class _TailTrainer(_Trainer):
     def trunk_features(self, ds: ImageSet, flips: bool) -> torch.Tensor:
         """float16 [V, N, C, h, w] trunk outputs (V = 2 with mirror images), cached on disk by
         the weights, the split point, the preprocessing and the data."""
-        key = {"v": _FEATURE_CACHE_VERSION, "weights": self.provenance.sha256, "backbone": self.cfg.backbone,
-               "freeze_until": self.freeze_until, "preprocess": self.model.spec.preprocess.to_dict(),
-               "data": ds.fingerprint(), "flips": flips}
+        key = {
+            "v": _FEATURE_CACHE_VERSION,
+            "weights": self.provenance.sha256,
+            "backbone": self.cfg.backbone,
+            "freeze_until": self.freeze_until,
+            "preprocess": self.model.spec.preprocess.to_dict(),
+            "data": ds.fingerprint(),
+            "flips": flips,
+        }
         digest = hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:20]
         path = cache_dir() / f"trunk-{ds.name}-{digest}.npy"
         if path.is_file():
@@ -142,7 +159,14 @@ class _TailTrainer(_Trainer):
                     if out is None:
                         out = torch.empty((len(views), len(images), *f.shape[1:]), dtype=torch.float16)
                     out[v, i : i + len(f)] = f
-        self.cache_records.append({"stage": "cache", "dataset": ds.name, "images": len(ds) * len(views), "seconds": round(time.perf_counter() - t0, 1)})
+        self.cache_records.append(
+            {
+                "stage": "cache",
+                "dataset": ds.name,
+                "images": len(ds) * len(views),
+                "seconds": round(time.perf_counter() - t0, 1),
+            }
+        )
         try:
             path.parent.mkdir(parents=True, exist_ok=True)
             tmp = path.with_name(f".{path.stem}.{os.getpid()}.tmp.npy")
@@ -169,7 +193,12 @@ class _TailTrainer(_Trainer):
         n = len(self.train_set)
         idx = np.sort(rng.choice(n, size=min(n, _CENTER_IMAGES), replace=False))
         feats = self.train_feats[0, idx]
-        raw = torch.cat([self.tail(feats[i : i + 256].float().contiguous(memory_format=self.memory_format)) for i in range(0, len(feats), 256)])
+        raw = torch.cat(
+            [
+                self.tail(feats[i : i + 256].float().contiguous(memory_format=self.memory_format))
+                for i in range(0, len(feats), 256)
+            ]
+        )
         self.model.center.copy_(raw.mean(0))
 
     def validate(self, stage: str) -> float:
@@ -177,19 +206,42 @@ class _TailTrainer(_Trainer):
         cfg = self.cfg
         q = max(1, min(15, int(np.bincount(self.val_set.labels).min()) - cfg.val_k_shot))
         emb = self.embed_all(self.val_feats[0])
-        rep = evaluate_embeddings(emb, self.val_set.labels, self.model.logits, cfg.val_n_way, cfg.val_k_shot, q, cfg.val_episodes, cfg.seed + 1, self.val_set.name)
+        rep = evaluate_embeddings(
+            emb,
+            self.val_set.labels,
+            self.model.logits,
+            cfg.val_n_way,
+            cfg.val_k_shot,
+            q,
+            cfg.val_episodes,
+            cfg.seed + 1,
+            self.val_set.name,
+        )
         improved = rep.accuracy > self.best_acc
         if improved:
             self.best_acc, self.best_threshold = rep.accuracy, None
             self.best_state = copy.deepcopy(self.model.state_dict())
-        self.log({"stage": stage, "step": self.step, "epoch": self.epoch, "val_acc": rep.accuracy, "val_ci95": rep.ci95, "best": improved})
+        self.log(
+            {
+                "stage": stage,
+                "step": self.step,
+                "epoch": self.epoch,
+                "val_acc": rep.accuracy,
+                "val_ci95": rep.ci95,
+                "best": improved,
+            }
+        )
         if improved:
             self.save_best()
         return rep.accuracy
 
     def info(self) -> dict:
-        return {**super().info(), "init": self.provenance.to_dict(), "freeze_until": self.freeze_until,
-                "trainable_parameters": sum(p.numel() for p in self.tail.parameters())}
+        return {
+            **super().info(),
+            "init": self.provenance.to_dict(),
+            "freeze_until": self.freeze_until,
+            "trainable_parameters": sum(p.numel() for p in self.tail.parameters()),
+        }
 
     def save_best(self, final_write: bool = False) -> str:
         if final_write and self.best_threshold is None and self.best_state is not None:
@@ -197,7 +249,9 @@ class _TailTrainer(_Trainer):
             now = copy.deepcopy(self.model.state_dict())
             self.model.load_state_dict(self.best_state)
             k = min(5, int(np.bincount(self.val_set.labels).min()) - 1)
-            self.best_threshold = open_set_threshold_of(self.model, self.embed_all(self.val_feats[0]), self.val_set.labels, k_shot=k, name=self.val_set.name)
+            self.best_threshold = open_set_threshold_of(
+                self.model, self.embed_all(self.val_feats[0]), self.val_set.labels, k_shot=k, name=self.val_set.name
+            )
             self.model.load_state_dict(now)
         return super().save_best(final_write)
 
@@ -211,8 +265,12 @@ class _TailTrainer(_Trainer):
     def episodic(self, progress, optimizer_state: dict | None) -> None:
         cfg, ds = self.cfg, self.train_set
         shots = cfg.mixed_shots or (cfg.k_shot,)
-        samplers = [EpisodeSampler(ds.labels, cfg.n_way, k, cfg.q_query, cfg.seed + 7 * j, ds.name) for j, k in enumerate(shots)]
-        params = [p for p in self.tail.parameters()] + ([self.model.log_scale] if self.model.log_scale.requires_grad else [])
+        samplers = [
+            EpisodeSampler(ds.labels, cfg.n_way, k, cfg.q_query, cfg.seed + 7 * j, ds.name) for j, k in enumerate(shots)
+        ]
+        params = [p for p in self.tail.parameters()] + (
+            [self.model.log_scale] if self.model.log_scale.requires_grad else []
+        )
         opt = torch.optim.Adam(params, lr=cfg.lr)
         if optimizer_state is not None:
             opt.load_state_dict(optimizer_state)
@@ -249,9 +307,22 @@ class _TailTrainer(_Trainer):
             accs.append((logits.argmax(1) == q_labels).float().mean().item())
             self.step += 1
             if progress:
-                progress.update(task, advance=1, info=f"loss {np.mean(losses[-50:]):.3f} acc {100 * np.mean(accs[-50:]):.1f}% best val {100 * max(self.best_acc, 0):.2f}%")
+                progress.update(
+                    task,
+                    advance=1,
+                    info=f"loss {np.mean(losses[-50:]):.3f} acc {100 * np.mean(accs[-50:]):.1f}% best val "
+                    f"{100 * max(self.best_acc, 0):.2f}%",
+                )
             if self.step % cfg.log_every == 0:
-                self.log({"stage": "episodic", "step": self.step, "loss": float(np.mean(losses)), "acc": float(np.mean(accs)), "lr": opt.param_groups[0]["lr"]})
+                self.log(
+                    {
+                        "stage": "episodic",
+                        "step": self.step,
+                        "loss": float(np.mean(losses)),
+                        "acc": float(np.mean(accs)),
+                        "lr": opt.param_groups[0]["lr"],
+                    }
+                )
                 losses, accs = [], []
             if self.step % cfg.val_every == 0 or self.step == cfg.episodes:
                 self.validate("episodic")
@@ -279,7 +350,10 @@ def train_pretrained(
         >>> train(cfg).best_val_accuracy
     """
     if cfg.backbone not in PRETRAINED:
-        raise InputError(f"--init imagenet needs a backbone with ImageNet weights: {', '.join(sorted(PRETRAINED))} (got {cfg.backbone})")
+        raise InputError(
+            f"--init imagenet needs a backbone with ImageNet weights: {', '.join(sorted(PRETRAINED))} (got "
+            f"{cfg.backbone})"
+        )
     resume = Path(resume) if resume is not None else None
     out = _check_out(cfg, resume, force)
     pp = photo_preprocess(cfg.size or DEFAULT_SIZE)

