@@ -146,3 +146,17 @@ class EdgeNet(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return torch.flatten(self.pool(self.features(x)), 1)
+
+
+def _lite(variant: int) -> Callable[..., nn.Module]:
+    def factory(in_channels: int = 3) -> nn.Module:
+        from edgemeta.efficientnet import EfficientNetLite
+
+        return EfficientNetLite(in_channels, variant)
+
+    factory.__doc__ = f"EfficientNet-Lite{variant} (ImageNet weights with --init imagenet; see edgemeta.efficientnet)."
+    return factory
+
+
+for _v in (0, 1, 2):
+    register(f"efficientnet_lite{_v}")(_lite(_v))

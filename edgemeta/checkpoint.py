@@ -25,7 +25,16 @@ from edgemeta.model import FewShotModel, ModelSpec
 from edgemeta.runtime.files import atomic_write, check_readable
 from edgemeta.runtime.schema import SchemaError, loads
 
-__all__ = ["default_checkpoint", "read_header", "Checkpoint", "save_checkpoint", "load_checkpoint", "model_fingerprint", "file_sha256"]
+__all__ = [
+    "default_checkpoint",
+    "photo_checkpoint",
+    "read_header",
+    "Checkpoint",
+    "save_checkpoint",
+    "load_checkpoint",
+    "model_fingerprint",
+    "file_sha256",
+]
 
 FORMAT = "edgemeta.checkpoint"
 VERSION = 1
@@ -47,14 +56,24 @@ class Checkpoint:
 
 
 DEFAULT_CHECKPOINT = "conv4_omniglot.safetensors"
+# the embedded photo model: EfficientNet-Lite0, ImageNet weights meta-trained on Tiny-ImageNet's
+# 120 base classes (scripts/train_photos.py, reports/photos.md), stored in float16
+PHOTO_CHECKPOINT = "efficientnet_lite0_photos.safetensors"
 
 
-def default_checkpoint() -> Path:
-    """The embedded default: Conv-4 meta-trained on Omniglot (see scripts/train_omniglot.py)."""
-    path = Path(__file__).resolve().parent / "pretrained" / DEFAULT_CHECKPOINT
+def default_checkpoint(name: str = DEFAULT_CHECKPOINT) -> Path:
+    """An embedded model: by default the Conv-4 meta-trained on Omniglot (see scripts/train_omniglot.py)."""
+    path = Path(__file__).resolve().parent / "pretrained" / name
     if not path.is_file():
-        raise CheckpointError(f"the embedded model {DEFAULT_CHECKPOINT} is missing from this install; reinstall edgemeta or pass a checkpoint")
+        raise CheckpointError(
+            f"the embedded model {name} is missing from this install; reinstall edgemeta or pass a checkpoint"
+        )
     return path
+
+
+def photo_checkpoint() -> Path:
+    """The embedded photo model (EfficientNet-Lite0, see docs/photos.md)."""
+    return default_checkpoint(PHOTO_CHECKPOINT)
 
 
 def model_fingerprint(model: FewShotModel) -> str:
@@ -103,9 +122,23 @@ def save_checkpoint(
     model: FewShotModel,
     info: dict[str, Any] | None = None,
     optimizer_state: dict[str, Any] | None = None,
+    half: bool = False,
 ) -> str:
-    """Write ``model`` (and optionally the optimizer state) atomically; returns the fingerprint."""
-    tensors = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
+    """Write ``model`` (and optionally the optimizer state) atomically; returns the fingerprint.
+
+    ``half``: store floating-point weights as float16 (half the file; for shipped models). The
+    model's own weights are rounded to float16 first, so the recorded fingerprint is that of
+    the float32 model :func:`load_checkpoint` rebuilds from the file.
+    """
+    if half:
+        with torch.no_grad():
+            for t in model.state_dict().values():
+                if t.is_floating_point():
+                    t.copy_(t.half().float())
+    tensors = {
+        k: (v.half() if half and v.is_floating_point() else v).detach().cpu().contiguous()
+        for k, v in model.state_dict().items()
+    }
     optim_meta = None
     if optimizer_state is not None:
         opt_tensors, optim_meta = _flatten_optimizer(optimizer_state)
@@ -178,7 +211,10 @@ def load_checkpoint(path: str | os.PathLike, with_optimizer: bool = False) -> Ch
         tensors = load_file(str(path))
     except Exception as e:
         raise CheckpointError(f"{path}: the weights cannot be read ({e}); the file is damaged") from None
-    weights = {k: v for k, v in tensors.items() if not k.startswith(_OPTIM_PREFIX)}
+    # float16 files (shipped models) are upcast: the model always computes in float32
+    weights = {
+        k: (v.float() if v.is_floating_point() else v) for k, v in tensors.items() if not k.startswith(_OPTIM_PREFIX)
+    }
     try:
         model.load_state_dict(weights, strict=True)
     except RuntimeError as e:

@@ -23,7 +23,7 @@ from edgemeta.episodes import Episode, EpisodeSampler
 from edgemeta.model import FewShotModel, compute_logits
 from edgemeta.runtime.spec import PreprocessSpec
 
-__all__ = ["EvalReport", "embed_images", "episode_scores", "evaluate", "pixel_mismatch", "report_doc", "summarize", "to_tensor"]
+__all__ = ["EvalReport", "embed_images", "episode_scores", "evaluate", "evaluate_embeddings", "open_set_threshold_of", "pixel_mismatch", "report_doc", "summarize", "to_tensor"]
 
 
 @dataclass
@@ -130,13 +130,36 @@ def evaluate(
         >>> report = evaluate(ckpt.model, load_omniglot("evaluation"), n_way=5, k_shot=1)
         >>> print(report.line())
     """
-    sampler = EpisodeSampler(data.labels, n_way, k_shot, q_query, seed, data.name)
     emb = embed_images(model, data.images, progress=progress)
+    return evaluate_embeddings(emb, data.labels, model.logits, n_way, k_shot, q_query, episodes, seed, data.name)
+
+
+@torch.inference_mode()
+def evaluate_embeddings(
+    emb: torch.Tensor,
+    labels: np.ndarray,
+    logits: Callable[[torch.Tensor, torch.Tensor], torch.Tensor],
+    n_way: int = 5,
+    k_shot: int = 1,
+    q_query: int = 15,
+    episodes: int = 1000,
+    seed: int = 0,
+    name: str = "",
+) -> EvalReport:
+    """:func:`evaluate` on embeddings computed elsewhere (an ONNX Runtime session, a cache):
+    the same seeded episodes, prototypes as class means, ``logits(queries, prototypes)``.
+
+    Example:
+        >>> rep = evaluate_embeddings(torch.from_numpy(emb), data.labels, model.logits, k_shot=5, name=data.name)
+    """
+    sampler = EpisodeSampler(labels, n_way, k_shot, q_query, seed, name)
     scores = []
     for ep in sampler(episodes):
-        pred = classify_episode(model, emb, ep, n_way)
+        s = emb[torch.from_numpy(ep.support)]
+        protos = s.view(n_way, -1, s.shape[1]).mean(dim=1)
+        pred = logits(emb[torch.from_numpy(ep.query)], protos).argmax(dim=1).numpy()
         scores.append(episode_scores(pred, ep.query_labels, n_way))
-    return summarize(scores, dataset=data.name, n_way=n_way, k_shot=k_shot, q_query=q_query, seed=seed)
+    return summarize(scores, dataset=name, n_way=n_way, k_shot=k_shot, q_query=q_query, seed=seed)
 
 
 def evaluate_episodes_file(model: FewShotModel, path: str, progress: Callable[[int], None] | None = None) -> EvalReport:
@@ -307,9 +330,18 @@ def open_set_threshold(model: FewShotModel, data: ImageSet, k_shot: int = 5, epi
     unknown. The distance is ``-logit`` for squared euclidean and ``1 - cos`` for cosine,
     as the runtime reads it.
     """
-    q = max(1, min(5, int(np.bincount(data.labels).min()) - k_shot))
-    sampler = EpisodeSampler(data.labels, min(5, data.num_classes), k_shot, q, seed, data.name)
     emb = embed_images(model, data.images)
+    return open_set_threshold_of(model, emb, data.labels, k_shot, episodes, percentile, seed, data.name)
+
+
+@torch.inference_mode()
+def open_set_threshold_of(
+    model: FewShotModel, emb: torch.Tensor, labels: np.ndarray, k_shot: int = 5, episodes: int = 200,
+    percentile: float = 95.0, seed: int = 0, name: str = "",
+) -> float:
+    """:func:`open_set_threshold` from the embeddings ``emb`` of images with ``labels``."""
+    q = max(1, min(5, int(np.bincount(labels).min()) - k_shot))
+    sampler = EpisodeSampler(labels, min(5, int(labels.max()) + 1), k_shot, q, seed, name)
     dists = []
     for ep in sampler(episodes):
         s = emb[torch.from_numpy(ep.support)]

@@ -92,6 +92,11 @@ class TrainConfig:
     # distributed runs (torchrun): the device, and how long a rank waits for the others
     device: Device = Device.AUTO
     dist_timeout: float = 1800.0  # seconds; bounds the rendezvous and every collective
+    # pretrained start (P>M>F, see edgemeta.finetune): "imagenet" loads the backbone's ImageNet
+    # weights; the stem and the blocks before freeze_until stay frozen (None: the backbone's default)
+    init: str | None = None
+    freeze_until: int | None = None
+    warmup: int = 0  # episodes of linear learning-rate warm-up
 
     def check(self) -> None:
         """Every problem of the config at once, as options: ``bad training config: --gamma -1.0 (...)``."""
@@ -117,6 +122,14 @@ class TrainConfig:
             problems.append(f"mixed shots must be >= 1, got {self.mixed_shots}")
         if self.episodes < 0 or self.pretrain_epochs < 0:
             problems.append("episodes and pretrain epochs must be >= 0")
+        if self.init not in (None, "imagenet"):
+            problems.append(f"--init {self.init} (use imagenet, or leave it out to start from random weights)")
+        if self.init and self.pretrain_epochs:
+            problems.append("--init imagenet meta-trains episodically: drop --pretrain-epochs")
+        if (self.freeze_until is not None or self.warmup) and self.init != "imagenet":
+            problems.append("--freeze-until and --warmup go with --init imagenet")
+        if self.warmup < 0 or (self.freeze_until is not None and self.freeze_until < 0):
+            problems.append("--warmup and --freeze-until must be >= 0")
         if self.episodes == 0 and self.pretrain_epochs == 0:
             problems.append("nothing to train: set --episodes or --pretrain-epochs")
         for name in ("lr", "pretrain_lr"):  # NaN and infinity too: one update makes every weight NaN
@@ -186,7 +199,7 @@ def _resume_files(path: Path) -> tuple[Path, Path]:
     return (last if last.exists() else path), path
 
 
-def _check_out(cfg: TrainConfig, resume: Path | None, force: bool) -> Path:
+def check_out(cfg: TrainConfig, resume: Path | None, force: bool) -> Path:
     """Refuse, before any work, an ``-o`` that would lose something: a folder, a file that is
     not a checkpoint, or an earlier run that is neither continued (``resume``) nor replaced."""
     out = check_output(cfg.out, option="-o", what="checkpoint", is_own=_is_checkpoint)
@@ -196,7 +209,7 @@ def _check_out(cfg: TrainConfig, resume: Path | None, force: bool) -> Path:
     if len({f.resolve() for f in files}) < len(files):
         raise InputError(f"-o {out}: the run's log or curve would overwrite the checkpoint; name it like model.safetensors")
     existing = [f for f in files if f.exists()]
-    if existing and not (_continues(resume, out) or force):
+    if existing and not (continues_run(resume, out) or force):
         resumable = any(f.exists() for f in files[:2])  # a log or curve alone: stopped before anything to resume
         raise InputError(
             f"-o {out}: a run is there already ({', '.join(f.name for f in existing)}); "
@@ -206,12 +219,12 @@ def _check_out(cfg: TrainConfig, resume: Path | None, force: bool) -> Path:
     return out
 
 
-def _continues(resume: Path | None, out: Path) -> bool:
+def continues_run(resume: Path | None, out: Path) -> bool:
     """Whether ``resume`` is the run at ``out`` (its checkpoint or its ``.last`` file)."""
     return resume is not None and any(same_file(resume, f) for f in run_files(out)[:2])
 
 
-def _check_size(spec: ModelSpec) -> None:
+def check_size(spec: ModelSpec) -> None:
     """Refuse an input size the backbone cannot take, naming the smallest it can."""
     try:
         FewShotModel(spec)  # one dry forward pass; also fails early on an unknown backbone
@@ -257,7 +270,7 @@ def _augment(x: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
     return xp[:, :, dy : dy + h, dx : dx + w]
 
 
-class _EpisodeLogits(nn.Module):
+class EpisodeLogits(nn.Module):
     """The episodic forward pass (embed, prototypes, query logits) as one module call:
     DistributedDataParallel averages gradients only for what runs through its forward."""
 
@@ -278,7 +291,7 @@ def _crossed(before: int, after: int, every: int) -> bool:
     return after // every > before // every
 
 
-class _Trainer:
+class Trainer:
     """Holds the state of one run; ``train()`` is the public entry point."""
 
     def __init__(
@@ -477,7 +490,7 @@ class _Trainer:
         if optimizer_state is not None:
             opt.load_state_dict(optimizer_state)
         task = progress.add_task("episodes", total=cfg.episodes, completed=self.step, info="") if progress else None
-        net = distributed.wrap(self.env, _EpisodeLogits(self.model))
+        net = distributed.wrap(self.env, EpisodeLogits(self.model))
         losses, accs, validated = [], [], -1
         self.model.train()
         while self.step < cfg.episodes and not self.out_of_time():
@@ -515,7 +528,7 @@ class _Trainer:
         self, net: nn.Module, samplers: list[EpisodeSampler], i: int
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """Loss, logits and query labels of training episode ``i`` through ``net`` (an
-        :class:`_EpisodeLogits`, or DDP around one)."""
+        :class:`EpisodeLogits`, or DDP around one)."""
         cfg = self.cfg
         sampler = samplers[i % len(samplers)]
         ep = sampler.episode(i)
@@ -534,7 +547,7 @@ class _Trainer:
         ]
 
 
-def _progress_bar(enabled: bool):
+def progress_bar(enabled: bool):
     """Rich progress bars on a terminal; elsewhere (a log, a pipe) plain lines per stage and a heartbeat."""
     if not enabled:
         return None
@@ -556,7 +569,7 @@ def _stage(bar, name: str) -> None:
         bar.stage(name)
 
 
-def _folder_split(cfg: TrainConfig) -> ClassSplit | None:
+def folder_split(cfg: TrainConfig) -> ClassSplit | None:
     """The class split of a user's image folder, decided from its class names before any image
     is decoded (so too few classes is said at once); None for the named data sets."""
     if cfg.dataset in ("omniglot", "tiny-imagenet"):
@@ -571,7 +584,7 @@ def _folder_split(cfg: TrainConfig) -> ClassSplit | None:
     return split_classes(classes, n_way, cfg.val_n_way, cfg.seed, name=cfg.dataset)
 
 
-def _load_data(cfg: TrainConfig, spec: PreprocessSpec, split: ClassSplit | None) -> tuple[ImageSet, ImageSet]:
+def load_training_data(cfg: TrainConfig, spec: PreprocessSpec, split: ClassSplit | None = None) -> tuple[ImageSet, ImageSet]:
     if cfg.dataset == "omniglot":
         return omniglot_splits(cfg.data_dir, spec.size[0], cfg.val_alphabets)
     if cfg.dataset == "tiny-imagenet" or split is None:
@@ -603,21 +616,26 @@ def train(
         >>> result = train(TrainConfig(out="conv4.safetensors", episodes=2000))
         >>> print(result.best_val_accuracy)
     """
+    if cfg.init:  # a pretrained backbone is fine-tuned by its own loop (one process)
+        from edgemeta.finetune import train_pretrained
+
+        cfg.check()
+        return train_pretrained(cfg, resume, progress, on_event, force)
     env = distributed.detect(cfg.device)
     with distributed.session(env, cfg.dist_timeout):
         # every check before any work, on every rank: a bad input stops all of them, each with the
         # message, and nothing is written
         with distributed.all_or_none(env):
             out, spec, files = _check_run(cfg, resume, force, env)
-            split = _folder_split(cfg)
+            split = folder_split(cfg)
         if cfg.threads:
             torch.set_num_threads(cfg.threads)
         train_set, val_set = distributed.local_first(env, lambda: _load_checked_data(cfg, spec.preprocess, split))
         with distributed.all_or_none(env):
-            trainer = _Trainer(cfg, train_set, val_set, spec, on_event, env)
+            trainer = Trainer(cfg, train_set, val_set, spec, on_event, env)
             trainer.class_split = split
-            optimizer_state = _restore(trainer, *files) if files else None
-        if not _continues(resume, out):
+            optimizer_state = restore_run(trainer, *files) if files else None
+        if not continues_run(resume, out):
             trainer.replaces = [f for f in run_files(out) if f.exists()]
         return _run(trainer, out, optimizer_state, progress and env.is_main)
 
@@ -628,10 +646,10 @@ def _check_run(
     """The output, the model spec and the files to resume from (if any), once every check passed."""
     cfg.check()
     resume = Path(resume) if resume is not None else None
-    out = _check_out(cfg, resume, force)
+    out = check_out(cfg, resume, force)
     pp = default_spec(cfg)
     spec = ModelSpec(cfg.backbone, pp, {}, cfg.metric, cfg.normalization)
-    _check_size(spec)
+    check_size(spec)
     step, files = 0, None
     if resume is not None:
         last, best = files = _resume_files(resume)
@@ -683,17 +701,17 @@ def _check_world_size(cfg: TrainConfig, step: int, world_size: int) -> None:
 
 
 def _load_checked_data(cfg: TrainConfig, pp: PreprocessSpec, split: ClassSplit | None) -> tuple[ImageSet, ImageSet]:
-    train_set, val_set = _load_data(cfg, pp, split)
+    train_set, val_set = load_training_data(cfg, pp, split)
     if cfg.episodes:
         train_set.check_episode_size(cfg.n_way, cfg.k_shot + cfg.q_query)
     val_set.check_episode_size(cfg.val_n_way, cfg.val_k_shot + 1)
     return train_set, val_set
 
 
-def _run(trainer: _Trainer, out: Path, optimizer_state: dict | None, progress: bool) -> TrainResult:
+def _run(trainer: Trainer, out: Path, optimizer_state: dict | None, progress: bool) -> TrainResult:
     """Train, then (rank 0) write the final checkpoint and curve."""
     cfg, env = trainer.cfg, trainer.env
-    bar = _progress_bar(progress)
+    bar = progress_bar(progress)
     if bar:
         bar.start()
     try:
@@ -719,7 +737,19 @@ def _run(trainer: _Trainer, out: Path, optimizer_state: dict | None, progress: b
     )
 
 
-def _restore(trainer: _Trainer, last: Path, best: Path) -> dict | None:
+def check_resume(resume: Path, spec: ModelSpec) -> tuple[Path, Path]:
+    """The resume and best files of the run ``resume``, refused when it was trained with another spec."""
+    last, best = _resume_files(resume)
+    was = ModelSpec.from_dict(read_header(last)["spec"])
+    if was != spec:
+        raise CheckpointError(
+            f"{last} was trained with {was.backbone} at size {was.preprocess.size[0]}, {was.metric.value}, {was.normalization.value}, "
+            "not this config; resume with the same --backbone, --size, --metric and --normalization"
+        )
+    return last, best
+
+
+def restore_run(trainer: Trainer, last: Path, best: Path) -> dict | None:
     """Load the last state from ``last`` (a ``.last`` file or a checkpoint), the best weights
     so far from the run's checkpoint ``best``, and the run's log up to the last state."""
     ck = load_checkpoint(last, with_optimizer=True)

@@ -31,14 +31,14 @@ def main() -> None:
 
     from edgemeta.distributed import Device
     from edgemeta.model import ModelSpec
-    from edgemeta.train import TrainConfig, _EpisodeLogits, _load_data, _Trainer, default_spec
+    from edgemeta.train import TrainConfig, EpisodeLogits, load_training_data, Trainer, default_spec
 
     cfg = TrainConfig(
         backbone=args.backbone, n_way=args.n_way, k_shot=args.k_shot, q_query=args.queries, threads=1, device=Device.CPU
     )
     pp = default_spec(cfg)
-    trainer = _Trainer(cfg, *_load_data(cfg, pp), ModelSpec(cfg.backbone, pp, {}, cfg.metric, cfg.normalization), None)
-    net, samplers = _EpisodeLogits(trainer.model), trainer.samplers()
+    trainer = Trainer(cfg, *load_training_data(cfg, pp), ModelSpec(cfg.backbone, pp, {}, cfg.metric, cfg.normalization), None)
+    net, samplers = EpisodeLogits(trainer.model), trainer.samplers()
     opt = torch.optim.Adam(trainer.model.parameters(), lr=cfg.lr)
     # CPU time of this thread as well as wall time: on a shared machine the wall time of a step
     # mostly measures the other processes, its CPU time does not

@@ -88,7 +88,7 @@ def test_train_refuses_a_small_folder_before_decoding_it(tmp_path, monkeypatch):
     import edgemeta.train as train_mod
 
     folder = _folder(tmp_path / "shop", 5, per_class=2)
-    monkeypatch.setattr(train_mod, "_load_data", lambda *a: pytest.fail("loaded data before refusing"))
+    monkeypatch.setattr(train_mod, "load_training_data", lambda *a: pytest.fail("loaded data before refusing"))
     r = runner.invoke(
         app, ["train", "--dataset", str(folder), "-o", str(tmp_path / "m.safetensors"), "--episodes", "1", "--json"]
     )

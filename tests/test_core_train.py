@@ -41,7 +41,7 @@ def test_every_backbone_embeds_flat(name, channels, size):
 
 
 def test_unknown_backbone_names_the_choices():
-    with pytest.raises(InputError, match=r"unknown backbone 'vgg'; choose one of: conv4, edgenet, resnet12"):
+    with pytest.raises(InputError, match=r"unknown backbone .vgg.; choose one of: conv4, edgenet, efficientnet_lite0, efficientnet_lite1, efficientnet_lite2, resnet12"):
         build_backbone("vgg", 1)
 
 
@@ -298,7 +298,7 @@ def test_resume_of_another_run_does_not_replace_a_run_at_out(tmp_path):
 def test_train_refuses_bad_values_before_any_work(args, message, tmp_path, monkeypatch):
     import edgemeta.train as train_mod
 
-    monkeypatch.setattr(train_mod, "_load_data", lambda *a: pytest.fail("loaded data before refusing"))
+    monkeypatch.setattr(train_mod, "load_training_data", lambda *a: pytest.fail("loaded data before refusing"))
     r = runner.invoke(app, ["train", "-o", str(tmp_path / "m.safetensors"), "--episodes", "1", *TINY[:-1], *args])
     assert r.exit_code == 1, r.output
     assert message in r.output and "Traceback" not in r.output and len(r.output.strip().splitlines()) == 1
@@ -318,14 +318,14 @@ def _interrupt_after_last(monkeypatch, step: int) -> None:
     """Ctrl-C right after the resume file of ``step`` is written."""
     import edgemeta.train as train_mod
 
-    save_last = train_mod._Trainer.save_last
+    save_last = train_mod.Trainer.save_last
 
     def stop(self, *a):
         save_last(self, *a)
         if self.step == step:
             raise KeyboardInterrupt
 
-    monkeypatch.setattr(train_mod._Trainer, "save_last", stop)
+    monkeypatch.setattr(train_mod.Trainer, "save_last", stop)
 
 
 @needs_shared
@@ -384,7 +384,7 @@ def test_force_replaces_a_run_only_when_the_new_one_writes(tmp_path, monkeypatch
     before = _old_run(tmp_path)
     cfg = TrainConfig(out=str(tmp_path / "m.safetensors"), n_way=5, k_shot=1, q_query=2, episodes=2, val_every=2, val_episodes=3, threads=1)
     with monkeypatch.context() as m:
-        m.setattr(train_mod._Trainer, "episodic", lambda *a: (_ for _ in ()).throw(KeyboardInterrupt))
+        m.setattr(train_mod.Trainer, "episodic", lambda *a: (_ for _ in ()).throw(KeyboardInterrupt))
         with pytest.raises(KeyboardInterrupt):
             train(cfg, progress=False, force=True)
     assert {f.name: f.read_bytes() for f in tmp_path.iterdir()} == before  # stopped before writing: the old run is whole

@@ -28,10 +28,10 @@ from edgemeta.model import ModelSpec
 from edgemeta.train import (
     TrainConfig,
     _check_world_size,
-    _EpisodeLogits,
-    _load_data,
+    EpisodeLogits,
+    load_training_data,
     _lr,
-    _Trainer,
+    Trainer,
     default_spec,
     resume_path,
     train,
@@ -212,8 +212,8 @@ def test_two_gloo_processes_take_the_same_step_as_one_process_averaging_two_epis
     spec = ModelSpec(cfg.backbone, pp, {}, cfg.metric, cfg.normalization)
 
     def one_step(episodes: list[int]) -> dict[str, torch.Tensor]:
-        trainer = _Trainer(cfg, *_load_data(cfg, pp), spec, None)
-        net, samplers = _EpisodeLogits(trainer.model), trainer.samplers()
+        trainer = Trainer(cfg, *load_training_data(cfg, pp), spec, None)
+        net, samplers = EpisodeLogits(trainer.model), trainer.samplers()
         opt = torch.optim.Adam(trainer.model.parameters(), lr=_lr(cfg, 0))
         loss = sum(trainer.episode_loss(net, samplers, i)[0] for i in episodes) / len(episodes)
         loss.backward()

@@ -47,6 +47,10 @@ TINY = {
     "conv4": ({"channels": 8}, Metric.SQEUCLIDEAN, Normalization.NONE),
     "resnet12": ({"widths": (8, 16)}, Metric.COSINE, Normalization.L2),
     "edgenet": ({"widths": (8, 16, 16)}, Metric.SQEUCLIDEAN, Normalization.CENTERED_L2),
+    # full size (3-5M weights): the variants differ in depth and width, not in a size argument
+    "efficientnet_lite0": ({}, Metric.COSINE, Normalization.CENTERED_L2),
+    "efficientnet_lite1": ({}, Metric.SQEUCLIDEAN, Normalization.L2),
+    "efficientnet_lite2": ({}, Metric.COSINE, Normalization.NONE),
 }
 FAST = VerifySpec(batch_sizes=(1, 7, 32), prototype_counts=(0, 1, 12), episodes=10, q_query=5)
 

