@@ -9,10 +9,10 @@ the same integer rules, so that an app in any language needs no preprocessing co
 1. colour: RGBA is flattened onto white (an alpha of 0 everywhere is padding, as in
    RGBX buffers: the colours are used as they are); grey from RGB as Pillow's ``L``
    conversion (ITU-R 601-2 luma in 16-bit fixed point); grey is repeated for an RGB model;
-2. resize to the model's size with ``Resize`` (opset 18, ``antialias=1``): Pillow's
-   bilinear and bicubic filters widen their kernel by the scale when they shrink an image,
-   which is what ``antialias`` does; the result is rounded to whole levels, as Pillow's
-   uint8 output is;
+2. resize to the model's size with ``Resize`` on uint8 (opset 18, ``antialias=1``):
+   Pillow's bilinear and bicubic filters widen their kernel by the scale when they shrink
+   an image, which is what ``antialias`` does, and ONNX Runtime's uint8 kernel computes in
+   Pillow's fixed point;
 3. ``x / 255``, then ``(x - mean) / std`` per channel, then NCHW: the runtime's
    :func:`edgemeta.runtime.preprocess.normalize`, operation for operation.
 
@@ -72,13 +72,13 @@ def _node(op: str, inputs: list[str], output: str, **attrs) -> onnx.NodeProto:
 
 
 def _branch(name: str, nodes: list[onnx.NodeProto], output: str) -> onnx.GraphProto:
-    out = helper.make_tensor_value_info(output, TensorProto.FLOAT, [None] * 4)
+    out = helper.make_tensor_value_info(output, TensorProto.UINT8, [None] * 4)
     return helper.make_graph(nodes, name, [], [out])
 
 
 def _to_grey(rgb: str, out: str) -> list[onnx.NodeProto]:
-    """Pillow's RGB -> L, exactly: the weighted sum is a whole number below 2**24, so float32
-    holds it exactly, and dividing by 2**16 then flooring is the fixed-point shift."""
+    """Pillow's RGB -> L on float pixels, exactly: the weighted sum is a whole number below
+    2**24, so float32 holds it exactly, and dividing by 2**16 then flooring is the shift."""
     return [
         _node("MatMul", [rgb, _P + "luma"], out + "/sum"),
         _node("Add", [out + "/sum", _P + "half16"], out + "/rounded"),
@@ -88,7 +88,7 @@ def _to_grey(rgb: str, out: str) -> list[onnx.NodeProto]:
 
 
 def _flatten_alpha(x: str, out: str) -> list[onnx.NodeProto]:
-    """RGBA onto white as Pillow's ``alpha_composite`` does: ``255 + round((c - 255) * a / 255)``
+    """RGBA (float) onto white as Pillow's ``alpha_composite`` does: ``255 + round((c - 255) * a / 255)``
     (equal to its fixed-point arithmetic for every colour and alpha). An image whose alpha is
     0 everywhere is a padded RGBX buffer: its alpha is taken as 255."""
     return [
@@ -105,48 +105,47 @@ def _flatten_alpha(x: str, out: str) -> list[onnx.NodeProto]:
     ]
 
 
+def _u8(x: str, out: str) -> onnx.NodeProto:
+    return _node("Cast", [x], out, to=TensorProto.UINT8)
+
+
+def _f32(x: str, out: str) -> onnx.NodeProto:
+    return _node("Cast", [x], out, to=TensorProto.FLOAT)
+
+
 def _colour(x: str, channels: int) -> tuple[list[onnx.NodeProto], str]:
-    """Nodes turning float [B, H, W, 1|3|4] into [B, H, W, channels], chosen by an If on the
-    fed channel count (only the branch for the fed layout runs, at full resolution)."""
-    grey = channels == 1
+    """Nodes turning uint8 [B, H, W, 1|3|4] into uint8 [B, H, W, channels], chosen by an If
+    on the fed channel count: only the branch for the fed layout runs, and a layout that
+    needs no conversion (grey into a grey model, RGB into an RGB one) is passed through."""
     out = _P + "colour"
-    # 1 channel
-    if grey:
+    if channels == 1:
         one = _branch("pixels_from_grey", [_node("Identity", [x], _P + "grey_in")], _P + "grey_in")
+        three = [_f32(x, _P + "rgb_f"), *_to_grey(_P + "rgb_f", _P + "rgb_grey"), _u8(_P + "rgb_grey", _P + "from_rgb")]
+        four = [
+            _f32(x, _P + "rgba_f"), *_flatten_alpha(_P + "rgba_f", _P + "flat"),
+            *_to_grey(_P + "flat", _P + "flat_grey"), _u8(_P + "flat_grey", _P + "from_rgba"),
+        ]
     else:
-        one = _branch("pixels_from_grey", [helper.make_node("Concat", [x, x, x], [_P + "grey_rgb"], name=_P + "grey_rgb", axis=3)], _P + "grey_rgb")
-    # 4 channels
-    rgba = _flatten_alpha(x, _P + "flat")
-    if grey:
-        rgba += _to_grey(_P + "flat", _P + "flat_grey")
-        four = _branch("pixels_from_rgba", rgba, _P + "flat_grey")
-    else:
-        four = _branch("pixels_from_rgba", rgba, _P + "flat")
-    # 3 channels
-    if grey:
-        three = _branch("pixels_from_rgb", _to_grey(x, _P + "rgb_grey"), _P + "rgb_grey")
-    else:
-        three = _branch("pixels_from_rgb", [_node("Identity", [x], _P + "rgb_in")], _P + "rgb_in")
-    not_one = _branch(
-        "pixels_not_grey",
-        [helper.make_node("If", [_P + "is_rgba"], [_P + "colour3or4"], name=_P + "colour3or4", then_branch=four, else_branch=three)],
-        _P + "colour3or4",
+        grey_rgb = helper.make_node("Concat", [x, x, x], [_P + "grey_rgb"], name=_P + "grey_rgb", axis=3)
+        one = _branch("pixels_from_grey", [grey_rgb], _P + "grey_rgb")
+        three = [_node("Identity", [x], _P + "from_rgb")]
+        four = [_f32(x, _P + "rgba_f"), *_flatten_alpha(_P + "rgba_f", _P + "flat"), _u8(_P + "flat", _P + "from_rgba")]
+    by_alpha = helper.make_node(
+        "If", [_P + "is_rgba"], [_P + "colour3or4"], name=_P + "colour3or4",
+        then_branch=_branch("pixels_from_rgba", four, _P + "from_rgba"),
+        else_branch=_branch("pixels_from_rgb", three, _P + "from_rgb"),
     )
     nodes = [
-        _node("Shape", [INPUT_PIXELS], _P + "shape"),
+        _node("Shape", [x], _P + "shape"),
         _node("Gather", [_P + "shape", _P + "three_scalar"], _P + "channels_in", axis=0),
         _node("Equal", [_P + "channels_in", _P + "i1"], _P + "is_grey"),
         _node("Equal", [_P + "channels_in", _P + "i4"], _P + "is_rgba"),
-        helper.make_node("If", [_P + "is_grey"], [out], name=out, then_branch=one, else_branch=not_one),
+        helper.make_node(
+            "If", [_P + "is_grey"], [out], name=out, then_branch=one,
+            else_branch=_branch("pixels_not_grey", [by_alpha], _P + "colour3or4"),
+        ),
     ]
     return nodes, out
-
-
-def _resize(x: str, sizes: str, axes: list[int], interpolation: str, out: str) -> onnx.NodeProto:
-    return helper.make_node(
-        "Resize", [x, "", "", sizes], [out], name=out, axes=axes, coordinate_transformation_mode="half_pixel",
-        **RESIZE_MODES[interpolation],
-    )
 
 
 def preprocess_graph(spec: PreprocessSpec, output: str) -> tuple[list[onnx.NodeProto], list[onnx.TensorProto]]:
@@ -158,7 +157,6 @@ def preprocess_graph(spec: PreprocessSpec, output: str) -> tuple[list[onnx.NodeP
             f"{spec.interpolation} resizing has no ONNX Resize equivalent, so the model cannot take raw pixels; "
             f"train with one of {', '.join(RESIZE_MODES)} or export with --no-pixels"
         )
-    h, w = spec.size
     ch = spec.channels
     inits = [
         _c("zero", np.array([0], np.int64)),
@@ -171,31 +169,24 @@ def preprocess_graph(spec: PreprocessSpec, output: str) -> tuple[list[onnx.NodeP
         _c("i4", np.array(4, np.int64)),
         _c("f0", np.array(0.0, np.float32)),
         _c("f255", np.array(255.0, np.float32)),
-        _c("half", np.array(0.5, np.float32)),
         _c("luma", np.array(_LUMA, np.float32).reshape(3, 1)),
         _c("half16", np.array(32768.0, np.float32)),
         _c("two16", np.array(65536.0, np.float32)),
-        _c("sizes_w", np.array([w], np.int64)),
-        _c("sizes_h", np.array([h], np.int64)),
+        _c("sizes", np.array(spec.size, np.int64)),
         _c("mean", np.array(spec.mean, np.float32).reshape(1, ch, 1, 1)),
         _c("std", np.array(spec.std, np.float32).reshape(1, ch, 1, 1)),
     ]
-    nodes = [_node("Cast", [INPUT_PIXELS], _P + "float", to=TensorProto.FLOAT)]
-    colour_nodes, colour = _colour(_P + "float", ch)
-    nodes += colour_nodes
+    nodes, colour = _colour(INPUT_PIXELS, ch)
     nodes += [
-        # Pillow resizes in two passes, width then height, each written as uint8 (rounded,
-        # clipped: bicubic overshoots); one 2-D Resize in float differs from it by up to 20
-        # levels (bicubic) where the first pass clipped, so the graph makes the same two passes
-        _resize(colour, _P + "sizes_w", [2], spec.interpolation, _P + "resized_w"),
-        _node("Add", [_P + "resized_w", _P + "half"], _P + "resized_w_half"),
-        _node("Floor", [_P + "resized_w_half"], _P + "levels_w"),
-        _node("Clip", [_P + "levels_w", _P + "f0", _P + "f255"], _P + "clipped_w"),
-        _resize(_P + "clipped_w", _P + "sizes_h", [1], spec.interpolation, _P + "resized"),
-        _node("Add", [_P + "resized", _P + "half"], _P + "resized_half"),
-        _node("Floor", [_P + "resized_half"], _P + "levels"),
-        _node("Clip", [_P + "levels", _P + "f0", _P + "f255"], _P + "clipped"),
-        _node("Transpose", [_P + "clipped"], _P + "nchw", perm=[0, 3, 1, 2]),
+        # uint8 in, uint8 out: ONNX Runtime then resizes as Pillow does, in two passes of 22-bit
+        # fixed point (width, then height), each rounded and clipped to whole levels (a float
+        # Resize differs by up to 20 levels where Pillow's first bicubic pass clipped)
+        helper.make_node(
+            "Resize", [colour, "", "", _P + "sizes"], [_P + "resized"], name=_P + "resized", axes=[1, 2],
+            coordinate_transformation_mode="half_pixel", **RESIZE_MODES[spec.interpolation],
+        ),
+        _f32(_P + "resized", _P + "levels"),
+        _node("Transpose", [_P + "levels"], _P + "nchw", perm=[0, 3, 1, 2]),
         _node("Div", [_P + "nchw", _P + "f255"], _P + "unit"),
         _node("Sub", [_P + "unit", _P + "mean"], _P + "centred"),
         _node("Div", [_P + "centred", _P + "std"], output),
