@@ -215,10 +215,14 @@ def with_pixels(model: onnx.ModelProto, spec: PreprocessSpec) -> onnx.ModelProto
     if has_pixels(model):
         raise ExportError("the model already takes pixels; export it again from the checkpoint instead")
     if _opset(model) < PIXEL_OPSET:
-        raise ExportError(f"the pixels entry needs opset {PIXEL_OPSET} (Resize with antialias); the model has opset {_opset(model)}")
+        raise ExportError(
+            f"the pixels entry needs opset {PIXEL_OPSET} (Resize with antialias); the model has opset {_opset(model)}"
+        )
     images = next((i for i in model.graph.input if i.name == INPUT_IMAGES), None)
     if images is None or images.type.tensor_type.elem_type != TensorProto.FLOAT:
-        raise ExportError(f"the model has no float32 {INPUT_IMAGES!r} input to feed from pixels; re-export it with edgemeta")
+        raise ExportError(
+            f"the model has no float32 {INPUT_IMAGES!r} input to feed from pixels; re-export it with edgemeta"
+        )
     if any(t.name == INPUT_IMAGES for t in model.graph.initializer):
         raise ExportError(f"the model's {INPUT_IMAGES!r} input is already an initializer; re-export it with edgemeta")
     nodes, inits = preprocess_graph(spec, _P + "images")
@@ -238,7 +242,8 @@ def with_pixels(model: onnx.ModelProto, spec: PreprocessSpec) -> onnx.ModelProto
     ch, (h, w) = spec.channels, spec.size
     # an overridable input: the empty default makes feeding `images` optional
     g.initializer.append(numpy_helper.from_array(np.zeros((0, ch, h, w), np.float32), INPUT_IMAGES))
-    pixels = helper.make_tensor_value_info(INPUT_PIXELS, TensorProto.UINT8, ["pixel_batch", "height", "width", "channels"])
+    dims = ["pixel_batch", "height", "width", "channels"]
+    pixels = helper.make_tensor_value_info(INPUT_PIXELS, TensorProto.UINT8, dims)
     inputs = [pixels] + list(g.input)
     del g.input[:]
     g.input.extend(inputs)

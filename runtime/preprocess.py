@@ -278,18 +278,22 @@ def to_pixels(image: ImageLike, spec: PreprocessSpec) -> np.ndarray | None:
         return _pil_pixels(decode(image), spec)
     if isinstance(image, np.ndarray):
         arr = image
-        if arr.ndim == 3 and arr.dtype.kind == "f" and (arr.shape[0] in (1, 3) and arr.shape[-1] not in (1, 3) or arr.shape == (spec.channels, *spec.size)):
+        chw = arr.ndim == 3 and arr.shape[0] in (1, 3) and arr.shape[-1] not in (1, 3)
+        if arr.dtype.kind == "f" and (chw or arr.shape == (spec.channels, *spec.size)):
             return None
         _check_finite(arr, "image array")
         if arr.dtype != np.uint8:
             raise InputError(
                 f"image array of dtype {arr.dtype} and shape {arr.shape} is ambiguous; pass HWC or HW uint8 "
-                f"pixels, or a preprocessed CHW float32 array of shape ({spec.channels}, {spec.size[0]}, {spec.size[1]})"
+                "pixels, or a preprocessed CHW float32 array of shape "
+                f"({spec.channels}, {spec.size[0]}, {spec.size[1]})"
             )
         if arr.ndim == 2:
             arr = arr[:, :, None]
         if arr.ndim != 3 or arr.shape[2] not in (1, 3, 4):
-            raise InputError(f"image array of shape {image.shape}: expected HW (grey), HWC with 1, 3 or 4 channels (uint8)")
+            raise InputError(
+                f"image array of shape {image.shape}: expected HW (grey), HWC with 1, 3 or 4 channels (uint8)"
+            )
         if arr.shape[0] * arr.shape[1] > MAX_PIXELS or min(arr.shape[:2]) < 1:
             raise InputError(f"image array of shape {image.shape} has an absurd size; pass an ordinary image")
         return arr
