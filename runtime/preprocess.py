@@ -17,7 +17,7 @@ import numpy as np
 from edgemeta.runtime.errors import InputError
 from edgemeta.runtime.spec import PreprocessSpec
 
-__all__ = ["ImageLike", "MAX_PIXELS", "decode", "to_uint8", "normalize", "preprocess"]
+__all__ = ["ImageLike", "MAX_PIXELS", "decode", "to_uint8", "normalize", "preprocess", "to_pixels", "pixel_groups"]
 
 ImageLike = Union[str, os.PathLike, np.ndarray, Any]  # Any: a PIL.Image.Image
 
@@ -268,3 +268,90 @@ def preprocess(images: ImageLike | Sequence[ImageLike], spec: PreprocessSpec) ->
         else:
             out[i] = normalize(u8[None], spec)[0]
     return out
+
+
+# ---------------------------------------------------------------- raw pixels for the graph
+
+_PIXEL_MODES = ("L", "RGB", "RGBA")
+
+
+def _pil_pixels(im: Any, spec: PreprocessSpec) -> np.ndarray:
+    """A PIL image as the uint8 HWC frame a model's ``pixels`` input takes: turned upright by
+    its EXIF orientation (a decode-time job: the graph cannot read tags), with its alpha kept
+    (the graph flattens it onto white) and any other mode converted as :func:`to_uint8` would."""
+    try:
+        im = _upright(im)
+        if im.mode not in _PIXEL_MODES:
+            transparent = im.mode in ("LA", "PA", "RGBa") or "transparency" in im.info
+            im = im.convert("RGBA" if transparent else spec.color)
+        arr = np.asarray(im, dtype=np.uint8)
+    except (OSError, SyntaxError, ValueError, EOFError) as e:
+        name = getattr(im, "filename", "") or "PIL image"
+        raise InputError(f"{name}: damaged or truncated image ({e}); re-export or re-copy the file") from None
+    return arr[:, :, None] if arr.ndim == 2 else arr
+
+
+def to_pixels(image: ImageLike, spec: PreprocessSpec) -> np.ndarray | None:
+    """One image as a uint8 [H, W, C] frame (C = 1, 3 or 4, any size) for a model that takes
+    ``pixels``: files are decoded with Pillow and turned upright; arrays are only checked.
+
+    Returns ``None`` for an already-normalized CHW float array (fed through ``images``).
+    """
+    if isinstance(image, (str, os.PathLike)):
+        return _pil_pixels(decode(image), spec)
+    if isinstance(image, np.ndarray):
+        arr = image
+        chw = arr.ndim == 3 and arr.shape[0] in (1, 3) and arr.shape[-1] not in (1, 3)
+        if arr.dtype.kind == "f" and (chw or arr.shape == (spec.channels, *spec.size)):
+            return None
+        _check_finite(arr, "image array")
+        if arr.dtype != np.uint8:
+            raise InputError(
+                f"image array of dtype {arr.dtype} and shape {arr.shape} is ambiguous; pass HWC or HW uint8 "
+                "pixels, or a preprocessed CHW float32 array of shape "
+                f"({spec.channels}, {spec.size[0]}, {spec.size[1]})"
+            )
+        if arr.ndim == 2:
+            arr = arr[:, :, None]
+        if arr.ndim != 3 or arr.shape[2] not in (1, 3, 4):
+            raise InputError(
+                f"image array of shape {image.shape}: expected HW (grey), HWC with 1, 3 or 4 channels (uint8)"
+            )
+        if arr.shape[0] * arr.shape[1] > MAX_PIXELS or min(arr.shape[:2]) < 1:
+            raise InputError(f"image array of shape {image.shape} has an absurd size; pass an ordinary image")
+        return arr
+    if hasattr(image, "convert") and hasattr(image, "size"):
+        w, h = image.size
+        if w * h > MAX_PIXELS or min(w, h) < 1:
+            raise InputError(f"PIL image of size {w}x{h} has an absurd size; pass an ordinary image")
+        return _pil_pixels(image, spec)
+    raise InputError(f"cannot use {type(image).__name__} as an image; pass a file path, a PIL image, or a numpy array")
+
+
+def pixel_groups(items: Sequence[ImageLike], spec: PreprocessSpec) -> tuple[list[tuple[np.ndarray, np.ndarray]], np.ndarray | None, np.ndarray]:
+    """Split images into what a ``pixels`` model is fed: ``(groups, floats, float_at)``.
+
+    ``groups`` holds one ``(indices, frames uint8 [n, H, W, C])`` per frame shape (a call
+    takes one H, W and C; frames of other sizes are neither padded nor resized here, which
+    would change their pixels, but fed by a call of their own); ``floats`` the preprocessed
+    CHW arrays (or None) at positions ``float_at``.
+    """
+    by_shape: dict[tuple[int, ...], list[int]] = {}
+    frames: list[np.ndarray | None] = []
+    for i, item in enumerate(items):
+        f = to_pixels(item, spec)
+        frames.append(f)
+        if f is not None:
+            by_shape.setdefault(f.shape, []).append(i)
+    groups = [(np.asarray(ix), np.stack([frames[i] for i in ix])) for ix in by_shape.values()]
+    float_at = np.asarray([i for i, f in enumerate(frames) if f is None], dtype=np.int64)
+    floats = None
+    if len(float_at):
+        floats = np.empty((len(float_at), spec.channels, *spec.size), dtype=np.float32)
+        for j, i in enumerate(float_at):
+            arr = np.asarray(items[i], dtype=np.float32)
+            if arr.shape != floats.shape[1:]:
+                raise InputError(f"preprocessed array of shape {arr.shape} does not match the model input {floats.shape[1:]}")
+            _check_finite(arr, f"preprocessed array {i}")
+            floats[j] = arr
+    return groups, floats, float_at

@@ -18,6 +18,7 @@ __all__ = [
     "METADATA_KEY",
     "METADATA_VERSION",
     "INPUT_IMAGES",
+    "INPUT_PIXELS",
     "INPUT_PROTOTYPES",
     "INPUT_SQNORMS",
     "OUTPUT_EMBEDDINGS",
@@ -32,6 +33,9 @@ __all__ = [
 METADATA_KEY = "edgemeta"
 METADATA_VERSION = 1
 INPUT_IMAGES = "images"
+# raw decoded images, uint8 [batch, H, W, 1|3|4]; the graph converts colour, resizes and
+# normalizes (see edgemeta.exporters.pixels); models exported before it lack this input
+INPUT_PIXELS = "pixels"
 INPUT_PROTOTYPES = "prototypes"
 # optional: the squared L2 norm of each prototype row, [n_classes]; the graph computes them
 # when they are not fed (see edgemeta.exporters.head)

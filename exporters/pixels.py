@@ -1,0 +1,250 @@
+"""The ``pixels`` entry of an exported model: raw decoded images in, preprocessing in the graph.
+
+:func:`with_pixels` takes a model whose backbone reads ``images`` (float32 [B, C, h, w],
+already preprocessed) and returns it with a second entry, ``pixels`` (uint8
+[B, H, W, C] with C = 1 grey, 3 RGB or 4 RGBA, any H and W). The graph does what
+:mod:`edgemeta.runtime.preprocess` does with Pillow and numpy, in the same order and with
+the same integer rules, so that an app in any language needs no preprocessing code:
+
+1. colour: RGBA is flattened onto white (an alpha of 0 everywhere is padding, as in
+   RGBX buffers: the colours are used as they are); grey from RGB as Pillow's ``L``
+   conversion (ITU-R 601-2 luma in 16-bit fixed point); grey is repeated for an RGB model;
+2. resize to the model's size with ``Resize`` on uint8 (opset 18, ``antialias=1``):
+   Pillow's bilinear and bicubic filters widen their kernel by the scale when they shrink
+   an image, which is what ``antialias`` does, and ONNX Runtime's uint8 kernel computes in
+   Pillow's fixed point;
+3. ``x / 255``, then ``(x - mean) / std`` per channel, then NCHW: the runtime's
+   :func:`edgemeta.runtime.preprocess.normalize`, operation for operation.
+
+How the two entries meet: ``pixels`` is an ordinary graph input (required), and
+``images`` becomes an input backed by an empty initializer [0, C, h, w], which ONNX
+Runtime lets a caller override and does not list among the session's inputs. The backbone
+reads ``Concat(preprocessed pixels, images)``, so a call may feed either (or both: the
+pixel images come first). ``pixels`` is the required one because the JavaScript bindings
+drop a feed whose name is not in ``session.inputNames`` (an overridable input is never
+there): an app in JS could otherwise not feed it. The price: an app written for the
+older contract that feeds only ``images`` must now also feed an empty ``pixels``
+([0, 1, 1, C]) or use a model exported with ``--no-pixels``; see ``docs/pixels.md``.
+
+Orientation (EXIF) stays a decode-time job: a graph cannot read a file's tags.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import onnx
+from onnx import TensorProto, helper, numpy_helper
+
+from edgemeta.errors import ExportError
+from edgemeta.runtime.spec import INPUT_IMAGES, INPUT_PIXELS, PreprocessSpec
+
+__all__ = ["PIXEL_OPSET", "RESIZE_MODES", "with_pixels", "has_pixels", "preprocess_graph"]
+
+#: Resize gained ``antialias`` (and ``axes``) in opset 18.
+PIXEL_OPSET = 18
+
+#: Pillow filter -> ONNX Resize attributes. Pillow drops the kernel taps that fall outside
+#: the image and renormalizes the rest (``exclude_outside=1``; without it the border rows
+#: differ by up to 10 levels); its bicubic is Keys' kernel with a = -0.5. Nearest is left out:
+#: Pillow samples at floor((x + 0.5) * scale), which ONNX reaches only through a rounding
+#: that falls on exact ties, where float error picks the other pixel. Box, Hamming and
+#: Lanczos have no ONNX equivalent.
+RESIZE_MODES: dict[str, dict[str, object]] = {
+    "bilinear": {"mode": "linear", "antialias": 1, "exclude_outside": 1},
+    "bicubic": {"mode": "cubic", "antialias": 1, "exclude_outside": 1, "cubic_coeff_a": -0.5},
+}
+
+_P = "pixels/"
+_LUMA = (19595.0, 38470.0, 7471.0)  # Pillow's L24: (R*19595 + G*38470 + B*7471 + 0x8000) >> 16
+
+
+def has_pixels(model: onnx.ModelProto) -> bool:
+    """True when ``model`` takes the ``pixels`` input."""
+    return any(i.name == INPUT_PIXELS for i in model.graph.input)
+
+
+def _c(name: str, value) -> onnx.TensorProto:
+    return numpy_helper.from_array(np.asarray(value), _P + name)
+
+
+def _node(op: str, inputs: list[str], output: str, **attrs) -> onnx.NodeProto:
+    return helper.make_node(op, inputs, [output], name=output, **attrs)
+
+
+def _branch(name: str, nodes: list[onnx.NodeProto], output: str) -> onnx.GraphProto:
+    out = helper.make_tensor_value_info(output, TensorProto.UINT8, [None] * 4)
+    return helper.make_graph(nodes, name, [], [out])
+
+
+def _to_grey(rgb: str, out: str) -> list[onnx.NodeProto]:
+    """Pillow's RGB -> L on float pixels, exactly: the weighted sum is a whole number below
+    2**24, so float32 holds it exactly, and dividing by 2**16 then flooring is the shift."""
+    return [
+        _node("MatMul", [rgb, _P + "luma"], out + "/sum"),
+        _node("Add", [out + "/sum", _P + "half16"], out + "/rounded"),
+        _node("Div", [out + "/rounded", _P + "two16"], out + "/scaled"),
+        _node("Floor", [out + "/scaled"], out),
+    ]
+
+
+def _flatten_alpha(x: str, out: str) -> list[onnx.NodeProto]:
+    """RGBA (float) onto white as Pillow's ``alpha_composite`` does: ``255 + round((c - 255) * a / 255)``
+    (equal to its fixed-point arithmetic for every colour and alpha). An image whose alpha is
+    0 everywhere is a padded RGBX buffer: its alpha is taken as 255."""
+    return [
+        _node("Slice", [x, _P + "zero", _P + "three", _P + "axis3"], out + "/rgb"),
+        _node("Slice", [x, _P + "three", _P + "four", _P + "axis3"], out + "/alpha"),
+        _node("ReduceMax", [out + "/alpha", _P + "axes123"], out + "/alpha_max", keepdims=1),
+        _node("Equal", [out + "/alpha_max", _P + "f0"], out + "/padding"),
+        _node("Where", [out + "/padding", _P + "f255", out + "/alpha"], out + "/a"),
+        _node("Sub", [out + "/rgb", _P + "f255"], out + "/c_minus_white"),
+        _node("Mul", [out + "/c_minus_white", out + "/a"], out + "/weighted"),
+        _node("Div", [out + "/weighted", _P + "f255"], out + "/shift"),
+        _node("Round", [out + "/shift"], out + "/shift_rounded"),
+        _node("Add", [out + "/shift_rounded", _P + "f255"], out),
+    ]
+
+
+def _u8(x: str, out: str) -> onnx.NodeProto:
+    return _node("Cast", [x], out, to=TensorProto.UINT8)
+
+
+def _f32(x: str, out: str) -> onnx.NodeProto:
+    return _node("Cast", [x], out, to=TensorProto.FLOAT)
+
+
+def _colour(x: str, channels: int) -> tuple[list[onnx.NodeProto], str]:
+    """Nodes turning uint8 [B, H, W, 1|3|4] into uint8 [B, H, W, channels], chosen by an If
+    on the fed channel count: only the branch for the fed layout runs, and a layout that
+    needs no conversion (grey into a grey model, RGB into an RGB one) is passed through."""
+    out = _P + "colour"
+    if channels == 1:
+        one = _branch("pixels_from_grey", [_node("Identity", [x], _P + "grey_in")], _P + "grey_in")
+        three = [_f32(x, _P + "rgb_f"), *_to_grey(_P + "rgb_f", _P + "rgb_grey"), _u8(_P + "rgb_grey", _P + "from_rgb")]
+        four = [
+            _f32(x, _P + "rgba_f"), *_flatten_alpha(_P + "rgba_f", _P + "flat"),
+            *_to_grey(_P + "flat", _P + "flat_grey"), _u8(_P + "flat_grey", _P + "from_rgba"),
+        ]
+    else:
+        grey_rgb = helper.make_node("Concat", [x, x, x], [_P + "grey_rgb"], name=_P + "grey_rgb", axis=3)
+        one = _branch("pixels_from_grey", [grey_rgb], _P + "grey_rgb")
+        three = [_node("Identity", [x], _P + "from_rgb")]
+        four = [_f32(x, _P + "rgba_f"), *_flatten_alpha(_P + "rgba_f", _P + "flat"), _u8(_P + "flat", _P + "from_rgba")]
+    by_alpha = helper.make_node(
+        "If", [_P + "is_rgba"], [_P + "colour3or4"], name=_P + "colour3or4",
+        then_branch=_branch("pixels_from_rgba", four, _P + "from_rgba"),
+        else_branch=_branch("pixels_from_rgb", three, _P + "from_rgb"),
+    )
+    nodes = [
+        _node("Shape", [x], _P + "shape"),
+        _node("Gather", [_P + "shape", _P + "three_scalar"], _P + "channels_in", axis=0),
+        _node("Equal", [_P + "channels_in", _P + "i1"], _P + "is_grey"),
+        _node("Equal", [_P + "channels_in", _P + "i4"], _P + "is_rgba"),
+        helper.make_node(
+            "If", [_P + "is_grey"], [out], name=out, then_branch=one,
+            else_branch=_branch("pixels_not_grey", [by_alpha], _P + "colour3or4"),
+        ),
+    ]
+    return nodes, out
+
+
+def preprocess_graph(spec: PreprocessSpec, output: str) -> tuple[list[onnx.NodeProto], list[onnx.TensorProto]]:
+    """Nodes and initializers from the ``pixels`` input to ``output`` (float32 [B, C, h, w],
+    normalized as ``spec`` says). Raises :class:`ExportError` for a resize filter that ONNX
+    cannot reproduce."""
+    if spec.interpolation not in RESIZE_MODES:
+        raise ExportError(
+            f"{spec.interpolation} resizing has no ONNX Resize equivalent, so the model cannot take raw pixels; "
+            f"train with one of {', '.join(RESIZE_MODES)} or export with --no-pixels"
+        )
+    ch = spec.channels
+    inits = [
+        _c("zero", np.array([0], np.int64)),
+        _c("three", np.array([3], np.int64)),
+        _c("four", np.array([4], np.int64)),
+        _c("axis3", np.array([3], np.int64)),
+        _c("axes123", np.array([1, 2, 3], np.int64)),
+        _c("three_scalar", np.array(3, np.int64)),
+        _c("i1", np.array(1, np.int64)),
+        _c("i4", np.array(4, np.int64)),
+        _c("f0", np.array(0.0, np.float32)),
+        _c("f255", np.array(255.0, np.float32)),
+        _c("luma", np.array(_LUMA, np.float32).reshape(3, 1)),
+        _c("half16", np.array(32768.0, np.float32)),
+        _c("two16", np.array(65536.0, np.float32)),
+        _c("sizes", np.array(spec.size, np.int64)),
+        _c("mean", np.array(spec.mean, np.float32).reshape(1, ch, 1, 1)),
+        _c("std", np.array(spec.std, np.float32).reshape(1, ch, 1, 1)),
+    ]
+    nodes, colour = _colour(INPUT_PIXELS, ch)
+    nodes += [
+        # uint8 in, uint8 out: ONNX Runtime then resizes as Pillow does, in two passes of 22-bit
+        # fixed point (width, then height), each rounded and clipped to whole levels (a float
+        # Resize differs by up to 20 levels where Pillow's first bicubic pass clipped)
+        helper.make_node(
+            "Resize", [colour, "", "", _P + "sizes"], [_P + "resized"], name=_P + "resized", axes=[1, 2],
+            coordinate_transformation_mode="half_pixel", **RESIZE_MODES[spec.interpolation],
+        ),
+        _f32(_P + "resized", _P + "levels"),
+        _node("Transpose", [_P + "levels"], _P + "nchw", perm=[0, 3, 1, 2]),
+        _node("Div", [_P + "nchw", _P + "f255"], _P + "unit"),
+        _node("Sub", [_P + "unit", _P + "mean"], _P + "centred"),
+        _node("Div", [_P + "centred", _P + "std"], output),
+    ]
+    return nodes, inits
+
+
+def _opset(model: onnx.ModelProto) -> int:
+    return next((o.version for o in model.opset_import if o.domain in ("", "ai.onnx")), 0)
+
+
+def with_pixels(model: onnx.ModelProto, spec: PreprocessSpec) -> onnx.ModelProto:
+    """A copy of ``model`` that also takes ``pixels`` (see the module docstring).
+
+    Args:
+        model: an edgemeta model (input ``images`` float32 [B, C, h, w]), opset 18 or newer.
+        spec: its preprocessing (from its metadata).
+
+    Raises:
+        ExportError: the model already has ``pixels``, has no float32 ``images`` input, uses
+            an opset before 18, or its resize filter has no ONNX equivalent.
+
+    Example:
+        >>> model = with_pixels(onnx.load("conv4.onnx"), read_metadata(model).preprocess)
+    """
+    if has_pixels(model):
+        raise ExportError("the model already takes pixels; export it again from the checkpoint instead")
+    if _opset(model) < PIXEL_OPSET:
+        raise ExportError(
+            f"the pixels entry needs opset {PIXEL_OPSET} (Resize with antialias); the model has opset {_opset(model)}"
+        )
+    images = next((i for i in model.graph.input if i.name == INPUT_IMAGES), None)
+    if images is None or images.type.tensor_type.elem_type != TensorProto.FLOAT:
+        raise ExportError(
+            f"the model has no float32 {INPUT_IMAGES!r} input to feed from pixels; re-export it with edgemeta"
+        )
+    if any(t.name == INPUT_IMAGES for t in model.graph.initializer):
+        raise ExportError(f"the model's {INPUT_IMAGES!r} input is already an initializer; re-export it with edgemeta")
+    nodes, inits = preprocess_graph(spec, _P + "images")
+    out = onnx.ModelProto()
+    out.CopyFrom(model)
+    g = out.graph
+    backbone_in = _P + "batch"
+    for node in g.node:  # the backbone now reads the joined batch
+        for i, name in enumerate(node.input):
+            if name == INPUT_IMAGES:
+                node.input[i] = backbone_in
+    join = helper.make_node("Concat", [_P + "images", INPUT_IMAGES], [backbone_in], name=backbone_in, axis=0)
+    old_nodes = list(g.node)
+    del g.node[:]
+    g.node.extend(nodes + [join] + old_nodes)
+    g.initializer.extend(inits)
+    ch, (h, w) = spec.channels, spec.size
+    # an overridable input: the empty default makes feeding `images` optional
+    g.initializer.append(numpy_helper.from_array(np.zeros((0, ch, h, w), np.float32), INPUT_IMAGES))
+    dims = ["pixel_batch", "height", "width", "channels"]
+    pixels = helper.make_tensor_value_info(INPUT_PIXELS, TensorProto.UINT8, dims)
+    inputs = [pixels] + list(g.input)
+    del g.input[:]
+    g.input.extend(inputs)
+    return out
