@@ -72,7 +72,7 @@ def main() -> None:
             im = decode(io.BytesIO(raw)).convert("L")
             (shots if i < SHOTS else queries).append(len(pixels))
             pixels.append(np.asarray(im, np.uint8)[:, :, None])
-            if c < 3 and i < SHOTS + 2:  # a few files for the browser test: 3 classes, 5 shots and 2 queries each
+            if c < 4 and i < SHOTS + 2:  # a few files for the browser test: 4 classes, 5 shots and 2 queries each
                 sub = out / ("shot_files" if i < SHOTS else "query_files") / f"c{c}"
                 sub.mkdir(parents=True, exist_ok=True)
                 (sub / Path(member).name).write_bytes(raw)
