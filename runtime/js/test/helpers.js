@@ -1,7 +1,6 @@
 // Shared by the Node tests: the fixtures that the Python runtime makes (see make_fixtures.py).
 import { spawnSync } from 'node:child_process';
-import { existsSync, mkdtempSync, readFileSync } from 'node:fs';
-import { tmpdir } from 'node:os';
+import { existsSync, readFileSync, rmSync } from 'node:fs';
 import { dirname, join, resolve } from 'node:path';
 import { fileURLToPath } from 'node:url';
 import { readTable, readTensors } from '../src/safetensors.js';
@@ -30,22 +29,21 @@ export function runPython(args, { input } = {}) {
   return r.stdout;
 }
 
-let cached = null;
-/**
- * Build the fixtures once per test process: EDGEMETA_JS_FIXTURES names a folder made
- * earlier (make_fixtures.py OUT), else they are made in a temporary folder.
- */
+/** Where the fixtures live: EDGEMETA_JS_FIXTURES, else runtime/js/.fixtures (made by `npm test`). */
+export const FIXTURES = process.env.EDGEMETA_JS_FIXTURES || join(HERE, '..', '.fixtures');
+
+/** Make the fixtures afresh (make_fixtures.py), with EDGEMETA_JS_MODEL as the model when set. */
+export function buildFixtures(dir = FIXTURES) {
+  rmSync(dir, { recursive: true, force: true });
+  const args = [join(HERE, 'make_fixtures.py'), dir];
+  if (process.env.EDGEMETA_JS_MODEL) args.push('--model', process.env.EDGEMETA_JS_MODEL);
+  runPython(args);
+}
+
+/** The fixtures, made now if no earlier run made them (a test file run on its own). */
 export function fixtures() {
-  if (cached) return cached;
-  let dir = process.env.EDGEMETA_JS_FIXTURES;
-  if (!dir || !existsSync(join(dir, 'expected.json'))) {
-    dir = dir || mkdtempSync(join(tmpdir(), 'edgemeta-js-'));
-    const args = [join(HERE, 'make_fixtures.py'), dir];
-    if (process.env.EDGEMETA_JS_MODEL) args.push('--model', process.env.EDGEMETA_JS_MODEL);
-    runPython(args);
-  }
-  cached = { dir, model: process.env.EDGEMETA_JS_MODEL || join(dir, 'model.onnx') };
-  return cached;
+  if (!existsSync(join(FIXTURES, 'expected.json'))) buildFixtures();
+  return { dir: FIXTURES, model: process.env.EDGEMETA_JS_MODEL || join(FIXTURES, 'model.onnx') };
 }
 
 /** The tensors of a safetensors file, by name. */
