@@ -18,6 +18,8 @@ export const MAX_LABEL_LENGTH = 1024;
 const MAX_COUNT = 2 ** 40;
 const HEADER_FIELDS = ['counts', 'embedding_dim', 'fingerprint', 'format', 'keep_embeddings', 'labels', 'metric', 'version'];
 const CONTROL = /\p{Cc}/u;
+// with the u flag a surrogate pair is one code point: only an unpaired half matches
+const LONE_SURROGATE = /[\uD800-\uDFFF]/u;
 
 /**
  * A label as the store keeps it: a non-empty string without control characters, in
@@ -32,7 +34,7 @@ export function checkLabel(label) {
   if (CONTROL.test(label)) {
     throw new InputError(`label ${JSON.stringify(label)} contains control characters (newline, tab, escape, ...); name the class without them`);
   }
-  if (!label.isWellFormed()) throw new InputError(`label ${JSON.stringify(label)} holds a lone surrogate (not valid Unicode); rename the class`);
+  if (LONE_SURROGATE.test(label)) throw new InputError(`label ${JSON.stringify(label)} holds a lone surrogate (not valid Unicode); rename the class`);
   return label.normalize('NFC');
 }
 
@@ -64,7 +66,9 @@ async function checksum(headerText, tensors) {
     all.set(p, at);
     at += p.length;
   }
-  const digest = new Uint8Array(await globalThis.crypto.subtle.digest('SHA-256', all));
+  // Web Crypto: browsers (secure contexts, localhost included) and Node 19+ have it global, Node 18 as node:crypto
+  const subtle = globalThis.crypto?.subtle ?? (await import('node:crypto')).webcrypto.subtle;
+  const digest = new Uint8Array(await subtle.digest('SHA-256', all));
   return Array.from(digest, (b) => b.toString(16).padStart(2, '0')).join('');
 }
 
@@ -112,7 +116,7 @@ function parseHeader(text, source) {
   const labels = h.labels.map((x, i) => {
     if (typeof x !== 'string') throw badHeader(source, `labels[${i}] must be a string`);
     if (x.length > MAX_LABEL_LENGTH) throw badHeader(source, `labels[${i}] is ${x.length} characters long, over the limit of ${MAX_LABEL_LENGTH}`);
-    if (!x.isWellFormed()) throw badHeader(source, `labels[${i}] holds a lone surrogate (not valid Unicode)`);
+    if (LONE_SURROGATE.test(x)) throw badHeader(source, `labels[${i}] holds a lone surrogate (not valid Unicode)`);
     if (CONTROL.test(x)) throw badHeader(source, `labels[${i}] holds control characters (newline, escape, ...)`);
     if (!x.trim()) throw badHeader(source, `labels[${i}] is empty`);
     return x.normalize('NFC'); // a store written before labels were composed reads as one written now

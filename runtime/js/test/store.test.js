@@ -76,6 +76,7 @@ for (const [what, edit, message] of [
   ['an unknown metric', (h) => (h.metric = 'manhattan'), /metric must be one of/],
   ['an unknown field', (h) => (h.owner = 'me'), /unknown field\(s\) owner/],
   ['a label with a newline', (h) => (h.labels[0] = 'ca\nt'), /labels\[0\] holds control characters/],
+  ['a label with a lone surrogate', (h) => (h.labels[0] = 'ca\uDC00t'), /labels\[0\] holds a lone surrogate/],
   ['two spellings of one label', (h) => (h.labels = ['café'.normalize('NFC'), 'café'.normalize('NFD')]), /appears twice/],
   ['labels and counts of different lengths', (h) => h.counts.push(1), /2 labels but 3 counts/],
   ['a newer format version', (h) => (h.version = 2), /newer than this edgemeta reads \(1\); upgrade edgemeta/],
@@ -106,6 +107,9 @@ test('labels: composed (NFC), no control characters, not empty; unknown labels a
   assert.equal(s.has('caf\u0065\u0301'), true);
   assert.throws(() => s.add('a\tb', new Float32Array(D)), { name: 'InputError', message: /control characters/ });
   assert.throws(() => s.add('  ', new Float32Array(D)), { name: 'InputError', message: /non-empty/ });
+  assert.throws(() => s.add('a\uD800b', new Float32Array(D)), { name: 'InputError', message: /lone surrogate/ });
+  s.add('smile \u{1F600}', new Float32Array(D)); // a pair of surrogates is one character, and fine
+  s.forget('smile \u{1F600}');
   assert.throws(() => s.add('x', new Float32Array(3)), { name: 'InputError', message: /do not fit \[n, 4\]/ });
   assert.throws(() => s.add('x', Float32Array.from([1, NaN, 0, 0])), { name: 'InputError', message: /finite/ });
   assert.throws(() => s.forget('cow'), { name: 'InputError', message: /unknown label "cow"; enrolled labels: "cat", "dog"/ });
