@@ -5,8 +5,10 @@
 import { create, ort } from '/edgemeta/web.js';
 
 ort.env.wasm.wasmPaths = new URL('/ort/', location.href).href; // absolute: the .wasm files are served from there
-// threads need a cross-origin isolated page (serve.js sends the headers); otherwise one thread
-ort.env.wasm.numThreads = self.crossOriginIsolated ? Math.min(4, navigator.hardwareConcurrency || 1) : 1;
+// threads need a cross-origin isolated page (serve.js sends the headers); otherwise one thread.
+// ?threads=N sets the number (1 is steadier on a busy machine: threads wait for each other)
+const asked = Number(new URLSearchParams(location.search).get('threads'));
+ort.env.wasm.numThreads = !self.crossOriginIsolated ? 1 : asked >= 1 ? asked : Math.min(4, navigator.hardwareConcurrency || 1);
 
 const $ = (id) => document.getElementById(id);
 let clf = null;

@@ -9,6 +9,7 @@
 // environment (.venv, or EDGEMETA_PYTHON) and the Omniglot data (EDGEMETA_DATA_DIR). Prints a
 // Markdown table; figures vary with the machine and its load.
 import { mkdtempSync } from 'node:fs';
+import { createRequire } from 'node:module';
 import { cpus, tmpdir } from 'node:os';
 import { join, resolve } from 'node:path';
 import { startServer } from '../../../examples/web/serve.js';
@@ -16,6 +17,7 @@ import { create } from '../src/node.js';
 import { HERE as TESTS, python, readSafetensorsFile, runPython } from '../test/helpers.js';
 import { launch } from '../test/chromium.js';
 
+const ORT_NODE = createRequire(import.meta.url)('onnxruntime-node/package.json').version;
 const args = process.argv.slice(2);
 const models = args.flatMap((a, i) => (a === '--model' ? [resolve(process.env.INIT_CWD ?? process.cwd(), args[i + 1])] : []));
 const iterations = Number(args[args.indexOf('--iterations') + 1] || 300);
@@ -58,12 +60,12 @@ async function node(model, t, py) {
   return { ...stats(times), label, pixels: clf.hasPixels };
 }
 
-async function browser(model, t, py) {
+async function browser(model, t, py, threads) {
   const server = await startServer({ model, port: 0 });
   const chromium = await launch();
   try {
     const page = await chromium.newPage();
-    await page.goto(server.url);
+    await page.goto(threads ? `${server.url}?threads=${threads}` : server.url);
     await page.waitForFunction(() => document.body.dataset.busy === '0', { timeout: 60000 });
     const frames = { pixels: { shape: t.pixels.shape, data: Array.from(t.pixels.data) }, preprocessed: { shape: t.preprocessed.shape, data: Array.from(t.preprocessed.data) } };
     return await page.evaluate(async (frames, labels, shots, iterations) => {
@@ -103,19 +105,21 @@ async function browser(model, t, py) {
 const f = (x) => x.toFixed(3);
 console.log(`| model | runtime | input | batch-1 predict, median ms | p90 ms | label |`);
 console.log(`| --- | --- | --- | ---: | ---: | --- |`);
-let notes = [];
+const notes = [];
 for (const model of models) {
   const dir = mkdtempSync(join(tmpdir(), 'edgemeta-bench-'));
   const py = JSON.parse(runPython([join(TESTS, '../bench/bench_python.py'), model, dir, String(iterations)]));
   const t = readSafetensorsFile(join(dir, 'frames.safetensors'));
   const nd = await node(model, t, py);
-  const br = await browser(model, t, py);
+  const browsers = [await browser(model, t, py), await browser(model, t, py, 1)];
   const name = model.split('/').at(-1);
   const input = nd.pixels ? 'uint8 105x105 frame (pixels)' : 'preprocessed float32 (images)';
   console.log(`| ${name} | Python (onnxruntime ${py.onnxruntime}), predict() | uint8 105x105 frame | ${f(py.predict.median_ms)} | ${f(py.predict.p90_ms)} | ${py.label} |`);
   console.log(`| ${name} | Python, model call alone (Session.run) | preprocessed float32 | ${f(py.model_call.median_ms)} | ${f(py.model_call.p90_ms)} | |`);
-  console.log(`| ${name} | Node ${process.version} (onnxruntime-node), predict() | ${input} | ${f(nd.median_ms)} | ${f(nd.p90_ms)} | ${nd.label} |`);
-  console.log(`| ${name} | ${br.browser} headless (onnxruntime-web ${br.version}, wasm, ${br.threads} thread(s)) | ${input} | ${f(br.median_ms)} | ${f(br.p90_ms)} | ${br.label} |`);
-  notes.push(`${name}: cross-origin isolated page: ${br.isolated}`);
+  console.log(`| ${name} | Node ${process.version} (onnxruntime-node ${ORT_NODE}), predict() | ${input} | ${f(nd.median_ms)} | ${f(nd.p90_ms)} | ${nd.label} |`);
+  for (const br of browsers) {
+    console.log(`| ${name} | ${br.browser} headless (onnxruntime-web ${br.version}, wasm, ${br.threads} thread(s)) | ${input} | ${f(br.median_ms)} | ${f(br.p90_ms)} | ${br.label} |`);
+  }
+  notes.push(`${name}: cross-origin isolated page: ${browsers[0].isolated}`);
 }
 console.log(`\n${iterations} timed calls each after a warm-up; ${cpus().length} CPU(s) (${cpus()[0]?.model ?? 'unknown'}); ${notes.join('; ')}`);
