@@ -19,40 +19,6 @@ export const OUTPUT_LOGITS = 'logits';
 export const PIXELS_EXPORT =
   'export it again with `edgemeta export CHECKPOINT -o MODEL.onnx` (a model from elsewhere: `edgemeta wrap`), which adds the `pixels` entry';
 
-// float32 <-> float16 bits, for fp16 models fed preprocessed `images` and their prototypes
-const f32 = new Float32Array(1);
-const u32 = new Uint32Array(f32.buffer);
-function toHalf(x) {
-  f32[0] = x;
-  const b = u32[0];
-  const sign = (b >>> 16) & 0x8000;
-  const exp = (b >>> 23) & 0xff;
-  let mant = b & 0x7fffff;
-  if (exp === 0xff) return sign | 0x7c00 | (mant ? 0x200 : 0);
-  let e = exp - 127 + 15;
-  if (e >= 0x1f) return sign | 0x7c00;
-  if (e <= 0) {
-    if (e < -10) return sign;
-    mant |= 0x800000;
-    const shift = 14 - e;
-    const half = mant >>> shift;
-    const rest = mant & ((1 << shift) - 1);
-    const mid = 1 << (shift - 1);
-    return sign | (half + (rest > mid || (rest === mid && half & 1) ? 1 : 0));
-  }
-  const half = (e << 10) | (mant >>> 13);
-  const rest = mant & 0x1fff;
-  return sign | (half + (rest > 0x1000 || (rest === 0x1000 && half & 1) ? 1 : 0));
-}
-function fromHalf(h) {
-  const sign = h & 0x8000 ? -1 : 1;
-  const exp = (h >>> 10) & 0x1f;
-  const mant = h & 0x3ff;
-  if (exp === 0) return sign * mant * 2 ** -24;
-  if (exp === 0x1f) return mant ? NaN : sign * Infinity;
-  return sign * (1 + mant / 1024) * 2 ** (exp - 15);
-}
-
 /**
  * Which kind of input an image is: raw pixels ({data: Uint8Array|Uint8ClampedArray, width,
  * height[, channels]}, e.g. ImageData) or a preprocessed float tensor ({data: Float32Array,
@@ -139,11 +105,16 @@ export class FewShotClassifier {
     }
     /** Whether the model takes raw pixels (exported with the `pixels` entry). */
     this.hasPixels = names.has(INPUT_PIXELS);
-    const meta = Object.fromEntries((session.inputMetadata ?? []).map((m) => [m.name, m]));
-    this._types = {
-      [INPUT_IMAGES]: meta[INPUT_IMAGES]?.type ?? 'float32',
-      [INPUT_PROTOTYPES]: meta[INPUT_PROTOTYPES]?.type ?? 'float32',
-    };
+    // edgemeta's exports (fp16 ones too) take and give float32; a graph with float16 inputs or
+    // outputs comes from elsewhere and is refused rather than fed or read as the wrong numbers
+    const types = [...(session.inputMetadata ?? []), ...(session.outputMetadata ?? [])]
+      .filter((m) => m.name !== INPUT_PIXELS && m.type && !['float32', 'float64'].includes(m.type));
+    if (types.length) {
+      throw new ModelMismatchError(
+        `${source} has ${types.map((m) => `'${m.name}' as ${m.type}`).join(', ')}; this runtime feeds and reads float32: ` +
+          'export the model with `edgemeta export` (fp16 exports keep float32 inputs and outputs)',
+      );
+    }
     this.store = this._newStore(options.keepEmbeddings);
     this._keep = Boolean(options.keepEmbeddings);
     this._threshold = options.threshold === undefined ? this.defaultThreshold() : this._checkThreshold(options.threshold);
@@ -231,18 +202,8 @@ export class FewShotClassifier {
     return next;
   }
 
-  _tensor(name, data, dims) {
-    if (this._types[name] === 'float16') {
-      const bits = new Uint16Array(data.length);
-      for (let i = 0; i < data.length; i++) bits[i] = toHalf(data[i]);
-      return new this.ort.Tensor('float16', bits, dims);
-    }
-    return new this.ort.Tensor('float32', data, dims);
-  }
-
   _float(tensor) {
-    if (tensor.type === 'float16') return Float32Array.from(tensor.data, fromHalf);
-    return tensor.data instanceof Float32Array ? tensor.data : Float32Array.from(tensor.data, Number);
+    return tensor.data instanceof Float32Array ? tensor.data : Float32Array.from(tensor.data); // a double output
   }
 
   /**
@@ -293,7 +254,7 @@ export class FewShotClassifier {
     }
     const embeddings = new Float32Array(at * d);
     const logits = new Float32Array(at * classes);
-    const protos = this._tensor(INPUT_PROTOTYPES, prototypes, [classes, d]);
+    const protos = new this.ort.Tensor('float32', prototypes, [classes, d]);
     for (const g of groups) {
       const per = g.per.reduce((a, b) => a * b, 1);
       const data = g.kind === INPUT_PIXELS ? new Uint8Array(g.count * per) : new Float32Array(g.count * per);
@@ -302,7 +263,7 @@ export class FewShotClassifier {
         data.set(p, off);
         off += p.length;
       }
-      const input = g.kind === INPUT_PIXELS ? new this.ort.Tensor('uint8', data, [g.count, ...g.per]) : this._tensor(INPUT_IMAGES, data, [g.count, ...g.per]);
+      const input = g.kind === INPUT_PIXELS ? new this.ort.Tensor('uint8', data, [g.count, ...g.per]) : new this.ort.Tensor('float32', data, [g.count, ...g.per]);
       const out = await this._run({ [g.kind]: input, [INPUT_PROTOTYPES]: protos }, classes ? [OUTPUT_EMBEDDINGS, OUTPUT_LOGITS] : [OUTPUT_EMBEDDINGS]);
       const emb = this._float(out[OUTPUT_EMBEDDINGS]);
       const lg = classes ? this._float(out[OUTPUT_LOGITS]) : null;
