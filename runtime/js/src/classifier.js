@@ -84,9 +84,14 @@ export class FewShotClassifier {
       ...options.sessionOptions,
     };
     const session = await ort.InferenceSession.create(bytes, sessionOptions);
-    const clf = new FewShotClassifier(ort, session, metadata, source, options);
-    await clf._findLogitScale();
-    return clf;
+    try {
+      const clf = new FewShotClassifier(ort, session, metadata, source, options);
+      await clf._findLogitScale();
+      return clf;
+    } catch (e) {
+      await session.release?.(); // a refused model holds no native memory
+      throw e;
+    }
   }
 
   constructor(ort, session, metadata, source, options) {
@@ -116,7 +121,6 @@ export class FewShotClassifier {
       );
     }
     this.store = this._newStore(options.keepEmbeddings);
-    this._keep = Boolean(options.keepEmbeddings);
     this._threshold = options.threshold === undefined ? this.defaultThreshold() : this._checkThreshold(options.threshold);
     this._queue = Promise.resolve(); // one graph call at a time: a web session refuses concurrent runs
   }
