@@ -2,6 +2,8 @@
 # Set up a fresh machine and run the test suite (what CI runs).
 #   bash scripts/test.sh            # all tests
 #   bash scripts/test.sh -k export  # extra arguments go to pytest
+#   bash scripts/test.sh -m "not slow"  # the quick subset
+#   EDGEMETA_RUFF=1 bash scripts/test.sh  # lint and format check first (off until the code is formatted)
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -31,6 +33,13 @@ export EDGEMETA_LITE_PYTHON  # (apart from the assignment, so that a failed inst
 # 4. the oldest ONNX Runtime the exported models claim to load in (1.17, early 2024)
 EDGEMETA_OLD_ORT_PYTHON=$(side_venv "${EDGEMETA_OLD_ORT_VENV:-.venv-ort117}" "onnxruntime==1.17.3" "numpy<2")
 export EDGEMETA_OLD_ORT_PYTHON
+
+# ruff (lint and format check, configured in pyproject.toml); off by default until the code base
+# has been formatted once, then on
+if [ "${EDGEMETA_RUFF:-0}" = 1 ]; then
+  "$VENV/bin/python" -m ruff check .
+  "$VENV/bin/python" -m ruff format --check .
+fi
 
 "$VENV/bin/python" -m pytest -q -p no:cacheprovider "$@"
 

@@ -253,6 +253,17 @@ def omniglot_novel(export_env):
     return load_omniglot("evaluation", download=False)
 
 
+# Fixtures that train a model first; a test that uses one counts as slow (see pytest_collection_modifyitems).
+SLOW_FIXTURES = {"trained_conv4"}
+
+
+def pytest_collection_modifyitems(items):
+    """Mark `slow` every test that needs a training run first, so `-m "not slow"` skips the training."""
+    for item in items:
+        if SLOW_FIXTURES & set(getattr(item, "fixturenames", ())):
+            item.add_marker(pytest.mark.slow)
+
+
 @pytest.fixture(scope="session")
 def trained_conv4(export_env, tmp_path_factory) -> Path:
     """A Conv-4 trained for 30 Omniglot episodes (about 10 s): good enough to be discriminative."""

@@ -488,6 +488,7 @@ def test_more_threads_than_cores_warn_and_absurd_counts_are_refused(tiny_onnx_mo
     assert report.notes.count(cfg.oversubscribed) == 1
 
 
+@pytest.mark.slow
 def test_cli_warns_once_on_stderr_about_more_threads_than_cores(tiny_onnx_model_module, monkeypatch):
     from edgemeta.cli._app import _show_warning
 
@@ -564,6 +565,7 @@ def test_linear_head_learns_separable_classes():
 # ---------------------------------------------------------------- the command line
 
 
+@pytest.mark.slow
 def test_cli_json(tiny_onnx_model_module, tmp_path):
     res = cli(tiny_onnx_model_module, "--json", "--runs", "3", "--warmup", "0", "--batch-sizes", "1,2", "--classes", "1,10",
               "--threads", "1", "--no-cold-start", "--providers", "cpu", "--rounds", "2", "--plot", tmp_path / "p.png")
@@ -575,6 +577,7 @@ def test_cli_json(tiny_onnx_model_module, tmp_path):
     assert f"wrote {tmp_path / 'p.png'}\n" in res.stderr  # where the plot went, on stderr: stdout is the JSON alone
 
 
+@pytest.mark.slow
 def test_cli_no_spinning_reaches_the_report_and_the_runtime_sessions(tiny_onnx_model_module, monkeypatch):
     """--no-spinning is in the report's settings and in the classifier's session (enrolment, predict) too."""
     seen = []
@@ -633,6 +636,7 @@ def test_cli_plot_in_a_folder_that_takes_no_files(tiny_onnx_model_module, no_mea
     assert res.exit_code == 1 and res.stderr.startswith("error: --plot: cannot write in folder /proc (") and res.stderr.count("\n") == 1
 
 
+@pytest.mark.slow
 def test_cli_plot_failure_comes_after_the_report(tiny_onnx_model_module, tmp_path, monkeypatch):
     """A plot that cannot be written (disk full) is one error line after the report, which is whole on stdout."""
     import matplotlib.figure
@@ -752,6 +756,7 @@ def test_cuda_rows(tiny_onnx_model_module):
 
 
 @pytest.mark.skipif(not os.environ.get("EDGEMETA_LITE_PYTHON"), reason="set EDGEMETA_LITE_PYTHON to a runtime-only venv (scripts/test.sh does)")
+@pytest.mark.slow
 def test_cli_in_a_runtime_only_environment(tiny_onnx_model_module):
     args = ["benchmark", str(tiny_onnx_model_module), "--json", "--runs", "2", "--warmup", "0", "--batch-sizes", "1", "--classes", "1", "--threads", "1", "--no-cold-start"]
     r = subprocess.run([os.environ["EDGEMETA_LITE_PYTHON"], "-m", "edgemeta", *args], capture_output=True, text=True, timeout=300)
@@ -763,6 +768,7 @@ def test_cli_in_a_runtime_only_environment(tiny_onnx_model_module):
 
 @pytest.mark.slow
 @pytest.mark.skipif(not (Path(os.environ.get("EDGEMETA_DATA_DIR", "/nonexistent")) / "omniglot").is_dir(), reason="needs the Omniglot data (EDGEMETA_DATA_DIR)")
+@pytest.mark.slow
 def test_backprop_baseline_on_omniglot_episodes(tmp_path):
     torch = pytest.importorskip("torch")
     from edgemeta.checkpoint import save_checkpoint
@@ -1210,6 +1216,7 @@ def test_a_failed_gpu_peak_is_a_note_not_a_lost_report(monkeypatch, tiny_onnx_mo
     assert len(report.embedding) == 2 and report.peak is not None  # the rows kept, the CPU peak measured
 
 
+@pytest.mark.slow
 def test_notes_say_which_files_ran_when_not_all_were_given(tmp_path, tiny_onnx_model_module):
     """A given model that --precisions leaves out, and a precision found beside the model or
     made, are each named in a note: the table alone would not say which file ran."""

@@ -43,6 +43,7 @@ def _cache(tmp_path_factory, monkeypatch):
 
 
 @needs_shared
+@pytest.mark.slow
 def test_omniglot_protocol_splits(monkeypatch):
     monkeypatch.setenv("EDGEMETA_DATA_DIR", str(SHARED))
     train, val = D.omniglot_splits(size=28, val_alphabets=3)

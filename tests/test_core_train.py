@@ -122,6 +122,7 @@ def test_episode_scores_and_confidence_interval():
 
 
 @needs_shared
+@pytest.mark.slow
 def test_short_training_beats_the_untrained_network(tmp_path):
     """A real (short) run on background classes must clearly beat random init on evaluation classes."""
     cfg = TrainConfig(out=str(tmp_path / "m.safetensors"), n_way=20, k_shot=5, q_query=5, episodes=80,
@@ -142,6 +143,7 @@ def test_short_training_beats_the_untrained_network(tmp_path):
 
 
 @needs_shared
+@pytest.mark.slow
 def test_resume_continues_exactly(tmp_path):
     base = dict(n_way=5, k_shot=1, q_query=2, val_every=5, val_episodes=5, threads=1, seed=4, log_every=5)
     straight = train(TrainConfig(out=str(tmp_path / "a.safetensors"), episodes=10, **base), progress=False)
@@ -154,6 +156,7 @@ def test_resume_continues_exactly(tmp_path):
 
 
 @needs_shared
+@pytest.mark.slow
 def test_centered_l2_stores_the_base_mean(tmp_path):
     cfg = TrainConfig(out=str(tmp_path / "c.safetensors"), normalization=Normalization.CENTERED_L2, metric=Metric.COSINE,
                       n_way=5, k_shot=1, q_query=2, episodes=3, val_every=3, val_episodes=3, threads=1)
@@ -185,7 +188,7 @@ def test_episodes_file_evaluation_matches_direct_classification(tmp_path):
     [
         (["train", "--backbone", "vgg", "--episodes", "1"], "unknown backbone 'vgg'"),
         (["train", "--out", "/nonexistent/dir/m.safetensors"], "-o: folder /nonexistent/dir does not exist"),
-        pytest.param(["train", "--n-way", "4000", "--episodes", "1"], "fewer than the 4000-way episodes", marks=needs_shared),
+        pytest.param(["train", "--n-way", "4000", "--episodes", "1"], "fewer than the 4000-way episodes", marks=[needs_shared, pytest.mark.slow]),
         pytest.param(["train", "--k-shot", "15", "--queries", "10", "--episodes", "1"], "only 0 classes have at least 25 images", marks=needs_shared),
         (["evaluate", "missing.safetensors"], "checkpoint not found: missing.safetensors"),
         (["evaluate", "--dataset", "digits", "--n-way", "11"], "fewer than 11-way"),
@@ -216,6 +219,7 @@ def test_missing_omniglot_via_cli(tmp_path, monkeypatch):
 
 
 @needs_shared
+@pytest.mark.slow
 def test_mixed_shots_and_bf16_autocast(tmp_path):
     cfg = TrainConfig(out=str(tmp_path / "b.safetensors"), n_way=5, mixed_shots=(1, 3), q_query=2, episodes=4, bf16=True,
                       val_every=4, val_episodes=5, val_alphabets=1, threads=1, log_every=2)
@@ -325,6 +329,7 @@ def _interrupt_after_last(monkeypatch, step: int) -> None:
 
 
 @needs_shared
+@pytest.mark.slow
 def test_interrupted_run_keeps_its_best_model_and_resume_labels_it(tmp_path, monkeypatch):
     cfg = TrainConfig(out=str(tmp_path / "m.safetensors"), n_way=5, k_shot=1, q_query=2, episodes=10, val_every=2, val_episodes=20,
                       threads=1, seed=1, log_every=1)
@@ -350,6 +355,7 @@ def test_interrupted_run_keeps_its_best_model_and_resume_labels_it(tmp_path, mon
 
 
 @needs_shared
+@pytest.mark.slow
 def test_resume_without_the_best_weights_chooses_the_best_anew(tmp_path, monkeypatch):
     """A resume file whose checkpoint is gone (as runs before this fix left them): the final
     checkpoint's accuracy is that of the weights it holds, not the lost best's."""
@@ -371,6 +377,7 @@ def test_resume_without_the_best_weights_chooses_the_best_anew(tmp_path, monkeyp
 
 
 @needs_shared
+@pytest.mark.slow
 def test_force_replaces_a_run_only_when_the_new_one_writes(tmp_path, monkeypatch):
     import edgemeta.train as train_mod
 
@@ -387,6 +394,7 @@ def test_force_replaces_a_run_only_when_the_new_one_writes(tmp_path, monkeypatch
     assert '"old"' not in (tmp_path / "m.jsonl").read_text() and (tmp_path / "m.png").read_bytes() != b"old curve"
 
 
+@pytest.mark.slow
 def test_a_moved_run_resumed_through_its_last_file_keeps_its_best_model(tmp_path):
     import warnings
 

@@ -97,6 +97,7 @@ def test_every_registered_backbone_has_export_coverage():
 
 
 @pytest.mark.parametrize("name", sorted(BACKBONES))
+@pytest.mark.slow
 def test_every_backbone_exports_and_verifies(name, tmp_path, calib):
     model = tiny_model(name, calibration=calib)
     save_checkpoint(tmp_path / "m.safetensors", model, info={"config": {"dataset": "omniglot"}})
@@ -236,6 +237,7 @@ def test_torchscript_fallback_is_reported(tmp_path, monkeypatch):
     assert emb.shape == (3, model.embedding_dim) and logits.shape == (3, 0)
 
 
+@pytest.mark.slow
 def test_offline_optimization_keeps_the_contract(tmp_path, omniglot_novel, calib):
     model = tiny_model("edgenet", calibration=calib)
     meta = ModelMetadata(omniglot_spec(28), model.embedding_dim, Metric.SQEUCLIDEAN, Normalization.CENTERED_L2, "opt")
@@ -322,6 +324,7 @@ def test_replacing_a_model_keeps_its_mode(tiny_onnx, tmp_path, mode):
     assert inspect(tmp_path / "m.ort")["metadata"]["fingerprint"] == tiny_onnx[2].fingerprint and leftovers(tmp_path) == []
 
 
+@pytest.mark.slow
 def test_an_ort_copy_is_written_with_its_onnx_or_not_at_all(tiny_onnx, tmp_path, monkeypatch):
     from edgemeta.exporters import pipeline
 

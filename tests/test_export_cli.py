@@ -139,6 +139,7 @@ def test_weights_that_do_not_fit_name_the_keys(workdir):
     assert "Missing key(s)" in r.output
 
 
+@pytest.mark.slow
 def test_export_verify_inspect_a_checkpoint(workdir, trained_conv4):
     r = run("export", trained_conv4, "-o", "m.onnx", "--episodes", "20", "--json")
     assert r.exit_code == 0, r.output
@@ -169,6 +170,7 @@ def test_verify_refuses_another_models_checkpoint(workdir, trained_conv4_onnx):
     assert (workdir / "m.onnx").read_bytes() == before
 
 
+@pytest.mark.slow
 def test_export_int8_with_ort_format(workdir, trained_conv4):
     r = run("export", trained_conv4, "-o", "m.int8.onnx", "--precision", "int8", "--ort", "--episodes", "20", "--calibration-images", "64", "--json")
     assert r.exit_code == 0, r.output
@@ -202,6 +204,7 @@ def test_the_int8_stem_is_said_in_one_line():
     assert line(Precision.FP32) is None and line(dataset="x") is None  # fp32, or an int8 model from before the record
 
 
+@pytest.mark.slow
 def test_quantize_an_exported_model(workdir, trained_conv4, trained_conv4_onnx):
     shutil.copy(trained_conv4_onnx, workdir / "m.onnx")
     r = run("quantize", "m.onnx", "--checkpoint", trained_conv4, "-o", "m.int8.onnx", "--episodes", "20", "--calibration-images", "64", "--json")

@@ -76,6 +76,7 @@ def test_fp16_keeps_float32_interface_and_metric(fp16_model, trained_conv4_onnx)
     assert model.ir_version == 8
 
 
+@pytest.mark.slow
 def test_fp16_predictions_agree_with_torch(fp16_model, trained_conv4, omniglot_novel):
     report = verify(fp16_model, load_checkpoint(trained_conv4).model, omniglot_novel, EPISODES)
     ep = report.episodes
@@ -216,6 +217,7 @@ def test_int8_nhwc_stem_hand_over(int8_nhwc_model, int8_model, tmp_path):
         QuantizeSpec(stem_layout="nhwc", float_stem=False)
 
 
+@pytest.mark.slow
 def test_int8_space_to_depth_stem(int8_s2d_model, trained_conv4, omniglot_novel, tmp_path):
     """stem_layout="s2d": the stem runs in int8 as a space-to-depth convolution, with its
     pooling; only the input crosses from float to int8, and accuracy holds."""
@@ -271,6 +273,7 @@ def _untrained_rgb(backbone: str, tmp_path: Path):
     return fp32, ImageSet(images, np.repeat(np.arange(4), 2), [f"c{i}" for i in range(4)], "random", ck.spec.preprocess)
 
 
+@pytest.mark.slow
 def test_int8_space_to_depth_stem_on_colour_images(tmp_path):
     """Three channels move into blocks by SpaceToDepth; the int8 model stays close to fp32."""
     fp32, calibration = _untrained_rgb("conv4", tmp_path)
@@ -286,6 +289,7 @@ def test_int8_space_to_depth_stem_on_colour_images(tmp_path):
     assert 0 < error[out.name] < 0.1 and error[out.name] < 2 * error[float_stem.name]  # quantized, and about as close as a float stem
 
 
+@pytest.mark.slow
 def test_int8_space_to_depth_stem_refuses_a_stem_it_does_not_fit(tmp_path):
     """ResNet-12's stem convolution feeds a second convolution, not a pooling."""
     fp32, calibration = _untrained_rgb("resnet12", tmp_path)
@@ -294,6 +298,7 @@ def test_int8_space_to_depth_stem_refuses_a_stem_it_does_not_fit(tmp_path):
     assert not (tmp_path / "r12.int8.onnx").exists()
 
 
+@pytest.mark.slow
 def test_int8_stem_layout_auto_runs_the_stem_in_int8_where_space_to_depth_fits(tmp_path):
     """The default: Conv-4's stem as a space-to-depth convolution; ResNet-12's, which does not
     fit, in float32 (or in int8 as asked), with the reason recorded."""
@@ -427,6 +432,7 @@ def test_int8_ort_format_at_the_extended_level_runs_the_int8_kernels(int8_model,
     assert not (tmp_path / "x.ort").exists()
 
 
+@pytest.mark.slow
 def test_int8_predictions_agree_and_accuracy_holds(int8_model, trained_conv4, omniglot_novel):
     report = verify(int8_model, load_checkpoint(trained_conv4).model, omniglot_novel, EPISODES)
     ep = report.episodes

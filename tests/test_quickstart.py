@@ -36,3 +36,44 @@ def test_an_out_path_that_is_a_file_is_refused_and_kept(tmp_path):
     with pytest.raises(InputError, match="--out .*weights.safetensors is a file; name a folder"):
         quickstart(QuickstartConfig(out=str(taken)))
     assert taken.read_bytes() == b"precious"
+
+
+@pytest.mark.slow
+def test_the_quickstart_runs_end_to_end_and_writes_what_its_summary_names(export_env, tmp_path, monkeypatch):
+    """`edgemeta quickstart --json` on a few classes, with short verification and benchmark runs
+    (the path is the same; only the counts are smaller, so the test takes seconds, not minutes)."""
+    import functools
+    import json
+
+    from typer.testing import CliRunner
+
+    import edgemeta.quickstart as qs
+    from edgemeta.cli import app
+
+    monkeypatch.setattr(qs, "QuickstartConfig", functools.partial(QuickstartConfig, verify_episodes=20, bench_runs=5))
+    out = tmp_path / "qs"
+    result = CliRunner().invoke(app, ["quickstart", "--out", str(out), "--classes", "4", "--shots", "3", "--json"])
+    assert result.exit_code == 0, result.output
+    summary = json.loads(result.stdout)
+    assert json.loads((out / "summary.json").read_text()) == json.loads(json.dumps(summary, default=str))
+
+    for precision in ("fp32", "int8"):
+        export = summary["export"][precision]
+        assert (out / f"conv4_omniglot.{precision}.onnx").is_file()
+        assert export["path"] == str(out / f"conv4_omniglot.{precision}.onnx")
+        assert export["size_kb"] > 0
+        assert export["agreement"] >= 0.95  # the export's own verification against torch
+        runtime = summary["runtime"][precision]
+        assert (runtime["classes"], runtime["shots"]) == (4, 3)
+        assert runtime["queries"] == 4 * (20 - 3)  # Omniglot characters have 20 drawings each
+        assert runtime["accuracy"] >= 0.8  # 4-way 3-shot on novel classes: the shipped model gets ~98%
+        assert runtime["reload_identical"] is True
+        assert runtime["providers"] == ["CPUExecutionProvider"]
+        assert (out / f"store.{precision}.safetensors").is_file()
+    assert summary["export"]["int8"]["size_kb"] < summary["export"]["fp32"]["size_kb"]
+
+    bench = summary["benchmark"]
+    assert bench["fp32_p50_ms_b1"] > 0
+    assert bench["int8_vs_fp32_b32"] > 0
+    assert bench["repeatability"]
+    assert "embedding" in json.loads((out / "benchmark.json").read_text())
