@@ -58,7 +58,10 @@ def main() -> None:
     for i, label in enumerate(labels):
         clf.enroll(label, list(pix[i * shots : (i + 1) * shots]))
     pre = preprocess(list(pix), spec)
-    save_file({"pixels": pix[:, :, :, None].copy(), "preprocessed": np.ascontiguousarray(pre, np.float32)}, str(out / "frames.safetensors"))
+    save_file(
+        {"pixels": pix[:, :, :, None].copy(), "preprocessed": np.ascontiguousarray(pre, np.float32)},
+        str(out / "frames.safetensors"),
+    )
     query = pix[-1]
     protos = clf.store.prototypes()
     result = {

@@ -61,9 +61,13 @@ def main() -> None:
     model = args.model or out / "model.onnx"
     if args.model is None:
         ckpt = REPO / "edgemeta" / "pretrained" / "conv4_omniglot.safetensors"
-        subprocess.run([sys.executable, "-m", "edgemeta", "export", str(ckpt), "-o", str(model), "--no-verify"], check=True, stdout=subprocess.DEVNULL)
+        subprocess.run(
+            [sys.executable, "-m", "edgemeta", "export", str(ckpt), "-o", str(model), "--no-verify"],
+            check=True,
+            stdout=subprocess.DEVNULL,
+        )
 
-    pixels, labels, shots, queries, files = [], [], [], [], []
+    pixels, labels, shots, queries = [], [], [], []
     for c, (name, members, archive) in enumerate(omniglot_classes(data_dir, args.classes)):
         label = name.replace("images_evaluation/", "")
         labels.append(label)
@@ -80,8 +84,12 @@ def main() -> None:
     clf = FewShotClassifier(model, "cpu")
     pre = preprocess(list(pix[:, :, :, 0]), clf.session.preprocess)
     save_file(
-        {"pixels": pix, "preprocessed": np.ascontiguousarray(pre, np.float32),
-         "shots": np.array(shots, np.int64), "queries": np.array(queries, np.int64)},
+        {
+            "pixels": pix,
+            "preprocessed": np.ascontiguousarray(pre, np.float32),
+            "shots": np.array(shots, np.int64),
+            "queries": np.array(queries, np.int64),
+        },
         str(out / "images.safetensors"),
     )
     for c, label in enumerate(labels):
