@@ -43,7 +43,8 @@ export function buildFixtures(dir = FIXTURES) {
 /** The fixtures, made now if no earlier run made them (a test file run on its own). */
 export function fixtures() {
   if (!existsSync(join(FIXTURES, 'expected.json'))) buildFixtures();
-  return { dir: FIXTURES, model: process.env.EDGEMETA_JS_MODEL || join(FIXTURES, 'model.onnx') };
+  // older: the same model exported without the pixels entry (as models were before it)
+  return { dir: FIXTURES, model: process.env.EDGEMETA_JS_MODEL || join(FIXTURES, 'model.onnx'), older: join(FIXTURES, 'model-images.onnx') };
 }
 
 /** The tensors of a safetensors file, by name. */

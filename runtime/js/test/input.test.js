@@ -37,12 +37,21 @@ describe('bad input to the classifier', { skip: skip ?? false }, () => {
   });
 
   test('raw bytes to a model without the pixels entry name the export command that adds it', async () => {
-    const bytes = { data: new Uint8Array(16), width: 4, height: 4 };
-    if (clf.hasPixels) {
-      await assert.rejects(clf.predict({ data: new Float32Array(784), dims: [1, 28, 28] }), { name: 'InputError', message: /takes raw pixels; pass the decoded image/ });
-    } else {
-      await assert.rejects(clf.predict(bytes), { name: 'InputError', message: /has no 'pixels' input .*`edgemeta export CHECKPOINT -o MODEL\.onnx`/ });
-    }
+    const older = await create(fx.older);
+    assert.equal(older.hasPixels, false);
+    const [h, w] = older.metadata.preprocess.size;
+    await older.enroll('a', { data: new Float32Array(h * w), dims: [1, h, w] }); // preprocessed tensors still work
+    await assert.rejects(older.predict({ data: new Uint8Array(16), width: 4, height: 4 }), {
+      name: 'InputError',
+      message: /model-images\.onnx has no 'pixels' input .*`edgemeta export CHECKPOINT -o MODEL\.onnx`/,
+    });
+    assert.deepEqual(older.counts, { a: 1 });
+  });
+
+  test('a model with the pixels entry refuses preprocessed tensors (JS cannot feed its images input)', async (t) => {
+    if (!clf.hasPixels) return t.skip('this checkout exports no pixels entry');
+    const [h, w] = clf.metadata.preprocess.size;
+    await assert.rejects(clf.predict({ data: new Float32Array(h * w), dims: [1, h, w] }), { name: 'InputError', message: /takes raw pixels; pass the decoded image/ });
   });
 
   test('a store from another model or a truncated store file is refused, and the classes stay', async () => {

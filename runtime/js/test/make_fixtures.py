@@ -4,7 +4,8 @@
 
 Writes into OUT_DIR (made by the Node tests in a temporary folder):
 
-- ``model.onnx``: the shipped Conv-4 exported by this checkout (unless ``--model`` names one);
+- ``model.onnx``: the shipped Conv-4 exported by this checkout (unless ``--model`` names one),
+  and ``model-images.onnx``, exported without the ``pixels`` entry (as models were before it);
 - ``images.safetensors``: decoded Omniglot evaluation images (uint8 [N, 105, 105, 1], as the
   Python runtime decodes the PNGs) and the same images preprocessed by the Python runtime
   (float32 [N, C, H, W], what a model without the ``pixels`` entry takes); ``shots`` and
@@ -24,8 +25,7 @@ import argparse
 import io
 import json
 import os
-import subprocess
-import sys
+import shutil
 import zipfile
 from pathlib import Path
 
@@ -48,6 +48,24 @@ def omniglot_classes(data_dir: Path, n: int) -> list[tuple[str, list[str], zipfi
     return [(c, sorted(by_class[c]), archive) for c in chosen]
 
 
+def export_models(model: Path | None, older: Path) -> None:
+    """Export the shipped Conv-4 to ``model`` (unless None) as this checkout exports it, and
+    to ``older`` as models were exported before the ``pixels`` entry (``images`` only), in
+    one process (torch is imported once)."""
+    from edgemeta.exporters import ExportOptions, export_checkpoint
+
+    ckpt = REPO / "edgemeta" / "pretrained" / "conv4_omniglot.safetensors"
+    if model is not None:
+        export_checkpoint(ckpt, model, ExportOptions(verify=None))
+    fields = ExportOptions.__dataclass_fields__
+    if "pixels" in fields:
+        export_checkpoint(ckpt, older, ExportOptions(verify=None, pixels=False))
+    elif model is not None:  # a checkout from before the pixels entry: every export is the older kind
+        shutil.copyfile(model, older)
+    else:
+        export_checkpoint(ckpt, older, ExportOptions(verify=None))
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("out", type=Path)
@@ -59,13 +77,7 @@ def main() -> None:
     out.mkdir(parents=True, exist_ok=True)
     data_dir = args.data_dir or Path(os.environ.get("EDGEMETA_DATA_DIR", REPO.parent / "shared" / "data"))
     model = args.model or out / "model.onnx"
-    if args.model is None:
-        ckpt = REPO / "edgemeta" / "pretrained" / "conv4_omniglot.safetensors"
-        subprocess.run(
-            [sys.executable, "-m", "edgemeta", "export", str(ckpt), "-o", str(model), "--no-verify"],
-            check=True,
-            stdout=subprocess.DEVNULL,
-        )
+    export_models(model if args.model is None else None, out / "model-images.onnx")
 
     pixels, labels, shots, queries = [], [], [], []
     for c, (name, members, archive) in enumerate(omniglot_classes(data_dir, args.classes)):
