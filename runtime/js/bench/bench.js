@@ -14,7 +14,7 @@ import { cpus, tmpdir } from 'node:os';
 import { join, resolve } from 'node:path';
 import { startServer } from '../../../examples/web/serve.js';
 import { create } from '../src/node.js';
-import { HERE as TESTS, python, readSafetensorsFile, runPython } from '../test/helpers.js';
+import { HERE as TESTS, python, readSafetensorsFile, runPython } from '../test/support.js';
 import { launch } from '../test/chromium.js';
 
 const ORT_NODE = createRequire(import.meta.url)('onnxruntime-node/package.json').version;

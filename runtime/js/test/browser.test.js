@@ -8,7 +8,7 @@ import { join } from 'node:path';
 import { after, before, describe, test } from 'node:test';
 import { startServer } from '../../../examples/web/serve.js';
 import { CHROMIUM, launch } from './chromium.js';
-import { fixtures, parityUnavailable } from './helpers.js';
+import { fixtures, parityUnavailable } from './support.js';
 
 let skip = parityUnavailable();
 if (!skip && !existsSync(CHROMIUM)) skip = `no browser at ${CHROMIUM} (apt-get install chromium, or set CHROMIUM)`;

@@ -1,7 +1,7 @@
 // `npm test` runs this first: the Python runtime makes the parity fixtures once, afresh (the
 // test files run in processes of their own and share them). Without a Python environment or
 // the data it says why, and the tests that need them say they are skipped.
-import { FIXTURES, buildFixtures, parityUnavailable } from './helpers.js';
+import { FIXTURES, buildFixtures, parityUnavailable } from './support.js';
 
 const why = parityUnavailable();
 if (why) {

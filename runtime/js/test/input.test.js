@@ -4,7 +4,7 @@ import { readFileSync, writeFileSync } from 'node:fs';
 import { join } from 'node:path';
 import { before, describe, test } from 'node:test';
 import { PrototypeStore, create } from '../src/node.js';
-import { fixtures, parityUnavailable } from './helpers.js';
+import { fixtures, parityUnavailable } from './support.js';
 
 const skip = parityUnavailable();
 

@@ -6,7 +6,7 @@ import { readFileSync, writeFileSync } from 'node:fs';
 import { join } from 'node:path';
 import { before, describe, test } from 'node:test';
 import { PrototypeStore, create, loadStore } from '../src/node.js';
-import { fixtures, parityUnavailable, readSafetensorsFile, runPython } from './helpers.js';
+import { fixtures, parityUnavailable, readSafetensorsFile, runPython } from './support.js';
 
 const skip = parityUnavailable();
 if (skip) console.log(`# parity tests skipped: ${skip}`);
