@@ -1,5 +1,5 @@
 """``python -m edgemeta``: the command line."""
 
-from edgemeta.cli import main
+from edgemeta._console import main
 
 main()

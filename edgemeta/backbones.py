@@ -11,7 +11,7 @@ from typing import Callable
 import torch
 from torch import nn
 
-from edgemeta.errors import InputError
+from edgemeta.runtime.errors import InputError
 
 __all__ = ["BACKBONES", "register", "build_backbone", "embedding_dim", "Conv4", "ResNet12", "EdgeNet"]
 

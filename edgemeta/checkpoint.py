@@ -13,7 +13,6 @@ import hashlib
 import json
 import os
 import platform
-import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -21,10 +20,12 @@ from typing import Any
 import torch
 
 from edgemeta import __version__
-from edgemeta.errors import CheckpointError
+from edgemeta.runtime.errors import CheckpointError, InputError
 from edgemeta.model import FewShotModel, ModelSpec
+from edgemeta.runtime.files import atomic_write, check_readable
+from edgemeta.runtime.schema import SchemaError, loads
 
-__all__ = ["default_checkpoint", "read_header", "Checkpoint", "save_checkpoint", "load_checkpoint", "model_fingerprint", "file_sha256", "atomic_write"]
+__all__ = ["default_checkpoint", "read_header", "Checkpoint", "save_checkpoint", "load_checkpoint", "model_fingerprint", "file_sha256"]
 
 FORMAT = "edgemeta.checkpoint"
 VERSION = 1
@@ -71,37 +72,6 @@ def file_sha256(path: str | os.PathLike) -> str:
         for block in iter(lambda: f.read(1 << 20), b""):
             h.update(block)
     return h.hexdigest()
-
-
-def atomic_write(path: str | os.PathLike, write, suffix: str = ".tmp") -> None:
-    """Call ``write(tmp_path)`` then fsync and rename over ``path``; never leaves half a file.
-    A replaced file keeps its permission bits (a read-only model stays read-only); a new one
-    is an ordinary file (0666 less the umask). ``suffix``: the temporary file's, for writers
-    that go by the extension. A symlink is written through: its target is replaced, and the
-    link stays a link."""
-    path = Path(path)
-    if path.is_symlink():
-        path = Path(os.path.realpath(path))
-    if not path.parent.exists():
-        raise CheckpointError(f"output folder {path.parent} does not exist; create it first")
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=suffix, dir=path.parent)
-    os.close(fd)
-    try:
-        write(tmp)
-        with open(tmp, "rb+") as f:
-            os.fsync(f.fileno())
-        try:
-            mode = os.stat(path).st_mode & 0o777
-        except FileNotFoundError:
-            umask = os.umask(0)
-            os.umask(umask)
-            mode = 0o666 & ~umask  # mkstemp makes 0600
-        os.chmod(tmp, mode)  # after the fsync: a 0444 file could not be opened for it
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
 
 
 def _versions() -> dict[str, str]:
@@ -162,7 +132,11 @@ def read_header(path: str | os.PathLike) -> dict[str, Any]:
     from safetensors import safe_open
 
     path = Path(path)
-    if not path.is_file():
+    try:
+        found = check_readable(path, "checkpoint")
+    except InputError as e:
+        raise CheckpointError(str(e)) from None
+    if found is None:
         raise CheckpointError(f"checkpoint not found: {path}; check the path or train one with `edgemeta train`")
     try:
         with safe_open(str(path), framework="pt") as f:
@@ -178,12 +152,14 @@ def read_header(path: str | os.PathLike) -> dict[str, Any]:
             "export your own module with `edgemeta export --module` instead"
         )
     try:
-        header = json.loads(meta[_HEADER_KEY])
-    except json.JSONDecodeError:
-        raise CheckpointError(f"{path}: the checkpoint header is damaged; re-save the checkpoint") from None
+        header = loads(meta[_HEADER_KEY])  # depth-limited: a checkpoint may come from anyone
+    except SchemaError as e:
+        raise CheckpointError(f"{path}: the checkpoint header is damaged ({e}); re-save the checkpoint") from None
+    if not isinstance(header, dict):
+        raise CheckpointError(f"{path}: the checkpoint header is not a JSON object; re-save the checkpoint")
     if header.get("format") != FORMAT:
         raise CheckpointError(f"{path} is not an edgemeta checkpoint (format {header.get('format')!r})")
-    if not isinstance(header.get("version"), int) or header["version"] > VERSION:
+    if type(header.get("version")) is not int or header["version"] > VERSION:
         raise CheckpointError(
             f"{path}: checkpoint format version {header.get('version')!r} is newer than this edgemeta reads "
             f"({VERSION}); upgrade edgemeta"

@@ -23,7 +23,7 @@ from typing import Callable, Iterable, Sequence
 
 import numpy as np
 
-from edgemeta.errors import DataError, InputError
+from edgemeta.runtime.errors import DataError, InputError
 from edgemeta.runtime.preprocess import decode, to_uint8
 from edgemeta.runtime.spec import PreprocessSpec
 
@@ -39,6 +39,8 @@ __all__ = [
     "load_dataset",
     "load_for_model",
     "novel_images",
+    "base_images",
+    "recorded_dataset",
     "NAMED",
     "NOVEL_SPLITS",
     "is_data_name",
@@ -529,3 +531,23 @@ def novel_images(
     if not is_data_name(dataset):
         raise InputError(f"unknown data set {dataset!r}; use omniglot, tiny-imagenet, digits, or a folder of class folders ({option})")
     return load_for_model(dataset, split, preprocess, data_dir, option)
+
+
+def base_images(dataset: str | None, preprocess: PreprocessSpec, data_dir: str | os.PathLike | None = None) -> ImageSet:
+    """Images of training (base) classes for int8 calibration: Omniglot background,
+    Tiny-ImageNet train, or a folder given explicitly. Never the evaluation classes, so the
+    reported int8 accuracy is not inflated by calibrating on the test set."""
+    if dataset in ("omniglot", "tiny-imagenet"):
+        return load_for_model(dataset, "background" if dataset == "omniglot" else "train", preprocess, data_dir, option="--calibration-data")
+    if dataset and dataset not in NAMED and Path(dataset).exists():
+        return load_for_model(dataset, "", preprocess, data_dir, option="--calibration-data")
+    raise InputError(
+        f"int8 calibration needs images of the training classes, and {dataset or 'this model'} has no known base split; "
+        "pass --calibration-data FOLDER (never the evaluation classes)"
+    )
+
+
+def recorded_dataset(info: dict) -> str | None:
+    """The data set a checkpoint was trained on (from its training config, ``Checkpoint.info``), if recorded."""
+    name = (info.get("config") or {}).get("dataset")
+    return str(name) if name else None

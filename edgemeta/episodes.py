@@ -15,7 +15,7 @@ from typing import Iterator, Sequence
 
 import numpy as np
 
-from edgemeta.errors import DataError, InputError
+from edgemeta.runtime.errors import DataError, InputError
 
 __all__ = ["Episode", "EpisodeSampler", "EpisodeFile", "write_episodes_file", "read_episodes_file"]
 
@@ -117,7 +117,7 @@ def write_episodes_file(
     Raises:
         DataError: an image the episodes use cannot be decoded (named with its class folder).
     """
-    from edgemeta.checkpoint import atomic_write
+    from edgemeta.runtime.files import atomic_write
     from edgemeta.runtime.preprocess import decode
 
     out = Path(path)
@@ -169,16 +169,38 @@ def _episode_problems(i: int, ep: dict, header: dict[str, int]) -> list[str]:
     return problems
 
 
+MAX_EPISODES_BYTES = 1 << 28
+
+
+def _entry_ok(x: object) -> bool:
+    """``[path, label]``: two strings of text (no control characters or lone surrogates), the
+    path relative and inside the file's folder tree or absolute, never empty."""
+    from edgemeta.runtime.schema import SchemaError, check_text
+
+    if not (isinstance(x, list) and len(x) == 2 and all(type(v) is str and v for v in x)):
+        return False
+    try:
+        for v in x:
+            check_text(v, "entry", max_len=4096)
+    except SchemaError:
+        return False
+    return "\0" not in x[0]
+
+
 def read_episodes_file(path: str | os.PathLike) -> EpisodeFile:
     """Read and validate an episodes file; every problem is reported in one error."""
+    from edgemeta.runtime.files import check_readable, read_limited
+    from edgemeta.runtime.schema import SchemaError, loads
+
     path = Path(path)
+    if path.is_dir():
+        raise InputError(f"{path} is a folder, not an episodes file; pass the JSON file `edgemeta episodes` wrote")
+    if check_readable(path, "episodes file") is None:
+        raise InputError(f"episodes file not found: {path}")
     try:
-        doc = json.loads(path.read_text())
-    except FileNotFoundError:
-        raise InputError(f"episodes file not found: {path}") from None
-    except IsADirectoryError:
-        raise InputError(f"{path} is a folder, not an episodes file; pass the JSON file `edgemeta episodes` wrote") from None
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        data = read_limited(path, MAX_EPISODES_BYTES, "episodes file")
+        doc = loads(data, limit=MAX_EPISODES_BYTES, max_depth=5, max_string=4096)
+    except SchemaError as e:
         raise InputError(f"{path} is not a JSON episodes file ({e})") from None
     if not isinstance(doc, dict) or doc.get("format") != EPISODES_FORMAT:
         raise InputError(f"{path} is not an edgemeta episodes file (missing \"format\": \"{EPISODES_FORMAT}\")")
@@ -203,8 +225,8 @@ def read_episodes_file(path: str | os.PathLike) -> EpisodeFile:
         well_formed = True
         for part in ("support", "query"):
             items = ep.get(part) if isinstance(ep, dict) else None
-            if not isinstance(items, list) or not items or not all(isinstance(x, list) and len(x) == 2 for x in items):
-                problems.append(f"episode {i}: '{part}' must be a non-empty list of [path, label]")
+            if not isinstance(items, list) or not items or not all(_entry_ok(x) for x in items):
+                problems.append(f"episode {i}: '{part}' must be a non-empty list of [path, label] (two strings of text)")
                 well_formed = False
                 continue
             missing = [x[0] for x in items if not (path.parent / str(x[0])).is_file()]
@@ -226,7 +248,7 @@ def make_episodes_file(folder: str | os.PathLike, out: str | os.PathLike, n_way:
     outside ``folder``.
     """
     from edgemeta.data import IMAGE_EXTENSIONS
-    from edgemeta.files import check_output, json_document
+    from edgemeta.runtime.files import check_output, json_document
 
     root = Path(folder)
     if not root.is_dir():

@@ -216,10 +216,11 @@ def run_evaluation(
     evaluation split and Tiny-ImageNet's test classes), 5-way, 1-shot, 15 queries, 1000 episodes,
     seed 0. With ``episodes_file`` the file fixes all of these, and passing any is an error.
     """
-    from edgemeta.checkpoint import atomic_write, default_checkpoint, load_checkpoint
+    from edgemeta.checkpoint import default_checkpoint, load_checkpoint
+    from edgemeta.runtime.files import atomic_write
     from edgemeta.data import load_dataset
-    from edgemeta.errors import InputError
-    from edgemeta.files import check_output, json_document
+    from edgemeta.runtime.errors import InputError
+    from edgemeta.runtime.files import check_output, json_document
 
     ckpt_path = Path(checkpoint) if checkpoint else default_checkpoint()
     if report is not None:

@@ -13,7 +13,7 @@ import torch
 from torch import nn
 
 from edgemeta.backbones import build_backbone
-from edgemeta.errors import CheckpointError
+from edgemeta.runtime.errors import CheckpointError
 from edgemeta.runtime.spec import Metric, Normalization, PreprocessSpec
 
 __all__ = ["ModelSpec", "FewShotModel", "compute_logits", "normalize_embeddings"]

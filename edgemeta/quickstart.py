@@ -70,7 +70,7 @@ def _enrol_and_predict(model: Path, data, classes: np.ndarray, shots: int, store
 
 def quickstart(cfg: QuickstartConfig = QuickstartConfig(), progress: Callable[[str], None] | None = None) -> dict[str, Any]:
     """Run the quickstart; returns the summary (also written to ``out/summary.json``)."""
-    from edgemeta.benchmark import BenchConfig, run_benchmark
+    from edgemeta.bench import BenchConfig, run_benchmark
     from edgemeta.data import load_omniglot
     from edgemeta.exporters.pipeline import ExportOptions, export_checkpoint
     from edgemeta.exporters.verify import VerifySpec

@@ -9,6 +9,10 @@ Validation runs on held-out classes every ``val_every`` episodes (and after each
 pre-training epoch); the best model is what the checkpoint holds, and it is written
 whenever validation improves, so a run that is stopped keeps it. Everything is
 seeded, and ``resume`` continues on exactly the episodes the run would have seen.
+
+Under ``torchrun`` the same loop runs on every process (see :mod:`edgemeta.distributed`):
+one optimizer step takes one episode per process with the gradients averaged, and rank 0
+alone validates and writes.
 """
 
 from __future__ import annotations
@@ -29,12 +33,14 @@ import torch.nn.functional as F
 from torch import nn
 
 from edgemeta.backbones import build_backbone
-from edgemeta.checkpoint import atomic_write, load_checkpoint, read_header, save_checkpoint
+from edgemeta.checkpoint import load_checkpoint, read_header, save_checkpoint
+from edgemeta import distributed
 from edgemeta.data import ImageSet, load_dataset, omniglot_spec, omniglot_splits
+from edgemeta.distributed import Device, DistEnv
 from edgemeta.episodes import EpisodeSampler
-from edgemeta.errors import CheckpointError, InputError
+from edgemeta.runtime.errors import CheckpointError, InputError
 from edgemeta.evaluate import evaluate, open_set_threshold, to_tensor
-from edgemeta.files import check_output, same_file
+from edgemeta.runtime.files import atomic_write, check_output, same_file
 from edgemeta.model import FewShotModel, ModelSpec
 from edgemeta.runtime.spec import Metric, Normalization, PreprocessSpec
 
@@ -83,6 +89,9 @@ class TrainConfig:
     bf16: bool = False
     max_minutes: float | None = None
     log_every: int = 25
+    # distributed runs (torchrun): the device, and how long a rank waits for the others
+    device: Device = Device.AUTO
+    dist_timeout: float = 1800.0  # seconds; bounds the rendezvous and every collective
 
     def check(self) -> None:
         """Every problem of the config at once, as options: ``bad training config: --gamma -1.0 (...)``."""
@@ -98,6 +107,8 @@ class TrainConfig:
             problems.append(f"--gamma {self.gamma} (the learning-rate factor per step must be in (0, 1])")
         if self.threads is not None and self.threads < 0:
             problems.append(f"--threads {self.threads} (must be >= 1, or 0 for torch's choice)")
+        if not (math.isfinite(self.dist_timeout) and self.dist_timeout > 0):
+            problems.append(f"--dist-timeout {self.dist_timeout} (must be a finite number of seconds > 0)")
         if self.max_minutes is not None and not self.max_minutes > 0:
             problems.append(f"--max-minutes {self.max_minutes} (must be > 0)")
         if self.n_way < 2 or self.val_n_way < 2:
@@ -127,7 +138,9 @@ class TrainResult:
     best_val_accuracy: float
     history: list[dict[str, Any]] = field(default_factory=list)
     seconds: float = 0.0
-    episodes_per_second: float = 0.0
+    episodes_per_second: float = 0.0  # of the whole run: every rank's episodes
+    world_size: int = 1
+    is_main: bool = True  # rank 0, which wrote the files (the other ranks write nothing)
 
 
 def default_spec(cfg: TrainConfig) -> PreprocessSpec:
@@ -244,12 +257,42 @@ def _augment(x: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
     return xp[:, :, dy : dy + h, dx : dx + w]
 
 
+class _EpisodeLogits(nn.Module):
+    """The episodic forward pass (embed, prototypes, query logits) as one module call:
+    DistributedDataParallel averages gradients only for what runs through its forward."""
+
+    def __init__(self, model: FewShotModel) -> None:
+        super().__init__()
+        self.model = model
+
+    def forward(self, x: torch.Tensor, n_way: int, k_shot: int) -> torch.Tensor:
+        z = self.model.embed(x)
+        nk = n_way * k_shot
+        protos = z[:nk].view(n_way, k_shot, -1).mean(1)
+        return self.model.logits(z[nk:], protos)
+
+
+def _crossed(before: int, after: int, every: int) -> bool:
+    """Whether a multiple of ``every`` lies in (before, after]: a step of N episodes (N
+    processes) passes log and validation points it may not land on."""
+    return after // every > before // every
+
+
 class _Trainer:
     """Holds the state of one run; ``train()`` is the public entry point."""
 
-    def __init__(self, cfg: TrainConfig, train_set: ImageSet, val_set: ImageSet, spec: ModelSpec, on_event: Callable[[dict], None] | None):
+    def __init__(
+        self,
+        cfg: TrainConfig,
+        train_set: ImageSet,
+        val_set: ImageSet,
+        spec: ModelSpec,
+        on_event: Callable[[dict], None] | None,
+        env: DistEnv | None = None,
+    ):
         self.cfg, self.train_set, self.val_set, self.on_event = cfg, train_set, val_set, on_event
-        torch.manual_seed(cfg.seed)
+        self.env = env or DistEnv()
+        torch.manual_seed(cfg.seed)  # the same initial weights on every rank
         self.model = FewShotModel(spec)
         self.out = Path(cfg.out)
         self.log_path = self.out.with_suffix(".jsonl")
@@ -264,8 +307,9 @@ class _Trainer:
         self.episode_seconds, self.episodes_done = 0.0, 0
         mf = torch.channels_last if cfg.channels_last else torch.contiguous_format
         self.memory_format = mf
-        self.device_type = "cpu"
-        self.model.to(memory_format=mf)
+        self.device = self.env.device
+        self.device_type = self.device.type
+        self.model.to(self.device, memory_format=mf)
 
     # -- logging and files ---------------------------------------------
     def elapsed(self) -> float:
@@ -277,7 +321,7 @@ class _Trainer:
         replaces (only now, so that a run stopped before it writes anything leaves the old
         one whole rather than half replaced) and start the log with the history so far (a
         resumed run's, up to where it continues)."""
-        if self.claimed:
+        if self.claimed or not self.env.is_main:
             return
         for f in self.replaces:
             f.unlink(missing_ok=True)
@@ -288,6 +332,8 @@ class _Trainer:
     def log(self, record: dict[str, Any]) -> None:
         record = {"time": round(self.elapsed(), 2), **record}
         self.history.append(record)
+        if not self.env.is_main:
+            return
         if self.claimed:
             with open(self.log_path, "a") as f:
                 f.write(json.dumps(record) + "\n")
@@ -297,14 +343,17 @@ class _Trainer:
             self.on_event(record)
 
     def out_of_time(self) -> bool:
-        return self.cfg.max_minutes is not None and time.perf_counter() - self.start_time > 60 * self.cfg.max_minutes
+        if self.cfg.max_minutes is None:
+            return False
+        # every rank must stop at the same step, or the others would wait for it in the next one
+        return distributed.any_rank(self.env, time.perf_counter() - self.start_time > 60 * self.cfg.max_minutes)
 
     def batch(self, idx: np.ndarray, gen: torch.Generator | None = None) -> torch.Tensor:
         pp = self.model.spec.preprocess
         x = to_tensor(self.train_set.images[idx], pp.mean, pp.std)
         if gen is not None:
             x = _augment(x, gen)
-        return x.contiguous(memory_format=self.memory_format)
+        return x.to(self.device).contiguous(memory_format=self.memory_format)
 
     # -- center for centered-L2 -----------------------------------------
     @torch.no_grad()
@@ -315,15 +364,23 @@ class _Trainer:
         idx = rng.choice(len(self.train_set), size=min(len(self.train_set), 5000), replace=False)
         self.model.eval()
         pp = self.model.spec.preprocess
-        feats = [self.model.backbone(to_tensor(self.train_set.images[np.sort(idx[i : i + 512])], pp.mean, pp.std)) for i in range(0, len(idx), 512)]
+        feats = [
+            self.model.backbone(to_tensor(self.train_set.images[ix], pp.mean, pp.std).to(self.device))
+            for ix in (np.sort(idx[i : i + 512]) for i in range(0, len(idx), 512))
+        ]
         self.model.center.copy_(torch.cat(feats).mean(0))
 
     # -- validation ----------------------------------------------------
     def validate(self, stage: str) -> float:
+        """On rank 0 only (the others go on to the next step and wait for it there)."""
+        if not self.env.is_main:
+            return self.best_acc
         self.update_center()
         cfg = self.cfg
         q = max(1, min(15, int(np.bincount(self.val_set.labels).min()) - cfg.val_k_shot))
-        rep = evaluate(self.model, self.val_set, cfg.val_n_way, cfg.val_k_shot, q, cfg.val_episodes, seed=cfg.seed + 1)
+        # evaluation runs on the CPU, in float32, as the checkpoint will
+        model = self.model if self.device.type == "cpu" else copy.deepcopy(self.model).cpu()
+        rep = evaluate(model, self.val_set, cfg.val_n_way, cfg.val_k_shot, q, cfg.val_episodes, seed=cfg.seed + 1)
         improved = rep.accuracy > self.best_acc
         if improved:
             self.best_acc, self.best_threshold = rep.accuracy, None
@@ -341,11 +398,16 @@ class _Trainer:
             "val_data": {"name": self.val_set.name, "classes": self.val_set.num_classes},
             "step": self.step,
             "epoch": self.epoch,
+            # the episodes of one optimizer step: one per process, gradients averaged
+            "world_size": self.env.world_size,
+            "episodes_per_step": self.env.world_size,
             "best_val_accuracy": self.best_acc,
             "train_seconds": round(self.elapsed(), 1),
         }
 
     def save_last(self, optimizer: torch.optim.Optimizer, stage: str) -> None:
+        if not self.env.is_main:
+            return
         self.claim()
         save_checkpoint(resume_path(self.out), self.model, {**self.info(), "stage": stage}, optimizer.state_dict())
 
@@ -354,7 +416,7 @@ class _Trainer:
         open-set threshold (one more pass over the validation images) is measured for the
         final write only: a checkpoint written during training carries none until then."""
         self.claim()
-        final = copy.deepcopy(self.model)
+        final = copy.deepcopy(self.model).cpu()
         if self.best_state is not None:
             final.load_state_dict(self.best_state)
         final.eval()
@@ -367,25 +429,29 @@ class _Trainer:
     # -- stages --------------------------------------------------------
     def pretrain(self, progress) -> None:
         cfg, ds = self.cfg, self.train_set
-        head = nn.Linear(self.model.embedding_dim, ds.num_classes)
-        params = list(self.model.backbone.parameters()) + list(head.parameters())
-        opt = torch.optim.SGD(params, lr=cfg.pretrain_lr, momentum=0.9, weight_decay=5e-4, nesterov=True)
-        steps_per_epoch = math.ceil(len(ds) / cfg.batch_size)
+        env = self.env
+        head = nn.Linear(self.model.embedding_dim, ds.num_classes).to(self.device)
+        net = distributed.wrap(env, nn.Sequential(self.model.backbone, head))
+        opt = torch.optim.SGD(net.parameters(), lr=cfg.pretrain_lr, momentum=0.9, weight_decay=5e-4, nesterov=True)
+        # each rank takes --batch-size images of its own shard: a step sees world_size batches
+        steps_per_epoch = math.ceil(math.ceil(len(ds) / env.world_size) / cfg.batch_size)
         total = cfg.pretrain_epochs * steps_per_epoch
         task = progress.add_task("pre-train", total=total, completed=self.epoch * steps_per_epoch, info="") if progress else None
         self.model.train()
         while self.epoch < cfg.pretrain_epochs and not self.out_of_time():
-            order = np.random.default_rng([cfg.seed, 1_000_003, self.epoch]).permutation(len(ds))
-            gen = torch.Generator().manual_seed(cfg.seed * 7919 + self.epoch) if cfg.augment else None
+            order = distributed.shard(env, len(ds), self.epoch, cfg.seed)
+            gen = None
+            if cfg.augment:
+                gen = torch.Generator().manual_seed(cfg.seed * 7919 + self.epoch + 1_000_033 * env.rank)
             losses, accs = [], []
             for b in range(steps_per_epoch):
                 it = self.epoch * steps_per_epoch + b
                 for g in opt.param_groups:
                     g["lr"] = 0.5 * cfg.pretrain_lr * (1 + math.cos(math.pi * it / total))
                 idx = np.sort(order[b * cfg.batch_size : (b + 1) * cfg.batch_size])
-                y = torch.from_numpy(ds.labels[idx])
+                y = torch.from_numpy(ds.labels[idx]).to(self.device)
                 with torch.autocast(self.device_type, dtype=torch.bfloat16, enabled=cfg.bf16):
-                    logits = head(self.model.backbone(self.batch(idx, gen))).float()
+                    logits = net(self.batch(idx, gen)).float()
                 loss = F.cross_entropy(logits, y)
                 opt.zero_grad(set_to_none=True)
                 loss.backward()
@@ -403,49 +469,67 @@ class _Trainer:
             progress.remove_task(task)
 
     def episodic(self, progress, optimizer_state: dict | None) -> None:
-        cfg, ds = self.cfg, self.train_set
-        shots = cfg.mixed_shots or (cfg.k_shot,)
-        samplers = [EpisodeSampler(ds.labels, cfg.n_way, k, cfg.q_query, cfg.seed + 7 * j, ds.name) for j, k in enumerate(shots)]
+        cfg = self.cfg
+        samplers = self.samplers()
         opt = torch.optim.Adam(self.model.parameters(), lr=cfg.lr)
         if optimizer_state is not None:
             opt.load_state_dict(optimizer_state)
         task = progress.add_task("episodes", total=cfg.episodes, completed=self.step, info="") if progress else None
-        q_labels = torch.from_numpy(np.repeat(np.arange(cfg.n_way), cfg.q_query))
-        losses, accs = [], []
+        net = distributed.wrap(self.env, _EpisodeLogits(self.model))
+        losses, accs, validated = [], [], -1
         self.model.train()
         while self.step < cfg.episodes and not self.out_of_time():
             t0 = time.perf_counter()
             for g in opt.param_groups:
                 g["lr"] = _lr(cfg, self.step)
-            sampler = samplers[self.step % len(samplers)]
-            ep = sampler.episode(self.step)
-            nk = cfg.n_way * sampler.k_shot
-            gen = torch.Generator().manual_seed(cfg.seed * 7919 + 104729 + self.step) if cfg.augment else None
-            with torch.autocast(self.device_type, dtype=torch.bfloat16, enabled=cfg.bf16):
-                z = self.model.embed(self.batch(np.concatenate([ep.support, ep.query]), gen))
-                protos = z[:nk].view(cfg.n_way, sampler.k_shot, -1).mean(1)
-                logits = self.model.logits(z[nk:], protos)
-            loss = F.cross_entropy(logits.float(), q_labels)
+            # one optimizer step = one episode per rank: rank r takes episode step + r, so the
+            # run sees the same episodes on any number of processes, and resumes on any number
+            loss, logits, q_labels = self.episode_loss(net, samplers, self.step + self.env.rank)
             opt.zero_grad(set_to_none=True)
-            loss.backward()
+            loss.backward()  # under DDP: gradients averaged over the ranks here
             opt.step()
             self.episode_seconds += time.perf_counter() - t0
-            self.episodes_done += 1
+            self.episodes_done += self.env.world_size
             losses.append(loss.item())
             accs.append((logits.argmax(1) == q_labels).float().mean().item())
-            self.step += 1
+            before, self.step = self.step, self.step + self.env.world_size
             if progress:
-                progress.update(task, advance=1, info=f"loss {np.mean(losses[-50:]):.3f} acc {100 * np.mean(accs[-50:]):.1f}% best val {100 * max(self.best_acc, 0):.2f}%")
-            if self.step % cfg.log_every == 0:
+                info = f"loss {np.mean(losses[-50:]):.3f} acc {100 * np.mean(accs[-50:]):.1f}%"
+                info += f" best val {100 * max(self.best_acc, 0):.2f}%"
+                progress.update(task, advance=self.env.world_size, info=info)
+            if _crossed(before, self.step, cfg.log_every):  # rank 0's episodes
                 self.log({"stage": "episodic", "step": self.step, "loss": float(np.mean(losses)), "acc": float(np.mean(accs)), "lr": opt.param_groups[0]["lr"]})
                 losses, accs = [], []
-            if self.step % cfg.val_every == 0 or self.step == cfg.episodes:
+            if _crossed(before, self.step, cfg.val_every) or self.step == cfg.episodes:
                 self.validate("episodic")
                 self.save_last(opt, "episodic")
-        if self.step % cfg.val_every and self.step != cfg.episodes:
+                validated = self.step
+        if self.step % cfg.val_every and validated != self.step and self.step != cfg.episodes:
             self.validate("episodic")  # stopped by the time limit: validate what was reached
         if progress:
             progress.remove_task(task)
+
+    def episode_loss(
+        self, net: nn.Module, samplers: list[EpisodeSampler], i: int
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Loss, logits and query labels of training episode ``i`` through ``net`` (an
+        :class:`_EpisodeLogits`, or DDP around one)."""
+        cfg = self.cfg
+        sampler = samplers[i % len(samplers)]
+        ep = sampler.episode(i)
+        gen = torch.Generator().manual_seed(cfg.seed * 7919 + 104729 + i) if cfg.augment else None
+        q_labels = torch.from_numpy(np.repeat(np.arange(cfg.n_way), cfg.q_query)).to(self.device)
+        with torch.autocast(self.device_type, dtype=torch.bfloat16, enabled=cfg.bf16):
+            logits = net(self.batch(np.concatenate([ep.support, ep.query]), gen), cfg.n_way, sampler.k_shot)
+        return F.cross_entropy(logits.float(), q_labels), logits, q_labels
+
+    def samplers(self) -> list[EpisodeSampler]:
+        """The episode samplers of the run: one per shot count of --mixed-shots, used in turn."""
+        cfg, ds = self.cfg, self.train_set
+        shots = cfg.mixed_shots or (cfg.k_shot,)
+        return [
+            EpisodeSampler(ds.labels, cfg.n_way, k, cfg.q_query, cfg.seed + 7 * j, ds.name) for j, k in enumerate(shots)
+        ]
 
 
 def _progress_bar(enabled: bool):
@@ -490,31 +574,94 @@ def train(
         >>> result = train(TrainConfig(out="conv4.safetensors", episodes=2000))
         >>> print(result.best_val_accuracy)
     """
+    env = distributed.detect(cfg.device)
+    with distributed.session(env, cfg.dist_timeout):
+        # every check before any work, on every rank: a bad input stops all of them, each with the
+        # message, and nothing is written
+        with distributed.all_or_none(env):
+            out, spec, files = _check_run(cfg, resume, force, env)
+        if cfg.threads:
+            torch.set_num_threads(cfg.threads)
+        train_set, val_set = distributed.local_first(env, lambda: _load_checked_data(cfg, spec.preprocess))
+        with distributed.all_or_none(env):
+            trainer = _Trainer(cfg, train_set, val_set, spec, on_event, env)
+            optimizer_state = _restore(trainer, *files) if files else None
+        if not _continues(resume, out):
+            trainer.replaces = [f for f in run_files(out) if f.exists()]
+        return _run(trainer, out, optimizer_state, progress and env.is_main)
+
+
+def _check_run(
+    cfg: TrainConfig, resume: str | os.PathLike | None, force: bool, env: DistEnv
+) -> tuple[Path, ModelSpec, tuple[Path, Path] | None]:
+    """The output, the model spec and the files to resume from (if any), once every check passed."""
     cfg.check()
     resume = Path(resume) if resume is not None else None
     out = _check_out(cfg, resume, force)
     pp = default_spec(cfg)
     spec = ModelSpec(cfg.backbone, pp, {}, cfg.metric, cfg.normalization)
     _check_size(spec)
+    step, files = 0, None
     if resume is not None:
-        last, best = _resume_files(resume)
-        was = ModelSpec.from_dict(read_header(last)["spec"])
+        last, best = files = _resume_files(resume)
+        header = read_header(last)
+        was = ModelSpec.from_dict(header["spec"])
         if was != spec:
             raise CheckpointError(
                 f"{last} was trained with {was.backbone} at size {was.preprocess.size[0]}, {was.metric.value}, {was.normalization.value}, "
                 "not this config; resume with the same --backbone, --size, --metric and --normalization"
             )
-    if cfg.threads:
-        torch.set_num_threads(cfg.threads)
+        _check_same_config(last, header.get("info", {}).get("config", {}), cfg)
+        step = int(header.get("info", {}).get("step", 0))
+    _check_world_size(cfg, step, env.world_size)
+    return out, spec, files
+
+
+# what a resumed run may change: where it writes and reads, how long it runs and on what;
+# everything else decides which episodes it sees and what it learns from them
+_RESUME_MAY_CHANGE = frozenset(
+    {"out", "data_dir", "episodes", "threads", "max_minutes", "log_every", "device", "dist_timeout"}
+)
+
+
+def _check_same_config(last: Path, was: dict[str, Any], cfg: TrainConfig) -> None:
+    """Refuse a resume whose config differs from the run's in anything but where and how long
+    it runs (the number of processes may change); every difference named at once."""
+    now = json.loads(json.dumps({k: (v.value if hasattr(v, "value") else v) for k, v in asdict(cfg).items()}))
+    changed = [k for k, v in now.items() if k in was and k not in _RESUME_MAY_CHANGE and was[k] != v]
+    if changed:
+        diffs = ", ".join(f"{_option(k)} {was[k]!r} (now {now[k]!r})" for k in changed)
+        raise CheckpointError(
+            f"{last} was trained with {diffs}; resume with the run's own settings, or start a new run with another -o"
+        )
+
+
+def _check_world_size(cfg: TrainConfig, step: int, world_size: int) -> None:
+    """One optimizer step takes one episode per process: the episodes left must split evenly."""
+    left = cfg.episodes - step
+    if left > 0 and left % world_size:
+        lower, upper = step + left // world_size * world_size, step + -(-left // world_size) * world_size
+        at = f" (resuming at episode {step}, {left} left)" if step else ""
+        raise InputError(
+            f"--episodes {cfg.episodes} does not split over {world_size} processes{at}: "
+            "each step takes one episode per process; "
+            f"use --episodes {upper}"
+            + (f" or {lower}" if lower > step else "")
+            + f", or a number of processes that divides {left}"
+        )
+
+
+def _load_checked_data(cfg: TrainConfig, pp: PreprocessSpec) -> tuple[ImageSet, ImageSet]:
     train_set, val_set = _load_data(cfg, pp)
-    train_set.check_episode_size(cfg.n_way, cfg.k_shot + cfg.q_query) if cfg.episodes else None
+    if cfg.episodes:
+        train_set.check_episode_size(cfg.n_way, cfg.k_shot + cfg.q_query)
     val_set.check_episode_size(cfg.val_n_way, cfg.val_k_shot + 1)
-    trainer = _Trainer(cfg, train_set, val_set, spec, on_event)
-    optimizer_state = None
-    if resume is not None:
-        optimizer_state = _restore(trainer, last, best)
-    if not _continues(resume, out):
-        trainer.replaces = [f for f in run_files(out) if f.exists()]
+    return train_set, val_set
+
+
+def _run(trainer: _Trainer, out: Path, optimizer_state: dict | None, progress: bool) -> TrainResult:
+    """Train, then (rank 0) write the final checkpoint and curve."""
+    cfg, env = trainer.cfg, trainer.env
     bar = _progress_bar(progress)
     if bar:
         bar.start()
@@ -526,12 +673,17 @@ def train(
     finally:
         if bar:
             bar.stop()
-    if trainer.best_state is None:
-        trainer.validate("final")
-    fingerprint = trainer.save_best(final_write=True)
-    plot_curve(trainer.history, out.with_suffix(".png"))
+    fingerprint = ""
+    with distributed.all_or_none(env):  # a failed final write fails every rank, not only rank 0
+        if env.is_main:
+            if trainer.best_state is None:
+                trainer.validate("final")
+            fingerprint = trainer.save_best(final_write=True)
+            plot_curve(trainer.history, out.with_suffix(".png"))
     eps = trainer.episodes_done / trainer.episode_seconds if trainer.episode_seconds else 0.0
-    return TrainResult(out, fingerprint, trainer.best_acc, trainer.history, trainer.elapsed(), eps)
+    return TrainResult(
+        out, fingerprint, trainer.best_acc, trainer.history, trainer.elapsed(), eps, env.world_size, env.is_main
+    )
 
 
 def _restore(trainer: _Trainer, last: Path, best: Path) -> dict | None:
@@ -539,7 +691,7 @@ def _restore(trainer: _Trainer, last: Path, best: Path) -> dict | None:
     so far from the run's checkpoint ``best``, and the run's log up to the last state."""
     ck = load_checkpoint(last, with_optimizer=True)
     trainer.model.load_state_dict(ck.model.state_dict())
-    trainer.model.to(memory_format=trainer.memory_format)
+    trainer.model.to(trainer.device, memory_format=trainer.memory_format)
     trainer.step = int(ck.info.get("step", 0))
     trainer.epoch = int(ck.info.get("epoch", 0))
     trainer.train_seconds = float(ck.info.get("train_seconds", 0.0))

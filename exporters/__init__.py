@@ -2,7 +2,7 @@
 
 One module per stage: ``convert`` (torch -> ONNX), ``verify`` (does ONNX match torch?),
 ``quantize`` (fp16, int8), ``optimize`` (ONNX Runtime offline optimization, ORT format),
-``inspect`` (what is in a model file), and ``pipeline`` (the one call behind each CLI
+``inspection`` (what is in a model file: :func:`inspect`), and ``pipeline`` (the one call behind each CLI
 command). Only :func:`inspect` works without torch and onnx (a device install); the
 rest needs ``pip install 'edgemeta[export,cpu]'``.
 
@@ -12,7 +12,7 @@ Example:
     >>> outcome.verification.summary()["episodes"]["agreement"]
 """
 
-from edgemeta.exporters.inspect import inspect
+from edgemeta.exporters.inspection import inspect
 
 try:
     from edgemeta.exporters.convert import (
@@ -21,22 +21,26 @@ try:
         ExportResult,
         ExportSpec,
         WrappedExtractor,
+        to_onnx,
         export,
         load_module_ref,
         module_fingerprint,
     )
+    from edgemeta.exporters.images import ArrayImages, CalibrationImages, LabelledImages
     from edgemeta.exporters.optimize import optimize_offline, to_ort_format
     from edgemeta.exporters.pipeline import (
         ExportOptions,
         ExportOutcome,
         ModuleRef,
+        calibration_images,
         export_checkpoint,
         export_module,
+        labelled_images,
         metadata_for_checkpoint,
         quantize_model,
         verify_model,
     )
-    from edgemeta.exporters.quantize import QuantizeSpec, convert_fp16, quantize_int8, to_fp16
+    from edgemeta.exporters.quantize import QuantizeSpec, convert_fp16, fp16_model, int8_model, quantize_int8, to_fp16
     from edgemeta.exporters.verify import Check, Tolerance, VerificationReport, VerifySpec, verify
 except ModuleNotFoundError as _missing:  # a device install: torch and onnx are extras
     if _missing.name not in ("torch", "onnx", "onnxscript", "onnx_ir"):
@@ -57,10 +61,16 @@ __all__ = [
     "ExportResult",
     "WrappedExtractor",
     "export",
+    "to_onnx",
     "load_module_ref",
     "module_fingerprint",
     "optimize_offline",
     "to_ort_format",
+    "ArrayImages",
+    "CalibrationImages",
+    "LabelledImages",
+    "calibration_images",
+    "labelled_images",
     "ExportOptions",
     "ExportOutcome",
     "ModuleRef",
@@ -71,6 +81,8 @@ __all__ = [
     "verify_model",
     "QuantizeSpec",
     "convert_fp16",
+    "fp16_model",
+    "int8_model",
     "quantize_int8",
     "to_fp16",
     "Check",

@@ -19,6 +19,7 @@ Compatibility: opset 18 and the oldest IR version that carries it (8), so ONNX R
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import hashlib
 import importlib
 import inspect
@@ -41,8 +42,8 @@ import torch
 from torch import nn
 
 from edgemeta import __version__
-from edgemeta.errors import ExportError, InputError
-from edgemeta.exporters.graph import ensure_writable, finalize, save_model, set_metadata
+from edgemeta.runtime.errors import ExportError, InputError
+from edgemeta.exporters.graph import ensure_writable, finalize, model_bytes, save_model, set_metadata
 from edgemeta.exporters.head import has_fed_norms, with_fed_norms
 from edgemeta.model import compute_logits, normalize_embeddings
 from edgemeta.runtime.spec import (
@@ -64,6 +65,7 @@ __all__ = [
     "ExportResult",
     "WrappedExtractor",
     "export",
+    "to_onnx",
     "load_module_ref",
     "read_weights",
     "apply_weights",
@@ -126,9 +128,9 @@ class ExportSpec:
 
 @dataclass(frozen=True)
 class ExportResult:
-    """What :func:`export` wrote."""
+    """What :func:`to_onnx` made (``model``, in memory) and :func:`export` wrote (``path``)."""
 
-    path: Path
+    path: Path | None
     metadata: ModelMetadata
     exporter: str
     fallback_reason: str = ""
@@ -137,10 +139,11 @@ class ExportResult:
     seconds: float = 0.0
     size_bytes: int = 0
     extras: dict[str, Any] = field(default_factory=dict)
+    model: onnx.ModelProto | None = field(default=None, repr=False, compare=False)
 
     def to_dict(self) -> dict[str, Any]:
         return {
-            "path": str(self.path),
+            "path": str(self.path) if self.path else None,
             "exporter": self.exporter,
             "fallback_reason": self.fallback_reason,
             "opset": self.opset,
@@ -480,7 +483,7 @@ def check_graph(proto: onnx.ModelProto, spec: ExportSpec, embedding_dim: int) ->
 def _ort_session(model_bytes: bytes):
     import onnxruntime as ort
 
-    from edgemeta.runtime.session import open_ort_session
+    from edgemeta.runtime.ort import open_session as open_ort_session
 
     return open_ort_session(model_bytes, ort.SessionOptions(), ["CPUExecutionProvider"])[0]
 
@@ -533,7 +536,7 @@ def _with_fed_norms(proto: onnx.ModelProto, metadata: ModelMetadata, image_shape
     images = rng.standard_normal((3, *image_shape)).astype(np.float32)
     protos = rng.standard_normal((7, metadata.embedding_dim)).astype(np.float32)
     try:
-        emb, want = _ort_session(proto.SerializeToString()).run(None, {INPUT_IMAGES: images, INPUT_PROTOTYPES: protos})
+        emb, want = _ort_session(model_bytes(proto)).run(None, {INPUT_IMAGES: images, INPUT_PROTOTYPES: protos})
     except Exception as e:  # noqa: BLE001 - smoke_test reports a graph that does not run
         return proto, f"not checked: {_first_line(e)}"
     scale = float(metadata.extra.get("logit_scale") or _cosine_scale(want, emb, protos)) if metadata.metric is Metric.COSINE else 1.0
@@ -574,20 +577,19 @@ def _probe(module: nn.Module, args: tuple[torch.Tensor, ...], embedding_dim: int
         )
 
 
-def export(module: nn.Module, path: str | os.PathLike, metadata: ModelMetadata, spec: ExportSpec = ExportSpec()) -> ExportResult:
-    """Export ``module`` (``forward(images, prototypes) -> (embeddings, logits)``) to ``path``.
+def to_onnx(module: nn.Module, metadata: ModelMetadata, spec: ExportSpec = ExportSpec()) -> ExportResult:
+    """Trace ``module`` (``forward(images, prototypes) -> (embeddings, logits)``) into an ONNX
+    model held in memory (``result.model``); nothing is written.
 
     The graph is checked (ONNX checker, shape inference, dynamic axes), run once in
-    ONNX Runtime with zero and three prototypes, stamped with ``metadata`` (opset and
-    precision filled in) and written atomically. A plain feature extractor goes
-    through :class:`WrappedExtractor` first.
+    ONNX Runtime with zero and three prototypes, and stamped with ``metadata`` (opset and
+    precision filled in). A plain feature extractor goes through :class:`WrappedExtractor` first.
 
     Example:
         >>> ck = load_checkpoint("conv4.safetensors")
-        >>> export(ck.model, "conv4.onnx", metadata_for_checkpoint(ck))
+        >>> proto = to_onnx(ck.model, metadata_for_checkpoint(ck)).model
     """
     t0 = time.perf_counter()
-    path = ensure_writable(path)
     module = module.eval()
     pp = metadata.preprocess
     image_shape = (pp.channels, *pp.size)
@@ -616,8 +618,20 @@ def export(module: nn.Module, path: str | os.PathLike, metadata: ModelMetadata, 
         extra["fallback_reason"] = reason
     metadata = metadata.with_(opset=opset, precision=Precision.FP32, producer=metadata.producer or f"edgemeta {__version__}", extra=extra)
     set_metadata(proto, metadata)
-    smoke_test(proto.SerializeToString(), spec, image_shape, metadata.embedding_dim)
-    save_model(proto, path)
-    return ExportResult(
-        path, metadata, used, reason, opset, proto.ir_version, time.perf_counter() - t0, path.stat().st_size
-    )
+    smoke_test(model_bytes(proto), spec, image_shape, metadata.embedding_dim)
+    return ExportResult(None, metadata, used, reason, opset, proto.ir_version, time.perf_counter() - t0, proto.ByteSize(), model=proto)
+
+
+def export(module: nn.Module, path: str | os.PathLike, metadata: ModelMetadata, spec: ExportSpec = ExportSpec()) -> ExportResult:
+    """:func:`to_onnx` ``module`` and write the model to ``path`` atomically (an existing file
+    is replaced only when it is an edgemeta model).
+
+    Example:
+        >>> ck = load_checkpoint("conv4.safetensors")
+        >>> export(ck.model, "conv4.onnx", metadata_for_checkpoint(ck))
+    """
+    t0 = time.perf_counter()
+    path = ensure_writable(path)
+    result = to_onnx(module, metadata, spec)
+    save_model(result.model, path)
+    return dataclasses.replace(result, path=path, seconds=time.perf_counter() - t0, size_bytes=path.stat().st_size)

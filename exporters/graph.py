@@ -13,11 +13,15 @@ import onnx
 from onnx import helper
 
 from edgemeta import __version__
-from edgemeta.errors import CheckpointError, ExportError, InputError
+from edgemeta.runtime.errors import CheckpointError, ExportError, InputError
 from edgemeta.runtime.spec import METADATA_KEY, OUTPUT_EMBEDDINGS, ModelMetadata
 
 __all__ = [
     "ensure_writable",
+    "refuse_foreign",
+    "is_edgemeta_model",
+    "is_ort_file",
+    "model_bytes",
     "save_model",
     "load_model",
     "read_metadata",
@@ -50,22 +54,78 @@ _NEW_IR_TYPES = {
 }
 
 
-def ensure_writable(path: str | os.PathLike) -> Path:
+#: protobuf cannot serialize a message of 2 GiB or more: such a model needs ONNX's external data
+_PROTOBUF_LIMIT = 2**31 - 1
+
+
+def is_edgemeta_model(path: str | os.PathLike) -> bool:
+    """Whether ``path`` parses as an ONNX model carrying edgemeta metadata: the only kind of
+    existing file the model writers replace (never one found by a text search)."""
+    try:
+        model = onnx.load_model(str(path), load_external_data=False)
+    except Exception:  # noqa: BLE001 - protobuf raises DecodeError and friends on other files
+        return False
+    return any(p.key == METADATA_KEY for p in model.metadata_props)
+
+
+def is_ort_file(path: str | os.PathLike) -> bool:
+    """Whether ``path`` is an ORT-format model: a FlatBuffer with the file identifier ``ORTM``."""
+    try:
+        with open(path, "rb") as f:
+            return f.read(8)[4:8] == b"ORTM"
+    except OSError:
+        return False
+
+
+def ensure_writable(path: str | os.PathLike, ort_format: bool = False, *, own_kind: bool = True) -> Path:
     """Fail early, with the reason, when ``path`` cannot be written (before minutes of work):
-    :func:`edgemeta.files.check_output`'s checks, as an :class:`ExportError`."""
-    from edgemeta.files import check_output
+    :func:`edgemeta.runtime.files.check_output`'s checks, as an :class:`ExportError`. An existing file
+    is replaced only when it is an edgemeta model (``ort_format``: an ORT-format file); with
+    ``own_kind=False`` that is left to a later :func:`refuse_foreign`."""
+    from edgemeta.runtime.files import check_output
 
     try:
-        return check_output(path, option="-o", what="model file")
+        path = check_output(path, option="-o", what="model file")
     except InputError as e:
         raise ExportError(str(e)) from None
+    if own_kind:
+        refuse_foreign(path, ort_format)
+    return path
+
+
+def refuse_foreign(path: Path, ort_format: bool = False) -> None:
+    """Refuse, in one line, to replace an existing file that is not an edgemeta model (``ort_format``:
+    not an ORT-format file): a prototype store, an image, a document given as ``-o`` by mistake."""
+    if not os.path.exists(path):  # a link to a file yet to be made is written through
+        return
+    if ort_format and is_ort_file(path) or not ort_format and is_edgemeta_model(path):
+        return
+    kind = "an ORT-format model" if ort_format else "an ONNX model made by edgemeta"
+    raise ExportError(f"-o {path} exists and is not {kind}, so it is not replaced; choose another -o, or delete it if it is not needed")
+
+
+def model_bytes(model: onnx.ModelProto) -> bytes:
+    """``model`` serialized, for ONNX Runtime to open from memory; a model of 2 GiB or more is
+    refused in one line (protobuf cannot serialize it, and edgemeta writes single-file models)."""
+    _check_size(model)
+    return model.SerializeToString()
+
+
+def _check_size(model: onnx.ModelProto) -> None:
+    size = model.ByteSize()
+    if size > _PROTOBUF_LIMIT:
+        raise ExportError(
+            f"the model is {size / 2**30:.1f} GiB; ONNX files over 2 GiB need external data, which edgemeta's single-file "
+            "export does not write: export a smaller backbone, or export with torch.onnx and wrap the result"
+        )
 
 
 def save_model(model: onnx.ModelProto, path: str | os.PathLike) -> Path:
     """Write ``model`` atomically (temp file, fsync, rename), keeping the mode of the file it replaces."""
-    from edgemeta.checkpoint import atomic_write
+    from edgemeta.runtime.files import atomic_write
 
     path = Path(path)
+    _check_size(model)  # before any file is touched
     try:
         atomic_write(path, lambda tmp: onnx.save_model(model, tmp))
     except CheckpointError as e:
@@ -104,9 +164,10 @@ def set_metadata(model: onnx.ModelProto, metadata: ModelMetadata) -> None:
     model.producer_name, model.producer_version = "edgemeta", __version__
 
 
-def write_metadata(path: str | os.PathLike, metadata: ModelMetadata) -> None:
-    """Rewrite the metadata of the model file at ``path`` atomically."""
-    model = load_model(path)
+def write_metadata(path: str | os.PathLike, metadata: ModelMetadata, model: onnx.ModelProto | None = None) -> None:
+    """Rewrite the metadata of the model file at ``path`` atomically (``model``: the file's
+    model, already loaded)."""
+    model = load_model(path) if model is None else model
     set_metadata(model, metadata)
     save_model(model, path)
 
@@ -175,7 +236,7 @@ def node_inputs(node: onnx.NodeProto) -> list[str]:
     return names
 
 
-def _ancestors(model: onnx.ModelProto, tensor: str) -> set[str]:
+def ancestors(model: onnx.ModelProto, tensor: str) -> set[str]:
     """Names of the nodes that ``tensor`` depends on (including its producer)."""
     producers = _producers(model)
     seen: set[str] = set()
@@ -215,6 +276,6 @@ def float_nodes(model: onnx.ModelProto, embeddings: str = OUTPUT_EMBEDDINGS) -> 
         raise ExportError("graph nodes need unique names before splitting; call name_nodes() first")
     if embeddings not in {o.name for o in model.graph.output}:
         raise ExportError(f"the model has no {embeddings!r} output; export it with edgemeta")
-    backbone = _ancestors(model, embeddings) - _normalization_tail(model, embeddings)
+    backbone = ancestors(model, embeddings) - _normalization_tail(model, embeddings)
     return set(names) - backbone
 

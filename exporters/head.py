@@ -22,7 +22,7 @@ import numpy as np
 import onnx
 from onnx import TensorProto, helper, numpy_helper
 
-from edgemeta.exporters.graph import _ancestors, name_nodes, node_inputs
+from edgemeta.exporters.graph import ancestors as _ancestors, name_nodes, node_inputs
 from edgemeta.runtime.spec import INPUT_PROTOTYPES, INPUT_SQNORMS, OUTPUT_EMBEDDINGS, OUTPUT_LOGITS, Metric
 
 __all__ = ["with_fed_norms", "has_fed_norms"]

@@ -26,10 +26,9 @@ from pathlib import Path
 import numpy as np
 import onnx
 
-from edgemeta.errors import CheckpointError, ExportError, InputError
-from edgemeta.checkpoint import atomic_write
-from edgemeta.files import same_file
-from edgemeta.runtime.session import open_ort_session
+from edgemeta.runtime.errors import CheckpointError, ExportError, InputError
+from edgemeta.runtime.files import atomic_write, same_file
+from edgemeta.runtime.ort import open_session as open_ort_session
 from edgemeta.runtime.spec import INPUT_PROTOTYPES
 
 __all__ = ["optimize_offline", "to_ort_format"]
@@ -67,8 +66,10 @@ def optimize_offline(model: onnx.ModelProto) -> onnx.ModelProto:
             raise ExportError(f"ONNX Runtime could not optimize the graph: {str(e).splitlines()[0][:200]}") from None
 
 
-def to_ort_format(onnx_path: str | os.PathLike, ort_path: str | os.PathLike | None = None, level: str = "basic") -> Path:
-    """Convert ``onnx_path`` to the ORT format next to it (``model.ort``) and check it loads.
+def to_ort_format(model: str | os.PathLike | onnx.ModelProto, ort_path: str | os.PathLike | None = None, level: str = "basic") -> Path:
+    """Convert ``model`` (an ``.onnx`` file, or a model in memory with ``ort_path`` given) to the
+    ORT format (next to the file by default: ``model.ort``) and check it loads. An existing
+    ``ort_path`` is replaced only when it is an ORT-format file.
 
     ``level``: ``basic`` (runs on every provider) or ``extended`` (with the CPU provider's
     fusions; see the module's notes). The file is written to a temporary name, loaded in
@@ -76,11 +77,20 @@ def to_ort_format(onnx_path: str | os.PathLike, ort_path: str | os.PathLike | No
     """
     import onnxruntime as ort
 
+    from edgemeta.exporters.graph import ensure_writable, model_bytes
+
     check_ort_level(level)
-    src = Path(onnx_path)
-    dst = Path(ort_path) if ort_path else src.with_suffix(".ort")
-    if same_file(src, dst):
-        raise InputError(f"{src} and its ORT-format copy {dst} are one file; give the model a .onnx name or another ort_path")
+    if isinstance(model, onnx.ModelProto):
+        if ort_path is None:
+            raise InputError("a model in memory has no file name to put the .ort copy beside; give ort_path")
+        src: Path | bytes = model_bytes(model)
+        dst = Path(ort_path)
+    else:
+        src = Path(model)
+        dst = Path(ort_path) if ort_path else src.with_suffix(".ort")
+        if same_file(src, dst):
+            raise InputError(f"{src} and its ORT-format copy {dst} are one file; give the model a .onnx name or another ort_path")
+    ensure_writable(dst, ort_format=True)
 
     def convert(tmp: str) -> None:  # the temporary name ends in .ort: ONNX Runtime goes by it
         try:

@@ -3,45 +3,54 @@
 checkpoint (or user module) -> fp32 ONNX -> [fp16 | int8] -> verification on real
 novel-class images -> figures into the metadata -> atomic write -> [ORT format].
 
-Everything is built in a temporary folder; the output file appears only once the model
-has passed verification, so a failure at any stage leaves no file behind. With ``--ort``
-the ORT-format copy is staged in a hidden folder beside it and moved into place right
-after the ``.onnx``, so a failed write leaves the files that were there as they were.
+The model passes between the stages as an ``onnx.ModelProto`` and is written once, at the
+end, atomically: the output file appears only once the model has passed verification, so
+a failure at any stage leaves no file behind. With ``--ort`` the ORT-format copy is staged
+in a hidden folder beside it and moved into place right after the ``.onnx``, so a failed
+write leaves the files that were there as they were.
+
+This is the layer that reads data sets: it turns ``edgemeta.data`` image sets into the
+:class:`~edgemeta.exporters.images.CalibrationImages` and
+:class:`~edgemeta.exporters.images.LabelledImages` the stages take.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import shutil
 import stat
 import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterator
 
+import numpy as np
+import onnx
 import torch
 from torch import nn
 
 from edgemeta import __version__
 from edgemeta.checkpoint import Checkpoint, file_sha256, load_checkpoint
-from edgemeta.errors import ExportError, InputError, ModelMismatchError
+from edgemeta.runtime.errors import ExportError, InputError, ModelMismatchError
+from edgemeta.data import ImageSet, base_images, novel_images, recorded_dataset
+from edgemeta.evaluate import to_tensor
 from edgemeta.exporters.convert import (
     ExportResult,
     ExportSpec,
     WrappedExtractor,
     apply_weights,
-    export,
+    to_onnx,
     is_extractor,
     load_module_ref,
     module_fingerprint,
     read_weights,
 )
-from edgemeta.data import ImageSet
-from edgemeta.exporters.data import base_images, novel_images, recorded_dataset
-from edgemeta.exporters.graph import ensure_writable, load_model, read_metadata, save_model, write_metadata
-from edgemeta.files import refuse_overwrite, same_file
-from edgemeta.exporters.quantize import QuantizeSpec, quantize_int8, to_fp16
+from edgemeta.exporters.graph import ensure_writable, load_model, read_metadata, refuse_foreign, save_model, set_metadata, write_metadata
+from edgemeta.exporters.images import CalibrationImages, LabelledImages
+from edgemeta.exporters.quantize import QuantizeSpec, fp16_model, int8_model
 from edgemeta.exporters.verify import Progress, VerificationReport, VerifySpec, metadata_with, refuse_fixed_batch, verification_sampler, verify
+from edgemeta.runtime.files import refuse_overwrite, same_file
 from edgemeta.runtime.spec import Metric, ModelMetadata, Normalization, Precision, PreprocessSpec
 
 __all__ = [
@@ -53,7 +62,70 @@ __all__ = [
     "export_module",
     "verify_model",
     "quantize_model",
+    "labelled_images",
+    "calibration_images",
 ]
+
+
+# ---------------------------------------------------------------- data sets -> the stages' images
+
+
+@dataclass(frozen=True)
+class _PreprocessedSet:
+    """:class:`LabelledImages` over an :class:`ImageSet`, preprocessed as the episodes ask for images."""
+
+    data: ImageSet
+    name: str
+    labels: np.ndarray
+
+    def __len__(self) -> int:
+        return len(self.data)
+
+    def batch(self, indices: np.ndarray) -> np.ndarray:
+        pp = self.data.spec
+        return np.ascontiguousarray(to_tensor(self.data.images[np.asarray(indices)], pp.mean, pp.std).numpy())
+
+
+def labelled_images(data: ImageSet) -> LabelledImages:
+    """``data`` (loaded at the model's size) as the labelled images :func:`verify` takes."""
+    return _PreprocessedSet(data, data.name, data.labels)
+
+
+def subset(ds: ImageSet, count: int, seed: int = 0) -> np.ndarray:
+    """``count`` image indices drawn evenly over the classes (seeded), sorted."""
+    rng = np.random.default_rng([seed, 0xCA1])
+    order = rng.permutation(len(ds))
+    # round-robin over classes so every class is represented before any repeats
+    ranks = np.empty(len(ds), dtype=np.int64)
+    seen: dict[int, int] = {}
+    for i in order:
+        c = int(ds.labels[i])
+        ranks[i] = seen.get(c, 0)
+        seen[c] = ranks[i] + 1
+    pick = order[np.argsort(ranks[order], kind="stable")][: min(count, len(ds))]
+    return np.sort(pick)
+
+
+@dataclass(frozen=True)
+class _CalibrationBatches:
+    """Preprocessed batches of chosen images of an :class:`ImageSet`, made as they are read
+    (and again on each pass: a calibration may be reused for several variants)."""
+
+    data: ImageSet
+    indices: np.ndarray
+    batch: int
+
+    def __iter__(self) -> Iterator[np.ndarray]:
+        pp = self.data.spec
+        for i in range(0, len(self.indices), self.batch):
+            chosen = self.data.images[self.indices[i : i + self.batch]]
+            yield np.ascontiguousarray(to_tensor(chosen, pp.mean, pp.std).numpy())
+
+
+def calibration_images(data: ImageSet, spec: QuantizeSpec = QuantizeSpec()) -> CalibrationImages:
+    """``spec.calibration_images`` images of ``data`` (base classes, loaded at the model's size),
+    drawn evenly over its classes with ``spec.seed``, as preprocessed batches for int8 calibration."""
+    return CalibrationImages(_CalibrationBatches(data, subset(data, spec.calibration_images, spec.seed), spec.batch), data.name)
 
 
 @dataclass(frozen=True)
@@ -124,7 +196,7 @@ def _outputs(out: str | os.PathLike, options: ExportOptions, *inputs: str | os.P
     """``out``, once it is writable and neither it nor its ``.ort`` copy is one of ``inputs``
     (checked before any work: the atomic rename would silently replace an input)."""
     given = Path(out)
-    out = ensure_writable(out)  # a symlink's target: what is written, and where the .ort copy goes
+    out = ensure_writable(out, own_kind=False)  # a symlink's target: what is written, and where the .ort copy goes
     written = [given]  # named as the user gave it
     if options.ort_format:
         if given.suffix.lower() == ".ort":
@@ -139,9 +211,13 @@ def _outputs(out: str | os.PathLike, options: ExportOptions, *inputs: str | os.P
         target = Path(os.path.realpath(ort_copy))
         if ort_copy.is_symlink() and not target.parent.is_dir():
             raise ExportError(f"--ort writes {ort_copy}, a link to {target} in a folder that does not exist; remove the link or create the folder")
-        ensure_writable(ort_copy)
+        ensure_writable(ort_copy, own_kind=False)
         written.append(ort_copy)
     refuse_overwrite(written, list(inputs))
+    # only then the kind of file each replaces: an input or a link's plain error comes first
+    refuse_foreign(out)
+    if options.ort_format:
+        refuse_foreign(out.with_suffix(".ort"), ort_format=True)
     return out
 
 
@@ -174,37 +250,38 @@ def _extra(ck: Checkpoint) -> dict[str, Any]:
     return extra
 
 
-def _reduce(fp32: Path, dst: Path, options: ExportOptions, meta: ModelMetadata, dataset: str | None) -> Path:
+def _reduce(model: onnx.ModelProto, options: ExportOptions, meta: ModelMetadata, dataset: str | None) -> onnx.ModelProto:
     if options.precision is Precision.FP16:
-        return to_fp16(fp32, dst)
+        return fp16_model(model)
     calibration = base_images(options.calibration_data or dataset, meta.preprocess, options.data_dir)
-    return quantize_int8(fp32, dst, calibration, options.quantize)
+    return int8_model(model, calibration_images(calibration, options.quantize), options.quantize)
 
 
-def _verification_data(options: ExportOptions, dataset: str | None, pp: PreprocessSpec) -> ImageSet | None:
+def _verification_data(options: ExportOptions, dataset: str | None, pp: PreprocessSpec) -> LabelledImages | None:
     """The novel-class images verification will use, loaded and checked against its episodes
     before any export or calibration work: too few classes or images is said at once."""
     if options.verify is None:
         return None
-    data = novel_images(options.data or dataset, pp, options.data_dir)
+    data = labelled_images(novel_images(options.data or dataset, pp, options.data_dir))
     if options.verify.episodes:
         verification_sampler(data, options.verify)
     return data
 
 
-def _finish(model_path: Path, torch_model: nn.Module, out: Path, options: ExportOptions, data: ImageSet | None, progress: Progress | None) -> ExportOutcome:
-    """Verify the model built at ``model_path`` on ``data``, record the figures, write ``out`` atomically."""
-    meta = read_metadata(load_model(model_path))
+def _finish(model: onnx.ModelProto, torch_model: nn.Module, out: Path, options: ExportOptions, data: LabelledImages | None,
+            progress: Progress | None) -> ExportOutcome:
+    """Verify ``model`` on ``data``, record the figures in it, write it to ``out`` (once, atomically)."""
+    meta = read_metadata(model)
     if meta is None:
-        raise InputError(f"{model_path} has no edgemeta metadata; export it with `edgemeta export`")
+        raise InputError(f"{out} would have no edgemeta metadata; export it with `edgemeta export`")
     report = None
     if options.verify is not None:
         _stage(progress, f"verifying {meta.precision.value}")
-        report = verify(model_path, torch_model, data, options.verify, progress)
+        report = verify(model, torch_model, data, options.verify, progress, name=str(out))
         meta = metadata_with(meta, report)
-        write_metadata(model_path, meta)
+        set_metadata(model, meta)
     if not options.ort_format:
-        save_model(load_model(model_path), out)
+        save_model(model, out)
         return ExportOutcome(out, meta, verification=report)
     from edgemeta.exporters.optimize import to_ort_format
 
@@ -219,8 +296,8 @@ def _finish(model_path: Path, torch_model: nn.Module, out: Path, options: Export
     except OSError as e:
         raise ExportError(f"cannot write beside {final} ({e.strerror or e}); choose a writable output folder") from None
     try:
-        staged = to_ort_format(model_path, staging / "copy.ort", level=options.ort_level)
-        save_model(load_model(model_path), out)
+        staged = to_ort_format(model, staging / "copy.ort", level=options.ort_level)
+        save_model(model, out)
         if final.exists():  # a replaced file keeps its permission bits, as atomic_write keeps them
             os.chmod(staged, stat.S_IMODE(final.stat().st_mode))
         try:
@@ -234,18 +311,14 @@ def _finish(model_path: Path, torch_model: nn.Module, out: Path, options: Export
 
 def _build(torch_model: nn.Module, meta: ModelMetadata, out: Path, options: ExportOptions, dataset: str | None, progress: Progress | None) -> ExportOutcome:
     data = _verification_data(options, dataset, meta.preprocess)
-    with tempfile.TemporaryDirectory(prefix="edgemeta-export-") as tmp:
-        # the model under construction carries the output's name, so messages name the file the user asked for
-        final = Path(tmp) / out.name
-        _stage(progress, "exporting to ONNX")
-        fp32 = final if options.precision is Precision.FP32 else Path(tmp) / f"{out.stem}.fp32.onnx"
-        result = export(torch_model, fp32, meta, options.spec)
-        model_path = result.path
-        if options.precision is not Precision.FP32:
-            _stage(progress, f"converting to {options.precision.value}")
-            model_path = _reduce(model_path, final, options, result.metadata, dataset)
-        outcome = _finish(model_path, torch_model, out, options, data, progress)
-    outcome.export = result
+    _stage(progress, "exporting to ONNX")
+    result = to_onnx(torch_model, meta, options.spec)
+    model = result.model
+    if options.precision is not Precision.FP32:
+        _stage(progress, f"converting to {options.precision.value}")
+        model = _reduce(model, options, result.metadata, dataset)
+    outcome = _finish(model, torch_model, out, options, data, progress)
+    outcome.export = dataclasses.replace(result, model=None)  # the fp32 model is no longer needed
     return outcome
 
 
@@ -313,8 +386,8 @@ def export_module(ref: ModuleRef, out: str | os.PathLike, options: ExportOptions
     return _build(model, meta, out, options, None, progress)
 
 
-def _matching(model_path: str | os.PathLike, checkpoint: str | os.PathLike) -> tuple[Checkpoint, ModelMetadata]:
-    meta = read_metadata(load_model(model_path))
+def _matching(model: onnx.ModelProto, model_path: str | os.PathLike, checkpoint: str | os.PathLike) -> tuple[Checkpoint, ModelMetadata]:
+    meta = read_metadata(model)
     if meta is None:
         raise InputError(f"{model_path} has no edgemeta metadata; export it with `edgemeta export`")
     ck = load_checkpoint(checkpoint)
@@ -326,26 +399,35 @@ def _matching(model_path: str | os.PathLike, checkpoint: str | os.PathLike) -> t
     return ck, meta
 
 
-def verify_model(model_path: str | os.PathLike, checkpoint: str | os.PathLike, options: ExportOptions = ExportOptions(), progress: Progress | None = None) -> VerificationReport:
-    """Verify an exported model against the checkpoint it came from and, when it passes,
-    store the figures in its metadata (atomically). A failure changes nothing."""
-    ck, meta = _matching(model_path, checkpoint)
-    data = novel_images(options.data or recorded_dataset(ck.info), meta.preprocess, options.data_dir)
-    report = verify(model_path, ck.model, data, options.verify or VerifySpec(), progress)
-    write_metadata(model_path, metadata_with(meta, report))
+def verify_model(
+    model_path: str | os.PathLike,
+    checkpoint: str | os.PathLike,
+    options: ExportOptions = ExportOptions(),
+    progress: Progress | None = None,
+    write_figures: bool = False,
+) -> VerificationReport:
+    """Verify an exported model against the checkpoint it came from. The model file is left
+    as it is, unless ``write_figures``: then, when it passes, its metadata gets the figures
+    (written atomically). A failure changes nothing."""
+    model = load_model(model_path)
+    ck, meta = _matching(model, model_path, checkpoint)
+    data = labelled_images(novel_images(options.data or recorded_dataset(ck.info), meta.preprocess, options.data_dir))
+    report = verify(model, ck.model, data, options.verify or VerifySpec(), progress, name=str(model_path))
+    if write_figures:
+        write_metadata(model_path, metadata_with(meta, report), model)
     return report
 
 
 def quantize_model(model_path: str | os.PathLike, checkpoint: str | os.PathLike, out: str | os.PathLike, options: ExportOptions = ExportOptions(), progress: Progress | None = None) -> ExportOutcome:
     """int8 variant of an exported fp32 model, calibrated on the checkpoint's base classes and
-    verified against the checkpoint on its novel classes."""
+    verified against the checkpoint on its novel classes; written once, to ``out``."""
     out = _outputs(out, options, model_path, checkpoint)
-    ck, meta = _matching(model_path, checkpoint)
-    refuse_fixed_batch(Path(model_path), "calibration")
+    model = load_model(model_path)
+    ck, meta = _matching(model, model_path, checkpoint)
+    refuse_fixed_batch(Path(model_path), "calibration", model=model)
     dataset = recorded_dataset(ck.info)
     data = _verification_data(options, dataset, meta.preprocess)
-    with tempfile.TemporaryDirectory(prefix="edgemeta-int8-") as tmp:
-        _stage(progress, "calibrating int8")
-        calibration = base_images(options.calibration_data or dataset, meta.preprocess, options.data_dir)
-        q = quantize_int8(model_path, Path(tmp) / out.name, calibration, options.quantize)
-        return _finish(q, ck.model, out, options, data, progress)
+    _stage(progress, "calibrating int8")
+    calibration = base_images(options.calibration_data or dataset, meta.preprocess, options.data_dir)
+    q = int8_model(model, calibration_images(calibration, options.quantize), options.quantize, name=str(model_path))
+    return _finish(q, ck.model, out, options, data, progress)

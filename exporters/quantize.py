@@ -25,22 +25,22 @@ import tempfile
 from collections import defaultdict
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterable
 
 import numpy as np
 import onnx
 from onnx import TensorProto, helper, numpy_helper
 
-from edgemeta.data import ImageSet
-from edgemeta.errors import ExportError, InputError
-from edgemeta.evaluate import to_tensor
-from edgemeta.exporters.data import subset
-from edgemeta.exporters.graph import finalize, float_nodes, load_model, name_nodes, read_metadata, save_model, set_metadata
+from edgemeta.runtime.errors import ExportError, InputError
+from edgemeta.exporters.graph import (
+    ensure_writable, finalize, float_nodes, load_model, model_bytes, name_nodes, read_metadata, save_model, set_metadata,
+)
+from edgemeta.exporters.images import CalibrationImages, calibration_array
 from edgemeta.exporters.stem import space_to_depth_stem
-from edgemeta.runtime.session import open_ort_session
+from edgemeta.runtime.ort import open_session as open_ort_session
 from edgemeta.runtime.spec import INPUT_IMAGES, INPUT_PROTOTYPES, ModelMetadata, Precision
 
-__all__ = ["QuantizeSpec", "convert_fp16", "to_fp16", "quantize_int8"]
+__all__ = ["QuantizeSpec", "convert_fp16", "fp16_model", "to_fp16", "int8_model", "quantize_int8"]
 
 _FLOAT, _HALF = TensorProto.FLOAT, TensorProto.FLOAT16
 # (op, input index) pairs that stay float32 whatever the op's data type (scales, sizes)
@@ -110,7 +110,14 @@ class QuantizeSpec:
             raise InputError(f"unknown calibration method {self.method!r}; use MinMax, Entropy, Percentile or Distribution")
 
 
-def _require_fp32(meta: ModelMetadata | None, path: Path) -> ModelMetadata:
+def _model(source: str | os.PathLike | onnx.ModelProto) -> tuple[onnx.ModelProto, str]:
+    """(the model, how messages name it) for a path or a model already in memory."""
+    if isinstance(source, onnx.ModelProto):
+        return source, "the model"
+    return load_model(source), str(source)
+
+
+def _require_fp32(meta: ModelMetadata | None, path: Path | str) -> ModelMetadata:
     if meta is None:
         raise ExportError(f"{path} has no edgemeta metadata; export it with `edgemeta export`")
     if meta.precision is not Precision.FP32:
@@ -204,20 +211,32 @@ def _check(model: onnx.ModelProto, what: str) -> None:
         raise ExportError(f"the {what} model is not valid ONNX: {str(e).splitlines()[0][:200]}") from None
 
 
-def to_fp16(fp32_path: str | os.PathLike, out_path: str | os.PathLike) -> Path:
-    """Write an fp16 variant of the fp32 model (float32 inputs, outputs and metric).
-
-    Example:
-        >>> to_fp16("conv4.onnx", "conv4.fp16.onnx")
-    """
-    src = Path(fp32_path)
-    model = load_model(src)
-    meta = _require_fp32(read_metadata(model), src)
+def fp16_model(model: onnx.ModelProto, name: str = "the model") -> onnx.ModelProto:
+    """The fp16 variant of the fp32 ``model`` (float32 inputs, outputs and metric), in memory;
+    ``model`` is left as it is. ``name``: how messages name the model."""
+    meta = _require_fp32(read_metadata(model), name)
+    model = _copy(model)
     name_nodes(model)
     half = finalize(convert_fp16(model, float_nodes(model)))
     _check(half, "fp16")
     set_metadata(half, meta.with_(precision=Precision.FP16, verification={}, extra={**meta.extra, "float32_part": "metric and normalization"}))
-    return save_model(half, out_path)
+    return half
+
+
+def to_fp16(fp32: str | os.PathLike | onnx.ModelProto, out_path: str | os.PathLike) -> Path:
+    """Write an fp16 variant of the fp32 model (a file or a model in memory) to ``out_path``.
+
+    Example:
+        >>> to_fp16("conv4.onnx", "conv4.fp16.onnx")
+    """
+    out = ensure_writable(out_path)
+    return save_model(fp16_model(*_model(fp32)), out)
+
+
+def _copy(model: onnx.ModelProto) -> onnx.ModelProto:
+    copy = onnx.ModelProto()
+    copy.CopyFrom(model)
+    return copy
 
 
 # ---------------------------------------------------------------- int8
@@ -243,16 +262,13 @@ def _reader(images: np.ndarray, prototypes: np.ndarray, batch: int):
     return BaseClassReader()
 
 
-def _calibration_inputs(model_path: Path, meta: ModelMetadata, calibration: ImageSet, spec: QuantizeSpec) -> tuple[np.ndarray, np.ndarray]:
+def _calibration_inputs(model: onnx.ModelProto, meta: ModelMetadata, calibration: CalibrationImages | Any, spec: QuantizeSpec) -> tuple[np.ndarray, np.ndarray]:
     import onnxruntime as ort
 
     pp = meta.preprocess
-    if calibration.images.shape[1:] != (*pp.size, pp.channels):
-        raise InputError(f"calibration images are {calibration.images.shape[1:]}, the model takes {(*pp.size, pp.channels)}")
-    idx = subset(calibration, spec.calibration_images, spec.seed)
-    x = np.ascontiguousarray(to_tensor(calibration.images[idx], pp.mean, pp.std).numpy())
+    x = calibration_array(calibration, spec.calibration_images, (pp.channels, *pp.size))
     # real prototypes (not zero rows), so every tensor of the graph has values to calibrate
-    session, _ = open_ort_session(model_path, ort.SessionOptions(), ["CPUExecutionProvider"])
+    session, _ = open_ort_session(model_bytes(model), ort.SessionOptions(), ["CPUExecutionProvider"])
     z = session.run(None, {INPUT_IMAGES: x[:5], INPUT_PROTOTYPES: np.zeros((0, meta.embedding_dim), np.float32)})[0]
     return x, np.ascontiguousarray(z, dtype=np.float32)
 
@@ -350,8 +366,13 @@ def _stem_choice(model: onnx.ModelProto, spec: QuantizeSpec) -> tuple[onnx.Model
     return model, "nchw" if layout == "auto" else layout, float_stem is not False, None
 
 
-def _pre_process(src: Path, dst: Path) -> None:
+def _pre_process(model: onnx.ModelProto, dst: Path) -> None:
     from onnxruntime.quantization.shape_inference import quant_pre_process
+
+    # from a file in the temporary folder: given a ModelProto, quant_pre_process saves it with
+    # its weights as external data and then fails to find them (onnxruntime 1.32)
+    src = dst.with_name("fp32.onnx")
+    onnx.save_model(model, str(src))
 
     try:
         quant_pre_process(str(src), str(dst))
@@ -359,26 +380,28 @@ def _pre_process(src: Path, dst: Path) -> None:
         quant_pre_process(str(src), str(dst), skip_symbolic_shape=True)
 
 
-def quantize_int8(
-    fp32_path: str | os.PathLike,
-    out_path: str | os.PathLike,
-    calibration: ImageSet,
+def int8_model(
+    model: onnx.ModelProto,
+    calibration: CalibrationImages | Iterable[np.ndarray],
     spec: QuantizeSpec = QuantizeSpec(),
-) -> Path:
-    """Write an int8 (QDQ) variant of the fp32 model, calibrated on ``calibration`` images.
+    name: str = "the model",
+) -> onnx.ModelProto:
+    """The int8 (QDQ) variant of the fp32 ``model``, calibrated on the first
+    ``spec.calibration_images`` images of ``calibration`` (preprocessed float32 [N, C, H, W]
+    batches), in memory; ``model`` is left as it is.
 
     ``calibration`` must hold images of base (training) classes, never the classes the
-    model is evaluated on.
+    model is evaluated on. ONNX Runtime's quantization tools write their steps to files;
+    those live in a temporary folder.
 
     Example:
-        >>> quantize_int8("conv4.onnx", "conv4.int8.onnx", load_omniglot("background"))
+        >>> q = int8_model(fp32, CalibrationImages(batches, name="omniglot background"))
     """
     import onnxruntime as ort
     from onnxruntime.quantization import CalibrationMethod, QuantFormat, QuantType, quantize_static
 
-    src = Path(fp32_path)
-    meta = _require_fp32(read_metadata(load_model(src)), src)
-    x, protos = _calibration_inputs(src, meta, calibration, spec)
+    meta = _require_fp32(read_metadata(model), name)
+    x, protos = _calibration_inputs(model, meta, calibration, spec)
     previous = logging.root.manager.disable
     logging.disable(logging.WARNING)  # the quantizer logs every node it skips
     # and its sessions log that the optional norms input is an overridable initializer
@@ -386,7 +409,7 @@ def quantize_int8(
     try:
         with tempfile.TemporaryDirectory(prefix="edgemeta-int8-") as tmp:
             pre, out = Path(tmp) / "pre.onnx", Path(tmp) / "int8.onnx"
-            _pre_process(src, pre)
+            _pre_process(model, pre)
             model = onnx.load_model(str(pre))
             name_nodes(model)
             model, layout, float_stem, not_s2d = _stem_choice(model, spec)
@@ -416,7 +439,8 @@ def quantize_int8(
         logging.disable(previous)
         ort.set_default_logger_severity(2)  # ONNX Runtime's default
     _check(q, "int8")
-    calib: dict[str, Any] = {"dataset": calibration.name, "images": int(len(x)), "method": spec.method, "per_channel": spec.per_channel, "seed": spec.seed,
+    source = calibration.name if isinstance(calibration, CalibrationImages) else "images"
+    calib: dict[str, Any] = {"dataset": source, "images": int(len(x)), "method": spec.method, "per_channel": spec.per_channel, "seed": spec.seed,
                              "activations": spec.activations, "float_stem": float_stem,
                              "conv_kernel": spec.conv_kernel, "gemm_weight_tensors": gemm_weights, "stem_layout": layout}
     if spec.stem_layout == "auto":  # what was asked, and why the space-to-depth stem was not chosen
@@ -426,4 +450,20 @@ def quantize_int8(
         if not_s2d:
             calib["stem_note"] = not_s2d
     set_metadata(q, meta.with_(precision=Precision.INT8, verification={}, extra={**meta.extra, "calibration": calib, "float32_part": "metric and normalization"}))
-    return save_model(q, out_path)
+    return q
+
+
+def quantize_int8(
+    fp32: str | os.PathLike | onnx.ModelProto,
+    out_path: str | os.PathLike,
+    calibration: CalibrationImages | Iterable[np.ndarray],
+    spec: QuantizeSpec = QuantizeSpec(),
+) -> Path:
+    """Write the :func:`int8_model` of the fp32 model (a file or a model in memory) to ``out_path``.
+
+    Example:
+        >>> quantize_int8("conv4.onnx", "conv4.int8.onnx", calibration_images(load_omniglot("background")))
+    """
+    out = ensure_writable(out_path)
+    model, name = _model(fp32)
+    return save_model(int8_model(model, calibration, spec, name), out)

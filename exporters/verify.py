@@ -35,12 +35,13 @@ import onnx
 import torch
 from torch import nn
 
-from edgemeta.data import ImageSet
 from edgemeta.episodes import EpisodeSampler
-from edgemeta.errors import ExportError, InputError, VerificationError
-from edgemeta.evaluate import episode_scores, summarize, to_tensor
-from edgemeta.exporters.graph import load_model, read_metadata
-from edgemeta.runtime.session import feeds_prototype_norms, graph_batch, open_ort_session, prototype_sqnorms
+from edgemeta.runtime.errors import ExportError, InputError, VerificationError
+from edgemeta.evaluate import episode_scores, summarize
+from edgemeta.exporters.graph import load_model, model_bytes, read_metadata
+from edgemeta.exporters.images import LabelledImages
+from edgemeta.runtime.ort import open_session as open_ort_session
+from edgemeta.runtime.session import feeds_prototype_norms, graph_batch, prototype_sqnorms
 from edgemeta.runtime.spec import (
     INPUT_IMAGES,
     INPUT_PROTOTYPES,
@@ -198,7 +199,9 @@ class _TorchSide:
 class _OnnxSide:
     def __init__(self, path: Path, model: onnx.ModelProto, dim: int) -> None:
         try:
-            self.session = _cpu_session(path)  # as the runtime opens it
+            self.session = _cpu_session(model_bytes(model))  # as the runtime opens it
+        except ExportError:
+            raise
         except Exception as e:
             raise ExportError(f"ONNX Runtime cannot load {path}: {str(e).splitlines()[0][:200]}") from None
         refuse_fixed_batch(path, "verification", self.session)
@@ -239,10 +242,11 @@ class _OnnxSide:
         return self.run(x(), p, fed=True)[1]
 
 
-def refuse_fixed_batch(path: Path, action: str, session=None) -> None:
+def refuse_fixed_batch(path: Path, action: str, session=None, model: onnx.ModelProto | None = None) -> None:
     """Refuse a graph with a fixed batch size, in one line: ``action`` (verification,
-    calibration) runs batches of every size through it. ``session``: one already open on it."""
-    batch = graph_batch(session or _cpu_session(path))
+    calibration) runs batches of every size through it. ``session``: one already open on it;
+    ``model``: the model at ``path``, already in memory."""
+    batch = graph_batch(session or _cpu_session(path if model is None else model_bytes(model)))
     if batch is not None:
         raise InputError(
             f"{path} takes a fixed batch of {batch}; {action} runs batches of other sizes through the graph and needs a "
@@ -310,7 +314,7 @@ def _embed_all(side, x_of: Callable[[np.ndarray], np.ndarray], idx: np.ndarray, 
     return np.concatenate(out) if out else np.zeros((0, side.dim), np.float32)
 
 
-def verification_sampler(data: ImageSet, spec: VerifySpec) -> EpisodeSampler:
+def verification_sampler(data: LabelledImages, spec: VerifySpec) -> EpisodeSampler:
     """The episodes' sampler, made before any work: data that cannot fill them is refused with
     what it needs (export, verify and quantize have no --n-way or --k-shot to lower)."""
     need = spec.k_shot + spec.q_query
@@ -318,8 +322,17 @@ def verification_sampler(data: ImageSet, spec: VerifySpec) -> EpisodeSampler:
     return EpisodeSampler(data.labels, spec.n_way, spec.k_shot, spec.q_query, spec.seed, data.name, remedy=remedy)
 
 
+def near_ties(logits: np.ndarray, pred_a: np.ndarray, pred_b: np.ndarray, tol: float) -> int:
+    """How many of the queries where ``pred_a`` and ``pred_b`` differ are near-ties: both classes'
+    ``logits`` (one side's) within ``tol`` of each other, so rounding alone can pick either."""
+    rows = np.flatnonzero(pred_a != pred_b)
+    gap = np.abs(logits[rows, pred_a[rows]] - logits[rows, pred_b[rows]])
+    return int((gap <= tol).sum())
+
+
 def _episodes(
-    onnx_side: _OnnxSide, torch_side: _TorchSide, data: ImageSet, x_of, spec: VerifySpec, sampler: EpisodeSampler, progress: Progress | None
+    onnx_side: _OnnxSide, torch_side: _TorchSide, data: LabelledImages, x_of, spec: VerifySpec, sampler: EpisodeSampler, progress: Progress | None,
+    tie_rel: float = 0.0,
 ) -> dict[str, Any]:
     eps = list(sampler(spec.episodes))
     used = np.unique(np.concatenate([np.concatenate([e.support, e.query]) for e in eps]))
@@ -327,15 +340,18 @@ def _episodes(
     where[used] = np.arange(len(used))
     z_onnx = _embed_all(onnx_side, x_of, used, spec, "embedding images (ONNX Runtime)", progress)
     z_torch = _embed_all(torch_side, x_of, used, spec, "embedding images (torch)", progress)
-    agree, total, scores_t, scores_o = 0, 0, [], []
+    agree, total, ties, scores_t, scores_o = 0, 0, 0, [], []
     for k, ep in enumerate(eps):
         s, q = where[ep.support], where[ep.query]
         images = lambda: x_of(ep.query)  # noqa: E731  (only for models without a separable metric)
         p_o = z_onnx[s].reshape(spec.n_way, spec.k_shot, -1).mean(axis=1)
         p_t = z_torch[s].reshape(spec.n_way, spec.k_shot, -1).mean(axis=1)
         pred_o = onnx_side.logits(np.ascontiguousarray(z_onnx[q]), p_o.astype(np.float32), images).argmax(axis=1)
-        pred_t = torch_side.logits(np.ascontiguousarray(z_torch[q]), p_t.astype(np.float32), images).argmax(axis=1)
+        logits_t = torch_side.logits(np.ascontiguousarray(z_torch[q]), p_t.astype(np.float32), images)
+        pred_t = logits_t.argmax(axis=1)
         agree += int((pred_o == pred_t).sum())
+        # a flip is a near-tie when the logits error the tolerance accepts could alone have made it
+        ties += near_ties(logits_t, pred_o, pred_t, tie_rel * _operand_scale(z_torch[q], p_t))
         total += len(q)
         scores_o.append(episode_scores(pred_o, ep.query_labels, spec.n_way))
         scores_t.append(episode_scores(pred_t, ep.query_labels, spec.n_way))
@@ -348,6 +364,7 @@ def _episodes(
         "count": len(eps),
         "queries": total,
         "agreement": agree / total,
+        "disagreements_on_ties": ties,
         "torch_accuracy": rep_t.accuracy,
         "onnx_accuracy": rep_o.accuracy,
         "accuracy_difference": rep_o.accuracy - rep_t.accuracy,
@@ -362,6 +379,23 @@ _HINTS = {
     Precision.FP16: "the backbone loses too much in fp16 (overflow or rounding); use --precision fp32, or int8 calibrated on base classes",
     Precision.INT8: "calibrate on more base-class images (--calibration-images), or use --precision fp16",
 }
+
+
+_TIES_HINT = (
+    "the embeddings agree within tolerance, but decisions flip on near-ties ({ties} of {flips} disagreements have both "
+    "classes' torch logits closer than the logits tolerance): the model gives near-identical embeddings to different "
+    "images, so the export is faithful and the model separates the classes poorly (train it further, or check its normalization)"
+)
+
+
+def _episode_hint(episodes: dict[str, Any], tensors_ok: bool, hint: str) -> str:
+    """The ties diagnosis when every flipped decision is a near-tie and the tensors matched,
+    else the precision's hint."""
+    flips = round(episodes["queries"] * (1 - episodes["agreement"]))
+    ties = episodes.get("disagreements_on_ties", 0)
+    if tensors_ok and flips and ties >= flips:
+        return _TIES_HINT.format(ties=ties, flips=flips) + ("" if hint is _HINTS[Precision.FP32] else f"; else {hint}")
+    return hint
 
 
 def _checks(rows: list[dict[str, Any]], episodes: dict[str, Any], tol: Tolerance, precision: Precision) -> list[Check]:
@@ -383,6 +417,7 @@ def _checks(rows: list[dict[str, Any]], episodes: dict[str, Any], tol: Tolerance
         detail = f"max relative error {worst:.2e} (limit {limit:.0e})" + (f" at {where(row)}, max abs {row[f'{out}_abs']:.2e}" if row else "")
         checks.append(Check(f"{out} error", worst, limit, worst <= limit, detail, hint))
     if episodes:
+        hint = _episode_hint(episodes, all(c.passed for c in checks), hint)
         a, drop = episodes["agreement"], episodes["torch_accuracy"] - episodes["onnx_accuracy"]
         what = f"{episodes['count']} episodes {episodes['n_way']}-way {episodes['k_shot']}-shot"
         checks.append(Check("prediction agreement", a, tol.min_agreement, a >= tol.min_agreement,
@@ -394,45 +429,52 @@ def _checks(rows: list[dict[str, Any]], episodes: dict[str, Any], tol: Tolerance
 
 
 def verify(
-    onnx_path: str | os.PathLike,
+    model: str | os.PathLike | onnx.ModelProto,
     torch_model: nn.Module,
-    data: ImageSet,
+    data: LabelledImages,
     spec: VerifySpec = VerifySpec(),
     progress: Progress | None = None,
+    name: str | None = None,
 ) -> VerificationReport:
-    """Compare the ONNX model at ``onnx_path`` with ``torch_model`` on ``data`` (real images of
-    novel classes, uint8 at the model's input size); raise if any check fails.
+    """Compare the ONNX ``model`` (a file, or a model in memory) with ``torch_model`` on ``data``
+    (real images of novel classes, preprocessed for the model); raise if any check fails.
+    ``name``: how the report and messages name the model (default: its path).
 
     Raises:
         VerificationError: naming every failed check; the full report is ``error.report``.
 
     Example:
-        >>> report = verify("conv4.onnx", ckpt.model, load_omniglot("evaluation"))
+        >>> report = verify("conv4.onnx", ckpt.model, labelled_images(load_omniglot("evaluation")))
         >>> report.summary()["episodes"]["agreement"]
         1.0
     """
     t0 = time.perf_counter()
-    path = Path(onnx_path)
-    proto = load_model(path)
+    if isinstance(model, onnx.ModelProto):
+        proto, path = model, Path(name or "model.onnx")
+    else:
+        path = Path(model)
+        proto = load_model(path)
+        path = Path(name) if name else path
     meta = read_metadata(proto)
     if meta is None:
         raise ExportError(f"{path} has no edgemeta metadata; export it with `edgemeta export`")
     pp = meta.preprocess
-    if data.images.shape[1:] != (*pp.size, pp.channels):
-        raise InputError(f"{data.name} images are {data.images.shape[1:]}, the model takes {(*pp.size, pp.channels)} (HWC); load them at the model's size")
     sampler = verification_sampler(data, spec) if spec.episodes else None
     tol = spec.tolerance or Tolerance.for_precision(meta.precision)
-    onnx_side, torch_side = _OnnxSide(path, proto, meta.embedding_dim), _TorchSide(torch_model, meta.embedding_dim)
 
     def x_of(idx: np.ndarray) -> np.ndarray:
-        return np.ascontiguousarray(to_tensor(data.images[np.asarray(idx)], pp.mean, pp.std).numpy())
+        return np.ascontiguousarray(data.batch(np.asarray(idx)), dtype=np.float32)
 
     need = max(spec.batch_sizes) + max(spec.prototype_counts)
     pool = np.random.default_rng([spec.seed, 1]).choice(len(data), size=min(need, len(data)), replace=False)
-    rows = _tensor_runs(onnx_side, torch_side, x_of(np.sort(pool)), spec)
+    x = x_of(np.sort(pool))
+    if x.shape[1:] != (pp.channels, *pp.size):
+        raise InputError(f"{data.name} images are {x.shape[1:]}, the model takes {(pp.channels, *pp.size)} (CHW); load them at the model's size")
+    onnx_side, torch_side = _OnnxSide(path, proto, meta.embedding_dim), _TorchSide(torch_model, meta.embedding_dim)
+    rows = _tensor_runs(onnx_side, torch_side, x, spec)
     if progress:
         progress("tensor checks", 1, 1)
-    episodes = _episodes(onnx_side, torch_side, data, x_of, spec, sampler, progress) if sampler is not None else {}
+    episodes = _episodes(onnx_side, torch_side, data, x_of, spec, sampler, progress, tol.logits_rel) if sampler is not None else {}
     report = VerificationReport(str(path), meta.precision, tol, _checks(rows, episodes, tol, meta.precision), rows, episodes)
     report.seconds = time.perf_counter() - t0
     if not report.passed:

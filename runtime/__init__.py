@@ -19,19 +19,22 @@ from edgemeta.runtime.classifier import (
 from edgemeta.runtime.errors import (
     EdgemetaError,
     InputError,
+    LockTimeout,
     ModelMismatchError,
     ProviderError,
     StoreCorruptError,
     StoreWriteError,
 )
+from edgemeta.runtime.ort import GraphOptimization, Provider, SessionOptions
 from edgemeta.runtime.preprocess import decode, preprocess
-from edgemeta.runtime.session import GraphOptimization, Provider, ProviderFallbackWarning, Session, SessionOptions
+from edgemeta.runtime.session import ProviderFallbackWarning, Session
 from edgemeta.runtime.spec import METADATA_KEY, Metric, ModelMetadata, Normalization, Precision, PreprocessSpec
-from edgemeta.runtime.store import PrototypeStore, StoreSnapshot
+from edgemeta.runtime.store import PrototypeStore, StoreConflictWarning, StoreSnapshot
 
 __all__ = [
     "EdgemetaError",
     "InputError",
+    "LockTimeout",
     "ModelMismatchError",
     "ProviderError",
     "StoreCorruptError",
@@ -50,6 +53,7 @@ __all__ = [
     "Session",
     "SessionOptions",
     "PrototypeStore",
+    "StoreConflictWarning",
     "StoreSnapshot",
     "Candidate",
     "ClassifierOptions",

@@ -56,8 +56,9 @@ from typing import Callable, Iterator, NamedTuple, Sequence
 import numpy as np
 
 from edgemeta.runtime.errors import InputError
+from edgemeta.runtime.ort import ProvidersArg, SessionOptions
 from edgemeta.runtime.preprocess import ImageLike, check_batch_finite, is_preprocessed, preprocess
-from edgemeta.runtime.session import ProvidersArg, Session, SessionOptions
+from edgemeta.runtime.session import Session
 from edgemeta.runtime.spec import Metric, Normalization, PreprocessSpec
 from edgemeta.runtime.store import PrototypeStore, StoreSnapshot, check_label
 
@@ -260,9 +261,12 @@ class FewShotClassifier:
         """Replace the classifier's store (after checking it comes from this model)."""
         self._store = self._checked(store)
 
-    def save(self, path: str | os.PathLike) -> Path:
-        """Save what was enrolled, atomically (see :meth:`PrototypeStore.save`)."""
-        return self._store.save(path)
+    def save(
+        self, path: str | os.PathLike, *, timeout: float | None = None, on_wait: Callable[[str], None] | None = None
+    ) -> Path:
+        """Save what was enrolled, atomically (see :meth:`PrototypeStore.save`: it warns when
+        another process changed the file since it was loaded; :meth:`editing` merges)."""
+        return self._store.save(path, timeout=timeout, on_wait=on_wait)
 
     def load(self, path: str | os.PathLike) -> FewShotClassifier:
         """Replace the enrolled classes by those of a store file made with this model; returns self."""
@@ -270,17 +274,22 @@ class FewShotClassifier:
         return self
 
     @contextlib.contextmanager
-    def editing(self, path: str | os.PathLike) -> Iterator[FewShotClassifier]:
+    def editing(
+        self, path: str | os.PathLike, *, timeout: float | None = None, on_wait: Callable[[str], None] | None = None
+    ) -> Iterator[FewShotClassifier]:
         """Lock the store file, load it (or start empty), yield, and save on success.
 
         Two processes enrolling into the same file this way never lose each other's
         classes. The in-memory store is replaced by the file's, with the block's changes;
         if the block or the save fails, the file is left as it was and the classifier keeps
-        the store it had before.
+        the store it had before. ``timeout`` (seconds) and ``on_wait`` (told once when
+        another writer holds the lock): as for :meth:`PrototypeStore.save`.
         """
         before = self._store
         try:
-            with PrototypeStore.edit(path, default=self._new_store(), fingerprint=self.fingerprint) as store:
+            with PrototypeStore.edit(
+                path, default=self._new_store(), fingerprint=self.fingerprint, timeout=timeout, on_wait=on_wait
+            ) as store:
                 self._store = self._checked(store)
                 yield self
         except BaseException:  # the block or the save failed: the file is as it was, and so is the memory

@@ -1,7 +1,8 @@
 """The one exception hierarchy of edgemeta.
 
 It lives in the runtime package because the runtime must import nothing from the
-torch side; ``edgemeta.errors`` re-exports it so core code and the CLI share it.
+torch side; core code, the exporters and the CLI import it from here too, so there is
+one module to read and no second name for the same classes.
 Every message names the bad value and the fix.
 """
 
@@ -17,7 +18,10 @@ __all__ = [
     "ModelMismatchError",
     "StoreCorruptError",
     "StoreWriteError",
+    "LockTimeout",
+    "SchemaError",
     "ProviderError",
+    "DistributedError",
 ]
 
 
@@ -57,5 +61,18 @@ class StoreWriteError(EdgemetaError, OSError):
     """A prototype store could not be written (disk full, permissions); the old file is intact."""
 
 
+class LockTimeout(StoreWriteError):
+    """Another writer held a file's lock longer than the timeout allowed; nothing was written."""
+
+
+class SchemaError(InputError):
+    """An untrusted JSON document breaks its schema (type, range, size, depth, text rules);
+    each parser turns it into its own error class (a store's into :class:`StoreCorruptError`)."""
+
+
 class ProviderError(EdgemetaError):
     """An ONNX Runtime execution provider was asked for and cannot run."""
+
+
+class DistributedError(EdgemetaError):
+    """The processes of a distributed run cannot meet (rendezvous) or one of them failed."""

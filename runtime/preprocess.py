@@ -23,6 +23,9 @@ ImageLike = Union[str, os.PathLike, np.ndarray, Any]  # Any: a PIL.Image.Image
 
 #: Refuse images with more pixels than this (decompression bombs); 8K x 8K.
 MAX_PIXELS = 64_000_000
+#: Refuse images longer than this many times their width (or the reverse): a 1 x 64M-pixel
+#: strip passes the pixel limit in a 125 KB PNG, yet its resize alone takes gigabytes.
+MAX_ASPECT = 200
 
 
 def _pil():
@@ -57,6 +60,11 @@ def decode(path: str | os.PathLike | Any) -> Any:
                 raise InputError(
                     f"{name}: {im.width}x{im.height} pixels is over the {MAX_PIXELS:,} limit "
                     "(possible decompression bomb); downscale the image first"
+                )
+            if max(im.width, im.height) > MAX_ASPECT * max(1, min(im.width, im.height)):
+                raise InputError(
+                    f"{name}: {im.width}x{im.height} pixels is more than {MAX_ASPECT} times longer than it is wide; "
+                    "crop the image to the object first"
                 )
             im.load()
     except BaseException as e:
@@ -113,10 +121,25 @@ def _opaque(im: Any) -> Any:
     return Image.alpha_composite(Image.new("RGBA", rgba.size, (255, 255, 255, 255)), rgba).convert("RGB")
 
 
+def _eight_bit(im: Any) -> Any:
+    """A float or 16/32-bit integer image as 8-bit grey, scaled by its type's range (Pillow's
+    own conversion clips instead: a float TIFF of values 0..1 would turn black)."""
+    if im.mode not in ("F", "I") and not im.mode.startswith("I;16"):
+        return im
+    arr = np.asarray(im)
+    if arr.dtype.kind == "f":
+        arr = np.nan_to_num(arr.astype(np.float64), nan=0.0, posinf=1.0, neginf=0.0)
+        top = 1.0 if arr.size == 0 or arr.max() <= 1.0 else 255.0  # 0..1 as scientific images store them, else 0..255
+    else:
+        top = 255.0 if arr.size == 0 or arr.max() <= 255 else 65535.0
+    out = np.clip(arr.astype(np.float64) * (255.0 / top), 0, 255).round().astype(np.uint8)
+    return _pil().fromarray(out, "L")
+
+
 def _resize_pil(im: Any, spec: PreprocessSpec) -> np.ndarray:
     h, w = spec.size
     try:  # a PIL image the caller opened is decoded lazily here: its file may be damaged
-        im = _opaque(_upright(im)).convert(spec.color)
+        im = _opaque(_upright(_eight_bit(im))).convert(spec.color)
         if im.size != (w, h):
             im = im.resize((w, h), _filter(spec.interpolation))
     except (OSError, SyntaxError, ValueError, EOFError) as e:

@@ -17,29 +17,32 @@ Example:
 
 from __future__ import annotations
 
-import contextlib
 import functools
 import hashlib
-import io
 import math
 import os
-import platform
 import warnings
-from dataclasses import dataclass
-from enum import Enum
 from pathlib import Path
-from typing import Sequence, Union
 
 import numpy as np
 import onnxruntime as ort
 
 from edgemeta.runtime.errors import InputError, ModelMismatchError, ProviderError
+from edgemeta.runtime.ort import (
+    GPU_PROVIDERS,
+    GraphOptimization,
+    Provider,
+    ProvidersArg,
+    SessionOptions,
+    open_session,
+    resolve_providers,
+    stored_metadata,
+)
 from edgemeta.runtime.preprocess import check_batch_finite, first_nonfinite
 from edgemeta.runtime.spec import (
     INPUT_IMAGES,
     INPUT_PROTOTYPES,
     INPUT_SQNORMS,
-    METADATA_KEY,
     OUTPUT_EMBEDDINGS,
     OUTPUT_LOGITS,
     Metric,
@@ -58,124 +61,11 @@ __all__ = [
     "resolve_providers",
 ]
 
-
-class Provider(str, Enum):
-    """The execution providers edgemeta knows by short name ("cpu", "cuda", "tensorrt")."""
-
-    TENSORRT = "TensorrtExecutionProvider"
-    CUDA = "CUDAExecutionProvider"
-    CPU = "CPUExecutionProvider"
-
-
-#: The order ``providers="auto"`` tries, among those this onnxruntime build has.
-AUTO_ORDER = (Provider.TENSORRT.value, Provider.CUDA.value, Provider.CPU.value)
-GPU_PROVIDERS = (Provider.TENSORRT.value, Provider.CUDA.value)  #: those that run on a CUDA device
 _FLOAT_TYPES = ("tensor(float)", "tensor(float16)")
-_SHORT_NAMES = {"cpu": Provider.CPU, "cuda": Provider.CUDA, "gpu": Provider.CUDA, "tensorrt": Provider.TENSORRT, "trt": Provider.TENSORRT}
-
-ProvidersArg = Union[str, Provider, Sequence[Union[str, Provider]]]
-
-
-class GraphOptimization(str, Enum):
-    """ONNX Runtime's graph optimization levels."""
-
-    DISABLE = "disable"
-    BASIC = "basic"
-    EXTENDED = "extended"
-    ALL = "all"
-
-
-ORT_LEVELS = {
-    GraphOptimization.DISABLE: ort.GraphOptimizationLevel.ORT_DISABLE_ALL,
-    GraphOptimization.BASIC: ort.GraphOptimizationLevel.ORT_ENABLE_BASIC,
-    GraphOptimization.EXTENDED: ort.GraphOptimizationLevel.ORT_ENABLE_EXTENDED,
-    GraphOptimization.ALL: ort.GraphOptimizationLevel.ORT_ENABLE_ALL,
-}
 
 
 class ProviderFallbackWarning(RuntimeWarning):
     """A provider that was asked for (or offered by ``"auto"``) does not run."""
-
-
-@dataclass(frozen=True)
-class SessionOptions:
-    """How the ONNX Runtime session runs.
-
-    Attributes:
-        intra_op_threads: threads inside one operator; 0 lets ONNX Runtime choose
-            (one per physical core).
-        inter_op_threads: threads across independent operators; 0 lets ONNX Runtime choose.
-        graph_optimization: ONNX Runtime's graph optimization level.
-        io_binding: bind inputs and outputs as ``OrtValue`` so the prototypes stay on the
-            device between calls; ``None`` turns it on when the session runs on a GPU.
-        batch_size: inputs larger than this run in chunks (bounds memory).
-        device_id: the GPU used by CUDA / TensorRT and IO binding.
-        allow_spinning: whether idle intra-op threads spin after a call, waiting for the
-            next; ``None`` keeps ONNX Runtime's default (they spin). Spinning saves the
-            threads' wake-up on back-to-back calls (each call is faster); turning it off
-            saves power on a battery and leaves the cores to the app's own work between
-            calls (on a 2-core machine the input checks and store update of an enrolment
-            took 3x longer beside spinning threads, though the calls themselves were slower
-            without them).
-    """
-
-    intra_op_threads: int = 0
-    inter_op_threads: int = 0
-    graph_optimization: GraphOptimization = GraphOptimization.ALL
-    io_binding: bool | None = None
-    batch_size: int = 64
-    device_id: int = 0
-    allow_spinning: bool | None = None
-
-    def __post_init__(self) -> None:
-        if self.allow_spinning is not None and not isinstance(self.allow_spinning, bool):
-            raise InputError(f"allow_spinning must be True, False or None (ONNX Runtime's default), got {self.allow_spinning!r}")
-        if self.intra_op_threads < 0 or self.inter_op_threads < 0:
-            raise InputError(
-                f"thread counts must be >= 0 (0 = ONNX Runtime's default), got "
-                f"intra_op_threads={self.intra_op_threads}, inter_op_threads={self.inter_op_threads}"
-            )
-        if self.batch_size < 1:
-            raise InputError(f"batch_size must be >= 1, got {self.batch_size}")
-        if not isinstance(self.graph_optimization, GraphOptimization):
-            try:
-                object.__setattr__(self, "graph_optimization", GraphOptimization(self.graph_optimization))
-            except ValueError:
-                choices = ", ".join(g.value for g in GraphOptimization)
-                raise InputError(f"unknown graph_optimization {self.graph_optimization!r}; choose one of: {choices}") from None
-
-
-def _provider_name(p: str | Provider) -> str:
-    if isinstance(p, Provider):
-        return p.value
-    if not isinstance(p, str) or not p.strip():
-        raise InputError(f"provider {p!r} is not a provider name; use cpu, cuda, tensorrt or a full ONNX Runtime name")
-    key = p.strip()
-    if key.lower() in _SHORT_NAMES:
-        return _SHORT_NAMES[key.lower()].value
-    if key.endswith("ExecutionProvider"):
-        return key  # any other ONNX Runtime provider, by its full name
-    raise InputError(
-        f"unknown provider {p!r}; use auto, cpu, cuda, tensorrt, or a full ONNX Runtime name "
-        "such as CUDAExecutionProvider"
-    )
-
-
-def resolve_providers(providers: ProvidersArg) -> tuple[list[str], bool]:
-    """Turn the user's ``providers`` into ONNX Runtime names; returns ``(names, is_auto)``.
-
-    Accepts ``"auto"``, one name, a comma-separated string (``"cuda,cpu"``), or a list.
-    """
-    if isinstance(providers, str) and "," in providers:
-        providers = [p for p in providers.split(",") if p.strip()]
-    if isinstance(providers, (str, Provider)):
-        if isinstance(providers, str) and providers.strip().lower() == "auto":
-            return list(AUTO_ORDER), True
-        return [_provider_name(providers)], False
-    names = [_provider_name(p) for p in providers]
-    if not names:
-        raise InputError("empty provider list; pass 'auto' or at least one provider")
-    return list(dict.fromkeys(names)), False
 
 
 def _ort_error_kind(e: Exception) -> str:
@@ -184,99 +74,6 @@ def _ort_error_kind(e: Exception) -> str:
     if name in ("InvalidProtobuf", "InvalidGraph", "NoSuchFile", "NotImplemented", "InvalidArgument"):
         return "model"
     return "provider"
-
-
-_preloaded = False
-
-
-def _preload_cuda_libraries() -> None:
-    """Load CUDA / cuDNN from the ``nvidia-*`` pip packages (or torch) before a GPU session.
-
-    onnxruntime-gpu needs those libraries on the loader path; ``onnxruntime.preload_dlls``
-    (ONNX Runtime >= 1.21) finds them where pip put them, so ``pip install
-    onnxruntime-gpu[cuda,cudnn]`` works without setting ``LD_LIBRARY_PATH``. Best effort:
-    libraries it cannot find are left to the system loader, and a provider that still
-    cannot load is reported as a fallback by the session.
-    """
-    global _preloaded
-    if _preloaded or not hasattr(ort, "preload_dlls") or os.environ.get("EDGEMETA_NO_PRELOAD"):
-        return
-    _preloaded = True
-    try:  # it prints its warnings; keep them off stdout, where --json output goes
-        with warnings.catch_warnings(), contextlib.redirect_stdout(io.StringIO()):
-            warnings.simplefilter("ignore")
-            ort.preload_dlls()
-    except Exception:  # noqa: BLE001 - whatever is missing shows up as a provider fallback
-        pass
-
-
-# ONNX Runtime optimizers every edgemeta session turns off. QDQ propagation moves an int8
-# model's QuantizeLinear above the float pooling that follows a float32 stem, so the pooling
-# runs on int8 NCHW tensors, which the CPU provider does far slower than in float (Conv-4,
-# batch 32: 5.5 ms against 0.2 ms). It only moves quantization nodes: no result changes.
-DISABLED_OPTIMIZERS = ("QDQPropagationTransformer",)
-# ... and these two (ONNX Runtime's transpose optimizer at its levels 1 and 2) for an int8
-# model exported with ``stem_layout="nhwc"``, in a session that runs it on the CPU provider
-# of an x86-64 CPU with every optimization level on: they would remove the NHWC round trip
-# after the float stem (a Transpose pair: a no-op), which is what lets the NCHWc layout pass
-# (level "all" only) write the stem's output in NHWC directly, as the int8 convolutions read
-# it, instead of writing NCHW and transposing the int8 tensor after its quantization (Conv-4,
-# batch 32: 7-10% faster). Every other session keeps the optimizer, which removes the pair:
-# on GPU providers, on other CPUs, at lower optimization levels, and where an optimized model
-# is written (an ``.ort`` file must not keep two real transposes) or a profile is taken.
-NHWC_STEM_DISABLED_OPTIMIZERS = ("TransposeOptimizer", "TransposeOptimizer_CPUExecutionProvider")
-_NCHWC_MACHINES = {"x86_64", "amd64"}  # where ONNX Runtime has its NCHWc kernels (AVX2 and later)
-
-
-def open_ort_session(path: str | os.PathLike | bytes, options: ort.SessionOptions, providers: list[str]) -> tuple[ort.InferenceSession, str]:
-    """An ``onnxruntime.InferenceSession`` on ``providers``, as every edgemeta session opens one.
-    ``path`` is a model file or a serialized model.
-
-    For a GPU provider, CUDA / cuDNN are preloaded first (see :func:`_preload_cuda_libraries`),
-    and what ONNX Runtime prints and logs while such a provider fails to load is kept off
-    stdout (where ``--json`` goes) and stderr: it is returned instead (its "EP Error" lines),
-    for the caller to report. ONNX Runtime's own fallback inside ``run()`` is disabled, so a
-    session never changes provider silently. The optimizers in :data:`DISABLED_OPTIMIZERS`
-    are off, and for a model that asks for it (:func:`wants_nhwc_stem`) on a CPU-only
-    session with every optimization level, not writing an optimized model or a profile,
-    those in :data:`NHWC_STEM_DISABLED_OPTIMIZERS` too: the session is then opened a second
-    time (the metadata is known only once a session has read the model). Note: ONNX Runtime's default logger severity is
-    set back to its default (warning) afterwards. Returns ``(session, what ONNX Runtime said)``.
-    """
-    gpu = any(p in GPU_PROVIDERS for p in providers)
-    # errors only: ONNX Runtime warns on every load that the optional prototype_sqnorms input
-    # is an initializer a caller may override, which is what it is for
-    options.log_severity_level = max(options.log_severity_level, 3)
-    out = io.StringIO()
-    if gpu:
-        _preload_cuda_libraries()
-        ort.set_default_logger_severity(4)
-    try:
-        with contextlib.redirect_stdout(out) if gpu else contextlib.nullcontext():
-            model = path if isinstance(path, bytes) else str(path)
-            sess = ort.InferenceSession(model, sess_options=options, providers=providers, disabled_optimizers=list(DISABLED_OPTIMIZERS))
-            if _nhwc_stem_pays(options, gpu) and wants_nhwc_stem(sess):
-                disabled = [*DISABLED_OPTIMIZERS, *NHWC_STEM_DISABLED_OPTIMIZERS]
-                sess = ort.InferenceSession(model, sess_options=options, providers=providers, disabled_optimizers=disabled)
-    finally:
-        if gpu:
-            ort.set_default_logger_severity(2)  # ONNX Runtime's default
-    said = " ".join(line.strip() for line in out.getvalue().splitlines() if line.strip().startswith("EP Error"))[:300]
-    sess.disable_fallback()
-    return sess, said
-
-
-def _nhwc_stem_pays(options: ort.SessionOptions, gpu: bool) -> bool:
-    """Whether a session with these settings would run an NHWC stem hand-over faster (see
-    :data:`NHWC_STEM_DISABLED_OPTIMIZERS`): no GPU provider asked for (one that fails to load
-    would be tried twice), ONNX Runtime's NCHWc pass on (level "all"), and neither an
-    optimized model (an ``.ort`` file) nor a profile written."""
-    return (
-        not gpu
-        and options.graph_optimization_level == ort.GraphOptimizationLevel.ORT_ENABLE_ALL
-        and not options.optimized_model_filepath
-        and not options.enable_profiling
-    )
 
 
 def _value_bounds(spec: PreprocessSpec) -> tuple[float, float, float]:
@@ -288,26 +85,6 @@ def _value_bounds(spec: PreprocessSpec) -> tuple[float, float, float]:
     lo = min((0.0 - m) / s for m, s in zip(spec.mean, spec.std))
     hi = max((1.0 - m) / s for m, s in zip(spec.mean, spec.std))
     return hi + (hi - lo), lo, hi
-
-
-def wants_nhwc_stem(session: ort.InferenceSession) -> bool:
-    """Whether ``session``'s model was exported with an NHWC stem hand-over (int8,
-    ``stem_layout="nhwc"``) and the session runs where that pays: on the CPU provider (it
-    comes first) of an x86-64 machine (see :data:`NHWC_STEM_DISABLED_OPTIMIZERS`)."""
-    providers = session.get_providers()
-    if not providers or providers[0] != Provider.CPU.value or platform.machine().lower() not in _NCHWC_MACHINES:
-        return False
-    try:
-        meta = stored_metadata(session)
-        return meta is not None and meta.extra.get("calibration", {}).get("stem_layout") == "nhwc"
-    except Exception:  # noqa: BLE001 - bad metadata is reported where the session reads it
-        return False
-
-
-def stored_metadata(session: ort.InferenceSession) -> ModelMetadata | None:
-    """The edgemeta metadata stored in ``session``'s model, or None (a model from elsewhere)."""
-    custom = session.get_modelmeta().custom_metadata_map
-    return ModelMetadata.from_json(custom[METADATA_KEY]) if METADATA_KEY in custom else None
 
 
 def feeds_prototype_norms(session: ort.InferenceSession) -> bool:
@@ -355,6 +132,31 @@ def run_bound(
         binding.bind_output(name, *device)
     session.run_with_iobinding(binding)
     return binding.copy_outputs_to_cpu()
+
+
+def _available_memory() -> int:
+    """Bytes of memory free now (Linux, macOS); a generous 16 GiB where it cannot be told."""
+    try:
+        return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+    except (ValueError, OSError, AttributeError):
+        return 16 << 30
+
+
+def _check_fixed_batch(batch: int | None, shape: Sequence, source: str) -> None:
+    """Refuse, before any allocation, a graph whose fixed batch of images (padded with zeros
+    on every call) would not fit in memory: a batch dimension of 2**40 is a damaged or
+    hostile model, not a request for petabytes."""
+    if not batch:
+        return
+    per_image = 4
+    for d in list(shape)[1:]:
+        per_image *= d if isinstance(d, int) and d > 0 else 1
+    need = batch * per_image
+    if need > _available_memory() // 2:
+        raise ModelMismatchError(
+            f"{source}: the model fixes a batch of {batch:,} images ({need / 2**30:,.1f} GiB per call), more than this "
+            "machine's free memory; re-export it with a dynamic batch"
+        )
 
 
 def graph_batch(sess: ort.InferenceSession) -> int | None:
@@ -447,15 +249,6 @@ class Session:
             self.fallbacks.append(f"{p}: {reason}")
         warnings.warn(f"{', '.join(lost)} not used ({reason}); running on the next provider", ProviderFallbackWarning, stacklevel=4)
 
-    def _ort_options(self) -> ort.SessionOptions:
-        so = ort.SessionOptions()
-        so.intra_op_num_threads = self.options.intra_op_threads
-        so.inter_op_num_threads = self.options.inter_op_threads
-        so.graph_optimization_level = ORT_LEVELS[self.options.graph_optimization]
-        if self.options.allow_spinning is not None:
-            so.add_session_config_entry("session.intra_op.allow_spinning", "1" if self.options.allow_spinning else "0")
-        return so
-
     def _create_session(self) -> ort.InferenceSession:
         available = ort.get_available_providers()
         wanted = list(self.requested_providers)
@@ -485,7 +278,7 @@ class Session:
 
     def _open(self, providers: list[str]) -> ort.InferenceSession:
         try:
-            sess, self._ort_said = open_ort_session(self.path, self._ort_options(), providers)
+            sess, self._ort_said = open_session(self.path, self.options.to_ort(), providers)
             return sess
         except Exception as e:  # noqa: BLE001
             if _ort_error_kind(e) == "model":
@@ -543,6 +336,7 @@ class Session:
         """The batch size the graph was exported with when it is fixed, else None: calls then
         go in chunks of exactly that size, the last one padded with zero images (their
         outputs dropped)."""
+        _check_fixed_batch(self.fixed_batch, self._images_shape, str(self.path))
 
     def _check_embedding_dim(self, metadata: ModelMetadata) -> None:
         """The metadata's embedding size against the graph's, where the graph fixes it."""

@@ -40,6 +40,35 @@ OUTPUT_EMBEDDINGS = "embeddings"
 OUTPUT_LOGITS = "logits"
 
 
+MAX_SIDE = 8192  # a model input side; the largest photo backbones take 600
+MAX_INPUT_PIXELS = 1 << 24  # height x width of a model input (4096 x 4096): bounds preprocessing's memory
+MAX_EMBEDDING_DIM = 1 << 16
+
+
+def _verification(v: dict) -> dict:
+    """The verification figures, checked where something reads them (``edgemeta inspect``'s
+    table): ``passed`` a boolean, the error figures non-negative numbers, and ``episodes``,
+    when not empty, with its counts as integers, its dataset as text and its rates in [0, 1].
+    Other fields are kept as the exporter wrote them."""
+    from edgemeta.runtime.schema import SchemaError, as_float, as_int, need_bool, need_dict, need_float, need_str
+
+    need_bool(v, "passed", default=None)
+    for key in ("embeddings_max_rel_error", "logits_max_rel_error", "embeddings_max_abs_error", "logits_max_abs_error"):
+        need_float(v, key, lo=0.0, default=None)
+    if "episodes" in v and v["episodes"] is not None:
+        ep = need_dict(v, "episodes")
+        if ep:
+            try:
+                for key in ("count", "n_way", "k_shot"):
+                    as_int(ep.get(key), f"verification.episodes.{key}", lo=0)
+                need_str(ep, "dataset", max_len=256)
+                for key in ("agreement", "torch_accuracy", "onnx_accuracy"):
+                    as_float(ep.get(key), f"verification.episodes.{key}", lo=0.0, hi=1.0)
+            except SchemaError as e:
+                raise SchemaError(f"verification.episodes: {e}") from None
+    return dict(v)
+
+
 class Metric(str, Enum):
     """How a query is compared with a prototype; logits are ``-distance`` or ``scale*cos``."""
 
@@ -178,36 +207,79 @@ class ModelMetadata:
 
     @classmethod
     def from_json(cls, text: str) -> ModelMetadata:
+        """Parse the document a model carries, strictly (it may come from anyone): JSON nesting,
+        sizes, every field's type (``true`` is not an int) and range, before anything uses it.
+
+        Raises:
+            ModelMismatchError: one line naming the bad field; the fix is to re-export.
+        """
+        from edgemeta.runtime.schema import SchemaError, loads
+
         try:
-            d = json.loads(text)
-        except json.JSONDecodeError as e:
+            d = loads(text, limit=1 << 24)
+        except SchemaError as e:
             raise ModelMismatchError(f"model metadata is not valid JSON ({e}); re-export the model with edgemeta") from None
         if not isinstance(d, dict) or d.get("format") != "edgemeta.model":
             raise ModelMismatchError("model metadata is not an edgemeta document; re-export the model with edgemeta")
         version = d.get("version")
-        if not isinstance(version, int) or version > METADATA_VERSION:
+        if type(version) is not int or version < 1:
             raise ModelMismatchError(
-                f"model metadata version {version!r} is newer than this edgemeta understands "
-                f"({METADATA_VERSION}); upgrade edgemeta"
+                f"model metadata has an invalid version {str(version)[:20]}; re-export the model with edgemeta"
+            )
+        if version > METADATA_VERSION:
+            raise ModelMismatchError(
+                f"model metadata version {version} is newer than this edgemeta understands ({METADATA_VERSION}); "
+                "upgrade edgemeta"
             )
         try:
-            return cls(
-                preprocess=PreprocessSpec.from_dict(d["preprocess"]),
-                embedding_dim=int(d["embedding_dim"]),
-                metric=_enum(Metric, d["metric"], "metric"),
-                normalization=_enum(Normalization, d["normalization"], "normalization"),
-                fingerprint=str(d["fingerprint"]),
-                backbone=str(d.get("backbone", "unknown")),
-                precision=_enum(Precision, d.get("precision", "fp32"), "precision"),
-                opset=int(d.get("opset", 0)),
-                source_checkpoint_sha256=str(d.get("source_checkpoint_sha256", "")),
-                producer=str(d.get("producer", "")),
-                verification=dict(d.get("verification", {})),
-                extra=dict(d.get("extra", {})),
-                version=version,
-            )
-        except (KeyError, TypeError, ValueError) as e:
-            raise ModelMismatchError(f"model metadata is missing or has a bad field ({e}); re-export the model") from None
+            return cls._from_doc(d, version)
+        except SchemaError as e:
+            raise ModelMismatchError(f"model metadata has a bad field ({e}); re-export the model") from None
+        except InputError as e:  # the dataclasses' own checks
+            raise ModelMismatchError(f"model metadata has a bad field ({e}); re-export the model") from None
+
+    @classmethod
+    def _from_doc(cls, d: dict, version: int) -> ModelMetadata:
+        from edgemeta.runtime.schema import SchemaError, as_float, need_dict, need_int, need_list, need_str
+
+        pp = need_dict(d, "preprocess")
+        size = need_list(pp, "size", max_len=2)
+        if len(size) != 2:
+            raise SchemaError("preprocess.size must be [height, width]")
+        h, w = (need_int({"size": v}, "size", lo=1, hi=MAX_SIDE) for v in size)
+        if h * w > MAX_INPUT_PIXELS:
+            raise SchemaError(f"preprocess.size {h}x{w} is over the {MAX_INPUT_PIXELS:,}-pixel limit")
+        channels = need_int(pp, "channels", lo=1, hi=3)
+        mean = tuple(as_float(v, "preprocess.mean", lo=-1e6, hi=1e6) for v in need_list(pp, "mean", max_len=3))
+        std = tuple(as_float(v, "preprocess.std", lo=1e-12, hi=1e6) for v in need_list(pp, "std", max_len=3))
+        spec = PreprocessSpec(
+            size=(h, w),
+            channels=channels,
+            mean=mean,
+            std=std,
+            interpolation=need_str(pp, "interpolation", max_len=16, default="bilinear"),
+            color=need_str(pp, "color", max_len=8, default="L" if channels == 1 else "RGB"),
+        )
+
+        def enum(e: type[Enum], key: str, default: str | None = None) -> Any:
+            given = {} if default is None else {"default": default}
+            return e(need_str(d, key, max_len=32, choices=tuple(m.value for m in e), **given))  # type: ignore[attr-defined]
+
+        return cls(
+            preprocess=spec,
+            embedding_dim=need_int(d, "embedding_dim", lo=1, hi=MAX_EMBEDDING_DIM),
+            metric=enum(Metric, "metric"),
+            normalization=enum(Normalization, "normalization"),
+            fingerprint=need_str(d, "fingerprint", max_len=256),
+            backbone=need_str(d, "backbone", max_len=256, default="unknown"),
+            precision=enum(Precision, "precision", "fp32"),
+            opset=need_int(d, "opset", lo=0, hi=1000, default=0),
+            source_checkpoint_sha256=need_str(d, "source_checkpoint_sha256", max_len=128, default=""),
+            producer=need_str(d, "producer", max_len=1024, default=""),
+            verification=_verification(need_dict(d, "verification", default={})),
+            extra=need_dict(d, "extra", default={}),
+            version=version,
+        )
 
     def with_(self, **changes: Any) -> ModelMetadata:
         return replace(self, **changes)

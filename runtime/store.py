@@ -5,15 +5,9 @@ A class's prototype is the mean of its enrolled embeddings, kept as a running su
 re-embeds anything. With ``keep_embeddings=True`` the individual embeddings are kept
 too, for k-NN classification, open-set calibration and re-computation.
 
-File format (``.safetensors``, never pickle): tensors ``sums`` float64 [C, D],
-``counts`` int64 [C] and, when kept, ``embeddings`` float32 [N, D] (grouped by class,
-in label order). The safetensors metadata holds a JSON header (``edgemeta.store``:
-format name and version, model fingerprint, embedding dim, metric, labels, counts)
-and ``sha256``, a checksum over the header and every tensor's bytes, so a damaged or
-edited file is refused with :class:`StoreCorruptError`.
-
-Writes are atomic (temp file in the same folder, fsync, ``os.replace``, fsync of the
-folder) and serialized between processes by an advisory lock on ``<store>.lock``.
+The file format (safetensors, never pickle, with a checksummed JSON header) is
+:mod:`edgemeta.runtime.store_format`'s; writes and locks are :mod:`edgemeta.runtime.files`'s
+(atomic, serialized between processes, temp files of crashed writers cleaned).
 
 Example:
     >>> store = PrototypeStore(embedding_dim=64, fingerprint="3fa2...")   # doctest: +SKIP
@@ -24,34 +18,36 @@ Example:
 from __future__ import annotations
 
 import contextlib
-import hashlib
-import json
 import math
 import os
-import stat
-import tempfile
 import threading
 import unicodedata
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterator
+from typing import Callable, Iterator
 
 import numpy as np
 
-from edgemeta.runtime.errors import InputError, ModelMismatchError, StoreCorruptError, StoreWriteError
+from edgemeta.runtime.errors import InputError, ModelMismatchError, StoreWriteError
+from edgemeta.runtime.files import atomic_write, check_readable, locked, read_limited, resolve_target
 from edgemeta.runtime.spec import Metric
+from edgemeta.runtime.store_format import (
+    CHECKSUM_KEY,
+    FORMAT_NAME,
+    FORMAT_VERSION,
+    StoreData,
+    is_store,
+    parse,
+    read_metadata,
+    serialize,
+)
 
-try:  # POSIX advisory locks; elsewhere saves are atomic but not serialized
-    import fcntl
-except ImportError:  # pragma: no cover - Windows
-    fcntl = None  # type: ignore[assignment]
+__all__ = ["FORMAT_NAME", "FORMAT_VERSION", "PrototypeStore", "StoreConflictWarning", "StoreSnapshot", "check_label"]
 
-__all__ = ["FORMAT_NAME", "FORMAT_VERSION", "PrototypeStore", "StoreSnapshot", "check_label"]
 
-FORMAT_NAME = "edgemeta.prototype_store"
-FORMAT_VERSION = 1
-_HEADER_KEY = "edgemeta.store"
-_CHECKSUM_KEY = "sha256"
+class StoreConflictWarning(UserWarning):
+    """A save replaced a store file that another writer changed since this store read it."""
 
 
 def check_label(label: object, *, new: bool = True) -> str:
@@ -118,126 +114,6 @@ def _readonly(a: np.ndarray) -> np.ndarray:
     return a
 
 
-# ---- inter-process lock ---------------------------------------------------------
-
-_registry_lock = threading.Lock()
-_thread_locks: dict[str, threading.RLock] = {}
-_held: dict[str, list] = {}  # lock path -> [fd, depth]; touched only by the thread holding the RLock
-
-
-@contextlib.contextmanager
-def _locked(path: Path) -> Iterator[None]:
-    """Hold ``<path>.lock`` exclusively: re-entrant within a thread, exclusive across threads and processes."""
-    key = os.path.abspath(str(path) + ".lock")
-    with _registry_lock:
-        rlock = _thread_locks.setdefault(key, threading.RLock())
-    with rlock:
-        entry = _held.get(key)
-        if entry is not None:
-            entry[1] += 1
-            try:
-                yield
-            finally:
-                entry[1] -= 1
-            return
-        fd = -1
-        if fcntl is not None:
-            try:
-                fd = os.open(key, os.O_RDWR | os.O_CREAT, 0o644)
-            except OSError as e:
-                raise StoreWriteError(f"cannot create the lock file {key} ({e}); check the folder's permissions") from e
-            fcntl.flock(fd, fcntl.LOCK_EX)
-        _held[key] = [fd, 1]
-        try:
-            yield
-        finally:
-            del _held[key]
-            if fd >= 0:
-                fcntl.flock(fd, fcntl.LOCK_UN)
-                os.close(fd)
-
-
-def _fsync_dir(folder: Path) -> None:
-    """Make the rename durable; folders cannot be opened or fsynced on some platforms."""
-    try:
-        fd = os.open(folder, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)
-
-
-def _store_path(path: str | os.PathLike) -> Path:
-    """``path`` once a store file can be written there: not a folder, in a folder that exists.
-    A symlink is written through (its target is the store, and its lock is beside it)."""
-    path = Path(path)
-    if path.is_symlink():
-        path = Path(os.path.realpath(path))
-    if path.is_dir():
-        raise InputError(f"{path} is a folder; give a store file path such as {path / 'store.safetensors'}")
-    if not path.parent.is_dir():
-        raise InputError(f"folder {path.parent} does not exist; create it first")
-    return path
-
-
-def _refuse_other_file(path: Path) -> None:
-    """A store may replace an earlier store (also one with damaged tensors or checksum) or an
-    empty file, never another kind of file: saving over the session's own model is an easy
-    slip. A store's safetensors header opens with its metadata, whose keys (the store header
-    and the checksum) come first, so the first 64 KiB of it tell."""
-    try:
-        st = path.stat()
-    except FileNotFoundError:
-        return
-    if not stat.S_ISREG(st.st_mode):  # a FIFO would block the read below; a device is no store
-        raise InputError(f"{path} exists and is not a regular file; save the store to another path")
-    if st.st_size == 0:
-        return
-    try:
-        with open(path, "rb") as f:
-            head = f.read(8)
-            n = int.from_bytes(head, "little") if len(head) == 8 else 0
-            text = f.read(min(n, 1 << 16)).decode("utf-8", "replace")
-    except OSError as e:
-        raise StoreWriteError(f"cannot check {path} before replacing it ({e.strerror or e}); choose another path") from None
-    if f'"{_HEADER_KEY}"' not in text:
-        raise InputError(f"{path} exists and is not an edgemeta store (a model, an image, ...); save the store to another path, or remove that file first")
-
-
-def _atomic_write(path: Path, data: bytes) -> None:
-    """Write ``data`` to ``path`` so a reader sees the old file or the new one, never a mix."""
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.chmod(tmp, (path.stat().st_mode & 0o777) if path.exists() else 0o644)
-        os.replace(tmp, path)
-    except BaseException as e:
-        with contextlib.suppress(OSError):
-            os.unlink(tmp)
-        if isinstance(e, OSError):
-            raise StoreWriteError(
-                f"could not save the store to {path} ({e}); the previous file is unchanged - free space or fix permissions and retry"
-            ) from e
-        raise
-    _fsync_dir(path.parent)
-
-
-def _checksum(header: str, tensors: dict[str, np.ndarray]) -> str:
-    h = hashlib.sha256(header.encode("utf-8"))
-    for name in sorted(tensors):
-        t = np.ascontiguousarray(tensors[name])
-        h.update(f"\0{name}\0{t.dtype.str}\0{list(t.shape)}\0".encode())
-        h.update(t.tobytes())
-    return h.hexdigest()
-
-
 class PrototypeStore:
     """Class label -> running sum (float64) and count; optionally every embedding.
 
@@ -275,6 +151,7 @@ class PrototypeStore:
         self._counts = np.zeros(8, np.int64)
         self._examples: dict[str, list[np.ndarray]] = {}
         self._cache: dict[str, object] = {}
+        self._origins: dict[str, str] = {}  # file -> checksum of the version this store read or wrote
 
     # ---- reading -----------------------------------------------------------------
 
@@ -519,92 +396,113 @@ class PrototypeStore:
 
     # ---- files ---------------------------------------------------------------------
 
-    def _header(self) -> dict:
-        n = len(self._labels)
-        return {
-            "format": FORMAT_NAME,
-            "version": FORMAT_VERSION,
-            "fingerprint": self.fingerprint,
-            "embedding_dim": self.embedding_dim,
-            "metric": self.metric.value,
-            "labels": list(self._labels),
-            "counts": [int(c) for c in self._counts[:n]],
-            "keep_embeddings": self.keep_embeddings,
-        }
-
-    def to_bytes(self) -> bytes:
-        """The store as safetensors bytes (header and checksum in the metadata)."""
-        from safetensors.numpy import save
-
+    def data(self) -> StoreData:
+        """A consistent copy of the store as its file holds it, taken under the lock (a save
+        serializes this copy, so another thread's enrolment cannot change it halfway)."""
         with self._lock:
             n = len(self._labels)
-            tensors = {"sums": np.ascontiguousarray(self._sums[:n]), "counts": np.ascontiguousarray(self._counts[:n])}
-            if self.keep_embeddings:
-                tensors["embeddings"] = np.ascontiguousarray(self._examples_matrix()[0])
-            header = json.dumps(self._header(), sort_keys=True, ensure_ascii=False)
-        return save(tensors, metadata={_HEADER_KEY: header, _CHECKSUM_KEY: _checksum(header, tensors)})
+            return StoreData(
+                fingerprint=self.fingerprint,
+                embedding_dim=self.embedding_dim,
+                metric=self.metric,
+                labels=tuple(self._labels),
+                counts=tuple(int(c) for c in self._counts[:n]),
+                keep_embeddings=self.keep_embeddings,
+                sums=_readonly(self._sums[:n].copy()),
+                embeddings=self._examples_matrix()[0] if self.keep_embeddings else None,  # read-only, rebuilt on change
+            )
 
-    def save(self, path: str | os.PathLike) -> Path:
+    def to_bytes(self) -> bytes:
+        """The store as safetensors bytes (see :mod:`edgemeta.runtime.store_format`)."""
+        return serialize(self.data())
+
+    def save(
+        self, path: str | os.PathLike, *, timeout: float | None = None, on_wait: Callable[[str], None] | None = None
+    ) -> Path:
         """Write the store atomically; concurrent savers of the same path take turns.
+
+        The store is copied under the file's lock, so files are written in the order their
+        contents were taken. Saving over a file that another process changed since this
+        store loaded (or last saved) it warns with :class:`StoreConflictWarning`: that
+        process's changes are replaced; :meth:`edit` (or ``FewShotClassifier.editing``)
+        is the route that merges.
+
+        Args:
+            timeout: seconds to wait for another writer's lock (None: for ever).
+            on_wait: called with a "waiting for the lock ..." line when the lock is taken.
 
         Returns the path written: a symlink's target when ``path`` is a link.
 
         Raises:
-            InputError: ``path`` is a file other than a store (a model, an image): it is left alone.
+            InputError: ``path`` is a file other than a store (a model, an image, a FIFO): it is left alone.
             StoreWriteError: the file could not be written; the previous one is intact.
         """
         path = _store_path(path)
-        data = self.to_bytes()
-        with _locked(path):
-            _refuse_other_file(path)
-            _atomic_write(path, data)
+        with locked(path, timeout=timeout, on_wait=on_wait):
+            on_disk = _existing_store(path)
+            key = os.path.normcase(str(path))
+            with self._lock:
+                seen = self._origins.get(key)
+                data = self.to_bytes()
+            if seen is not None and on_disk is not None and on_disk != seen:
+                warnings.warn(
+                    f"{path} was changed by another writer since this store read it; this save replaces those changes. "
+                    "Enrol from several processes with PrototypeStore.edit() or FewShotClassifier.editing()",
+                    StoreConflictWarning,
+                    stacklevel=2,
+                )
+            atomic_write(path, data, lock=False, error=StoreWriteError)
+            self._origins[key] = _checksum_of(data)
         return path
 
     @classmethod
     def from_bytes(cls, data: bytes, *, source: str = "store", fingerprint: str | None = None) -> PrototypeStore:
         """Parse and verify store bytes; ``fingerprint`` (if given) must match the store's model
         when the store records one (a store made by hand may not: it is accepted)."""
-        header_text, tensors = _read_safetensors(data, source)
-        header = _parse_header(header_text, source)
-        store = cls._from_parts(header, tensors, source)
+        store = cls._from_data(parse(data, source))
         if fingerprint is not None:
             _same_model(store.fingerprint, fingerprint, f"store {source}")
         return store
 
     @classmethod
     def load(cls, path: str | os.PathLike, *, fingerprint: str | None = None) -> PrototypeStore:
-        """Read a store file, verifying format, checksum and (if given) the model fingerprint.
+        """Read a store file, verifying format, schema, checksum and (if given) the model fingerprint.
 
         Raises:
-            InputError: the file does not exist.
+            InputError: the file does not exist, or is a folder, a FIFO, a device or a symlink loop.
             StoreCorruptError: damaged, edited, not a store, or a newer format.
             ModelMismatchError: the store was made with another model.
         """
         path = Path(path)
-        try:
-            data = path.read_bytes()
-        except FileNotFoundError:
-            raise InputError(f"store file not found: {path}; enrol classes first to create it") from None
-        except IsADirectoryError:
-            raise InputError(f"{path} is a folder, not a store file") from None
-        except OSError as e:
-            raise InputError(f"cannot read store {path} ({e})") from None
-        return cls.from_bytes(data, source=str(path), fingerprint=fingerprint)
+        if check_readable(path, "store file") is None:
+            raise InputError(f"store file not found: {path}; enrol classes first to create it")
+        data = read_limited(path, MAX_STORE_BYTES, "store file")
+        store = cls.from_bytes(data, source=str(path), fingerprint=fingerprint)
+        with contextlib.suppress(InputError):
+            store._origins[os.path.normcase(str(resolve_target(path)))] = _checksum_of(data)
+        return store
 
     @classmethod
     @contextlib.contextmanager
     def edit(
-        cls, path: str | os.PathLike, *, default: PrototypeStore | None = None, fingerprint: str | None = None
+        cls,
+        path: str | os.PathLike,
+        *,
+        default: PrototypeStore | None = None,
+        fingerprint: str | None = None,
+        timeout: float | None = None,
+        on_wait: Callable[[str], None] | None = None,
     ) -> Iterator[PrototypeStore]:
         """Lock ``path``, load it (or start from ``default`` if it does not exist), yield, then save.
 
         Holding the lock from load to save means two processes enrolling into the same
         file never lose each other's classes. Nothing is saved if the block raises.
+        ``timeout`` and ``on_wait``: as for :meth:`save`.
         """
         path = _store_path(path)  # before the lock: a bad path leaves no lock file behind
         if default is None and not path.exists():
             cls.load(path)  # says the store is missing
-        with _locked(path):
+        with locked(path, timeout=timeout, on_wait=on_wait):
             if path.exists() or default is None:
                 store = cls.load(path, fingerprint=fingerprint)
             else:
@@ -613,91 +511,69 @@ class PrototypeStore:
             store.save(path)
 
     @classmethod
-    def _from_parts(cls, header: dict, tensors: dict[str, np.ndarray], source: str) -> PrototypeStore:
-        try:
-            labels = [check_label(x, new=False) for x in header["labels"]]
-            composed = [_composed(x) for x in labels]
-            if len(set(composed)) == len(composed):  # a store written before labels were composed: as they are now
-                labels = composed
-            counts = [int(c) for c in header["counts"]]
-            store = cls(
-                int(header["embedding_dim"]),
-                metric=Metric(header["metric"]),
-                fingerprint=str(header["fingerprint"]),
-                keep_embeddings=bool(header.get("keep_embeddings", False)),
-            )
-        except (KeyError, TypeError, ValueError) as e:
-            raise StoreCorruptError(f"store {source} has a bad header ({e}); restore it from a backup or re-enrol") from None
-        n, d = len(labels), store.embedding_dim
-        sums, cnt = tensors.get("sums"), tensors.get("counts")
-        problems = []
-        if len(set(labels)) != n or len(counts) != n:
-            problems.append("labels/counts disagree")
-        if sums is None or sums.shape != (n, d) or sums.dtype != np.float64:
-            problems.append(f"sums tensor is not float64 [{n}, {d}]")
-        elif not np.isfinite(sums).all():
-            problems.append("sums tensor holds values that are not finite")
-        if cnt is None or cnt.shape != (n,) or cnt.tolist() != counts or (n and cnt.min() < 1):
-            problems.append("counts tensor does not match the header")
-        emb = tensors.get("embeddings")
-        if store.keep_embeddings and (emb is None or emb.shape != (sum(counts), d)):
-            problems.append(f"embeddings tensor is not [{sum(counts)}, {d}]")
-        if problems:
-            raise StoreCorruptError(f"store {source} is inconsistent: {'; '.join(problems)}; restore it from a backup or re-enrol")
-        store._sums = np.array(sums, dtype=np.float64) if n else store._sums
-        store._counts = np.array(cnt, dtype=np.int64) if n else store._counts
-        store._labels = labels
-        store._index = {lab: i for i, lab in enumerate(labels)}
-        offsets = np.cumsum([0, *counts])
+    def _from_data(cls, data: StoreData) -> PrototypeStore:
+        store = cls(
+            data.embedding_dim, metric=data.metric, fingerprint=data.fingerprint, keep_embeddings=data.keep_embeddings
+        )
+        n = len(data.labels)
+        if n:
+            store._sums = np.array(data.sums, dtype=np.float64)
+            store._counts = np.array(data.counts, dtype=np.int64)
+        store._labels = list(data.labels)
+        store._index = {lab: i for i, lab in enumerate(data.labels)}
+        offsets = np.cumsum([0, *data.counts])
+        emb = data.embeddings
         store._examples = {
-            lab: ([_readonly(np.array(emb[offsets[i] : offsets[i + 1]], np.float32))] if store.keep_embeddings else [])
-            for i, lab in enumerate(labels)
+            lab: ([_readonly(np.array(emb[offsets[i] : offsets[i + 1]], np.float32))] if emb is not None else [])
+            for i, lab in enumerate(data.labels)
         }
         return store
 
 
-def _read_safetensors(data: bytes, source: str) -> tuple[str, dict[str, np.ndarray]]:
-    """Split safetensors bytes into our header text and the tensors, verifying the checksum."""
-    from safetensors.numpy import load
+MAX_STORE_BYTES = 1 << 36  # 64 GiB: far above any store, far below what a device file would stream
 
-    bad = f"store {source} is not a readable edgemeta store"
-    if len(data) < 8:
-        raise StoreCorruptError(f"{bad} (only {len(data)} bytes); restore it from a backup or re-enrol")
-    n = int.from_bytes(data[:8], "little")
+
+def _checksum_of(data: bytes) -> str:
+    return read_metadata(data, "store")[1].get(CHECKSUM_KEY, "")
+
+
+def _store_path(path: str | os.PathLike) -> Path:
+    """``path`` once a store file can be written there: not a folder, in a folder that exists.
+    A symlink is written through (its target is the store, and its lock is beside it)."""
+    path = Path(path)
     try:
-        if n > len(data) - 8:
-            raise ValueError("header runs past the end of the file (truncated)")
-        meta = json.loads(data[8 : 8 + n].decode("utf-8")).get("__metadata__") or {}
-    except (ValueError, UnicodeDecodeError, AttributeError) as e:
-        raise StoreCorruptError(f"{bad} ({e}); restore it from a backup or re-enrol") from None
-    if _HEADER_KEY not in meta:
-        raise StoreCorruptError(f"{bad}: a safetensors file without an edgemeta store header; pass a store file")
-    header_text = str(meta[_HEADER_KEY])
-    _parse_header(header_text, source)  # format and version first: a newer file may checksum differently
+        target = resolve_target(path)
+    except InputError as e:
+        if path.is_dir() or (path.is_symlink() and Path(os.path.realpath(path)).is_dir()):
+            example = path / "store.safetensors"
+            raise InputError(f"{path} is a folder; give a store file path such as {example}") from None
+        raise InputError(f"{e}") from None
+    if not target.parent.is_dir():
+        raise InputError(f"folder {target.parent} does not exist; create it first")
+    return target
+
+
+def _existing_store(path: Path) -> str | None:
+    """The checksum recorded in the store at ``path`` ("" for a damaged one), None when there
+    is no file or an empty one. Anything that is not a store is refused, judged by parsing
+    its safetensors header: saving over the session's own model is an easy slip."""
+    st = check_readable(path, "store file")
+    if st is None or st.st_size == 0:
+        return None
     try:
-        tensors = load(data)
-    except Exception as e:  # noqa: BLE001 - safetensors raises its own error types
-        raise StoreCorruptError(f"{bad} (damaged tensors: {e}); restore it from a backup or re-enrol") from None
-    if meta.get(_CHECKSUM_KEY) != _checksum(header_text, tensors):
-        raise StoreCorruptError(
-            f"store {source} failed its checksum: the file was damaged or edited; restore it from a backup or re-enrol"
+        with open(path, "rb") as f:
+            head = f.read(8)
+            n = int.from_bytes(head, "little") if len(head) == 8 else 0
+            head += f.read(n) if n <= MAX_HEADER_BYTES else b""
+    except OSError as e:
+        why = e.strerror or e
+        raise StoreWriteError(f"cannot check {path} before replacing it ({why}); choose another path") from None
+    if not is_store(head):
+        raise InputError(
+            f"{path} exists and is not an edgemeta store (a model, an image, ...); save the store to another path, "
+            "or remove that file first"
         )
-    return header_text, tensors
+    return read_metadata(head, str(path))[1].get(CHECKSUM_KEY, "")
 
 
-def _parse_header(text: str, source: str) -> dict:
-    try:
-        header = json.loads(text)
-    except ValueError as e:
-        raise StoreCorruptError(f"store {source} has an unreadable header ({e}); restore it from a backup or re-enrol") from None
-    if not isinstance(header, dict) or header.get("format") != FORMAT_NAME:
-        raise StoreCorruptError(f"{source} is not an edgemeta prototype store (format {header.get('format') if isinstance(header, dict) else None!r})")
-    version = header.get("version")
-    if not isinstance(version, int) or version < 1:
-        raise StoreCorruptError(f"store {source} has an invalid format version {version!r}; restore it from a backup or re-enrol")
-    if version > FORMAT_VERSION:
-        raise StoreCorruptError(
-            f"store {source} has format version {version}, newer than this edgemeta reads ({FORMAT_VERSION}); upgrade edgemeta"
-        )
-    return header
-
+MAX_HEADER_BYTES = 1 << 28

@@ -1,7 +1,7 @@
 #!/usr/bin/env python3
 """Reproducible benchmark report: ``reports/benchmark.md``, ``benchmark.json`` and plots.
 
-Benchmarks, on this machine, with :func:`edgemeta.benchmark.run_benchmark`:
+Benchmarks, on this machine, with :func:`edgemeta.bench.run_benchmark`:
 
 1. the shipped Conv-4 (Omniglot, 28x28 grey) in fp32, fp16 and int8, against torch
    eager from its checkpoint, with 1 ... 100,000 enrolled classes, and the backprop
@@ -32,10 +32,10 @@ from typing import Any
 
 import torch
 
-from edgemeta.benchmark import BenchConfig, BenchReport, OrtTuning, plot_report, run_benchmark
+from edgemeta.bench import BENCH_SESSION_OPTIONS, BenchConfig, BenchReport, plot_report, run_benchmark
 from edgemeta.checkpoint import save_checkpoint
 from edgemeta.model import FewShotModel, ModelSpec
-from edgemeta.runtime.session import GraphOptimization
+from edgemeta.runtime.ort import GraphOptimization
 from edgemeta.runtime.spec import Precision, PreprocessSpec
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -101,14 +101,14 @@ def run(models: list[Path], checkpoint: Path, config: BenchConfig, workdir: Path
 # ---------------------------------------------------------------- the ORT settings sweep
 
 SWEEP = [
-    ("defaults of this report", OrtTuning()),
-    ("no spinning", OrtTuning(allow_spinning=False)),
-    ("threads pinned", OrtTuning(pin_threads=True)),
-    ("parallel execution mode", OrtTuning(execution_mode="parallel", inter_op_threads=0)),
-    ("graph optimization: extended", OrtTuning(graph_optimization=GraphOptimization.EXTENDED)),
-    ("graph optimization: basic", OrtTuning(graph_optimization=GraphOptimization.BASIC)),
-    ("graph optimization: disabled", OrtTuning(graph_optimization=GraphOptimization.DISABLE)),
-    ("no memory arena", OrtTuning(memory_arena=False)),
+    ("defaults of this report", BENCH_SESSION_OPTIONS),
+    ("no spinning", replace(BENCH_SESSION_OPTIONS, allow_spinning=False)),
+    ("threads pinned", replace(BENCH_SESSION_OPTIONS, pin_threads=True)),
+    ("parallel execution mode", replace(BENCH_SESSION_OPTIONS, execution_mode="parallel", inter_op_threads=0)),
+    ("graph optimization: extended", replace(BENCH_SESSION_OPTIONS, graph_optimization=GraphOptimization.EXTENDED)),
+    ("graph optimization: basic", replace(BENCH_SESSION_OPTIONS, graph_optimization=GraphOptimization.BASIC)),
+    ("graph optimization: disabled", replace(BENCH_SESSION_OPTIONS, graph_optimization=GraphOptimization.DISABLE)),
+    ("no memory arena", replace(BENCH_SESSION_OPTIONS, memory_arena=False)),
 ]
 
 

@@ -34,13 +34,13 @@ from pathlib import Path
 import numpy as np
 
 from edgemeta.checkpoint import default_checkpoint, load_checkpoint
-from edgemeta.errors import EdgemetaError, VerificationError
+from edgemeta.runtime.errors import EdgemetaError, VerificationError
 from edgemeta.evaluate import to_tensor
-from edgemeta.exporters import ExportOptions, VerifySpec, export_checkpoint, quantize_int8, to_fp16, verify
-from edgemeta.exporters.data import base_images, novel_images, recorded_dataset
+from edgemeta.data import base_images, novel_images, recorded_dataset
+from edgemeta.exporters import ExportOptions, VerifySpec, calibration_images, export_checkpoint, labelled_images, quantize_int8, to_fp16, verify
 from edgemeta.exporters.graph import load_model, read_metadata
 from edgemeta.exporters.quantize import QuantizeSpec
-from edgemeta.runtime.session import open_ort_session
+from edgemeta.runtime.ort import open_session
 from edgemeta.runtime.spec import Precision
 
 PRECISIONS = (Precision.FP32, Precision.FP16, Precision.INT8)
@@ -66,17 +66,18 @@ def build_models(ckpt: Path, folder: Path, dataset: str, args: argparse.Namespac
     stem = ckpt.stem
     fp32 = export_checkpoint(ckpt, folder / f"{stem}.onnx", ExportOptions(verify=None, data=dataset, data_dir=args.data_dir)).path
     meta_pp = load_checkpoint(ckpt).spec.preprocess
-    calibration = base_images(dataset, meta_pp, args.data_dir)
+    spec = QuantizeSpec(calibration_images=args.calibration_images)
+    calibration = calibration_images(base_images(dataset, meta_pp, args.data_dir), spec)
     return {
         Precision.FP32: fp32,
         Precision.FP16: to_fp16(fp32, folder / f"{stem}.fp16.onnx"),
-        Precision.INT8: quantize_int8(fp32, folder / f"{stem}.int8.onnx", calibration, QuantizeSpec(calibration_images=args.calibration_images)),
+        Precision.INT8: quantize_int8(fp32, folder / f"{stem}.int8.onnx", calibration, spec),
     }
 
 
 def verify_all(models: dict[Precision, Path], ckpt: Path, dataset: str, args: argparse.Namespace) -> dict[Precision, dict]:
     model = load_checkpoint(ckpt).model
-    data = novel_images(dataset, model.spec.preprocess, args.data_dir)
+    data = labelled_images(novel_images(dataset, model.spec.preprocess, args.data_dir))
     k_shot = args.k_shot or (1 if dataset == "omniglot" else 5)
     spec = VerifySpec(episodes=args.episodes, n_way=5, k_shot=k_shot, q_query=15)
     out = {}
@@ -100,7 +101,7 @@ def latency(models: dict[Precision, Path], ckpt: Path, dataset: str, args: argpa
     x = to_tensor(data.images[:32], pp.mean, pp.std).numpy()
     opts = ort.SessionOptions()
     opts.intra_op_num_threads = args.threads
-    sessions = {p: open_ort_session(m, opts, ["CPUExecutionProvider"])[0] for p, m in models.items()}  # as the runtime opens them
+    sessions = {p: open_session(m, opts, ["CPUExecutionProvider"])[0] for p, m in models.items()}  # as the runtime opens them
     dim = sessions[Precision.FP32].get_inputs()[1].shape[1]
     protos = np.random.default_rng(0).standard_normal((5, dim)).astype(np.float32)
     times: dict[tuple[Precision, int], list[float]] = {(p, b): [] for p in models for b in (1, 32)}

@@ -5,7 +5,7 @@
 
 With 1 and 10,000 prototypes: ``run()`` with numpy feeds (the prototypes uploaded on every
 call), the runtime's binding (prototypes and their norms on the device, the image bound as
-a device OrtValue, the outputs bound on the device: ``edgemeta.benchmark._bound_call``),
+a device OrtValue, the outputs bound on the device: ``edgemeta.bench.measure.bound_call``),
 variants of it (the image bound from host memory, outputs to the host, norms not fed, one
 binding reused across calls), and the runtime's own ``Session.run``. Each variant is
 checked to give the same logits, then timed in three rounds (best p50 kept).
@@ -29,13 +29,15 @@ def main() -> int:
 
     import onnxruntime as ort
 
-    from edgemeta.benchmark import _bound_call, time_fn
-    from edgemeta.runtime.session import Session, feeds_prototype_norms, open_ort_session, prototype_sqnorms
+    from edgemeta.bench import time_fn
+    from edgemeta.bench.measure import bound_call
+    from edgemeta.runtime.ort import open_session
+    from edgemeta.runtime.session import Session, feeds_prototype_norms, prototype_sqnorms
     from edgemeta.runtime.spec import INPUT_IMAGES, INPUT_PROTOTYPES, INPUT_SQNORMS, OUTPUT_EMBEDDINGS, OUTPUT_LOGITS
 
     on_cpu = args.provider == "CPUExecutionProvider"
     device = ("cpu", 0) if on_cpu else ("cuda", 0)
-    sess, _ = open_ort_session(args.model, ort.SessionOptions(), list(dict.fromkeys([args.provider, "CPUExecutionProvider"])))
+    sess, _ = open_session(args.model, ort.SessionOptions(), list(dict.fromkeys([args.provider, "CPUExecutionProvider"])))
     runtime = Session(args.model, "cpu" if on_cpu else "cuda")
     takes_norms = feeds_prototype_norms(sess)
     print(f"{args.model}: {sess.get_providers()[0]}, onnxruntime {ort.__version__}, norms input: {takes_norms}")
@@ -78,8 +80,8 @@ def main() -> int:
         frozen.flags.writeable = False  # as the store keeps them: the runtime binds them once
         variants = {
             "plain run (numpy feeds)": lambda: sess.run(outs, {INPUT_IMAGES: x, **fed}),
-            "runtime binding: all on device": _bound_call(sess, {INPUT_IMAGES: x, **fed}, device),
-            "runtime binding, no norms": _bound_call(sess, {INPUT_IMAGES: x, INPUT_PROTOTYPES: protos}, device),
+            "runtime binding: all on device": bound_call(sess, {INPUT_IMAGES: x, **fed}, device),
+            "runtime binding, no norms": bound_call(sess, {INPUT_IMAGES: x, INPUT_PROTOTYPES: protos}, device),
             "bind_cpu_input, outputs on device": bound(fed, False, True),
             "bind_cpu_input, outputs to CPU": bound(fed, False, False),
             "host in/out, no norms": bound({INPUT_PROTOTYPES: protos}, False, False),

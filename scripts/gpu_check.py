@@ -47,10 +47,12 @@ def main() -> int:
     from sklearn.datasets import load_digits
 
     from benchmark_report import export_variants, untrained_checkpoint
-    from edgemeta.benchmark import BenchConfig, _bound_call, run_benchmark, time_pair
+    from edgemeta.bench import BenchConfig, run_benchmark, time_pair
+    from edgemeta.bench.measure import bound_call
     from edgemeta.runtime import FewShotClassifier, ProviderError, Session
     from edgemeta.runtime.preprocess import preprocess
-    from edgemeta.runtime.session import ProviderFallbackWarning, _provider_name, prototype_sqnorms
+    from edgemeta.runtime.ort import provider_name
+    from edgemeta.runtime.session import ProviderFallbackWarning, prototype_sqnorms
     from edgemeta.runtime.spec import INPUT_IMAGES, INPUT_PROTOTYPES, INPUT_SQNORMS, OUTPUT_LOGITS
 
     shipped = ROOT / "edgemeta" / "pretrained" / "conv4_omniglot.safetensors"
@@ -110,7 +112,7 @@ def main() -> int:
     # 2b. the optional prototype_sqnorms input on the GPU: the norms the runtime feeds (bound
     # with IO binding) give the logits the graph gives when it computes them, the graph reads
     # them (wrong norms change the logits), and what feeding them saves at 10,000 classes
-    gpu_ep = _provider_name(args.gpu)
+    gpu_ep = provider_name(args.gpu)
     device = ("cpu", 0) if gpu_ep == "CPUExecutionProvider" else ("cuda", 0)
     for path in conv4:
         s = Session(path, args.gpu)
@@ -129,7 +131,7 @@ def main() -> int:
         one = {INPUT_IMAGES: x[:1], INPUT_PROTOTYPES: protos}
         norms = prototype_sqnorms(protos)
         # the prototypes (and norms) bound on the device once, as the runtime keeps them
-        t_fed, t_graph = time_pair(_bound_call(raw, one | {INPUT_SQNORMS: norms}, device), _bound_call(raw, one, device), 20, args.runs)
+        t_fed, t_graph = time_pair(bound_call(raw, one | {INPUT_SQNORMS: norms}, device), bound_call(raw, one, device), 20, args.runs)
         check(f"fed prototype norms on the GPU ({path.name})",
               s.feeds_norms and s.io_binding and diff <= 1e-4 * scale and float(np.abs(wrong - computed).max()) > 1e-2 * scale,
               feeds_norms=s.feeds_norms, io_binding=s.io_binding, max_abs_logit_diff=diff, logit_scale=scale,

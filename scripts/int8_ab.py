@@ -18,6 +18,7 @@ import argparse
 import sys
 import tempfile
 import warnings
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -25,11 +26,13 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from benchmark_report import SHIPPED, export_variants, untrained_checkpoint  # noqa: E402
 
-from edgemeta.benchmark import OrtTuning, time_fn  # noqa: E402
-from edgemeta.errors import InputError  # noqa: E402
-from edgemeta.exporters.data import base_images  # noqa: E402
+from edgemeta.bench import BENCH_SESSION_OPTIONS, time_fn  # noqa: E402
+from edgemeta.runtime.errors import InputError  # noqa: E402
+from edgemeta.data import base_images  # noqa: E402
+from edgemeta.exporters.pipeline import calibration_images  # noqa: E402
 from edgemeta.exporters.quantize import QuantizeSpec, quantize_int8  # noqa: E402
-from edgemeta.runtime.session import Session, open_ort_session  # noqa: E402
+from edgemeta.runtime.ort import open_session  # noqa: E402
+from edgemeta.runtime.session import Session  # noqa: E402
 
 NCHW = {"stem_layout": "nchw"}  # the stem as quantized (no space-to-depth rewrite)
 VARIANTS = {"int8": {"float_stem": False, **NCHW}, "int8 + float stem": {"float_stem": True, **NCHW},
@@ -52,17 +55,19 @@ def ab(model: str, work: Path, runs: int, threads: int) -> dict[str, float]:
     paths = {"fp32": fp32}
     for name, fields in VARIANTS.items():
         try:
-            paths[name] = quantize_int8(fp32, work / f"{model}.{name.replace(' + ', '_').replace(' ', '_')}.onnx", calibration, QuantizeSpec(**fields))
+            spec = QuantizeSpec(**fields)
+            out = work / f"{model}.{name.replace(' + ', '_').replace(' ', '_')}.onnx"
+            paths[name] = quantize_int8(fp32, out, calibration_images(calibration, spec), spec)
         except InputError as e:  # a setting this model's graph does not fit (the space-to-depth stem)
             print(f"{model}: {name} left out: {e}", flush=True)
     pp = meta.preprocess
     feed = {"images": np.random.default_rng(0).random((32, pp.channels, *pp.size), dtype=np.float32),
             "prototypes": np.zeros((5, meta.embedding_dim), np.float32)}
-    options = OrtTuning(allow_spinning=False).session_options(threads)
+    options = replace(BENCH_SESSION_OPTIONS, intra_op_threads=threads, allow_spinning=False).to_ort()
     best: dict[str, float] = {}
     for _ in range(2):
         for name, path in paths.items():
-            sess, _ = open_ort_session(path, options, ["CPUExecutionProvider"])  # as the runtime opens it
+            sess, _ = open_session(path, options, ["CPUExecutionProvider"])  # as the runtime opens it
             p50 = time_fn(lambda: sess.run(None, feed), warmup=3, runs=runs).p50_ms
             best[name] = min(best.get(name, float("inf")), p50)
             del sess

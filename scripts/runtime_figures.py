@@ -92,7 +92,7 @@ def _images(clf: FewShotClassifier, k: int, folder: Path | None) -> list:
 
 
 def enrol_overhead(clf: FewShotClassifier, images: list, repeats: int) -> dict:
-    from edgemeta.benchmark import time_pair  # numpy + onnxruntime only, like the runtime
+    from edgemeta.bench import time_pair  # numpy + onnxruntime only, like the runtime
 
     # timed alternately, so a change in the machine's load hits both alike; each enrolment
     # adds a new class, forgotten (untimed) after it, so the store does not grow

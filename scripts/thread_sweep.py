@@ -17,6 +17,7 @@ import json
 import os
 import sys
 import tempfile
+from dataclasses import replace
 from collections import Counter
 from pathlib import Path
 
@@ -37,19 +38,22 @@ def main() -> int:
 
     import onnxruntime as ort
 
-    from edgemeta.benchmark import BenchConfig, OrtTuning, _images, _open_variant, _ort_embedding_fn, _ort_session, time_fn
-    from edgemeta.runtime.session import open_ort_session
+    from edgemeta.bench import BENCH_SESSION_OPTIONS, BenchConfig, time_fn
+    from edgemeta.bench.config import timed_options
+    from edgemeta.bench.measure import embedding_call, random_images, timed_session
+    from edgemeta.bench.models import open_variant
+    from edgemeta.runtime.ort import open_session
     from edgemeta.runtime.spec import INPUT_IMAGES, INPUT_PROTOTYPES, OUTPUT_EMBEDDINGS
 
     threads = [int(t) for t in args.threads.split(",")]
-    tuning = OrtTuning(allow_spinning=not args.no_spinning)
-    variants = [_open_variant(m, "given", max(threads)) for m in args.models]
+    tuning = replace(BENCH_SESSION_OPTIONS, allow_spinning=not args.no_spinning)
+    variants = [open_variant(m, "given", max(threads)) for m in args.models]
     result: dict = {"batch": args.batch, "onnxruntime": ort.__version__, "cores": os.cpu_count(), "p50_ms": {}, "top_ops": {}}
     print(f"batch {args.batch}, spinning {'off' if args.no_spinning else 'on'}, p50 ms (best of {args.rounds} rounds of {args.runs} runs)")
     print("threads " + " ".join(f"{v.path.name:>32s}" for v in variants))
     for t in threads:
         config = BenchConfig(providers=("cpu",), batch_sizes=(args.batch,), threads=t, runs=args.runs, warmup=10, ort=tuning)
-        fns = [_ort_embedding_fn(_ort_session(v, "CPUExecutionProvider", config), v, args.batch, config) for v in variants]
+        fns = [embedding_call(timed_session(v, "CPUExecutionProvider", config), v, args.batch, config) for v in variants]
         best = [float("inf")] * len(fns)
         for _ in range(args.rounds):
             best = [min(b, time_fn(fn, 10, args.runs).p50_ms) for b, fn in zip(best, fns)]
@@ -60,12 +64,12 @@ def main() -> int:
         t = max(threads)
         config = BenchConfig(providers=("cpu",), batch_sizes=(args.batch,), threads=t, runs=args.runs, warmup=10, ort=tuning)
         for v in variants:
-            so = config.ort.session_options(t)
+            so = timed_options(config.ort, t)
             so.enable_profiling = True
             with tempfile.TemporaryDirectory() as tmp:
                 so.profile_file_prefix = str(Path(tmp) / "prof")
-                sess, _ = open_ort_session(v.path, so, ["CPUExecutionProvider"])  # as the timed sessions
-                x = _images(v, args.batch, np.float32, 0)
+                sess, _ = open_session(v.path, so, ["CPUExecutionProvider"])  # as the timed sessions
+                x = random_images(v, args.batch, np.float32, 0)
                 feeds = {INPUT_IMAGES: x, INPUT_PROTOTYPES: np.zeros((0, v.embedding_dim), np.float32)}
                 for _ in range(40):  # the first 10 calls (allocations, thread start) are left out below
                     sess.run([OUTPUT_EMBEDDINGS], feeds)

@@ -1,4 +1,4 @@
-"""edgemeta.benchmark and ``edgemeta benchmark``: values and error paths, never timings."""
+"""edgemeta.bench and ``edgemeta benchmark``: values and error paths, never timings."""
 
 from __future__ import annotations
 
@@ -22,15 +22,34 @@ import pytest
 from typer.testing import CliRunner
 
 from conftest import build_runtime_model, cuda_runs, fixed_batch_copy
-from edgemeta import benchmark as bm
+import edgemeta.bench as bm
+from edgemeta.bench import backprop as bbackprop
+from edgemeta.bench import config as bconfig
+from edgemeta.bench import flops as bflops
+from edgemeta.bench import machine as bmachine
+from edgemeta.bench import measure as bmeasure
+from edgemeta.bench import models as bmodels
+from edgemeta.bench import render as brender
+from edgemeta.bench import report as breport
+from edgemeta.bench import timing as btiming
 from edgemeta.cli import app
-from edgemeta.errors import DataError
-from edgemeta.runtime.errors import InputError, ModelMismatchError, ProviderError
+from edgemeta.runtime.errors import CheckpointError, DataError, InputError, ModelMismatchError, ProviderError
+from edgemeta.runtime.spec import Precision
 
 ROOT = Path(__file__).resolve().parents[1]
 TINY_DIM, TINY_FLAT = 16, 16 * 16  # the conftest model: Flatten -> MatMul 256x64 -> Tanh -> MatMul 64x16
 FAST = dict(warmup=1, runs=5, peak_size=64, cold_start=False)
 CUDA_IN_BUILD = "CUDAExecutionProvider" in ort.get_available_providers()
+
+BENCH_MODULES = [bbackprop, bconfig, bflops, bmachine, bmeasure, bmodels, breport, brender, btiming]
+
+
+def patch_bench(monkeypatch, name: str, value) -> None:
+    """Replace ``name`` in every bench module that looks it up (a name imported by several is bound in each)."""
+    holders = [m for m in BENCH_MODULES if hasattr(m, name)]
+    assert holders, f"no bench module has {name}"
+    for m in holders:
+        monkeypatch.setattr(m, name, value)
 
 
 def tiny_flops(batch: int) -> int:
@@ -52,7 +71,7 @@ def no_measuring(monkeypatch):
         raise AssertionError("measuring started before the input was checked")
 
     for name in ("time_fn", "time_pair", "measure_peak_flops", "_run_all"):
-        monkeypatch.setattr(bm, name, measured)
+        patch_bench(monkeypatch, name, measured)
 
 
 @pytest.fixture(scope="module")
@@ -119,6 +138,23 @@ def test_time_fn_counts_runs_and_honours_duration():
     assert bm.time_fn(lambda: None, warmup=0, duration=0.01).runs >= 3
 
 
+def test_the_report_records_the_onnx_runtime_settings_it_timed_with():
+    assert bm.BenchConfig(threads=1).to_dict()["ort"] == {
+        "graph_optimization": "all", "execution_mode": "sequential", "inter_op_threads": 1,
+        "allow_spinning": True, "memory_arena": True, "pin_threads": False,
+    }
+    from edgemeta.runtime.ort import SessionOptions
+
+    given = bm.BenchConfig(threads=1, ort=SessionOptions(execution_mode="parallel", memory_arena=False))
+    assert given.to_dict()["ort"] == {  # spinning left to ONNX Runtime is recorded as what it does: on
+        "graph_optimization": "all", "execution_mode": "parallel", "inter_op_threads": 0,
+        "allow_spinning": True, "memory_arena": False, "pin_threads": False,
+    }
+    so = bconfig.timed_options(given.ort, 2)
+    assert so.intra_op_num_threads == 2 and so.execution_mode == ort.ExecutionMode.ORT_PARALLEL
+    assert so.get_session_config_entry("session.intra_op.allow_spinning") == "1"
+
+
 def test_config_reports_every_problem_at_once():
     with pytest.raises(InputError) as e:
         bm.BenchConfig(batch_sizes=(0, 5000), runs=0, threads=-1, precisions=("fp64",))
@@ -179,19 +215,31 @@ def test_int8_matmul_model_computes_the_integer_product():
     rng = np.random.default_rng(0)
     w = rng.integers(-127, 128, (8, 8), dtype=np.int8)
     a = rng.integers(0, 256, (8, 8), dtype=np.uint8)
-    sess = ort.InferenceSession(bm.int8_matmul_model_bytes(8, w), providers=["CPUExecutionProvider"])
+    sess = ort.InferenceSession(bflops.int8_matmul_model_bytes(8, w), providers=["CPUExecutionProvider"])
     out = sess.run(None, {"a": a})[0]
     assert out.dtype == np.int32 and np.array_equal(out, a.astype(np.int32) @ w.astype(np.int32))
     peak = bm.measure_int8_peak(1, sizes=(16, 32), runs=2)
     assert set(peak["int8_gops_by_size"]) == {16, 32} and peak["int8_peak_gops"] == max(peak["int8_gops_by_size"].values()) > 0
 
 
+def test_the_hand_written_peak_models_pass_onnx_checks():
+    onnx = pytest.importorskip("onnx")
+    w = np.arange(-32, 32, dtype=np.int8).reshape(8, 8)
+    for data, op, elem in ((bm.matmul_model_bytes(8), "MatMul", onnx.TensorProto.FLOAT),
+                           (bflops.int8_matmul_model_bytes(8, w), "MatMulInteger", onnx.TensorProto.INT32)):
+        model = onnx.load_from_string(data)
+        onnx.checker.check_model(model, full_check=True)
+        assert [n.op_type for n in model.graph.node] == [op] and model.opset_import[0].version == 17
+        assert model.graph.output[0].type.tensor_type.elem_type == elem
+    assert np.array_equal(onnx.numpy_helper.to_array(onnx.load_from_string(bflops.int8_matmul_model_bytes(8, w)).graph.initializer[0]), w)
+
+
 def test_int8_rows_are_measured_against_the_int8_peak():
     stats = bm.LatencyStats.from_samples([1.0, 1.0])
     rows = [bm.EmbeddingRow("CPU", p, "onnxruntime", 1, stats, 1e3, flops=10**9, achieved_gflops=300.0) for p in ("fp32", "int8", "fp16")]
     report = bm.BenchReport({}, {}, [], peak={"peak_gflops": 300.0, "int8_peak_gops": 1200.0})
-    assert [bm._with_peak(r, report).peak_fraction for r in rows] == [pytest.approx(1.0), pytest.approx(0.25), pytest.approx(1.0)]
-    best = bm._best_peak({"peak_gflops": 300.0, "int8_peak_gops": 1000.0}, {"peak_gflops": 280.0, "int8_peak_gops": 1200.0})
+    assert [breport._with_peak(r, report).peak_fraction for r in rows] == [pytest.approx(1.0), pytest.approx(0.25), pytest.approx(1.0)]
+    best = breport._best_peak({"peak_gflops": 300.0, "int8_peak_gops": 1000.0}, {"peak_gflops": 280.0, "int8_peak_gops": 1200.0})
     assert best["peak_gflops"] == 300.0 and best["int8_peak_gops"] == 1200.0 and best["int8_measurements_gops"] == [1000.0, 1200.0]
 
 
@@ -242,7 +290,7 @@ def test_adaptation_compares_enrolment_with_embedding(fast_report):
 
 def test_cold_start_parts_add_up(tiny_onnx_model_module):
     cfg = bm.BenchConfig(providers=("cpu",), threads=1, warmup=0, runs=1)
-    row = bm._cold_start(bm._open_variant(tiny_onnx_model_module, "given", 1), "CPUExecutionProvider", cfg)
+    row = bmeasure.measure_cold_start(bmodels.open_variant(tiny_onnx_model_module, "given", 1), "CPUExecutionProvider", cfg)
     parts = row.interpreter_ms + row.import_ms + row.session_ms + row.first_prediction_ms
     assert row.total_ms == pytest.approx(parts) and min(row.interpreter_ms, row.import_ms, row.session_ms) > 0
     assert row.peak_rss_mb is None or 0 < row.peak_rss_mb <= row.peak_rss_batch_mb
@@ -250,7 +298,7 @@ def test_cold_start_parts_add_up(tiny_onnx_model_module):
 
 
 def test_a_failing_cold_start_process_is_a_note_not_a_lost_report(tiny_onnx_model_module, monkeypatch):
-    monkeypatch.setattr(bm, "_COLD_START", "import sys; sys.exit('no such luck')")
+    patch_bench(monkeypatch, "_COLD_START", "import sys; sys.exit('no such luck')")
     cfg = bm.BenchConfig(providers=("cpu",), batch_sizes=(1,), class_counts=(1,), threads=1, **{**FAST, "cold_start": True})
     report = bm.run_benchmark(tiny_onnx_model_module, cfg)
     assert report.embedding and report.classes and report.adaptation and not report.cold_start
@@ -258,12 +306,12 @@ def test_a_failing_cold_start_process_is_a_note_not_a_lost_report(tiny_onnx_mode
 
 
 def test_no_cuda_is_reported_not_failed(tiny_onnx_model_module, monkeypatch):
-    monkeypatch.setattr(bm.ort, "get_available_providers", lambda: ["CPUExecutionProvider"])
-    providers, unavailable = bm._providers(("auto",))
+    monkeypatch.setattr(ort, "get_available_providers", lambda: ["CPUExecutionProvider"])
+    providers, unavailable = bmodels.providers_to_run(("auto",))
     assert providers == ["CPUExecutionProvider"]
     assert unavailable["CUDAExecutionProvider"].startswith("CUDA unavailable")
     with pytest.raises(ProviderError, match="CUDAExecutionProvider not available"):
-        bm._providers(("cuda",))  # asked for by name: an error, never a silent CPU run
+        bmodels.providers_to_run(("cuda",))  # asked for by name: an error, never a silent CPU run
     cfg = bm.BenchConfig(batch_sizes=(1,), class_counts=(1,), threads=1, flops=False, **{k: v for k, v in FAST.items() if k != "peak_size"})
     report = bm.run_benchmark(tiny_onnx_model_module, cfg)
     assert {r.provider for r in report.embedding} == {"CPU"}
@@ -298,7 +346,7 @@ def test_precisions_are_timed_in_turn_one_session_at_a_time(tmp_path, tiny_onnx_
     fp32.write_bytes(tiny_onnx_model_module.read_bytes())
     with_precision(fp32, tmp_path / "m.int8.onnx", "int8")
     events, alive = [], weakref.WeakSet()
-    real_session, real_time_fn = bm._ort_session, bm.time_fn
+    real_session, real_time_fn = bmeasure.timed_session, bm.time_fn
 
     class Tracked:  # a session that records when it is opened and closed
         def __init__(self, variant, provider, config):
@@ -313,9 +361,9 @@ def test_precisions_are_timed_in_turn_one_session_at_a_time(tmp_path, tiny_onnx_
         events.append(("time", runs))
         return real_time_fn(fn, warmup, runs, duration)
 
-    monkeypatch.setattr(bm, "_ort_session", Tracked)
-    monkeypatch.setattr(bm, "time_fn", timed)
-    monkeypatch.setattr(bm, "SETTLE_S", 0.0)
+    patch_bench(monkeypatch, "timed_session", Tracked)
+    patch_bench(monkeypatch, "time_fn", timed)
+    patch_bench(monkeypatch, "SETTLE_S", 0.0)
     cfg = bm.BenchConfig(providers=("cpu",), batch_sizes=(2,), class_counts=(1,), precisions=("fp32", "int8"), threads=1, flops=False,
                          warmup=1, runs=7, rounds=3, cold_start=False)
     report = bm.run_benchmark(fp32, cfg)
@@ -454,14 +502,14 @@ def test_an_ort_model_is_measured_and_its_flops_are_a_note(tmp_path, tiny_onnx_m
                      "count (or benchmark) the .onnx it was made from"]
     # a missing precision is made from the .onnx next to the .ort, never from the .ort
     made, fp16 = [], with_precision(onnx_path, tmp_path / "made.fp16.onnx", "fp16")  # not m.fp16.onnx: that would be found
-    monkeypatch.setattr(bm, "_make_variant", lambda precision, fp32, ckpt, workdir, data_dir=None: made.append((fp32.path, data_dir)) or (fp16, "m.onnx (fp16 conversion)"))
-    variants = bm.resolve_variants([ort_path], [bm.Precision.FP32, bm.Precision.FP16], None, tmp_path, 1, data_dir="/data")
+    patch_bench(monkeypatch, "_make_variant", lambda precision, fp32, ckpt, workdir, data_dir=None: made.append((fp32.path, data_dir)) or (fp16, "m.onnx (fp16 conversion)"))
+    variants = bm.resolve_variants([ort_path], [Precision.FP32, Precision.FP16], None, tmp_path, 1, data_dir="/data")
     assert made == [(onnx_path, "/data")] and [(v.path, v.precision.value) for v in variants] == [(ort_path, "fp32"), (fp16, "fp16")]
     # a model with its own .ort: one precision twice, and the hint says how to time the .ort
     with pytest.raises(ModelMismatchError, match=r"m.onnx and .*m.ort are both fp32 models; pass one model per precision \(benchmark an .ort file on its own\)"):
         bm.resolve_variants([onnx_path, ort_path], [], None, tmp_path, 1)
     # an .ort to remake comes from export --ort, whose -o names the .onnx beside it
-    hint = bm._remake(tmp_path / "m.int8.ort", bm.Precision.INT8, variants[0], Path("ck.safetensors"))
+    hint = bmodels._remake(tmp_path / "m.int8.ort", Precision.INT8, variants[0], Path("ck.safetensors"))
     assert f"`edgemeta export ck.safetensors --precision int8 --ort -o {tmp_path / 'm.int8.onnx'}`" in hint
 
 
@@ -469,7 +517,7 @@ def test_a_failing_flop_count_is_a_note_not_a_lost_report(tiny_onnx_model_module
     def broken(*a, **k):
         raise RuntimeError("shape inference blew up")
 
-    monkeypatch.setattr(bm, "count_flops", broken)
+    patch_bench(monkeypatch, "count_flops", broken)
     cfg = bm.BenchConfig(providers=("cpu",), batch_sizes=(1,), class_counts=(1,), threads=1, **FAST)
     report = bm.run_benchmark(tiny_onnx_model_module, cfg)
     assert report.embedding[0].flops is None and report.classes
@@ -477,7 +525,7 @@ def test_a_failing_flop_count_is_a_note_not_a_lost_report(tiny_onnx_model_module
 
 
 def test_more_threads_than_cores_warn_and_absurd_counts_are_refused(tiny_onnx_model_module, monkeypatch):
-    monkeypatch.setattr(bm, "logical_cores", lambda: 2)
+    patch_bench(monkeypatch, "logical_cores", lambda: 2)
     assert bm.BenchConfig(threads=2).oversubscribed is None
     with pytest.raises(InputError, match=r"threads 9 is more than 4x the 2 logical cores this process may use \(at most 8"):
         bm.BenchConfig(threads=9)
@@ -492,7 +540,7 @@ def test_more_threads_than_cores_warn_and_absurd_counts_are_refused(tiny_onnx_mo
 def test_cli_warns_once_on_stderr_about_more_threads_than_cores(tiny_onnx_model_module, monkeypatch):
     from edgemeta.cli._app import _show_warning
 
-    monkeypatch.setattr(bm, "logical_cores", lambda: 1)
+    patch_bench(monkeypatch, "logical_cores", lambda: 1)
     with warnings.catch_warnings():
         warnings.simplefilter("always")
         warnings.showwarning = _show_warning  # as the edgemeta entry point sets it
@@ -529,7 +577,7 @@ def test_sigterm_removes_the_temporary_folder(tiny_onnx_model_module, tmp_path):
 @pytest.mark.skipif(sys.platform == "win32", reason="POSIX signals")
 def test_sigterm_exits_only_while_a_benchmark_runs():
     assert signal.getsignal(signal.SIGTERM) is signal.SIG_DFL
-    with pytest.raises(SystemExit) as e, bm._sigterm_exits():
+    with pytest.raises(SystemExit) as e, breport._sigterm_exits():
         signal.raise_signal(signal.SIGTERM)
     assert e.value.code == 128 + signal.SIGTERM and signal.getsignal(signal.SIGTERM) is signal.SIG_DFL  # the default is back
 
@@ -538,7 +586,7 @@ def test_sigterm_exits_only_while_a_benchmark_runs():
 
     signal.signal(signal.SIGTERM, own)
     try:
-        with bm._sigterm_exits():
+        with breport._sigterm_exits():
             assert signal.getsignal(signal.SIGTERM) is own  # an application's own handler is left alone
     finally:
         signal.signal(signal.SIGTERM, signal.SIG_DFL)
@@ -555,7 +603,7 @@ def test_linear_head_learns_separable_classes():
     centers = torch.randn(5, 32, generator=g) * 3
     labels = torch.arange(5).repeat_interleave(4)
     x = centers[labels] + 0.1 * torch.randn(20, 32, generator=g)
-    classify = bm._train_linear(torch, x, labels, 5, steps=100, lr=0.5)
+    classify = bbackprop._train_linear(torch, x, labels, 5, steps=100, lr=0.5)
     assert (classify(x).argmax(dim=1) == labels).all()
     r = bm.BackpropResult(5, 1, 10, 100, 0.5, 1.0, 0.01, 20.0, 0.9, 0.01, 0.8, 0.02, "fp32")
     assert r.speedup == pytest.approx(21.0 / 1.01) and r.learning_speedup == pytest.approx(20.0 / 0.01)
@@ -581,14 +629,14 @@ def test_cli_json(tiny_onnx_model_module, tmp_path):
 def test_cli_no_spinning_reaches_the_report_and_the_runtime_sessions(tiny_onnx_model_module, monkeypatch):
     """--no-spinning is in the report's settings and in the classifier's session (enrolment, predict) too."""
     seen = []
-    real = bm._classifier
+    real = bmeasure._classifier
 
     def spy(variant, provider, config):
         clf = real(variant, provider, config)
         seen.append(clf.session._sess.get_session_options().get_session_config_entry("session.intra_op.allow_spinning"))
         return clf
 
-    monkeypatch.setattr(bm, "_classifier", spy)
+    patch_bench(monkeypatch, "_classifier", spy)
     res = cli(tiny_onnx_model_module, "--json", "--runs", "2", "--warmup", "0", "--batch-sizes", "1", "--classes", "1",
               "--threads", "1", "--no-cold-start", "--providers", "cpu", "--rounds", "1", "--no-spinning")
     assert res.exit_code == 0, res.stderr
@@ -699,12 +747,12 @@ def test_checkpoint_fingerprint_is_read_without_torch(tmp_path):
     code = textwrap.dedent(f"""
         import sys
         sys.modules["torch"] = None  # any import of torch now fails
-        from edgemeta.benchmark import checkpoint_fingerprint
+        from edgemeta.bench import checkpoint_fingerprint
         print(checkpoint_fingerprint({str(good)!r}))
     """)
     r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert r.returncode == 0 and r.stdout.strip() == "abc123", r.stderr[-1000:]
-    with pytest.raises(bm.CheckpointError, match="is not an edgemeta checkpoint"):
+    with pytest.raises(CheckpointError, match="is not an edgemeta checkpoint"):
         bm.checkpoint_fingerprint(plain)
 
 
@@ -728,7 +776,7 @@ BLOCKED_RUN = textwrap.dedent(
             return None
 
     sys.meta_path.insert(0, Blocker())
-    from edgemeta.benchmark import BenchConfig, run_benchmark
+    from edgemeta.bench import BenchConfig, run_benchmark
     cfg = BenchConfig(providers=("cpu",), batch_sizes=(1,), class_counts=(1, 10), threads=1, warmup=0, runs=2,
                       cold_start=False, peak_size=64)
     d = run_benchmark(sys.argv[1], cfg).to_dict()
@@ -801,22 +849,22 @@ def test_backprop_baseline_runs_on_each_precisions_embeddings(monkeypatch, tiny_
         precision = "int8" if "int8" in Path(path).name else "fp32"
         return [bm.BackpropResult(5, k, kw["episodes"], 100, 0.5, 1.0, 0.01, 20.0, 0.9, 0.01, 0.9, 0.01, precision) for k in (1, 5)]
 
-    monkeypatch.setattr(bm, "backprop_baseline", fake)
+    patch_bench(monkeypatch, "backprop_baseline", fake)
     path = Path(tiny_onnx_model_module)
     variants = [bm.ModelVariant(p, path.with_name(f"m.{p.value}.onnx"), "given", "fp", "mlp", (1, 16, 16), TINY_DIM, 1)
                 for p in (Precision.FP32, Precision.FP16, Precision.INT8)]
     cfg = bm.BenchConfig(providers=("cpu",), batch_sizes=(1,), class_counts=(1,), threads=1, flops=False, backprop_episodes=7,
-                         backprop_data="digits", data_dir=str(path.parent), ort=bm.OrtTuning(allow_spinning=False),
+                         backprop_data="digits", data_dir=str(path.parent), ort=replace(bm.BENCH_SESSION_OPTIONS, allow_spinning=False),
                          **{k: v for k, v in FAST.items() if k != "peak_size"})
     report = bm.BenchReport({}, {}, variants)
-    steps = bm._Steps(0, None)
-    bm._wrap_up(report, ["CPUExecutionProvider"], variants, cfg, steps)
+    steps = breport._Steps(0, None)
+    breport._wrap_up(report, ["CPUExecutionProvider"], variants, cfg, steps)
     assert calls == [(f"m.{p}.onnx", 7, False, "digits", str(path.parent)) for p in ("fp32", "fp16", "int8")]  # the benchmark's settings
     assert [(b.precision, b.k_shot) for b in report.backprop] == [("fp32", 1), ("fp32", 5), ("int8", 1), ("int8", 5)]
     assert report.notes == ["backprop baseline on fp16 embeddings not run: digits has colour images but the model takes 1 channel(s); "
                             "pass --backprop-data with matching images"]  # one precision failing loses nothing else
     no_bp = replace(cfg, backprop_episodes=0, backprop_data=None)
-    assert steps.done == 3 == bm._n_steps(cfg, ["CPUExecutionProvider"], 3) - bm._n_steps(no_bp, ["CPUExecutionProvider"], 3)
+    assert steps.done == 3 == breport._n_steps(cfg, ["CPUExecutionProvider"], 3) - breport._n_steps(no_bp, ["CPUExecutionProvider"], 3)
 
 
 def test_backprop_data_comes_from_the_option_the_model_or_omniglot(tmp_path):
@@ -853,12 +901,12 @@ def test_backprop_baseline_on_a_folder_of_class_folders(runtime_image_folder, ti
     """Any labelled images serve: the episodes come from the folder, named in the result."""
     torch = pytest.importorskip("torch")
     monkeypatch.setenv("EDGEMETA_CACHE_DIR", str(tmp_path / "cache"))
-    sgd_threads, real = [], bm._train_linear
-    monkeypatch.setattr(bm, "_train_linear", lambda *a: (sgd_threads.append(torch.get_num_threads()), real(*a))[1])
+    sgd_threads, real = [], bbackprop._train_linear
+    patch_bench(monkeypatch, "_train_linear", lambda *a: (sgd_threads.append(torch.get_num_threads()), real(*a))[1])
     before = torch.get_num_threads()
     results = bm.backprop_baseline(tiny_onnx_model_module, data=str(runtime_image_folder), shots=(1, 2), n_way=3, queries=2,
                                    episodes=4, steps=10, threads=2)
-    assert sgd_threads == [bm.SGD_THREADS] * 8 and torch.get_num_threads() == before  # the SGD steps on one thread
+    assert sgd_threads == [bbackprop.SGD_THREADS] * 8 and torch.get_num_threads() == before  # the SGD steps on one thread
     assert [(r.n_way, r.k_shot, r.episodes, r.steps, r.dataset) for r in results] == [(3, 1, 4, 10, "images"), (3, 2, 4, 10, "images")]
     for r in results:  # 4 well-separated classes: both methods do far better than chance (1/3)
         assert r.prototype_accuracy > 0.6 and r.backprop_accuracy > 0.6
@@ -916,10 +964,10 @@ def test_backprop_baseline_times_each_engine_in_its_own_phase(monkeypatch):
             calls.append("run")
             return self.embed(x), np.zeros((len(x), len(protos)), np.float32)
 
-    real = bm._train_linear
-    monkeypatch.setattr(bm, "_train_linear", lambda *a: (calls.append("sgd"), real(*a))[1])
+    real = bbackprop._train_linear
+    patch_bench(monkeypatch, "_train_linear", lambda *a: (calls.append("sgd"), real(*a))[1])
     sampler = EpisodeSampler(labels, 3, 2, 1, 0, "fake")
-    r = bm._backprop_shots(torch, FakeSession(), data, lambda x, spec: x, sampler, 4, 5, 0.5)
+    r = bbackprop._backprop_shots(torch, FakeSession(), data, lambda x, spec: x, sampler, 4, 5, 0.5)
     assert calls == ["embed", "run", "embed"] * 4 + ["sgd"] * 4
     assert (r.n_way, r.k_shot, r.episodes, r.steps) == (3, 2, 4, 5)
     assert r.precision == "int8"  # the embedding model's precision, from its metadata
@@ -936,7 +984,7 @@ def test_time_pair_alternates_and_neither_call_always_runs_first():
 
 def test_time_pair_keeps_each_calls_times_apart_whichever_ran_first(monkeypatch):
     clock = iter(range(0, 10**9, 1000))  # each reading 1 us after the last: every call lasts 1 us ...
-    monkeypatch.setattr(bm.time, "perf_counter_ns", lambda: next(clock))
+    monkeypatch.setattr(time, "perf_counter_ns", lambda: next(clock))
     slow = lambda: [next(clock) for _ in range(2)]  # ... and 3 us with two more readings inside
     a, b = bm.time_pair(slow, lambda: None, warmup=0, runs=5)
     assert list(a.samples_ms) == [0.003] * 5 and list(b.samples_ms) == [0.001] * 5
@@ -952,7 +1000,7 @@ def test_time_pair_alternates_in_the_duration_form_too():
 
 def test_enrolment_is_timed_into_a_store_that_does_not_grow(tiny_onnx_model_module, monkeypatch):
     sizes = []
-    real = bm._classifier
+    real = bmeasure._classifier
 
     def tracked(*a):
         clf = real(*a)
@@ -960,26 +1008,26 @@ def test_enrolment_is_timed_into_a_store_that_does_not_grow(tiny_onnx_model_modu
         clf.enroll = lambda label, x: (sizes.append(len(clf.labels)), enroll(label, x))[1]
         return clf
 
-    monkeypatch.setattr(bm, "_classifier", tracked)
+    patch_bench(monkeypatch, "_classifier", tracked)
     cfg = bm.BenchConfig(providers=("cpu",), threads=1, warmup=2, runs=6, shots=3)
-    row = bm._adaptation(bm._open_variant(tiny_onnx_model_module, "given", 1), "CPUExecutionProvider", cfg)
+    row = bmeasure.measure_adaptation(bmodels.open_variant(tiny_onnx_model_module, "given", 1), "CPUExecutionProvider", cfg)
     assert sizes == [0] + [1] * 8  # the store's first class, then each timed or warm-up enrolment into a store of one
     assert row.enroll.runs == row.embed.runs == 6 and row.shots == 3 and row.ratio > 0
 
 
 @pytest.mark.parametrize("others, busy", [(None, False), (0.05, False), (0.2, True), (1.5, True)])
 def test_busy_machine_is_flagged(others, busy):
-    note = bm._busy_note(others, 2)
+    note = bmachine.busy_note(others, 2)
     assert (note is not None) == busy
     if busy:
         assert note.startswith(f"the machine was busy: other processes used {others:.2f} of 2 cores on average")
 
 
 def test_busy_note_says_how_many_threads_leave_the_other_work_its_cores():
-    assert bm._busy_note(1.0, 2, threads=2).endswith("rerun on a quiet machine, or leave them their cores with --threads 1")
-    assert bm._busy_note(2.6, 8, threads=8).endswith("--threads 5")
-    assert bm._busy_note(1.0, 2, threads=1).endswith("rerun on a quiet machine")  # already as few as can be
-    assert bm._busy_note(3.0, 2, threads=2).endswith("--threads 1")  # never fewer than one
+    assert bmachine.busy_note(1.0, 2, threads=2).endswith("rerun on a quiet machine, or leave them their cores with --threads 1")
+    assert bmachine.busy_note(2.6, 8, threads=8).endswith("--threads 5")
+    assert bmachine.busy_note(1.0, 2, threads=1).endswith("rerun on a quiet machine")  # already as few as can be
+    assert bmachine.busy_note(3.0, 2, threads=2).endswith("--threads 1")  # never fewer than one
 
 
 def test_a_busy_machine_is_said_before_measuring(monkeypatch, tiny_onnx_model_module, no_measuring):
@@ -989,7 +1037,7 @@ def test_a_busy_machine_is_said_before_measuring(monkeypatch, tiny_onnx_model_mo
         def cores(self):
             return 1.0
 
-    monkeypatch.setattr(bm, "_OtherLoad", Busy)
+    patch_bench(monkeypatch, "OtherLoad", Busy)
     cfg = bm.BenchConfig(providers=("cpu",), batch_sizes=(1,), class_counts=(1,), threads=2, **FAST)
     with pytest.warns(RuntimeWarning, match=r"^the machine was busy: other processes used 1.00 of \d+ cores on average as the benchmark "
                                             r"started, so the timings \(torch's most\) are not trustworthy"):
@@ -1000,7 +1048,7 @@ def test_a_busy_machine_is_said_before_measuring(monkeypatch, tiny_onnx_model_mo
 @pytest.mark.skipif(not Path("/proc/stat").is_file(), reason="needs /proc/stat")
 def test_other_load_is_measured(fast_report):
     assert fast_report.machine["other_processes_cores"] >= 0
-    assert bm._OtherLoad().cores() >= 0
+    assert bmachine.OtherLoad().cores() >= 0
 
 
 def test_class_scaling_feeds_the_prototype_norms_as_the_runtime_does(tmp_path):
@@ -1027,7 +1075,7 @@ def test_class_scaling_feeds_the_prototype_norms_as_the_runtime_does(tmp_path):
         def __getattr__(self, name):
             return getattr(self.sess, name)
 
-    stats = bm._ort_classes(Recorder(bm._ort_session(variant, "CPUExecutionProvider", cfg)), variant, 50, cfg)
+    stats = bmeasure.time_classes(Recorder(bmeasure.timed_session(variant, "CPUExecutionProvider", cfg)), variant, 50, cfg)
     assert stats.runs == FAST["runs"] and feeds and all(INPUT_SQNORMS in f for f in feeds)
     np.testing.assert_allclose(feeds[0][INPUT_SQNORMS], np.square(feeds[0]["prototypes"]).sum(axis=1), rtol=1e-6)
 
@@ -1052,14 +1100,14 @@ def test_gpu_class_rows_keep_the_prototypes_on_the_device(tmp_path, monkeypatch)
     uploads = []
     real = ort.OrtValue.ortvalue_from_numpy
     monkeypatch.setattr(ort.OrtValue, "ortvalue_from_numpy", staticmethod(lambda a, *d: uploads.append(a.shape) or real(a, *d)))
-    call = bm._bound_call(sess, feeds, ("cpu", 0))
+    call = bmeasure.bound_call(sess, feeds, ("cpu", 0))
     outs = [call() for _ in range(3)]
     assert uploads.count((30, TINY_DIM)) == 1 and uploads.count((30,)) == 1 and uploads.count((1, 1, 16, 16)) == 3
     want = sess.run(["embeddings", "logits"], feeds)
     for got in outs:
         np.testing.assert_allclose(got[0], want[0], rtol=1e-6)
         np.testing.assert_allclose(got[1], want[1], rtol=1e-5, atol=1e-5)
-    wrong = bm._bound_call(sess, feeds | {INPUT_SQNORMS: np.zeros(30, np.float32)}, ("cpu", 0))()
+    wrong = bmeasure.bound_call(sess, feeds | {INPUT_SQNORMS: np.zeros(30, np.float32)}, ("cpu", 0))()
     assert np.abs(wrong[1] - want[1]).max() > 1e-2  # the bound norms are what the graph reads
 
 
@@ -1070,21 +1118,21 @@ def test_a_reduced_precision_slower_than_fp32_on_the_cpu_gets_a_note():
 
     rows = [row("CPU", "fp32", 1.0), row("CPU", "int8", 0.4), row("CPU", "fp16", 0.5, batch=1), row("CPU", "int8", 0.95, batch=1),
             row("CUDA", "int8", 0.5), row("CPU", "int8", 1.8, batch=256), row("CPU", "int8", 0.6, batch=64)]
-    many = bm._precision_notes(rows, threads=16)
+    many = breport._precision_notes(rows, threads=16)
     assert len(many) == 3  # one per provider and precision; within the noise (0.95x) or faster: not listed
     assert many[0].startswith("CPU int8 ran slower than fp32 with 16 threads (0.40x at batch 32, 0.60x at batch 64)") and "--threads" in many[0]
     assert "fp16 ran slower than fp32 with 16 threads (0.50x at batch 1)" in many[1] and "GPUs" in many[1]
     assert many[2].startswith("CUDA int8 ran slower than fp32 (0.50x at batch 32): ") and "TensorRT provider for int8" in many[2]
-    assert "VNNI" in bm._precision_notes(rows[:2], threads=2, cpu_flags=["avx2", "fma"])[0]
-    assert "so small a model" in bm._precision_notes(rows[:2], threads=2, cpu_flags=["avx512_vnni"])[0]
+    assert "VNNI" in breport._precision_notes(rows[:2], threads=2, cpu_flags=["avx2", "fma"])[0]
+    assert "so small a model" in breport._precision_notes(rows[:2], threads=2, cpu_flags=["avx512_vnni"])[0]
     gpu = [row("CUDA", "fp32", 1.0), row("CUDA", "fp16", 0.7, batch=1), row("TensorRT", "int8", 0.5), row("CUDA", "int8", 0.95),
            row("OpenVINOExecutionProvider", "int8", 0.6), row("CUDA", "fp16", 0.8, batch=8)]
-    fp16, trt, other = bm._precision_notes(gpu, threads=2)
+    fp16, trt, other = breport._precision_notes(gpu, threads=2)
     assert fp16.startswith("CUDA fp16 ran slower than fp32 (0.70x at batch 1, 0.80x at batch 8): at these batch sizes the GPU waits")
     assert "kernel launches" in fp16 and "--batch-sizes" in fp16
     assert trt.startswith("TensorRT int8 ran slower than fp32 (0.50x at batch 32): ") and "--providers cuda" in trt
     assert other.startswith("OpenVINOExecutionProvider int8 ran slower than fp32 (0.60x at batch 32): ") and "CUDA" not in other
-    assert "at this batch size" in bm._precision_notes(gpu[:2], threads=2)[0]
+    assert "at this batch size" in breport._precision_notes(gpu[:2], threads=2)[0]
 
 
 def test_a_graph_that_counts_more_work_than_fp32_gets_a_note():
@@ -1093,30 +1141,30 @@ def test_a_graph_that_counts_more_work_than_fp32_gets_a_note():
 
     rows = [row("fp32", 1000), row("int8", 1375), row("fp32", 30, batch=1), row("int8", 41, batch=1), row("fp16", 1000),
             row("fp32", None, engine="torch eager")]
-    assert bm._work_notes(rows) == [
+    assert breport._work_notes(rows) == [
         "the int8 graph counts 38% more FLOPs than the fp32 graph (its stem, written as a space-to-depth convolution, multiplies "
         "zero weights too): its GFLOP/s and % peak are of its own count, not of the model's useful work"
     ]  # once per precision; the same count (fp16), or no fp32 row to compare: nothing
-    assert bm._work_notes(rows[1:2]) == [] and bm._work_notes([row("fp32", 1000), row("int8", 1004)]) == []
+    assert breport._work_notes(rows[1:2]) == [] and breport._work_notes([row("fp32", 1000), row("int8", 1004)]) == []
 
 
 def test_each_row_gets_its_own_processors_peak():
     stats = bm.LatencyStats.from_samples([1.0, 1.0])
     rows = [bm.EmbeddingRow(p, "fp32", "onnxruntime", 1, stats, 1e3, flops=10**9, achieved_gflops=100.0) for p in ("CPU", "CUDA", "TensorRT")]
     report = bm.BenchReport({}, {}, [], peak={"peak_gflops": 400.0}, gpu_peak={"peak_gflops": 20000.0})
-    fractions = [bm._with_peak(r, report).peak_fraction for r in rows]
+    fractions = [breport._with_peak(r, report).peak_fraction for r in rows]
     assert fractions == [pytest.approx(0.25), pytest.approx(0.005), pytest.approx(0.005)]
     no_gpu = bm.BenchReport({}, {}, [], peak={"peak_gflops": 400.0})
-    assert bm._with_peak(rows[1], no_gpu).peak_fraction is None and bm._with_peak(rows[0], no_gpu).peak_fraction == pytest.approx(0.25)
+    assert breport._with_peak(rows[1], no_gpu).peak_fraction is None and breport._with_peak(rows[0], no_gpu).peak_fraction == pytest.approx(0.25)
 
 
 def test_steps_count_a_peak_per_processor():
     cfg = bm.BenchConfig(providers=("cpu",), batch_sizes=(1,), class_counts=(1,), threads=1, **FAST)
     cpu, cuda = "CPUExecutionProvider", "CUDAExecutionProvider"
-    base = bm._n_steps(replace(cfg, flops=False), [cpu, cuda], 1)
-    assert bm._n_steps(cfg, [cpu], 1) - bm._n_steps(replace(cfg, flops=False), [cpu], 1) == 2  # CPU peak at the start and the end
-    assert bm._n_steps(cfg, [cuda], 1) - bm._n_steps(replace(cfg, flops=False), [cuda], 1) == 1  # one GPU peak, no CPU peak
-    assert bm._n_steps(cfg, [cpu, cuda], 1) - base == 3
+    base = breport._n_steps(replace(cfg, flops=False), [cpu, cuda], 1)
+    assert breport._n_steps(cfg, [cpu], 1) - breport._n_steps(replace(cfg, flops=False), [cpu], 1) == 2  # CPU peak at the start and the end
+    assert breport._n_steps(cfg, [cuda], 1) - breport._n_steps(replace(cfg, flops=False), [cuda], 1) == 1  # one GPU peak, no CPU peak
+    assert breport._n_steps(cfg, [cpu, cuda], 1) - base == 3
 
 
 @pytest.mark.gpu
@@ -1132,7 +1180,7 @@ def test_gpu_peak_is_measured_with_the_inputs_on_the_device():
 def test_cuda_rows_get_the_gpus_peak_and_no_cpu_peak_is_measured(tiny_onnx_model_module):
     cfg = bm.BenchConfig(providers=("cuda",), batch_sizes=(8,), class_counts=(1,), **FAST)
     report = bm.run_benchmark(tiny_onnx_model_module, cfg)
-    assert report.peak is None and report.gpu_peak["provider"] == "CUDA" and report.gpu_peak["n"] == bm.GPU_PEAK_SIZE
+    assert report.peak is None and report.gpu_peak["provider"] == "CUDA" and report.gpu_peak["n"] == bconfig.GPU_PEAK_SIZE
     ort_rows = [r for r in report.embedding if r.engine == "onnxruntime"]
     assert ort_rows and all(0 < r.peak_fraction < 1 for r in ort_rows)
 
@@ -1145,15 +1193,15 @@ def test_class_rows_on_a_gpu_provider_go_through_the_bound_call(monkeypatch, tmp
     path = build_runtime_model(tmp_path / "tiny.onnx")
     variant = bm.ModelVariant(Precision.FP32, path, "given", "fp-tiny-0001", "mlp", (1, 16, 16), TINY_DIM, path.stat().st_size)
     cfg = bm.BenchConfig(providers=("cpu",), batch_sizes=(1,), class_counts=(1,), threads=1, **FAST)
-    sess = bm._ort_session(variant, "CPUExecutionProvider", cfg)
+    sess = bmeasure.timed_session(variant, "CPUExecutionProvider", cfg)
     bound = []
 
     def fake_bound_call(s, feeds, device):
         bound.append((sorted(feeds), device))
         return lambda: s.run(["embeddings", "logits"], feeds)
 
-    monkeypatch.setattr(bm, "_bound_call", fake_bound_call)
-    bm._ort_classes(sess, variant, 5, cfg)
+    patch_bench(monkeypatch, "bound_call", fake_bound_call)
+    bmeasure.time_classes(sess, variant, 5, cfg)
     assert bound == []
 
     class OnCuda:
@@ -1163,14 +1211,14 @@ def test_class_rows_on_a_gpu_provider_go_through_the_bound_call(monkeypatch, tmp
         def __getattr__(self, name):
             return getattr(sess, name)
 
-    bm._ort_classes(OnCuda(), variant, 5, cfg)
+    bmeasure.time_classes(OnCuda(), variant, 5, cfg)
     assert bound == [(["images", "prototypes"], ("cuda", 0))]
 
     class OnAzure(OnCuda):  # a provider with no device memory this onnxruntime can allocate: plain run()
         def get_providers(self):
             return ["AzureExecutionProvider", "CPUExecutionProvider"]
 
-    bm._ort_classes(OnAzure(), variant, 5, cfg)
+    bmeasure.time_classes(OnAzure(), variant, 5, cfg)
     assert len(bound) == 1
 
 
@@ -1180,7 +1228,7 @@ def test_class_rows_on_a_gpu_provider_go_through_the_bound_call(monkeypatch, tmp
      ("AzureExecutionProvider", None), ("OpenVINOExecutionProvider", None)],
 )
 def test_only_cuda_and_tensorrt_bind_their_inputs_on_the_gpu(provider, device):
-    assert bm._bind_device(provider) == device
+    assert bmodels.bind_device(provider) == device
 
 
 @pytest.mark.skipif("AzureExecutionProvider" not in ort.get_available_providers(), reason="this onnxruntime build has no Azure provider")
@@ -1191,13 +1239,13 @@ def test_a_provider_other_than_cpu_cuda_tensorrt_is_measured(tiny_onnx_model_mod
     azure = "AzureExecutionProvider"
     with pytest.raises(ProviderError, match="runs nothing on this machine"):
         bm.run_benchmark(tiny_onnx_model_module, bm.BenchConfig(providers=(azure,), **FAST))
-    monkeypatch.setattr(bm, "REMOTE_PROVIDERS", ())
+    patch_bench(monkeypatch, "REMOTE_PROVIDERS", ())
     cfg = bm.BenchConfig(providers=(azure,), batch_sizes=(1,), class_counts=(1, 10), threads=1, **FAST)
     report = bm.run_benchmark(tiny_onnx_model_module, cfg)
     assert {r.provider for r in report.embedding} == {azure} and [r.n_classes for r in report.classes] == [1, 10]
     assert report.gpu_peak is None and report.peak is None and all(r.peak_fraction is None for r in report.embedding)
     assert not any("GPU peak" in n for n in report.notes)
-    assert bm._n_steps(cfg, [azure], 1) == bm._n_steps(replace(cfg, flops=False), [azure], 1)  # no peak step for it
+    assert breport._n_steps(cfg, [azure], 1) == breport._n_steps(replace(cfg, flops=False), [azure], 1)  # no peak step for it
 
 
 def test_a_failed_gpu_peak_is_a_note_not_a_lost_report(monkeypatch, tiny_onnx_model_module):
@@ -1207,11 +1255,11 @@ def test_a_failed_gpu_peak_is_a_note_not_a_lost_report(monkeypatch, tiny_onnx_mo
     report.embedding.append(replace(report.embedding[0], provider="CUDA"))
 
     def fail(**_):
-        raise bm.ProviderError("CUDA cannot run the peak MatMul: out of memory")
+        raise ProviderError("CUDA cannot run the peak MatMul: out of memory")
 
-    monkeypatch.setattr(bm, "measure_gpu_peak_flops", fail)
-    steps = bm._Steps(10, None)
-    bm._wrap_up(report, ["CPUExecutionProvider", "CUDAExecutionProvider"], [], cfg, steps)
+    patch_bench(monkeypatch, "measure_gpu_peak_flops", fail)
+    steps = breport._Steps(10, None)
+    breport._wrap_up(report, ["CPUExecutionProvider", "CUDAExecutionProvider"], [], cfg, steps)
     assert report.gpu_peak is None and any(n.startswith("GPU peak not measured: CUDA cannot run") for n in report.notes)
     assert len(report.embedding) == 2 and report.peak is not None  # the rows kept, the CPU peak measured
 
@@ -1223,9 +1271,9 @@ def test_notes_say_which_files_ran_when_not_all_were_given(tmp_path, tiny_onnx_m
     model = tmp_path / "m.onnx"
     model.write_bytes(tiny_onnx_model_module.read_bytes())
     int8 = with_precision(model, tmp_path / "m.int8.onnx", "int8")
-    made = bm.ModelVariant(bm.Precision.FP16, tmp_path / "w" / "m.fp16.onnx", "made from m.onnx (fp16 conversion)", "fp", "mlp", (1, 16, 16), 16, 1)
-    found = bm.ModelVariant(bm.Precision.INT8, int8, "found next to the model", "fp", "mlp", (1, 16, 16), 16, 1)
-    assert bm._variant_notes([model], [found, made], temporary=True) == [
+    made = bm.ModelVariant(Precision.FP16, tmp_path / "w" / "m.fp16.onnx", "made from m.onnx (fp16 conversion)", "fp", "mlp", (1, 16, 16), 16, 1)
+    found = bm.ModelVariant(Precision.INT8, int8, "found next to the model", "fp", "mlp", (1, 16, 16), 16, 1)
+    assert bmodels.variant_notes([model], [found, made], temporary=True) == [
         "m.onnx was given but not timed: --precisions (int8, fp16) leaves its precision out",
         "int8: m.int8.onnx, found next to the model",
         "fp16: m.fp16.onnx, made from m.onnx (fp16 conversion) in a temporary folder, removed after the run",

@@ -15,7 +15,7 @@ from PIL import Image
 
 from edgemeta import data as D
 from edgemeta.episodes import EpisodeSampler, make_episodes_file, read_episodes_file
-from edgemeta.errors import DataError, InputError
+from edgemeta.runtime.errors import DataError, InputError
 from edgemeta.runtime.preprocess import normalize, preprocess
 from edgemeta.runtime.spec import PreprocessSpec
 

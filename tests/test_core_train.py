@@ -14,7 +14,7 @@ from edgemeta.backbones import BACKBONES, build_backbone
 from edgemeta.checkpoint import default_checkpoint, load_checkpoint, save_checkpoint
 from edgemeta.cli import app
 from edgemeta.data import load_omniglot
-from edgemeta.errors import CheckpointError, InputError
+from edgemeta.runtime.errors import CheckpointError, InputError
 from edgemeta.evaluate import episode_scores, evaluate, evaluate_episodes_file, summarize
 from edgemeta.model import FewShotModel, ModelSpec
 from edgemeta.runtime.spec import Metric, Normalization, PreprocessSpec
@@ -93,7 +93,7 @@ def test_rewriting_a_checkpoint_keeps_its_mode(tmp_path):
     save_checkpoint(link, model, {"third": True})
     assert link.is_symlink() and load_checkpoint(path).info["third"] is True and path.stat().st_mode & 0o777 == 0o640
     # the checks before any work follow the link too: a target in a missing folder is refused up front
-    from edgemeta.files import check_output
+    from edgemeta.runtime.files import check_output
 
     (tmp_path / "dangling.safetensors").symlink_to(tmp_path / "gone" / "m.safetensors")
     with pytest.raises(InputError, match=f"-o: folder {tmp_path / 'gone'} does not exist"):

@@ -21,7 +21,7 @@ from edgemeta.backbones import BACKBONES
 from edgemeta.checkpoint import load_checkpoint, save_checkpoint
 from edgemeta.data import omniglot_spec
 from edgemeta.evaluate import to_tensor
-from edgemeta.errors import ExportError, InputError, VerificationError
+from edgemeta.runtime.errors import ExportError, InputError, VerificationError
 from edgemeta.exporters import (
     ExportOptions,
     ExportSpec,
@@ -30,6 +30,7 @@ from edgemeta.exporters import (
     export,
     export_checkpoint,
     inspect,
+    labelled_images,
     metadata_for_checkpoint,
     to_ort_format,
     verify,
@@ -168,7 +169,7 @@ def test_plain_feature_extractor_gets_metric_in_the_graph(tmp_path, omniglot_nov
         export(extractor, tmp_path / "bare.onnx", ModelMetadata(omniglot_spec(28), 32, Metric.SQEUCLIDEAN, Normalization.NONE, "x"))
     net = WrappedExtractor(extractor, Metric.SQEUCLIDEAN, Normalization.L2)
     path = export(net, tmp_path / "wrapped.onnx", ModelMetadata(omniglot_spec(28), 32, Metric.SQEUCLIDEAN, Normalization.L2, "x")).path
-    report = verify(path, net, omniglot_novel, FAST)
+    report = verify(path, net, labelled_images(omniglot_novel), FAST)
     assert report.passed and report.episodes["agreement"] == 1.0
     assert not (tmp_path / "bare.onnx").exists() and leftovers(tmp_path) == []
     # the optional norms input is verified both ways: fed (as the runtime feeds it) and computed
@@ -188,7 +189,7 @@ def test_verification_feeds_the_norms_as_the_runtime_does(tmp_path, omniglot_nov
     wrong = lambda p: {"prototype_sqnorms": np.random.default_rng(0).uniform(0, 10, len(p)).astype(np.float32)} if len(p) else {}  # noqa: E731
     monkeypatch.setattr(vf, "_norms", wrong)
     with pytest.raises(vf.VerificationError) as e:
-        vf.verify(path, net, omniglot_novel, FAST)
+        vf.verify(path, net, labelled_images(omniglot_novel), FAST)
     report = e.value.report
     assert {"logits error", "prediction agreement"} <= {c.name for c in report.failures}
     assert all(t["logits_rel"] < 1e-4 for t in report.tensors if t["prototypes"] and not t["norms_fed"])
@@ -246,7 +247,7 @@ def test_offline_optimization_keeps_the_contract(tmp_path, omniglot_novel, calib
     assert result.metadata.extra["optimized"] is True and proto.ir_version <= 9
     assert {o.domain for o in proto.opset_import} == {""}  # basic level: standard operators only
     assert has_fed_norms(proto) and result.metadata.extra["fed_norms"] is True
-    assert verify(result.path, model, omniglot_novel, FAST).passed
+    assert verify(result.path, model, labelled_images(omniglot_novel), FAST).passed
 
 
 @pytest.mark.parametrize("make_bad", ["missing folder", "parent is a file", "output is a folder"])
@@ -264,7 +265,7 @@ def test_failed_verification_names_every_failed_check(tiny_onnx, omniglot_novel,
     path, _, _ = tiny_onnx
     other = tiny_model("conv4", seed=7, metric=Metric.COSINE, norm=Normalization.L2, calibration=calib)
     with pytest.raises(VerificationError) as info:
-        verify(path, other, omniglot_novel, FAST)
+        verify(path, other, labelled_images(omniglot_novel), FAST)
     message = str(info.value)
     assert message.startswith("verification of tiny.onnx (fp32) failed")
     for check in ("embeddings error", "logits error", "prediction agreement"):
@@ -421,7 +422,7 @@ def test_inspect_in_a_runtime_only_environment(tiny_onnx):
     script = textwrap.dedent(
         """
         import json, sys
-        from edgemeta.exporters.inspect import inspect
+        from edgemeta.exporters.inspection import inspect
         info = inspect(sys.argv[1])
         assert "torch" not in sys.modules and "onnx" not in sys.modules
         print(json.dumps(info))

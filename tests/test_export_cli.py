@@ -148,7 +148,7 @@ def test_export_verify_inspect_a_checkpoint(workdir, trained_conv4):
     assert result["verification"]["passed"] and result["verification"]["episodes"]["count"] == 20
     assert inspect("m.onnx")["verification"]["episodes"]["count"] == 20
 
-    r = run("verify", "m.onnx", "--checkpoint", trained_conv4, "--episodes", "30", "--json")
+    r = run("verify", "m.onnx", "--checkpoint", trained_conv4, "--episodes", "30", "--write-figures", "--json")
     assert r.exit_code == 0, r.output
     assert json.loads(r.stdout)["episodes"]["agreement"] == 1.0
     assert inspect("m.onnx")["verification"]["episodes"]["count"] == 30  # the new figures are stored
@@ -305,7 +305,7 @@ def test_verification_data_is_checked_before_exporting_or_calibrating(workdir, t
     int8 calibration runs (they take from seconds to minutes), not after."""
     import edgemeta.exporters.pipeline as pipeline
 
-    for name in ("export", "quantize_int8"):
+    for name in ("to_onnx", "int8_model"):
         monkeypatch.setattr(pipeline, name, lambda *a, **k: pytest.fail("worked before checking the verification data"))
     write_pngs(workdir / "onecls", 1, 20)
     shutil.copy(trained_conv4_onnx, workdir / "m.onnx")
@@ -332,7 +332,7 @@ def test_inspect_refuses_a_file_that_is_no_model(workdir, name, content, message
 def test_verify_keeps_the_mode_of_the_model_it_rewrites(workdir, trained_conv4, trained_conv4_onnx):
     shutil.copy(trained_conv4_onnx, workdir / "m.onnx")
     os.chmod(workdir / "m.onnx", 0o444)
-    r = run("verify", "m.onnx", "-c", trained_conv4, "--episodes", "5")
+    r = run("verify", "m.onnx", "-c", trained_conv4, "--episodes", "5", "--write-figures")
     assert r.exit_code == 0, r.output
     assert inspect("m.onnx")["verification"]["episodes"]["count"] == 5  # rewritten...
     assert stat.S_IMODE((workdir / "m.onnx").stat().st_mode) == 0o444  # ...and still read-only

@@ -10,11 +10,12 @@ import torch
 from torch import nn
 
 from edgemeta.data import omniglot_spec
-from edgemeta.errors import InputError
+from edgemeta.runtime.errors import InputError
 from edgemeta.exporters import ExportSpec, export
 from edgemeta.exporters.head import has_fed_norms
 from edgemeta.model import FewShotModel, ModelSpec
-from edgemeta.runtime.session import Session, SessionOptions
+from edgemeta.runtime.ort import SessionOptions
+from edgemeta.runtime.session import Session
 from edgemeta.runtime.spec import INPUT_SQNORMS, Metric, ModelMetadata, Normalization
 
 

@@ -15,14 +15,23 @@ import pytest
 
 from edgemeta.checkpoint import load_checkpoint
 from edgemeta.data import omniglot_spec
-from edgemeta.errors import InputError
-from edgemeta.exporters import VerifySpec, convert_fp16, quantize_int8, to_fp16, verify
-from edgemeta.exporters.data import base_images, novel_images
+from edgemeta.runtime.errors import InputError
+from edgemeta.data import base_images, novel_images
+from edgemeta.exporters import VerifySpec, calibration_images, convert_fp16, labelled_images, quantize_int8, to_fp16, verify
 from edgemeta.exporters.graph import float_nodes, name_nodes
 from edgemeta.exporters.head import has_fed_norms
 from edgemeta.exporters.quantize import QuantizeSpec
 from edgemeta.runtime.session import Session
 from edgemeta.runtime.spec import ModelMetadata, Precision
+
+def q8(src, out, data, spec=QuantizeSpec()):
+    """int8 calibrated on ``spec.calibration_images`` images of the image set ``data``, as the pipeline does."""
+    return quantize_int8(src, out, calibration_images(data, spec), spec)
+
+
+def verify_on(model, torch_model, data, spec):
+    return verify(model, torch_model, labelled_images(data), spec)
+
 
 EPISODES = VerifySpec(batch_sizes=(1, 7, 64), prototype_counts=(0, 1, 20), episodes=60)
 
@@ -49,7 +58,7 @@ def background(export_env):
 
 @pytest.fixture(scope="module")
 def int8_model(trained_conv4_onnx, background, tmp_path_factory) -> Path:
-    return quantize_int8(trained_conv4_onnx, tmp_path_factory.mktemp("int8") / "conv4.int8.onnx", background, QuantizeSpec(calibration_images=128, float_stem=True))
+    return q8(trained_conv4_onnx, tmp_path_factory.mktemp("int8") / "conv4.int8.onnx", background, QuantizeSpec(calibration_images=128, float_stem=True))
 
 
 def test_calibration_uses_base_classes_only(background, omniglot_novel):
@@ -78,7 +87,7 @@ def test_fp16_keeps_float32_interface_and_metric(fp16_model, trained_conv4_onnx)
 
 @pytest.mark.slow
 def test_fp16_predictions_agree_with_torch(fp16_model, trained_conv4, omniglot_novel):
-    report = verify(fp16_model, load_checkpoint(trained_conv4).model, omniglot_novel, EPISODES)
+    report = verify_on(fp16_model, load_checkpoint(trained_conv4).model, omniglot_novel, EPISODES)
     ep = report.episodes
     assert report.precision is Precision.FP16 and ep["agreement"] >= 0.98
     assert abs(ep["accuracy_difference"]) <= 0.01 and ep["torch_accuracy"] > 0.5
@@ -87,13 +96,13 @@ def test_fp16_predictions_agree_with_torch(fp16_model, trained_conv4, omniglot_n
 
 @pytest.fixture(scope="module")
 def int8_nhwc_model(trained_conv4_onnx, background, tmp_path_factory) -> Path:
-    return quantize_int8(trained_conv4_onnx, tmp_path_factory.mktemp("int8") / "conv4.int8.nhwc.onnx", background,
+    return q8(trained_conv4_onnx, tmp_path_factory.mktemp("int8") / "conv4.int8.nhwc.onnx", background,
                          QuantizeSpec(calibration_images=128, stem_layout="nhwc"))
 
 
 @pytest.fixture(scope="module")
 def int8_s2d_model(trained_conv4_onnx, background, tmp_path_factory) -> Path:
-    return quantize_int8(trained_conv4_onnx, tmp_path_factory.mktemp("int8") / "conv4.int8.s2d.onnx", background,
+    return q8(trained_conv4_onnx, tmp_path_factory.mktemp("int8") / "conv4.int8.s2d.onnx", background,
                          QuantizeSpec(calibration_images=128, float_stem=False, stem_layout="s2d"))
 
 
@@ -119,7 +128,7 @@ def test_int8_is_qdq_with_a_float_metric(int8_model, trained_conv4_onnx):
 
 
 def test_int8_with_unsigned_activations_and_a_float_stem(trained_conv4_onnx, background, tmp_path):
-    out = quantize_int8(trained_conv4_onnx, tmp_path / "u8.onnx", background, QuantizeSpec(calibration_images=64, activations="uint8", float_stem=True))
+    out = q8(trained_conv4_onnx, tmp_path / "u8.onnx", background, QuantizeSpec(calibration_images=64, activations="uint8", float_stem=True))
     model = onnx.load(str(out))
     inits = {t.name: t for t in model.graph.initializer}
     producers = {o: n for n in model.graph.node for o in n.output}
@@ -141,14 +150,14 @@ def test_int8_with_unsigned_activations_and_a_float_stem(trained_conv4_onnx, bac
 def test_float_pooling_is_not_moved_into_int8_by_onnxruntime(trained_conv4_onnx, background, tmp_path):
     """ONNX Runtime's QDQ propagation would move the quantization above the float pooling (an
     int8 NCHW MaxPool, many times slower); every edgemeta session turns it off."""
-    from edgemeta.runtime.session import open_ort_session
+    from edgemeta.runtime.ort import open_session
 
-    out = quantize_int8(trained_conv4_onnx, tmp_path / "q.onnx", background, QuantizeSpec(calibration_images=32, float_stem=True))
+    out = q8(trained_conv4_onnx, tmp_path / "q.onnx", background, QuantizeSpec(calibration_images=32, float_stem=True))
     for disabled in (True, False):
         so = ort.SessionOptions()
         so.optimized_model_filepath = str(tmp_path / f"optimized_{disabled}.onnx")
         if disabled:
-            open_ort_session(out, so, ["CPUExecutionProvider"])
+            open_session(out, so, ["CPUExecutionProvider"])
         else:
             ort.InferenceSession(str(out), so, providers=["CPUExecutionProvider"])
         optimized = onnx.load(so.optimized_model_filepath)
@@ -161,7 +170,7 @@ def test_int8_nhwc_stem_hand_over(int8_nhwc_model, int8_model, tmp_path):
     runtime opens such a model with ONNX Runtime's transpose optimizer off, so that its NCHWc pass
     writes the stem's output in NHWC and no transpose runs between the stem and the first int8
     convolution. Anywhere else the pair is removed as a no-op."""
-    from edgemeta.runtime.session import open_ort_session, wants_nhwc_stem
+    from edgemeta.runtime.ort import open_session, wants_nhwc_stem
 
     model = onnx.load(str(int8_nhwc_model))
     onnx.checker.check_model(model, full_check=True)
@@ -176,7 +185,7 @@ def test_int8_nhwc_stem_hand_over(int8_nhwc_model, int8_model, tmp_path):
     x = np.random.default_rng(0).standard_normal((8, 1, 28, 28)).astype(np.float32)
     np.testing.assert_array_equal(Session(int8_nhwc_model, "cpu").embed(x), Session(int8_model, "cpu").embed(x))  # same calibration
 
-    from edgemeta.runtime import session as session_module
+    from edgemeta.runtime import ort as session_module
 
     def optimized(disabled: tuple[str, ...]) -> list:
         so = ort.SessionOptions()
@@ -194,7 +203,7 @@ def test_int8_nhwc_stem_hand_over(int8_nhwc_model, int8_model, tmp_path):
         assert reorders(fast) == [1] and not any(n.op_type == "Transpose" for n in fast)
         plain = optimized(session_module.DISABLED_OPTIMIZERS)  # ... and what it would run with the optimizer on
         assert reorders(plain) == [0] and [n.op_type for n in plain].count("Transpose") == 1
-    sess, _ = open_ort_session(int8_nhwc_model, ort.SessionOptions(), ["CPUExecutionProvider"])
+    sess, _ = open_session(int8_nhwc_model, ort.SessionOptions(), ["CPUExecutionProvider"])
     assert wants_nhwc_stem(sess) is x86
     assert not wants_nhwc_stem(ort.InferenceSession(str(int8_model)))  # exported without it
 
@@ -209,7 +218,7 @@ def test_int8_nhwc_stem_hand_over(int8_nhwc_model, int8_model, tmp_path):
     so = ort.SessionOptions()
     so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_BASIC
     so.optimized_model_filepath = str(tmp_path / "written.onnx")
-    open_ort_session(int8_nhwc_model, so, ["CPUExecutionProvider"])
+    open_session(int8_nhwc_model, so, ["CPUExecutionProvider"])
     assert not any(n.op_type == "Transpose" for n in onnx.load(so.optimized_model_filepath).graph.node)
     with pytest.raises(InputError, match="unknown stem layout 'nhcw'; use auto, nchw, nhwc or s2d"):
         QuantizeSpec(stem_layout="nhcw")
@@ -221,7 +230,7 @@ def test_int8_nhwc_stem_hand_over(int8_nhwc_model, int8_model, tmp_path):
 def test_int8_space_to_depth_stem(int8_s2d_model, trained_conv4, omniglot_novel, tmp_path):
     """stem_layout="s2d": the stem runs in int8 as a space-to-depth convolution, with its
     pooling; only the input crosses from float to int8, and accuracy holds."""
-    from edgemeta.runtime.session import open_ort_session, wants_nhwc_stem
+    from edgemeta.runtime.ort import open_session, wants_nhwc_stem
 
     model = onnx.load(str(int8_s2d_model))
     onnx.checker.check_model(model, full_check=True)
@@ -243,14 +252,14 @@ def test_int8_space_to_depth_stem(int8_s2d_model, trained_conv4, omniglot_novel,
     assert meta.extra["calibration"]["stem_layout"] == "s2d" and meta.extra["calibration"]["float_stem"] is False
     so = ort.SessionOptions()
     so.optimized_model_filepath = str(tmp_path / "as_run.onnx")
-    sess, _ = open_ort_session(int8_s2d_model, so, ["CPUExecutionProvider"])
+    sess, _ = open_session(int8_s2d_model, so, ["CPUExecutionProvider"])
     assert not wants_nhwc_stem(sess)  # ONNX Runtime's transpose optimizer stays on, and cancels the stem's transposes:
     ran = [n.op_type for n in onnx.load(so.optimized_model_filepath).graph.node]
     if platform.machine().lower() in ("x86_64", "amd64"):  # where its CPU provider runs int8 convolutions in NHWC
         first, last = ran.index("QLinearConv"), len(ran) - ran[::-1].index("NhwcMaxPool")
         assert set(ran[first:last]) == {"QLinearConv", "NhwcMaxPool", "Reshape"}, ran  # no layout change within the int8 part
         assert ran[:first].count("Transpose") == 1  # the float image moved into 2x2 blocks, once
-    report = verify(int8_s2d_model, load_checkpoint(trained_conv4).model, omniglot_novel, EPISODES)
+    report = verify_on(int8_s2d_model, load_checkpoint(trained_conv4).model, omniglot_novel, EPISODES)
     ep = report.episodes
     assert ep["agreement"] >= 0.9 and ep["accuracy_difference"] > -0.03 and ep["torch_accuracy"] > 0.5
     assert report.summary()["embeddings_max_rel_error"] > 1e-3  # it is quantized
@@ -277,11 +286,11 @@ def _untrained_rgb(backbone: str, tmp_path: Path):
 def test_int8_space_to_depth_stem_on_colour_images(tmp_path):
     """Three channels move into blocks by SpaceToDepth; the int8 model stays close to fp32."""
     fp32, calibration = _untrained_rgb("conv4", tmp_path)
-    out = quantize_int8(fp32, tmp_path / "c4.int8.onnx", calibration, QuantizeSpec(calibration_images=8, float_stem=False, stem_layout="s2d"))
+    out = q8(fp32, tmp_path / "c4.int8.onnx", calibration, QuantizeSpec(calibration_images=8, float_stem=False, stem_layout="s2d"))
     model = onnx.load(str(out))
     ops = [n.op_type for n in model.graph.node]
     assert ops.count("SpaceToDepth") == 1 and "Transpose" in ops  # the group max's layout moves
-    float_stem = quantize_int8(fp32, tmp_path / "c4.float_stem.int8.onnx", calibration, QuantizeSpec(calibration_images=8, float_stem=True))
+    float_stem = q8(fp32, tmp_path / "c4.float_stem.int8.onnx", calibration, QuantizeSpec(calibration_images=8, float_stem=True))
     x = np.random.default_rng(1).random((4, 3, 16, 16), dtype=np.float32)  # in the calibrated range, as images are
     feed = {"images": x, "prototypes": np.zeros((0, meta_of(fp32).embedding_dim), np.float32)}
     ref = ort.InferenceSession(str(fp32)).run(["embeddings"], feed)[0]
@@ -294,7 +303,7 @@ def test_int8_space_to_depth_stem_refuses_a_stem_it_does_not_fit(tmp_path):
     """ResNet-12's stem convolution feeds a second convolution, not a pooling."""
     fp32, calibration = _untrained_rgb("resnet12", tmp_path)
     with pytest.raises(InputError, match="--stem-layout s2d does not fit this model: its first convolution is followed by LeakyRelu and Conv, not by an activation and a 2x2 max pooling; export it with --stem-layout nchw"):
-        quantize_int8(fp32, tmp_path / "r12.int8.onnx", calibration, QuantizeSpec(calibration_images=8, float_stem=False, stem_layout="s2d"))
+        q8(fp32, tmp_path / "r12.int8.onnx", calibration, QuantizeSpec(calibration_images=8, float_stem=False, stem_layout="s2d"))
     assert not (tmp_path / "r12.int8.onnx").exists()
 
 
@@ -311,14 +320,14 @@ def test_int8_stem_layout_auto_runs_the_stem_in_int8_where_space_to_depth_fits(t
         float_weights = first_conv.input[1] in {t.name for t in model.graph.initializer}
         return c["stem_layout"], c["float_stem"], c.get("stem_layout_asked"), c.get("stem_note"), float_weights
 
-    auto = quantize_int8(conv4, tmp_path / "c4.int8.onnx", calibration, QuantizeSpec(calibration_images=8))
+    auto = q8(conv4, tmp_path / "c4.int8.onnx", calibration, QuantizeSpec(calibration_images=8))
     assert stem(auto) == ("s2d", False, "auto", None, False)
-    assert stem(quantize_int8(conv4, tmp_path / "c4.fs.onnx", calibration, QuantizeSpec(calibration_images=8, float_stem=True))) == (
+    assert stem(q8(conv4, tmp_path / "c4.fs.onnx", calibration, QuantizeSpec(calibration_images=8, float_stem=True))) == (
         "nchw", True, "auto", None, True)
     r12, calibration = _untrained_rgb("resnet12", tmp_path)
     why = "the space-to-depth stem does not fit: its first convolution is followed by LeakyRelu and Conv, not by an activation and a 2x2 max pooling"
     for float_stem, expected in ((None, True), (False, False)):
-        out = quantize_int8(r12, tmp_path / f"r12.{float_stem}.onnx", calibration, QuantizeSpec(calibration_images=8, float_stem=float_stem))
+        out = q8(r12, tmp_path / f"r12.{float_stem}.onnx", calibration, QuantizeSpec(calibration_images=8, float_stem=float_stem))
         assert stem(out) == ("nchw", expected, "auto", why, expected)
 
 
@@ -361,14 +370,14 @@ def test_nhwc_round_trip_goes_only_where_the_stem_hands_over_to_int8_alone(train
         assert not quantize_module._nhwc_round_trip(refused, stem) and refused.SerializeToString() == before
     monkeypatch.setattr(quantize_module, "_nhwc_round_trip", lambda model, stem: False)  # a model like those
     with pytest.raises(InputError, match="--stem-layout nhwc: this model's float stem does not hand its output to int8 alone.*--stem-layout nchw"):
-        quantize_int8(trained_conv4_onnx, tmp_path / "no.onnx", background, QuantizeSpec(calibration_images=8, stem_layout="nhwc"))
+        q8(trained_conv4_onnx, tmp_path / "no.onnx", background, QuantizeSpec(calibration_images=8, stem_layout="nhwc"))
     assert not (tmp_path / "no.onnx").exists()
 
 
 def test_int8_gemm_kernel_keeps_the_weights_exactly(trained_conv4_onnx, background, tmp_path):
     spec = QuantizeSpec(calibration_images=64, activations="uint8", float_stem=True)
-    direct = quantize_int8(trained_conv4_onnx, tmp_path / "direct.onnx", background, spec)
-    gemm = quantize_int8(trained_conv4_onnx, tmp_path / "gemm.onnx", background, QuantizeSpec(calibration_images=64, activations="uint8", float_stem=True, conv_kernel="gemm"))
+    direct = q8(trained_conv4_onnx, tmp_path / "direct.onnx", background, spec)
+    gemm = q8(trained_conv4_onnx, tmp_path / "gemm.onnx", background, QuantizeSpec(calibration_images=64, activations="uint8", float_stem=True, conv_kernel="gemm"))
 
     def conv_weights(path: Path) -> list[np.ndarray]:
         model = onnx.load(str(path))
@@ -434,7 +443,7 @@ def test_int8_ort_format_at_the_extended_level_runs_the_int8_kernels(int8_model,
 
 @pytest.mark.slow
 def test_int8_predictions_agree_and_accuracy_holds(int8_model, trained_conv4, omniglot_novel):
-    report = verify(int8_model, load_checkpoint(trained_conv4).model, omniglot_novel, EPISODES)
+    report = verify_on(int8_model, load_checkpoint(trained_conv4).model, omniglot_novel, EPISODES)
     ep = report.episodes
     assert ep["agreement"] >= 0.9 and ep["accuracy_difference"] > -0.03 and ep["torch_accuracy"] > 0.5
     assert report.summary()["embeddings_max_rel_error"] > 1e-3  # it is quantized
@@ -442,7 +451,7 @@ def test_int8_predictions_agree_and_accuracy_holds(int8_model, trained_conv4, om
 
 def test_reduced_precision_needs_the_fp32_model(fp16_model, background, tmp_path):
     with pytest.raises(InputError, match="already fp16; convert the fp32 model instead"):
-        quantize_int8(fp16_model, tmp_path / "x.onnx", background)
+        q8(fp16_model, tmp_path / "x.onnx", background)
     with pytest.raises(InputError, match="already fp16"):
         to_fp16(fp16_model, tmp_path / "y.onnx")
     assert list(tmp_path.iterdir()) == []

@@ -21,7 +21,7 @@ from edgemeta.runtime import (
     SessionOptions,
 )
 from conftest import cuda_runs, fixed_batch_copy
-from edgemeta.runtime.session import resolve_providers
+from edgemeta.runtime.ort import resolve_providers
 
 CPU = "CPUExecutionProvider"
 GPU_BUILD = bool({"CUDAExecutionProvider", "TensorrtExecutionProvider"} & set(ort.get_available_providers()))
@@ -219,11 +219,30 @@ def test_spinning_reaches_onnxruntime(tiny_onnx_model, spin, entry):
         ({"batch_size": 0}, "batch_size must be >= 1"),
         ({"graph_optimization": "max"}, "unknown graph_optimization 'max'; choose one of: disable, basic, extended, all"),
         ({"allow_spinning": "no"}, "allow_spinning must be True, False or None"),
+        ({"execution_mode": "fast"}, "unknown execution_mode 'fast'; choose one of: sequential, parallel"),
     ],
 )
 def test_bad_session_options(kwargs, msg):
     with pytest.raises(InputError, match=msg):
         SessionOptions(**kwargs)
+
+
+def test_the_benchmark_settings_reach_the_runtime_sessions(tiny_onnx_model):
+    options = SessionOptions(intra_op_threads=2, execution_mode="parallel", memory_arena=False, pin_threads=True)
+    so = Session(tiny_onnx_model, options=options)._sess.get_session_options()
+    assert so.execution_mode == ort.ExecutionMode.ORT_PARALLEL and not so.enable_cpu_mem_arena
+    assert len(so.get_session_config_entry("session.intra_op_thread_affinities").split(";")) == 1  # the second thread
+    default = SessionOptions().to_ort()
+    assert default.execution_mode == ort.ExecutionMode.ORT_SEQUENTIAL and default.enable_cpu_mem_arena
+    assert default.intra_op_num_threads == 0 and default.inter_op_num_threads == 0
+
+
+@pytest.mark.parametrize("name, full", [("cpu", CPU), ("TRT", "TensorrtExecutionProvider"), ("MyExecutionProvider", "MyExecutionProvider")])
+def test_provider_name_and_display_name(name, full):
+    from edgemeta.runtime.ort import display_name, provider_name
+
+    assert provider_name(name) == full
+    assert display_name(full) == {"cpu": "CPU", "TRT": "TensorRT"}.get(name, full)
 
 
 def test_io_binding_keeps_readonly_prototypes_on_the_device(tiny_onnx_model):
@@ -334,7 +353,7 @@ def test_a_model_asking_for_the_nhwc_stem_hand_over_is_opened_without_the_transp
     """An int8 model exported with stem_layout="nhwc" says so in its metadata; on the CPU provider
     of an x86-64 machine the session is opened again with ONNX Runtime's transpose optimizer off
     (what the NHWC round trip needs), on other machines once, as every other model."""
-    from edgemeta.runtime import session as session_module
+    from edgemeta.runtime import ort as session_module
 
     hinted = make_onnx_model(extra={"calibration": {"stem_layout": "nhwc"}})
     plain = make_onnx_model(extra={"calibration": {"stem_layout": "nchw"}})
@@ -367,15 +386,15 @@ def test_a_model_asking_for_the_nhwc_stem_hand_over_is_opened_without_the_transp
              (ort.SessionOptions(), ["CUDAExecutionProvider", "CPUExecutionProvider"])]  # a GPU that fails would be tried twice
     for options, providers in cases:
         opened.clear()
-        session_module.open_ort_session(hinted, options, providers)
+        session_module.open_session(hinted, options, providers)
         assert opened == [session_module.DISABLED_OPTIMIZERS]
     opened.clear()
-    session_module.open_ort_session(hinted, ort.SessionOptions(), ["CPUExecutionProvider"])
+    session_module.open_session(hinted, ort.SessionOptions(), ["CPUExecutionProvider"])
     assert len(opened) == 2
 
 
 def test_nhwc_stem_request_is_read_safely_from_metadata(make_onnx_model, monkeypatch):
-    from edgemeta.runtime import session as session_module
+    from edgemeta.runtime import ort as session_module
 
     monkeypatch.setattr(session_module.platform, "machine", lambda: "x86_64")
 

@@ -36,9 +36,20 @@ def fail(message: str) -> None:
     raise typer.Exit(1)
 
 
+def _json_failure(e: EdgemetaError) -> None:
+    """A failure as the JSON document a ``--json`` caller parses: ``ok`` false, the one-line
+    error, and a failed verification's report when there is one."""
+    doc: dict[str, Any] = {"ok": False, "error": " ".join(str(e).split())}
+    report = getattr(e, "report", None)
+    if report is not None and callable(getattr(report, "to_dict", None)):
+        doc["report"] = report.to_dict()
+    emit_json(doc)
+
+
 def command(*args: Any, target: typer.Typer | None = None, **kwargs: Any):
     """``app.command`` (or ``target.command`` for a sub-app) that turns an
-    :class:`EdgemetaError` into one line on stderr and exit 1."""
+    :class:`EdgemetaError` into one line on stderr and exit 1; a command run with ``--json``
+    also prints ``{"ok": false, "error": ...}`` on stdout, so its output is always JSON."""
 
     def decorate(fn):
         @functools.wraps(fn)
@@ -46,14 +57,27 @@ def command(*args: Any, target: typer.Typer | None = None, **kwargs: Any):
             try:
                 return fn(*a, **k)
             except EdgemetaError as e:
+                if k.get("json_out"):
+                    _json_failure(e)
                 fail(str(e))
             except KeyboardInterrupt:
-                sys.stderr.write("error: interrupted\n")
+                _interrupted()
                 raise typer.Exit(130) from None
 
         return (target or app).command(*args, **kwargs)(wrapper)
 
     return decorate
+
+
+_told_interrupted = False
+
+
+def _interrupted() -> None:
+    """Say "interrupted" once, whichever layer caught the Ctrl-C first."""
+    global _told_interrupted
+    if not _told_interrupted:
+        sys.stderr.write("error: interrupted\n")
+        _told_interrupted = True
 
 
 def _show_warning(message: Any, category: type, filename: str, lineno: int, file: Any = None, line: Any = None) -> None:
@@ -90,10 +114,12 @@ def main() -> None:
             sys.stderr.write(f"error: {line}\n")
             sys.exit(1)
         if type(e).__name__ == "Abort":  # Ctrl-C outside a command
-            sys.stderr.write("error: interrupted\n")
+            _interrupted()
             sys.exit(130)
         if hasattr(e, "exit_code") and callable(getattr(e, "show", None)):  # any other click error, as click shows it
             e.show()
             sys.exit(e.exit_code)
         raise
+    if code == 130:  # typer turns a Ctrl-C outside a command (while parsing) into a silent 130
+        _interrupted()
     sys.exit(code if isinstance(code, int) else 0)

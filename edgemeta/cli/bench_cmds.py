@@ -1,12 +1,13 @@
 """``edgemeta benchmark``: latency of an exported model against the alternatives, in one run.
 
-The command maps its options onto :class:`edgemeta.benchmark.BenchConfig` and one
-:func:`edgemeta.benchmark.run_benchmark` call; the library does the measuring.
+The command maps its options onto :class:`edgemeta.bench.BenchConfig` and one
+:func:`edgemeta.bench.run_benchmark` call; the library does the measuring.
 """
 
 from __future__ import annotations
 
 import contextlib
+from dataclasses import replace
 from pathlib import Path
 from typing import Callable, Iterator, List, Optional
 
@@ -77,7 +78,7 @@ def benchmark(
     plot: Optional[Path] = typer.Option(None, "--plot", help="Write latency distributions and the classes curve to this PNG."),
 ) -> None:
     """Measure latency, throughput, FLOP/s, enrolment and cold start; compare with torch and other precisions."""
-    from edgemeta.benchmark import BenchConfig, OrtTuning, check_plot_path, plot_report, render_report, run_benchmark
+    from edgemeta.bench import BENCH_SESSION_OPTIONS, BenchConfig, check_plot_path, plot_report, render_report, run_benchmark
 
     if runs is not None and duration is not None:
         raise InputError("give --runs or --duration, not both")
@@ -96,7 +97,7 @@ def benchmark(
         providers=_words(providers), batch_sizes=_ints(batch_sizes, "--batch-sizes", "1,32"), precisions=_words(precisions), threads=threads,
         warmup=warmup, runs=100 if runs is None else runs, duration=duration, rounds=rounds, class_counts=_ints(classes, "--classes", "1,100,10000"), shots=shots,
         cold_start=cold_start, backprop_episodes=episodes if backprop_baseline else 0, backprop_data=backprop_data,
-        data_dir=None if data_dir is None else str(data_dir), ort=OrtTuning(allow_spinning=spinning),
+        data_dir=None if data_dir is None else str(data_dir), ort=replace(BENCH_SESSION_OPTIONS, allow_spinning=spinning),
     )
     with _progress_bar(console.is_terminal) as progress:
         report = run_benchmark(models, config, checkpoint=checkpoint, progress=progress)

@@ -8,13 +8,14 @@ from typing import List, Optional
 import typer
 
 from edgemeta.cli._app import command, console, emit_json, out
+from edgemeta.distributed import Device
 from edgemeta.runtime.spec import Metric, Normalization
 
 DATA_DIR_HELP = "Data folder (default: $EDGEMETA_DATA_DIR, else ~/.cache/edgemeta/data); Omniglot archives go in DATA/omniglot."
 
 
 def _ints(text: Optional[str]) -> tuple[int, ...]:
-    from edgemeta.errors import InputError
+    from edgemeta.runtime.errors import InputError
 
     try:
         return tuple(int(v) for v in text.split(",")) if text else ()
@@ -51,6 +52,8 @@ def train_cmd(
     bf16: bool = typer.Option(False, help="bfloat16 autocast in training (much faster on CPUs with AMX / AVX-512 BF16)."),
     val_alphabets: int = typer.Option(3, help="Omniglot: background alphabets held out for validation."),
     max_minutes: Optional[float] = typer.Option(None, help="Stop after this many minutes (of this session, with --resume) and keep the best model so far."),
+    device: Device = typer.Option(Device.AUTO, help="auto: one GPU per process when there are enough (NCCL under torchrun), else the CPU (gloo)."),
+    dist_timeout: float = typer.Option(1800.0, help="Under torchrun: seconds a process waits for the others (rendezvous, each step) before it stops with an error."),
     resume: Optional[Path] = typer.Option(None, help="Continue a run from its checkpoint (uses the .last file next to it); usually the same path as -o."),
     force: bool = typer.Option(False, "--force", help="Replace an existing run at -o (checkpoint, .last, .jsonl, .png); its files go when the new run first writes."),
     json_out: bool = typer.Option(False, "--json", help="Print the result as JSON."),
@@ -64,11 +67,13 @@ def train_cmd(
         mixed_shots=_ints(mixed_shots), bf16=bf16, val_alphabets=val_alphabets,
         lr=lr, schedule=schedule, step_every=step_every, gamma=gamma, pretrain_epochs=pretrain_epochs,
         pretrain_lr=pretrain_lr, batch_size=batch_size, augment=augment, val_every=val_every,
-        val_episodes=val_episodes, seed=seed, threads=threads, max_minutes=max_minutes,
+        val_episodes=val_episodes, seed=seed, threads=threads, max_minutes=max_minutes, device=device, dist_timeout=dist_timeout,
     )
     result = train(cfg, resume=resume, progress=not json_out, force=force)
+    if not result.is_main:  # under torchrun, rank 0 reports for the run
+        return
     summary = {"checkpoint": str(result.checkpoint), "fingerprint": result.fingerprint, "best_val_accuracy": result.best_val_accuracy,
-               "seconds": round(result.seconds, 1), "episodes_per_second": round(result.episodes_per_second, 2)}
+               "seconds": round(result.seconds, 1), "episodes_per_second": round(result.episodes_per_second, 2), "world_size": result.world_size}
     if json_out:
         emit_json(summary)
     else:

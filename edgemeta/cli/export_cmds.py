@@ -96,7 +96,7 @@ def _module_ref(module: str, weights: Optional[Path], size: Optional[int], chann
 
 def _show_outcome(outcome, json_out: bool) -> None:
     if json_out:
-        emit_json(outcome.to_dict())
+        emit_json({"ok": True, **outcome.to_dict()})
         return
     d = outcome.to_dict()
     extra = f", {d['export']['exporter']} exporter" if d.get("export") else ""
@@ -186,19 +186,21 @@ def verify_cmd(
     episodes: int = typer.Option(1000, help="Episodes (5-way 1-shot)."),
     data: Optional[str] = typer.Option(None, help=DATA_HELP),
     data_dir: Optional[Path] = typer.Option(None, help=DATA_DIR_HELP),
+    write_figures: bool = typer.Option(False, "--write-figures", help="Store the figures in the model's metadata when it passes (rewrites MODEL)."),
     json_out: bool = typer.Option(False, "--json", help="Print the report as JSON."),
 ) -> None:
-    """Check an exported model against its checkpoint on real images; store the figures in it."""
+    """Check an exported model against its checkpoint on real images; the model file is left as it is."""
     from edgemeta.exporters import verify_model
 
     options = _options(Precision.FP32, 18, False, False, True, episodes, data, None, data_dir)
     with _progress(not json_out) as progress:
-        report = verify_model(model, checkpoint, options, progress)
+        report = verify_model(model, checkpoint, options, progress, write_figures=write_figures)
     if json_out:
-        emit_json(report.to_dict())
+        emit_json({"ok": True, **report.to_dict()})
     else:
         _show_report(report)
-        out.print(f"figures stored in {model}")
+        if write_figures:
+            out.print(f"figures stored in {model}")
 
 
 @command("quantize")
@@ -281,7 +283,7 @@ def inspect_cmd(
     json_out: bool = typer.Option(False, "--json", help="Print the description as JSON."),
 ) -> None:
     """Show a model's inputs, outputs, opset, precision, operators, metadata and verification figures."""
-    from edgemeta.exporters.inspect import inspect
+    from edgemeta.exporters.inspection import inspect
 
     info = inspect(model)
     if json_out:

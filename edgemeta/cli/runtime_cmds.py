@@ -8,6 +8,7 @@ save atomically), so what was enrolled before is never lost.
 from __future__ import annotations
 
 import contextlib
+import sys
 from pathlib import Path
 from typing import Any, Callable, Iterator, List, Optional
 
@@ -55,6 +56,15 @@ def _counts_table(title: str, counts: dict[str, int], added: dict[str, int] | No
     return table
 
 
+LOCK_TIMEOUT_HELP = "Seconds to wait for another writer of the store (default: wait, saying so)."
+
+
+def _tell(line: str) -> None:
+    """A lock wait, said on stderr (a user is never left waiting in silence)."""
+    sys.stderr.write(f"{line}\n")
+    sys.stderr.flush()
+
+
 @command("enroll")
 def enroll_cmd(
     model: Path = typer.Argument(..., help="Exported .onnx model."),
@@ -65,6 +75,7 @@ def enroll_cmd(
     providers: str = typer.Option("auto", help=PROVIDERS_HELP),
     keep_embeddings: bool = typer.Option(False, "--keep-embeddings", help="Keep each embedding in a new store (k-NN, calibration)."),
     json_out: bool = typer.Option(False, "--json", help="Print JSON to stdout."),
+    lock_timeout: Optional[float] = typer.Option(None, "--lock-timeout", help=LOCK_TIMEOUT_HELP),
 ) -> None:
     """Learn classes from a few images and add them to a store file."""
     from edgemeta.runtime import ClassifierOptions, FewShotClassifier, list_images, scan_class_folders
@@ -77,7 +88,7 @@ def enroll_cmd(
     paths = scan_class_folders(folder) if folder is not None else {label: list_images(images)}
     clf = FewShotClassifier(model, providers, options=ClassifierOptions(keep_embeddings=keep_embeddings))
     total = sum(len(p) for p in paths.values())
-    with clf.editing(store), _progress(total, not json_out) as advance:
+    with clf.editing(store, timeout=lock_timeout, on_wait=_tell), _progress(total, not json_out) as advance:
         if keep_embeddings and not clf.store.keep_embeddings:  # the store's own setting wins; nothing is saved after this
             raise InputError(f"{store} keeps no embeddings, so --keep-embeddings cannot apply to it; enrol into a new store file with --keep-embeddings")
         added = clf.enroll_folder(folder, on_progress=advance) if folder is not None else {label: len(paths[label])}
@@ -141,11 +152,12 @@ def store_list_cmd(
 def store_forget_cmd(
     store: Path = typer.Argument(..., help="Prototype store file."),
     label: str = typer.Argument(..., help="Class to remove."),
+    lock_timeout: Optional[float] = typer.Option(None, "--lock-timeout", help=LOCK_TIMEOUT_HELP),
 ) -> None:
     """Remove a class from a store."""
     from edgemeta.runtime import PrototypeStore
 
-    with PrototypeStore.edit(store) as s:
+    with PrototypeStore.edit(store, timeout=lock_timeout, on_wait=_tell) as s:
         s.forget(label)
     console.print(f"forgot {label!r}; {len(s)} classes left in {store}", markup=False, highlight=False)
 
@@ -156,11 +168,12 @@ def store_rename_cmd(
     old: str = typer.Argument(..., help="Current label."),
     new: str = typer.Argument(..., help="New label."),
     merge: bool = typer.Option(False, "--merge", help="If NEW exists, combine OLD's examples into it."),
+    lock_timeout: Optional[float] = typer.Option(None, "--lock-timeout", help=LOCK_TIMEOUT_HELP),
 ) -> None:
     """Rename a class (or merge it into another with --merge)."""
     from edgemeta.runtime import PrototypeStore
 
-    with PrototypeStore.edit(store) as s:
+    with PrototypeStore.edit(store, timeout=lock_timeout, on_wait=_tell) as s:
         merged = merge and new in s
         s.rename(old, new, merge=merge)
     console.print(f"{'merged' if merged else 'renamed'} {old!r} {'into' if merged else 'to'} {new!r} in {store}", markup=False, highlight=False)

@@ -36,7 +36,7 @@ def _metadata(raw: str | None, notes: list[str]) -> dict[str, Any] | None:
 def _with_ort(path: Path, notes: list[str]) -> dict[str, Any]:
     import onnxruntime as ort
 
-    from edgemeta.runtime.session import open_ort_session
+    from edgemeta.runtime.ort import open_session as open_ort_session
 
     try:
         session, _ = open_ort_session(path, ort.SessionOptions(), ["CPUExecutionProvider"])
