@@ -43,7 +43,13 @@ fi
 
 "$VENV/bin/python" -m pytest -q -p no:cacheprovider "$@"
 
-# 5. the runtime tests once more with onnxruntime-gpu, which users install on machines
+# 5. the JavaScript runtime: Node tests, parity with the Python runtime, the web page in
+#    headless Chromium (installed with apt as root when missing; skip with EDGEMETA_SKIP_JS=1)
+if [ -z "${EDGEMETA_SKIP_JS:-}" ] && [ $# -eq 0 ]; then
+  bash scripts/test_js.sh
+fi
+
+# 6. the runtime tests once more with onnxruntime-gpu, which users install on machines
 #    with or without a GPU: without one, its CUDA/TensorRT providers list but cannot load
 #    (skip with EDGEMETA_SKIP_GPU_BUILD=1)
 if [ -z "${EDGEMETA_SKIP_GPU_BUILD:-}" ] && [ $# -eq 0 ]; then
