@@ -42,7 +42,7 @@ import torch.nn.functional as F
 
 from edgemeta.data import ImageSet, cache_dir
 from edgemeta.episodes import EpisodeSampler
-from edgemeta.errors import InputError
+from edgemeta.runtime.errors import InputError
 from edgemeta.evaluate import evaluate_embeddings, open_set_threshold_of, to_tensor
 from edgemeta.model import ModelSpec, normalize_embeddings
 from edgemeta.pretrained_weights import PRETRAINED, imagenet_preprocess, pretrained_backbone

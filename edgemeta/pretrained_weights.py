@@ -21,7 +21,7 @@ from typing import Any
 import torch
 
 from edgemeta.efficientnet import EfficientNetLite, reference_key
-from edgemeta.errors import CheckpointError, InputError
+from edgemeta.runtime.errors import CheckpointError, InputError
 
 __all__ = ["Provenance", "PRETRAINED", "pretrained_backbone", "load_reference_state", "imagenet_preprocess"]
 

@@ -128,7 +128,7 @@ def _photo_demo(cfg: QuickstartConfig, out: Path, say: Callable[[str], None]) ->
     """The embedded photo model at int8 on the device: novel Tiny-ImageNet classes from ``shots`` photos each."""
     from edgemeta.checkpoint import load_checkpoint, photo_checkpoint
     from edgemeta.data import load_tiny_imagenet
-    from edgemeta.errors import DataError
+    from edgemeta.runtime.errors import DataError
     from edgemeta.exporters.pipeline import ExportOptions, export_checkpoint
     from edgemeta.exporters.quantize import QuantizeSpec
 

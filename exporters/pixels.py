@@ -35,7 +35,7 @@ import numpy as np
 import onnx
 from onnx import TensorProto, helper, numpy_helper
 
-from edgemeta.errors import ExportError
+from edgemeta.runtime.errors import ExportError
 from edgemeta.runtime.spec import INPUT_IMAGES, INPUT_PIXELS, PreprocessSpec
 
 __all__ = ["PIXEL_OPSET", "RESIZE_MODES", "with_pixels", "has_pixels", "preprocess_graph"]

@@ -39,7 +39,7 @@ import torch
 
 from edgemeta.checkpoint import PHOTO_CHECKPOINT, load_checkpoint, save_checkpoint
 from edgemeta.data import load_digits, load_omniglot, load_tiny_imagenet
-from edgemeta.errors import VerificationError
+from edgemeta.runtime.errors import VerificationError
 from edgemeta.evaluate import embed_images, evaluate_embeddings
 from edgemeta.finetune import frozen_runner, photo_preprocess
 from edgemeta.model import FewShotModel, ModelSpec, compute_logits

@@ -16,7 +16,7 @@ import onnxruntime as ort
 import pytest
 from onnx import TensorProto, helper
 
-from edgemeta.errors import ExportError
+from edgemeta.runtime.errors import ExportError
 from edgemeta.exporters.pixels import has_pixels, with_pixels
 from edgemeta.runtime.preprocess import preprocess
 from edgemeta.runtime.spec import PreprocessSpec
