@@ -26,10 +26,15 @@ console = Console(stderr=True)
 out = Console(soft_wrap=True)  # one line per result, even when piped
 
 
+_json_documents = 0  # printed by the running command: a failure after its report adds none
+
+
 def emit_json(obj: Any) -> None:
     """Print one JSON document to stdout (for ``--json``)."""
+    global _json_documents
     sys.stdout.write(json.dumps(obj, indent=2, sort_keys=True, default=str) + "\n")
     sys.stdout.flush()
+    _json_documents += 1
 
 
 def fail(message: str) -> None:
@@ -75,10 +80,14 @@ def command(*args: Any, target: typer.Typer | None = None, **kwargs: Any):
     def decorate(fn):
         @functools.wraps(fn)
         def wrapper(*a: Any, **k: Any) -> Any:
+            global _json_documents
+            _json_documents = 0
             try:
                 return fn(*a, **k)
             except EdgemetaError as e:
-                if k.get("json_out"):
+                # stdout holds one JSON document: the report when it was printed before the
+                # failure (a plot that could not be written), else the failure itself
+                if k.get("json_out") and not _json_documents:
                     _json_failure(e)
                 fail(str(e))
             except KeyboardInterrupt:
