@@ -365,10 +365,12 @@ def train_pretrained(
         last, best = check_resume(resume, spec)
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
-    train_set, val_set = load_training_data(cfg, pp, folder_split(cfg))
+    split = folder_split(cfg)  # a user's folder: base, validation and novel classes, recorded
+    train_set, val_set = load_training_data(cfg, pp, split)
     train_set.check_episode_size(cfg.n_way, cfg.k_shot + cfg.q_query)
     val_set.check_episode_size(cfg.val_n_way, cfg.val_k_shot + 1)
     trainer = _TailTrainer(cfg, train_set, val_set, spec, on_event)
+    trainer.class_split = split
     optimizer_state = restore_run(trainer, last, best) if resume is not None else None
     if not continues_run(resume, out):
         trainer.replaces = [f for f in run_files(out) if f.exists()]

@@ -630,14 +630,23 @@ def train(
             split = folder_split(cfg)
         if cfg.threads:
             torch.set_num_threads(cfg.threads)
-        train_set, val_set = distributed.local_first(env, lambda: _load_checked_data(cfg, spec.preprocess, split))
-        with distributed.all_or_none(env):
-            trainer = Trainer(cfg, train_set, val_set, spec, on_event, env)
-            trainer.class_split = split
-            optimizer_state = restore_run(trainer, *files) if files else None
-        if not continues_run(resume, out):
-            trainer.replaces = [f for f in run_files(out) if f.exists()]
-        return _run(trainer, out, optimizer_state, progress and env.is_main)
+        bar = progress_bar(progress and env.is_main)
+        plain = bar is not None and hasattr(bar, "stage")
+        if plain:  # a progress bar starts after loading: the data loader draws its own on a terminal
+            bar.start()
+        try:
+            _stage(bar, f"loading {cfg.dataset}")
+            train_set, val_set = distributed.local_first(env, lambda: _load_checked_data(cfg, spec.preprocess, split))
+            with distributed.all_or_none(env):
+                trainer = Trainer(cfg, train_set, val_set, spec, on_event, env)
+                trainer.class_split = split
+                optimizer_state = restore_run(trainer, *files) if files else None
+            if not continues_run(resume, out):
+                trainer.replaces = [f for f in run_files(out) if f.exists()]
+            return _run(trainer, out, optimizer_state, bar, plain)
+        finally:
+            if bar is not None:
+                bar.stop()
 
 
 def _check_run(
@@ -708,11 +717,11 @@ def _load_checked_data(cfg: TrainConfig, pp: PreprocessSpec, split: ClassSplit |
     return train_set, val_set
 
 
-def _run(trainer: Trainer, out: Path, optimizer_state: dict | None, progress: bool) -> TrainResult:
-    """Train, then (rank 0) write the final checkpoint and curve."""
+def _run(trainer: Trainer, out: Path, optimizer_state: dict | None, bar, plain: bool) -> TrainResult:
+    """Train, then (rank 0) write the final checkpoint and curve; ``bar``: a progress display
+    (``plain``: lines in a log, already started) or None."""
     cfg, env = trainer.cfg, trainer.env
-    bar = progress_bar(progress)
-    if bar:
+    if bar is not None and not plain:
         bar.start()
     try:
         if trainer.epoch < cfg.pretrain_epochs and trainer.step == 0:
@@ -720,7 +729,7 @@ def _run(trainer: Trainer, out: Path, optimizer_state: dict | None, progress: bo
         if cfg.episodes:
             trainer.episodic(bar, optimizer_state)
     finally:
-        if bar:
+        if bar is not None and not plain:
             bar.stop()
     fingerprint = ""
     with distributed.all_or_none(env):  # a failed final write fails every rank, not only rank 0
@@ -728,7 +737,7 @@ def _run(trainer: Trainer, out: Path, optimizer_state: dict | None, progress: bo
             if trainer.best_state is None:
                 _stage(bar, "validating")
                 trainer.validate("final")
-            _stage(bar, "writing the checkpoint")
+            _stage(bar, "writing the checkpoint (open-set threshold from the validation classes)")
             fingerprint = trainer.save_best(final_write=True)
             plot_curve(trainer.history, out.with_suffix(".png"))
     eps = trainer.episodes_done / trainer.episode_seconds if trainer.episode_seconds else 0.0

@@ -93,8 +93,8 @@ def test_train_refuses_a_small_folder_before_decoding_it(tmp_path, monkeypatch):
         app, ["train", "--dataset", str(folder), "-o", str(tmp_path / "m.safetensors"), "--episodes", "1", "--json"]
     )
     assert r.exit_code == 1
-    assert "has 5 classes; training 60-way on it needs at least 70" in r.output and "add class folders" in r.output
-    assert len(r.output.strip().splitlines()) == 1 and not (tmp_path / "m.safetensors").exists()
+    assert "has 5 classes; training 60-way on it needs at least 70" in r.stderr and "add class folders" in r.stderr
+    assert len(r.stderr.strip().splitlines()) == 1 and not (tmp_path / "m.safetensors").exists()
 
 
 @pytest.fixture(scope="module")
@@ -270,16 +270,12 @@ def test_export_verifies_on_novel_classes_and_calibrates_on_the_others(folder_ru
     folder, ckpt = folder_run
     split = D.ClassSplit.from_dict(load_checkpoint(ckpt).info["class_split"])
     seen: dict[str, list[str]] = {}
-    quantize, verify = P.quantize_int8, P.verify
+    calibrate, label = P.calibration_images, P.labelled_images
     monkeypatch.setattr(
-        P,
-        "quantize_int8",
-        lambda src, dst, calib, spec: seen.setdefault("calibration", calib.classes) and quantize(src, dst, calib, spec),
+        P, "calibration_images", lambda calib, *a: seen.setdefault("calibration", calib.classes) and calibrate(calib, *a)
     )
     monkeypatch.setattr(
-        P,
-        "verify",
-        lambda path, model, data, *a: seen.setdefault("verification", data.classes) and verify(path, model, data, *a),
+        P, "labelled_images", lambda data, *a: seen.setdefault("verification", data.classes) and label(data, *a)
     )
     options = P.ExportOptions(
         precision=Precision.INT8,

@@ -263,7 +263,8 @@ def test_train_refuses_an_output_that_would_lose_files(setup, out, message, tmp_
     before = {f.name: f.read_bytes() for f in tmp_path.iterdir() if f.is_file()}
     r = runner.invoke(app, ["train", "-o", str(tmp_path / out), "--episodes", "1", *TINY])
     assert r.exit_code == 1, r.output
-    assert message.format(d=tmp_path) in r.output and len(r.output.strip().splitlines()) == 1
+    assert message.format(d=tmp_path) in r.stderr and len(r.stderr.strip().splitlines()) == 1
+    assert json.loads(r.stdout)["ok"] is False  # --json: the failure is a JSON document too
     assert {f.name: f.read_bytes() for f in tmp_path.iterdir() if f.is_file()} == before
 
 

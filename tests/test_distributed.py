@@ -29,6 +29,7 @@ from edgemeta.train import (
     TrainConfig,
     _check_world_size,
     EpisodeLogits,
+    folder_split,
     load_training_data,
     _lr,
     Trainer,
@@ -37,7 +38,7 @@ from edgemeta.train import (
     train,
 )
 
-# a tiny run: 10 classes of 16x16 grey images, Conv-4, 4-way 2-shot 2-query episodes
+# a tiny run: 14 classes of 16x16 grey images, Conv-4, 4-way 2-shot 2-query episodes
 TINY = "--size 16 --n-way 4 --k-shot 2 --queries 2 --val-episodes 5 --threads 1 --seed 3 --device cpu"
 
 
@@ -59,10 +60,11 @@ def rank_env(rank: int, world: int, port: int) -> dict[str, str]:
 
 @pytest.fixture(scope="module")
 def images(tmp_path_factory) -> Path:
-    """10 classes x 6 images: a blocky 4x4 pattern per class, with noise per image."""
+    """14 classes x 6 images (4-way training, 5 validation and 5 novel classes held out): a blocky
+    4x4 pattern per class, with noise per image."""
     root = tmp_path_factory.mktemp("ddp") / "images"
     rng = np.random.default_rng(0)
-    for c in range(10):
+    for c in range(14):
         base = rng.integers(0, 256, (4, 4))
         (root / f"class{c:02d}").mkdir(parents=True)
         for i in range(6):
@@ -212,7 +214,7 @@ def test_two_gloo_processes_take_the_same_step_as_one_process_averaging_two_epis
     spec = ModelSpec(cfg.backbone, pp, {}, cfg.metric, cfg.normalization)
 
     def one_step(episodes: list[int]) -> dict[str, torch.Tensor]:
-        trainer = Trainer(cfg, *load_training_data(cfg, pp), spec, None)
+        trainer = Trainer(cfg, *load_training_data(cfg, pp, folder_split(cfg)), spec, None)
         net, samplers = EpisodeLogits(trainer.model), trainer.samplers()
         opt = torch.optim.Adam(trainer.model.parameters(), lr=_lr(cfg, 0))
         loss = sum(trainer.episode_loss(net, samplers, i)[0] for i in episodes) / len(episodes)

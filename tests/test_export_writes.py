@@ -58,20 +58,20 @@ def fp32(export_env, tmp_path_factory) -> Path:
 def io_log(monkeypatch) -> dict[str, list[str]]:
     """The names of the files written atomically (every model write goes through atomic_write)
     and of the ONNX files parsed, as they happen."""
-    import edgemeta.checkpoint as checkpoint
+    import edgemeta.runtime.files as files
 
     log: dict[str, list[str]] = {"written": [], "parsed": []}
-    real_write, real_load = checkpoint.atomic_write, onnx.load_model
+    real_write, real_load = files.atomic_write, onnx.load_model
 
-    def atomic_write(path, write, suffix=".tmp"):
+    def atomic_write(path, data, **kwargs):
         log["written"].append(Path(path).name)
-        return real_write(path, write, suffix)
+        return real_write(path, data, **kwargs)
 
     def load_model(f, *a, **k):
         log["parsed"].append(Path(str(f)).name)
         return real_load(f, *a, **k)
 
-    monkeypatch.setattr(checkpoint, "atomic_write", atomic_write)
+    monkeypatch.setattr(files, "atomic_write", atomic_write)
     monkeypatch.setattr(optimize, "atomic_write", atomic_write)
     monkeypatch.setattr(onnx, "load_model", load_model)
     return log

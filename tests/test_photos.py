@@ -186,12 +186,12 @@ def test_a_half_precision_checkpoint_loads_as_float32_with_its_fingerprint(tmp_p
 
 @pytest.fixture()
 def photo_folder(tmp_path):
-    """A user's folder: 8 classes x 10 real photos (Tiny-ImageNet JPEGs), one sub-folder per class."""
+    """A user's folder: 10 classes x 10 real photos (Tiny-ImageNet JPEGs), one sub-folder per class."""
     if not TINY_ZIP.is_file():
         pytest.skip(f"Tiny-ImageNet is not in {SHARED}")
     root = tmp_path / "my-classes"
     with zipfile.ZipFile(TINY_ZIP) as zf:
-        wnids = sorted({n.split("/")[1] for n in zf.namelist() if n.count("/") == 2})[:8]
+        wnids = sorted({n.split("/")[1] for n in zf.namelist() if n.count("/") == 2})[:10]
         for w in wnids:
             (root / w).mkdir(parents=True)
             for k in range(10):
@@ -220,6 +220,8 @@ def test_init_imagenet_trains_on_a_folder_and_resumes(photo_folder, tmp_path, mo
         "centered_l2",
         "--n-way",
         "3",
+        "--val-n-way",
+        "2",
         "--k-shot",
         "2",
         "--queries",
