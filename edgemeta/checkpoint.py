@@ -20,8 +20,8 @@ from typing import Any
 import torch
 
 from edgemeta import __version__
-from edgemeta.runtime.errors import CheckpointError, InputError
 from edgemeta.model import FewShotModel, ModelSpec
+from edgemeta.runtime.errors import CheckpointError, InputError
 from edgemeta.runtime.files import atomic_write, check_readable
 from edgemeta.runtime.schema import SchemaError, loads
 
@@ -112,7 +112,7 @@ def _flatten_optimizer(state: dict[str, Any]) -> tuple[dict[str, torch.Tensor], 
 def _unflatten_optimizer(tensors: dict[str, torch.Tensor], meta: dict[str, Any]) -> dict[str, Any]:
     state: dict[int, dict[str, Any]] = {}
     for key, v in list(tensors.items()) + list(meta.get("scalars", {}).items()):
-        pid, k = key[len(_OPTIM_PREFIX):].split("/", 1)
+        pid, k = key[len(_OPTIM_PREFIX) :].split("/", 1)
         state.setdefault(int(pid), {})[k] = v
     return {"state": state, "param_groups": meta["param_groups"]}
 
@@ -228,5 +228,7 @@ def load_checkpoint(path: str | os.PathLike, with_optimizer: bool = False) -> Ch
         )
     optim = None
     if with_optimizer and header.get("optimizer"):
-        optim = _unflatten_optimizer({k: v for k, v in tensors.items() if k.startswith(_OPTIM_PREFIX)}, header["optimizer"])
+        optim = _unflatten_optimizer(
+            {k: v for k, v in tensors.items() if k.startswith(_OPTIM_PREFIX)}, header["optimizer"]
+        )
     return Checkpoint(model, spec, fingerprint, header.get("info", {}), optim, Path(path), file_sha256(path))

@@ -17,9 +17,10 @@ import io
 import json
 import os
 import zipfile
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable, Iterable, Sequence
+from typing import Callable
 
 import numpy as np
 
@@ -173,13 +174,17 @@ def cache_dir() -> Path:
 
 def _cached(key: dict, build: Callable[[], ImageSet], spec: PreprocessSpec) -> ImageSet:
     """Load ``build()``'s result from the cache under ``key``, or build and store it."""
-    digest = hashlib.sha256(json.dumps({**key, "v": _CACHE_VERSION, "spec": spec.to_dict()}, sort_keys=True).encode()).hexdigest()[:20]
+    digest = hashlib.sha256(
+        json.dumps({**key, "v": _CACHE_VERSION, "spec": spec.to_dict()}, sort_keys=True).encode()
+    ).hexdigest()[:20]
     path = cache_dir() / f"{key.get('name', 'data')}-{digest}.npz"
     if path.is_file():
         try:
             with np.load(path, allow_pickle=False) as z:
                 meta = json.loads(str(z["meta"]))
-                return ImageSet(z["images"], z["labels"], meta["classes"], meta["name"], spec, meta["groups"], meta["paths"])
+                return ImageSet(
+                    z["images"], z["labels"], meta["classes"], meta["name"], spec, meta["groups"], meta["paths"]
+                )
         except Exception:  # a damaged cache is rebuilt, never trusted
             pass
     ds = build()
@@ -205,7 +210,9 @@ def _progress(items: Sequence, description: str):
     return track(items, description=description, console=None, transient=True)
 
 
-def _decode_members(open_member: Callable[[str], bytes], members: list[tuple[str, int]], spec: PreprocessSpec, what: str):
+def _decode_members(
+    open_member: Callable[[str], bytes], members: list[tuple[str, int]], spec: PreprocessSpec, what: str
+):
     images = np.empty((len(members), spec.size[0], spec.size[1], spec.channels), dtype=np.uint8)
     for i, (member, _) in enumerate(_progress(members, f"decoding {what}")):
         try:
@@ -231,7 +238,9 @@ def _list_tree(root: str | os.PathLike) -> tuple[Callable[[str], bytes], list[st
     if root.is_file():
         try:
             zf = zipfile.ZipFile(root)
-            names = sorted(n for n in zf.namelist() if not n.endswith("/") and Path(n).suffix.lower() in IMAGE_EXTENSIONS)
+            names = sorted(
+                n for n in zf.namelist() if not n.endswith("/") and Path(n).suffix.lower() in IMAGE_EXTENSIONS
+            )
         except (zipfile.BadZipFile, OSError) as e:
             raise DataError(f"{root} is not a readable zip archive ({e}); re-download or re-copy it") from None
 
@@ -285,13 +294,19 @@ def load_image_folder(
         base = Path(root) / prefix
         for d in sorted(p for p in base.iterdir() if p.is_dir()):
             if d.name not in by_class and not d.name.startswith("."):
-                raise DataError(f"class folder {d} holds no images ({', '.join(IMAGE_EXTENSIONS)}); add images or remove it")
+                raise DataError(
+                    f"class folder {d} holds no images ({', '.join(IMAGE_EXTENSIONS)}); add images or remove it"
+                )
     if not by_class:
-        raise DataError(f"{source} holds no class folders with images; expected root/<class>/<image>{IMAGE_EXTENSIONS[0]}")
+        raise DataError(
+            f"{source} holds no class folders with images; expected root/<class>/<image>{IMAGE_EXTENSIONS[0]}"
+        )
     wanted = list(classes) if classes is not None else sorted(by_class)
     missing = [c for c in wanted if c not in by_class]
     if missing:
-        raise DataError(f"{source}: no images for class(es) {', '.join(missing[:5])}; check the class list or the folder")
+        raise DataError(
+            f"{source}: no images for class(es) {', '.join(missing[:5])}; check the class list or the folder"
+        )
     small = [c for c in wanted if len(by_class[c]) < min_images]
     if small:
         raise DataError(f"{source}: class {small[0]} has {len(by_class[small[0]])} image(s), {min_images} needed")
@@ -372,14 +387,26 @@ def load_omniglot(
     source = _find_omniglot(name, data_dir(root), download)
     spec = omniglot_spec(size)
     read, files, _ = _list_tree(source)
-    rel, _ = _strip_common_root(files) if source.is_dir() else ([f.split("/", 1)[1] if f.startswith(name + "/") else f for f in files], "")
+    rel, _ = (
+        _strip_common_root(files)
+        if source.is_dir()
+        else ([f.split("/", 1)[1] if f.startswith(name + "/") else f for f in files], "")
+    )
     chars = sorted({"/".join(r.split("/")[:2]) for r in rel if r.count("/") >= 2})
     if not chars:
-        raise DataError(f"{source} holds no Omniglot characters (expected {name}/<Alphabet>/<characterNN>/*.png); re-copy it")
+        raise DataError(
+            f"{source} holds no Omniglot characters (expected {name}/<Alphabet>/<characterNN>/*.png); re-copy it"
+        )
     index = {c: i for i, c in enumerate(chars)}
     members = sorted((f, index["/".join(r.split("/")[:2])]) for f, r in zip(files, rel) if r.count("/") >= 2)
     st = source.stat()
-    ident = {"name": f"omniglot-{split}", "source": str(source.resolve()), "size_bytes": st.st_size, "mtime": st.st_mtime_ns, "n": len(members)}
+    ident = {
+        "name": f"omniglot-{split}",
+        "source": str(source.resolve()),
+        "size_bytes": st.st_size,
+        "mtime": st.st_mtime_ns,
+        "n": len(members),
+    }
 
     def build() -> ImageSet:
         images = _decode_members(read, members, spec, f"Omniglot {split}")
@@ -408,7 +435,7 @@ def omniglot_splits(
     alphabets = sorted(set(bg.groups))
     if not 0 <= val_alphabets < len(alphabets):
         raise InputError(f"val_alphabets must be between 0 and {len(alphabets) - 1}, got {val_alphabets}")
-    held = set(alphabets[len(alphabets) - val_alphabets:]) if val_alphabets else set()
+    held = set(alphabets[len(alphabets) - val_alphabets :]) if val_alphabets else set()
     train = bg.select_classes([i for i, g in enumerate(bg.groups) if g not in held], "omniglot-train")
     val = bg.select_classes([i for i, g in enumerate(bg.groups) if g in held], "omniglot-val")
     if rotations:
@@ -426,7 +453,9 @@ def _tiny_source(root: Path) -> Path:
     for cand in (root / "tiny-imagenet" / TINY_IMAGENET_ZIP, root / TINY_IMAGENET_ZIP, root / "tiny-imagenet", root):
         if cand.is_file() or (cand.is_dir() and (cand / "words.txt").is_file()):
             return cand
-    raise DataError(f"Tiny-ImageNet not found under {root}; put {TINY_IMAGENET_ZIP} in {root / 'tiny-imagenet'} or pass --data-dir")
+    raise DataError(
+        f"Tiny-ImageNet not found under {root}; put {TINY_IMAGENET_ZIP} in {root / 'tiny-imagenet'} or pass --data-dir"
+    )
 
 
 def load_tiny_imagenet(split: str, root: str | os.PathLike | None = None, size: int = 64) -> ImageSet:
@@ -485,7 +514,9 @@ def load_dataset(name: str, split: str, root: str | os.PathLike | None, spec: Pr
         if spec is None:
             raise InputError(f"loading the image folder {path} needs the preprocessing (--size, --channels)")
         return load_image_folder(path, spec)
-    raise InputError(f"unknown data set {name!r}; use omniglot, tiny-imagenet, digits, or a folder/zip of class folders")
+    raise InputError(
+        f"unknown data set {name!r}; use omniglot, tiny-imagenet, digits, or a folder/zip of class folders"
+    )
 
 
 NAMED = ("omniglot", "tiny-imagenet", "digits")
@@ -512,7 +543,9 @@ def _match_channels(ds: ImageSet, preprocess: PreprocessSpec, option: str) -> Im
         ds.images = np.repeat(ds.images, 3, axis=-1)
         ds.spec = preprocess
         return ds
-    raise InputError(f"{ds.name} has colour images but the model takes {preprocess.channels} channel(s); pass {option} with matching images")
+    raise InputError(
+        f"{ds.name} has colour images but the model takes {preprocess.channels} channel(s); pass {option} with matching images"
+    )
 
 
 def load_for_model(
@@ -544,10 +577,14 @@ def novel_images(
     of a model trained on a folder; the classes it names as base or validation classes are left out,
     in any folder, so they are never counted as novel."""
     if not dataset:
-        raise InputError(f"no verification data: the checkpoint records none; pass {option} omniglot|tiny-imagenet|FOLDER")
+        raise InputError(
+            f"no verification data: the checkpoint records none; pass {option} omniglot|tiny-imagenet|FOLDER"
+        )
     split_name = NOVEL_SPLITS.get(dataset, "")
     if not is_data_name(dataset):
-        raise InputError(f"unknown data set {dataset!r}; use omniglot, tiny-imagenet, digits, or a folder of class folders ({option})")
+        raise InputError(
+            f"unknown data set {dataset!r}; use omniglot, tiny-imagenet, digits, or a folder of class folders ({option})"
+        )
     ds = load_for_model(dataset, split_name, preprocess, data_dir, option)
     if split is None or dataset in NAMED:
         return ds
@@ -572,7 +609,9 @@ def base_classes(ds: ImageSet, split: ClassSplit | None) -> ImageSet:
         return ds
     base = ds.drop_classes(split.novel, ds.name + "-base")
     if base.num_classes == 0:
-        raise DataError(f"{ds.name}: every class is a novel class of the model (held out in training); pass images of its base classes")
+        raise DataError(
+            f"{ds.name}: every class is a novel class of the model (held out in training); pass images of its base classes"
+        )
     return base
 
 
@@ -587,7 +626,13 @@ def base_images(
     out). Never the evaluation classes, so the reported int8 accuracy is not inflated by
     calibrating on the test set."""
     if dataset in ("omniglot", "tiny-imagenet"):
-        return load_for_model(dataset, "background" if dataset == "omniglot" else "train", preprocess, data_dir, option="--calibration-data")
+        return load_for_model(
+            dataset,
+            "background" if dataset == "omniglot" else "train",
+            preprocess,
+            data_dir,
+            option="--calibration-data",
+        )
     if dataset and dataset not in NAMED and Path(dataset).exists():
         return base_classes(load_for_model(dataset, "", preprocess, data_dir, option="--calibration-data"), split)
     raise InputError(
@@ -638,7 +683,12 @@ class ClassSplit:
         """The split a checkpoint or model records, or None when it records none (named data sets)."""
         if not isinstance(doc, dict) or not all(isinstance(doc.get(k), list) for k in ("base", "val", "novel")):
             return None
-        return cls(tuple(map(str, doc["base"])), tuple(map(str, doc["val"])), tuple(map(str, doc["novel"])), int(doc.get("seed", 0)))
+        return cls(
+            tuple(map(str, doc["base"])),
+            tuple(map(str, doc["val"])),
+            tuple(map(str, doc["novel"])),
+            int(doc.get("seed", 0)),
+        )
 
 
 def folder_classes(root: str | os.PathLike) -> list[str]:
@@ -647,11 +697,15 @@ def folder_classes(root: str | os.PathLike) -> list[str]:
     rel, _ = _strip_common_root(files)
     classes = sorted({r.split("/", 1)[0] for r in rel if "/" in r})
     if not classes:
-        raise DataError(f"{source} holds no class folders with images; expected root/<class>/<image>{IMAGE_EXTENSIONS[0]}")
+        raise DataError(
+            f"{source} holds no class folders with images; expected root/<class>/<image>{IMAGE_EXTENSIONS[0]}"
+        )
     return classes
 
 
-def split_classes(classes: Sequence[str], n_way: int, val_n_way: int, seed: int = 0, name: str = "the folder") -> ClassSplit:
+def split_classes(
+    classes: Sequence[str], n_way: int, val_n_way: int, seed: int = 0, name: str = "the folder"
+) -> ClassSplit:
     """Divide a folder's classes (seeded) into base, validation and novel classes: a fifth each for
     validation and novel where there are enough classes, never fewer than ``val_n_way`` and
     :data:`NOVEL_MIN`, and never so many that fewer than ``n_way`` base classes are left.
@@ -677,4 +731,4 @@ def split_classes(classes: Sequence[str], n_way: int, val_n_way: int, seed: int 
     n_novel = NOVEL_MIN + min(max(n // 5 - NOVEL_MIN, 0), spare - (n_val - val_n_way))
     perm = np.random.default_rng(seed).permutation(n)
     pick = lambda idx: tuple(sorted(classes[i] for i in idx))  # noqa: E731
-    return ClassSplit(pick(perm[n_novel + n_val:]), pick(perm[n_novel:n_novel + n_val]), pick(perm[:n_novel]), seed)
+    return ClassSplit(pick(perm[n_novel + n_val :]), pick(perm[n_novel : n_novel + n_val]), pick(perm[:n_novel]), seed)

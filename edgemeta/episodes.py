@@ -9,9 +9,9 @@ from __future__ import annotations
 
 import json
 import os
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterator, Sequence
 
 import numpy as np
 
@@ -43,7 +43,14 @@ class EpisodeSampler:
     """
 
     def __init__(
-        self, labels: np.ndarray, n_way: int, k_shot: int, q_query: int, seed: int = 0, name: str = "data set", remedy: str | None = None
+        self,
+        labels: np.ndarray,
+        n_way: int,
+        k_shot: int,
+        q_query: int,
+        seed: int = 0,
+        name: str = "data set",
+        remedy: str | None = None,
     ) -> None:
         """``remedy``: what the error for too little data tells the user to do, for callers
         whose command has no --n-way, --k-shot or --queries to lower."""
@@ -59,7 +66,9 @@ class EpisodeSampler:
         self._eligible = classes[counts >= self.k_shot + self.q_query]
         self._index = {int(c): i for i, c in enumerate(classes)}
         if len(classes) < self.n_way:
-            raise DataError(f"{name} has {len(classes)} classes, fewer than {n_way}-way; {remedy or f'lower --n-way to at most {len(classes)}'}")
+            raise DataError(
+                f"{name} has {len(classes)} classes, fewer than {n_way}-way; {remedy or f'lower --n-way to at most {len(classes)}'}"
+            )
         if len(self._eligible) < self.n_way:
             raise DataError(
                 f"{name}: only {len(self._eligible)} classes have {self.k_shot + self.q_query} images "
@@ -161,7 +170,9 @@ def _episode_problems(i: int, ep: dict, header: dict[str, int]) -> list[str]:
     # the same image as support and query is its own nearest prototype: the score would be inflated
     leaked = {os.path.normpath(str(x[0])) for x in support} & {os.path.normpath(str(x[0])) for x in query}
     if leaked:
-        problems.append(f"episode {i}: {len(leaked)} support image(s) also used as queries, e.g. {sorted(leaked)[0]}; an image must not be both")
+        problems.append(
+            f"episode {i}: {len(leaked)} support image(s) also used as queries, e.g. {sorted(leaked)[0]}; an image must not be both"
+        )
     found = {"n_way": {len(s_count)}, "k_shot": set(s_count.values()), "q_query": {q_count.get(c, 0) for c in s_count}}
     for key, n in header.items():
         if found[key] != {n}:
@@ -203,7 +214,7 @@ def read_episodes_file(path: str | os.PathLike) -> EpisodeFile:
     except SchemaError as e:
         raise InputError(f"{path} is not a JSON episodes file ({e})") from None
     if not isinstance(doc, dict) or doc.get("format") != EPISODES_FORMAT:
-        raise InputError(f"{path} is not an edgemeta episodes file (missing \"format\": \"{EPISODES_FORMAT}\")")
+        raise InputError(f'{path} is not an edgemeta episodes file (missing "format": "{EPISODES_FORMAT}")')
     version = doc.get("version")
     if type(version) is not int or not 1 <= version <= EPISODES_VERSION:
         raise InputError(
@@ -211,7 +222,11 @@ def read_episodes_file(path: str | os.PathLike) -> EpisodeFile:
             "(upgrade edgemeta for a newer file, or write it again with `edgemeta episodes`)"
         )
     problems, header = [], {}
-    for key in ("n_way", "k_shot", "q_query"):  # optional in a hand-written file; checked against the episodes when given
+    for key in (
+        "n_way",
+        "k_shot",
+        "q_query",
+    ):  # optional in a hand-written file; checked against the episodes when given
         if key in doc:
             if type(doc[key]) is int and doc[key] >= 1:
                 header[key] = doc[key]
@@ -226,7 +241,9 @@ def read_episodes_file(path: str | os.PathLike) -> EpisodeFile:
         for part in ("support", "query"):
             items = ep.get(part) if isinstance(ep, dict) else None
             if not isinstance(items, list) or not items or not all(_entry_ok(x) for x in items):
-                problems.append(f"episode {i}: '{part}' must be a non-empty list of [path, label] (two strings of text)")
+                problems.append(
+                    f"episode {i}: '{part}' must be a non-empty list of [path, label] (two strings of text)"
+                )
                 well_formed = False
                 continue
             missing = [x[0] for x in items if not (path.parent / str(x[0])).is_file()]
@@ -241,7 +258,9 @@ def read_episodes_file(path: str | os.PathLike) -> EpisodeFile:
     return EpisodeFile(header.get("n_way", 0), header.get("k_shot", 0), header.get("q_query", 0), eps, path.parent)
 
 
-def make_episodes_file(folder: str | os.PathLike, out: str | os.PathLike, n_way: int, k_shot: int, q_query: int, count: int, seed: int = 0) -> int:
+def make_episodes_file(
+    folder: str | os.PathLike, out: str | os.PathLike, n_way: int, k_shot: int, q_query: int, count: int, seed: int = 0
+) -> int:
     """Sample ``count`` episodes over ``folder/<class>/<image>`` and write them to ``out``.
 
     ``out`` may replace an earlier episodes file, never anything else, and must lie

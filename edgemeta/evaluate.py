@@ -11,19 +11,31 @@ from __future__ import annotations
 import json
 import math
 import os
+from collections.abc import Iterable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Callable, Iterable
+from typing import Callable
 
 import numpy as np
 import torch
 
 from edgemeta.data import ClassSplit, ImageSet
 from edgemeta.episodes import Episode, EpisodeSampler
-from edgemeta.model import FewShotModel, compute_logits
+from edgemeta.model import FewShotModel
 from edgemeta.runtime.spec import PreprocessSpec
 
-__all__ = ["EvalReport", "embed_images", "episode_scores", "evaluate", "evaluate_embeddings", "open_set_threshold_of", "pixel_mismatch", "report_doc", "summarize", "to_tensor"]
+__all__ = [
+    "EvalReport",
+    "embed_images",
+    "episode_scores",
+    "evaluate",
+    "evaluate_embeddings",
+    "open_set_threshold_of",
+    "pixel_mismatch",
+    "report_doc",
+    "summarize",
+    "to_tensor",
+]
 
 
 @dataclass
@@ -62,7 +74,9 @@ def to_tensor(images_u8: np.ndarray, mean: Iterable[float], std: Iterable[float]
 
 
 @torch.inference_mode()
-def embed_images(model: FewShotModel, images_u8: np.ndarray, batch_size: int = 512, progress: Callable[[int], None] | None = None) -> torch.Tensor:
+def embed_images(
+    model: FewShotModel, images_u8: np.ndarray, batch_size: int = 512, progress: Callable[[int], None] | None = None
+) -> torch.Tensor:
     """Embeddings of every image (model in eval mode), in batches."""
     model.eval()
     pp = model.spec.preprocess
@@ -185,7 +199,9 @@ def evaluate_episodes_file(model: FewShotModel, path: str, progress: Callable[[i
         q_idx = torch.tensor([index[str(x[0])] for x in ep["query"]])
         q_lab = np.array([cid[str(x[1])] for x in ep["query"]])
         n = len(classes)
-        protos = torch.zeros(n, emb.shape[1]).index_add_(0, s_lab, emb[s_idx]) / torch.bincount(s_lab, minlength=n).unsqueeze(1)
+        protos = torch.zeros(n, emb.shape[1]).index_add_(0, s_lab, emb[s_idx]) / torch.bincount(
+            s_lab, minlength=n
+        ).unsqueeze(1)
         pred = model.logits(emb[q_idx], protos).argmax(1).numpy()
         scores.append(episode_scores(pred, q_lab, n))
         ways.add(n)
@@ -234,7 +250,9 @@ def _recorded_split(dataset: str, data: ImageSet, split: ClassSplit | None, whic
     if split is None or dataset in NAMED:
         return data
     if which not in FOLDER_SPLITS:
-        raise InputError(f"--split {which!r}: the checkpoint was trained on an image folder; use one of {', '.join(FOLDER_SPLITS)}")
+        raise InputError(
+            f"--split {which!r}: the checkpoint was trained on an image folder; use one of {', '.join(FOLDER_SPLITS)}"
+        )
     if which == "test":
         return novel_classes(data, split, "evaluate on classes the model never saw")
     if which == "all":
@@ -242,7 +260,9 @@ def _recorded_split(dataset: str, data: ImageSet, split: ClassSplit | None, whic
     names = set(split.val if which == "val" else split.base)
     picked = data.select_classes([i for i, c in enumerate(data.classes) if c in names], f"{data.name}-{which}")
     if picked.num_classes == 0:
-        raise InputError(f"{data.name} holds none of the checkpoint's {which} classes; pass the folder it was trained on")
+        raise InputError(
+            f"{data.name} holds none of the checkpoint's {which} classes; pass the folder it was trained on"
+        )
     return picked
 
 
@@ -274,21 +294,30 @@ def run_evaluation(
     seed 0. With ``episodes_file`` the file fixes all of these, and passing any is an error.
     """
     from edgemeta.checkpoint import default_checkpoint, load_checkpoint
-    from edgemeta.runtime.files import atomic_write
     from edgemeta.data import load_dataset
     from edgemeta.runtime.errors import InputError
-    from edgemeta.runtime.files import check_output, json_document
+    from edgemeta.runtime.files import atomic_write, check_output, json_document
 
     ckpt_path = Path(checkpoint) if checkpoint else default_checkpoint()
     if report is not None:
         inputs = [ckpt_path, episodes_file, dataset]  # a data set that is not a path is no file, so not an input
         is_report = lambda p: isinstance(doc := json_document(p), dict) and {"checkpoint", "results"} <= doc.keys()  # noqa: E731
         check_output(report, option="--report", what="report of edgemeta evaluate", inputs=inputs, is_own=is_report)
-    sampling = {"--dataset": dataset, "--split": split, "--data-dir": data_dir, "--n-way": n_ways, "--k-shot": k_shots,
-                "--queries": q_query, "--episodes": episodes, "--seed": seed}
+    sampling = {
+        "--dataset": dataset,
+        "--split": split,
+        "--data-dir": data_dir,
+        "--n-way": n_ways,
+        "--k-shot": k_shots,
+        "--queries": q_query,
+        "--episodes": episodes,
+        "--seed": seed,
+    }
     given = [flag for flag, v in sampling.items() if v is not None and not (isinstance(v, (list, tuple)) and not v)]
     if episodes_file and given:
-        raise InputError(f"the episodes file fixes the data and N-way/K-shot/queries of every episode; drop {', '.join(given)}")
+        raise InputError(
+            f"the episodes file fixes the data and N-way/K-shot/queries of every episode; drop {', '.join(given)}"
+        )
     split = split or "test"
     episodes = 1000 if episodes is None else episodes
     if episodes < 1:
@@ -307,7 +336,9 @@ def run_evaluation(
                 f"{dataset} images have {channels} channel(s), the model takes {pp.channels}-channel {pp.size[0]}x{pp.size[1]} images; "
                 "evaluate it on a data set of its kind, or on an image folder (decoded to the model's input)"
             )
-        data = _recorded_split(dataset, load_dataset(dataset, split, data_dir, pp), ClassSplit.from_dict(ck.info.get("class_split")), split)
+        data = _recorded_split(
+            dataset, load_dataset(dataset, split, data_dir, pp), ClassSplit.from_dict(ck.info.get("class_split")), split
+        )
         found = pixel_mismatch(data.spec, pp)
         if found:
             raise InputError(f"{data.name} was loaded with {'; '.join(found)}; evaluate it on a data set of its kind")
@@ -321,7 +352,9 @@ def run_evaluation(
 
 
 @torch.inference_mode()
-def open_set_threshold(model: FewShotModel, data: ImageSet, k_shot: int = 5, episodes: int = 200, percentile: float = 95.0, seed: int = 0) -> float:
+def open_set_threshold(
+    model: FewShotModel, data: ImageSet, k_shot: int = 5, episodes: int = 200, percentile: float = 95.0, seed: int = 0
+) -> float:
     """A default open-set distance threshold, from held-out (never test) classes.
 
     In ``episodes`` 5-way ``k_shot``-shot episodes, each query's distance to its own
@@ -336,8 +369,14 @@ def open_set_threshold(model: FewShotModel, data: ImageSet, k_shot: int = 5, epi
 
 @torch.inference_mode()
 def open_set_threshold_of(
-    model: FewShotModel, emb: torch.Tensor, labels: np.ndarray, k_shot: int = 5, episodes: int = 200,
-    percentile: float = 95.0, seed: int = 0, name: str = "",
+    model: FewShotModel,
+    emb: torch.Tensor,
+    labels: np.ndarray,
+    k_shot: int = 5,
+    episodes: int = 200,
+    percentile: float = 95.0,
+    seed: int = 0,
+    name: str = "",
 ) -> float:
     """:func:`open_set_threshold` from the embeddings ``emb`` of images with ``labels``."""
     q = max(1, min(5, int(np.bincount(labels).min()) - k_shot))

@@ -42,13 +42,14 @@ import torch.nn.functional as F
 
 from edgemeta.data import ImageSet, cache_dir
 from edgemeta.episodes import EpisodeSampler
-from edgemeta.runtime.errors import InputError
 from edgemeta.evaluate import evaluate_embeddings, open_set_threshold_of, to_tensor
 from edgemeta.model import ModelSpec, normalize_embeddings
 from edgemeta.pretrained_weights import PRETRAINED, imagenet_preprocess, pretrained_backbone
+from edgemeta.runtime.errors import InputError
 from edgemeta.runtime.spec import Normalization, PreprocessSpec
 from edgemeta.train import (
     TrainConfig,
+    Trainer,
     TrainResult,
     check_out,
     check_resume,
@@ -56,10 +57,9 @@ from edgemeta.train import (
     continues_run,
     folder_split,
     load_training_data,
+    plot_curve,
     progress_bar,
     restore_run,
-    Trainer,
-    plot_curve,
     run_files,
 )
 

@@ -6,7 +6,7 @@ graph that is exported to ONNX, so the device computes what training computed.
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
@@ -44,12 +44,16 @@ class ModelSpec:
             return cls(
                 backbone=str(d["backbone"]),
                 preprocess=PreprocessSpec.from_dict(d["preprocess"]),
-                backbone_kwargs={k: (tuple(v) if isinstance(v, list) else v) for k, v in d.get("backbone_kwargs", {}).items()},
+                backbone_kwargs={
+                    k: (tuple(v) if isinstance(v, list) else v) for k, v in d.get("backbone_kwargs", {}).items()
+                },
                 metric=Metric(d.get("metric", "sqeuclidean")),
                 normalization=Normalization(d.get("normalization", "none")),
             )
         except (KeyError, TypeError, ValueError) as e:
-            raise CheckpointError(f"checkpoint model spec is incomplete or invalid ({e}); re-save it with edgemeta") from None
+            raise CheckpointError(
+                f"checkpoint model spec is incomplete or invalid ({e}); re-save it with edgemeta"
+            ) from None
 
 
 def normalize_embeddings(z: torch.Tensor, normalization: Normalization, center: torch.Tensor) -> torch.Tensor:

@@ -42,7 +42,12 @@ class QuickstartConfig:
     photos: bool = True
 
     def __post_init__(self) -> None:
-        for flag, value in (("--classes", self.n_classes), ("--shots", self.shots), ("verify_episodes", self.verify_episodes), ("bench_runs", self.bench_runs)):
+        for flag, value in (
+            ("--classes", self.n_classes),
+            ("--shots", self.shots),
+            ("verify_episodes", self.verify_episodes),
+            ("bench_runs", self.bench_runs),
+        ):
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
                 raise InputError(f"{flag} must be a whole number of at least 1, got {value!r}")
 
@@ -67,14 +72,22 @@ def _enrol_and_predict(model: Path, data, classes: np.ndarray, shots: int, store
     reloaded = FewShotClassifier(str(model), providers="cpu").load(str(store))
     same = [p.label for p in reloaded.predict(queries[:50])] == [p.label for p in preds[:50]]
     return {
-        "model": str(model), "classes": len(classes), "shots": shots, "queries": len(queries),
+        "model": str(model),
+        "classes": len(classes),
+        "shots": shots,
+        "queries": len(queries),
         "accuracy": float(np.mean([p.label == t for p, t in zip(preds, truth)])),
-        "enrol_ms_per_class": 1000 * enrol_s / len(classes), "predict_ms_per_image": 1000 * predict_s / len(queries),
-        "providers": clf.providers, "store": str(store), "reload_identical": same,
+        "enrol_ms_per_class": 1000 * enrol_s / len(classes),
+        "predict_ms_per_image": 1000 * predict_s / len(queries),
+        "providers": clf.providers,
+        "store": str(store),
+        "reload_identical": same,
     }
 
 
-def quickstart(cfg: QuickstartConfig = QuickstartConfig(), progress: Callable[[str], None] | None = None) -> dict[str, Any]:
+def quickstart(
+    cfg: QuickstartConfig = QuickstartConfig(), progress: Callable[[str], None] | None = None
+) -> dict[str, Any]:
     """Run the quickstart; returns the summary (also written to ``out/summary.json``)."""
     from edgemeta.bench import BenchConfig, run_benchmark
     from edgemeta.data import load_omniglot
@@ -88,9 +101,13 @@ def quickstart(cfg: QuickstartConfig = QuickstartConfig(), progress: Callable[[s
     data = load_omniglot("evaluation", cfg.data_dir)  # checked against the request before the minute of exporting
     per_class = int(np.bincount(data.labels).min())
     if cfg.n_classes > data.num_classes:
-        raise InputError(f"--classes {cfg.n_classes} is more than the {data.num_classes} novel Omniglot classes; pass at most {data.num_classes}")
+        raise InputError(
+            f"--classes {cfg.n_classes} is more than the {data.num_classes} novel Omniglot classes; pass at most {data.num_classes}"
+        )
     if cfg.shots >= per_class:
-        raise InputError(f"--shots {cfg.shots} leaves no image to predict (novel Omniglot classes have {per_class} images); pass at most {per_class - 1}")
+        raise InputError(
+            f"--shots {cfg.shots} leaves no image to predict (novel Omniglot classes have {per_class} images); pass at most {per_class - 1}"
+        )
     out.mkdir(parents=True, exist_ok=True)
     ckpt = default_checkpoint()
     summary: dict[str, Any] = {"checkpoint": str(ckpt), "export": {}, "runtime": {}}
@@ -100,22 +117,34 @@ def quickstart(cfg: QuickstartConfig = QuickstartConfig(), progress: Callable[[s
         path = out / f"conv4_omniglot.{precision.value}.onnx"
         # int8 as `edgemeta export --precision int8` makes it: the shipped Conv-4's stem runs
         # in int8 as a space-to-depth convolution with its pooling (QuantizeSpec.stem_layout)
-        options = ExportOptions(precision=precision, verify=VerifySpec(episodes=cfg.verify_episodes), data_dir=cfg.data_dir)
+        options = ExportOptions(
+            precision=precision, verify=VerifySpec(episodes=cfg.verify_episodes), data_dir=cfg.data_dir
+        )
         outcome = export_checkpoint(ckpt, path, options)
         models[precision] = path
         v = outcome.verification.summary()
         ep = v.get("episodes", {})
         summary["export"][precision.value] = {
-            "path": str(path), "size_kb": round(path.stat().st_size / 1024, 1), "agreement": ep.get("agreement"),
-            "accuracy_onnx": ep.get("onnx_accuracy"), "accuracy_torch": ep.get("torch_accuracy"),
+            "path": str(path),
+            "size_kb": round(path.stat().st_size / 1024, 1),
+            "agreement": ep.get("agreement"),
+            "accuracy_onnx": ep.get("onnx_accuracy"),
+            "accuracy_torch": ep.get("torch_accuracy"),
             "embeddings_max_abs_error": v.get("embeddings_max_abs_error"),
         }
     say("enrolling novel Omniglot classes through the device runtime")
     classes = np.random.default_rng(cfg.seed).choice(data.num_classes, cfg.n_classes, replace=False)
     for precision, path in models.items():
-        summary["runtime"][precision.value] = _enrol_and_predict(path, data, classes, cfg.shots, out / f"store.{precision.value}.safetensors")
+        summary["runtime"][precision.value] = _enrol_and_predict(
+            path, data, classes, cfg.shots, out / f"store.{precision.value}.safetensors"
+        )
     say("benchmarking (ONNX Runtime vs torch eager, int8 vs fp32)")
-    bench = run_benchmark([models[Precision.FP32], models[Precision.INT8]], BenchConfig(runs=cfg.bench_runs, warmup=5, cold_start=False), checkpoint=ckpt, workdir=out)
+    bench = run_benchmark(
+        [models[Precision.FP32], models[Precision.INT8]],
+        BenchConfig(runs=cfg.bench_runs, warmup=5, cold_start=False),
+        checkpoint=ckpt,
+        workdir=out,
+    )
     summary["benchmark"] = _bench_summary(bench)
     (out / "benchmark.json").write_text(json.dumps(bench.to_dict(), indent=2, default=str))
     if cfg.photos:
@@ -128,9 +157,9 @@ def _photo_demo(cfg: QuickstartConfig, out: Path, say: Callable[[str], None]) ->
     """The embedded photo model at int8 on the device: novel Tiny-ImageNet classes from ``shots`` photos each."""
     from edgemeta.checkpoint import load_checkpoint, photo_checkpoint
     from edgemeta.data import load_tiny_imagenet
-    from edgemeta.runtime.errors import DataError
     from edgemeta.exporters.pipeline import ExportOptions, export_checkpoint
     from edgemeta.exporters.quantize import QuantizeSpec
+    from edgemeta.runtime.errors import DataError
 
     ckpt = photo_checkpoint()
     size = load_checkpoint(ckpt).spec.preprocess.size[0]
@@ -142,7 +171,10 @@ def _photo_demo(cfg: QuickstartConfig, out: Path, say: Callable[[str], None]) ->
     path = out / "efficientnet_lite0_photos.int8.onnx"
     # verified in reports/photos.md; here the enrolment below is the check
     options = ExportOptions(
-        precision=Precision.INT8, verify=None, calibration_data="tiny-imagenet", data_dir=cfg.data_dir,
+        precision=Precision.INT8,
+        verify=None,
+        calibration_data="tiny-imagenet",
+        data_dir=cfg.data_dir,
         quantize=QuantizeSpec(activations="uint8"),  # as reports/photos.md measured it
     )
     export_checkpoint(ckpt, path, options)

@@ -23,7 +23,7 @@ import math
 import os
 import time
 import warnings
-from dataclasses import asdict, dataclass, field, replace
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Callable
 
@@ -32,16 +32,24 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from edgemeta import distributed
 from edgemeta.backbones import build_backbone
 from edgemeta.checkpoint import load_checkpoint, read_header, save_checkpoint
-from edgemeta import distributed
-from edgemeta.data import ClassSplit, ImageSet, folder_classes, load_dataset, omniglot_spec, omniglot_splits, split_classes
+from edgemeta.data import (
+    ClassSplit,
+    ImageSet,
+    folder_classes,
+    load_dataset,
+    omniglot_spec,
+    omniglot_splits,
+    split_classes,
+)
 from edgemeta.distributed import Device, DistEnv
 from edgemeta.episodes import EpisodeSampler
-from edgemeta.runtime.errors import CheckpointError, InputError
 from edgemeta.evaluate import evaluate, open_set_threshold, to_tensor
-from edgemeta.runtime.files import atomic_write, check_output, same_file
 from edgemeta.model import FewShotModel, ModelSpec
+from edgemeta.runtime.errors import CheckpointError, InputError
+from edgemeta.runtime.files import atomic_write, check_output, same_file
 from edgemeta.runtime.spec import Metric, Normalization, PreprocessSpec
 
 __all__ = ["TrainConfig", "TrainResult", "train", "default_spec", "resume_path", "run_files"]
@@ -103,7 +111,18 @@ class TrainConfig:
         problems = []
         if self.schedule not in ("step", "cosine"):
             problems.append(f"schedule {self.schedule!r} (use step or cosine)")
-        for name in ("n_way", "k_shot", "q_query", "val_n_way", "val_k_shot", "batch_size", "val_every", "val_episodes", "log_every", "step_every"):
+        for name in (
+            "n_way",
+            "k_shot",
+            "q_query",
+            "val_n_way",
+            "val_k_shot",
+            "batch_size",
+            "val_every",
+            "val_episodes",
+            "log_every",
+            "step_every",
+        ):
             if getattr(self, name) < 1:
                 problems.append(f"{_option(name)} {getattr(self, name)} (must be >= 1)")
         if self.size is not None and self.size < 1:
@@ -207,13 +226,19 @@ def check_out(cfg: TrainConfig, resume: Path | None, force: bool) -> Path:
     if out.name.endswith(".last.safetensors"):
         raise InputError(f"-o {out} is named like a run's resume file; name the checkpoint like model.safetensors")
     if len({f.resolve() for f in files}) < len(files):
-        raise InputError(f"-o {out}: the run's log or curve would overwrite the checkpoint; name it like model.safetensors")
+        raise InputError(
+            f"-o {out}: the run's log or curve would overwrite the checkpoint; name it like model.safetensors"
+        )
     existing = [f for f in files if f.exists()]
     if existing and not (continues_run(resume, out) or force):
         resumable = any(f.exists() for f in files[:2])  # a log or curve alone: stopped before anything to resume
         raise InputError(
             f"-o {out}: a run is there already ({', '.join(f.name for f in existing)}); "
-            + (f"pass --resume {out} to continue it or --force to replace it" if resumable else "pass --force to replace it (it has nothing to resume)")
+            + (
+                f"pass --resume {out} to continue it or --force to replace it"
+                if resumable
+                else "pass --force to replace it (it has nothing to resume)"
+            )
             + ", or choose another -o"
         )
     return out
@@ -399,7 +424,16 @@ class Trainer:
         if improved:
             self.best_acc, self.best_threshold = rep.accuracy, None
             self.best_state = copy.deepcopy(self.model.state_dict())
-        self.log({"stage": stage, "step": self.step, "epoch": self.epoch, "val_acc": rep.accuracy, "val_ci95": rep.ci95, "best": improved})
+        self.log(
+            {
+                "stage": stage,
+                "step": self.step,
+                "epoch": self.epoch,
+                "val_acc": rep.accuracy,
+                "val_ci95": rep.ci95,
+                "best": improved,
+            }
+        )
         if improved:
             self.save_best()  # now, not at the end: a run that is stopped keeps its best model
         self.model.train()
@@ -408,7 +442,12 @@ class Trainer:
     def info(self) -> dict[str, Any]:
         return {
             "config": {k: (v.value if hasattr(v, "value") else v) for k, v in asdict(self.cfg).items()},
-            "train_data": {"name": self.train_set.name, "classes": self.train_set.num_classes, "images": len(self.train_set), "fingerprint": self.train_set.fingerprint()},
+            "train_data": {
+                "name": self.train_set.name,
+                "classes": self.train_set.num_classes,
+                "images": len(self.train_set),
+                "fingerprint": self.train_set.fingerprint(),
+            },
             "val_data": {"name": self.val_set.name, "classes": self.val_set.num_classes},
             **({"class_split": self.class_split.to_dict()} if self.class_split else {}),
             "step": self.step,
@@ -437,7 +476,9 @@ class Trainer:
         final.eval()
         if self.best_threshold is None and final_write:
             # the runtime's default "unknown" threshold, from held-out classes
-            self.best_threshold = open_set_threshold(final, self.val_set, k_shot=min(5, int(np.bincount(self.val_set.labels).min()) - 1))
+            self.best_threshold = open_set_threshold(
+                final, self.val_set, k_shot=min(5, int(np.bincount(self.val_set.labels).min()) - 1)
+            )
         info = {**self.info(), "open_set_threshold": self.best_threshold}
         return save_checkpoint(self.out, final.to(memory_format=torch.contiguous_format), info)
 
@@ -451,7 +492,11 @@ class Trainer:
         # each rank takes --batch-size images of its own shard: a step sees world_size batches
         steps_per_epoch = math.ceil(math.ceil(len(ds) / env.world_size) / cfg.batch_size)
         total = cfg.pretrain_epochs * steps_per_epoch
-        task = progress.add_task("pre-train", total=total, completed=self.epoch * steps_per_epoch, info="") if progress else None
+        task = (
+            progress.add_task("pre-train", total=total, completed=self.epoch * steps_per_epoch, info="")
+            if progress
+            else None
+        )
         self.model.train()
         while self.epoch < cfg.pretrain_epochs and not self.out_of_time():
             order = distributed.shard(env, len(ds), self.epoch, cfg.seed)
@@ -474,11 +519,23 @@ class Trainer:
                 losses.append(loss.item())
                 accs.append((logits.argmax(1) == y).float().mean().item())
                 if progress:
-                    progress.update(task, advance=1, info=f"epoch {self.epoch + 1} loss {np.mean(losses[-50:]):.3f} acc {100 * np.mean(accs[-50:]):.1f}%")
+                    progress.update(
+                        task,
+                        advance=1,
+                        info=f"epoch {self.epoch + 1} loss {np.mean(losses[-50:]):.3f} acc {100 * np.mean(accs[-50:]):.1f}%",
+                    )
                 if self.out_of_time():
                     break
             self.epoch += 1
-            self.log({"stage": "pretrain", "epoch": self.epoch, "loss": float(np.mean(losses)), "acc": float(np.mean(accs)), "lr": opt.param_groups[0]["lr"]})
+            self.log(
+                {
+                    "stage": "pretrain",
+                    "epoch": self.epoch,
+                    "loss": float(np.mean(losses)),
+                    "acc": float(np.mean(accs)),
+                    "lr": opt.param_groups[0]["lr"],
+                }
+            )
             self.validate("pretrain")
         if progress:
             progress.remove_task(task)
@@ -513,7 +570,15 @@ class Trainer:
                 info += f" best val {100 * max(self.best_acc, 0):.2f}%"
                 progress.update(task, advance=self.env.world_size, info=info)
             if _crossed(before, self.step, cfg.log_every):  # rank 0's episodes
-                self.log({"stage": "episodic", "step": self.step, "loss": float(np.mean(losses)), "acc": float(np.mean(accs)), "lr": opt.param_groups[0]["lr"]})
+                self.log(
+                    {
+                        "stage": "episodic",
+                        "step": self.step,
+                        "loss": float(np.mean(losses)),
+                        "acc": float(np.mean(accs)),
+                        "lr": opt.param_groups[0]["lr"],
+                    }
+                )
                 losses, accs = [], []
             if _crossed(before, self.step, cfg.val_every) or self.step == cfg.episodes:
                 self.validate("episodic")
@@ -555,10 +620,22 @@ def progress_bar(enabled: bool):
 
     if plain_progress_wanted():
         return StageLog()
-    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+    from rich.progress import (
+        BarColumn,
+        MofNCompleteColumn,
+        Progress,
+        TextColumn,
+        TimeElapsedColumn,
+        TimeRemainingColumn,
+    )
 
     return Progress(
-        TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(), TimeRemainingColumn(), TextColumn("{task.fields[info]}"),
+        TextColumn("[bold]{task.description}"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        TimeElapsedColumn(),
+        TimeRemainingColumn(),
+        TextColumn("{task.fields[info]}"),
         transient=False,
     )
 
@@ -584,11 +661,15 @@ def folder_split(cfg: TrainConfig) -> ClassSplit | None:
     return split_classes(classes, n_way, cfg.val_n_way, cfg.seed, name=cfg.dataset)
 
 
-def load_training_data(cfg: TrainConfig, spec: PreprocessSpec, split: ClassSplit | None = None) -> tuple[ImageSet, ImageSet]:
+def load_training_data(
+    cfg: TrainConfig, spec: PreprocessSpec, split: ClassSplit | None = None
+) -> tuple[ImageSet, ImageSet]:
     if cfg.dataset == "omniglot":
         return omniglot_splits(cfg.data_dir, spec.size[0], cfg.val_alphabets)
     if cfg.dataset == "tiny-imagenet" or split is None:
-        return load_dataset(cfg.dataset, "train", cfg.data_dir, spec), load_dataset(cfg.dataset, "val", cfg.data_dir, spec)
+        return load_dataset(cfg.dataset, "train", cfg.data_dir, spec), load_dataset(
+            cfg.dataset, "val", cfg.data_dir, spec
+        )
     # a user's image folder: base classes train, validation classes choose the best weights,
     # and the novel classes stay unseen for verification and evaluation
     full = load_dataset(cfg.dataset, "all", cfg.data_dir, spec)
@@ -781,13 +862,17 @@ def restore_run(trainer: Trainer, last: Path, best: Path) -> dict | None:
         trainer.best_state = copy.deepcopy(ck_best.model.state_dict())
         trainer.best_acc, trainer.best_threshold = best_acc, ck_best.info.get("open_set_threshold")
     elif recorded >= 0:
-        warnings.warn(f"{best} does not hold the best weights ({100 * recorded:.2f}%) of the run resumed from {last}; "
-                      "the best model is chosen anew from the validations of this session")
+        warnings.warn(
+            f"{best} does not hold the best weights ({100 * recorded:.2f}%) of the run resumed from {last}; "
+            "the best model is chosen anew from the validations of this session"
+        )
     log = best.with_suffix(".jsonl")
     if log.is_file():
         history = [json.loads(line) for line in log.read_text().splitlines() if line.strip()]
         # records past the last state are made again by this session
-        trainer.history = [h for h in history if h.get("step", 0) <= trainer.step and h.get("epoch", 0) <= trainer.epoch]
+        trainer.history = [
+            h for h in history if h.get("step", 0) <= trainer.step and h.get("epoch", 0) <= trainer.epoch
+        ]
     return ck.optimizer_state if ck.info.get("stage") == "episodic" else None
 
 

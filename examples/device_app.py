@@ -38,10 +38,16 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("model", type=Path, help="exported .onnx model")
     p.add_argument("images", nargs="*", type=Path, help="images or folders of images to classify, in order")
     p.add_argument("--store", type=Path, required=True, help="prototype store file, kept between runs")
-    p.add_argument("--enroll", type=Path, metavar="DIR", help="enrol every class subfolder of DIR (label = subfolder name)")
+    p.add_argument(
+        "--enroll", type=Path, metavar="DIR", help="enrol every class subfolder of DIR (label = subfolder name)"
+    )
     p.add_argument("--providers", default="auto", help="auto, cpu, cuda, tensorrt, or a comma-separated list")
     p.add_argument("--threshold", type=float, help="open-set distance threshold (default: the model's)")
-    p.add_argument("--calibrate", action="store_true", help="set the threshold from the enrolled examples (needs --keep-embeddings at enrolment)")
+    p.add_argument(
+        "--calibrate",
+        action="store_true",
+        help="set the threshold from the enrolled examples (needs --keep-embeddings at enrolment)",
+    )
     p.add_argument("--keep-embeddings", action="store_true", help="keep each enrolled embedding in a new store")
     p.add_argument("--batch", type=int, default=8, help="images classified per step of the stream")
     return p.parse_intermixed_args(argv)  # images may come after options
@@ -96,7 +102,6 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: {e}", file=sys.stderr)
         return 1
     return 1 if failed else 0
-
 
 
 if __name__ == "__main__":

@@ -21,10 +21,10 @@ try:
         ExportResult,
         ExportSpec,
         WrappedExtractor,
-        to_onnx,
         export,
         load_module_ref,
         module_fingerprint,
+        to_onnx,
     )
     from edgemeta.exporters.images import ArrayImages, CalibrationImages, LabelledImages
     from edgemeta.exporters.optimize import optimize_offline, to_ort_format

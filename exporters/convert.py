@@ -42,10 +42,10 @@ import torch
 from torch import nn
 
 from edgemeta import __version__
-from edgemeta.runtime.errors import ExportError, InputError
 from edgemeta.exporters.graph import ensure_writable, finalize, model_bytes, save_model, set_metadata
 from edgemeta.exporters.head import has_fed_norms, with_fed_norms
 from edgemeta.model import compute_logits, normalize_embeddings
+from edgemeta.runtime.errors import ExportError, InputError
 from edgemeta.runtime.spec import (
     INPUT_IMAGES,
     INPUT_PROTOTYPES,
@@ -118,7 +118,9 @@ class ExportSpec:
     def __post_init__(self) -> None:
         top = onnx.defs.onnx_opset_version()
         if not MIN_OPSET <= self.opset <= top:
-            raise InputError(f"opset {self.opset} is not supported; choose {MIN_OPSET}..{top} ({DEFAULT_OPSET} is the default)")
+            raise InputError(
+                f"opset {self.opset} is not supported; choose {MIN_OPSET}..{top} ({DEFAULT_OPSET} is the default)"
+            )
         if self.trace_batch < 2 or self.trace_prototypes < 2:
             raise InputError("trace_batch and trace_prototypes must be >= 2 so the sizes stay dynamic")
 
@@ -230,7 +232,9 @@ def load_module_ref(ref: str, weights: str | os.PathLike | None = None) -> nn.Mo
     try:
         mod = importlib.import_module(modname)
     except Exception as e:  # a user module can fail to import in any way
-        raise InputError(f"cannot import {modname!r} ({type(e).__name__}: {e}); check --module and that the package is importable") from None
+        raise InputError(
+            f"cannot import {modname!r} ({type(e).__name__}: {e}); check --module and that the package is importable"
+        ) from None
     finally:
         sys.path.remove(os.getcwd())
     obj = getattr(mod, attr, None)
@@ -260,7 +264,9 @@ def read_weights(path: str | os.PathLike) -> dict[str, torch.Tensor]:
     try:
         return load_file(str(path))
     except Exception as e:
-        raise InputError(f"{path} is not a safetensors file ({str(e).splitlines()[0][:80]}); save weights with safetensors.torch.save_file") from None
+        raise InputError(
+            f"{path} is not a safetensors file ({str(e).splitlines()[0][:80]}); save weights with safetensors.torch.save_file"
+        ) from None
 
 
 def apply_weights(module: nn.Module, state: dict[str, torch.Tensor], source: str | os.PathLike) -> None:
@@ -307,7 +313,10 @@ def _untraceable(error: BaseException) -> str | None:
     if m:
         where = f" at {Path(m.group(1)).name}:{m.group(2)} (`{m.group(4).strip()}`)"
     names = {type(c).__name__ for c in chain}
-    if names & {"GuardOnDataDependentSymNode", "DataDependentOutputException", "UnsupportedAliasMutationException"} or "data-dependent" in text:
+    if (
+        names & {"GuardOnDataDependentSymNode", "DataDependentOutputException", "UnsupportedAliasMutationException"}
+        or "data-dependent" in text
+    ):
         return (
             f"data-dependent control flow{where}: the graph would depend on tensor values; "
             "replace the Python `if`/loop on tensor values with torch.where or a fixed computation"
@@ -334,18 +343,43 @@ def _first_line(error: BaseException) -> str:
 # that rule set when optimize=True, so the graph is optimized here with every default
 # rule except add_0/sub_0.
 _SAFE_REWRITE_RULES = (
-    "mul_by_1_rule", "div_by_1_rule", "dropout_zero_rule", "dropout_inference_rule",
-    "one_reshape_matmul_reshape_rule", "two_reshapes_matmul_reshape_rule",
-    "cast_constant_of_shape_rule", "cast_constant_of_shape_without_value_rule",
-    "collapse_slice_rule", "collapse_slice2_rule", "materialize_reshape_shape_rule",
-    "min_min_rule", "max_max_rule", "min_max_rule", "max_min_rule",
-    "successive_relu_rule", "successive_clip_rule", "successive_clip_relu_rule", "successive_relu_clip_rule",
-    "cast_cast_rule", "no_op_cast_rule", "no_op_expand_rule", "no_op_transpose_rule",
-    "reshape_reshape_rule", "slice_split_rule", "squeeze_reshape_1d_rule", "transpose_transpose_rule",
-    "unsqueeze_unsqueeze_rule", "no_op_dynamic_scatter_nd_rule", "no_op_static_scatter_nd_rule",
-    "fuse_pad_into_conv_rule", "fuse_batchnorm_into_conv_rule", "fuse_batchnorm_into_conv_transpose_rule",
-    "fuse_batchnorm_into_gemm_rule", "remove_optional_bias_from_conv_rule",
-    "remove_optional_bias_from_conv_transpose_rule", "remove_optional_bias_from_gemm_rule",
+    "mul_by_1_rule",
+    "div_by_1_rule",
+    "dropout_zero_rule",
+    "dropout_inference_rule",
+    "one_reshape_matmul_reshape_rule",
+    "two_reshapes_matmul_reshape_rule",
+    "cast_constant_of_shape_rule",
+    "cast_constant_of_shape_without_value_rule",
+    "collapse_slice_rule",
+    "collapse_slice2_rule",
+    "materialize_reshape_shape_rule",
+    "min_min_rule",
+    "max_max_rule",
+    "min_max_rule",
+    "max_min_rule",
+    "successive_relu_rule",
+    "successive_clip_rule",
+    "successive_clip_relu_rule",
+    "successive_relu_clip_rule",
+    "cast_cast_rule",
+    "no_op_cast_rule",
+    "no_op_expand_rule",
+    "no_op_transpose_rule",
+    "reshape_reshape_rule",
+    "slice_split_rule",
+    "squeeze_reshape_1d_rule",
+    "transpose_transpose_rule",
+    "unsqueeze_unsqueeze_rule",
+    "no_op_dynamic_scatter_nd_rule",
+    "no_op_static_scatter_nd_rule",
+    "fuse_pad_into_conv_rule",
+    "fuse_batchnorm_into_conv_rule",
+    "fuse_batchnorm_into_conv_transpose_rule",
+    "fuse_batchnorm_into_gemm_rule",
+    "remove_optional_bias_from_conv_rule",
+    "remove_optional_bias_from_conv_transpose_rule",
+    "remove_optional_bias_from_gemm_rule",
 )
 
 
@@ -377,13 +411,23 @@ def _export_dynamo(module: nn.Module, args: tuple[torch.Tensor, ...], spec: Expo
     dims: dict[str, Any] = {}
     # positional, so a module's forward may name its arguments as it likes
     shapes = tuple(
-        {a: dims.setdefault(n, torch.export.Dim(n)) for a, n in spec.axes_of(name).items()} or None for name in spec.input_names
+        {a: dims.setdefault(n, torch.export.Dim(n)) for a, n in spec.axes_of(name).items()} or None
+        for name in spec.input_names
     )
     with _quiet():
         program = torch.onnx.export(
-            module, args, None, dynamo=True, opset_version=DEFAULT_OPSET,
-            input_names=list(spec.input_names), output_names=list(spec.output_names),
-            dynamic_shapes=shapes, optimize=False, verify=False, report=False, verbose=False,
+            module,
+            args,
+            None,
+            dynamo=True,
+            opset_version=DEFAULT_OPSET,
+            input_names=list(spec.input_names),
+            output_names=list(spec.output_names),
+            dynamic_shapes=shapes,
+            optimize=False,
+            verify=False,
+            report=False,
+            verbose=False,
         )
         proto = _optimize_ir(program.model)
     if spec.opset != DEFAULT_OPSET:
@@ -397,7 +441,9 @@ def _convert_opset(proto: onnx.ModelProto, opset: int) -> onnx.ModelProto:
     try:
         converted = version_converter.convert_version(proto, opset)
     except Exception as e:
-        raise ExportError(f"cannot convert the graph to opset {opset} ({str(e).splitlines()[-1][:120]}); use --opset {DEFAULT_OPSET}") from None
+        raise ExportError(
+            f"cannot convert the graph to opset {opset} ({str(e).splitlines()[-1][:120]}); use --opset {DEFAULT_OPSET}"
+        ) from None
     got = next((o.version for o in converted.opset_import if o.domain in ("", "ai.onnx")), None)
     if got != opset:
         raise ExportError(f"the graph could not be converted to opset {opset} (got {got}); use --opset {DEFAULT_OPSET}")
@@ -413,9 +459,15 @@ def _export_torchscript(module: nn.Module, args: tuple[torch.Tensor, ...], spec:
         with warnings.catch_warnings(record=True) as caught, contextlib.redirect_stdout(io.StringIO()):
             warnings.simplefilter("always")
             torch.onnx.export(
-                module, args, buf, dynamo=False, opset_version=min(spec.opset, MAX_PORTABLE_OPSET),
-                input_names=list(spec.input_names), output_names=list(spec.output_names),
-                dynamic_axes={k: v for k, v in axes.items() if v}, do_constant_folding=True,
+                module,
+                args,
+                buf,
+                dynamo=False,
+                opset_version=min(spec.opset, MAX_PORTABLE_OPSET),
+                input_names=list(spec.input_names),
+                output_names=list(spec.output_names),
+                dynamic_axes={k: v for k, v in axes.items() if v},
+                do_constant_folding=True,
             )
     finally:
         logging.disable(previous)
@@ -449,7 +501,9 @@ def _trace(module: nn.Module, args: tuple[torch.Tensor, ...], spec: ExportSpec) 
     except ExportError:
         raise
     except Exception as e:
-        raise ExportError(f"ONNX export failed with both exporters: {dynamo_reason}; TorchScript: {_first_line(e)}") from None
+        raise ExportError(
+            f"ONNX export failed with both exporters: {dynamo_reason}; TorchScript: {_first_line(e)}"
+        ) from None
 
 
 # ---------------------------------------------------------------- checks
@@ -473,7 +527,9 @@ def check_graph(proto: onnx.ModelProto, spec: ExportSpec, embedding_dim: int) ->
         dims = _dims(vi)
         for axis, name in spec.axes_of(vi.name).items():
             if axis >= len(dims) or not isinstance(dims[axis], str):
-                raise ExportError(f"{vi.name} axis {axis} ({name}) is fixed to {dims[axis] if axis < len(dims) else '?'} in the graph; it must stay dynamic")
+                raise ExportError(
+                    f"{vi.name} axis {axis} ({name}) is fixed to {dims[axis] if axis < len(dims) else '?'} in the graph; it must stay dynamic"
+                )
     emb = next(o for o in proto.graph.output if o.name == spec.output_names[0])
     dims = _dims(emb)
     if len(dims) != 2 or (isinstance(dims[1], int) and dims[1] not in (0, embedding_dim)):
@@ -498,7 +554,9 @@ def smoke_test(model_bytes: bytes, spec: ExportSpec, image_shape: tuple[int, ...
     try:
         session = _ort_session(model_bytes)
     except Exception as e:
-        raise ExportError(f"ONNX Runtime {ort.__version__} cannot load the exported graph: {str(e).splitlines()[0][:200]}") from None
+        raise ExportError(
+            f"ONNX Runtime {ort.__version__} cannot load the exported graph: {str(e).splitlines()[0][:200]}"
+        ) from None
     fed = feeds_prototype_norms(session)
     rng = np.random.default_rng(0)
     for batch, n, feed_norms in ((2, 0, False), (1, 3, False), (1, 3, fed)):
@@ -511,7 +569,9 @@ def smoke_test(model_bytes: bytes, spec: ExportSpec, image_shape: tuple[int, ...
         try:
             emb, logits = session.run(list(spec.output_names), feed)
         except Exception as e:
-            raise ExportError(f"the exported graph fails in ONNX Runtime with batch {batch} and {n} prototypes: {str(e).splitlines()[0][:200]}") from None
+            raise ExportError(
+                f"the exported graph fails in ONNX Runtime with batch {batch} and {n} prototypes: {str(e).splitlines()[0][:200]}"
+            ) from None
         if emb.shape != (batch, embedding_dim) or logits.shape != (batch, n):
             raise ExportError(
                 f"with batch {batch} and {n} prototypes the graph returns {emb.shape} and {logits.shape}, "
@@ -526,7 +586,9 @@ def _cosine_scale(logits: np.ndarray, emb: np.ndarray, protos: np.ndarray) -> fl
     return float(np.median(logits[big] / cos[big])) if big.any() else 1.0
 
 
-def _with_fed_norms(proto: onnx.ModelProto, metadata: ModelMetadata, image_shape: tuple[int, ...]) -> tuple[onnx.ModelProto, str]:
+def _with_fed_norms(
+    proto: onnx.ModelProto, metadata: ModelMetadata, image_shape: tuple[int, ...]
+) -> tuple[onnx.ModelProto, str]:
     """The graph with the metric head of :mod:`edgemeta.exporters.head`, when it gives the
     exported graph's logits (random images and prototypes, norms fed or not); else the
     graph as it was and why."""
@@ -539,7 +601,11 @@ def _with_fed_norms(proto: onnx.ModelProto, metadata: ModelMetadata, image_shape
         emb, want = _ort_session(model_bytes(proto)).run(None, {INPUT_IMAGES: images, INPUT_PROTOTYPES: protos})
     except Exception as e:  # noqa: BLE001 - smoke_test reports a graph that does not run
         return proto, f"not checked: {_first_line(e)}"
-    scale = float(metadata.extra.get("logit_scale") or _cosine_scale(want, emb, protos)) if metadata.metric is Metric.COSINE else 1.0
+    scale = (
+        float(metadata.extra.get("logit_scale") or _cosine_scale(want, emb, protos))
+        if metadata.metric is Metric.COSINE
+        else 1.0
+    )
     tol = 1e-4 * max(1.0, float(np.abs(want).max()))
     try:
         candidate = with_fed_norms(proto, metadata.metric, scale)
@@ -565,9 +631,13 @@ def _probe(module: nn.Module, args: tuple[torch.Tensor, ...], embedding_dim: int
         with torch.no_grad():
             out = module(*args)
     except Exception as e:
-        raise ExportError(f"the module fails on a dummy batch of shape {tuple(args[0].shape)}: {type(e).__name__}: {e}") from None
+        raise ExportError(
+            f"the module fails on a dummy batch of shape {tuple(args[0].shape)}: {type(e).__name__}: {e}"
+        ) from None
     if not (isinstance(out, (tuple, list)) and len(out) == 2 and all(torch.is_tensor(t) for t in out)):
-        raise ExportError("the module must return (embeddings, logits); wrap a plain feature extractor in WrappedExtractor")
+        raise ExportError(
+            "the module must return (embeddings, logits); wrap a plain feature extractor in WrappedExtractor"
+        )
     emb, logits = out
     b, n = args[0].shape[0], args[1].shape[0]
     if tuple(emb.shape) != (b, embedding_dim) or tuple(logits.shape) != (b, n):
@@ -616,13 +686,19 @@ def to_onnx(module: nn.Module, metadata: ModelMetadata, spec: ExportSpec = Expor
     opset = next(o.version for o in proto.opset_import if o.domain in ("", "ai.onnx"))
     if reason:
         extra["fallback_reason"] = reason
-    metadata = metadata.with_(opset=opset, precision=Precision.FP32, producer=metadata.producer or f"edgemeta {__version__}", extra=extra)
+    metadata = metadata.with_(
+        opset=opset, precision=Precision.FP32, producer=metadata.producer or f"edgemeta {__version__}", extra=extra
+    )
     set_metadata(proto, metadata)
     smoke_test(model_bytes(proto), spec, image_shape, metadata.embedding_dim)
-    return ExportResult(None, metadata, used, reason, opset, proto.ir_version, time.perf_counter() - t0, proto.ByteSize(), model=proto)
+    return ExportResult(
+        None, metadata, used, reason, opset, proto.ir_version, time.perf_counter() - t0, proto.ByteSize(), model=proto
+    )
 
 
-def export(module: nn.Module, path: str | os.PathLike, metadata: ModelMetadata, spec: ExportSpec = ExportSpec()) -> ExportResult:
+def export(
+    module: nn.Module, path: str | os.PathLike, metadata: ModelMetadata, spec: ExportSpec = ExportSpec()
+) -> ExportResult:
     """:func:`to_onnx` ``module`` and write the model to ``path`` atomically (an existing file
     is replaced only when it is an edgemeta model).
 

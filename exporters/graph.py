@@ -9,6 +9,7 @@ from __future__ import annotations
 import os
 from collections import deque
 from pathlib import Path
+
 import onnx
 from onnx import helper
 
@@ -37,9 +38,28 @@ __all__ = [
 # which stays in float32 in fp16/int8 models: a sum of squares overflows fp16.
 _NORMALIZATION_OPS = frozenset(
     {
-        "Abs", "Add", "Cast", "Clip", "Constant", "Div", "Expand", "Identity", "LpNormalization",
-        "Max", "Mul", "Neg", "Pow", "Reciprocal", "ReduceL2", "ReduceMean", "ReduceSum",
-        "ReduceSumSquare", "Sqrt", "Squeeze", "Sub", "Unsqueeze",
+        "Abs",
+        "Add",
+        "Cast",
+        "Clip",
+        "Constant",
+        "Div",
+        "Expand",
+        "Identity",
+        "LpNormalization",
+        "Max",
+        "Mul",
+        "Neg",
+        "Pow",
+        "Reciprocal",
+        "ReduceL2",
+        "ReduceMean",
+        "ReduceSum",
+        "ReduceSumSquare",
+        "Sqrt",
+        "Squeeze",
+        "Sub",
+        "Unsqueeze",
     }
 )
 
@@ -101,7 +121,9 @@ def refuse_foreign(path: Path, ort_format: bool = False) -> None:
     if ort_format and is_ort_file(path) or not ort_format and is_edgemeta_model(path):
         return
     kind = "an ORT-format model" if ort_format else "an ONNX model made by edgemeta"
-    raise ExportError(f"-o {path} exists and is not {kind}, so it is not replaced; choose another -o, or delete it if it is not needed")
+    raise ExportError(
+        f"-o {path} exists and is not {kind}, so it is not replaced; choose another -o, or delete it if it is not needed"
+    )
 
 
 def model_bytes(model: onnx.ModelProto) -> bytes:
@@ -278,4 +300,3 @@ def float_nodes(model: onnx.ModelProto, embeddings: str = OUTPUT_EMBEDDINGS) -> 
         raise ExportError(f"the model has no {embeddings!r} output; export it with edgemeta")
     backbone = ancestors(model, embeddings) - _normalization_tail(model, embeddings)
     return set(names) - backbone
-

@@ -22,7 +22,8 @@ import numpy as np
 import onnx
 from onnx import TensorProto, helper, numpy_helper
 
-from edgemeta.exporters.graph import ancestors as _ancestors, name_nodes, node_inputs
+from edgemeta.exporters.graph import ancestors as _ancestors
+from edgemeta.exporters.graph import name_nodes, node_inputs
 from edgemeta.runtime.spec import INPUT_PROTOTYPES, INPUT_SQNORMS, OUTPUT_EMBEDDINGS, OUTPUT_LOGITS, Metric
 
 __all__ = ["with_fed_norms", "has_fed_norms"]
@@ -32,7 +33,9 @@ _EPS = 1e-12  # as edgemeta.model.compute_logits
 
 def has_fed_norms(model: onnx.ModelProto) -> bool:
     """True when ``model`` takes the optional ``prototype_sqnorms`` input."""
-    return any(i.name == INPUT_SQNORMS for i in model.graph.input) and any(t.name == INPUT_SQNORMS for t in model.graph.initializer)
+    return any(i.name == INPUT_SQNORMS for i in model.graph.input) and any(
+        t.name == INPUT_SQNORMS for t in model.graph.initializer
+    )
 
 
 def _opset(model: onnx.ModelProto) -> int:
@@ -61,11 +64,15 @@ def _head_nodes(metric: Metric, scale: float, opset: int) -> tuple[list[onnx.Nod
         consts.append(_const(f"{p}eps", np.array(_EPS, np.float32)))
     fed = helper.make_graph(
         [helper.make_node("Identity", [INPUT_SQNORMS], [f"{p}sq_fed"], name=f"{p}sq_fed")],
-        "fed_norms", [], [helper.make_tensor_value_info(f"{p}sq_fed", TensorProto.FLOAT, None)],
+        "fed_norms",
+        [],
+        [helper.make_tensor_value_info(f"{p}sq_fed", TensorProto.FLOAT, None)],
     )
     computed = helper.make_graph(
         [_sumsq(INPUT_PROTOTYPES, f"{p}sq_computed", 0, opset, f"{p}axis1")],
-        "computed_norms", [], [helper.make_tensor_value_info(f"{p}sq_computed", TensorProto.FLOAT, None)],
+        "computed_norms",
+        [],
+        [helper.make_tensor_value_info(f"{p}sq_computed", TensorProto.FLOAT, None)],
     )
     nodes = [
         helper.make_node("Shape", [INPUT_SQNORMS], [f"{p}n_fed"], name=f"{p}n_fed", start=0, end=1),

@@ -11,8 +11,9 @@ far as the episodes need). ``edgemeta.exporters.pipeline`` builds both from
 
 from __future__ import annotations
 
+from collections.abc import Iterable
 from dataclasses import dataclass
-from typing import Iterable, Protocol, runtime_checkable
+from typing import Protocol, runtime_checkable
 
 import numpy as np
 

@@ -81,13 +81,18 @@ def _with_onnx(onnx, path: Path) -> dict[str, Any]:
             {
                 "name": v.name,
                 "type": _type_name(onnx, v.type.tensor_type.elem_type),
-                "shape": [d.dim_param or (d.dim_value if d.HasField("dim_value") else None) for d in v.type.tensor_type.shape.dim],
+                "shape": [
+                    d.dim_param or (d.dim_value if d.HasField("dim_value") else None)
+                    for d in v.type.tensor_type.shape.dim
+                ],
             }
             for v in values
             if (v.name in inits) == optional
         ]
 
-    tensors = list(g.initializer) + [a.t for n in g.node if n.op_type == "Constant" for a in n.attribute if a.type == onnx.AttributeProto.TENSOR]
+    tensors = list(g.initializer) + [
+        a.t for n in g.node if n.op_type == "Constant" for a in n.attribute if a.type == onnx.AttributeProto.TENSOR
+    ]
     counts: Counter[str] = Counter()
     for t in tensors:
         n = 1

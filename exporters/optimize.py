@@ -47,7 +47,8 @@ def _session_options(output: Path, ort_format: bool, level: str = "basic"):
 
     so = ort.SessionOptions()
     so.graph_optimization_level = {
-        "basic": ort.GraphOptimizationLevel.ORT_ENABLE_BASIC, "extended": ort.GraphOptimizationLevel.ORT_ENABLE_EXTENDED,
+        "basic": ort.GraphOptimizationLevel.ORT_ENABLE_BASIC,
+        "extended": ort.GraphOptimizationLevel.ORT_ENABLE_EXTENDED,
     }[level]
     so.optimized_model_filepath = str(output)
     if ort_format:
@@ -66,7 +67,9 @@ def optimize_offline(model: onnx.ModelProto) -> onnx.ModelProto:
             raise ExportError(f"ONNX Runtime could not optimize the graph: {str(e).splitlines()[0][:200]}") from None
 
 
-def to_ort_format(model: str | os.PathLike | onnx.ModelProto, ort_path: str | os.PathLike | None = None, level: str = "basic") -> Path:
+def to_ort_format(
+    model: str | os.PathLike | onnx.ModelProto, ort_path: str | os.PathLike | None = None, level: str = "basic"
+) -> Path:
     """Convert ``model`` (an ``.onnx`` file, or a model in memory with ``ort_path`` given) to the
     ORT format (next to the file by default: ``model.ort``) and check it loads. An existing
     ``ort_path`` is replaced only when it is an ORT-format file.
@@ -89,7 +92,9 @@ def to_ort_format(model: str | os.PathLike | onnx.ModelProto, ort_path: str | os
         src = Path(model)
         dst = Path(ort_path) if ort_path else src.with_suffix(".ort")
         if same_file(src, dst):
-            raise InputError(f"{src} and its ORT-format copy {dst} are one file; give the model a .onnx name or another ort_path")
+            raise InputError(
+                f"{src} and its ORT-format copy {dst} are one file; give the model a .onnx name or another ort_path"
+            )
     ensure_writable(dst, ort_format=True)
 
     def convert(tmp: str) -> None:  # the temporary name ends in .ort: ONNX Runtime goes by it

@@ -21,9 +21,10 @@ import os
 import shutil
 import stat
 import tempfile
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any
 
 import numpy as np
 import onnx
@@ -32,7 +33,6 @@ from torch import nn
 
 from edgemeta import __version__
 from edgemeta.checkpoint import Checkpoint, file_sha256, load_checkpoint
-from edgemeta.runtime.errors import ExportError, InputError, ModelMismatchError
 from edgemeta.data import ClassSplit, ImageSet, base_images, novel_images, recorded_dataset, recorded_split
 from edgemeta.evaluate import to_tensor
 from edgemeta.exporters.convert import (
@@ -40,16 +40,33 @@ from edgemeta.exporters.convert import (
     ExportSpec,
     WrappedExtractor,
     apply_weights,
-    to_onnx,
     is_extractor,
     load_module_ref,
     module_fingerprint,
     read_weights,
+    to_onnx,
 )
-from edgemeta.exporters.graph import ensure_writable, load_model, read_metadata, refuse_foreign, save_model, set_metadata, write_metadata
+from edgemeta.exporters.graph import (
+    ensure_writable,
+    load_model,
+    read_metadata,
+    refuse_foreign,
+    save_model,
+    set_metadata,
+    write_metadata,
+)
 from edgemeta.exporters.images import CalibrationImages, LabelledImages
 from edgemeta.exporters.quantize import QuantizeSpec, fp16_model, int8_model
-from edgemeta.exporters.verify import Progress, VerificationReport, VerifySpec, metadata_with, refuse_fixed_batch, verification_sampler, verify
+from edgemeta.exporters.verify import (
+    Progress,
+    VerificationReport,
+    VerifySpec,
+    metadata_with,
+    refuse_fixed_batch,
+    verification_sampler,
+    verify,
+)
+from edgemeta.runtime.errors import ExportError, InputError, ModelMismatchError
 from edgemeta.runtime.files import refuse_overwrite, same_file
 from edgemeta.runtime.spec import Metric, ModelMetadata, Normalization, Precision, PreprocessSpec
 
@@ -125,7 +142,9 @@ class _CalibrationBatches:
 def calibration_images(data: ImageSet, spec: QuantizeSpec = QuantizeSpec()) -> CalibrationImages:
     """``spec.calibration_images`` images of ``data`` (base classes, loaded at the model's size),
     drawn evenly over its classes with ``spec.seed``, as preprocessed batches for int8 calibration."""
-    return CalibrationImages(_CalibrationBatches(data, subset(data, spec.calibration_images, spec.seed), spec.batch), data.name)
+    return CalibrationImages(
+        _CalibrationBatches(data, subset(data, spec.calibration_images, spec.seed), spec.batch), data.name
+    )
 
 
 @dataclass(frozen=True)
@@ -200,17 +219,27 @@ def _outputs(out: str | os.PathLike, options: ExportOptions, *inputs: str | os.P
     written = [given]  # named as the user gave it
     if options.ort_format:
         if given.suffix.lower() == ".ort":
-            raise InputError(f"-o names the .onnx model; --ort writes {given.name} beside it: use -o {given.with_suffix('.onnx')}")
+            raise InputError(
+                f"-o names the .onnx model; --ort writes {given.name} beside it: use -o {given.with_suffix('.onnx')}"
+            )
         if out.suffix.lower() == ".ort":
-            raise ExportError(f"-o {given} links to {out}, an .ort file; --ort writes the .ort copy itself: point -o at an .onnx file")
+            raise ExportError(
+                f"-o {given} links to {out}, an .ort file; --ort writes the .ort copy itself: point -o at an .onnx file"
+            )
         ort_copy = out.with_suffix(".ort")
         if same_file(ort_copy, out):
-            raise ExportError(f"{ort_copy} links to the model {out} itself, which --ort would write over; remove the link or choose another -o")
+            raise ExportError(
+                f"{ort_copy} links to the model {out} itself, which --ort would write over; remove the link or choose another -o"
+            )
         if os.path.isdir(ort_copy):
-            raise ExportError(f"--ort writes {ort_copy} beside the model, and that is a folder; move it or choose another -o")
+            raise ExportError(
+                f"--ort writes {ort_copy} beside the model, and that is a folder; move it or choose another -o"
+            )
         target = Path(os.path.realpath(ort_copy))
         if ort_copy.is_symlink() and not target.parent.is_dir():
-            raise ExportError(f"--ort writes {ort_copy}, a link to {target} in a folder that does not exist; remove the link or create the folder")
+            raise ExportError(
+                f"--ort writes {ort_copy}, a link to {target} in a folder that does not exist; remove the link or create the folder"
+            )
         ensure_writable(ort_copy, own_kind=False)
         written.append(ort_copy)
     refuse_overwrite(written, list(inputs))
@@ -242,7 +271,10 @@ def metadata_for_checkpoint(ck: Checkpoint) -> ModelMetadata:
 
 
 def _extra(ck: Checkpoint) -> dict[str, Any]:
-    extra: dict[str, Any] = {"train_data": (ck.info.get("train_data") or {}).get("name", ""), "dataset": recorded_dataset(ck.info) or ""}
+    extra: dict[str, Any] = {
+        "train_data": (ck.info.get("train_data") or {}).get("name", ""),
+        "dataset": recorded_dataset(ck.info) or "",
+    }
     if ck.spec.metric is Metric.COSINE:
         extra["logit_scale"] = float(ck.model.log_scale.detach().exp())
     if recorded_split(ck.info) is not None:  # verification and calibration keep to the recorded classes
@@ -252,7 +284,9 @@ def _extra(ck: Checkpoint) -> dict[str, Any]:
     return extra
 
 
-def _reduce(model: onnx.ModelProto, options: ExportOptions, meta: ModelMetadata, dataset: str | None) -> onnx.ModelProto:
+def _reduce(
+    model: onnx.ModelProto, options: ExportOptions, meta: ModelMetadata, dataset: str | None
+) -> onnx.ModelProto:
     if options.precision is Precision.FP16:
         return fp16_model(model)
     split = ClassSplit.from_dict(meta.extra.get("class_split"))
@@ -273,8 +307,14 @@ def _verification_data(
     return data
 
 
-def _finish(model: onnx.ModelProto, torch_model: nn.Module, out: Path, options: ExportOptions, data: LabelledImages | None,
-            progress: Progress | None) -> ExportOutcome:
+def _finish(
+    model: onnx.ModelProto,
+    torch_model: nn.Module,
+    out: Path,
+    options: ExportOptions,
+    data: LabelledImages | None,
+    progress: Progress | None,
+) -> ExportOutcome:
     """Verify ``model`` on ``data``, record the figures in it, write it to ``out`` (once, atomically)."""
     meta = read_metadata(model)
     if meta is None:
@@ -308,13 +348,22 @@ def _finish(model: onnx.ModelProto, torch_model: nn.Module, out: Path, options: 
         try:
             os.replace(staged, final)
         except OSError as e:
-            raise ExportError(f"wrote {out} but not its ORT-format copy {ort_path} ({e.strerror or e}); export again once {final} can be replaced") from None
+            raise ExportError(
+                f"wrote {out} but not its ORT-format copy {ort_path} ({e.strerror or e}); export again once {final} can be replaced"
+            ) from None
     finally:
         shutil.rmtree(staging, ignore_errors=True)
     return ExportOutcome(out, meta, verification=report, ort_path=ort_path)
 
 
-def _build(torch_model: nn.Module, meta: ModelMetadata, out: Path, options: ExportOptions, dataset: str | None, progress: Progress | None) -> ExportOutcome:
+def _build(
+    torch_model: nn.Module,
+    meta: ModelMetadata,
+    out: Path,
+    options: ExportOptions,
+    dataset: str | None,
+    progress: Progress | None,
+) -> ExportOutcome:
     data = _verification_data(options, dataset, meta.preprocess, ClassSplit.from_dict(meta.extra.get("class_split")))
     _stage(progress, "exporting to ONNX")
     result = to_onnx(torch_model, meta, options.spec)
@@ -327,7 +376,12 @@ def _build(torch_model: nn.Module, meta: ModelMetadata, out: Path, options: Expo
     return outcome
 
 
-def export_checkpoint(checkpoint: str | os.PathLike, out: str | os.PathLike, options: ExportOptions = ExportOptions(), progress: Progress | None = None) -> ExportOutcome:
+def export_checkpoint(
+    checkpoint: str | os.PathLike,
+    out: str | os.PathLike,
+    options: ExportOptions = ExportOptions(),
+    progress: Progress | None = None,
+) -> ExportOutcome:
     """Export an edgemeta checkpoint to ``out`` at ``options.precision``, verified on real images.
 
     Example:
@@ -343,12 +397,16 @@ def _embedding_dim(model: nn.Module, pp: PreprocessSpec) -> int:
         return int(model.embedding_dim)
     embed = getattr(model, "embed", None)
     if not callable(embed):
-        raise InputError(f"{type(model).__name__}.forward takes (images, prototypes): give it an `embedding_dim` attribute or an `embed(images)` method")
+        raise InputError(
+            f"{type(model).__name__}.forward takes (images, prototypes): give it an `embedding_dim` attribute or an `embed(images)` method"
+        )
     try:
         with torch.no_grad():
             return int(embed(torch.zeros(2, pp.channels, *pp.size)).shape[1])
     except Exception as e:
-        raise InputError(f"{type(model).__name__}.embed fails on images of shape {(2, pp.channels, *pp.size)}: {e}") from None
+        raise InputError(
+            f"{type(model).__name__}.embed fails on images of shape {(2, pp.channels, *pp.size)}: {e}"
+        ) from None
 
 
 def _user_model(ref: ModuleRef) -> tuple[nn.Module, str]:
@@ -365,7 +423,9 @@ def _user_model(ref: ModuleRef) -> tuple[nn.Module, str]:
     return WrappedExtractor(module, ref.metric, ref.normalization, extras.get("center"), scale).eval(), "extractor"
 
 
-def export_module(ref: ModuleRef, out: str | os.PathLike, options: ExportOptions = ExportOptions(), progress: Progress | None = None) -> ExportOutcome:
+def export_module(
+    ref: ModuleRef, out: str | os.PathLike, options: ExportOptions = ExportOptions(), progress: Progress | None = None
+) -> ExportOutcome:
     """Export a user's module by reference: a feature extractor gets the normalization and the
     metric added in the graph; a full ``forward(images, prototypes)`` module is exported as is.
 
@@ -376,7 +436,12 @@ def export_module(ref: ModuleRef, out: str | os.PathLike, options: ExportOptions
     out = _outputs(out, options, ref.weights)
     model, kind = _user_model(ref)
     pp = ref.preprocess
-    description = {"module": ref.ref, "preprocess": pp.to_dict(), "metric": ref.metric.value, "normalization": ref.normalization.value}
+    description = {
+        "module": ref.ref,
+        "preprocess": pp.to_dict(),
+        "metric": ref.metric.value,
+        "normalization": ref.normalization.value,
+    }
     meta = ModelMetadata(
         preprocess=pp,
         embedding_dim=_embedding_dim(model, pp),
@@ -391,7 +456,9 @@ def export_module(ref: ModuleRef, out: str | os.PathLike, options: ExportOptions
     return _build(model, meta, out, options, None, progress)
 
 
-def _matching(model: onnx.ModelProto, model_path: str | os.PathLike, checkpoint: str | os.PathLike) -> tuple[Checkpoint, ModelMetadata]:
+def _matching(
+    model: onnx.ModelProto, model_path: str | os.PathLike, checkpoint: str | os.PathLike
+) -> tuple[Checkpoint, ModelMetadata]:
     meta = read_metadata(model)
     if meta is None:
         raise InputError(f"{model_path} has no edgemeta metadata; export it with `edgemeta export`")
@@ -416,14 +483,24 @@ def verify_model(
     (written atomically). A failure changes nothing."""
     model = load_model(model_path)
     ck, meta = _matching(model, model_path, checkpoint)
-    data = labelled_images(novel_images(options.data or recorded_dataset(ck.info), meta.preprocess, options.data_dir, split=recorded_split(ck.info)))
+    data = labelled_images(
+        novel_images(
+            options.data or recorded_dataset(ck.info), meta.preprocess, options.data_dir, split=recorded_split(ck.info)
+        )
+    )
     report = verify(model, ck.model, data, options.verify or VerifySpec(), progress, name=str(model_path))
     if write_figures:
         write_metadata(model_path, metadata_with(meta, report), model)
     return report
 
 
-def quantize_model(model_path: str | os.PathLike, checkpoint: str | os.PathLike, out: str | os.PathLike, options: ExportOptions = ExportOptions(), progress: Progress | None = None) -> ExportOutcome:
+def quantize_model(
+    model_path: str | os.PathLike,
+    checkpoint: str | os.PathLike,
+    out: str | os.PathLike,
+    options: ExportOptions = ExportOptions(),
+    progress: Progress | None = None,
+) -> ExportOutcome:
     """int8 variant of an exported fp32 model, calibrated on the checkpoint's base classes and
     verified against the checkpoint on its novel classes; written once, to ``out``."""
     out = _outputs(out, options, model_path, checkpoint)
@@ -433,6 +510,8 @@ def quantize_model(model_path: str | os.PathLike, checkpoint: str | os.PathLike,
     dataset = recorded_dataset(ck.info)
     data = _verification_data(options, dataset, meta.preprocess, recorded_split(ck.info))
     _stage(progress, "calibrating int8")
-    calibration = base_images(options.calibration_data or dataset, meta.preprocess, options.data_dir, recorded_split(ck.info))
+    calibration = base_images(
+        options.calibration_data or dataset, meta.preprocess, options.data_dir, recorded_split(ck.info)
+    )
     q = int8_model(model, calibration_images(calibration, options.quantize), options.quantize, name=str(model_path))
     return _finish(q, ck.model, out, options, data, progress)

@@ -122,8 +122,10 @@ def _colour(x: str, channels: int) -> tuple[list[onnx.NodeProto], str]:
         one = _branch("pixels_from_grey", [_node("Identity", [x], _P + "grey_in")], _P + "grey_in")
         three = [_f32(x, _P + "rgb_f"), *_to_grey(_P + "rgb_f", _P + "rgb_grey"), _u8(_P + "rgb_grey", _P + "from_rgb")]
         four = [
-            _f32(x, _P + "rgba_f"), *_flatten_alpha(_P + "rgba_f", _P + "flat"),
-            *_to_grey(_P + "flat", _P + "flat_grey"), _u8(_P + "flat_grey", _P + "from_rgba"),
+            _f32(x, _P + "rgba_f"),
+            *_flatten_alpha(_P + "rgba_f", _P + "flat"),
+            *_to_grey(_P + "flat", _P + "flat_grey"),
+            _u8(_P + "flat_grey", _P + "from_rgba"),
         ]
     else:
         grey_rgb = helper.make_node("Concat", [x, x, x], [_P + "grey_rgb"], name=_P + "grey_rgb", axis=3)
@@ -131,7 +133,10 @@ def _colour(x: str, channels: int) -> tuple[list[onnx.NodeProto], str]:
         three = [_node("Identity", [x], _P + "from_rgb")]
         four = [_f32(x, _P + "rgba_f"), *_flatten_alpha(_P + "rgba_f", _P + "flat"), _u8(_P + "flat", _P + "from_rgba")]
     by_alpha = helper.make_node(
-        "If", [_P + "is_rgba"], [_P + "colour3or4"], name=_P + "colour3or4",
+        "If",
+        [_P + "is_rgba"],
+        [_P + "colour3or4"],
+        name=_P + "colour3or4",
         then_branch=_branch("pixels_from_rgba", four, _P + "from_rgba"),
         else_branch=_branch("pixels_from_rgb", three, _P + "from_rgb"),
     )
@@ -141,7 +146,11 @@ def _colour(x: str, channels: int) -> tuple[list[onnx.NodeProto], str]:
         _node("Equal", [_P + "channels_in", _P + "i1"], _P + "is_grey"),
         _node("Equal", [_P + "channels_in", _P + "i4"], _P + "is_rgba"),
         helper.make_node(
-            "If", [_P + "is_grey"], [out], name=out, then_branch=one,
+            "If",
+            [_P + "is_grey"],
+            [out],
+            name=out,
+            then_branch=one,
             else_branch=_branch("pixels_not_grey", [by_alpha], _P + "colour3or4"),
         ),
     ]
@@ -182,8 +191,13 @@ def preprocess_graph(spec: PreprocessSpec, output: str) -> tuple[list[onnx.NodeP
         # fixed point (width, then height), each rounded and clipped to whole levels (a float
         # Resize differs by up to 20 levels where Pillow's first bicubic pass clipped)
         helper.make_node(
-            "Resize", [colour, "", "", _P + "sizes"], [_P + "resized"], name=_P + "resized", axes=[1, 2],
-            coordinate_transformation_mode="half_pixel", **RESIZE_MODES[spec.interpolation],
+            "Resize",
+            [colour, "", "", _P + "sizes"],
+            [_P + "resized"],
+            name=_P + "resized",
+            axes=[1, 2],
+            coordinate_transformation_mode="half_pixel",
+            **RESIZE_MODES[spec.interpolation],
         ),
         _f32(_P + "resized", _P + "levels"),
         _node("Transpose", [_P + "levels"], _P + "nchw", perm=[0, 3, 1, 2]),

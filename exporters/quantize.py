@@ -23,20 +23,29 @@ import logging
 import os
 import tempfile
 from collections import defaultdict
+from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterable
+from typing import Any
 
 import numpy as np
 import onnx
 from onnx import TensorProto, helper, numpy_helper
 
-from edgemeta.runtime.errors import ExportError, InputError
 from edgemeta.exporters.graph import (
-    ensure_writable, finalize, float_nodes, load_model, model_bytes, name_nodes, read_metadata, save_model, set_metadata,
+    ensure_writable,
+    finalize,
+    float_nodes,
+    load_model,
+    model_bytes,
+    name_nodes,
+    read_metadata,
+    save_model,
+    set_metadata,
 )
 from edgemeta.exporters.images import CalibrationImages, calibration_array
 from edgemeta.exporters.stem import space_to_depth_stem
+from edgemeta.runtime.errors import ExportError, InputError
 from edgemeta.runtime.ort import open_session as open_ort_session
 from edgemeta.runtime.spec import INPUT_IMAGES, INPUT_PROTOTYPES, ModelMetadata, Precision
 
@@ -99,15 +108,23 @@ class QuantizeSpec:
         if self.conv_kernel not in ("direct", "gemm"):
             raise InputError(f"unknown int8 convolution kernel {self.conv_kernel!r}; use direct or gemm")
         if self.conv_kernel == "gemm" and self.activations != "uint8":
-            raise InputError("the gemm convolution kernel needs uint8 activations (ONNX Runtime's int8 GEMM is uint8 x int8); add --activations uint8")
+            raise InputError(
+                "the gemm convolution kernel needs uint8 activations (ONNX Runtime's int8 GEMM is uint8 x int8); add --activations uint8"
+            )
         if self.stem_layout not in STEM_LAYOUTS:
-            raise InputError(f"unknown stem layout {self.stem_layout!r}; use {', '.join(STEM_LAYOUTS[:-1])} or {STEM_LAYOUTS[-1]}")
+            raise InputError(
+                f"unknown stem layout {self.stem_layout!r}; use {', '.join(STEM_LAYOUTS[:-1])} or {STEM_LAYOUTS[-1]}"
+            )
         if self.stem_layout == "nhwc" and self.float_stem is False:
-            raise InputError("--stem-layout nhwc needs the float stem: it changes how the float stem hands over to int8; drop --no-float-stem")
+            raise InputError(
+                "--stem-layout nhwc needs the float stem: it changes how the float stem hands over to int8; drop --no-float-stem"
+            )
         if self.stem_layout == "s2d" and self.float_stem:
             raise InputError("--stem-layout s2d runs the stem in int8: drop --float-stem")
         if self.method not in ("MinMax", "Entropy", "Percentile", "Distribution"):
-            raise InputError(f"unknown calibration method {self.method!r}; use MinMax, Entropy, Percentile or Distribution")
+            raise InputError(
+                f"unknown calibration method {self.method!r}; use MinMax, Entropy, Percentile or Distribution"
+            )
 
 
 def _model(source: str | os.PathLike | onnx.ModelProto) -> tuple[onnx.ModelProto, str]:
@@ -219,7 +236,12 @@ def fp16_model(model: onnx.ModelProto, name: str = "the model") -> onnx.ModelPro
     name_nodes(model)
     half = finalize(convert_fp16(model, float_nodes(model)))
     _check(half, "fp16")
-    set_metadata(half, meta.with_(precision=Precision.FP16, verification={}, extra={**meta.extra, "float32_part": "metric and normalization"}))
+    set_metadata(
+        half,
+        meta.with_(
+            precision=Precision.FP16, verification={}, extra={**meta.extra, "float32_part": "metric and normalization"}
+        ),
+    )
     return half
 
 
@@ -262,7 +284,9 @@ def _reader(images: np.ndarray, prototypes: np.ndarray, batch: int):
     return BaseClassReader()
 
 
-def _calibration_inputs(model: onnx.ModelProto, meta: ModelMetadata, calibration: CalibrationImages | Any, spec: QuantizeSpec) -> tuple[np.ndarray, np.ndarray]:
+def _calibration_inputs(
+    model: onnx.ModelProto, meta: ModelMetadata, calibration: CalibrationImages | Any, spec: QuantizeSpec
+) -> tuple[np.ndarray, np.ndarray]:
     import onnxruntime as ort
 
     pp = meta.preprocess
@@ -274,7 +298,17 @@ def _calibration_inputs(model: onnx.ModelProto, meta: ModelMetadata, calibration
 
 
 # ops that may follow the stem convolution and stay in float32 with it
-_STEM_FOLLOWERS = {"BatchNormalization", "Relu", "LeakyRelu", "Clip", "Sigmoid", "HardSigmoid", "HardSwish", "MaxPool", "AveragePool"}
+_STEM_FOLLOWERS = {
+    "BatchNormalization",
+    "Relu",
+    "LeakyRelu",
+    "Clip",
+    "Sigmoid",
+    "HardSigmoid",
+    "HardSwish",
+    "MaxPool",
+    "AveragePool",
+}
 
 
 def _stem(model: onnx.ModelProto) -> set[str]:
@@ -361,7 +395,9 @@ def _stem_choice(model: onnx.ModelProto, spec: QuantizeSpec) -> tuple[onnx.Model
             return space_to_depth_stem(model), "s2d", False, None
         except ValueError as e:
             if layout == "s2d":
-                raise InputError(f"--stem-layout s2d does not fit this model: {e}; export it with --stem-layout nchw") from None
+                raise InputError(
+                    f"--stem-layout s2d does not fit this model: {e}; export it with --stem-layout nchw"
+                ) from None
             return model, "nchw", float_stem is None, f"the space-to-depth stem does not fit: {e}"
     return model, "nchw" if layout == "auto" else layout, float_stem is not False, None
 
@@ -416,9 +452,13 @@ def int8_model(
             onnx.save_model(model, str(pre))
             stem = _stem(model) if float_stem else set()
             quantize_static(
-                str(pre), str(out), _reader(x, protos, spec.batch),
-                quant_format=QuantFormat.QDQ, per_channel=spec.per_channel,
-                activation_type=QuantType.QInt8 if spec.activations == "int8" else QuantType.QUInt8, weight_type=QuantType.QInt8,
+                str(pre),
+                str(out),
+                _reader(x, protos, spec.batch),
+                quant_format=QuantFormat.QDQ,
+                per_channel=spec.per_channel,
+                activation_type=QuantType.QInt8 if spec.activations == "int8" else QuantType.QUInt8,
+                weight_type=QuantType.QInt8,
                 calibrate_method=CalibrationMethod[spec.method],
                 nodes_to_exclude=sorted(float_nodes(model) | stem),
                 op_types_to_quantize=list(spec.op_types) if spec.op_types else None,
@@ -440,16 +480,32 @@ def int8_model(
         ort.set_default_logger_severity(2)  # ONNX Runtime's default
     _check(q, "int8")
     source = calibration.name if isinstance(calibration, CalibrationImages) else "images"
-    calib: dict[str, Any] = {"dataset": source, "images": int(len(x)), "method": spec.method, "per_channel": spec.per_channel, "seed": spec.seed,
-                             "activations": spec.activations, "float_stem": float_stem,
-                             "conv_kernel": spec.conv_kernel, "gemm_weight_tensors": gemm_weights, "stem_layout": layout}
+    calib: dict[str, Any] = {
+        "dataset": source,
+        "images": int(len(x)),
+        "method": spec.method,
+        "per_channel": spec.per_channel,
+        "seed": spec.seed,
+        "activations": spec.activations,
+        "float_stem": float_stem,
+        "conv_kernel": spec.conv_kernel,
+        "gemm_weight_tensors": gemm_weights,
+        "stem_layout": layout,
+    }
     if spec.stem_layout == "auto":  # what was asked, and why the space-to-depth stem was not chosen
         calib["stem_layout_asked"] = "auto"
         if spec.float_stem is not None:  # --float-stem / --no-float-stem narrowed the choice
             calib["float_stem_asked"] = spec.float_stem
         if not_s2d:
             calib["stem_note"] = not_s2d
-    set_metadata(q, meta.with_(precision=Precision.INT8, verification={}, extra={**meta.extra, "calibration": calib, "float32_part": "metric and normalization"}))
+    set_metadata(
+        q,
+        meta.with_(
+            precision=Precision.INT8,
+            verification={},
+            extra={**meta.extra, "calibration": calib, "float32_part": "metric and normalization"},
+        ),
+    )
     return q
 
 

@@ -65,7 +65,11 @@ def _stem_chain(model: onnx.ModelProto) -> tuple[list[onnx.NodeProto], str]:
         after = consumers[node.output[0]]
         if node.output[0] in outputs or len(after) != 1:
             what = "first convolution's" if node is conv else f"stem's {node.op_type}"
-            read = "not read by anything" if not after and node.output[0] not in outputs else "read by more than its next op (a branch or a graph output)"
+            read = (
+                "not read by anything"
+                if not after and node.output[0] not in outputs
+                else "read by more than its next op (a branch or a graph output)"
+            )
             raise ValueError(f"its {what} output is {read}")
         node = after[0]
         chain.append(node)
@@ -73,7 +77,9 @@ def _stem_chain(model: onnx.ModelProto) -> tuple[list[onnx.NodeProto], str]:
             return chain, conv.input[0]
         if node.op_type not in _MONOTONE or len(chain) > 2:
             found = " and ".join(n.op_type for n in chain[1:])
-            raise ValueError(f"its first convolution is followed by {found}, not by an activation and a 2x2 max pooling")
+            raise ValueError(
+                f"its first convolution is followed by {found}, not by an activation and a 2x2 max pooling"
+            )
         if node.op_type == "LeakyRelu" and _attrs(node).get("alpha", 0.01) < 0:
             raise ValueError("its stem's LeakyRelu has a negative slope, which does not commute with max pooling")
 
@@ -84,16 +90,28 @@ def _check(conv: onnx.NodeProto, weight: np.ndarray, pool: onnx.NodeProto, shape
     k = list(a.get("kernel_shape", weight.shape[2:]))  # the weights give it when the attribute does not
     if len(k) != 2 or k[0] != k[1] or k[0] % 2 == 0:
         raise ValueError(f"its first convolution's kernel is {'x'.join(map(str, k))}, not square and odd")
-    if a.get("group", 1) != 1 or any(s != 1 for s in a.get("strides", [1, 1])) or any(d != 1 for d in a.get("dilations", [1, 1])):
+    if (
+        a.get("group", 1) != 1
+        or any(s != 1 for s in a.get("strides", [1, 1]))
+        or any(d != 1 for d in a.get("dilations", [1, 1]))
+    ):
         raise ValueError("its first convolution is grouped, strided or dilated")
     auto_pad = a.get("auto_pad", b"NOTSET")
     auto_pad = auto_pad.decode() if isinstance(auto_pad, bytes) else auto_pad
-    same = auto_pad in ("SAME_UPPER", "SAME_LOWER") or (auto_pad == "NOTSET" and list(a.get("pads", [0] * 4)) == [k[0] // 2] * 4)
+    same = auto_pad in ("SAME_UPPER", "SAME_LOWER") or (
+        auto_pad == "NOTSET" and list(a.get("pads", [0] * 4)) == [k[0] // 2] * 4
+    )
     if not same:  # an odd kernel pads alike on both sides under SAME_UPPER and SAME_LOWER
         raise ValueError("its first convolution does not pad to keep the image size")
     p = _attrs(pool)
-    if (list(p.get("kernel_shape", [])) != [2, 2] or list(p.get("strides", [1, 1])) != [2, 2] or any(p.get("pads", [0] * 4))
-            or any(d != 1 for d in p.get("dilations", [1, 1])) or p.get("ceil_mode", 0) or any(pool.output[1:])):
+    if (
+        list(p.get("kernel_shape", [])) != [2, 2]
+        or list(p.get("strides", [1, 1])) != [2, 2]
+        or any(p.get("pads", [0] * 4))
+        or any(d != 1 for d in p.get("dilations", [1, 1]))
+        or p.get("ceil_mode", 0)
+        or any(pool.output[1:])
+    ):
         raise ValueError("its stem's pooling is not a plain 2x2 max pooling with stride 2")
     if shape is None or len(shape) != 4 or min(shape[1:]) < 1:
         raise ValueError("its input's channels and size are not known; run ONNX shape inference on it first")
@@ -108,7 +126,7 @@ def _used_names(graph: onnx.GraphProto) -> set[str]:
     for n in graph.node:
         used.update(n.input)
         for a in n.attribute:
-            for sub in ([a.g] if a.type == onnx.AttributeProto.GRAPH else list(a.graphs)):
+            for sub in [a.g] if a.type == onnx.AttributeProto.GRAPH else list(a.graphs):
                 used |= _used_names(sub)
     return used
 
@@ -160,20 +178,25 @@ def space_to_depth_stem(model: onnx.ModelProto) -> onnx.ModelProto:
                 for kx in range(k):
                     dj, dw = divmod(b + kx - pad, 2)
                     block = (dh * 2 + dw) * c
-                    s2d[rows, block:block + c, di - lo, dj - lo] = weight[:, :, ky, kx]
+                    s2d[rows, block : block + c, di - lo, dj - lo] = weight[:, :, ky, kx]
 
     p = _fresh_prefix(out, f"{conv.name or 'stem'}_s2d")
     ints = lambda name, v: numpy_helper.from_array(np.array(v, np.int64), name)  # noqa: E731
-    out.graph.initializer.extend([
-        numpy_helper.from_array(s2d, f"{p}/weight"), numpy_helper.from_array(np.tile(bias, 4), f"{p}/bias"),
-        ints(f"{p}/side_by_side", [-1, h // 2, w // 2 * 4, o]),
-    ])
+    out.graph.initializer.extend(
+        [
+            numpy_helper.from_array(s2d, f"{p}/weight"),
+            numpy_helper.from_array(np.tile(bias, 4), f"{p}/bias"),
+            ints(f"{p}/side_by_side", [-1, h // 2, w // 2 * 4, o]),
+        ]
+    )
     node = helper.make_node
     act = chain[1] if len(chain) == 3 else None
     conv_out = f"{p}/conv"
     if c == 1:  # straight to NHWC (ONNX Runtime's NHWC int8 convolution then needs no transpose): Conv-4 at
         # batch 32, 0.04 ms against 0.09 ms for SpaceToDepth and the transpose ONNX Runtime adds after it
-        out.graph.initializer.extend([ints(f"{p}/blocks", [-1, h // 2, 2, w // 2, 2]), ints(f"{p}/pixels", [-1, h // 2, w // 2, 4])])
+        out.graph.initializer.extend(
+            [ints(f"{p}/blocks", [-1, h // 2, 2, w // 2, 2]), ints(f"{p}/pixels", [-1, h // 2, w // 2, 4])]
+        )
         new = [
             node("Reshape", [source, f"{p}/blocks"], [f"{p}/blocks_5d"], name=f"{p}/blocks"),
             node("Transpose", [f"{p}/blocks_5d"], [f"{p}/blocks_nhwc"], name=f"{p}/blocks_nhwc", perm=[0, 1, 3, 2, 4]),
@@ -183,17 +206,35 @@ def space_to_depth_stem(model: onnx.ModelProto) -> onnx.ModelProto:
     else:  # SpaceToDepth puts channel c of block position (dh, dw) at (dh * 2 + dw) * C + c, as the weights
         # expect; the 6-d Transpose that would write NHWC directly is 11x slower in ONNX Runtime (3 channels)
         new = [node("SpaceToDepth", [source], [f"{p}/pixels_nchw"], name=f"{p}/pixels_nchw", blocksize=2)]
-    new.append(node("Conv", [f"{p}/pixels_nchw", f"{p}/weight", f"{p}/bias"], [conv_out], name=conv.name,
-                    kernel_shape=[size, size], pads=[-lo, -lo, hi, hi]))
+    new.append(
+        node(
+            "Conv",
+            [f"{p}/pixels_nchw", f"{p}/weight", f"{p}/bias"],
+            [conv_out],
+            name=conv.name,
+            kernel_shape=[size, size],
+            pads=[-lo, -lo, hi, hi],
+        )
+    )
     if act is not None:
         act_out = f"{p}/activation"
         new.append(node(act.op_type, [conv_out, *act.input[1:]], [act_out], name=act.name, **_attrs(act)))
         conv_out = act_out
     new += [
         node("Transpose", [conv_out], [f"{p}/groups_nhwc"], name=f"{p}/groups_nhwc", perm=[0, 2, 3, 1]),
-        node("Reshape", [f"{p}/groups_nhwc", f"{p}/side_by_side"], [f"{p}/side_by_side_nhwc"], name=f"{p}/side_by_side"),
-        node("Transpose", [f"{p}/side_by_side_nhwc"], [f"{p}/side_by_side_nchw"], name=f"{p}/side_by_side_nchw", perm=[0, 3, 1, 2]),
-        node("MaxPool", [f"{p}/side_by_side_nchw"], [pool.output[0]], name=pool.name, kernel_shape=[1, 4], strides=[1, 4]),
+        node(
+            "Reshape", [f"{p}/groups_nhwc", f"{p}/side_by_side"], [f"{p}/side_by_side_nhwc"], name=f"{p}/side_by_side"
+        ),
+        node(
+            "Transpose",
+            [f"{p}/side_by_side_nhwc"],
+            [f"{p}/side_by_side_nchw"],
+            name=f"{p}/side_by_side_nchw",
+            perm=[0, 3, 1, 2],
+        ),
+        node(
+            "MaxPool", [f"{p}/side_by_side_nchw"], [pool.output[0]], name=pool.name, kernel_shape=[1, 4], strides=[1, 4]
+        ),
     ]
     # in the pool's place: whatever the activation reads (Clip's bounds) is made before it
     old = {id(n) for n in chain}

@@ -36,10 +36,10 @@ import torch
 from torch import nn
 
 from edgemeta.episodes import EpisodeSampler
-from edgemeta.runtime.errors import ExportError, InputError, VerificationError
 from edgemeta.evaluate import episode_scores, summarize
 from edgemeta.exporters.graph import load_model, model_bytes, read_metadata
 from edgemeta.exporters.images import LabelledImages
+from edgemeta.runtime.errors import ExportError, InputError, VerificationError
 from edgemeta.runtime.ort import open_session as open_ort_session
 from edgemeta.runtime.session import feeds_prototype_norms, graph_batch, prototype_sqnorms
 from edgemeta.runtime.spec import (
@@ -220,7 +220,9 @@ class _OnnxSide:
             if {i.name for i in head.graph.input} != {OUTPUT_EMBEDDINGS, INPUT_PROTOTYPES}:
                 return None
             if any(t.name == INPUT_SQNORMS for t in head.graph.initializer):  # keep the optional input overridable
-                head.graph.input.append(onnx.helper.make_tensor_value_info(INPUT_SQNORMS, onnx.TensorProto.FLOAT, ["n_norms"]))
+                head.graph.input.append(
+                    onnx.helper.make_tensor_value_info(INPUT_SQNORMS, onnx.TensorProto.FLOAT, ["n_norms"])
+                )
             return _cpu_session(head.SerializeToString())
         except Exception:  # an unusual graph: fall back to running the whole model per episode
             return None
@@ -289,7 +291,11 @@ def _tensor_runs(onnx_side: _OnnxSide, torch_side: _TorchSide, x: np.ndarray, sp
     rows = []
     for b in spec.batch_sizes:
         for n in spec.prototype_counts:
-            p = np.ascontiguousarray(protos[np.arange(n) % len(protos)]) if n else np.zeros((0, onnx_side.dim), np.float32)
+            p = (
+                np.ascontiguousarray(protos[np.arange(n) % len(protos)])
+                if n
+                else np.zeros((0, onnx_side.dim), np.float32)
+            )
             xb = x[np.arange(b) % len(x)]
             te, tl = torch_side.run(xb, p)
             # the graph's own norms, and (models that take them) the fed ones: a row per way
@@ -305,7 +311,14 @@ def _tensor_runs(onnx_side: _OnnxSide, torch_side: _TorchSide, x: np.ndarray, sp
     return rows
 
 
-def _embed_all(side, x_of: Callable[[np.ndarray], np.ndarray], idx: np.ndarray, spec: VerifySpec, task: str, progress: Progress | None) -> np.ndarray:
+def _embed_all(
+    side,
+    x_of: Callable[[np.ndarray], np.ndarray],
+    idx: np.ndarray,
+    spec: VerifySpec,
+    task: str,
+    progress: Progress | None,
+) -> np.ndarray:
     out = []
     for i in range(0, len(idx), spec.batch_size):
         out.append(side.embed(x_of(idx[i : i + spec.batch_size])))
@@ -331,7 +344,13 @@ def near_ties(logits: np.ndarray, pred_a: np.ndarray, pred_b: np.ndarray, tol: f
 
 
 def _episodes(
-    onnx_side: _OnnxSide, torch_side: _TorchSide, data: LabelledImages, x_of, spec: VerifySpec, sampler: EpisodeSampler, progress: Progress | None,
+    onnx_side: _OnnxSide,
+    torch_side: _TorchSide,
+    data: LabelledImages,
+    x_of,
+    spec: VerifySpec,
+    sampler: EpisodeSampler,
+    progress: Progress | None,
     tie_rel: float = 0.0,
 ) -> dict[str, Any]:
     eps = list(sampler(spec.episodes))
@@ -402,29 +421,61 @@ def _checks(rows: list[dict[str, Any]], episodes: dict[str, Any], tol: Tolerance
     hint = _HINTS[precision]
     bad_shape = [r for r in rows if not r["shapes_ok"]]
     bad_finite = [r for r in rows if not r["finite"]]
-    where = lambda r: f"batch {r['batch']}, {r['prototypes']} prototypes" + (", norms fed" if r.get("norms_fed") else "")  # noqa: E731
+    where = lambda r: (
+        f"batch {r['batch']}, {r['prototypes']} prototypes" + (", norms fed" if r.get("norms_fed") else "")
+    )  # noqa: E731
     checks = [
-        Check("output shapes", len(bad_shape), 0, not bad_shape,
-              f"{len(rows) - len(bad_shape)}/{len(rows)} runs have the expected shapes" + (f" (first wrong: {where(bad_shape[0])})" if bad_shape else ""),
-              "the graph does not keep the batch and prototype axes dynamic; re-export it with edgemeta"),
-        Check("finite outputs", len(bad_finite), 0, not bad_finite,
-              f"{len(rows) - len(bad_finite)}/{len(rows)} runs are free of NaN/inf" + (f" (first bad: {where(bad_finite[0])})" if bad_finite else ""),
-              "the graph produces NaN or inf; check the normalization epsilon and the input scaling"),
+        Check(
+            "output shapes",
+            len(bad_shape),
+            0,
+            not bad_shape,
+            f"{len(rows) - len(bad_shape)}/{len(rows)} runs have the expected shapes"
+            + (f" (first wrong: {where(bad_shape[0])})" if bad_shape else ""),
+            "the graph does not keep the batch and prototype axes dynamic; re-export it with edgemeta",
+        ),
+        Check(
+            "finite outputs",
+            len(bad_finite),
+            0,
+            not bad_finite,
+            f"{len(rows) - len(bad_finite)}/{len(rows)} runs are free of NaN/inf"
+            + (f" (first bad: {where(bad_finite[0])})" if bad_finite else ""),
+            "the graph produces NaN or inf; check the normalization epsilon and the input scaling",
+        ),
     ]
     for out, limit in (("embeddings", tol.embeddings_rel), ("logits", tol.logits_rel)):
         vals = [(r[f"{out}_rel"], r) for r in rows if r.get(f"{out}_rel") is not None]
         worst, row = max(vals, key=lambda v: v[0]) if vals else (0.0, None)
-        detail = f"max relative error {worst:.2e} (limit {limit:.0e})" + (f" at {where(row)}, max abs {row[f'{out}_abs']:.2e}" if row else "")
+        detail = f"max relative error {worst:.2e} (limit {limit:.0e})" + (
+            f" at {where(row)}, max abs {row[f'{out}_abs']:.2e}" if row else ""
+        )
         checks.append(Check(f"{out} error", worst, limit, worst <= limit, detail, hint))
     if episodes:
         hint = _episode_hint(episodes, all(c.passed for c in checks), hint)
         a, drop = episodes["agreement"], episodes["torch_accuracy"] - episodes["onnx_accuracy"]
         what = f"{episodes['count']} episodes {episodes['n_way']}-way {episodes['k_shot']}-shot"
-        checks.append(Check("prediction agreement", a, tol.min_agreement, a >= tol.min_agreement,
-                            f"{100 * a:.2f}% of {episodes['queries']} queries (limit {100 * tol.min_agreement:.1f}%, {what})", hint))
-        checks.append(Check("accuracy drop", drop, tol.max_accuracy_drop, drop <= tol.max_accuracy_drop,
-                            f"torch {100 * episodes['torch_accuracy']:.2f}% vs ONNX {100 * episodes['onnx_accuracy']:.2f}% "
-                            f"(drop {100 * drop:.2f} points, limit {100 * tol.max_accuracy_drop:.1f})", hint))
+        checks.append(
+            Check(
+                "prediction agreement",
+                a,
+                tol.min_agreement,
+                a >= tol.min_agreement,
+                f"{100 * a:.2f}% of {episodes['queries']} queries (limit {100 * tol.min_agreement:.1f}%, {what})",
+                hint,
+            )
+        )
+        checks.append(
+            Check(
+                "accuracy drop",
+                drop,
+                tol.max_accuracy_drop,
+                drop <= tol.max_accuracy_drop,
+                f"torch {100 * episodes['torch_accuracy']:.2f}% vs ONNX {100 * episodes['onnx_accuracy']:.2f}% "
+                f"(drop {100 * drop:.2f} points, limit {100 * tol.max_accuracy_drop:.1f})",
+                hint,
+            )
+        )
     return checks
 
 
@@ -469,13 +520,21 @@ def verify(
     pool = np.random.default_rng([spec.seed, 1]).choice(len(data), size=min(need, len(data)), replace=False)
     x = x_of(np.sort(pool))
     if x.shape[1:] != (pp.channels, *pp.size):
-        raise InputError(f"{data.name} images are {x.shape[1:]}, the model takes {(pp.channels, *pp.size)} (CHW); load them at the model's size")
+        raise InputError(
+            f"{data.name} images are {x.shape[1:]}, the model takes {(pp.channels, *pp.size)} (CHW); load them at the model's size"
+        )
     onnx_side, torch_side = _OnnxSide(path, proto, meta.embedding_dim), _TorchSide(torch_model, meta.embedding_dim)
     rows = _tensor_runs(onnx_side, torch_side, x, spec)
     if progress:
         progress("tensor checks", 1, 1)
-    episodes = _episodes(onnx_side, torch_side, data, x_of, spec, sampler, progress, tol.logits_rel) if sampler is not None else {}
-    report = VerificationReport(str(path), meta.precision, tol, _checks(rows, episodes, tol, meta.precision), rows, episodes)
+    episodes = (
+        _episodes(onnx_side, torch_side, data, x_of, spec, sampler, progress, tol.logits_rel)
+        if sampler is not None
+        else {}
+    )
+    report = VerificationReport(
+        str(path), meta.precision, tol, _checks(rows, episodes, tol, meta.precision), rows, episodes
+    )
     report.seconds = time.perf_counter() - t0
     if not report.passed:
         error = VerificationError(report.error_message())

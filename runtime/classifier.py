@@ -48,10 +48,11 @@ from __future__ import annotations
 
 import contextlib
 import os
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from enum import Enum
 from pathlib import Path
-from typing import Callable, Iterator, NamedTuple, Sequence
+from typing import Callable, NamedTuple
 
 import numpy as np
 
@@ -137,8 +138,12 @@ def _top_k(logits: np.ndarray, k: int) -> np.ndarray:
 
 
 def _check_threshold(value: object) -> None:
-    ok = value is None or (isinstance(value, (int, float, np.integer, np.floating)) and not isinstance(value, bool)
-                           and bool(np.isfinite(value)) and value >= 0)
+    ok = value is None or (
+        isinstance(value, (int, float, np.integer, np.floating))
+        and not isinstance(value, bool)
+        and bool(np.isfinite(value))
+        and value >= 0
+    )
     if not ok:
         raise InputError(f"threshold must be a finite distance >= 0 or None, got {value!r}")
 
@@ -217,7 +222,9 @@ class FewShotClassifier:
         if isinstance(model, Session):
             self.session = model
         else:
-            self.session = Session(model, providers, preprocess=preprocess, options=self.options.session, allow_fallback=allow_fallback)
+            self.session = Session(
+                model, providers, preprocess=preprocess, options=self.options.session, allow_fallback=allow_fallback
+            )
         self._store = self._checked(store) if store is not None else self._new_store()
         self._threshold = self.options.threshold if self.options.threshold is not None else self.default_threshold()
 
@@ -246,13 +253,17 @@ class FewShotClassifier:
 
     def _new_store(self) -> PrototypeStore:
         s = self.session
-        return PrototypeStore(s.embedding_dim, metric=s.metric, fingerprint=s.fingerprint, keep_embeddings=self.options.keep_embeddings)
+        return PrototypeStore(
+            s.embedding_dim, metric=s.metric, fingerprint=s.fingerprint, keep_embeddings=self.options.keep_embeddings
+        )
 
     def _checked(self, store: PrototypeStore) -> PrototypeStore:
         """``store`` if it fits this model (see :meth:`PrototypeStore.claim`: one made by hand,
         which records no model, is taken as this model's from then on)."""
         if self.options.mode is Mode.KNN and not store.keep_embeddings:
-            raise InputError("k-NN mode needs a store that keeps embeddings; re-enrol into a new store with keep_embeddings=True (`edgemeta enroll --keep-embeddings --store NEW`)")
+            raise InputError(
+                "k-NN mode needs a store that keeps embeddings; re-enrol into a new store with keep_embeddings=True (`edgemeta enroll --keep-embeddings --store NEW`)"
+            )
         s = self.session
         store.claim(s.fingerprint, s.embedding_dim, s.metric)
         return store
@@ -298,7 +309,9 @@ class FewShotClassifier:
 
     # ---- embedding and enrolment ---------------------------------------------------
 
-    def embed(self, images: ImageLike | Sequence[ImageLike], on_progress: Callable[[int], None] | None = None) -> np.ndarray:
+    def embed(
+        self, images: ImageLike | Sequence[ImageLike], on_progress: Callable[[int], None] | None = None
+    ) -> np.ndarray:
         """Images (paths, PIL images, arrays, or a 4-D array) -> embeddings float32 [n, D]."""
         items = _as_list(images)
         if len(items) == 0:
@@ -398,7 +411,9 @@ class FewShotClassifier:
         knn = self.options.mode is Mode.KNN
         snap = self._store.snapshot(examples=knn)
         if not snap.labels:
-            raise InputError("nothing is enrolled yet; call enroll(label, images) (`edgemeta enroll`) for at least one class first")
+            raise InputError(
+                "nothing is enrolled yet; call enroll(label, images) (`edgemeta enroll`) for at least one class first"
+            )
         items = _as_list(images)
         if len(items) == 0:
             raise InputError("no images given; pass at least one image")
@@ -434,7 +449,9 @@ class FewShotClassifier:
             out[:, classes] = best.mean(axis=-1)
         return out
 
-    def _verdicts(self, logits: np.ndarray, labels: tuple[str, ...], k: int, threshold: float | None) -> list[Prediction]:
+    def _verdicts(
+        self, logits: np.ndarray, labels: tuple[str, ...], k: int, threshold: float | None
+    ) -> list[Prediction]:
         """Top-``k`` candidates per row. Probabilities and distances are computed for those
         only (the softmax denominator still sums over every class): with 10,000 classes,
         the full arrays cost more than the graph's whole metric."""
@@ -477,7 +494,9 @@ class FewShotClassifier:
             raise InputError(f"percentile must be in (0, 100] and margin > 0, got {percentile} and {margin}")
         store = self._store
         if not store.keep_embeddings:
-            raise InputError("calibrate_threshold() needs the enrolled embeddings; use ClassifierOptions(keep_embeddings=True) and re-enrol")
+            raise InputError(
+                "calibrate_threshold() needs the enrolled embeddings; use ClassifierOptions(keep_embeddings=True) and re-enrol"
+            )
         snap = store.snapshot(examples=True)  # one consistent view, even while another thread enrols
         dists = []
         start = 0
@@ -495,7 +514,9 @@ class FewShotClassifier:
                 loo = (ex.sum(axis=0)[None] - ex) / (n - 1)
                 dists.append(self._rowwise(ex, loo))
         if not dists:
-            raise InputError("calibrate_threshold() needs at least one class with 2 or more enrolled examples; enrol more")
+            raise InputError(
+                "calibrate_threshold() needs at least one class with 2 or more enrolled examples; enrol more"
+            )
         value = float(np.percentile(np.concatenate(dists), percentile) * margin)
         if apply:
             self.threshold = value
@@ -528,7 +549,9 @@ def list_images(paths: Sequence[str | os.PathLike]) -> list[Path]:
         if p.is_dir():
             found = sorted(q for q in p.iterdir() if q.is_file() and q.suffix.lower() in IMAGE_SUFFIXES)
             if not found and any(q.is_dir() for q in p.iterdir()):
-                raise InputError(f"{p} holds no image files, only subfolders (not searched); pass the image files or the subfolders themselves")
+                raise InputError(
+                    f"{p} holds no image files, only subfolders (not searched); pass the image files or the subfolders themselves"
+                )
             out.extend(found)
         else:
             out.append(p)  # a missing file is reported by the decoder, with its name

@@ -30,8 +30,9 @@ import stat
 import tempfile
 import threading
 import time
+from collections.abc import Iterable, Iterator
 from pathlib import Path
-from typing import Callable, Iterable, Iterator, Union
+from typing import Callable, Union
 
 from edgemeta.runtime.errors import InputError, LockTimeout, StoreWriteError
 

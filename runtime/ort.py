@@ -19,9 +19,10 @@ import io
 import os
 import platform
 import warnings
+from collections.abc import Sequence
 from dataclasses import dataclass
 from enum import Enum
-from typing import Sequence, Union
+from typing import Union
 
 import onnxruntime as ort
 
@@ -60,7 +61,13 @@ class Provider(str, Enum):
 #: The order ``providers="auto"`` tries, among those this onnxruntime build has.
 AUTO_ORDER = (Provider.TENSORRT.value, Provider.CUDA.value, Provider.CPU.value)
 GPU_PROVIDERS = (Provider.TENSORRT.value, Provider.CUDA.value)  #: those that run on a CUDA device
-_SHORT_NAMES = {"cpu": Provider.CPU, "cuda": Provider.CUDA, "gpu": Provider.CUDA, "tensorrt": Provider.TENSORRT, "trt": Provider.TENSORRT}
+_SHORT_NAMES = {
+    "cpu": Provider.CPU,
+    "cuda": Provider.CUDA,
+    "gpu": Provider.CUDA,
+    "tensorrt": Provider.TENSORRT,
+    "trt": Provider.TENSORRT,
+}
 
 ProvidersArg = Union[str, Provider, Sequence[Union[str, Provider]]]
 
@@ -80,7 +87,6 @@ ORT_LEVELS = {
     GraphOptimization.EXTENDED: ort.GraphOptimizationLevel.ORT_ENABLE_EXTENDED,
     GraphOptimization.ALL: ort.GraphOptimizationLevel.ORT_ENABLE_ALL,
 }
-
 
 
 class ExecutionMode(str, Enum):
@@ -132,7 +138,9 @@ class SessionOptions:
 
     def __post_init__(self) -> None:
         if self.allow_spinning is not None and not isinstance(self.allow_spinning, bool):
-            raise InputError(f"allow_spinning must be True, False or None (ONNX Runtime's default), got {self.allow_spinning!r}")
+            raise InputError(
+                f"allow_spinning must be True, False or None (ONNX Runtime's default), got {self.allow_spinning!r}"
+            )
         if self.intra_op_threads < 0 or self.inter_op_threads < 0:
             raise InputError(
                 f"thread counts must be >= 0 (0 = ONNX Runtime's default), got "
@@ -155,7 +163,9 @@ class SessionOptions:
         so.inter_op_num_threads = self.inter_op_threads
         so.graph_optimization_level = ORT_LEVELS[self.graph_optimization]
         so.execution_mode = (
-            ort.ExecutionMode.ORT_PARALLEL if self.execution_mode is ExecutionMode.PARALLEL else ort.ExecutionMode.ORT_SEQUENTIAL
+            ort.ExecutionMode.ORT_PARALLEL
+            if self.execution_mode is ExecutionMode.PARALLEL
+            else ort.ExecutionMode.ORT_SEQUENTIAL
         )
         so.enable_cpu_mem_arena = self.memory_arena
         if self.allow_spinning is not None:
@@ -205,10 +215,11 @@ def resolve_providers(providers: ProvidersArg) -> tuple[list[str], bool]:
     return list(dict.fromkeys(names)), False
 
 
-
 def display_name(provider: str) -> str:
     """The name a report shows for an ONNX Runtime provider: CPU, CUDA, TensorRT, or the full name of any other."""
-    return {Provider.CPU.value: "CPU", Provider.CUDA.value: "CUDA", Provider.TENSORRT.value: "TensorRT"}.get(provider, provider)
+    return {Provider.CPU.value: "CPU", Provider.CUDA.value: "CUDA", Provider.TENSORRT.value: "TensorRT"}.get(
+        provider, provider
+    )
 
 
 _preloaded = False
@@ -253,7 +264,9 @@ NHWC_STEM_DISABLED_OPTIMIZERS = ("TransposeOptimizer", "TransposeOptimizer_CPUEx
 _NCHWC_MACHINES = {"x86_64", "amd64"}  # where ONNX Runtime has its NCHWc kernels (AVX2 and later)
 
 
-def open_session(path: str | os.PathLike | bytes, options: ort.SessionOptions, providers: list[str]) -> tuple[ort.InferenceSession, str]:
+def open_session(
+    path: str | os.PathLike | bytes, options: ort.SessionOptions, providers: list[str]
+) -> tuple[ort.InferenceSession, str]:
     """An ``onnxruntime.InferenceSession`` on ``providers``, as every edgemeta session opens one.
     ``path`` is a model file or a serialized model.
 
@@ -279,10 +292,14 @@ def open_session(path: str | os.PathLike | bytes, options: ort.SessionOptions, p
     try:
         with contextlib.redirect_stdout(out) if gpu else contextlib.nullcontext():
             model = path if isinstance(path, bytes) else str(path)
-            sess = ort.InferenceSession(model, sess_options=options, providers=providers, disabled_optimizers=list(DISABLED_OPTIMIZERS))
+            sess = ort.InferenceSession(
+                model, sess_options=options, providers=providers, disabled_optimizers=list(DISABLED_OPTIMIZERS)
+            )
             if _nhwc_stem_pays(options, gpu) and wants_nhwc_stem(sess):
                 disabled = [*DISABLED_OPTIMIZERS, *NHWC_STEM_DISABLED_OPTIMIZERS]
-                sess = ort.InferenceSession(model, sess_options=options, providers=providers, disabled_optimizers=disabled)
+                sess = ort.InferenceSession(
+                    model, sess_options=options, providers=providers, disabled_optimizers=disabled
+                )
     finally:
         if gpu:
             ort.set_default_logger_severity(2)  # ONNX Runtime's default
@@ -322,4 +339,3 @@ def stored_metadata(session: ort.InferenceSession) -> ModelMetadata | None:
     """The edgemeta metadata stored in ``session``'s model, or None (a model from elsewhere)."""
     custom = session.get_modelmeta().custom_metadata_map
     return ModelMetadata.from_json(custom[METADATA_KEY]) if METADATA_KEY in custom else None
-

@@ -9,8 +9,9 @@ from __future__ import annotations
 
 import os
 import warnings
+from collections.abc import Iterable, Sequence
 from pathlib import Path
-from typing import Any, Iterable, Sequence, Union
+from typing import Any, Union
 
 import numpy as np
 
@@ -44,7 +45,9 @@ def _filter(name: str):
 def decode(path: str | os.PathLike | Any) -> Any:
     """Open an image file (or a file object) fully, with clear errors for bad files."""
     Image = _pil()
-    name = str(path) if isinstance(path, (str, os.PathLike)) else getattr(path, "name", "the image data")  # the path as given
+    name = (
+        str(path) if isinstance(path, (str, os.PathLike)) else getattr(path, "name", "the image data")
+    )  # the path as given
     if isinstance(path, (str, os.PathLike)):
         p = Path(path)
         if p.is_dir():
@@ -73,7 +76,9 @@ def decode(path: str | os.PathLike | Any) -> Any:
         if isinstance(e, InputError):
             raise
         if isinstance(e, (Image.DecompressionBombError, Image.DecompressionBombWarning)):
-            raise InputError(f"{name}: refused as a possible decompression bomb ({e}); downscale the image first") from None
+            raise InputError(
+                f"{name}: refused as a possible decompression bomb ({e}); downscale the image first"
+            ) from None
         if isinstance(e, Image.UnidentifiedImageError):
             raise InputError(f"{name}: not an image file Pillow can read (PNG, JPEG, BMP, ...)") from None
         if isinstance(e, PermissionError):
@@ -88,7 +93,15 @@ _EXIF_ORIENTATION = 0x0112
 # EXIF orientation -> the PIL transpose that turns the stored pixels upright (the table of
 # ImageOps.exif_transpose, without its rewrite of the EXIF block, which has raised on
 # malformed phone EXIF in some Pillow versions)
-_UPRIGHT = {2: "FLIP_LEFT_RIGHT", 3: "ROTATE_180", 4: "FLIP_TOP_BOTTOM", 5: "TRANSPOSE", 6: "ROTATE_270", 7: "TRANSVERSE", 8: "ROTATE_90"}
+_UPRIGHT = {
+    2: "FLIP_LEFT_RIGHT",
+    3: "ROTATE_180",
+    4: "FLIP_TOP_BOTTOM",
+    5: "TRANSPOSE",
+    6: "ROTATE_270",
+    7: "TRANSVERSE",
+    8: "ROTATE_90",
+}
 
 
 def _upright(im: Any) -> Any:
@@ -186,7 +199,11 @@ def to_uint8(image: ImageLike, spec: PreprocessSpec) -> np.ndarray | None:
             )
         if arr.shape[0] * arr.shape[1] > MAX_PIXELS or min(arr.shape[:2]) < 1:
             raise InputError(f"image array of shape {arr.shape} has an absurd size; pass an ordinary image")
-        if arr.shape[:2] == tuple(spec.size) and (arr.ndim == 2) == (spec.channels == 1) and (arr.ndim == 2 or arr.shape[2] == 3):
+        if (
+            arr.shape[:2] == tuple(spec.size)
+            and (arr.ndim == 2) == (spec.channels == 1)
+            and (arr.ndim == 2 or arr.shape[2] == 3)
+        ):
             # already the model's size and colour (grey HW or RGB HWC): Pillow would change nothing
             return arr[:, :, None] if arr.ndim == 2 else arr
         # fromarray infers L / RGB / RGBA from the shape (its `mode` argument is deprecated)
@@ -196,9 +213,7 @@ def to_uint8(image: ImageLike, spec: PreprocessSpec) -> np.ndarray | None:
         if w * h > MAX_PIXELS or min(w, h) < 1:
             raise InputError(f"PIL image of size {w}x{h} has an absurd size; pass an ordinary image")
         return _resize_pil(image, spec)
-    raise InputError(
-        f"cannot use {type(image).__name__} as an image; pass a file path, a PIL image, or a numpy array"
-    )
+    raise InputError(f"cannot use {type(image).__name__} as an image; pass a file path, a PIL image, or a numpy array")
 
 
 def normalize(batch_uint8: np.ndarray, spec: PreprocessSpec) -> np.ndarray:
@@ -328,7 +343,9 @@ def to_pixels(image: ImageLike, spec: PreprocessSpec) -> np.ndarray | None:
     raise InputError(f"cannot use {type(image).__name__} as an image; pass a file path, a PIL image, or a numpy array")
 
 
-def pixel_groups(items: Sequence[ImageLike], spec: PreprocessSpec) -> tuple[list[tuple[np.ndarray, np.ndarray]], np.ndarray | None, np.ndarray]:
+def pixel_groups(
+    items: Sequence[ImageLike], spec: PreprocessSpec
+) -> tuple[list[tuple[np.ndarray, np.ndarray]], np.ndarray | None, np.ndarray]:
     """Split images into what a ``pixels`` model is fed: ``(groups, floats, float_at)``.
 
     ``groups`` holds one ``(indices, frames uint8 [n, H, W, C])`` per frame shape (a call
@@ -351,7 +368,9 @@ def pixel_groups(items: Sequence[ImageLike], spec: PreprocessSpec) -> tuple[list
         for j, i in enumerate(float_at):
             arr = np.asarray(items[i], dtype=np.float32)
             if arr.shape != floats.shape[1:]:
-                raise InputError(f"preprocessed array of shape {arr.shape} does not match the model input {floats.shape[1:]}")
+                raise InputError(
+                    f"preprocessed array of shape {arr.shape} does not match the model input {floats.shape[1:]}"
+                )
             _check_finite(arr, f"preprocessed array {i}")
             floats[j] = arr
     return groups, floats, float_at

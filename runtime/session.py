@@ -22,7 +22,7 @@ import hashlib
 import math
 import os
 import warnings
-from typing import Sequence
+from collections.abc import Sequence
 from pathlib import Path
 
 import numpy as np
@@ -121,7 +121,11 @@ def prototype_sqnorms(prototypes: np.ndarray) -> np.ndarray:
 
 
 def run_bound(
-    session: ort.InferenceSession, images: np.ndarray, bound: dict[str, ort.OrtValue], outputs: list[str], device: tuple[str, int]
+    session: ort.InferenceSession,
+    images: np.ndarray,
+    bound: dict[str, ort.OrtValue],
+    outputs: list[str],
+    device: tuple[str, int],
 ) -> list[np.ndarray]:
     """One graph call with IO binding: ``images`` copied to ``device``, the other inputs
     already there (``bound``: name -> OrtValue), the outputs made there and copied back."""
@@ -248,7 +252,11 @@ class Session:
             )
         for p in lost:
             self.fallbacks.append(f"{p}: {reason}")
-        warnings.warn(f"{', '.join(lost)} not used ({reason}); running on the next provider", ProviderFallbackWarning, stacklevel=4)
+        warnings.warn(
+            f"{', '.join(lost)} not used ({reason}); running on the next provider",
+            ProviderFallbackWarning,
+            stacklevel=4,
+        )
 
     def _create_session(self) -> ort.InferenceSession:
         available = ort.get_available_providers()
@@ -283,7 +291,9 @@ class Session:
             return sess
         except Exception as e:  # noqa: BLE001
             if _ort_error_kind(e) == "model":
-                raise InputError(f"{self.path}: not an ONNX model ONNX Runtime can load ({' '.join(str(e).split())[:300]}); re-export it") from None
+                raise InputError(
+                    f"{self.path}: not an ONNX model ONNX Runtime can load ({' '.join(str(e).split())[:300]}); re-export it"
+                ) from None
             raise
 
     @property
@@ -318,10 +328,15 @@ class Session:
         if ranks:
             raise InputError(f"{self.path} breaks the edgemeta contract: {'; '.join(ranks)}; re-export the model")
         # inputs are fed float32 or float16; outputs of any float type are read as float32
-        types = [f"input '{n}' is {inputs[n].type}, expected float or float16" for n in inputs if inputs[n].type not in _FLOAT_TYPES]
+        types = [
+            f"input '{n}' is {inputs[n].type}, expected float or float16"
+            for n in inputs
+            if inputs[n].type not in _FLOAT_TYPES
+        ]
         types += [
             f"output '{n}' is {outputs[n].type}, expected float, float16 or double"
-            for n in (OUTPUT_EMBEDDINGS, OUTPUT_LOGITS) if outputs[n].type not in (*_FLOAT_TYPES, "tensor(double)")
+            for n in (OUTPUT_EMBEDDINGS, OUTPUT_LOGITS)
+            if outputs[n].type not in (*_FLOAT_TYPES, "tensor(double)")
         ]
         if types:
             raise InputError(f"{self.path} breaks the edgemeta contract: {'; '.join(types)}; re-export the model")
@@ -381,7 +396,11 @@ class Session:
         if entry is None:
             return None
         if entry[2] is None:
-            entry = self._norms_cache = (entry[0], entry[1], ort.OrtValue.ortvalue_from_numpy(entry[1], *self._device()))
+            entry = self._norms_cache = (
+                entry[0],
+                entry[1],
+                ort.OrtValue.ortvalue_from_numpy(entry[1], *self._device()),
+            )
         return entry[2]
 
     def _check_input_shape(self, spec: PreprocessSpec) -> None:
@@ -401,7 +420,9 @@ class Session:
             protos = np.concatenate([emb, 2.0 * emb]).astype(np.float32)
             return emb, self._raw_run(x, protos)[1][0]
         except Exception as e:  # noqa: BLE001 - ONNX Runtime raises its own pybind types
-            raise InputError(f"{self.path}: probing the model failed ({e}); re-export it with edgemeta metadata") from None
+            raise InputError(
+                f"{self.path}: probing the model failed ({e}); re-export it with edgemeta metadata"
+            ) from None
 
     def _output_dim(self) -> int | None:
         shape = next(o.shape for o in self._sess.get_outputs() if o.name == OUTPUT_EMBEDDINGS)
@@ -415,7 +436,9 @@ class Session:
         emb, (same, double) = self._probe(preprocess)
         sq = float((emb.astype(np.float64) ** 2).sum())
         if sq <= 1e-12:
-            raise InputError(f"{self.path}: cannot infer the metric (zero embedding); re-export it with edgemeta metadata")
+            raise InputError(
+                f"{self.path}: cannot infer the metric (zero embedding); re-export it with edgemeta metadata"
+            )
         if abs(same) <= 1e-3 * max(sq, 1.0) and abs(double + sq) <= 1e-2 * sq:
             metric = Metric.SQEUCLIDEAN
         elif same > 0 and abs(same - double) <= 1e-2 * abs(same):
@@ -556,7 +579,10 @@ class Session:
         if self.io_binding:
             outs = self._run_bound(x, protos, names)
         else:
-            feed = {INPUT_IMAGES: x, INPUT_PROTOTYPES: np.ascontiguousarray(protos, dtype=self._in_types[INPUT_PROTOTYPES])}
+            feed = {
+                INPUT_IMAGES: x,
+                INPUT_PROTOTYPES: np.ascontiguousarray(protos, dtype=self._in_types[INPUT_PROTOTYPES]),
+            }
             norms = self._norms(protos) if logits else None
             if norms is not None:
                 feed[INPUT_SQNORMS] = norms

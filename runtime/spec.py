@@ -125,9 +125,7 @@ class PreprocessSpec:
         if self.channels not in (1, 3):
             raise InputError(f"channels must be 1 or 3, got {self.channels}")
         if len(self.mean) != self.channels or len(self.std) != self.channels:
-            raise InputError(
-                f"mean/std need {self.channels} values each, got {len(self.mean)} and {len(self.std)}"
-            )
+            raise InputError(f"mean/std need {self.channels} values each, got {len(self.mean)} and {len(self.std)}")
         if any(s <= 0 for s in self.std):
             raise InputError(f"std values must be positive, got {self.std}")
         expected = "L" if self.channels == 1 else "RGB"
@@ -222,7 +220,9 @@ class ModelMetadata:
         try:
             d = loads(text, limit=1 << 24)
         except SchemaError as e:
-            raise ModelMismatchError(f"model metadata is not valid JSON ({e}); re-export the model with edgemeta") from None
+            raise ModelMismatchError(
+                f"model metadata is not valid JSON ({e}); re-export the model with edgemeta"
+            ) from None
         if not isinstance(d, dict) or d.get("format") != "edgemeta.model":
             raise ModelMismatchError("model metadata is not an edgemeta document; re-export the model with edgemeta")
         version = d.get("version")

@@ -23,9 +23,10 @@ import os
 import threading
 import unicodedata
 import warnings
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Iterator
+from typing import Callable
 
 import numpy as np
 
@@ -63,10 +64,14 @@ def check_label(label: object, *, new: bool = True) -> str:
         label = str(label)  # a str subclass (numpy's str_, an enum's value): stored and returned as a plain str
     if not label.strip():
         raise InputError(f"label must be a non-empty string, got {label!r}; name the class")
-    if not new or (label.isprintable() and label.isascii()):  # the common label, checked in C (enrolment's hot path runs this twice)
+    if not new or (
+        label.isprintable() and label.isascii()
+    ):  # the common label, checked in C (enrolment's hot path runs this twice)
         return label
     if any(unicodedata.category(ch) == "Cc" for ch in label):
-        raise InputError(f"label {label!r} contains control characters (newline, tab, escape, ...); name the class without them")
+        raise InputError(
+            f"label {label!r} contains control characters (newline, tab, escape, ...); name the class without them"
+        )
     if not _utf8(label):
         raise InputError(
             f"label {label!r} cannot be written as UTF-8 (a lone surrogate: a file or folder name in another encoding?); "
@@ -84,7 +89,9 @@ def _same_model(recorded: str, fingerprint: str, what: str) -> None:
     """Raise :class:`ModelMismatchError` if a store records a model other than ``fingerprint``
     (one that records none, made by hand, fits any)."""
     if recorded and recorded != fingerprint:
-        raise ModelMismatchError(f"{what} was made with model {recorded}, this model is {fingerprint}; re-enrol or load the matching model")
+        raise ModelMismatchError(
+            f"{what} was made with model {recorded}, this model is {fingerprint}; re-enrol or load the matching model"
+        )
 
 
 def _utf8(text: str) -> bool:
@@ -140,7 +147,9 @@ class PrototypeStore:
         try:
             self.metric = Metric(metric)
         except ValueError:
-            raise InputError(f"unknown metric {metric!r}; choose one of: {', '.join(m.value for m in Metric)}") from None
+            raise InputError(
+                f"unknown metric {metric!r}; choose one of: {', '.join(m.value for m in Metric)}"
+            ) from None
         self.embedding_dim = int(embedding_dim)
         self.fingerprint = str(fingerprint)
         self.keep_embeddings = bool(keep_embeddings)
@@ -231,14 +240,20 @@ class PrototypeStore:
 
     def _need_examples(self, what: str) -> None:
         if not self.keep_embeddings:
-            raise InputError(f"{what} needs the individual embeddings; create the store with keep_embeddings=True and re-enrol")
+            raise InputError(
+                f"{what} needs the individual embeddings; create the store with keep_embeddings=True and re-enrol"
+            )
 
     def _row_label(self, label: object) -> str:
         label = check_label(label, new=False)  # an existing label, as it was stored
-        if label not in self._index and _composed(label) in self._index:  # as enrolled: in composed form (see check_label)
+        if (
+            label not in self._index and _composed(label) in self._index
+        ):  # as enrolled: in composed form (see check_label)
             label = _composed(label)
         if label not in self._index:
-            shown = ", ".join(repr(x if len(x) <= 40 else x[:37] + "...") for x in self._labels[:10]) + (", ..." if len(self._labels) > 10 else "")
+            shown = ", ".join(repr(x if len(x) <= 40 else x[:37] + "...") for x in self._labels[:10]) + (
+                ", ..." if len(self._labels) > 10 else ""
+            )
             raise InputError(f"unknown label {label!r}; enrolled labels: {shown or 'none'}")
         return label  # type: ignore[return-value]
 
@@ -253,12 +268,16 @@ class PrototypeStore:
         if e.ndim == 1:
             e = e[None]
         if e.ndim != 2 or e.shape[1] != self.embedding_dim:
-            raise InputError(f"embeddings of shape {e.shape} do not fit [n, {self.embedding_dim}]; use this model's embeddings")
+            raise InputError(
+                f"embeddings of shape {e.shape} do not fit [n, {self.embedding_dim}]; use this model's embeddings"
+            )
         if e.shape[0] == 0:
             raise InputError("no embeddings given; enrol at least one example")
         if e.dtype.kind not in "fiu":
             raise InputError("embeddings must be finite numbers; check the model's output")
-        if e.dtype != np.float32:  # as a model gives them: float64 values beyond float32's range become inf, refused below
+        if (
+            e.dtype != np.float32
+        ):  # as a model gives them: float64 values beyond float32's range become inf, refused below
             with np.errstate(over="ignore", invalid="ignore"):
                 e = e.astype(np.float32)
         # the sums are what the store keeps, so the reduction that makes them is also the check:
@@ -319,8 +338,12 @@ class PrototypeStore:
                 return
             if new in self._index:
                 if not merge:
-                    raise InputError(f"label {new!r} already exists; pass merge=True (`edgemeta store rename --merge`) to combine {old!r} into it")
-                self._absorb(new, self._sums[self._index[old]].copy(), int(self._counts[self._index[old]]), self._examples[old])
+                    raise InputError(
+                        f"label {new!r} already exists; pass merge=True (`edgemeta store rename --merge`) to combine {old!r} into it"
+                    )
+                self._absorb(
+                    new, self._sums[self._index[old]].copy(), int(self._counts[self._index[old]]), self._examples[old]
+                )
                 self.forget(old)
                 return
             row = self._index.pop(old)
@@ -366,11 +389,16 @@ class PrototypeStore:
                 f"{self.fingerprint}; re-enrol with one model"
             )
         if self.keep_embeddings and not other.keep_embeddings:
-            raise InputError("this store keeps individual embeddings and the other does not; re-enrol the other with keep_embeddings=True")
+            raise InputError(
+                "this store keeps individual embeddings and the other does not; re-enrol the other with keep_embeddings=True"
+            )
         if other is self:
             raise InputError("cannot merge a store into itself")
         with other._lock:
-            items = [(lab, other._sums[i].copy(), int(other._counts[i]), list(other._examples[lab])) for i, lab in enumerate(other._labels)]
+            items = [
+                (lab, other._sums[i].copy(), int(other._counts[i]), list(other._examples[lab]))
+                for i, lab in enumerate(other._labels)
+            ]
         with self._lock:
             for lab, total, count, parts in items:
                 self._absorb(lab, total, count, parts)
@@ -386,7 +414,12 @@ class PrototypeStore:
     def copy(self) -> PrototypeStore:
         """An independent copy (the arrays of kept embeddings are shared: they are read-only)."""
         with self._lock:
-            new = PrototypeStore(self.embedding_dim, metric=self.metric, fingerprint=self.fingerprint, keep_embeddings=self.keep_embeddings)
+            new = PrototypeStore(
+                self.embedding_dim,
+                metric=self.metric,
+                fingerprint=self.fingerprint,
+                keep_embeddings=self.keep_embeddings,
+            )
             new._labels = list(self._labels)
             new._index = dict(self._index)
             new._sums = self._sums.copy()

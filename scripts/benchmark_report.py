@@ -51,7 +51,11 @@ UNTRAINED = [("ResNet-12", "resnet12", 84, 3, ("fp32", "int8")), ("EdgeNet", "ed
 # kernel (gemm loses on narrow layers). Conv-4 runs its stem in int8 as a space-to-depth
 # convolution, pooling included (against a float stem with an NHWC hand-over: 13% faster);
 # EdgeNet's strided stem does not fit that rewrite and stays in float32.
-INT8 = {"Conv-4": {"float_stem": False, "stem_layout": "s2d"}, "ResNet-12": {"activations": "uint8", "float_stem": True, "conv_kernel": "gemm"}, "EdgeNet": {"float_stem": True, "stem_layout": "nchw"}}
+INT8 = {
+    "Conv-4": {"float_stem": False, "stem_layout": "s2d"},
+    "ResNet-12": {"activations": "uint8", "float_stem": True, "conv_kernel": "gemm"},
+    "EdgeNet": {"float_stem": True, "stem_layout": "nchw"},
+}
 CALIBRATION = "tiny-imagenet"
 UNTRAINED_NOTE = (
     "**untrained weights** (seeded random initialisation): these models were not trained; their latency is what "
@@ -72,10 +76,18 @@ def _sgd_threads(b: dict) -> str:
     n = b.get("sgd_threads")
     if n is None:
         return "the benchmark's threads"
-    return "one thread: about as fast as two on a quiet machine, far steadier on a busy one" if n == 1 else f"{n} threads"
+    return (
+        "one thread: about as fast as two on a quiet machine, far steadier on a busy one" if n == 1 else f"{n} threads"
+    )
 
 
-def export_variants(checkpoint: Path, work: Path, precisions: tuple[str, ...], calibration_data: str | None = None, int8: dict | None = None) -> list[Path]:
+def export_variants(
+    checkpoint: Path,
+    work: Path,
+    precisions: tuple[str, ...],
+    calibration_data: str | None = None,
+    int8: dict | None = None,
+) -> list[Path]:
     """One ONNX model per precision, written by the project's exporter (not verified here:
     ``edgemeta verify`` is the accuracy check; this report only times them). ``int8``:
     :class:`QuantizeSpec` fields for the int8 variant."""
@@ -84,7 +96,12 @@ def export_variants(checkpoint: Path, work: Path, precisions: tuple[str, ...], c
     paths = []
     for p in precisions:
         out = work / f"{checkpoint.stem}.{p}.onnx"
-        options = ExportOptions(precision=Precision(p), verify=None, calibration_data=calibration_data, quantize=QuantizeSpec(**(int8 or {})))
+        options = ExportOptions(
+            precision=Precision(p),
+            verify=None,
+            calibration_data=calibration_data,
+            quantize=QuantizeSpec(**(int8 or {})),
+        )
         export_checkpoint(checkpoint, out, options)
         paths.append(out)
     return paths
@@ -114,13 +131,25 @@ SWEEP = [
 
 def sweep(model: Path, base: BenchConfig, workdir: Path) -> list[dict[str, Any]]:
     """p50 of Conv-4 fp32 embedding with one ORT setting (or the thread count) changed at a time."""
-    quiet = dict(precisions=(), class_counts=(1,), cold_start=False, flops=False, torch_baseline=False, backprop_episodes=0)
+    quiet = dict(
+        precisions=(), class_counts=(1,), cold_start=False, flops=False, torch_baseline=False, backprop_episodes=0
+    )
     cases = [(name, replace(base, ort=tuning, **quiet)) for name, tuning in SWEEP]
-    cases += [(f"{t} intra-op thread(s)", replace(base, threads=t, **quiet)) for t in sorted({1, base.resolved_threads})]
+    cases += [
+        (f"{t} intra-op thread(s)", replace(base, threads=t, **quiet)) for t in sorted({1, base.resolved_threads})
+    ]
     rows = []
     for name, cfg in cases:
         for r in run_benchmark(model, cfg, workdir=workdir).embedding:
-            rows.append({"setting": name, "batch": r.batch, "p50_ms": r.latency.p50_ms, "p99_ms": r.latency.p99_ms, "repeatable": r.repeatable})
+            rows.append(
+                {
+                    "setting": name,
+                    "batch": r.batch,
+                    "p50_ms": r.latency.p50_ms,
+                    "p99_ms": r.latency.p99_ms,
+                    "repeatable": r.repeatable,
+                }
+            )
     return rows
 
 
@@ -129,7 +158,9 @@ def sweep(model: Path, base: BenchConfig, workdir: Path) -> list[dict[str, Any]]
 
 def _row(report: dict, precision: str, batch: int, engine: str = "onnxruntime") -> dict | None:
     want = ("CPU", precision, batch, engine)
-    return next((r for r in report["embedding"] if (r["provider"], r["precision"], r["batch"], r["engine"]) == want), None)
+    return next(
+        (r for r in report["embedding"] if (r["provider"], r["precision"], r["batch"], r["engine"]) == want), None
+    )
 
 
 def _val(row: dict | None, key: str) -> float | None:
@@ -139,7 +170,9 @@ def _val(row: dict | None, key: str) -> float | None:
 def _vs_plain_torch(report: dict, batch: int) -> float | None:
     """torch eager (NCHW, the model as its checkpoint loads) p50 / ORT fp32 p50."""
     ort_row, torch_row = _row(report, "fp32", batch), _row(report, "fp32", batch, "torch eager")
-    return None if ort_row is None or torch_row is None else torch_row["latency"]["p50_ms"] / ort_row["latency"]["p50_ms"]
+    return (
+        None if ort_row is None or torch_row is None else torch_row["latency"]["p50_ms"] / ort_row["latency"]["p50_ms"]
+    )
 
 
 def targets(reports: dict[str, dict]) -> list[tuple[str, str, float | None, bool | None]]:
@@ -153,7 +186,12 @@ def targets(reports: dict[str, dict]) -> list[tuple[str, str, float | None, bool
 
     if conv4:
         add("Conv-4: ORT fp32 vs torch eager (NCHW, as loaded), batch 1", ">=", 4, _vs_plain_torch(conv4, 1))
-        add("Conv-4: ORT fp32 vs the faster torch line (channels-last), batch 1", ">=", 4, _val(_row(conv4, "fp32", 1), "speedup_vs_torch"))
+        add(
+            "Conv-4: ORT fp32 vs the faster torch line (channels-last), batch 1",
+            ">=",
+            4,
+            _val(_row(conv4, "fp32", 1), "speedup_vs_torch"),
+        )
         add("Conv-4: ORT fp32 vs torch eager, batch 32", ">=", 1, _val(_row(conv4, "fp32", 32), "speedup_vs_torch"))
         add("Conv-4: int8 vs fp32, batch 32", ">=", 2, _val(_row(conv4, "int8", 32), "speedup_vs_fp32"))
         frac = _val(_row(conv4, "fp32", 32), "peak_fraction")
@@ -164,12 +202,27 @@ def targets(reports: dict[str, dict]) -> list[tuple[str, str, float | None, bool
         add("Conv-4: classify with 10,000 classes / with 1", "<=", 2, _val(tenk, "vs_fewest"))
         for b in conv4.get("backprop") or []:
             shots = f"{b['n_way']}-way {b['k_shot']}-shot, {b.get('precision', 'fp32')} embeddings"
-            add(f"Conv-4: prototypes vs {b['steps']}-step backprop, {shots}, learning step", ">=", 50, b["learning_speedup"])
+            add(
+                f"Conv-4: prototypes vs {b['steps']}-step backprop, {shots}, learning step",
+                ">=",
+                50,
+                b["learning_speedup"],
+            )
             add(f"Conv-4: prototypes vs {b['steps']}-step backprop, {shots}, end to end", ">=", 50, b["speedup"])
     if resnet:
         add("ResNet-12@84: ORT fp32 vs torch eager (NCHW, as loaded), batch 1", ">=", 1.5, _vs_plain_torch(resnet, 1))
-        add("ResNet-12@84: ORT fp32 vs the faster torch line, batch 1", ">=", 1.5, _val(_row(resnet, "fp32", 1), "speedup_vs_torch"))
-        add("ResNet-12@84: ORT fp32 vs torch eager, batch 32", ">=", 1, _val(_row(resnet, "fp32", 32), "speedup_vs_torch"))
+        add(
+            "ResNet-12@84: ORT fp32 vs the faster torch line, batch 1",
+            ">=",
+            1.5,
+            _val(_row(resnet, "fp32", 1), "speedup_vs_torch"),
+        )
+        add(
+            "ResNet-12@84: ORT fp32 vs torch eager, batch 32",
+            ">=",
+            1,
+            _val(_row(resnet, "fp32", 32), "speedup_vs_torch"),
+        )
         add("ResNet-12@84: int8 vs fp32, batch 32", ">=", 3.5, _val(_row(resnet, "int8", 32), "speedup_vs_fp32"))
     if edge:
         add("EdgeNet@84: ORT fp32 vs torch eager, batch 32", ">=", 1, _val(_row(edge, "fp32", 32), "speedup_vs_torch"))
@@ -184,12 +237,25 @@ def _f(v: float | None, spec: str = ".3f", suffix: str = "") -> str:
 
 
 def _table(header: list[str], rows: list[list[str]], left: tuple[int, ...] = (0,)) -> str:
-    lines = ["| " + " | ".join(header) + " |", "|" + "|".join("---" if i in left else "---:" for i in range(len(header))) + "|"]
+    lines = [
+        "| " + " | ".join(header) + " |",
+        "|" + "|".join("---" if i in left else "---:" for i in range(len(header))) + "|",
+    ]
     return "\n".join(lines + ["| " + " | ".join(r) + " |" for r in rows])
 
 
-BACKPROP_HEADER = ["episodes", "embeddings", "n", "prototypes acc %", "backprop acc %", "embed support ms", "prototypes ms", "backprop ms",
-                   "faster: learning step", "faster: end to end"]
+BACKPROP_HEADER = [
+    "episodes",
+    "embeddings",
+    "n",
+    "prototypes acc %",
+    "backprop acc %",
+    "embed support ms",
+    "prototypes ms",
+    "backprop ms",
+    "faster: learning step",
+    "faster: end to end",
+]
 
 
 def model_section(name: str, d: dict, trained: bool, plot: str) -> str:
@@ -204,8 +270,10 @@ def model_section(name: str, d: dict, trained: bool, plot: str) -> str:
 
     q = QuantizeSpec(**INT8.get(name, {}))
     parts.append("")
-    parts.append(f"int8: static QDQ calibrated on base-class images, {q.activations} activations, int8 weights per channel, "
-                 f"{q.conv_kernel} int8 convolution kernel; how its stem runs is in the table.")
+    parts.append(
+        f"int8: static QDQ calibrated on base-class images, {q.activations} activations, int8 weights per channel, "
+        f"{q.conv_kernel} int8 convolution kernel; how its stem runs is in the table."
+    )
     parts.append("")
     models = [[v["precision"], f"{v['size_mb']:.2f}", v["origin"], v.get("int8_stem") or "–"] for v in d["models"]]
     parts.append(_table(["model", "size MB", "origin", "stem (int8)"], models, left=(0, 2, 3)))
@@ -217,66 +285,145 @@ def model_section(name: str, d: dict, trained: bool, plot: str) -> str:
         eng = "ORT " + r["precision"] if r["engine"] == "onnxruntime" else r["engine"]
         if r["engine"] == "torch eager channels_last" and lat["p50_ms"] >= best.get(r["batch"], float("inf")):
             eng += " (slower: not used for ratios)"
-        rows.append([
-            eng, str(r["batch"]), _f(lat["mean_ms"]), _f(lat["p50_ms"]), _f(lat["p90_ms"]), _f(lat["p99_ms"]), _f(lat["max_ms"]),
-            _f(r["throughput_ips"], ",.0f"), _f(r["achieved_gflops"], ".1f"), _f(r["peak_fraction"] and 100 * r["peak_fraction"], ".0f", "%"),
-            _f(r["speedup_vs_torch"], ".2f", "x"), _f(r["speedup_vs_fp32"], ".2f", "x"), {True: "yes", False: "**no**", None: "-"}[r["repeatable"]],
-        ])
-    parts += ["### Embedding latency (ms)", "", _table(
-        ["engine", "batch", "mean", "p50", "p90", "p99", "max", "img/s", "GFLOP/s", "% peak", "vs torch", "vs fp32", "p50 repeats ±10%"], rows), ""]
+        rows.append(
+            [
+                eng,
+                str(r["batch"]),
+                _f(lat["mean_ms"]),
+                _f(lat["p50_ms"]),
+                _f(lat["p90_ms"]),
+                _f(lat["p99_ms"]),
+                _f(lat["max_ms"]),
+                _f(r["throughput_ips"], ",.0f"),
+                _f(r["achieved_gflops"], ".1f"),
+                _f(r["peak_fraction"] and 100 * r["peak_fraction"], ".0f", "%"),
+                _f(r["speedup_vs_torch"], ".2f", "x"),
+                _f(r["speedup_vs_fp32"], ".2f", "x"),
+                {True: "yes", False: "**no**", None: "-"}[r["repeatable"]],
+            ]
+        )
+    parts += [
+        "### Embedding latency (ms)",
+        "",
+        _table(
+            [
+                "engine",
+                "batch",
+                "mean",
+                "p50",
+                "p90",
+                "p99",
+                "max",
+                "img/s",
+                "GFLOP/s",
+                "% peak",
+                "vs torch",
+                "vs fp32",
+                "p50 repeats ±10%",
+            ],
+            rows,
+        ),
+        "",
+    ]
     parts.append(
         "`vs torch`: torch p50 / ORT p50, against the faster of torch eager and torch eager channels-last. "
         "`vs fp32`: ORT fp32 p50 / this p50."
     )
     parts.append("")
-    rows = [[
-        f"{r['precision']}", f"{r['n_classes']:,}", _f(r["latency"]["p50_ms"]), _f(r["latency"]["p99_ms"]), _f(r["vs_fewest"], ".2f", "x"),
-        _f(r["predict"] and r["predict"]["p50_ms"]), _f(r["predict"] and r["predict"]["p99_ms"]),
-    ] for r in d["classes"]]
+    rows = [
+        [
+            f"{r['precision']}",
+            f"{r['n_classes']:,}",
+            _f(r["latency"]["p50_ms"]),
+            _f(r["latency"]["p99_ms"]),
+            _f(r["vs_fewest"], ".2f", "x"),
+            _f(r["predict"] and r["predict"]["p50_ms"]),
+            _f(r["predict"] and r["predict"]["p99_ms"]),
+        ]
+        for r in d["classes"]
+    ]
     parts += [
-        "### Classification at batch 1 vs enrolled classes (ms)", "",
+        "### Classification at batch 1 vs enrolled classes (ms)",
+        "",
         "The graph with that many prototypes (what the target is about), fed as the runtime feeds it: with the "
         "prototypes' squared norms, which the runtime computes once per change of the store (the optional "
         "`prototype_sqnorms` input); and `FewShotClassifier.predict` (graph, softmax, top-1, open-set verdict) "
-        "with that many classes enrolled.", "",
-        _table(["precision", "classes", "graph p50", "graph p99", "graph vs 1 class", "predict() p50", "predict() p99"], rows), "",
+        "with that many classes enrolled.",
+        "",
+        _table(
+            ["precision", "classes", "graph p50", "graph p99", "graph vs 1 class", "predict() p50", "predict() p99"],
+            rows,
+        ),
+        "",
     ]
     cold = {x["precision"]: x for x in d["cold_start"]}
     rows = []
     for a in d["adaptation"]:
         cs = cold.get(a["precision"], {})
-        rows.append([
-            a["precision"], _f(a["enroll"]["p50_ms"]), _f(a["embed"]["p50_ms"]), _f(a["ratio"], ".2f", "x"),
-            *(_f(cs.get(k), ".0f") for k in ("interpreter_ms", "import_ms", "session_ms")),
-            _f(cs.get("first_prediction_ms"), ".1f"),
-            *(_f(cs.get(k), ".0f") for k in ("total_ms", "peak_rss_mb", "peak_rss_batch_mb")),
-        ])
+        rows.append(
+            [
+                a["precision"],
+                _f(a["enroll"]["p50_ms"]),
+                _f(a["embed"]["p50_ms"]),
+                _f(a["ratio"], ".2f", "x"),
+                *(_f(cs.get(k), ".0f") for k in ("interpreter_ms", "import_ms", "session_ms")),
+                _f(cs.get("first_prediction_ms"), ".1f"),
+                *(_f(cs.get(k), ".0f") for k in ("total_ms", "peak_rss_mb", "peak_rss_batch_mb")),
+            ]
+        )
     shots = d["config"]["shots"]
-    header = ["precision", "enrol K", "embed K", "ratio", "interpreter", "imports", "session", "1st prediction", "total", "RSS MB"]
+    header = [
+        "precision",
+        "enrol K",
+        "embed K",
+        "ratio",
+        "interpreter",
+        "imports",
+        "session",
+        "1st prediction",
+        "total",
+        "RSS MB",
+    ]
     header.append(f"RSS MB after batch {max(d['config']['batch_sizes'])}")
     parts += [
-        f"### Enrolment (K={shots}, p50 ms) and cold start (ms, fresh process)", "",
+        f"### Enrolment (K={shots}, p50 ms) and cold start (ms, fresh process)",
+        "",
         "Enrolment and embedding are timed in pairs on the same session, every second pair the other way round; "
-        "the ratio is the median of each enrolment's time over that of the embedding timed beside it.", "",
-        _table(header, rows), "",
+        "the ratio is the median of each enrolment's time over that of the embedding timed beside it.",
+        "",
+        _table(header, rows),
+        "",
     ]
     if d["backprop"]:
-        rows = [[
-            f"{b['n_way']}-way {b['k_shot']}-shot", b.get("precision", "fp32"), str(b["episodes"]), f"{100 * b['prototype_accuracy']:.2f} ± {100 * b['prototype_ci95']:.2f}",
-            f"{100 * b['backprop_accuracy']:.2f} ± {100 * b['backprop_ci95']:.2f}", _f(b["embed_ms"], ".2f"), _f(b["prototype_ms"], ".3f"),
-            _f(b["backprop_ms"], ".1f"), _f(b["learning_speedup"], ".0f", "x"), _f(b["speedup"], ".0f", "x"),
-        ] for b in d["backprop"]]
+        rows = [
+            [
+                f"{b['n_way']}-way {b['k_shot']}-shot",
+                b.get("precision", "fp32"),
+                str(b["episodes"]),
+                f"{100 * b['prototype_accuracy']:.2f} ± {100 * b['prototype_ci95']:.2f}",
+                f"{100 * b['backprop_accuracy']:.2f} ± {100 * b['backprop_ci95']:.2f}",
+                _f(b["embed_ms"], ".2f"),
+                _f(b["prototype_ms"], ".3f"),
+                _f(b["backprop_ms"], ".1f"),
+                _f(b["learning_speedup"], ".0f", "x"),
+                _f(b["speedup"], ".0f", "x"),
+            ]
+            for b in d["backprop"]
+        ]
         b0 = d["backprop"][0]
         parts += [
-            "### Prototype enrolment vs backprop (the skeptic's comparison)", "",
+            "### Prototype enrolment vs backprop (the skeptic's comparison)",
+            "",
             f"Same seeded Omniglot evaluation episodes (15 queries per class). Backprop: a zero-initialised linear layer on the frozen "
             f"embeddings, {b0['steps']} full-batch SGD steps in torch ({_sgd_threads(b0)}; lr {b0['lr']}, momentum 0.9, weight decay 1e-3), as on-device "
             "last-layer training does. Times are medians per new class set. Learning step: class means against the SGD steps, from the "
             "same support embeddings; end to end: with the embedding of the support images, which both need, by the model at that "
             "precision (an int8 accelerator with on-device last-layer training, as Coral's, embeds in int8). ONNX Runtime (embedding, "
             "prototypes) and torch (SGD) are timed in separate passes over the episodes, so neither runs beside the other's "
-            "idle spinning threads.", "",
-            _table(BACKPROP_HEADER, rows, left=(0, 1)), "",
+            "idle spinning threads.",
+            "",
+            _table(BACKPROP_HEADER, rows, left=(0, 1)),
+            "",
         ]
     rep = d["repeatability"]
     others = d["machine"].get("other_processes_cores")
@@ -296,10 +443,13 @@ def markdown(reports: dict[str, dict], sweep_rows: list[dict], argv: list[str], 
     m, cfg = first["machine"], first["config"]
     tg = targets(reports)
     lines = [
-        "# Benchmark", "",
+        "# Benchmark",
+        "",
         f"Written by `python scripts/benchmark_report.py {' '.join(argv)}` in {minutes:.0f} minutes "
-        f"on {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}.", "",
-        "## Machine", "",
+        f"on {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}.",
+        "",
+        "## Machine",
+        "",
         f"- CPU: {m['cpu']}, {m['physical_cores']} physical cores ({m['logical_cores']} logical), {m['memory_gb']} GB",
         f"- vector extensions: {', '.join(m['cpu_flags'])}",
         f"- {m['os']}; Python {m['python']}, numpy {m['numpy']}, onnxruntime {m['onnxruntime']}, torch {m['torch']}, onnx {m['onnx']}",
@@ -307,30 +457,54 @@ def markdown(reports: dict[str, dict], sweep_rows: list[dict], argv: list[str], 
         f"- threads: {cfg['threads']} for ONNX Runtime, torch and the peak measurement alike",
         f"- measured float32 peak: {first['peak']['peak_gflops']:.1f} GFLOP/s ({first['peak']['n']}x{first['peak']['n']} MatMul: "
         f"ONNX Runtime {first['peak']['ort_gflops']:.1f}, numpy {first['peak']['numpy_gflops']:.1f})",
-        *([f"- measured int8 peak: {first['peak']['int8_peak_gops']:,.0f} GOP/s (ONNX Runtime MatMulInteger, uint8 x int8 with "
-           "prepacked weights, the best of 512², 1024² and 2048²); the `% peak` of int8 rows is of this, of fp32 and fp16 rows of the "
-           "float32 peak"] if "int8_peak_gops" in first["peak"] else []),
+        *(
+            [
+                f"- measured int8 peak: {first['peak']['int8_peak_gops']:,.0f} GOP/s (ONNX Runtime MatMulInteger, uint8 x int8 with "
+                "prepacked weights, the best of 512², 1024² and 2048²); the `% peak` of int8 rows is of this, of fp32 and fp16 rows of the "
+                "float32 peak"
+            ]
+            if "int8_peak_gops" in first["peak"]
+            else []
+        ),
         f"- ONNX Runtime session: {json.dumps(cfg['ort'])}",
-        "- torch: eval mode, `torch.inference_mode()`, same thread count; plain (NCHW) and channels-last both timed.", "",
+        "- torch: eval mode, `torch.inference_mode()`, same thread count; plain (NCHW) and channels-last both timed.",
+        "",
         "Every latency is the wall-clock time of one call from Python (inputs already in memory), "
         f"after warm-up calls. At each batch size the precisions and the torch lines are timed in {cfg['rounds']} rounds, each "
         "timing every engine in turn (a block of calls on a freshly opened session, one session alive at a time), so their "
         "ratios hold even if the machine drifts; the p50s of the first and the second half of each engine's calls (in the order "
-        "they ran) must agree within 10%.", "",
-        "## Targets", "",
-        _table(["what", "target", "measured", "met"], [[w, t, _f(v, ".2f"), _met(ok)] for w, t, v, ok in tg], left=(0, 3)), "",
+        "they ran) must agree within 10%.",
+        "",
+        "## Targets",
+        "",
+        _table(
+            ["what", "target", "measured", "met"], [[w, t, _f(v, ".2f"), _met(ok)] for w, t, v, ok in tg], left=(0, 3)
+        ),
+        "",
     ]
     for name, d in reports.items():
-        lines.append(model_section(name, d, trained=name == "Conv-4", plot=f"benchmark_{name.lower().replace('-', '')}.png"))
+        lines.append(
+            model_section(name, d, trained=name == "Conv-4", plot=f"benchmark_{name.lower().replace('-', '')}.png")
+        )
     if sweep_rows:
         batches = sorted({r["batch"] for r in sweep_rows})
         settings = list(dict.fromkeys(r["setting"] for r in sweep_rows))
         cell = {(r["setting"], r["batch"]): r for r in sweep_rows}
-        rows = [[s] + [f"{cell[(s, b)]['p50_ms']:.3f}" + ("" if cell[(s, b)]["repeatable"] is not False else " (noisy)") for b in batches] for s in settings]
+        rows = [
+            [s]
+            + [
+                f"{cell[(s, b)]['p50_ms']:.3f}" + ("" if cell[(s, b)]["repeatable"] is not False else " (noisy)")
+                for b in batches
+            ]
+            for s in settings
+        ]
         lines += [
-            "## ONNX Runtime settings (Conv-4 fp32, p50 ms)", "",
-            "Each line changes one setting from the report's defaults.", "",
-            _table(["setting"] + [f"batch {b}" for b in batches], rows), "",
+            "## ONNX Runtime settings (Conv-4 fp32, p50 ms)",
+            "",
+            "Each line changes one setting from the report's defaults.",
+            "",
+            _table(["setting"] + [f"batch {b}" for b in batches], rows),
+            "",
         ]
     return "\n".join(lines)
 
@@ -351,24 +525,40 @@ def main() -> None:
     t0 = time.time()
     quick = args.quick
     conv4_cfg = BenchConfig(
-        precisions=("fp32", "fp16", "int8"), threads=args.threads, warmup=3 if quick else 50, runs=10 if quick else 300,
-        class_counts=(1, 100, 10_000) if quick else (1, 100, 10_000, 100_000), backprop_episodes=5 if quick else args.episodes,
+        precisions=("fp32", "fp16", "int8"),
+        threads=args.threads,
+        warmup=3 if quick else 50,
+        runs=10 if quick else 300,
+        class_counts=(1, 100, 10_000) if quick else (1, 100, 10_000, 100_000),
+        backprop_episodes=5 if quick else args.episodes,
     )
     big_cfg = BenchConfig(
-        precisions=("fp32", "int8"), threads=args.threads, warmup=1, runs=3, duration=None if quick else 4.0,
-        class_counts=(1, 10_000), batch_sizes=(1, 4) if quick else (1, 32),
+        precisions=("fp32", "int8"),
+        threads=args.threads,
+        warmup=1,
+        runs=3,
+        duration=None if quick else 4.0,
+        class_counts=(1, 10_000),
+        batch_sizes=(1, 4) if quick else (1, 32),
     )
     reports: dict[str, BenchReport] = {}
     with tempfile.TemporaryDirectory(prefix="edgemeta-report-") as tmp:
         work = Path(tmp)
-        conv4 = export_variants(args.checkpoint, work, conv4_cfg.precisions and tuple(p.value for p in conv4_cfg.precisions), int8=INT8["Conv-4"])
+        conv4 = export_variants(
+            args.checkpoint,
+            work,
+            conv4_cfg.precisions and tuple(p.value for p in conv4_cfg.precisions),
+            int8=INT8["Conv-4"],
+        )
         reports["Conv-4"] = run(conv4, args.checkpoint, conv4_cfg, work, "Conv-4 (shipped), fp32/fp16/int8")
         sweep_rows = sweep(conv4[0], replace(conv4_cfg, runs=10 if quick else 200), work)
         if not args.skip_untrained:
             for name, backbone, size, channels, precisions in UNTRAINED:
                 ckpt = untrained_checkpoint(backbone, size, channels, work / f"{backbone}.safetensors")
                 models = export_variants(ckpt, work, precisions, CALIBRATION, INT8[name])
-                reports[name] = run(models, ckpt, replace(big_cfg, precisions=precisions), work, f"{name} (untrained) @{size}")
+                reports[name] = run(
+                    models, ckpt, replace(big_cfg, precisions=precisions), work, f"{name} (untrained) @{size}"
+                )
     docs = {name: r.to_dict() for name, r in reports.items()}
     for d in docs.values():  # the models lived in a temporary folder: keep their names only
         for m in d["models"]:

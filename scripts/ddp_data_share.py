@@ -31,13 +31,18 @@ def main() -> None:
 
     from edgemeta.distributed import Device
     from edgemeta.model import ModelSpec
-    from edgemeta.train import EpisodeLogits, Trainer, TrainConfig, default_spec, folder_split, load_training_data
+    from edgemeta.train import EpisodeLogits, TrainConfig, Trainer, default_spec, folder_split, load_training_data
 
     cfg = TrainConfig(
         backbone=args.backbone, n_way=args.n_way, k_shot=args.k_shot, q_query=args.queries, threads=1, device=Device.CPU
     )
     pp = default_spec(cfg)
-    trainer = Trainer(cfg, *load_training_data(cfg, pp, folder_split(cfg)), ModelSpec(cfg.backbone, pp, {}, cfg.metric, cfg.normalization), None)
+    trainer = Trainer(
+        cfg,
+        *load_training_data(cfg, pp, folder_split(cfg)),
+        ModelSpec(cfg.backbone, pp, {}, cfg.metric, cfg.normalization),
+        None,
+    )
     net, samplers = EpisodeLogits(trainer.model), trainer.samplers()
     opt = torch.optim.Adam(trainer.model.parameters(), lr=cfg.lr)
     # CPU time of this thread as well as wall time: on a shared machine the wall time of a step

@@ -34,12 +34,21 @@ from pathlib import Path
 import numpy as np
 
 from edgemeta.checkpoint import default_checkpoint, load_checkpoint
-from edgemeta.runtime.errors import EdgemetaError, VerificationError
-from edgemeta.evaluate import to_tensor
 from edgemeta.data import base_images, novel_images, recorded_dataset
-from edgemeta.exporters import ExportOptions, VerifySpec, calibration_images, export_checkpoint, labelled_images, quantize_int8, to_fp16, verify
+from edgemeta.evaluate import to_tensor
+from edgemeta.exporters import (
+    ExportOptions,
+    VerifySpec,
+    calibration_images,
+    export_checkpoint,
+    labelled_images,
+    quantize_int8,
+    to_fp16,
+    verify,
+)
 from edgemeta.exporters.graph import load_model, read_metadata
 from edgemeta.exporters.quantize import QuantizeSpec
+from edgemeta.runtime.errors import EdgemetaError, VerificationError
 from edgemeta.runtime.ort import open_session
 from edgemeta.runtime.spec import Precision
 
@@ -47,9 +56,13 @@ PRECISIONS = (Precision.FP32, Precision.FP16, Precision.INT8)
 
 
 def parse_args() -> argparse.Namespace:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(
+        description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     p.add_argument("--checkpoint", type=Path, help="checkpoint (default: the packaged Conv-4 Omniglot model)")
-    p.add_argument("--dataset", choices=("omniglot", "tiny-imagenet"), help="default: the one recorded in the checkpoint")
+    p.add_argument(
+        "--dataset", choices=("omniglot", "tiny-imagenet"), help="default: the one recorded in the checkpoint"
+    )
     p.add_argument("--episodes", type=int, default=1000)
     p.add_argument("--k-shot", type=int, help="default: 1 for Omniglot, 5 for Tiny-ImageNet")
     p.add_argument("--calibration-images", type=int, default=256)
@@ -64,7 +77,9 @@ def parse_args() -> argparse.Namespace:
 def build_models(ckpt: Path, folder: Path, dataset: str, args: argparse.Namespace) -> dict[Precision, Path]:
     """fp32 through the export pipeline (not yet verified), fp16 and int8 from it."""
     stem = ckpt.stem
-    fp32 = export_checkpoint(ckpt, folder / f"{stem}.onnx", ExportOptions(verify=None, data=dataset, data_dir=args.data_dir)).path
+    fp32 = export_checkpoint(
+        ckpt, folder / f"{stem}.onnx", ExportOptions(verify=None, data=dataset, data_dir=args.data_dir)
+    ).path
     meta_pp = load_checkpoint(ckpt).spec.preprocess
     spec = QuantizeSpec(calibration_images=args.calibration_images)
     calibration = calibration_images(base_images(dataset, meta_pp, args.data_dir), spec)
@@ -75,7 +90,9 @@ def build_models(ckpt: Path, folder: Path, dataset: str, args: argparse.Namespac
     }
 
 
-def verify_all(models: dict[Precision, Path], ckpt: Path, dataset: str, args: argparse.Namespace) -> dict[Precision, dict]:
+def verify_all(
+    models: dict[Precision, Path], ckpt: Path, dataset: str, args: argparse.Namespace
+) -> dict[Precision, dict]:
     model = load_checkpoint(ckpt).model
     data = labelled_images(novel_images(dataset, model.spec.preprocess, args.data_dir))
     k_shot = args.k_shot or (1 if dataset == "omniglot" else 5)
@@ -88,7 +105,10 @@ def verify_all(models: dict[Precision, Path], ckpt: Path, dataset: str, args: ar
         except VerificationError as e:  # a failing variant is a figure too
             report = e.report  # type: ignore[attr-defined]
         out[precision] = {**report.summary(), "seconds": round(time.perf_counter() - t0, 1)}
-        print(f"verified {precision.value}: agreement {100 * out[precision]['episodes']['agreement']:.2f}% ({out[precision]['seconds']} s)", flush=True)
+        print(
+            f"verified {precision.value}: agreement {100 * out[precision]['episodes']['agreement']:.2f}% ({out[precision]['seconds']} s)",
+            flush=True,
+        )
     return out
 
 
@@ -101,7 +121,9 @@ def latency(models: dict[Precision, Path], ckpt: Path, dataset: str, args: argpa
     x = to_tensor(data.images[:32], pp.mean, pp.std).numpy()
     opts = ort.SessionOptions()
     opts.intra_op_num_threads = args.threads
-    sessions = {p: open_session(m, opts, ["CPUExecutionProvider"])[0] for p, m in models.items()}  # as the runtime opens them
+    sessions = {
+        p: open_session(m, opts, ["CPUExecutionProvider"])[0] for p, m in models.items()
+    }  # as the runtime opens them
     dim = sessions[Precision.FP32].get_inputs()[1].shape[1]
     protos = np.random.default_rng(0).standard_normal((5, dim)).astype(np.float32)
     times: dict[tuple[Precision, int], list[float]] = {(p, b): [] for p in models for b in (1, 32)}
@@ -117,10 +139,15 @@ def latency(models: dict[Precision, Path], ckpt: Path, dataset: str, args: argpa
                 times[(p, b)].append(1000 * (time.perf_counter() - t0))
     out = {}
     for p in models:
-        out[p] = {f"b{b}": {"median_ms": statistics.median(times[(p, b)]), "p90_ms": float(np.percentile(times[(p, b)], 90))} for b in (1, 32)}
+        out[p] = {
+            f"b{b}": {"median_ms": statistics.median(times[(p, b)]), "p90_ms": float(np.percentile(times[(p, b)], 90))}
+            for b in (1, 32)
+        }
     for p in models:
         for b in (1, 32):
-            out[p][f"b{b}"]["speedup_vs_fp32"] = out[Precision.FP32][f"b{b}"]["median_ms"] / out[p][f"b{b}"]["median_ms"]
+            out[p][f"b{b}"]["speedup_vs_fp32"] = (
+                out[Precision.FP32][f"b{b}"]["median_ms"] / out[p][f"b{b}"]["median_ms"]
+            )
     return out
 
 
@@ -147,7 +174,10 @@ def markdown(rows: dict[Precision, dict], header: dict) -> str:
             f"{lat['b1']['median_ms']:.2f} | {lat['b32']['median_ms']:.2f} | "
             f"{lat['b1']['speedup_vs_fp32']:.2f}x / {lat['b32']['speedup_vs_fp32']:.2f}x | {'yes' if v['passed'] else 'NO: ' + ', '.join(v['failed_checks'])} |"
         )
-    lines += ["", "Relative error: max |ONNX - torch| / max |torch| (logits: at least the largest squared norm of an embedding or prototype)."]
+    lines += [
+        "",
+        "Relative error: max |ONNX - torch| / max |torch| (logits: at least the largest squared norm of an embedding or prototype).",
+    ]
     return "\n".join(lines) + "\n"
 
 
@@ -157,22 +187,31 @@ def main() -> int:
     ck = load_checkpoint(ckpt)
     dataset = args.dataset or recorded_dataset(ck.info)
     if dataset not in ("omniglot", "tiny-imagenet"):
-        raise SystemExit(f"cannot tell the data set of {ckpt} (recorded: {dataset!r}); pass --dataset omniglot|tiny-imagenet")
+        raise SystemExit(
+            f"cannot tell the data set of {ckpt} (recorded: {dataset!r}); pass --dataset omniglot|tiny-imagenet"
+        )
     with tempfile.TemporaryDirectory(prefix="edgemeta-figures-") as tmp:
         folder = args.keep_models or Path(tmp)
         folder.mkdir(parents=True, exist_ok=True)
         models = build_models(Path(ckpt), folder, dataset, args)
         figures = verify_all(models, Path(ckpt), dataset, args)
         lat = latency(models, Path(ckpt), dataset, args)
-        rows = {p: {"size_mb": models[p].stat().st_size / 1e6, "verification": figures[p], "latency": lat[p]} for p in PRECISIONS}
+        rows = {
+            p: {"size_mb": models[p].stat().st_size / 1e6, "verification": figures[p], "latency": lat[p]}
+            for p in PRECISIONS
+        }
         int8_stem = read_metadata(load_model(models[Precision.INT8])).int8_stem
     import onnxruntime as ort
 
     header = {
-        "checkpoint": Path(ckpt).name, "fingerprint": ck.fingerprint, "backbone": ck.spec.backbone,
+        "checkpoint": Path(ckpt).name,
+        "fingerprint": ck.fingerprint,
+        "backbone": ck.spec.backbone,
         "calibration": "Omniglot background" if dataset == "omniglot" else "Tiny-ImageNet train classes",
         "int8_stem": int8_stem,
-        "onnxruntime": ort.__version__, "threads": args.threads, "repeats": args.repeats,
+        "onnxruntime": ort.__version__,
+        "threads": args.threads,
+        "repeats": args.repeats,
         "machine": f"{platform.machine()} {platform.processor() or ''}, {os.cpu_count()} cores".replace(" ,", ","),
         "date": datetime.date.today().isoformat(),
     }
@@ -180,7 +219,9 @@ def main() -> int:
     args.out_dir.mkdir(parents=True, exist_ok=True)
     name = f"export_figures_{Path(ckpt).stem}"
     (args.out_dir / f"{name}.md").write_text(text)
-    (args.out_dir / f"{name}.json").write_text(json.dumps({"header": header, "rows": {p.value: r for p, r in rows.items()}}, indent=2, default=str))
+    (args.out_dir / f"{name}.json").write_text(
+        json.dumps({"header": header, "rows": {p.value: r for p, r in rows.items()}}, indent=2, default=str)
+    )
     print(text)
     print(f"wrote {args.out_dir / name}.md and .json")
     return 0

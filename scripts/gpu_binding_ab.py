@@ -37,7 +37,9 @@ def main() -> int:
 
     on_cpu = args.provider == "CPUExecutionProvider"
     device = ("cpu", 0) if on_cpu else ("cuda", 0)
-    sess, _ = open_session(args.model, ort.SessionOptions(), list(dict.fromkeys([args.provider, "CPUExecutionProvider"])))
+    sess, _ = open_session(
+        args.model, ort.SessionOptions(), list(dict.fromkeys([args.provider, "CPUExecutionProvider"]))
+    )
     runtime = Session(args.model, "cpu" if on_cpu else "cuda")
     takes_norms = feeds_prototype_norms(sess)
     print(f"{args.model}: {sess.get_providers()[0]}, onnxruntime {ort.__version__}, norms input: {takes_norms}")

@@ -44,14 +44,14 @@ def main() -> int:
     out.mkdir(parents=True, exist_ok=True)
 
     import onnxruntime as ort
+    from benchmark_report import export_variants, untrained_checkpoint
     from sklearn.datasets import load_digits
 
-    from benchmark_report import export_variants, untrained_checkpoint
     from edgemeta.bench import BenchConfig, run_benchmark, time_pair
     from edgemeta.bench.measure import bound_call
     from edgemeta.runtime import FewShotClassifier, ProviderError, Session
-    from edgemeta.runtime.preprocess import preprocess
     from edgemeta.runtime.ort import provider_name
+    from edgemeta.runtime.preprocess import preprocess
     from edgemeta.runtime.session import ProviderFallbackWarning, prototype_sqnorms
     from edgemeta.runtime.spec import INPUT_IMAGES, INPUT_PROTOTYPES, INPUT_SQNORMS, OUTPUT_LOGITS
 
@@ -64,7 +64,9 @@ def main() -> int:
         print(f"{'PASS' if ok else 'FAIL'} {name} {json.dumps(figures, default=str)}", flush=True)
         if not ok:
             failures.append(name)
-        (out / "gpu_check.json").write_text(json.dumps(result, indent=2, default=str))  # kept if a later step is cut off
+        (out / "gpu_check.json").write_text(
+            json.dumps(result, indent=2, default=str)
+        )  # kept if a later step is cut off
 
     t0 = time.time()
     # int8 calibrates on Omniglot: without the data here, export into --out elsewhere first
@@ -79,10 +81,19 @@ def main() -> int:
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         auto = Session(conv4[0], "auto")
-    check("auto picks a GPU provider", auto.providers[0] != "CPUExecutionProvider" and auto.on_gpu,
-          providers=auto.providers, fallbacks=auto.fallbacks, warned=[str(w.message)[:200] for w in caught if w.category is ProviderFallbackWarning])
+    check(
+        "auto picks a GPU provider",
+        auto.providers[0] != "CPUExecutionProvider" and auto.on_gpu,
+        providers=auto.providers,
+        fallbacks=auto.fallbacks,
+        warned=[str(w.message)[:200] for w in caught if w.category is ProviderFallbackWarning],
+    )
     cuda = Session(conv4[0], args.gpu)
-    check("cuda by name runs on CUDA with IO binding", cuda.providers[0] == "CUDAExecutionProvider" and cuda.io_binding, providers=cuda.providers)
+    check(
+        "cuda by name runs on CUDA with IO binding",
+        cuda.providers[0] == "CUDAExecutionProvider" and cuda.io_binding,
+        providers=cuda.providers,
+    )
     try:
         trt = Session(conv4[0], "tensorrt")
         check("tensorrt by name", trt.providers[0] == "TensorrtExecutionProvider", providers=trt.providers)
@@ -90,8 +101,12 @@ def main() -> int:
         with warnings.catch_warnings(record=True) as caught:
             warnings.simplefilter("always")
             trt = Session(conv4[0], "tensorrt", allow_fallback=True)
-        check("tensorrt by name: clear error, reported fallback", bool(trt.fallbacks) and any(w.category is ProviderFallbackWarning for w in caught),
-              error=str(e)[:300], runs_on=trt.providers)
+        check(
+            "tensorrt by name: clear error, reported fallback",
+            bool(trt.fallbacks) and any(w.category is ProviderFallbackWarning for w in caught),
+            error=str(e)[:300],
+            runs_on=trt.providers,
+        )
 
     # 2. CUDA against CPU
     digits = load_digits()
@@ -105,8 +120,14 @@ def main() -> int:
         diff = float(np.abs(e_cpu - e_gpu).max())
         agree = float((l_cpu.argmax(1) == l_gpu.argmax(1)).mean())
         tol = 1e-3 if "fp32" in path.name else 5e-2 * float(np.abs(e_cpu).max())
-        check(f"CUDA equals CPU ({path.name})", diff <= tol and agree >= (0.99 if "fp32" in path.name else 0.98), max_abs_embedding_diff=diff, label_agreement=agree, tolerance=tol,
-              int8_stem=cpu_s.metadata.int8_stem)
+        check(
+            f"CUDA equals CPU ({path.name})",
+            diff <= tol and agree >= (0.99 if "fp32" in path.name else 0.98),
+            max_abs_embedding_diff=diff,
+            label_agreement=agree,
+            tolerance=tol,
+            int8_stem=cpu_s.metadata.int8_stem,
+        )
 
     rng_norms = np.random.default_rng(1)
     # 2b. the optional prototype_sqnorms input on the GPU: the norms the runtime feeds (bound
@@ -131,12 +152,23 @@ def main() -> int:
         one = {INPUT_IMAGES: x[:1], INPUT_PROTOTYPES: protos}
         norms = prototype_sqnorms(protos)
         # the prototypes (and norms) bound on the device once, as the runtime keeps them
-        t_fed, t_graph = time_pair(bound_call(raw, one | {INPUT_SQNORMS: norms}, device), bound_call(raw, one, device), 20, args.runs)
-        check(f"fed prototype norms on the GPU ({path.name})",
-              s.feeds_norms and s.io_binding and diff <= 1e-4 * scale and float(np.abs(wrong - computed).max()) > 1e-2 * scale,
-              feeds_norms=s.feeds_norms, io_binding=s.io_binding, max_abs_logit_diff=diff, logit_scale=scale,
-              p50_ms_10000_classes_fed=t_fed.p50_ms, p50_ms_10000_classes_computed=t_graph.p50_ms,
-              computed_over_fed=t_graph.p50_ms / t_fed.p50_ms)
+        t_fed, t_graph = time_pair(
+            bound_call(raw, one | {INPUT_SQNORMS: norms}, device), bound_call(raw, one, device), 20, args.runs
+        )
+        check(
+            f"fed prototype norms on the GPU ({path.name})",
+            s.feeds_norms
+            and s.io_binding
+            and diff <= 1e-4 * scale
+            and float(np.abs(wrong - computed).max()) > 1e-2 * scale,
+            feeds_norms=s.feeds_norms,
+            io_binding=s.io_binding,
+            max_abs_logit_diff=diff,
+            logit_scale=scale,
+            p50_ms_10000_classes_fed=t_fed.p50_ms,
+            p50_ms_10000_classes_computed=t_graph.p50_ms,
+            computed_over_fed=t_graph.p50_ms / t_fed.p50_ms,
+        )
 
     # 3. classifier on CUDA: same predictions as on CPU, prototypes uploaded once per store change
     labels = digits.target
@@ -158,26 +190,50 @@ def main() -> int:
     acc = {p: float(np.mean([lab == f"digit {t}" for lab, t in zip(v, labels[query])])) for p, v in preds.items()}
     same = float(np.mean([a == b for a, b in zip(preds["cpu"], preds[args.gpu])]))
     check("classifier on CUDA predicts as on CPU", same >= 0.995, agreement=same, accuracy_10way_5shot_digits=acc)
-    check("prototypes stay on the GPU between calls", unchanged and sess.prototype_uploads == before + 1 and sess.io_binding,
-          uploads_before=before, uploads_after=sess.prototype_uploads)
+    check(
+        "prototypes stay on the GPU between calls",
+        unchanged and sess.prototype_uploads == before + 1 and sess.io_binding,
+        uploads_before=before,
+        uploads_after=sess.prototype_uploads,
+    )
 
     # 4. benchmark rows, CUDA and CPU, torch on the same device
     providers = tuple(dict.fromkeys((args.gpu, "cpu")))
     configs = {
-        "conv4": BenchConfig(providers=providers, batch_sizes=(1, 32, 256), runs=args.runs, class_counts=(1, 100, 10000, 100000)),
-        "resnet12": BenchConfig(providers=providers, batch_sizes=(1, 32), runs=args.runs // 2, class_counts=(1, 10000), cold_start=False),
+        "conv4": BenchConfig(
+            providers=providers, batch_sizes=(1, 32, 256), runs=args.runs, class_counts=(1, 100, 10000, 100000)
+        ),
+        "resnet12": BenchConfig(
+            providers=providers, batch_sizes=(1, 32), runs=args.runs // 2, class_counts=(1, 10000), cold_start=False
+        ),
     }
-    for name, models, ckpt in () if args.no_benchmark else (("conv4", conv4, shipped), ("resnet12", [resnet], res_ckpt)):
+    for name, models, ckpt in (
+        () if args.no_benchmark else (("conv4", conv4, shipped), ("resnet12", [resnet], res_ckpt))
+    ):
         rep = run_benchmark(models, configs[name], checkpoint=ckpt, workdir=out).to_dict()
         (out / f"benchmark_{name}.json").write_text(json.dumps(rep, indent=2))
-        rows = [{k: r.get(k) for k in ("provider", "precision", "batch", "engine", "speedup_vs_torch")} | {"p50_ms": r["latency"]["p50_ms"]}
-                for r in rep["embedding"]]
+        rows = [
+            {k: r.get(k) for k in ("provider", "precision", "batch", "engine", "speedup_vs_torch")}
+            | {"p50_ms": r["latency"]["p50_ms"]}
+            for r in rep["embedding"]
+        ]
         for r in rows:
             print(f"  {name} {r}", flush=True)
-        check(f"benchmark measured CUDA rows ({name})", any(r["provider"] == "CUDA" and r["engine"] == "onnxruntime" for r in rows), rows=rows,
-              classes=[{k: c.get(k) for k in ("provider", "precision", "n_classes", "vs_fewest")} | {"p50_ms": c["latency"]["p50_ms"]} for c in rep["classes"]])
+        check(
+            f"benchmark measured CUDA rows ({name})",
+            any(r["provider"] == "CUDA" and r["engine"] == "onnxruntime" for r in rows),
+            rows=rows,
+            classes=[
+                {k: c.get(k) for k in ("provider", "precision", "n_classes", "vs_fewest")}
+                | {"p50_ms": c["latency"]["p50_ms"]}
+                for c in rep["classes"]
+            ],
+        )
 
-    print(f"{len(result['checks']) - len(failures)}/{len(result['checks'])} checks passed" + (f"; FAILED: {failures}" if failures else ""))
+    print(
+        f"{len(result['checks']) - len(failures)}/{len(result['checks'])} checks passed"
+        + (f"; FAILED: {failures}" if failures else "")
+    )
     return 1 if failures else 0
 
 

@@ -27,21 +27,24 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from benchmark_report import SHIPPED, export_variants, untrained_checkpoint  # noqa: E402
 
 from edgemeta.bench import BENCH_SESSION_OPTIONS, time_fn  # noqa: E402
-from edgemeta.runtime.errors import InputError  # noqa: E402
 from edgemeta.data import base_images  # noqa: E402
 from edgemeta.exporters.pipeline import calibration_images  # noqa: E402
 from edgemeta.exporters.quantize import QuantizeSpec, quantize_int8  # noqa: E402
+from edgemeta.runtime.errors import InputError  # noqa: E402
 from edgemeta.runtime.ort import open_session  # noqa: E402
 from edgemeta.runtime.session import Session  # noqa: E402
 
 NCHW = {"stem_layout": "nchw"}  # the stem as quantized (no space-to-depth rewrite)
-VARIANTS = {"int8": {"float_stem": False, **NCHW}, "int8 + float stem": {"float_stem": True, **NCHW},
-            "uint8": {"activations": "uint8", "float_stem": False, **NCHW},
-            "uint8 + float stem": {"activations": "uint8", "float_stem": True, **NCHW},
-            "uint8 + gemm": {"activations": "uint8", "float_stem": False, "conv_kernel": "gemm", **NCHW},
-            "uint8 + float stem + gemm": {"activations": "uint8", "float_stem": True, "conv_kernel": "gemm", **NCHW},
-            "int8 + float stem + NHWC hand-over": {"float_stem": True, "stem_layout": "nhwc"},
-            "int8 + space-to-depth stem": {"float_stem": False, "stem_layout": "s2d"}}
+VARIANTS = {
+    "int8": {"float_stem": False, **NCHW},
+    "int8 + float stem": {"float_stem": True, **NCHW},
+    "uint8": {"activations": "uint8", "float_stem": False, **NCHW},
+    "uint8 + float stem": {"activations": "uint8", "float_stem": True, **NCHW},
+    "uint8 + gemm": {"activations": "uint8", "float_stem": False, "conv_kernel": "gemm", **NCHW},
+    "uint8 + float stem + gemm": {"activations": "uint8", "float_stem": True, "conv_kernel": "gemm", **NCHW},
+    "int8 + float stem + NHWC hand-over": {"float_stem": True, "stem_layout": "nhwc"},
+    "int8 + space-to-depth stem": {"float_stem": False, "stem_layout": "s2d"},
+}
 
 
 def ab(model: str, work: Path, runs: int, threads: int) -> dict[str, float]:
@@ -61,8 +64,10 @@ def ab(model: str, work: Path, runs: int, threads: int) -> dict[str, float]:
         except InputError as e:  # a setting this model's graph does not fit (the space-to-depth stem)
             print(f"{model}: {name} left out: {e}", flush=True)
     pp = meta.preprocess
-    feed = {"images": np.random.default_rng(0).random((32, pp.channels, *pp.size), dtype=np.float32),
-            "prototypes": np.zeros((5, meta.embedding_dim), np.float32)}
+    feed = {
+        "images": np.random.default_rng(0).random((32, pp.channels, *pp.size), dtype=np.float32),
+        "prototypes": np.zeros((5, meta.embedding_dim), np.float32),
+    }
     options = replace(BENCH_SESSION_OPTIONS, intra_op_threads=threads, allow_spinning=False).to_ort()
     best: dict[str, float] = {}
     for _ in range(2):
@@ -77,7 +82,9 @@ def ab(model: str, work: Path, runs: int, threads: int) -> dict[str, float]:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("models", nargs="+", choices=("conv4", "resnet12", "edgenet"))
-    ap.add_argument("--runs", type=int, default=0, help="timed calls per variant and round (default: 60 for conv4, 8 otherwise)")
+    ap.add_argument(
+        "--runs", type=int, default=0, help="timed calls per variant and round (default: 60 for conv4, 8 otherwise)"
+    )
     ap.add_argument("--threads", type=int, default=2)
     args = ap.parse_args()
     warnings.filterwarnings("ignore")

@@ -30,10 +30,10 @@ from edgemeta.checkpoint import (
     photo_checkpoint,  # noqa: E402
 )
 from edgemeta.data import load_tiny_imagenet  # noqa: E402
-from edgemeta.runtime.errors import EdgemetaError  # noqa: E402
 from edgemeta.evaluate import embed_images  # noqa: E402
 from edgemeta.exporters.pipeline import ExportOptions, export_checkpoint  # noqa: E402
 from edgemeta.exporters.quantize import QuantizeSpec  # noqa: E402
+from edgemeta.runtime.errors import EdgemetaError  # noqa: E402
 from edgemeta.runtime.spec import Precision  # noqa: E402
 
 VARIANTS = {

@@ -52,7 +52,8 @@ def _identity(spec: PreprocessSpec) -> ort.InferenceSession:
     from onnx import TensorProto, helper
 
     g = helper.make_graph(
-        [helper.make_node("Identity", ["images"], ["out"])], "identity",
+        [helper.make_node("Identity", ["images"], ["out"])],
+        "identity",
         [helper.make_tensor_value_info("images", TensorProto.FLOAT, ["b", spec.channels, *spec.size])],
         [helper.make_tensor_value_info("out", TensorProto.FLOAT, ["b", spec.channels, *spec.size])],
     )
@@ -66,7 +67,10 @@ def pixel_agreement(frames: list[np.ndarray], spec: PreprocessSpec) -> tuple[int
     s = _identity(spec)
     worst, same, total = 0, 0, 0
     for f in frames:
-        d = np.abs(_levels(s.run(None, {"pixels": f[None]})[0], spec) - _levels(preprocess(f if f.shape[-1] != 1 else f[..., 0], spec), spec))
+        d = np.abs(
+            _levels(s.run(None, {"pixels": f[None]})[0], spec)
+            - _levels(preprocess(f if f.shape[-1] != 1 else f[..., 0], spec), spec)
+        )
         worst, same, total = max(worst, int(d.max())), same + int((d == 0).sum()), total + d.size
     return worst, 100.0 * same / total
 
@@ -94,7 +98,9 @@ def main() -> None:
     spec = ck.spec.preprocess
     data = load_omniglot("evaluation", root, size=spec.size[0], download=False)
     raw = _decoded_omniglot(data.paths, root)
-    print(f"Omniglot evaluation: {len(data)} images {raw.shape[1]}x{raw.shape[2]}, {data.num_classes} classes ({time.perf_counter() - t0:.0f} s to load)")
+    print(
+        f"Omniglot evaluation: {len(data)} images {raw.shape[1]}x{raw.shape[2]}, {data.num_classes} classes ({time.perf_counter() - t0:.0f} s to load)"
+    )
 
     with tempfile.TemporaryDirectory() as tmp:
         path = export(ck.model, Path(tmp) / "conv4.onnx", metadata_for_checkpoint(ck)).path
@@ -111,13 +117,24 @@ def main() -> None:
         graph_levels.append(_levels(ident.run(None, {"pixels": raw[i : i + 256]})[0], spec))
     graph_levels = np.concatenate(graph_levels)[:, 0]
     d = np.abs(graph_levels - data.images[..., 0].astype(np.float64))
-    print(f"pixels, Omniglot evaluation 105x105 -> 28x28, all {len(d)} images: max {int(d.max())} level(s), "
-          f"{100.0 * (d == 0).mean():.3f}% of values identical, {100.0 * (d.reshape(len(d), -1).max(1) == 0).mean():.1f}% of images identical")
+    print(
+        f"pixels, Omniglot evaluation 105x105 -> 28x28, all {len(d)} images: max {int(d.max())} level(s), "
+        f"{100.0 * (d == 0).mean():.3f}% of values identical, {100.0 * (d.reshape(len(d), -1).max(1) == 0).mean():.1f}% of images identical"
+    )
     _ = empty
     torch_emb = embed_images(ck.model, data.images).numpy()
-    onnx_images = np.concatenate([sess.run(["embeddings"], {"pixels": empty, "images": _norm(data.images[i : i + 256], spec), "prototypes": protos})[0] for i in range(0, len(raw), 256)])
-    print(f"embeddings: |torch - onnx(images)| max {np.abs(torch_emb - onnx_images).max():.2e}, "
-          f"|torch - onnx(pixels)| max {np.abs(torch_emb - onnx_emb).max():.2e}")
+    onnx_images = np.concatenate(
+        [
+            sess.run(
+                ["embeddings"], {"pixels": empty, "images": _norm(data.images[i : i + 256], spec), "prototypes": protos}
+            )[0]
+            for i in range(0, len(raw), 256)
+        ]
+    )
+    print(
+        f"embeddings: |torch - onnx(images)| max {np.abs(torch_emb - onnx_images).max():.2e}, "
+        f"|torch - onnx(pixels)| max {np.abs(torch_emb - onnx_emb).max():.2e}"
+    )
 
     print(f"\n{'episodes':>22} | torch on Pillow arrays | ORT through pixels | same decisions")
     for n_way, k_shot in [(5, 1), (5, 5), (20, 1), (20, 5)]:
@@ -132,15 +149,27 @@ def main() -> None:
             acc_o.append((preds[1] == ep.query_labels).mean())
             same += int((preds[0] == preds[1]).sum())
             total += len(ep.query_labels)
-        print(f"{f'{n_way}-way {k_shot}-shot x{args.episodes}':>22} | {100 * np.mean(acc_t):21.2f}% | {100 * np.mean(acc_o):16.2f}% | "
-              f"{100.0 * same / total:.3f}% of {total}")
+        print(
+            f"{f'{n_way}-way {k_shot}-shot x{args.episodes}':>22} | {100 * np.mean(acc_t):21.2f}% | {100 * np.mean(acc_o):16.2f}% | "
+            f"{100.0 * same / total:.3f}% of {total}"
+        )
 
     tiny = _tiny(root, args.tiny)
     grey = sum(f.shape[-1] == 1 for f in tiny)
     rgb84 = PreprocessSpec.create(84, 3, [0.485, 0.456, 0.406], [0.229, 0.224, 0.225])
-    rgba = [np.concatenate([f, np.random.default_rng(i).integers(0, 256, (*f.shape[:2], 1), dtype=np.uint8)], -1) for i, f in enumerate(tiny[:200]) if f.shape[-1] == 3]
-    print(f"\npixels, Tiny-ImageNet ({len(tiny)} photos 64x64, {grey} grey), largest difference and % identical values:")
-    for name, frames, s in [("grey 28x28", tiny, spec), ("RGB 84x84", tiny, rgb84), ("RGBA (random alpha) -> RGB 84x84", rgba, rgb84)]:
+    rgba = [
+        np.concatenate([f, np.random.default_rng(i).integers(0, 256, (*f.shape[:2], 1), dtype=np.uint8)], -1)
+        for i, f in enumerate(tiny[:200])
+        if f.shape[-1] == 3
+    ]
+    print(
+        f"\npixels, Tiny-ImageNet ({len(tiny)} photos 64x64, {grey} grey), largest difference and % identical values:"
+    )
+    for name, frames, s in [
+        ("grey 28x28", tiny, spec),
+        ("RGB 84x84", tiny, rgb84),
+        ("RGBA (random alpha) -> RGB 84x84", rgba, rgb84),
+    ]:
         worst, pct = pixel_agreement(frames, s)
         print(f"  {name:34s} max {worst} level(s), {pct:.3f}% identical")
     print(f"\n({time.perf_counter() - t0:.0f} s)")

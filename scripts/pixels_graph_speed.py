@@ -62,8 +62,10 @@ def main() -> None:
             ta.append(ka)
             tb.append(kb)
             ratios.append(kb / ka)
-        print(f"batch {batch:2d}: images {np.median(ta) * 1e3:.3f} ms, pixels {np.median(tb) * 1e3:.3f} ms, "
-              f"ratio {np.median(ratios):.2f}x (rounds {min(ratios):.2f}-{max(ratios):.2f})")
+        print(
+            f"batch {batch:2d}: images {np.median(ta) * 1e3:.3f} ms, pixels {np.median(tb) * 1e3:.3f} ms, "
+            f"ratio {np.median(ratios):.2f}x (rounds {min(ratios):.2f}-{max(ratios):.2f})"
+        )
 
 
 if __name__ == "__main__":

@@ -29,7 +29,9 @@ def runtime_report(model: str, data, n: int, k: int, q: int, episodes: int, seed
     sampler = EpisodeSampler(data.labels, n, k, q, seed, data.name)
     scores = []
     for ep in sampler(episodes):
-        clf.use_store(PrototypeStore(clf.store.embedding_dim, metric=clf.store.metric, fingerprint=clf.store.fingerprint))
+        clf.use_store(
+            PrototypeStore(clf.store.embedding_dim, metric=clf.store.metric, fingerprint=clf.store.fingerprint)
+        )
         for j in range(n):
             clf.enroll(str(j), list(data.images[ep.support[ep.support_labels == j]]))
         pred = np.array([int(p.label) for p in clf.predict(list(data.images[ep.query]))])
@@ -56,13 +58,22 @@ def main() -> None:
             t0 = time.perf_counter()
             rep = runtime_report(m, data, n, k, 15, args.episodes, seed=0)
             within = abs(rep.accuracy - torch_rep.accuracy) <= max(rep.ci95, torch_rep.ci95)
-            rows.append({"engine": f"runtime {m}", **rep.to_dict(), "seconds": round(time.perf_counter() - t0, 1), "within_ci": within})
+            rows.append(
+                {
+                    "engine": f"runtime {m}",
+                    **rep.to_dict(),
+                    "seconds": round(time.perf_counter() - t0, 1),
+                    "within_ci": within,
+                }
+            )
     if args.json:
         print(json.dumps(rows, indent=2))
         return
     print("| engine | protocol | accuracy | 95% CI | within CI of torch |\n|---|---|---|---|---|")
     for r in rows:
-        print(f"| {r['engine']} | {r['n_way']}-way {r['k_shot']}-shot | {100 * r['accuracy']:.2f}% | ± {100 * r['ci95']:.2f} | {r.get('within_ci', '—')} |")
+        print(
+            f"| {r['engine']} | {r['n_way']}-way {r['k_shot']}-shot | {100 * r['accuracy']:.2f}% | ± {100 * r['ci95']:.2f} | {r.get('within_ci', '—')} |"
+        )
 
 
 if __name__ == "__main__":

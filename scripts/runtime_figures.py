@@ -97,7 +97,11 @@ def enrol_overhead(clf: FewShotClassifier, images: list, repeats: int) -> dict:
     # timed alternately, so a change in the machine's load hits both alike; each enrolment
     # adds a new class, forgotten (untimed) after it, so the store does not grow
     embed, enrol = time_pair(
-        lambda: clf.embed(images), lambda: clf.enroll("bench", images), warmup=3, runs=repeats, after=lambda: clf.forget("bench")
+        lambda: clf.embed(images),
+        lambda: clf.enroll("bench", images),
+        warmup=3,
+        runs=repeats,
+        after=lambda: clf.forget("bench"),
     )
     e, n = embed.p50_ms, enrol.p50_ms
     return {"k": len(images), "embed_ms": e, "enrol_ms": n, "ratio": n / e}
@@ -128,7 +132,9 @@ def _child(code: str, *args: str) -> dict:
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(description="Measure the device runtime: enrol overhead, predict latency, cold start, memory.")
+    p = argparse.ArgumentParser(
+        description="Measure the device runtime: enrol overhead, predict latency, cold start, memory."
+    )
     p.add_argument("model", type=Path, help="exported .onnx model")
     p.add_argument("--providers", default="auto", help="auto, cpu, cuda, tensorrt or a comma-separated list")
     p.add_argument("--images", type=Path, help="folder of class subfolders (default: synthetic pixels)")
@@ -158,10 +164,19 @@ def main(argv: list[str] | None = None) -> int:
         ("providers", ", ".join(figures["providers"])),
         (f"embed {e['k']} images", f"{e['embed_ms']:.2f} ms"),
         (f"enrol a class of {e['k']} images", f"{e['enrol_ms']:.2f} ms  (x{e['ratio']:.2f} of embedding alone)"),
-        *[(f"predict 1 image vs {r['classes']:,} classes*", f"{r['median_ms']:.2f} ms median, {r['p90_ms']:.2f} ms p90") for r in figures["predict"]],
+        *[
+            (
+                f"predict 1 image vs {r['classes']:,} classes*",
+                f"{r['median_ms']:.2f} ms median, {r['p90_ms']:.2f} ms p90",
+            )
+            for r in figures["predict"]
+        ],
         ("import edgemeta.runtime (fresh process)", f"{c['import_s'] * 1e3:.0f} ms"),
         ("load the model", f"{c['load_s'] * 1e3:.0f} ms"),
-        (f"RSS after enrolling {m['classes']:,} classes", f"{m['rss_enrolled_mb']:.1f} MiB (+{m['rss_enrolled_mb'] - m['rss_loaded_mb']:.1f} over the loaded model; {m['how']})"),
+        (
+            f"RSS after enrolling {m['classes']:,} classes",
+            f"{m['rss_enrolled_mb']:.1f} MiB (+{m['rss_enrolled_mb'] - m['rss_loaded_mb']:.1f} over the loaded model; {m['how']})",
+        ),
     ]
     width = max(len(r[0]) for r in rows)
     for name, value in rows:

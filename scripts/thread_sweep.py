@@ -17,8 +17,8 @@ import json
 import os
 import sys
 import tempfile
-from dataclasses import replace
 from collections import Counter
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -48,12 +48,24 @@ def main() -> int:
     threads = [int(t) for t in args.threads.split(",")]
     tuning = replace(BENCH_SESSION_OPTIONS, allow_spinning=not args.no_spinning)
     variants = [open_variant(m, "given", max(threads)) for m in args.models]
-    result: dict = {"batch": args.batch, "onnxruntime": ort.__version__, "cores": os.cpu_count(), "p50_ms": {}, "top_ops": {}}
-    print(f"batch {args.batch}, spinning {'off' if args.no_spinning else 'on'}, p50 ms (best of {args.rounds} rounds of {args.runs} runs)")
+    result: dict = {
+        "batch": args.batch,
+        "onnxruntime": ort.__version__,
+        "cores": os.cpu_count(),
+        "p50_ms": {},
+        "top_ops": {},
+    }
+    print(
+        f"batch {args.batch}, spinning {'off' if args.no_spinning else 'on'}, p50 ms (best of {args.rounds} rounds of {args.runs} runs)"
+    )
     print("threads " + " ".join(f"{v.path.name:>32s}" for v in variants))
     for t in threads:
-        config = BenchConfig(providers=("cpu",), batch_sizes=(args.batch,), threads=t, runs=args.runs, warmup=10, ort=tuning)
-        fns = [embedding_call(timed_session(v, "CPUExecutionProvider", config), v, args.batch, config) for v in variants]
+        config = BenchConfig(
+            providers=("cpu",), batch_sizes=(args.batch,), threads=t, runs=args.runs, warmup=10, ort=tuning
+        )
+        fns = [
+            embedding_call(timed_session(v, "CPUExecutionProvider", config), v, args.batch, config) for v in variants
+        ]
         best = [float("inf")] * len(fns)
         for _ in range(args.rounds):
             best = [min(b, time_fn(fn, 10, args.runs).p50_ms) for b, fn in zip(best, fns)]
@@ -62,7 +74,9 @@ def main() -> int:
 
     if args.profile:
         t = max(threads)
-        config = BenchConfig(providers=("cpu",), batch_sizes=(args.batch,), threads=t, runs=args.runs, warmup=10, ort=tuning)
+        config = BenchConfig(
+            providers=("cpu",), batch_sizes=(args.batch,), threads=t, runs=args.runs, warmup=10, ort=tuning
+        )
         for v in variants:
             so = timed_options(config.ort, t)
             so.enable_profiling = True

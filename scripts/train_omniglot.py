@@ -42,7 +42,9 @@ def main() -> None:
     ap.add_argument("--schedule", choices=("step", "cosine"), default="cosine")
     ap.add_argument("--lr", type=float, default=1e-3)
     ap.add_argument("--step-every", type=int, default=2500, help="step schedule: halve the learning rate this often")
-    ap.add_argument("--val-way", type=int, default=20, help="validation episodes are N-way 1-shot (20: 5-way saturates near 99%%)")
+    ap.add_argument(
+        "--val-way", type=int, default=20, help="validation episodes are N-way 1-shot (20: 5-way saturates near 99%%)"
+    )
     ap.add_argument("--val-every", type=int, default=500)
     ap.add_argument("--max-minutes", type=float, default=57.0)
     ap.add_argument("--threads", type=int, default=2)
@@ -54,10 +56,26 @@ def main() -> None:
     out.mkdir(parents=True, exist_ok=True)
     ckpt = out / "conv4_omniglot.safetensors"
     cfg = TrainConfig(
-        out=str(ckpt), dataset="omniglot", backbone="conv4", n_way=args.n_way, k_shot=5, q_query=5,
-        mixed_shots=tuple(int(k) for k in args.shots.split(",")), bf16=not args.no_bf16, val_alphabets=args.val_alphabets,
-        episodes=args.episodes, lr=args.lr, schedule=args.schedule, step_every=args.step_every, gamma=0.5,
-        val_every=args.val_every, val_episodes=300, val_n_way=args.val_way, val_k_shot=1, seed=0, threads=args.threads,
+        out=str(ckpt),
+        dataset="omniglot",
+        backbone="conv4",
+        n_way=args.n_way,
+        k_shot=5,
+        q_query=5,
+        mixed_shots=tuple(int(k) for k in args.shots.split(",")),
+        bf16=not args.no_bf16,
+        val_alphabets=args.val_alphabets,
+        episodes=args.episodes,
+        lr=args.lr,
+        schedule=args.schedule,
+        step_every=args.step_every,
+        gamma=0.5,
+        val_every=args.val_every,
+        val_episodes=300,
+        val_n_way=args.val_way,
+        val_k_shot=1,
+        seed=0,
+        threads=args.threads,
         max_minutes=args.max_minutes,
     )
     t0 = time.time()
@@ -80,25 +98,41 @@ def main() -> None:
         ood.append(rep.to_dict())
         print("digits", rep.line(), flush=True)
     report = {
-        "checkpoint": str(ckpt), "fingerprint": ck.fingerprint, "train_minutes": round(train_min, 1),
-        "episodes_trained": ck.info.get("step"), "best_val_accuracy": ck.info.get("best_val_accuracy"),
+        "checkpoint": str(ckpt),
+        "fingerprint": ck.fingerprint,
+        "train_minutes": round(train_min, 1),
+        "episodes_trained": ck.info.get("step"),
+        "best_val_accuracy": ck.info.get("best_val_accuracy"),
         "episodes_per_second": result.episodes_per_second if result else None,
         "machine": f"{platform.processor() or platform.machine()}, {torch.get_num_threads()} threads, torch {torch.__version__}",
-        "omniglot_evaluation": rows, "digits_out_of_domain": ood,
+        "omniglot_evaluation": rows,
+        "digits_out_of_domain": ood,
     }
     (out / "report.json").write_text(json.dumps(report, indent=2))
     lines = [
-        "# Conv-4 on Omniglot (Snell et al. protocol)", "",
+        "# Conv-4 on Omniglot (Snell et al. protocol)",
+        "",
         f"Trained on the background split only ({ck.info.get('step')} episodes of {args.n_way}-way {args.shots.replace(',', '/')}-shot 5-query "
         f"(shots cycled episode by episode{', bfloat16 autocast' if not args.no_bf16 else ''}), "
         f"{train_min:.1f} min on {report['machine']}); {args.schedule} learning-rate schedule; best validation (held-out background alphabets, {args.val_way}-way 1-shot) "
-        f"{100 * ck.info.get('best_val_accuracy', 0):.2f}%.", "",
-        f"Evaluation split, 28x28, {args.eval_episodes} episodes each, 15 queries per class:", "",
-        "| protocol | accuracy | 95% CI | macro F1 | Snell et al. 2017 |", "|---|---|---|---|---|",
+        f"{100 * ck.info.get('best_val_accuracy', 0):.2f}%.",
+        "",
+        f"Evaluation split, 28x28, {args.eval_episodes} episodes each, 15 queries per class:",
+        "",
+        "| protocol | accuracy | 95% CI | macro F1 | Snell et al. 2017 |",
+        "|---|---|---|---|---|",
     ]
-    lines += [f"| {r['n_way']}-way {r['k_shot']}-shot | {100 * r['accuracy']:.2f}% | ± {100 * r['ci95']:.2f} | {100 * r['f1']:.2f} | {r['paper']}% |" for r in rows]
-    lines += ["", "Out of domain, scikit-learn digits (inverted to dark ink on white, resized to 28x28):", "",
-              "| protocol | accuracy | 95% CI |", "|---|---|---|"]
+    lines += [
+        f"| {r['n_way']}-way {r['k_shot']}-shot | {100 * r['accuracy']:.2f}% | ± {100 * r['ci95']:.2f} | {100 * r['f1']:.2f} | {r['paper']}% |"
+        for r in rows
+    ]
+    lines += [
+        "",
+        "Out of domain, scikit-learn digits (inverted to dark ink on white, resized to 28x28):",
+        "",
+        "| protocol | accuracy | 95% CI |",
+        "|---|---|---|",
+    ]
     lines += [f"| 10-way {r['k_shot']}-shot | {100 * r['accuracy']:.2f}% | ± {100 * r['ci95']:.2f} |" for r in ood]
     lines += ["", "![training curve](conv4_omniglot.png)", ""]
     (out / "report.md").write_text("\n".join(lines))

@@ -39,11 +39,11 @@ import torch
 
 from edgemeta.checkpoint import PHOTO_CHECKPOINT, load_checkpoint, save_checkpoint
 from edgemeta.data import load_digits, load_omniglot, load_tiny_imagenet
-from edgemeta.runtime.errors import VerificationError
 from edgemeta.evaluate import embed_images, evaluate_embeddings
 from edgemeta.finetune import frozen_runner, photo_preprocess
 from edgemeta.model import FewShotModel, ModelSpec, compute_logits
 from edgemeta.pretrained_weights import pretrained_backbone
+from edgemeta.runtime.errors import VerificationError
 from edgemeta.runtime.spec import Metric, Normalization, Precision
 from edgemeta.train import TrainConfig, train
 

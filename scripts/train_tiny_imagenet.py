@@ -41,11 +41,29 @@ def main() -> None:
     out.mkdir(parents=True, exist_ok=True)
     ckpt = out / f"{args.backbone}_tiny.safetensors"
     cfg = TrainConfig(
-        out=str(ckpt), dataset="tiny-imagenet", backbone=args.backbone, size=64, metric=Metric.COSINE,
-        normalization=Normalization.CENTERED_L2, pretrain_epochs=args.pretrain_epochs, pretrain_lr=0.05,
-        batch_size=128, augment=True, n_way=5, k_shot=5, q_query=15, episodes=args.episodes, lr=2e-4,
-        schedule="cosine", val_every=100, val_episodes=300, val_n_way=5, val_k_shot=5, seed=0,
-        threads=args.threads, max_minutes=args.max_minutes,
+        out=str(ckpt),
+        dataset="tiny-imagenet",
+        backbone=args.backbone,
+        size=64,
+        metric=Metric.COSINE,
+        normalization=Normalization.CENTERED_L2,
+        pretrain_epochs=args.pretrain_epochs,
+        pretrain_lr=0.05,
+        batch_size=128,
+        augment=True,
+        n_way=5,
+        k_shot=5,
+        q_query=15,
+        episodes=args.episodes,
+        lr=2e-4,
+        schedule="cosine",
+        val_every=100,
+        val_episodes=300,
+        val_n_way=5,
+        val_k_shot=5,
+        seed=0,
+        threads=args.threads,
+        max_minutes=args.max_minutes,
     )
     t0 = time.time()
     result = train(cfg, progress=True, force=True)  # a re-run of this script replaces its earlier run
@@ -56,20 +74,29 @@ def main() -> None:
     for r in rows:
         print(f"5-way {r['k_shot']}-shot: {100 * r['accuracy']:.2f}% ± {100 * r['ci95']:.2f}", flush=True)
     report = {
-        "checkpoint": str(ckpt), "backbone": args.backbone, "train_minutes": round(minutes, 1),
-        "pretrain_epochs": ck.info.get("epoch"), "episodes": ck.info.get("step"),
+        "checkpoint": str(ckpt),
+        "backbone": args.backbone,
+        "train_minutes": round(minutes, 1),
+        "pretrain_epochs": ck.info.get("epoch"),
+        "episodes": ck.info.get("step"),
         "best_val_accuracy_5way5shot": result.best_val_accuracy,
         "machine": f"{platform.processor() or platform.machine()}, {torch.get_num_threads()} threads, torch {torch.__version__}",
         "test": rows,
     }
     (out / "report.json").write_text(json.dumps(report, indent=2))
     lines = [
-        f"# {args.backbone} on Tiny-ImageNet 120/30/50, 64x64", "",
+        f"# {args.backbone} on Tiny-ImageNet 120/30/50, 64x64",
+        "",
         f"Pre-trained {ck.info.get('epoch')} epochs, fine-tuned {ck.info.get('step')} episodes, {minutes:.1f} min on {report['machine']}.",
-        "No published anchor exists for this split: these figures are our own baseline.", "",
-        "| protocol | accuracy | 95% CI | macro F1 |", "|---|---|---|---|",
+        "No published anchor exists for this split: these figures are our own baseline.",
+        "",
+        "| protocol | accuracy | 95% CI | macro F1 |",
+        "|---|---|---|---|",
     ]
-    lines += [f"| 5-way {r['k_shot']}-shot | {100 * r['accuracy']:.2f}% | ± {100 * r['ci95']:.2f} | {100 * r['f1']:.2f} |" for r in rows]
+    lines += [
+        f"| 5-way {r['k_shot']}-shot | {100 * r['accuracy']:.2f}% | ± {100 * r['ci95']:.2f} | {100 * r['f1']:.2f} |"
+        for r in rows
+    ]
     (out / "report.md").write_text("\n".join(lines + ["", f"![training curve]({ckpt.with_suffix('.png').name})", ""]))
 
 

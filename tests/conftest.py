@@ -13,7 +13,6 @@ import numpy as np
 import pytest
 
 
-
 @pytest.fixture(autouse=True)
 def _no_progress_lines(monkeypatch):
     """No plain progress lines (stderr is no terminal under CliRunner): tests assert whole outputs;
@@ -203,7 +202,9 @@ def tiny_cosine_model(make_onnx_model) -> Path:
     return make_onnx_model(metric="cosine", fingerprint="fp-tiny-cos", seed=1)
 
 
-def runtime_class_images(n_classes: int, per_class: int, *, seed: int = 0, noise: float = 6.0) -> dict[str, list[np.ndarray]]:
+def runtime_class_images(
+    n_classes: int, per_class: int, *, seed: int = 0, noise: float = 6.0
+) -> dict[str, list[np.ndarray]]:
     """Grey uint8 16x16 images: one random base pattern per class, plus small noise."""
     rng = np.random.default_rng(seed)
     out: dict[str, list[np.ndarray]] = {}

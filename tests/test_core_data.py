@@ -20,7 +20,9 @@ from edgemeta.runtime.preprocess import normalize, preprocess
 from edgemeta.runtime.spec import PreprocessSpec
 
 SHARED = Path(__file__).resolve().parents[1].parent / "shared" / "data"
-needs_shared = pytest.mark.skipif(not (SHARED / "omniglot").is_dir(), reason="needs ../shared/data (Omniglot, Tiny-ImageNet)")
+needs_shared = pytest.mark.skipif(
+    not (SHARED / "omniglot").is_dir(), reason="needs ../shared/data (Omniglot, Tiny-ImageNet)"
+)
 
 
 def _png(color: int | tuple, size=(12, 10), mode="L") -> bytes:
@@ -178,7 +180,11 @@ def test_sampler_is_seeded_and_well_formed():
 
 @pytest.mark.parametrize(
     "n, k, q, message",
-    [(31, 1, 1, "fewer than 31-way"), (5, 15, 10, r"only 0 classes have 25 images"), (1, 1, 1, "n_way must be an integer >= 2")],
+    [
+        (31, 1, 1, "fewer than 31-way"),
+        (5, 15, 10, r"only 0 classes have 25 images"),
+        (1, 1, 1, "n_way must be an integer >= 2"),
+    ],
 )
 def test_sampler_rejects_impossible_episodes(n, k, q, message):
     with pytest.raises((DataError, InputError), match=message):
@@ -235,16 +241,28 @@ def protocol(tmp_path) -> tuple[Path, Path, Path]:
     return root, eps, _checkpoint(tmp_path / "ck.safetensors")
 
 
-@pytest.mark.parametrize("victim", ["checkpoint", "other checkpoint", "episodes file", "other episodes file", "other JSON", "image"])
+@pytest.mark.parametrize(
+    "victim", ["checkpoint", "other checkpoint", "episodes file", "other episodes file", "other JSON", "image"]
+)
 def test_evaluate_report_never_replaces_an_input_or_another_kind_of_file(protocol, tmp_path, victim):
     root, eps, ck = protocol
     (tmp_path / "summary.json").write_text('{"benchmark": {}}')
-    target = {"checkpoint": ck, "other checkpoint": _checkpoint(tmp_path / "other.safetensors"), "episodes file": eps,
-              "other episodes file": Path(shutil.copy(eps, tmp_path / "eps2.json")), "other JSON": tmp_path / "summary.json",
-              "image": root / "c1" / "0.png"}[victim]
+    target = {
+        "checkpoint": ck,
+        "other checkpoint": _checkpoint(tmp_path / "other.safetensors"),
+        "episodes file": eps,
+        "other episodes file": Path(shutil.copy(eps, tmp_path / "eps2.json")),
+        "other JSON": tmp_path / "summary.json",
+        "image": root / "c1" / "0.png",
+    }[victim]
     before = target.read_bytes()
     r = _cli("evaluate", ck, "--episodes-file", eps, "--report", target)
-    _one_line_error(r, "is the input" if victim in ("checkpoint", "episodes file") else "exists and is not a report of edgemeta evaluate")
+    _one_line_error(
+        r,
+        "is the input"
+        if victim in ("checkpoint", "episodes file")
+        else "exists and is not a report of edgemeta evaluate",
+    )
     assert target.read_bytes() == before
 
 
@@ -254,7 +272,9 @@ def test_evaluate_report_path_is_checked_before_any_work(protocol, tmp_path, mon
 
     root, eps, ck = protocol
     monkeypatch.chdir(tmp_path)
-    monkeypatch.setattr(edgemeta.evaluate, "evaluate_episodes_file", lambda *a, **k: pytest.fail("evaluated before the check"))
+    monkeypatch.setattr(
+        edgemeta.evaluate, "evaluate_episodes_file", lambda *a, **k: pytest.fail("evaluated before the check")
+    )
     _one_line_error(_cli("evaluate", ck, "--episodes-file", eps, "--report", where), message)
 
 
@@ -272,7 +292,10 @@ def test_evaluate_report_replaces_an_earlier_report(protocol, tmp_path):
 @pytest.mark.parametrize("option", [["--n-way", "20"], ["--k-shot", "5"], ["--seed", "0"], ["--dataset", "digits"]])
 def test_evaluate_refuses_sampling_options_with_an_episodes_file(protocol, option):
     root, eps, ck = protocol
-    _one_line_error(_cli("evaluate", ck, "--episodes-file", eps, *option), f"the episodes file fixes the data and N-way/K-shot/queries of every episode; drop {option[0]}")
+    _one_line_error(
+        _cli("evaluate", ck, "--episodes-file", eps, *option),
+        f"the episodes file fixes the data and N-way/K-shot/queries of every episode; drop {option[0]}",
+    )
 
 
 def test_evaluate_mismatch_names_channels_and_size(tmp_path):
@@ -283,8 +306,14 @@ def test_evaluate_mismatch_names_channels_and_size(tmp_path):
     r = _cli("evaluate", rgb, "--episodes", "2", "--data-dir", tmp_path)
     _one_line_error(r, "omniglot images have 1 channel(s), the model takes 3-channel 32x32 images")
     found = pixel_mismatch(PreprocessSpec.create(28, 1), PreprocessSpec.create(32, 3, interpolation="bicubic"))
-    assert found == ["1 channel(s), the model takes 3", "size 28x28, the model takes 32x32", "bilinear resizing, the model was trained with bicubic"]
-    assert pixel_mismatch(PreprocessSpec.create(28, 1, mean=0.9), PreprocessSpec.create(28, 1)) == []  # the model's own mean/std apply
+    assert found == [
+        "1 channel(s), the model takes 3",
+        "size 28x28, the model takes 32x32",
+        "bilinear resizing, the model was trained with bicubic",
+    ]
+    assert (
+        pixel_mismatch(PreprocessSpec.create(28, 1, mean=0.9), PreprocessSpec.create(28, 1)) == []
+    )  # the model's own mean/std apply
 
 
 @pytest.mark.parametrize("dataset", ["omniglot", "tiny-imagenet"])
@@ -338,7 +367,9 @@ def test_episodes_refuse_an_undecodable_image_with_its_class_folder(tmp_path):
     (root / "zz" / "bad.png").write_bytes(b"\x89PNG not really")
     out = tmp_path / "eps.json"
     # 3-way 1-shot 2-query over 3 images per class: every image is used
-    _one_line_error(_cli("episodes", root, "-o", out, "--n-way", "3", "--queries", "2", "--episodes", "2"), "zz/bad.png")
+    _one_line_error(
+        _cli("episodes", root, "-o", out, "--n-way", "3", "--queries", "2", "--episodes", "2"), "zz/bad.png"
+    )
     assert not out.exists()
 
 
@@ -356,7 +387,10 @@ def _edit(path: Path, change) -> Path:
         (lambda d: d.pop("version"), r"episodes file version None is not supported"),
         (lambda d: d.update(n_way=5), r"episode 0: n_way 4, the header says 5"),
         (lambda d: d.update(k_shot="2"), r"header k_shot must be a positive integer, got '2'"),
-        (lambda d: d["episodes"][1]["query"].__setitem__(0, d["episodes"][1]["support"][0]), r"episode 1: 1 support image\(s\) also used as queries"),
+        (
+            lambda d: d["episodes"][1]["query"].__setitem__(0, d["episodes"][1]["support"][0]),
+            r"episode 1: 1 support image\(s\) also used as queries",
+        ),
     ],
 )
 def test_episodes_file_inconsistencies_are_refused(protocol, change, message):

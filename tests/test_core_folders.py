@@ -14,8 +14,8 @@ from typer.testing import CliRunner
 from edgemeta import data as D
 from edgemeta.checkpoint import load_checkpoint
 from edgemeta.cli import app
-from edgemeta.runtime.errors import DataError, InputError
 from edgemeta.evaluate import run_evaluation
+from edgemeta.runtime.errors import DataError, InputError
 from edgemeta.runtime.spec import PreprocessSpec
 from edgemeta.train import TrainConfig, train
 
@@ -272,7 +272,9 @@ def test_export_verifies_on_novel_classes_and_calibrates_on_the_others(folder_ru
     seen: dict[str, list[str]] = {}
     calibrate, label = P.calibration_images, P.labelled_images
     monkeypatch.setattr(
-        P, "calibration_images", lambda calib, *a: seen.setdefault("calibration", calib.classes) and calibrate(calib, *a)
+        P,
+        "calibration_images",
+        lambda calib, *a: seen.setdefault("calibration", calib.classes) and calibrate(calib, *a),
     )
     monkeypatch.setattr(
         P, "labelled_images", lambda data, *a: seen.setdefault("verification", data.classes) and label(data, *a)

@@ -11,12 +11,12 @@ import torch
 from typer.testing import CliRunner
 
 from edgemeta.backbones import BACKBONES, build_backbone
-from edgemeta.checkpoint import default_checkpoint, load_checkpoint, save_checkpoint
+from edgemeta.checkpoint import load_checkpoint, save_checkpoint
 from edgemeta.cli import app
 from edgemeta.data import load_omniglot
-from edgemeta.runtime.errors import CheckpointError, InputError
 from edgemeta.evaluate import episode_scores, evaluate, evaluate_episodes_file, summarize
 from edgemeta.model import FewShotModel, ModelSpec
+from edgemeta.runtime.errors import CheckpointError, InputError
 from edgemeta.runtime.spec import Metric, Normalization, PreprocessSpec
 from edgemeta.train import TrainConfig, resume_path, train
 
@@ -41,7 +41,10 @@ def test_every_backbone_embeds_flat(name, channels, size):
 
 
 def test_unknown_backbone_names_the_choices():
-    with pytest.raises(InputError, match=r"unknown backbone .vgg.; choose one of: conv4, edgenet, efficientnet_lite0, efficientnet_lite1, efficientnet_lite2, resnet12"):
+    with pytest.raises(
+        InputError,
+        match=r"unknown backbone .vgg.; choose one of: conv4, edgenet, efficientnet_lite0, efficientnet_lite1, efficientnet_lite2, resnet12",
+    ):
         build_backbone("vgg", 1)
 
 
@@ -55,7 +58,7 @@ def test_logits_match_the_definition(metric, norm):
     if norm is not Normalization.NONE:
         assert torch.allclose(z.norm(dim=1), torch.ones(4), atol=1e-5)
     if metric is Metric.SQEUCLIDEAN:
-        expected = -torch.cdist(z, protos) ** 2
+        expected = -(torch.cdist(z, protos) ** 2)
     else:
         expected = torch.exp(model.log_scale) * torch.nn.functional.cosine_similarity(z[:, None], protos[None], dim=2)
     assert torch.allclose(logits, expected, atol=1e-3)
@@ -63,7 +66,9 @@ def test_logits_match_the_definition(metric, norm):
 
 
 def test_checkpoint_round_trip_and_tampering(tmp_path):
-    spec = ModelSpec("conv4", PreprocessSpec.create(28, 1, 0.5, 0.25), metric=Metric.COSINE, normalization=Normalization.CENTERED_L2)
+    spec = ModelSpec(
+        "conv4", PreprocessSpec.create(28, 1, 0.5, 0.25), metric=Metric.COSINE, normalization=Normalization.CENTERED_L2
+    )
     model = FewShotModel(spec).eval()
     model.center.fill_(0.5)
     path = tmp_path / "m.safetensors"
@@ -125,8 +130,17 @@ def test_episode_scores_and_confidence_interval():
 @pytest.mark.slow
 def test_short_training_beats_the_untrained_network(tmp_path):
     """A real (short) run on background classes must clearly beat random init on evaluation classes."""
-    cfg = TrainConfig(out=str(tmp_path / "m.safetensors"), n_way=20, k_shot=5, q_query=5, episodes=80,
-                      val_every=40, val_episodes=50, threads=2, seed=0)
+    cfg = TrainConfig(
+        out=str(tmp_path / "m.safetensors"),
+        n_way=20,
+        k_shot=5,
+        q_query=5,
+        episodes=80,
+        val_every=40,
+        val_episodes=50,
+        threads=2,
+        seed=0,
+    )
     result = train(cfg, progress=False)
     ev = load_omniglot("evaluation")
     trained = evaluate(load_checkpoint(result.checkpoint).model, ev, 5, 1, 5, 200, seed=3)
@@ -149,7 +163,11 @@ def test_resume_continues_exactly(tmp_path):
     straight = train(TrainConfig(out=str(tmp_path / "a.safetensors"), episodes=10, **base), progress=False)
     train(TrainConfig(out=str(tmp_path / "b.safetensors"), episodes=5, **base), progress=False)
     assert resume_path(tmp_path / "b.safetensors").exists()
-    resumed = train(TrainConfig(out=str(tmp_path / "b.safetensors"), episodes=10, **base), resume=tmp_path / "b.safetensors", progress=False)
+    resumed = train(
+        TrainConfig(out=str(tmp_path / "b.safetensors"), episodes=10, **base),
+        resume=tmp_path / "b.safetensors",
+        progress=False,
+    )
     a = load_checkpoint(resume_path(straight.checkpoint)).model.state_dict()
     b = load_checkpoint(resume_path(resumed.checkpoint)).model.state_dict()
     assert all(torch.allclose(a[k].float(), b[k].float(), atol=1e-6) for k in a)
@@ -158,8 +176,18 @@ def test_resume_continues_exactly(tmp_path):
 @needs_shared
 @pytest.mark.slow
 def test_centered_l2_stores_the_base_mean(tmp_path):
-    cfg = TrainConfig(out=str(tmp_path / "c.safetensors"), normalization=Normalization.CENTERED_L2, metric=Metric.COSINE,
-                      n_way=5, k_shot=1, q_query=2, episodes=3, val_every=3, val_episodes=3, threads=1)
+    cfg = TrainConfig(
+        out=str(tmp_path / "c.safetensors"),
+        normalization=Normalization.CENTERED_L2,
+        metric=Metric.COSINE,
+        n_way=5,
+        k_shot=1,
+        q_query=2,
+        episodes=3,
+        val_every=3,
+        val_episodes=3,
+        threads=1,
+    )
     ck = load_checkpoint(train(cfg, progress=False).checkpoint)
     assert ck.model.center.abs().sum() > 0 and ck.spec.normalization is Normalization.CENTERED_L2
     # the default open-set threshold: a cosine distance, measured on held-out classes
@@ -173,8 +201,26 @@ def test_episodes_file_evaluation_matches_direct_classification(tmp_path):
     for c in range(4):
         (tmp_path / "imgs" / f"c{c}").mkdir(parents=True)
         for i in range(4):
-            Image.fromarray((rng.random((28, 28)) * 60 + 60 * c).astype(np.uint8)).save(tmp_path / "imgs" / f"c{c}" / f"{i}.png")
-    r = runner.invoke(app, ["episodes", str(tmp_path / "imgs"), "-o", str(tmp_path / "e.json"), "--n-way", "4", "--k-shot", "2", "--queries", "2", "--episodes", "3"])
+            Image.fromarray((rng.random((28, 28)) * 60 + 60 * c).astype(np.uint8)).save(
+                tmp_path / "imgs" / f"c{c}" / f"{i}.png"
+            )
+    r = runner.invoke(
+        app,
+        [
+            "episodes",
+            str(tmp_path / "imgs"),
+            "-o",
+            str(tmp_path / "e.json"),
+            "--n-way",
+            "4",
+            "--k-shot",
+            "2",
+            "--queries",
+            "2",
+            "--episodes",
+            "3",
+        ],
+    )
     assert r.exit_code == 0, r.output
     torch.manual_seed(0)
     model = FewShotModel(ModelSpec("conv4", PreprocessSpec.create(28, 1))).eval()
@@ -188,8 +234,16 @@ def test_episodes_file_evaluation_matches_direct_classification(tmp_path):
     [
         (["train", "--backbone", "vgg", "--episodes", "1"], "unknown backbone 'vgg'"),
         (["train", "--out", "/nonexistent/dir/m.safetensors"], "-o: folder /nonexistent/dir does not exist"),
-        pytest.param(["train", "--n-way", "4000", "--episodes", "1"], "fewer than the 4000-way episodes", marks=[needs_shared, pytest.mark.slow]),
-        pytest.param(["train", "--k-shot", "15", "--queries", "10", "--episodes", "1"], "only 0 classes have at least 25 images", marks=needs_shared),
+        pytest.param(
+            ["train", "--n-way", "4000", "--episodes", "1"],
+            "fewer than the 4000-way episodes",
+            marks=[needs_shared, pytest.mark.slow],
+        ),
+        pytest.param(
+            ["train", "--k-shot", "15", "--queries", "10", "--episodes", "1"],
+            "only 0 classes have at least 25 images",
+            marks=needs_shared,
+        ),
         (["evaluate", "missing.safetensors"], "checkpoint not found: missing.safetensors"),
         (["evaluate", "--dataset", "digits", "--n-way", "11"], "fewer than 11-way"),
         (["evaluate", "--dataset", "nosuchset"], "unknown data set 'nosuchset'"),
@@ -214,15 +268,28 @@ def test_missing_omniglot_via_cli(tmp_path, monkeypatch):
     import urllib.request
 
     monkeypatch.setattr(urllib.request, "urlopen", lambda *a, **k: (_ for _ in ()).throw(OSError("offline")))
-    r = runner.invoke(app, ["train", "--data-dir", str(tmp_path), "--episodes", "1", "--out", str(tmp_path / "m.safetensors")])
+    r = runner.invoke(
+        app, ["train", "--data-dir", str(tmp_path), "--episodes", "1", "--out", str(tmp_path / "m.safetensors")]
+    )
     assert r.exit_code == 1 and "put images_background.zip and images_evaluation.zip in" in r.output
 
 
 @needs_shared
 @pytest.mark.slow
 def test_mixed_shots_and_bf16_autocast(tmp_path):
-    cfg = TrainConfig(out=str(tmp_path / "b.safetensors"), n_way=5, mixed_shots=(1, 3), q_query=2, episodes=4, bf16=True,
-                      val_every=4, val_episodes=5, val_alphabets=1, threads=1, log_every=2)
+    cfg = TrainConfig(
+        out=str(tmp_path / "b.safetensors"),
+        n_way=5,
+        mixed_shots=(1, 3),
+        q_query=2,
+        episodes=4,
+        bf16=True,
+        val_every=4,
+        val_episodes=5,
+        val_alphabets=1,
+        threads=1,
+        log_every=2,
+    )
     result = train(cfg, progress=False)
     ck = load_checkpoint(result.checkpoint)
     assert ck.info["config"]["mixed_shots"] == [1, 3] and ck.info["config"]["bf16"] is True
@@ -247,15 +314,35 @@ def _old_run(folder: Path) -> dict[str, bytes]:
 @pytest.mark.parametrize(
     "setup, out, message",
     [
-        (lambda d: (d / "notes.txt").write_text("keep me"), "notes.txt", "-o {d}/notes.txt exists and is not a checkpoint"),
-        (lambda d: (d / "m.onnx").write_bytes(b"\x08\x07onnx model"), "m.onnx", "-o {d}/m.onnx exists and is not a checkpoint"),
+        (
+            lambda d: (d / "notes.txt").write_text("keep me"),
+            "notes.txt",
+            "-o {d}/notes.txt exists and is not a checkpoint",
+        ),
+        (
+            lambda d: (d / "m.onnx").write_bytes(b"\x08\x07onnx model"),
+            "m.onnx",
+            "-o {d}/m.onnx exists and is not a checkpoint",
+        ),
         (lambda d: (d / "sub").mkdir(), "sub", "-o {d}/sub is a folder"),
         (lambda d: None, "m.jsonl", "the run's log or curve would overwrite the checkpoint"),
         (lambda d: None, "m.last.safetensors", "is named like a run's resume file"),
-        (_old_run, "m.safetensors", "a run is there already (m.safetensors, m.last.safetensors, m.jsonl, m.png); "
-                                    "pass --resume {d}/m.safetensors to continue it or --force to replace it"),
-        (lambda d: (_old_run(d), (d / "m.safetensors").unlink()), "m.safetensors", "a run is there already (m.last.safetensors, m.jsonl, m.png)"),
-        (lambda d: (d / "m.jsonl").write_text("{}\n"), "m.safetensors", "a run is there already (m.jsonl); pass --force to replace it (it has nothing to resume)"),
+        (
+            _old_run,
+            "m.safetensors",
+            "a run is there already (m.safetensors, m.last.safetensors, m.jsonl, m.png); "
+            "pass --resume {d}/m.safetensors to continue it or --force to replace it",
+        ),
+        (
+            lambda d: (_old_run(d), (d / "m.safetensors").unlink()),
+            "m.safetensors",
+            "a run is there already (m.last.safetensors, m.jsonl, m.png)",
+        ),
+        (
+            lambda d: (d / "m.jsonl").write_text("{}\n"),
+            "m.safetensors",
+            "a run is there already (m.jsonl); pass --force to replace it (it has nothing to resume)",
+        ),
     ],
 )
 def test_train_refuses_an_output_that_would_lose_files(setup, out, message, tmp_path):
@@ -272,7 +359,9 @@ def test_resume_of_another_run_does_not_replace_a_run_at_out(tmp_path):
     (tmp_path / "a").mkdir()
     _old_run(tmp_path / "a")
     before = _old_run(tmp_path)
-    r = runner.invoke(app, ["train", "-o", str(tmp_path / "m.safetensors"), "--resume", str(tmp_path / "a" / "m.safetensors"), *TINY])
+    r = runner.invoke(
+        app, ["train", "-o", str(tmp_path / "m.safetensors"), "--resume", str(tmp_path / "a" / "m.safetensors"), *TINY]
+    )
     assert r.exit_code == 1 and "--force to replace it" in r.output
     assert {f.name: f.read_bytes() for f in tmp_path.iterdir() if f.is_file()} == before
 
@@ -332,8 +421,18 @@ def _interrupt_after_last(monkeypatch, step: int) -> None:
 @needs_shared
 @pytest.mark.slow
 def test_interrupted_run_keeps_its_best_model_and_resume_labels_it(tmp_path, monkeypatch):
-    cfg = TrainConfig(out=str(tmp_path / "m.safetensors"), n_way=5, k_shot=1, q_query=2, episodes=10, val_every=2, val_episodes=20,
-                      threads=1, seed=1, log_every=1)
+    cfg = TrainConfig(
+        out=str(tmp_path / "m.safetensors"),
+        n_way=5,
+        k_shot=1,
+        q_query=2,
+        episodes=10,
+        val_every=2,
+        val_episodes=20,
+        threads=1,
+        seed=1,
+        log_every=1,
+    )
     with monkeypatch.context() as m:
         _interrupt_after_last(m, 6)
         with pytest.raises(KeyboardInterrupt):
@@ -346,7 +445,11 @@ def test_interrupted_run_keeps_its_best_model_and_resume_labels_it(tmp_path, mon
     result = train(cfg, resume=tmp_path / "m.safetensors", progress=False)
     ck = load_checkpoint(result.checkpoint)
     assert ck.info["open_set_threshold"] > 0
-    assert result.best_val_accuracy == ck.info["best_val_accuracy"] == max(h["val_acc"] for h in result.history if "val_acc" in h)
+    assert (
+        result.best_val_accuracy
+        == ck.info["best_val_accuracy"]
+        == max(h["val_acc"] for h in result.history if "val_acc" in h)
+    )
     assert ck.info["best_val_accuracy"] == pytest.approx(_val_accuracy(ck.model, cfg))
     # one record per step, and the time goes on from the interrupted session
     log = [json.loads(line) for line in (tmp_path / "m.jsonl").read_text().splitlines()]
@@ -360,8 +463,17 @@ def test_interrupted_run_keeps_its_best_model_and_resume_labels_it(tmp_path, mon
 def test_resume_without_the_best_weights_chooses_the_best_anew(tmp_path, monkeypatch):
     """A resume file whose checkpoint is gone (as runs before this fix left them): the final
     checkpoint's accuracy is that of the weights it holds, not the lost best's."""
-    cfg = TrainConfig(out=str(tmp_path / "m.safetensors"), n_way=5, k_shot=1, q_query=2, episodes=6, val_every=2, val_episodes=20,
-                      threads=1, seed=1)
+    cfg = TrainConfig(
+        out=str(tmp_path / "m.safetensors"),
+        n_way=5,
+        k_shot=1,
+        q_query=2,
+        episodes=6,
+        val_every=2,
+        val_episodes=20,
+        threads=1,
+        seed=1,
+    )
     with monkeypatch.context() as m:
         _interrupt_after_last(m, 4)
         with pytest.raises(KeyboardInterrupt):
@@ -383,12 +495,23 @@ def test_force_replaces_a_run_only_when_the_new_one_writes(tmp_path, monkeypatch
     import edgemeta.train as train_mod
 
     before = _old_run(tmp_path)
-    cfg = TrainConfig(out=str(tmp_path / "m.safetensors"), n_way=5, k_shot=1, q_query=2, episodes=2, val_every=2, val_episodes=3, threads=1)
+    cfg = TrainConfig(
+        out=str(tmp_path / "m.safetensors"),
+        n_way=5,
+        k_shot=1,
+        q_query=2,
+        episodes=2,
+        val_every=2,
+        val_episodes=3,
+        threads=1,
+    )
     with monkeypatch.context() as m:
         m.setattr(train_mod.Trainer, "episodic", lambda *a: (_ for _ in ()).throw(KeyboardInterrupt))
         with pytest.raises(KeyboardInterrupt):
             train(cfg, progress=False, force=True)
-    assert {f.name: f.read_bytes() for f in tmp_path.iterdir()} == before  # stopped before writing: the old run is whole
+    assert {
+        f.name: f.read_bytes() for f in tmp_path.iterdir()
+    } == before  # stopped before writing: the old run is whole
     result = train(cfg, progress=False, force=True)
     assert load_checkpoint(result.checkpoint).info["config"]["episodes"] == 2
     assert load_checkpoint(resume_path(result.checkpoint)).info["step"] == 2
@@ -405,8 +528,13 @@ def test_a_moved_run_resumed_through_its_last_file_keeps_its_best_model(tmp_path
         f.rename(tmp_path / f.name.replace("m.", "run1.", 1))
     records = len((tmp_path / "run1.jsonl").read_text().splitlines())
     with warnings.catch_warnings():
-        warnings.simplefilter("error")  # no "best weights chosen anew": the checkpoint beside the .last file is the run's
-        resumed = train(TrainConfig(out=str(tmp_path / "run1.safetensors"), episodes=15, **base),
-                        resume=tmp_path / "run1.last.safetensors", progress=False)
+        warnings.simplefilter(
+            "error"
+        )  # no "best weights chosen anew": the checkpoint beside the .last file is the run's
+        resumed = train(
+            TrainConfig(out=str(tmp_path / "run1.safetensors"), episodes=15, **base),
+            resume=tmp_path / "run1.last.safetensors",
+            progress=False,
+        )
     assert resumed.best_val_accuracy >= first.best_val_accuracy
     assert len((tmp_path / "run1.jsonl").read_text().splitlines()) > records  # the earlier records kept

@@ -23,17 +23,17 @@ from PIL import Image
 from edgemeta import distributed
 from edgemeta.checkpoint import load_checkpoint, read_header
 from edgemeta.distributed import Device, DistEnv
-from edgemeta.runtime.errors import CheckpointError, InputError
 from edgemeta.model import ModelSpec
+from edgemeta.runtime.errors import CheckpointError, InputError
 from edgemeta.train import (
-    TrainConfig,
-    _check_world_size,
     EpisodeLogits,
+    TrainConfig,
+    Trainer,
+    _check_world_size,
+    _lr,
+    default_spec,
     folder_split,
     load_training_data,
-    _lr,
-    Trainer,
-    default_spec,
     resume_path,
     train,
 )

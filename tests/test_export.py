@@ -21,12 +21,12 @@ from edgemeta.backbones import BACKBONES
 from edgemeta.checkpoint import load_checkpoint, save_checkpoint
 from edgemeta.data import omniglot_spec
 from edgemeta.evaluate import to_tensor
-from edgemeta.runtime.errors import ExportError, InputError, VerificationError
 from edgemeta.exporters import (
     ExportOptions,
     ExportSpec,
     VerifySpec,
     WrappedExtractor,
+    convert,
     export,
     export_checkpoint,
     inspect,
@@ -35,10 +35,10 @@ from edgemeta.exporters import (
     to_ort_format,
     verify,
 )
-from edgemeta.exporters import convert
 from edgemeta.exporters.graph import save_model
 from edgemeta.exporters.head import has_fed_norms
 from edgemeta.model import FewShotModel, ModelSpec
+from edgemeta.runtime.errors import ExportError, InputError, VerificationError
 from edgemeta.runtime.spec import Metric, ModelMetadata, Normalization, Precision
 
 # Every registered backbone at its smallest, with a metric/normalization each so all
@@ -55,8 +55,13 @@ TINY = {
 FAST = VerifySpec(batch_sizes=(1, 7, 32), prototype_counts=(0, 1, 12), episodes=10, q_query=5)
 
 
-def tiny_model(name: str = "conv4", seed: int = 0, metric: Metric | None = None, norm: Normalization | None = None,
-               calibration: np.ndarray | None = None) -> FewShotModel:
+def tiny_model(
+    name: str = "conv4",
+    seed: int = 0,
+    metric: Metric | None = None,
+    norm: Normalization | None = None,
+    calibration: np.ndarray | None = None,
+) -> FewShotModel:
     """A tiny untrained model. With ``calibration`` images its batch-norm statistics and
     center are measured on them (random affine weights on top), so the embeddings differ
     from image to image as a trained model's do and folding BN into the convolutions matters."""
@@ -111,7 +116,9 @@ def test_every_backbone_exports_and_verifies(name, tmp_path, calib):
     assert figures["passed"] and figures["failed_checks"] == []
     assert figures["embeddings_max_rel_error"] < 1e-4 and figures["episodes"]["agreement"] == 1.0
     assert figures["episodes"]["dataset"] == "omniglot-evaluation"
-    stored = ModelMetadata.from_json(ort.InferenceSession(str(tmp_path / "m.onnx")).get_modelmeta().custom_metadata_map["edgemeta"])
+    stored = ModelMetadata.from_json(
+        ort.InferenceSession(str(tmp_path / "m.onnx")).get_modelmeta().custom_metadata_map["edgemeta"]
+    )
     assert stored.backbone == name and stored.fingerprint == load_checkpoint(tmp_path / "m.safetensors").fingerprint
     assert stored.verification["episodes"]["count"] == 10 and stored.verification["passed"] is True
 
@@ -139,7 +146,12 @@ def test_metadata_round_trip_through_onnxruntime(tiny_onnx):
     assert meta == ModelMetadata.from_json(meta.to_json())
     assert (meta.fingerprint, meta.source_checkpoint_sha256) == (ck.fingerprint, ck.sha256)
     assert meta.preprocess == ck.spec.preprocess and meta.embedding_dim == model.embedding_dim
-    assert (meta.metric, meta.normalization, meta.precision, meta.opset) == (Metric.COSINE, Normalization.L2, Precision.FP32, 18)
+    assert (meta.metric, meta.normalization, meta.precision, meta.opset) == (
+        Metric.COSINE,
+        Normalization.L2,
+        Precision.FP32,
+        18,
+    )
     assert meta.extra["exporter"] == "dynamo" and "fallback_reason" not in meta.extra
 
 
@@ -163,16 +175,26 @@ def test_normalization_epsilon_survives_graph_optimization(tmp_path):
     net = WrappedExtractor(Zero(), Metric.COSINE, Normalization.L2)
     meta = ModelMetadata(omniglot_spec(28), 4, Metric.COSINE, Normalization.L2, "zero")
     path = export(net, tmp_path / "zero.onnx", meta).path
-    emb, logits = ort.InferenceSession(str(path)).run(None, {"images": np.ones((2, 1, 28, 28), np.float32), "prototypes": np.ones((3, 4), np.float32)})
+    emb, logits = ort.InferenceSession(str(path)).run(
+        None, {"images": np.ones((2, 1, 28, 28), np.float32), "prototypes": np.ones((3, 4), np.float32)}
+    )
     assert np.isfinite(emb).all() and np.isfinite(logits).all() and not emb.any()
 
 
 def test_plain_feature_extractor_gets_metric_in_the_graph(tmp_path, omniglot_novel):
     extractor = nn.Sequential(nn.Conv2d(1, 8, 3, padding=1), nn.ReLU(), nn.AdaptiveAvgPool2d(2), nn.Flatten())
-    with pytest.raises(ExportError, match="forward takes images only.*wrap a plain feature extractor in WrappedExtractor"):
-        export(extractor, tmp_path / "bare.onnx", ModelMetadata(omniglot_spec(28), 32, Metric.SQEUCLIDEAN, Normalization.NONE, "x"))
+    with pytest.raises(
+        ExportError, match="forward takes images only.*wrap a plain feature extractor in WrappedExtractor"
+    ):
+        export(
+            extractor,
+            tmp_path / "bare.onnx",
+            ModelMetadata(omniglot_spec(28), 32, Metric.SQEUCLIDEAN, Normalization.NONE, "x"),
+        )
     net = WrappedExtractor(extractor, Metric.SQEUCLIDEAN, Normalization.L2)
-    path = export(net, tmp_path / "wrapped.onnx", ModelMetadata(omniglot_spec(28), 32, Metric.SQEUCLIDEAN, Normalization.L2, "x")).path
+    path = export(
+        net, tmp_path / "wrapped.onnx", ModelMetadata(omniglot_spec(28), 32, Metric.SQEUCLIDEAN, Normalization.L2, "x")
+    ).path
     report = verify(path, net, labelled_images(omniglot_novel), FAST)
     assert report.passed and report.episodes["agreement"] == 1.0
     assert not (tmp_path / "bare.onnx").exists() and leftovers(tmp_path) == []
@@ -189,8 +211,12 @@ def test_verification_feeds_the_norms_as_the_runtime_does(tmp_path, omniglot_nov
     vf = importlib.import_module("edgemeta.exporters.verify")  # the module (the package exports its function)
     extractor = nn.Sequential(nn.Conv2d(1, 8, 3, padding=1), nn.ReLU(), nn.AdaptiveAvgPool2d(2), nn.Flatten())
     net = WrappedExtractor(extractor, Metric.SQEUCLIDEAN, Normalization.L2)
-    path = export(net, tmp_path / "wrapped.onnx", ModelMetadata(omniglot_spec(28), 32, Metric.SQEUCLIDEAN, Normalization.L2, "x")).path
-    wrong = lambda p: {"prototype_sqnorms": np.random.default_rng(0).uniform(0, 10, len(p)).astype(np.float32)} if len(p) else {}  # noqa: E731
+    path = export(
+        net, tmp_path / "wrapped.onnx", ModelMetadata(omniglot_spec(28), 32, Metric.SQEUCLIDEAN, Normalization.L2, "x")
+    ).path
+    wrong = lambda p: (
+        {"prototype_sqnorms": np.random.default_rng(0).uniform(0, 10, len(p)).astype(np.float32)} if len(p) else {}
+    )  # noqa: E731
     monkeypatch.setattr(vf, "_norms", wrong)
     with pytest.raises(vf.VerificationError) as e:
         vf.verify(path, net, labelled_images(omniglot_novel), FAST)
@@ -205,7 +231,11 @@ def test_forward_may_name_its_arguments_freely(tmp_path):
             z = torch.flatten(nn.functional.avg_pool2d(x, 7), 1)
             return z, z @ protos.t()
 
-    result = export(Named(), tmp_path / "named.onnx", ModelMetadata(omniglot_spec(28), 16, Metric.SQEUCLIDEAN, Normalization.NONE, "n"))
+    result = export(
+        Named(),
+        tmp_path / "named.onnx",
+        ModelMetadata(omniglot_spec(28), 16, Metric.SQEUCLIDEAN, Normalization.NONE, "n"),
+    )
     assert result.exporter == "dynamo" and result.fallback_reason == ""
     assert [i["name"] for i in inspect(result.path)["inputs"]] == ["images", "prototypes"]
 
@@ -224,7 +254,10 @@ class DataDependent(nn.Module):
 
 def test_untraceable_model_is_one_clear_error_and_no_file(tmp_path):
     meta = ModelMetadata(omniglot_spec(28), 8, Metric.SQEUCLIDEAN, Normalization.NONE, "dd")
-    with pytest.raises(ExportError, match=r"does not trace: data-dependent control flow at test_export.py:\d+ \(`if z.sum\(\) > 0:.*`\)"):
+    with pytest.raises(
+        ExportError,
+        match=r"does not trace: data-dependent control flow at test_export.py:\d+ \(`if z.sum\(\) > 0:.*`\)",
+    ):
         export(DataDependent(), tmp_path / "dd.onnx", meta)
     assert list(tmp_path.iterdir()) == []
 
@@ -235,10 +268,17 @@ def test_torchscript_fallback_is_reported(tmp_path, monkeypatch):
 
     monkeypatch.setattr(convert, "_export_dynamo", broken)
     model = tiny_model("conv4")
-    result = export(model, tmp_path / "ts.onnx", ModelMetadata(omniglot_spec(28), model.embedding_dim, Metric.SQEUCLIDEAN, Normalization.NONE, "ts"))
+    result = export(
+        model,
+        tmp_path / "ts.onnx",
+        ModelMetadata(omniglot_spec(28), model.embedding_dim, Metric.SQEUCLIDEAN, Normalization.NONE, "ts"),
+    )
     assert result.exporter == "torchscript" and "aten::frobnicate" in result.fallback_reason
     assert result.metadata.extra["fallback_reason"] == result.fallback_reason
-    emb, logits = ort.InferenceSession(str(result.path)).run(None, {"images": np.zeros((3, 1, 28, 28), np.float32), "prototypes": np.zeros((0, model.embedding_dim), np.float32)})
+    emb, logits = ort.InferenceSession(str(result.path)).run(
+        None,
+        {"images": np.zeros((3, 1, 28, 28), np.float32), "prototypes": np.zeros((0, model.embedding_dim), np.float32)},
+    )
     assert emb.shape == (3, model.embedding_dim) and logits.shape == (3, 0)
 
 
@@ -257,11 +297,23 @@ def test_offline_optimization_keeps_the_contract(tmp_path, omniglot_novel, calib
 @pytest.mark.parametrize("make_bad", ["missing folder", "parent is a file", "output is a folder"])
 def test_unwritable_output_is_an_export_error_before_any_work(tmp_path, make_bad):
     (tmp_path / "file.txt").write_text("x")
-    target = {"missing folder": tmp_path / "nope" / "m.onnx", "parent is a file": tmp_path / "file.txt" / "m.onnx", "output is a folder": tmp_path}[make_bad]
-    message = {"missing folder": "does not exist", "parent is a file": "file.txt is a file, not a folder", "output is a folder": "is a folder"}[make_bad]
+    target = {
+        "missing folder": tmp_path / "nope" / "m.onnx",
+        "parent is a file": tmp_path / "file.txt" / "m.onnx",
+        "output is a folder": tmp_path,
+    }[make_bad]
+    message = {
+        "missing folder": "does not exist",
+        "parent is a file": "file.txt is a file, not a folder",
+        "output is a folder": "is a folder",
+    }[make_bad]
     model = tiny_model("conv4")
     with pytest.raises(ExportError, match=message):
-        export(model, target, ModelMetadata(omniglot_spec(28), model.embedding_dim, Metric.SQEUCLIDEAN, Normalization.NONE, "w"))
+        export(
+            model,
+            target,
+            ModelMetadata(omniglot_spec(28), model.embedding_dim, Metric.SQEUCLIDEAN, Normalization.NONE, "w"),
+        )
     assert sorted(p.name for p in tmp_path.iterdir()) == ["file.txt"]
 
 
@@ -284,12 +336,19 @@ def test_inspect_with_and_without_the_onnx_package(tiny_onnx, monkeypatch):
     full = inspect(path)
     assert full["precision"] == "fp32" and full["opset"] == {"ai.onnx": 18} and full["ir_version"] == 8
     assert full["operators"]["Conv"] == 4 and full["parameters"] > 1000 and full["notes"] == []
-    assert [i["shape"] for i in full["inputs"]] == [["batch", 1, 28, 28], ["n_classes", full["metadata"]["embedding_dim"]]]
+    assert [i["shape"] for i in full["inputs"]] == [
+        ["batch", 1, 28, 28],
+        ["n_classes", full["metadata"]["embedding_dim"]],
+    ]
     monkeypatch.setitem(sys.modules, "onnx", None)  # as on a device: import onnx fails
     lite = inspect(path)
     assert lite["operators"] is None and lite["parameters"] is None and "pip install onnx" in lite["notes"][0]
     assert lite["inputs"] == full["inputs"] and lite["metadata"] == full["metadata"] and lite["precision"] == "fp32"
-    assert lite["optional_inputs"] == full["optional_inputs"] == [{"name": "prototype_sqnorms", "type": "float32", "shape": ["n_norms"]}]
+    assert (
+        lite["optional_inputs"]
+        == full["optional_inputs"]
+        == [{"name": "prototype_sqnorms", "type": "float32", "shape": ["n_norms"]}]
+    )
 
 
 def test_ort_format_loads_and_keeps_metadata(tiny_onnx, tmp_path):
@@ -309,7 +368,9 @@ def test_an_ort_copy_that_cannot_be_written_is_an_export_error(tiny_onnx, tmp_pa
         raise OSError(28, "No space left on device")
 
     monkeypatch.setattr(optimize, "atomic_write", full_disk)
-    with pytest.raises(ExportError, match=r"cannot write .*m\.ort \(No space left on device\); choose a writable output folder"):
+    with pytest.raises(
+        ExportError, match=r"cannot write .*m\.ort \(No space left on device\); choose a writable output folder"
+    ):
         to_ort_format(tiny_onnx[0], tmp_path / "m.ort")
     with pytest.raises(ExportError, match="No space left on device"):  # through export --ort: nothing written
         export_checkpoint(Path(tiny_onnx[2].path), tmp_path / "m.onnx", ExportOptions(verify=None, ort_format=True))
@@ -326,7 +387,9 @@ def test_replacing_a_model_keeps_its_mode(tiny_onnx, tmp_path, mode):
     save_model(onnx.load(str(src)), src)
     to_ort_format(src)
     assert [stat.S_IMODE(p.stat().st_mode) for p in (src, tmp_path / "m.ort")] == [mode, mode]
-    assert inspect(tmp_path / "m.ort")["metadata"]["fingerprint"] == tiny_onnx[2].fingerprint and leftovers(tmp_path) == []
+    assert (
+        inspect(tmp_path / "m.ort")["metadata"]["fingerprint"] == tiny_onnx[2].fingerprint and leftovers(tmp_path) == []
+    )
 
 
 @pytest.mark.slow
@@ -369,13 +432,19 @@ def test_an_ort_copy_is_written_with_its_onnx_or_not_at_all(tiny_onnx, tmp_path,
     assert inspect(real)["format"] == "ort" and leftovers(tmp_path) == leftovers(real.parent) == []
 
 
-@pytest.mark.parametrize("make_bad, error", [
-    ("folder", "is a folder; move it or choose another -o"),
-    ("link to the model", "links to the model .* itself, which --ort would write over"),
-    ("link into a missing folder", r"a link to .*nope.m\.ort in a folder that does not exist; remove the link or create the folder"),
-    ("-o links to an .ort file", r"links to .*t\.ort, an \.ort file; --ort writes the \.ort copy itself"),
-    ("-o in capitals", "-o names the .onnx model; --ort writes m.ORT beside it: use -o"),
-])
+@pytest.mark.parametrize(
+    "make_bad, error",
+    [
+        ("folder", "is a folder; move it or choose another -o"),
+        ("link to the model", "links to the model .* itself, which --ort would write over"),
+        (
+            "link into a missing folder",
+            r"a link to .*nope.m\.ort in a folder that does not exist; remove the link or create the folder",
+        ),
+        ("-o links to an .ort file", r"links to .*t\.ort, an \.ort file; --ort writes the \.ort copy itself"),
+        ("-o in capitals", "-o names the .onnx model; --ort writes m.ORT beside it: use -o"),
+    ],
+)
 def test_an_ort_copy_that_cannot_be_written_is_refused_before_any_work(tiny_onnx, tmp_path, make_bad, error):
     checkpoint, out, ort_copy = Path(tiny_onnx[2].path), tmp_path / "m.onnx", tmp_path / "m.ort"
     if make_bad == "folder":
@@ -418,10 +487,15 @@ def test_the_library_refuses_to_write_over_its_input(tiny_onnx, tmp_path):
     onnx_model.write_bytes(Path(tiny_onnx[0]).read_bytes())
     with pytest.raises(InputError, match="and its ORT-format copy .* are one file"):
         to_ort_format(onnx_model, onnx_model)
-    assert checkpoint.read_bytes() == before and sorted(p.name for p in tmp_path.iterdir()) == ["m.onnx", "tiny.safetensors"]
+    assert checkpoint.read_bytes() == before and sorted(p.name for p in tmp_path.iterdir()) == [
+        "m.onnx",
+        "tiny.safetensors",
+    ]
 
 
-@pytest.mark.skipif(not os.environ.get("EDGEMETA_LITE_PYTHON"), reason="set EDGEMETA_LITE_PYTHON to a runtime-only venv")
+@pytest.mark.skipif(
+    not os.environ.get("EDGEMETA_LITE_PYTHON"), reason="set EDGEMETA_LITE_PYTHON to a runtime-only venv"
+)
 def test_inspect_in_a_runtime_only_environment(tiny_onnx):
     script = textwrap.dedent(
         """
@@ -432,7 +506,12 @@ def test_inspect_in_a_runtime_only_environment(tiny_onnx):
         print(json.dumps(info))
         """
     )
-    r = subprocess.run([os.environ["EDGEMETA_LITE_PYTHON"], "-c", script, str(tiny_onnx[0])], capture_output=True, text=True, timeout=120)
+    r = subprocess.run(
+        [os.environ["EDGEMETA_LITE_PYTHON"], "-c", script, str(tiny_onnx[0])],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert r.returncode == 0, r.stderr[-2000:]
     info = json.loads(r.stdout)
     assert info["metadata"]["fingerprint"] == tiny_onnx[2].fingerprint and "pip install onnx" in info["notes"][0]

@@ -12,11 +12,11 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from conftest import fixed_batch_copy
 from safetensors.torch import save_file
 from typer.testing import CliRunner
 
 from edgemeta.checkpoint import file_sha256, save_checkpoint
-from conftest import fixed_batch_copy
 from edgemeta.cli import app
 from edgemeta.data import omniglot_spec
 from edgemeta.exporters import inspect
@@ -91,31 +91,144 @@ BEFORE = ["junk.safetensors", *sorted(USER_MODULES)]
     [
         (["export", "junk.safetensors", "-o", "m.onnx"], "junk.safetensors is not an edgemeta checkpoint"),
         (["export", "-o", "m.onnx"], "give a checkpoint to export, or --module package.module:factory"),
-        (["export", "--module", "nosuch_pkg.nets:build", *MODULE_ARGS, "-o", "m.onnx"], "cannot import 'nosuch_pkg.nets' (ModuleNotFoundError"),
-        (["export", "--module", "usernet_ok:nothing", *MODULE_ARGS, "-o", "m.onnx"], "module 'usernet_ok' has no attribute 'nothing'"),
+        (
+            ["export", "--module", "nosuch_pkg.nets:build", *MODULE_ARGS, "-o", "m.onnx"],
+            "cannot import 'nosuch_pkg.nets' (ModuleNotFoundError",
+        ),
+        (
+            ["export", "--module", "usernet_ok:nothing", *MODULE_ARGS, "-o", "m.onnx"],
+            "module 'usernet_ok' has no attribute 'nothing'",
+        ),
         (["export", "--module", "usernet_ok", *MODULE_ARGS, "-o", "m.onnx"], "must look like package.module:factory"),
         (["export", "--module", "usernet_ok:build", "-o", "m.onnx"], "--module needs the input size: pass --size"),
-        (["export", "--module", "usernet_ok:build", "--weights", "junk.safetensors", *MODULE_ARGS, "-o", "m.onnx"], "junk.safetensors is not a safetensors file"),
-        (["export", "--module", "usernet_ok:build", *MODULE_ARGS, "-o", "m.onnx"], "no verification data: the checkpoint records none; pass --data"),
-        (["export", "--module", "usernet_dd:DataDependent", *MODULE_ARGS, "--data", "omniglot", "-o", "m.onnx"],
-         "the model does not trace: data-dependent control flow at usernet_dd.py:10 (`if z.mean() > 0:`)"),
-        (["export", "--module", "usernet_ok:build", *MODULE_ARGS, "--data", "omniglot", "-o", "missing/m.onnx"], "-o: folder missing does not exist"),
-        (["export", "--module", "usernet_ok:build", *MODULE_ARGS, "--data", "omniglot", "-o", "junk.safetensors/m.onnx"], "-o: junk.safetensors is a file, not a folder"),
-        (["export", "--module", "usernet_ok:build", *MODULE_ARGS, "--opset", "12", "-o", "m.onnx"], "opset 12 is not supported; choose 17.."),
-        (["export", "--module", "usernet_ok:build", *MODULE_ARGS, "--precision", "int8", "--conv-kernel", "gemm", "-o", "m.onnx"],
-         "the gemm convolution kernel needs uint8 activations (ONNX Runtime's int8 GEMM is uint8 x int8); add --activations uint8"),
-        (["export", "--module", "usernet_ok:build", *MODULE_ARGS, "--precision", "int8", "--conv-kernel", "amx", "-o", "m.onnx"],
-         "unknown int8 convolution kernel 'amx'; use direct or gemm"),
-        (["export", "--module", "usernet_ok:build", *MODULE_ARGS, "--ort", "--ort-optimization", "fast", "-o", "m.onnx"],
-         "unknown ORT-format optimization level 'fast'; use basic or extended"),
-        (["export", "--module", "usernet_ok:build", *MODULE_ARGS, "--ort-optimization", "extended", "-o", "m.onnx"],
-         "--ort-optimization applies to the .ort file; add --ort"),
-        (["export", "--module", "usernet_ok:build", *MODULE_ARGS, "--precision", "int8", "--stem-layout", "nhcw", "-o", "m.onnx"],
-         "unknown stem layout 'nhcw'; use auto, nchw, nhwc or s2d"),
-        (["export", "--module", "usernet_ok:build", *MODULE_ARGS, "--precision", "int8", "--stem-layout", "nhwc", "--no-float-stem", "-o", "m.onnx"],
-         "--stem-layout nhwc needs the float stem: it changes how the float stem hands over to int8; drop --no-float-stem"),
-        (["export", "--module", "usernet_ok:build", *MODULE_ARGS, "--precision", "int8", "--stem-layout", "s2d", "--float-stem", "-o", "m.onnx"],
-         "--stem-layout s2d runs the stem in int8: drop --float-stem"),
+        (
+            ["export", "--module", "usernet_ok:build", "--weights", "junk.safetensors", *MODULE_ARGS, "-o", "m.onnx"],
+            "junk.safetensors is not a safetensors file",
+        ),
+        (
+            ["export", "--module", "usernet_ok:build", *MODULE_ARGS, "-o", "m.onnx"],
+            "no verification data: the checkpoint records none; pass --data",
+        ),
+        (
+            ["export", "--module", "usernet_dd:DataDependent", *MODULE_ARGS, "--data", "omniglot", "-o", "m.onnx"],
+            "the model does not trace: data-dependent control flow at usernet_dd.py:10 (`if z.mean() > 0:`)",
+        ),
+        (
+            ["export", "--module", "usernet_ok:build", *MODULE_ARGS, "--data", "omniglot", "-o", "missing/m.onnx"],
+            "-o: folder missing does not exist",
+        ),
+        (
+            [
+                "export",
+                "--module",
+                "usernet_ok:build",
+                *MODULE_ARGS,
+                "--data",
+                "omniglot",
+                "-o",
+                "junk.safetensors/m.onnx",
+            ],
+            "-o: junk.safetensors is a file, not a folder",
+        ),
+        (
+            ["export", "--module", "usernet_ok:build", *MODULE_ARGS, "--opset", "12", "-o", "m.onnx"],
+            "opset 12 is not supported; choose 17..",
+        ),
+        (
+            [
+                "export",
+                "--module",
+                "usernet_ok:build",
+                *MODULE_ARGS,
+                "--precision",
+                "int8",
+                "--conv-kernel",
+                "gemm",
+                "-o",
+                "m.onnx",
+            ],
+            "the gemm convolution kernel needs uint8 activations (ONNX Runtime's int8 GEMM is uint8 x int8); add --activations uint8",
+        ),
+        (
+            [
+                "export",
+                "--module",
+                "usernet_ok:build",
+                *MODULE_ARGS,
+                "--precision",
+                "int8",
+                "--conv-kernel",
+                "amx",
+                "-o",
+                "m.onnx",
+            ],
+            "unknown int8 convolution kernel 'amx'; use direct or gemm",
+        ),
+        (
+            [
+                "export",
+                "--module",
+                "usernet_ok:build",
+                *MODULE_ARGS,
+                "--ort",
+                "--ort-optimization",
+                "fast",
+                "-o",
+                "m.onnx",
+            ],
+            "unknown ORT-format optimization level 'fast'; use basic or extended",
+        ),
+        (
+            ["export", "--module", "usernet_ok:build", *MODULE_ARGS, "--ort-optimization", "extended", "-o", "m.onnx"],
+            "--ort-optimization applies to the .ort file; add --ort",
+        ),
+        (
+            [
+                "export",
+                "--module",
+                "usernet_ok:build",
+                *MODULE_ARGS,
+                "--precision",
+                "int8",
+                "--stem-layout",
+                "nhcw",
+                "-o",
+                "m.onnx",
+            ],
+            "unknown stem layout 'nhcw'; use auto, nchw, nhwc or s2d",
+        ),
+        (
+            [
+                "export",
+                "--module",
+                "usernet_ok:build",
+                *MODULE_ARGS,
+                "--precision",
+                "int8",
+                "--stem-layout",
+                "nhwc",
+                "--no-float-stem",
+                "-o",
+                "m.onnx",
+            ],
+            "--stem-layout nhwc needs the float stem: it changes how the float stem hands over to int8; drop --no-float-stem",
+        ),
+        (
+            [
+                "export",
+                "--module",
+                "usernet_ok:build",
+                *MODULE_ARGS,
+                "--precision",
+                "int8",
+                "--stem-layout",
+                "s2d",
+                "--float-stem",
+                "-o",
+                "m.onnx",
+            ],
+            "--stem-layout s2d runs the stem in int8: drop --float-stem",
+        ),
         (["inspect", "junk.safetensors"], "junk.safetensors is not a readable ONNX model"),
         (["inspect", "nothing.onnx"], "model file not found: nothing.onnx"),
     ],
@@ -126,7 +239,18 @@ def test_bad_input_is_one_line_exit_1_and_leaves_no_file(workdir, args, message)
 
 
 def test_failed_verification_is_one_line_and_writes_nothing(workdir):
-    r = run("export", "--module", "usernet_noisy:Noisy", *MODULE_ARGS, "--data", "omniglot", "--episodes", "5", "-o", "m.onnx")
+    r = run(
+        "export",
+        "--module",
+        "usernet_noisy:Noisy",
+        *MODULE_ARGS,
+        "--data",
+        "omniglot",
+        "--episodes",
+        "5",
+        "-o",
+        "m.onnx",
+    )
     assert_one_line_error(r, "verification of m.onnx (fp32) failed")
     assert "embeddings error: max relative error" in r.output and "make sure the model is in eval mode" in r.output
     assert files(workdir) == BEFORE
@@ -134,7 +258,18 @@ def test_failed_verification_is_one_line_and_writes_nothing(workdir):
 
 def test_weights_that_do_not_fit_name_the_keys(workdir):
     save_file({"0.weight": torch.zeros(3, 1, 3, 3)}, str(workdir / "w.safetensors"))
-    r = run("export", "--module", "usernet_ok:build", "--weights", "w.safetensors", *MODULE_ARGS, "--data", "omniglot", "-o", "m.onnx")
+    r = run(
+        "export",
+        "--module",
+        "usernet_ok:build",
+        "--weights",
+        "w.safetensors",
+        *MODULE_ARGS,
+        "--data",
+        "omniglot",
+        "-o",
+        "m.onnx",
+    )
     assert_one_line_error(r, "w.safetensors does not fit the module")
     assert "Missing key(s)" in r.output
 
@@ -172,15 +307,37 @@ def test_verify_refuses_another_models_checkpoint(workdir, trained_conv4_onnx):
 
 @pytest.mark.slow
 def test_export_int8_with_ort_format(workdir, trained_conv4):
-    r = run("export", trained_conv4, "-o", "m.int8.onnx", "--precision", "int8", "--ort", "--episodes", "20", "--calibration-images", "64", "--json")
+    r = run(
+        "export",
+        trained_conv4,
+        "-o",
+        "m.int8.onnx",
+        "--precision",
+        "int8",
+        "--ort",
+        "--episodes",
+        "20",
+        "--calibration-images",
+        "64",
+        "--json",
+    )
     assert r.exit_code == 0, r.output
     result = json.loads(r.stdout)
     assert result["precision"] == "int8" and result["ort_path"] == "m.int8.ort"
     assert result["verification"]["passed"] and result["verification"]["episodes"]["agreement"] >= 0.9
     stem = result["calibration"]  # by default Conv-4's stem runs in int8, as a space-to-depth convolution
-    assert (stem["stem_layout"], stem["float_stem"], stem["stem_layout_asked"], "stem_note" in stem) == ("s2d", False, "auto", False)
+    assert (stem["stem_layout"], stem["float_stem"], stem["stem_layout_asked"], "stem_note" in stem) == (
+        "s2d",
+        False,
+        "auto",
+        False,
+    )
     info = inspect("m.int8.ort")
-    assert info["format"] == "ort" and info["precision"] == "int8" and info["metadata"]["extra"]["calibration"]["dataset"] == "omniglot-background"
+    assert (
+        info["format"] == "ort"
+        and info["precision"] == "int8"
+        and info["metadata"]["extra"]["calibration"]["dataset"] == "omniglot-background"
+    )
     assert files(workdir) == sorted([*BEFORE, "m.int8.onnx", "m.int8.ort"])
 
 
@@ -189,16 +346,35 @@ def test_the_int8_stem_is_said_in_one_line():
     from edgemeta.runtime.spec import Metric, ModelMetadata, Normalization, Precision, PreprocessSpec
 
     def line(precision=Precision.INT8, **calibration):
-        return _stem_line(ModelMetadata(PreprocessSpec.create(28, 1), 64, Metric.SQEUCLIDEAN, Normalization.NONE, "fp", precision=precision,
-                                        extra={"calibration": calibration} if calibration else {}))
+        return _stem_line(
+            ModelMetadata(
+                PreprocessSpec.create(28, 1),
+                64,
+                Metric.SQEUCLIDEAN,
+                Normalization.NONE,
+                "fp",
+                precision=precision,
+                extra={"calibration": calibration} if calibration else {},
+            )
+        )
 
     auto = {"stem_layout_asked": "auto"}
-    assert line(stem_layout="s2d", float_stem=False, **auto) == "stem: in int8, as a space-to-depth convolution with its pooling (chosen by --stem-layout auto)"
-    assert line(stem_layout="nchw", float_stem=True, stem_note="the space-to-depth stem does not fit: its first convolution is strided", **auto) == (
-        "stem: in float32 (the space-to-depth stem does not fit: its first convolution is strided)")
-    assert line(stem_layout="nchw", float_stem=True, float_stem_asked=True, **auto) == "stem: in float32 (--float-stem)"  # the flag chose
+    assert (
+        line(stem_layout="s2d", float_stem=False, **auto)
+        == "stem: in int8, as a space-to-depth convolution with its pooling (chosen by --stem-layout auto)"
+    )
+    assert line(
+        stem_layout="nchw",
+        float_stem=True,
+        stem_note="the space-to-depth stem does not fit: its first convolution is strided",
+        **auto,
+    ) == ("stem: in float32 (the space-to-depth stem does not fit: its first convolution is strided)")
+    assert (
+        line(stem_layout="nchw", float_stem=True, float_stem_asked=True, **auto) == "stem: in float32 (--float-stem)"
+    )  # the flag chose
     assert line(stem_layout="s2d", float_stem=False, float_stem_asked=False, **auto) == (
-        "stem: in int8, as a space-to-depth convolution with its pooling (--no-float-stem)")
+        "stem: in int8, as a space-to-depth convolution with its pooling (--no-float-stem)"
+    )
     assert line(stem_layout="nhwc", float_stem=True) == "stem: in float32, handed to int8 in NHWC"
     assert line(stem_layout="nchw", float_stem=False) == "stem: in int8"
     assert line(Precision.FP32) is None and line(dataset="x") is None  # fp32, or an int8 model from before the record
@@ -207,7 +383,19 @@ def test_the_int8_stem_is_said_in_one_line():
 @pytest.mark.slow
 def test_quantize_an_exported_model(workdir, trained_conv4, trained_conv4_onnx):
     shutil.copy(trained_conv4_onnx, workdir / "m.onnx")
-    r = run("quantize", "m.onnx", "--checkpoint", trained_conv4, "-o", "m.int8.onnx", "--episodes", "20", "--calibration-images", "64", "--json")
+    r = run(
+        "quantize",
+        "m.onnx",
+        "--checkpoint",
+        trained_conv4,
+        "-o",
+        "m.int8.onnx",
+        "--episodes",
+        "20",
+        "--calibration-images",
+        "64",
+        "--json",
+    )
     assert r.exit_code == 0, r.output
     result = json.loads(r.stdout)
     assert result["precision"] == "int8" and result["verification"]["passed"]
@@ -221,8 +409,25 @@ def test_export_a_user_module_by_reference(workdir):
     from usernet_ok import build
 
     save_file(build().state_dict(), str(workdir / "w.safetensors"))
-    r = run("export", "--module", "usernet_ok:build", "--weights", "w.safetensors", *MODULE_ARGS, "--metric", "cosine",
-            "--normalization", "l2", "--data", "omniglot", "--episodes", "10", "--json", "-o", "user.onnx")
+    r = run(
+        "export",
+        "--module",
+        "usernet_ok:build",
+        "--weights",
+        "w.safetensors",
+        *MODULE_ARGS,
+        "--metric",
+        "cosine",
+        "--normalization",
+        "l2",
+        "--data",
+        "omniglot",
+        "--episodes",
+        "10",
+        "--json",
+        "-o",
+        "user.onnx",
+    )
     assert r.exit_code == 0, r.output
     meta = inspect("user.onnx")["metadata"]
     assert meta["backbone"] == "usernet_ok:build" and meta["extra"]["source"] == "extractor"
@@ -250,15 +455,45 @@ def write_pngs(folder: Path, n_classes: int, per_class: int) -> Path:
         (["export", "ck.safetensors", "-o", "link.safetensors"], "link.safetensors"),
         (["export", "ck.safetensors", "-o", "hard.safetensors"], "hard.safetensors"),
         (["export", "ck.safetensors", "--precision", "int8", "-o", "ck.safetensors"], "ck.safetensors"),
-        (["export", "--module", "usernet_ok:build", "--weights", "w.safetensors", *MODULE_ARGS, "--data", "omniglot", "-o", "w.safetensors"],
-         "w.safetensors"),
-        (["export", "--module", "usernet_ok:build", "--weights", "w.ort", *MODULE_ARGS, "--data", "omniglot", "--ort", "-o", "w.onnx"], "w.ort"),
+        (
+            [
+                "export",
+                "--module",
+                "usernet_ok:build",
+                "--weights",
+                "w.safetensors",
+                *MODULE_ARGS,
+                "--data",
+                "omniglot",
+                "-o",
+                "w.safetensors",
+            ],
+            "w.safetensors",
+        ),
+        (
+            [
+                "export",
+                "--module",
+                "usernet_ok:build",
+                "--weights",
+                "w.ort",
+                *MODULE_ARGS,
+                "--data",
+                "omniglot",
+                "--ort",
+                "-o",
+                "w.onnx",
+            ],
+            "w.ort",
+        ),
         (["quantize", "m.onnx", "-c", "ck.safetensors", "-o", "ck.safetensors"], "ck.safetensors"),
         (["quantize", "m.onnx", "-c", "ck.safetensors", "-o", "m.onnx"], "m.onnx"),
         (["quantize", "m.onnx", "-c", "ck.safetensors", "-o", "./m.onnx"], "m.onnx"),
     ],
 )
-def test_an_output_that_is_an_input_is_refused_and_the_input_kept(workdir, trained_conv4, trained_conv4_onnx, monkeypatch, args, output):
+def test_an_output_that_is_an_input_is_refused_and_the_input_kept(
+    workdir, trained_conv4, trained_conv4_onnx, monkeypatch, args, output
+):
     monkeypatch.syspath_prepend(str(workdir))  # the user module, importable on its own too
     from usernet_ok import build
 
@@ -286,21 +521,29 @@ def test_too_few_classes_name_what_the_data_needs_not_a_missing_option(workdir, 
     write_pngs(workdir / "onecls", 1, 20)
     shutil.copy(trained_conv4_onnx, workdir / "m.onnx")
     before = (workdir / "m.onnx").read_bytes()
-    expected = "onecls has 1 classes, fewer than 5-way; verification draws 5-way 1-shot episodes with 15 queries: " \
-               "pass --data with at least 5 classes of 16 images"
-    for args in (["export", "--module", "usernet_ok:build", *MODULE_ARGS, "--data", "onecls", "-o", "x.onnx"],
-                 ["verify", "m.onnx", "-c", trained_conv4, "--data", "onecls"]):
+    expected = (
+        "onecls has 1 classes, fewer than 5-way; verification draws 5-way 1-shot episodes with 15 queries: "
+        "pass --data with at least 5 classes of 16 images"
+    )
+    for args in (
+        ["export", "--module", "usernet_ok:build", *MODULE_ARGS, "--data", "onecls", "-o", "x.onnx"],
+        ["verify", "m.onnx", "-c", trained_conv4, "--data", "onecls"],
+    ):
         r = run(*args)
         assert_one_line_error(r, expected)
         assert "--n-way" not in r.output
     assert not (workdir / "x.onnx").exists() and (workdir / "m.onnx").read_bytes() == before
     write_pngs(workdir / "small", 6, 10)  # enough classes, too few images in each
     r = run("verify", "m.onnx", "-c", trained_conv4, "--data", "small")
-    assert_one_line_error(r, "small: only 0 classes have 16 images (K=1 shots + Q=15 queries), 5 needed; verification draws 5-way")
+    assert_one_line_error(
+        r, "small: only 0 classes have 16 images (K=1 shots + Q=15 queries), 5 needed; verification draws 5-way"
+    )
     assert "--k-shot" not in r.output and (workdir / "m.onnx").read_bytes() == before
 
 
-def test_verification_data_is_checked_before_exporting_or_calibrating(workdir, trained_conv4, trained_conv4_onnx, monkeypatch):
+def test_verification_data_is_checked_before_exporting_or_calibrating(
+    workdir, trained_conv4, trained_conv4_onnx, monkeypatch
+):
     """Data that cannot fill the verification episodes is refused before the export or the
     int8 calibration runs (they take from seconds to minutes), not after."""
     import edgemeta.exporters.pipeline as pipeline
@@ -309,10 +552,14 @@ def test_verification_data_is_checked_before_exporting_or_calibrating(workdir, t
         monkeypatch.setattr(pipeline, name, lambda *a, **k: pytest.fail("worked before checking the verification data"))
     write_pngs(workdir / "onecls", 1, 20)
     shutil.copy(trained_conv4_onnx, workdir / "m.onnx")
-    for args in (["export", trained_conv4, "--data", "onecls", "-o", "x.onnx"],
-                 ["export", trained_conv4, "--precision", "int8", "--data", "onecls", "-o", "x.onnx"],
-                 ["quantize", "m.onnx", "-c", trained_conv4, "--data", "onecls", "-o", "q.onnx"]):
-        assert_one_line_error(run(*args), "onecls has 1 classes, fewer than 5-way; verification draws 5-way 1-shot episodes")
+    for args in (
+        ["export", trained_conv4, "--data", "onecls", "-o", "x.onnx"],
+        ["export", trained_conv4, "--precision", "int8", "--data", "onecls", "-o", "x.onnx"],
+        ["quantize", "m.onnx", "-c", trained_conv4, "--data", "onecls", "-o", "q.onnx"],
+    ):
+        assert_one_line_error(
+            run(*args), "onecls has 1 classes, fewer than 5-way; verification draws 5-way 1-shot episodes"
+        )
     assert not (workdir / "x.onnx").exists() and not (workdir / "q.onnx").exists()
 
 
@@ -339,9 +586,16 @@ def test_verify_keeps_the_mode_of_the_model_it_rewrites(workdir, trained_conv4, 
 
 
 @pytest.mark.parametrize("command, action", [("verify", "verification"), ("quantize", "calibration")])
-def test_verify_and_quantize_refuse_a_fixed_batch_model_in_one_line(workdir, trained_conv4, trained_conv4_onnx, command, action):
+def test_verify_and_quantize_refuse_a_fixed_batch_model_in_one_line(
+    workdir, trained_conv4, trained_conv4_onnx, command, action
+):
     fixed_batch_copy(trained_conv4_onnx, workdir / "b1.onnx", 1)
     before = (workdir / "b1.onnx").read_bytes()
-    r = run(command, "b1.onnx", "-c", trained_conv4, *(["-o", "q.onnx"] if command == "quantize" else []), "--episodes", "5")
-    assert_one_line_error(r, f"b1.onnx takes a fixed batch of 1; {action} runs batches of other sizes through the graph and needs a dynamic batch")
+    r = run(
+        command, "b1.onnx", "-c", trained_conv4, *(["-o", "q.onnx"] if command == "quantize" else []), "--episodes", "5"
+    )
+    assert_one_line_error(
+        r,
+        f"b1.onnx takes a fixed batch of 1; {action} runs batches of other sizes through the graph and needs a dynamic batch",
+    )
     assert (workdir / "b1.onnx").read_bytes() == before and not (workdir / "q.onnx").exists()

@@ -10,10 +10,10 @@ import torch
 from torch import nn
 
 from edgemeta.data import omniglot_spec
-from edgemeta.runtime.errors import InputError
 from edgemeta.exporters import ExportSpec, export
 from edgemeta.exporters.head import has_fed_norms
 from edgemeta.model import FewShotModel, ModelSpec
+from edgemeta.runtime.errors import InputError
 from edgemeta.runtime.ort import SessionOptions
 from edgemeta.runtime.session import Session
 from edgemeta.runtime.spec import INPUT_SQNORMS, Metric, ModelMetadata, Normalization
@@ -25,7 +25,11 @@ def quiet_session(path) -> ort.InferenceSession:
     return ort.InferenceSession(str(path), so, providers=["CPUExecutionProvider"])
 
 
-@pytest.fixture(scope="module", params=[(Metric.SQEUCLIDEAN, Normalization.NONE), (Metric.COSINE, Normalization.L2)], ids=["sqeuclidean", "cosine"])
+@pytest.fixture(
+    scope="module",
+    params=[(Metric.SQEUCLIDEAN, Normalization.NONE), (Metric.COSINE, Normalization.L2)],
+    ids=["sqeuclidean", "cosine"],
+)
 def exported(request, tmp_path_factory):
     """(torch model, graph with the head, graph as torch exported it)."""
     metric, norm = request.param
@@ -85,7 +89,9 @@ def test_non_finite_prototypes_are_refused_with_the_norms_the_runtime_feeds(expo
         bad = p.copy()
         bad[0, 3] = value
         bad.flags.writeable = False  # as a store keeps them: checked once, with the norms fed
-        with pytest.raises(InputError, match=r"prototype 0 contains NaN or infinite values \(or values beyond float32's range\)"):
+        with pytest.raises(
+            InputError, match=r"prototype 0 contains NaN or infinite values \(or values beyond float32's range\)"
+        ):
             s.run(x, bad)
     assert s.prototype_uploads == 0  # refused before anything went to the device
     big = np.full((1, model.embedding_dim), 1e39)  # finite in float64, infinite as the float32 the graph takes
@@ -112,7 +118,11 @@ def test_module_with_its_own_logits_keeps_the_exported_graph(tmp_path):
             z = torch.flatten(nn.functional.avg_pool2d(images, 7), 1)
             return z, z @ prototypes.t()
 
-    path = export(DotProduct(), tmp_path / "dot.onnx", ModelMetadata(omniglot_spec(28), 16, Metric.SQEUCLIDEAN, Normalization.NONE, "d")).path
+    path = export(
+        DotProduct(),
+        tmp_path / "dot.onnx",
+        ModelMetadata(omniglot_spec(28), 16, Metric.SQEUCLIDEAN, Normalization.NONE, "d"),
+    ).path
     assert not has_fed_norms(onnx.load(str(path)))
     extra = Session(path, "cpu").metadata.extra
     assert extra["fed_norms"] is False and "not edgemeta's sqeuclidean metric" in extra["fed_norms_reason"]
@@ -187,7 +197,9 @@ def test_read_only_view_of_writable_memory_is_not_cached(exported):
     store.add("a", base[:2])
     store.add("b", base[2:])
     snap = store.snapshot(examples=True)
-    assert s._norms(snap.prototypes) is not None and s._norms(snap.examples) is not None  # the store's arrays are frozen
+    assert (
+        s._norms(snap.prototypes) is not None and s._norms(snap.examples) is not None
+    )  # the store's arrays are frozen
 
 
 def test_bound_norms_are_the_ones_the_graph_reads(exported):
@@ -208,7 +220,11 @@ def test_a_graph_the_head_cannot_take_keeps_the_traced_one(tmp_path):
             d = (z * z).sum(1, keepdim=True) - 2 * z @ prototypes.double().t() + (prototypes.double() ** 2).sum(1)
             return z, -d.clamp_min(0)
 
-    path = export(Float64(), tmp_path / "f64.onnx", ModelMetadata(omniglot_spec(28), 16, Metric.SQEUCLIDEAN, Normalization.NONE, "f")).path
+    path = export(
+        Float64(),
+        tmp_path / "f64.onnx",
+        ModelMetadata(omniglot_spec(28), 16, Metric.SQEUCLIDEAN, Normalization.NONE, "f"),
+    ).path
     extra = Session(path, "cpu").metadata.extra
     assert not has_fed_norms(onnx.load(str(path))) and extra["fed_norms"] is False
     assert "does not run on this graph" in extra["fed_norms_reason"]
@@ -223,7 +239,10 @@ def test_backbone_with_a_subgraph_keeps_what_the_subgraph_reads():
     w = numpy_helper.from_array(np.full((4, 3), 0.5, np.float32), "W")
     flag = numpy_helper.from_array(np.array(True), "flag")
     branch = lambda name: helper.make_graph(  # noqa: E731
-        [helper.make_node("MatMul", ["flat", "W"], [f"{name}_out"])], name, [], [helper.make_tensor_value_info(f"{name}_out", TensorProto.FLOAT, None)]
+        [helper.make_node("MatMul", ["flat", "W"], [f"{name}_out"])],
+        name,
+        [],
+        [helper.make_tensor_value_info(f"{name}_out", TensorProto.FLOAT, None)],
     )
     nodes = [
         helper.make_node("Flatten", ["images"], ["flat"]),
@@ -232,9 +251,16 @@ def test_backbone_with_a_subgraph_keeps_what_the_subgraph_reads():
         helper.make_node("Transpose", ["prototypes"], ["Pt"]),
     ]
     graph = helper.make_graph(
-        nodes, "g",
-        [helper.make_tensor_value_info("images", TensorProto.FLOAT, ["b", 1, 2, 2]), helper.make_tensor_value_info("prototypes", TensorProto.FLOAT, ["n", 3])],
-        [helper.make_tensor_value_info("embeddings", TensorProto.FLOAT, ["b", 3]), helper.make_tensor_value_info("logits", TensorProto.FLOAT, ["b", "n"])],
+        nodes,
+        "g",
+        [
+            helper.make_tensor_value_info("images", TensorProto.FLOAT, ["b", 1, 2, 2]),
+            helper.make_tensor_value_info("prototypes", TensorProto.FLOAT, ["n", 3]),
+        ],
+        [
+            helper.make_tensor_value_info("embeddings", TensorProto.FLOAT, ["b", 3]),
+            helper.make_tensor_value_info("logits", TensorProto.FLOAT, ["b", "n"]),
+        ],
         [w, flag],
     )
     model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18)])

@@ -16,8 +16,8 @@ import onnxruntime as ort
 import pytest
 from onnx import TensorProto, helper
 
-from edgemeta.runtime.errors import ExportError
 from edgemeta.exporters.pixels import has_pixels, with_pixels
+from edgemeta.runtime.errors import ExportError
 from edgemeta.runtime.preprocess import preprocess
 from edgemeta.runtime.spec import PreprocessSpec
 
@@ -117,7 +117,9 @@ def test_the_graph_preprocesses_real_images_as_pillow_does(spec, source):
 
 
 @pytest.mark.parametrize("spec", [GREY, RGB], ids=["grey28", "rgb84"])
-@pytest.mark.parametrize("shape", [(1, 1, 3), (7, 300, 3), (301, 29, 1), (480, 640, 4), (28, 28, 1), (84, 84, 3), (83, 85, 4), (2, 3, 4)])
+@pytest.mark.parametrize(
+    "shape", [(1, 1, 3), (7, 300, 3), (301, 29, 1), (480, 640, 4), (28, 28, 1), (84, 84, 3), (83, 85, 4), (2, 3, 4)]
+)
 def test_odd_sizes_and_layouts_are_preprocessed_as_pillow_does(spec, shape):
     frame = np.random.default_rng(sum(shape)).integers(0, 256, shape, dtype=np.uint8)
     worst, same = _agreement(_session(spec), [frame], spec)
@@ -173,7 +175,10 @@ def test_refusals_name_the_problem():
         with_pixels(old, GREY)
 
 
-@pytest.mark.skipif(not os.environ.get("EDGEMETA_OLD_ORT_PYTHON"), reason="set EDGEMETA_OLD_ORT_PYTHON to a Python with onnxruntime 1.17")
+@pytest.mark.skipif(
+    not os.environ.get("EDGEMETA_OLD_ORT_PYTHON"),
+    reason="set EDGEMETA_OLD_ORT_PYTHON to a Python with onnxruntime 1.17",
+)
 def test_onnxruntime_1_17_preprocesses_bit_for_bit_as_the_current_one(tmp_path):
     rng = np.random.default_rng(4)
     frames = [rng.integers(0, 256, s, dtype=np.uint8) for s in [(105, 105, 1), (64, 64, 3), (480, 640, 4), (7, 300, 3)]]
@@ -195,7 +200,12 @@ def test_onnxruntime_1_17_preprocesses_bit_for_bit_as_the_current_one(tmp_path):
         "    worst = max(worst, float(np.abs(got - np.load(f'{d}/want{k}_{i}.npy')).max()))\n"
         "print(ort.__version__, worst)\n"
     )
-    r = subprocess.run([os.environ["EDGEMETA_OLD_ORT_PYTHON"], "-c", script, str(tmp_path), json.dumps(cases)], capture_output=True, text=True, timeout=120)
+    r = subprocess.run(
+        [os.environ["EDGEMETA_OLD_ORT_PYTHON"], "-c", script, str(tmp_path), json.dumps(cases)],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert r.returncode == 0, r.stderr[-2000:]
     version, worst = r.stdout.split()
     assert version.startswith("1.17") and float(worst) == 0.0

@@ -14,15 +14,23 @@ import onnxruntime as ort
 import pytest
 
 from edgemeta.checkpoint import load_checkpoint
-from edgemeta.data import omniglot_spec
-from edgemeta.runtime.errors import InputError
-from edgemeta.data import base_images, novel_images
-from edgemeta.exporters import VerifySpec, calibration_images, convert_fp16, labelled_images, quantize_int8, to_fp16, verify
+from edgemeta.data import base_images, novel_images, omniglot_spec
+from edgemeta.exporters import (
+    VerifySpec,
+    calibration_images,
+    convert_fp16,
+    labelled_images,
+    quantize_int8,
+    to_fp16,
+    verify,
+)
 from edgemeta.exporters.graph import float_nodes, name_nodes
 from edgemeta.exporters.head import has_fed_norms
 from edgemeta.exporters.quantize import QuantizeSpec
+from edgemeta.runtime.errors import InputError
 from edgemeta.runtime.session import Session
 from edgemeta.runtime.spec import ModelMetadata, Precision
+
 
 def q8(src, out, data, spec=QuantizeSpec()):
     """int8 calibrated on ``spec.calibration_images`` images of the image set ``data``, as the pipeline does."""
@@ -58,7 +66,12 @@ def background(export_env):
 
 @pytest.fixture(scope="module")
 def int8_model(trained_conv4_onnx, background, tmp_path_factory) -> Path:
-    return q8(trained_conv4_onnx, tmp_path_factory.mktemp("int8") / "conv4.int8.onnx", background, QuantizeSpec(calibration_images=128, float_stem=True))
+    return q8(
+        trained_conv4_onnx,
+        tmp_path_factory.mktemp("int8") / "conv4.int8.onnx",
+        background,
+        QuantizeSpec(calibration_images=128, float_stem=True),
+    )
 
 
 def test_calibration_uses_base_classes_only(background, omniglot_novel):
@@ -77,7 +90,9 @@ def test_fp16_keeps_float32_interface_and_metric(fp16_model, trained_conv4_onnx)
     assert convs and all(inits[n.input[1]] == onnx.TensorProto.FLOAT16 for n in convs)
     matmul = next(n for n in model.graph.node if n.op_type in ("MatMul", "Gemm"))  # the metric's z.p
     sqnorms = next(t for t in model.graph.initializer if t.name == "prototype_sqnorms")  # the optional input's default
-    assert sqnorms.data_type == onnx.TensorProto.FLOAT and has_fed_norms(model) and Session(fp16_model, "cpu").feeds_norms
+    assert (
+        sqnorms.data_type == onnx.TensorProto.FLOAT and has_fed_norms(model) and Session(fp16_model, "cpu").feeds_norms
+    )
     typed = {v.name: v.type.tensor_type.elem_type for v in onnx.shape_inference.infer_shapes(model).graph.value_info}
     assert typed[matmul.output[0]] == onnx.TensorProto.FLOAT
     meta, source = meta_of(fp16_model), meta_of(trained_conv4_onnx)
@@ -96,14 +111,22 @@ def test_fp16_predictions_agree_with_torch(fp16_model, trained_conv4, omniglot_n
 
 @pytest.fixture(scope="module")
 def int8_nhwc_model(trained_conv4_onnx, background, tmp_path_factory) -> Path:
-    return q8(trained_conv4_onnx, tmp_path_factory.mktemp("int8") / "conv4.int8.nhwc.onnx", background,
-                         QuantizeSpec(calibration_images=128, stem_layout="nhwc"))
+    return q8(
+        trained_conv4_onnx,
+        tmp_path_factory.mktemp("int8") / "conv4.int8.nhwc.onnx",
+        background,
+        QuantizeSpec(calibration_images=128, stem_layout="nhwc"),
+    )
 
 
 @pytest.fixture(scope="module")
 def int8_s2d_model(trained_conv4_onnx, background, tmp_path_factory) -> Path:
-    return q8(trained_conv4_onnx, tmp_path_factory.mktemp("int8") / "conv4.int8.s2d.onnx", background,
-                         QuantizeSpec(calibration_images=128, float_stem=False, stem_layout="s2d"))
+    return q8(
+        trained_conv4_onnx,
+        tmp_path_factory.mktemp("int8") / "conv4.int8.s2d.onnx",
+        background,
+        QuantizeSpec(calibration_images=128, float_stem=False, stem_layout="s2d"),
+    )
 
 
 def test_int8_is_qdq_with_a_float_metric(int8_model, trained_conv4_onnx):
@@ -119,21 +142,39 @@ def test_int8_is_qdq_with_a_float_metric(int8_model, trained_conv4_onnx):
     assert not any(n.op_type == "QuantizeLinear" and n.input[0] in ("prototypes", "logits") for n in model.graph.node)
     meta = meta_of(int8_model)
     assert meta.precision is Precision.INT8 and meta.fingerprint == meta_of(trained_conv4_onnx).fingerprint
-    assert meta.extra["calibration"] == {"dataset": "omniglot-background", "images": 128, "method": "MinMax", "per_channel": True, "seed": 0,
-                                         "activations": "int8", "float_stem": True, "conv_kernel": "direct", "gemm_weight_tensors": 0,
-                                         "stem_layout": "nchw", "stem_layout_asked": "auto", "float_stem_asked": True}
+    assert meta.extra["calibration"] == {
+        "dataset": "omniglot-background",
+        "images": 128,
+        "method": "MinMax",
+        "per_channel": True,
+        "seed": 0,
+        "activations": "int8",
+        "float_stem": True,
+        "conv_kernel": "direct",
+        "gemm_weight_tensors": 0,
+        "stem_layout": "nchw",
+        "stem_layout_asked": "auto",
+        "float_stem_asked": True,
+    }
     inits = {t.name: t.data_type for t in model.graph.initializer}
     q_zero_points = {inits[n.input[2]] for n in model.graph.node if n.op_type == "QuantizeLinear"}
     assert q_zero_points == {onnx.TensorProto.INT8}  # signed activations by default
 
 
 def test_int8_with_unsigned_activations_and_a_float_stem(trained_conv4_onnx, background, tmp_path):
-    out = q8(trained_conv4_onnx, tmp_path / "u8.onnx", background, QuantizeSpec(calibration_images=64, activations="uint8", float_stem=True))
+    out = q8(
+        trained_conv4_onnx,
+        tmp_path / "u8.onnx",
+        background,
+        QuantizeSpec(calibration_images=64, activations="uint8", float_stem=True),
+    )
     model = onnx.load(str(out))
     inits = {t.name: t for t in model.graph.initializer}
     producers = {o: n for n in model.graph.node for o in n.output}
     convs = [n for n in model.graph.node if n.op_type == "Conv"]
-    assert convs[0].input[1] in inits and inits[convs[0].input[1]].data_type == onnx.TensorProto.FLOAT  # the stem stays float32
+    assert (
+        convs[0].input[1] in inits and inits[convs[0].input[1]].data_type == onnx.TensorProto.FLOAT
+    )  # the stem stays float32
     assert all(producers[c.input[1]].op_type == "DequantizeLinear" for c in convs[1:])  # the rest is int8
     # its ReLU and pooling stay float too: the first activation quantized is the pooled one
     first_q = next(n for n in model.graph.node if n.op_type == "QuantizeLinear" and n.input[0] != "images")
@@ -178,24 +219,41 @@ def test_int8_nhwc_stem_hand_over(int8_nhwc_model, int8_model, tmp_path):
     first_q = next(n for n in model.graph.node if n.op_type == "QuantizeLinear" and n.input[0] != "images")
     back, there = producers[first_q.input[0]], producers[producers[first_q.input[0]].input[0]]
     perm = lambda n: list(onnx.helper.get_attribute_value(n.attribute[0]))  # noqa: E731
-    assert (back.op_type, perm(back), there.op_type, perm(there)) == ("Transpose", [0, 3, 1, 2], "Transpose", [0, 2, 3, 1])
+    assert (back.op_type, perm(back), there.op_type, perm(there)) == (
+        "Transpose",
+        [0, 3, 1, 2],
+        "Transpose",
+        [0, 2, 3, 1],
+    )
     assert producers[there.input[0]].op_type == "MaxPool"  # after the float stem's pooling
     assert sum(n.op_type == "Transpose" for n in model.graph.node) == 2
     assert meta_of(int8_nhwc_model).extra["calibration"]["stem_layout"] == "nhwc"
     x = np.random.default_rng(0).standard_normal((8, 1, 28, 28)).astype(np.float32)
-    np.testing.assert_array_equal(Session(int8_nhwc_model, "cpu").embed(x), Session(int8_model, "cpu").embed(x))  # same calibration
+    np.testing.assert_array_equal(
+        Session(int8_nhwc_model, "cpu").embed(x), Session(int8_model, "cpu").embed(x)
+    )  # same calibration
 
     from edgemeta.runtime import ort as session_module
 
     def optimized(disabled: tuple[str, ...]) -> list:
         so = ort.SessionOptions()
         so.optimized_model_filepath = str(tmp_path / "optimized.onnx")
-        ort.InferenceSession(str(int8_nhwc_model), so, providers=["CPUExecutionProvider"], disabled_optimizers=list(disabled))
+        ort.InferenceSession(
+            str(int8_nhwc_model), so, providers=["CPUExecutionProvider"], disabled_optimizers=list(disabled)
+        )
         nodes = onnx.load(so.optimized_model_filepath).graph.node
-        return nodes[: next(i for i, n in enumerate(nodes) if n.op_type == "QLinearConv")]  # up to the first int8 convolution
+        return nodes[
+            : next(i for i, n in enumerate(nodes) if n.op_type == "QLinearConv")
+        ]  # up to the first int8 convolution
 
     def reorders(nodes: list) -> list[int]:
-        return [onnx.helper.get_attribute_value(a) for n in nodes if n.op_type == "ReorderOutput" for a in n.attribute if a.name == "channels_last"]
+        return [
+            onnx.helper.get_attribute_value(a)
+            for n in nodes
+            if n.op_type == "ReorderOutput"
+            for a in n.attribute
+            if a.name == "channels_last"
+        ]
 
     x86 = platform.machine().lower() in ("x86_64", "amd64")
     if x86:  # ONNX Runtime's NCHWc kernels (AVX2 and later): what the runtime's session runs ...
@@ -222,7 +280,10 @@ def test_int8_nhwc_stem_hand_over(int8_nhwc_model, int8_model, tmp_path):
     assert not any(n.op_type == "Transpose" for n in onnx.load(so.optimized_model_filepath).graph.node)
     with pytest.raises(InputError, match="unknown stem layout 'nhcw'; use auto, nchw, nhwc or s2d"):
         QuantizeSpec(stem_layout="nhcw")
-    with pytest.raises(InputError, match="--stem-layout nhwc needs the float stem: it changes how the float stem hands over to int8; drop --no-float-stem"):
+    with pytest.raises(
+        InputError,
+        match="--stem-layout nhwc needs the float stem: it changes how the float stem hands over to int8; drop --no-float-stem",
+    ):
         QuantizeSpec(stem_layout="nhwc", float_stem=False)
 
 
@@ -237,7 +298,9 @@ def test_int8_space_to_depth_stem(int8_s2d_model, trained_conv4, omniglot_novel,
     producers = {o: n for n in model.graph.node for o in n.output}
     inits = {t.name: t for t in model.graph.initializer}
     convs = [n for n in model.graph.node if n.op_type == "Conv"]
-    assert len(convs) == 4 and all(producers[c.input[1]].op_type == "DequantizeLinear" for c in convs)  # all four in int8
+    assert len(convs) == 4 and all(
+        producers[c.input[1]].op_type == "DequantizeLinear" for c in convs
+    )  # all four in int8
     stem_weights = inits[producers[convs[0].input[1]].input[0]]
     assert list(stem_weights.dims) == [256, 4, 3, 3] and stem_weights.data_type == onnx.TensorProto.INT8
     pools = [n for n in model.graph.node if n.op_type == "MaxPool"]
@@ -257,7 +320,9 @@ def test_int8_space_to_depth_stem(int8_s2d_model, trained_conv4, omniglot_novel,
     ran = [n.op_type for n in onnx.load(so.optimized_model_filepath).graph.node]
     if platform.machine().lower() in ("x86_64", "amd64"):  # where its CPU provider runs int8 convolutions in NHWC
         first, last = ran.index("QLinearConv"), len(ran) - ran[::-1].index("NhwcMaxPool")
-        assert set(ran[first:last]) == {"QLinearConv", "NhwcMaxPool", "Reshape"}, ran  # no layout change within the int8 part
+        assert set(ran[first:last]) == {"QLinearConv", "NhwcMaxPool", "Reshape"}, (
+            ran
+        )  # no layout change within the int8 part
         assert ran[:first].count("Transpose") == 1  # the float image moved into 2x2 blocks, once
     report = verify_on(int8_s2d_model, load_checkpoint(trained_conv4).model, omniglot_novel, EPISODES)
     ep = report.episodes
@@ -275,7 +340,9 @@ def _untrained_rgb(backbone: str, tmp_path: Path):
     from edgemeta.model import FewShotModel, ModelSpec
     from edgemeta.runtime.spec import PreprocessSpec
 
-    save_checkpoint(tmp_path / f"{backbone}.safetensors", FewShotModel(ModelSpec(backbone, PreprocessSpec.create(16, 3))).eval())
+    save_checkpoint(
+        tmp_path / f"{backbone}.safetensors", FewShotModel(ModelSpec(backbone, PreprocessSpec.create(16, 3))).eval()
+    )
     ck = load_checkpoint(tmp_path / f"{backbone}.safetensors")
     fp32 = export(ck.model, tmp_path / f"{backbone}.onnx", metadata_for_checkpoint(ck)).path
     images = np.random.default_rng(0).integers(0, 255, (8, 16, 16, 3), dtype=np.uint8)
@@ -286,24 +353,44 @@ def _untrained_rgb(backbone: str, tmp_path: Path):
 def test_int8_space_to_depth_stem_on_colour_images(tmp_path):
     """Three channels move into blocks by SpaceToDepth; the int8 model stays close to fp32."""
     fp32, calibration = _untrained_rgb("conv4", tmp_path)
-    out = q8(fp32, tmp_path / "c4.int8.onnx", calibration, QuantizeSpec(calibration_images=8, float_stem=False, stem_layout="s2d"))
+    out = q8(
+        fp32,
+        tmp_path / "c4.int8.onnx",
+        calibration,
+        QuantizeSpec(calibration_images=8, float_stem=False, stem_layout="s2d"),
+    )
     model = onnx.load(str(out))
     ops = [n.op_type for n in model.graph.node]
     assert ops.count("SpaceToDepth") == 1 and "Transpose" in ops  # the group max's layout moves
-    float_stem = q8(fp32, tmp_path / "c4.float_stem.int8.onnx", calibration, QuantizeSpec(calibration_images=8, float_stem=True))
+    float_stem = q8(
+        fp32, tmp_path / "c4.float_stem.int8.onnx", calibration, QuantizeSpec(calibration_images=8, float_stem=True)
+    )
     x = np.random.default_rng(1).random((4, 3, 16, 16), dtype=np.float32)  # in the calibrated range, as images are
     feed = {"images": x, "prototypes": np.zeros((0, meta_of(fp32).embedding_dim), np.float32)}
     ref = ort.InferenceSession(str(fp32)).run(["embeddings"], feed)[0]
-    error = {p.name: np.abs(ort.InferenceSession(str(p)).run(["embeddings"], feed)[0] - ref).max() / np.abs(ref).max() for p in (out, float_stem)}
-    assert 0 < error[out.name] < 0.1 and error[out.name] < 2 * error[float_stem.name]  # quantized, and about as close as a float stem
+    error = {
+        p.name: np.abs(ort.InferenceSession(str(p)).run(["embeddings"], feed)[0] - ref).max() / np.abs(ref).max()
+        for p in (out, float_stem)
+    }
+    assert (
+        0 < error[out.name] < 0.1 and error[out.name] < 2 * error[float_stem.name]
+    )  # quantized, and about as close as a float stem
 
 
 @pytest.mark.slow
 def test_int8_space_to_depth_stem_refuses_a_stem_it_does_not_fit(tmp_path):
     """ResNet-12's stem convolution feeds a second convolution, not a pooling."""
     fp32, calibration = _untrained_rgb("resnet12", tmp_path)
-    with pytest.raises(InputError, match="--stem-layout s2d does not fit this model: its first convolution is followed by LeakyRelu and Conv, not by an activation and a 2x2 max pooling; export it with --stem-layout nchw"):
-        q8(fp32, tmp_path / "r12.int8.onnx", calibration, QuantizeSpec(calibration_images=8, float_stem=False, stem_layout="s2d"))
+    with pytest.raises(
+        InputError,
+        match="--stem-layout s2d does not fit this model: its first convolution is followed by LeakyRelu and Conv, not by an activation and a 2x2 max pooling; export it with --stem-layout nchw",
+    ):
+        q8(
+            fp32,
+            tmp_path / "r12.int8.onnx",
+            calibration,
+            QuantizeSpec(calibration_images=8, float_stem=False, stem_layout="s2d"),
+        )
     assert not (tmp_path / "r12.int8.onnx").exists()
 
 
@@ -322,12 +409,18 @@ def test_int8_stem_layout_auto_runs_the_stem_in_int8_where_space_to_depth_fits(t
 
     auto = q8(conv4, tmp_path / "c4.int8.onnx", calibration, QuantizeSpec(calibration_images=8))
     assert stem(auto) == ("s2d", False, "auto", None, False)
-    assert stem(q8(conv4, tmp_path / "c4.fs.onnx", calibration, QuantizeSpec(calibration_images=8, float_stem=True))) == (
-        "nchw", True, "auto", None, True)
+    assert stem(
+        q8(conv4, tmp_path / "c4.fs.onnx", calibration, QuantizeSpec(calibration_images=8, float_stem=True))
+    ) == ("nchw", True, "auto", None, True)
     r12, calibration = _untrained_rgb("resnet12", tmp_path)
     why = "the space-to-depth stem does not fit: its first convolution is followed by LeakyRelu and Conv, not by an activation and a 2x2 max pooling"
     for float_stem, expected in ((None, True), (False, False)):
-        out = q8(r12, tmp_path / f"r12.{float_stem}.onnx", calibration, QuantizeSpec(calibration_images=8, float_stem=float_stem))
+        out = q8(
+            r12,
+            tmp_path / f"r12.{float_stem}.onnx",
+            calibration,
+            QuantizeSpec(calibration_images=8, float_stem=float_stem),
+        )
         assert stem(out) == ("nchw", expected, "auto", why, expected)
 
 
@@ -335,24 +428,35 @@ def _stem_graph(readers: tuple[str, ...], stem_is_output: bool = False) -> onnx.
     """images -> Conv (the float stem) -> Relu ("stem_relu") read by ``readers`` ("q": a
     QuantizeLinear feeding a DequantizeLinear; "relu": a float Relu), each ending in an output."""
     h = onnx.helper
-    nodes = [h.make_node("Conv", ["images", "w"], ["c"], name="stem_conv", pads=[1, 1, 1, 1]),
-             h.make_node("Relu", ["c"], ["r"], name="stem_relu")]
+    nodes = [
+        h.make_node("Conv", ["images", "w"], ["c"], name="stem_conv", pads=[1, 1, 1, 1]),
+        h.make_node("Relu", ["c"], ["r"], name="stem_relu"),
+    ]
     shape = ["b", 4, 8, 8]
     outputs = [h.make_tensor_value_info("r", onnx.TensorProto.FLOAT, shape)] if stem_is_output else []
     for i, kind in enumerate(readers):
         if kind == "q":
-            nodes += [h.make_node("QuantizeLinear", ["r", "s", "z"], [f"q{i}"], name=f"q{i}"),
-                      h.make_node("DequantizeLinear", [f"q{i}", "s", "z"], [f"o{i}"], name=f"dq{i}")]
+            nodes += [
+                h.make_node("QuantizeLinear", ["r", "s", "z"], [f"q{i}"], name=f"q{i}"),
+                h.make_node("DequantizeLinear", [f"q{i}", "s", "z"], [f"o{i}"], name=f"dq{i}"),
+            ]
         else:
             nodes.append(h.make_node("Relu", ["r"], [f"o{i}"], name=f"relu{i}"))
         outputs.append(h.make_tensor_value_info(f"o{i}", onnx.TensorProto.FLOAT, shape))
-    inits = [onnx.numpy_helper.from_array(np.ones((4, 1, 3, 3), np.float32), "w"),
-             onnx.numpy_helper.from_array(np.float32(0.1), "s"), onnx.numpy_helper.from_array(np.int8(0), "z")]
-    graph = h.make_graph(nodes, "stem", [h.make_tensor_value_info("images", onnx.TensorProto.FLOAT, ["b", 1, 8, 8])], outputs, inits)
+    inits = [
+        onnx.numpy_helper.from_array(np.ones((4, 1, 3, 3), np.float32), "w"),
+        onnx.numpy_helper.from_array(np.float32(0.1), "s"),
+        onnx.numpy_helper.from_array(np.int8(0), "z"),
+    ]
+    graph = h.make_graph(
+        nodes, "stem", [h.make_tensor_value_info("images", onnx.TensorProto.FLOAT, ["b", 1, 8, 8])], outputs, inits
+    )
     return h.make_model(graph, opset_imports=[h.make_opsetid("", 18)])
 
 
-def test_nhwc_round_trip_goes_only_where_the_stem_hands_over_to_int8_alone(trained_conv4_onnx, background, tmp_path, monkeypatch):
+def test_nhwc_round_trip_goes_only_where_the_stem_hands_over_to_int8_alone(
+    trained_conv4_onnx, background, tmp_path, monkeypatch
+):
     from edgemeta.exporters import quantize as quantize_module
 
     stem = {"stem_conv", "stem_relu"}
@@ -369,7 +473,10 @@ def test_nhwc_round_trip_goes_only_where_the_stem_hands_over_to_int8_alone(train
         before = refused.SerializeToString()
         assert not quantize_module._nhwc_round_trip(refused, stem) and refused.SerializeToString() == before
     monkeypatch.setattr(quantize_module, "_nhwc_round_trip", lambda model, stem: False)  # a model like those
-    with pytest.raises(InputError, match="--stem-layout nhwc: this model's float stem does not hand its output to int8 alone.*--stem-layout nchw"):
+    with pytest.raises(
+        InputError,
+        match="--stem-layout nhwc: this model's float stem does not hand its output to int8 alone.*--stem-layout nchw",
+    ):
         q8(trained_conv4_onnx, tmp_path / "no.onnx", background, QuantizeSpec(calibration_images=8, stem_layout="nhwc"))
     assert not (tmp_path / "no.onnx").exists()
 
@@ -377,7 +484,12 @@ def test_nhwc_round_trip_goes_only_where_the_stem_hands_over_to_int8_alone(train
 def test_int8_gemm_kernel_keeps_the_weights_exactly(trained_conv4_onnx, background, tmp_path):
     spec = QuantizeSpec(calibration_images=64, activations="uint8", float_stem=True)
     direct = q8(trained_conv4_onnx, tmp_path / "direct.onnx", background, spec)
-    gemm = q8(trained_conv4_onnx, tmp_path / "gemm.onnx", background, QuantizeSpec(calibration_images=64, activations="uint8", float_stem=True, conv_kernel="gemm"))
+    gemm = q8(
+        trained_conv4_onnx,
+        tmp_path / "gemm.onnx",
+        background,
+        QuantizeSpec(calibration_images=64, activations="uint8", float_stem=True, conv_kernel="gemm"),
+    )
 
     def conv_weights(path: Path) -> list[np.ndarray]:
         model = onnx.load(str(path))
@@ -397,7 +509,10 @@ def test_int8_gemm_kernel_keeps_the_weights_exactly(trained_conv4_onnx, backgrou
     assert meta_of(gemm).extra["calibration"]["gemm_weight_tensors"] == 3
     x = np.random.default_rng(0).standard_normal((4, 1, 28, 28)).astype(np.float32)
     feed = {"images": x, "prototypes": np.zeros((0, 64), np.float32)}
-    za, zb = (ort.InferenceSession(str(p), providers=["CPUExecutionProvider"]).run(["embeddings"], feed)[0] for p in (direct, gemm))
+    za, zb = (
+        ort.InferenceSession(str(p), providers=["CPUExecutionProvider"]).run(["embeddings"], feed)[0]
+        for p in (direct, gemm)
+    )
     np.testing.assert_allclose(za, zb, rtol=0, atol=1e-3 * float(np.abs(za).max()))
     with pytest.raises(InputError, match="gemm convolution kernel needs uint8 activations.*--activations uint8"):
         QuantizeSpec(conv_kernel="gemm")
@@ -471,14 +586,22 @@ def test_graph_split_and_fp16_conversion_on_a_handmade_graph(make_onnx_model, tm
     path = tmp_path / "half.onnx"
     path.write_bytes(half.SerializeToString())
     rng = np.random.default_rng(0)
-    feed = {"images": rng.random((3, 1, 16, 16), np.float32), "prototypes": rng.standard_normal((4, 16)).astype(np.float32)}
+    feed = {
+        "images": rng.random((3, 1, 16, 16), np.float32),
+        "prototypes": rng.standard_normal((4, 16)).astype(np.float32),
+    }
     ref = ort.InferenceSession(model.SerializeToString()).run(None, feed)
     got = ort.InferenceSession(str(path)).run(None, feed)
     assert got[0].dtype == np.float32 and np.abs(got[0] - ref[0]).max() < 5e-3 and np.abs(got[1] - ref[1]).max() < 2e-2
 
 
-@pytest.mark.skipif(not os.environ.get("EDGEMETA_OLD_ORT_PYTHON"), reason="set EDGEMETA_OLD_ORT_PYTHON to a Python with onnxruntime 1.17")
-def test_all_precisions_load_in_the_oldest_supported_onnxruntime(trained_conv4_onnx, fp16_model, int8_model, int8_nhwc_model, int8_s2d_model):
+@pytest.mark.skipif(
+    not os.environ.get("EDGEMETA_OLD_ORT_PYTHON"),
+    reason="set EDGEMETA_OLD_ORT_PYTHON to a Python with onnxruntime 1.17",
+)
+def test_all_precisions_load_in_the_oldest_supported_onnxruntime(
+    trained_conv4_onnx, fp16_model, int8_model, int8_nhwc_model, int8_s2d_model
+):
     script = textwrap.dedent(
         """
         import sys, numpy as np, onnxruntime as ort
@@ -490,6 +613,8 @@ def test_all_precisions_load_in_the_oldest_supported_onnxruntime(trained_conv4_o
         """
     )
     paths = [str(p) for p in (trained_conv4_onnx, fp16_model, int8_model, int8_nhwc_model, int8_s2d_model)]
-    r = subprocess.run([os.environ["EDGEMETA_OLD_ORT_PYTHON"], "-c", script, *paths], capture_output=True, text=True, timeout=120)
+    r = subprocess.run(
+        [os.environ["EDGEMETA_OLD_ORT_PYTHON"], "-c", script, *paths], capture_output=True, text=True, timeout=120
+    )
     assert r.returncode == 0, r.stderr[-2000:]
     assert r.stdout.startswith("loaded 1.17")

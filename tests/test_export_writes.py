@@ -16,7 +16,6 @@ from typer.testing import CliRunner
 import edgemeta
 from edgemeta.checkpoint import load_checkpoint
 from edgemeta.cli import app
-from edgemeta.runtime.errors import ExportError, VerificationError
 from edgemeta.exporters import (
     ArrayImages,
     CalibrationImages,
@@ -27,6 +26,7 @@ from edgemeta.exporters import (
     export,
     export_checkpoint,
     metadata_for_checkpoint,
+    optimize,
     quantize_int8,
     quantize_model,
     to_fp16,
@@ -34,9 +34,9 @@ from edgemeta.exporters import (
     verify,
     verify_model,
 )
-from edgemeta.exporters import optimize
 from edgemeta.exporters.graph import model_bytes, read_metadata
 from edgemeta.exporters.verify import _checks, near_ties
+from edgemeta.runtime.errors import ExportError, VerificationError
 from edgemeta.runtime.spec import Precision
 
 PRETRAINED = Path(edgemeta.__file__).parent / "pretrained" / "conv4_omniglot.safetensors"

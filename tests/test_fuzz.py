@@ -21,8 +21,13 @@ hypothesis = pytest.importorskip("hypothesis")
 from hypothesis import HealthCheck, given, settings  # noqa: E402
 from hypothesis import strategies as st  # noqa: E402
 
-from edgemeta.runtime import Metric, ModelMetadata, ModelMismatchError, StoreCorruptError  # noqa: E402
-from edgemeta.runtime import store_format  # noqa: E402
+from edgemeta.runtime import (  # noqa: E402
+    Metric,
+    ModelMetadata,
+    ModelMismatchError,
+    StoreCorruptError,
+    store_format,  # noqa: E402
+)
 from edgemeta.runtime.errors import EdgemetaError, InputError  # noqa: E402
 from edgemeta.runtime.store_format import StoreData, parse, serialize  # noqa: E402
 

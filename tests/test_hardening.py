@@ -18,8 +18,14 @@ import pytest
 from safetensors.numpy import load as st_load
 from safetensors.numpy import save as st_save
 
-from edgemeta.runtime import InputError, ModelMetadata, ModelMismatchError, PrototypeStore, StoreCorruptError
-from edgemeta.runtime import store_format
+from edgemeta.runtime import (
+    InputError,
+    ModelMetadata,
+    ModelMismatchError,
+    PrototypeStore,
+    StoreCorruptError,
+    store_format,
+)
 from edgemeta.runtime.files import LockTimeout, atomic_write, clean_stale_temps, locked
 from edgemeta.runtime.store import StoreConflictWarning
 
@@ -279,8 +285,18 @@ def test_deeply_nested_model_metadata_is_a_model_mismatch():
         (lambda d: d.update(verification={"episodes": [1]}), "episodes must be an object"),
         (lambda d: d["preprocess"].update(mean=["0"]), "preprocess.mean must be a finite number"),
     ],
-    ids=["huge-size", "pixels", "bool-dim", "bool-version", "verification-string", "passed-string", "error-string",
-         "episodes-partial", "episodes-list", "string-mean"],
+    ids=[
+        "huge-size",
+        "pixels",
+        "bool-dim",
+        "bool-version",
+        "verification-string",
+        "passed-string",
+        "error-string",
+        "episodes-partial",
+        "episodes-list",
+        "string-mean",
+    ],
 )
 def test_model_metadata_is_checked_before_use(change, message):
     from edgemeta.runtime import Metric, Normalization, PreprocessSpec

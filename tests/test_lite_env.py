@@ -10,12 +10,13 @@ from __future__ import annotations
 import os
 import subprocess
 import textwrap
-from pathlib import Path
 
 import pytest
 
 LITE = os.environ.get("EDGEMETA_LITE_PYTHON")
-pytestmark = pytest.mark.skipif(not LITE, reason="set EDGEMETA_LITE_PYTHON to a runtime-only venv (scripts/test.sh does)")
+pytestmark = pytest.mark.skipif(
+    not LITE, reason="set EDGEMETA_LITE_PYTHON to a runtime-only venv (scripts/test.sh does)"
+)
 
 SCRIPT = textwrap.dedent(
     """
@@ -63,8 +64,18 @@ def test_cli_in_a_runtime_only_environment(tmp_path, make_onnx_model):
             Image.fromarray(base).save(tmp_path / "imgs" / c / f"{i}.png")
     cli = [LITE, "-m", "edgemeta"]
     store = tmp_path / "s.safetensors"
-    r = subprocess.run(cli + ["enroll", str(model), "--store", str(store), "--folder", str(tmp_path / "imgs")], capture_output=True, text=True, timeout=120)
+    r = subprocess.run(
+        cli + ["enroll", str(model), "--store", str(store), "--folder", str(tmp_path / "imgs")],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert r.returncode == 0, r.stderr[-2000:]
-    r = subprocess.run(cli + ["predict", str(model), "--store", str(store), str(tmp_path / "imgs" / "y" / "0.png"), "--json"], capture_output=True, text=True, timeout=120)
+    r = subprocess.run(
+        cli + ["predict", str(model), "--store", str(store), str(tmp_path / "imgs" / "y" / "0.png"), "--json"],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert r.returncode == 0, r.stderr[-2000:]
     assert '"label": "y"' in r.stdout

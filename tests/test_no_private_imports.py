@@ -16,7 +16,11 @@ def private_imports(source: str) -> list[tuple[int, str, str]]:
     for node in ast.walk(ast.parse(source)):
         if isinstance(node, ast.ImportFrom) and node.module != "__future__":
             module = "." * node.level + (node.module or "")
-            found += [(node.lineno, module, a.name) for a in node.names if a.name.startswith("_") and not a.name.endswith("__")]
+            found += [
+                (node.lineno, module, a.name)
+                for a in node.names
+                if a.name.startswith("_") and not a.name.endswith("__")
+            ]
     return found
 
 
@@ -33,4 +37,6 @@ def test_no_source_file_imports_a_private_name_from_another_module():
         for p in files
         for line, module, name in private_imports(p.read_text(encoding="utf-8"))
     ]
-    assert not offences, "private names imported across modules (make them public or move them):\n" + "\n".join(offences)
+    assert not offences, "private names imported across modules (make them public or move them):\n" + "\n".join(
+        offences
+    )

@@ -15,10 +15,10 @@ from typer.testing import CliRunner
 from edgemeta.checkpoint import load_checkpoint, photo_checkpoint, read_header, save_checkpoint
 from edgemeta.cli import app
 from edgemeta.efficientnet import EfficientNetLite, reference_key
-from edgemeta.runtime.errors import CheckpointError, InputError
 from edgemeta.evaluate import to_tensor
 from edgemeta.model import FewShotModel, ModelSpec
 from edgemeta.pretrained_weights import PRETRAINED, imagenet_preprocess, load_reference_state, pretrained_backbone
+from edgemeta.runtime.errors import CheckpointError, InputError
 from edgemeta.runtime.preprocess import decode, to_uint8
 from edgemeta.runtime.spec import Metric, Normalization, PreprocessSpec
 

@@ -8,7 +8,9 @@ from edgemeta.quickstart import QuickstartConfig, quickstart
 from edgemeta.runtime.errors import InputError
 
 
-@pytest.mark.parametrize("field, value, flag", [("n_classes", 0, "--classes"), ("n_classes", -2, "--classes"), ("shots", 0, "--shots")])
+@pytest.mark.parametrize(
+    "field, value, flag", [("n_classes", 0, "--classes"), ("n_classes", -2, "--classes"), ("shots", 0, "--shots")]
+)
 def test_counts_below_one_are_refused(field, value, flag):
     with pytest.raises(InputError, match=f"{flag} must be a whole number of at least 1, got {value}"):
         QuickstartConfig(**{field: value})
@@ -18,7 +20,10 @@ def test_counts_below_one_are_refused(field, value, flag):
     "kwargs, message",
     [
         ({"n_classes": 100_000}, r"--classes 100000 is more than the \d+ novel Omniglot classes; pass at most \d+"),
-        ({"shots": 100}, r"--shots 100 leaves no image to predict \(novel Omniglot classes have \d+ images\); pass at most \d+"),
+        (
+            {"shots": 100},
+            r"--shots 100 leaves no image to predict \(novel Omniglot classes have \d+ images\); pass at most \d+",
+        ),
     ],
 )
 def test_more_than_the_data_has_is_refused_before_exporting(export_env, tmp_path, monkeypatch, kwargs, message):

@@ -60,7 +60,9 @@ def test_enrol_and_predict(tiny_onnx_model, runtime_images):
     everything = clf.predict(queries[0], top_k=99)[0].top_k  # clamped to the classes there are
     assert len(everything) == 4 and sum(c.probability for c in everything) == pytest.approx(1.0)
     best = clf.predict(queries, top_k=1)  # the argmax path: the same first candidate, softmax over all classes
-    assert [b.top_k for b in best] == [q.top_k[:1] for q in preds] and best[0].probability == pytest.approx(soft.max(), abs=1e-5)
+    assert [b.top_k for b in best] == [q.top_k[:1] for q in preds] and best[0].probability == pytest.approx(
+        soft.max(), abs=1e-5
+    )
 
 
 def test_logits_come_from_the_graph(tiny_onnx_model, runtime_images, monkeypatch):
@@ -150,13 +152,20 @@ def test_a_bad_image_in_a_preprocessed_batch_is_named_by_its_place_in_the_whole_
     assert clf.store.prototypes() is before
     batch[5, 0, 0, 0] = 0.0
     done = []
-    assert clf.embed(batch, on_progress=done.append).shape == (7, clf.session.embedding_dim) and done == [2, 2, 2, 1]  # batch by batch
+    assert clf.embed(batch, on_progress=done.append).shape == (7, clf.session.embedding_dim) and done == [
+        2,
+        2,
+        2,
+        1,
+    ]  # batch by batch
     calls = []
     real = clf.session.run
     clf.session.run = lambda x, p: calls.append(len(x)) or real(x, p)
     clf.predict(batch)
     assert calls == [2, 2, 2, 1]  # the classifier's batch size bounds each call, preprocessed or not
-    assert [p.label for p in clf.predict(batch)] == [p.label for p in clf.predict(list(batch))]  # one call or image by image
+    assert [p.label for p in clf.predict(batch)] == [
+        p.label for p in clf.predict(list(batch))
+    ]  # one call or image by image
 
 
 def test_open_set_threshold(tiny_onnx_model, make_onnx_model, runtime_images):
@@ -234,7 +243,10 @@ def test_forget_rename_and_persistence(tiny_onnx_model, tiny_cosine_model, runti
     path = clf.save(tmp_path / "device.store")
     fresh = FewShotClassifier(tiny_onnx_model, "cpu").load(path)
     assert fresh.counts == clf.counts and fresh.predict(queries, top_k=2) == before
-    with pytest.raises(ModelMismatchError, match="made with model fp-tiny-0001, this model is fp-tiny-cos; re-enrol or load the matching model"):
+    with pytest.raises(
+        ModelMismatchError,
+        match="made with model fp-tiny-0001, this model is fp-tiny-cos; re-enrol or load the matching model",
+    ):
         FewShotClassifier(tiny_cosine_model, "cpu").load(path)
     with pytest.raises(ModelMismatchError, match="made with model fp-tiny-0001, this model is fp-tiny-cos"):
         FewShotClassifier(tiny_cosine_model, "cpu", store=clf.store)
@@ -245,11 +257,15 @@ def test_a_store_made_by_hand_is_taken_as_this_models(tiny_onnx_model, tiny_cosi
     clf = FewShotClassifier(tiny_onnx_model, "cpu", store=hand)
     assert hand.fingerprint == clf.fingerprint == "fp-tiny-0001"
     clf.enroll("class0", runtime_images["class0"])
-    fresh = FewShotClassifier(tiny_onnx_model, "cpu").load(clf.save(tmp_path / "s.store"))  # it saves and loads like any other
+    fresh = FewShotClassifier(tiny_onnx_model, "cpu").load(
+        clf.save(tmp_path / "s.store")
+    )  # it saves and loads like any other
     assert fresh.counts == {"class0": 6}
     PrototypeStore(16).save(tmp_path / "hand.store")  # a file without a fingerprint loads as the memory one does
     assert FewShotClassifier(tiny_onnx_model, "cpu").load(tmp_path / "hand.store").store.fingerprint == "fp-tiny-0001"
-    with pytest.raises(ModelMismatchError, match="store holds 16-D sqeuclidean prototypes, this model gives 16-D cosine"):
+    with pytest.raises(
+        ModelMismatchError, match="store holds 16-D sqeuclidean prototypes, this model gives 16-D cosine"
+    ):
         FewShotClassifier(tiny_cosine_model, "cpu", store=PrototypeStore(16))  # the rest is still checked
 
 
@@ -279,7 +295,10 @@ def test_enroll_folder(tiny_onnx_model, runtime_image_folder, tmp_path):
     (runtime_image_folder / "class0").rename(runtime_image_folder / decomposed)  # as macOS writes folder names
     assert FewShotClassifier(tiny_onnx_model, "cpu").enroll_folder(runtime_image_folder)[composed] == 6
     (runtime_image_folder / "class1").rename(runtime_image_folder / composed)
-    with pytest.raises(InputError, match=f"folders .* name the same class '{composed}' .one written decomposed.; merge the two folders into one"):
+    with pytest.raises(
+        InputError,
+        match=f"folders .* name the same class '{composed}' .one written decomposed.; merge the two folders into one",
+    ):
         clf.enroll_folder(runtime_image_folder)
     assert clf.counts == {f"class{k}": 6 for k in range(4)}  # refused before anything was embedded
 
@@ -321,7 +340,11 @@ def test_predictions_never_see_a_half_updated_store(tiny_onnx_model):
         finally:
             done.set()
 
-    threads = [threading.Thread(target=predictor), threading.Thread(target=predictor), threading.Thread(target=enroller)]
+    threads = [
+        threading.Thread(target=predictor),
+        threading.Thread(target=predictor),
+        threading.Thread(target=enroller),
+    ]
     for t in threads:
         t.start()
     for t in threads:
@@ -330,7 +353,9 @@ def test_predictions_never_see_a_half_updated_store(tiny_onnx_model):
     assert len(clf.labels) == 14 - 4 and "renamedclass11" in clf.labels
 
 
-def test_editing_that_raises_keeps_neither_the_file_nor_the_memory_changed(tiny_onnx_model, runtime_images, tmp_path, monkeypatch):
+def test_editing_that_raises_keeps_neither_the_file_nor_the_memory_changed(
+    tiny_onnx_model, runtime_images, tmp_path, monkeypatch
+):
     path = tmp_path / "s.store"
     clf = FewShotClassifier(tiny_onnx_model, "cpu")
     clf.enroll("mine", runtime_images["class3"])
@@ -393,14 +418,17 @@ def test_top1_does_not_depend_on_top_k_when_classes_tie(tiny_onnx_model, runtime
         assert (_top_k(logits, k) == np.argsort(-logits, axis=1, kind="stable")[:, :k]).all(), k
 
 
-@pytest.mark.parametrize("options, message", [
-    (dict(mode="knn", knn_k=2.5), "knn_k must be an integer >= 1, got 2.5"),
-    (dict(mode="knn", knn_k="3"), "knn_k must be an integer >= 1, got '3'"),
-    (dict(knn_k=True), "knn_k must be an integer >= 1, got True"),
-    (dict(batch_size=0), "batch_size must be an integer >= 1, got 0"),
-    (dict(threshold="1"), "threshold must be a finite distance >= 0 or None, got '1'"),
-    (dict(threshold=float("nan")), "threshold must be a finite distance >= 0 or None, got nan"),
-])
+@pytest.mark.parametrize(
+    "options, message",
+    [
+        (dict(mode="knn", knn_k=2.5), "knn_k must be an integer >= 1, got 2.5"),
+        (dict(mode="knn", knn_k="3"), "knn_k must be an integer >= 1, got '3'"),
+        (dict(knn_k=True), "knn_k must be an integer >= 1, got True"),
+        (dict(batch_size=0), "batch_size must be an integer >= 1, got 0"),
+        (dict(threshold="1"), "threshold must be a finite distance >= 0 or None, got '1'"),
+        (dict(threshold=float("nan")), "threshold must be a finite distance >= 0 or None, got nan"),
+    ],
+)
 def test_bad_options_are_refused_when_made(options, message):
     with pytest.raises(InputError, match=message.replace("(", r"\(").replace(")", r"\)")):
         ClassifierOptions(**options)
@@ -414,7 +442,9 @@ def test_threshold_setter_refuses_what_is_not_a_distance(tiny_onnx_model):
     assert clf.threshold == 2.5
 
 
-def test_a_label_that_cannot_be_written_is_refused_before_embedding(tiny_onnx_model, runtime_images, tmp_path, monkeypatch):
+def test_a_label_that_cannot_be_written_is_refused_before_embedding(
+    tiny_onnx_model, runtime_images, tmp_path, monkeypatch
+):
     clf = FewShotClassifier(tiny_onnx_model, "cpu")
     with pytest.raises(InputError, match=r"cannot be written as UTF-8 \(a lone surrogate"):
         clf.enroll("caf\udce9", runtime_images["class0"])

@@ -10,7 +10,6 @@ import textwrap
 from pathlib import Path
 
 import pytest
-
 from conftest import cuda_runs
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -52,13 +51,21 @@ def _forbidden_imports(source: str, filename: str) -> list[str]:
                 names = [] if node.level == 1 else [f"{'.' * node.level}{node.module or ''}"]
             else:
                 names = [node.module or ""]
-        elif isinstance(node, ast.Call) and getattr(node.func, "attr", getattr(node.func, "id", "")) in ("import_module", "__import__"):
+        elif isinstance(node, ast.Call) and getattr(node.func, "attr", getattr(node.func, "id", "")) in (
+            "import_module",
+            "__import__",
+        ):
             names = [a.value for a in node.args[:1] if isinstance(a, ast.Constant) and isinstance(a.value, str)]
         else:
             continue
         for name in names:
             root = name.split(".")[0]
-            ok = root in stdlib or root in ALLOWED_THIRD_PARTY or name == "edgemeta.runtime" or name.startswith("edgemeta.runtime.")
+            ok = (
+                root in stdlib
+                or root in ALLOWED_THIRD_PARTY
+                or name == "edgemeta.runtime"
+                or name.startswith("edgemeta.runtime.")
+            )
             if not ok:
                 found.append(f"{filename}:{node.lineno}: {name}")
     return found
@@ -66,7 +73,16 @@ def _forbidden_imports(source: str, filename: str) -> list[str]:
 
 def test_runtime_sources_import_nothing_forbidden():
     files = sorted(RUNTIME.glob("*.py"))
-    assert {f.name for f in files} >= {"__init__.py", "session.py", "store.py", "classifier.py", "preprocess.py", "spec.py", "errors.py", "ort.py"}
+    assert {f.name for f in files} >= {
+        "__init__.py",
+        "session.py",
+        "store.py",
+        "classifier.py",
+        "preprocess.py",
+        "spec.py",
+        "errors.py",
+        "ort.py",
+    }
     problems = [p for f in files for p in _forbidden_imports(f.read_text(), f.name)]
     assert problems == []
 
@@ -87,7 +103,9 @@ def test_the_scanner_catches_each_kind_of_import(source, culprit):
     assert [p.split(": ", 1)[1] for p in _forbidden_imports(source, "x.py")] == [culprit]
 
 
-def _run_blocked(code: str, *args: object, cwd: Path, blocked: tuple[str, ...] = NO_TORCH, block_core: bool = True) -> subprocess.CompletedProcess:
+def _run_blocked(
+    code: str, *args: object, cwd: Path, blocked: tuple[str, ...] = NO_TORCH, block_core: bool = True
+) -> subprocess.CompletedProcess:
     script = f"BLOCKED = {blocked!r}\nBLOCK_CORE = {block_core}\n" + BLOCKER + textwrap.dedent(code)
     cmd = [sys.executable, "-c", script, *map(str, args)]
     proc = subprocess.run(cmd, capture_output=True, text=True, cwd=cwd, timeout=120)
@@ -123,7 +141,9 @@ def test_enrol_predict_save_load_without_torch_onnx_or_core(tmp_path, tiny_onnx_
     doc = json.loads(proc.stdout.strip().splitlines()[-1])
     assert doc["label"] == "class1" and doc["added"] == {f"class{k}": 6 for k in range(4)}
     assert all(m == "edgemeta" or m.startswith("edgemeta.runtime") for m in doc["modules"]), doc["modules"]
-    assert doc["providers"] == (["CUDAExecutionProvider", "CPUExecutionProvider"] if cuda_runs() else ["CPUExecutionProvider"])
+    assert doc["providers"] == (
+        ["CUDAExecutionProvider", "CPUExecutionProvider"] if cuda_runs() else ["CPUExecutionProvider"]
+    )
 
 
 def test_device_commands_of_the_cli_without_torch_or_onnx(tmp_path, tiny_onnx_model, runtime_image_folder):
@@ -139,7 +159,15 @@ def test_device_commands_of_the_cli_without_torch_or_onnx(tmp_path, tiny_onnx_mo
         print(res.stdout)
         assert not any(m.split(".")[0] in ("torch", "onnx") for m in sys.modules)
     """
-    proc = _run_blocked(code, tiny_onnx_model, runtime_image_folder, tmp_path / "cli.store", cwd=tmp_path, blocked=NO_TORCH + CORE, block_core=False)
+    proc = _run_blocked(
+        code,
+        tiny_onnx_model,
+        runtime_image_folder,
+        tmp_path / "cli.store",
+        cwd=tmp_path,
+        blocked=NO_TORCH + CORE,
+        block_core=False,
+    )
     assert '"label": "class2"' in proc.stdout
 
 
@@ -156,7 +184,9 @@ def test_example_app_runs_on_the_runtime_alone(tmp_path, tiny_onnx_model, runtim
     store = tmp_path / "app.store"
     first = _run_blocked(code, tiny_onnx_model, "--store", store, "--enroll", runtime_image_folder, cwd=tmp_path)
     assert "enrolled 24 images of 4 classes; store has 4 classes" in first.stdout
-    second = _run_blocked(code, tiny_onnx_model, "--store", store, runtime_image_folder / "class3", "--batch", "4", cwd=tmp_path)
+    second = _run_blocked(
+        code, tiny_onnx_model, "--store", store, runtime_image_folder / "class3", "--batch", "4", cwd=tmp_path
+    )
     lines = [ln for ln in second.stdout.splitlines() if ".png:" in ln]
     assert len(lines) == 6 and all(": class3 " in ln for ln in lines), second.stdout
 

@@ -6,7 +6,6 @@ from __future__ import annotations
 import io
 
 import numpy as np
-import onnx
 import onnxruntime as ort
 import pytest
 from onnx import TensorProto, helper
@@ -23,7 +22,8 @@ RGB = PreprocessSpec.create(32, 3, [0.5, 0.4, 0.3], [0.2, 0.25, 0.3])
 
 def _graph(spec: PreprocessSpec) -> ort.InferenceSession:
     g = helper.make_graph(
-        [helper.make_node("Identity", ["images"], ["out"])], "identity",
+        [helper.make_node("Identity", ["images"], ["out"])],
+        "identity",
         [helper.make_tensor_value_info("images", TensorProto.FLOAT, ["b", spec.channels, *spec.size])],
         [helper.make_tensor_value_info("out", TensorProto.FLOAT, ["b", spec.channels, *spec.size])],
     )

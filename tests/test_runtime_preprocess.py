@@ -96,12 +96,21 @@ def good_png_jpeg(tmp_path, pixels) -> tuple[bytes, bytes]:
     [
         (lambda d, png, jpg: d / "missing.png", "image file not found: .*missing.png; check the path"),
         (lambda d, png, jpg: d, "is a folder, not an image file"),
-        (lambda d, png, jpg: _write(d / "notes.png", b"hello, not pixels"), "notes.png: not an image file Pillow can read"),
+        (
+            lambda d, png, jpg: _write(d / "notes.png", b"hello, not pixels"),
+            "notes.png: not an image file Pillow can read",
+        ),
         (lambda d, png, jpg: _write(d / "empty.jpg", b""), "empty.jpg: not an image file Pillow can read"),
         (lambda d, png, jpg: _write(d / "cut.png", png[: len(png) // 2]), "cut.png: damaged or truncated image"),
         (lambda d, png, jpg: _write(d / "cut.jpg", jpg[: len(jpg) // 2]), "cut.jpg: damaged or truncated image"),
-        (lambda d, png, jpg: _write(d / "bomb.png", _png_header(100_000, 100_000)), "bomb.png: refused as a possible decompression bomb"),
-        (lambda d, png, jpg: _write(d / "big.png", _png_header(9_000, 8_000)), r"big.png: 9000x8000 pixels is over the 64,000,000 limit"),
+        (
+            lambda d, png, jpg: _write(d / "bomb.png", _png_header(100_000, 100_000)),
+            "bomb.png: refused as a possible decompression bomb",
+        ),
+        (
+            lambda d, png, jpg: _write(d / "big.png", _png_header(9_000, 8_000)),
+            r"big.png: 9000x8000 pixels is over the 64,000,000 limit",
+        ),
     ],
     ids=["missing", "folder", "text", "empty", "truncated-png", "truncated-jpeg", "bomb", "over-limit"],
 )
@@ -133,7 +142,10 @@ def test_lazily_opened_truncated_pil_image(tmp_path, good_png_jpeg):
         (np.zeros((16, 16, 2), np.uint8), r"shape \(16, 16, 2\): expected HW \(grey\), HWC with 1, 3 or 4 channels"),
         (np.zeros((16, 16, 5), np.uint8), r"shape \(16, 16, 5\): expected HW"),
         (np.zeros((2, 2, 2, 2, 2), np.uint8), "expected HW"),
-        (np.zeros((3, 16, 16), np.float32), r"preprocessed array of shape \(3, 16, 16\) does not match the model input \(1, 16, 16\)"),
+        (
+            np.zeros((3, 16, 16), np.float32),
+            r"preprocessed array of shape \(3, 16, 16\) does not match the model input \(1, 16, 16\)",
+        ),
         (np.zeros((0, 16), np.uint8), r"shape \(0, 16\) has an absurd size"),
         (np.broadcast_to(np.zeros(1, np.uint8), (9_000, 8_000)), r"shape \(9000, 8000\) has an absurd size"),
         (Image.new("L", (0, 0)), "PIL image of size 0x0 has an absurd size"),
@@ -161,7 +173,6 @@ def test_nan_inside_a_batch_is_found():
     batch[2, 0, 3, 3] = np.inf
     with pytest.raises(InputError, match="preprocessed array 2 contains NaN"):
         preprocess(batch, GREY)
-
 
 
 def test_preprocessed_batch_fast_path_still_checks_values():

@@ -8,6 +8,7 @@ from pathlib import Path
 import numpy as np
 import onnxruntime as ort
 import pytest
+from conftest import cuda_runs, fixed_batch_copy
 
 from edgemeta.runtime import (
     InputError,
@@ -20,7 +21,6 @@ from edgemeta.runtime import (
     Session,
     SessionOptions,
 )
-from conftest import cuda_runs, fixed_batch_copy
 from edgemeta.runtime.ort import resolve_providers
 
 CPU = "CPUExecutionProvider"
@@ -69,8 +69,11 @@ def test_cosine_scale_is_measured_or_read(make_onnx_model, tiny_cosine_model):
 @pytest.mark.parametrize("metric, scale", [("sqeuclidean", 1.0), ("cosine", 7.0)])
 def test_model_without_metadata_needs_a_spec_and_infers_the_rest(make_onnx_model, metric, scale):
     path = make_onnx_model(metric=metric, scale=scale, metadata=False)
-    with pytest.raises(InputError, match=r"carries no edgemeta metadata, so its preprocessing is unknown; re-export the model with "
-                                         r"`edgemeta export` \(from Python: pass preprocess=PreprocessSpec\(\.\.\.\)\)"):
+    with pytest.raises(
+        InputError,
+        match=r"carries no edgemeta metadata, so its preprocessing is unknown; re-export the model with "
+        r"`edgemeta export` \(from Python: pass preprocess=PreprocessSpec\(\.\.\.\)\)",
+    ):
         Session(path)
     s = Session(path, preprocess=SPEC)
     assert s.metric is Metric(metric) and s.embedding_dim == 16
@@ -94,7 +97,9 @@ def test_broken_contract_names_what_is_missing(make_onnx_model, drop, missing):
 
 
 def test_preprocess_that_does_not_fit_the_model_is_refused(tiny_onnx_model):
-    with pytest.raises(InputError, match=r"model input is \['batch', 1, 16, 16\] but the preprocessing gives \[batch, 3, 32, 32\]"):
+    with pytest.raises(
+        InputError, match=r"model input is \['batch', 1, 16, 16\] but the preprocessing gives \[batch, 3, 32, 32\]"
+    ):
         Session(tiny_onnx_model, preprocess=PreprocessSpec.create(32, 3))
 
 
@@ -140,7 +145,9 @@ def test_provider_names(arg, names):
     assert resolve_providers(arg)[0] == names
 
 
-@pytest.mark.parametrize("bad, msg", [("gpu0", "unknown provider 'gpu0'"), ([], "empty provider list"), ([3], "is not a provider name")])
+@pytest.mark.parametrize(
+    "bad, msg", [("gpu0", "unknown provider 'gpu0'"), ([], "empty provider list"), ([3], "is not a provider name")]
+)
 def test_bad_provider_names(bad, msg):
     with pytest.raises(InputError, match=msg):
         resolve_providers(bad)
@@ -156,7 +163,9 @@ def test_auto_on_a_cpu_build_runs_cpu_without_warning(tiny_onnx_model):
 
 @pytest.mark.skipif(GPU_BUILD, reason="this onnxruntime is a GPU build")
 def test_explicit_provider_that_is_missing_raises_unless_fallback_allowed(tiny_onnx_model):
-    with pytest.raises(ProviderError, match=r"CUDAExecutionProvider asked for but not in this onnxruntime build.*allow_fallback=True"):
+    with pytest.raises(
+        ProviderError, match=r"CUDAExecutionProvider asked for but not in this onnxruntime build.*allow_fallback=True"
+    ):
         Session(tiny_onnx_model, "cuda")
     with pytest.warns(ProviderFallbackWarning, match="CUDAExecutionProvider not used"):
         s = Session(tiny_onnx_model, "cuda", allow_fallback=True)
@@ -217,7 +226,10 @@ def test_spinning_reaches_onnxruntime(tiny_onnx_model, spin, entry):
     [
         ({"intra_op_threads": -1}, "thread counts must be >= 0"),
         ({"batch_size": 0}, "batch_size must be >= 1"),
-        ({"graph_optimization": "max"}, "unknown graph_optimization 'max'; choose one of: disable, basic, extended, all"),
+        (
+            {"graph_optimization": "max"},
+            "unknown graph_optimization 'max'; choose one of: disable, basic, extended, all",
+        ),
         ({"allow_spinning": "no"}, "allow_spinning must be True, False or None"),
         ({"execution_mode": "fast"}, "unknown execution_mode 'fast'; choose one of: sequential, parallel"),
     ],
@@ -237,7 +249,9 @@ def test_the_benchmark_settings_reach_the_runtime_sessions(tiny_onnx_model):
     assert default.intra_op_num_threads == 0 and default.inter_op_num_threads == 0
 
 
-@pytest.mark.parametrize("name, full", [("cpu", CPU), ("TRT", "TensorrtExecutionProvider"), ("MyExecutionProvider", "MyExecutionProvider")])
+@pytest.mark.parametrize(
+    "name, full", [("cpu", CPU), ("TRT", "TensorrtExecutionProvider"), ("MyExecutionProvider", "MyExecutionProvider")]
+)
 def test_provider_name_and_display_name(name, full):
     from edgemeta.runtime.ort import display_name, provider_name
 
@@ -292,12 +306,24 @@ def test_large_batches_are_chunked(tiny_onnx_model):
 @pytest.mark.parametrize(
     "images, protos, msg",
     [
-        (np.zeros((2, 3, 16, 16), np.float32), None, r"images of shape \(2, 3, 16, 16\) do not fit the model input \[batch>=1, 1, 16, 16\]"),
+        (
+            np.zeros((2, 3, 16, 16), np.float32),
+            None,
+            r"images of shape \(2, 3, 16, 16\) do not fit the model input \[batch>=1, 1, 16, 16\]",
+        ),
         (np.zeros((0, 1, 16, 16), np.float32), None, "do not fit the model input"),
         (np.zeros((1, 1, 16, 16), np.uint8), None, "images must be a float array"),
         (np.full((1, 1, 16, 16), np.nan, np.float32), None, "image 0 of the batch contains NaN or infinite"),
-        (np.stack([np.zeros((1, 16, 16), np.float32)] * 2 + [np.full((1, 16, 16), np.inf, np.float32)]), None, "image 2 of the batch"),
-        (np.zeros((1, 1, 16, 16), np.float32), np.zeros((2, 8), np.float32), r"prototypes of shape \(2, 8\) do not fit \[n_classes, 16\]"),
+        (
+            np.stack([np.zeros((1, 16, 16), np.float32)] * 2 + [np.full((1, 16, 16), np.inf, np.float32)]),
+            None,
+            "image 2 of the batch",
+        ),
+        (
+            np.zeros((1, 1, 16, 16), np.float32),
+            np.zeros((2, 8), np.float32),
+            r"prototypes of shape \(2, 8\) do not fit \[n_classes, 16\]",
+        ),
     ],
 )
 def test_bad_run_inputs(tiny_onnx_model, images, protos, msg):
@@ -349,7 +375,9 @@ def test_gpu_provider_failing_to_load_keeps_stdout_clean(tiny_onnx_model, monkey
 
 
 @pytest.mark.filterwarnings("ignore:Specified provider 'CUDAExecutionProvider' is not in available provider names")
-def test_a_model_asking_for_the_nhwc_stem_hand_over_is_opened_without_the_transpose_optimizer(make_onnx_model, monkeypatch):
+def test_a_model_asking_for_the_nhwc_stem_hand_over_is_opened_without_the_transpose_optimizer(
+    make_onnx_model, monkeypatch
+):
     """An int8 model exported with stem_layout="nhwc" says so in its metadata; on the CPU provider
     of an x86-64 machine the session is opened again with ONNX Runtime's transpose optimizer off
     (what the NHWC round trip needs), on other machines once, as every other model."""
@@ -382,8 +410,12 @@ def test_a_model_asking_for_the_nhwc_stem_hand_over_is_opened_without_the_transp
     profiling = ort.SessionOptions()
     profiling.enable_profiling = True
     profiling.profile_file_prefix = str(hinted.with_suffix(".profile"))
-    cases = [(basic, ["CPUExecutionProvider"]), (writing, ["CPUExecutionProvider"]), (profiling, ["CPUExecutionProvider"]),
-             (ort.SessionOptions(), ["CUDAExecutionProvider", "CPUExecutionProvider"])]  # a GPU that fails would be tried twice
+    cases = [
+        (basic, ["CPUExecutionProvider"]),
+        (writing, ["CPUExecutionProvider"]),
+        (profiling, ["CPUExecutionProvider"]),
+        (ort.SessionOptions(), ["CUDAExecutionProvider", "CPUExecutionProvider"]),
+    ]  # a GPU that fails would be tried twice
     for options, providers in cases:
         opened.clear()
         session_module.open_session(hinted, options, providers)
@@ -408,7 +440,9 @@ def test_nhwc_stem_request_is_read_safely_from_metadata(make_onnx_model, monkeyp
         def get_modelmeta(self):
             return type("Meta", (), {"custom_metadata_map": self.custom})()
 
-    assert session_module.wants_nhwc_stem(ort.InferenceSession(str(make_onnx_model(extra={"calibration": {"stem_layout": "nhwc"}}))))
+    assert session_module.wants_nhwc_stem(
+        ort.InferenceSession(str(make_onnx_model(extra={"calibration": {"stem_layout": "nhwc"}})))
+    )
     for custom in ({}, {"edgemeta": "{not json"}, {"edgemeta": '{"precision": "int8"}'}):
         assert not session_module.wants_nhwc_stem(Stub(custom))
     assert not session_module.wants_nhwc_stem(ort.InferenceSession(str(make_onnx_model(extra={"calibration": "nhwc"}))))
@@ -425,7 +459,9 @@ def _edited(src: Path, dst: Path, edit) -> Path:
 
 
 @pytest.mark.parametrize("batch, io_binding", [(1, False), (4, False), (4, True)])
-def test_a_model_with_a_fixed_batch_runs_any_number_of_images(tmp_path, tiny_onnx_model, monkeypatch, batch, io_binding):
+def test_a_model_with_a_fixed_batch_runs_any_number_of_images(
+    tmp_path, tiny_onnx_model, monkeypatch, batch, io_binding
+):
     import edgemeta.runtime.session as session_module
 
     options = SessionOptions(batch_size=3, io_binding=io_binding)
@@ -435,7 +471,11 @@ def test_a_model_with_a_fixed_batch_runs_any_number_of_images(tmp_path, tiny_onn
     x, protos = _batch(6), np.eye(16, dtype=np.float32)[:3]
     fixed._sess = _CountingSession(fixed._sess)
     bound = session_module.run_bound
-    monkeypatch.setattr(session_module, "run_bound", lambda sess, images, *a: fixed._sess.batches.append(len(images)) or bound(sess.inner, images, *a))
+    monkeypatch.setattr(
+        session_module,
+        "run_bound",
+        lambda sess, images, *a: fixed._sess.batches.append(len(images)) or bound(sess.inner, images, *a),
+    )
     emb, logits = fixed.run(x, protos)
     ref_emb, ref_logits = free.run(x, protos)
     assert fixed._sess.batches == [batch] * -(-6 // batch)  # every call exactly the graph's batch, the last one padded
@@ -449,7 +489,9 @@ def test_a_model_with_a_fixed_batch_runs_any_number_of_images(tmp_path, tiny_onn
 def test_a_model_with_a_fixed_batch_runs_on_cuda_with_io_binding(tmp_path, tiny_onnx_model):
     if not cuda_runs():
         pytest.skip("needs onnxruntime-gpu, CUDA libraries and an NVIDIA GPU")
-    fixed = Session(fixed_batch_copy(tiny_onnx_model, tmp_path / "fixed.onnx", 4), "cuda", options=SessionOptions(batch_size=3))
+    fixed = Session(
+        fixed_batch_copy(tiny_onnx_model, tmp_path / "fixed.onnx", 4), "cuda", options=SessionOptions(batch_size=3)
+    )
     assert fixed.providers[0] == "CUDAExecutionProvider" and fixed.io_binding and fixed.fixed_batch == 4
     x = _batch(6)
     protos = np.eye(16, dtype=np.float32)[:3].copy()  # its own data: a view of a writeable array could change
@@ -495,8 +537,11 @@ def test_prototypes_with_nan_or_infinity_are_named(tiny_onnx_model, frozen):
         bad = protos.copy()
         bad[2, 5] = value
         bad.flags.writeable = not frozen  # (this model takes no norms: both are checked as given)
-        with pytest.raises(InputError, match=r"prototype 2 contains NaN or infinite values \(or values beyond float32's range\); "
-                                             "build prototypes from finite embeddings"):
+        with pytest.raises(
+            InputError,
+            match=r"prototype 2 contains NaN or infinite values \(or values beyond float32's range\); "
+            "build prototypes from finite embeddings",
+        ):
             s.run(x, bad)
     many = np.tile(protos, (100, 1))  # past the values checked before the run: found through the logits
     many[250, 1] = np.nan
@@ -527,7 +572,9 @@ def test_an_output_that_is_not_a_float_type_is_refused(tmp_path, tiny_onnx_model
         m.graph.node.append(helper.make_node("Cast", ["emb_f"], ["embeddings"], to=TensorProto.INT32))
         m.graph.output[0].type.tensor_type.elem_type = TensorProto.INT32
 
-    with pytest.raises(InputError, match=r"output 'embeddings' is tensor\(int32\), expected float, float16 or double; re-export"):
+    with pytest.raises(
+        InputError, match=r"output 'embeddings' is tensor\(int32\), expected float, float16 or double; re-export"
+    ):
         Session(_edited(tiny_onnx_model, tmp_path / "int_out.onnx", int_embeddings), "cpu")
 
 
@@ -555,8 +602,11 @@ def test_raw_pixels_passed_as_preprocessed_are_refused(tiny_onnx_model, make_onn
     """0-255 floats in the model's input shape look preprocessed and used to classify at chance, silently."""
     s = Session(tiny_onnx_model)
     raw = np.random.default_rng(0).integers(0, 256, (2, 1, 16, 16)).astype(np.float32)
-    with pytest.raises(InputError, match=r"images average 1\d\d\.\d, far above what this model's preprocessing gives \(-2 to 2\): "
-                                         r"0-255 pixels are not preprocessed"):
+    with pytest.raises(
+        InputError,
+        match=r"images average 1\d\d\.\d, far above what this model's preprocessing gives \(-2 to 2\): "
+        r"0-255 pixels are not preprocessed",
+    ):
         s.embed(raw)
     with pytest.raises(InputError, match="far above"):
         s.embed(raw.astype(np.float16))

@@ -13,9 +13,16 @@ import pytest
 from safetensors.numpy import load as st_load
 from safetensors.numpy import save as st_save
 
-from edgemeta.runtime import InputError, Metric, ModelMismatchError, PrototypeStore, StoreCorruptError, StoreWriteError
+from edgemeta.runtime import (
+    InputError,
+    Metric,
+    ModelMismatchError,
+    PrototypeStore,
+    StoreCorruptError,
+    StoreWriteError,
+    store_format,
+)
 from edgemeta.runtime import files as files_mod
-from edgemeta.runtime import store_format
 
 D = 4
 
@@ -145,7 +152,9 @@ def test_labels_from_an_older_file_are_read_in_composed_form(tmp_path):
     assert back.labels == [composed, "dog"] and composed in back and decomposed in back
     back.add(decomposed, _emb(1, 5))  # the same class, whichever form is typed
     assert back.counts == {composed: 5, "dog": 2}
-    _resave(path, lambda h: h.update(labels=[decomposed, composed], counts=[4, 2]))  # both forms: one label twice, refused
+    _resave(
+        path, lambda h: h.update(labels=[decomposed, composed], counts=[4, 2])
+    )  # both forms: one label twice, refused
     with pytest.raises(StoreCorruptError, match="label 'caf\u00e9' appears twice .perhaps in two Unicode spellings."):
         PrototypeStore.load(path)
 
@@ -158,7 +167,10 @@ def test_claim_records_the_model_of_a_hand_made_store_once():
     hand.claim("fp-a", D, Metric.COSINE)
     hand.claim("fp-a", D, Metric.COSINE)  # the same model again: nothing to change
     assert hand.fingerprint == "fp-a"
-    with pytest.raises(ModelMismatchError, match="store was made with model fp-a, this model is fp-b; re-enrol or load the matching model"):
+    with pytest.raises(
+        ModelMismatchError,
+        match="store was made with model fp-a, this model is fp-b; re-enrol or load the matching model",
+    ):
         hand.claim("fp-b", D, Metric.COSINE)
 
 
@@ -207,7 +219,9 @@ def test_empty_store_round_trips(tmp_path):
 
 def test_model_mismatch_names_both_fingerprints(tmp_path):
     path = _store().save(tmp_path / "s.store")
-    with pytest.raises(ModelMismatchError, match=r"made with model fp-a, this model is fp-z; re-enrol or load the matching model"):
+    with pytest.raises(
+        ModelMismatchError, match=r"made with model fp-a, this model is fp-z; re-enrol or load the matching model"
+    ):
         PrototypeStore.load(path, fingerprint="fp-z")
 
 
@@ -240,15 +254,39 @@ def _flip_last_byte(path: Path) -> None:
         (lambda p: p.write_bytes(os.urandom(300)), "not a readable edgemeta store"),
         (_flip_last_byte, "failed its checksum: the file was damaged or edited"),
         (lambda p: _resave(p, lambda h: h.update(labels=["dog", "cat"]), checksum=False), "failed its checksum"),
-        (lambda p: _resave(p, tensors_edit=lambda t: t.update(sums=t["sums"] * 2), checksum=False), "failed its checksum"),
-        (lambda p: _resave(p, lambda h: h.update(version=2)), r"format version 2, newer than this edgemeta reads \(1\); upgrade edgemeta"),
+        (
+            lambda p: _resave(p, tensors_edit=lambda t: t.update(sums=t["sums"] * 2), checksum=False),
+            "failed its checksum",
+        ),
+        (
+            lambda p: _resave(p, lambda h: h.update(version=2)),
+            r"format version 2, newer than this edgemeta reads \(1\); upgrade edgemeta",
+        ),
         (lambda p: _resave(p, lambda h: h.update(format="something.else")), "is not an edgemeta prototype store"),
         (lambda p: _resave(p, lambda h: h.update(counts=[4, 3])), "inconsistent: embeddings tensor is not F32 .7, 4."),
-        (lambda p: _resave(p, tensors_edit=lambda t: t["sums"].__setitem__((1, 2), np.nan)), "inconsistent: sums tensor holds values that are not finite"),
-        (lambda p: p.write_bytes(st_save({"w": np.zeros(3, np.float32)})), "safetensors file without an edgemeta store header"),
+        (
+            lambda p: _resave(p, tensors_edit=lambda t: t["sums"].__setitem__((1, 2), np.nan)),
+            "inconsistent: sums tensor holds values that are not finite",
+        ),
+        (
+            lambda p: p.write_bytes(st_save({"w": np.zeros(3, np.float32)})),
+            "safetensors file without an edgemeta store header",
+        ),
     ],
-    ids=["truncated-end", "truncated-header", "empty", "garbage", "bit-flip", "header-edit", "tensor-edit", "newer", "foreign-format", "inconsistent",
-         "not-finite", "other-safetensors"],
+    ids=[
+        "truncated-end",
+        "truncated-header",
+        "empty",
+        "garbage",
+        "bit-flip",
+        "header-edit",
+        "tensor-edit",
+        "newer",
+        "foreign-format",
+        "inconsistent",
+        "not-finite",
+        "other-safetensors",
+    ],
 )
 def test_damaged_files_are_refused(tmp_path, damage, message):
     path = _store().save(tmp_path / "s.store")
@@ -369,7 +407,11 @@ def test_save_never_replaces_a_file_that_is_not_a_store(tmp_path):
     or an image: saving over the session's own model was one keystroke away."""
     s = _store()
     s.add("a", _emb(2, 5))
-    for name, content in (("m.onnx", b"\x08\x07\x12\x0bonnx-model-bytes"), ("img.png", b"\x89PNG\r\n\x1a\n" + b"\0" * 64), ("t.txt", b"hi")):
+    for name, content in (
+        ("m.onnx", b"\x08\x07\x12\x0bonnx-model-bytes"),
+        ("img.png", b"\x89PNG\r\n\x1a\n" + b"\0" * 64),
+        ("t.txt", b"hi"),
+    ):
         path = tmp_path / name
         path.write_bytes(content)
         with pytest.raises(InputError, match=f"{name} exists and is not an edgemeta store"):

@@ -6,9 +6,10 @@ import importlib.util
 import math
 import os
 import time
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any, Callable, Sequence
+from typing import Any, Callable
 
 import numpy as np
 
@@ -117,7 +118,14 @@ def backprop_data(given: str | None, recorded: object, channels: int) -> str:
 
 
 def _backprop_episodes(
-    spec: PreprocessSpec, data: str | None, recorded: object, data_dir: str | os.PathLike | None, shots: Sequence[int], n_way: int, queries: int, seed: int
+    spec: PreprocessSpec,
+    data: str | None,
+    recorded: object,
+    data_dir: str | os.PathLike | None,
+    shots: Sequence[int],
+    n_way: int,
+    queries: int,
+    seed: int,
 ) -> tuple[Any, list[Any]]:
     """The images and one episode sampler per shot count; every problem with the data (a
     missing set, images the model cannot take, too few images for the largest shot count)
@@ -135,10 +143,21 @@ def check_backprop(config: BenchConfig, model: Path) -> None:
     making variants): torch, and episodes of the data for every shot count (the data is
     decoded now, and cached for the baseline)."""
     if importlib.util.find_spec("torch") is None:
-        raise InputError("--backprop-baseline trains the last layer in torch, which is not installed: pip install 'edgemeta[train]'")
+        raise InputError(
+            "--backprop-baseline trains the last layer in torch, which is not installed: pip install 'edgemeta[train]'"
+        )
     sess = Session(model, "cpu", options=SessionOptions(intra_op_threads=1))
     recorded = sess.metadata.extra.get("dataset")
-    _backprop_episodes(sess.preprocess, config.backprop_data, recorded, config.data_dir, BACKPROP_SHOTS, BACKPROP_WAYS, BACKPROP_QUERIES, config.seed)
+    _backprop_episodes(
+        sess.preprocess,
+        config.backprop_data,
+        recorded,
+        config.data_dir,
+        BACKPROP_SHOTS,
+        BACKPROP_WAYS,
+        BACKPROP_QUERIES,
+        config.seed,
+    )
 
 
 def backprop_baseline(
@@ -180,7 +199,9 @@ def backprop_baseline(
 
     threads = threads or physical_cores()
     sess = Session(model, "cpu", options=options or SessionOptions(intra_op_threads=threads))
-    images, samplers = _backprop_episodes(sess.preprocess, data, sess.metadata.extra.get("dataset"), data_dir, shots, n_way, queries, seed)
+    images, samplers = _backprop_episodes(
+        sess.preprocess, data, sess.metadata.extra.get("dataset"), data_dir, shots, n_way, queries, seed
+    )
     saved = torch.get_num_threads()
     torch.set_num_threads(SGD_THREADS)
     try:
@@ -189,7 +210,9 @@ def backprop_baseline(
         torch.set_num_threads(saved)
 
 
-def _backprop_shots(torch: Any, sess: Session, data: Any, normalize: Callable, sampler: Any, episodes: int, steps: int, lr: float) -> BackpropResult:
+def _backprop_shots(
+    torch: Any, sess: Session, data: Any, normalize: Callable, sampler: Any, episodes: int, steps: int, lr: float
+) -> BackpropResult:
     """Two phases over the same episodes: ONNX Runtime only, then torch only.
 
     Interleaving them would time each engine while the other's idle threads still spin
@@ -222,7 +245,18 @@ def _backprop_shots(torch: Any, sess: Session, data: Any, normalize: Callable, s
         t_bp.append(t4 - t3)
     ms = lambda v: 1e3 * float(np.median(v))  # noqa: E731
     return BackpropResult(
-        n, k, episodes, steps, lr, ms(t_embed), ms(t_proto), ms(t_bp),
-        float(np.mean(acc_proto)), _ci95(acc_proto), float(np.mean(acc_bp)), _ci95(acc_bp), sess.metadata.precision.value,
+        n,
+        k,
+        episodes,
+        steps,
+        lr,
+        ms(t_embed),
+        ms(t_proto),
+        ms(t_bp),
+        float(np.mean(acc_proto)),
+        _ci95(acc_proto),
+        float(np.mean(acc_bp)),
+        _ci95(acc_bp),
+        sess.metadata.precision.value,
         str(getattr(data, "name", "")),
     )

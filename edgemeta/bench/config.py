@@ -2,9 +2,10 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any
 
 import numpy as np
 import onnxruntime as ort
@@ -33,9 +34,12 @@ BENCH_SESSION_OPTIONS = SessionOptions(inter_op_threads=1, allow_spinning=True)
 def ort_settings(options: SessionOptions) -> dict[str, Any]:
     """The ONNX Runtime settings a report records (the ``config.ort`` object of ``--json``)."""
     return {
-        "graph_optimization": options.graph_optimization.value, "execution_mode": options.execution_mode.value,
-        "inter_op_threads": options.inter_op_threads, "allow_spinning": options.allow_spinning,
-        "memory_arena": options.memory_arena, "pin_threads": options.pin_threads,
+        "graph_optimization": options.graph_optimization.value,
+        "execution_mode": options.execution_mode.value,
+        "inter_op_threads": options.inter_op_threads,
+        "allow_spinning": options.allow_spinning,
+        "memory_arena": options.memory_arena,
+        "pin_threads": options.pin_threads,
     }
 
 
@@ -114,11 +118,18 @@ class BenchConfig:
         set_("providers", tuple([self.providers] if isinstance(self.providers, str) else self.providers))
         set_("batch_sizes", _int_tuple(self.batch_sizes))
         set_("class_counts", _int_tuple(self.class_counts))
-        if isinstance(self.ort, SessionOptions) and self.ort.allow_spinning is None:  # ONNX Runtime's default: they spin
+        if (
+            isinstance(self.ort, SessionOptions) and self.ort.allow_spinning is None
+        ):  # ONNX Runtime's default: they spin
             set_("ort", replace(self.ort, allow_spinning=True))
         problems = []
         try:
-            set_("precisions", tuple(Precision(p) for p in ([self.precisions] if isinstance(self.precisions, str) else self.precisions)))
+            set_(
+                "precisions",
+                tuple(
+                    Precision(p) for p in ([self.precisions] if isinstance(self.precisions, str) else self.precisions)
+                ),
+            )
         except ValueError:
             problems.append(f"unknown precision in {self.precisions!r} (choose fp32, fp16, int8)")
         twice = sorted({p.value for p in self.precisions if isinstance(p, Precision) and self.precisions.count(p) > 1})
@@ -152,8 +163,12 @@ class BenchConfig:
                 problems.append(unknown_data(self.backprop_data))
         if self.data_dir is not None and not Path(self.data_dir).is_dir():
             problems.append(f"data folder {self.data_dir} does not exist; pass the folder that holds the data sets")
-        if self.duration is not None and not (isinstance(self.duration, (int, float)) and 0 < self.duration <= MAX_DURATION_S):
-            problems.append(f"duration must be more than 0 and at most {MAX_DURATION_S:g} seconds, got {self.duration!r}")
+        if self.duration is not None and not (
+            isinstance(self.duration, (int, float)) and 0 < self.duration <= MAX_DURATION_S
+        ):
+            problems.append(
+                f"duration must be more than 0 and at most {MAX_DURATION_S:g} seconds, got {self.duration!r}"
+            )
         cores = logical_cores()
         if isinstance(self.threads, (int, np.integer)) and MAX_THREADS_PER_CORE * cores < self.threads <= 1024:
             problems.append(

@@ -4,9 +4,10 @@ from __future__ import annotations
 
 import math
 import os
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any
 
 import numpy as np
 import onnxruntime as ort
@@ -34,7 +35,14 @@ class FlopCount:
 
 # op type -> index of the weight input (conv-like) ; matmul-like ops take A at 0
 _CONV_WEIGHT = {"Conv": 1, "ConvInteger": 1, "QLinearConv": 3, "FusedConv": 1, "NhwcConv": 1}
-_MATMUL_B = {"MatMul": 1, "Gemm": 1, "MatMulInteger": 1, "QLinearMatMul": 3, "MatMulIntegerToFloat": 1, "FusedMatMul": 1}
+_MATMUL_B = {
+    "MatMul": 1,
+    "Gemm": 1,
+    "MatMulInteger": 1,
+    "QLinearMatMul": 3,
+    "MatMulIntegerToFloat": 1,
+    "FusedMatMul": 1,
+}
 
 
 def _set_batch(model: Any, batch: int, n_classes: int) -> None:
@@ -103,7 +111,9 @@ def count_flops(model: str | os.PathLike | Any, batch: int = 1, n_classes: int =
         627572736
     """
     if isinstance(model, (str, os.PathLike)) and is_ort_format(model):
-        raise InputError(f"{Path(model).name} is an ORT-format model, whose graph the onnx package cannot read; count (or benchmark) the .onnx it was made from")
+        raise InputError(
+            f"{Path(model).name} is an ORT-format model, whose graph the onnx package cannot read; count (or benchmark) the .onnx it was made from"
+        )
     try:
         import onnx
     except ImportError:
@@ -170,7 +180,9 @@ def matmul_model_bytes(n: int) -> bytes:
     tensor = _pb(1, _pb(1, 1) + _pb(2, dims))  # TypeProto.tensor_type {elem_type FLOAT, shape}
     value_info = lambda name: _pb(1, name.encode()) + _pb(2, tensor)  # noqa: E731
     node = _pb(1, b"a") + _pb(1, b"b") + _pb(2, b"c") + _pb(3, b"peak") + _pb(4, b"MatMul")
-    graph = _pb(1, node) + _pb(2, b"peak") + _pb(11, value_info("a")) + _pb(11, value_info("b")) + _pb(12, value_info("c"))
+    graph = (
+        _pb(1, node) + _pb(2, b"peak") + _pb(11, value_info("a")) + _pb(11, value_info("b")) + _pb(12, value_info("c"))
+    )
     return _pb(1, 8) + _pb(2, b"edgemeta") + _pb(7, graph) + _pb(8, _pb(2, 17))  # ir_version 8, opset 17
 
 
@@ -181,13 +193,19 @@ def int8_matmul_model_bytes(n: int, weights: np.ndarray) -> bytes:
     dims = _pb(1, _pb(1, n)) * 2
     value_info = lambda name, elem: _pb(1, name.encode()) + _pb(2, _pb(1, _pb(1, elem) + _pb(2, dims)))  # noqa: E731
     w = np.ascontiguousarray(weights, dtype=np.int8)
-    tensor = _pb(1, n) + _pb(1, n) + _pb(2, 3) + _pb(8, b"w") + _pb(9, w.tobytes())  # TensorProto: dims, INT8, name, raw_data
+    tensor = (
+        _pb(1, n) + _pb(1, n) + _pb(2, 3) + _pb(8, b"w") + _pb(9, w.tobytes())
+    )  # TensorProto: dims, INT8, name, raw_data
     node = _pb(1, b"a") + _pb(1, b"w") + _pb(2, b"c") + _pb(3, b"peak") + _pb(4, b"MatMulInteger")
-    graph = _pb(1, node) + _pb(2, b"peak") + _pb(5, tensor) + _pb(11, value_info("a", 2)) + _pb(12, value_info("c", 6))  # UINT8 in, INT32 out
+    graph = (
+        _pb(1, node) + _pb(2, b"peak") + _pb(5, tensor) + _pb(11, value_info("a", 2)) + _pb(12, value_info("c", 6))
+    )  # UINT8 in, INT32 out
     return _pb(1, 8) + _pb(2, b"edgemeta") + _pb(7, graph) + _pb(8, _pb(2, 17))
 
 
-def measure_int8_peak(threads: int, tuning: SessionOptions | None = None, sizes: Sequence[int] = (512, 1024, 2048), runs: int = 5) -> dict[str, Any]:
+def measure_int8_peak(
+    threads: int, tuning: SessionOptions | None = None, sizes: Sequence[int] = (512, 1024, 2048), runs: int = 5
+) -> dict[str, Any]:
     """The CPU's int8 peak as ONNX Runtime reaches it: u8 x s8 ``MatMulInteger`` with
     prepacked weights (the kernels its quantized layers use: VNNI, AMX where the CPU has
     them), the best over ``sizes`` (which size runs fastest depends on the caches)."""
@@ -195,13 +213,17 @@ def measure_int8_peak(threads: int, tuning: SessionOptions | None = None, sizes:
     best: dict[int, float] = {}
     for n in sizes:
         model = int8_matmul_model_bytes(n, rng.integers(-127, 128, (n, n), dtype=np.int8))
-        sess = ort.InferenceSession(model, timed_options(tuning or BENCH_SESSION_OPTIONS, threads), providers=["CPUExecutionProvider"])
+        sess = ort.InferenceSession(
+            model, timed_options(tuning or BENCH_SESSION_OPTIONS, threads), providers=["CPUExecutionProvider"]
+        )
         a = rng.integers(0, 256, (n, n), dtype=np.uint8)
         best[n] = 2 * n**3 / time_fn(lambda: sess.run(None, {"a": a}), warmup=1, runs=runs).min_ms / 1e6
     return {"int8_peak_gops": max(best.values()), "int8_gops_by_size": best, "threads": threads}
 
 
-def measure_peak_flops(threads: int, tuning: SessionOptions | None = None, n: int = 2048, runs: int = 5) -> dict[str, Any]:
+def measure_peak_flops(
+    threads: int, tuning: SessionOptions | None = None, n: int = 2048, runs: int = 5
+) -> dict[str, Any]:
     """The machine's float32 peak: the best of ``runs`` large MatMuls on ONNX Runtime and numpy.
 
     ONNX Runtime runs with ``threads`` intra-op threads; numpy's BLAS is limited to the same
@@ -210,7 +232,11 @@ def measure_peak_flops(threads: int, tuning: SessionOptions | None = None, n: in
     flops = 2 * n**3
     rng = np.random.default_rng(0)
     a, b = rng.standard_normal((n, n), dtype=np.float32), rng.standard_normal((n, n), dtype=np.float32)
-    sess = ort.InferenceSession(matmul_model_bytes(n), timed_options(tuning or BENCH_SESSION_OPTIONS, threads), providers=["CPUExecutionProvider"])
+    sess = ort.InferenceSession(
+        matmul_model_bytes(n),
+        timed_options(tuning or BENCH_SESSION_OPTIONS, threads),
+        providers=["CPUExecutionProvider"],
+    )
     ort_best = time_fn(lambda: sess.run(None, {"a": a, "b": b}), warmup=1, runs=runs).min_ms
     result: dict[str, Any] = {"n": n, "threads": threads, "ort_gflops": flops / ort_best / 1e6}
     try:
@@ -227,7 +253,9 @@ def measure_peak_flops(threads: int, tuning: SessionOptions | None = None, n: in
     return result
 
 
-def measure_gpu_peak_flops(provider: str = Provider.CUDA.value, n: int = GPU_PEAK_SIZE, runs: int = 5) -> dict[str, Any]:
+def measure_gpu_peak_flops(
+    provider: str = Provider.CUDA.value, n: int = GPU_PEAK_SIZE, runs: int = 5
+) -> dict[str, Any]:
     """The GPU's float32 MatMul peak as ONNX Runtime reaches it on ``provider`` (with that
     provider's default settings, under which the CUDA provider computes float32 MatMul and
     convolutions on TF32 tensor cores: about 410 TFLOP/s on an H200): inputs and output bound
@@ -239,14 +267,20 @@ def measure_gpu_peak_flops(provider: str = Provider.CUDA.value, n: int = GPU_PEA
     try:
         sess, said = open_session(matmul_model_bytes(n), ort.SessionOptions(), [provider, Provider.CPU.value])
     except Exception as e:  # noqa: BLE001 - ONNX Runtime raises its own pybind types
-        raise ProviderError(f"{display_name(provider)} cannot run the peak MatMul: {' '.join(str(e).split())[:200]}") from None
+        raise ProviderError(
+            f"{display_name(provider)} cannot run the peak MatMul: {' '.join(str(e).split())[:200]}"
+        ) from None
     if sess.get_providers()[0] != provider:
-        raise ProviderError(f"{display_name(provider)} did not load for the peak MatMul{'; ONNX Runtime said: ' + said if said else ''}")
+        raise ProviderError(
+            f"{display_name(provider)} did not load for the peak MatMul{'; ONNX Runtime said: ' + said if said else ''}"
+        )
     rng = np.random.default_rng(0)
     device = ("cuda", 0)
     binding = sess.io_binding()
     for name in ("a", "b"):
-        binding.bind_ortvalue_input(name, ort.OrtValue.ortvalue_from_numpy(rng.standard_normal((n, n), dtype=np.float32), *device))
+        binding.bind_ortvalue_input(
+            name, ort.OrtValue.ortvalue_from_numpy(rng.standard_normal((n, n), dtype=np.float32), *device)
+        )
     binding.bind_output("c", *device)
 
     def call() -> None:

@@ -22,7 +22,15 @@ import numpy as np
 import onnxruntime as ort
 
 from edgemeta.runtime.errors import InputError
-from edgemeta.runtime.ort import ORT_LEVELS, GraphOptimization, open_session as open_ort_session, resolve_providers, stored_metadata
+from edgemeta.runtime.ort import (
+    ORT_LEVELS,
+    GraphOptimization,
+    resolve_providers,
+    stored_metadata,
+)
+from edgemeta.runtime.ort import (
+    open_session as open_ort_session,
+)
 
 __all__ = [
     "GenericConfig",

@@ -50,7 +50,18 @@ def _cpu_model_and_flags() -> tuple[str, list[str]]:
                     flags = value.split()
     except OSError:
         pass
-    wanted = ("avx2", "fma", "avx512f", "avx512_vnni", "avx_vnni", "avx512_bf16", "avx512_fp16", "amx_tile", "amx_int8", "amx_bf16")
+    wanted = (
+        "avx2",
+        "fma",
+        "avx512f",
+        "avx512_vnni",
+        "avx_vnni",
+        "avx512_bf16",
+        "avx512_fp16",
+        "amx_tile",
+        "amx_int8",
+        "amx_bf16",
+    )
     return model, [f for f in wanted if f in flags]
 
 
@@ -115,7 +126,9 @@ def cpu_ticks() -> tuple[float, float] | None:
         return None
     user, nice, system, _idle, _iowait, irq, softirq, steal = (fields + [0.0] * 8)[:8]
     own = os.times()
-    return (user + nice + system + irq + softirq + steal) / os.sysconf("SC_CLK_TCK"), own.user + own.system + own.children_user + own.children_system
+    return (user + nice + system + irq + softirq + steal) / os.sysconf(
+        "SC_CLK_TCK"
+    ), own.user + own.system + own.children_user + own.children_system
 
 
 class OtherLoad:
@@ -132,7 +145,9 @@ class OtherLoad:
         return max(0.0, ((end[0] - self.start[0]) - (end[1] - self.start[1])) / wall)
 
 
-def busy_note(other_cores: float | None, logical_cores: int, threads: int | None = None, when: str = "during the run") -> str | None:
+def busy_note(
+    other_cores: float | None, logical_cores: int, threads: int | None = None, when: str = "during the run"
+) -> str | None:
     """A warning when other work shared the CPU (0.2 cores on average or more), with the
     thread count that would leave the other work its cores: a thread team larger than the
     free cores waits on its preempted threads at every step (torch's most: 100x seen)."""

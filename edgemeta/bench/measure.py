@@ -39,7 +39,9 @@ class EmbeddingRow:
     speedup_vs_torch: float | None = None  # torch p50 (the faster torch line) / this p50
     speedup_vs_fp32: float | None = None  # ORT fp32 p50 / this p50
     repeat_p50_ms: float | None = None  # p50 of the second half of the calls (in the order they ran)
-    repeatable: bool | None = None  # the two halves' p50s agree within REPEAT_TOLERANCE (None: under MIN_REPEAT_CALLS calls)
+    repeatable: bool | None = (
+        None  # the two halves' p50s agree within REPEAT_TOLERANCE (None: under MIN_REPEAT_CALLS calls)
+    )
     first_half_p50_ms: float | None = None  # p50 of the first half of the calls
 
     def to_dict(self, samples: bool = False) -> dict[str, Any]:
@@ -117,10 +119,14 @@ def timed_session(variant: ModelVariant, provider: str, config: BenchConfig) -> 
     try:
         sess, said = open_session(variant.path, so, chain)
     except Exception as e:  # noqa: BLE001 - ONNX Runtime raises its own pybind types
-        raise ProviderError(f"{display_name(provider)} cannot run {variant.path.name}: {' '.join(str(e).split())[:300]}") from None
+        raise ProviderError(
+            f"{display_name(provider)} cannot run {variant.path.name}: {' '.join(str(e).split())[:300]}"
+        ) from None
     if sess.get_providers()[0] != provider:
         said = f"; ONNX Runtime said: {said}" if said else ""
-        raise ProviderError(f"{display_name(provider)} did not load for {variant.path.name} (the session runs {sess.get_providers()}){said}")
+        raise ProviderError(
+            f"{display_name(provider)} did not load for {variant.path.name} (the session runs {sess.get_providers()}){said}"
+        )
     return sess
 
 
@@ -132,7 +138,9 @@ def _measure(fn: Callable[[], Any], config: BenchConfig) -> LatencyStats:
     return time_fn(fn, config.warmup, config.runs, config.duration)
 
 
-def embedding_call(sess: ort.InferenceSession, variant: ModelVariant, batch: int, config: BenchConfig) -> Callable[[], Any]:
+def embedding_call(
+    sess: ort.InferenceSession, variant: ModelVariant, batch: int, config: BenchConfig
+) -> Callable[[], Any]:
     """One call of ``embeddings`` at ``batch`` (no prototypes fed)."""
     feeds = {
         INPUT_IMAGES: random_images(variant, batch, _input_dtype(sess, INPUT_IMAGES), config.seed),
@@ -141,14 +149,19 @@ def embedding_call(sess: ort.InferenceSession, variant: ModelVariant, batch: int
     return lambda: sess.run([OUTPUT_EMBEDDINGS], feeds)
 
 
-def time_classes(sess: ort.InferenceSession, variant: ModelVariant, n_classes: int, config: BenchConfig) -> LatencyStats:
+def time_classes(
+    sess: ort.InferenceSession, variant: ModelVariant, n_classes: int, config: BenchConfig
+) -> LatencyStats:
     """The graph at batch 1 with ``n_classes`` prototypes, fed as the runtime feeds them: with
     their squared norms (kept with the store) when the model takes them, except on TensorRT;
     on CUDA and TensorRT bound once on the device (:func:`bound_call`, :func:`bind_device`)."""
     rng = np.random.default_rng([config.seed, n_classes])
     protos = rng.standard_normal((n_classes, variant.embedding_dim)).astype(_input_dtype(sess, INPUT_PROTOTYPES))
     batch = variant.fixed_batch or 1  # a fixed-batch graph: the call the runtime makes for one image, padded
-    feeds = {INPUT_IMAGES: random_images(variant, batch, _input_dtype(sess, INPUT_IMAGES), config.seed), INPUT_PROTOTYPES: protos}
+    feeds = {
+        INPUT_IMAGES: random_images(variant, batch, _input_dtype(sess, INPUT_IMAGES), config.seed),
+        INPUT_PROTOTYPES: protos,
+    }
     if feeds_prototype_norms(sess) and n_classes:
         feeds[INPUT_SQNORMS] = prototype_sqnorms(protos)
     device = bind_device(sess.get_providers()[0])
@@ -157,12 +170,16 @@ def time_classes(sess: ort.InferenceSession, variant: ModelVariant, n_classes: i
     return _measure(bound_call(sess, feeds, device), config)
 
 
-def bound_call(sess: ort.InferenceSession, feeds: dict[str, np.ndarray], device: tuple[str, int]) -> Callable[[], list[np.ndarray]]:
+def bound_call(
+    sess: ort.InferenceSession, feeds: dict[str, np.ndarray], device: tuple[str, int]
+) -> Callable[[], list[np.ndarray]]:
     """A graph call with IO binding, as the runtime makes it on a GPU: every input but the
     images is copied to ``device`` once (the store's prototypes stay there between calls);
     each call copies the images in and the outputs out. Without this, a 10,000-class row
     on a GPU would time the upload of the prototypes, which the runtime does not repeat."""
-    fixed = {name: ort.OrtValue.ortvalue_from_numpy(value, *device) for name, value in feeds.items() if name != INPUT_IMAGES}
+    fixed = {
+        name: ort.OrtValue.ortvalue_from_numpy(value, *device) for name, value in feeds.items() if name != INPUT_IMAGES
+    }
     images = feeds[INPUT_IMAGES]
     return lambda: run_bound(sess, images, fixed, [OUTPUT_EMBEDDINGS, OUTPUT_LOGITS], device)
 
@@ -208,11 +225,20 @@ def measure_adaptation(variant: ModelVariant, provider: str, config: BenchConfig
     clf = _classifier(variant, provider, config)
     clf.enroll("enrolled", x := random_images(variant, config.shots, np.float32, config.seed))
     enroll, embed = time_pair(
-        lambda: clf.enroll("new class", x), lambda: clf.session.embed(x), config.warmup, config.runs, config.duration,
+        lambda: clf.enroll("new class", x),
+        lambda: clf.session.embed(x),
+        config.warmup,
+        config.runs,
+        config.duration,
         after=lambda: clf.forget("new class"),
     )
     return AdaptationRow(
-        display_name(provider), variant.precision.value, config.shots, enroll, embed, paired_ratio(enroll, embed),
+        display_name(provider),
+        variant.precision.value,
+        config.shots,
+        enroll,
+        embed,
+        paired_ratio(enroll, embed),
         "FewShotClassifier.enroll vs Session.embed",
     )
 
@@ -264,12 +290,22 @@ def measure_cold_start(variant: ModelVariant, provider: str, config: BenchConfig
     proc = subprocess.run(args, capture_output=True, text=True, timeout=600)
     if proc.returncode != 0:
         tail = " ".join(proc.stderr.split())[-300:]
-        raise EdgemetaError(f"the cold-start process failed for {variant.path.name} on {display_name(provider)}: {tail}")
+        raise EdgemetaError(
+            f"the cold-start process failed for {variant.path.name} on {display_name(provider)}: {tail}"
+        )
     t = json.loads(proc.stdout.strip().splitlines()[-1])
     ms = lambda a, b: (b - a) * 1e3  # noqa: E731
     return ColdStartRow(
-        display_name(provider), variant.precision.value, ms(start, t["t0"]), ms(t["t0"], t["t1"]), ms(t["t1"], t["t2"]),
-        ms(t["t2"], t["t3"]), ms(start, t["t3"]), t["rss"], t["rss_batch"], big,
+        display_name(provider),
+        variant.precision.value,
+        ms(start, t["t0"]),
+        ms(t["t0"], t["t1"]),
+        ms(t["t1"], t["t2"]),
+        ms(t["t2"], t["t3"]),
+        ms(start, t["t3"]),
+        t["rss"],
+        t["rss_batch"],
+        big,
     )
 
 
@@ -283,7 +319,9 @@ class TorchBaseline:
         try:
             import torch
         except ImportError:
-            raise InputError("the torch baseline needs torch (pip install 'edgemeta[train]'); or leave out --checkpoint") from None
+            raise InputError(
+                "the torch baseline needs torch (pip install 'edgemeta[train]'); or leave out --checkpoint"
+            ) from None
         from edgemeta.checkpoint import load_checkpoint
 
         self.torch = torch
@@ -292,7 +330,9 @@ class TorchBaseline:
         self.model = load_checkpoint(checkpoint).model.eval()
         self.models: dict[tuple[str, bool], Any] = {}
 
-    def embed_fn(self, batch: int, channels_last: bool, device: str, config: BenchConfig, shape: tuple[int, ...]) -> Callable[[], Any]:
+    def embed_fn(
+        self, batch: int, channels_last: bool, device: str, config: BenchConfig, shape: tuple[int, ...]
+    ) -> Callable[[], Any]:
         """One call of the embedding at ``batch`` (run it inside :meth:`timing`)."""
         torch = self.torch
         memory_format = torch.channels_last if channels_last else torch.contiguous_format
@@ -326,5 +366,9 @@ class TorchBaseline:
 
 
 def row_name(r: EmbeddingRow) -> str:
-    engine = "ORT " + r.precision if r.engine == "onnxruntime" else r.engine.replace("torch eager", "torch").replace("channels_last", "CL")
+    engine = (
+        "ORT " + r.precision
+        if r.engine == "onnxruntime"
+        else r.engine.replace("torch eager", "torch").replace("channels_last", "CL")
+    )
     return engine if r.provider == "CPU" else f"{r.provider} {engine}"

@@ -4,9 +4,10 @@ from __future__ import annotations
 
 import json
 import os
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any
 
 import onnxruntime as ort
 
@@ -58,8 +59,17 @@ def open_variant(path: Path, origin: str, threads: int) -> ModelVariant:
     pp = meta.preprocess
     dataset = meta.extra.get("dataset")
     return ModelVariant(
-        meta.precision, path, origin, meta.fingerprint, meta.backbone, (pp.channels, *pp.size), meta.embedding_dim, path.stat().st_size,
-        sess.fixed_batch, dataset if isinstance(dataset, str) else "", meta.int8_stem,
+        meta.precision,
+        path,
+        origin,
+        meta.fingerprint,
+        meta.backbone,
+        (pp.channels, *pp.size),
+        meta.embedding_dim,
+        path.stat().st_size,
+        sess.fixed_batch,
+        dataset if isinstance(dataset, str) else "",
+        meta.int8_stem,
     )
 
 
@@ -119,8 +129,13 @@ def _make_variant(
 
 
 def resolve_variants(
-    models: Sequence[Path], precisions: Sequence[Precision], checkpoint: Path | None, workdir: Path, threads: int,
-    batch_sizes: Sequence[int] = (), data_dir: str | None = None,
+    models: Sequence[Path],
+    precisions: Sequence[Precision],
+    checkpoint: Path | None,
+    workdir: Path,
+    threads: int,
+    batch_sizes: Sequence[int] = (),
+    data_dir: str | None = None,
 ) -> list[ModelVariant]:
     """The models to benchmark: the given ones, or one per requested precision.
 
@@ -148,7 +163,14 @@ def resolve_variants(
             continue
         fp32 = by_precision.get(Precision.FP32)
         if fp32 is None or is_ort_format(fp32.path):  # the exporters read ONNX, not the ORT format
-            fp32 = next((_open_sibling(s, Precision.FP32, given[0], checkpoint, threads) for v in given if (s := _sibling(v.path, Precision.FP32))), None)
+            fp32 = next(
+                (
+                    _open_sibling(s, Precision.FP32, given[0], checkpoint, threads)
+                    for v in given
+                    if (s := _sibling(v.path, Precision.FP32))
+                ),
+                None,
+            )
         if checkpoint is None and (fp32 is None or precision is not Precision.FP16):
             raise InputError(
                 f"no {precision.value} model: pass one, put {_base_stem(given[0].path)}.{precision.value}.onnx next to "
@@ -168,7 +190,8 @@ def variant_notes(given: Sequence[Path], variants: Sequence[ModelVariant], tempo
     timed = {v.path.resolve() for v in variants}
     notes = [
         f"{p.name} was given but not timed: --precisions ({', '.join(v.precision.value for v in variants)}) leaves its precision out"
-        for p in dict.fromkeys(given) if p.resolve() not in timed
+        for p in dict.fromkeys(given)
+        if p.resolve() not in timed
     ]
     for v in variants:
         if v.origin != "given":
@@ -186,7 +209,9 @@ def _remake(path: Path, precision: Precision, first: ModelVariant, checkpoint: P
     """How to replace a model file that is not what it should be."""
     ckpt = str(checkpoint) if checkpoint is not None else "CHECKPOINT"
     # an .ort file comes from export --ort, which writes it beside the .onnx that -o names
-    how = f"`edgemeta export {ckpt} --precision {precision.value} " + (f"--ort -o {path.with_suffix('.onnx')}`" if path.suffix == ".ort" else f"-o {path}`")
+    how = f"`edgemeta export {ckpt} --precision {precision.value} " + (
+        f"--ort -o {path.with_suffix('.onnx')}`" if path.suffix == ".ort" else f"-o {path}`"
+    )
     if precision is Precision.INT8 and not is_ort_format(first.path) and first.precision is Precision.FP32:
         how += f" or `edgemeta quantize {first.path} -c {ckpt} -o {path}`"
     return f"remake it from the checkpoint {first.path.name} was exported from ({how}), or delete it"
@@ -207,7 +232,9 @@ def _check_given(given: Sequence[ModelVariant], checkpoint: Path | None) -> None
     first, problems, seen = given[0], [], {}
     for v in given:
         if _kind(v) != _kind(first):  # plainly another model: nothing about it is worth remaking
-            problems.append(f"{v.path} is a {_kind(v)} model and {first.path.name} a {_kind(first)} model: benchmark different models one at a time")
+            problems.append(
+                f"{v.path} is a {_kind(v)} model and {first.path.name} a {_kind(first)} model: benchmark different models one at a time"
+            )
             continue
         if v.fingerprint != first.fingerprint:
             problems.append(
@@ -217,18 +244,28 @@ def _check_given(given: Sequence[ModelVariant], checkpoint: Path | None) -> None
             )
         named = _name_precision(v.path)
         if named is not None and named is not v.precision:
-            problems.append(f"{v.path} is an {v.precision.value} model though its name says {named.value}: {_remake(v.path, named, first, checkpoint)}")
+            problems.append(
+                f"{v.path} is an {v.precision.value} model though its name says {named.value}: {_remake(v.path, named, first, checkpoint)}"
+            )
         if v.precision in seen and os.path.samefile(seen[v.precision].path, v.path):
             problems.append(f"{v.path} is given twice; pass each model once")
         elif v.precision in seen:
-            ort = " (benchmark an .ort file on its own)" if is_ort_format(v.path) != is_ort_format(seen[v.precision].path) else ""
-            problems.append(f"{seen[v.precision].path} and {v.path} are both {v.precision.value} models; pass one model per precision{ort}")
+            ort = (
+                " (benchmark an .ort file on its own)"
+                if is_ort_format(v.path) != is_ort_format(seen[v.precision].path)
+                else ""
+            )
+            problems.append(
+                f"{seen[v.precision].path} and {v.path} are both {v.precision.value} models; pass one model per precision{ort}"
+            )
         seen.setdefault(v.precision, v)
     if problems:
         raise ModelMismatchError("; ".join(problems))
 
 
-def _open_sibling(path: Path, precision: Precision, first: ModelVariant, checkpoint: Path | None, threads: int) -> ModelVariant:
+def _open_sibling(
+    path: Path, precision: Precision, first: ModelVariant, checkpoint: Path | None, threads: int
+) -> ModelVariant:
     """A model file found next to ``first`` for ``precision``: it must be ``first``'s model at that
     precision. One left over from another model (or a copy of another precision) would be compared
     with ``first`` as if it were its variant; the error names the file and how to replace it."""
@@ -266,7 +303,9 @@ def _checkpoint_header(path: str | os.PathLike) -> tuple[str, str]:
             doc = json.loads((f.metadata() or {})["edgemeta"])
         fingerprint = str(doc["fingerprint"])
     except Exception:  # noqa: BLE001 - safetensors raises its own types for files that are not safetensors
-        raise CheckpointError(f"{path} is not an edgemeta checkpoint (no readable edgemeta header); pass one written by `edgemeta train`") from None
+        raise CheckpointError(
+            f"{path} is not an edgemeta checkpoint (no readable edgemeta header); pass one written by `edgemeta train`"
+        ) from None
     try:  # the words are a courtesy: a header without them still names the model by its fingerprint
         spec = doc["spec"]
         pp = spec["preprocess"]
@@ -299,7 +338,9 @@ def providers_to_run(requested: Sequence[str]) -> tuple[list[str], dict[str, str
     names, _ = resolve_providers("auto" if auto else list(requested))
     remote = [p for p in names if p in REMOTE_PROVIDERS]
     if remote:  # its sessions run every node on the CPU provider: rows under its name would be the CPU's
-        raise ProviderError(f"{', '.join(remote)} sends requests to a remote endpoint and runs nothing on this machine; benchmark cpu (or cuda, tensorrt)")
+        raise ProviderError(
+            f"{', '.join(remote)} sends requests to a remote endpoint and runs nothing on this machine; benchmark cpu (or cuda, tensorrt)"
+        )
     missing = [p for p in names if p not in available]
     if missing and not auto:
         raise ProviderError(

@@ -33,19 +33,29 @@ def render_report(report: BenchReport, console: Any) -> None:
     )
     if report.peak:
         p = report.peak
-        console.print(f"peak float32: {p['peak_gflops']:.1f} GFLOP/s (MatMul {p['n']}², ORT {p['ort_gflops']:.1f}, numpy {p['numpy_gflops']:.1f})")
+        console.print(
+            f"peak float32: {p['peak_gflops']:.1f} GFLOP/s (MatMul {p['n']}², ORT {p['ort_gflops']:.1f}, numpy {p['numpy_gflops']:.1f})"
+        )
         if "int8_peak_gops" in p:
-            console.print(f"peak int8: {p['int8_peak_gops']:.0f} GOP/s (MatMulInteger u8 x s8, weights prepacked; int8 rows' % peak is of this)")
+            console.print(
+                f"peak int8: {p['int8_peak_gops']:.0f} GOP/s (MatMulInteger u8 x s8, weights prepacked; int8 rows' % peak is of this)"
+            )
     if report.gpu_peak:
         p = report.gpu_peak
-        console.print(f"GPU peak float32: {p['peak_gflops']:.0f} GFLOP/s (MatMul {p['n']}² on {p['provider']} with its default settings, TF32 where it allows; inputs on the GPU)")
+        console.print(
+            f"GPU peak float32: {p['peak_gflops']:.0f} GFLOP/s (MatMul {p['n']}² on {p['provider']} with its default settings, TF32 where it allows; inputs on the GPU)"
+        )
     for v in report.models:
         if v.int8_stem:
             console.print(f"{v.path.name}: stem {v.int8_stem}")
     best_torch = {(r.provider, r.batch): r.latency.p50_ms for r in report.embedding if r.engine == "torch eager"}
     shown = [
-        r for r in report.embedding  # channels-last only when it is the faster torch line (the JSON has it always)
-        if not (r.engine == "torch eager channels_last" and r.latency.p50_ms >= best_torch.get((r.provider, r.batch), float("inf")))
+        r
+        for r in report.embedding  # channels-last only when it is the faster torch line (the JSON has it always)
+        if not (
+            r.engine == "torch eager channels_last"
+            and r.latency.p50_ms >= best_torch.get((r.provider, r.batch), float("inf"))
+        )
     ]
     name = row_name
     t = Table(title="Embedding latency (ms)", box=box.SIMPLE_HEAD)
@@ -64,8 +74,13 @@ def render_report(report: BenchReport, console: Any) -> None:
     for r in shown:
         if r.engine == "onnxruntime":
             t.add_row(
-                name(r), str(r.batch), _fmt(r.flops and r.flops / 1e6, ",.1f"), _fmt(r.achieved_gflops, ".1f"),
-                _fmt(r.peak_fraction and 100 * r.peak_fraction, ".0f" if (r.peak_fraction or 0) >= 0.01 else ".2g", "%"),
+                name(r),
+                str(r.batch),
+                _fmt(r.flops and r.flops / 1e6, ",.1f"),
+                _fmt(r.achieved_gflops, ".1f"),
+                _fmt(
+                    r.peak_fraction and 100 * r.peak_fraction, ".0f" if (r.peak_fraction or 0) >= 0.01 else ".2g", "%"
+                ),
                 _fmt(r.speedup_vs_torch, ".2f", "x"),
                 _fmt(r.speedup_vs_fp32, ".2f", "x"),
             )
@@ -76,7 +91,11 @@ def render_report(report: BenchReport, console: Any) -> None:
             t.add_column(col, justify="right")
         for r in report.classes:
             t.add_row(
-                f"{r.provider} {r.precision}", f"{r.n_classes:,}", _fmt(r.latency.p50_ms), _fmt(r.latency.p99_ms), _fmt(r.vs_fewest, ".2f", "x"),
+                f"{r.provider} {r.precision}",
+                f"{r.n_classes:,}",
+                _fmt(r.latency.p50_ms),
+                _fmt(r.latency.p99_ms),
+                _fmt(r.vs_fewest, ".2f", "x"),
                 _fmt(r.predict and r.predict.p50_ms),
             )
         console.print(t)
@@ -85,15 +104,28 @@ def render_report(report: BenchReport, console: Any) -> None:
         for col in ("model", "K", "enrol", "embed", "ratio"):
             t.add_column(col, justify="right")
         for a in report.adaptation:
-            t.add_row(f"{a.provider} {a.precision}", str(a.shots), _fmt(a.enroll.p50_ms), _fmt(a.embed.p50_ms), _fmt(a.ratio, ".2f", "x"))
+            t.add_row(
+                f"{a.provider} {a.precision}",
+                str(a.shots),
+                _fmt(a.enroll.p50_ms),
+                _fmt(a.embed.p50_ms),
+                _fmt(a.ratio, ".2f", "x"),
+            )
         console.print(t)
     if report.cold_start:
         t = Table(title="Cold start: a fresh process to its first prediction (ms)", box=box.SIMPLE_HEAD)
         for col in ("model", "interpreter", "imports", "session", "1st pred", "total", "RSS MB"):
             t.add_column(col, justify="right")
         for c in report.cold_start:
-            t.add_row(f"{c.provider} {c.precision}", _fmt(c.interpreter_ms, ".0f"), _fmt(c.import_ms, ".0f"), _fmt(c.session_ms, ".0f"),
-                      _fmt(c.first_prediction_ms, ".1f"), _fmt(c.total_ms, ".0f"), _fmt(c.peak_rss_mb, ".0f"))
+            t.add_row(
+                f"{c.provider} {c.precision}",
+                _fmt(c.interpreter_ms, ".0f"),
+                _fmt(c.import_ms, ".0f"),
+                _fmt(c.session_ms, ".0f"),
+                _fmt(c.first_prediction_ms, ".1f"),
+                _fmt(c.total_ms, ".0f"),
+                _fmt(c.peak_rss_mb, ".0f"),
+            )
         console.print(t)
     for b in report.backprop:
         console.print(
@@ -126,7 +158,9 @@ def check_plot_path(path: str | os.PathLike) -> Path:
     if importlib.util.find_spec("matplotlib") is None:
         raise InputError("--plot needs matplotlib: pip install matplotlib")
     if not path.is_dir() and path.suffix.lower() != ".png":
-        raise InputError(f"--plot: {path} does not end in .png (the plot is a PNG); give a name such as {path.with_suffix('.png').name}")
+        raise InputError(
+            f"--plot: {path} does not end in .png (the plot is a PNG); give a name such as {path.with_suffix('.png').name}"
+        )
     return check_output(path, option="--plot", what="PNG file")
 
 
@@ -157,13 +191,21 @@ def plot_report(report: BenchReport, path: str | os.PathLike) -> Path:
     for (provider, precision), rs in groups.items():
         rs = sorted(rs, key=lambda r: r.n_classes)
         line = right.errorbar(
-            [r.n_classes for r in rs], [r.latency.p50_ms for r in rs],
-            yerr=[[0] * len(rs), [r.latency.p99_ms - r.latency.p50_ms for r in rs]], marker="o", capsize=3, label=f"{provider} {precision}: graph",
+            [r.n_classes for r in rs],
+            [r.latency.p50_ms for r in rs],
+            yerr=[[0] * len(rs), [r.latency.p99_ms - r.latency.p50_ms for r in rs]],
+            marker="o",
+            capsize=3,
+            label=f"{provider} {precision}: graph",
         )
         if all(r.predict for r in rs):
             right.plot(
-                [r.n_classes for r in rs], [r.predict.p50_ms for r in rs], "--", marker="x",
-                color=line[0].get_color(), label=f"{provider} {precision}: predict()",
+                [r.n_classes for r in rs],
+                [r.predict.p50_ms for r in rs],
+                "--",
+                marker="x",
+                color=line[0].get_color(),
+                label=f"{provider} {precision}: predict()",
             )
     right.set_xscale("log")
     right.set_xlabel("enrolled classes")
@@ -172,7 +214,10 @@ def plot_report(report: BenchReport, path: str | os.PathLike) -> Path:
     if groups:
         right.legend()
     right.set_ylim(bottom=0)
-    fig.suptitle(f"{report.machine['cpu']}, {report.config['threads']} threads, onnxruntime {report.machine['onnxruntime']}", fontsize=9)
+    fig.suptitle(
+        f"{report.machine['cpu']}, {report.config['threads']} threads, onnxruntime {report.machine['onnxruntime']}",
+        fontsize=9,
+    )
     fig.tight_layout()
     try:
         fig.savefig(path, dpi=110, format="png")

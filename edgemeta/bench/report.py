@@ -10,9 +10,10 @@ import tempfile
 import threading
 import time
 import warnings
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import Any, Callable, Iterator, Sequence
+from typing import Any, Callable
 
 import numpy as np
 
@@ -74,14 +75,20 @@ class BenchReport:
         rows = [r for r in self.embedding if r.repeatable is not None]
         unjudged = len(self.embedding) - len(rows)
         noisy = [
-            f"{row_name(r)} batch {r.batch}: {r.first_half_p50_ms:.3f} vs {r.repeat_p50_ms:.3f} ms" for r in rows if not r.repeatable
+            f"{row_name(r)} batch {r.batch}: {r.first_half_p50_ms:.3f} vs {r.repeat_p50_ms:.3f} ms"
+            for r in rows
+            if not r.repeatable
         ]
         few = f"use --runs {MIN_REPEAT_CALLS} or more, or a longer --duration"
         if not rows:  # too few timed calls per measurement: no halves worth comparing
             verdict = (
                 "repeatability not measured: it compares the p50s of the first and the second half of each measurement's "
-                "calls, and " + (f"each embedding measurement timed fewer than {MIN_REPEAT_CALLS} calls; {few}" if self.embedding
-                                 else "no embedding latency was measured")
+                "calls, and "
+                + (
+                    f"each embedding measurement timed fewer than {MIN_REPEAT_CALLS} calls; {few}"
+                    if self.embedding
+                    else "no embedding latency was measured"
+                )
             )
         elif noisy:
             verdict = (
@@ -91,7 +98,9 @@ class BenchReport:
         else:
             verdict = f"repeatable: every p50 agreed within {REPEAT_TOLERANCE:.0%} between the first and the second half of its calls"
         if rows and unjudged:
-            verdict += f" ({unjudged} measurement(s) timed fewer than {MIN_REPEAT_CALLS} calls and were not judged; {few})"
+            verdict += (
+                f" ({unjudged} measurement(s) timed fewer than {MIN_REPEAT_CALLS} calls and were not judged; {few})"
+            )
         return {"agree": bool(rows) and not noisy, "tolerance": REPEAT_TOLERANCE, "verdict": verdict, "noisy": noisy}
 
     def to_dict(self, samples: bool = False) -> dict[str, Any]:
@@ -166,8 +175,13 @@ SETTLE_S = 0.02  # pause before each block: the previous engine's idle threads s
 
 
 def _embedding_rows(
-    variants: list[ModelVariant], baseline: TorchBaseline | None, provider: str, config: BenchConfig, report: BenchReport,
-    steps: _Steps, flops_cache: dict,
+    variants: list[ModelVariant],
+    baseline: TorchBaseline | None,
+    provider: str,
+    config: BenchConfig,
+    report: BenchReport,
+    steps: _Steps,
+    flops_cache: dict,
 ) -> None:
     """Embedding latency at each batch size, in ``config.rounds`` rounds: each round times
     every precision and both torch lines in turn, a block of calls each, each ONNX Runtime
@@ -176,15 +190,27 @@ def _embedding_rows(
     several rounds, the first and the later rounds) are compared."""
     device = baseline.device_for(provider) if baseline is not None else None
     if baseline is not None and device is None:
-        why = "this torch build has no CUDA" if provider in GPU_PROVIDERS else "torch has no device that matches this provider"
+        why = (
+            "this torch build has no CUDA"
+            if provider in GPU_PROVIDERS
+            else "torch has no device that matches this provider"
+        )
         report.notes.append(f"torch baseline skipped on {display_name(provider)}: {why}")
-    engines: list[ModelVariant | str] = [*variants, *(("torch eager", "torch eager channels_last") if device is not None else ())]
+    engines: list[ModelVariant | str] = [
+        *variants,
+        *(("torch eager", "torch eager channels_last") if device is not None else ()),
+    ]
     rounds = config.rounds if config.duration is not None else min(config.rounds, config.runs)
-    runs = [config.runs // rounds + int(r < config.runs % rounds) for r in range(rounds)]  # runs in all, spread over the rounds
+    runs = [
+        config.runs // rounds + int(r < config.runs % rounds) for r in range(rounds)
+    ]  # runs in all, spread over the rounds
     duration = None if config.duration is None else config.duration / rounds
     shape = variants[0].input_shape
     for batch in config.batch_sizes:
-        steps(f"{display_name(provider)} embedding, batch {batch}: " + (f"{len(engines)} engines in turn, {rounds} round(s)" if len(engines) > 1 else f"{rounds} round(s)"))
+        steps(
+            f"{display_name(provider)} embedding, batch {batch}: "
+            + (f"{len(engines)} engines in turn, {rounds} round(s)" if len(engines) > 1 else f"{rounds} round(s)")
+        )
         blocks: list[list[LatencyStats]] = [[] for _ in engines]
         for r in range(rounds):
             for i, engine in enumerate(engines):
@@ -200,17 +226,36 @@ def _embedding_rows(
         for engine, mine in zip(engines, blocks):
             samples = [t for b in mine for t in b.samples_ms]  # in the order they ran
             lat, half = LatencyStats.from_samples(samples), len(samples) // 2
-            first, second = (float(np.median(samples[:half])), float(np.median(samples[half:]))) if half else (None, None)
+            first, second = (
+                (float(np.median(samples[:half])), float(np.median(samples[half:]))) if half else (None, None)
+            )
             judged = len(samples) >= MIN_REPEAT_CALLS
-            common = dict(repeat_p50_ms=second, repeatable=halves_agree(first, second) if judged else None, first_half_p50_ms=first)
+            common = dict(
+                repeat_p50_ms=second,
+                repeatable=halves_agree(first, second) if judged else None,
+                first_half_p50_ms=first,
+            )
             if isinstance(engine, str):
-                report.embedding.append(EmbeddingRow(display_name(provider), "fp32", engine, batch, lat, lat.throughput(batch), **common))
+                report.embedding.append(
+                    EmbeddingRow(display_name(provider), "fp32", engine, batch, lat, lat.throughput(batch), **common)
+                )
                 continue
             flops = _flops_for(engine, batch, flops_cache, report.notes) if config.flops else None
             achieved = flops / (lat.p50_ms / 1e3) / 1e9 if flops else None
-            report.embedding.append(EmbeddingRow(
-                display_name(provider), engine.precision.value, "onnxruntime", batch, lat, lat.throughput(batch), flops, achieved, None, **common,
-            ))  # share of peak: set in _wrap_up
+            report.embedding.append(
+                EmbeddingRow(
+                    display_name(provider),
+                    engine.precision.value,
+                    "onnxruntime",
+                    batch,
+                    lat,
+                    lat.throughput(batch),
+                    flops,
+                    achieved,
+                    None,
+                    **common,
+                )
+            )  # share of peak: set in _wrap_up
 
 
 def _class_rows(variant: ModelVariant, provider: str, config: BenchConfig, report: BenchReport, steps: _Steps) -> None:
@@ -224,7 +269,9 @@ def _class_rows(variant: ModelVariant, provider: str, config: BenchConfig, repor
     predict = predict_latencies(variant, provider, config)
     fewest = graph[min(graph)].p50_ms
     for n, stats in graph.items():
-        report.classes.append(ClassesRow(display_name(provider), variant.precision.value, n, stats, stats.p50_ms / fewest, predict[n]))
+        report.classes.append(
+            ClassesRow(display_name(provider), variant.precision.value, n, stats, stats.p50_ms / fewest, predict[n])
+        )
 
 
 def _cpu_peak(config: BenchConfig, variants: Sequence[ModelVariant]) -> dict[str, Any]:
@@ -249,7 +296,10 @@ def _best_peak(first: dict[str, Any] | None, second: dict[str, Any]) -> dict[str
 def _with_peak(row: EmbeddingRow, report: BenchReport) -> EmbeddingRow:
     """The row's share of its own processor's peak: the CPU's for CPU rows (its int8 peak
     for int8 models, when measured), the GPU's for CUDA and TensorRT rows; none for others."""
-    peak = {display_name(Provider.CPU.value): report.peak, **{display_name(p): report.gpu_peak for p in GPU_PROVIDERS}}.get(row.provider)
+    peak = {
+        display_name(Provider.CPU.value): report.peak,
+        **{display_name(p): report.gpu_peak for p in GPU_PROVIDERS},
+    }.get(row.provider)
     if row.achieved_gflops is None or peak is None:
         return row
     key = "int8_peak_gops" if row.precision == Precision.INT8.value and "int8_peak_gops" in peak else "peak_gflops"
@@ -276,20 +326,31 @@ def _work_notes(rows: Sequence[EmbeddingRow]) -> list[str]:
     """A note for each precision whose graph counts more work than the fp32 graph of the same
     model (an int8 space-to-depth stem computes its zero weights too): its GFLOP/s and % peak
     are of its own graph's count, so they overstate the useful work."""
-    fp32 = {(r.provider, r.batch): r.flops for r in rows if r.engine == "onnxruntime" and r.precision == "fp32" and r.flops}
+    fp32 = {
+        (r.provider, r.batch): r.flops for r in rows if r.engine == "onnxruntime" and r.precision == "fp32" and r.flops
+    }
     notes = {}
     for r in rows:
         base = fp32.get((r.provider, r.batch))
         if r.engine == "onnxruntime" and r.precision != "fp32" and r.flops and base and r.flops > base * 1.005:
-            notes.setdefault(r.precision, (
-                f"the {r.precision} graph counts {r.flops / base - 1:.0%} more FLOPs than the fp32 graph (its stem, written as a "
-                "space-to-depth convolution, multiplies zero weights too): its GFLOP/s and % peak are of its own count, not of the "
-                "model's useful work"
-            ))
+            notes.setdefault(
+                r.precision,
+                (
+                    f"the {r.precision} graph counts {r.flops / base - 1:.0%} more FLOPs than the fp32 graph (its stem, written as a "
+                    "space-to-depth convolution, multiplies zero weights too): its GFLOP/s and % peak are of its own count, not of the "
+                    "model's useful work"
+                ),
+            )
     return list(notes.values())
 
 
-_INT8_FLAGS = ("avx512_vnni", "avx_vnni", "amx_int8", "asimddp", "i8mm")  # x86 VNNI / AMX, Arm dot product / int8 matmul
+_INT8_FLAGS = (
+    "avx512_vnni",
+    "avx_vnni",
+    "amx_int8",
+    "asimddp",
+    "i8mm",
+)  # x86 VNNI / AMX, Arm dot product / int8 matmul
 
 
 def _precision_notes(rows: Sequence[EmbeddingRow], threads: int, cpu_flags: Sequence[str] = ()) -> list[str]:
@@ -305,28 +366,39 @@ def _precision_notes(rows: Sequence[EmbeddingRow], threads: int, cpu_flags: Sequ
     slow: dict[tuple[str, str], list[EmbeddingRow]] = {}
     for r in rows:
         ratio = r.speedup_vs_fp32
-        if r.engine == "onnxruntime" and r.precision != "fp32" and ratio is not None and ratio < 1 / (1 + REPEAT_TOLERANCE):
+        if (
+            r.engine == "onnxruntime"
+            and r.precision != "fp32"
+            and ratio is not None
+            and ratio < 1 / (1 + REPEAT_TOLERANCE)
+        ):
             slow.setdefault((r.provider, r.precision), []).append(r)
     notes = []
     for (provider, precision), found in slow.items():
         int8 = precision == Precision.INT8.value
         these = "these batch sizes" if len(found) > 1 else "this batch size"
         if provider == "TensorRT":
-            advice = ("TensorRT builds its own kernels per precision and GPU: compare with --providers cuda, "
-                      "and check that this GPU has fast kernels for it")
+            advice = (
+                "TensorRT builds its own kernels per precision and GPU: compare with --providers cuda, "
+                "and check that this GPU has fast kernels for it"
+            )
         elif provider == "CUDA":
-            advice = ("ONNX Runtime's CUDA provider has no int8 convolutions: it runs a QDQ model in float with quantize "
-                      "and dequantize steps added, so use fp32 or fp16 on CUDA, or the TensorRT provider for int8"
-                      if int8 else
-                      f"at {these} the GPU waits on kernel launches and copies more than on arithmetic, "
-                      "so a reduced precision cannot pay off; compare larger batches (--batch-sizes)")
+            advice = (
+                "ONNX Runtime's CUDA provider has no int8 convolutions: it runs a QDQ model in float with quantize "
+                "and dequantize steps added, so use fp32 or fp16 on CUDA, or the TensorRT provider for int8"
+                if int8
+                else f"at {these} the GPU waits on kernel launches and copies more than on arithmetic, "
+                "so a reduced precision cannot pay off; compare larger batches (--batch-sizes)"
+            )
         elif provider != "CPU":
             advice = f"this provider runs it slower than fp32 here; keep fp32 on {provider}, or compare another provider (--providers)"
         elif not int8:
             advice = "fp16 pays off on GPUs; ONNX Runtime's CPU provider lacks fast fp16 kernels for many operators"
         elif threads > 4:
-            advice = ("int8 gains most on few cores; with many threads its layout conversions stop scaling: "
-                      "compare both precisions at fewer threads (--threads 4, 8)")
+            advice = (
+                "int8 gains most on few cores; with many threads its layout conversions stop scaling: "
+                "compare both precisions at fewer threads (--threads 4, 8)"
+            )
         elif not any(f in cpu_flags for f in _INT8_FLAGS):
             advice = "this CPU reports no fast int8 instructions (VNNI, AMX, Arm dot product)"
         else:
@@ -374,13 +446,23 @@ def run_benchmark(
     with _sigterm_exits(), tempfile.TemporaryDirectory(prefix="edgemeta-bench-") as tmp:
         if config.backprop_episodes:
             check_backprop(config, paths[0])
-        variants = resolve_variants(paths, config.precisions, ckpt, Path(workdir) if workdir else Path(tmp), threads, config.batch_sizes, config.data_dir)
+        variants = resolve_variants(
+            paths,
+            config.precisions,
+            ckpt,
+            Path(workdir) if workdir else Path(tmp),
+            threads,
+            config.batch_sizes,
+            config.data_dir,
+        )
         warn_if_busy(others, threads)
         report = BenchReport(machine_info(), config.to_dict(), variants, unavailable=unavailable)
         report.notes += variant_notes(paths, variants, workdir is None)
         report.notes += [
             f"{v.path.name} takes a fixed batch of {v.fixed_batch}: its classification latency is of a call of {v.fixed_batch} "
-            "images (one image padded, as the runtime sends it)" for v in variants if v.fixed_batch and v.fixed_batch > 1
+            "images (one image padded, as the runtime sends it)"
+            for v in variants
+            if v.fixed_batch and v.fixed_batch > 1
         ]
         baseline = TorchBaseline(ckpt, threads) if ckpt is not None and config.torch_baseline else None
         steps = _Steps(_n_steps(config, providers, len(variants)), progress)
@@ -409,7 +491,10 @@ def _sigterm_exits() -> Iterator[None]:
     torch's thread count restored. Python's default for SIGTERM is to die on the spot. Only in
     the main thread, and only over that default (an application's own handler is left alone);
     the default comes back afterwards."""
-    if threading.current_thread() is not threading.main_thread() or signal.getsignal(signal.SIGTERM) is not signal.SIG_DFL:
+    if (
+        threading.current_thread() is not threading.main_thread()
+        or signal.getsignal(signal.SIGTERM) is not signal.SIG_DFL
+    ):
         yield
         return
 
@@ -423,15 +508,21 @@ def _sigterm_exits() -> Iterator[None]:
         signal.signal(signal.SIGTERM, signal.SIG_DFL)
 
 
-def _wrap_up(report: BenchReport, providers: list[str], variants: list[ModelVariant], config: BenchConfig, steps: _Steps) -> None:
+def _wrap_up(
+    report: BenchReport, providers: list[str], variants: list[ModelVariant], config: BenchConfig, steps: _Steps
+) -> None:
     """The peaks (the CPU's again), the ratios, the backprop baseline, memory and load at the end."""
     threads = config.resolved_threads
-    if config.flops and Provider.CPU.value in providers:  # again at the end: a busy moment at the start must not inflate the fractions
+    if (
+        config.flops and Provider.CPU.value in providers
+    ):  # again at the end: a busy moment at the start must not inflate the fractions
         steps("peak FLOP/s again")
         report.peak = _best_peak(report.peak, _cpu_peak(config, variants))
     if config.flops and any(p in GPU_PROVIDERS for p in providers):
         steps("GPU peak FLOP/s (large float32 MatMul on CUDA)")
-        if any(r.provider in {display_name(p) for p in GPU_PROVIDERS} for r in report.embedding):  # not when no GPU provider ran
+        if any(
+            r.provider in {display_name(p) for p in GPU_PROVIDERS} for r in report.embedding
+        ):  # not when no GPU provider ran
             try:
                 report.gpu_peak = measure_gpu_peak_flops(n=max(config.peak_size, GPU_PEAK_SIZE))
             except (ProviderError, RuntimeError) as e:  # RuntimeError: ONNX Runtime's own failures (out of memory, ...)
@@ -440,21 +531,37 @@ def _wrap_up(report: BenchReport, providers: list[str], variants: list[ModelVari
     _add_ratios(report)
     report.notes.extend(_precision_notes(report.embedding, threads, report.machine.get("cpu_flags") or ()))
     report.notes.extend(_work_notes(report.embedding))
-    for variant in variants if config.backprop_episodes else ():  # each precision: both methods learn from its embeddings
-        steps(f"backprop baseline on {variant.precision.value} embeddings, {config.backprop_episodes} episodes per shot count")
+    for variant in (
+        variants if config.backprop_episodes else ()
+    ):  # each precision: both methods learn from its embeddings
+        steps(
+            f"backprop baseline on {variant.precision.value} embeddings, {config.backprop_episodes} episodes per shot count"
+        )
         try:
             report.backprop += backprop_baseline(
-                variant.path, data=config.backprop_data, episodes=config.backprop_episodes, threads=threads, data_dir=config.data_dir,
-                seed=config.seed, options=runtime_options(config),
+                variant.path,
+                data=config.backprop_data,
+                episodes=config.backprop_episodes,
+                threads=threads,
+                data_dir=config.data_dir,
+                seed=config.seed,
+                options=runtime_options(config),
             )
         except (EdgemetaError, RuntimeError) as e:  # the timings above stay: a note says what is missing and why
-            report.notes.append(f"backprop baseline on {variant.precision.value} embeddings not run: {' '.join(str(e).split())[:300]}")
+            report.notes.append(
+                f"backprop baseline on {variant.precision.value} embeddings not run: {' '.join(str(e).split())[:300]}"
+            )
     report.benchmark_peak_rss_mb = process_peak_rss_mb()
     report.machine["load_average_after"] = list(os.getloadavg()) if hasattr(os, "getloadavg") else None
 
 
 def _run_all(
-    providers: list[str], variants: list[ModelVariant], config: BenchConfig, report: BenchReport, steps: _Steps, baseline: TorchBaseline | None
+    providers: list[str],
+    variants: list[ModelVariant],
+    config: BenchConfig,
+    report: BenchReport,
+    steps: _Steps,
+    baseline: TorchBaseline | None,
 ) -> None:
     if config.flops and Provider.CPU.value in providers:
         steps("peak FLOP/s (large float32 MatMul; int8 too for int8 models)")
@@ -465,7 +572,9 @@ def _run_all(
         for variant in variants:
             steps(f"{display_name(provider)} {variant.precision.value}: opening the session")
             try:
-                timed_session(variant, provider, config)  # does the provider run it? (timed sessions open later, one at a time)
+                timed_session(
+                    variant, provider, config
+                )  # does the provider run it? (timed sessions open later, one at a time)
             except ProviderError as e:
                 if provider == Provider.CPU.value or "auto" not in [p.lower() for p in config.providers]:
                     raise
@@ -486,5 +595,13 @@ def _run_all(
                 steps(f"{display_name(provider)} {variant.precision.value}: cold start")
                 try:
                     report.cold_start.append(measure_cold_start(variant, provider, config))
-                except (EdgemetaError, subprocess.TimeoutExpired, ValueError, IndexError, KeyError) as e:  # the timings so far stand; no or bad JSON line
-                    report.notes.append(f"cold start not measured for {variant.path.name} on {display_name(provider)}: {' '.join(str(e).split())[:400]}")
+                except (
+                    EdgemetaError,
+                    subprocess.TimeoutExpired,
+                    ValueError,
+                    IndexError,
+                    KeyError,
+                ) as e:  # the timings so far stand; no or bad JSON line
+                    report.notes.append(
+                        f"cold start not measured for {variant.path.name} on {display_name(provider)}: {' '.join(str(e).split())[:400]}"
+                    )

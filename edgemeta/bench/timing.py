@@ -4,8 +4,9 @@ from __future__ import annotations
 
 import gc
 import time
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
-from typing import Any, Callable, Sequence
+from typing import Any, Callable
 
 import numpy as np
 
@@ -33,7 +34,17 @@ class LatencyStats:
         if a.size == 0:
             raise InputError("no timings to summarize")
         p50, p90, p99 = (float(v) for v in np.percentile(a, [50, 90, 99]))
-        return cls(int(a.size), float(a.mean()), p50, p90, p99, float(a.max()), float(a.min()), float(a.std()), tuple(a.tolist()))
+        return cls(
+            int(a.size),
+            float(a.mean()),
+            p50,
+            p90,
+            p99,
+            float(a.max()),
+            float(a.min()),
+            float(a.std()),
+            tuple(a.tolist()),
+        )
 
     def throughput(self, batch: int) -> float:
         """Images per second at this batch size (from the mean latency)."""
@@ -80,7 +91,11 @@ def time_fn(fn: Callable[[], Any], warmup: int = 10, runs: int = 100, duration: 
 
 
 def time_pair(
-    a: Callable[[], Any], b: Callable[[], Any], warmup: int = 10, runs: int = 100, duration: float | None = None,
+    a: Callable[[], Any],
+    b: Callable[[], Any],
+    warmup: int = 10,
+    runs: int = 100,
+    duration: float | None = None,
     after: Callable[[], Any] | None = None,
 ) -> tuple[LatencyStats, LatencyStats]:
     """Time two calls side by side, in pairs: a ratio of the two is then immune to the

@@ -7,12 +7,12 @@ the commands that need them, so the device commands work on a runtime-only insta
 
 from __future__ import annotations
 
-from edgemeta.cli._app import app, main
+from edgemeta.cli import bench_cmds as _bench_cmds  # noqa: F401,E402
 
 # Importing the command modules registers their commands on `app`.
 from edgemeta.cli import core as _core  # noqa: F401,E402
 from edgemeta.cli import export_cmds as _export_cmds  # noqa: F401,E402
 from edgemeta.cli import runtime_cmds as _runtime_cmds  # noqa: F401,E402
-from edgemeta.cli import bench_cmds as _bench_cmds  # noqa: F401,E402
+from edgemeta.cli._app import app, main
 
 __all__ = ["app", "main"]

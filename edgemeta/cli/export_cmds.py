@@ -7,8 +7,9 @@ onnxruntime (it runs on a device install); the others import torch and onnx when
 from __future__ import annotations
 
 import contextlib
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Any, Callable, Iterator, Optional
+from typing import Any, Callable, Optional
 
 import typer
 from rich.table import Table
@@ -19,19 +20,27 @@ from edgemeta.runtime.spec import Metric, Normalization, Precision
 
 DATA_HELP = "Novel-class images to verify on: omniglot, tiny-imagenet, digits, or a folder of class folders (default: the checkpoint's data set)."
 ACT_HELP = "int8: activations as int8 (S8S8); uint8: as uint8 (U8S8), often faster for residual networks on x86. Compare with `edgemeta benchmark`."
-STEM_HELP = ("Keep the first convolution (1 or 3 input channels, slow in int8), with the activation and pooling right after it, "
-             "in float32, or run it in int8. Default: as --stem-layout auto chooses.")
-KERNEL_HELP = ("int8 convolution kernel of ONNX Runtime's CPU provider: direct (VNNI direct convolution) or gemm (weights stored "
-               "with zero point -1, lossless, so convolutions run as int8 GEMMs: AMX where the CPU has it; needs --activations uint8). "
-               "Wide layers gain from gemm, narrow ones lose: compare with `edgemeta benchmark`. gemm is for CPUs: TensorRT takes only zero points of 0.")
-ORT_LEVEL_HELP = ("Optimization baked into the --ort file (ONNX Runtime adds none when it loads one): basic (runs on every provider) "
-                  "or extended (the CPU provider's fusions, int8 kernels included, as chosen for this machine's CPU architecture: for "
-                  "devices of that architecture running the CPU provider; Conv-4 int8 about 5x faster than basic).")
-LAYOUT_HELP = ("How the stem meets int8 on ONNX Runtime's CPU provider: auto (s2d where the stem fits it, else nchw with the "
-               "float stem; the model's metadata records the choice and why), nchw (as quantized), nhwc (with the float stem: an NHWC "
-               "round trip after it, so that on x86-64 it writes NHWC directly and no int8 transpose runs) or s2d (the stem in int8: "
-               "a stem of convolution, activation and 2x2 max pooling rewritten, exactly, as a space-to-depth convolution that runs "
-               "in int8 with its pooling; Conv-4's fastest). Compare with `edgemeta benchmark`.")
+STEM_HELP = (
+    "Keep the first convolution (1 or 3 input channels, slow in int8), with the activation and pooling right after it, "
+    "in float32, or run it in int8. Default: as --stem-layout auto chooses."
+)
+KERNEL_HELP = (
+    "int8 convolution kernel of ONNX Runtime's CPU provider: direct (VNNI direct convolution) or gemm (weights stored "
+    "with zero point -1, lossless, so convolutions run as int8 GEMMs: AMX where the CPU has it; needs --activations uint8). "
+    "Wide layers gain from gemm, narrow ones lose: compare with `edgemeta benchmark`. gemm is for CPUs: TensorRT takes only zero points of 0."
+)
+ORT_LEVEL_HELP = (
+    "Optimization baked into the --ort file (ONNX Runtime adds none when it loads one): basic (runs on every provider) "
+    "or extended (the CPU provider's fusions, int8 kernels included, as chosen for this machine's CPU architecture: for "
+    "devices of that architecture running the CPU provider; Conv-4 int8 about 5x faster than basic)."
+)
+LAYOUT_HELP = (
+    "How the stem meets int8 on ONNX Runtime's CPU provider: auto (s2d where the stem fits it, else nchw with the "
+    "float stem; the model's metadata records the choice and why), nchw (as quantized), nhwc (with the float stem: an NHWC "
+    "round trip after it, so that on x86-64 it writes NHWC directly and no int8 transpose runs) or s2d (the stem in int8: "
+    "a stem of convolution, activation and 2x2 max pooling rewritten, exactly, as a space-to-depth convolution that runs "
+    "in int8 with its pooling; Conv-4's fastest). Compare with `edgemeta benchmark`."
+)
 CALIB_HELP = "Base-class images for int8 calibration (default: Omniglot background / Tiny-ImageNet train; never evaluation classes)."
 DATA_DIR_HELP = "Data folder (default: $EDGEMETA_DATA_DIR)."
 
@@ -58,7 +67,15 @@ def _progress(enabled: bool) -> Iterator[Callable[[str, int, int], None] | None]
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
 
     tasks: dict[str, Any] = {}
-    with Progress(SpinnerColumn(), TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(), console=console, transient=True) as bar:
+    with Progress(
+        SpinnerColumn(),
+        TextColumn("{task.description}"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        TimeElapsedColumn(),
+        console=console,
+        transient=True,
+    ) as bar:
 
         def update(task: str, done: int, total: int) -> None:
             if task not in tasks:
@@ -78,23 +95,54 @@ def _floats(text: Optional[str], what: str) -> list[float] | float:
     return values[0] if len(values) == 1 else values
 
 
-def _options(precision: Precision, opset: int, optimize: bool, ort: bool, verify: bool, episodes: int, data: Optional[str],
-             calibration_data: Optional[str], data_dir: Optional[Path], calibration_images: int = 256,
-             activations: str = "int8", float_stem: Optional[bool] = None, conv_kernel: str = "direct", stem_layout: str = "auto",
-             ort_level: str = "basic"):
+def _options(
+    precision: Precision,
+    opset: int,
+    optimize: bool,
+    ort: bool,
+    verify: bool,
+    episodes: int,
+    data: Optional[str],
+    calibration_data: Optional[str],
+    data_dir: Optional[Path],
+    calibration_images: int = 256,
+    activations: str = "int8",
+    float_stem: Optional[bool] = None,
+    conv_kernel: str = "direct",
+    stem_layout: str = "auto",
+    ort_level: str = "basic",
+):
     from edgemeta.exporters import ExportOptions, ExportSpec, QuantizeSpec, VerifySpec
 
     return ExportOptions(
-        precision=precision, spec=ExportSpec(opset=opset, optimize=optimize), ort_format=ort, ort_level=ort_level,
-        verify=VerifySpec(episodes=episodes) if verify else None, data=data, calibration_data=calibration_data,
-        data_dir=str(data_dir) if data_dir else None, quantize=QuantizeSpec(
-            calibration_images=calibration_images, activations=activations, float_stem=float_stem, conv_kernel=conv_kernel,
-            stem_layout=stem_layout),
+        precision=precision,
+        spec=ExportSpec(opset=opset, optimize=optimize),
+        ort_format=ort,
+        ort_level=ort_level,
+        verify=VerifySpec(episodes=episodes) if verify else None,
+        data=data,
+        calibration_data=calibration_data,
+        data_dir=str(data_dir) if data_dir else None,
+        quantize=QuantizeSpec(
+            calibration_images=calibration_images,
+            activations=activations,
+            float_stem=float_stem,
+            conv_kernel=conv_kernel,
+            stem_layout=stem_layout,
+        ),
     )
 
 
-def _module_ref(module: str, weights: Optional[Path], size: Optional[int], channels: int, mean: Optional[str], std: Optional[str],
-                metric: Metric, normalization: Normalization):
+def _module_ref(
+    module: str,
+    weights: Optional[Path],
+    size: Optional[int],
+    channels: int,
+    mean: Optional[str],
+    std: Optional[str],
+    metric: Metric,
+    normalization: Normalization,
+):
     from edgemeta.exporters import ModuleRef
     from edgemeta.runtime.spec import PreprocessSpec
 
@@ -110,7 +158,9 @@ def _show_outcome(outcome, json_out: bool) -> None:
         return
     d = outcome.to_dict()
     extra = f", {d['export']['exporter']} exporter" if d.get("export") else ""
-    out.print(f"wrote {d['path']} ({d['precision']}, opset {d['opset']}, {d['size_bytes'] / 1e6:.2f} MB{extra}; fingerprint {d['fingerprint']})")
+    out.print(
+        f"wrote {d['path']} ({d['precision']}, opset {d['opset']}, {d['size_bytes'] / 1e6:.2f} MB{extra}; fingerprint {d['fingerprint']})"
+    )
     if d.get("export") and d["export"].get("fallback_reason"):
         out.print(f"[yellow]TorchScript exporter used: {d['export']['fallback_reason']}[/]")
     stem = _stem_line(outcome.metadata)
@@ -148,7 +198,9 @@ def _show_report(report) -> None:
 def export_cmd(
     checkpoint: Optional[Path] = typer.Argument(None, help="edgemeta checkpoint (.safetensors); omit with --module."),
     output: Path = typer.Option(..., "--output", "-o", help="ONNX model to write."),
-    precision: Precision = typer.Option(Precision.FP32, help="fp32, fp16 (float32 inputs/outputs) or int8 (QDQ, calibrated on base classes)."),
+    precision: Precision = typer.Option(
+        Precision.FP32, help="fp32, fp16 (float32 inputs/outputs) or int8 (QDQ, calibrated on base classes)."
+    ),
     opset: int = typer.Option(18, help="ONNX opset (18: ONNX Runtime 1.17 and later load the model)."),
     optimize: bool = typer.Option(False, help="Store ONNX Runtime's basic (provider-independent) graph optimizations."),
     ort: bool = typer.Option(False, "--ort", help="Also write the ORT format (.ort) next to the model."),
@@ -176,8 +228,23 @@ def export_cmd(
     """Export a checkpoint (or your own module) to ONNX, verified against torch on real images."""
     from edgemeta.exporters import export_checkpoint, export_module
 
-    options = _options(precision, opset, optimize, ort, verify, episodes, data, calibration_data, data_dir, calibration_images, activations, float_stem, conv_kernel, stem_layout,
-                       ort_optimization)
+    options = _options(
+        precision,
+        opset,
+        optimize,
+        ort,
+        verify,
+        episodes,
+        data,
+        calibration_data,
+        data_dir,
+        calibration_images,
+        activations,
+        float_stem,
+        conv_kernel,
+        stem_layout,
+        ort_optimization,
+    )
     with _progress(not json_out) as progress:
         if module:
             ref = _module_ref(module, weights, size, channels, mean, std, metric, normalization)
@@ -196,7 +263,9 @@ def verify_cmd(
     episodes: int = typer.Option(1000, help="Episodes (5-way 1-shot)."),
     data: Optional[str] = typer.Option(None, help=DATA_HELP),
     data_dir: Optional[Path] = typer.Option(None, help=DATA_DIR_HELP),
-    write_figures: bool = typer.Option(False, "--write-figures", help="Store the figures in the model's metadata when it passes (rewrites MODEL)."),
+    write_figures: bool = typer.Option(
+        False, "--write-figures", help="Store the figures in the model's metadata when it passes (rewrites MODEL)."
+    ),
     json_out: bool = typer.Option(False, "--json", help="Print the report as JSON."),
 ) -> None:
     """Check an exported model against its checkpoint on real images; the model file is left as it is."""
@@ -235,8 +304,23 @@ def quantize_cmd(
     """int8 static quantization (QDQ), calibrated on base-class images, verified on novel classes."""
     from edgemeta.exporters import quantize_model
 
-    options = _options(Precision.INT8, 18, False, ort, verify, episodes, data, calibration_data, data_dir, calibration_images, activations, float_stem, conv_kernel, stem_layout,
-                       ort_optimization)
+    options = _options(
+        Precision.INT8,
+        18,
+        False,
+        ort,
+        verify,
+        episodes,
+        data,
+        calibration_data,
+        data_dir,
+        calibration_images,
+        activations,
+        float_stem,
+        conv_kernel,
+        stem_layout,
+        ort_optimization,
+    )
     with _progress(not json_out) as progress:
         outcome = quantize_model(model, checkpoint, output, options, progress)
     _show_outcome(outcome, json_out)
@@ -255,8 +339,16 @@ def _inspect_tables(info: dict[str, Any]) -> list[Table]:
         "opset / IR": f"{_opsets(info.get('opset'))} / {info.get('ir_version') or '?'}",
         "parameters": f"{info['parameters']:,}" if info.get("parameters") is not None else "?",
         "producer": info.get("producer") or "",
-        **{k: str(meta[k]) for k in ("backbone", "embedding_dim", "metric", "normalization", "fingerprint") if k in meta},
-        **({"preprocess": ", ".join(f"{k}={v}" for k, v in meta["preprocess"].items())} if meta.get("preprocess") else {}),
+        **{
+            k: str(meta[k])
+            for k in ("backbone", "embedding_dim", "metric", "normalization", "fingerprint")
+            if k in meta
+        },
+        **(
+            {"preprocess": ", ".join(f"{k}={v}" for k, v in meta["preprocess"].items())}
+            if meta.get("preprocess")
+            else {}
+        ),
     }
     for k, v in rows.items():
         summary.add_row(k, v)
@@ -272,10 +364,16 @@ def _inspect_tables(info: dict[str, Any]) -> list[Table]:
         vt = Table(title="verification", show_header=False)
         ep = ver.get("episodes") or {}
         vt.add_row("passed", str(ver.get("passed")))
-        vt.add_row("embeddings / logits max rel. error", f"{ver.get('embeddings_max_rel_error', 0):.2e} / {ver.get('logits_max_rel_error', 0):.2e}")
+        vt.add_row(
+            "embeddings / logits max rel. error",
+            f"{ver.get('embeddings_max_rel_error', 0):.2e} / {ver.get('logits_max_rel_error', 0):.2e}",
+        )
         if ep:
             vt.add_row("episodes", f"{ep['count']} x {ep['n_way']}-way {ep['k_shot']}-shot on {ep['dataset']}")
-            vt.add_row("agreement / accuracy", f"{100 * ep['agreement']:.2f}% / torch {100 * ep['torch_accuracy']:.2f}% vs ONNX {100 * ep['onnx_accuracy']:.2f}%")
+            vt.add_row(
+                "agreement / accuracy",
+                f"{100 * ep['agreement']:.2f}% / torch {100 * ep['torch_accuracy']:.2f}% vs ONNX {100 * ep['onnx_accuracy']:.2f}%",
+            )
         tables.append(vt)
     if info.get("operators"):
         ops = Table(title="operators")

@@ -9,12 +9,13 @@ from __future__ import annotations
 
 import contextlib
 import sys
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Any, Callable, Iterator, List, Optional
+from typing import Callable, List, Optional
 
 import typer
-from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 from rich.markup import escape
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 from rich.table import Table
 from rich.text import Text
 
@@ -61,7 +62,9 @@ def _counts_table(title: str, counts: dict[str, int], added: dict[str, int] | No
         table.add_column("added", justify="right")
     table.add_column("examples", justify="right")
     for label, n in counts.items():
-        row = [Text(label), str(added.get(label, 0))] if added is not None else [Text(label)]  # Text: a label is never markup
+        row = (
+            [Text(label), str(added.get(label, 0))] if added is not None else [Text(label)]
+        )  # Text: a label is never markup
         table.add_row(*row, str(n))
     return table
 
@@ -78,12 +81,18 @@ def _tell(line: str) -> None:
 @command("enroll")
 def enroll_cmd(
     model: Path = typer.Argument(..., help="Exported .onnx model."),
-    images: Optional[List[Path]] = typer.Argument(None, help="Images (or folders of images) of the class given by --label."),
+    images: Optional[List[Path]] = typer.Argument(
+        None, help="Images (or folders of images) of the class given by --label."
+    ),
     store: Path = typer.Option(..., "--store", "-s", help="Prototype store file; created if missing, else added to."),
     label: Optional[str] = typer.Option(None, "--label", "-l", help="Class of the IMAGES."),
-    folder: Optional[Path] = typer.Option(None, "--folder", help="Enrol every class subfolder of this folder (label = subfolder name)."),
+    folder: Optional[Path] = typer.Option(
+        None, "--folder", help="Enrol every class subfolder of this folder (label = subfolder name)."
+    ),
     providers: str = typer.Option("auto", help=PROVIDERS_HELP),
-    keep_embeddings: bool = typer.Option(False, "--keep-embeddings", help="Keep each embedding in a new store (k-NN, calibration)."),
+    keep_embeddings: bool = typer.Option(
+        False, "--keep-embeddings", help="Keep each embedding in a new store (k-NN, calibration)."
+    ),
     json_out: bool = typer.Option(False, "--json", help="Print JSON to stdout."),
     lock_timeout: Optional[float] = typer.Option(None, "--lock-timeout", help=LOCK_TIMEOUT_HELP),
 ) -> None:
@@ -99,8 +108,12 @@ def enroll_cmd(
     clf = FewShotClassifier(model, providers, options=ClassifierOptions(keep_embeddings=keep_embeddings))
     total = sum(len(p) for p in paths.values())
     with clf.editing(store, timeout=lock_timeout, on_wait=_tell), _progress(total, not json_out) as advance:
-        if keep_embeddings and not clf.store.keep_embeddings:  # the store's own setting wins; nothing is saved after this
-            raise InputError(f"{store} keeps no embeddings, so --keep-embeddings cannot apply to it; enrol into a new store file with --keep-embeddings")
+        if (
+            keep_embeddings and not clf.store.keep_embeddings
+        ):  # the store's own setting wins; nothing is saved after this
+            raise InputError(
+                f"{store} keeps no embeddings, so --keep-embeddings cannot apply to it; enrol into a new store file with --keep-embeddings"
+            )
         added = clf.enroll_folder(folder, on_progress=advance) if folder is not None else {label: len(paths[label])}
         if folder is None:
             clf.enroll(label, paths[label], on_progress=advance)
@@ -116,8 +129,12 @@ def predict_cmd(
     images: List[Path] = typer.Argument(..., help="Images, or folders of images, to classify."),
     store: Path = typer.Option(..., "--store", "-s", help="Prototype store made with this model."),
     top_k: int = typer.Option(1, "--top-k", "-k", help="How many ranked classes to report."),
-    threshold: Optional[float] = typer.Option(None, help="Open-set distance threshold (default: the model's documented default)."),
-    knn: Optional[int] = typer.Option(None, help="Classify by the mean of the K nearest enrolled examples (store must keep embeddings)."),
+    threshold: Optional[float] = typer.Option(
+        None, help="Open-set distance threshold (default: the model's documented default)."
+    ),
+    knn: Optional[int] = typer.Option(
+        None, help="Classify by the mean of the K nearest enrolled examples (store must keep embeddings)."
+    ),
     providers: str = typer.Option("auto", help=PROVIDERS_HELP),
     json_out: bool = typer.Option(False, "--json", help="Print JSON to stdout."),
 ) -> None:
@@ -125,13 +142,21 @@ def predict_cmd(
     from edgemeta.runtime import ClassifierOptions, FewShotClassifier, Mode, list_images
 
     if knn is not None and knn < 1:
-        raise InputError(f"--knn must be at least 1 (the K nearest examples), got {knn}; leave it out to classify by prototypes")
+        raise InputError(
+            f"--knn must be at least 1 (the K nearest examples), got {knn}; leave it out to classify by prototypes"
+        )
     options = ClassifierOptions(threshold=threshold, mode=Mode.KNN if knn else Mode.PROTOTYPE, knn_k=knn or 1)
     clf = FewShotClassifier(model, providers, options=options).load(store)
     paths = list_images(images)
     preds = clf.predict(paths, top_k=top_k)
     if json_out:
-        emit_json({"providers": clf.providers, "threshold": clf.threshold, "predictions": [{"image": str(p), **r.to_dict()} for p, r in zip(paths, preds)]})
+        emit_json(
+            {
+                "providers": clf.providers,
+                "threshold": clf.threshold,
+                "predictions": [{"image": str(p), **r.to_dict()} for p, r in zip(paths, preds)],
+            }
+        )
         return
     names = image_names(paths, max(out.width // 3, 16))
     table = Table(title=escape(f"{len(paths)} image(s), {len(clf.labels)} classes ({', '.join(clf.providers)})"))
@@ -171,9 +196,22 @@ def store_list_cmd(
 
     s = PrototypeStore.load(store)
     if json_out:
-        emit_json({"store": str(store), "fingerprint": s.fingerprint, "embedding_dim": s.embedding_dim, "metric": s.metric.value, "keep_embeddings": s.keep_embeddings, "counts": s.counts})
+        emit_json(
+            {
+                "store": str(store),
+                "fingerprint": s.fingerprint,
+                "embedding_dim": s.embedding_dim,
+                "metric": s.metric.value,
+                "keep_embeddings": s.keep_embeddings,
+                "counts": s.counts,
+            }
+        )
     else:
-        out.print(_counts_table(f"{store}: {len(s)} classes, model {s.fingerprint}, {s.embedding_dim}-D {s.metric.value}", s.counts))
+        out.print(
+            _counts_table(
+                f"{store}: {len(s)} classes, model {s.fingerprint}, {s.embedding_dim}-D {s.metric.value}", s.counts
+            )
+        )
 
 
 @store_command("forget")
@@ -204,4 +242,8 @@ def store_rename_cmd(
     with PrototypeStore.edit(store, timeout=lock_timeout, on_wait=_tell) as s:
         merged = merge and new in s
         s.rename(old, new, merge=merge)
-    console.print(f"{'merged' if merged else 'renamed'} {old!r} {'into' if merged else 'to'} {new!r} in {store}", markup=False, highlight=False)
+    console.print(
+        f"{'merged' if merged else 'renamed'} {old!r} {'into' if merged else 'to'} {new!r} in {store}",
+        markup=False,
+        highlight=False,
+    )
