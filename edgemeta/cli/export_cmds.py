@@ -303,3 +303,73 @@ def inspect_cmd(
         out.print(table)
     for note in info["notes"]:
         out.print(f"[dim]note: {note}[/]")
+
+
+def _wrap_spec(model: Path, size: Optional[str], channels: Optional[int], mean: Optional[str], std: Optional[str], interpolation: str,
+               color_order: str, output_name: Optional[str], pool: Optional[str], metric: Metric, normalization: Normalization, scale: float):
+    """The :class:`WrapSpec` the options give, every missing or bad option reported at once;
+    size and channels default to what the file declares."""
+    from edgemeta.exporters.wrap import WrapSpec, declared_preprocess, load_foreign
+    from edgemeta.runtime.spec import PreprocessSpec
+
+    declared = declared_preprocess(load_foreign(model))
+    problems = []
+    hw = declared["size"]
+    if size is not None:
+        try:
+            parts = [int(v) for v in size.split(",")]
+            hw = (parts[0], parts[-1]) if len(parts) in (1, 2) else None
+        except ValueError:
+            hw = None
+        if hw is None:
+            problems.append(f"--size must be one number or H,W, got {size!r}")
+    elif hw is None:
+        problems.append("--size (the model's input size is not fixed in the file)")
+    channels = channels or declared["channels"] or 3
+    if mean is None or std is None:
+        problems.append("--mean and --std (the model's per-channel normalization; pass --mean 0 --std 1 if it takes [0, 1] pixels as they are)")
+    if color_order not in ("rgb", "bgr"):
+        problems.append(f"--color-order must be rgb or bgr, got {color_order!r}")
+    if pool not in (None, "avg", "max"):
+        problems.append(f"--pool must be avg or max, got {pool!r}")
+    if problems:
+        raise InputError("wrap needs " + "; ".join(problems))
+    m, s = _floats(mean, "--mean"), _floats(std, "--std")
+    if color_order == "bgr":  # given in the model's channel order; the spec holds them in RGB order
+        m, s = (m[::-1] if isinstance(m, list) else m), (s[::-1] if isinstance(s, list) else s)
+    pp = PreprocessSpec.create(hw, channels, m, s, interpolation)
+    return WrapSpec(pp, output_name, pool, metric, normalization, color_order == "bgr", scale)
+
+
+@command("wrap")
+def wrap_cmd(
+    model: Path = typer.Argument(..., help="ONNX image-embedding model (one float32 [batch, C, H, W] input)."),
+    output: Path = typer.Option(..., "--output", "-o", help="edgemeta model to write."),
+    size: Optional[str] = typer.Option(None, help="Input side (or H,W); default: as the file declares."),
+    channels: Optional[int] = typer.Option(None, help="Input channels (1 or 3); default: as the file declares."),
+    mean: Optional[str] = typer.Option(None, help="Per-channel mean of [0, 1] pixels, e.g. 0.485,0.456,0.406 (required)."),
+    std: Optional[str] = typer.Option(None, help="Per-channel std, e.g. 0.229,0.224,0.225 (required)."),
+    interpolation: str = typer.Option("bilinear", "--interpolation", "--resize", help="Resize filter: bilinear, bicubic, nearest, box, lanczos, hamming."),
+    color_order: str = typer.Option("rgb", help="Channel order the model reads: rgb or bgr (--mean/--std in that order)."),
+    embedding: Optional[str] = typer.Option(None, "--embedding", help="The embedding tensor (any tensor name) when the model has several outputs."),
+    pool: Optional[str] = typer.Option(None, help="Pool a feature map [batch, C, ...] into a vector: avg or max (a map is refused without it)."),
+    metric: Metric = typer.Option(Metric.SQEUCLIDEAN, help="Few-shot metric."),
+    normalization: Normalization = typer.Option(Normalization.NONE, help="Embedding normalization: none or l2."),
+    scale: float = typer.Option(10.0, help="Cosine logit scale."),
+    precision: Precision = typer.Option(Precision.FP32, help="fp32, fp16, or int8 (calibrated on --calibration-data)."),
+    verify: bool = typer.Option(True, "--verify/--no-verify", help="Verify against the original model on real images."),
+    episodes: int = typer.Option(200, help="Verification episodes (5-way 1-shot)."),
+    data: Optional[str] = typer.Option(None, help="Images to verify on: a folder of class folders, tiny-imagenet or omniglot."),
+    calibration_data: Optional[str] = typer.Option(None, help="Your base-class images (a folder of class folders): int8 calibration and the open-set threshold."),
+    calibration_images: int = typer.Option(256, help="Images for int8 calibration."),
+    data_dir: Optional[Path] = typer.Option(None, help=DATA_DIR_HELP),
+    json_out: bool = typer.Option(False, "--json", help="Print the result as JSON."),
+) -> None:
+    """Turn any ONNX image-embedding model into an edgemeta model, verified against the original."""
+    from edgemeta.exporters.wrap import wrap_model
+
+    spec = _wrap_spec(model, size, channels, mean, std, interpolation, color_order, embedding, pool, metric, normalization, scale)
+    options = _options(precision, 18, False, False, verify, episodes, data, calibration_data, data_dir, calibration_images)
+    with _progress(not json_out) as progress:
+        outcome = wrap_model(model, output, spec, options, progress)
+    _show_outcome(outcome, json_out)
