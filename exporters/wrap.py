@@ -140,7 +140,8 @@ def _image_input(model: onnx.ModelProto) -> onnx.ValueInfoProto:
 
 
 def _dims(x: onnx.ValueInfoProto) -> list[int | None]:
-    return [d.dim_value if d.HasField("dim_value") else None for d in x.type.tensor_type.shape.dim]
+    # Paddle2ONNX writes a free dimension as -1
+    return [d.dim_value if d.HasField("dim_value") and d.dim_value > 0 else None for d in x.type.tensor_type.shape.dim]
 
 
 def check_shape(model: onnx.ModelProto, pp: PreprocessSpec) -> None:
@@ -240,14 +241,28 @@ def _feature_nodes(features: str, rank: int, spec: WrapSpec) -> list[onnx.NodePr
     return nodes
 
 
-def _with_opset(model: onnx.ModelProto, minimum: int) -> None:
-    """ReduceSum takes its axes as an input from opset 13: older graphs are converted."""
-    for o in model.opset_import:
-        if o.domain in ("", "ai.onnx") and o.version < minimum:
-            raise InputError(
-                f"the model uses opset {o.version}; wrap needs opset {minimum} or later: "
-                f"convert it with onnx.version_converter.convert_version(model, {minimum})"
-            )
+#: the opset a wrapped graph gets at least: the metric head's Shape(start, end) needs 15, the
+#: ``pixels`` entry's antialiased Resize 18
+WRAP_OPSET = 18
+
+
+def _with_opset(model: onnx.ModelProto) -> onnx.ModelProto:
+    """``model`` at :data:`WRAP_OPSET` or later, converted by ONNX's own version converter
+    (verification then compares the converted graph with the original file)."""
+    version = next((o.version for o in model.opset_import if o.domain in ("", "ai.onnx")), 0)
+    if version >= WRAP_OPSET:
+        return model
+    from onnx import version_converter
+
+    try:
+        converted = version_converter.convert_version(model, WRAP_OPSET)
+        onnx.checker.check_model(converted)
+    except Exception as e:  # noqa: BLE001 - the converter raises plain RuntimeErrors per adapter
+        raise InputError(
+            f"the model uses opset {version} and ONNX's version converter cannot bring it to {WRAP_OPSET} "
+            f"({str(e).splitlines()[0][:160]}); re-export it at opset {WRAP_OPSET}"
+        ) from None
+    return converted
 
 
 def wrap_graph(model: onnx.ModelProto, spec: WrapSpec) -> tuple[onnx.ModelProto, int]:
@@ -260,7 +275,6 @@ def wrap_graph(model: onnx.ModelProto, spec: WrapSpec) -> tuple[onnx.ModelProto,
     from edgemeta.exporters.graph import finalize
     from edgemeta.exporters.head import with_fed_norms
 
-    _with_opset(model, 13)
     check_shape(model, spec.preprocess)
     output = _chosen_output(model, spec.output)
     clash = sorted(set(_RESERVED) & set(_tensor_names(model)) - {INPUT_IMAGES} | ({output} & set(_RESERVED)))
@@ -283,7 +297,7 @@ def wrap_graph(model: onnx.ModelProto, spec: WrapSpec) -> tuple[onnx.ModelProto,
         raise InputError(f"{output!r} is already a vector [batch, {features.shape[1]}]; drop --pool")
     dim = int(features.shape[1])
     out = onnx.ModelProto()
-    out.CopyFrom(model)
+    out.CopyFrom(_with_opset(model))
     g = out.graph
     x = _image_input(out)
     original = x.name

@@ -159,6 +159,8 @@ def run(*args: str):
 
 def _original(path: Path, x: np.ndarray, output: str | None = None) -> np.ndarray:
     model = onnx.load(str(path))
+    if output and output not in {o.name for o in model.graph.output}:  # an inner tensor
+        model.graph.output.append(onnx.helper.make_empty_tensor_value_info(output))
     s = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"])
     name = s.get_inputs()[0].name
     out = output or s.get_outputs()[0].name
@@ -401,3 +403,63 @@ def test_external_data_is_read_only_from_the_model_folder(models, tmp_path):
     onnx.save_model(escaping, str(inside / "escape.onnx"))
     with pytest.raises(InputError, match="outside the model's folder"):
         load_foreign(inside / "escape.onnx")
+
+
+# ---------------------------------------------------------------- a model from another exporter
+
+
+@pytest.fixture(scope="module")
+def paddle_cls() -> Path:
+    """PaddleOCR's text-direction classifier (MobileNetV3, Paddle2ONNX, opset 11, BGR input,
+    batch -1), as the rapidocr-onnxruntime wheel (a dev dependency) ships it."""
+    import importlib.util
+
+    spec = importlib.util.find_spec("rapidocr_onnxruntime")  # located, not imported: it needs OpenCV
+    assert spec is not None, "pip install rapidocr-onnxruntime (in the dev extra)"
+    return Path(spec.submodule_search_locations[0]) / "models" / "ch_ppocr_mobile_v2.0_cls_infer.onnx"
+
+
+def test_a_paddleocr_model_goes_through_wrap_fp16_enroll_predict_benchmark(paddle_cls, photos, tmp_path):
+    # fp16, not int8: a text-direction classifier tells photos apart too weakly for int8's noise
+    # to keep 90% of 5-way decisions (verification refuses it, as it should)
+    fp32, fp16 = tmp_path / "cls.onnx", tmp_path / "cls.fp16.onnx"
+    common = [
+        str(paddle_cls),
+        "--size",
+        "48,192",
+        "--mean",
+        "0.5",
+        "--std",
+        "0.5",
+        "--color-order",
+        "bgr",
+        "--embedding",
+        "pool2d_10.tmp_0",
+        "--pool",
+        "avg",
+        "--data",
+        str(photos["novel"]),
+        "--calibration-data",
+        str(photos["base"]),
+        "--episodes",
+        "20",
+    ]
+    r = run("wrap", *common, "-o", str(fp32), "--json")
+    assert r.exit_code == 0, r.output
+    assert json.loads(r.output)["verification"]["passed"]
+    x = np.random.default_rng(3).standard_normal((3, 3, 48, 192)).astype(np.float32)
+    want = _original(paddle_cls, np.ascontiguousarray(x[:, ::-1]), "pool2d_10.tmp_0").reshape(
+        3, -1
+    )  # the model reads BGR
+    np.testing.assert_allclose(_wrapped(fp32, x), want, atol=1e-5, rtol=1e-5)
+    r = run("wrap", *common, "--precision", "fp16", "-o", str(fp16))
+    assert r.exit_code == 0, r.output
+    store = tmp_path / "s.safetensors"
+    r = run("enroll", str(fp16), "--store", str(store), "--folder", str(photos["base"]))
+    assert r.exit_code == 0, r.output
+    queries = [str(next(iter(sorted(c.iterdir())))) for c in sorted(photos["base"].iterdir())]
+    r = run("predict", str(fp16), "--store", str(store), *queries, "--json")
+    assert r.exit_code == 0, r.output
+    assert len(json.loads(r.output)["predictions"]) == len(queries)
+    r = run("benchmark", str(fp32), "--runs", "3", "--warmup", "1", "--json")
+    assert r.exit_code == 0, r.output
