@@ -167,6 +167,7 @@ class ModuleRef:
     metric: Metric = Metric.SQEUCLIDEAN
     normalization: Normalization = Normalization.NONE
     scale: float = 10.0
+    pool: str | None = None  # avg | max: a feature extractor's [batch, C, H, W] map, pooled into a vector
 
 
 @dataclass
@@ -351,6 +352,38 @@ def _embedding_dim(model: nn.Module, pp: PreprocessSpec) -> int:
         raise InputError(f"{type(model).__name__}.embed fails on images of shape {(2, pp.channels, *pp.size)}: {e}") from None
 
 
+class _Pooled(nn.Module):
+    """A feature map [batch, C, ...] pooled over its spatial axes, as ``--pool`` asks."""
+
+    def __init__(self, extractor: nn.Module, how: str) -> None:
+        super().__init__()
+        self.extractor, self.how = extractor, how
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        f = self.extractor(images).flatten(2)
+        return f.mean(2) if self.how == "avg" else f.amax(2)
+
+
+def _vector_output(module: nn.Module, ref: ModuleRef) -> nn.Module:
+    """``module`` when it returns [batch, dim]; pooled when it returns a map and ``ref.pool`` says
+    how; else refused (flattening a map silently made an 8,192-d embedding of a ResNet's)."""
+    pp = ref.preprocess
+    try:
+        with torch.no_grad():
+            out = module(torch.zeros(2, pp.channels, *pp.size))
+    except Exception as e:  # a user module can fail in any way
+        raise InputError(f"{ref.ref} fails on images of shape {(2, pp.channels, *pp.size)} ({type(e).__name__}: {e}); check --size and --channels") from None
+    if not isinstance(out, torch.Tensor):
+        raise InputError(f"{ref.ref} returns {type(out).__name__}, not a tensor; return the embedding [batch, dim]")
+    if out.ndim > 2 and ref.pool is None:
+        raise InputError(f"{ref.ref} returns a {out.ndim}-D map {list(out.shape)}, not [batch, dim]: pass --pool avg (or max), or return a vector")
+    if out.ndim == 2 and ref.pool is not None:
+        raise InputError(f"{ref.ref} already returns a vector [batch, {out.shape[1]}]; drop --pool")
+    if out.ndim < 2:
+        raise InputError(f"{ref.ref} returns shape {list(out.shape)}, not [batch, dim]; return the embedding [batch, dim]")
+    return _Pooled(module, ref.pool).eval() if ref.pool else module
+
+
 def _user_model(ref: ModuleRef) -> tuple[nn.Module, str]:
     module = load_module_ref(ref.ref)
     state = read_weights(ref.weights) if ref.weights else {}
@@ -361,8 +394,25 @@ def _user_model(ref: ModuleRef) -> tuple[nn.Module, str]:
     module.eval()
     if not is_extractor(module):
         return module, "module"
+    module = _vector_output(module, ref)
     scale = float(extras["scale"]) if "scale" in extras else ref.scale
     return WrappedExtractor(module, ref.metric, ref.normalization, extras.get("center"), scale).eval(), "extractor"
+
+
+def _module_threshold(model: nn.Module, ref: ModuleRef, options: ExportOptions) -> tuple[float, str] | None:
+    """The default open-set threshold of a feature extractor, as a checkpoint's: on the user's
+    base-class images (``--calibration-data``) when given, else on the verification images."""
+    if not (callable(getattr(model, "embed", None)) and callable(getattr(model, "logits", None))):
+        return None  # a full forward(images, prototypes) module: its distances are its own
+    from edgemeta.exporters.wrap import default_threshold
+
+    source = options.calibration_data or options.data
+    if not source:
+        return None
+    images = base_images(source, ref.preprocess, options.data_dir) if options.calibration_data else novel_images(source, ref.preprocess, options.data_dir)
+    scale = float(model.scale) if isinstance(getattr(model, "scale", None), torch.Tensor) else ref.scale
+    t = default_threshold(model, labelled_images(images), ref.metric, scale)
+    return None if t is None else (t, images.name)
 
 
 def export_module(ref: ModuleRef, out: str | os.PathLike, options: ExportOptions = ExportOptions(), progress: Progress | None = None) -> ExportOutcome:
@@ -376,7 +426,17 @@ def export_module(ref: ModuleRef, out: str | os.PathLike, options: ExportOptions
     out = _outputs(out, options, ref.weights)
     model, kind = _user_model(ref)
     pp = ref.preprocess
-    description = {"module": ref.ref, "preprocess": pp.to_dict(), "metric": ref.metric.value, "normalization": ref.normalization.value}
+    description = {"module": ref.ref, "preprocess": pp.to_dict(), "metric": ref.metric.value, "normalization": ref.normalization.value,
+                   **({"pool": ref.pool} if ref.pool else {})}
+    weights_sha = file_sha256(ref.weights) if ref.weights else ""
+    # what verify, quantize and benchmark --checkpoint need to rebuild the module
+    extra: dict[str, Any] = {"source": kind, "module": ref.ref, "weights_sha256": weights_sha, "pool": ref.pool or "",
+                             "scale": float(ref.scale)}
+    if ref.metric is Metric.COSINE:
+        extra["logit_scale"] = float(model.scale) if isinstance(getattr(model, "scale", None), torch.Tensor) else float(ref.scale)
+    threshold = _module_threshold(model, ref, options)
+    if threshold is not None:
+        extra["open_set_threshold"], extra["open_set_threshold_data"] = threshold
     meta = ModelMetadata(
         preprocess=pp,
         embedding_dim=_embedding_dim(model, pp),
@@ -384,9 +444,9 @@ def export_module(ref: ModuleRef, out: str | os.PathLike, options: ExportOptions
         normalization=ref.normalization,
         fingerprint=module_fingerprint(model, description),
         backbone=ref.ref,
-        source_checkpoint_sha256=file_sha256(ref.weights) if ref.weights else "",
+        source_checkpoint_sha256=weights_sha,
         producer=f"edgemeta {__version__}",
-        extra={"source": kind},
+        extra=extra,
     )
     return _build(model, meta, out, options, None, progress)
 

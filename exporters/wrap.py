@@ -45,7 +45,7 @@ from edgemeta.runtime.spec import (
     PreprocessSpec,
 )
 
-__all__ = ["WrapSpec", "load_foreign", "wrap_graph", "OnnxReference", "wrap_model"]
+__all__ = ["WrapSpec", "load_foreign", "wrap_graph", "OnnxReference", "wrap_model", "default_threshold"]
 
 _RESERVED = (INPUT_IMAGES, INPUT_PROTOTYPES, INPUT_SQNORMS, OUTPUT_EMBEDDINGS, OUTPUT_LOGITS)
 _P = "wrap/"
@@ -400,7 +400,8 @@ def _fingerprint(model: onnx.ModelProto, spec: WrapSpec) -> str:
     return h.hexdigest()[:16]
 
 
-def _threshold(reference: OnnxReference, data, metric: Metric, scale: float) -> float | None:
+@torch.inference_mode()
+def default_threshold(reference: nn.Module, data, metric: Metric, scale: float) -> float | None:
     """The default open-set distance threshold, as for checkpoints (95th percentile of a query's
     distance to its own prototype in 5-way 5-shot episodes), on the given images."""
     from edgemeta.episodes import EpisodeSampler
@@ -468,7 +469,7 @@ def wrap_model(model_path: str | os.PathLike, out: str | os.PathLike, spec: Wrap
     )
     threshold_data = labelled_images(base) if base is not None else data
     if threshold_data is not None:
-        t = _threshold(reference, threshold_data, spec.metric, spec.scale)
+        t = default_threshold(reference, threshold_data, spec.metric, spec.scale)
         if t is not None:
             extra["open_set_threshold"] = t
             extra["open_set_threshold_data"] = threshold_data.name

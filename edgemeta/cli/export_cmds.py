@@ -94,14 +94,26 @@ def _options(precision: Precision, opset: int, optimize: bool, ort: bool, verify
 
 
 def _module_ref(module: str, weights: Optional[Path], size: Optional[int], channels: int, mean: Optional[str], std: Optional[str],
-                metric: Metric, normalization: Normalization):
+                metric: Metric, normalization: Normalization, pool: Optional[str], options):
+    """The :class:`ModuleRef` the options give; every missing or bad option in one message."""
     from edgemeta.exporters import ModuleRef
     from edgemeta.runtime.spec import PreprocessSpec
 
+    problems = []
     if size is None:
-        raise InputError("--module needs the input size: pass --size (and --channels, --mean, --std)")
+        problems.append("--size (the input side in pixels)")
+    if mean is None or std is None:
+        problems.append("--mean and --std (the per-channel normalization of [0, 1] pixels; --mean 0 --std 1 if none)")
+    if pool not in (None, "avg", "max"):
+        problems.append(f"--pool avg or max (got {pool!r})")
+    if options.verify is not None and not options.data:
+        problems.append("--data (novel-class images to verify on: a folder, tiny-imagenet or omniglot; or --no-verify)")
+    if options.precision is Precision.INT8 and not options.calibration_data:
+        problems.append("--calibration-data (base-class images for int8)")
+    if problems:
+        raise InputError("--module needs " + "; ".join(problems))
     pp = PreprocessSpec.create(size, channels, _floats(mean, "--mean"), _floats(std, "--std"))
-    return ModuleRef(module, str(weights) if weights else None, pp, metric, normalization)
+    return ModuleRef(module, str(weights) if weights else None, pp, metric, normalization, pool=pool)
 
 
 def _show_outcome(outcome, json_out: bool) -> None:
@@ -163,7 +175,7 @@ def export_cmd(
     conv_kernel: str = typer.Option("direct", help=KERNEL_HELP),
     stem_layout: str = typer.Option("auto", help=LAYOUT_HELP),
     data_dir: Optional[Path] = typer.Option(None, help=DATA_DIR_HELP),
-    module: Optional[str] = typer.Option(None, help="Export your own module instead: package.module:factory."),
+    module: Optional[str] = typer.Option(None, help="Export your own module instead: package.module:factory or path/to/file.py:factory."),
     weights: Optional[Path] = typer.Option(None, help="safetensors weights for --module."),
     size: Optional[int] = typer.Option(None, help="--module input side in pixels."),
     channels: int = typer.Option(3, help="--module input channels (1 or 3)."),
@@ -171,6 +183,7 @@ def export_cmd(
     std: Optional[str] = typer.Option(None, help="--module per-channel std."),
     metric: Metric = typer.Option(Metric.SQEUCLIDEAN, help="--module metric."),
     normalization: Normalization = typer.Option(Normalization.NONE, help="--module embedding normalization."),
+    pool: Optional[str] = typer.Option(None, help="--module returning a feature map: pool it into a vector (avg or max)."),
     json_out: bool = typer.Option(False, "--json", help="Print the result as JSON."),
 ) -> None:
     """Export a checkpoint (or your own module) to ONNX, verified against torch on real images."""
@@ -180,7 +193,7 @@ def export_cmd(
                        ort_optimization)
     with _progress(not json_out) as progress:
         if module:
-            ref = _module_ref(module, weights, size, channels, mean, std, metric, normalization)
+            ref = _module_ref(module, weights, size, channels, mean, std, metric, normalization, pool, options)
             outcome = export_module(ref, output, options, progress)
         elif checkpoint is None:
             raise InputError("give a checkpoint to export, or --module package.module:factory")
