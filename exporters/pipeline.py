@@ -464,35 +464,71 @@ def _matching(model: onnx.ModelProto, model_path: str | os.PathLike, checkpoint:
     return ck, meta
 
 
+def _module_from_metadata(meta: ModelMetadata, model_path: str | os.PathLike, weights: str | os.PathLike | None) -> nn.Module:
+    """The module an ``export --module`` model was made from, rebuilt from its metadata and ``weights``."""
+    extra = meta.extra
+    want = extra.get("weights_sha256") or ""
+    if want and weights is None:
+        raise InputError(f"{Path(model_path).name} was exported from {extra['module']} with weights {want[:12]}...; pass them with -c WEIGHTS.safetensors")
+    if weights is not None and file_sha256(weights) != want:
+        raise ModelMismatchError(f"{Path(weights).name} is not the weights {Path(model_path).name} was exported with ({want[:12] or 'none'}...); pass those")
+    ref = ModuleRef(extra["module"], str(weights) if weights else None, meta.preprocess, meta.metric, meta.normalization,
+                    float(extra.get("scale", 10.0)), extra.get("pool") or None)
+    model, _ = _user_model(ref)
+    return model
+
+
+def _reference(model: onnx.ModelProto, model_path: str | os.PathLike, reference: str | os.PathLike | None) -> tuple[nn.Module, ModelMetadata, str | None, ClassSplit | None]:
+    """What a model is checked against, wherever it came from: the checkpoint, the user's module
+    (rebuilt from the metadata) or, for ``edgemeta wrap``, the original ONNX file. Returns the
+    reference, the model's metadata, the data set and class split recorded with it."""
+    meta = read_metadata(model)
+    if meta is None:
+        raise InputError(f"{model_path} has no edgemeta metadata; export it with `edgemeta export` or `edgemeta wrap`")
+    source = meta.extra.get("source")
+    if source == "onnx":
+        from edgemeta.exporters.wrap import reference_from_metadata
+
+        if reference is None:
+            raise InputError(f"{Path(model_path).name} was wrapped from {meta.extra.get('source_file')}; pass that ONNX file with -c")
+        return reference_from_metadata(meta, reference), meta, None, None
+    if source in ("module", "extractor") and meta.extra.get("module"):
+        return _module_from_metadata(meta, model_path, reference), meta, None, None
+    if reference is None:
+        raise InputError(f"pass the checkpoint {Path(model_path).name} was exported from with -c")
+    ck, meta = _matching(model, model_path, reference)
+    return ck.model, meta, recorded_dataset(ck.info), recorded_split(ck.info)
+
+
 def verify_model(
     model_path: str | os.PathLike,
-    checkpoint: str | os.PathLike,
+    checkpoint: str | os.PathLike | None,
     options: ExportOptions = ExportOptions(),
     progress: Progress | None = None,
     write_figures: bool = False,
 ) -> VerificationReport:
-    """Verify an exported model against the checkpoint it came from. The model file is left
-    as it is, unless ``write_figures``: then, when it passes, its metadata gets the figures
-    (written atomically). A failure changes nothing."""
+    """Verify an exported (or wrapped) model against what it came from: its checkpoint, its
+    module's weights, or the original ONNX file. The model file is left as it is, unless
+    ``write_figures``: then, when it passes, its metadata gets the figures (written atomically).
+    A failure changes nothing."""
     model = load_model(model_path)
-    ck, meta = _matching(model, model_path, checkpoint)
-    data = labelled_images(novel_images(options.data or recorded_dataset(ck.info), meta.preprocess, options.data_dir, split=recorded_split(ck.info)))
-    report = verify(model, ck.model, data, options.verify or VerifySpec(), progress, name=str(model_path))
+    reference, meta, dataset, split = _reference(model, model_path, checkpoint)
+    data = labelled_images(novel_images(options.data or dataset, meta.preprocess, options.data_dir, split=split))
+    report = verify(model, reference, data, options.verify or VerifySpec(), progress, name=str(model_path))
     if write_figures:
         write_metadata(model_path, metadata_with(meta, report), model)
     return report
 
 
-def quantize_model(model_path: str | os.PathLike, checkpoint: str | os.PathLike, out: str | os.PathLike, options: ExportOptions = ExportOptions(), progress: Progress | None = None) -> ExportOutcome:
-    """int8 variant of an exported fp32 model, calibrated on the checkpoint's base classes and
-    verified against the checkpoint on its novel classes; written once, to ``out``."""
-    out = _outputs(out, options, model_path, checkpoint)
+def quantize_model(model_path: str | os.PathLike, checkpoint: str | os.PathLike | None, out: str | os.PathLike, options: ExportOptions = ExportOptions(), progress: Progress | None = None) -> ExportOutcome:
+    """int8 variant of an exported (or wrapped) fp32 model, calibrated on base-class images and
+    verified against what it came from (see :func:`verify_model`); written once, to ``out``."""
+    out = _outputs(out, options, model_path, *([checkpoint] if checkpoint else []))
     model = load_model(model_path)
-    ck, meta = _matching(model, model_path, checkpoint)
+    reference, meta, dataset, split = _reference(model, model_path, checkpoint)
     refuse_fixed_batch(Path(model_path), "calibration", model=model)
-    dataset = recorded_dataset(ck.info)
-    data = _verification_data(options, dataset, meta.preprocess, recorded_split(ck.info))
+    data = _verification_data(options, dataset, meta.preprocess, split)
     _stage(progress, "calibrating int8")
-    calibration = base_images(options.calibration_data or dataset, meta.preprocess, options.data_dir, recorded_split(ck.info))
+    calibration = base_images(options.calibration_data or dataset, meta.preprocess, options.data_dir, split)
     q = int8_model(model, calibration_images(calibration, options.quantize), options.quantize, name=str(model_path))
-    return _finish(q, ck.model, out, options, data, progress)
+    return _finish(q, reference, out, options, data, progress)

@@ -45,7 +45,7 @@ from edgemeta.runtime.spec import (
     PreprocessSpec,
 )
 
-__all__ = ["WrapSpec", "load_foreign", "wrap_graph", "OnnxReference", "wrap_model", "default_threshold"]
+__all__ = ["WrapSpec", "load_foreign", "wrap_graph", "OnnxReference", "wrap_model", "default_threshold", "reference_from_metadata"]
 
 _RESERVED = (INPUT_IMAGES, INPUT_PROTOTYPES, INPUT_SQNORMS, OUTPUT_EMBEDDINGS, OUTPUT_LOGITS)
 _P = "wrap/"
@@ -377,6 +377,23 @@ class OnnxReference(nn.Module):
     def forward(self, images: torch.Tensor, prototypes: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         z = self.embed(images)
         return z, self.logits(z, prototypes)
+
+
+def reference_from_metadata(meta: ModelMetadata, original: str | os.PathLike) -> OnnxReference:
+    """The reference of a wrapped model (its metadata) rebuilt on the ``original`` file, which
+    must be the file it was wrapped from (same SHA-256)."""
+    from edgemeta.checkpoint import file_sha256
+    from edgemeta.runtime.errors import ModelMismatchError
+
+    if file_sha256(original) != meta.source_checkpoint_sha256:
+        raise ModelMismatchError(
+            f"{Path(original).name} is not the file this model was wrapped from ({meta.extra.get('source_file')}, "
+            f"SHA-256 {meta.source_checkpoint_sha256[:12]}...); pass that file with -c"
+        )
+    e = meta.extra
+    spec = WrapSpec(meta.preprocess, e.get("embedding_output") or None, e.get("pool") or None, meta.metric,
+                    meta.normalization, e.get("color_order") == "bgr", float(e.get("logit_scale", 10.0)))
+    return OnnxReference(load_foreign(original), spec).eval()
 
 
 # ---------------------------------------------------------------- the pipeline call

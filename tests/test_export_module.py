@@ -20,10 +20,14 @@ NETS = """
     from torch import nn
 
     def vector():
-        return nn.Sequential(nn.Conv2d(1, 8, 3, padding=1), nn.BatchNorm2d(8), nn.ReLU(), nn.AdaptiveAvgPool2d(2), nn.Flatten())
+        return nn.Sequential(
+            nn.Conv2d(1, 8, 3, padding=1), nn.BatchNorm2d(8), nn.ReLU(), nn.AdaptiveAvgPool2d(2), nn.Flatten()
+        )
 
     def feature_map():
-        return nn.Sequential(nn.Conv2d(1, 16, 3, padding=1), nn.ReLU(), nn.Conv2d(16, 32, 3, stride=2, padding=1), nn.ReLU())
+        return nn.Sequential(
+            nn.Conv2d(1, 16, 3, padding=1), nn.ReLU(), nn.Conv2d(16, 32, 3, stride=2, padding=1), nn.ReLU()
+        )
     """
 ARGS = [
     "--size",
@@ -116,3 +120,26 @@ def test_a_feature_map_is_refused_with_the_fix_and_pooled_when_asked(mods):
     assert meta["embedding_dim"] == 32 and meta["extra"]["pool"] == "avg"
     r = run("export", "--module", "mods/nets.py:vector", *ARGS, "--pool", "avg", "-o", "v.onnx")
     assert r.exit_code == 1 and "already returns a vector" in r.output
+
+
+def test_verify_and_quantize_rebuild_the_module_from_the_metadata(mods):
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("nets_for_weights2", mods / "mods" / "nets.py")
+    nets = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(nets)
+    save_file(nets.vector().state_dict(), str(mods / "w.safetensors"))
+    save_file({k: v + 1 for k, v in nets.vector().state_dict().items()}, str(mods / "other.safetensors"))
+    r = run("export", "--module", "mods/nets.py:vector", "--weights", "w.safetensors", *ARGS, "-o", "v.onnx")
+    assert r.exit_code == 0, r.output
+    r = run("verify", "v.onnx", "-c", "w.safetensors", "--data", "omniglot", "--episodes", "10", "--json")
+    assert r.exit_code == 0, r.output
+    assert json.loads(r.output)["passed"]
+    r = run("verify", "v.onnx", "--data", "omniglot", "--episodes", "10")
+    assert r.exit_code == 1 and "pass them with -c WEIGHTS.safetensors" in r.output
+    r = run("verify", "v.onnx", "-c", "other.safetensors", "--data", "omniglot", "--episodes", "10")
+    assert r.exit_code == 1 and "other.safetensors is not the weights v.onnx was exported with" in r.output
+    r = run("quantize", "v.onnx", "-c", "w.safetensors", "-o", "v.int8.onnx", "--data", "omniglot", "--episodes", "10",
+            "--calibration-data", "omniglot", "--calibration-images", "64", "--json")
+    assert r.exit_code == 0, r.output
+    assert json.loads(r.output)["precision"] == "int8"

@@ -463,3 +463,22 @@ def test_a_paddleocr_model_goes_through_wrap_fp16_enroll_predict_benchmark(paddl
     assert len(json.loads(r.output)["predictions"]) == len(queries)
     r = run("benchmark", str(fp32), "--runs", "3", "--warmup", "1", "--json")
     assert r.exit_code == 0, r.output
+
+
+def test_verify_and_quantize_take_a_wrapped_model_with_its_original(models, photos, tmp_path):
+    fp32, int8 = tmp_path / "r18.onnx", tmp_path / "r18.int8.onnx"
+    data = ["--data", str(photos["novel"]), "--episodes", "10"]
+    r = run("wrap", str(models["resnet18"]), "-o", str(fp32), "--mean", MEAN, "--std", STD, *data)
+    assert r.exit_code == 0, r.output
+    before = fp32.read_bytes()
+    r = run("verify", str(fp32), "-c", str(models["resnet18"]), *data, "--json")
+    assert r.exit_code == 0, r.output
+    assert json.loads(r.output)["passed"] and fp32.read_bytes() == before
+    r = run("verify", str(fp32), "-c", str(models["mobilenet"]), *data)
+    assert r.exit_code == 1 and "is not the file this model was wrapped from (resnet18.onnx" in r.output
+    r = run("verify", str(fp32), *data)
+    assert r.exit_code == 1 and "was wrapped from resnet18.onnx; pass that ONNX file with -c" in r.output
+    r = run("quantize", str(fp32), "-c", str(models["resnet18"]), "-o", str(int8), *data,
+            "--calibration-data", str(photos["base"]), "--calibration-images", "48", "--json")
+    assert r.exit_code == 0, r.output
+    assert json.loads(r.output)["precision"] == "int8" and json.loads(r.output)["verification"]["passed"]

@@ -34,6 +34,8 @@ LAYOUT_HELP = ("How the stem meets int8 on ONNX Runtime's CPU provider: auto (s2
                "in int8 with its pooling; Conv-4's fastest). Compare with `edgemeta benchmark`.")
 CALIB_HELP = "Base-class images for int8 calibration (default: Omniglot background / Tiny-ImageNet train; never evaluation classes)."
 DATA_DIR_HELP = "Data folder (default: $EDGEMETA_DATA_DIR)."
+REFERENCE_HELP = ("What the model came from: its checkpoint, the --weights of an `export --module` model (none if it had none), "
+                  "or the original ONNX file of a wrapped model.")
 
 
 @contextlib.contextmanager
@@ -205,7 +207,7 @@ def export_cmd(
 @command("verify")
 def verify_cmd(
     model: Path = typer.Argument(..., help="Exported ONNX model."),
-    checkpoint: Path = typer.Option(..., "--checkpoint", "-c", help="The checkpoint the model was exported from."),
+    checkpoint: Optional[Path] = typer.Option(None, "--checkpoint", "-c", help=REFERENCE_HELP),
     episodes: int = typer.Option(1000, help="Episodes (5-way 1-shot)."),
     data: Optional[str] = typer.Option(None, help=DATA_HELP),
     data_dir: Optional[Path] = typer.Option(None, help=DATA_DIR_HELP),
@@ -229,7 +231,7 @@ def verify_cmd(
 @command("quantize")
 def quantize_cmd(
     model: Path = typer.Argument(..., help="Exported fp32 ONNX model."),
-    checkpoint: Path = typer.Option(..., "--checkpoint", "-c", help="The checkpoint the model was exported from."),
+    checkpoint: Optional[Path] = typer.Option(None, "--checkpoint", "-c", help=REFERENCE_HELP),
     output: Path = typer.Option(..., "--output", "-o", help="int8 model to write, e.g. model.int8.onnx."),
     calibration_data: Optional[str] = typer.Option(None, help=CALIB_HELP),
     calibration_images: int = typer.Option(256, help="Images for calibration."),
