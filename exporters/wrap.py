@@ -45,7 +45,15 @@ from edgemeta.runtime.spec import (
     PreprocessSpec,
 )
 
-__all__ = ["WrapSpec", "load_foreign", "wrap_graph", "OnnxReference", "wrap_model", "default_threshold", "reference_from_metadata"]
+__all__ = [
+    "WrapSpec",
+    "load_foreign",
+    "wrap_graph",
+    "OnnxReference",
+    "wrap_model",
+    "default_threshold",
+    "reference_from_metadata",
+]
 
 _RESERVED = (INPUT_IMAGES, INPUT_PROTOTYPES, INPUT_SQNORMS, OUTPUT_EMBEDDINGS, OUTPUT_LOGITS)
 _P = "wrap/"
