@@ -478,7 +478,103 @@ def test_verify_and_quantize_take_a_wrapped_model_with_its_original(models, phot
     assert r.exit_code == 1 and "is not the file this model was wrapped from (resnet18.onnx" in r.output
     r = run("verify", str(fp32), *data)
     assert r.exit_code == 1 and "was wrapped from resnet18.onnx; pass that ONNX file with -c" in r.output
-    r = run("quantize", str(fp32), "-c", str(models["resnet18"]), "-o", str(int8), *data,
-            "--calibration-data", str(photos["base"]), "--calibration-images", "48", "--json")
+    r = run(
+        "quantize",
+        str(fp32),
+        "-c",
+        str(models["resnet18"]),
+        "-o",
+        str(int8),
+        *data,
+        "--calibration-data",
+        str(photos["base"]),
+        "--calibration-images",
+        "48",
+        "--json",
+    )
     assert r.exit_code == 0, r.output
     assert json.loads(r.output)["precision"] == "int8" and json.loads(r.output)["verification"]["passed"]
+
+
+# ---------------------------------------------------------------- refusals on tiny graphs made with onnx.helper
+
+
+def _graph(
+    inputs, out_name: str = "z", out_shape=("n", 4), elem=onnx.TensorProto.FLOAT, extra_nodes=()
+) -> onnx.ModelProto:
+    """``x`` [n, 3, 8, 8] -> GlobalAveragePool -> Flatten -> Mul by 1 -> ``out_name``."""
+    h = onnx.helper
+    nodes = [
+        h.make_node("GlobalAveragePool", ["x"], ["map"]),
+        h.make_node("Flatten", ["map"], ["flat"]),
+        h.make_node("Mul", ["flat", "one"], [out_name]),
+        *extra_nodes,
+    ]
+    one = onnx.numpy_helper.from_array(np.ones(3, np.float32), "one")
+    ins = [h.make_tensor_value_info(n, elem, s) for n, s in inputs]
+    out = h.make_tensor_value_info(out_name, onnx.TensorProto.FLOAT, list(out_shape))
+    return h.make_model(h.make_graph(nodes, "tiny", ins, [out], [one]), opset_imports=[h.make_opsetid("", 18)])
+
+
+X = [("x", ["n", 3, 8, 8])]
+
+
+@pytest.mark.parametrize(
+    "model, spec_kw, message",
+    [
+        (_graph([*X, ("y", ["n", 3])]), {}, "the model takes 2 inputs (x, y)"),
+        (_graph([("x", ["n", 3, 8, 8])], elem=onnx.TensorProto.UINT8), {}, "input 'x' is not float32 [batch, C, H, W]"),
+        (_graph([("x", ["n", 3, 64])]), {}, "input 'x' is not float32 [batch, C, H, W]"),
+        (_graph(X, out_name="logits"), {}, "already has tensors named logits"),
+        (_graph(X), {"output": "nothing"}, "the model has no tensor 'nothing'"),
+        (_graph(X), {"pool": "avg"}, "is already a vector [batch, 3]; drop --pool"),
+        (_graph(X), {"output": "map"}, "is a 4-D feature map [2, 3, 1, 1]"),
+        (_graph([("x", [1, 1, 8, 8])]), {}, "the model reads 1 channels, not 3: pass --channels 1"),
+    ],
+)
+def test_wrap_refuses_what_it_cannot_wrap(model, spec_kw, message):
+    from edgemeta.exporters.wrap import WrapSpec, wrap_graph
+    from edgemeta.runtime.spec import PreprocessSpec
+
+    with pytest.raises(InputError) as e:
+        wrap_graph(model, WrapSpec(PreprocessSpec.create(8, 3), **spec_kw))
+    assert message in str(e.value)
+
+
+@pytest.mark.parametrize(
+    "kw, message",
+    [
+        ({"pool": "sum"}, "--pool must be avg or max"),
+        ({"normalization": "centered_l2"}, "centered_l2 needs a base-class mean"),
+    ],
+)
+def test_a_wrap_spec_refuses_bad_options(kw, message):
+    from edgemeta.exporters.wrap import WrapSpec
+    from edgemeta.runtime.spec import Normalization, PreprocessSpec
+
+    kw = {**kw, **({"normalization": Normalization(kw["normalization"])} if "normalization" in kw else {})}
+    with pytest.raises(InputError, match=message):
+        WrapSpec(PreprocessSpec.create(8, 3), **kw)
+
+
+def test_bgr_needs_three_channels():
+    from edgemeta.exporters.wrap import WrapSpec
+    from edgemeta.runtime.spec import PreprocessSpec
+
+    with pytest.raises(InputError, match="--color-order bgr needs a 3-channel model"):
+        WrapSpec(PreprocessSpec.create(8, 1), bgr=True)
+
+
+def test_an_absolute_external_data_location_is_refused(models, tmp_path):
+    from edgemeta.exporters.wrap import load_foreign
+
+    model = onnx.load(str(models["mobilenet"]))
+    onnx.save_model(model, str(tmp_path / "m.onnx"), save_as_external_data=True, location="m.data", size_threshold=0)
+    m = onnx.load(str(tmp_path / "m.onnx"), load_external_data=False)
+    for t in m.graph.initializer:
+        for e in t.external_data:
+            if e.key == "location":
+                e.value = str(tmp_path / "m.data")
+    onnx.save_model(m, str(tmp_path / "abs.onnx"))
+    with pytest.raises(InputError, match="outside the model's folder"):
+        load_foreign(tmp_path / "abs.onnx")
