@@ -218,6 +218,41 @@ def module_fingerprint(module: nn.Module, description: dict[str, Any]) -> str:
     return h.hexdigest()[:16]
 
 
+def _import_module(modname: str):
+    sys.path.insert(0, os.getcwd())
+    try:
+        return importlib.import_module(modname)
+    except Exception as e:  # a user module can fail to import in any way
+        raise InputError(
+            f"cannot import {modname!r} ({type(e).__name__}: {e}); check --module and that the package is importable"
+        ) from None
+    finally:
+        sys.path.remove(os.getcwd())
+
+
+def _import_file(path: str):
+    """A module from a ``.py`` file (``importlib.import_module`` takes dotted names only; given a
+    path it failed with a TypeError about a 'package' argument). Its folder is importable while
+    it loads, so it may import its neighbours."""
+    import importlib.util
+
+    file = Path(path)
+    if not file.is_file():
+        raise InputError(f"--module file {path} not found; give path/to/file.py:factory or package.module:factory")
+    name = f"edgemeta_user_{hashlib.sha256(str(file.resolve()).encode()).hexdigest()[:12]}"
+    spec = importlib.util.spec_from_file_location(name, file)
+    mod = importlib.util.module_from_spec(spec)
+    folder = str(file.resolve().parent)
+    sys.path.insert(0, folder)
+    try:
+        spec.loader.exec_module(mod)
+    except Exception as e:  # a user module can fail to import in any way
+        raise InputError(f"cannot load {path} ({type(e).__name__}: {e}); check --module") from None
+    finally:
+        sys.path.remove(folder)
+    return mod
+
+
 def load_module_ref(ref: str, weights: str | os.PathLike | None = None) -> nn.Module:
     """Build the module named by ``package.module:factory`` and load ``weights`` (safetensors).
 
@@ -225,18 +260,10 @@ def load_module_ref(ref: str, weights: str | os.PathLike | None = None) -> nn.Mo
     module; it is called without arguments. The current folder is importable, as for
     ``python -m``.
     """
-    modname, _, attr = ref.partition(":")
+    modname, _, attr = ref.rpartition(":")
     if not modname or not attr:
-        raise InputError(f"--module {ref!r} must look like package.module:factory")
-    sys.path.insert(0, os.getcwd())
-    try:
-        mod = importlib.import_module(modname)
-    except Exception as e:  # a user module can fail to import in any way
-        raise InputError(
-            f"cannot import {modname!r} ({type(e).__name__}: {e}); check --module and that the package is importable"
-        ) from None
-    finally:
-        sys.path.remove(os.getcwd())
+        raise InputError(f"--module {ref!r} must look like package.module:factory or path/to/file.py:factory")
+    mod = _import_file(modname) if modname.endswith(".py") else _import_module(modname)
     obj = getattr(mod, attr, None)
     if obj is None:
         raise InputError(f"module {modname!r} has no attribute {attr!r}; check --module")

@@ -186,6 +186,7 @@ class ModuleRef:
     metric: Metric = Metric.SQEUCLIDEAN
     normalization: Normalization = Normalization.NONE
     scale: float = 10.0
+    pool: str | None = None  # avg | max: a feature extractor's [batch, C, H, W] map, pooled into a vector
 
 
 @dataclass
@@ -409,6 +410,44 @@ def _embedding_dim(model: nn.Module, pp: PreprocessSpec) -> int:
         ) from None
 
 
+class _Pooled(nn.Module):
+    """A feature map [batch, C, ...] pooled over its spatial axes, as ``--pool`` asks."""
+
+    def __init__(self, extractor: nn.Module, how: str) -> None:
+        super().__init__()
+        self.extractor, self.how = extractor, how
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        f = self.extractor(images).flatten(2)
+        return f.mean(2) if self.how == "avg" else f.amax(2)
+
+
+def _vector_output(module: nn.Module, ref: ModuleRef) -> nn.Module:
+    """``module`` when it returns [batch, dim]; pooled when it returns a map and ``ref.pool`` says
+    how; else refused (flattening a map silently made an 8,192-d embedding of a ResNet's)."""
+    pp = ref.preprocess
+    try:
+        with torch.no_grad():
+            out = module(torch.zeros(2, pp.channels, *pp.size))
+    except Exception as e:  # a user module can fail in any way
+        raise InputError(
+            f"{ref.ref} fails on images of shape {(2, pp.channels, *pp.size)} ({type(e).__name__}: {e}); check --size and --channels"
+        ) from None
+    if not isinstance(out, torch.Tensor):
+        raise InputError(f"{ref.ref} returns {type(out).__name__}, not a tensor; return the embedding [batch, dim]")
+    if out.ndim > 2 and ref.pool is None:
+        raise InputError(
+            f"{ref.ref} returns a {out.ndim}-D map {list(out.shape)}, not [batch, dim]: pass --pool avg (or max), or return a vector"
+        )
+    if out.ndim == 2 and ref.pool is not None:
+        raise InputError(f"{ref.ref} already returns a vector [batch, {out.shape[1]}]; drop --pool")
+    if out.ndim < 2:
+        raise InputError(
+            f"{ref.ref} returns shape {list(out.shape)}, not [batch, dim]; return the embedding [batch, dim]"
+        )
+    return _Pooled(module, ref.pool).eval() if ref.pool else module
+
+
 def _user_model(ref: ModuleRef) -> tuple[nn.Module, str]:
     module = load_module_ref(ref.ref)
     state = read_weights(ref.weights) if ref.weights else {}
@@ -419,8 +458,29 @@ def _user_model(ref: ModuleRef) -> tuple[nn.Module, str]:
     module.eval()
     if not is_extractor(module):
         return module, "module"
+    module = _vector_output(module, ref)
     scale = float(extras["scale"]) if "scale" in extras else ref.scale
     return WrappedExtractor(module, ref.metric, ref.normalization, extras.get("center"), scale).eval(), "extractor"
+
+
+def _module_threshold(model: nn.Module, ref: ModuleRef, options: ExportOptions) -> tuple[float, str] | None:
+    """The default open-set threshold of a feature extractor, as a checkpoint's: on the user's
+    base-class images (``--calibration-data``) when given, else on the verification images."""
+    if not (callable(getattr(model, "embed", None)) and callable(getattr(model, "logits", None))):
+        return None  # a full forward(images, prototypes) module: its distances are its own
+    from edgemeta.exporters.wrap import default_threshold
+
+    source = options.calibration_data or options.data
+    if not source:
+        return None
+    images = (
+        base_images(source, ref.preprocess, options.data_dir)
+        if options.calibration_data
+        else novel_images(source, ref.preprocess, options.data_dir)
+    )
+    scale = float(model.scale) if isinstance(getattr(model, "scale", None), torch.Tensor) else ref.scale
+    t = default_threshold(model, labelled_images(images), ref.metric, scale)
+    return None if t is None else (t, images.name)
 
 
 def export_module(
@@ -441,7 +501,24 @@ def export_module(
         "preprocess": pp.to_dict(),
         "metric": ref.metric.value,
         "normalization": ref.normalization.value,
+        **({"pool": ref.pool} if ref.pool else {}),
     }
+    weights_sha = file_sha256(ref.weights) if ref.weights else ""
+    # what verify, quantize and benchmark --checkpoint need to rebuild the module
+    extra: dict[str, Any] = {
+        "source": kind,
+        "module": ref.ref,
+        "weights_sha256": weights_sha,
+        "pool": ref.pool or "",
+        "scale": float(ref.scale),
+    }
+    if ref.metric is Metric.COSINE:
+        extra["logit_scale"] = (
+            float(model.scale) if isinstance(getattr(model, "scale", None), torch.Tensor) else float(ref.scale)
+        )
+    threshold = _module_threshold(model, ref, options)
+    if threshold is not None:
+        extra["open_set_threshold"], extra["open_set_threshold_data"] = threshold
     meta = ModelMetadata(
         preprocess=pp,
         embedding_dim=_embedding_dim(model, pp),
@@ -449,9 +526,9 @@ def export_module(
         normalization=ref.normalization,
         fingerprint=module_fingerprint(model, description),
         backbone=ref.ref,
-        source_checkpoint_sha256=file_sha256(ref.weights) if ref.weights else "",
+        source_checkpoint_sha256=weights_sha,
         producer=f"edgemeta {__version__}",
-        extra={"source": kind},
+        extra=extra,
     )
     return _build(model, meta, out, options, None, progress)
 
@@ -471,24 +548,74 @@ def _matching(
     return ck, meta
 
 
+def _module_from_metadata(
+    meta: ModelMetadata, model_path: str | os.PathLike, weights: str | os.PathLike | None
+) -> nn.Module:
+    """The module an ``export --module`` model was made from, rebuilt from its metadata and ``weights``."""
+    extra = meta.extra
+    want = extra.get("weights_sha256") or ""
+    if want and weights is None:
+        raise InputError(
+            f"{Path(model_path).name} was exported from {extra['module']} with weights {want[:12]}...; pass them with -c WEIGHTS.safetensors"
+        )
+    if weights is not None and file_sha256(weights) != want:
+        raise ModelMismatchError(
+            f"{Path(weights).name} is not the weights {Path(model_path).name} was exported with ({want[:12] or 'none'}...); pass those"
+        )
+    ref = ModuleRef(
+        extra["module"],
+        str(weights) if weights else None,
+        meta.preprocess,
+        meta.metric,
+        meta.normalization,
+        float(extra.get("scale", 10.0)),
+        extra.get("pool") or None,
+    )
+    model, _ = _user_model(ref)
+    return model
+
+
+def _reference(
+    model: onnx.ModelProto, model_path: str | os.PathLike, reference: str | os.PathLike | None
+) -> tuple[nn.Module, ModelMetadata, str | None, ClassSplit | None]:
+    """What a model is checked against, wherever it came from: the checkpoint, the user's module
+    (rebuilt from the metadata) or, for ``edgemeta wrap``, the original ONNX file. Returns the
+    reference, the model's metadata, the data set and class split recorded with it."""
+    meta = read_metadata(model)
+    if meta is None:
+        raise InputError(f"{model_path} has no edgemeta metadata; export it with `edgemeta export` or `edgemeta wrap`")
+    source = meta.extra.get("source")
+    if source == "onnx":
+        from edgemeta.exporters.wrap import reference_from_metadata
+
+        if reference is None:
+            raise InputError(
+                f"{Path(model_path).name} was wrapped from {meta.extra.get('source_file')}; pass that ONNX file with -c"
+            )
+        return reference_from_metadata(meta, reference), meta, None, None
+    if source in ("module", "extractor") and meta.extra.get("module"):
+        return _module_from_metadata(meta, model_path, reference), meta, None, None
+    if reference is None:
+        raise InputError(f"pass the checkpoint {Path(model_path).name} was exported from with -c")
+    ck, meta = _matching(model, model_path, reference)
+    return ck.model, meta, recorded_dataset(ck.info), recorded_split(ck.info)
+
+
 def verify_model(
     model_path: str | os.PathLike,
-    checkpoint: str | os.PathLike,
+    checkpoint: str | os.PathLike | None,
     options: ExportOptions = ExportOptions(),
     progress: Progress | None = None,
     write_figures: bool = False,
 ) -> VerificationReport:
-    """Verify an exported model against the checkpoint it came from. The model file is left
-    as it is, unless ``write_figures``: then, when it passes, its metadata gets the figures
-    (written atomically). A failure changes nothing."""
+    """Verify an exported (or wrapped) model against what it came from: its checkpoint, its
+    module's weights, or the original ONNX file. The model file is left as it is, unless
+    ``write_figures``: then, when it passes, its metadata gets the figures (written atomically).
+    A failure changes nothing."""
     model = load_model(model_path)
-    ck, meta = _matching(model, model_path, checkpoint)
-    data = labelled_images(
-        novel_images(
-            options.data or recorded_dataset(ck.info), meta.preprocess, options.data_dir, split=recorded_split(ck.info)
-        )
-    )
-    report = verify(model, ck.model, data, options.verify or VerifySpec(), progress, name=str(model_path))
+    reference, meta, dataset, split = _reference(model, model_path, checkpoint)
+    data = labelled_images(novel_images(options.data or dataset, meta.preprocess, options.data_dir, split=split))
+    report = verify(model, reference, data, options.verify or VerifySpec(), progress, name=str(model_path))
     if write_figures:
         write_metadata(model_path, metadata_with(meta, report), model)
     return report
@@ -496,22 +623,19 @@ def verify_model(
 
 def quantize_model(
     model_path: str | os.PathLike,
-    checkpoint: str | os.PathLike,
+    checkpoint: str | os.PathLike | None,
     out: str | os.PathLike,
     options: ExportOptions = ExportOptions(),
     progress: Progress | None = None,
 ) -> ExportOutcome:
-    """int8 variant of an exported fp32 model, calibrated on the checkpoint's base classes and
-    verified against the checkpoint on its novel classes; written once, to ``out``."""
-    out = _outputs(out, options, model_path, checkpoint)
+    """int8 variant of an exported (or wrapped) fp32 model, calibrated on base-class images and
+    verified against what it came from (see :func:`verify_model`); written once, to ``out``."""
+    out = _outputs(out, options, model_path, *([checkpoint] if checkpoint else []))
     model = load_model(model_path)
-    ck, meta = _matching(model, model_path, checkpoint)
+    reference, meta, dataset, split = _reference(model, model_path, checkpoint)
     refuse_fixed_batch(Path(model_path), "calibration", model=model)
-    dataset = recorded_dataset(ck.info)
-    data = _verification_data(options, dataset, meta.preprocess, recorded_split(ck.info))
+    data = _verification_data(options, dataset, meta.preprocess, split)
     _stage(progress, "calibrating int8")
-    calibration = base_images(
-        options.calibration_data or dataset, meta.preprocess, options.data_dir, recorded_split(ck.info)
-    )
+    calibration = base_images(options.calibration_data or dataset, meta.preprocess, options.data_dir, split)
     q = int8_model(model, calibration_images(calibration, options.quantize), options.quantize, name=str(model_path))
-    return _finish(q, ck.model, out, options, data, progress)
+    return _finish(q, reference, out, options, data, progress)

@@ -43,6 +43,10 @@ LAYOUT_HELP = (
 )
 CALIB_HELP = "Base-class images for int8 calibration (default: Omniglot background / Tiny-ImageNet train; never evaluation classes)."
 DATA_DIR_HELP = "Data folder (default: $EDGEMETA_DATA_DIR)."
+REFERENCE_HELP = (
+    "What the model came from: its checkpoint, the --weights of an `export --module` model (none if it had none), "
+    "or the original ONNX file of a wrapped model."
+)
 
 
 @contextlib.contextmanager
@@ -142,14 +146,28 @@ def _module_ref(
     std: Optional[str],
     metric: Metric,
     normalization: Normalization,
+    pool: Optional[str],
+    options,
 ):
+    """The :class:`ModuleRef` the options give; every missing or bad option in one message."""
     from edgemeta.exporters import ModuleRef
     from edgemeta.runtime.spec import PreprocessSpec
 
+    problems = []
     if size is None:
-        raise InputError("--module needs the input size: pass --size (and --channels, --mean, --std)")
+        problems.append("--size (the input side in pixels)")
+    if mean is None or std is None:
+        problems.append("--mean and --std (the per-channel normalization of [0, 1] pixels; --mean 0 --std 1 if none)")
+    if pool not in (None, "avg", "max"):
+        problems.append(f"--pool avg or max (got {pool!r})")
+    if options.verify is not None and not options.data:
+        problems.append("--data (novel-class images to verify on: a folder, tiny-imagenet or omniglot; or --no-verify)")
+    if options.precision is Precision.INT8 and not options.calibration_data:
+        problems.append("--calibration-data (base-class images for int8)")
+    if problems:
+        raise InputError("--module needs " + "; ".join(problems))
     pp = PreprocessSpec.create(size, channels, _floats(mean, "--mean"), _floats(std, "--std"))
-    return ModuleRef(module, str(weights) if weights else None, pp, metric, normalization)
+    return ModuleRef(module, str(weights) if weights else None, pp, metric, normalization, pool=pool)
 
 
 def _show_outcome(outcome, json_out: bool) -> None:
@@ -215,7 +233,9 @@ def export_cmd(
     conv_kernel: str = typer.Option("direct", help=KERNEL_HELP),
     stem_layout: str = typer.Option("auto", help=LAYOUT_HELP),
     data_dir: Optional[Path] = typer.Option(None, help=DATA_DIR_HELP),
-    module: Optional[str] = typer.Option(None, help="Export your own module instead: package.module:factory."),
+    module: Optional[str] = typer.Option(
+        None, help="Export your own module instead: package.module:factory or path/to/file.py:factory."
+    ),
     weights: Optional[Path] = typer.Option(None, help="safetensors weights for --module."),
     size: Optional[int] = typer.Option(None, help="--module input side in pixels."),
     channels: int = typer.Option(3, help="--module input channels (1 or 3)."),
@@ -223,6 +243,9 @@ def export_cmd(
     std: Optional[str] = typer.Option(None, help="--module per-channel std."),
     metric: Metric = typer.Option(Metric.SQEUCLIDEAN, help="--module metric."),
     normalization: Normalization = typer.Option(Normalization.NONE, help="--module embedding normalization."),
+    pool: Optional[str] = typer.Option(
+        None, help="--module returning a feature map: pool it into a vector (avg or max)."
+    ),
     json_out: bool = typer.Option(False, "--json", help="Print the result as JSON."),
 ) -> None:
     """Export a checkpoint (or your own module) to ONNX, verified against torch on real images."""
@@ -247,7 +270,7 @@ def export_cmd(
     )
     with _progress(not json_out) as progress:
         if module:
-            ref = _module_ref(module, weights, size, channels, mean, std, metric, normalization)
+            ref = _module_ref(module, weights, size, channels, mean, std, metric, normalization, pool, options)
             outcome = export_module(ref, output, options, progress)
         elif checkpoint is None:
             raise InputError("give a checkpoint to export, or --module package.module:factory")
@@ -259,7 +282,7 @@ def export_cmd(
 @command("verify")
 def verify_cmd(
     model: Path = typer.Argument(..., help="Exported ONNX model."),
-    checkpoint: Path = typer.Option(..., "--checkpoint", "-c", help="The checkpoint the model was exported from."),
+    checkpoint: Optional[Path] = typer.Option(None, "--checkpoint", "-c", help=REFERENCE_HELP),
     episodes: int = typer.Option(1000, help="Episodes (5-way 1-shot)."),
     data: Optional[str] = typer.Option(None, help=DATA_HELP),
     data_dir: Optional[Path] = typer.Option(None, help=DATA_DIR_HELP),
@@ -285,7 +308,7 @@ def verify_cmd(
 @command("quantize")
 def quantize_cmd(
     model: Path = typer.Argument(..., help="Exported fp32 ONNX model."),
-    checkpoint: Path = typer.Option(..., "--checkpoint", "-c", help="The checkpoint the model was exported from."),
+    checkpoint: Optional[Path] = typer.Option(None, "--checkpoint", "-c", help=REFERENCE_HELP),
     output: Path = typer.Option(..., "--output", "-o", help="int8 model to write, e.g. model.int8.onnx."),
     calibration_data: Optional[str] = typer.Option(None, help=CALIB_HELP),
     calibration_images: int = typer.Option(256, help="Images for calibration."),
@@ -401,3 +424,108 @@ def inspect_cmd(
         out.print(table)
     for note in info["notes"]:
         out.print(f"[dim]note: {note}[/]")
+
+
+def _wrap_spec(
+    model: Path,
+    size: Optional[str],
+    channels: Optional[int],
+    mean: Optional[str],
+    std: Optional[str],
+    interpolation: str,
+    color_order: str,
+    output_name: Optional[str],
+    pool: Optional[str],
+    metric: Metric,
+    normalization: Normalization,
+    scale: float,
+):
+    """The :class:`WrapSpec` the options give, every missing or bad option reported at once;
+    size and channels default to what the file declares."""
+    from edgemeta.exporters.wrap import WrapSpec, declared_preprocess, load_foreign
+    from edgemeta.runtime.spec import PreprocessSpec
+
+    declared = declared_preprocess(load_foreign(model))
+    problems = []
+    hw = declared["size"]
+    if size is not None:
+        try:
+            parts = [int(v) for v in size.split(",")]
+            hw = (parts[0], parts[-1]) if len(parts) in (1, 2) else None
+        except ValueError:
+            hw = None
+        if hw is None:
+            problems.append(f"--size must be one number or H,W, got {size!r}")
+    elif hw is None:
+        problems.append("--size (the model's input size is not fixed in the file)")
+    channels = channels or declared["channels"] or 3
+    if mean is None or std is None:
+        problems.append(
+            "--mean and --std (the model's per-channel normalization; pass --mean 0 --std 1 if it takes [0, 1] pixels as they are)"
+        )
+    if color_order not in ("rgb", "bgr"):
+        problems.append(f"--color-order must be rgb or bgr, got {color_order!r}")
+    if pool not in (None, "avg", "max"):
+        problems.append(f"--pool must be avg or max, got {pool!r}")
+    if problems:
+        raise InputError("wrap needs " + "; ".join(problems))
+    m, s = _floats(mean, "--mean"), _floats(std, "--std")
+    if color_order == "bgr":  # given in the model's channel order; the spec holds them in RGB order
+        m, s = (m[::-1] if isinstance(m, list) else m), (s[::-1] if isinstance(s, list) else s)
+    pp = PreprocessSpec.create(hw, channels, m, s, interpolation)
+    return WrapSpec(pp, output_name, pool, metric, normalization, color_order == "bgr", scale)
+
+
+@command("wrap")
+def wrap_cmd(
+    model: Path = typer.Argument(..., help="ONNX image-embedding model (one float32 [batch, C, H, W] input)."),
+    output: Path = typer.Option(..., "--output", "-o", help="edgemeta model to write."),
+    size: Optional[str] = typer.Option(None, help="Input side (or H,W); default: as the file declares."),
+    channels: Optional[int] = typer.Option(None, help="Input channels (1 or 3); default: as the file declares."),
+    mean: Optional[str] = typer.Option(
+        None, help="Per-channel mean of [0, 1] pixels, e.g. 0.485,0.456,0.406 (required)."
+    ),
+    std: Optional[str] = typer.Option(None, help="Per-channel std, e.g. 0.229,0.224,0.225 (required)."),
+    interpolation: str = typer.Option(
+        "bilinear",
+        "--interpolation",
+        "--resize",
+        help="Resize filter: bilinear, bicubic, nearest, box, lanczos, hamming.",
+    ),
+    color_order: str = typer.Option(
+        "rgb", help="Channel order the model reads: rgb or bgr (--mean/--std in that order)."
+    ),
+    embedding: Optional[str] = typer.Option(
+        None, "--embedding", help="The embedding tensor (any tensor name) when the model has several outputs."
+    ),
+    pool: Optional[str] = typer.Option(
+        None, help="Pool a feature map [batch, C, ...] into a vector: avg or max (a map is refused without it)."
+    ),
+    metric: Metric = typer.Option(Metric.SQEUCLIDEAN, help="Few-shot metric."),
+    normalization: Normalization = typer.Option(Normalization.NONE, help="Embedding normalization: none or l2."),
+    scale: float = typer.Option(10.0, help="Cosine logit scale."),
+    precision: Precision = typer.Option(Precision.FP32, help="fp32, fp16, or int8 (calibrated on --calibration-data)."),
+    verify: bool = typer.Option(True, "--verify/--no-verify", help="Verify against the original model on real images."),
+    episodes: int = typer.Option(200, help="Verification episodes (5-way 1-shot)."),
+    data: Optional[str] = typer.Option(
+        None, help="Images to verify on: a folder of class folders, tiny-imagenet or omniglot."
+    ),
+    calibration_data: Optional[str] = typer.Option(
+        None, help="Your base-class images (a folder of class folders): int8 calibration and the open-set threshold."
+    ),
+    calibration_images: int = typer.Option(256, help="Images for int8 calibration."),
+    data_dir: Optional[Path] = typer.Option(None, help=DATA_DIR_HELP),
+    json_out: bool = typer.Option(False, "--json", help="Print the result as JSON."),
+) -> None:
+    """Turn any ONNX image-embedding model into an edgemeta model, verified against the original."""
+    from edgemeta.exporters.wrap import wrap_model
+
+    spec = _wrap_spec(
+        model, size, channels, mean, std, interpolation, color_order, embedding, pool, metric, normalization, scale
+    )
+    options = _options(
+        precision, 18, False, False, verify, episodes, data, calibration_data, data_dir, calibration_images
+    )
+    with _progress(not json_out) as progress:
+        outcome = wrap_model(model, output, spec, options, progress)
+    _show_outcome(outcome, json_out)

@@ -1,0 +1,145 @@
+"""`edgemeta export --module` as a first-class path: file references, one message for every
+missing option, required normalization, feature maps pooled only when asked, and what the
+model metadata records (module, weights hash, open-set threshold)."""
+
+from __future__ import annotations
+
+import json
+import textwrap
+from pathlib import Path
+
+import pytest
+from safetensors.torch import save_file
+from typer.testing import CliRunner
+
+from edgemeta.checkpoint import file_sha256
+from edgemeta.cli import app
+from edgemeta.exporters import inspect
+
+NETS = """
+    from torch import nn
+
+    def vector():
+        return nn.Sequential(
+            nn.Conv2d(1, 8, 3, padding=1), nn.BatchNorm2d(8), nn.ReLU(), nn.AdaptiveAvgPool2d(2), nn.Flatten()
+        )
+
+    def feature_map():
+        return nn.Sequential(
+            nn.Conv2d(1, 16, 3, padding=1), nn.ReLU(), nn.Conv2d(16, 32, 3, stride=2, padding=1), nn.ReLU()
+        )
+    """
+ARGS = [
+    "--size",
+    "28",
+    "--channels",
+    "1",
+    "--mean",
+    "0.9211",
+    "--std",
+    "0.2166",
+    "--data",
+    "omniglot",
+    "--episodes",
+    "10",
+]
+
+
+@pytest.fixture
+def mods(tmp_path, monkeypatch, export_env) -> Path:
+    """``mods/nets.py`` under a working folder that is not a package."""
+    (tmp_path / "mods").mkdir()
+    (tmp_path / "mods" / "nets.py").write_text(textwrap.dedent(NETS))
+    monkeypatch.chdir(tmp_path)
+    return tmp_path
+
+
+def run(*args: str):
+    return CliRunner().invoke(app, [str(a) for a in args])
+
+
+def test_a_file_reference_exports_and_records_module_weights_and_threshold(mods):
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("nets_for_weights", mods / "mods" / "nets.py")
+    nets = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(nets)
+    save_file(nets.vector().state_dict(), str(mods / "w.safetensors"))
+    r = run("export", "--module", "mods/nets.py:vector", "--weights", "w.safetensors", *ARGS, "--json", "-o", "v.onnx")
+    assert r.exit_code == 0, r.output
+    meta = inspect("v.onnx")["metadata"]
+    assert meta["extra"]["module"] == "mods/nets.py:vector" and meta["extra"]["source"] == "extractor"
+    assert meta["extra"]["weights_sha256"] == file_sha256(mods / "w.safetensors") == meta["source_checkpoint_sha256"]
+    assert meta["extra"]["open_set_threshold"] > 0 and meta["embedding_dim"] == 32
+
+
+def test_a_missing_file_is_named(mods):
+    r = run("export", "--module", "mods/nope.py:vector", *ARGS, "-o", "v.onnx")
+    assert r.exit_code == 1 and "--module file mods/nope.py not found" in r.output
+
+
+def test_every_missing_option_is_reported_in_one_message(mods):
+    r = run("export", "--module", "mods/nets.py:vector", "--precision", "int8", "--pool", "sum", "-o", "v.onnx")
+    assert r.exit_code == 1
+    line = r.output.strip()
+    assert len(line.splitlines()) == 1
+    for part in ("--size", "--mean and --std", "--pool avg or max", "--data", "--calibration-data"):
+        assert part in line, line
+    assert not (mods / "v.onnx").exists()
+
+
+def test_mean_and_std_are_required_but_may_be_explicitly_identity(mods):
+    base = [
+        "export",
+        "--module",
+        "mods/nets.py:vector",
+        "--size",
+        "28",
+        "--channels",
+        "1",
+        "--data",
+        "omniglot",
+        "--episodes",
+        "10",
+    ]
+    r = run(*base, "-o", "v.onnx")
+    assert r.exit_code == 1 and "--mean and --std" in r.output
+    r = run(*base, "--mean", "0", "--std", "1", "-o", "v.onnx", "--json")
+    assert r.exit_code == 0, r.output
+    assert inspect("v.onnx")["metadata"]["preprocess"]["mean"] == [0.0]
+
+
+def test_a_feature_map_is_refused_with_the_fix_and_pooled_when_asked(mods):
+    r = run("export", "--module", "mods/nets.py:feature_map", *ARGS, "-o", "m.onnx")
+    assert r.exit_code == 1 and "returns a 4-D map [2, 32, 14, 14]" in r.output and "--pool avg" in r.output
+    assert not (mods / "m.onnx").exists()
+    r = run("export", "--module", "mods/nets.py:feature_map", *ARGS, "--pool", "avg", "--json", "-o", "m.onnx")
+    assert r.exit_code == 0, r.output
+    assert json.loads(r.output)["verification"]["passed"]
+    meta = inspect("m.onnx")["metadata"]
+    assert meta["embedding_dim"] == 32 and meta["extra"]["pool"] == "avg"
+    r = run("export", "--module", "mods/nets.py:vector", *ARGS, "--pool", "avg", "-o", "v.onnx")
+    assert r.exit_code == 1 and "already returns a vector" in r.output
+
+
+def test_verify_and_quantize_rebuild_the_module_from_the_metadata(mods):
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("nets_for_weights2", mods / "mods" / "nets.py")
+    nets = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(nets)
+    save_file(nets.vector().state_dict(), str(mods / "w.safetensors"))
+    save_file({k: v + 1 for k, v in nets.vector().state_dict().items()}, str(mods / "other.safetensors"))
+    r = run("export", "--module", "mods/nets.py:vector", "--weights", "w.safetensors", *ARGS, "-o", "v.onnx")
+    assert r.exit_code == 0, r.output
+    r = run("verify", "v.onnx", "-c", "w.safetensors", "--data", "omniglot", "--episodes", "10", "--json")
+    assert r.exit_code == 0, r.output
+    assert json.loads(r.output)["passed"]
+    r = run("verify", "v.onnx", "--data", "omniglot", "--episodes", "10")
+    assert r.exit_code == 1 and "pass them with -c WEIGHTS.safetensors" in r.output
+    r = run("verify", "v.onnx", "-c", "other.safetensors", "--data", "omniglot", "--episodes", "10")
+    assert r.exit_code == 1 and "other.safetensors is not the weights v.onnx was exported with" in r.output
+    r = run("quantize", "v.onnx", "-c", "w.safetensors", "-o", "v.int8.onnx", "--data", "omniglot", "--episodes", "10",
+            "--calibration-data", "omniglot", "--calibration-images", "64", "--json")
+    assert r.exit_code == 0, r.output
+    assert json.loads(r.output)["precision"] == "int8"
