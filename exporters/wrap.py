@@ -399,8 +399,15 @@ def reference_from_metadata(meta: ModelMetadata, original: str | os.PathLike) ->
             f"SHA-256 {meta.source_checkpoint_sha256[:12]}...); pass that file with -c"
         )
     e = meta.extra
-    spec = WrapSpec(meta.preprocess, e.get("embedding_output") or None, e.get("pool") or None, meta.metric,
-                    meta.normalization, e.get("color_order") == "bgr", float(e.get("logit_scale", 10.0)))
+    spec = WrapSpec(
+        meta.preprocess,
+        e.get("embedding_output") or None,
+        e.get("pool") or None,
+        meta.metric,
+        meta.normalization,
+        e.get("color_order") == "bgr",
+        float(e.get("logit_scale", 10.0)),
+    )
     return OnnxReference(load_foreign(original), spec).eval()
 
 

@@ -139,7 +139,22 @@ def test_verify_and_quantize_rebuild_the_module_from_the_metadata(mods):
     assert r.exit_code == 1 and "pass them with -c WEIGHTS.safetensors" in r.output
     r = run("verify", "v.onnx", "-c", "other.safetensors", "--data", "omniglot", "--episodes", "10")
     assert r.exit_code == 1 and "other.safetensors is not the weights v.onnx was exported with" in r.output
-    r = run("quantize", "v.onnx", "-c", "w.safetensors", "-o", "v.int8.onnx", "--data", "omniglot", "--episodes", "10",
-            "--calibration-data", "omniglot", "--calibration-images", "64", "--json")
+    r = run(
+        "quantize",
+        "v.onnx",
+        "-c",
+        "w.safetensors",
+        "-o",
+        "v.int8.onnx",
+        "--data",
+        "omniglot",
+        "--episodes",
+        "10",
+        "--calibration-data",
+        "omniglot",
+        "--calibration-images",
+        "64",
+        "--json",
+    )
     assert r.exit_code == 0, r.output
     assert json.loads(r.output)["precision"] == "int8"
