@@ -36,6 +36,7 @@ from edgemeta.exporters.graph import (
     ensure_writable, finalize, float_nodes, load_model, model_bytes, name_nodes, read_metadata, save_model, set_metadata,
 )
 from edgemeta.exporters.images import CalibrationImages, calibration_array
+from edgemeta.exporters.pixels import has_pixels, with_pixels, without_pixels
 from edgemeta.exporters.stem import space_to_depth_stem
 from edgemeta.runtime.ort import open_session as open_ort_session
 from edgemeta.runtime.spec import INPUT_IMAGES, INPUT_PROTOTYPES, ModelMetadata, Precision
@@ -215,10 +216,13 @@ def fp16_model(model: onnx.ModelProto, name: str = "the model") -> onnx.ModelPro
     """The fp16 variant of the fp32 ``model`` (float32 inputs, outputs and metric), in memory;
     ``model`` is left as it is. ``name``: how messages name the model."""
     meta = _require_fp32(read_metadata(model), name)
-    model = _copy(model)
+    pixels = has_pixels(model)  # converted without it, added back: its preprocessing stays float32
+    model = without_pixels(model) if pixels else _copy(model)
     name_nodes(model)
     half = finalize(convert_fp16(model, float_nodes(model)))
     _check(half, "fp16")
+    if pixels:
+        half = with_pixels(half, meta.preprocess)
     set_metadata(half, meta.with_(precision=Precision.FP16, verification={}, extra={**meta.extra, "float32_part": "metric and normalization"}))
     return half
 
@@ -401,6 +405,9 @@ def int8_model(
     from onnxruntime.quantization import CalibrationMethod, QuantFormat, QuantType, quantize_static
 
     meta = _require_fp32(read_metadata(model), name)
+    # calibrated and quantized without the pixel entry, added back after: its preprocessing stays float
+    pixels = has_pixels(model)
+    model = without_pixels(model)
     x, protos = _calibration_inputs(model, meta, calibration, spec)
     previous = logging.root.manager.disable
     logging.disable(logging.WARNING)  # the quantizer logs every node it skips
@@ -439,6 +446,8 @@ def int8_model(
         logging.disable(previous)
         ort.set_default_logger_severity(2)  # ONNX Runtime's default
     _check(q, "int8")
+    if pixels:
+        q = with_pixels(q, meta.preprocess)
     source = calibration.name if isinstance(calibration, CalibrationImages) else "images"
     calib: dict[str, Any] = {"dataset": source, "images": int(len(x)), "method": spec.method, "per_channel": spec.per_channel, "seed": spec.seed,
                              "activations": spec.activations, "float_stem": float_stem,

@@ -41,7 +41,7 @@ from edgemeta.evaluate import episode_scores, summarize
 from edgemeta.exporters.graph import load_model, model_bytes, read_metadata
 from edgemeta.exporters.images import LabelledImages
 from edgemeta.runtime.ort import open_session as open_ort_session
-from edgemeta.runtime.session import feeds_prototype_norms, graph_batch, prototype_sqnorms
+from edgemeta.runtime.session import feeds_prototype_norms, graph_batch, images_only_feeds, prototype_sqnorms
 from edgemeta.runtime.spec import (
     INPUT_IMAGES,
     INPUT_PROTOTYPES,
@@ -207,6 +207,7 @@ class _OnnxSide:
         refuse_fixed_batch(path, "verification", self.session)
         self.dim = dim
         self.fed = feeds_prototype_norms(self.session)
+        self.fixed = images_only_feeds(self.session)
         self.head = self._metric_part(model)
         self.head_fed = self.head is not None and feeds_prototype_norms(self.head)
 
@@ -227,7 +228,7 @@ class _OnnxSide:
 
     def run(self, x: np.ndarray, p: np.ndarray, fed: bool = False) -> tuple[np.ndarray, np.ndarray]:
         """``fed``: feed the prototypes' squared norms, as the runtime does (models that take them)."""
-        feeds = {INPUT_IMAGES: x, INPUT_PROTOTYPES: p} | (_norms(p) if fed and self.fed else {})
+        feeds = {INPUT_IMAGES: x, INPUT_PROTOTYPES: p} | self.fixed | (_norms(p) if fed and self.fed else {})
         e, lg = self.session.run([OUTPUT_EMBEDDINGS, OUTPUT_LOGITS], feeds)
         return e, lg
 

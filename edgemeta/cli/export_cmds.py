@@ -78,14 +78,18 @@ def _floats(text: Optional[str], what: str) -> list[float] | float:
     return values[0] if len(values) == 1 else values
 
 
+PIXELS_HELP = "Add the raw-pixel input (uint8 [batch, H, W, C], preprocessed in the graph; docs/pixels.md)."
+
+
 def _options(precision: Precision, opset: int, optimize: bool, ort: bool, verify: bool, episodes: int, data: Optional[str],
              calibration_data: Optional[str], data_dir: Optional[Path], calibration_images: int = 256,
              activations: str = "int8", float_stem: Optional[bool] = None, conv_kernel: str = "direct", stem_layout: str = "auto",
-             ort_level: str = "basic"):
+             ort_level: str = "basic", pixels: bool = True):
     from edgemeta.exporters import ExportOptions, ExportSpec, QuantizeSpec, VerifySpec
 
     return ExportOptions(
         precision=precision, spec=ExportSpec(opset=opset, optimize=optimize), ort_format=ort, ort_level=ort_level,
+        pixels=pixels,
         verify=VerifySpec(episodes=episodes) if verify else None, data=data, calibration_data=calibration_data,
         data_dir=str(data_dir) if data_dir else None, quantize=QuantizeSpec(
             calibration_images=calibration_images, activations=activations, float_stem=float_stem, conv_kernel=conv_kernel,
@@ -171,13 +175,14 @@ def export_cmd(
     std: Optional[str] = typer.Option(None, help="--module per-channel std."),
     metric: Metric = typer.Option(Metric.SQEUCLIDEAN, help="--module metric."),
     normalization: Normalization = typer.Option(Normalization.NONE, help="--module embedding normalization."),
+    pixels: bool = typer.Option(True, "--pixels/--no-pixels", help=PIXELS_HELP),
     json_out: bool = typer.Option(False, "--json", help="Print the result as JSON."),
 ) -> None:
     """Export a checkpoint (or your own module) to ONNX, verified against torch on real images."""
     from edgemeta.exporters import export_checkpoint, export_module
 
     options = _options(precision, opset, optimize, ort, verify, episodes, data, calibration_data, data_dir, calibration_images, activations, float_stem, conv_kernel, stem_layout,
-                       ort_optimization)
+                       ort_optimization, pixels)
     with _progress(not json_out) as progress:
         if module:
             ref = _module_ref(module, weights, size, channels, mean, std, metric, normalization)
@@ -230,13 +235,14 @@ def quantize_cmd(
     data_dir: Optional[Path] = typer.Option(None, help=DATA_DIR_HELP),
     ort: bool = typer.Option(False, "--ort", help="Also write the ORT format (.ort)."),
     ort_optimization: str = typer.Option("basic", help=ORT_LEVEL_HELP),
+    pixels: bool = typer.Option(True, "--pixels/--no-pixels", help=PIXELS_HELP),
     json_out: bool = typer.Option(False, "--json", help="Print the result as JSON."),
 ) -> None:
     """int8 static quantization (QDQ), calibrated on base-class images, verified on novel classes."""
     from edgemeta.exporters import quantize_model
 
     options = _options(Precision.INT8, 18, False, ort, verify, episodes, data, calibration_data, data_dir, calibration_images, activations, float_stem, conv_kernel, stem_layout,
-                       ort_optimization)
+                       ort_optimization, pixels)
     with _progress(not json_out) as progress:
         outcome = quantize_model(model, checkpoint, output, options, progress)
     _show_outcome(outcome, json_out)
@@ -254,6 +260,9 @@ def _inspect_tables(info: dict[str, Any]) -> list[Table]:
         "precision": info.get("precision") or "?",
         "opset / IR": f"{_opsets(info.get('opset'))} / {info.get('ir_version') or '?'}",
         "parameters": f"{info['parameters']:,}" if info.get("parameters") is not None else "?",
+        "raw pixels in": (
+            "yes (pixels: uint8 \\[batch, H, W, C])" if info.get("pixels") else "no (images only; `edgemeta export` adds pixels)"
+        ),
         "producer": info.get("producer") or "",
         **{k: str(meta[k]) for k in ("backbone", "embedding_dim", "metric", "normalization", "fingerprint") if k in meta},
         **({"preprocess": ", ".join(f"{k}={v}" for k, v in meta["preprocess"].items())} if meta.get("preprocess") else {}),
