@@ -87,6 +87,10 @@ class _PreprocessedSet:
         pp = self.data.spec
         return np.ascontiguousarray(to_tensor(self.data.images[np.asarray(indices)], pp.mean, pp.std).numpy())
 
+    def frames(self, indices: np.ndarray) -> np.ndarray:
+        """The decoded uint8 [n, H, W, C] images :meth:`batch` normalizes (verification feeds them to ``pixels``)."""
+        return np.ascontiguousarray(self.data.images[np.asarray(indices)])
+
 
 def labelled_images(data: ImageSet) -> LabelledImages:
     """``data`` (loaded at the model's size) as the labelled images :func:`verify` takes."""

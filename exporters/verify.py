@@ -44,6 +44,7 @@ from edgemeta.runtime.ort import open_session as open_ort_session
 from edgemeta.runtime.session import feeds_prototype_norms, graph_batch, images_only_feeds, prototype_sqnorms
 from edgemeta.runtime.spec import (
     INPUT_IMAGES,
+    INPUT_PIXELS,
     INPUT_PROTOTYPES,
     INPUT_SQNORMS,
     OUTPUT_EMBEDDINGS,
@@ -124,6 +125,7 @@ class VerificationReport:
     tensors: list[dict[str, Any]] = field(default_factory=list)
     episodes: dict[str, Any] = field(default_factory=dict)
     seconds: float = 0.0
+    pixels: dict[str, Any] = field(default_factory=dict)  # the episodes again, the ONNX side fed uint8 frames
 
     @property
     def passed(self) -> bool:
@@ -150,6 +152,7 @@ class VerificationReport:
             "batch_sizes": sorted({t["batch"] for t in self.tensors}),
             "prototype_counts": sorted({t["prototypes"] for t in self.tensors}),
             "episodes": self.episodes,
+            **({"pixels_episodes": self.pixels} if self.pixels else {}),
             "tolerance": asdict(self.tolerance),
             "failed_checks": [c.name for c in self.failures],
             "versions": {"onnxruntime": ort.__version__, "torch": torch.__version__.split("+")[0]},
@@ -243,6 +246,25 @@ class _OnnxSide:
         return self.run(x(), p, fed=True)[1]
 
 
+class _PixelSide:
+    """The ONNX side fed decoded uint8 frames through ``pixels`` (the graph preprocesses them)."""
+
+    def __init__(self, side: _OnnxSide) -> None:
+        self.side, self.dim = side, side.dim
+
+    def run(self, frames: np.ndarray, p: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        e, lg = self.side.session.run([OUTPUT_EMBEDDINGS, OUTPUT_LOGITS], {INPUT_PIXELS: frames, INPUT_PROTOTYPES: p})
+        return e, lg
+
+    def embed(self, frames: np.ndarray) -> np.ndarray:
+        return self.run(frames, np.zeros((0, self.dim), np.float32))[0]
+
+    def logits(self, z: np.ndarray, p: np.ndarray, frames: Callable[[], np.ndarray]) -> np.ndarray:
+        if self.side.head is not None:
+            return self.side.logits(z, p, frames)
+        return self.run(frames(), p)[1]
+
+
 def refuse_fixed_batch(path: Path, action: str, session=None, model: onnx.ModelProto | None = None) -> None:
     """Refuse a graph with a fixed batch size, in one line: ``action`` (verification,
     calibration) runs batches of every size through it. ``session``: one already open on it;
@@ -333,21 +355,24 @@ def near_ties(logits: np.ndarray, pred_a: np.ndarray, pred_b: np.ndarray, tol: f
 
 def _episodes(
     onnx_side: _OnnxSide, torch_side: _TorchSide, data: LabelledImages, x_of, spec: VerifySpec, sampler: EpisodeSampler, progress: Progress | None,
-    tie_rel: float = 0.0,
+    tie_rel: float = 0.0, onnx_x_of=None,
 ) -> dict[str, Any]:
+    """``onnx_x_of``: what the ONNX side is fed, when not ``x_of``'s images (the uint8 frames of ``pixels``)."""
+    onnx_x_of = onnx_x_of or x_of
     eps = list(sampler(spec.episodes))
     used = np.unique(np.concatenate([np.concatenate([e.support, e.query]) for e in eps]))
     where = np.full(len(data), -1, dtype=np.int64)
     where[used] = np.arange(len(used))
-    z_onnx = _embed_all(onnx_side, x_of, used, spec, "embedding images (ONNX Runtime)", progress)
+    z_onnx = _embed_all(onnx_side, onnx_x_of, used, spec, "embedding images (ONNX Runtime)", progress)
     z_torch = _embed_all(torch_side, x_of, used, spec, "embedding images (torch)", progress)
     agree, total, ties, scores_t, scores_o = 0, 0, 0, [], []
     for k, ep in enumerate(eps):
         s, q = where[ep.support], where[ep.query]
         images = lambda: x_of(ep.query)  # noqa: E731  (only for models without a separable metric)
+        onnx_images = lambda: onnx_x_of(ep.query)  # noqa: E731
         p_o = z_onnx[s].reshape(spec.n_way, spec.k_shot, -1).mean(axis=1)
         p_t = z_torch[s].reshape(spec.n_way, spec.k_shot, -1).mean(axis=1)
-        pred_o = onnx_side.logits(np.ascontiguousarray(z_onnx[q]), p_o.astype(np.float32), images).argmax(axis=1)
+        pred_o = onnx_side.logits(np.ascontiguousarray(z_onnx[q]), p_o.astype(np.float32), onnx_images).argmax(axis=1)
         logits_t = torch_side.logits(np.ascontiguousarray(z_torch[q]), p_t.astype(np.float32), images)
         pred_t = logits_t.argmax(axis=1)
         agree += int((pred_o == pred_t).sum())
@@ -476,7 +501,20 @@ def verify(
     if progress:
         progress("tensor checks", 1, 1)
     episodes = _episodes(onnx_side, torch_side, data, x_of, spec, sampler, progress, tol.logits_rel) if sampler is not None else {}
-    report = VerificationReport(str(path), meta.precision, tol, _checks(rows, episodes, tol, meta.precision), rows, episodes)
+    checks = _checks(rows, episodes, tol, meta.precision)
+    pixels = {}
+    frames = getattr(data, "frames", None)
+    if sampler is not None and frames is not None and any(i.name == INPUT_PIXELS for i in proto.graph.input):
+        # the same episodes with the ONNX side fed the decoded uint8 images: the graph's colour,
+        # resize and normalization against the preprocessing torch was given
+        pixels = _episodes(
+            _PixelSide(onnx_side), torch_side, data, x_of, spec, sampler, progress, tol.logits_rel, frames
+        )
+        a = pixels["agreement"]
+        detail = f"{100 * a:.2f}% of {pixels['queries']} queries fed as uint8 pixels (limit {100 * tol.min_agreement:.1f}%)"
+        hint = "the graph's preprocessing differs from the one torch was given; export with --no-pixels and report it"
+        checks.append(Check("pixels agreement", a, tol.min_agreement, a >= tol.min_agreement, detail, hint))
+    report = VerificationReport(str(path), meta.precision, tol, checks, rows, episodes, pixels=pixels)
     report.seconds = time.perf_counter() - t0
     if not report.passed:
         error = VerificationError(report.error_message())

@@ -89,3 +89,14 @@ def test_a_resize_without_an_onnx_form_is_exported_without_pixels_and_says_why(t
     assert "lanczos resizing has no exact ONNX Resize form" in out_meta.extra["pixels_note"]
     added, added_meta = add_pixels(model, meta, ExportOptions(verify=None))
     assert has_pixels(added) and added_meta.extra["pixels"] is True
+
+
+def test_verification_measures_decisions_through_pixels_and_records_them(trained_conv4, tmp_path):
+    spec = VerifySpec(batch_sizes=(1, 7), prototype_counts=(0, 3), episodes=100)
+    out = export_checkpoint(trained_conv4, tmp_path / "m.onnx", ExportOptions(verify=spec))
+    assert "pixels agreement" in [c.name for c in out.verification.checks]
+    figures = read_metadata(onnx.load(str(out.path))).verification["pixels_episodes"]
+    assert figures["count"] == 100 and figures["queries"] > 0
+    assert figures["agreement"] >= 0.999  # fp32: the graph's preprocessing gives torch's decisions
+    plain = export_checkpoint(trained_conv4, tmp_path / "n.onnx", ExportOptions(verify=spec, pixels=False))
+    assert "pixels_episodes" not in read_metadata(onnx.load(str(plain.path))).verification
