@@ -190,6 +190,18 @@ def _frames(items: Sequence) -> bool:
     return isinstance(items, np.ndarray) and items.dtype == np.uint8 and items.ndim == 4 and items.shape[3] in (1, 3, 4)
 
 
+def _same_shape_frames(items: Sequence) -> np.ndarray | None:
+    """uint8 HW or HWC arrays of one shape as one [B, H, W, C] batch, else None (the lean path of
+    a camera loop: nothing to decode, convert or group)."""
+    first = items[0]
+    if not isinstance(first, np.ndarray) or first.dtype != np.uint8 or first.ndim not in (2, 3) or 0 in first.shape:
+        return None
+    if any(not isinstance(a, np.ndarray) or a.dtype != np.uint8 or a.shape != first.shape for a in items[1:]):
+        return None
+    batch = first[None] if len(items) == 1 else np.stack(items)
+    return batch[..., None] if first.ndim == 2 else batch
+
+
 class FewShotClassifier:
     """Enrol classes from a few images and classify new ones, without backprop.
 
@@ -329,8 +341,9 @@ class FewShotClassifier:
         if ready or not session.takes_pixels:
             x = items if ready else preprocess(items, session.preprocess)
             return (session.embed(x), None) if prototypes is None else session.run(x, prototypes)
-        if _frames(items):  # a uint8 [B, H, W, C] batch: one call, no per-image work
-            return (session.embed(items), None) if prototypes is None else session.run(items, prototypes)
+        frames = items if _frames(items) else _same_shape_frames(items)
+        if frames is not None:  # uint8 arrays of one shape: one call, no per-image work (the session checks C)
+            return (session.embed(frames), None) if prototypes is None else session.run(frames, prototypes)
         groups, floats, float_at = pixel_groups(items, session.preprocess)
         if floats is not None:
             groups.append((float_at, floats))

@@ -98,8 +98,10 @@ def test_bad_frames_are_refused_with_one_line(models):
         s.embed(np.zeros((1, 8, 8, 2), np.uint8))
     with pytest.raises(InputError, match="do not fit the model's pixels input"):
         s.embed(np.zeros((1, 0, 8, 3), np.uint8))
-    with pytest.raises(InputError, match="1, 3 or 4 channels"):
+    with pytest.raises(InputError, match="3 \\(RGB\\) or 4"):
         FewShotClassifier(new, "cpu").embed([np.zeros((8, 8, 2), np.uint8)])
+    with pytest.raises(InputError, match="1, 3 or 4 channels"):  # mixed with another kind: checked per image
+        FewShotClassifier(new, "cpu").embed([np.zeros((8, 8, 2), np.uint8), np.zeros((9, 9), np.uint8)])
 
 
 def test_inspect_shows_the_pixels_entry(models):
