@@ -511,7 +511,8 @@ def verify(
             _PixelSide(onnx_side), torch_side, data, x_of, spec, sampler, progress, tol.logits_rel, frames
         )
         a = pixels["agreement"]
-        detail = f"{100 * a:.2f}% of {pixels['queries']} queries fed as uint8 pixels (limit {100 * tol.min_agreement:.1f}%)"
+        limit = f"limit {100 * tol.min_agreement:.1f}%"
+        detail = f"{100 * a:.2f}% of {pixels['queries']} queries fed as uint8 pixels ({limit})"
         hint = "the graph's preprocessing differs from the one torch was given; export with --no-pixels and report it"
         checks.append(Check("pixels agreement", a, tol.min_agreement, a >= tol.min_agreement, detail, hint))
     report = VerificationReport(str(path), meta.precision, tol, checks, rows, episodes, pixels=pixels)

@@ -261,7 +261,7 @@ def _inspect_tables(info: dict[str, Any]) -> list[Table]:
         "opset / IR": f"{_opsets(info.get('opset'))} / {info.get('ir_version') or '?'}",
         "parameters": f"{info['parameters']:,}" if info.get("parameters") is not None else "?",
         "raw pixels in": (
-            "yes (pixels: uint8 \\[batch, H, W, C])" if info.get("pixels") else "no (images only; `edgemeta export` adds pixels)"
+            "yes (pixels: uint8 \\[batch, H, W, C])" if info.get("pixels") else "no (images only; re-export to add it)"
         ),
         "producer": info.get("producer") or "",
         **{k: str(meta[k]) for k in ("backbone", "embedding_dim", "metric", "normalization", "fingerprint") if k in meta},
