@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import Any
 
 from edgemeta.runtime.errors import InputError, ModelMismatchError
-from edgemeta.runtime.spec import METADATA_KEY, ModelMetadata
+from edgemeta.runtime.spec import INPUT_PIXELS, METADATA_KEY, ModelMetadata
 
 __all__ = ["inspect"]
 
@@ -164,6 +164,8 @@ def inspect(path: str | os.PathLike, use_onnx: bool | None = None) -> dict[str, 
         "format": "ort" if path.suffix == ".ort" else "onnx",
         "size_bytes": path.stat().st_size,
         "precision": precision,
+        # the raw-pixel entry (docs/pixels.md): an older export is fed preprocessed images only
+        "pixels": any(i["name"] == INPUT_PIXELS for i in info.get("inputs", [])),
         **info,
         "metadata": meta,
         "verification": (meta or {}).get("verification") or None,

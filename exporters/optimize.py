@@ -103,9 +103,11 @@ def to_ort_format(
             session, _ = open_ort_session(tmp, ort.SessionOptions(), ["CPUExecutionProvider"])
             feed = {}
             for inp in session.get_inputs():
-                # one image, zero prototypes: the enrolment call of an app
+                # one image (a 1x1 RGB frame where the model takes pixels), zero prototypes: an app's enrolment call
                 shape = [d if isinstance(d, int) else (0 if inp.name == INPUT_PROTOTYPES else 1) for d in inp.shape]
-                feed[inp.name] = np.zeros(shape, np.float32)
+                if inp.type == "tensor(uint8)":
+                    shape[-1] = 3
+                feed[inp.name] = np.zeros(shape, np.uint8 if inp.type == "tensor(uint8)" else np.float32)
             session.run(None, feed)
         except Exception as e:
             raise ExportError(f"conversion to the ORT format failed: {str(e).splitlines()[0][:200]}") from None

@@ -56,6 +56,7 @@ from edgemeta.exporters.graph import (
     write_metadata,
 )
 from edgemeta.exporters.images import CalibrationImages, LabelledImages
+from edgemeta.exporters.pixels import PIXEL_OPSET, RESIZE_MODES, has_pixels, with_pixels, without_pixels
 from edgemeta.exporters.quantize import QuantizeSpec, fp16_model, int8_model
 from edgemeta.exporters.verify import (
     Progress,
@@ -68,7 +69,7 @@ from edgemeta.exporters.verify import (
 )
 from edgemeta.runtime.errors import ExportError, InputError, ModelMismatchError
 from edgemeta.runtime.files import refuse_overwrite, same_file
-from edgemeta.runtime.spec import Metric, ModelMetadata, Normalization, Precision, PreprocessSpec
+from edgemeta.runtime.spec import INPUT_IMAGES, Metric, ModelMetadata, Normalization, Precision, PreprocessSpec
 
 __all__ = [
     "ExportOptions",
@@ -79,6 +80,7 @@ __all__ = [
     "export_module",
     "verify_model",
     "quantize_model",
+    "add_pixels",
     "labelled_images",
     "calibration_images",
 ]
@@ -101,6 +103,10 @@ class _PreprocessedSet:
     def batch(self, indices: np.ndarray) -> np.ndarray:
         pp = self.data.spec
         return np.ascontiguousarray(to_tensor(self.data.images[np.asarray(indices)], pp.mean, pp.std).numpy())
+
+    def frames(self, indices: np.ndarray) -> np.ndarray:
+        """The decoded uint8 [n, H, W, C] images :meth:`batch` normalizes (verification feeds them to ``pixels``)."""
+        return np.ascontiguousarray(self.data.images[np.asarray(indices)])
 
 
 def labelled_images(data: ImageSet) -> LabelledImages:
@@ -165,6 +171,7 @@ class ExportOptions:
     calibration_data: str | None = None
     data_dir: str | None = None
     quantize: QuantizeSpec = QuantizeSpec()
+    pixels: bool = True  # add the raw-pixel entry (docs/pixels.md); False keeps the images-only contract
 
     def __post_init__(self) -> None:  # before anything is written
         from edgemeta.exporters.optimize import check_ort_level
@@ -308,6 +315,41 @@ def _verification_data(
     return data
 
 
+def pixels_skipped(model: onnx.ModelProto, meta: ModelMetadata) -> str | None:
+    """Why ``model`` cannot take the ``pixels`` entry, or None when it can."""
+    if meta.preprocess.interpolation not in RESIZE_MODES:
+        return f"{meta.preprocess.interpolation} resizing has no exact ONNX Resize form; feed preprocessed images"
+    opset = next((o.version for o in model.opset_import if o.domain in ("", "ai.onnx")), 0)
+    if opset < PIXEL_OPSET:
+        return f"the pixels entry needs opset {PIXEL_OPSET} (Resize with antialias); export with --opset {PIXEL_OPSET}+"
+    images = next((i for i in model.graph.input if i.name == INPUT_IMAGES), None)
+    batch = images.type.tensor_type.shape.dim[0] if images is not None and images.type.tensor_type.shape.dim else None
+    if batch is not None and batch.HasField("dim_value"):
+        # the entry's empty default `images` ([0, C, h, w]) cannot meet a fixed batch
+        return "the model fixes its batch size; export it with a dynamic batch to get pixels"
+    return None
+
+
+def add_pixels(
+    model: onnx.ModelProto, meta: ModelMetadata, options: ExportOptions
+) -> tuple[onnx.ModelProto, ModelMetadata]:
+    """The last stage of every export path: the raw-pixel entry, after any int8 quantization
+    (so its preprocessing stays float32); recorded in the metadata either way."""
+    if not options.pixels:
+        model = without_pixels(model)  # a quantized or converted model with the entry: --no-pixels takes it out
+        extra = {**meta.extra, "pixels": False}
+    elif has_pixels(model):
+        extra = {**meta.extra, "pixels": True}
+    elif (why := pixels_skipped(model, meta)) is not None:
+        extra = {**meta.extra, "pixels": False, "pixels_note": why}
+    else:
+        model = with_pixels(model, meta.preprocess)
+        extra = {**meta.extra, "pixels": True}
+    meta = dataclasses.replace(meta, extra=extra)
+    set_metadata(model, meta)
+    return model, meta
+
+
 def _finish(
     model: onnx.ModelProto,
     torch_model: nn.Module,
@@ -316,10 +358,12 @@ def _finish(
     data: LabelledImages | None,
     progress: Progress | None,
 ) -> ExportOutcome:
-    """Verify ``model`` on ``data``, record the figures in it, write it to ``out`` (once, atomically)."""
+    """Add the ``pixels`` entry, verify ``model`` on ``data``, record the figures in it, write it
+    to ``out`` (once, atomically). Every export path (export, quantize, fp16, ``.ort``) ends here."""
     meta = read_metadata(model)
     if meta is None:
         raise InputError(f"{out} would have no edgemeta metadata; export it with `edgemeta export`")
+    model, meta = add_pixels(model, meta, options)
     report = None
     if options.verify is not None:
         _stage(progress, f"verifying {meta.precision.value}")

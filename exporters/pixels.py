@@ -38,7 +38,7 @@ from onnx import TensorProto, helper, numpy_helper
 from edgemeta.runtime.errors import ExportError
 from edgemeta.runtime.spec import INPUT_IMAGES, INPUT_PIXELS, PreprocessSpec
 
-__all__ = ["PIXEL_OPSET", "RESIZE_MODES", "with_pixels", "has_pixels", "preprocess_graph"]
+__all__ = ["PIXEL_OPSET", "RESIZE_MODES", "with_pixels", "without_pixels", "has_pixels", "preprocess_graph"]
 
 #: Resize gained ``antialias`` (and ``axes``) in opset 18.
 PIXEL_OPSET = 18
@@ -259,6 +259,31 @@ def with_pixels(model: onnx.ModelProto, spec: PreprocessSpec) -> onnx.ModelProto
     dims = ["pixel_batch", "height", "width", "channels"]
     pixels = helper.make_tensor_value_info(INPUT_PIXELS, TensorProto.UINT8, dims)
     inputs = [pixels] + list(g.input)
+    del g.input[:]
+    g.input.extend(inputs)
+    return out
+
+
+def without_pixels(model: onnx.ModelProto) -> onnx.ModelProto:
+    """A copy of ``model`` with the entry :func:`with_pixels` added taken out again: ``images`` is
+    the required input, as exported. int8 calibration works on this form (it feeds ``images``
+    and must not quantize the preprocessing), and the entry is added back after it."""
+    if not has_pixels(model):
+        return model
+    out = onnx.ModelProto()
+    out.CopyFrom(model)
+    g = out.graph
+    keep = [n for n in g.node if not n.name.startswith(_P)]
+    for node in keep:
+        for i, name in enumerate(node.input):
+            if name == _P + "batch":
+                node.input[i] = INPUT_IMAGES
+    del g.node[:]
+    g.node.extend(keep)
+    inits = [t for t in g.initializer if not t.name.startswith(_P) and t.name != INPUT_IMAGES]
+    del g.initializer[:]
+    g.initializer.extend(inits)
+    inputs = [i for i in g.input if i.name != INPUT_PIXELS]
     del g.input[:]
     g.input.extend(inputs)
     return out

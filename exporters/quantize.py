@@ -44,6 +44,7 @@ from edgemeta.exporters.graph import (
     set_metadata,
 )
 from edgemeta.exporters.images import CalibrationImages, calibration_array
+from edgemeta.exporters.pixels import has_pixels, with_pixels, without_pixels
 from edgemeta.exporters.stem import space_to_depth_stem
 from edgemeta.runtime.errors import ExportError, InputError
 from edgemeta.runtime.ort import open_session as open_ort_session
@@ -232,10 +233,13 @@ def fp16_model(model: onnx.ModelProto, name: str = "the model") -> onnx.ModelPro
     """The fp16 variant of the fp32 ``model`` (float32 inputs, outputs and metric), in memory;
     ``model`` is left as it is. ``name``: how messages name the model."""
     meta = _require_fp32(read_metadata(model), name)
-    model = _copy(model)
+    pixels = has_pixels(model)  # converted without it, added back: its preprocessing stays float32
+    model = without_pixels(model) if pixels else _copy(model)
     name_nodes(model)
     half = finalize(convert_fp16(model, float_nodes(model)))
     _check(half, "fp16")
+    if pixels:
+        half = with_pixels(half, meta.preprocess)
     set_metadata(
         half,
         meta.with_(
@@ -437,6 +441,9 @@ def int8_model(
     from onnxruntime.quantization import CalibrationMethod, QuantFormat, QuantType, quantize_static
 
     meta = _require_fp32(read_metadata(model), name)
+    # calibrated and quantized without the pixel entry, added back after: its preprocessing stays float
+    pixels = has_pixels(model)
+    model = without_pixels(model)
     x, protos = _calibration_inputs(model, meta, calibration, spec)
     previous = logging.root.manager.disable
     logging.disable(logging.WARNING)  # the quantizer logs every node it skips
@@ -479,6 +486,8 @@ def int8_model(
         logging.disable(previous)
         ort.set_default_logger_severity(2)  # ONNX Runtime's default
     _check(q, "int8")
+    if pixels:
+        q = with_pixels(q, meta.preprocess)
     source = calibration.name if isinstance(calibration, CalibrationImages) else "images"
     calib: dict[str, Any] = {
         "dataset": source,

@@ -41,9 +41,10 @@ from edgemeta.exporters.graph import load_model, model_bytes, read_metadata
 from edgemeta.exporters.images import LabelledImages
 from edgemeta.runtime.errors import ExportError, InputError, VerificationError
 from edgemeta.runtime.ort import open_session as open_ort_session
-from edgemeta.runtime.session import feeds_prototype_norms, graph_batch, prototype_sqnorms
+from edgemeta.runtime.session import feeds_prototype_norms, graph_batch, images_only_feeds, prototype_sqnorms
 from edgemeta.runtime.spec import (
     INPUT_IMAGES,
+    INPUT_PIXELS,
     INPUT_PROTOTYPES,
     INPUT_SQNORMS,
     OUTPUT_EMBEDDINGS,
@@ -124,6 +125,7 @@ class VerificationReport:
     tensors: list[dict[str, Any]] = field(default_factory=list)
     episodes: dict[str, Any] = field(default_factory=dict)
     seconds: float = 0.0
+    pixels: dict[str, Any] = field(default_factory=dict)  # the episodes again, the ONNX side fed uint8 frames
 
     @property
     def passed(self) -> bool:
@@ -150,6 +152,7 @@ class VerificationReport:
             "batch_sizes": sorted({t["batch"] for t in self.tensors}),
             "prototype_counts": sorted({t["prototypes"] for t in self.tensors}),
             "episodes": self.episodes,
+            **({"pixels_episodes": self.pixels} if self.pixels else {}),
             "tolerance": asdict(self.tolerance),
             "failed_checks": [c.name for c in self.failures],
             "versions": {"onnxruntime": ort.__version__, "torch": torch.__version__.split("+")[0]},
@@ -207,6 +210,7 @@ class _OnnxSide:
         refuse_fixed_batch(path, "verification", self.session)
         self.dim = dim
         self.fed = feeds_prototype_norms(self.session)
+        self.fixed = images_only_feeds(self.session)
         self.head = self._metric_part(model)
         self.head_fed = self.head is not None and feeds_prototype_norms(self.head)
 
@@ -229,7 +233,7 @@ class _OnnxSide:
 
     def run(self, x: np.ndarray, p: np.ndarray, fed: bool = False) -> tuple[np.ndarray, np.ndarray]:
         """``fed``: feed the prototypes' squared norms, as the runtime does (models that take them)."""
-        feeds = {INPUT_IMAGES: x, INPUT_PROTOTYPES: p} | (_norms(p) if fed and self.fed else {})
+        feeds = {INPUT_IMAGES: x, INPUT_PROTOTYPES: p} | self.fixed | (_norms(p) if fed and self.fed else {})
         e, lg = self.session.run([OUTPUT_EMBEDDINGS, OUTPUT_LOGITS], feeds)
         return e, lg
 
@@ -242,6 +246,25 @@ class _OnnxSide:
             feeds = {OUTPUT_EMBEDDINGS: z, INPUT_PROTOTYPES: p} | (_norms(p) if self.head_fed else {})
             return self.head.run([OUTPUT_LOGITS], feeds)[0]
         return self.run(x(), p, fed=True)[1]
+
+
+class _PixelSide:
+    """The ONNX side fed decoded uint8 frames through ``pixels`` (the graph preprocesses them)."""
+
+    def __init__(self, side: _OnnxSide) -> None:
+        self.side, self.dim = side, side.dim
+
+    def run(self, frames: np.ndarray, p: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        e, lg = self.side.session.run([OUTPUT_EMBEDDINGS, OUTPUT_LOGITS], {INPUT_PIXELS: frames, INPUT_PROTOTYPES: p})
+        return e, lg
+
+    def embed(self, frames: np.ndarray) -> np.ndarray:
+        return self.run(frames, np.zeros((0, self.dim), np.float32))[0]
+
+    def logits(self, z: np.ndarray, p: np.ndarray, frames: Callable[[], np.ndarray]) -> np.ndarray:
+        if self.side.head is not None:
+            return self.side.logits(z, p, frames)
+        return self.run(frames(), p)[1]
 
 
 def refuse_fixed_batch(path: Path, action: str, session=None, model: onnx.ModelProto | None = None) -> None:
@@ -352,20 +375,24 @@ def _episodes(
     sampler: EpisodeSampler,
     progress: Progress | None,
     tie_rel: float = 0.0,
+    onnx_x_of=None,
 ) -> dict[str, Any]:
+    """``onnx_x_of``: what the ONNX side is fed, when not ``x_of``'s images (the uint8 frames of ``pixels``)."""
+    onnx_x_of = onnx_x_of or x_of
     eps = list(sampler(spec.episodes))
     used = np.unique(np.concatenate([np.concatenate([e.support, e.query]) for e in eps]))
     where = np.full(len(data), -1, dtype=np.int64)
     where[used] = np.arange(len(used))
-    z_onnx = _embed_all(onnx_side, x_of, used, spec, "embedding images (ONNX Runtime)", progress)
+    z_onnx = _embed_all(onnx_side, onnx_x_of, used, spec, "embedding images (ONNX Runtime)", progress)
     z_torch = _embed_all(torch_side, x_of, used, spec, "embedding images (torch)", progress)
     agree, total, ties, scores_t, scores_o = 0, 0, 0, [], []
     for k, ep in enumerate(eps):
         s, q = where[ep.support], where[ep.query]
         images = lambda: x_of(ep.query)  # noqa: E731  (only for models without a separable metric)
+        onnx_images = lambda: onnx_x_of(ep.query)  # noqa: E731
         p_o = z_onnx[s].reshape(spec.n_way, spec.k_shot, -1).mean(axis=1)
         p_t = z_torch[s].reshape(spec.n_way, spec.k_shot, -1).mean(axis=1)
-        pred_o = onnx_side.logits(np.ascontiguousarray(z_onnx[q]), p_o.astype(np.float32), images).argmax(axis=1)
+        pred_o = onnx_side.logits(np.ascontiguousarray(z_onnx[q]), p_o.astype(np.float32), onnx_images).argmax(axis=1)
         logits_t = torch_side.logits(np.ascontiguousarray(z_torch[q]), p_t.astype(np.float32), images)
         pred_t = logits_t.argmax(axis=1)
         agree += int((pred_o == pred_t).sum())
@@ -532,9 +559,21 @@ def verify(
         if sampler is not None
         else {}
     )
-    report = VerificationReport(
-        str(path), meta.precision, tol, _checks(rows, episodes, tol, meta.precision), rows, episodes
-    )
+    checks = _checks(rows, episodes, tol, meta.precision)
+    pixels = {}
+    frames = getattr(data, "frames", None)
+    if sampler is not None and frames is not None and any(i.name == INPUT_PIXELS for i in proto.graph.input):
+        # the same episodes with the ONNX side fed the decoded uint8 images: the graph's colour,
+        # resize and normalization against the preprocessing torch was given
+        pixels = _episodes(
+            _PixelSide(onnx_side), torch_side, data, x_of, spec, sampler, progress, tol.logits_rel, frames
+        )
+        a = pixels["agreement"]
+        limit = f"limit {100 * tol.min_agreement:.1f}%"
+        detail = f"{100 * a:.2f}% of {pixels['queries']} queries fed as uint8 pixels ({limit})"
+        hint = "the graph's preprocessing differs from the one torch was given; export with --no-pixels and report it"
+        checks.append(Check("pixels agreement", a, tol.min_agreement, a >= tol.min_agreement, detail, hint))
+    report = VerificationReport(str(path), meta.precision, tol, checks, rows, episodes, pixels=pixels)
     report.seconds = time.perf_counter() - t0
     if not report.passed:
         error = VerificationError(report.error_message())

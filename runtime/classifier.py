@@ -58,7 +58,7 @@ import numpy as np
 
 from edgemeta.runtime.errors import InputError
 from edgemeta.runtime.ort import ProvidersArg, SessionOptions
-from edgemeta.runtime.preprocess import ImageLike, check_batch_finite, is_preprocessed, preprocess
+from edgemeta.runtime.preprocess import ImageLike, check_batch_finite, is_preprocessed, pixel_groups, preprocess
 from edgemeta.runtime.session import Session
 from edgemeta.runtime.spec import Metric, Normalization, PreprocessSpec
 from edgemeta.runtime.store import PrototypeStore, StoreSnapshot, check_label
@@ -188,6 +188,23 @@ def _as_list(images: ImageLike | Sequence[ImageLike]) -> Sequence:
     if isinstance(images, (list, tuple)):
         return list(images)
     return [images]
+
+
+def _frames(items: Sequence) -> bool:
+    """Whether ``items`` is one uint8 [B, H, W, C] array of frames (C = 1, 3 or 4)."""
+    return isinstance(items, np.ndarray) and items.dtype == np.uint8 and items.ndim == 4 and items.shape[3] in (1, 3, 4)
+
+
+def _same_shape_frames(items: Sequence) -> np.ndarray | None:
+    """uint8 HW or HWC arrays of one shape as one [B, H, W, C] batch, else None (the lean path of
+    a camera loop: nothing to decode, convert or group)."""
+    first = items[0]
+    if not isinstance(first, np.ndarray) or first.dtype != np.uint8 or first.ndim not in (2, 3) or 0 in first.shape:
+        return None
+    if any(not isinstance(a, np.ndarray) or a.dtype != np.uint8 or a.shape != first.shape for a in items[1:]):
+        return None
+    batch = first[None] if len(items) == 1 else np.stack(items)
+    return batch[..., None] if first.ndim == 2 else batch
 
 
 class FewShotClassifier:
@@ -320,10 +337,42 @@ class FewShotClassifier:
         ready = self._ready(items, spec, bs)
         parts = []
         for i in range(0, len(items), bs):  # batch by batch: images are decoded, and memory bounded, per batch
-            parts.append(self.session.embed(items[i : i + bs] if ready else preprocess(items[i : i + bs], spec)))
+            parts.append(self._call(items[i : i + bs], ready, None)[0])
             if on_progress is not None:
                 on_progress(len(parts[-1]))
         return parts[0] if len(parts) == 1 else np.concatenate(parts)
+
+    def _call(
+        self, items: Sequence, ready: bool, prototypes: np.ndarray | None
+    ) -> tuple[np.ndarray, np.ndarray | None]:
+        """One batch of images through the session: (embeddings, logits or None when ``prototypes`` is None).
+
+        A model that takes ``pixels`` gets decoded images as uint8 frames (one call per frame
+        size, :func:`pixel_groups`; the graph resizes and normalizes them) and preprocessed
+        arrays through ``images``; an older model gets everything preprocessed by Pillow."""
+        session = self.session
+        if ready or not session.takes_pixels:
+            x = items if ready else preprocess(items, session.preprocess)
+            return (session.embed(x), None) if prototypes is None else session.run(x, prototypes)
+        frames = items if _frames(items) else _same_shape_frames(items)
+        if frames is not None:  # uint8 arrays of one shape: one call, no per-image work (the session checks C)
+            return (session.embed(frames), None) if prototypes is None else session.run(frames, prototypes)
+        groups, floats, float_at = pixel_groups(items, session.preprocess)
+        if floats is not None:
+            groups.append((float_at, floats))
+        if len(groups) == 1:
+            x = groups[0][1]
+            return (session.embed(x), None) if prototypes is None else session.run(x, prototypes)
+        emb = logits = None
+        for at, x in groups:
+            e, lg = (session.embed(x), None) if prototypes is None else session.run(x, prototypes)
+            if emb is None:
+                emb = np.empty((len(items), e.shape[1]), np.float32)
+                logits = None if lg is None else np.empty((len(items), lg.shape[1]), np.float32)
+            emb[at] = e
+            if logits is not None:
+                logits[at] = lg
+        return emb, logits
 
     @staticmethod
     def _ready(items: Sequence, spec: PreprocessSpec, bs: int) -> bool:
@@ -423,7 +472,7 @@ class FewShotClassifier:
         out: list[Prediction] = []
         ready = self._ready(items, spec, bs)
         for i in range(0, len(items), bs):
-            _, logits = self.session.run(items[i : i + bs] if ready else preprocess(items[i : i + bs], spec), scores)
+            logits = self._call(items[i : i + bs], ready, scores)[1]
             if knn:
                 logits = self._knn_logits(logits, snap)
             out.extend(self._verdicts(logits, snap.labels, min(int(top_k), len(snap.labels)), threshold))

@@ -42,6 +42,7 @@ from edgemeta.runtime.ort import (
 from edgemeta.runtime.preprocess import check_batch_finite, first_nonfinite
 from edgemeta.runtime.spec import (
     INPUT_IMAGES,
+    INPUT_PIXELS,
     INPUT_PROTOTYPES,
     INPUT_SQNORMS,
     OUTPUT_EMBEDDINGS,
@@ -98,6 +99,18 @@ def feeds_prototype_norms(session: ort.InferenceSession) -> bool:
     return takes and session.get_providers()[0] != Provider.TENSORRT.value
 
 
+def takes_pixels(session: ort.InferenceSession) -> bool:
+    """Whether an edgemeta model takes raw ``pixels`` (docs/pixels.md): then it is the required
+    input, and ``images`` an optional one that ``get_inputs()`` does not list."""
+    return INPUT_PIXELS in {i.name for i in session.get_inputs()}
+
+
+def images_only_feeds(session: ort.InferenceSession) -> dict[str, np.ndarray]:
+    """What a call that feeds only ``images`` must add: an empty ``pixels`` [0, 1, 1, 3] for a
+    model with the raw-pixel entry (there ``pixels`` is required), nothing for an older one."""
+    return {INPUT_PIXELS: np.zeros((0, 1, 1, 3), np.uint8)} if takes_pixels(session) else {}
+
+
 _SCAN_PROTOTYPES = 4096  # prototype values checked directly, before the graph runs (a few us)
 
 
@@ -127,10 +140,11 @@ def run_bound(
     outputs: list[str],
     device: tuple[str, int],
 ) -> list[np.ndarray]:
-    """One graph call with IO binding: ``images`` copied to ``device``, the other inputs
+    """One graph call with IO binding: ``images`` (or uint8 ``pixels``) copied to ``device``, the other inputs
     already there (``bound``: name -> OrtValue), the outputs made there and copied back."""
     binding = session.io_binding()
-    binding.bind_ortvalue_input(INPUT_IMAGES, ort.OrtValue.ortvalue_from_numpy(images, *device))
+    name = INPUT_PIXELS if images.dtype == np.uint8 else INPUT_IMAGES
+    binding.bind_ortvalue_input(name, ort.OrtValue.ortvalue_from_numpy(images, *device))
     for name, value in bound.items():
         binding.bind_ortvalue_input(name, value)
     for name in outputs:
@@ -310,6 +324,17 @@ class Session:
     def _check_contract(self) -> None:
         inputs = {i.name: i for i in self._sess.get_inputs()}
         outputs = {o.name: o for o in self._sess.get_outputs()}
+        self.takes_pixels = INPUT_PIXELS in inputs
+        """Whether the model takes raw uint8 frames (``pixels``; docs/pixels.md)."""
+        if self.takes_pixels:
+            pixels = inputs.pop(INPUT_PIXELS)
+            if pixels.type != "tensor(uint8)" or (pixels.shape is not None and len(pixels.shape) != 4):
+                raise InputError(
+                    f"{self.path}: input 'pixels' is {pixels.type} {pixels.shape}, expected uint8 [batch, H, W, C]; "
+                    "re-export the model"
+                )
+            # with pixels, `images` is an overridable initializer (optional input): not in get_inputs()
+            inputs.update({i.name: i for i in self._sess.get_overridable_initializers() if i.name == INPUT_IMAGES})
         problems = [f"input '{n}'" for n in (INPUT_IMAGES, INPUT_PROTOTYPES) if n not in inputs]
         problems += [f"output '{n}'" for n in (OUTPUT_EMBEDDINGS, OUTPUT_LOGITS) if n not in outputs]
         if problems:
@@ -348,6 +373,8 @@ class Session:
             )
         self._in_types = {n: np.float16 if inputs[n].type == "tensor(float16)" else np.float32 for n in inputs}
         self._images_shape = inputs[INPUT_IMAGES].shape
+        self._no_pixels = images_only_feeds(self._sess)
+        self._no_pixels_value = None
         self.fixed_batch: int | None = graph_batch(self._sess)
         """The batch size the graph was exported with when it is fixed, else None: calls then
         go in chunks of exactly that size, the last one padded with zero images (their
@@ -497,7 +524,18 @@ class Session:
 
     # ---- running ---------------------------------------------------------------------
 
+    def _check_frames(self, frames: np.ndarray) -> np.ndarray:
+        """uint8 frames for ``pixels``: only the shape is checked (every byte is a valid pixel)."""
+        if frames.ndim != 4 or frames.shape[3] not in (1, 3, 4) or min(frames.shape[:3]) < 1:
+            raise InputError(
+                f"frames of shape {frames.shape} do not fit the model's pixels input: expected uint8 "
+                "[batch>=1, H>=1, W>=1, C] with C = 1 (grey), 3 (RGB) or 4 (RGBA)"
+            )
+        return frames
+
     def _check_images(self, images: np.ndarray) -> np.ndarray:
+        if self.takes_pixels and getattr(images, "dtype", None) == np.uint8:
+            return self._check_frames(np.asarray(images))
         x = np.asarray(images)
         want = (self.preprocess.channels, *self.preprocess.size)
         if x.ndim != 4 or tuple(x.shape[1:]) != want or x.shape[0] < 1:
@@ -537,12 +575,16 @@ class Session:
         return empty
 
     def embed(self, images: np.ndarray) -> np.ndarray:
-        """Preprocessed float images [B, C, H, W] -> embeddings float32 [B, D]."""
+        """Preprocessed float images [B, C, H, W] -> embeddings float32 [B, D]. A model that takes
+        ``pixels`` also takes uint8 frames [B, H, W, C] (one size per call) here."""
         x = self._check_images(images)
         return self._chunked(x, self._no_prototypes, logits=False)[0]
 
     def run(self, images: np.ndarray, prototypes: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """Preprocessed images and prototypes [N, D] -> (embeddings [B, D], logits [B, N]).
+
+        A model that takes ``pixels`` also takes uint8 frames [B, H, W, C] as ``images``: they
+        are fed to ``pixels`` and preprocessed in the graph.
 
         The logits are computed by the graph, on the session's provider. Pass a
         read-only array (as :meth:`PrototypeStore.prototypes` returns) to let IO binding
@@ -572,17 +614,19 @@ class Session:
 
     def _raw_run(self, x: np.ndarray, protos: np.ndarray, logits: bool = True) -> tuple[np.ndarray, np.ndarray | None]:
         n = len(x)
-        if self.fixed_batch and n < self.fixed_batch:  # the graph takes exactly that many images
-            x = np.concatenate([x, np.zeros((self.fixed_batch - n, *x.shape[1:]), x.dtype)])
-        x = np.ascontiguousarray(x, dtype=self._in_types[INPUT_IMAGES])
+        pixels = x.dtype == np.uint8  # frames (only a model that takes pixels gets them: _check_images)
+        if pixels:
+            x = np.ascontiguousarray(x)
+        else:
+            if self.fixed_batch and n < self.fixed_batch:  # the graph takes exactly that many images
+                x = np.concatenate([x, np.zeros((self.fixed_batch - n, *x.shape[1:]), x.dtype)])
+            x = np.ascontiguousarray(x, dtype=self._in_types[INPUT_IMAGES])
         names = [OUTPUT_EMBEDDINGS, OUTPUT_LOGITS] if logits else [OUTPUT_EMBEDDINGS]
         if self.io_binding:
             outs = self._run_bound(x, protos, names)
         else:
-            feed = {
-                INPUT_IMAGES: x,
-                INPUT_PROTOTYPES: np.ascontiguousarray(protos, dtype=self._in_types[INPUT_PROTOTYPES]),
-            }
+            feed = {INPUT_PROTOTYPES: np.ascontiguousarray(protos, dtype=self._in_types[INPUT_PROTOTYPES])}
+            feed.update({INPUT_PIXELS: x} if pixels else {INPUT_IMAGES: x, **self._no_pixels})
             norms = self._norms(protos) if logits else None
             if norms is not None:
                 feed[INPUT_SQNORMS] = norms
@@ -618,6 +662,10 @@ class Session:
             if self._no_prototypes_value is None:
                 self._no_prototypes_value = ort.OrtValue.ortvalue_from_numpy(self._no_prototypes, *device)
             bound = {INPUT_PROTOTYPES: self._no_prototypes_value}
+        if self._no_pixels and x.dtype != np.uint8:
+            if self._no_pixels_value is None:
+                self._no_pixels_value = ort.OrtValue.ortvalue_from_numpy(self._no_pixels[INPUT_PIXELS], *device)
+            bound[INPUT_PIXELS] = self._no_pixels_value
         return run_bound(self._sess, x, bound, names, device)
 
     def __repr__(self) -> str:

@@ -19,7 +19,7 @@ from edgemeta.bench.models import ModelVariant, bind_device
 from edgemeta.bench.timing import LatencyStats, paired_ratio, time_fn, time_pair
 from edgemeta.runtime.errors import EdgemetaError, InputError, ProviderError
 from edgemeta.runtime.ort import GPU_PROVIDERS, Provider, SessionOptions, display_name, open_session
-from edgemeta.runtime.session import feeds_prototype_norms, prototype_sqnorms, run_bound
+from edgemeta.runtime.session import feeds_prototype_norms, images_only_feeds, prototype_sqnorms, run_bound
 from edgemeta.runtime.spec import INPUT_IMAGES, INPUT_PROTOTYPES, INPUT_SQNORMS, OUTPUT_EMBEDDINGS, OUTPUT_LOGITS
 
 
@@ -106,7 +106,8 @@ class ColdStartRow:
 
 
 def _input_dtype(sess: ort.InferenceSession, name: str) -> type:
-    t = next(i.type for i in sess.get_inputs() if i.name == name)
+    # with the pixels entry, `images` is an overridable initializer, not among get_inputs()
+    t = next(i.type for i in (*sess.get_inputs(), *sess.get_overridable_initializers()) if i.name == name)
     return np.float16 if t == "tensor(float16)" else np.float32
 
 
@@ -145,6 +146,7 @@ def embedding_call(
     feeds = {
         INPUT_IMAGES: random_images(variant, batch, _input_dtype(sess, INPUT_IMAGES), config.seed),
         INPUT_PROTOTYPES: np.zeros((0, variant.embedding_dim), _input_dtype(sess, INPUT_PROTOTYPES)),
+        **images_only_feeds(sess),
     }
     return lambda: sess.run([OUTPUT_EMBEDDINGS], feeds)
 
@@ -162,6 +164,7 @@ def time_classes(
         INPUT_IMAGES: random_images(variant, batch, _input_dtype(sess, INPUT_IMAGES), config.seed),
         INPUT_PROTOTYPES: protos,
     }
+    feeds.update(images_only_feeds(sess))
     if feeds_prototype_norms(sess) and n_classes:
         feeds[INPUT_SQNORMS] = prototype_sqnorms(protos)
     device = bind_device(sess.get_providers()[0])

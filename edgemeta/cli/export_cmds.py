@@ -99,6 +99,9 @@ def _floats(text: Optional[str], what: str) -> list[float] | float:
     return values[0] if len(values) == 1 else values
 
 
+PIXELS_HELP = "Add the raw-pixel input (uint8 [batch, H, W, C], preprocessed in the graph; docs/pixels.md)."
+
+
 def _options(
     precision: Precision,
     opset: int,
@@ -115,6 +118,7 @@ def _options(
     conv_kernel: str = "direct",
     stem_layout: str = "auto",
     ort_level: str = "basic",
+    pixels: bool = True,
 ):
     from edgemeta.exporters import ExportOptions, ExportSpec, QuantizeSpec, VerifySpec
 
@@ -123,6 +127,7 @@ def _options(
         spec=ExportSpec(opset=opset, optimize=optimize),
         ort_format=ort,
         ort_level=ort_level,
+        pixels=pixels,
         verify=VerifySpec(episodes=episodes) if verify else None,
         data=data,
         calibration_data=calibration_data,
@@ -246,6 +251,7 @@ def export_cmd(
     pool: Optional[str] = typer.Option(
         None, help="--module returning a feature map: pool it into a vector (avg or max)."
     ),
+    pixels: bool = typer.Option(True, "--pixels/--no-pixels", help=PIXELS_HELP),
     json_out: bool = typer.Option(False, "--json", help="Print the result as JSON."),
 ) -> None:
     """Export a checkpoint (or your own module) to ONNX, verified against torch on real images."""
@@ -267,6 +273,7 @@ def export_cmd(
         conv_kernel,
         stem_layout,
         ort_optimization,
+        pixels,
     )
     with _progress(not json_out) as progress:
         if module:
@@ -322,6 +329,7 @@ def quantize_cmd(
     data_dir: Optional[Path] = typer.Option(None, help=DATA_DIR_HELP),
     ort: bool = typer.Option(False, "--ort", help="Also write the ORT format (.ort)."),
     ort_optimization: str = typer.Option("basic", help=ORT_LEVEL_HELP),
+    pixels: bool = typer.Option(True, "--pixels/--no-pixels", help=PIXELS_HELP),
     json_out: bool = typer.Option(False, "--json", help="Print the result as JSON."),
 ) -> None:
     """int8 static quantization (QDQ), calibrated on base-class images, verified on novel classes."""
@@ -343,6 +351,7 @@ def quantize_cmd(
         conv_kernel,
         stem_layout,
         ort_optimization,
+        pixels,
     )
     with _progress(not json_out) as progress:
         outcome = quantize_model(model, checkpoint, output, options, progress)
@@ -361,6 +370,9 @@ def _inspect_tables(info: dict[str, Any]) -> list[Table]:
         "precision": info.get("precision") or "?",
         "opset / IR": f"{_opsets(info.get('opset'))} / {info.get('ir_version') or '?'}",
         "parameters": f"{info['parameters']:,}" if info.get("parameters") is not None else "?",
+        "raw pixels in": (
+            "yes (pixels: uint8 \\[batch, H, W, C])" if info.get("pixels") else "no (images only; re-export to add it)"
+        ),
         "producer": info.get("producer") or "",
         **{
             k: str(meta[k])
