@@ -73,8 +73,10 @@ def _measure(name: str, checkpoint, precision: Precision, frame_shape: tuple[int
         predict = (lambda: clf.predict(one)) if batch == 1 else (lambda: clf.predict(frames))
         model, pred, ratios = _paired(lambda: bare.run(None, feeds), predict, calls, args.rounds)  # noqa: B023
         target = 1.3 if batch == 1 else 1.2
-        print(f"{name:>14} batch {batch:>2}: model call {1e3 * model:.3f} ms, predict(frames) {1e3 * pred:.3f} ms, "
-              f"ratio {np.median(ratios):.2f}x (rounds {min(ratios):.2f}-{max(ratios):.2f}; target {target}x)")
+        print(
+            f"{name:>14} batch {batch:>2}: model call {1e3 * model:.3f} ms, predict(frames) {1e3 * pred:.3f} ms, "
+            f"ratio {np.median(ratios):.2f}x (rounds {min(ratios):.2f}-{max(ratios):.2f}; target {target}x)"
+        )
 
 
 def main() -> None:
@@ -83,8 +85,10 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--photo", action="store_true", help="also the photo model (EfficientNet-Lite)")
     args = ap.parse_args()
-    print(f"onnxruntime {ort.__version__}, {args.threads} thread(s), {args.rounds} paired rounds, "
-          "5 classes enrolled; frames are decoded uint8 arrays")
+    print(
+        f"onnxruntime {ort.__version__}, {args.threads} thread(s), {args.rounds} paired rounds, "
+        "5 classes enrolled; frames are decoded uint8 arrays"
+    )
     with tempfile.TemporaryDirectory() as tmp:
         for precision in (Precision.FP32, Precision.INT8):
             _measure(f"conv4 {precision.value}", default_checkpoint(), precision, (105, 105, 1), args, Path(tmp))

@@ -15,7 +15,7 @@ from edgemeta.exporters import ExportOptions, VerifySpec, export_checkpoint, qua
 from edgemeta.exporters.graph import read_metadata
 from edgemeta.exporters.pipeline import add_pixels
 from edgemeta.exporters.pixels import has_pixels, without_pixels
-from edgemeta.runtime.spec import PreprocessSpec, Precision
+from edgemeta.runtime.spec import Precision, PreprocessSpec
 
 QUICK = VerifySpec(batch_sizes=(1, 7), prototype_counts=(0, 3), episodes=30)
 
@@ -61,8 +61,13 @@ def test_reduced_precision_exports_take_pixels_with_float_preprocessing(
     model = onnx.load(str(out.path))
     assert has_pixels(model) and read_metadata(model).precision is precision
     pre = [n for n in model.graph.node if n.name.startswith("pixels/")]
-    assert pre and not [n.op_type for n in pre if "Quantize" in n.op_type or n.op_type == "Cast" and
-                        any(a.name == "to" and a.i == onnx.TensorProto.FLOAT16 for a in n.attribute)]
+    assert pre and not [
+        n.op_type
+        for n in pre
+        if "Quantize" in n.op_type
+        or n.op_type == "Cast"
+        and any(a.name == "to" and a.i == onnx.TensorProto.FLOAT16 for a in n.attribute)
+    ]
     _pixels_agree(out.path, omniglot_novel)
 
 

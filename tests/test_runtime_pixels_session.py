@@ -7,16 +7,16 @@ from __future__ import annotations
 import numpy as np
 import onnx
 import pytest
+from conftest import RUNTIME_SIZE, build_runtime_model
 from onnx import version_converter
 from PIL import Image
 
-from conftest import RUNTIME_SIZE, build_runtime_model
 from edgemeta.exporters.graph import read_metadata
 from edgemeta.exporters.pixels import with_pixels
 from edgemeta.runtime import FewShotClassifier
 from edgemeta.runtime.errors import InputError
-from edgemeta.runtime.preprocess import preprocess
 from edgemeta.runtime.ort import SessionOptions
+from edgemeta.runtime.preprocess import preprocess
 from edgemeta.runtime.session import Session
 
 
