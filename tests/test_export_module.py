@@ -101,6 +101,9 @@ def test_mean_and_std_are_required_but_may_be_explicitly_identity(mods):
         "omniglot",
         "--episodes",
         "10",
+        # an untrained module's few-shot decisions flip on the one-level differences between the
+        # graph's resize and Pillow's, so the pixels agreement check would (rightly) fail it
+        "--no-pixels",
     ]
     r = run(*base, "-o", "v.onnx")
     assert r.exit_code == 1 and "--mean and --std" in r.output
