@@ -522,7 +522,8 @@ class Trainer:
                     progress.update(
                         task,
                         advance=1,
-                        info=f"epoch {self.epoch + 1} loss {np.mean(losses[-50:]):.3f} acc {100 * np.mean(accs[-50:]):.1f}%",
+                        info=f"epoch {self.epoch + 1} loss {np.mean(losses[-50:]):.3f} acc "
+                        f"{100 * np.mean(accs[-50:]):.1f}%",
                     )
                 if self.out_of_time():
                     break
@@ -747,7 +748,8 @@ def _check_run(
         was = ModelSpec.from_dict(header["spec"])
         if was != spec:
             raise CheckpointError(
-                f"{last} was trained with {was.backbone} at size {was.preprocess.size[0]}, {was.metric.value}, {was.normalization.value}, "
+                f"{last} was trained with {was.backbone} at size {was.preprocess.size[0]}, {was.metric.value}, "
+                f"{was.normalization.value}, "
                 "not this config; resume with the same --backbone, --size, --metric and --normalization"
             )
         _check_same_config(last, header.get("info", {}).get("config", {}), cfg)
@@ -833,7 +835,8 @@ def check_resume(resume: Path, spec: ModelSpec) -> tuple[Path, Path]:
     was = ModelSpec.from_dict(read_header(last)["spec"])
     if was != spec:
         raise CheckpointError(
-            f"{last} was trained with {was.backbone} at size {was.preprocess.size[0]}, {was.metric.value}, {was.normalization.value}, "
+            f"{last} was trained with {was.backbone} at size {was.preprocess.size[0]}, {was.metric.value}, "
+            f"{was.normalization.value}, "
             "not this config; resume with the same --backbone, --size, --metric and --normalization"
         )
     return last, best

@@ -112,7 +112,8 @@ def count_flops(model: str | os.PathLike | Any, batch: int = 1, n_classes: int =
     """
     if isinstance(model, (str, os.PathLike)) and is_ort_format(model):
         raise InputError(
-            f"{Path(model).name} is an ORT-format model, whose graph the onnx package cannot read; count (or benchmark) the .onnx it was made from"
+            f"{Path(model).name} is an ORT-format model, whose graph the onnx package cannot read; count (or "
+            "benchmark) the .onnx it was made from"
         )
     try:
         import onnx
