@@ -867,7 +867,8 @@ def restore_run(trainer: Trainer, last: Path, best: Path) -> dict | None:
     elif recorded >= 0:
         warnings.warn(
             f"{best} does not hold the best weights ({100 * recorded:.2f}%) of the run resumed from {last}; "
-            "the best model is chosen anew from the validations of this session"
+            "the best model is chosen anew from the validations of this session",
+            stacklevel=2,
         )
     log = best.with_suffix(".jsonl")
     if log.is_file():

@@ -27,6 +27,7 @@ from __future__ import annotations
 import os
 import time
 from dataclasses import asdict, dataclass, field
+from functools import partial
 from pathlib import Path
 from typing import Any, Callable
 
@@ -369,7 +370,7 @@ def _episodes(
     agree, total, ties, scores_t, scores_o = 0, 0, 0, [], []
     for k, ep in enumerate(eps):
         s, q = where[ep.support], where[ep.query]
-        images = lambda: x_of(ep.query)  # noqa: E731  (only for models without a separable metric)
+        images = partial(x_of, ep.query)  # only for models without a separable metric
         p_o = z_onnx[s].reshape(spec.n_way, spec.k_shot, -1).mean(axis=1)
         p_t = z_torch[s].reshape(spec.n_way, spec.k_shot, -1).mean(axis=1)
         pred_o = onnx_side.logits(np.ascontiguousarray(z_onnx[q]), p_o.astype(np.float32), images).argmax(axis=1)
@@ -431,9 +432,10 @@ def _checks(rows: list[dict[str, Any]], episodes: dict[str, Any], tol: Tolerance
     hint = _HINTS[precision]
     bad_shape = [r for r in rows if not r["shapes_ok"]]
     bad_finite = [r for r in rows if not r["finite"]]
-    where = lambda r: (
-        f"batch {r['batch']}, {r['prototypes']} prototypes" + (", norms fed" if r.get("norms_fed") else "")
-    )  # noqa: E731
+
+    def where(r: dict[str, Any]) -> str:
+        return f"batch {r['batch']}, {r['prototypes']} prototypes" + (", norms fed" if r.get("norms_fed") else "")
+
     checks = [
         Check(
             "output shapes",

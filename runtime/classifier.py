@@ -503,7 +503,7 @@ class FewShotClassifier:
         snap = store.snapshot(examples=True)  # one consistent view, even while another thread enrols
         dists = []
         start = 0
-        for c, n in enumerate(snap.counts):
+        for n in snap.counts:
             ex = snap.examples[start : start + n].astype(np.float64)
             start += n
             if n < 2:

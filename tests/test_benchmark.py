@@ -1372,7 +1372,10 @@ def test_time_pair_alternates_and_neither_call_always_runs_first():
 def test_time_pair_keeps_each_calls_times_apart_whichever_ran_first(monkeypatch):
     clock = iter(range(0, 10**9, 1000))  # each reading 1 us after the last: every call lasts 1 us ...
     monkeypatch.setattr(time, "perf_counter_ns", lambda: next(clock))
-    slow = lambda: [next(clock) for _ in range(2)]  # ... and 3 us with two more readings inside
+
+    def slow():  # ... and 3 us with two more readings inside
+        return [next(clock) for _ in range(2)]
+
     a, b = bm.time_pair(slow, lambda: None, warmup=0, runs=5)
     assert list(a.samples_ms) == [0.003] * 5 and list(b.samples_ms) == [0.001] * 5
     b, a = bm.time_pair(lambda: None, slow, warmup=0, runs=5, duration=1e-9)  # the duration form: at least 3 pairs

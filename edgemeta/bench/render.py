@@ -138,7 +138,7 @@ def render_report(report: BenchReport, console: Any) -> None:
             "per class set "
             f"({b.speedup:.0f}x end to end; learning step alone {b.learning_speedup:.0f}x)"
         )
-    for provider, why in report.unavailable.items():
+    for why in report.unavailable.values():
         console.print(f"[yellow]{why}[/]")
     console.print(report.repeatability["verdict"])
     for note in report.notes:
