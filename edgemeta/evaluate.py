@@ -63,8 +63,8 @@ class EvalReport:
 
     def line(self) -> str:
         return (
-            f"{self.n_way}-way {self.k_shot}-shot: {100 * self.accuracy:.2f}% ± {100 * self.ci95:.2f} (F1 "
-            f"{100 * self.f1:.2f})"
+            f"{self.n_way}-way {self.k_shot}-shot: {100 * self.accuracy:.2f}% "
+            f"± {100 * self.ci95:.2f} (F1 {100 * self.f1:.2f})"
         )
 
 

@@ -748,9 +748,9 @@ def _check_run(
         was = ModelSpec.from_dict(header["spec"])
         if was != spec:
             raise CheckpointError(
-                f"{last} was trained with {was.backbone} at size {was.preprocess.size[0]}, {was.metric.value}, "
-                f"{was.normalization.value}, "
-                "not this config; resume with the same --backbone, --size, --metric and --normalization"
+                f"{last} was trained with {was.backbone} at size {was.preprocess.size[0]}, "
+                f"{was.metric.value}, {was.normalization.value}, not this config; resume "
+                "with the same --backbone, --size, --metric and --normalization"
             )
         _check_same_config(last, header.get("info", {}).get("config", {}), cfg)
         step = int(header.get("info", {}).get("step", 0))
@@ -835,9 +835,9 @@ def check_resume(resume: Path, spec: ModelSpec) -> tuple[Path, Path]:
     was = ModelSpec.from_dict(read_header(last)["spec"])
     if was != spec:
         raise CheckpointError(
-            f"{last} was trained with {was.backbone} at size {was.preprocess.size[0]}, {was.metric.value}, "
-            f"{was.normalization.value}, "
-            "not this config; resume with the same --backbone, --size, --metric and --normalization"
+            f"{last} was trained with {was.backbone} at size {was.preprocess.size[0]}, "
+            f"{was.metric.value}, {was.normalization.value}, not this config; resume "
+            "with the same --backbone, --size, --metric and --normalization"
         )
     return last, best
 

@@ -255,9 +255,8 @@ def refuse_fixed_batch(path: Path, action: str, session=None, model: onnx.ModelP
     batch = graph_batch(session or _cpu_session(path if model is None else model_bytes(model)))
     if batch is not None:
         raise InputError(
-            f"{path} takes a fixed batch of {batch}; {action} runs batches of other sizes through the graph and needs "
-            "a "
-            "dynamic batch: use the model it was made from (`edgemeta export` writes a dynamic batch)"
+            f"{path} takes a fixed batch of {batch}; {action} runs batches of other sizes through the graph and "
+            "needs a dynamic batch: use the model it was made from (`edgemeta export` writes a dynamic batch)"
         )
 
 
@@ -402,19 +401,19 @@ def _episodes(
 
 
 _HINTS = {
-    Precision.FP32: "the graph computes something else than torch: make sure the model is in eval mode, export without "
-    "--optimize, or try --opset 17",
-    Precision.FP16: "the backbone loses too much in fp16 (overflow or rounding); use --precision fp32, or int8 "
-    "calibrated on base classes",
+    Precision.FP32: "the graph computes something else than torch: make sure the model "
+    "is in eval mode, export without --optimize, or try --opset 17",
+    Precision.FP16: "the backbone loses too much in fp16 (overflow or rounding); "
+    "use --precision fp32, or int8 calibrated on base classes",
     Precision.INT8: "calibrate on more base-class images (--calibration-images), or use --precision fp16",
 }
 
 
 _TIES_HINT = (
-    "the embeddings agree within tolerance, but decisions flip on near-ties ({ties} of {flips} disagreements have both "
-    "classes' torch logits closer than the logits tolerance): the model gives near-identical embeddings to different "
-    "images, so the export is faithful and the model separates the classes poorly (train it further, or check its "
-    "normalization)"
+    "the embeddings agree within tolerance, but decisions flip on near-ties ({ties} of {flips} "
+    "disagreements have both classes' torch logits closer than the logits tolerance): the "
+    "model gives near-identical embeddings to different images, so the export is faithful and "
+    "the model separates the classes poorly (train it further, or check its normalization)"
 )
 
 
@@ -533,8 +532,8 @@ def verify(
     x = x_of(np.sort(pool))
     if x.shape[1:] != (pp.channels, *pp.size):
         raise InputError(
-            f"{data.name} images are {x.shape[1:]}, the model takes {(pp.channels, *pp.size)} (CHW); load them at the "
-            "model's size"
+            f"{data.name} images are {x.shape[1:]}, the model takes "
+            f"{(pp.channels, *pp.size)} (CHW); load them at the model's size"
         )
     onnx_side, torch_side = _OnnxSide(path, proto, meta.embedding_dim), _TorchSide(torch_model, meta.embedding_dim)
     rows = _tensor_runs(onnx_side, torch_side, x, spec)

@@ -104,8 +104,8 @@ def main() -> None:
         "episodes_trained": ck.info.get("step"),
         "best_val_accuracy": ck.info.get("best_val_accuracy"),
         "episodes_per_second": result.episodes_per_second if result else None,
-        "machine": f"{platform.processor() or platform.machine()}, {torch.get_num_threads()} threads, torch "
-        f"{torch.__version__}",
+        "machine": f"{platform.processor() or platform.machine()}, "
+        f"{torch.get_num_threads()} threads, torch {torch.__version__}",
         "omniglot_evaluation": rows,
         "digits_out_of_domain": ood,
     }

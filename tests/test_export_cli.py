@@ -150,8 +150,8 @@ BEFORE = ["junk.safetensors", *sorted(USER_MODULES)]
                 "-o",
                 "m.onnx",
             ],
-            "the gemm convolution kernel needs uint8 activations (ONNX Runtime's int8 GEMM is uint8 x int8); add "
-            "--activations uint8",
+            "the gemm convolution kernel needs uint8 activations (ONNX "
+            "Runtime's int8 GEMM is uint8 x int8); add --activations uint8",
         ),
         (
             [
@@ -215,8 +215,8 @@ BEFORE = ["junk.safetensors", *sorted(USER_MODULES)]
                 "-o",
                 "m.onnx",
             ],
-            "--stem-layout nhwc needs the float stem: it changes how the float stem hands over to int8; drop "
-            "--no-float-stem",
+            "--stem-layout nhwc needs the float stem: it changes how "
+            "the float stem hands over to int8; drop --no-float-stem",
         ),
         (
             [
@@ -601,7 +601,7 @@ def test_verify_and_quantize_refuse_a_fixed_batch_model_in_one_line(
     )
     assert_one_line_error(
         r,
-        f"b1.onnx takes a fixed batch of 1; {action} runs batches of other sizes through the graph and needs a dynamic "
-        "batch",
+        f"b1.onnx takes a fixed batch of 1; {action} runs batches of "
+        "other sizes through the graph and needs a dynamic batch",
     )
     assert (workdir / "b1.onnx").read_bytes() == before and not (workdir / "q.onnx").exists()

@@ -283,8 +283,8 @@ def test_int8_nhwc_stem_hand_over(int8_nhwc_model, int8_model, tmp_path):
         QuantizeSpec(stem_layout="nhcw")
     with pytest.raises(
         InputError,
-        match="--stem-layout nhwc needs the float stem: it changes how the float stem hands over to int8; drop "
-        "--no-float-stem",
+        match="--stem-layout nhwc needs the float stem: it changes how "
+        "the float stem hands over to int8; drop --no-float-stem",
     ):
         QuantizeSpec(stem_layout="nhwc", float_stem=False)
 

@@ -53,8 +53,8 @@ def _progress_bar(enabled: bool) -> Iterator[Callable[[int, int, str], None] | N
 def benchmark(
     models: List[Path] = typer.Argument(
         ...,
-        help="Exported .onnx (or .ort) model(s); several = precision variants of one model, one per precision, side by "
-        "side.",
+        help="Exported .onnx (or .ort) model(s); several = precision "
+        "variants of one model, one per precision, side by side.",
     ),
     checkpoint: Optional[Path] = typer.Option(
         None, "--checkpoint", help="The checkpoint the model came from: torch eager baseline, and missing precisions."
@@ -106,11 +106,9 @@ def benchmark(
     backprop_data: Optional[str] = typer.Option(
         None,
         "--backprop-data",
-        help="Images of classes the model never saw, for --backprop-baseline: omniglot (its evaluation classes), "
-        "tiny-imagenet (its test classes), "
-        "digits, or a folder/zip of class folders. Default: the novel classes of omniglot or tiny-imagenet when the "
-        "model records it, else omniglot "
-        "for a grey model.",
+        help="Images of classes the model never saw, for --backprop-baseline: omniglot (its evaluation "
+        "classes), tiny-imagenet (its test classes), digits, or a folder/zip of class folders. Default: the "
+        "novel classes of omniglot or tiny-imagenet when the model records it, else omniglot for a grey model.",
     ),
     data_dir: Optional[Path] = typer.Option(
         None,
@@ -121,21 +119,21 @@ def benchmark(
     dim: Optional[List[str]] = typer.Option(
         None,
         "--dim",
-        help="A model without the edgemeta contract: the size of a free input dimension, NAME=N or INPUT:AXIS=N "
-        "(repeat: --dim batch=8 --dim seq=128). A free first axis takes --batch-sizes; names like seq or length 128, "
-        "height or width 224.",
+        help="A model without the edgemeta contract: the size of a free input dimension, "
+        "NAME=N or INPUT:AXIS=N (repeat: --dim batch=8 --dim seq=128). A free first axis "
+        "takes --batch-sizes; names like seq or length 128, height or width 224.",
     ),
     optimization: str = typer.Option(
         "all",
         "--optimization",
-        help="A model without the edgemeta contract: ONNX Runtime's graph optimization level, disable, basic, extended "
-        "or all.",
+        help="A model without the edgemeta contract: ONNX Runtime's "
+        "graph optimization level, disable, basic, extended or all.",
     ),
     profile: bool = typer.Option(
         False,
         "--profile",
-        help="A model without the edgemeta contract: also profile it with ONNX Runtime and list the operators that "
-        "take the most time.",
+        help="A model without the edgemeta contract: also profile it with "
+        "ONNX Runtime and list the operators that take the most time.",
     ),
     generic: bool = typer.Option(
         False,
@@ -248,8 +246,8 @@ def _any_onnx(models: List[Path], generic: bool, dim: Optional[List[str]], optim
         given = [o for o, v in (("--dim", dim), ("--optimization", optimization != "all"), ("--profile", profile)) if v]
         if given:
             raise InputError(
-                f"{', '.join(given)} apply to models measured as any ONNX model; add --generic to measure an edgemeta "
-                "model so"
+                f"{', '.join(given)} apply to models measured as any ONNX "
+                "model; add --generic to measure an edgemeta model so"
             )
         return False
     if any(kinds):
@@ -280,8 +278,8 @@ def _benchmark_any(
     given = [o for o, v in edgemeta_only.items() if v is not None]
     if given:
         raise InputError(
-            f"{', '.join(given)} need a model with the edgemeta contract (made by `edgemeta export`); leave them out "
-            "for any ONNX model"
+            f"{', '.join(given)} need a model with the edgemeta contract "
+            "(made by `edgemeta export`); leave them out for any ONNX model"
         )
     if samples and not json_out:
         raise InputError("--samples adds every timing to the --json output; add --json or leave --samples out")
