@@ -272,8 +272,8 @@ def test_int8_nhwc_stem_hand_over(int8_nhwc_model, int8_model, tmp_path):
             return ["CUDAExecutionProvider", "CPUExecutionProvider"]
 
     assert not wants_nhwc_stem(OnCuda())
-    # a model an edgemeta session writes (the .ort conversion, basic level) keeps no transpose: the optimizer stays on
-    # there
+    # a model an edgemeta session writes (the .ort conversion, basic level) keeps no transpose:
+    # the optimizer stays on there
     so = ort.SessionOptions()
     so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_BASIC
     so.optimized_model_filepath = str(tmp_path / "written.onnx")
