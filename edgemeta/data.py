@@ -341,8 +341,8 @@ def _fetch_omniglot(name: str, dest: Path) -> Path:
             payload = r.read()
     except OSError as e:
         raise DataError(
-            f"Omniglot archive {name}.zip not found in {dest} and the download failed ({e}); "
-            f"put images_background.zip and images_evaluation.zip in {dest} (or pass --data-dir / set EDGEMETA_DATA_DIR)"
+            f"Omniglot archive {name}.zip not found in {dest} and the download failed ({e}); put "
+            f"images_background.zip and images_evaluation.zip in {dest} (or pass --data-dir / set EDGEMETA_DATA_DIR)"
         ) from None
     md5 = hashlib.md5(payload).hexdigest()
     if md5 != OMNIGLOT_MD5[name]:
@@ -544,7 +544,8 @@ def _match_channels(ds: ImageSet, preprocess: PreprocessSpec, option: str) -> Im
         ds.spec = preprocess
         return ds
     raise InputError(
-        f"{ds.name} has colour images but the model takes {preprocess.channels} channel(s); pass {option} with matching images"
+        f"{ds.name} has colour images but the model takes "
+        f"{preprocess.channels} channel(s); pass {option} with matching images"
     )
 
 
@@ -583,7 +584,8 @@ def novel_images(
     split_name = NOVEL_SPLITS.get(dataset, "")
     if not is_data_name(dataset):
         raise InputError(
-            f"unknown data set {dataset!r}; use omniglot, tiny-imagenet, digits, or a folder of class folders ({option})"
+            f"unknown data set {dataset!r}; use omniglot, tiny-imagenet, "
+            f"digits, or a folder of class folders ({option})"
         )
     ds = load_for_model(dataset, split_name, preprocess, data_dir, option)
     if split is None or dataset in NAMED:
@@ -597,8 +599,8 @@ def novel_classes(ds: ImageSet, split: ClassSplit, fix: str) -> ImageSet:
     novel = ds.drop_classes(split.seen, ds.name + "-novel")
     if novel.num_classes < 2:
         raise DataError(
-            f"{ds.name}: {ds.num_classes - novel.num_classes} of its {ds.num_classes} classes trained the model (base or validation "
-            f"classes recorded in its checkpoint), {novel.num_classes} left; {fix}"
+            f"{ds.name}: {ds.num_classes - novel.num_classes} of its {ds.num_classes} classes trained the "
+            f"model (base or validation classes recorded in its checkpoint), {novel.num_classes} left; {fix}"
         )
     return novel
 
@@ -610,7 +612,8 @@ def base_classes(ds: ImageSet, split: ClassSplit | None) -> ImageSet:
     base = ds.drop_classes(split.novel, ds.name + "-base")
     if base.num_classes == 0:
         raise DataError(
-            f"{ds.name}: every class is a novel class of the model (held out in training); pass images of its base classes"
+            f"{ds.name}: every class is a novel class of the model "
+            "(held out in training); pass images of its base classes"
         )
     return base
 
@@ -636,8 +639,8 @@ def base_images(
     if dataset and dataset not in NAMED and Path(dataset).exists():
         return base_classes(load_for_model(dataset, "", preprocess, data_dir, option="--calibration-data"), split)
     raise InputError(
-        f"int8 calibration needs images of the training classes, and {dataset or 'this model'} has no known base split; "
-        "pass --calibration-data FOLDER (never the evaluation classes)"
+        f"int8 calibration needs images of the training classes, and {dataset or 'this model'} "
+        "has no known base split; pass --calibration-data FOLDER (never the evaluation classes)"
     )
 
 
@@ -722,9 +725,9 @@ def split_classes(
         else:
             fix = f"add class folders: training on a folder needs at least {floor} classes (2-way episodes)"
         raise InputError(
-            f"{name} has {n} classes; training {n_way}-way on it needs at least {need}: {n_way} base classes (--n-way), "
-            f"{val_n_way} held out for validation (--val-n-way) and {NOVEL_MIN} held out as novel classes for verification "
-            f"and evaluation; {fix}"
+            f"{name} has {n} classes; training {n_way}-way on it needs at least {need}: {n_way} "
+            f"base classes (--n-way), {val_n_way} held out for validation (--val-n-way) and "
+            f"{NOVEL_MIN} held out as novel classes for verification and evaluation; {fix}"
         )
     spare = n - need
     n_val = val_n_way + min(max(n // 5 - val_n_way, 0), spare // 2)

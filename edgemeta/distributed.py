@@ -130,7 +130,8 @@ def detect(device: Device | str = Device.AUTO) -> DistEnv:
         if 0 < gpus < local_world:
             warnings.warn(
                 f"{local_world} processes on this machine and {gpus} GPU(s): training on the CPU (gloo); "
-                f"use --nproc-per-node {gpus} to train on the GPUs"
+                f"use --nproc-per-node {gpus} to train on the GPUs",
+                stacklevel=2,
             )
         device = Device.CUDA if 0 < local_world <= gpus else Device.CPU
     dev = torch.device("cuda", local_rank) if device is Device.CUDA else torch.device("cpu")

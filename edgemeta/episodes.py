@@ -67,7 +67,8 @@ class EpisodeSampler:
         self._index = {int(c): i for i, c in enumerate(classes)}
         if len(classes) < self.n_way:
             raise DataError(
-                f"{name} has {len(classes)} classes, fewer than {n_way}-way; {remedy or f'lower --n-way to at most {len(classes)}'}"
+                f"{name} has {len(classes)} classes, fewer than {n_way}-way; "
+                f"{remedy or f'lower --n-way to at most {len(classes)}'}"
             )
         if len(self._eligible) < self.n_way:
             raise DataError(
@@ -171,7 +172,8 @@ def _episode_problems(i: int, ep: dict, header: dict[str, int]) -> list[str]:
     leaked = {os.path.normpath(str(x[0])) for x in support} & {os.path.normpath(str(x[0])) for x in query}
     if leaked:
         problems.append(
-            f"episode {i}: {len(leaked)} support image(s) also used as queries, e.g. {sorted(leaked)[0]}; an image must not be both"
+            f"episode {i}: {len(leaked)} support image(s) also used as "
+            f"queries, e.g. {sorted(leaked)[0]}; an image must not be both"
         )
     found = {"n_way": {len(s_count)}, "k_shot": set(s_count.values()), "q_query": {q_count.get(c, 0) for c in s_count}}
     for key, n in header.items():
@@ -218,8 +220,8 @@ def read_episodes_file(path: str | os.PathLike) -> EpisodeFile:
     version = doc.get("version")
     if type(version) is not int or not 1 <= version <= EPISODES_VERSION:
         raise InputError(
-            f"{path}: episodes file version {version!r} is not supported; this edgemeta reads version {EPISODES_VERSION} "
-            "(upgrade edgemeta for a newer file, or write it again with `edgemeta episodes`)"
+            f"{path}: episodes file version {version!r} is not supported; this edgemeta reads version "
+            f"{EPISODES_VERSION} (upgrade edgemeta for a newer file, or write it again with `edgemeta episodes`)"
         )
     problems, header = [], {}
     for key in (

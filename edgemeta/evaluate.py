@@ -62,7 +62,10 @@ class EvalReport:
         return d
 
     def line(self) -> str:
-        return f"{self.n_way}-way {self.k_shot}-shot: {100 * self.accuracy:.2f}% ± {100 * self.ci95:.2f} (F1 {100 * self.f1:.2f})"
+        return (
+            f"{self.n_way}-way {self.k_shot}-shot: {100 * self.accuracy:.2f}% "
+            f"± {100 * self.ci95:.2f} (F1 {100 * self.f1:.2f})"
+        )
 
 
 def to_tensor(images_u8: np.ndarray, mean: Iterable[float], std: Iterable[float]) -> torch.Tensor:
@@ -333,7 +336,8 @@ def run_evaluation(
         channels = _DATASET_CHANNELS.get(dataset, pp.channels)
         if channels != pp.channels:  # before decoding the whole set
             raise InputError(
-                f"{dataset} images have {channels} channel(s), the model takes {pp.channels}-channel {pp.size[0]}x{pp.size[1]} images; "
+                f"{dataset} images have {channels} channel(s), the model takes {pp.channels}-channel "
+                f"{pp.size[0]}x{pp.size[1]} images; "
                 "evaluate it on a data set of its kind, or on an image folder (decoded to the model's input)"
             )
         data = _recorded_split(

@@ -102,11 +102,13 @@ def quickstart(
     per_class = int(np.bincount(data.labels).min())
     if cfg.n_classes > data.num_classes:
         raise InputError(
-            f"--classes {cfg.n_classes} is more than the {data.num_classes} novel Omniglot classes; pass at most {data.num_classes}"
+            f"--classes {cfg.n_classes} is more than the {data.num_classes} "
+            f"novel Omniglot classes; pass at most {data.num_classes}"
         )
     if cfg.shots >= per_class:
         raise InputError(
-            f"--shots {cfg.shots} leaves no image to predict (novel Omniglot classes have {per_class} images); pass at most {per_class - 1}"
+            f"--shots {cfg.shots} leaves no image to predict (novel Omniglot "
+            f"classes have {per_class} images); pass at most {per_class - 1}"
         )
     out.mkdir(parents=True, exist_ok=True)
     ckpt = default_checkpoint()
@@ -219,8 +221,8 @@ def summary_lines(s: dict[str, Any]) -> list[str]:
         f"int8 {e8['size_kb']} KB ({pct(e8['agreement'])})",
         f"on-device {r32['classes']} new classes from {r32['shots']} images each, no backprop: "
         f"accuracy {pct(r32['accuracy'])} fp32 / {pct(r8['accuracy'])} int8 on {r32['queries']} unseen images",
-        f"speed     batch 1: {b.get('fp32_p50_ms_b1', float('nan')):.2f} ms, {ratio(b.get('fp32_vs_torch_b1'))} faster than torch eager; "
-        f"int8 {ratio(b.get('int8_vs_fp32_b32'))} fp32 at batch 32",
+        f"speed     batch 1: {b.get('fp32_p50_ms_b1', float('nan')):.2f} ms, {ratio(b.get('fp32_vs_torch_b1'))} "
+        f"faster than torch eager; int8 {ratio(b.get('int8_vs_fp32_b32'))} fp32 at batch 32",
         f"enrolment costs {ratio(b.get('enrol_vs_embed'))} the embedding of its images; "
         f"10,000 classes cost {ratio((b.get('classes_latency_ratio') or {}).get(10000))} the latency of 1",
         *_photo_lines(s.get("photos")),

@@ -522,7 +522,8 @@ class Trainer:
                     progress.update(
                         task,
                         advance=1,
-                        info=f"epoch {self.epoch + 1} loss {np.mean(losses[-50:]):.3f} acc {100 * np.mean(accs[-50:]):.1f}%",
+                        info=f"epoch {self.epoch + 1} loss {np.mean(losses[-50:]):.3f} acc "
+                        f"{100 * np.mean(accs[-50:]):.1f}%",
                     )
                 if self.out_of_time():
                     break
@@ -747,8 +748,9 @@ def _check_run(
         was = ModelSpec.from_dict(header["spec"])
         if was != spec:
             raise CheckpointError(
-                f"{last} was trained with {was.backbone} at size {was.preprocess.size[0]}, {was.metric.value}, {was.normalization.value}, "
-                "not this config; resume with the same --backbone, --size, --metric and --normalization"
+                f"{last} was trained with {was.backbone} at size {was.preprocess.size[0]}, "
+                f"{was.metric.value}, {was.normalization.value}, not this config; resume "
+                "with the same --backbone, --size, --metric and --normalization"
             )
         _check_same_config(last, header.get("info", {}).get("config", {}), cfg)
         step = int(header.get("info", {}).get("step", 0))
@@ -833,8 +835,9 @@ def check_resume(resume: Path, spec: ModelSpec) -> tuple[Path, Path]:
     was = ModelSpec.from_dict(read_header(last)["spec"])
     if was != spec:
         raise CheckpointError(
-            f"{last} was trained with {was.backbone} at size {was.preprocess.size[0]}, {was.metric.value}, {was.normalization.value}, "
-            "not this config; resume with the same --backbone, --size, --metric and --normalization"
+            f"{last} was trained with {was.backbone} at size {was.preprocess.size[0]}, "
+            f"{was.metric.value}, {was.normalization.value}, not this config; resume "
+            "with the same --backbone, --size, --metric and --normalization"
         )
     return last, best
 
@@ -864,7 +867,8 @@ def restore_run(trainer: Trainer, last: Path, best: Path) -> dict | None:
     elif recorded >= 0:
         warnings.warn(
             f"{best} does not hold the best weights ({100 * recorded:.2f}%) of the run resumed from {last}; "
-            "the best model is chosen anew from the validations of this session"
+            "the best model is chosen anew from the validations of this session",
+            stacklevel=2,
         )
     log = best.with_suffix(".jsonl")
     if log.is_file():

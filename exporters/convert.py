@@ -292,7 +292,8 @@ def read_weights(path: str | os.PathLike) -> dict[str, torch.Tensor]:
         return load_file(str(path))
     except Exception as e:
         raise InputError(
-            f"{path} is not a safetensors file ({str(e).splitlines()[0][:80]}); save weights with safetensors.torch.save_file"
+            f"{path} is not a safetensors file ({str(e).splitlines()[0][:80]}); "
+            "save weights with safetensors.torch.save_file"
         ) from None
 
 
@@ -555,7 +556,8 @@ def check_graph(proto: onnx.ModelProto, spec: ExportSpec, embedding_dim: int) ->
         for axis, name in spec.axes_of(vi.name).items():
             if axis >= len(dims) or not isinstance(dims[axis], str):
                 raise ExportError(
-                    f"{vi.name} axis {axis} ({name}) is fixed to {dims[axis] if axis < len(dims) else '?'} in the graph; it must stay dynamic"
+                    f"{vi.name} axis {axis} ({name}) is fixed to "
+                    f"{dims[axis] if axis < len(dims) else '?'} in the graph; it must stay dynamic"
                 )
     emb = next(o for o in proto.graph.output if o.name == spec.output_names[0])
     dims = _dims(emb)
@@ -597,7 +599,8 @@ def smoke_test(model_bytes: bytes, spec: ExportSpec, image_shape: tuple[int, ...
             emb, logits = session.run(list(spec.output_names), feed)
         except Exception as e:
             raise ExportError(
-                f"the exported graph fails in ONNX Runtime with batch {batch} and {n} prototypes: {str(e).splitlines()[0][:200]}"
+                f"the exported graph fails in ONNX Runtime with batch {batch} and {n} prototypes: "
+                f"{str(e).splitlines()[0][:200]}"
             ) from None
         if emb.shape != (batch, embedding_dim) or logits.shape != (batch, n):
             raise ExportError(

@@ -122,7 +122,8 @@ def refuse_foreign(path: Path, ort_format: bool = False) -> None:
         return
     kind = "an ORT-format model" if ort_format else "an ONNX model made by edgemeta"
     raise ExportError(
-        f"-o {path} exists and is not {kind}, so it is not replaced; choose another -o, or delete it if it is not needed"
+        f"-o {path} exists and is not {kind}, so it is not replaced; "
+        "choose another -o, or delete it if it is not needed"
     )
 
 
@@ -137,8 +138,9 @@ def _check_size(model: onnx.ModelProto) -> None:
     size = model.ByteSize()
     if size > _PROTOBUF_LIMIT:
         raise ExportError(
-            f"the model is {size / 2**30:.1f} GiB; ONNX files over 2 GiB need external data, which edgemeta's single-file "
-            "export does not write: export a smaller backbone, or export with torch.onnx and wrap the result"
+            f"the model is {size / 2**30:.1f} GiB; ONNX files over 2 GiB need "
+            "external data, which edgemeta's single-file export does not write: "
+            "export a smaller backbone, or export with torch.onnx and wrap the result"
         )
 
 

@@ -59,7 +59,8 @@ class ArrayImages:
     def __post_init__(self) -> None:
         if self.images.ndim != 4 or len(self.images) != len(self.labels):
             raise InputError(
-                f"images must be [N, C, H, W] with one label each, got {self.images.shape} and {len(self.labels)} labels"
+                "images must be [N, C, H, W] with one label each, got "
+                f"{self.images.shape} and {len(self.labels)} labels"
             )
 
     def __len__(self) -> int:
@@ -81,7 +82,8 @@ def calibration_array(
         b = np.asarray(b)
         if b.ndim != 4 or b.shape[1:] != tuple(shape):
             raise InputError(
-                f"calibration batches are {b.shape}, the model takes [N, {', '.join(map(str, shape))}] (preprocessed NCHW)"
+                f"calibration batches are {b.shape}, the model takes "
+                f"[N, {', '.join(map(str, shape))}] (preprocessed NCHW)"
             )
         got.append(b[: count - n])
         n += len(got[-1])

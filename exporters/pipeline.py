@@ -237,7 +237,8 @@ def _outputs(out: str | os.PathLike, options: ExportOptions, *inputs: str | os.P
         ort_copy = out.with_suffix(".ort")
         if same_file(ort_copy, out):
             raise ExportError(
-                f"{ort_copy} links to the model {out} itself, which --ort would write over; remove the link or choose another -o"
+                f"{ort_copy} links to the model {out} itself, which --ort "
+                "would write over; remove the link or choose another -o"
             )
         if os.path.isdir(ort_copy):
             raise ExportError(
@@ -246,7 +247,8 @@ def _outputs(out: str | os.PathLike, options: ExportOptions, *inputs: str | os.P
         target = Path(os.path.realpath(ort_copy))
         if ort_copy.is_symlink() and not target.parent.is_dir():
             raise ExportError(
-                f"--ort writes {ort_copy}, a link to {target} in a folder that does not exist; remove the link or create the folder"
+                f"--ort writes {ort_copy}, a link to {target} in a folder "
+                "that does not exist; remove the link or create the folder"
             )
         ensure_writable(ort_copy, own_kind=False)
         written.append(ort_copy)
@@ -394,7 +396,8 @@ def _finish(
             os.replace(staged, final)
         except OSError as e:
             raise ExportError(
-                f"wrote {out} but not its ORT-format copy {ort_path} ({e.strerror or e}); export again once {final} can be replaced"
+                f"wrote {out} but not its ORT-format copy {ort_path} "
+                f"({e.strerror or e}); export again once {final} can be replaced"
             ) from None
     finally:
         shutil.rmtree(staging, ignore_errors=True)
@@ -443,7 +446,8 @@ def _embedding_dim(model: nn.Module, pp: PreprocessSpec) -> int:
     embed = getattr(model, "embed", None)
     if not callable(embed):
         raise InputError(
-            f"{type(model).__name__}.forward takes (images, prototypes): give it an `embedding_dim` attribute or an `embed(images)` method"
+            f"{type(model).__name__}.forward takes (images, prototypes): give "
+            "it an `embedding_dim` attribute or an `embed(images)` method"
         )
     try:
         with torch.no_grad():
@@ -586,8 +590,8 @@ def _matching(
     ck = load_checkpoint(checkpoint)
     if meta.fingerprint != ck.fingerprint:
         raise ModelMismatchError(
-            f"{Path(model_path).name} was exported from model {meta.fingerprint}, the checkpoint is model {ck.fingerprint}; "
-            "pass the checkpoint the model was exported from"
+            f"{Path(model_path).name} was exported from model {meta.fingerprint}, the checkpoint "
+            f"is model {ck.fingerprint}; pass the checkpoint the model was exported from"
         )
     return ck, meta
 

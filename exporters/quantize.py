@@ -110,7 +110,8 @@ class QuantizeSpec:
             raise InputError(f"unknown int8 convolution kernel {self.conv_kernel!r}; use direct or gemm")
         if self.conv_kernel == "gemm" and self.activations != "uint8":
             raise InputError(
-                "the gemm convolution kernel needs uint8 activations (ONNX Runtime's int8 GEMM is uint8 x int8); add --activations uint8"
+                "the gemm convolution kernel needs uint8 activations (ONNX "
+                "Runtime's int8 GEMM is uint8 x int8); add --activations uint8"
             )
         if self.stem_layout not in STEM_LAYOUTS:
             raise InputError(
@@ -118,7 +119,8 @@ class QuantizeSpec:
             )
         if self.stem_layout == "nhwc" and self.float_stem is False:
             raise InputError(
-                "--stem-layout nhwc needs the float stem: it changes how the float stem hands over to int8; drop --no-float-stem"
+                "--stem-layout nhwc needs the float stem: it changes how "
+                "the float stem hands over to int8; drop --no-float-stem"
             )
         if self.stem_layout == "s2d" and self.float_stem:
             raise InputError("--stem-layout s2d runs the stem in int8: drop --float-stem")

@@ -27,6 +27,7 @@ from __future__ import annotations
 import os
 import time
 from dataclasses import asdict, dataclass, field
+from functools import partial
 from pathlib import Path
 from typing import Any, Callable
 
@@ -170,7 +171,10 @@ class VerificationReport:
 
     def error_message(self) -> str:
         fails = "; ".join(c.line() for c in self.failures)
-        return f"verification of {Path(self.model).name} ({self.precision.value}) failed {len(self.failures)} of {len(self.checks)} checks: {fails}"
+        return (
+            f"verification of {Path(self.model).name} ({self.precision.value}) failed {len(self.failures)} of "
+            f"{len(self.checks)} checks: {fails}"
+        )
 
 
 # ---------------------------------------------------------------- the two sides
@@ -274,8 +278,8 @@ def refuse_fixed_batch(path: Path, action: str, session=None, model: onnx.ModelP
     batch = graph_batch(session or _cpu_session(path if model is None else model_bytes(model)))
     if batch is not None:
         raise InputError(
-            f"{path} takes a fixed batch of {batch}; {action} runs batches of other sizes through the graph and needs a "
-            "dynamic batch: use the model it was made from (`edgemeta export` writes a dynamic batch)"
+            f"{path} takes a fixed batch of {batch}; {action} runs batches of other sizes through the graph and "
+            "needs a dynamic batch: use the model it was made from (`edgemeta export` writes a dynamic batch)"
         )
 
 
@@ -354,7 +358,10 @@ def verification_sampler(data: LabelledImages, spec: VerifySpec) -> EpisodeSampl
     """The episodes' sampler, made before any work: data that cannot fill them is refused with
     what it needs (export, verify and quantize have no --n-way or --k-shot to lower)."""
     need = spec.k_shot + spec.q_query
-    remedy = f"verification draws {spec.n_way}-way {spec.k_shot}-shot episodes with {spec.q_query} queries: pass --data with at least {spec.n_way} classes of {need} images"
+    remedy = (
+        f"verification draws {spec.n_way}-way {spec.k_shot}-shot episodes with {spec.q_query} queries: pass "
+        f"--data with at least {spec.n_way} classes of {need} images"
+    )
     return EpisodeSampler(data.labels, spec.n_way, spec.k_shot, spec.q_query, spec.seed, data.name, remedy=remedy)
 
 
@@ -388,8 +395,8 @@ def _episodes(
     agree, total, ties, scores_t, scores_o = 0, 0, 0, [], []
     for k, ep in enumerate(eps):
         s, q = where[ep.support], where[ep.query]
-        images = lambda: x_of(ep.query)  # noqa: E731  (only for models without a separable metric)
-        onnx_images = lambda: onnx_x_of(ep.query)  # noqa: E731
+        images = partial(x_of, ep.query)  # only for models without a separable metric
+        onnx_images = partial(onnx_x_of, ep.query)
         p_o = z_onnx[s].reshape(spec.n_way, spec.k_shot, -1).mean(axis=1)
         p_t = z_torch[s].reshape(spec.n_way, spec.k_shot, -1).mean(axis=1)
         pred_o = onnx_side.logits(np.ascontiguousarray(z_onnx[q]), p_o.astype(np.float32), onnx_images).argmax(axis=1)
@@ -421,16 +428,19 @@ def _episodes(
 
 
 _HINTS = {
-    Precision.FP32: "the graph computes something else than torch: make sure the model is in eval mode, export without --optimize, or try --opset 17",
-    Precision.FP16: "the backbone loses too much in fp16 (overflow or rounding); use --precision fp32, or int8 calibrated on base classes",
+    Precision.FP32: "the graph computes something else than torch: make sure the model "
+    "is in eval mode, export without --optimize, or try --opset 17",
+    Precision.FP16: "the backbone loses too much in fp16 (overflow or rounding); "
+    "use --precision fp32, or int8 calibrated on base classes",
     Precision.INT8: "calibrate on more base-class images (--calibration-images), or use --precision fp16",
 }
 
 
 _TIES_HINT = (
-    "the embeddings agree within tolerance, but decisions flip on near-ties ({ties} of {flips} disagreements have both "
-    "classes' torch logits closer than the logits tolerance): the model gives near-identical embeddings to different "
-    "images, so the export is faithful and the model separates the classes poorly (train it further, or check its normalization)"
+    "the embeddings agree within tolerance, but decisions flip on near-ties ({ties} of {flips} "
+    "disagreements have both classes' torch logits closer than the logits tolerance): the "
+    "model gives near-identical embeddings to different images, so the export is faithful and "
+    "the model separates the classes poorly (train it further, or check its normalization)"
 )
 
 
@@ -448,9 +458,10 @@ def _checks(rows: list[dict[str, Any]], episodes: dict[str, Any], tol: Tolerance
     hint = _HINTS[precision]
     bad_shape = [r for r in rows if not r["shapes_ok"]]
     bad_finite = [r for r in rows if not r["finite"]]
-    where = lambda r: (
-        f"batch {r['batch']}, {r['prototypes']} prototypes" + (", norms fed" if r.get("norms_fed") else "")
-    )  # noqa: E731
+
+    def where(r: dict[str, Any]) -> str:
+        return f"batch {r['batch']}, {r['prototypes']} prototypes" + (", norms fed" if r.get("norms_fed") else "")
+
     checks = [
         Check(
             "output shapes",
@@ -548,7 +559,8 @@ def verify(
     x = x_of(np.sort(pool))
     if x.shape[1:] != (pp.channels, *pp.size):
         raise InputError(
-            f"{data.name} images are {x.shape[1:]}, the model takes {(pp.channels, *pp.size)} (CHW); load them at the model's size"
+            f"{data.name} images are {x.shape[1:]}, the model takes "
+            f"{(pp.channels, *pp.size)} (CHW); load them at the model's size"
         )
     onnx_side, torch_side = _OnnxSide(path, proto, meta.embedding_dim), _TorchSide(torch_model, meta.embedding_dim)
     rows = _tensor_runs(onnx_side, torch_side, x, spec)

@@ -279,7 +279,8 @@ class FewShotClassifier:
         which records no model, is taken as this model's from then on)."""
         if self.options.mode is Mode.KNN and not store.keep_embeddings:
             raise InputError(
-                "k-NN mode needs a store that keeps embeddings; re-enrol into a new store with keep_embeddings=True (`edgemeta enroll --keep-embeddings --store NEW`)"
+                "k-NN mode needs a store that keeps embeddings; re-enrol into a new store with keep_embeddings=True "
+                "(`edgemeta enroll --keep-embeddings --store NEW`)"
             )
         s = self.session
         store.claim(s.fingerprint, s.embedding_dim, s.metric)
@@ -410,8 +411,8 @@ class FewShotClassifier:
             label = check_label(name)
             if label in named:
                 raise InputError(
-                    f"folders {named[label]!r} and {name!r} in {folder} name the same class {label!r} (one written decomposed); "
-                    "merge the two folders into one"
+                    f"folders {named[label]!r} and {name!r} in {folder} name the same class "
+                    f"{label!r} (one written decomposed); merge the two folders into one"
                 )
             named[label] = name
         embedded = {label: self.embed(classes[name], on_progress) for label, name in named.items()}
@@ -544,12 +545,13 @@ class FewShotClassifier:
         store = self._store
         if not store.keep_embeddings:
             raise InputError(
-                "calibrate_threshold() needs the enrolled embeddings; use ClassifierOptions(keep_embeddings=True) and re-enrol"
+                "calibrate_threshold() needs the enrolled embeddings; "
+                "use ClassifierOptions(keep_embeddings=True) and re-enrol"
             )
         snap = store.snapshot(examples=True)  # one consistent view, even while another thread enrols
         dists = []
         start = 0
-        for c, n in enumerate(snap.counts):
+        for n in snap.counts:
             ex = snap.examples[start : start + n].astype(np.float64)
             start += n
             if n < 2:
@@ -599,7 +601,8 @@ def list_images(paths: Sequence[str | os.PathLike]) -> list[Path]:
             found = sorted(q for q in p.iterdir() if q.is_file() and q.suffix.lower() in IMAGE_SUFFIXES)
             if not found and any(q.is_dir() for q in p.iterdir()):
                 raise InputError(
-                    f"{p} holds no image files, only subfolders (not searched); pass the image files or the subfolders themselves"
+                    f"{p} holds no image files, only subfolders (not searched); "
+                    "pass the image files or the subfolders themselves"
                 )
             out.extend(found)
         else:

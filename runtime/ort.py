@@ -182,7 +182,8 @@ class SessionOptions:
 
 
 def provider_name(p: str | Provider) -> str:
-    """ONNX Runtime's name for ``p``: a :class:`Provider`, a short name (cpu, cuda, gpu, tensorrt, trt) or a full name."""
+    """ONNX Runtime's name for ``p``: a :class:`Provider`, a short name (cpu, cuda, gpu, tensorrt, trt) or a
+    full name."""
     if isinstance(p, Provider):
         return p.value
     if not isinstance(p, str) or not p.strip():

@@ -188,8 +188,8 @@ def to_uint8(image: ImageLike, spec: PreprocessSpec) -> np.ndarray | None:
         _check_finite(arr, "image array")
         if arr.dtype != np.uint8:
             raise InputError(
-                f"image array of dtype {arr.dtype} and shape {arr.shape} is ambiguous; pass HWC or HW uint8 "
-                f"pixels, or a preprocessed CHW float32 array of shape ({spec.channels}, {spec.size[0]}, {spec.size[1]})"
+                f"image array of dtype {arr.dtype} and shape {arr.shape} is ambiguous; pass HWC or HW uint8 pixels, "
+                f"or a preprocessed CHW float32 array of shape ({spec.channels}, {spec.size[0]}, {spec.size[1]})"
             )
         if arr.ndim == 3 and arr.shape[2] == 1:
             arr = arr[:, :, 0]

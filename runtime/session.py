@@ -261,8 +261,9 @@ class Session:
     def _fallback(self, lost: list[str], reason: str) -> None:
         if not (self._auto or self.allow_fallback):
             raise ProviderError(
-                f"provider(s) {', '.join(lost)} asked for but {reason}; install onnxruntime-gpu with "
-                "matching CUDA/TensorRT libraries, or pass providers='auto' or allow_fallback=True (`--providers auto` on the command line)"
+                f"provider(s) {', '.join(lost)} asked for but {reason}; install onnxruntime-gpu "
+                "with matching CUDA/TensorRT libraries, or pass providers='auto' or "
+                "allow_fallback=True (`--providers auto` on the command line)"
             )
         for p in lost:
             self.fallbacks.append(f"{p}: {reason}")
@@ -306,7 +307,8 @@ class Session:
         except Exception as e:  # noqa: BLE001
             if _ort_error_kind(e) == "model":
                 raise InputError(
-                    f"{self.path}: not an ONNX model ONNX Runtime can load ({' '.join(str(e).split())[:300]}); re-export it"
+                    f"{self.path}: not an ONNX model ONNX Runtime can load "
+                    f"({' '.join(str(e).split())[:300]}); re-export it"
                 ) from None
             raise
 
@@ -553,9 +555,9 @@ class Session:
         if mean > self._value_bounds[0]:
             lo, hi = self._value_bounds[1:]
             raise InputError(
-                f"images average {mean:.4g}, far above what this model's preprocessing gives ({lo:.3g} to {hi:.3g}): 0-255 pixels "
-                "are not preprocessed; pass the images themselves (paths, PIL images, uint8 arrays) or run them through "
-                "edgemeta.runtime.preprocess"
+                f"images average {mean:.4g}, far above what this model's preprocessing gives ({lo:.3g} "
+                f"to {hi:.3g}): 0-255 pixels are not preprocessed; pass the images themselves (paths, "
+                "PIL images, uint8 arrays) or run them through edgemeta.runtime.preprocess"
             )
         return x
 
@@ -669,4 +671,7 @@ class Session:
         return run_bound(self._sess, x, bound, names, device)
 
     def __repr__(self) -> str:
-        return f"Session({str(self.path)!r}, providers={self.providers}, dim={self.embedding_dim}, metric={self.metric.value})"
+        return (
+            f"Session({str(self.path)!r}, providers={self.providers}, "
+            f"dim={self.embedding_dim}, metric={self.metric.value})"
+        )

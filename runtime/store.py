@@ -74,8 +74,8 @@ def check_label(label: object, *, new: bool = True) -> str:
         )
     if not _utf8(label):
         raise InputError(
-            f"label {label!r} cannot be written as UTF-8 (a lone surrogate: a file or folder name in another encoding?); "
-            "rename the class (or its folder) in UTF-8"
+            f"label {label!r} cannot be written as UTF-8 (a lone surrogate: a file or "
+            "folder name in another encoding?); rename the class (or its folder) in UTF-8"
         )
     return _composed(label)
 
@@ -339,7 +339,8 @@ class PrototypeStore:
             if new in self._index:
                 if not merge:
                     raise InputError(
-                        f"label {new!r} already exists; pass merge=True (`edgemeta store rename --merge`) to combine {old!r} into it"
+                        f"label {new!r} already exists; pass merge=True (`edgemeta "
+                        f"store rename --merge`) to combine {old!r} into it"
                     )
                 self._absorb(
                     new, self._sums[self._index[old]].copy(), int(self._counts[self._index[old]]), self._examples[old]
@@ -390,7 +391,8 @@ class PrototypeStore:
             )
         if self.keep_embeddings and not other.keep_embeddings:
             raise InputError(
-                "this store keeps individual embeddings and the other does not; re-enrol the other with keep_embeddings=True"
+                "this store keeps individual embeddings and the other "
+                "does not; re-enrol the other with keep_embeddings=True"
             )
         if other is self:
             raise InputError("cannot merge a store into itself")

@@ -414,13 +414,14 @@ def model_section(name: str, d: dict, trained: bool, plot: str) -> str:
         parts += [
             "### Prototype enrolment vs backprop (the skeptic's comparison)",
             "",
-            f"Same seeded Omniglot evaluation episodes (15 queries per class). Backprop: a zero-initialised linear layer on the frozen "
-            f"embeddings, {b0['steps']} full-batch SGD steps in torch ({_sgd_threads(b0)}; lr {b0['lr']}, momentum 0.9, weight decay 1e-3), as on-device "
-            "last-layer training does. Times are medians per new class set. Learning step: class means against the SGD steps, from the "
-            "same support embeddings; end to end: with the embedding of the support images, which both need, by the model at that "
-            "precision (an int8 accelerator with on-device last-layer training, as Coral's, embeds in int8). ONNX Runtime (embedding, "
-            "prototypes) and torch (SGD) are timed in separate passes over the episodes, so neither runs beside the other's "
-            "idle spinning threads.",
+            "Same seeded Omniglot evaluation episodes (15 queries per class). Backprop: a zero-initialised linear "
+            f"layer on the frozen embeddings, {b0['steps']} full-batch SGD steps in torch ({_sgd_threads(b0)}; lr "
+            f"{b0['lr']}, momentum 0.9, weight decay 1e-3), as on-device last-layer training does. Times are "
+            "medians per new class set. Learning step: class means against the SGD steps, from the same support "
+            "embeddings; end to end: with the embedding of the support images, which both need, by the model at "
+            "that precision (an int8 accelerator with on-device last-layer training, as Coral's, embeds in int8). "
+            "ONNX Runtime (embedding, prototypes) and torch (SGD) are timed in separate passes over the episodes, "
+            "so neither runs beside the other's idle spinning threads.",
             "",
             _table(BACKPROP_HEADER, rows, left=(0, 1)),
             "",
@@ -452,16 +453,19 @@ def markdown(reports: dict[str, dict], sweep_rows: list[dict], argv: list[str], 
         "",
         f"- CPU: {m['cpu']}, {m['physical_cores']} physical cores ({m['logical_cores']} logical), {m['memory_gb']} GB",
         f"- vector extensions: {', '.join(m['cpu_flags'])}",
-        f"- {m['os']}; Python {m['python']}, numpy {m['numpy']}, onnxruntime {m['onnxruntime']}, torch {m['torch']}, onnx {m['onnx']}",
-        f"- load average (1/5/15 min) at the start of the first run: {', '.join(f'{x:.2f}' for x in m['load_average'] or [])}",
+        f"- {m['os']}; Python {m['python']}, numpy {m['numpy']}, onnxruntime "
+        f"{m['onnxruntime']}, torch {m['torch']}, onnx {m['onnx']}",
+        "- load average (1/5/15 min) at the start of the first run: "
+        f"{', '.join(f'{x:.2f}' for x in m['load_average'] or [])}",
         f"- threads: {cfg['threads']} for ONNX Runtime, torch and the peak measurement alike",
-        f"- measured float32 peak: {first['peak']['peak_gflops']:.1f} GFLOP/s ({first['peak']['n']}x{first['peak']['n']} MatMul: "
+        f"- measured float32 peak: {first['peak']['peak_gflops']:.1f} GFLOP/s "
+        f"({first['peak']['n']}x{first['peak']['n']} MatMul: "
         f"ONNX Runtime {first['peak']['ort_gflops']:.1f}, numpy {first['peak']['numpy_gflops']:.1f})",
         *(
             [
-                f"- measured int8 peak: {first['peak']['int8_peak_gops']:,.0f} GOP/s (ONNX Runtime MatMulInteger, uint8 x int8 with "
-                "prepacked weights, the best of 512², 1024² and 2048²); the `% peak` of int8 rows is of this, of fp32 and fp16 rows of the "
-                "float32 peak"
+                f"- measured int8 peak: {first['peak']['int8_peak_gops']:,.0f} GOP/s (ONNX Runtime "
+                "MatMulInteger, uint8 x int8 with prepacked weights, the best of 512², 1024² and "
+                "2048²); the `% peak` of int8 rows is of this, of fp32 and fp16 rows of the float32 peak"
             ]
             if "int8_peak_gops" in first["peak"]
             else []
@@ -469,11 +473,11 @@ def markdown(reports: dict[str, dict], sweep_rows: list[dict], argv: list[str], 
         f"- ONNX Runtime session: {json.dumps(cfg['ort'])}",
         "- torch: eval mode, `torch.inference_mode()`, same thread count; plain (NCHW) and channels-last both timed.",
         "",
-        "Every latency is the wall-clock time of one call from Python (inputs already in memory), "
-        f"after warm-up calls. At each batch size the precisions and the torch lines are timed in {cfg['rounds']} rounds, each "
-        "timing every engine in turn (a block of calls on a freshly opened session, one session alive at a time), so their "
-        "ratios hold even if the machine drifts; the p50s of the first and the second half of each engine's calls (in the order "
-        "they ran) must agree within 10%.",
+        "Every latency is the wall-clock time of one call from Python (inputs already in memory), after "
+        f"warm-up calls. At each batch size the precisions and the torch lines are timed in {cfg['rounds']} "
+        "rounds, each timing every engine in turn (a block of calls on a freshly opened session, one "
+        "session alive at a time), so their ratios hold even if the machine drifts; the p50s of the first "
+        "and the second half of each engine's calls (in the order they ran) must agree within 10%.",
         "",
         "## Targets",
         "",

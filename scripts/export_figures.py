@@ -106,7 +106,8 @@ def verify_all(
             report = e.report  # type: ignore[attr-defined]
         out[precision] = {**report.summary(), "seconds": round(time.perf_counter() - t0, 1)}
         print(
-            f"verified {precision.value}: agreement {100 * out[precision]['episodes']['agreement']:.2f}% ({out[precision]['seconds']} s)",
+            f"verified {precision.value}: agreement {100 * out[precision]['episodes']['agreement']:.2f}% "
+            f"({out[precision]['seconds']} s)",
             flush=True,
         )
     return out
@@ -158,25 +159,30 @@ def markdown(rows: dict[Precision, dict], header: dict) -> str:
         "",
         f"Model fingerprint {header['fingerprint']} ({header['backbone']}); {ep['count']} seeded episodes "
         f"{ep['n_way']}-way {ep['k_shot']}-shot, {ep['q_query']} queries per class, on {ep['dataset']} "
-        f"({ep['novel_classes']} novel classes); int8 calibrated on {header['calibration']}, its stem {header['int8_stem']} (the default export's choice). "
+        f"({ep['novel_classes']} novel classes); int8 calibrated on {header['calibration']}, its stem "
+        f"{header['int8_stem']} (the default export's choice). "
         f"Latency: ONNX Runtime {header['onnxruntime']} CPU provider, {header['threads']} thread(s), median of "
         f"{header['repeats']} runs, 5 prototypes; {header['machine']}. {header['date']}.",
         "",
-        "| precision | size (MB) | embeddings max rel. error | logits max rel. error | prediction agreement | torch accuracy | ONNX accuracy | accuracy difference (points) | batch 1 (ms) | batch 32 (ms) | speed-up vs fp32 (b1 / b32) | verified |",
+        "| precision | size (MB) | embeddings max rel. error | logits max rel. error | "
+        "prediction agreement | torch accuracy | ONNX accuracy | accuracy difference "
+        "(points) | batch 1 (ms) | batch 32 (ms) | speed-up vs fp32 (b1 / b32) | verified |",
         "|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for p, r in rows.items():
         v, lat, e = r["verification"], r["latency"], r["verification"]["episodes"]
         lines.append(
-            f"| {p.value} | {r['size_mb']:.2f} | {v['embeddings_max_rel_error']:.1e} | {v['logits_max_rel_error']:.1e} | "
-            f"{100 * e['agreement']:.2f}% | {100 * e['torch_accuracy']:.2f} ± {100 * e['torch_ci95']:.2f}% | "
-            f"{100 * e['onnx_accuracy']:.2f} ± {100 * e['onnx_ci95']:.2f}% | {100 * e['accuracy_difference']:+.2f} | "
-            f"{lat['b1']['median_ms']:.2f} | {lat['b32']['median_ms']:.2f} | "
-            f"{lat['b1']['speedup_vs_fp32']:.2f}x / {lat['b32']['speedup_vs_fp32']:.2f}x | {'yes' if v['passed'] else 'NO: ' + ', '.join(v['failed_checks'])} |"
+            f"| {p.value} | {r['size_mb']:.2f} | {v['embeddings_max_rel_error']:.1e} | "
+            f"{v['logits_max_rel_error']:.1e} | {100 * e['agreement']:.2f}% | {100 * e['torch_accuracy']:.2f} ± "
+            f"{100 * e['torch_ci95']:.2f}% | {100 * e['onnx_accuracy']:.2f} ± {100 * e['onnx_ci95']:.2f}% | "
+            f"{100 * e['accuracy_difference']:+.2f} | {lat['b1']['median_ms']:.2f} | {lat['b32']['median_ms']:.2f} | "
+            f"{lat['b1']['speedup_vs_fp32']:.2f}x / {lat['b32']['speedup_vs_fp32']:.2f}x | "
+            f"{'yes' if v['passed'] else 'NO: ' + ', '.join(v['failed_checks'])} |"
         )
     lines += [
         "",
-        "Relative error: max |ONNX - torch| / max |torch| (logits: at least the largest squared norm of an embedding or prototype).",
+        "Relative error: max |ONNX - torch| / max |torch| (logits: at "
+        "least the largest squared norm of an embedding or prototype).",
     ]
     return "\n".join(lines) + "\n"
 

@@ -81,14 +81,14 @@ def main() -> int:
         frozen = protos.copy()
         frozen.flags.writeable = False  # as the store keeps them: the runtime binds them once
         variants = {
-            "plain run (numpy feeds)": lambda: sess.run(outs, {INPUT_IMAGES: x, **fed}),
+            "plain run (numpy feeds)": lambda fed=fed: sess.run(outs, {INPUT_IMAGES: x, **fed}),
             "runtime binding: all on device": bound_call(sess, {INPUT_IMAGES: x, **fed}, device),
             "runtime binding, no norms": bound_call(sess, {INPUT_IMAGES: x, INPUT_PROTOTYPES: protos}, device),
             "bind_cpu_input, outputs on device": bound(fed, False, True),
             "bind_cpu_input, outputs to CPU": bound(fed, False, False),
             "host in/out, no norms": bound({INPUT_PROTOTYPES: protos}, False, False),
             "one binding reused": bound(fed, False, False, sess.io_binding()),
-            "runtime Session.run": lambda: runtime.run(x, frozen),
+            "runtime Session.run": lambda frozen=frozen: runtime.run(x, frozen),
         }
         want = sess.run(outs, {INPUT_IMAGES: x, INPUT_PROTOTYPES: protos})[1]
         for name, fn in variants.items():

@@ -99,7 +99,8 @@ def main() -> None:
     data = load_omniglot("evaluation", root, size=spec.size[0], download=False)
     raw = _decoded_omniglot(data.paths, root)
     print(
-        f"Omniglot evaluation: {len(data)} images {raw.shape[1]}x{raw.shape[2]}, {data.num_classes} classes ({time.perf_counter() - t0:.0f} s to load)"
+        f"Omniglot evaluation: {len(data)} images {raw.shape[1]}x{raw.shape[2]}, {data.num_classes} classes "
+        f"({time.perf_counter() - t0:.0f} s to load)"
     )
 
     with tempfile.TemporaryDirectory() as tmp:
@@ -119,7 +120,8 @@ def main() -> None:
     d = np.abs(graph_levels - data.images[..., 0].astype(np.float64))
     print(
         f"pixels, Omniglot evaluation 105x105 -> 28x28, all {len(d)} images: max {int(d.max())} level(s), "
-        f"{100.0 * (d == 0).mean():.3f}% of values identical, {100.0 * (d.reshape(len(d), -1).max(1) == 0).mean():.1f}% of images identical"
+        f"{100.0 * (d == 0).mean():.3f}% of values identical, "
+        f"{100.0 * (d.reshape(len(d), -1).max(1) == 0).mean():.1f}% of images identical"
     )
     _ = empty
     torch_emb = embed_images(ck.model, data.images).numpy()
@@ -150,7 +152,8 @@ def main() -> None:
             same += int((preds[0] == preds[1]).sum())
             total += len(ep.query_labels)
         print(
-            f"{f'{n_way}-way {k_shot}-shot x{args.episodes}':>22} | {100 * np.mean(acc_t):21.2f}% | {100 * np.mean(acc_o):16.2f}% | "
+            f"{f'{n_way}-way {k_shot}-shot x{args.episodes}':>22} | {100 * np.mean(acc_t):21.2f}% | "
+            f"{100 * np.mean(acc_o):16.2f}% | "
             f"{100.0 * same / total:.3f}% of {total}"
         )
 

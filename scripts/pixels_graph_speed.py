@@ -11,6 +11,7 @@ from __future__ import annotations
 import argparse
 import tempfile
 import time
+from functools import partial
 from pathlib import Path
 
 import numpy as np
@@ -51,8 +52,8 @@ def main() -> None:
     for batch, calls in [(1, 400), (32, 20)]:
         frames = rng.integers(0, 256, (batch, 105, 105, 1), dtype=np.uint8)
         x = normalize(rng.integers(0, 256, (batch, *spec.size, 1), dtype=np.uint8), spec)
-        a = lambda: plain.run(None, {"images": x, "prototypes": protos})  # noqa: E731
-        b = lambda: pixels.run(None, {"pixels": frames, "prototypes": protos})  # noqa: E731
+        a = partial(plain.run, None, {"images": x, "prototypes": protos})
+        b = partial(pixels.run, None, {"pixels": frames, "prototypes": protos})
         a(), b()
         ratios, ta, tb = [], [], []
         for r in range(args.rounds):

@@ -46,7 +46,7 @@ def run(races: int, classes: int = 200) -> dict:
                 s.add(f"c{c}", np.full((1, D), c, np.float32))
             go = threading.Event()
 
-            def churn(k: int = r) -> None:
+            def churn(k: int = r, s: PrototypeStore = s, go: threading.Event = go) -> None:
                 go.wait()
                 for i in range(30):
                     s.add("c0", np.full((1, D), i + k, np.float32))

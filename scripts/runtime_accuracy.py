@@ -72,7 +72,8 @@ def main() -> None:
     print("| engine | protocol | accuracy | 95% CI | within CI of torch |\n|---|---|---|---|---|")
     for r in rows:
         print(
-            f"| {r['engine']} | {r['n_way']}-way {r['k_shot']}-shot | {100 * r['accuracy']:.2f}% | ± {100 * r['ci95']:.2f} | {r.get('within_ci', '—')} |"
+            f"| {r['engine']} | {r['n_way']}-way {r['k_shot']}-shot | {100 * r['accuracy']:.2f}% | ± "
+            f"{100 * r['ci95']:.2f} | {r.get('within_ci', '—')} |"
         )
 
 

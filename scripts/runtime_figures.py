@@ -175,7 +175,8 @@ def main(argv: list[str] | None = None) -> int:
         ("load the model", f"{c['load_s'] * 1e3:.0f} ms"),
         (
             f"RSS after enrolling {m['classes']:,} classes",
-            f"{m['rss_enrolled_mb']:.1f} MiB (+{m['rss_enrolled_mb'] - m['rss_loaded_mb']:.1f} over the loaded model; {m['how']})",
+            f"{m['rss_enrolled_mb']:.1f} MiB (+{m['rss_enrolled_mb'] - m['rss_loaded_mb']:.1f} "
+            f"over the loaded model; {m['how']})",
         ),
     ]
     width = max(len(r[0]) for r in rows)

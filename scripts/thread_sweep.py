@@ -56,7 +56,8 @@ def main() -> int:
         "top_ops": {},
     }
     print(
-        f"batch {args.batch}, spinning {'off' if args.no_spinning else 'on'}, p50 ms (best of {args.rounds} rounds of {args.runs} runs)"
+        f"batch {args.batch}, spinning {'off' if args.no_spinning else 'on'}, "
+        f"p50 ms (best of {args.rounds} rounds of {args.runs} runs)"
     )
     print("threads " + " ".join(f"{v.path.name:>32s}" for v in variants))
     for t in threads:

@@ -104,7 +104,8 @@ def main() -> None:
         "episodes_trained": ck.info.get("step"),
         "best_val_accuracy": ck.info.get("best_val_accuracy"),
         "episodes_per_second": result.episodes_per_second if result else None,
-        "machine": f"{platform.processor() or platform.machine()}, {torch.get_num_threads()} threads, torch {torch.__version__}",
+        "machine": f"{platform.processor() or platform.machine()}, "
+        f"{torch.get_num_threads()} threads, torch {torch.__version__}",
         "omniglot_evaluation": rows,
         "digits_out_of_domain": ood,
     }
@@ -112,9 +113,11 @@ def main() -> None:
     lines = [
         "# Conv-4 on Omniglot (Snell et al. protocol)",
         "",
-        f"Trained on the background split only ({ck.info.get('step')} episodes of {args.n_way}-way {args.shots.replace(',', '/')}-shot 5-query "
+        f"Trained on the background split only ({ck.info.get('step')} episodes of {args.n_way}-way "
+        f"{args.shots.replace(',', '/')}-shot 5-query "
         f"(shots cycled episode by episode{', bfloat16 autocast' if not args.no_bf16 else ''}), "
-        f"{train_min:.1f} min on {report['machine']}); {args.schedule} learning-rate schedule; best validation (held-out background alphabets, {args.val_way}-way 1-shot) "
+        f"{train_min:.1f} min on {report['machine']}); {args.schedule} learning-rate schedule; best validation "
+        f"(held-out background alphabets, {args.val_way}-way 1-shot) "
         f"{100 * ck.info.get('best_val_accuracy', 0):.2f}%.",
         "",
         f"Evaluation split, 28x28, {args.eval_episodes} episodes each, 15 queries per class:",
@@ -123,7 +126,8 @@ def main() -> None:
         "|---|---|---|---|---|",
     ]
     lines += [
-        f"| {r['n_way']}-way {r['k_shot']}-shot | {100 * r['accuracy']:.2f}% | ± {100 * r['ci95']:.2f} | {100 * r['f1']:.2f} | {r['paper']}% |"
+        f"| {r['n_way']}-way {r['k_shot']}-shot | {100 * r['accuracy']:.2f}% | ± {100 * r['ci95']:.2f} | "
+        f"{100 * r['f1']:.2f} | {r['paper']}% |"
         for r in rows
     ]
     lines += [

@@ -80,14 +80,16 @@ def main() -> None:
         "pretrain_epochs": ck.info.get("epoch"),
         "episodes": ck.info.get("step"),
         "best_val_accuracy_5way5shot": result.best_val_accuracy,
-        "machine": f"{platform.processor() or platform.machine()}, {torch.get_num_threads()} threads, torch {torch.__version__}",
+        "machine": f"{platform.processor() or platform.machine()}, "
+        f"{torch.get_num_threads()} threads, torch {torch.__version__}",
         "test": rows,
     }
     (out / "report.json").write_text(json.dumps(report, indent=2))
     lines = [
         f"# {args.backbone} on Tiny-ImageNet 120/30/50, 64x64",
         "",
-        f"Pre-trained {ck.info.get('epoch')} epochs, fine-tuned {ck.info.get('step')} episodes, {minutes:.1f} min on {report['machine']}.",
+        f"Pre-trained {ck.info.get('epoch')} epochs, fine-tuned "
+        f"{ck.info.get('step')} episodes, {minutes:.1f} min on {report['machine']}.",
         "No published anchor exists for this split: these figures are our own baseline.",
         "",
         "| protocol | accuracy | 95% CI | macro F1 |",

@@ -394,7 +394,8 @@ def test_precision_variants_side_by_side(tmp_path, tiny_onnx_model_module):
         ("fp32", "given"),
         ("int8", "found next to the model"),
     ]
-    stem = "in int8, as a space-to-depth convolution with its pooling"  # how the timed int8 model runs its stem, as its export recorded
+    # how the timed int8 model runs its stem, as its export recorded
+    stem = "in int8, as a space-to-depth convolution with its pooling"
     assert [m["int8_stem"] for m in report.to_dict()["models"]] == [None, stem]
     from rich.console import Console
 
@@ -488,8 +489,9 @@ def test_repeatability_is_judged_from_ten_calls(tiny_onnx_model_module):
     verdict = ten.repeatability
     assert not verdict["agree"] and verdict["noisy"] == ["ORT fp32 batch 1: 1.000 vs 1.200 ms"]
     assert verdict["verdict"] == (
-        "the machine was too noisy: 1 of 1 p50s moved more than 10% between the first and the second half of their calls "
-        "(1 measurement(s) timed fewer than 10 calls and were not judged; use --runs 10 or more, or a longer --duration)"
+        "the machine was too noisy: 1 of 1 p50s moved more than 10% between the first "
+        "and the second half of their calls (1 measurement(s) timed fewer than 10 "
+        "calls and were not judged; use --runs 10 or more, or a longer --duration)"
     )
 
 
@@ -512,7 +514,8 @@ def test_missing_precision_without_a_source_says_how_to_get_it(tmp_path, tiny_on
 def test_a_stale_file_next_to_the_model_is_refused_by_name(
     tmp_path, tiny_onnx_model_module, stale, problem, no_measuring
 ):
-    """m.int8.onnx left over from another model, or a copy of the fp32 one, is never compared as m.onnx's int8 variant."""
+    """m.int8.onnx left over from another model, or a copy of the fp32 one, is never compared as m.onnx's int8
+    variant."""
     model = tmp_path / "m.onnx"
     model.write_bytes(tiny_onnx_model_module.read_bytes())
     sibling = tmp_path / "m.int8.onnx"
@@ -542,13 +545,15 @@ def test_a_stale_file_next_to_the_model_is_refused_by_name(
     [
         (
             "other model",
-            "b.onnx is model 0123456789abcdef, but a.onnx is model fp-tiny-0001 (several models are precision variants of one model",
+            "b.onnx is model 0123456789abcdef, but a.onnx is model "
+            "fp-tiny-0001 (several models are precision variants of one model",
         ),
         ("same file twice", "{tmp}/a.onnx is given twice; pass each model once"),
         ("name says int8", "b.int8.onnx is an fp32 model though its name says int8: remake it"),
         (
             "other backbone",
-            "b.int8.onnx is a tiny-mlp 3x16x16 model and a.onnx a tiny-mlp 1x16x16 model: benchmark different models one at a time",
+            "b.int8.onnx is a tiny-mlp 3x16x16 model and a.onnx a tiny-mlp "
+            "1x16x16 model: benchmark different models one at a time",
         ),
     ],
 )
@@ -641,7 +646,8 @@ def test_an_ort_model_is_measured_and_its_flops_are_a_note(tmp_path, tiny_onnx_m
     # a model with its own .ort: one precision twice, and the hint says how to time the .ort
     with pytest.raises(
         ModelMismatchError,
-        match=r"m.onnx and .*m.ort are both fp32 models; pass one model per precision \(benchmark an .ort file on its own\)",
+        match=r"m.onnx and .*m.ort are both fp32 models; pass one model "
+        r"per precision \(benchmark an .ort file on its own\)",
     ):
         bm.resolve_variants([onnx_path, ort_path], [], None, tmp_path, 1)
     # an .ort to remake comes from export --ort, whose -o names the .onnx beside it
@@ -710,8 +716,8 @@ def test_cli_warns_once_on_stderr_about_more_threads_than_cores(tiny_onnx_model_
     assert res.exit_code == 0, res.stderr
     lines = [line for line in res.stderr.splitlines() if "logical core" in line]
     assert lines == [
-        "warning: 2 threads on 1 logical cores: the threads wait for each other, so the timings measure oversubscription "
-        "more than the model; use --threads 1 or fewer (0 = one per physical core)"
+        "warning: 2 threads on 1 logical cores: the threads wait for each other, so the timings measure "
+        "oversubscription more than the model; use --threads 1 or fewer (0 = one per physical core)"
     ]
     assert any(n.startswith("2 threads on 1 logical cores") for n in json.loads(res.stdout)["notes"])
 
@@ -1362,7 +1368,10 @@ def test_time_pair_alternates_and_neither_call_always_runs_first():
 def test_time_pair_keeps_each_calls_times_apart_whichever_ran_first(monkeypatch):
     clock = iter(range(0, 10**9, 1000))  # each reading 1 us after the last: every call lasts 1 us ...
     monkeypatch.setattr(time, "perf_counter_ns", lambda: next(clock))
-    slow = lambda: [next(clock) for _ in range(2)]  # ... and 3 us with two more readings inside
+
+    def slow():  # ... and 3 us with two more readings inside
+        return [next(clock) for _ in range(2)]
+
     a, b = bm.time_pair(slow, lambda: None, warmup=0, runs=5)
     assert list(a.samples_ms) == [0.003] * 5 and list(b.samples_ms) == [0.001] * 5
     b, a = bm.time_pair(lambda: None, slow, warmup=0, runs=5, duration=1e-9)  # the duration form: at least 3 pairs
@@ -1574,8 +1583,8 @@ def test_a_graph_that_counts_more_work_than_fp32_gets_a_note():
         row("fp32", None, engine="torch eager"),
     ]
     assert breport._work_notes(rows) == [
-        "the int8 graph counts 38% more FLOPs than the fp32 graph (its stem, written as a space-to-depth convolution, multiplies "
-        "zero weights too): its GFLOP/s and % peak are of its own count, not of the model's useful work"
+        "the int8 graph counts 38% more FLOPs than the fp32 graph (its stem, written as a space-to-depth convolution, "
+        "multiplies zero weights too): its GFLOP/s and % peak are of its own count, not of the model's useful work"
     ]  # once per precision; the same count (fp16), or no fp32 row to compare: nothing
     assert breport._work_notes(rows[1:2]) == [] and breport._work_notes([row("fp32", 1000), row("int8", 1004)]) == []
 

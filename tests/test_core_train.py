@@ -43,7 +43,8 @@ def test_every_backbone_embeds_flat(name, channels, size):
 def test_unknown_backbone_names_the_choices():
     with pytest.raises(
         InputError,
-        match=r"unknown backbone .vgg.; choose one of: conv4, edgenet, efficientnet_lite0, efficientnet_lite1, efficientnet_lite2, resnet12",
+        match=r"unknown backbone .vgg.; choose one of: conv4, edgenet, "
+        r"efficientnet_lite0, efficientnet_lite1, efficientnet_lite2, resnet12",
     ):
         build_backbone("vgg", 1)
 

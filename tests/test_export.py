@@ -214,9 +214,12 @@ def test_verification_feeds_the_norms_as_the_runtime_does(tmp_path, omniglot_nov
     path = export(
         net, tmp_path / "wrapped.onnx", ModelMetadata(omniglot_spec(28), 32, Metric.SQEUCLIDEAN, Normalization.L2, "x")
     ).path
-    wrong = lambda p: (
-        {"prototype_sqnorms": np.random.default_rng(0).uniform(0, 10, len(p)).astype(np.float32)} if len(p) else {}
-    )  # noqa: E731
+
+    def wrong(p):
+        return (
+            {"prototype_sqnorms": np.random.default_rng(0).uniform(0, 10, len(p)).astype(np.float32)} if len(p) else {}
+        )
+
     monkeypatch.setattr(vf, "_norms", wrong)
     with pytest.raises(vf.VerificationError) as e:
         vf.verify(path, net, labelled_images(omniglot_novel), FAST)

@@ -1,4 +1,5 @@
-"""``edgemeta export | verify | quantize | inspect``: results, and one clear line for bad input (issue: ONNX exporters)."""
+"""``edgemeta export | verify | quantize | inspect``: results, and one clear line for bad input
+(issue: ONNX exporters)."""
 
 from __future__ import annotations
 
@@ -29,7 +30,9 @@ USER_MODULES = {
         from torch import nn
 
         def build():
-            return nn.Sequential(nn.Conv2d(1, 8, 3, padding=1), nn.BatchNorm2d(8), nn.ReLU(), nn.AdaptiveAvgPool2d(2), nn.Flatten())
+            return nn.Sequential(
+                nn.Conv2d(1, 8, 3, padding=1), nn.BatchNorm2d(8), nn.ReLU(), nn.AdaptiveAvgPool2d(2), nn.Flatten()
+            )
         """,
     "usernet_dd.py": """
         import torch
@@ -179,7 +182,8 @@ BEFORE = ["junk.safetensors", *sorted(USER_MODULES)]
                 "-o",
                 "m.onnx",
             ],
-            "the gemm convolution kernel needs uint8 activations (ONNX Runtime's int8 GEMM is uint8 x int8); add --activations uint8",
+            "the gemm convolution kernel needs uint8 activations (ONNX "
+            "Runtime's int8 GEMM is uint8 x int8); add --activations uint8",
         ),
         (
             [
@@ -268,7 +272,8 @@ BEFORE = ["junk.safetensors", *sorted(USER_MODULES)]
                 "-o",
                 "m.onnx",
             ],
-            "--stem-layout nhwc needs the float stem: it changes how the float stem hands over to int8; drop --no-float-stem",
+            "--stem-layout nhwc needs the float stem: it changes how "
+            "the float stem hands over to int8; drop --no-float-stem",
         ),
         (
             [
@@ -657,6 +662,7 @@ def test_verify_and_quantize_refuse_a_fixed_batch_model_in_one_line(
     )
     assert_one_line_error(
         r,
-        f"b1.onnx takes a fixed batch of 1; {action} runs batches of other sizes through the graph and needs a dynamic batch",
+        f"b1.onnx takes a fixed batch of 1; {action} runs batches of "
+        "other sizes through the graph and needs a dynamic batch",
     )
     assert (workdir / "b1.onnx").read_bytes() == before and not (workdir / "q.onnx").exists()

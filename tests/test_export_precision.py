@@ -272,7 +272,8 @@ def test_int8_nhwc_stem_hand_over(int8_nhwc_model, int8_model, tmp_path):
             return ["CUDAExecutionProvider", "CPUExecutionProvider"]
 
     assert not wants_nhwc_stem(OnCuda())
-    # a model an edgemeta session writes (the .ort conversion, basic level) keeps no transpose: the optimizer stays on there
+    # a model an edgemeta session writes (the .ort conversion, basic level) keeps no transpose:
+    # the optimizer stays on there
     so = ort.SessionOptions()
     so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_BASIC
     so.optimized_model_filepath = str(tmp_path / "written.onnx")
@@ -282,7 +283,8 @@ def test_int8_nhwc_stem_hand_over(int8_nhwc_model, int8_model, tmp_path):
         QuantizeSpec(stem_layout="nhcw")
     with pytest.raises(
         InputError,
-        match="--stem-layout nhwc needs the float stem: it changes how the float stem hands over to int8; drop --no-float-stem",
+        match="--stem-layout nhwc needs the float stem: it changes how "
+        "the float stem hands over to int8; drop --no-float-stem",
     ):
         QuantizeSpec(stem_layout="nhwc", float_stem=False)
 
@@ -383,7 +385,8 @@ def test_int8_space_to_depth_stem_refuses_a_stem_it_does_not_fit(tmp_path):
     fp32, calibration = _untrained_rgb("resnet12", tmp_path)
     with pytest.raises(
         InputError,
-        match="--stem-layout s2d does not fit this model: its first convolution is followed by LeakyRelu and Conv, not by an activation and a 2x2 max pooling; export it with --stem-layout nchw",
+        match="--stem-layout s2d does not fit this model: its first convolution is followed by LeakyRelu and Conv, not "
+        "by an activation and a 2x2 max pooling; export it with --stem-layout nchw",
     ):
         q8(
             fp32,
@@ -413,7 +416,10 @@ def test_int8_stem_layout_auto_runs_the_stem_in_int8_where_space_to_depth_fits(t
         q8(conv4, tmp_path / "c4.fs.onnx", calibration, QuantizeSpec(calibration_images=8, float_stem=True))
     ) == ("nchw", True, "auto", None, True)
     r12, calibration = _untrained_rgb("resnet12", tmp_path)
-    why = "the space-to-depth stem does not fit: its first convolution is followed by LeakyRelu and Conv, not by an activation and a 2x2 max pooling"
+    why = (
+        "the space-to-depth stem does not fit: its first convolution is followed by LeakyRelu and Conv, not by an "
+        "activation and a 2x2 max pooling"
+    )
     for float_stem, expected in ((None, True), (False, False)):
         out = q8(
             r12,
@@ -607,7 +613,8 @@ def test_all_precisions_load_in_the_oldest_supported_onnxruntime(
         import sys, numpy as np, onnxruntime as ort
         for path in sys.argv[1:]:
             s = ort.InferenceSession(path, providers=["CPUExecutionProvider"])
-            e, l = s.run(None, {"images": np.zeros((2, 1, 28, 28), np.float32), "prototypes": np.zeros((0, 64), np.float32)})
+            feeds = {"images": np.zeros((2, 1, 28, 28), np.float32), "prototypes": np.zeros((0, 64), np.float32)}
+            e, l = s.run(None, feeds)
             assert e.shape == (2, 64) and l.shape == (2, 0)
         print("loaded", ort.__version__)
         """

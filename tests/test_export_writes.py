@@ -224,8 +224,8 @@ def test_the_cli_refuses_to_export_over_a_file_it_did_not_write(export_env, stra
     r = runner.invoke(app, ["export", str(PRETRAINED), "-o", str(strangers["notes.md"]), "--no-verify"])
     assert r.exit_code == 1 and r.output.startswith("error: ") and len(r.output.splitlines()) == 1, r.output
     assert (
-        "notes.md exists and is not an ONNX model made by edgemeta, so it is not replaced; choose another -o, or delete it"
-        in r.output
+        "notes.md exists and is not an ONNX model made by edgemeta, so "
+        "it is not replaced; choose another -o, or delete it" in r.output
     )
     assert strangers["notes.md"].read_bytes() == before
 

@@ -255,7 +255,7 @@ def test_episodes_file_round_trips(episode_folder, n_way, k_shot, q_query, count
     from edgemeta.episodes import EPISODES_FORMAT, EPISODES_VERSION, read_episodes_file
 
     eps = []
-    for e in range(count):
+    for _ in range(count):
         support = [[f"c{c}_{i}.png", f"class {c}"] for c in range(n_way) for i in range(k_shot)]
         query = [[f"c{c}_{k_shot + i}.png", f"class {c}"] for c in range(n_way) for i in range(q_query)]
         eps.append({"support": support, "query": query})

@@ -25,7 +25,10 @@ def private_imports(source: str) -> list[tuple[int, str, str]]:
 
 
 def test_the_scan_finds_private_imports_at_any_depth():
-    source = "from a import b, _c, __version__\nimport d\ndef f():\n    from .e import _g as h\n    from __future__ import annotations\n"
+    source = (
+        "from a import b, _c, __version__\nimport d\ndef f():\n    from "
+        ".e import _g as h\n    from __future__ import annotations\n"
+    )
     assert private_imports(source) == [(1, "a", "_c"), (4, ".e", "_g")]
 
 

@@ -132,7 +132,8 @@ def test_store_commands(enrolled):
         ),
         (
             ["predict", "{model}", "--store", "{store}", "{folder}/class0/0.png", "--knn", "1"],
-            "error: k-NN mode needs a store that keeps embeddings; re-enrol into a new store .*`edgemeta enroll --keep-embeddings --store NEW`",
+            "error: k-NN mode needs a store that keeps embeddings; re-enrol into a new store .*`edgemeta enroll "
+            "--keep-embeddings --store NEW`",
         ),
         (["store", "forget", "{store}", "dragon"], r"error: unknown label 'dragon'; enrolled labels: 'class0'"),
         (

@@ -153,7 +153,10 @@ def test_device_commands_of_the_cli_without_torch_or_onnx(tmp_path, tiny_onnx_mo
         from edgemeta.cli import app
         model, folder, store = sys.argv[1:4]
         runner = CliRunner()
-        for args in (["enroll", model, "-s", store, "--folder", folder], ["predict", model, "-s", store, folder + "/class2/4.png", "--json"]):
+        for args in (
+            ["enroll", model, "-s", store, "--folder", folder],
+            ["predict", model, "-s", store, folder + "/class2/4.png", "--json"],
+        ):
             res = runner.invoke(app, args)
             assert res.exit_code == 0, (res.stdout, res.stderr, res.exception)
         print(res.stdout)

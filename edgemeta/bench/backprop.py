@@ -112,8 +112,9 @@ def backprop_data(given: str | None, recorded: object, channels: int) -> str:
     if channels == 1:
         return "omniglot"
     raise InputError(
-        f"the backprop baseline needs images of classes the model was not trained on, and this {channels}-channel model records no "
-        "data set with such a split; pass --backprop-data tiny-imagenet or a folder (or zip) of classes it never saw"
+        "the backprop baseline needs images of classes the model was not trained on, and "
+        f"this {channels}-channel model records no data set with such a split; pass "
+        "--backprop-data tiny-imagenet or a folder (or zip) of classes it never saw"
     )
 
 

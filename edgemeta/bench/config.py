@@ -1,4 +1,5 @@
-"""What a benchmark measures and how: :class:`BenchConfig`, its bounds, and the timed sessions' ONNX Runtime settings."""
+"""What a benchmark measures and how: :class:`BenchConfig`, its bounds, and the timed sessions'
+ONNX Runtime settings."""
 
 from __future__ import annotations
 
@@ -172,8 +173,8 @@ class BenchConfig:
         cores = logical_cores()
         if isinstance(self.threads, (int, np.integer)) and MAX_THREADS_PER_CORE * cores < self.threads <= 1024:
             problems.append(
-                f"threads {self.threads} is more than {MAX_THREADS_PER_CORE}x the {cores} logical cores this process may use "
-                f"(at most {MAX_THREADS_PER_CORE * cores}; 0 = one per physical core)"
+                f"threads {self.threads} is more than {MAX_THREADS_PER_CORE}x the {cores} logical cores "
+                f"this process may use (at most {MAX_THREADS_PER_CORE * cores}; 0 = one per physical core)"
             )
         if problems:
             raise InputError("bad benchmark settings: " + "; ".join(problems))
@@ -190,8 +191,9 @@ class BenchConfig:
         if self.resolved_threads <= cores:
             return None
         return (
-            f"{self.resolved_threads} threads on {cores} logical cores: the threads wait for each other, so the timings "
-            f"measure oversubscription more than the model; use --threads {cores} or fewer (0 = one per physical core)"
+            f"{self.resolved_threads} threads on {cores} logical cores: the threads "
+            "wait for each other, so the timings measure oversubscription more than "
+            f"the model; use --threads {cores} or fewer (0 = one per physical core)"
         )
 
     def to_dict(self) -> dict[str, Any]:
@@ -210,4 +212,7 @@ def _range_problems(what: str, values: Sequence[Any], lo: int, hi: int) -> list[
 
 
 def unknown_data(name: str) -> str:
-    return f"--backprop-data {name!r} is neither omniglot, tiny-imagenet, digits nor an existing folder or zip of class folders"
+    return (
+        f"--backprop-data {name!r} is neither omniglot, tiny-imagenet, "
+        "digits nor an existing folder or zip of class folders"
+    )

@@ -6,6 +6,7 @@ import math
 import os
 from collections.abc import Sequence
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -112,7 +113,8 @@ def count_flops(model: str | os.PathLike | Any, batch: int = 1, n_classes: int =
     """
     if isinstance(model, (str, os.PathLike)) and is_ort_format(model):
         raise InputError(
-            f"{Path(model).name} is an ORT-format model, whose graph the onnx package cannot read; count (or benchmark) the .onnx it was made from"
+            f"{Path(model).name} is an ORT-format model, whose graph the onnx package cannot read; count (or "
+            "benchmark) the .onnx it was made from"
         )
     try:
         import onnx
@@ -217,7 +219,7 @@ def measure_int8_peak(
             model, timed_options(tuning or BENCH_SESSION_OPTIONS, threads), providers=["CPUExecutionProvider"]
         )
         a = rng.integers(0, 256, (n, n), dtype=np.uint8)
-        best[n] = 2 * n**3 / time_fn(lambda: sess.run(None, {"a": a}), warmup=1, runs=runs).min_ms / 1e6
+        best[n] = 2 * n**3 / time_fn(partial(sess.run, None, {"a": a}), warmup=1, runs=runs).min_ms / 1e6
     return {"int8_peak_gops": max(best.values()), "int8_gops_by_size": best, "threads": threads}
 
 

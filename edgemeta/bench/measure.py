@@ -126,7 +126,8 @@ def timed_session(variant: ModelVariant, provider: str, config: BenchConfig) -> 
     if sess.get_providers()[0] != provider:
         said = f"; ONNX Runtime said: {said}" if said else ""
         raise ProviderError(
-            f"{display_name(provider)} did not load for {variant.path.name} (the session runs {sess.get_providers()}){said}"
+            f"{display_name(provider)} did not load for {variant.path.name} "
+            f"(the session runs {sess.get_providers()}){said}"
         )
     return sess
 

@@ -80,8 +80,9 @@ def _check_batch_sizes(variants: Sequence[ModelVariant], batch_sizes: Sequence[i
         other = [b for b in batch_sizes if v.fixed_batch is not None and b != v.fixed_batch]
         if other:
             raise InputError(
-                f"{v.path} takes a fixed batch of {v.fixed_batch}, so batch size {', '.join(map(str, other))} cannot be timed: "
-                f"pass --batch-sizes {v.fixed_batch}, or re-export it with a dynamic batch (`edgemeta export`)"
+                f"{v.path} takes a fixed batch of {v.fixed_batch}, so batch size "
+                f"{', '.join(map(str, other))} cannot be timed: pass --batch-sizes "
+                f"{v.fixed_batch}, or re-export it with a dynamic batch (`edgemeta export`)"
             )
 
 
@@ -189,7 +190,8 @@ def variant_notes(given: Sequence[Path], variants: Sequence[ModelVariant], tempo
     --precisions leaves out, and each precision found beside it or made."""
     timed = {v.path.resolve() for v in variants}
     notes = [
-        f"{p.name} was given but not timed: --precisions ({', '.join(v.precision.value for v in variants)}) leaves its precision out"
+        f"{p.name} was given but not timed: --precisions "
+        f"({', '.join(v.precision.value for v in variants)}) leaves its precision out"
         for p in dict.fromkeys(given)
         if p.resolve() not in timed
     ]
@@ -233,19 +235,21 @@ def _check_given(given: Sequence[ModelVariant], checkpoint: Path | None) -> None
     for v in given:
         if _kind(v) != _kind(first):  # plainly another model: nothing about it is worth remaking
             problems.append(
-                f"{v.path} is a {_kind(v)} model and {first.path.name} a {_kind(first)} model: benchmark different models one at a time"
+                f"{v.path} is a {_kind(v)} model and {first.path.name} a "
+                f"{_kind(first)} model: benchmark different models one at a time"
             )
             continue
         if v.fingerprint != first.fingerprint:
             problems.append(
-                f"{v.path} is model {v.fingerprint}, but {first.path.name} is model {first.fingerprint} (several models are precision "
-                f"variants of one model): benchmark different models one at a time; if it should be {first.path.name}'s "
-                f"{v.precision.value} variant, {_remake(v.path, v.precision, first, checkpoint)}"
+                f"{v.path} is model {v.fingerprint}, but {first.path.name} is model {first.fingerprint} (several "
+                "models are precision variants of one model): benchmark different models one at a time; if it should "
+                f"be {first.path.name}'s {v.precision.value} variant, {_remake(v.path, v.precision, first, checkpoint)}"
             )
         named = _name_precision(v.path)
         if named is not None and named is not v.precision:
             problems.append(
-                f"{v.path} is an {v.precision.value} model though its name says {named.value}: {_remake(v.path, named, first, checkpoint)}"
+                f"{v.path} is an {v.precision.value} model though its name says {named.value}: "
+                f"{_remake(v.path, named, first, checkpoint)}"
             )
         if v.precision in seen and os.path.samefile(seen[v.precision].path, v.path):
             problems.append(f"{v.path} is given twice; pass each model once")
@@ -256,7 +260,8 @@ def _check_given(given: Sequence[ModelVariant], checkpoint: Path | None) -> None
                 else ""
             )
             problems.append(
-                f"{seen[v.precision].path} and {v.path} are both {v.precision.value} models; pass one model per precision{ort}"
+                f"{seen[v.precision].path} and {v.path} are both "
+                f"{v.precision.value} models; pass one model per precision{ort}"
             )
         seen.setdefault(v.precision, v)
     if problems:
@@ -339,13 +344,15 @@ def providers_to_run(requested: Sequence[str]) -> tuple[list[str], dict[str, str
     remote = [p for p in names if p in REMOTE_PROVIDERS]
     if remote:  # its sessions run every node on the CPU provider: rows under its name would be the CPU's
         raise ProviderError(
-            f"{', '.join(remote)} sends requests to a remote endpoint and runs nothing on this machine; benchmark cpu (or cuda, tensorrt)"
+            f"{', '.join(remote)} sends requests to a remote endpoint and "
+            "runs nothing on this machine; benchmark cpu (or cuda, tensorrt)"
         )
     missing = [p for p in names if p not in available]
     if missing and not auto:
         raise ProviderError(
-            f"provider(s) {', '.join(missing)} not available in this onnxruntime build (it has {', '.join(available)}); "
-            "install onnxruntime-gpu for CUDA/TensorRT, or use --providers auto to report them as unavailable"
+            f"provider(s) {', '.join(missing)} not available in this onnxruntime "
+            f"build (it has {', '.join(available)}); install onnxruntime-gpu for "
+            "CUDA/TensorRT, or use --providers auto to report them as unavailable"
         )
     unavailable = {p: f"{display_name(p)} unavailable (not in this onnxruntime build)" for p in missing}
     return [p for p in names if p in available], unavailable

@@ -34,16 +34,19 @@ def render_report(report: BenchReport, console: Any) -> None:
     if report.peak:
         p = report.peak
         console.print(
-            f"peak float32: {p['peak_gflops']:.1f} GFLOP/s (MatMul {p['n']}², ORT {p['ort_gflops']:.1f}, numpy {p['numpy_gflops']:.1f})"
+            f"peak float32: {p['peak_gflops']:.1f} GFLOP/s (MatMul {p['n']}², "
+            f"ORT {p['ort_gflops']:.1f}, numpy {p['numpy_gflops']:.1f})"
         )
         if "int8_peak_gops" in p:
             console.print(
-                f"peak int8: {p['int8_peak_gops']:.0f} GOP/s (MatMulInteger u8 x s8, weights prepacked; int8 rows' % peak is of this)"
+                f"peak int8: {p['int8_peak_gops']:.0f} GOP/s (MatMulInteger "
+                "u8 x s8, weights prepacked; int8 rows' % peak is of this)"
             )
     if report.gpu_peak:
         p = report.gpu_peak
         console.print(
-            f"GPU peak float32: {p['peak_gflops']:.0f} GFLOP/s (MatMul {p['n']}² on {p['provider']} with its default settings, TF32 where it allows; inputs on the GPU)"
+            f"GPU peak float32: {p['peak_gflops']:.0f} GFLOP/s (MatMul {p['n']}² on {p['provider']} with its default "
+            "settings, TF32 where it allows; inputs on the GPU)"
         )
     for v in report.models:
         if v.int8_stem:
@@ -130,11 +133,11 @@ def render_report(report: BenchReport, console: Any) -> None:
     for b in report.backprop:
         console.print(
             f"{b.n_way}-way {b.k_shot}-shot, {b.episodes} episodes of {b.dataset}, {b.precision} embeddings: "
-            f"prototypes {100 * b.prototype_accuracy:.2f}% in {b.embed_ms + b.prototype_ms:.2f} ms; "
-            f"backprop ({b.steps} SGD steps) {100 * b.backprop_accuracy:.2f}% in {b.embed_ms + b.backprop_ms:.2f} ms per class set "
-            f"({b.speedup:.0f}x end to end; learning step alone {b.learning_speedup:.0f}x)"
+            f"prototypes {100 * b.prototype_accuracy:.2f}% in {b.embed_ms + b.prototype_ms:.2f} ms; backprop "
+            f"({b.steps} SGD steps) {100 * b.backprop_accuracy:.2f}% in {b.embed_ms + b.backprop_ms:.2f} ms "
+            f"per class set ({b.speedup:.0f}x end to end; learning step alone {b.learning_speedup:.0f}x)"
         )
-    for provider, why in report.unavailable.items():
+    for why in report.unavailable.values():
         console.print(f"[yellow]{why}[/]")
     console.print(report.repeatability["verdict"])
     for note in report.notes:
@@ -159,7 +162,8 @@ def check_plot_path(path: str | os.PathLike) -> Path:
         raise InputError("--plot needs matplotlib: pip install matplotlib")
     if not path.is_dir() and path.suffix.lower() != ".png":
         raise InputError(
-            f"--plot: {path} does not end in .png (the plot is a PNG); give a name such as {path.with_suffix('.png').name}"
+            f"--plot: {path} does not end in .png (the plot is a PNG); give a name such as "
+            f"{path.with_suffix('.png').name}"
         )
     return check_output(path, option="--plot", what="PNG file")
 

@@ -82,8 +82,8 @@ class BenchReport:
         few = f"use --runs {MIN_REPEAT_CALLS} or more, or a longer --duration"
         if not rows:  # too few timed calls per measurement: no halves worth comparing
             verdict = (
-                "repeatability not measured: it compares the p50s of the first and the second half of each measurement's "
-                "calls, and "
+                "repeatability not measured: it compares the p50s of the "
+                "first and the second half of each measurement's calls, and "
                 + (
                     f"each embedding measurement timed fewer than {MIN_REPEAT_CALLS} calls; {few}"
                     if self.embedding
@@ -96,7 +96,10 @@ class BenchReport:
                 f"{REPEAT_TOLERANCE:.0%} between the first and the second half of their calls"
             )
         else:
-            verdict = f"repeatable: every p50 agreed within {REPEAT_TOLERANCE:.0%} between the first and the second half of its calls"
+            verdict = (
+                f"repeatable: every p50 agreed within {REPEAT_TOLERANCE:.0%} "
+                "between the first and the second half of its calls"
+            )
         if rows and unjudged:
             verdict += (
                 f" ({unjudged} measurement(s) timed fewer than {MIN_REPEAT_CALLS} calls and were not judged; {few})"
@@ -336,9 +339,9 @@ def _work_notes(rows: Sequence[EmbeddingRow]) -> list[str]:
             notes.setdefault(
                 r.precision,
                 (
-                    f"the {r.precision} graph counts {r.flops / base - 1:.0%} more FLOPs than the fp32 graph (its stem, written as a "
-                    "space-to-depth convolution, multiplies zero weights too): its GFLOP/s and % peak are of its own count, not of the "
-                    "model's useful work"
+                    f"the {r.precision} graph counts {r.flops / base - 1:.0%} more FLOPs than the fp32 "
+                    "graph (its stem, written as a space-to-depth convolution, multiplies zero weights "
+                    "too): its GFLOP/s and % peak are of its own count, not of the model's useful work"
                 ),
             )
     return list(notes.values())
@@ -391,7 +394,10 @@ def _precision_notes(rows: Sequence[EmbeddingRow], threads: int, cpu_flags: Sequ
                 "so a reduced precision cannot pay off; compare larger batches (--batch-sizes)"
             )
         elif provider != "CPU":
-            advice = f"this provider runs it slower than fp32 here; keep fp32 on {provider}, or compare another provider (--providers)"
+            advice = (
+                "this provider runs it slower than fp32 here; keep fp32 "
+                f"on {provider}, or compare another provider (--providers)"
+            )
         elif not int8:
             advice = "fp16 pays off on GPUs; ONNX Runtime's CPU provider lacks fast fp16 kernels for many operators"
         elif threads > 4:
@@ -459,8 +465,8 @@ def run_benchmark(
         report = BenchReport(machine_info(), config.to_dict(), variants, unavailable=unavailable)
         report.notes += variant_notes(paths, variants, workdir is None)
         report.notes += [
-            f"{v.path.name} takes a fixed batch of {v.fixed_batch}: its classification latency is of a call of {v.fixed_batch} "
-            "images (one image padded, as the runtime sends it)"
+            f"{v.path.name} takes a fixed batch of {v.fixed_batch}: its classification latency "
+            f"is of a call of {v.fixed_batch} images (one image padded, as the runtime sends it)"
             for v in variants
             if v.fixed_batch and v.fixed_batch > 1
         ]
@@ -535,7 +541,8 @@ def _wrap_up(
         variants if config.backprop_episodes else ()
     ):  # each precision: both methods learn from its embeddings
         steps(
-            f"backprop baseline on {variant.precision.value} embeddings, {config.backprop_episodes} episodes per shot count"
+            f"backprop baseline on {variant.precision.value} embeddings, "
+            f"{config.backprop_episodes} episodes per shot count"
         )
         try:
             report.backprop += backprop_baseline(
@@ -603,5 +610,6 @@ def _run_all(
                     KeyError,
                 ) as e:  # the timings so far stand; no or bad JSON line
                     report.notes.append(
-                        f"cold start not measured for {variant.path.name} on {display_name(provider)}: {' '.join(str(e).split())[:400]}"
+                        f"cold start not measured for {variant.path.name} on {display_name(provider)}: "
+                        f"{' '.join(str(e).split())[:400]}"
                     )

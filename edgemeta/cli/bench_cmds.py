@@ -53,7 +53,8 @@ def _progress_bar(enabled: bool) -> Iterator[Callable[[int, int, str], None] | N
 def benchmark(
     models: List[Path] = typer.Argument(
         ...,
-        help="Exported .onnx (or .ort) model(s); several = precision variants of one model, one per precision, side by side.",
+        help="Exported .onnx (or .ort) model(s); several = precision "
+        "variants of one model, one per precision, side by side.",
     ),
     checkpoint: Optional[Path] = typer.Option(
         None, "--checkpoint", help="The checkpoint the model came from: torch eager baseline, and missing precisions."
@@ -64,11 +65,13 @@ def benchmark(
     batch_sizes: str = typer.Option("1,32", "--batch-sizes", help="Comma-separated batch sizes (1 to 4096)."),
     precisions: str = typer.Option(
         "",
-        help="Comma-separated fp32,fp16,int8; missing ones are found next to MODEL (MODEL.int8.onnx) or made: fp16 from the fp32 model, the others from --checkpoint.",
+        help="Comma-separated fp32,fp16,int8; missing ones are found next to MODEL (MODEL.int8.onnx) or made: fp16 "
+        "from the fp32 model, the others from --checkpoint.",
     ),
     threads: int = typer.Option(
         0,
-        help="Threads for ONNX Runtime and torch alike (the backprop baseline's SGD steps: one); 0 = physical cores (more than the logical cores: a warning; more than 4x: refused).",
+        help="Threads for ONNX Runtime and torch alike (the backprop baseline's SGD steps: one); 0 = physical cores "
+        "(more than the logical cores: a warning; more than 4x: refused).",
     ),
     spinning: bool = typer.Option(
         True,
@@ -83,7 +86,8 @@ def benchmark(
     duration: Optional[float] = typer.Option(None, help="Seconds per measurement instead of --runs."),
     rounds: int = typer.Option(
         4,
-        help="Embedding latency in this many rounds, each timing every engine in turn (a fresh session each), so ratios survive a drifting machine.",
+        help="Embedding latency in this many rounds, each timing every engine in turn (a fresh session each), so "
+        "ratios survive a drifting machine.",
     ),
     classes: str = typer.Option("1,100,10000", help="Enrolled class counts for classification latency at batch 1."),
     shots: int = typer.Option(5, help="K images per class for the enrolment measurement."),
@@ -93,7 +97,8 @@ def benchmark(
     backprop_baseline: bool = typer.Option(
         False,
         "--backprop-baseline",
-        help="Also compare prototypes with 100 SGD steps of last-layer backprop on seeded episodes of novel classes, on each precision's embeddings (needs torch).",
+        help="Also compare prototypes with 100 SGD steps of last-layer backprop on seeded episodes of novel classes, "
+        "on each precision's embeddings (needs torch).",
     ),
     episodes: Optional[int] = typer.Option(
         None, help="Episodes per shot count (5-way 1-shot and 5-shot) for --backprop-baseline (default 100)."
@@ -101,29 +106,34 @@ def benchmark(
     backprop_data: Optional[str] = typer.Option(
         None,
         "--backprop-data",
-        help="Images of classes the model never saw, for --backprop-baseline: omniglot (its evaluation classes), tiny-imagenet (its test classes), "
-        "digits, or a folder/zip of class folders. Default: the novel classes of omniglot or tiny-imagenet when the model records it, else omniglot "
-        "for a grey model.",
+        help="Images of classes the model never saw, for --backprop-baseline: omniglot (its evaluation "
+        "classes), tiny-imagenet (its test classes), digits, or a folder/zip of class folders. Default: the "
+        "novel classes of omniglot or tiny-imagenet when the model records it, else omniglot for a grey model.",
     ),
     data_dir: Optional[Path] = typer.Option(
         None,
         "--data-dir",
-        help="Data folder of the named data sets, for --backprop-baseline and the int8 calibration of a model made from --checkpoint (default: $EDGEMETA_DATA_DIR, else ~/.cache/edgemeta/data).",
+        help="Data folder of the named data sets, for --backprop-baseline and the int8 calibration of a model made "
+        "from --checkpoint (default: $EDGEMETA_DATA_DIR, else ~/.cache/edgemeta/data).",
     ),
     dim: Optional[List[str]] = typer.Option(
         None,
         "--dim",
-        help="A model without the edgemeta contract: the size of a free input dimension, NAME=N or INPUT:AXIS=N (repeat: --dim batch=8 --dim seq=128). A free first axis takes --batch-sizes; names like seq or length 128, height or width 224.",
+        help="A model without the edgemeta contract: the size of a free input dimension, "
+        "NAME=N or INPUT:AXIS=N (repeat: --dim batch=8 --dim seq=128). A free first axis "
+        "takes --batch-sizes; names like seq or length 128, height or width 224.",
     ),
     optimization: str = typer.Option(
         "all",
         "--optimization",
-        help="A model without the edgemeta contract: ONNX Runtime's graph optimization level, disable, basic, extended or all.",
+        help="A model without the edgemeta contract: ONNX Runtime's "
+        "graph optimization level, disable, basic, extended or all.",
     ),
     profile: bool = typer.Option(
         False,
         "--profile",
-        help="A model without the edgemeta contract: also profile it with ONNX Runtime and list the operators that take the most time.",
+        help="A model without the edgemeta contract: also profile it with "
+        "ONNX Runtime and list the operators that take the most time.",
     ),
     generic: bool = typer.Option(
         False,
@@ -180,7 +190,8 @@ def benchmark(
         )
     if data_dir is not None and not backprop_baseline and checkpoint is None:
         raise InputError(
-            "--data-dir is where --backprop-baseline and the int8 calibration of a --checkpoint find their data; add one of them or leave --data-dir out"
+            "--data-dir is where --backprop-baseline and the int8 calibration of a --checkpoint find their data; add "
+            "one of them or leave --data-dir out"
         )
     if samples and not json_out:
         raise InputError("--samples adds every timing to the --json output; add --json or leave --samples out")
@@ -235,7 +246,8 @@ def _any_onnx(models: List[Path], generic: bool, dim: Optional[List[str]], optim
         given = [o for o, v in (("--dim", dim), ("--optimization", optimization != "all"), ("--profile", profile)) if v]
         if given:
             raise InputError(
-                f"{', '.join(given)} apply to models measured as any ONNX model; add --generic to measure an edgemeta model so"
+                f"{', '.join(given)} apply to models measured as any ONNX "
+                "model; add --generic to measure an edgemeta model so"
             )
         return False
     if any(kinds):
@@ -266,7 +278,8 @@ def _benchmark_any(
     given = [o for o, v in edgemeta_only.items() if v is not None]
     if given:
         raise InputError(
-            f"{', '.join(given)} need a model with the edgemeta contract (made by `edgemeta export`); leave them out for any ONNX model"
+            f"{', '.join(given)} need a model with the edgemeta contract "
+            "(made by `edgemeta export`); leave them out for any ONNX model"
         )
     if samples and not json_out:
         raise InputError("--samples adds every timing to the --json output; add --json or leave --samples out")

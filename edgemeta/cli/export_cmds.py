@@ -18,30 +18,40 @@ from edgemeta.cli._app import command, console, emit_json, out
 from edgemeta.runtime.errors import InputError
 from edgemeta.runtime.spec import Metric, Normalization, Precision
 
-DATA_HELP = "Novel-class images to verify on: omniglot, tiny-imagenet, digits, or a folder of class folders (default: the checkpoint's data set)."
-ACT_HELP = "int8: activations as int8 (S8S8); uint8: as uint8 (U8S8), often faster for residual networks on x86. Compare with `edgemeta benchmark`."
+DATA_HELP = (
+    "Novel-class images to verify on: omniglot, tiny-imagenet, digits, "
+    "or a folder of class folders (default: the checkpoint's data set)."
+)
+ACT_HELP = (
+    "int8: activations as int8 (S8S8); uint8: as uint8 (U8S8), often faster for residual networks on x86. "
+    "Compare with `edgemeta benchmark`."
+)
 STEM_HELP = (
     "Keep the first convolution (1 or 3 input channels, slow in int8), with the activation and pooling right after it, "
     "in float32, or run it in int8. Default: as --stem-layout auto chooses."
 )
 KERNEL_HELP = (
-    "int8 convolution kernel of ONNX Runtime's CPU provider: direct (VNNI direct convolution) or gemm (weights stored "
-    "with zero point -1, lossless, so convolutions run as int8 GEMMs: AMX where the CPU has it; needs --activations uint8). "
-    "Wide layers gain from gemm, narrow ones lose: compare with `edgemeta benchmark`. gemm is for CPUs: TensorRT takes only zero points of 0."
+    "int8 convolution kernel of ONNX Runtime's CPU provider: direct (VNNI direct convolution) or "
+    "gemm (weights stored with zero point -1, lossless, so convolutions run as int8 GEMMs: AMX where "
+    "the CPU has it; needs --activations uint8). Wide layers gain from gemm, narrow ones lose: "
+    "compare with `edgemeta benchmark`. gemm is for CPUs: TensorRT takes only zero points of 0."
 )
 ORT_LEVEL_HELP = (
-    "Optimization baked into the --ort file (ONNX Runtime adds none when it loads one): basic (runs on every provider) "
-    "or extended (the CPU provider's fusions, int8 kernels included, as chosen for this machine's CPU architecture: for "
-    "devices of that architecture running the CPU provider; Conv-4 int8 about 5x faster than basic)."
+    "Optimization baked into the --ort file (ONNX Runtime adds none when it loads one): basic (runs on every "
+    "provider) or extended (the CPU provider's fusions, int8 kernels included, as chosen for this machine's CPU "
+    "architecture: for devices of that architecture running the CPU provider; Conv-4 int8 about 5x faster than basic)."
 )
 LAYOUT_HELP = (
     "How the stem meets int8 on ONNX Runtime's CPU provider: auto (s2d where the stem fits it, else nchw with the "
-    "float stem; the model's metadata records the choice and why), nchw (as quantized), nhwc (with the float stem: an NHWC "
-    "round trip after it, so that on x86-64 it writes NHWC directly and no int8 transpose runs) or s2d (the stem in int8: "
-    "a stem of convolution, activation and 2x2 max pooling rewritten, exactly, as a space-to-depth convolution that runs "
-    "in int8 with its pooling; Conv-4's fastest). Compare with `edgemeta benchmark`."
+    "float stem; the model's metadata records the choice and why), nchw (as quantized), nhwc (with the float stem: an "
+    "NHWC round trip after it, so that on x86-64 it writes NHWC directly and no int8 transpose runs) or s2d (the stem "
+    "in int8: a stem of convolution, activation and 2x2 max pooling rewritten, exactly, as a space-to-depth "
+    "convolution that runs in int8 with its pooling; Conv-4's fastest). Compare with `edgemeta benchmark`."
 )
-CALIB_HELP = "Base-class images for int8 calibration (default: Omniglot background / Tiny-ImageNet train; never evaluation classes)."
+CALIB_HELP = (
+    "Base-class images for int8 calibration (default: Omniglot "
+    "background / Tiny-ImageNet train; never evaluation classes)."
+)
 DATA_DIR_HELP = "Data folder (default: $EDGEMETA_DATA_DIR)."
 REFERENCE_HELP = (
     "What the model came from: its checkpoint, the --weights of an `export --module` model (none if it had none), "
@@ -182,7 +192,8 @@ def _show_outcome(outcome, json_out: bool) -> None:
     d = outcome.to_dict()
     extra = f", {d['export']['exporter']} exporter" if d.get("export") else ""
     out.print(
-        f"wrote {d['path']} ({d['precision']}, opset {d['opset']}, {d['size_bytes'] / 1e6:.2f} MB{extra}; fingerprint {d['fingerprint']})"
+        f"wrote {d['path']} ({d['precision']}, opset {d['opset']}, "
+        f"{d['size_bytes'] / 1e6:.2f} MB{extra}; fingerprint {d['fingerprint']})"
     )
     if d.get("export") and d["export"].get("fallback_reason"):
         out.print(f"[yellow]TorchScript exporter used: {d['export']['fallback_reason']}[/]")
@@ -407,7 +418,8 @@ def _inspect_tables(info: dict[str, Any]) -> list[Table]:
             vt.add_row("episodes", f"{ep['count']} x {ep['n_way']}-way {ep['k_shot']}-shot on {ep['dataset']}")
             vt.add_row(
                 "agreement / accuracy",
-                f"{100 * ep['agreement']:.2f}% / torch {100 * ep['torch_accuracy']:.2f}% vs ONNX {100 * ep['onnx_accuracy']:.2f}%",
+                f"{100 * ep['agreement']:.2f}% / torch {100 * ep['torch_accuracy']:.2f}% vs ONNX "
+                f"{100 * ep['onnx_accuracy']:.2f}%",
             )
         tables.append(vt)
     if info.get("operators"):

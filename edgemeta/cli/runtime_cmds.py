@@ -112,7 +112,8 @@ def enroll_cmd(
             keep_embeddings and not clf.store.keep_embeddings
         ):  # the store's own setting wins; nothing is saved after this
             raise InputError(
-                f"{store} keeps no embeddings, so --keep-embeddings cannot apply to it; enrol into a new store file with --keep-embeddings"
+                f"{store} keeps no embeddings, so --keep-embeddings cannot apply "
+                "to it; enrol into a new store file with --keep-embeddings"
             )
         added = clf.enroll_folder(folder, on_progress=advance) if folder is not None else {label: len(paths[label])}
         if folder is None:
