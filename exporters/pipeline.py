@@ -479,13 +479,15 @@ def _vector_output(module: nn.Module, ref: ModuleRef) -> nn.Module:
             out = module(torch.zeros(2, pp.channels, *pp.size))
     except Exception as e:  # a user module can fail in any way
         raise InputError(
-            f"{ref.ref} fails on images of shape {(2, pp.channels, *pp.size)} ({type(e).__name__}: {e}); check --size and --channels"
+            f"{ref.ref} fails on images of shape {(2, pp.channels, *pp.size)} ({type(e).__name__}: {e}); "
+            "check --size and --channels"
         ) from None
     if not isinstance(out, torch.Tensor):
         raise InputError(f"{ref.ref} returns {type(out).__name__}, not a tensor; return the embedding [batch, dim]")
     if out.ndim > 2 and ref.pool is None:
         raise InputError(
-            f"{ref.ref} returns a {out.ndim}-D map {list(out.shape)}, not [batch, dim]: pass --pool avg (or max), or return a vector"
+            f"{ref.ref} returns a {out.ndim}-D map {list(out.shape)}, not [batch, dim]: "
+            "pass --pool avg (or max), or return a vector"
         )
     if out.ndim == 2 and ref.pool is not None:
         raise InputError(f"{ref.ref} already returns a vector [batch, {out.shape[1]}]; drop --pool")
@@ -604,11 +606,13 @@ def _module_from_metadata(
     want = extra.get("weights_sha256") or ""
     if want and weights is None:
         raise InputError(
-            f"{Path(model_path).name} was exported from {extra['module']} with weights {want[:12]}...; pass them with -c WEIGHTS.safetensors"
+            f"{Path(model_path).name} was exported from {extra['module']} with weights {want[:12]}...; "
+            "pass them with -c WEIGHTS.safetensors"
         )
     if weights is not None and file_sha256(weights) != want:
         raise ModelMismatchError(
-            f"{Path(weights).name} is not the weights {Path(model_path).name} was exported with ({want[:12] or 'none'}...); pass those"
+            f"{Path(weights).name} is not the weights {Path(model_path).name} was exported with "
+            f"({want[:12] or 'none'}...); pass those"
         )
     ref = ModuleRef(
         extra["module"],

@@ -16,6 +16,7 @@ from __future__ import annotations
 import argparse
 import tempfile
 import time
+from functools import partial
 from pathlib import Path
 
 import numpy as np
@@ -69,9 +70,8 @@ def _measure(name: str, checkpoint, precision: Precision, frame_shape: tuple[int
         frames = [rng.integers(0, 256, frame_shape, dtype=np.uint8) for _ in range(batch)]
         x = preprocess(frames, clf.session.preprocess)
         feeds = {"images": x, "prototypes": protos}
-        one = frames[0]
-        predict = (lambda: clf.predict(one)) if batch == 1 else (lambda: clf.predict(frames))
-        model, pred, ratios = _paired(lambda: bare.run(None, feeds), predict, calls, args.rounds)  # noqa: B023
+        predict = partial(clf.predict, frames[0] if batch == 1 else frames)
+        model, pred, ratios = _paired(partial(bare.run, None, feeds), predict, calls, args.rounds)
         target = 1.3 if batch == 1 else 1.2
         print(
             f"{name:>14} batch {batch:>2}: model call {1e3 * model:.3f} ms, predict(frames) {1e3 * pred:.3f} ms, "

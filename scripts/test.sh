@@ -34,9 +34,9 @@ export EDGEMETA_LITE_PYTHON  # (apart from the assignment, so that a failed inst
 EDGEMETA_OLD_ORT_PYTHON=$(side_venv "${EDGEMETA_OLD_ORT_VENV:-.venv-ort117}" "onnxruntime==1.17.3" "numpy<2")
 export EDGEMETA_OLD_ORT_PYTHON
 
-# ruff (lint and format check, configured in pyproject.toml); off by default until the code base
+# ruff (lint and format check, configured in pyproject.toml); EDGEMETA_RUFF=0 skips it
 # has been formatted once, then on
-if [ "${EDGEMETA_RUFF:-0}" = 1 ]; then
+if [ "${EDGEMETA_RUFF:-1}" = 1 ]; then
   "$VENV/bin/python" -m ruff check .
   "$VENV/bin/python" -m ruff format --check .
 fi

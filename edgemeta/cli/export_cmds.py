@@ -485,7 +485,8 @@ def _wrap_spec(
     channels = channels or declared["channels"] or 3
     if mean is None or std is None:
         problems.append(
-            "--mean and --std (the model's per-channel normalization; pass --mean 0 --std 1 if it takes [0, 1] pixels as they are)"
+            "--mean and --std (the model's per-channel normalization; "
+            "pass --mean 0 --std 1 if it takes [0, 1] pixels as they are)"
         )
     if color_order not in ("rgb", "bgr"):
         problems.append(f"--color-order must be rgb or bgr, got {color_order!r}")
