@@ -35,7 +35,6 @@ EDGEMETA_OLD_ORT_PYTHON=$(side_venv "${EDGEMETA_OLD_ORT_VENV:-.venv-ort117}" "on
 export EDGEMETA_OLD_ORT_PYTHON
 
 # ruff (lint and format check, configured in pyproject.toml); EDGEMETA_RUFF=0 skips it
-# has been formatted once, then on
 if [ "${EDGEMETA_RUFF:-1}" = 1 ]; then
   "$VENV/bin/python" -m ruff check .
   "$VENV/bin/python" -m ruff format --check .
