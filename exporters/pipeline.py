@@ -219,7 +219,7 @@ class ExportOutcome:
         }
 
 
-def _outputs(out: str | os.PathLike, options: ExportOptions, *inputs: str | os.PathLike | None) -> Path:
+def check_outputs(out: str | os.PathLike, options: ExportOptions, *inputs: str | os.PathLike | None) -> Path:
     """``out``, once it is writable and neither it nor its ``.ort`` copy is one of ``inputs``
     (checked before any work: the atomic rename would silently replace an input)."""
     given = Path(out)
@@ -260,7 +260,7 @@ def _outputs(out: str | os.PathLike, options: ExportOptions, *inputs: str | os.P
     return out
 
 
-def _stage(progress: Progress | None, name: str, done: bool = False) -> None:
+def report_stage(progress: Progress | None, name: str, done: bool = False) -> None:
     if progress:
         progress(name, int(done), 1)
 
@@ -352,7 +352,7 @@ def add_pixels(
     return model, meta
 
 
-def _finish(
+def finish_model(
     model: onnx.ModelProto,
     torch_model: nn.Module,
     out: Path,
@@ -368,7 +368,7 @@ def _finish(
     model, meta = add_pixels(model, meta, options)
     report = None
     if options.verify is not None:
-        _stage(progress, f"verifying {meta.precision.value}")
+        report_stage(progress, f"verifying {meta.precision.value}")
         report = verify(model, torch_model, data, options.verify, progress, name=str(out))
         meta = metadata_with(meta, report)
         set_metadata(model, meta)
@@ -377,7 +377,7 @@ def _finish(
         return ExportOutcome(out, meta, verification=report)
     from edgemeta.exporters.optimize import to_ort_format
 
-    _stage(progress, "converting to the ORT format")
+    report_stage(progress, "converting to the ORT format")
     ort_path = out.with_suffix(".ort")
     final = Path(os.path.realpath(ort_path))  # a link is written through
     # converted first (a failed conversion leaves no .onnx behind), in a folder of its own
@@ -413,13 +413,13 @@ def _build(
     progress: Progress | None,
 ) -> ExportOutcome:
     data = _verification_data(options, dataset, meta.preprocess, ClassSplit.from_dict(meta.extra.get("class_split")))
-    _stage(progress, "exporting to ONNX")
+    report_stage(progress, "exporting to ONNX")
     result = to_onnx(torch_model, meta, options.spec)
     model = result.model
     if options.precision is not Precision.FP32:
-        _stage(progress, f"converting to {options.precision.value}")
+        report_stage(progress, f"converting to {options.precision.value}")
         model = _reduce(model, options, result.metadata, dataset)
-    outcome = _finish(model, torch_model, out, options, data, progress)
+    outcome = finish_model(model, torch_model, out, options, data, progress)
     outcome.export = dataclasses.replace(result, model=None)  # the fp32 model is no longer needed
     return outcome
 
@@ -435,7 +435,7 @@ def export_checkpoint(
     Example:
         >>> export_checkpoint("conv4.safetensors", "conv4.int8.onnx", ExportOptions(precision=Precision.INT8))
     """
-    out = _outputs(out, options, checkpoint)
+    out = check_outputs(out, options, checkpoint)
     ck = load_checkpoint(checkpoint)
     return _build(ck.model, metadata_for_checkpoint(ck), out, options, recorded_dataset(ck.info), progress)
 
@@ -543,7 +543,7 @@ def export_module(
         >>> ref = ModuleRef("mynets:build", "mynet.safetensors", PreprocessSpec.create(84, 3))
         >>> export_module(ref, "mynet.onnx", ExportOptions(data="tiny-imagenet"))
     """
-    out = _outputs(out, options, ref.weights)
+    out = check_outputs(out, options, ref.weights)
     model, kind = _user_model(ref)
     pp = ref.preprocess
     description = {
@@ -682,12 +682,12 @@ def quantize_model(
 ) -> ExportOutcome:
     """int8 variant of an exported (or wrapped) fp32 model, calibrated on base-class images and
     verified against what it came from (see :func:`verify_model`); written once, to ``out``."""
-    out = _outputs(out, options, model_path, *([checkpoint] if checkpoint else []))
+    out = check_outputs(out, options, model_path, *([checkpoint] if checkpoint else []))
     model = load_model(model_path)
     reference, meta, dataset, split = _reference(model, model_path, checkpoint)
     refuse_fixed_batch(Path(model_path), "calibration", model=model)
     data = _verification_data(options, dataset, meta.preprocess, split)
-    _stage(progress, "calibrating int8")
+    report_stage(progress, "calibrating int8")
     calibration = base_images(options.calibration_data or dataset, meta.preprocess, options.data_dir, split)
     q = int8_model(model, calibration_images(calibration, options.quantize), options.quantize, name=str(model_path))
-    return _finish(q, reference, out, options, data, progress)
+    return finish_model(q, reference, out, options, data, progress)

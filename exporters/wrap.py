@@ -90,6 +90,20 @@ class WrapSpec:
 # ---------------------------------------------------------------- reading the user's file
 
 
+def _tensors(graph: onnx.GraphProto):
+    """Every tensor a graph holds: its initializers and the tensors in node attributes, subgraphs included."""
+    yield from graph.initializer
+    for node in graph.node:
+        for a in node.attribute:
+            if a.HasField("t"):
+                yield a.t
+            yield from a.tensors
+            if a.HasField("g"):
+                yield from _tensors(a.g)
+            for g in a.graphs:
+                yield from _tensors(g)
+
+
 def _inside(folder: Path, location: str) -> bool:
     target = Path(os.path.realpath(folder / location))
     return not os.path.isabs(location) and target.is_relative_to(Path(os.path.realpath(folder)))
@@ -109,10 +123,10 @@ def load_foreign(path: str | os.PathLike) -> onnx.ModelProto:
         ) from None
     if any(p.key == METADATA_KEY for p in model.metadata_props):
         raise InputError(f"{path} is already an edgemeta model; use it as it is (wrap takes a plain embedding model)")
-    from onnx.external_data_helper import _get_all_tensors, uses_external_data
+    from onnx.external_data_helper import uses_external_data
 
     folder = path.resolve().parent
-    for t in _get_all_tensors(model):
+    for t in _tensors(model.graph):
         if uses_external_data(t):
             location = next((e.value for e in t.external_data if e.key == "location"), "")
             if not location or not _inside(folder, location):
@@ -467,10 +481,16 @@ def wrap_model(model_path: str | os.PathLike, out: str | os.PathLike, spec: Wrap
         >>> wrap_model("resnet18.onnx", "resnet18.edgemeta.onnx", spec, ExportOptions(data="photos/"))
     """
     from edgemeta.checkpoint import file_sha256
-    from edgemeta.exporters.pipeline import _finish, _outputs, _stage, calibration_images, labelled_images
+    from edgemeta.exporters.pipeline import (
+        calibration_images,
+        check_outputs,
+        finish_model,
+        labelled_images,
+        report_stage,
+    )
     from edgemeta.exporters.quantize import fp16_model, int8_model
 
-    out = _outputs(out, options, model_path)
+    out = check_outputs(out, options, model_path)
     problems = []
     if options.verify is not None and not options.data:
         problems.append("--data FOLDER|tiny-imagenet|omniglot (images to verify on; or --no-verify)")
@@ -478,12 +498,12 @@ def wrap_model(model_path: str | os.PathLike, out: str | os.PathLike, spec: Wrap
         problems.append("--calibration-data FOLDER (your base-class images for int8 calibration)")
     if problems:
         raise InputError("wrap needs " + " and ".join(problems))
-    _stage(progress, "reading the model")
+    report_stage(progress, "reading the model")
     original = load_foreign(model_path)
     data = None
     if options.verify is not None:
         data = labelled_images(novel_images(options.data, spec.preprocess, options.data_dir))
-    _stage(progress, "wrapping")
+    report_stage(progress, "wrapping")
     model, dim = wrap_graph(original, spec)
     reference = OnnxReference(original, spec).eval()
     extra: dict[str, object] = {
@@ -521,9 +541,9 @@ def wrap_model(model_path: str | os.PathLike, out: str | os.PathLike, spec: Wrap
 
     set_metadata(model, meta)
     if options.precision is Precision.FP16:
-        _stage(progress, "converting to fp16")
+        report_stage(progress, "converting to fp16")
         model = fp16_model(model)
     elif options.precision is Precision.INT8:
-        _stage(progress, "calibrating int8")
+        report_stage(progress, "calibrating int8")
         model = int8_model(model, calibration_images(base, options.quantize), options.quantize)
-    return _finish(model, reference, out, options, data, progress)
+    return finish_model(model, reference, out, options, data, progress)

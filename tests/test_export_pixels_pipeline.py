@@ -1,5 +1,5 @@
 """Every export path ends with the ``pixels`` entry (exporters/pipeline.py: ``add_pixels`` in
-``_finish``): export, fp16, int8 (added after quantization, so its preprocessing stays float),
+``finish_model``): export, fp16, int8 (added after quantization, so its preprocessing stays float),
 the ``.ort`` copy; ``--no-pixels`` and models that cannot take it are exported without it."""
 
 from __future__ import annotations
