@@ -42,13 +42,14 @@ from edgemeta.data import (
     load_dataset,
     omniglot_spec,
     omniglot_splits,
+    recorded_split,
     split_classes,
 )
 from edgemeta.distributed import Device, DistEnv
 from edgemeta.episodes import EpisodeSampler
 from edgemeta.evaluate import evaluate, open_set_threshold, to_tensor
 from edgemeta.model import FewShotModel, ModelSpec
-from edgemeta.runtime.errors import CheckpointError, InputError
+from edgemeta.runtime.errors import CheckpointError, DataError, InputError
 from edgemeta.runtime.files import atomic_write, check_output, same_file
 from edgemeta.runtime.spec import Metric, Normalization, PreprocessSpec
 
@@ -675,6 +676,12 @@ def load_training_data(
     # and the novel classes stay unseen for verification and evaluation
     full = load_dataset(cfg.dataset, "all", cfg.data_dir, spec)
     index = {c: i for i, c in enumerate(full.classes)}
+    missing = sorted(set(split.base + split.val) - set(index))
+    if missing:
+        raise DataError(
+            f"{full.name} no longer holds {len(missing)} class(es) the run was split with ({', '.join(missing[:3])}); "
+            "put them back, or start a new run"
+        )
     return (
         full.select_classes([index[c] for c in split.base], full.name + "-train"),
         full.select_classes([index[c] for c in split.val], full.name + "-val"),
@@ -702,6 +709,8 @@ def train(
         from edgemeta.finetune import train_pretrained
 
         cfg.check()
+        if distributed.detect(cfg.device).world_size > 1:
+            raise InputError("--init imagenet trains in one process; run it without torchrun")
         return train_pretrained(cfg, resume, progress, on_event, force)
     env = distributed.detect(cfg.device)
     with distributed.session(env, cfg.dist_timeout):
@@ -709,7 +718,10 @@ def train(
         # message, and nothing is written
         with distributed.all_or_none(env):
             out, spec, files = _check_run(cfg, resume, force, env)
-            split = folder_split(cfg)
+            # a resumed run keeps the split it recorded (class folders added since, or another
+            # --episodes, must not move classes between base, validation and novel)
+            recorded = recorded_split(read_header(files[0]).get("info", {})) if files else None
+            split = recorded or folder_split(cfg)
         if cfg.threads:
             torch.set_num_threads(cfg.threads)
         bar = progress_bar(progress and env.is_main)

@@ -90,6 +90,12 @@ def command(*args: Any, target: typer.Typer | None = None, **kwargs: Any):
                 if k.get("json_out") and not _json_documents:
                     _json_failure(e)
                 fail(str(e))
+            except OSError as e:  # a write the library did not foresee (disk full, permissions)
+                where = f"{e.filename}: " if e.filename else ""
+                message = f"{where}{e.strerror or e}; check the path and the free space"
+                if k.get("json_out") and not _json_documents:
+                    emit_json({"ok": False, "error": message})
+                fail(message)
             except KeyboardInterrupt:
                 _interrupted()
                 raise typer.Exit(130) from None
