@@ -29,8 +29,8 @@ from edgemeta.train import (
     EpisodeLogits,
     TrainConfig,
     Trainer,
-    _check_world_size,
     _lr,
+    check_world_size,
     default_spec,
     folder_split,
     load_training_data,
@@ -179,8 +179,8 @@ def test_one_process_re_raises_its_own_error():
 )
 def test_a_world_size_that_does_not_divide_the_episodes_is_refused(episodes, step, world, message):
     with pytest.raises(InputError, match=message):
-        _check_world_size(TrainConfig(episodes=episodes), step, world)
-    _check_world_size(TrainConfig(episodes=episodes), step, 1)  # one process takes any number
+        check_world_size(TrainConfig(episodes=episodes), step, world)
+    check_world_size(TrainConfig(episodes=episodes), step, 1)  # one process takes any number
 
 
 def test_resume_with_another_config_is_refused_and_writes_nothing(images, tmp_path):
