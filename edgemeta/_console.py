@@ -8,15 +8,22 @@ moment it is imported a Ctrl-C is held until :func:`main` can turn it into one l
 
 from __future__ import annotations
 
+import os
 import signal
 import sys
 
 _interrupts: list[int] = []
 _armed = False
+_importing = False
 
 
 def _on_sigint(signum: int, frame: object) -> None:
     _interrupts.append(signum)
+    if _importing:
+        # nothing is written while the CLI imports; raising here could land in one of importlib's
+        # callbacks, where Python prints "Exception ignored" with a traceback instead: leave at once
+        os.write(2, b"error: interrupted\n")
+        os._exit(130)
     if _armed:  # inside main's error boundary: interrupt whatever runs
         raise KeyboardInterrupt
     # before it (between this import and main's first line): held, and raised by main
@@ -28,12 +35,16 @@ if signal.getsignal(signal.SIGINT) is signal.default_int_handler:  # only where 
 
 def main() -> None:
     """Import the CLI and run it; an interrupt during the imports (or outside a command) exits 130 with one line."""
-    global _armed
+    global _armed, _importing
     try:
         _armed = True
         if _interrupts:
             raise KeyboardInterrupt
-        from edgemeta.cli import main as cli_main
+        _importing = True
+        try:
+            from edgemeta.cli import main as cli_main
+        finally:
+            _importing = False
 
         cli_main()  # its commands catch an interrupt themselves; this catches one between them
     except KeyboardInterrupt:
