@@ -218,22 +218,7 @@ class _TailTrainer(Trainer):
             cfg.seed + 1,
             self.val_set.name,
         )
-        improved = rep.accuracy > self.best_acc
-        if improved:
-            self.best_acc, self.best_threshold = rep.accuracy, None
-            self.best_state = copy.deepcopy(self.model.state_dict())
-        self.log(
-            {
-                "stage": stage,
-                "step": self.step,
-                "epoch": self.epoch,
-                "val_acc": rep.accuracy,
-                "val_ci95": rep.ci95,
-                "best": improved,
-            }
-        )
-        if improved:
-            self.save_best()
+        self.record_validation(stage, rep)
         return rep.accuracy
 
     def info(self) -> dict:

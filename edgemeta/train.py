@@ -364,6 +364,12 @@ class Trainer:
         # evaluation runs on the CPU, in float32, as the checkpoint will
         model = self.model if self.device.type == "cpu" else copy.deepcopy(self.model).cpu()
         rep = evaluate(model, self.val_set, cfg.val_n_way, cfg.val_k_shot, q, cfg.val_episodes, seed=cfg.seed + 1)
+        self.record_validation(stage, rep)
+        self.model.train()
+        return rep.accuracy
+
+    def record_validation(self, stage: str, rep) -> None:
+        """Log a validation's result and keep (and save) the weights when it is the best so far."""
         improved = rep.accuracy > self.best_acc
         if improved:
             self.best_acc, self.best_threshold = rep.accuracy, None
@@ -380,8 +386,6 @@ class Trainer:
         )
         if improved:
             self.save_best()  # now, not at the end: a run that is stopped keeps its best model
-        self.model.train()
-        return rep.accuracy
 
     def info(self) -> dict[str, Any]:
         return {
