@@ -506,6 +506,13 @@ class FewShotClassifier:
         only (the softmax denominator still sums over every class): with 10,000 classes,
         the full arrays cost more than the graph's whole metric."""
         logits = np.asarray(logits, dtype=np.float32)
+        if k == 1 and len(logits) == 1:  # one frame of a camera loop: the same sums on scalars
+            row = logits[0]
+            j = int(row.argmax())
+            prob = 1.0 / float(np.exp(row - row[j]).sum(dtype=np.float64))
+            dist = float(self.session.distances(row[j]))
+            top1 = Candidate(labels[j], prob, dist)
+            return [Prediction(labels[j], prob, dist, threshold is not None and dist > threshold, (top1,))]
         rows = np.arange(logits.shape[0])[:, None]
         if k == 1:
             top = logits.argmax(axis=1)[:, None]
@@ -513,17 +520,19 @@ class FewShotClassifier:
             top = _top_k(logits, k)
         else:
             top = np.argsort(-logits, axis=1, kind="stable")
-        best = logits[rows, top].astype(np.float64)
+        best = logits[rows, top]
         # exp in float32 over every class (relative error ~1e-7), summed in float64
-        denom = np.exp(logits - logits[rows, top[:, :1]]).sum(axis=1, keepdims=True, dtype=np.float64)
+        denom = np.exp(logits - best[:, :1]).sum(axis=1, keepdims=True, dtype=np.float64)
+        best = best.astype(np.float64)
         probs = np.exp(best - best[:, :1]) / denom
         dists = self.session.distances(best)
+        # plain Python numbers made in one call each: per-element float() made this loop the
+        # largest Python cost of a batch of predictions
+        unknown = [False] * len(dists) if threshold is None else (dists[:, 0] > threshold).tolist()
         preds = []
-        for b in range(logits.shape[0]):
-            cands = tuple(Candidate(labels[j], float(probs[b, i]), float(dists[b, i])) for i, j in enumerate(top[b]))
-            first = cands[0]
-            unknown = threshold is not None and first.distance > threshold
-            preds.append(Prediction(first.label, first.probability, first.distance, bool(unknown), cands))
+        for t, p, d, u in zip(top.tolist(), probs.tolist(), dists.tolist(), unknown):
+            cands = tuple(map(Candidate, [labels[j] for j in t], p, d))
+            preds.append(Prediction(cands[0].label, p[0], d[0], u, cands))
         return preds
 
     # ---- open-set calibration ---------------------------------------------------------

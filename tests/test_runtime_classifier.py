@@ -65,6 +65,26 @@ def test_enrol_and_predict(tiny_onnx_model, runtime_images):
     )
 
 
+@pytest.mark.parametrize("model", ["tiny_onnx_model", "tiny_cosine_model"])
+def test_one_image_gets_the_verdict_it_gets_in_a_batch(model, runtime_images, request):
+    """A single query takes a scalar path (the camera loop's): the same numbers, to the bit,
+    as its row of a batch, the unknown verdict included."""
+    clf = _enrolled(request.getfixturevalue(model), runtime_images)
+    _, queries, _ = _split(runtime_images)
+    batch = clf.predict(queries)
+    distances = sorted(p.distance for p in batch)
+    for threshold in (None, distances[len(distances) // 2]):
+        clf.threshold = threshold
+        batch = clf.predict(queries)
+        alone = [clf.predict(q)[0] for q in queries]
+        # the graph may sum a batch in another order than one image: compare against its own logits
+        for q, b, a in zip(queries, batch, alone):
+            logits = clf.session.run(preprocess([q], clf.session.preprocess), clf.store.prototypes())[1]
+            again = clf._verdicts(np.concatenate([logits, logits]), tuple(clf.labels), 1, threshold)[0]
+            assert a == again and a.label == b.label
+        assert any(p.unknown for p in alone) == (threshold is not None)
+
+
 def test_logits_come_from_the_graph(tiny_onnx_model, runtime_images, monkeypatch):
     clf = _enrolled(tiny_onnx_model, runtime_images)
     _, queries, truth = _split(runtime_images)
