@@ -1,6 +1,6 @@
 """predict() fed decoded uint8 frames against the bare model call on a preprocessed tensor.
 
-For the shipped Conv-4 (fp32 and int8; ``--photo`` adds the photo model): the model exported
+For the shipped Conv-4 (fp32 and int8; ``--photo`` adds the photo model, fp32 and int8): the model exported
 with the ``pixels`` entry behind ``FewShotClassifier.predict`` (frames go to ``pixels``, the
 graph preprocesses them), against the same checkpoint exported with ``--no-pixels`` called
 through ONNX Runtime on the already-preprocessed tensor with the same prototypes. One
@@ -93,7 +93,8 @@ def main() -> None:
         for precision in (Precision.FP32, Precision.INT8):
             _measure(f"conv4 {precision.value}", default_checkpoint(), precision, (105, 105, 1), args, Path(tmp))
         if args.photo:
-            _measure("photo fp32", photo_checkpoint(), Precision.FP32, (64, 64, 3), args, Path(tmp))
+            for precision in (Precision.FP32, Precision.INT8):
+                _measure(f"photo {precision.value}", photo_checkpoint(), precision, (64, 64, 3), args, Path(tmp))
 
 
 if __name__ == "__main__":
