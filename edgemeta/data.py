@@ -18,7 +18,7 @@ import json
 import os
 import zipfile
 from collections.abc import Iterable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Callable
 
@@ -563,7 +563,12 @@ def load_for_model(
         ds = load_digits(preprocess)
     else:
         ds = load_image_folder(Path(dataset), preprocess)
-    return _match_channels(ds, preprocess, option)
+    ds = _match_channels(ds, preprocess, option)
+    # the arrays are the model's size and channels; their normalization must be the model's
+    # too (a data set's default differs from a pretrained backbone's): export verification
+    # and int8 calibration normalize with ``ds.spec``
+    ds.spec = replace(ds.spec, mean=preprocess.mean, std=preprocess.std)
+    return ds
 
 
 def novel_images(

@@ -398,3 +398,22 @@ def test_episodes_file_inconsistencies_are_refused(protocol, change, message):
     with pytest.raises(InputError, match=message):
         read_episodes_file(_edit(eps, change))
     _one_line_error(_cli("evaluate", ck, "--episodes-file", eps), message.split(r"\(")[0].replace("\\", ""))
+
+
+@needs_shared
+def test_data_loaded_for_a_model_is_normalized_as_that_model_is(monkeypatch):
+    """A backbone pretrained elsewhere normalizes its own way (EfficientNet-Lite: to [-1, 1]),
+    not as the data set's default: verification's torch side and int8 calibration must feed
+    what the model's runtime feeds."""
+    from edgemeta.exporters.pipeline import calibration_images, labelled_images
+    from edgemeta.exporters.quantize import QuantizeSpec
+
+    monkeypatch.setenv("EDGEMETA_DATA_DIR", str(SHARED))
+    spec = PreprocessSpec.create(32, 3, [0.498] * 3, [0.502] * 3)
+    ds = D.load_for_model("tiny-imagenet", "test", spec, None)
+    assert ds.spec.mean == spec.mean and ds.spec.std == spec.std
+    idx = np.arange(0, len(ds), 997)
+    want = normalize(ds.images[idx], spec)
+    np.testing.assert_allclose(labelled_images(ds).batch(idx), want, atol=1e-6)
+    first = next(iter(calibration_images(ds, QuantizeSpec(calibration_images=4)).batches))
+    assert first.shape[1:] == (3, 32, 32) and -1.0 <= first.min() and first.max() <= 1.0
