@@ -86,23 +86,32 @@ def _branch(name: str, nodes: list[onnx.NodeProto], output: str) -> onnx.GraphPr
 
 
 def _to_grey(rgb: str, out: str) -> list[onnx.NodeProto]:
-    """Pillow's RGB -> L on float pixels, exactly: the weighted sum is a whole number below
-    2**24, so float32 holds it exactly, and dividing by 2**16 then flooring is the shift."""
+    """Pillow's RGB -> L on float NCHW pixels, exactly: each product and the sum are whole
+    numbers below 2**24, which float32 holds exactly, and scaling by 2**-16 then flooring is
+    the shift. One plane at a time: ONNX Runtime's MatMul and Conv with three input channels
+    took ten times as long on a camera frame."""
+    planes = [out + "/r", out + "/g", out + "/b"]
     return [
-        _node("MatMul", [rgb, _P + "luma"], out + "/sum"),
+        helper.make_node("Split", [rgb], planes, name=out + "/planes", axis=1, num_outputs=3),
+        *(
+            _node("Mul", [plane, _P + w], plane + "_weighted")
+            for plane, w in zip(planes, ("luma_r", "luma_g", "luma_b"))
+        ),
+        _node("Add", [planes[0] + "_weighted", planes[1] + "_weighted"], out + "/rg"),
+        _node("Add", [out + "/rg", planes[2] + "_weighted"], out + "/sum"),
         _node("Add", [out + "/sum", _P + "half16"], out + "/rounded"),
-        _node("Div", [out + "/rounded", _P + "two16"], out + "/scaled"),
+        _node("Mul", [out + "/rounded", _P + "inv16"], out + "/scaled"),
         _node("Floor", [out + "/scaled"], out),
     ]
 
 
 def _flatten_alpha(x: str, out: str) -> list[onnx.NodeProto]:
-    """RGBA (float) onto white as Pillow's ``alpha_composite`` does: ``255 + round((c - 255) * a / 255)``
+    """RGBA (float NCHW) onto white as Pillow's ``alpha_composite`` does: ``255 + round((c - 255) * a / 255)``
     (equal to its fixed-point arithmetic for every colour and alpha). An image whose alpha is
     0 everywhere is a padded RGBX buffer: its alpha is taken as 255."""
     return [
-        _node("Slice", [x, _P + "zero", _P + "three", _P + "axis3"], out + "/rgb"),
-        _node("Slice", [x, _P + "three", _P + "four", _P + "axis3"], out + "/alpha"),
+        _node("Slice", [x, _P + "zero", _P + "three", _P + "axis1"], out + "/rgb"),
+        _node("Slice", [x, _P + "three", _P + "four", _P + "axis1"], out + "/alpha"),
         _node("ReduceMax", [out + "/alpha", _P + "axes123"], out + "/alpha_max", keepdims=1),
         _node("Equal", [out + "/alpha_max", _P + "f0"], out + "/padding"),
         _node("Where", [out + "/padding", _P + "f255", out + "/alpha"], out + "/a"),
@@ -115,10 +124,10 @@ def _flatten_alpha(x: str, out: str) -> list[onnx.NodeProto]:
 
 
 def _colour(x: str, channels: int) -> tuple[list[onnx.NodeProto], str]:
-    """Nodes turning uint8 [B, H, W, 1|3|4] into uint8 [B, H, W, channels], chosen by an If
-    on the fed channel count: only the branch for the fed layout runs, and a layout that
-    needs no conversion (grey into a grey model, RGB into an RGB one) is copied as bytes,
-    the cheapest form of the image (an If branch cannot hand its input on uncopied)."""
+    """Nodes turning uint8 NCHW pixels with 1, 3 or 4 channels into uint8 [B, channels, H, W],
+    chosen by an If on the fed channel count: only the branch for the fed layout runs, and a
+    layout that needs no conversion (grey into a grey model, RGB into an RGB one) is copied as
+    bytes, the cheapest form of the image (an If branch cannot hand its input on uncopied)."""
     out = _P + "colour"
     if channels == 1:
         one = _branch("pixels_from_grey", [_node("Identity", [x], _P + "grey_in")], _P + "grey_in")
@@ -130,7 +139,7 @@ def _colour(x: str, channels: int) -> tuple[list[onnx.NodeProto], str]:
             _u8(_P + "flat_grey", _P + "from_rgba"),
         ]
     else:
-        grey_rgb = helper.make_node("Concat", [x, x, x], [_P + "grey_rgb"], name=_P + "grey_rgb", axis=3)
+        grey_rgb = helper.make_node("Concat", [x, x, x], [_P + "grey_rgb"], name=_P + "grey_rgb", axis=1)
         one = _branch("pixels_from_grey", [grey_rgb], _P + "grey_rgb")
         three = [_node("Identity", [x], _P + "from_rgb")]
         four = [_f32(x, _P + "rgba_f"), *_flatten_alpha(_P + "rgba_f", _P + "flat"), _u8(_P + "flat", _P + "from_rgba")]
@@ -146,7 +155,7 @@ def _colour(x: str, channels: int) -> tuple[list[onnx.NodeProto], str]:
     # where it is not 1: the fewer nodes a grey frame passes, the less a batch-1 call costs
     not_grey = [_node("Equal", [_P + "channels_in", _P + "i4"], _P + "is_rgba"), by_alpha]
     nodes = [
-        _node("Shape", [x], _P + "channels_in", start=3, end=4),
+        _node("Shape", [INPUT_PIXELS], _P + "channels_in", start=3, end=4),
         _node("Equal", [_P + "channels_in", _P + "i1"], _P + "is_grey"),
         helper.make_node(
             "If",
@@ -200,7 +209,7 @@ def preprocess_graph(spec: PreprocessSpec, output: str) -> tuple[list[onnx.NodeP
         _c("zero", np.array([0], np.int64)),
         _c("three", np.array([3], np.int64)),
         _c("four", np.array([4], np.int64)),
-        _c("axis3", np.array([3], np.int64)),
+        _c("axis1", np.array([1], np.int64)),
         _c("axes123", np.array([1, 2, 3], np.int64)),
         _c("i1", np.array([1], np.int64)),
         _c("i4", np.array([4], np.int64)),
@@ -208,21 +217,23 @@ def preprocess_graph(spec: PreprocessSpec, output: str) -> tuple[list[onnx.NodeP
         _c("f_half", np.array(0.5, np.float32)),
         _c("f255", np.array(255.0, np.float32)),
         _c("f255_half", np.array(255.5, np.float32)),
-        _c("luma", np.array(_LUMA, np.float32).reshape(3, 1)),
+        *(_c(name, np.array(w, np.float32)) for name, w in zip(("luma_r", "luma_g", "luma_b"), _LUMA)),
         _c("half16", np.array(32768.0, np.float32)),
-        _c("two16", np.array(65536.0, np.float32)),
+        _c("inv16", np.array(2.0**-16, np.float32)),
         _c("width", np.array([w], np.int64)),
         _c("height", np.array([h], np.int64)),
         _c("mean", np.array(spec.mean, np.float32).reshape(1, ch, 1, 1)),
         _c("std", np.array(spec.std, np.float32).reshape(1, ch, 1, 1)),
     ]
-    nodes, colour = _colour(INPUT_PIXELS, ch)
-    # NCHW while the pixels are bytes (the cheapest copy), then float: ONNX Runtime's float
-    # Resize is about twice as fast as its uint8 one, and rounding after each pass keeps
-    # Pillow's 8-bit image between the passes (a single two-axis Resize does not)
+    # NCHW first, while the pixels are bytes (the cheapest copy): the colour rules then work
+    # on whole planes. Resized in float: ONNX Runtime's float Resize is about twice as fast as
+    # its uint8 one, and rounding after each pass keeps Pillow's 8-bit intermediate image
+    # (a single two-axis Resize does not)
+    nodes = [_node("Transpose", [INPUT_PIXELS], _P + "nchw", perm=[0, 3, 1, 2])]
+    colour_nodes, colour = _colour(_P + "nchw", ch)
+    nodes += colour_nodes
     nodes += [
-        _node("Transpose", [colour], _P + "nchw", perm=[0, 3, 1, 2]),
-        _f32(_P + "nchw", _P + "float"),
+        _f32(colour, _P + "float"),
         *_resize_pass(_P + "float", 3, _P + "width", spec.interpolation, _P + "wide"),
         *_resize_pass(_P + "wide", 2, _P + "height", spec.interpolation, _P + "levels"),
         # normalize's own operations in its order, so the floats are the runtime's bit for bit
