@@ -80,6 +80,7 @@ __all__ = [
     "export_module",
     "verify_model",
     "quantize_model",
+    "source_model",
     "add_pixels",
     "labelled_images",
     "calibration_images",
@@ -651,6 +652,28 @@ def _reference(
         raise InputError(f"pass the checkpoint {Path(model_path).name} was exported from with -c")
     ck, meta = _matching(model, model_path, reference)
     return ck.model, meta, recorded_dataset(ck.info), recorded_split(ck.info)
+
+
+def source_model(model_path: str | os.PathLike, reference: str | os.PathLike | None = None) -> nn.Module:
+    """The torch module an exported model was made from, in eval mode: its checkpoint's model, or
+    the ``export --module`` factory re-imported from the metadata with ``reference`` (its weights,
+    whose SHA-256 must be the recorded one; none when it was exported without weights). The route
+    ``verify_model`` and ``quantize_model`` take, for callers that time or probe the module
+    (``edgemeta benchmark --checkpoint``).
+
+    Raises:
+        InputError: no edgemeta metadata, a wrapped ONNX model (its source is no torch module), or
+            ``reference`` missing where the model needs one.
+        ModelMismatchError: ``reference`` is not what the model was made from.
+    """
+    model = load_model(model_path)
+    meta = read_metadata(model)
+    if meta is not None and meta.extra.get("source") == "onnx":
+        raise InputError(
+            f"{Path(model_path).name} was wrapped from the ONNX file {meta.extra.get('source_file')}, not made from a "
+            "torch module: it has no torch baseline; leave out --checkpoint"
+        )
+    return _reference(model, model_path, reference)[0].eval()
 
 
 def verify_model(
