@@ -217,6 +217,8 @@ class ExportOutcome:
             "verification": self.verification.to_dict() if self.verification else None,
             "ort_path": str(self.ort_path) if self.ort_path else None,
             "calibration": self.metadata.extra.get("calibration"),  # int8: how it was calibrated, and its stem
+            # wrap: the preprocessing read from the model file rather than given by options
+            **({"preprocess_source": src} if (src := self.metadata.extra.get("preprocess_source")) else {}),
         }
 
 
