@@ -612,6 +612,11 @@ def _module_from_metadata(
             f"{Path(model_path).name} was exported from {extra['module']} with weights {want[:12]}...; "
             "pass them with -c WEIGHTS.safetensors"
         )
+    if weights is not None and not want:
+        raise InputError(
+            f"{Path(model_path).name} was exported from {extra['module']} without weights; leave out -c "
+            "(the module is rebuilt from the model's metadata)"
+        )
     if weights is not None and file_sha256(weights) != want:
         raise ModelMismatchError(
             f"{Path(weights).name} is not the weights {Path(model_path).name} was exported with "

@@ -210,3 +210,8 @@ def test_benchmark_rebuilds_a_module_exported_without_weights_and_refuses_a_chec
     save_file(_load_nets(mods, "nets_for_bench2").feature_map().state_dict(), str(mods / "w.safetensors"))
     r = run("benchmark", "m.onnx", "--checkpoint", "w.safetensors", *BENCH_FAST)
     assert r.exit_code == 1 and "exported from mods/nets.py:feature_map without weights" in r.output
+    r = run("verify", "m.onnx", "-c", "w.safetensors", "--data", "omniglot", "--episodes", "10")
+    assert (
+        r.exit_code == 1
+        and "m.onnx was exported from mods/nets.py:feature_map without weights; leave out -c" in r.output
+    )

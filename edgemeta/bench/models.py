@@ -38,6 +38,7 @@ class ModelVariant:
     int8_stem: str | None = None  # an int8 model: how it runs its stem (ModelMetadata.int8_stem)
     module: str = ""  # an `export --module` model: its factory (package.module:factory or file.py:factory)
     weights_sha256: str = ""  # ... and the SHA-256 of the weights it was exported with ("" if none)
+    wrapped_from: str = ""  # an `edgemeta wrap` model: the ONNX file it was wrapped from (it has no torch source)
 
     def to_dict(self) -> dict[str, Any]:
         return {
@@ -77,6 +78,7 @@ def open_variant(path: Path, origin: str, threads: int) -> ModelVariant:
         meta.int8_stem,
         module if isinstance(module, str) else "",
         str(meta.extra.get("weights_sha256") or "") if module else "",
+        str(meta.extra.get("source_file") or "?") if meta.extra.get("source") == "onnx" else "",
     )
 
 
@@ -364,6 +366,11 @@ def _check_weights(variants: Sequence[ModelVariant], weights: Path) -> None:
 
 
 def _check_fingerprints(variants: Sequence[ModelVariant], checkpoint: Path) -> None:
+    if variants[0].wrapped_from:
+        raise InputError(
+            f"{variants[0].path.name} was wrapped from the ONNX file {variants[0].wrapped_from}, not made from a torch "
+            "module: it has no torch baseline and no --checkpoint; leave it out"
+        )
     if variants[0].module:
         _check_weights(variants, checkpoint)
         return
