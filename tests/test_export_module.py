@@ -215,3 +215,12 @@ def test_benchmark_rebuilds_a_module_exported_without_weights_and_refuses_a_chec
         r.exit_code == 1
         and "m.onnx was exported from mods/nets.py:feature_map without weights; leave out -c" in r.output
     )
+    # the module's code gone: the ONNX Runtime rows stand and a note says why torch has none
+    (mods / "mods" / "nets.py").rename(mods / "mods" / "moved.py")
+    r = run("benchmark", "m.onnx", *BENCH_FAST)
+    assert r.exit_code == 0, r.output
+    assert not _torch_rows(r.output) and json.loads(r.stdout)["embedding"]
+    assert any(
+        "no torch baseline: mods/nets.py:feature_map could not be rebuilt (--module file mods/nets.py not found" in n
+        for n in json.loads(r.stdout)["notes"]
+    )
