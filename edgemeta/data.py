@@ -580,8 +580,9 @@ def novel_images(
 ) -> ImageSet:
     """Images of classes the model was not trained on: Omniglot evaluation, Tiny-ImageNet test,
     the digits, or a folder of class folders. ``split``: the class split recorded in the checkpoint
-    of a model trained on a folder; the classes it names as base or validation classes are left out,
-    in any folder, so they are never counted as novel."""
+    of a model trained on a folder or on ``digits`` (the sets without a novel split of their own);
+    the classes it names as base or validation classes are left out, by name, whatever the data,
+    so they are never counted as novel."""
     if not dataset:
         raise InputError(
             f"no verification data: the checkpoint records none; pass {option} omniglot|tiny-imagenet|FOLDER"
@@ -593,7 +594,7 @@ def novel_images(
             f"digits, or a folder of class folders ({option})"
         )
     ds = load_for_model(dataset, split_name, preprocess, data_dir, option)
-    if split is None or dataset in NAMED:
+    if split is None:
         return ds
     return novel_classes(ds, split, f"pass {option} with a folder of classes the model never saw")
 
@@ -630,18 +631,21 @@ def base_images(
     split: ClassSplit | None = None,
 ) -> ImageSet:
     """Images of training (base) classes for int8 calibration: Omniglot background,
-    Tiny-ImageNet train, or a folder given explicitly (without the novel classes ``split`` holds
-    out). Never the evaluation classes, so the reported int8 accuracy is not inflated by
+    Tiny-ImageNet train, or a folder given explicitly, or ``digits`` for a model whose recorded
+    ``split`` names its base classes (without the novel classes ``split`` holds out, whatever the
+    data). Never the evaluation classes, so the reported int8 accuracy is not inflated by
     calibrating on the test set."""
     if dataset in ("omniglot", "tiny-imagenet"):
-        return load_for_model(
+        named = load_for_model(
             dataset,
             "background" if dataset == "omniglot" else "train",
             preprocess,
             data_dir,
             option="--calibration-data",
         )
-    if dataset and dataset not in NAMED and Path(dataset).exists():
+        return base_classes(named, split)
+    # digits has no base split of its own: only a split recorded by training on it names one
+    if (dataset == "digits" and split is not None) or (dataset and dataset not in NAMED and Path(dataset).exists()):
         return base_classes(load_for_model(dataset, "", preprocess, data_dir, option="--calibration-data"), split)
     raise InputError(
         f"int8 calibration needs images of the training classes, and {dataset or 'this model'} "

@@ -244,13 +244,15 @@ FOLDER_SPLITS = ("test", "val", "train", "all")
 
 
 def _recorded_split(dataset: str, data: ImageSet, split: ClassSplit | None, which: str) -> ImageSet:
-    """The classes of an image folder that ``which`` names under the checkpoint's class split:
+    """The classes of an image folder (or digits) that ``which`` names under the checkpoint's class split:
     ``test`` the classes training never saw (base and validation classes are left out by name,
     whatever folder they are in), ``val`` and ``train`` the recorded ones, ``all`` every class."""
-    from edgemeta.data import NAMED, novel_classes
+    from edgemeta.data import NOVEL_SPLITS, novel_classes
     from edgemeta.runtime.errors import InputError
 
-    if split is None or dataset in NAMED:
+    # omniglot and tiny-imagenet name their own splits (--split background, train...); a folder and
+    # digits, which have none, follow the one training recorded
+    if split is None or dataset in NOVEL_SPLITS:
         return data
     if which not in FOLDER_SPLITS:
         raise InputError(

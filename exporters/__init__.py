@@ -38,6 +38,7 @@ try:
         labelled_images,
         metadata_for_checkpoint,
         quantize_model,
+        source_model,
         verify_model,
     )
     from edgemeta.exporters.quantize import QuantizeSpec, convert_fp16, fp16_model, int8_model, quantize_int8, to_fp16
@@ -78,6 +79,7 @@ __all__ = [
     "export_module",
     "metadata_for_checkpoint",
     "quantize_model",
+    "source_model",
     "verify_model",
     "QuantizeSpec",
     "convert_fp16",

@@ -80,6 +80,7 @@ __all__ = [
     "export_module",
     "verify_model",
     "quantize_model",
+    "source_model",
     "add_pixels",
     "labelled_images",
     "calibration_images",
@@ -216,6 +217,8 @@ class ExportOutcome:
             "verification": self.verification.to_dict() if self.verification else None,
             "ort_path": str(self.ort_path) if self.ort_path else None,
             "calibration": self.metadata.extra.get("calibration"),  # int8: how it was calibrated, and its stem
+            # wrap: the preprocessing read from the model file rather than given by options
+            **({"preprocess_source": src} if (src := self.metadata.extra.get("preprocess_source")) else {}),
         }
 
 
@@ -609,6 +612,11 @@ def _module_from_metadata(
             f"{Path(model_path).name} was exported from {extra['module']} with weights {want[:12]}...; "
             "pass them with -c WEIGHTS.safetensors"
         )
+    if weights is not None and not want:
+        raise InputError(
+            f"{Path(model_path).name} was exported from {extra['module']} without weights; leave out -c "
+            "(the module is rebuilt from the model's metadata)"
+        )
     if weights is not None and file_sha256(weights) != want:
         raise ModelMismatchError(
             f"{Path(weights).name} is not the weights {Path(model_path).name} was exported with "
@@ -651,6 +659,28 @@ def _reference(
         raise InputError(f"pass the checkpoint {Path(model_path).name} was exported from with -c")
     ck, meta = _matching(model, model_path, reference)
     return ck.model, meta, recorded_dataset(ck.info), recorded_split(ck.info)
+
+
+def source_model(model_path: str | os.PathLike, reference: str | os.PathLike | None = None) -> nn.Module:
+    """The torch module an exported model was made from, in eval mode: its checkpoint's model, or
+    the ``export --module`` factory re-imported from the metadata with ``reference`` (its weights,
+    whose SHA-256 must be the recorded one; none when it was exported without weights). The route
+    ``verify_model`` and ``quantize_model`` take, for callers that time or probe the module
+    (``edgemeta benchmark --checkpoint``).
+
+    Raises:
+        InputError: no edgemeta metadata, a wrapped ONNX model (its source is no torch module), or
+            ``reference`` missing where the model needs one.
+        ModelMismatchError: ``reference`` is not what the model was made from.
+    """
+    model = load_model(model_path)
+    meta = read_metadata(model)
+    if meta is not None and meta.extra.get("source") == "onnx":
+        raise InputError(
+            f"{Path(model_path).name} was wrapped from the ONNX file {meta.extra.get('source_file')}, not made from a "
+            "torch module: it has no torch baseline; leave out --checkpoint"
+        )
+    return _reference(model, model_path, reference)[0].eval()
 
 
 def verify_model(

@@ -72,6 +72,7 @@ class WrapSpec:
     normalization: Normalization = Normalization.NONE
     bgr: bool = False
     scale: float = 10.0
+    preprocess_source: str = ""  # what was read from the file rather than given (recorded in the metadata)
 
     def __post_init__(self) -> None:
         problems = []
@@ -514,6 +515,8 @@ def wrap_model(model_path: str | os.PathLike, out: str | os.PathLike, spec: Wrap
         "color_order": "bgr" if spec.bgr else "rgb",
         "exporter": "wrap",
     }
+    if spec.preprocess_source:
+        extra["preprocess_source"] = spec.preprocess_source
     if spec.metric is Metric.COSINE:
         extra["logit_scale"] = float(spec.scale)
     base = (

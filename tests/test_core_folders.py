@@ -290,3 +290,69 @@ def test_export_verifies_on_novel_classes_and_calibrates_on_the_others(folder_ru
         split.novel
     )
     assert D.ClassSplit.from_dict(outcome.metadata.extra["class_split"]) == split
+
+
+# -- digits: a named set without a split of its own, so training records one -------------------
+
+
+@pytest.fixture(scope="module")
+def digits_run(tmp_path_factory):
+    root = tmp_path_factory.mktemp("digits_run")
+    cfg = TrainConfig(
+        out=str(root / "d.safetensors"),
+        dataset="digits",
+        size=16,
+        n_way=2,
+        k_shot=1,
+        q_query=1,
+        episodes=2,
+        val_every=2,
+        val_episodes=2,
+        val_n_way=2,
+        threads=1,
+        log_every=1,
+    )
+    train(cfg, progress=False)
+    return root / "d.safetensors"
+
+
+def test_a_digits_model_is_evaluated_on_its_novel_digits_only(digits_run):
+    split = D.ClassSplit.from_dict(load_checkpoint(digits_run).info["class_split"])
+    assert split is not None and len(split.novel) == D.NOVEL_MIN
+    rep = run_evaluation(digits_run, n_ways=[5], k_shots=[1], q_query=1, episodes=2)[0]
+    assert rep.dataset.endswith("-novel") and rep.n_way == 5
+    pp = load_checkpoint(digits_run).spec.preprocess
+    assert D.novel_images("digits", pp, split=split).classes == list(split.novel)
+    assert D.base_images("digits", pp, split=split).classes == sorted(split.base + split.val)
+    # all ten digits are no longer novel: 6-way cannot be drawn from the five held out
+    with pytest.raises(DataError, match="has 5 classes, fewer than 6-way"):
+        run_evaluation(digits_run, n_ways=[6], episodes=1)
+    # without a recorded split the digits still name no base classes to calibrate on
+    with pytest.raises(InputError, match="has no known base split"):
+        D.base_images("digits", pp)
+
+
+def test_a_digits_model_verifies_on_novel_digits_and_calibrates_int8_on_the_others(digits_run, tmp_path, monkeypatch):
+    import edgemeta.exporters.pipeline as P
+    from edgemeta.exporters.verify import VerifySpec
+    from edgemeta.runtime.spec import Precision
+
+    split = D.ClassSplit.from_dict(load_checkpoint(digits_run).info["class_split"])
+    seen: dict[str, list[str]] = {}
+    calibrate, label = P.calibration_images, P.labelled_images
+    monkeypatch.setattr(
+        P,
+        "calibration_images",
+        lambda calib, *a: seen.setdefault("calibration", calib.classes) and calibrate(calib, *a),
+    )
+    monkeypatch.setattr(
+        P, "labelled_images", lambda data, *a: seen.setdefault("verification", data.classes) and label(data, *a)
+    )
+    options = P.ExportOptions(
+        precision=Precision.INT8,
+        verify=VerifySpec(episodes=2, q_query=2, batch_sizes=(1,), prototype_counts=(1,)),
+        quantize=P.QuantizeSpec(calibration_images=16),
+    )
+    P.export_checkpoint(digits_run, tmp_path / "d.int8.onnx", options)
+    assert seen["verification"] == list(split.novel)
+    assert set(seen["calibration"]) == set(split.base) | set(split.val)

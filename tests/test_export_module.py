@@ -161,3 +161,66 @@ def test_verify_and_quantize_rebuild_the_module_from_the_metadata(mods):
     )
     assert r.exit_code == 0, r.output
     assert json.loads(r.output)["precision"] == "int8"
+
+
+BENCH_FAST = ["--providers", "cpu", "--batch-sizes", "1", "--classes", "1", "--threads", "1", "--warmup", "1"]
+BENCH_FAST += ["--runs", "3", "--rounds", "1", "--no-cold-start", "--json"]
+
+
+def _load_nets(mods: Path, name: str):
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location(name, mods / "mods" / "nets.py")
+    nets = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(nets)
+    return nets
+
+
+def _torch_rows(output: str) -> list[dict]:
+    return [r for r in json.loads(output)["embedding"] if r["engine"].startswith("torch")]
+
+
+def test_benchmark_checkpoint_rebuilds_the_module_and_refuses_other_weights(mods):
+    nets = _load_nets(mods, "nets_for_bench")
+    save_file(nets.vector().state_dict(), str(mods / "w.safetensors"))
+    save_file({k: v + 1 for k, v in nets.vector().state_dict().items()}, str(mods / "other.safetensors"))
+    r = run("export", "--module", "mods/nets.py:vector", "--weights", "w.safetensors", *ARGS, "-o", "v.onnx")
+    assert r.exit_code == 0, r.output
+    r = run("benchmark", "v.onnx", "--checkpoint", "w.safetensors", *BENCH_FAST)
+    assert r.exit_code == 0, r.output
+    rows = _torch_rows(r.output)
+    assert rows and all(row["latency"]["p50_ms"] > 0 for row in rows), rows
+    assert not any("no torch baseline" in n for n in json.loads(r.output)["notes"])
+    r = run("benchmark", "v.onnx", "--checkpoint", "other.safetensors", *BENCH_FAST[:-1])  # without --json
+    assert r.exit_code == 1 and "other.safetensors is not the weights v.onnx was exported with" in r.output
+    assert len(r.output.strip().splitlines()) == 1
+    r = run("benchmark", "v.onnx", *BENCH_FAST)  # no weights given: ONNX Runtime rows only, and a note says why
+    assert r.exit_code == 0, r.output
+    doc = json.loads(r.output)
+    assert not _torch_rows(r.output)
+    assert any("pass --checkpoint with the weights mods/nets.py:vector was exported with" in n for n in doc["notes"])
+
+
+def test_benchmark_rebuilds_a_module_exported_without_weights_and_refuses_a_checkpoint(mods):
+    r = run("export", "--module", "mods/nets.py:feature_map", *ARGS, "--pool", "avg", "-o", "m.onnx")
+    assert r.exit_code == 0, r.output
+    r = run("benchmark", "m.onnx", *BENCH_FAST)
+    assert r.exit_code == 0, r.output
+    assert _torch_rows(r.output)
+    save_file(_load_nets(mods, "nets_for_bench2").feature_map().state_dict(), str(mods / "w.safetensors"))
+    r = run("benchmark", "m.onnx", "--checkpoint", "w.safetensors", *BENCH_FAST)
+    assert r.exit_code == 1 and "exported from mods/nets.py:feature_map without weights" in r.output
+    r = run("verify", "m.onnx", "-c", "w.safetensors", "--data", "omniglot", "--episodes", "10")
+    assert (
+        r.exit_code == 1
+        and "m.onnx was exported from mods/nets.py:feature_map without weights; leave out -c" in r.output
+    )
+    # the module's code gone: the ONNX Runtime rows stand and a note says why torch has none
+    (mods / "mods" / "nets.py").rename(mods / "mods" / "moved.py")
+    r = run("benchmark", "m.onnx", *BENCH_FAST)
+    assert r.exit_code == 0, r.output
+    assert not _torch_rows(r.output) and json.loads(r.stdout)["embedding"]
+    assert any(
+        "no torch baseline: mods/nets.py:feature_map could not be rebuilt (--module file mods/nets.py not found" in n
+        for n in json.loads(r.stdout)["notes"]
+    )

@@ -315,23 +315,37 @@ def measure_cold_start(variant: ModelVariant, provider: str, config: BenchConfig
 
 class TorchBaseline:
     """torch eager from the checkpoint: eval mode, inference mode, the benchmark's thread count.
+    For an `export --module` model, the module is rebuilt from the model's metadata and
+    ``checkpoint`` is its weights file (None when it was exported without weights), as
+    ``edgemeta verify`` rebuilds it.
 
     On CUDA its input and output stay on the GPU, while each ONNX Runtime call copies the
     images in and the embeddings out: the ratio to torch on a GPU favours torch."""
 
-    def __init__(self, checkpoint: Path, threads: int) -> None:
+    def __init__(self, checkpoint: Path | None, threads: int, variant: ModelVariant | None = None) -> None:
         try:
             import torch
         except ImportError:
             raise InputError(
                 "the torch baseline needs torch (pip install 'edgemeta[train]'); or leave out --checkpoint"
             ) from None
-        from edgemeta.checkpoint import load_checkpoint
-
         self.torch = torch
         self.saved_threads = torch.get_num_threads()
-        torch.set_num_threads(threads)
-        self.model = load_checkpoint(checkpoint).model.eval()
+        if variant is not None and variant.module:
+            try:
+                from edgemeta.exporters import source_model
+            except ImportError as e:
+                raise InputError(f"the torch baseline of {variant.module} needs the exporters: {e}") from None
+            model = source_model(variant.path, checkpoint)
+        else:
+            if checkpoint is None:
+                raise InputError("the torch baseline needs --checkpoint (the checkpoint the model was exported from)")
+            from edgemeta.checkpoint import load_checkpoint
+
+            model = load_checkpoint(checkpoint).model
+        torch.set_num_threads(threads)  # after the loading: a refusal above leaves torch's setting as it was
+        self.model = model.eval()
+        self.dim = variant.embedding_dim if variant is not None else 0
         self.models: dict[tuple[str, bool], Any] = {}
 
     def embed_fn(
@@ -348,8 +362,14 @@ class TorchBaseline:
         x = torch.randn((batch, *shape), generator=g).to(device=device, memory_format=memory_format)
         sync = torch.cuda.synchronize if device == "cuda" else (lambda: None)
 
+        if hasattr(model, "embed"):
+            embed = model.embed
+        else:  # a module whose own forward(images, prototypes) is the graph: its embeddings, with no classes
+            none = torch.zeros((0, self.dim), device=device)
+            embed = lambda images: model(images, none)[0]  # noqa: E731
+
         def fn() -> None:
-            model.embed(x)
+            embed(x)
             sync()
 
         return fn

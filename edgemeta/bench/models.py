@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 from collections.abc import Sequence
@@ -35,6 +36,9 @@ class ModelVariant:
     fixed_batch: int | None = None  # the graph's batch size when it is fixed (it runs no other)
     dataset: str = ""  # the data set the model records it was trained on ("" if none)
     int8_stem: str | None = None  # an int8 model: how it runs its stem (ModelMetadata.int8_stem)
+    module: str = ""  # an `export --module` model: its factory (package.module:factory or file.py:factory)
+    weights_sha256: str = ""  # ... and the SHA-256 of the weights it was exported with ("" if none)
+    wrapped_from: str = ""  # an `edgemeta wrap` model: the ONNX file it was wrapped from (it has no torch source)
 
     def to_dict(self) -> dict[str, Any]:
         return {
@@ -49,6 +53,7 @@ class ModelVariant:
             "fixed_batch": self.fixed_batch,
             "dataset": self.dataset,
             "int8_stem": self.int8_stem,
+            "module": self.module,
         }
 
 
@@ -58,6 +63,7 @@ def open_variant(path: Path, origin: str, threads: int) -> ModelVariant:
     meta = sess.metadata
     pp = meta.preprocess
     dataset = meta.extra.get("dataset")
+    module = meta.extra.get("module") if meta.extra.get("source") in ("module", "extractor") else None
     return ModelVariant(
         meta.precision,
         path,
@@ -70,6 +76,9 @@ def open_variant(path: Path, origin: str, threads: int) -> ModelVariant:
         sess.fixed_batch,
         dataset if isinstance(dataset, str) else "",
         meta.int8_stem,
+        module if isinstance(module, str) else "",
+        str(meta.extra.get("weights_sha256") or "") if module else "",
+        str(meta.extra.get("source_file") or "?") if meta.extra.get("source") == "onnx" else "",
     )
 
 
@@ -172,10 +181,16 @@ def resolve_variants(
                 ),
                 None,
             )
-        if checkpoint is None and (fp32 is None or precision is not Precision.FP16):
+        if checkpoint is None and not given[0].module and (fp32 is None or precision is not Precision.FP16):
             raise InputError(
                 f"no {precision.value} model: pass one, put {_base_stem(given[0].path)}.{precision.value}.onnx next to "
                 f"{given[0].path.name}, or give --checkpoint to make it"
+            )
+        if given[0].module and (fp32 is None or precision is not Precision.FP16):
+            # its int8 calibration images are the user's (it records no data set), which the benchmark does not take
+            raise InputError(
+                f"no {precision.value} model of {given[0].path.name} (exported from {given[0].module}): make it with "
+                "`edgemeta quantize` (int8, --calibration-data) or `edgemeta export --module`, and pass it too"
             )
         made, source = _make_variant(precision, fp32, checkpoint, workdir, data_dir)
         out.append(open_variant(made, f"made from {source}", threads))
@@ -321,7 +336,44 @@ def _checkpoint_header(path: str | os.PathLike) -> tuple[str, str]:
     return fingerprint, kind
 
 
+def weights_sha256(path: str | os.PathLike) -> str:
+    """SHA-256 of a file, as `export --module` records its weights' (read in blocks, without torch)."""
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def _check_weights(variants: Sequence[ModelVariant], weights: Path) -> None:
+    """``--checkpoint`` of an `export --module` model: the weights file it was exported with."""
+    first = variants[0]
+    if not first.weights_sha256:
+        raise InputError(
+            f"{first.path.name} was exported from {first.module} without weights, so it has no --checkpoint: leave it "
+            "out (the torch baseline is rebuilt from the model's metadata)"
+        )
+    if weights.is_dir() or not weights.is_file():
+        raise CheckpointError(f"--checkpoint {weights} is not a file; pass the weights {first.path.name} was made with")
+    got = weights_sha256(weights)
+    bad = [v for v in variants if v.weights_sha256 != got]
+    if bad:
+        raise ModelMismatchError(
+            f"{weights.name} is not the weights {', '.join(v.path.name for v in bad)} "
+            f"{'was' if len(bad) == 1 else 'were'} exported with ({bad[0].weights_sha256[:12]}...); "
+            f"pass the --weights file given to `edgemeta export --module {first.module}`"
+        )
+
+
 def _check_fingerprints(variants: Sequence[ModelVariant], checkpoint: Path) -> None:
+    if variants[0].wrapped_from:
+        raise InputError(
+            f"{variants[0].path.name} was wrapped from the ONNX file {variants[0].wrapped_from}, not made from a torch "
+            "module: it has no torch baseline and no --checkpoint; leave it out"
+        )
+    if variants[0].module:
+        _check_weights(variants, checkpoint)
+        return
     want, kind = _checkpoint_header(checkpoint)
     bad = [v for v in variants if v.fingerprint != want]
     if bad:

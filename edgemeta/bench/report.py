@@ -470,7 +470,7 @@ def run_benchmark(
             for v in variants
             if v.fixed_batch and v.fixed_batch > 1
         ]
-        baseline = TorchBaseline(ckpt, threads) if ckpt is not None and config.torch_baseline else None
+        baseline, no_baseline = _torch_baseline(ckpt, variants[0], config) if variants else (None, "")
         steps = _Steps(_n_steps(config, providers, len(variants)), progress)
         try:
             _run_all(providers, variants, config, report, steps, baseline)
@@ -478,8 +478,8 @@ def run_benchmark(
             if baseline is not None:
                 baseline.close()
         _wrap_up(report, providers, variants, config, steps)
-    if baseline is None:
-        report.notes.append("no torch baseline: pass --checkpoint (the checkpoint the model was exported from)")
+    if baseline is None and no_baseline:
+        report.notes.append(no_baseline)
     if config.oversubscribed:
         report.notes.append(config.oversubscribed)
     report.machine["other_processes_cores"] = others.cores()
@@ -488,6 +488,30 @@ def run_benchmark(
         report.notes.append(busy)
     steps.finish()
     return report
+
+
+def _torch_baseline(
+    checkpoint: Path | None, first: ModelVariant, config: BenchConfig
+) -> tuple[TorchBaseline | None, str]:
+    """The torch eager baseline, or None and the note that says why there is none.
+
+    A checkpoint's model needs ``--checkpoint``. An `export --module` model is rebuilt from its
+    metadata (as `edgemeta verify` does): ``--checkpoint`` names its weights, checked against the
+    recorded hash; one exported without weights is rebuilt unasked where torch and the module's
+    code are at hand, and a note says why not where they are not."""
+    if not config.torch_baseline:
+        return None, ""
+    threads = config.resolved_threads
+    if first.module and checkpoint is None and not first.weights_sha256:
+        try:
+            return TorchBaseline(None, threads, first), ""
+        except EdgemetaError as e:
+            return None, f"no torch baseline: {first.module} could not be rebuilt ({' '.join(str(e).split())[:200]})"
+    if checkpoint is None:
+        if first.module:
+            return None, f"no torch baseline: pass --checkpoint with the weights {first.module} was exported with"
+        return None, "no torch baseline: pass --checkpoint (the checkpoint the model was exported from)"
+    return TorchBaseline(checkpoint, threads, first), ""
 
 
 @contextlib.contextmanager

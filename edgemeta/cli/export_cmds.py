@@ -450,6 +450,11 @@ def inspect_cmd(
         out.print(f"[dim]note: {note}[/]")
 
 
+def _loose(values: tuple[float, ...]) -> list[float] | float:
+    """Values read from a file, shaped as :func:`_floats` shapes an option's."""
+    return values[0] if len(values) == 1 else list(values)
+
+
 def _wrap_spec(
     model: Path,
     size: Optional[str],
@@ -465,13 +470,20 @@ def _wrap_spec(
     scale: float,
 ):
     """The :class:`WrapSpec` the options give, every missing or bad option reported at once;
-    size and channels default to what the file declares."""
+    what they leave out comes from the file where it says: size and channels from the graph's
+    input (the size also from an image processor config in its metadata), mean and std from its
+    metadata (edgemeta.exporters.vendor_metadata)."""
+    from edgemeta.exporters.vendor_metadata import metadata_normalization, metadata_size
     from edgemeta.exporters.wrap import WrapSpec, declared_preprocess, load_foreign
     from edgemeta.runtime.spec import PreprocessSpec
 
-    declared = declared_preprocess(load_foreign(model))
-    problems = []
+    foreign = load_foreign(model)
+    declared = declared_preprocess(foreign)
+    problems, sources = [], []
     hw = declared["size"]
+    if size is None and hw is None and (read := metadata_size(foreign)) is not None:
+        hw = read[0]
+        sources.append(f"size {hw[0]}x{hw[1]} from the model's {read[1]}")
     if size is not None:
         try:
             parts = [int(v) for v in size.split(",")]
@@ -483,22 +495,33 @@ def _wrap_spec(
     elif hw is None:
         problems.append("--size (the model's input size is not fixed in the file)")
     channels = channels or declared["channels"] or 3
-    if mean is None or std is None:
-        problems.append(
-            "--mean and --std (the model's per-channel normalization; "
-            "pass --mean 0 --std 1 if it takes [0, 1] pixels as they are)"
-        )
+    stated = None
+    if mean is None or std is None:  # options win: the file is read only for what they leave out
+        try:
+            stated = metadata_normalization(foreign, channels)
+        except InputError as e:
+            problems.append(f"--mean and --std: {e}")
+        else:
+            if stated is None:
+                problems.append(
+                    "--mean and --std (the model's per-channel normalization; its metadata states none; "
+                    "pass --mean 0 --std 1 if it takes [0, 1] pixels as they are)"
+                )
+            else:
+                which = "mean/std" if mean is None and std is None else "mean" if mean is None else "std"
+                sources.append(f"{which} from the model's {stated.source}")
     if color_order not in ("rgb", "bgr"):
         problems.append(f"--color-order must be rgb or bgr, got {color_order!r}")
     if pool not in (None, "avg", "max"):
         problems.append(f"--pool must be avg or max, got {pool!r}")
     if problems:
         raise InputError("wrap needs " + "; ".join(problems))
-    m, s = _floats(mean, "--mean"), _floats(std, "--std")
+    m = _floats(mean, "--mean") if mean is not None else _loose(stated.mean)
+    s = _floats(std, "--std") if std is not None else _loose(stated.std)
     if color_order == "bgr":  # given in the model's channel order; the spec holds them in RGB order
         m, s = (m[::-1] if isinstance(m, list) else m), (s[::-1] if isinstance(s, list) else s)
     pp = PreprocessSpec.create(hw, channels, m, s, interpolation)
-    return WrapSpec(pp, output_name, pool, metric, normalization, color_order == "bgr", scale)
+    return WrapSpec(pp, output_name, pool, metric, normalization, color_order == "bgr", scale, "; ".join(sources))
 
 
 @command("wrap")
@@ -548,6 +571,8 @@ def wrap_cmd(
     spec = _wrap_spec(
         model, size, channels, mean, std, interpolation, color_order, embedding, pool, metric, normalization, scale
     )
+    if spec.preprocess_source:  # on stderr, so that --json output stays one document
+        console.print(spec.preprocess_source, markup=False, highlight=False, soft_wrap=True)
     options = _options(
         precision, 18, False, False, verify, episodes, data, calibration_data, data_dir, calibration_images
     )
