@@ -8,6 +8,7 @@ import io
 import json
 import sys
 from dataclasses import replace
+from pathlib import Path
 
 import numpy as np
 import onnx
@@ -189,3 +190,24 @@ def test_cli_json_has_the_row_at_the_frame_size_asked(models):
     d = json.loads(res.stdout)
     assert [(r["batch"], r["frame"]) for r in d["frames"]] == [(1, "32x24x1"), (2, "32x24x1")]
     assert all(len(r["round_ratios"]) == 2 and r["ratio"] > 0 for r in d["frames"])
+
+
+def test_the_report_script_writes_the_row_as_markdown(frames_report, models):
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location(
+        "benchmark_report", Path(__file__).parents[1] / "scripts/benchmark_report.py"
+    )
+    script = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(script)
+    report, _ = frames_report
+    lines = script.frames_section(report.to_dict())
+    assert lines[0] == "### predict() on decoded 40x30x4 uint8 frames vs the model call (p50 ms)"
+    f = report.frames[1]
+    spread = f"{f.ratio_min:.2f}-{f.ratio_max:.2f}x"
+    row = f"| fp32 | 3 | {f.predict.p50_ms:.3f} | {f.model.p50_ms:.3f} | {f.ratio:.2f}x | {spread} |"
+    assert row in "\n".join(lines).splitlines()
+    skipped = bm.run_benchmark(models[0], bm.BenchConfig(batch_sizes=(1,), rounds=1, flops=False, **FAST)).to_dict()
+    assert script.frames_section(skipped)[0].startswith(
+        "- skipped: predict on frames (old.onnx): old.onnx has no pixels"
+    )

@@ -12,12 +12,12 @@ app that preprocesses for itself gets from a model without the entry. Taking the
 the ``onnx`` package; without it (or for an ``.ort`` file) the row is skipped and says why.
 
 The two are timed in rounds of blocks, one session alive at a time, as the embedding rows are:
-two sessions kept open side by side slow each other while their idle threads spin (by half at
-batch 32 on two cores), which :func:`~edgemeta.bench.timing.time_pair` on two sessions would
-charge to both calls unevenly (predict's Python work does not wait on the other session's
-threads). Each round's ratio compares its two blocks, run back to back in alternating order, so
-a machine that drifts between rounds hits both sides of a ratio alike; the row gives the median
-of the rounds' ratios and their spread.
+two sessions kept open side by side slow each other while their idle threads spin, which
+:func:`~edgemeta.bench.timing.time_pair` on two sessions would charge to both calls unevenly
+(predict's Python work does not wait on the other session's threads). Each round's ratio
+compares its two blocks, run back to back in alternating order, so a machine that drifts
+between rounds hits both sides of a ratio alike; the row gives the median of the rounds'
+ratios and their spread.
 """
 
 from __future__ import annotations
