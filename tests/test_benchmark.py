@@ -26,6 +26,7 @@ import edgemeta.bench as bm
 from edgemeta.bench import backprop as bbackprop
 from edgemeta.bench import config as bconfig
 from edgemeta.bench import flops as bflops
+from edgemeta.bench import frames as bframes
 from edgemeta.bench import machine as bmachine
 from edgemeta.bench import measure as bmeasure
 from edgemeta.bench import models as bmodels
@@ -41,7 +42,7 @@ TINY_DIM, TINY_FLAT = 16, 16 * 16  # the conftest model: Flatten -> MatMul 256x6
 FAST = dict(warmup=1, runs=5, peak_size=64, cold_start=False)
 CUDA_IN_BUILD = "CUDAExecutionProvider" in ort.get_available_providers()
 
-BENCH_MODULES = [bbackprop, bconfig, bflops, bmachine, bmeasure, bmodels, breport, brender, btiming]
+BENCH_MODULES = [bbackprop, bconfig, bflops, bframes, bmachine, bmeasure, bmodels, breport, brender, btiming]
 
 
 def patch_bench(monkeypatch, name: str, value) -> None:
@@ -843,14 +844,14 @@ def test_cli_json(tiny_onnx_model_module, tmp_path):
 def test_cli_no_spinning_reaches_the_report_and_the_runtime_sessions(tiny_onnx_model_module, monkeypatch):
     """--no-spinning is in the report's settings and in the classifier's session (enrolment, predict) too."""
     seen = []
-    real = bmeasure._classifier
+    real = bmeasure.bench_classifier
 
     def spy(variant, provider, config):
         clf = real(variant, provider, config)
         seen.append(clf.session._sess.get_session_options().get_session_config_entry("session.intra_op.allow_spinning"))
         return clf
 
-    patch_bench(monkeypatch, "_classifier", spy)
+    patch_bench(monkeypatch, "bench_classifier", spy)
     res = cli(
         tiny_onnx_model_module,
         "--json",
@@ -1386,7 +1387,7 @@ def test_time_pair_alternates_in_the_duration_form_too():
 
 def test_enrolment_is_timed_into_a_store_that_does_not_grow(tiny_onnx_model_module, monkeypatch):
     sizes = []
-    real = bmeasure._classifier
+    real = bmeasure.bench_classifier
 
     def tracked(*a):
         clf = real(*a)
@@ -1394,7 +1395,7 @@ def test_enrolment_is_timed_into_a_store_that_does_not_grow(tiny_onnx_model_modu
         clf.enroll = lambda label, x: (sizes.append(len(clf.labels)), enroll(label, x))[1]
         return clf
 
-    patch_bench(monkeypatch, "_classifier", tracked)
+    patch_bench(monkeypatch, "bench_classifier", tracked)
     cfg = bm.BenchConfig(providers=("cpu",), threads=1, warmup=2, runs=6, shots=3)
     row = bmeasure.measure_adaptation(
         bmodels.open_variant(tiny_onnx_model_module, "given", 1), "CPUExecutionProvider", cfg

@@ -16,6 +16,9 @@
   large MatMul on the CUDA provider with its inputs on the GPU;
 * **adaptation**: enrolling one class from K shots with the runtime's
   :class:`~edgemeta.runtime.classifier.FewShotClassifier` vs embedding the K images alone;
+* **predict on frames**: :meth:`FewShotClassifier.predict` on decoded uint8 frames (the
+  model's ``pixels`` entry preprocesses them) vs the model call on the preprocessed tensor,
+  at batch 1 and the largest batch (models with the entry; see :mod:`edgemeta.bench.frames`);
 * **classification** latency at batch 1 with 1 ... 10,000 (or more) enrolled classes;
 * **cold start** in a fresh process: interpreter, imports, session creation, first
   prediction, each apart, and that process's peak RSS.
@@ -48,6 +51,7 @@ from edgemeta.bench.flops import (
     measure_int8_peak,
     measure_peak_flops,
 )
+from edgemeta.bench.frames import FramesRow, measure_frames
 from edgemeta.bench.machine import logical_cores, machine_info, physical_cores
 from edgemeta.bench.measure import AdaptationRow, ClassesRow, ColdStartRow, EmbeddingRow
 from edgemeta.bench.models import ModelVariant, checkpoint_fingerprint, resolve_variants
@@ -66,6 +70,7 @@ __all__ = [
     "ColdStartRow",
     "EmbeddingRow",
     "FlopCount",
+    "FramesRow",
     "LatencyStats",
     "ModelVariant",
     "backprop_baseline",
@@ -79,6 +84,7 @@ __all__ = [
     "matmul_model_bytes",
     "measure_gpu_peak_flops",
     "measure_int8_peak",
+    "measure_frames",
     "measure_peak_flops",
     "paired_ratio",
     "physical_cores",

@@ -24,6 +24,10 @@ MAX_DURATION_S = 3600.0
 GPU_PEAK_SIZE = 8192  # n of the n x n MatMul that measures a GPU's peak (0.8 GB on the device)
 REPEAT_TOLERANCE = 0.10  # the p50s of the first and the second half of the calls must agree within 10%
 
+MAX_FRAME_SIDE = 8192  # width or height of a decoded frame: beyond 8K a typo
+MAX_FRAME_BATCH_BYTES = 1 << 30  # the frames of one predict() call: past 1 GiB the row measures swapping
+FRAME_CHANNELS = (1, 3, 4)  # what the pixels entry takes: grey, RGB, RGBA
+
 MAX_THREADS_PER_CORE = 4  # more threads than this per logical core is a typo (1,000 on 2 cores all but hangs)
 
 #: The benchmark's ONNX Runtime settings unless told otherwise (the intra-op threads are the
@@ -89,6 +93,9 @@ class BenchConfig:
         data_dir: where the named data sets are, for the backprop baseline and the int8
             calibration of a variant made on the fly (None: ``$EDGEMETA_DATA_DIR``, else
             ``~/.cache/edgemeta/data``).
+        frame_size: (width, height) of the decoded uint8 frames of the "predict on frames" row
+            (models with the ``pixels`` entry); a VGA camera frame by default.
+        frame_channels: their channels: 1 grey, 3 RGB, 4 RGBA.
         seed: seed of the random inputs.
         ort: ONNX Runtime session settings (:data:`BENCH_SESSION_OPTIONS` unless given; their
             ``intra_op_threads`` are ``threads``); spinning left to ONNX Runtime (None) is recorded as on.
@@ -111,6 +118,8 @@ class BenchConfig:
     backprop_episodes: int = 0
     backprop_data: str | None = None
     data_dir: str | None = None
+    frame_size: tuple[int, int] = (640, 480)
+    frame_channels: int = 3
     seed: int = 0
     ort: SessionOptions = BENCH_SESSION_OPTIONS
 
@@ -119,6 +128,8 @@ class BenchConfig:
         set_("providers", tuple([self.providers] if isinstance(self.providers, str) else self.providers))
         set_("batch_sizes", _int_tuple(self.batch_sizes))
         set_("class_counts", _int_tuple(self.class_counts))
+        if isinstance(self.frame_size, list):
+            set_("frame_size", tuple(self.frame_size))
         if (
             isinstance(self.ort, SessionOptions) and self.ort.allow_spinning is None
         ):  # ONNX Runtime's default: they spin
@@ -176,6 +187,8 @@ class BenchConfig:
                 f"threads {self.threads} is more than {MAX_THREADS_PER_CORE}x the {cores} logical cores "
                 f"this process may use (at most {MAX_THREADS_PER_CORE * cores}; 0 = one per physical core)"
             )
+        valid = [b for b in self.batch_sizes if isinstance(b, (int, np.integer)) and 1 <= b <= MAX_BATCH]
+        problems += _frame_problems(self.frame_size, self.frame_channels, max(valid, default=1))
         if problems:
             raise InputError("bad benchmark settings: " + "; ".join(problems))
 
@@ -196,8 +209,14 @@ class BenchConfig:
             f"the model; use --threads {cores} or fewer (0 = one per physical core)"
         )
 
+    @property
+    def frame_batches(self) -> tuple[int, ...]:
+        """Batch sizes of the "predict on frames" row: one frame, and the largest batch measured."""
+        return tuple(sorted({1, max(self.batch_sizes)}))
+
     def to_dict(self) -> dict[str, Any]:
         d = asdict(self)
+        d["frame_size"] = list(self.frame_size)
         d["precisions"] = [p.value for p in self.precisions]
         d["threads"] = self.resolved_threads
         if self.duration is not None:  # the calls per measurement were set by the duration (each row says how many)
@@ -209,6 +228,23 @@ class BenchConfig:
 def _range_problems(what: str, values: Sequence[Any], lo: int, hi: int) -> list[str]:
     bad = [v for v in values if not isinstance(v, (int, np.integer)) or isinstance(v, bool) or not lo <= v <= hi]
     return [f"{what} {v!r} is out of range (allowed {lo} to {hi:,})" for v in bad]
+
+
+def _frame_problems(size: Any, channels: Any, batch: int) -> list[str]:
+    is_int = lambda v: isinstance(v, (int, np.integer)) and not isinstance(v, bool)  # noqa: E731
+    problems = []
+    if not (isinstance(size, tuple) and len(size) == 2 and all(is_int(v) and 1 <= v <= MAX_FRAME_SIDE for v in size)):
+        shown = "x".join(map(str, size)) if isinstance(size, tuple) else repr(size)
+        problems.append(f"frame size {shown} must be a width and a height from 1 to {MAX_FRAME_SIDE} (e.g. 640x480)")
+    if not is_int(channels) or channels not in FRAME_CHANNELS:
+        problems.append(f"frame channels must be 1 (grey), 3 (RGB) or 4 (RGBA), got {channels!r}")
+    if not problems and size[0] * size[1] * channels * batch > MAX_FRAME_BATCH_BYTES:
+        gb = size[0] * size[1] * channels * batch / 2**30
+        problems.append(
+            f"{batch} frames of {size[0]}x{size[1]}x{channels} take {gb:.1f} GiB in one predict() call "
+            "(at most 1 GiB); use a smaller --frame-size or --batch-sizes"
+        )
+    return problems
 
 
 def unknown_data(name: str) -> str:

@@ -105,20 +105,22 @@ class ColdStartRow:
         return asdict(self)
 
 
-def _input_dtype(sess: ort.InferenceSession, name: str) -> type:
+def input_dtype(sess: ort.InferenceSession, name: str) -> type:
     # with the pixels entry, `images` is an overridable initializer, not among get_inputs()
     t = next(i.type for i in (*sess.get_inputs(), *sess.get_overridable_initializers()) if i.name == name)
     return np.float16 if t == "tensor(float16)" else np.float32
 
 
-def timed_session(variant: ModelVariant, provider: str, config: BenchConfig) -> ort.InferenceSession:
+def timed_session(
+    variant: ModelVariant, provider: str, config: BenchConfig, model: bytes | None = None
+) -> ort.InferenceSession:
     """The timed session: the benchmark's tuning, opened as the runtime opens its sessions
     (CUDA libraries preloaded, ONNX Runtime's fallback notices off stdout); the provider is
-    checked to really run."""
+    checked to really run. ``model``: a serialized graph to open instead of the variant's file."""
     so = timed_options(config.ort, config.resolved_threads)
     chain = [provider] if provider == Provider.CPU.value else [provider, Provider.CPU.value]
     try:
-        sess, said = open_session(variant.path, so, chain)
+        sess, said = open_session(variant.path if model is None else model, so, chain)
     except Exception as e:  # noqa: BLE001 - ONNX Runtime raises its own pybind types
         raise ProviderError(
             f"{display_name(provider)} cannot run {variant.path.name}: {' '.join(str(e).split())[:300]}"
@@ -145,8 +147,8 @@ def embedding_call(
 ) -> Callable[[], Any]:
     """One call of ``embeddings`` at ``batch`` (no prototypes fed)."""
     feeds = {
-        INPUT_IMAGES: random_images(variant, batch, _input_dtype(sess, INPUT_IMAGES), config.seed),
-        INPUT_PROTOTYPES: np.zeros((0, variant.embedding_dim), _input_dtype(sess, INPUT_PROTOTYPES)),
+        INPUT_IMAGES: random_images(variant, batch, input_dtype(sess, INPUT_IMAGES), config.seed),
+        INPUT_PROTOTYPES: np.zeros((0, variant.embedding_dim), input_dtype(sess, INPUT_PROTOTYPES)),
         **images_only_feeds(sess),
     }
     return lambda: sess.run([OUTPUT_EMBEDDINGS], feeds)
@@ -159,19 +161,25 @@ def time_classes(
     their squared norms (kept with the store) when the model takes them, except on TensorRT;
     on CUDA and TensorRT bound once on the device (:func:`bound_call`, :func:`bind_device`)."""
     rng = np.random.default_rng([config.seed, n_classes])
-    protos = rng.standard_normal((n_classes, variant.embedding_dim)).astype(_input_dtype(sess, INPUT_PROTOTYPES))
+    protos = rng.standard_normal((n_classes, variant.embedding_dim)).astype(input_dtype(sess, INPUT_PROTOTYPES))
     batch = variant.fixed_batch or 1  # a fixed-batch graph: the call the runtime makes for one image, padded
     feeds = {
-        INPUT_IMAGES: random_images(variant, batch, _input_dtype(sess, INPUT_IMAGES), config.seed),
+        INPUT_IMAGES: random_images(variant, batch, input_dtype(sess, INPUT_IMAGES), config.seed),
         INPUT_PROTOTYPES: protos,
     }
     feeds.update(images_only_feeds(sess))
     if feeds_prototype_norms(sess) and n_classes:
         feeds[INPUT_SQNORMS] = prototype_sqnorms(protos)
+    return _measure(graph_call(sess, feeds), config)
+
+
+def graph_call(sess: ort.InferenceSession, feeds: dict[str, np.ndarray]) -> Callable[[], Any]:
+    """One call of ``embeddings`` and ``logits`` as the runtime makes it: with numpy feeds on
+    the CPU, through :func:`bound_call` on CUDA and TensorRT."""
     device = bind_device(sess.get_providers()[0])
     if device is None:
-        return _measure(lambda: sess.run([OUTPUT_EMBEDDINGS, OUTPUT_LOGITS], feeds), config)
-    return _measure(bound_call(sess, feeds, device), config)
+        return lambda: sess.run([OUTPUT_EMBEDDINGS, OUTPUT_LOGITS], feeds)
+    return bound_call(sess, feeds, device)
 
 
 def bound_call(
@@ -193,17 +201,18 @@ def runtime_options(config: BenchConfig, batch: int = 64) -> SessionOptions:
     return replace(config.ort, intra_op_threads=config.resolved_threads, batch_size=batch)
 
 
-def _classifier(variant: ModelVariant, provider: str, config: BenchConfig) -> Any:
+def bench_classifier(variant: ModelVariant, provider: str, config: BenchConfig, images: int = 0) -> Any:
+    """The runtime's classifier with the benchmark's settings, taking ``images`` (or K shots) in one call."""
     from edgemeta.runtime.classifier import ClassifierOptions, FewShotClassifier
 
-    batch = max(64, config.shots)  # K shots in one call: the session chunks at its own batch size too
+    batch = max(64, config.shots, images)  # K shots in one call: the session chunks at its own batch size too
     opts = ClassifierOptions(batch_size=batch, session=runtime_options(config, batch))
     return FewShotClassifier(variant.path, providers=[provider], options=opts)
 
 
 def predict_latencies(variant: ModelVariant, provider: str, config: BenchConfig) -> dict[int, LatencyStats]:
     """``FewShotClassifier.predict`` on one image with 1 ... N enrolled classes (random prototypes)."""
-    clf = _classifier(variant, provider, config)
+    clf = bench_classifier(variant, provider, config)
     x = random_images(variant, 1, np.float32, config.seed)
     rng = np.random.default_rng(config.seed)
     out = {}
@@ -226,7 +235,7 @@ def measure_adaptation(variant: ModelVariant, provider: str, config: BenchConfig
     of one class, and is forgotten (untimed) after its pair: the store does not grow
     with the number of calls.
     """
-    clf = _classifier(variant, provider, config)
+    clf = bench_classifier(variant, provider, config)
     clf.enroll("enrolled", x := random_images(variant, config.shots, np.float32, config.seed))
     enroll, embed = time_pair(
         lambda: clf.enroll("new class", x),

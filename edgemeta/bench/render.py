@@ -115,6 +115,31 @@ def render_report(report: BenchReport, console: Any) -> None:
                 _fmt(a.ratio, ".2f", "x"),
             )
         console.print(t)
+    if report.frames:
+        f0 = report.frames[0]
+        t = Table(
+            title=f"predict() on decoded {f0.frame} uint8 frames vs the model call on the preprocessed tensor "
+            "(p50, ms)",
+            box=box.SIMPLE_HEAD,
+        )
+        for col in ("model", "batch", "predict()", "model call", "ratio", "rounds"):
+            t.add_column(col, justify="right")
+        for f in report.frames:
+            t.add_row(
+                f"{f.provider} {f.precision}",
+                str(f.batch),
+                _fmt(f.predict.p50_ms),
+                _fmt(f.model.p50_ms),
+                _fmt(f.ratio, ".2f", "x"),
+                f"{f.ratio_min:.2f}-{f.ratio_max:.2f}x ({len(f.round_ratios)})",
+            )
+        console.print(t)
+        console.print(
+            f"ratio: median over the rounds of predict() p50 / model call p50 in the same round; "
+            f"{f0.classes} classes enrolled; model call: {f0.baseline}",
+            markup=False,
+            highlight=False,
+        )
     if report.cold_start:
         t = Table(title="Cold start: a fresh process to its first prediction (ms)", box=box.SIMPLE_HEAD)
         for col in ("model", "interpreter", "imports", "session", "1st pred", "total", "RSS MB"):
@@ -137,6 +162,8 @@ def render_report(report: BenchReport, console: Any) -> None:
             f"({b.steps} SGD steps) {100 * b.backprop_accuracy:.2f}% in {b.embed_ms + b.backprop_ms:.2f} ms "
             f"per class set ({b.speedup:.0f}x end to end; learning step alone {b.learning_speedup:.0f}x)"
         )
+    for row, why in report.skipped.items():
+        console.print(f"skipped: {row}: {why}", markup=False, highlight=False)
     for why in report.unavailable.values():
         console.print(f"[yellow]{why}[/]")
     console.print(report.repeatability["verdict"])

@@ -20,6 +20,7 @@ import numpy as np
 from edgemeta.bench.backprop import BackpropResult, backprop_baseline, check_backprop
 from edgemeta.bench.config import GPU_PEAK_SIZE, REPEAT_TOLERANCE, BenchConfig
 from edgemeta.bench.flops import count_flops, measure_gpu_peak_flops, measure_int8_peak, measure_peak_flops
+from edgemeta.bench.frames import FRAMES_ROW, FramesRow, frames_skip_reason, measure_frames
 from edgemeta.bench.machine import OtherLoad, busy_note, machine_info, process_peak_rss_mb, warn_if_busy
 from edgemeta.bench.measure import (
     AdaptationRow,
@@ -40,6 +41,7 @@ from edgemeta.bench.models import ModelVariant, providers_to_run, resolve_varian
 from edgemeta.bench.timing import LatencyStats, halves_agree, time_fn
 from edgemeta.runtime.errors import EdgemetaError, InputError, ProviderError
 from edgemeta.runtime.ort import GPU_PROVIDERS, Provider, display_name
+from edgemeta.runtime.session import takes_pixels
 from edgemeta.runtime.spec import Precision
 
 REPORT_FORMAT = "edgemeta.benchmark"
@@ -62,11 +64,13 @@ class BenchReport:
     embedding: list[EmbeddingRow] = field(default_factory=list)
     classes: list[ClassesRow] = field(default_factory=list)
     adaptation: list[AdaptationRow] = field(default_factory=list)
+    frames: list[FramesRow] = field(default_factory=list)
     cold_start: list[ColdStartRow] = field(default_factory=list)
     peak: dict[str, Any] | None = None  # the CPU's (measured when the CPU provider is benchmarked)
     gpu_peak: dict[str, Any] | None = None  # the GPU's (when a GPU provider is)
     unavailable: dict[str, str] = field(default_factory=dict)
     notes: list[str] = field(default_factory=list)
+    skipped: dict[str, str] = field(default_factory=dict)  # "row (model file)" -> why it was not measured
     backprop: list[BackpropResult] = field(default_factory=list)
     benchmark_peak_rss_mb: float | None = None
 
@@ -120,11 +124,13 @@ class BenchReport:
             "embedding": rows(self.embedding),
             "classes": rows(self.classes),
             "adaptation": rows(self.adaptation),
+            "frames": rows(self.frames),
             "cold_start": rows(self.cold_start),
             "repeatability": self.repeatability,
             "backprop": [b.to_dict() for b in self.backprop],
             "benchmark_peak_rss_mb": self.benchmark_peak_rss_mb,
             "notes": self.notes,
+            "skipped": self.skipped,
         }
 
 
@@ -145,7 +151,7 @@ class _Steps:
 
 
 def _n_steps(config: BenchConfig, providers: Sequence[str], n_variants: int) -> int:
-    per_variant = 1 + len(config.class_counts) + 2 + int(config.cold_start)
+    per_variant = 1 + len(config.class_counts) + 3 + int(config.cold_start)
     per_provider = n_variants * per_variant + len(config.batch_sizes)
     peaks = 2 * int(Provider.CPU.value in providers) + int(any(p in GPU_PROVIDERS for p in providers))
     return int(config.flops) * peaks + len(providers) * per_provider + n_variants * int(config.backprop_episodes > 0)
@@ -598,14 +604,14 @@ def _run_all(
         steps("peak FLOP/s (large float32 MatMul; int8 too for int8 models)")
         report.peak = _cpu_peak(config, variants)
     flops_cache: dict = {}
+    pixels: dict[ModelVariant, bool] = {}
     for provider in providers:
         running: list[ModelVariant] = []
         for variant in variants:
             steps(f"{display_name(provider)} {variant.precision.value}: opening the session")
             try:
-                timed_session(
-                    variant, provider, config
-                )  # does the provider run it? (timed sessions open later, one at a time)
+                # does the provider run it? (timed sessions open later, one at a time)
+                pixels[variant] = takes_pixels(timed_session(variant, provider, config))
             except ProviderError as e:
                 if provider == Provider.CPU.value or "auto" not in [p.lower() for p in config.providers]:
                     raise
@@ -622,6 +628,12 @@ def _run_all(
             _class_rows(variant, provider, config, report, steps)
             steps(f"{display_name(provider)} {variant.precision.value}: enrolment vs embedding")
             report.adaptation.append(measure_adaptation(variant, provider, config))
+            steps(f"{display_name(provider)} {variant.precision.value}: predict on decoded frames vs the model call")
+            skip = frames_skip_reason(variant, pixels[variant])
+            if skip is None:
+                report.frames += measure_frames(variant, provider, config)
+            else:
+                report.skipped[f"{FRAMES_ROW} ({variant.path.name})"] = skip
             if config.cold_start:
                 steps(f"{display_name(provider)} {variant.precision.value}: cold start")
                 try:

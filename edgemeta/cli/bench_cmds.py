@@ -25,6 +25,17 @@ def _ints(text: str, option: str, example: str) -> tuple[int, ...]:
         raise InputError(f"{option} takes comma-separated integers such as {example}; got {text!r}") from None
 
 
+def _frame_size(text: str) -> tuple[int, int]:
+    """``640x480`` -> (640, 480); the range is the config's to check."""
+    parts = text.lower().replace("×", "x").split("x")
+    try:
+        if len(parts) != 2:
+            raise ValueError
+        return int(parts[0]), int(parts[1])
+    except ValueError:
+        raise InputError(f"--frame-size takes WIDTHxHEIGHT such as 640x480; got {text!r}") from None
+
+
 def _words(text: str) -> tuple[str, ...]:
     return tuple(v.strip() for v in text.split(",") if v.strip())
 
@@ -116,6 +127,18 @@ def benchmark(
         help="Data folder of the named data sets, for --backprop-baseline and the int8 calibration of a model made "
         "from --checkpoint (default: $EDGEMETA_DATA_DIR, else ~/.cache/edgemeta/data).",
     ),
+    frame_size: Optional[str] = typer.Option(
+        None,
+        "--frame-size",
+        help="WIDTHxHEIGHT of the decoded uint8 frames (random pixels) that predict() is given in the 'predict on "
+        "frames' row, timed against the model call on the preprocessed tensor, at batch 1 and the largest batch; "
+        "models with the pixels entry only. Default 640x480, a VGA camera frame.",
+    ),
+    frame_channels: Optional[int] = typer.Option(
+        None,
+        "--frame-channels",
+        help="Channels of those frames: 1 grey, 3 RGB (default), 4 RGBA as browsers and many cameras give them.",
+    ),
     dim: Optional[List[str]] = typer.Option(
         None,
         "--dim",
@@ -146,7 +169,7 @@ def benchmark(
         None, "--plot", help="Write latency distributions and the classes curve to this PNG."
     ),
 ) -> None:
-    """Measure latency, throughput, FLOP/s, enrolment and cold start; compare with torch and other precisions."""
+    """Measure latency, throughput, FLOP/s, enrolment, predict() on frames and cold start; compare with torch."""
     from edgemeta.bench import (
         BENCH_SESSION_OPTIONS,
         BenchConfig,
@@ -166,6 +189,8 @@ def benchmark(
             "--data-dir": data_dir,
             "--plot": plot,
             "--duration": duration,
+            "--frame-size": frame_size,
+            "--frame-channels": frame_channels,
         }
         _benchmark_any(
             models,
@@ -200,6 +225,9 @@ def benchmark(
         raise InputError(f"--episodes must be at least 1 with --backprop-baseline, got {episodes}")
     if plot is not None:
         check_plot_path(plot)  # now, not after minutes of measuring
+    frames = {} if frame_size is None else {"frame_size": _frame_size(frame_size)}
+    if frame_channels is not None:
+        frames["frame_channels"] = frame_channels
     config = BenchConfig(
         providers=_words(providers),
         batch_sizes=_ints(batch_sizes, "--batch-sizes", "1,32"),
@@ -216,6 +244,7 @@ def benchmark(
         backprop_data=backprop_data,
         data_dir=None if data_dir is None else str(data_dir),
         ort=replace(BENCH_SESSION_OPTIONS, allow_spinning=spinning),
+        **frames,
     )
     with _progress_bar(console.is_terminal) as progress:
         report = run_benchmark(models, config, checkpoint=checkpoint, progress=progress)
