@@ -202,8 +202,9 @@ def targets(reports: dict[str, dict]) -> list[tuple[str, str, float | None, bool
         add("Conv-4: classify with 10,000 classes / with 1", "<=", 2, _val(tenk, "vs_fewest"))
         for f in conv4.get("frames") or []:  # the pixels entry's speed target (issue 22)
             one = "one decoded frame" if f["batch"] == 1 else f"{f['batch']} decoded frames"
+            on = "" if f["provider"] == "CPU" else f" on {f['provider']}"  # CPU and GPU rows share a precision
             add(
-                f"Conv-4 {f['precision']}: predict() on {one} ({f['frame']}) / the model call on the tensor",
+                f"Conv-4 {f['precision']}{on}: predict() on {one} ({f['frame']}) / the model call on the tensor",
                 "<=",
                 1.3 if f["batch"] == 1 else 1.2,
                 f["ratio"],
@@ -453,6 +454,7 @@ def frames_section(d: dict) -> list[str]:
     f0 = frames[0]
     rows = [
         [
+            f["provider"],
             f["precision"],
             str(f["batch"]),
             _f(f["predict"]["p50_ms"]),
@@ -470,8 +472,9 @@ def frames_section(d: dict) -> list[str]:
         f"{f0['baseline']}, with as many prototypes. Timed in rounds, one session alive at a time; the ratio is the "
         "median of the rounds' predict() p50 / model call p50, beside the range over the rounds.",
         "",
-        _table(["precision", "batch", "predict()", "model call", "ratio", "rounds"], rows),
+        _table(["provider", "precision", "batch", "predict()", "model call", "ratio", "rounds"], rows),
         "",
+        *[f"- batch: {note}" for note in dict.fromkeys(f["capped"] for f in frames if f.get("capped"))],
         *skipped,
     ]
 

@@ -19,6 +19,7 @@ from rich.console import Console
 from typer.testing import CliRunner
 
 import edgemeta.bench as bm
+from edgemeta.bench import config as bconfig
 from edgemeta.bench import frames as bframes
 from edgemeta.cli import app
 from edgemeta.exporters.graph import read_metadata
@@ -133,6 +134,62 @@ def test_frame_batches_are_one_and_the_largest():
     assert bm.BenchConfig().frame_size == (640, 480) and bm.BenchConfig().frame_channels == 3
 
 
+def test_large_batches_cap_the_frames_row_instead_of_refusing_the_benchmark():
+    # 2048 VGA RGB frames would take 1.8 GiB in one predict() call: the row stops at what fits 1 GiB
+    cfg = bm.BenchConfig(batch_sizes=(1, 2048))
+    assert cfg.batch_sizes == (1, 2048)  # the other rows measure every batch asked for
+    assert cfg.frame_batch_cap == (1 << 30) // (640 * 480 * 3) == 1165
+    assert cfg.frame_batches == (1, 1165)
+    assert cfg.frame_cap_note == (
+        "2048 frames of 640x480x3 would take 1.8 GiB in one predict() call (at most 1 GiB), "
+        "so the frames row stops at batch 1165"
+    )
+    assert bm.BenchConfig(batch_sizes=(1, 1165)).frame_cap_note is None
+    assert bm.BenchConfig(batch_sizes=(1, 1165)).frame_batches == (1, 1165)
+    # a frame of the largest size allowed fits on its own: the row keeps batch 1
+    huge = bm.BenchConfig(batch_sizes=(8,), frame_size=(8192, 8192), frame_channels=4)
+    assert huge.frame_batch_cap == 4 and huge.frame_batches == (1, 4)
+    assert bm.BenchConfig(batch_sizes=(4096,), frame_size=(105, 105), frame_channels=1).frame_batches == (1, 4096)
+
+
+@pytest.mark.parametrize("extra", [(), ("--frame-size", "8000x8000")])
+def test_cli_large_batches_reach_the_measuring(models, monkeypatch, extra):
+    """Batches over the frames' budget are not refused, with or without the pixels entry."""
+    seen = []
+
+    class Reached(Exception):
+        pass
+
+    def measured(paths, config, **k):
+        seen.append(config)
+        raise Reached
+
+    monkeypatch.setattr(bm, "run_benchmark", measured)
+    for model in models:
+        res = _cli(model, "--batch-sizes", "1,2048", "--providers", "cpu", *extra)
+        assert isinstance(res.exception, Reached), res.stderr
+    big = 8000 * 8000 * 3 if extra else 640 * 480 * 3
+    assert [c.frame_batches for c in seen] == [(1, (1 << 30) // big)] * 2
+
+
+def test_a_capped_row_says_so_in_the_json_the_table_and_the_markdown(models, monkeypatch):
+    monkeypatch.setattr(bconfig, "MAX_FRAME_BATCH_BYTES", 2 * 40 * 30 * 4)  # two 40x30x4 frames
+    cfg = bm.BenchConfig(batch_sizes=(1, 3), rounds=1, frame_size=(40, 30), frame_channels=4, **{**FAST, "runs": 1})
+    report = bm.run_benchmark(models[1], cfg)
+    assert [r.batch for r in report.frames] == [1, 2]
+    note = report.frames[1].capped
+    assert report.frames[0].capped is None and note.startswith("3 frames of 40x30x4 would take")
+    assert note.endswith("in one predict() call (at most 8.9407e-06 GiB), so the frames row stops at batch 2")
+    assert [e.batch for e in report.embedding if e.engine == "onnxruntime"] == [1, 3]  # only the frames row is capped
+    d = json.loads(json.dumps(report.to_dict()))
+    assert [r["capped"] for r in d["frames"]] == [None, report.frames[1].capped]
+    text = io.StringIO()
+    bm.render_report(report, Console(file=text, width=400))
+    assert f"batch: {report.frames[1].capped}" in text.getvalue()
+    lines = _report_script().frames_section(d)
+    assert f"- batch: {report.frames[1].capped}" in lines
+
+
 def test_bad_frame_settings_are_reported_together():
     with pytest.raises(InputError) as e:
         bm.BenchConfig(frame_size=(0, 480), frame_channels=2)
@@ -161,10 +218,6 @@ def no_measuring(monkeypatch):
         (("--frame-size", "0x480"), "frame size 0x480 must be a width and a height from 1 to 8192"),
         (("--frame-size", "9000x10"), "frame size 9000x10 must be a width and a height"),
         (("--frame-channels", "2"), "frame channels must be 1 (grey), 3 (RGB) or 4 (RGBA), got 2"),
-        (
-            ("--frame-size", "8000x8000", "--batch-sizes", "1,8"),
-            "8 frames of 8000x8000x3 take 1.4 GiB in one predict() call (at most 1 GiB)",
-        ),
     ],
 )
 def test_cli_bad_frame_settings_are_one_line(models, args, message, no_measuring):
@@ -192,7 +245,7 @@ def test_cli_json_has_the_row_at_the_frame_size_asked(models):
     assert all(len(r["round_ratios"]) == 2 and r["ratio"] > 0 for r in d["frames"])
 
 
-def test_the_report_script_writes_the_row_as_markdown(frames_report, models):
+def _report_script():
     import importlib.util
 
     spec = importlib.util.spec_from_file_location(
@@ -200,14 +253,35 @@ def test_the_report_script_writes_the_row_as_markdown(frames_report, models):
     )
     script = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(script)
+    return script
+
+
+def test_the_report_script_writes_the_row_as_markdown(frames_report, models):
+    script = _report_script()
     report, _ = frames_report
     lines = script.frames_section(report.to_dict())
     assert lines[0] == "### predict() on decoded 40x30x4 uint8 frames vs the model call (p50 ms)"
     f = report.frames[1]
     spread = f"{f.ratio_min:.2f}-{f.ratio_max:.2f}x"
-    row = f"| fp32 | 3 | {f.predict.p50_ms:.3f} | {f.model.p50_ms:.3f} | {f.ratio:.2f}x | {spread} |"
+    row = f"| CPU | fp32 | 3 | {f.predict.p50_ms:.3f} | {f.model.p50_ms:.3f} | {f.ratio:.2f}x | {spread} |"
     assert row in "\n".join(lines).splitlines()
+    assert not any(line.startswith("- batch:") for line in lines)  # not capped
     skipped = bm.run_benchmark(models[0], bm.BenchConfig(batch_sizes=(1,), rounds=1, flops=False, **FAST)).to_dict()
     assert script.frames_section(skipped)[0].startswith(
         "- skipped: predict on frames (old.onnx): old.onnx has no pixels"
     )
+
+
+def test_the_report_script_tells_cpu_and_gpu_rows_apart(frames_report):
+    script = _report_script()
+    d = frames_report[0].to_dict()
+    gpu = [{**f, "provider": "CUDA"} for f in d["frames"]]  # a GPU's rows: same precisions and batches
+    lines = "\n".join(script.frames_section({**d, "frames": d["frames"] + gpu})).splitlines()
+    assert "| provider | precision | batch |" in next(line for line in lines if "predict()" in line and "|" in line)
+    rows = [line.split("|")[1:4] for line in lines if line.startswith("| C")]
+    assert [[c.strip() for c in r] for r in rows] == [
+        ["CPU", "fp32", "1"],
+        ["CPU", "fp32", "3"],
+        ["CUDA", "fp32", "1"],
+        ["CUDA", "fp32", "3"],
+    ]

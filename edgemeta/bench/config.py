@@ -25,7 +25,9 @@ GPU_PEAK_SIZE = 8192  # n of the n x n MatMul that measures a GPU's peak (0.8 GB
 REPEAT_TOLERANCE = 0.10  # the p50s of the first and the second half of the calls must agree within 10%
 
 MAX_FRAME_SIDE = 8192  # width or height of a decoded frame: beyond 8K a typo
-MAX_FRAME_BATCH_BYTES = 1 << 30  # the frames of one predict() call: past 1 GiB the row measures swapping
+# The frames of one predict() call in the "predict on frames" row: past 1 GiB the row would measure
+# swapping, so its largest batch stops where the frames fit (the other rows are not held to it).
+MAX_FRAME_BATCH_BYTES = 1 << 30
 FRAME_CHANNELS = (1, 3, 4)  # what the pixels entry takes: grey, RGB, RGBA
 
 MAX_THREADS_PER_CORE = 4  # more threads than this per logical core is a typo (1,000 on 2 cores all but hangs)
@@ -94,7 +96,8 @@ class BenchConfig:
             calibration of a variant made on the fly (None: ``$EDGEMETA_DATA_DIR``, else
             ``~/.cache/edgemeta/data``).
         frame_size: (width, height) of the decoded uint8 frames of the "predict on frames" row
-            (models with the ``pixels`` entry); a VGA camera frame by default.
+            (models with the ``pixels`` entry); a VGA camera frame by default. The row's largest
+            batch is capped at :attr:`frame_batch_cap` frames (see :attr:`frame_cap_note`).
         frame_channels: their channels: 1 grey, 3 RGB, 4 RGBA.
         seed: seed of the random inputs.
         ort: ONNX Runtime session settings (:data:`BENCH_SESSION_OPTIONS` unless given; their
@@ -187,8 +190,7 @@ class BenchConfig:
                 f"threads {self.threads} is more than {MAX_THREADS_PER_CORE}x the {cores} logical cores "
                 f"this process may use (at most {MAX_THREADS_PER_CORE * cores}; 0 = one per physical core)"
             )
-        valid = [b for b in self.batch_sizes if isinstance(b, (int, np.integer)) and 1 <= b <= MAX_BATCH]
-        problems += _frame_problems(self.frame_size, self.frame_channels, max(valid, default=1))
+        problems += _frame_problems(self.frame_size, self.frame_channels)
         if problems:
             raise InputError("bad benchmark settings: " + "; ".join(problems))
 
@@ -210,9 +212,30 @@ class BenchConfig:
         )
 
     @property
+    def frame_batch_cap(self) -> int:
+        """The most frames of one predict() call that fit :data:`MAX_FRAME_BATCH_BYTES` (at least
+        one: a frame of the largest size allowed takes 256 MiB)."""
+        w, h = self.frame_size
+        return max(1, MAX_FRAME_BATCH_BYTES // (w * h * self.frame_channels))
+
+    @property
     def frame_batches(self) -> tuple[int, ...]:
-        """Batch sizes of the "predict on frames" row: one frame, and the largest batch measured."""
-        return tuple(sorted({1, max(self.batch_sizes)}))
+        """Batch sizes of the "predict on frames" row: one frame, and the largest batch measured,
+        capped at :attr:`frame_batch_cap`."""
+        return tuple(sorted({1, min(max(self.batch_sizes), self.frame_batch_cap)}))
+
+    @property
+    def frame_cap_note(self) -> str | None:
+        """Why the frames row's largest batch is smaller than the largest batch measured, or None."""
+        largest, cap = max(self.batch_sizes), self.frame_batch_cap
+        if largest <= cap:
+            return None
+        w, h = self.frame_size
+        gb = w * h * self.frame_channels * largest / 2**30
+        return (
+            f"{largest} frames of {w}x{h}x{self.frame_channels} would take {gb:.1f} GiB in one predict() call "
+            f"(at most {MAX_FRAME_BATCH_BYTES / 2**30:g} GiB), so the frames row stops at batch {cap}"
+        )
 
     def to_dict(self) -> dict[str, Any]:
         d = asdict(self)
@@ -230,7 +253,7 @@ def _range_problems(what: str, values: Sequence[Any], lo: int, hi: int) -> list[
     return [f"{what} {v!r} is out of range (allowed {lo} to {hi:,})" for v in bad]
 
 
-def _frame_problems(size: Any, channels: Any, batch: int) -> list[str]:
+def _frame_problems(size: Any, channels: Any) -> list[str]:
     is_int = lambda v: isinstance(v, (int, np.integer)) and not isinstance(v, bool)  # noqa: E731
     problems = []
     if not (isinstance(size, tuple) and len(size) == 2 and all(is_int(v) and 1 <= v <= MAX_FRAME_SIDE for v in size)):
@@ -238,12 +261,6 @@ def _frame_problems(size: Any, channels: Any, batch: int) -> list[str]:
         problems.append(f"frame size {shown} must be a width and a height from 1 to {MAX_FRAME_SIDE} (e.g. 640x480)")
     if not is_int(channels) or channels not in FRAME_CHANNELS:
         problems.append(f"frame channels must be 1 (grey), 3 (RGB) or 4 (RGBA), got {channels!r}")
-    if not problems and size[0] * size[1] * channels * batch > MAX_FRAME_BATCH_BYTES:
-        gb = size[0] * size[1] * channels * batch / 2**30
-        problems.append(
-            f"{batch} frames of {size[0]}x{size[1]}x{channels} take {gb:.1f} GiB in one predict() call "
-            "(at most 1 GiB); use a smaller --frame-size or --batch-sizes"
-        )
     return problems
 
 

@@ -69,6 +69,8 @@ class FramesRow:
     ratio_max: float
     round_ratios: tuple[float, ...]
     baseline: str = BASELINE
+    # why this row's batch is smaller than the largest batch measured (the frames' memory cap), else None
+    capped: str | None = None
 
     def to_dict(self, samples: bool = False) -> dict[str, Any]:
         d = asdict(self)
@@ -120,7 +122,8 @@ def _rounds(config: BenchConfig) -> tuple[list[int], float | None]:
 
 
 def measure_frames(variant: ModelVariant, provider: str, config: BenchConfig) -> list[FramesRow]:
-    """The row at each of ``config.frame_batches`` (see the module doc).
+    """The row at each of ``config.frame_batches`` (see the module doc); the largest is capped at
+    ``config.frame_batch_cap`` frames, and its row says so.
 
     Raises:
         InputError: the model has no ``pixels`` entry (call :func:`frames_skip_reason` first).
@@ -157,6 +160,7 @@ def measure_frames(variant: ModelVariant, provider: str, config: BenchConfig) ->
                 min(ratios),
                 max(ratios),
                 ratios,
+                capped=config.frame_cap_note if batch == config.frame_batch_cap else None,
             )
         )
     return rows

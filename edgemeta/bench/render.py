@@ -140,6 +140,8 @@ def render_report(report: BenchReport, console: Any) -> None:
             markup=False,
             highlight=False,
         )
+        for note in dict.fromkeys(f.capped for f in report.frames if f.capped):
+            console.print(f"batch: {note}", markup=False, highlight=False)
     if report.cold_start:
         t = Table(title="Cold start: a fresh process to its first prediction (ms)", box=box.SIMPLE_HEAD)
         for col in ("model", "interpreter", "imports", "session", "1st pred", "total", "RSS MB"):
