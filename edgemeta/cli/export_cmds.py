@@ -489,9 +489,15 @@ def _wrap_spec(
     declared = declared_preprocess(foreign)
     problems, sources = [], []
     hw = declared["size"]
-    if size is None and hw is None and (read := metadata_size(foreign)) is not None:
-        hw = read[0]
-        sources.append(f"size {hw[0]}x{hw[1]} from the model's {read[1]}")
+    if size is None and hw is None:
+        try:
+            read = metadata_size(foreign)
+        except InputError as e:
+            problems.append(f"--size: {e}")
+            read = None
+        if read is not None:
+            hw = read[0]
+            sources.append(f"size {hw[0]}x{hw[1]} from the model's {read[1]}")
     if size is not None:
         try:
             parts = [int(v) for v in size.split(",")]
