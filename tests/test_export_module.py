@@ -188,16 +188,16 @@ def test_benchmark_checkpoint_rebuilds_the_module_and_refuses_other_weights(mods
     assert r.exit_code == 0, r.output
     r = run("benchmark", "v.onnx", "--checkpoint", "w.safetensors", *BENCH_FAST)
     assert r.exit_code == 0, r.output
-    rows = _torch_rows(r.output)
+    rows = _torch_rows(r.stdout)
     assert rows and all(row["latency"]["p50_ms"] > 0 for row in rows), rows
-    assert not any("no torch baseline" in n for n in json.loads(r.output)["notes"])
+    assert not any("no torch baseline" in n for n in json.loads(r.stdout)["notes"])
     r = run("benchmark", "v.onnx", "--checkpoint", "other.safetensors", *BENCH_FAST[:-1])  # without --json
     assert r.exit_code == 1 and "other.safetensors is not the weights v.onnx was exported with" in r.output
     assert len(r.output.strip().splitlines()) == 1
     r = run("benchmark", "v.onnx", *BENCH_FAST)  # no weights given: ONNX Runtime rows only, and a note says why
     assert r.exit_code == 0, r.output
-    doc = json.loads(r.output)
-    assert not _torch_rows(r.output)
+    doc = json.loads(r.stdout)
+    assert not _torch_rows(r.stdout)
     assert any("pass --checkpoint with the weights mods/nets.py:vector was exported with" in n for n in doc["notes"])
 
 
@@ -206,14 +206,14 @@ def test_benchmark_rebuilds_a_module_exported_without_weights_only_when_asked(mo
     assert r.exit_code == 0, r.output
     r = run("benchmark", "m.onnx", *BENCH_FAST)  # not asked: the code the metadata names is not run
     assert r.exit_code == 0, r.output
-    assert not _torch_rows(r.output) and json.loads(r.stdout)["embedding"]
+    assert not _torch_rows(r.stdout) and json.loads(r.stdout)["embedding"]
     assert any(
         "m.onnx was exported from mods/nets.py:feature_map without weights" in n and "add --rebuild-module" in n
         for n in json.loads(r.stdout)["notes"]
     )
     r = run("benchmark", "m.onnx", "--rebuild-module", *BENCH_FAST)
     assert r.exit_code == 0, r.output
-    assert _torch_rows(r.output)
+    assert _torch_rows(r.stdout)
     save_file(_load_nets(mods, "nets_for_bench2").feature_map().state_dict(), str(mods / "w.safetensors"))
     r = run("benchmark", "m.onnx", "--checkpoint", "w.safetensors", *BENCH_FAST)
     assert r.exit_code == 1 and "exported from mods/nets.py:feature_map without weights" in r.output
@@ -227,7 +227,7 @@ def test_benchmark_rebuilds_a_module_exported_without_weights_only_when_asked(mo
     (mods / "mods" / "nets.py").rename(mods / "mods" / "moved.py")
     r = run("benchmark", "m.onnx", "--rebuild-module", *BENCH_FAST)
     assert r.exit_code == 0, r.output
-    assert not _torch_rows(r.output) and json.loads(r.stdout)["embedding"]
+    assert not _torch_rows(r.stdout) and json.loads(r.stdout)["embedding"]
     assert any(
         "no torch baseline: mods/nets.py:feature_map could not be rebuilt (--module file mods/nets.py not found" in n
         for n in json.loads(r.stdout)["notes"]

@@ -471,6 +471,8 @@ def run_benchmark(
             config.batch_sizes,
             config.data_dir,
         )
+        if rebuild_module:
+            _check_rebuild(variants[0])
         warn_if_busy(others, threads)
         report = BenchReport(machine_info(), config.to_dict(), variants, unavailable=unavailable)
         report.notes += variant_notes(paths, variants, workdir is None)
@@ -500,6 +502,16 @@ def run_benchmark(
     return report
 
 
+def _check_rebuild(first: ModelVariant) -> None:
+    """``--rebuild-module`` is for a module exported without weights only (one with weights takes them)."""
+    if not (first.module and not first.weights_sha256):
+        what = f"was exported from {first.module} with weights: pass them with --checkpoint" if first.module else ""
+        raise InputError(
+            "--rebuild-module is for a model `edgemeta export --module` made without weights; "
+            f"{first.path.name} {what or 'is not one'}; leave --rebuild-module out"
+        )
+
+
 def _torch_baseline(
     checkpoint: Path | None, first: ModelVariant, config: BenchConfig, rebuild_module: bool = False
 ) -> tuple[TorchBaseline | None, str]:
@@ -510,12 +522,6 @@ def _torch_baseline(
     model file is untrusted, so only when the user asks. ``--checkpoint`` names its weights,
     checked against the recorded hash; one exported without weights needs ``rebuild_module``
     (``--rebuild-module``), and a note says why not where it cannot be rebuilt."""
-    if rebuild_module and not (first.module and not first.weights_sha256):
-        what = f"was exported from {first.module} with weights: pass them with --checkpoint" if first.module else ""
-        raise InputError(
-            "--rebuild-module is for a model `edgemeta export --module` made without weights; "
-            f"{first.path.name} {what or 'is not one'}; leave --rebuild-module out"
-        )
     if not config.torch_baseline:
         return None, ""
     threads = config.resolved_threads
