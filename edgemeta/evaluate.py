@@ -256,7 +256,8 @@ def _recorded_split(dataset: str, data: ImageSet, split: ClassSplit | None, whic
         return data
     if which not in FOLDER_SPLITS:
         raise InputError(
-            f"--split {which!r}: the checkpoint was trained on an image folder; use one of {', '.join(FOLDER_SPLITS)}"
+            f"--split {which!r}: {dataset} has no splits of its own, so the class split the checkpoint records "
+            f"applies; use one of {', '.join(FOLDER_SPLITS)}"
         )
     if which == "test":
         return novel_classes(data, split, "evaluate on classes the model never saw")

@@ -602,9 +602,14 @@ def _matching(
 
 
 def _module_from_metadata(
-    meta: ModelMetadata, model_path: str | os.PathLike, weights: str | os.PathLike | None
+    meta: ModelMetadata, model_path: str | os.PathLike, weights: str | os.PathLike | None, rebuild_module: bool
 ) -> nn.Module:
-    """The module an ``export --module`` model was made from, rebuilt from its metadata and ``weights``."""
+    """The module an ``export --module`` model was made from, rebuilt from its metadata and ``weights``.
+
+    Rebuilding imports the code the metadata names (a module from the current folder, or a .py
+    file it executes) and calls its factory. The metadata is as untrusted as the model file, so
+    that happens only when the user asks: by giving the weights with -c, or for a module exported
+    without weights, with ``rebuild_module`` (``--rebuild-module``)."""
     extra = meta.extra
     want = extra.get("weights_sha256") or ""
     if want and weights is None:
@@ -615,7 +620,12 @@ def _module_from_metadata(
     if weights is not None and not want:
         raise InputError(
             f"{Path(model_path).name} was exported from {extra['module']} without weights; leave out -c "
-            "(the module is rebuilt from the model's metadata)"
+            "(add --rebuild-module to rebuild the module from the model's metadata)"
+        )
+    if weights is None and not rebuild_module:
+        raise InputError(
+            f"{Path(model_path).name} was exported from {extra['module']} without weights: rebuilding it imports "
+            "and runs the code its metadata names; add --rebuild-module if you trust that code"
         )
     if weights is not None and file_sha256(weights) != want:
         raise ModelMismatchError(
@@ -636,11 +646,15 @@ def _module_from_metadata(
 
 
 def _reference(
-    model: onnx.ModelProto, model_path: str | os.PathLike, reference: str | os.PathLike | None
+    model: onnx.ModelProto,
+    model_path: str | os.PathLike,
+    reference: str | os.PathLike | None,
+    rebuild_module: bool = False,
 ) -> tuple[nn.Module, ModelMetadata, str | None, ClassSplit | None]:
     """What a model is checked against, wherever it came from: the checkpoint, the user's module
-    (rebuilt from the metadata) or, for ``edgemeta wrap``, the original ONNX file. Returns the
-    reference, the model's metadata, the data set and class split recorded with it."""
+    (rebuilt from the metadata, only when asked: see :func:`_module_from_metadata`) or, for
+    ``edgemeta wrap``, the original ONNX file. Returns the reference, the model's metadata, the
+    data set and class split recorded with it."""
     meta = read_metadata(model)
     if meta is None:
         raise InputError(f"{model_path} has no edgemeta metadata; export it with `edgemeta export` or `edgemeta wrap`")
@@ -654,23 +668,27 @@ def _reference(
             )
         return reference_from_metadata(meta, reference), meta, None, None
     if source in ("module", "extractor") and meta.extra.get("module"):
-        return _module_from_metadata(meta, model_path, reference), meta, None, None
+        return _module_from_metadata(meta, model_path, reference, rebuild_module), meta, None, None
     if reference is None:
         raise InputError(f"pass the checkpoint {Path(model_path).name} was exported from with -c")
     ck, meta = _matching(model, model_path, reference)
     return ck.model, meta, recorded_dataset(ck.info), recorded_split(ck.info)
 
 
-def source_model(model_path: str | os.PathLike, reference: str | os.PathLike | None = None) -> nn.Module:
+def source_model(
+    model_path: str | os.PathLike, reference: str | os.PathLike | None = None, rebuild_module: bool = False
+) -> nn.Module:
     """The torch module an exported model was made from, in eval mode: its checkpoint's model, or
     the ``export --module`` factory re-imported from the metadata with ``reference`` (its weights,
-    whose SHA-256 must be the recorded one; none when it was exported without weights). The route
+    whose SHA-256 must be the recorded one; none when it was exported without weights, which
+    needs ``rebuild_module``: the user's consent to run the code the metadata names). The route
     ``verify_model`` and ``quantize_model`` take, for callers that time or probe the module
     (``edgemeta benchmark --checkpoint``).
 
     Raises:
-        InputError: no edgemeta metadata, a wrapped ONNX model (its source is no torch module), or
-            ``reference`` missing where the model needs one.
+        InputError: no edgemeta metadata, a wrapped ONNX model (its source is no torch module),
+            ``reference`` missing where the model needs one, or a module without weights and
+            without ``rebuild_module``.
         ModelMismatchError: ``reference`` is not what the model was made from.
     """
     model = load_model(model_path)
@@ -680,7 +698,7 @@ def source_model(model_path: str | os.PathLike, reference: str | os.PathLike | N
             f"{Path(model_path).name} was wrapped from the ONNX file {meta.extra.get('source_file')}, not made from a "
             "torch module: it has no torch baseline; leave out --checkpoint"
         )
-    return _reference(model, model_path, reference)[0].eval()
+    return _reference(model, model_path, reference, rebuild_module)[0].eval()
 
 
 def verify_model(
@@ -689,13 +707,14 @@ def verify_model(
     options: ExportOptions = ExportOptions(),
     progress: Progress | None = None,
     write_figures: bool = False,
+    rebuild_module: bool = False,
 ) -> VerificationReport:
     """Verify an exported (or wrapped) model against what it came from: its checkpoint, its
     module's weights, or the original ONNX file. The model file is left as it is, unless
     ``write_figures``: then, when it passes, its metadata gets the figures (written atomically).
-    A failure changes nothing."""
+    A failure changes nothing. ``rebuild_module``: see :func:`source_model`."""
     model = load_model(model_path)
-    reference, meta, dataset, split = _reference(model, model_path, checkpoint)
+    reference, meta, dataset, split = _reference(model, model_path, checkpoint, rebuild_module)
     data = labelled_images(novel_images(options.data or dataset, meta.preprocess, options.data_dir, split=split))
     report = verify(model, reference, data, options.verify or VerifySpec(), progress, name=str(model_path))
     if write_figures:
@@ -709,12 +728,14 @@ def quantize_model(
     out: str | os.PathLike,
     options: ExportOptions = ExportOptions(),
     progress: Progress | None = None,
+    rebuild_module: bool = False,
 ) -> ExportOutcome:
     """int8 variant of an exported (or wrapped) fp32 model, calibrated on base-class images and
-    verified against what it came from (see :func:`verify_model`); written once, to ``out``."""
+    verified against what it came from (see :func:`verify_model`); written once, to ``out``.
+    ``rebuild_module``: see :func:`source_model`."""
     out = check_outputs(out, options, model_path, *([checkpoint] if checkpoint else []))
     model = load_model(model_path)
-    reference, meta, dataset, split = _reference(model, model_path, checkpoint)
+    reference, meta, dataset, split = _reference(model, model_path, checkpoint, rebuild_module)
     refuse_fixed_batch(Path(model_path), "calibration", model=model)
     data = _verification_data(options, dataset, meta.preprocess, split)
     report_stage(progress, "calibrating int8")

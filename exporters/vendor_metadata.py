@@ -7,6 +7,11 @@ holding a JSON list, a comma or space separated list or one number, or a JSON do
 configs (``image_mean``, ``image_std``, ``do_normalize``, ``crop_size``/``size``).
 ``edgemeta wrap`` uses it where its options say nothing; an option always wins.
 
+A Hugging Face config that rescales pixels other than by 1/255 (``do_rescale`` false, or another
+``rescale_factor``) states its mean and std on another scale: it is refused, not guessed at.
+The file is untrusted: an overlong value, JSON nested too deep, a number out of range and an
+input size over :data:`MAX_SIDE` are each refused in one line, before any of it is used.
+
 Values are normalized to edgemeta's convention (mean and std of [0, 1] pixels): a pair with
 any value above 1 is on the 0-255 scale and is divided by 255, mean and std together. Keys
 that are found but cannot be read, and sources that disagree, raise one :class:`InputError`
@@ -15,7 +20,6 @@ naming each (never a silent guess); the fix is to pass ``--mean`` and ``--std``.
 
 from __future__ import annotations
 
-import json
 import math
 import re
 from dataclasses import dataclass
@@ -24,6 +28,8 @@ from typing import Any
 import onnx
 
 from edgemeta.runtime.errors import InputError
+from edgemeta.runtime.schema import SchemaError
+from edgemeta.runtime.schema import loads as strict_loads
 
 __all__ = ["FileNormalization", "metadata_normalization", "metadata_size"]
 
@@ -40,6 +46,26 @@ PAIRS = (
 DOCUMENTS = ("preprocessor_config", "preprocessing", "preprocessor", "preprocess", "image_processor")
 # how close two sources must be to count as saying the same (0.229 and 58.395 / 255 agree)
 AGREE = 1e-3
+#: longest metadata value read, in characters: an image processor config is well under 4 KB
+MAX_VALUE = 64 * 1024
+#: largest input side taken from the metadata; the largest photo backbones take 600
+MAX_SIDE = 4096
+
+
+def _json(text: str) -> Any:
+    """``text`` parsed as untrusted JSON: bounded length and depth, no NaN (runtime.schema).
+
+    Raises:
+        SchemaError: too long, too deep or not JSON, in words.
+    """
+    return strict_loads(text, limit=MAX_VALUE)
+
+
+def _too_long(key: str, value: str, problems: list[str]) -> bool:
+    if len(value) <= MAX_VALUE:
+        return False
+    problems.append(f"metadata key {key!r} is {len(value):,} characters long, over the limit of {MAX_VALUE:,}")
+    return True
 
 
 @dataclass(frozen=True)
@@ -71,8 +97,8 @@ def _numbers(value: Any) -> tuple[float, ...] | None:
     if isinstance(value, str):
         text = value.strip()
         try:
-            value = json.loads(text)
-        except ValueError:
+            value = _json(text)
+        except SchemaError:
             parts = [p for p in re.split(r"[,;\s]+", text.strip("[]()")) if p]
             try:
                 value = [float(p) for p in parts]
@@ -84,7 +110,10 @@ def _numbers(value: Any) -> tuple[float, ...] | None:
         value = [value]
     if not isinstance(value, list) or not value or not all(isinstance(v, (int, float)) for v in value):
         return None
-    out = tuple(float(v) for v in value)
+    try:
+        out = tuple(float(v) for v in value)
+    except OverflowError:  # an integer too large for a float (400 digits)
+        return None
     return out if all(math.isfinite(v) for v in out) else None
 
 
@@ -108,10 +137,12 @@ def _pair(mean: Any, std: Any, source: str, channels: int, problems: list[str]) 
 
 
 def _document(key: str, text: str, problems: list[str]) -> dict[str, Any] | None:
+    if _too_long(key, text, problems):
+        return None
     try:
-        doc = json.loads(text)
-    except ValueError:
-        problems.append(f"metadata key {key!r} is not a JSON document")
+        doc = _json(text)
+    except SchemaError as e:
+        problems.append(f"metadata key {key!r} is not a JSON document we read ({e})")
         return None
     if not isinstance(doc, dict):
         problems.append(f"metadata key {key!r} is not a JSON object")
@@ -124,6 +155,8 @@ def _from_document(key: str, doc: dict[str, Any], channels: int, problems: list[
     nested = lowered.get("normalize")
     if isinstance(nested, dict):  # {"normalize": {"mean": ..., "std": ...}}
         lowered = {**{k.lower(): v for k, v in nested.items()}, **lowered}
+    if not _unit_rescale(key, lowered, problems):
+        return None
     if lowered.get("do_normalize") is False:
         return FileNormalization((0.0,), (1.0,), f"metadata key {key!r} (do_normalize false: mean 0, std 1)")
     for m, s in PAIRS:
@@ -134,6 +167,28 @@ def _from_document(key: str, doc: dict[str, Any], channels: int, problems: list[
                 return None
             return _pair(lowered[m], lowered[s], f"metadata key {key!r} ({m}/{s})", channels, problems)
     return None
+
+
+def _unit_rescale(key: str, doc: dict[str, Any], problems: list[str]) -> bool:
+    """Whether a Hugging Face config's pixels are rescaled to [0, 1] before its mean and std
+    apply (``do_rescale`` true or absent, ``rescale_factor`` about 1/255 or absent), as
+    edgemeta's are; where not, its mean and std are on another scale and the problem is named."""
+    rescale, factor = doc.get("do_rescale", True), doc.get("rescale_factor")
+    if rescale is False:
+        problems.append(f"metadata key {key!r} has do_rescale false (pixels 0-255 as they are, not edgemeta's [0, 1])")
+        return False
+    if rescale is not True:
+        problems.append(f"metadata key {key!r} has do_rescale {str(rescale)[:60]!r}, not true or false")
+        return False
+    if factor is None:
+        return True
+    f = _numbers(factor) if not isinstance(factor, str) else None
+    if f is None or len(f) != 1 or abs(f[0] * 255 - 1) > AGREE:
+        problems.append(
+            f"metadata key {key!r} rescales pixels by {str(factor)[:60]} (rescale_factor), not 1/255 as edgemeta does"
+        )
+        return False
+    return True
 
 
 def metadata_normalization(model: onnx.ModelProto, channels: int) -> FileNormalization | None:
@@ -151,6 +206,8 @@ def metadata_normalization(model: onnx.ModelProto, channels: int) -> FileNormali
             if m not in props or s not in props:
                 half, other = (props[m][0], s) if m in props else (props[s][0], m)
                 problems.append(f"metadata key {half!r} has no matching {other!r}")
+                continue
+            if _too_long(props[m][0], props[m][1], problems) or _too_long(props[s][0], props[s][1], problems):
                 continue
             source = f"metadata key {props[m][0]!r}/{props[s][0]!r}"
             pair = _pair(props[m][1], props[s][1], source, channels, problems)
@@ -176,21 +233,32 @@ def metadata_normalization(model: onnx.ModelProto, channels: int) -> FileNormali
 def metadata_size(model: onnx.ModelProto) -> tuple[tuple[int, int], str] | None:
     """The input size an image processor config in the metadata states (``crop_size``, else
     ``size``, as an int, [H, W] or {"height", "width"}), and where; None where none is readable.
-    Only for a graph whose input size is free: a fixed input shape is what the graph runs."""
+    Only for a graph whose input size is free: a fixed input shape is what the graph runs.
+
+    Raises:
+        InputError: the size stated is over :data:`MAX_SIDE` (the fix: ``--size``).
+    """
     props = _props(model)
     for key in DOCUMENTS:
-        if key not in props:
+        if key not in props or len(props[key][1]) > MAX_VALUE:
             continue
         try:
-            doc = json.loads(props[key][1])
-        except ValueError:
+            doc = _json(props[key][1])
+        except SchemaError:
             continue
         if not isinstance(doc, dict):
             continue
         for field in ("crop_size", "size"):
             hw = _hw(doc.get(field))
-            if hw is not None:
-                return hw, f"metadata key {props[key][0]!r} ({field})"
+            if hw is None:
+                continue
+            where = f"metadata key {props[key][0]!r} ({field})"
+            if max(hw) > MAX_SIDE:
+                raise InputError(
+                    f"the model's {where} states an input size of {hw[0]}x{hw[1]}, over the limit of {MAX_SIDE} "
+                    "per side; pass --size"
+                )
+            return hw, where
     return None
 
 

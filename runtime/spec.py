@@ -122,6 +122,11 @@ class PreprocessSpec:
         h, w = self.size
         if h <= 0 or w <= 0:
             raise InputError(f"preprocess size must be positive, got {self.size}")
+        if max(h, w) > MAX_SIDE or h * w > MAX_INPUT_PIXELS:  # what a model's metadata may say (from_dict)
+            raise InputError(
+                f"preprocess size {h}x{w} is over the limit of {MAX_SIDE} per side and {MAX_INPUT_PIXELS:,} pixels; "
+                "give a smaller input size (--size)"
+            )
         if self.channels not in (1, 3):
             raise InputError(f"channels must be 1 or 3, got {self.channels}")
         if len(self.mean) != self.channels or len(self.std) != self.channels:

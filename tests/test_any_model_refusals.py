@@ -104,3 +104,17 @@ def test_benchmark_refuses_a_checkpoint_for_a_wrapped_model(tmp_path):
     assert r.exit_code == 0, r.output
     r = run("benchmark", tmp_path / "w.onnx", "--checkpoint", src, "--providers", "cpu", "--runs", "3")
     one_line_error(r, "w.onnx was wrapped from the ONNX file f.onnx", "no torch baseline and no --checkpoint")
+
+
+def test_benchmark_of_a_wrapped_model_says_it_has_no_torch_baseline_not_pass_checkpoint(tmp_path):
+    import json
+
+    src = _foreign(tmp_path / "f.onnx")
+    r = run("wrap", src, "-o", tmp_path / "w.onnx", "--mean", "0", "--std", "1", "--no-verify")
+    assert r.exit_code == 0, r.output
+    fast = ["--providers", "cpu", "--batch-sizes", "1", "--classes", "1", "--threads", "1", "--warmup", "1"]
+    r = run("benchmark", tmp_path / "w.onnx", *fast, "--runs", "3", "--rounds", "1", "--no-cold-start", "--json")
+    assert r.exit_code == 0, r.output
+    notes = [n for n in json.loads(r.stdout)["notes"] if "no torch baseline" in n]
+    assert notes and all("--checkpoint" not in n for n in notes), notes
+    assert "w.onnx was wrapped from the ONNX file f.onnx" in notes[0]

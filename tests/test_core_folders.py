@@ -170,7 +170,8 @@ def test_a_folder_of_nothing_but_training_classes_is_refused(folder_run, tmp_pat
     r = runner.invoke(app, ["evaluate", str(ckpt), "--split", "background", "--episodes", "1"])
     assert (
         r.exit_code == 1
-        and "--split 'background': the checkpoint was trained on an image folder; use one of test, val, train, all"
+        and "has no splits of its own, so the class split the checkpoint records applies; "
+        "use one of test, val, train, all"
         in r.output
     )
 
@@ -327,6 +328,13 @@ def test_a_digits_model_is_evaluated_on_its_novel_digits_only(digits_run):
     # all ten digits are no longer novel: 6-way cannot be drawn from the five held out
     with pytest.raises(DataError, match="has 5 classes, fewer than 6-way"):
         run_evaluation(digits_run, n_ways=[6], episodes=1)
+    # the digits have no splits of their own: the message says so, not that they are an image folder
+    with pytest.raises(InputError) as e:
+        run_evaluation(digits_run, split="background", episodes=1)
+    assert str(e.value) == (
+        "--split 'background': digits has no splits of its own, so the class split the checkpoint records "
+        "applies; use one of test, val, train, all"
+    )
     # without a recorded split the digits still name no base classes to calibrate on
     with pytest.raises(InputError, match="has no known base split"):
         D.base_images("digits", pp)

@@ -188,28 +188,36 @@ def test_benchmark_checkpoint_rebuilds_the_module_and_refuses_other_weights(mods
     assert r.exit_code == 0, r.output
     r = run("benchmark", "v.onnx", "--checkpoint", "w.safetensors", *BENCH_FAST)
     assert r.exit_code == 0, r.output
-    rows = _torch_rows(r.output)
+    rows = _torch_rows(r.stdout)
     assert rows and all(row["latency"]["p50_ms"] > 0 for row in rows), rows
-    assert not any("no torch baseline" in n for n in json.loads(r.output)["notes"])
+    assert not any("no torch baseline" in n for n in json.loads(r.stdout)["notes"])
     r = run("benchmark", "v.onnx", "--checkpoint", "other.safetensors", *BENCH_FAST[:-1])  # without --json
     assert r.exit_code == 1 and "other.safetensors is not the weights v.onnx was exported with" in r.output
     assert len(r.output.strip().splitlines()) == 1
     r = run("benchmark", "v.onnx", *BENCH_FAST)  # no weights given: ONNX Runtime rows only, and a note says why
     assert r.exit_code == 0, r.output
-    doc = json.loads(r.output)
-    assert not _torch_rows(r.output)
+    doc = json.loads(r.stdout)
+    assert not _torch_rows(r.stdout)
     assert any("pass --checkpoint with the weights mods/nets.py:vector was exported with" in n for n in doc["notes"])
 
 
-def test_benchmark_rebuilds_a_module_exported_without_weights_and_refuses_a_checkpoint(mods):
+def test_benchmark_rebuilds_a_module_exported_without_weights_only_when_asked(mods):
     r = run("export", "--module", "mods/nets.py:feature_map", *ARGS, "--pool", "avg", "-o", "m.onnx")
     assert r.exit_code == 0, r.output
-    r = run("benchmark", "m.onnx", *BENCH_FAST)
+    r = run("benchmark", "m.onnx", *BENCH_FAST)  # not asked: the code the metadata names is not run
     assert r.exit_code == 0, r.output
-    assert _torch_rows(r.output)
+    assert not _torch_rows(r.stdout) and json.loads(r.stdout)["embedding"]
+    assert any(
+        "m.onnx was exported from mods/nets.py:feature_map without weights" in n and "add --rebuild-module" in n
+        for n in json.loads(r.stdout)["notes"]
+    )
+    r = run("benchmark", "m.onnx", "--rebuild-module", *BENCH_FAST)
+    assert r.exit_code == 0, r.output
+    assert _torch_rows(r.stdout)
     save_file(_load_nets(mods, "nets_for_bench2").feature_map().state_dict(), str(mods / "w.safetensors"))
     r = run("benchmark", "m.onnx", "--checkpoint", "w.safetensors", *BENCH_FAST)
     assert r.exit_code == 1 and "exported from mods/nets.py:feature_map without weights" in r.output
+    assert "add --rebuild-module" in r.output
     r = run("verify", "m.onnx", "-c", "w.safetensors", "--data", "omniglot", "--episodes", "10")
     assert (
         r.exit_code == 1
@@ -217,10 +225,54 @@ def test_benchmark_rebuilds_a_module_exported_without_weights_and_refuses_a_chec
     )
     # the module's code gone: the ONNX Runtime rows stand and a note says why torch has none
     (mods / "mods" / "nets.py").rename(mods / "mods" / "moved.py")
-    r = run("benchmark", "m.onnx", *BENCH_FAST)
+    r = run("benchmark", "m.onnx", "--rebuild-module", *BENCH_FAST)
     assert r.exit_code == 0, r.output
-    assert not _torch_rows(r.output) and json.loads(r.stdout)["embedding"]
+    assert not _torch_rows(r.stdout) and json.loads(r.stdout)["embedding"]
     assert any(
         "no torch baseline: mods/nets.py:feature_map could not be rebuilt (--module file mods/nets.py not found" in n
         for n in json.loads(r.stdout)["notes"]
     )
+
+
+def test_rebuild_module_is_refused_for_a_model_with_weights(mods):
+    nets = _load_nets(mods, "nets_for_bench3")
+    save_file(nets.vector().state_dict(), str(mods / "w.safetensors"))
+    r = run("export", "--module", "mods/nets.py:vector", "--weights", "w.safetensors", *ARGS, "-o", "v.onnx")
+    assert r.exit_code == 0, r.output
+    r = run("benchmark", "v.onnx", "--rebuild-module", *BENCH_FAST[:-1])
+    assert r.exit_code == 1 and "--rebuild-module is for a model `edgemeta export --module` made without" in r.output
+    assert "pass them with --checkpoint" in r.output and len(r.output.strip().splitlines()) == 1
+
+
+# A model file is untrusted: its metadata may name any module. This one leaves a mark when imported.
+PLANTED = """
+    from pathlib import Path
+
+    import torch
+    from torch import nn
+
+    Path("RAN").write_text("imported")
+
+    def net():
+        torch.manual_seed(0)  # the same module each time it is built: there are no weights
+        return nn.Sequential(nn.Conv2d(1, 8, 3, padding=1), nn.ReLU(), nn.AdaptiveAvgPool2d(2), nn.Flatten())
+    """
+
+
+def test_no_command_runs_the_code_a_model_names_unless_asked(mods):
+    (mods / "mods" / "planted.py").write_text(textwrap.dedent(PLANTED))
+    r = run("export", "--module", "mods/planted.py:net", *ARGS, "-o", "p.onnx", "--no-verify")
+    assert r.exit_code == 0, r.output
+    (mods / "RAN").unlink()  # the export imported it, as asked
+    r = run("benchmark", "p.onnx", *BENCH_FAST)
+    assert r.exit_code == 0, r.output
+    assert not (mods / "RAN").exists(), "benchmark imported the module the model's metadata names"
+    r = run("verify", "p.onnx", "--data", "omniglot", "--episodes", "10")
+    assert r.exit_code == 1 and "add --rebuild-module if you trust that code" in r.output
+    assert len(r.output.strip().splitlines()) == 1
+    r = run("quantize", "p.onnx", "-o", "p.int8.onnx", "--no-verify", "--calibration-data", "omniglot")
+    assert r.exit_code == 1 and "add --rebuild-module if you trust that code" in r.output
+    assert not (mods / "RAN").exists() and not (mods / "p.int8.onnx").exists()
+    r = run("verify", "p.onnx", "--rebuild-module", "--data", "omniglot", "--episodes", "10", "--json")
+    assert r.exit_code == 0, r.output
+    assert (mods / "RAN").exists()  # asked: rebuilt from the metadata

@@ -200,3 +200,67 @@ def test_a_free_input_size_comes_from_the_image_processor_config(tmp_path):
     r = wrap(src, "-o", tmp_path / "w2.onnx", "--size", "20")  # the option wins
     assert r.exit_code == 0, r.output
     assert inspect(tmp_path / "w2.onnx")["metadata"]["preprocess"]["size"] == [20, 20]
+
+
+# ---------------------------------------------------------------- crafted metadata: one line, never a traceback
+
+DEEP_LIST, DEEP_DOC = "[" * 100_000, '{"a":' * 100_000
+
+
+@pytest.mark.parametrize(
+    "props, message",
+    [
+        ({"mean": DEEP_LIST, "std": "1"}, "metadata key 'mean' is 100,000 characters long, over the limit of 65,536"),
+        ({"mean": "[" * 1000, "std": "1"}, "not a number or a list of numbers"),  # short, but nested too deep
+        ({"preprocessor_config": DEEP_DOC}, "'preprocessor_config' is 500,000 characters long, over the limit"),
+        ({"preprocessor_config": '{"a":' * 1000}, "nested 1000 levels deep, over the limit of 32"),
+        ({"mean": "1" + "0" * 400, "std": "1"}, "not a number or a list of numbers"),  # too large for a float
+        ({"mean": "[1" + "0" * 400 + "]", "std": "1"}, "not a number or a list of numbers"),
+        ({"mean": "1e999", "std": "1"}, "not a number or a list of numbers"),
+        ({"preprocessor_config": '{"image_mean": [NaN, 0, 0], "image_std": [1, 1, 1]}'}, "not a JSON number"),
+    ],
+)
+def test_crafted_metadata_is_refused_in_one_line(props, message):
+    with pytest.raises(InputError) as e:
+        metadata_normalization(_model(props), 3)
+    assert message in str(e.value) and "pass --mean and --std" in str(e.value)
+    assert metadata_size(_model(props)) is None  # unreadable: no size from it either
+
+
+@pytest.mark.parametrize(
+    "config, message",
+    [
+        ({"do_rescale": False}, "has do_rescale false (pixels 0-255 as they are"),
+        ({"rescale_factor": 1 / 127.5}, "rescales pixels by 0.00784313725490196 (rescale_factor), not 1/255"),
+        ({"do_rescale": True, "rescale_factor": "0.5"}, "rescales pixels by 0.5 (rescale_factor), not 1/255"),
+        ({"do_rescale": "yes"}, "has do_rescale 'yes', not true or false"),
+    ],
+)
+def test_a_config_that_rescales_pixels_otherwise_is_refused(config, message):
+    doc = {"image_mean": [0.5] * 3, "image_std": [0.5] * 3, **config}
+    with pytest.raises(InputError) as e:
+        metadata_normalization(_model({"preprocessor_config": json.dumps(doc)}), 3)
+    assert message in str(e.value) and "pass --mean and --std" in str(e.value)
+
+
+def test_a_config_that_rescales_by_1_over_255_is_read():
+    doc = {"image_mean": [0.5] * 3, "image_std": [0.25] * 3, "do_rescale": True, "rescale_factor": 0.00392156862745098}
+    stated = metadata_normalization(_model({"preprocessor_config": json.dumps(doc)}), 3)
+    assert stated is not None and stated.mean == (0.5,) * 3 and stated.std == (0.25,) * 3
+
+
+def test_an_input_size_over_the_limit_is_refused(tmp_path):
+    config = {"image_mean": [0.5] * 3, "image_std": [0.5] * 3, "crop_size": 100_000}
+    model = _model({"preprocessor_config": json.dumps(config)}, shape=("n", 3, "h", "w"))
+    with pytest.raises(InputError, match="input size of 100000x100000, over the limit of 4096 per side; pass --size"):
+        metadata_size(model)
+    src = _save(model, tmp_path / "m.onnx")
+    r = wrap(src, "-o", tmp_path / "w.onnx")
+    assert r.exit_code == 1 and len(r.output.strip().splitlines()) == 1
+    assert "--size: the model's metadata key 'preprocessor_config' (crop_size) states an input size" in r.output
+    r = wrap(src, "-o", tmp_path / "w.onnx", "--size", "100000")
+    assert r.exit_code == 1 and len(r.output.strip().splitlines()) == 1
+    assert "preprocess size 100000x100000 is over the limit of 8192 per side" in r.output
+    assert not (tmp_path / "w.onnx").exists()
+    r = wrap(src, "-o", tmp_path / "w.onnx", "--size", "20")  # the option wins over the metadata's size
+    assert r.exit_code == 0, r.output

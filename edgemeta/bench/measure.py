@@ -325,13 +325,16 @@ def measure_cold_start(variant: ModelVariant, provider: str, config: BenchConfig
 class TorchBaseline:
     """torch eager from the checkpoint: eval mode, inference mode, the benchmark's thread count.
     For an `export --module` model, the module is rebuilt from the model's metadata and
-    ``checkpoint`` is its weights file (None when it was exported without weights), as
+    ``checkpoint`` is its weights file (None when it was exported without weights: then only
+    with ``rebuild_module``, the user's consent to run the code the metadata names), as
     ``edgemeta verify`` rebuilds it.
 
     On CUDA its input and output stay on the GPU, while each ONNX Runtime call copies the
     images in and the embeddings out: the ratio to torch on a GPU favours torch."""
 
-    def __init__(self, checkpoint: Path | None, threads: int, variant: ModelVariant | None = None) -> None:
+    def __init__(
+        self, checkpoint: Path | None, threads: int, variant: ModelVariant | None = None, rebuild_module: bool = False
+    ) -> None:
         try:
             import torch
         except ImportError:
@@ -345,7 +348,7 @@ class TorchBaseline:
                 from edgemeta.exporters import source_model
             except ImportError as e:
                 raise InputError(f"the torch baseline of {variant.module} needs the exporters: {e}") from None
-            model = source_model(variant.path, checkpoint)
+            model = source_model(variant.path, checkpoint, rebuild_module)
         else:
             if checkpoint is None:
                 raise InputError("the torch baseline needs --checkpoint (the checkpoint the model was exported from)")

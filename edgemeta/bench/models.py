@@ -351,7 +351,7 @@ def _check_weights(variants: Sequence[ModelVariant], weights: Path) -> None:
     if not first.weights_sha256:
         raise InputError(
             f"{first.path.name} was exported from {first.module} without weights, so it has no --checkpoint: leave it "
-            "out (the torch baseline is rebuilt from the model's metadata)"
+            "out (add --rebuild-module to rebuild the torch baseline from the model's metadata)"
         )
     if weights.is_dir() or not weights.is_file():
         raise CheckpointError(f"--checkpoint {weights} is not a file; pass the weights {first.path.name} was made with")

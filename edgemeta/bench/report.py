@@ -428,6 +428,7 @@ def run_benchmark(
     checkpoint: str | os.PathLike | None = None,
     workdir: str | os.PathLike | None = None,
     progress: ProgressFn | None = None,
+    rebuild_module: bool = False,
 ) -> BenchReport:
     """Benchmark exported models on every requested provider and precision (see the module doc).
 
@@ -438,6 +439,9 @@ def run_benchmark(
             baseline, and lets missing precisions be made. Its fingerprint must match.
         workdir: where precision variants made on the fly are written (default: a temp folder).
         progress: called as ``progress(done, total, what)`` before each step.
+        rebuild_module: an `export --module` model exported without weights: rebuild its module
+            from the code its metadata names for the torch baseline (the user's consent to run
+            that code; never done unasked).
 
     Raises:
         InputError: a model file is missing, not ONNX, or breaks the edgemeta contract; bad settings.
@@ -467,6 +471,8 @@ def run_benchmark(
             config.batch_sizes,
             config.data_dir,
         )
+        if rebuild_module:
+            _check_rebuild(variants[0])
         warn_if_busy(others, threads)
         report = BenchReport(machine_info(), config.to_dict(), variants, unavailable=unavailable)
         report.notes += variant_notes(paths, variants, workdir is None)
@@ -476,7 +482,7 @@ def run_benchmark(
             for v in variants
             if v.fixed_batch and v.fixed_batch > 1
         ]
-        baseline, no_baseline = _torch_baseline(ckpt, variants[0], config) if variants else (None, "")
+        baseline, no_baseline = _torch_baseline(ckpt, variants[0], config, rebuild_module) if variants else (None, "")
         steps = _Steps(_n_steps(config, providers, len(variants)), progress)
         try:
             _run_all(providers, variants, config, report, steps, baseline)
@@ -496,23 +502,44 @@ def run_benchmark(
     return report
 
 
+def _check_rebuild(first: ModelVariant) -> None:
+    """``--rebuild-module`` is for a module exported without weights only (one with weights takes them)."""
+    if not (first.module and not first.weights_sha256):
+        what = f"was exported from {first.module} with weights: pass them with --checkpoint" if first.module else ""
+        raise InputError(
+            "--rebuild-module is for a model `edgemeta export --module` made without weights; "
+            f"{first.path.name} {what or 'is not one'}; leave --rebuild-module out"
+        )
+
+
 def _torch_baseline(
-    checkpoint: Path | None, first: ModelVariant, config: BenchConfig
+    checkpoint: Path | None, first: ModelVariant, config: BenchConfig, rebuild_module: bool = False
 ) -> tuple[TorchBaseline | None, str]:
     """The torch eager baseline, or None and the note that says why there is none.
 
     A checkpoint's model needs ``--checkpoint``. An `export --module` model is rebuilt from its
-    metadata (as `edgemeta verify` does): ``--checkpoint`` names its weights, checked against the
-    recorded hash; one exported without weights is rebuilt unasked where torch and the module's
-    code are at hand, and a note says why not where they are not."""
+    metadata (as `edgemeta verify` does), which imports and runs the code the metadata names: the
+    model file is untrusted, so only when the user asks. ``--checkpoint`` names its weights,
+    checked against the recorded hash; one exported without weights needs ``rebuild_module``
+    (``--rebuild-module``), and a note says why not where it cannot be rebuilt."""
     if not config.torch_baseline:
         return None, ""
     threads = config.resolved_threads
     if first.module and checkpoint is None and not first.weights_sha256:
+        if not rebuild_module:
+            return None, (
+                f"no torch baseline: {first.path.name} was exported from {first.module} without weights; rebuilding "
+                "it imports and runs the code its metadata names: add --rebuild-module if you trust that code"
+            )
         try:
-            return TorchBaseline(None, threads, first), ""
+            return TorchBaseline(None, threads, first, rebuild_module=True), ""
         except EdgemetaError as e:
             return None, f"no torch baseline: {first.module} could not be rebuilt ({' '.join(str(e).split())[:200]})"
+    if first.wrapped_from:  # it came from an ONNX file, not from torch: --checkpoint is refused for it
+        return None, (
+            f"no torch baseline: {first.path.name} was wrapped from the ONNX file {first.wrapped_from}, "
+            "which is its reference (`edgemeta verify -c` checks against it); it has no torch module"
+        )
     if checkpoint is None:
         if first.module:
             return None, f"no torch baseline: pass --checkpoint with the weights {first.module} was exported with"

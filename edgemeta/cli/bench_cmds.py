@@ -70,6 +70,12 @@ def benchmark(
     checkpoint: Optional[Path] = typer.Option(
         None, "--checkpoint", help="The checkpoint the model came from: torch eager baseline, and missing precisions."
     ),
+    rebuild_module: bool = typer.Option(
+        False,
+        "--rebuild-module",
+        help="Torch baseline of an `export --module` model exported without weights: rebuild the module from the "
+        "code its metadata names (imports and runs it; only for a model file you trust).",
+    ),
     providers: str = typer.Option(
         "auto", help="auto (every provider this onnxruntime has; others reported unavailable) or e.g. cpu,cuda."
     ),
@@ -182,6 +188,7 @@ def benchmark(
     if _any_onnx(models, generic, dim, optimization, profile):
         generic_options = {
             "--checkpoint": checkpoint,
+            "--rebuild-module": rebuild_module or None,
             "--precisions": precisions or None,
             "--backprop-baseline": backprop_baseline or None,
             "--episodes": episodes,
@@ -247,7 +254,7 @@ def benchmark(
         **frames,
     )
     with _progress_bar(console.is_terminal) as progress:
-        report = run_benchmark(models, config, checkpoint=checkpoint, progress=progress)
+        report = run_benchmark(models, config, checkpoint=checkpoint, progress=progress, rebuild_module=rebuild_module)
     if json_out:
         emit_json(report.to_dict(samples=samples))
     else:

@@ -57,6 +57,10 @@ REFERENCE_HELP = (
     "What the model came from: its checkpoint, the --weights of an `export --module` model (none if it had none), "
     "or the original ONNX file of a wrapped model."
 )
+REBUILD_HELP = (
+    "An `export --module` model exported without weights: rebuild the module from the code its metadata names "
+    "(imports and runs it; only for a model file you trust)."
+)
 
 
 @contextlib.contextmanager
@@ -307,6 +311,7 @@ def verify_cmd(
     write_figures: bool = typer.Option(
         False, "--write-figures", help="Store the figures in the model's metadata when it passes (rewrites MODEL)."
     ),
+    rebuild_module: bool = typer.Option(False, "--rebuild-module", help=REBUILD_HELP),
     json_out: bool = typer.Option(False, "--json", help="Print the report as JSON."),
 ) -> None:
     """Check an exported model against its checkpoint on real images; the model file is left as it is."""
@@ -314,7 +319,9 @@ def verify_cmd(
 
     options = _options(Precision.FP32, 18, False, False, True, episodes, data, None, data_dir)
     with _progress(not json_out) as progress:
-        report = verify_model(model, checkpoint, options, progress, write_figures=write_figures)
+        report = verify_model(
+            model, checkpoint, options, progress, write_figures=write_figures, rebuild_module=rebuild_module
+        )
     if json_out:
         emit_json({"ok": True, **report.to_dict()})
     else:
@@ -341,6 +348,7 @@ def quantize_cmd(
     ort: bool = typer.Option(False, "--ort", help="Also write the ORT format (.ort)."),
     ort_optimization: str = typer.Option("basic", help=ORT_LEVEL_HELP),
     pixels: bool = typer.Option(True, "--pixels/--no-pixels", help=PIXELS_HELP),
+    rebuild_module: bool = typer.Option(False, "--rebuild-module", help=REBUILD_HELP),
     json_out: bool = typer.Option(False, "--json", help="Print the result as JSON."),
 ) -> None:
     """int8 static quantization (QDQ), calibrated on base-class images, verified on novel classes."""
@@ -365,7 +373,7 @@ def quantize_cmd(
         pixels,
     )
     with _progress(not json_out) as progress:
-        outcome = quantize_model(model, checkpoint, output, options, progress)
+        outcome = quantize_model(model, checkpoint, output, options, progress, rebuild_module=rebuild_module)
     _show_outcome(outcome, json_out)
 
 
@@ -481,9 +489,15 @@ def _wrap_spec(
     declared = declared_preprocess(foreign)
     problems, sources = [], []
     hw = declared["size"]
-    if size is None and hw is None and (read := metadata_size(foreign)) is not None:
-        hw = read[0]
-        sources.append(f"size {hw[0]}x{hw[1]} from the model's {read[1]}")
+    if size is None and hw is None:
+        try:
+            read = metadata_size(foreign)
+        except InputError as e:
+            problems.append(f"--size: {e}")
+            read = None
+        if read is not None:
+            hw = read[0]
+            sources.append(f"size {hw[0]}x{hw[1]} from the model's {read[1]}")
     if size is not None:
         try:
             parts = [int(v) for v in size.split(",")]
