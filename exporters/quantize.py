@@ -167,11 +167,12 @@ class QuantizeSpec:
 # what a QuantizeSpec's open settings (None) become, and where a backbone family needs other
 # values. EfficientNet-Lite: uint8 activations run it faster on x86 CPUs' int8 kernels, and its
 # first convolutions (wide maps, few channels) are where int8 rounding changes the most few-shot
-# decisions per layer kept in float (reports/photos_int8.md; measured on lite0, whose first
-# blocks the others share)
+# decisions per layer kept in float; 6 ends the float part after the second block, on a narrow
+# map, where handing over to int8 is cheap (reports/photos_int8.md; measured on lite0, whose
+# first blocks the others share)
 INT8_DEFAULTS: dict[str, Any] = {"activations": "int8", "float_first": 0}
 BACKBONE_INT8: dict[str, dict[str, Any]] = {
-    f"efficientnet_lite{v}": {"activations": "uint8", "float_first": 4} for v in range(3)
+    f"efficientnet_lite{v}": {"activations": "uint8", "float_first": 6} for v in range(3)
 }
 
 

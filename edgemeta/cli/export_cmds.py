@@ -51,7 +51,7 @@ LAYOUT_HELP = (
 FLOAT_FIRST_HELP = (
     "Keep the first N convolutions (the stem counts as one), each with the activation and pooling after it, in "
     "float32: for a model whose int8 decisions differ from torch's (docs/int8.md). Default: the backbone's "
-    "(efficientnet_lite*: 4; others: 0)."
+    "(efficientnet_lite*: 6; others: 0)."
 )
 FLOAT_NODES_HELP = (
     "Keep these backbone nodes in float32, by name, comma-separated (a name the model lacks is refused with the "
