@@ -347,7 +347,7 @@ def train_pretrained(
     check_size(spec)
     last = best = None
     if resume is not None:
-        last, best = check_resume(resume, spec)
+        last, best = check_resume(resume, spec, cfg)
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
     split = folder_split(cfg)  # a user's folder: base, validation and novel classes, recorded

@@ -123,16 +123,19 @@ def check_world_size(cfg: TrainConfig, step: int, world_size: int) -> None:
         )
 
 
-def check_resume(resume: Path, spec: ModelSpec) -> tuple[Path, Path]:
-    """The resume and best files of the run ``resume``, refused when it was trained with another spec."""
+def check_resume(resume: Path, spec: ModelSpec, cfg: TrainConfig) -> tuple[Path, Path]:
+    """The resume and best files of the run ``resume``, refused when it was trained with another
+    spec or another config (:func:`check_same_config`)."""
     last, best = resume_files(resume)
-    was = ModelSpec.from_dict(read_header(last)["spec"])
+    header = read_header(last)
+    was = ModelSpec.from_dict(header["spec"])
     if was != spec:
         raise CheckpointError(
             f"{last} was trained with {was.backbone} at size {was.preprocess.size[0]}, "
             f"{was.metric.value}, {was.normalization.value}, not this config; resume "
             "with the same --backbone, --size, --metric and --normalization"
         )
+    check_same_config(last, header.get("info", {}).get("config", {}), cfg)
     return last, best
 
 

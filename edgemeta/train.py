@@ -702,17 +702,8 @@ def _check_run(
     check_size(spec)
     step, files = 0, None
     if resume is not None:
-        last, best = files = resume_files(resume)
-        header = read_header(last)
-        was = ModelSpec.from_dict(header["spec"])
-        if was != spec:
-            raise CheckpointError(
-                f"{last} was trained with {was.backbone} at size {was.preprocess.size[0]}, "
-                f"{was.metric.value}, {was.normalization.value}, not this config; resume "
-                "with the same --backbone, --size, --metric and --normalization"
-            )
-        check_same_config(last, header.get("info", {}).get("config", {}), cfg)
-        step = int(header.get("info", {}).get("step", 0))
+        last, _ = files = check_resume(resume, spec, cfg)
+        step = int(read_header(last).get("info", {}).get("step", 0))
     check_world_size(cfg, step, env.world_size)
     return out, spec, files
 

@@ -13,12 +13,14 @@ int8 follows ONNX Runtime's recipe: ``quant_pre_process`` (shape inference and b
 optimization), then ``quantize_static`` with QDQ format, symmetric int8 weights per
 channel, calibrated on images of the training (base) classes only. Options
 (:class:`QuantizeSpec`): signed or unsigned activations, the stem (and the activation and
-pooling right after it) kept in float32, the weight encoding that picks ONNX Runtime's
+pooling right after it) kept in float32, the first N convolutions or named nodes kept in
+float32, the weight encoding that picks ONNX Runtime's
 int8 convolution kernel (direct or GEMM), and how the float stem hands over to int8.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import os
 import tempfile
@@ -50,7 +52,16 @@ from edgemeta.runtime.errors import ExportError, InputError
 from edgemeta.runtime.ort import open_session as open_ort_session
 from edgemeta.runtime.spec import INPUT_IMAGES, INPUT_PROTOTYPES, ModelMetadata, Precision
 
-__all__ = ["QuantizeSpec", "convert_fp16", "fp16_model", "to_fp16", "int8_model", "quantize_int8"]
+__all__ = [
+    "BACKBONE_INT8",
+    "INT8_DEFAULTS",
+    "QuantizeSpec",
+    "convert_fp16",
+    "fp16_model",
+    "to_fp16",
+    "int8_model",
+    "quantize_int8",
+]
 
 _FLOAT, _HALF = TensorProto.FLOAT, TensorProto.FLOAT16
 # (op, input index) pairs that stay float32 whatever the op's data type (scales, sizes)
@@ -72,8 +83,9 @@ class QuantizeSpec:
     op_types: tuple[str, ...] | None = None
     seed: int = 0
     # activations as signed (int8: S8S8) or unsigned (uint8: U8S8) integers. Which one is
-    # faster depends on the model and the CPU's int8 kernels: measure with `edgemeta benchmark`
-    activations: str = "int8"
+    # faster depends on the model and the CPU's int8 kernels: measure with `edgemeta benchmark`.
+    # None: the backbone's (BACKBONE_INT8), else int8
+    activations: str | None = None
     # keep the first convolution (the stem: 1 or 3 input channels, which int8 kernels
     # handle poorly) in float32, with the activation and pooling that follow it. None
     # (the default): the stem as ``stem_layout="auto"`` chooses it
@@ -100,11 +112,19 @@ class QuantizeSpec:
     # "nchw" with the float stem (or without it, with float_stem=False); the model's
     # metadata records what was chosen, and why not "s2d" when it was not.
     stem_layout: str = "auto"
+    # keep the first N convolutions (the stem counts as one), each with the activation and
+    # pooling right after it, in float32: early layers see the most pixels with the fewest
+    # channels, so their int8 rounding reaches the embedding least averaged out. A sweep
+    # finds N (docs/int8.md); where the stem would be float anyway, N <= 1 changes nothing.
+    # None: the backbone's (BACKBONE_INT8), else 0
+    float_first: int | None = None
+    # nodes kept in float32 by name (a name the graph lacks is refused with the names it has)
+    float_nodes: tuple[str, ...] = ()
 
     def __post_init__(self) -> None:
         if self.calibration_images < 1 or self.batch < 1:
             raise InputError("calibration images and batch must be >= 1")
-        if self.activations not in ("int8", "uint8"):
+        if self.activations not in ("int8", "uint8", None):
             raise InputError(f"unknown activation type {self.activations!r}; use int8 or uint8")
         if self.conv_kernel not in ("direct", "gemm"):
             raise InputError(f"unknown int8 convolution kernel {self.conv_kernel!r}; use direct or gemm")
@@ -124,10 +144,36 @@ class QuantizeSpec:
             )
         if self.stem_layout == "s2d" and self.float_stem:
             raise InputError("--stem-layout s2d runs the stem in int8: drop --float-stem")
+        if self.float_first is not None and self.float_first < 0:
+            raise InputError(f"--float-first must be >= 0, got {self.float_first}")
+        if self.float_first and self.float_stem is False:
+            raise InputError("--float-first keeps the stem in float32: drop --no-float-stem")
+        if self.float_first and self.stem_layout == "s2d":
+            raise InputError("--float-first keeps the stem in float32, --stem-layout s2d runs it in int8: drop one")
         if self.method not in ("MinMax", "Entropy", "Percentile", "Distribution"):
             raise InputError(
                 f"unknown calibration method {self.method!r}; use MinMax, Entropy, Percentile or Distribution"
             )
+
+    def resolved(self, backbone: str) -> QuantizeSpec:
+        """This spec with the settings it leaves open (None) taken from ``backbone``'s
+        :data:`BACKBONE_INT8` entry, else from :data:`INT8_DEFAULTS`."""
+        defaults = {**INT8_DEFAULTS, **BACKBONE_INT8.get(backbone, {})}
+        if self.float_stem is False or self.stem_layout == "s2d":  # asked for an int8 stem: no float convolutions
+            defaults["float_first"] = 0
+        return dataclasses.replace(self, **{k: v for k, v in defaults.items() if getattr(self, k) is None})
+
+
+# what a QuantizeSpec's open settings (None) become, and where a backbone family needs other
+# values. EfficientNet-Lite: uint8 activations run it faster on x86 CPUs' int8 kernels, and its
+# first convolutions (wide maps, few channels) are where int8 rounding changes the most few-shot
+# decisions per layer kept in float; 6 ends the float part after the second block, on a narrow
+# map, where handing over to int8 is cheap (reports/photos_int8.md; measured on lite0, whose
+# first blocks the others share)
+INT8_DEFAULTS: dict[str, Any] = {"activations": "int8", "float_first": 0}
+BACKBONE_INT8: dict[str, dict[str, Any]] = {
+    f"efficientnet_lite{v}": {"activations": "uint8", "float_first": 6} for v in range(3)
+}
 
 
 def _model(source: str | os.PathLike | onnx.ModelProto) -> tuple[onnx.ModelProto, str]:
@@ -317,20 +363,15 @@ _STEM_FOLLOWERS = {
 }
 
 
-def _stem(model: onnx.ModelProto) -> set[str]:
-    """The names of the first convolution in graph order (the graph is topologically sorted)
-    and of the activation and pooling ops that follow it alone, up to the next branch or
-    convolution: quantizing between the stem and its pooling would run the pooling on
-    int8 tensors four times the pooled size (ONNX Runtime's int8 MaxPool in NCHW is slow)."""
-    stem = next((n for n in model.graph.node if n.op_type == "Conv"), None)
-    if stem is None:
-        return set()
+def _with_followers(model: onnx.ModelProto, conv: onnx.NodeProto) -> set[str]:
+    """The names of ``conv`` and of the activation and pooling ops that follow it alone, up to
+    the next branch or convolution."""
     consumers: dict[str, list[onnx.NodeProto]] = defaultdict(list)
     for n in model.graph.node:
         for name in n.input:
             consumers[name].append(n)
     outputs = {o.name for o in model.graph.output}
-    names, node = {stem.name}, stem
+    names, node = {conv.name}, conv
     while len(node.output) == 1 and node.output[0] not in outputs:
         after = consumers[node.output[0]]
         if len(after) != 1 or after[0].op_type not in _STEM_FOLLOWERS:
@@ -338,6 +379,39 @@ def _stem(model: onnx.ModelProto) -> set[str]:
         node = after[0]
         names.add(node.name)
     return names
+
+
+def _stem(model: onnx.ModelProto) -> set[str]:
+    """The names of the first convolution in graph order (the graph is topologically sorted)
+    and of the activation and pooling ops that follow it alone, up to the next branch or
+    convolution: quantizing between the stem and its pooling would run the pooling on
+    int8 tensors four times the pooled size (ONNX Runtime's int8 MaxPool in NCHW is slow)."""
+    return _first_convs(model, 1)
+
+
+def _first_convs(model: onnx.ModelProto, n: int) -> set[str]:
+    """The first ``n`` convolutions in graph order, each with the activation and pooling after it."""
+    convs = [node for node in model.graph.node if node.op_type == "Conv"][:n]
+    return set().union(*(_with_followers(model, c) for c in convs))
+
+
+def _kept_float(model: onnx.ModelProto, spec: QuantizeSpec, float_stem: bool) -> set[str]:
+    """The backbone's nodes that ``spec`` keeps in float32 (the stem, the first convolutions,
+    named nodes); a name or a count the graph does not have is refused, with what it has."""
+    metric = float_nodes(model)
+    backbone = [n for n in model.graph.node if n.name not in metric]
+    convs = sum(n.op_type == "Conv" for n in backbone)
+    if spec.float_first > convs:
+        raise InputError(f"--float-first {spec.float_first}: the model has {convs} convolutions; use at most {convs}")
+    names = {n.name for n in backbone}
+    unknown = [name for name in spec.float_nodes if name not in names]
+    if unknown:
+        raise InputError(
+            f"--float-nodes: no node {', '.join(map(repr, unknown))} in the model's backbone; its nodes, in order: "
+            + ", ".join(f"{n.name} ({n.op_type})" for n in backbone)
+        )
+    first = max(spec.float_first, 1 if float_stem else 0)
+    return _first_convs(model, first) | set(spec.float_nodes)
 
 
 def _weights_to_gemm(model: onnx.ModelProto) -> int:
@@ -395,7 +469,7 @@ def _nhwc_round_trip(model: onnx.ModelProto, stem: set[str]) -> bool:
 def _stem_choice(model: onnx.ModelProto, spec: QuantizeSpec) -> tuple[onnx.ModelProto, str, bool, str | None]:
     """``(model, stem layout, float stem, why not s2d)`` as ``spec`` asks: the model with the
     space-to-depth stem where it is asked for or chosen (``"auto"``), and what runs."""
-    layout, float_stem = spec.stem_layout, spec.float_stem
+    layout, float_stem = spec.stem_layout, True if spec.float_first else spec.float_stem
     if layout == "s2d" or (layout == "auto" and float_stem is not True):
         try:
             return space_to_depth_stem(model), "s2d", False, None
@@ -443,6 +517,7 @@ def int8_model(
     from onnxruntime.quantization import CalibrationMethod, QuantFormat, QuantType, quantize_static
 
     meta = _require_fp32(read_metadata(model), name)
+    asked, spec = spec, spec.resolved(meta.backbone)
     # calibrated and quantized without the pixel entry, added back after: its preprocessing stays float
     pixels = has_pixels(model)
     model = without_pixels(model)
@@ -460,6 +535,7 @@ def int8_model(
             model, layout, float_stem, not_s2d = _stem_choice(model, spec)
             onnx.save_model(model, str(pre))
             stem = _stem(model) if float_stem else set()
+            kept = _kept_float(model, spec, float_stem)
             quantize_static(
                 str(pre),
                 str(out),
@@ -469,7 +545,7 @@ def int8_model(
                 activation_type=QuantType.QInt8 if spec.activations == "int8" else QuantType.QUInt8,
                 weight_type=QuantType.QInt8,
                 calibrate_method=CalibrationMethod[spec.method],
-                nodes_to_exclude=sorted(float_nodes(model) | stem),
+                nodes_to_exclude=sorted(float_nodes(model) | kept),
                 op_types_to_quantize=list(spec.op_types) if spec.op_types else None,
             )
             q = onnx.load_model(str(out))
@@ -503,6 +579,12 @@ def int8_model(
         "gemm_weight_tensors": gemm_weights,
         "stem_layout": layout,
     }
+    if spec.float_first or spec.float_nodes:  # what else the backbone keeps in float32
+        calib["float_first"] = spec.float_first
+        calib["float_nodes"] = sorted(kept - stem)
+    backbone_defaults = {k: getattr(spec, k) for k in BACKBONE_INT8.get(meta.backbone, {}) if getattr(asked, k) is None}
+    if backbone_defaults:  # the settings this backbone chose, where the user left them open
+        calib["defaults_of"] = {"backbone": meta.backbone, **backbone_defaults}
     if spec.stem_layout == "auto":  # what was asked, and why the space-to-depth stem was not chosen
         calib["stem_layout_asked"] = "auto"
         if spec.float_stem is not None:  # --float-stem / --no-float-stem narrowed the choice

@@ -277,7 +277,7 @@ def model_section(name: str, d: dict, trained: bool, plot: str) -> str:
     )
     from edgemeta.exporters.quantize import QuantizeSpec
 
-    q = QuantizeSpec(**INT8.get(name, {}))
+    q = QuantizeSpec(**INT8.get(name, {})).resolved(name)  # none of these is a backbone with int8 defaults
     parts.append("")
     parts.append(
         f"int8: static QDQ calibrated on base-class images, {q.activations} activations, int8 weights per channel, "

@@ -3,13 +3,15 @@
 Usage:
     EDGEMETA_DATA_DIR=../shared/data python scripts/photos_int8_variants.py --out runs/photos-int8 [--json]
 
-Each variant is ``edgemeta export --precision int8`` with other quantization settings
-(activation type, calibration method and image count), calibrated on Tiny-ImageNet's base
+Each variant is ``edgemeta export --precision int8`` with other quantization settings (which of
+the first convolutions stay float32, activation type), calibrated on Tiny-ImageNet's base
 classes; each is measured on the embedded photo model's 160-px test images (50 classes x 100)
-through the device runtime: 5-way 1-shot accuracy over 1,000 seeded episodes, the share of the
-queries classified as torch (float32) classifies them, and median batch-1 / batch-32 latency
-with the variants alternated round by round. ImageNet pretraining has seen Tiny-ImageNet's
-classes: the accuracies overstate novel-class accuracy (reports/photos.md).
+through the device runtime: 5-way 1-shot and 5-shot accuracy over 1,000 seeded episodes (15
+queries), the share of those queries classified as torch (float32) classifies them, the
+embeddings' mean cosine error against torch, and median batch-1 / batch-32 latency with the
+variants alternated round by round (speed-up: the median over rounds of fp32's time over the
+variant's in the same round). ImageNet pretraining has seen Tiny-ImageNet's classes: the
+accuracies overstate novel-class accuracy (reports/photos.md).
 """
 
 from __future__ import annotations
@@ -25,10 +27,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from train_photos import latency_ms, runtime_accuracy, same_predictions  # noqa: E402
 
-from edgemeta.checkpoint import (
-    load_checkpoint,  # noqa: E402
-    photo_checkpoint,  # noqa: E402
-)
+from edgemeta.checkpoint import load_checkpoint, photo_checkpoint  # noqa: E402
 from edgemeta.data import load_tiny_imagenet  # noqa: E402
 from edgemeta.evaluate import embed_images  # noqa: E402
 from edgemeta.exporters.pipeline import ExportOptions, export_checkpoint  # noqa: E402
@@ -36,21 +35,24 @@ from edgemeta.exporters.quantize import QuantizeSpec  # noqa: E402
 from edgemeta.runtime.errors import EdgemetaError  # noqa: E402
 from edgemeta.runtime.spec import Precision  # noqa: E402
 
+# None: fp32; the int8 variants differ in how many of the first convolutions stay float32
 VARIANTS = {
     "fp32": None,
-    "int8 MinMax 256": QuantizeSpec(),
-    "uint8 MinMax 256 (shipped)": QuantizeSpec(activations="uint8"),
-    "uint8 MinMax 512": QuantizeSpec(activations="uint8", calibration_images=512),
-    "uint8 Entropy 256": QuantizeSpec(activations="uint8", method="Entropy"),
-    "uint8 Percentile 256": QuantizeSpec(activations="uint8", method="Percentile"),
-    "uint8 gemm kernel": QuantizeSpec(activations="uint8", conv_kernel="gemm"),
+    "int8, all but the stem (before)": QuantizeSpec(activations="uint8", float_first=0),
+    **{f"int8, first {n} convolutions float": QuantizeSpec(activations="uint8", float_first=n) for n in (4, 6, 9)},
 }
+
+
+def is_default(spec: QuantizeSpec | None, backbone: str) -> bool:
+    """Whether ``spec`` is what `edgemeta export --precision int8` chooses for ``backbone``."""
+    return spec is not None and spec.resolved(backbone) == QuantizeSpec().resolved(backbone)
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--out", default="runs/photos-int8")
     ap.add_argument("--episodes", type=int, default=1000)
+    ap.add_argument("--rounds", type=int, default=5, help="alternated latency rounds")
     ap.add_argument("--json", action="store_true")
     args = ap.parse_args()
     torch.set_num_threads(2)
@@ -61,9 +63,11 @@ def main() -> None:
     size = ck.spec.preprocess.size[0]
     test = load_tiny_imagenet("test", size=size)
     reference = embed_images(ck.model, test.images, batch_size=64).numpy()
+    unit = reference / np.linalg.norm(reference, axis=1, keepdims=True)
+    metric, labels, episodes = ck.spec.metric, test.labels, args.episodes
     rows, paths = {}, {}
     for name, q in VARIANTS.items():
-        path = out / (name.split(" (")[0].replace(" ", "_") + ".onnx")
+        path = out / (name.split(" (")[0].replace(", ", "_").replace(" ", "_") + ".onnx")
         try:
             if not path.is_file():
                 options = ExportOptions(
@@ -76,37 +80,46 @@ def main() -> None:
         except EdgemetaError as e:
             rows[name] = {"failed": str(e).splitlines()[0][:200]}
             continue
-        acc, emb = runtime_accuracy(path, test, args.episodes, shots=(1,))
+        acc, emb = runtime_accuracy(path, test, args.episodes, shots=(1, 5))
+        cos = np.sum(emb / np.linalg.norm(emb, axis=1, keepdims=True) * unit, axis=1)
         rows[name] = {
-            "accuracy_1shot": acc[0]["accuracy"],
-            "ci95": acc[0]["ci95"],
-            "same_as_torch_1shot": same_predictions(emb, reference, test.labels, ck.spec.metric, 1, args.episodes),
+            **{f"accuracy_{k}shot": a["accuracy"] for k, a in zip((1, 5), acc)},
+            **{f"ci95_{k}shot": a["ci95"] for k, a in zip((1, 5), acc)},
+            **{f"same_as_torch_{k}shot": same_predictions(emb, reference, labels, metric, k, episodes) for k in (1, 5)},
+            "cosine_error": float(np.mean(1 - cos)),
+            "default": is_default(q, ck.spec.backbone),
         }
         paths[name] = path
     for batch in (1, 32):
         times: dict[str, list[float]] = {n: [] for n in paths}
-        for _ in range(3):
+        for _ in range(args.rounds):
             for name, path in paths.items():
                 times[name].append(latency_ms(path, batch, size, 20 if batch == 1 else 5))
         for name, t in times.items():
             rows[name][f"batch{batch}_ms"] = round(float(np.median(t)), 2)
+            if "fp32" in times:  # paired: each round's fp32 time over this variant's
+                rows[name][f"speedup_batch{batch}"] = round(float(np.median(np.array(times["fp32"]) / t)), 2)
     if args.json:
         print(json.dumps(rows, indent=2))
         return
+    caveat = "(ImageNet pretraining has seen these classes)"
     print(
-        "| variant | 5-way 1-shot (ImageNet pretraining has seen these classes) | same as torch | batch 1 ms | batch "
-        "32 ms |"
+        f"| variant | 5-way 1-shot {caveat} | 5-way 5-shot {caveat} | same as torch 1-shot / 5-shot | "
+        "embedding cosine error | batch 1 ms | batch 32 ms | speed-up vs fp32, batch 1 / 32 |"
     )
-    print("| --- | --- | --- | --- | --- |")
+    print("| --- | --- | --- | --- | --- | --- | --- | --- |")
     for name, r in rows.items():
         if "failed" in r:
-            print(f"| {name} | failed: {r['failed']} | | | |")
-        else:
-            print(
-                f"| {name} | {100 * r['accuracy_1shot']:.2f} ± {100 * r['ci95']:.2f} | "
-                f"{100 * r['same_as_torch_1shot']:.2f}% | {r['batch1_ms']} | {r['batch32_ms']} "
-                "|"
-            )
+            print(f"| {name} | failed: {r['failed']} | | | | | | |")
+            continue
+        label = name + (" (the default)" if r["default"] else "")
+        print(
+            f"| {label} | {100 * r['accuracy_1shot']:.2f} ± {100 * r['ci95_1shot']:.2f} | "
+            f"{100 * r['accuracy_5shot']:.2f} ± {100 * r['ci95_5shot']:.2f} | "
+            f"{100 * r['same_as_torch_1shot']:.2f}% / {100 * r['same_as_torch_5shot']:.2f}% | "
+            f"{r['cosine_error']:.1e} | {r['batch1_ms']} | {r['batch32_ms']} | "
+            f"{r.get('speedup_batch1', '?')}x / {r.get('speedup_batch32', '?')}x |"
+        )
 
 
 if __name__ == "__main__":

@@ -518,3 +518,25 @@ def test_inspect_in_a_runtime_only_environment(tiny_onnx):
     assert r.returncode == 0, r.stderr[-2000:]
     info = json.loads(r.stdout)
     assert info["metadata"]["fingerprint"] == tiny_onnx[2].fingerprint and "pip install onnx" in info["notes"][0]
+
+
+def test_an_efficientnet_lite_takes_its_int8_defaults_where_the_user_chose_none(tmp_path, calib):
+    from edgemeta.exporters.quantize import BACKBONE_INT8, QuantizeSpec, int8_model
+
+    model = tiny_model("efficientnet_lite0", calibration=calib)
+    save_checkpoint(tmp_path / "m.safetensors", model, info={"config": {"dataset": "omniglot"}})
+    fp32 = export_checkpoint(tmp_path / "m.safetensors", tmp_path / "m.onnx", ExportOptions(verify=None)).path
+    x = to_tensor(calib[:16], (0.9211,), (0.2166,)).numpy()
+    q = int8_model(onnx.load(str(fp32)), [x], QuantizeSpec(calibration_images=16))
+    calib_meta = ModelMetadata.from_json({p.key: p.value for p in q.metadata_props}["edgemeta"]).extra["calibration"]
+    wanted = BACKBONE_INT8["efficientnet_lite0"]
+    assert calib_meta["defaults_of"] == {"backbone": "efficientnet_lite0", **wanted}
+    assert calib_meta["activations"] == wanted["activations"] and calib_meta["float_first"] == wanted["float_first"]
+    producers = {o: n for n in q.graph.node for o in n.output}
+    weights_int8 = [
+        n.input[1] in producers and producers[n.input[1]].op_type == "DequantizeLinear"
+        for n in q.graph.node
+        if n.op_type == "Conv"
+    ]
+    n = wanted["float_first"]
+    assert not any(weights_int8[:n]) and all(weights_int8[n:])

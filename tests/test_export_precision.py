@@ -625,3 +625,70 @@ def test_all_precisions_load_in_the_oldest_supported_onnxruntime(
     )
     assert r.returncode == 0, r.stderr[-2000:]
     assert r.stdout.startswith("loaded 1.17")
+
+
+def _float_convs(path: Path) -> list[bool]:
+    """For each convolution in graph order: whether its weights are float32 (not dequantized int8)."""
+    model = onnx.load(str(path))
+    producers = {o: n for n in model.graph.node for o in n.output}
+    return [
+        n.input[1] not in producers or producers[n.input[1]].op_type != "DequantizeLinear"
+        for n in model.graph.node
+        if n.op_type == "Conv"
+    ]
+
+
+def test_int8_keeps_the_first_convolutions_and_named_nodes_in_float(trained_conv4_onnx, background, tmp_path):
+    first = q8(trained_conv4_onnx, tmp_path / "f2.onnx", background, QuantizeSpec(calibration_images=32, float_first=2))
+    assert _float_convs(first) == [True, True, False, False]
+    calib = meta_of(first).extra["calibration"]
+    assert calib["float_first"] == 2 and calib["float_stem"] is True and calib["stem_layout"] == "nchw"
+    model = onnx.load(str(first))
+    second_conv = [n for n in model.graph.node if n.op_type == "Conv"][1]
+    # its ReLU and pooling stay with it in float: the next quantization reads the pooled map
+    assert second_conv.name in calib["float_nodes"] and {"Relu", "MaxPool"} <= {
+        n.op_type for n in model.graph.node if n.name in calib["float_nodes"]
+    }
+    named = q8(
+        trained_conv4_onnx,
+        tmp_path / "named.onnx",
+        background,
+        QuantizeSpec(calibration_images=32, float_nodes=(second_conv.name,)),
+    )
+    assert _float_convs(named) == [False, True, False, False]  # the stem as auto chose it (s2d, int8)
+    assert meta_of(named).extra["calibration"]["float_nodes"] == [second_conv.name]
+
+
+def test_int8_refuses_float_nodes_the_model_does_not_have(trained_conv4_onnx, background, tmp_path):
+    with pytest.raises(
+        InputError,
+        match=r"--float-nodes: no node 'nope' in the model's backbone; its nodes, in order: "
+        r".*\(Conv\).*\(MaxPool\)",
+    ) as e:
+        q8(
+            trained_conv4_onnx,
+            tmp_path / "x.onnx",
+            background,
+            QuantizeSpec(calibration_images=8, float_nodes=("nope",)),
+        )
+    assert "metric_head" not in str(e.value)  # the float metric is no choice to offer
+    with pytest.raises(InputError, match="--float-first 9: the model has 4 convolutions; use at most 4"):
+        q8(trained_conv4_onnx, tmp_path / "x.onnx", background, QuantizeSpec(calibration_images=8, float_first=9))
+    with pytest.raises(InputError, match="--float-first keeps the stem in float32: drop --no-float-stem"):
+        QuantizeSpec(float_first=2, float_stem=False)
+    assert not (tmp_path / "x.onnx").exists()
+
+
+@pytest.mark.parametrize(
+    "backbone, asked, activations, float_first",
+    [
+        ("efficientnet_lite0", QuantizeSpec(), "uint8", 6),
+        ("efficientnet_lite2", QuantizeSpec(activations="int8", float_first=0), "int8", 0),
+        ("efficientnet_lite0", QuantizeSpec(float_stem=False), "uint8", 0),  # an int8 stem: nothing kept float
+        ("conv4", QuantizeSpec(), "int8", 0),
+        ("conv4", QuantizeSpec(activations="uint8", float_first=3), "uint8", 3),
+    ],
+)
+def test_open_int8_settings_take_the_backbones_defaults(backbone, asked, activations, float_first):
+    spec = asked.resolved(backbone)
+    assert (spec.activations, spec.float_first) == (activations, float_first)

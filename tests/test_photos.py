@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import importlib.metadata as metadata
 import io
 import zipfile
@@ -268,3 +269,25 @@ def test_the_embedded_photo_model_is_a_half_precision_lite0_with_its_provenance(
         and ck.info["init"]["license"] == "Apache-2.0"
     )
     assert ck.info["train_data"]["name"] == "tiny-imagenet-train"
+
+
+def test_init_imagenet_refuses_a_resume_with_another_config(tmp_path):
+    # as `train` does for a run from scratch: a resume that would learn from other episodes is refused
+    from edgemeta.finetune import photo_preprocess, train_pretrained
+    from edgemeta.train import TrainConfig
+
+    spec = ModelSpec("efficientnet_lite0", photo_preprocess(32), {}, Metric.COSINE, Normalization.CENTERED_L2)
+    cfg = TrainConfig(
+        out=str(tmp_path / "photos.safetensors"),
+        dataset=str(tmp_path / "no-such-folder"),  # never read: the config is checked first
+        backbone="efficientnet_lite0",
+        init="imagenet",
+        size=32,
+        metric=Metric.COSINE,
+        normalization=Normalization.CENTERED_L2,
+        lr=1e-4,
+    )
+    was = {k: (v.value if hasattr(v, "value") else v) for k, v in dataclasses.asdict(cfg).items()}
+    save_checkpoint(cfg.out, FewShotModel(spec), {"config": was, "step": 2})
+    with pytest.raises(CheckpointError, match=r"was trained with --k-shot 5 \(now 3\), --lr 0\.0001 \(now 0\.001\)"):
+        train_pretrained(dataclasses.replace(cfg, lr=1e-3, k_shot=3), resume=cfg.out, progress=False)

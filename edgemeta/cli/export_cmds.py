@@ -24,7 +24,7 @@ DATA_HELP = (
 )
 ACT_HELP = (
     "int8: activations as int8 (S8S8); uint8: as uint8 (U8S8), often faster for residual networks on x86. "
-    "Compare with `edgemeta benchmark`."
+    "Compare with `edgemeta benchmark`. Default: the backbone's (efficientnet_lite*: uint8; others: int8)."
 )
 STEM_HELP = (
     "Keep the first convolution (1 or 3 input channels, slow in int8), with the activation and pooling right after it, "
@@ -47,6 +47,15 @@ LAYOUT_HELP = (
     "NHWC round trip after it, so that on x86-64 it writes NHWC directly and no int8 transpose runs) or s2d (the stem "
     "in int8: a stem of convolution, activation and 2x2 max pooling rewritten, exactly, as a space-to-depth "
     "convolution that runs in int8 with its pooling; Conv-4's fastest). Compare with `edgemeta benchmark`."
+)
+FLOAT_FIRST_HELP = (
+    "Keep the first N convolutions (the stem counts as one), each with the activation and pooling after it, in "
+    "float32: for a model whose int8 decisions differ from torch's (docs/int8.md). Default: the backbone's "
+    "(efficientnet_lite*: 6; others: 0)."
+)
+FLOAT_NODES_HELP = (
+    "Keep these backbone nodes in float32, by name, comma-separated (a name the model lacks is refused with the "
+    "names it has)."
 )
 CALIB_HELP = (
     "Base-class images for int8 calibration (default: Omniglot "
@@ -127,12 +136,14 @@ def _options(
     calibration_data: Optional[str],
     data_dir: Optional[Path],
     calibration_images: int = 256,
-    activations: str = "int8",
+    activations: Optional[str] = None,
     float_stem: Optional[bool] = None,
     conv_kernel: str = "direct",
     stem_layout: str = "auto",
     ort_level: str = "basic",
     pixels: bool = True,
+    float_first: Optional[int] = None,
+    float_nodes: Optional[str] = None,
 ):
     from edgemeta.exporters import ExportOptions, ExportSpec, QuantizeSpec, VerifySpec
 
@@ -152,6 +163,8 @@ def _options(
             float_stem=float_stem,
             conv_kernel=conv_kernel,
             stem_layout=stem_layout,
+            float_first=float_first,
+            float_nodes=tuple(n.strip() for n in (float_nodes or "").split(",") if n.strip()),
         ),
     )
 
@@ -248,10 +261,12 @@ def export_cmd(
     data: Optional[str] = typer.Option(None, help=DATA_HELP),
     calibration_data: Optional[str] = typer.Option(None, help=CALIB_HELP),
     calibration_images: int = typer.Option(256, help="Images for int8 calibration."),
-    activations: str = typer.Option("int8", help=ACT_HELP),
+    activations: Optional[str] = typer.Option(None, help=ACT_HELP, show_default=False),
     float_stem: Optional[bool] = typer.Option(None, "--float-stem/--no-float-stem", help=STEM_HELP, show_default=False),
     conv_kernel: str = typer.Option("direct", help=KERNEL_HELP),
     stem_layout: str = typer.Option("auto", help=LAYOUT_HELP),
+    float_first: Optional[int] = typer.Option(None, help=FLOAT_FIRST_HELP, show_default=False),
+    float_nodes: Optional[str] = typer.Option(None, help=FLOAT_NODES_HELP),
     data_dir: Optional[Path] = typer.Option(None, help=DATA_DIR_HELP),
     module: Optional[str] = typer.Option(
         None, help="Export your own module instead: package.module:factory or path/to/file.py:factory."
@@ -289,6 +304,8 @@ def export_cmd(
         stem_layout,
         ort_optimization,
         pixels,
+        float_first,
+        float_nodes,
     )
     with _progress(not json_out) as progress:
         if module:
@@ -337,10 +354,12 @@ def quantize_cmd(
     output: Path = typer.Option(..., "--output", "-o", help="int8 model to write, e.g. model.int8.onnx."),
     calibration_data: Optional[str] = typer.Option(None, help=CALIB_HELP),
     calibration_images: int = typer.Option(256, help="Images for calibration."),
-    activations: str = typer.Option("int8", help=ACT_HELP),
+    activations: Optional[str] = typer.Option(None, help=ACT_HELP, show_default=False),
     float_stem: Optional[bool] = typer.Option(None, "--float-stem/--no-float-stem", help=STEM_HELP, show_default=False),
     conv_kernel: str = typer.Option("direct", help=KERNEL_HELP),
     stem_layout: str = typer.Option("auto", help=LAYOUT_HELP),
+    float_first: Optional[int] = typer.Option(None, help=FLOAT_FIRST_HELP, show_default=False),
+    float_nodes: Optional[str] = typer.Option(None, help=FLOAT_NODES_HELP),
     verify: bool = typer.Option(True, "--verify/--no-verify", help="Verify against torch on real novel-class images."),
     episodes: int = typer.Option(200, help="Verification episodes (5-way 1-shot)."),
     data: Optional[str] = typer.Option(None, help=DATA_HELP),
@@ -371,6 +390,8 @@ def quantize_cmd(
         stem_layout,
         ort_optimization,
         pixels,
+        float_first,
+        float_nodes,
     )
     with _progress(not json_out) as progress:
         outcome = quantize_model(model, checkpoint, output, options, progress, rebuild_module=rebuild_module)
