@@ -25,7 +25,7 @@ from typing import Callable
 import numpy as np
 
 from edgemeta.runtime.errors import DataError, InputError
-from edgemeta.runtime.preprocess import decode, to_uint8
+from edgemeta.runtime.preprocess import decode, to_pixels, to_uint8
 from edgemeta.runtime.spec import PreprocessSpec
 
 __all__ = [
@@ -53,6 +53,7 @@ __all__ = [
     "NOVEL_SPLITS",
     "is_data_name",
     "IMAGE_EXTENSIONS",
+    "native_images",
 ]
 
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".tif", ".tiff", ".webp")
@@ -70,7 +71,10 @@ class ImageSet:
     """Images of one split: ``images`` uint8 [N, H, W, C], ``labels`` int64 [N] into ``classes``.
 
     ``groups`` optionally names a super-class per class (an Omniglot alphabet);
-    ``paths`` optionally gives the source of each image (for episode files).
+    ``paths`` optionally gives the source of each image (for episode files): a member of
+    ``source``, the folder or zip archive the images were decoded from, when there is one.
+    ``native`` holds images made in memory as they were before resizing (the digits), so
+    that :func:`native_images` can give them back at their own size as files are.
     """
 
     images: np.ndarray
@@ -80,6 +84,8 @@ class ImageSet:
     spec: PreprocessSpec
     groups: list[str] = field(default_factory=list)
     paths: list[str] = field(default_factory=list)
+    source: str = ""
+    native: np.ndarray | None = None
 
     def __len__(self) -> int:
         return int(self.labels.shape[0])
@@ -109,6 +115,8 @@ class ImageSet:
             spec=self.spec,
             groups=[self.groups[i] for i in keep] if self.groups else [],
             paths=[p for p, m in zip(self.paths, mask) if m] if self.paths else [],
+            source=self.source,
+            native=self.native[mask] if self.native is not None else None,
         )
 
     def drop_classes(self, names: Iterable[str], name: str | None = None) -> ImageSet:
@@ -183,7 +191,15 @@ def _cached(key: dict, build: Callable[[], ImageSet], spec: PreprocessSpec) -> I
             with np.load(path, allow_pickle=False) as z:
                 meta = json.loads(str(z["meta"]))
                 return ImageSet(
-                    z["images"], z["labels"], meta["classes"], meta["name"], spec, meta["groups"], meta["paths"]
+                    z["images"],
+                    z["labels"],
+                    meta["classes"],
+                    meta["name"],
+                    spec,
+                    meta["groups"],
+                    meta["paths"],
+                    # caches written before the source was recorded: the key names it
+                    source=meta.get("source", key.get("source", "")),
                 )
         except Exception:  # a damaged cache is rebuilt, never trusted
             pass
@@ -191,7 +207,7 @@ def _cached(key: dict, build: Callable[[], ImageSet], spec: PreprocessSpec) -> I
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
         tmp = path.with_suffix(f".{os.getpid()}.tmp.npz")
-        meta = {"classes": ds.classes, "name": ds.name, "groups": ds.groups, "paths": ds.paths}
+        meta = {"classes": ds.classes, "name": ds.name, "groups": ds.groups, "paths": ds.paths, "source": ds.source}
         np.savez(tmp, images=ds.images, labels=ds.labels, meta=np.array(json.dumps(meta)))
         os.replace(tmp, path)
     except OSError:
@@ -225,33 +241,82 @@ def _decode_members(
 # ---------------------------------------------------------------- image trees
 
 
+def _open_tree(root: Path) -> tuple[Callable[[str], bytes], zipfile.ZipFile | None]:
+    """(reader of a member by its relative path, the zip archive or None) of a folder or zip archive."""
+    if root.is_dir():
+
+        def read_file(m: str) -> bytes:
+            try:
+                return (root / m).read_bytes()
+            except OSError as e:
+                raise DataError(f"{root}: cannot read {m} ({e.strerror or e}); restore the file") from None
+
+        return read_file, None
+    if not root.is_file():
+        raise DataError(f"image folder or archive not found: {root}; check the path or --data-dir")
+    try:
+        zf = zipfile.ZipFile(root)
+    except (zipfile.BadZipFile, OSError) as e:
+        raise DataError(f"{root} is not a readable zip archive ({e}); re-download or re-copy it") from None
+
+    def read(m: str) -> bytes:
+        try:
+            return zf.read(m)
+        except KeyError:
+            raise DataError(f"{root} has no member {m}; the archive changed since it was read: load it again") from None
+        except (zipfile.BadZipFile, OSError, EOFError) as e:
+            raise DataError(f"{root}: member {m} is corrupt ({e}); re-download or re-copy the archive") from None
+
+    return read, zf
+
+
 def _list_tree(root: str | os.PathLike) -> tuple[Callable[[str], bytes], list[str], str]:
     """List image files of a folder or zip archive: (reader, relative paths, source description)."""
     root = Path(root)
-    if root.is_dir():
+    read, zf = _open_tree(root)
+    if zf is None:
         files = sorted(
             str(p.relative_to(root)).replace(os.sep, "/")
             for p in root.rglob("*")
             if p.suffix.lower() in IMAGE_EXTENSIONS and p.is_file()
         )
-        return (lambda m: (root / m).read_bytes()), files, str(root)
-    if root.is_file():
+    else:
         try:
-            zf = zipfile.ZipFile(root)
-            names = sorted(
+            files = sorted(
                 n for n in zf.namelist() if not n.endswith("/") and Path(n).suffix.lower() in IMAGE_EXTENSIONS
             )
         except (zipfile.BadZipFile, OSError) as e:
             raise DataError(f"{root} is not a readable zip archive ({e}); re-download or re-copy it") from None
+    return read, files, str(root)
 
-        def read(m: str) -> bytes:
+
+def native_images(ds: ImageSet, indices: Sequence[int] | np.ndarray) -> list[np.ndarray] | None:
+    """The images ``indices`` of ``ds`` at their own size, as an app decodes them for a model's
+    ``pixels`` input (:func:`edgemeta.runtime.preprocess.to_pixels`: EXIF orientation, the
+    runtime's mode rules, uint8 [H, W, C]); only those files are read. None when ``ds`` cannot
+    give them: images made in memory, or a set whose sources are not recorded (rotated classes).
+
+    Raises:
+        DataError: a source file is gone or cannot be decoded any more.
+    """
+    indices = np.asarray(indices, dtype=np.int64)
+    if ds.native is not None:
+        return [np.ascontiguousarray(ds.native[i]) for i in indices]
+    if not ds.source or len(ds.paths) != len(ds):
+        return None
+    read, zf = _open_tree(Path(ds.source))
+    try:
+        out = []
+        for i in indices:
+            member = ds.paths[i]
             try:
-                return zf.read(m)
-            except (zipfile.BadZipFile, OSError, EOFError) as e:
-                raise DataError(f"{root}: member {m} is corrupt ({e}); re-download or re-copy the archive") from None
-
-        return read, names, str(root)
-    raise DataError(f"image folder or archive not found: {root}; check the path or --data-dir")
+                out.append(to_pixels(decode(io.BytesIO(read(member))), ds.spec))
+            except InputError as e:
+                raise DataError(f"{ds.name}: cannot decode {member}: {e}; remove or replace that file") from None
+        return out
+    finally:
+        if zf is not None:
+            zf.close()
 
 
 def _strip_common_root(paths: list[str]) -> tuple[list[str], str]:
@@ -321,7 +386,8 @@ def load_image_folder(
     def build() -> ImageSet:
         images = _decode_members(read, members, spec, ident["name"])
         labels = np.array([k for _, k in members], dtype=np.int64)
-        return ImageSet(images, labels, wanted, ident["name"], spec, [], [m for m, _ in members])
+        paths = [m for m, _ in members]
+        return ImageSet(images, labels, wanted, ident["name"], spec, [], paths, source=ident["source"])
 
     return _cached(ident, build, spec)
 
@@ -412,7 +478,8 @@ def load_omniglot(
         images = _decode_members(read, members, spec, f"Omniglot {split}")
         labels = np.array([k for _, k in members], dtype=np.int64)
         groups = [c.split("/")[0] for c in chars]
-        return ImageSet(images, labels, chars, f"omniglot-{split}", spec, groups, [m for m, _ in members])
+        paths = [m for m, _ in members]
+        return ImageSet(images, labels, chars, f"omniglot-{split}", spec, groups, paths, source=ident["source"])
 
     return _cached(ident, build, spec)
 
@@ -493,7 +560,9 @@ def load_digits(spec: PreprocessSpec, invert: bool = True) -> ImageSet:
     if spec.channels == 3:
         raw = np.repeat(raw[..., None], 3, axis=-1)
     images = np.stack([to_uint8(im, spec) for im in raw])
-    return ImageSet(images, d.target.astype(np.int64), [str(i) for i in range(10)], "sklearn-digits", spec)
+    classes = [str(i) for i in range(10)]
+    native = raw if raw.ndim == 4 else raw[..., None]  # as to_uint8 took them: 8x8 before resizing
+    return ImageSet(images, d.target.astype(np.int64), classes, "sklearn-digits", spec, native=native)
 
 
 def load_dataset(name: str, split: str, root: str | os.PathLike | None, spec: PreprocessSpec | None = None) -> ImageSet:

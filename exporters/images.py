@@ -38,7 +38,11 @@ class CalibrationImages:
 @runtime_checkable
 class LabelledImages(Protocol):
     """Images of labelled classes for verification's episodes: ``labels`` int [N], and
-    ``batch(indices)`` -> the preprocessed float32 ``[len(indices), C, H, W]`` images."""
+    ``batch(indices)`` -> the preprocessed float32 ``[len(indices), C, H, W]`` images.
+
+    Images that can also give ``frames(indices)`` (uint8 [H, W, C] frames, one per index, any
+    sizes) get a model's ``pixels`` entry checked on them; ``native_frames`` (bool) says
+    whether those are the images at their own sizes or the model-size arrays."""
 
     name: str
     labels: np.ndarray

@@ -33,7 +33,15 @@ from torch import nn
 
 from edgemeta import __version__
 from edgemeta.checkpoint import Checkpoint, file_sha256, load_checkpoint
-from edgemeta.data import ClassSplit, ImageSet, base_images, novel_images, recorded_dataset, recorded_split
+from edgemeta.data import (
+    ClassSplit,
+    ImageSet,
+    base_images,
+    native_images,
+    novel_images,
+    recorded_dataset,
+    recorded_split,
+)
 from edgemeta.evaluate import to_tensor
 from edgemeta.exporters.convert import (
     ExportResult,
@@ -105,9 +113,19 @@ class _PreprocessedSet:
         pp = self.data.spec
         return np.ascontiguousarray(to_tensor(self.data.images[np.asarray(indices)], pp.mean, pp.std).numpy())
 
-    def frames(self, indices: np.ndarray) -> np.ndarray:
-        """The decoded uint8 [n, H, W, C] images :meth:`batch` normalizes (verification feeds them to ``pixels``)."""
-        return np.ascontiguousarray(self.data.images[np.asarray(indices)])
+    @property
+    def native_frames(self) -> bool:
+        """Whether :meth:`frames` gives the images at their own sizes (else the model-size arrays)."""
+        return self.data.native is not None or (bool(self.data.source) and len(self.data.paths) == len(self.data))
+
+    def frames(self, indices: np.ndarray) -> list[np.ndarray]:
+        """The images as an app decodes them for ``pixels`` (uint8 [H, W, C], each at its own size),
+        read again from their files; the model-size arrays :meth:`batch` normalizes where the
+        files cannot be read again. Verification feeds them to ``pixels``, so the graph's resize
+        is measured against the one the arrays were made with."""
+        indices = np.asarray(indices)
+        native = native_images(self.data, indices) if self.native_frames else None
+        return native if native is not None else list(self.data.images[indices])
 
 
 def labelled_images(data: ImageSet) -> LabelledImages:

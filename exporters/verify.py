@@ -26,6 +26,8 @@ from __future__ import annotations
 
 import os
 import time
+from collections import Counter
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
 from functools import partial
 from pathlib import Path
@@ -42,6 +44,7 @@ from edgemeta.exporters.graph import load_model, model_bytes, read_metadata
 from edgemeta.exporters.images import LabelledImages
 from edgemeta.runtime.errors import ExportError, InputError, VerificationError
 from edgemeta.runtime.ort import open_session as open_ort_session
+from edgemeta.runtime.preprocess import pixel_groups
 from edgemeta.runtime.session import feeds_prototype_norms, graph_batch, images_only_feeds, prototype_sqnorms
 from edgemeta.runtime.spec import (
     INPUT_IMAGES,
@@ -52,6 +55,7 @@ from edgemeta.runtime.spec import (
     OUTPUT_LOGITS,
     ModelMetadata,
     Precision,
+    PreprocessSpec,
 )
 
 __all__ = ["Tolerance", "VerifySpec", "Check", "VerificationReport", "verify", "metadata_with", "Progress"]
@@ -253,22 +257,46 @@ class _OnnxSide:
 
 
 class _PixelSide:
-    """The ONNX side fed decoded uint8 frames through ``pixels`` (the graph preprocesses them)."""
+    """The ONNX side fed decoded uint8 frames through ``pixels`` (the graph preprocesses them).
 
-    def __init__(self, side: _OnnxSide) -> None:
-        self.side, self.dim = side, side.dim
+    Frames of several sizes (a folder's images as its files have them) go in one call per
+    shape, as the runtime's ``predict()`` feeds them (never padded or resized here, which
+    would change their pixels); the outputs come back in the order given. ``sizes`` counts
+    the frames embedded per height x width."""
 
-    def run(self, frames: np.ndarray, p: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        e, lg = self.side.session.run([OUTPUT_EMBEDDINGS, OUTPUT_LOGITS], {INPUT_PIXELS: frames, INPUT_PROTOTYPES: p})
+    def __init__(self, side: _OnnxSide, spec: PreprocessSpec) -> None:
+        self.side, self.dim, self.spec = side, side.dim, spec
+        self.sizes: Counter[tuple[int, int]] = Counter()
+
+    def run(self, frames: Sequence[np.ndarray], p: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        groups, _, _ = pixel_groups(frames, self.spec)
+        e = np.empty((len(frames), self.dim), np.float32)
+        lg = np.empty((len(frames), len(p)), np.float32)
+        for at, batch in groups:
+            feeds = {INPUT_PIXELS: np.ascontiguousarray(batch), INPUT_PROTOTYPES: p}
+            e[at], lg[at] = self.side.session.run([OUTPUT_EMBEDDINGS, OUTPUT_LOGITS], feeds)
         return e, lg
 
-    def embed(self, frames: np.ndarray) -> np.ndarray:
+    def embed(self, frames: Sequence[np.ndarray]) -> np.ndarray:
+        self.sizes.update(tuple(f.shape[:2]) for f in frames)
         return self.run(frames, np.zeros((0, self.dim), np.float32))[0]
 
-    def logits(self, z: np.ndarray, p: np.ndarray, frames: Callable[[], np.ndarray]) -> np.ndarray:
+    def logits(self, z: np.ndarray, p: np.ndarray, frames: Callable[[], Sequence[np.ndarray]]) -> np.ndarray:
         if self.side.head is not None:
             return self.side.logits(z, p, frames)
         return self.run(frames(), p)[1]
+
+    def described(self, native: bool, cap: int = 8) -> dict[str, Any]:
+        """What the frames were, for the report: native sizes or the model-size arrays, and the
+        sizes seen (the ``cap`` most frequent, with how many frames had each)."""
+        common = [(f"{h}x{w}", n) for (h, w), n in self.sizes.most_common(cap)]
+        more = len(self.sizes) - len(common)
+        shown = ", ".join(s for s, _ in common) + (f" and {more} more" if more else "")
+        return {
+            "frames": f"native sizes {shown}" if native else f"model-size arrays {shown}",
+            "frame_sizes": dict(common),
+            "distinct_frame_sizes": len(self.sizes),
+        }
 
 
 def refuse_fixed_batch(path: Path, action: str, session=None, model: onnx.ModelProto | None = None) -> None:
@@ -577,13 +605,22 @@ def verify(
     if sampler is not None and frames is not None and any(i.name == INPUT_PIXELS for i in proto.graph.input):
         # the same episodes with the ONNX side fed the decoded uint8 images: the graph's colour,
         # resize and normalization against the preprocessing torch was given
-        pixels = _episodes(
-            _PixelSide(onnx_side), torch_side, data, x_of, spec, sampler, progress, tol.logits_rel, frames
-        )
+        # (at their native sizes where the data can read its files again, so the graph's resize
+        # is measured; the model-size arrays, for which it is an identity, otherwise)
+        pixel_side = _PixelSide(onnx_side, pp)
+        pixels = _episodes(pixel_side, torch_side, data, x_of, spec, sampler, progress, tol.logits_rel, frames)
+        pixels |= pixel_side.described(bool(getattr(data, "native_frames", False)))
         a = pixels["agreement"]
         limit = f"limit {100 * tol.min_agreement:.1f}%"
-        detail = f"{100 * a:.2f}% of {pixels['queries']} queries fed as uint8 pixels ({limit})"
+        detail = f"{100 * a:.2f}% of {pixels['queries']} queries fed as uint8 pixels, {pixels['frames']} ({limit})"
         hint = "the graph's preprocessing differs from the one torch was given; export with --no-pixels and report it"
+        if getattr(data, "native_frames", False) and episodes and episodes["agreement"] >= tol.min_agreement:
+            # the images path agrees, so the backbone is faithful: what differs is the resize
+            hint = (
+                "the graph's resize from the images' native sizes rounds some pixels a level off the Pillow "
+                "resize torch's arrays were made with, and this model's decisions flip on that; export with "
+                "--no-pixels (the model then takes preprocessed images only) and report it"
+            )
         checks.append(Check("pixels agreement", a, tol.min_agreement, a >= tol.min_agreement, detail, hint))
     report = VerificationReport(str(path), meta.precision, tol, checks, rows, episodes, pixels=pixels)
     report.seconds = time.perf_counter() - t0

@@ -421,7 +421,9 @@ def paddle_cls() -> Path:
 
 def test_a_paddleocr_model_goes_through_wrap_fp16_enroll_predict_benchmark(paddle_cls, photos, tmp_path):
     # fp16, not int8: a text-direction classifier tells photos apart too weakly for int8's noise
-    # to keep 90% of 5-way decisions (verification refuses it, as it should)
+    # to keep 90% of 5-way decisions (verification refuses it, as it should). --no-pixels: fed the
+    # photos at their native 64x64 through pixels, it flips about 2% of decisions on the one-level
+    # rounding differences between the graph's resize and Pillow's (refused as well)
     fp32, fp16 = tmp_path / "cls.onnx", tmp_path / "cls.fp16.onnx"
     common = [
         str(paddle_cls),
@@ -443,10 +445,12 @@ def test_a_paddleocr_model_goes_through_wrap_fp16_enroll_predict_benchmark(paddl
         str(photos["base"]),
         "--episodes",
         "20",
+        "--no-pixels",
     ]
     r = run("wrap", *common, "-o", str(fp32), "--json")
     assert r.exit_code == 0, r.output
     assert json.loads(r.output)["verification"]["passed"]
+    assert "pixels" not in [i.name for i in ort.InferenceSession(str(fp32)).get_inputs()]
     x = np.random.default_rng(3).standard_normal((3, 3, 48, 192)).astype(np.float32)
     want = _original(paddle_cls, np.ascontiguousarray(x[:, ::-1]), "pool2d_10.tmp_0").reshape(
         3, -1

@@ -598,6 +598,7 @@ def wrap_cmd(
     ),
     calibration_images: int = typer.Option(256, help="Images for int8 calibration."),
     data_dir: Optional[Path] = typer.Option(None, help=DATA_DIR_HELP),
+    pixels: bool = typer.Option(True, "--pixels/--no-pixels", help=PIXELS_HELP),
     json_out: bool = typer.Option(False, "--json", help="Print the result as JSON."),
 ) -> None:
     """Turn any ONNX image-embedding model into an edgemeta model, verified against the original."""
@@ -609,7 +610,17 @@ def wrap_cmd(
     if spec.preprocess_source:  # on stderr, so that --json output stays one document
         console.print(spec.preprocess_source, markup=False, highlight=False, soft_wrap=True)
     options = _options(
-        precision, 18, False, False, verify, episodes, data, calibration_data, data_dir, calibration_images
+        precision,
+        18,
+        False,
+        False,
+        verify,
+        episodes,
+        data,
+        calibration_data,
+        data_dir,
+        calibration_images,
+        pixels=pixels,
     )
     with _progress(not json_out) as progress:
         outcome = wrap_model(model, output, spec, options, progress)
