@@ -216,15 +216,17 @@ def preprocess_graph(spec: PreprocessSpec, output: str) -> tuple[list[onnx.NodeP
         _c("f0", np.array(0.0, np.float32)),
         _c("f_half", np.array(0.5, np.float32)),
         _c("f255", np.array(255.0, np.float32)),
-        _c("f255_half", np.array(255.5, np.float32)),
-        *(_c(name, np.array(w, np.float32)) for name, w in zip(("luma_r", "luma_g", "luma_b"), _LUMA)),
-        _c("half16", np.array(32768.0, np.float32)),
-        _c("inv16", np.array(2.0**-16, np.float32)),
         _c("width", np.array([w], np.int64)),
         _c("height", np.array([h], np.int64)),
         _c("mean", np.array(spec.mean, np.float32).reshape(1, ch, 1, 1)),
         _c("std", np.array(spec.std, np.float32).reshape(1, ch, 1, 1)),
     ]
+    # only what the graph uses: ONNX Runtime warns about every unused initializer when it opens the model
+    if ch == 1:
+        inits += [_c(name, np.array(w, np.float32)) for name, w in zip(("luma_r", "luma_g", "luma_b"), _LUMA)]
+        inits += [_c("half16", np.array(32768.0, np.float32)), _c("inv16", np.array(2.0**-16, np.float32))]
+    if spec.interpolation != "bilinear":
+        inits.append(_c("f255_half", np.array(255.5, np.float32)))
     # NCHW first, while the pixels are bytes (the cheapest copy): the colour rules then work
     # on whole planes. Resized in float: ONNX Runtime's float Resize is about twice as fast as
     # its uint8 one, and rounding after each pass keeps Pillow's 8-bit intermediate image

@@ -209,3 +209,22 @@ def test_onnxruntime_1_17_preprocesses_bit_for_bit_as_the_current_one(tmp_path):
     assert r.returncode == 0, r.stderr[-2000:]
     version, worst = r.stdout.split()
     assert version.startswith("1.17") and float(worst) == 0.0
+
+
+@pytest.mark.parametrize("spec", [GREY, RGB, RGB_CUBIC], ids=["grey28", "rgb84", "rgb84-bicubic"])
+def test_every_initializer_of_the_entry_is_used(spec):
+    """ONNX Runtime logs a warning for each unused initializer whenever an app opens the model."""
+    model = with_pixels(_identity_model(spec), spec)
+
+    def inputs(graph: onnx.GraphProto) -> set[str]:
+        names = set()
+        for node in graph.node:
+            names.update(node.input)
+            for attr in node.attribute:
+                if attr.type == onnx.AttributeProto.GRAPH:
+                    names |= inputs(attr.g)
+        return names
+
+    used = inputs(model.graph)
+    unused = [t.name for t in model.graph.initializer if t.name.startswith("pixels/") and t.name not in used]
+    assert not unused
