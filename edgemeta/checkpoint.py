@@ -22,7 +22,7 @@ import torch
 from edgemeta import __version__
 from edgemeta.model import FewShotModel, ModelSpec
 from edgemeta.runtime.errors import CheckpointError, InputError
-from edgemeta.runtime.files import atomic_write, check_readable
+from edgemeta.runtime.files import atomic_write, check_readable, file_sha256
 from edgemeta.runtime.schema import SchemaError, loads
 
 __all__ = [
@@ -83,14 +83,6 @@ def model_fingerprint(model: FewShotModel) -> str:
         h.update(name.encode())
         h.update(t.detach().cpu().contiguous().numpy().tobytes())
     return h.hexdigest()[:16]
-
-
-def file_sha256(path: str | os.PathLike) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
 
 
 def _versions() -> dict[str, str]:

@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import contextlib
 import errno
+import hashlib
 import os
 import re
 import stat
@@ -43,6 +44,7 @@ except ImportError:  # pragma: no cover - Windows
 
 __all__ = [
     "LockTimeout",
+    "file_sha256",
     "atomic_write",
     "locked",
     "lock_path",
@@ -546,3 +548,13 @@ def json_document(path: Path, limit: int = 1 << 26) -> object | None:
         return loads(read_limited(path, limit))
     except EdgemetaError:
         return None
+
+
+def file_sha256(path: str | os.PathLike) -> str:
+    """SHA-256 of a file (read in blocks): what checkpoints, wrapped models and `export --module`
+    record of the files they came from."""
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 from collections.abc import Sequence
@@ -14,6 +13,7 @@ import onnxruntime as ort
 
 from edgemeta.bench.flops import is_ort_format
 from edgemeta.runtime.errors import CheckpointError, InputError, ModelMismatchError, ProviderError
+from edgemeta.runtime.files import file_sha256
 from edgemeta.runtime.ort import GPU_PROVIDERS, SessionOptions, display_name, resolve_providers
 from edgemeta.runtime.session import Session
 from edgemeta.runtime.spec import Precision
@@ -336,15 +336,6 @@ def _checkpoint_header(path: str | os.PathLike) -> tuple[str, str]:
     return fingerprint, kind
 
 
-def weights_sha256(path: str | os.PathLike) -> str:
-    """SHA-256 of a file, as `export --module` records its weights' (read in blocks, without torch)."""
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
-
-
 def _check_weights(variants: Sequence[ModelVariant], weights: Path) -> None:
     """``--checkpoint`` of an `export --module` model: the weights file it was exported with."""
     first = variants[0]
@@ -355,7 +346,7 @@ def _check_weights(variants: Sequence[ModelVariant], weights: Path) -> None:
         )
     if weights.is_dir() or not weights.is_file():
         raise CheckpointError(f"--checkpoint {weights} is not a file; pass the weights {first.path.name} was made with")
-    got = weights_sha256(weights)
+    got = file_sha256(weights)
     bad = [v for v in variants if v.weights_sha256 != got]
     if bad:
         raise ModelMismatchError(
