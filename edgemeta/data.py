@@ -54,6 +54,7 @@ __all__ = [
     "is_data_name",
     "IMAGE_EXTENSIONS",
     "native_images",
+    "NativeReader",
 ]
 
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".tif", ".tiff", ".webp")
@@ -198,8 +199,9 @@ def _cached(key: dict, build: Callable[[], ImageSet], spec: PreprocessSpec) -> I
                     spec,
                     meta["groups"],
                     meta["paths"],
-                    # caches written before the source was recorded: the key names it
-                    source=meta.get("source", key.get("source", "")),
+                    # the key's source, never the file's own: a cache file can be edited, and what
+                    # native_images reads is checked against the folder the key was made for
+                    source=key.get("source", ""),
                 )
         except Exception:  # a damaged cache is rebuilt, never trusted
             pass
@@ -290,33 +292,103 @@ def _list_tree(root: str | os.PathLike) -> tuple[Callable[[str], bytes], list[st
     return read, files, str(root)
 
 
-def native_images(ds: ImageSet, indices: Sequence[int] | np.ndarray) -> list[np.ndarray] | None:
-    """The images ``indices`` of ``ds`` at their own size, as an app decodes them for a model's
-    ``pixels`` input (:func:`edgemeta.runtime.preprocess.to_pixels`: EXIF orientation, the
-    runtime's mode rules, uint8 [H, W, C]); only those files are read. None when ``ds`` cannot
-    give them: images made in memory, or a set whose sources are not recorded (rotated classes).
+def _member_error(ds: ImageSet, member: str) -> DataError:
+    return DataError(
+        f"{ds.name}: recorded file name {member!r} is not inside {ds.source}; delete the cache folder "
+        f"{cache_dir()} and load the data again"
+    )
 
-    Raises:
-        DataError: a source file is gone or cannot be decoded any more.
+
+class NativeReader:
+    """Reads images of ``ds`` at their own size (see :func:`native_images`), with its folder or zip
+    archive opened once for the whole session rather than per call; close it (or use ``with``).
+
+    File names come from the loader or its cache, so each is checked before it is read: a
+    relative path with no ``..`` part that stays inside the folder, or a member of the archive.
     """
-    indices = np.asarray(indices, dtype=np.int64)
-    if ds.native is not None:
-        return [np.ascontiguousarray(ds.native[i]) for i in indices]
-    if not ds.source or len(ds.paths) != len(ds):
-        return None
-    read, zf = _open_tree(Path(ds.source))
-    try:
+
+    def __init__(self, ds: ImageSet) -> None:
+        self.ds = ds
+        self._read: Callable[[str], bytes] | None = None
+        self._zip: zipfile.ZipFile | None = None
+        self._root: Path | None = None
+        self._members: set[str] = set()
+
+    @property
+    def available(self) -> bool:
+        """Whether the images can be given: made in memory, or every one from a recorded source."""
+        return self.ds.native is not None or (bool(self.ds.source) and len(self.ds.paths) == len(self.ds))
+
+    def _open(self) -> Callable[[str], bytes]:
+        if self._read is None:
+            root = Path(self.ds.source)
+            self._read, self._zip = _open_tree(root)
+            if self._zip is not None:
+                self._members = set(self._zip.namelist())
+            else:
+                self._root = Path(os.path.abspath(root))
+        return self._read
+
+    def _check(self, member: str) -> None:
+        parts = member.split("/")
+        if (
+            not member
+            or member.startswith("/")
+            or "\\" in member
+            or ":" in parts[0]
+            or any(p in ("", ".", "..") for p in parts)
+        ):
+            raise _member_error(self.ds, member)
+        if self._zip is not None:
+            if member not in self._members:
+                raise _member_error(self.ds, member)
+        elif not Path(os.path.normpath(self._root / member)).is_relative_to(self._root):
+            # lexical, not resolved: links inside the data folder are its owner's, and were read when loading
+            raise _member_error(self.ds, member)
+
+    def __call__(self, indices: Sequence[int] | np.ndarray) -> list[np.ndarray] | None:
+        indices = np.asarray(indices, dtype=np.int64)
+        ds = self.ds
+        if ds.native is not None:
+            return [np.ascontiguousarray(ds.native[i]) for i in indices]
+        if not self.available:
+            return None
+        read = self._open()
         out = []
         for i in indices:
             member = ds.paths[i]
+            self._check(member)
             try:
                 out.append(to_pixels(decode(io.BytesIO(read(member))), ds.spec))
             except InputError as e:
                 raise DataError(f"{ds.name}: cannot decode {member}: {e}; remove or replace that file") from None
         return out
-    finally:
-        if zf is not None:
-            zf.close()
+
+    def close(self) -> None:
+        if self._zip is not None:
+            self._zip.close()
+        self._read, self._zip, self._root, self._members = None, None, None, set()
+
+    def __enter__(self) -> NativeReader:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+
+def native_images(ds: ImageSet, indices: Sequence[int] | np.ndarray) -> list[np.ndarray] | None:
+    """The images ``indices`` of ``ds`` at their own size, as an app decodes them for a model's
+    ``pixels`` input (:func:`edgemeta.runtime.preprocess.to_pixels`: EXIF orientation, the
+    runtime's mode rules, uint8 [H, W, C]); only those files are read. None when ``ds`` cannot
+    give them: images made in memory, or a set whose sources are not recorded (rotated classes).
+    Many calls on one set: use a :class:`NativeReader`, which opens a zip archive once.
+
+    Raises:
+        DataError: a source file is gone, cannot be decoded any more, or its recorded name
+            points outside the folder or archive.
+    """
+    with NativeReader(ds) as reader:
+        return reader(indices)
 
 
 def _strip_common_root(paths: list[str]) -> tuple[list[str], str]:
@@ -381,7 +453,15 @@ def load_image_folder(
         st = Path(root).stat()
         ident.update(size=st.st_size, mtime=st.st_mtime_ns)
     else:
-        ident.update(files=hashlib.sha256("\n".join(m for m, _ in members).encode()).hexdigest())
+        # each file's size and mtime too, so an image edited in place is decoded again
+        listing = []
+        for m, _ in members:
+            try:
+                st = (Path(root) / m).stat()
+            except OSError as e:
+                raise DataError(f"{root}: cannot read {m} ({e.strerror or e}); restore the file") from None
+            listing.append(f"{m}\t{st.st_size}\t{st.st_mtime_ns}")
+        ident.update(files=hashlib.sha256("\n".join(listing).encode()).hexdigest())
 
     def build() -> ImageSet:
         images = _decode_members(read, members, spec, ident["name"])

@@ -22,6 +22,7 @@ import shutil
 import stat
 import tempfile
 from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -36,6 +37,7 @@ from edgemeta.checkpoint import Checkpoint, file_sha256, load_checkpoint
 from edgemeta.data import (
     ClassSplit,
     ImageSet,
+    NativeReader,
     base_images,
     native_images,
     novel_images,
@@ -105,6 +107,7 @@ class _PreprocessedSet:
     data: ImageSet
     name: str
     labels: np.ndarray
+    _reader: list[NativeReader] = field(default_factory=list, compare=False, repr=False)  # the open session's
 
     def __len__(self) -> int:
         return len(self.data)
@@ -116,7 +119,22 @@ class _PreprocessedSet:
     @property
     def native_frames(self) -> bool:
         """Whether :meth:`frames` gives the images at their own sizes (else the model-size arrays)."""
-        return self.data.native is not None or (bool(self.data.source) and len(self.data.paths) == len(self.data))
+        return NativeReader(self.data).available
+
+    @contextmanager
+    def reading(self) -> Iterator[None]:
+        """A session in which :meth:`frames` keeps the folder or zip archive open (verification
+        reads frames a few at a time; reopening a large archive for each would dominate)."""
+        if self._reader:
+            yield
+            return
+        reader = NativeReader(self.data)
+        self._reader.append(reader)
+        try:
+            yield
+        finally:
+            self._reader.clear()
+            reader.close()
 
     def frames(self, indices: np.ndarray) -> list[np.ndarray]:
         """The images as an app decodes them for ``pixels`` (uint8 [H, W, C], each at its own size),
@@ -124,7 +142,7 @@ class _PreprocessedSet:
         files cannot be read again. Verification feeds them to ``pixels``, so the graph's resize
         is measured against the one the arrays were made with."""
         indices = np.asarray(indices)
-        native = native_images(self.data, indices) if self.native_frames else None
+        native = self._reader[0](indices) if self._reader else native_images(self.data, indices)
         return native if native is not None else list(self.data.images[indices])
 
 
