@@ -24,6 +24,7 @@ naming every failed check, by how much, and what to try.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import time
 from collections import Counter
@@ -256,6 +257,12 @@ class _OnnxSide:
         return self.run(x(), p, fed=True)[1]
 
 
+# Pixels per ONNX Runtime call on the pixels side (and frames held at once): episode images now
+# come at their own sizes, and a batch of full-size photos would need gigabytes (256 12-MP RGB
+# frames are 9 GB before the graph's own copies); a frame larger than this still goes alone.
+PIXEL_BUDGET = 64 * 1024 * 1024
+
+
 class _PixelSide:
     """The ONNX side fed decoded uint8 frames through ``pixels`` (the graph preprocesses them).
 
@@ -264,18 +271,44 @@ class _PixelSide:
     would change their pixels); the outputs come back in the order given. ``sizes`` counts
     the frames embedded per height x width."""
 
-    def __init__(self, side: _OnnxSide, spec: PreprocessSpec) -> None:
+    def __init__(self, side: _OnnxSide, spec: PreprocessSpec, pixel_budget: int = PIXEL_BUDGET) -> None:
         self.side, self.dim, self.spec = side, side.dim, spec
+        self.pixel_budget = pixel_budget
         self.sizes: Counter[tuple[int, int]] = Counter()
+        self.calls: list[int] = []  # frames per ONNX Runtime call, in order
 
     def run(self, frames: Sequence[np.ndarray], p: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         groups, _, _ = pixel_groups(frames, self.spec)
         e = np.empty((len(frames), self.dim), np.float32)
         lg = np.empty((len(frames), len(p)), np.float32)
         for at, batch in groups:
-            feeds = {INPUT_PIXELS: np.ascontiguousarray(batch), INPUT_PROTOTYPES: p}
-            e[at], lg[at] = self.side.session.run([OUTPUT_EMBEDDINGS, OUTPUT_LOGITS], feeds)
+            # full-size photos: a call's input and the graph's intermediates grow with its pixels
+            step = max(1, self.pixel_budget // (batch.shape[1] * batch.shape[2]))
+            for j in range(0, len(at), step):
+                feeds = {INPUT_PIXELS: np.ascontiguousarray(batch[j : j + step]), INPUT_PROTOTYPES: p}
+                e[at[j : j + step]], lg[at[j : j + step]] = self.side.session.run(
+                    [OUTPUT_EMBEDDINGS, OUTPUT_LOGITS], feeds
+                )
+                self.calls.append(len(at[j : j + step]))
         return e, lg
+
+    def embed_all(self, frames_of: Callable[[np.ndarray], Sequence[np.ndarray]], idx: np.ndarray, tick) -> np.ndarray:
+        """The embeddings of frames ``idx``, read one at a time and embedded whenever the next
+        would pass the pixel budget, so no more than about a budget's frames are held at once."""
+        out, pending, held = [], [], 0
+        for n in range(len(idx)):
+            (frame,) = frames_of(idx[n : n + 1])
+            size = frame.shape[0] * frame.shape[1]
+            if pending and held + size > self.pixel_budget:
+                out.append(self.embed(pending))
+                pending, held = [], 0
+                tick(n)
+            pending.append(frame)
+            held += size
+        if pending:
+            out.append(self.embed(pending))
+        tick(len(idx))
+        return np.concatenate(out) if out else np.zeros((0, self.dim), np.float32)
 
     def embed(self, frames: Sequence[np.ndarray]) -> np.ndarray:
         self.sizes.update(tuple(f.shape[:2]) for f in frames)
@@ -374,6 +407,8 @@ def _embed_all(
     task: str,
     progress: Progress | None,
 ) -> np.ndarray:
+    if isinstance(side, _PixelSide):  # frames at full size: held by pixels, not by count
+        return side.embed_all(x_of, idx, lambda n: progress(task, n, len(idx)) if progress else None)
     out = []
     for i in range(0, len(idx), spec.batch_size):
         out.append(side.embed(x_of(idx[i : i + spec.batch_size])))
@@ -608,7 +643,9 @@ def verify(
         # (at their native sizes where the data can read its files again, so the graph's resize
         # is measured; the model-size arrays, for which it is an identity, otherwise)
         pixel_side = _PixelSide(onnx_side, pp)
-        pixels = _episodes(pixel_side, torch_side, data, x_of, spec, sampler, progress, tol.logits_rel, frames)
+        reading = getattr(data, "reading", None)  # keeps the data's files open for the whole check
+        with reading() if reading is not None else contextlib.nullcontext():
+            pixels = _episodes(pixel_side, torch_side, data, x_of, spec, sampler, progress, tol.logits_rel, frames)
         pixels |= pixel_side.described(bool(getattr(data, "native_frames", False)))
         a = pixels["agreement"]
         limit = f"limit {100 * tol.min_agreement:.1f}%"

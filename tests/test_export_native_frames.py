@@ -163,3 +163,29 @@ def test_a_source_file_gone_since_loading_is_one_clear_error(folder):
     (folder / "c1" / "2.png").unlink()
     with pytest.raises(DataError, match=r"cannot read c1/2.png .*restore the file"):
         native_images(ds, [ds.paths.index("c1/2.png")])
+
+
+def test_verification_on_a_zip_opens_it_once_and_closes_it(folder, checkpoint, tmp_path, monkeypatch):
+    import zipfile
+
+    import edgemeta.data
+
+    path, model = checkpoint
+    archive = tmp_path / "images.zip"
+    with zipfile.ZipFile(archive, "w") as zf:
+        for p in sorted(folder.rglob("*.*")):
+            zf.write(p, p.relative_to(folder).as_posix())
+    ds = load_image_folder(archive, omniglot_spec(28))
+    good = export_checkpoint(path, tmp_path / "m.onnx", ExportOptions(data=str(folder), verify=None))
+    opened = []
+
+    class Counting(zipfile.ZipFile):
+        def __init__(self, *args, **kwargs):
+            super().__init__(*args, **kwargs)
+            opened.append(self)
+
+    monkeypatch.setattr(edgemeta.data.zipfile, "ZipFile", Counting)
+    # small batches: many reads, one archive
+    report = verify(onnx.load(str(good.path)), model, labelled_images(ds), dataclasses.replace(SPEC, batch_size=4))
+    assert report.pixels["frames"].startswith("native sizes") and report.pixels["agreement"] >= 0.999
+    assert len(opened) == 1 and opened[0].fp is None
