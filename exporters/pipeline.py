@@ -451,6 +451,8 @@ def _build(
     dataset: str | None,
     progress: Progress | None,
 ) -> ExportOutcome:
+    if options.precision is Precision.INT8:  # int8 settings the backbone's defaults rule out: refused before any work
+        options.quantize.resolved(meta.backbone)
     data = _verification_data(options, dataset, meta.preprocess, ClassSplit.from_dict(meta.extra.get("class_split")))
     report_stage(progress, "exporting to ONNX")
     result = to_onnx(torch_model, meta, options.spec)
@@ -772,6 +774,7 @@ def quantize_model(
     out = check_outputs(out, options, model_path, *([checkpoint] if checkpoint else []))
     model = load_model(model_path)
     reference, meta, dataset, split = _reference(model, model_path, checkpoint, rebuild_module)
+    options.quantize.resolved(meta.backbone)  # settings the backbone's defaults rule out: refused before calibration
     refuse_fixed_batch(Path(model_path), "calibration", model=model)
     data = _verification_data(options, dataset, meta.preprocess, split)
     report_stage(progress, "calibrating int8")

@@ -103,7 +103,8 @@ class QuantizeSpec:
     # lets the NCHWc pass write NHWC directly when the runtime turns off the transpose
     # optimizer that would remove the pair (edgemeta does on x86-64; see
     # ``runtime.session.wants_nhwc_stem``). Wide stems gain (Conv-4, 64 channels: 7% at
-    # batch 32); narrow ones lose (EdgeNet: its direct NHWC reorder is slower). Not with float_stem=False.
+    # batch 32); narrow ones lose (EdgeNet: its direct NHWC reorder is slower). Not with float_stem=False,
+    # nor with float_first > 1 (the pair goes after the stem alone; refused, defaults included).
     # Or "s2d": the stem (Conv -> activation -> 2x2 MaxPool) rewritten as a space-to-depth
     # convolution and a max over its output groups (exact in float; ``exporters.stem``), so
     # that it runs in int8 with its pooling and nothing crosses from float to int8 but the
@@ -128,11 +129,9 @@ class QuantizeSpec:
             raise InputError(f"unknown activation type {self.activations!r}; use int8 or uint8")
         if self.conv_kernel not in ("direct", "gemm"):
             raise InputError(f"unknown int8 convolution kernel {self.conv_kernel!r}; use direct or gemm")
-        if self.conv_kernel == "gemm" and self.activations != "uint8":
-            raise InputError(
-                "the gemm convolution kernel needs uint8 activations (ONNX "
-                "Runtime's int8 GEMM is uint8 x int8); add --activations uint8"
-            )
+        # an open setting (None) is checked once the backbone's default fills it (``resolved``)
+        if self.conv_kernel == "gemm" and self.activations == "int8":
+            raise InputError(_GEMM_NEEDS_UINT8)
         if self.stem_layout not in STEM_LAYOUTS:
             raise InputError(
                 f"unknown stem layout {self.stem_layout!r}; use {', '.join(STEM_LAYOUTS[:-1])} or {STEM_LAYOUTS[-1]}"
@@ -150,6 +149,9 @@ class QuantizeSpec:
             raise InputError("--float-first keeps the stem in float32: drop --no-float-stem")
         if self.float_first and self.stem_layout == "s2d":
             raise InputError("--float-first keeps the stem in float32, --stem-layout s2d runs it in int8: drop one")
+        if self.stem_layout == "nhwc" and self.float_first is not None and self.float_first > 1:
+            n = self.float_first
+            raise InputError(_nhwc_after(f"--float-first {n} keeps the first {n} convolutions in float32"))
         if self.method not in ("MinMax", "Entropy", "Percentile", "Distribution"):
             raise InputError(
                 f"unknown calibration method {self.method!r}; use MinMax, Entropy, Percentile or Distribution"
@@ -161,7 +163,30 @@ class QuantizeSpec:
         defaults = {**INT8_DEFAULTS, **BACKBONE_INT8.get(backbone, {})}
         if self.float_stem is False or self.stem_layout == "s2d":  # asked for an int8 stem: no float convolutions
             defaults["float_first"] = 0
-        return dataclasses.replace(self, **{k: v for k, v in defaults.items() if getattr(self, k) is None})
+        filled = {k: v for k, v in defaults.items() if getattr(self, k) is None}
+        # refused here, before any work, with the backbone's default named (replace() would
+        # refuse too, as if the user had asked for it)
+        if self.conv_kernel == "gemm" and filled.get("activations", "uint8") != "uint8":
+            raise InputError(_GEMM_NEEDS_UINT8)
+        if self.stem_layout == "nhwc" and filled.get("float_first", 0) > 1:
+            n = filled["float_first"]
+            raise InputError(_nhwc_after(f"{backbone} keeps its first {n} convolutions in float32 (its default)"))
+        return dataclasses.replace(self, **filled)
+
+
+_GEMM_NEEDS_UINT8 = (
+    "the gemm convolution kernel needs uint8 activations (ONNX Runtime's int8 GEMM is uint8 x int8); "
+    "add --activations uint8"
+)
+
+
+def _nhwc_after(why: str) -> str:
+    # the NHWC round trip goes where the float stem alone hands over to int8; after more float
+    # convolutions the float part may hand over in several places (residual branches)
+    return (
+        f"--stem-layout nhwc hands the float stem alone over to int8, but {why}; "
+        "add --float-first 1 or use --stem-layout nchw"
+    )
 
 
 # what a QuantizeSpec's open settings (None) become, and where a backbone family needs other

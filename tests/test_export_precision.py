@@ -521,7 +521,7 @@ def test_int8_gemm_kernel_keeps_the_weights_exactly(trained_conv4_onnx, backgrou
     )
     np.testing.assert_allclose(za, zb, rtol=0, atol=1e-3 * float(np.abs(za).max()))
     with pytest.raises(InputError, match="gemm convolution kernel needs uint8 activations.*--activations uint8"):
-        QuantizeSpec(conv_kernel="gemm")
+        QuantizeSpec(conv_kernel="gemm").resolved("conv4")  # conv4's activations: int8
     with pytest.raises(InputError, match="unknown int8 convolution kernel 'amx'"):
         QuantizeSpec(activations="uint8", conv_kernel="amx")
 
@@ -692,3 +692,41 @@ def test_int8_refuses_float_nodes_the_model_does_not_have(trained_conv4_onnx, ba
 def test_open_int8_settings_take_the_backbones_defaults(backbone, asked, activations, float_first):
     spec = asked.resolved(backbone)
     assert (spec.activations, spec.float_first) == (activations, float_first)
+
+
+def test_gemm_kernel_takes_the_backbones_uint8_default():
+    """--conv-kernel gemm without --activations is checked once the backbone's default fills it:
+    EfficientNet-Lite's uint8 runs it, a backbone whose default is int8 is refused."""
+    spec = QuantizeSpec(conv_kernel="gemm").resolved("efficientnet_lite0")
+    assert (spec.conv_kernel, spec.activations) == ("gemm", "uint8")
+    needs = r"the gemm convolution kernel needs uint8 activations .*; add --activations uint8"
+    with pytest.raises(InputError, match=needs):
+        QuantizeSpec(conv_kernel="gemm").resolved("conv4")
+    with pytest.raises(InputError, match=needs):
+        QuantizeSpec(conv_kernel="gemm", activations="int8")  # asked for: refused at once
+    with pytest.raises(InputError, match=needs):
+        QuantizeSpec(conv_kernel="gemm", activations="int8").resolved("efficientnet_lite0")
+
+
+def test_nhwc_stem_layout_with_more_than_the_stem_in_float_is_refused_before_any_work(trained_conv4_onnx, tmp_path):
+    """--stem-layout nhwc hands the float stem alone over to int8: with more convolutions kept in
+    float32 (asked for, or a backbone's default) it is refused before calibration, naming the fix."""
+    from edgemeta.exporters.graph import read_metadata, set_metadata
+    from edgemeta.exporters.quantize import int8_model
+
+    fix = "add --float-first 1 or use --stem-layout nchw"
+    with pytest.raises(InputError, match=f"--float-first 2 keeps the first 2 convolutions in float32; {fix}"):
+        QuantizeSpec(stem_layout="nhwc", float_first=2)
+    with pytest.raises(InputError, match=f"efficientnet_lite0 keeps its first 6 convolutions in float32 .*; {fix}"):
+        QuantizeSpec(stem_layout="nhwc").resolved("efficientnet_lite0")
+    assert QuantizeSpec(stem_layout="nhwc", float_first=1).resolved("efficientnet_lite0").float_first == 1
+    assert QuantizeSpec(stem_layout="nhwc").resolved("conv4").float_first == 0
+
+    class Untouched:  # calibration images that must not be read
+        def __iter__(self):
+            raise AssertionError("calibration ran before the settings were refused")
+
+    model = onnx.load(str(trained_conv4_onnx))  # recorded as an EfficientNet-Lite, whose default keeps 6 in float
+    set_metadata(model, read_metadata(model).with_(backbone="efficientnet_lite0"))
+    with pytest.raises(InputError, match=fix):
+        int8_model(model, Untouched(), QuantizeSpec(stem_layout="nhwc"))

@@ -31,9 +31,9 @@ STEM_HELP = (
     "in float32, or run it in int8. Default: as --stem-layout auto chooses."
 )
 KERNEL_HELP = (
-    "int8 convolution kernel of ONNX Runtime's CPU provider: direct (VNNI direct convolution) or "
-    "gemm (weights stored with zero point -1, lossless, so convolutions run as int8 GEMMs: AMX where "
-    "the CPU has it; needs --activations uint8). Wide layers gain from gemm, narrow ones lose: "
+    "int8 convolution kernel of ONNX Runtime's CPU provider: direct (VNNI direct convolution) or gemm (weights stored "
+    "with zero point -1, lossless, so convolutions run as int8 GEMMs: AMX where the CPU has it; needs uint8 "
+    "activations: --activations uint8, or the backbone's default). Wide layers gain from gemm, narrow ones lose: "
     "compare with `edgemeta benchmark`. gemm is for CPUs: TensorRT takes only zero points of 0."
 )
 ORT_LEVEL_HELP = (
@@ -43,10 +43,11 @@ ORT_LEVEL_HELP = (
 )
 LAYOUT_HELP = (
     "How the stem meets int8 on ONNX Runtime's CPU provider: auto (s2d where the stem fits it, else nchw with the "
-    "float stem; the model's metadata records the choice and why), nchw (as quantized), nhwc (with the float stem: an "
-    "NHWC round trip after it, so that on x86-64 it writes NHWC directly and no int8 transpose runs) or s2d (the stem "
-    "in int8: a stem of convolution, activation and 2x2 max pooling rewritten, exactly, as a space-to-depth "
-    "convolution that runs in int8 with its pooling; Conv-4's fastest). Compare with `edgemeta benchmark`."
+    "float stem; the model's metadata records the choice and why), nchw (as quantized), nhwc (with the float stem "
+    "alone, --float-first at most 1: an NHWC round trip after it, so that on x86-64 it writes NHWC directly and no "
+    "int8 transpose runs) or s2d (the stem in int8: a stem of convolution, activation and 2x2 max pooling rewritten, "
+    "exactly, as a space-to-depth convolution that runs in int8 with its pooling; Conv-4's fastest). Compare with "
+    "`edgemeta benchmark`."
 )
 FLOAT_FIRST_HELP = (
     "Keep the first N convolutions (the stem counts as one), each with the activation and pooling after it, in "
