@@ -595,7 +595,7 @@ def export_module(
         **({"pool": ref.pool} if ref.pool else {}),
     }
     weights_sha = file_sha256(ref.weights) if ref.weights else ""
-    # what verify, quantize and benchmark --checkpoint need to rebuild the module
+    # what verify, quantize and benchmark need to rebuild the module (with --rebuild-module only)
     extra: dict[str, Any] = {
         "source": kind,
         "module": ref.ref,
@@ -645,30 +645,27 @@ def _module_from_metadata(
     """The module an ``export --module`` model was made from, rebuilt from its metadata and ``weights``.
 
     Rebuilding imports the code the metadata names (a module from the current folder, or a .py
-    file it executes) and calls its factory. The metadata is as untrusted as the model file, so
-    that happens only when the user asks: by giving the weights with -c, or for a module exported
-    without weights, with ``rebuild_module`` (``--rebuild-module``)."""
+    file it executes) and calls its factory. The metadata is as untrusted as the model file, and
+    whoever wrote it wrote ``weights_sha256`` too: weights that match the recorded hash say nothing
+    about the code. So it happens only with ``rebuild_module`` (``--rebuild-module``), weights
+    given or not; nothing is imported before that check."""
     extra = meta.extra
+    name, module = Path(model_path).name, extra["module"]
     want = extra.get("weights_sha256") or ""
+    if not rebuild_module:
+        how = f"with weights {want[:12]}..." if want else "without weights"
+        vouch = ", which matching weights do not vouch for" if want else ""
+        raise InputError(
+            f"{name} was exported from {module} {how}: rebuilding it imports and runs the code its metadata "
+            f"names{vouch}; add --rebuild-module if you trust that code"
+        )
     if want and weights is None:
-        raise InputError(
-            f"{Path(model_path).name} was exported from {extra['module']} with weights {want[:12]}...; "
-            "pass them with -c WEIGHTS.safetensors"
-        )
+        raise InputError(f"{name} was exported from {module} with weights {want[:12]}...; pass them with -c WEIGHTS")
     if weights is not None and not want:
-        raise InputError(
-            f"{Path(model_path).name} was exported from {extra['module']} without weights; leave out -c "
-            "(add --rebuild-module to rebuild the module from the model's metadata)"
-        )
-    if weights is None and not rebuild_module:
-        raise InputError(
-            f"{Path(model_path).name} was exported from {extra['module']} without weights: rebuilding it imports "
-            "and runs the code its metadata names; add --rebuild-module if you trust that code"
-        )
+        raise InputError(f"{name} was exported from {module} without weights; leave out -c")
     if weights is not None and file_sha256(weights) != want:
         raise ModelMismatchError(
-            f"{Path(weights).name} is not the weights {Path(model_path).name} was exported with "
-            f"({want[:12] or 'none'}...); pass those"
+            f"{Path(weights).name} is not the weights {name} was exported with ({want[:12]}...); pass those"
         )
     ref = ModuleRef(
         extra["module"],
@@ -717,16 +714,15 @@ def source_model(
     model_path: str | os.PathLike, reference: str | os.PathLike | None = None, rebuild_module: bool = False
 ) -> nn.Module:
     """The torch module an exported model was made from, in eval mode: its checkpoint's model, or
-    the ``export --module`` factory re-imported from the metadata with ``reference`` (its weights,
-    whose SHA-256 must be the recorded one; none when it was exported without weights, which
-    needs ``rebuild_module``: the user's consent to run the code the metadata names). The route
+    the ``export --module`` factory re-imported from the metadata, only with ``rebuild_module`` (the
+    user's consent to run the code the metadata names), and ``reference`` (its weights, whose SHA-256
+    must be the recorded one; none when it was exported without weights). The route
     ``verify_model`` and ``quantize_model`` take, for callers that time or probe the module
     (``edgemeta benchmark --checkpoint``).
 
     Raises:
         InputError: no edgemeta metadata, a wrapped ONNX model (its source is no torch module),
-            ``reference`` missing where the model needs one, or a module without weights and
-            without ``rebuild_module``.
+            ``reference`` missing where the model needs one, or a module and no ``rebuild_module``.
         ModelMismatchError: ``reference`` is not what the model was made from.
     """
     model = load_model(model_path)

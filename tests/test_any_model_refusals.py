@@ -118,3 +118,8 @@ def test_benchmark_of_a_wrapped_model_says_it_has_no_torch_baseline_not_pass_che
     notes = [n for n in json.loads(r.stdout)["notes"] if "no torch baseline" in n]
     assert notes and all("--checkpoint" not in n for n in notes), notes
     assert "w.onnx was wrapped from the ONNX file f.onnx" in notes[0]
+
+
+def test_benchmark_refuses_rebuild_module_for_a_checkpoint_model(tiny_onnx_model):
+    r = run("benchmark", tiny_onnx_model, "--rebuild-module", "--providers", "cpu", "--runs", "3")
+    one_line_error(r, "--rebuild-module is for a model `edgemeta export --module` made", "leave --rebuild-module out")

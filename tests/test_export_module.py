@@ -135,16 +135,18 @@ def test_verify_and_quantize_rebuild_the_module_from_the_metadata(mods):
     save_file({k: v + 1 for k, v in nets.vector().state_dict().items()}, str(mods / "other.safetensors"))
     r = run("export", "--module", "mods/nets.py:vector", "--weights", "w.safetensors", *ARGS, "-o", "v.onnx")
     assert r.exit_code == 0, r.output
-    r = run("verify", "v.onnx", "-c", "w.safetensors", "--data", "omniglot", "--episodes", "10", "--json")
+    verify = ["verify", "v.onnx", "--rebuild-module", "--data", "omniglot", "--episodes", "10"]
+    r = run(*verify, "-c", "w.safetensors", "--json")
     assert r.exit_code == 0, r.output
     assert json.loads(r.output)["passed"]
-    r = run("verify", "v.onnx", "--data", "omniglot", "--episodes", "10")
-    assert r.exit_code == 1 and "pass them with -c WEIGHTS.safetensors" in r.output
-    r = run("verify", "v.onnx", "-c", "other.safetensors", "--data", "omniglot", "--episodes", "10")
+    r = run(*verify)
+    assert r.exit_code == 1 and "pass them with -c WEIGHTS" in r.output
+    r = run(*verify, "-c", "other.safetensors")
     assert r.exit_code == 1 and "other.safetensors is not the weights v.onnx was exported with" in r.output
     r = run(
         "quantize",
         "v.onnx",
+        "--rebuild-module",
         "-c",
         "w.safetensors",
         "-o",
@@ -186,19 +188,22 @@ def test_benchmark_checkpoint_rebuilds_the_module_and_refuses_other_weights(mods
     save_file({k: v + 1 for k, v in nets.vector().state_dict().items()}, str(mods / "other.safetensors"))
     r = run("export", "--module", "mods/nets.py:vector", "--weights", "w.safetensors", *ARGS, "-o", "v.onnx")
     assert r.exit_code == 0, r.output
-    r = run("benchmark", "v.onnx", "--checkpoint", "w.safetensors", *BENCH_FAST)
+    r = run("benchmark", "v.onnx", "--checkpoint", "w.safetensors", "--rebuild-module", *BENCH_FAST)
     assert r.exit_code == 0, r.output
     rows = _torch_rows(r.stdout)
     assert rows and all(row["latency"]["p50_ms"] > 0 for row in rows), rows
     assert not any("no torch baseline" in n for n in json.loads(r.stdout)["notes"])
-    r = run("benchmark", "v.onnx", "--checkpoint", "other.safetensors", *BENCH_FAST[:-1])  # without --json
+    r = run("benchmark", "v.onnx", "--checkpoint", "other.safetensors", "--rebuild-module", *BENCH_FAST[:-1])
     assert r.exit_code == 1 and "other.safetensors is not the weights v.onnx was exported with" in r.output
     assert len(r.output.strip().splitlines()) == 1
     r = run("benchmark", "v.onnx", *BENCH_FAST)  # no weights given: ONNX Runtime rows only, and a note says why
     assert r.exit_code == 0, r.output
     doc = json.loads(r.stdout)
     assert not _torch_rows(r.stdout)
-    assert any("pass --checkpoint with the weights mods/nets.py:vector was exported with" in n for n in doc["notes"])
+    assert any(
+        "pass --checkpoint with the weights mods/nets.py:vector was exported with, and --rebuild-module" in n
+        for n in doc["notes"]
+    )
 
 
 def test_benchmark_rebuilds_a_module_exported_without_weights_only_when_asked(mods):
@@ -218,7 +223,7 @@ def test_benchmark_rebuilds_a_module_exported_without_weights_only_when_asked(mo
     r = run("benchmark", "m.onnx", "--checkpoint", "w.safetensors", *BENCH_FAST)
     assert r.exit_code == 1 and "exported from mods/nets.py:feature_map without weights" in r.output
     assert "add --rebuild-module" in r.output
-    r = run("verify", "m.onnx", "-c", "w.safetensors", "--data", "omniglot", "--episodes", "10")
+    r = run("verify", "m.onnx", "-c", "w.safetensors", "--rebuild-module", "--data", "omniglot", "--episodes", "10")
     assert (
         r.exit_code == 1
         and "m.onnx was exported from mods/nets.py:feature_map without weights; leave out -c" in r.output
@@ -234,14 +239,14 @@ def test_benchmark_rebuilds_a_module_exported_without_weights_only_when_asked(mo
     )
 
 
-def test_rebuild_module_is_refused_for_a_model_with_weights(mods):
+def test_benchmark_rebuild_module_of_a_model_with_weights_needs_them(mods):
     nets = _load_nets(mods, "nets_for_bench3")
     save_file(nets.vector().state_dict(), str(mods / "w.safetensors"))
     r = run("export", "--module", "mods/nets.py:vector", "--weights", "w.safetensors", *ARGS, "-o", "v.onnx")
     assert r.exit_code == 0, r.output
     r = run("benchmark", "v.onnx", "--rebuild-module", *BENCH_FAST[:-1])
-    assert r.exit_code == 1 and "--rebuild-module is for a model `edgemeta export --module` made without" in r.output
-    assert "pass them with --checkpoint" in r.output and len(r.output.strip().splitlines()) == 1
+    assert r.exit_code == 1 and "v.onnx was exported from mods/nets.py:vector with weights" in r.output
+    assert "pass them with --checkpoint too" in r.output and len(r.output.strip().splitlines()) == 1
 
 
 # A model file is untrusted: its metadata may name any module. This one leaves a mark when imported.
@@ -274,5 +279,36 @@ def test_no_command_runs_the_code_a_model_names_unless_asked(mods):
     assert r.exit_code == 1 and "add --rebuild-module if you trust that code" in r.output
     assert not (mods / "RAN").exists() and not (mods / "p.int8.onnx").exists()
     r = run("verify", "p.onnx", "--rebuild-module", "--data", "omniglot", "--episodes", "10", "--json")
+    assert r.exit_code == 0, r.output
+    assert (mods / "RAN").exists()  # asked: rebuilt from the metadata
+
+
+def test_matching_weights_are_no_consent_to_run_the_code_a_model_names(mods):
+    # whoever writes a model's metadata writes its weights hash too: a model shipped with its weights
+    # must not run the code it names on `verify -c WEIGHTS` without --rebuild-module either
+    (mods / "mods" / "planted.py").write_text(textwrap.dedent(PLANTED))
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("planted_for_weights", mods / "mods" / "planted.py")
+    planted = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(planted)
+    save_file(planted.net().state_dict(), str(mods / "w.safetensors"))
+    r = run("export", "--module", "mods/planted.py:net", "--weights", "w.safetensors", *ARGS, "-o", "p.onnx")
+    assert r.exit_code == 0, r.output
+    (mods / "RAN").unlink()  # loading the weights and the export imported it, as asked
+    data = ["--data", "omniglot", "--episodes", "10"]
+    r = run("verify", "p.onnx", "-c", "w.safetensors", *data)
+    assert r.exit_code == 1 and len(r.output.strip().splitlines()) == 1
+    assert "p.onnx was exported from mods/planted.py:net with weights" in r.output
+    assert "add --rebuild-module if you trust that code" in r.output
+    quantize = ["-o", "p.int8.onnx", "--no-verify", "--calibration-data", "omniglot"]
+    r = run("quantize", "p.onnx", "-c", "w.safetensors", *quantize)
+    assert r.exit_code == 1 and "add --rebuild-module if you trust that code" in r.output
+    r = run("benchmark", "p.onnx", "--checkpoint", "w.safetensors", *BENCH_FAST[:-1])
+    assert r.exit_code == 1 and len(r.output.strip().splitlines()) == 1
+    assert "p.onnx was exported from mods/planted.py:net" in r.output and "add --rebuild-module" in r.output
+    assert not (mods / "RAN").exists(), "a command imported the module the model's metadata names"
+    assert not (mods / "p.int8.onnx").exists()
+    r = run("verify", "p.onnx", "-c", "w.safetensors", "--rebuild-module", *data, "--json")
     assert r.exit_code == 0, r.output
     assert (mods / "RAN").exists()  # asked: rebuilt from the metadata

@@ -325,9 +325,9 @@ def measure_cold_start(variant: ModelVariant, provider: str, config: BenchConfig
 class TorchBaseline:
     """torch eager from the checkpoint: eval mode, inference mode, the benchmark's thread count.
     For an `export --module` model, the module is rebuilt from the model's metadata and
-    ``checkpoint`` is its weights file (None when it was exported without weights: then only
-    with ``rebuild_module``, the user's consent to run the code the metadata names), as
-    ``edgemeta verify`` rebuilds it.
+    ``checkpoint`` is its weights file (None when it was exported without weights), only with
+    ``rebuild_module`` (the user's consent to run the code the metadata names, weights given or
+    not), as ``edgemeta verify`` rebuilds it.
 
     On CUDA its input and output stay on the GPU, while each ONNX Runtime call copies the
     images in and the embeddings out: the ratio to torch on a GPU favours torch."""

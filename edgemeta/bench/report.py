@@ -439,9 +439,9 @@ def run_benchmark(
             baseline, and lets missing precisions be made. Its fingerprint must match.
         workdir: where precision variants made on the fly are written (default: a temp folder).
         progress: called as ``progress(done, total, what)`` before each step.
-        rebuild_module: an `export --module` model exported without weights: rebuild its module
-            from the code its metadata names for the torch baseline (the user's consent to run
-            that code; never done unasked).
+        rebuild_module: an `export --module` model: rebuild its module from the code its metadata
+            names for the torch baseline (the user's consent to run that code; never done unasked,
+            with --checkpoint or without: the weights' recorded hash does not vouch for the code).
 
     Raises:
         InputError: a model file is missing, not ONNX, or breaks the edgemeta contract; bad settings.
@@ -471,8 +471,7 @@ def run_benchmark(
             config.batch_sizes,
             config.data_dir,
         )
-        if rebuild_module:
-            _check_rebuild(variants[0])
+        _check_rebuild(variants[0], ckpt, rebuild_module, config.torch_baseline)
         warn_if_busy(others, threads)
         report = BenchReport(machine_info(), config.to_dict(), variants, unavailable=unavailable)
         report.notes += variant_notes(paths, variants, workdir is None)
@@ -502,13 +501,25 @@ def run_benchmark(
     return report
 
 
-def _check_rebuild(first: ModelVariant) -> None:
-    """``--rebuild-module`` is for a module exported without weights only (one with weights takes them)."""
-    if not (first.module and not first.weights_sha256):
-        what = f"was exported from {first.module} with weights: pass them with --checkpoint" if first.module else ""
+def _check_rebuild(first: ModelVariant, checkpoint: Path | None, rebuild_module: bool, baseline: bool) -> None:
+    """Before any measuring: ``--rebuild-module`` is for an `export --module` model only, with its
+    weights where it has some; and ``--checkpoint`` of such a model (whose only use is the torch
+    baseline) needs ``--rebuild-module`` too, as the baseline runs the code its metadata names."""
+    if rebuild_module and not first.module:
         raise InputError(
-            "--rebuild-module is for a model `edgemeta export --module` made without weights; "
-            f"{first.path.name} {what or 'is not one'}; leave --rebuild-module out"
+            "--rebuild-module is for a model `edgemeta export --module` made; "
+            f"{first.path.name} is not one; leave --rebuild-module out"
+        )
+    if rebuild_module and first.weights_sha256 and checkpoint is None:
+        raise InputError(
+            f"{first.path.name} was exported from {first.module} with weights {first.weights_sha256[:12]}...: "
+            "pass them with --checkpoint too (or leave --rebuild-module out)"
+        )
+    if first.module and checkpoint is not None and not rebuild_module and baseline:
+        raise InputError(
+            f"{first.path.name} was exported from {first.module}: its torch baseline imports and runs the code its "
+            "metadata names, which matching weights do not vouch for; add --rebuild-module if you trust that code, "
+            "or leave out --checkpoint"
         )
 
 
@@ -520,8 +531,8 @@ def _torch_baseline(
     A checkpoint's model needs ``--checkpoint``. An `export --module` model is rebuilt from its
     metadata (as `edgemeta verify` does), which imports and runs the code the metadata names: the
     model file is untrusted, so only when the user asks. ``--checkpoint`` names its weights,
-    checked against the recorded hash; one exported without weights needs ``rebuild_module``
-    (``--rebuild-module``), and a note says why not where it cannot be rebuilt."""
+    checked against the recorded hash; either way it needs ``rebuild_module`` (``--rebuild-module``,
+    checked before measuring), and a note says why not where it cannot be rebuilt."""
     if not config.torch_baseline:
         return None, ""
     threads = config.resolved_threads
@@ -542,9 +553,12 @@ def _torch_baseline(
         )
     if checkpoint is None:
         if first.module:
-            return None, f"no torch baseline: pass --checkpoint with the weights {first.module} was exported with"
+            return None, (
+                f"no torch baseline: pass --checkpoint with the weights {first.module} was exported with, and "
+                "--rebuild-module if you trust the code its metadata names"
+            )
         return None, "no torch baseline: pass --checkpoint (the checkpoint the model was exported from)"
-    return TorchBaseline(checkpoint, threads, first), ""
+    return TorchBaseline(checkpoint, threads, first, rebuild_module), ""
 
 
 @contextlib.contextmanager

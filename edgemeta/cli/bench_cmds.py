@@ -68,13 +68,17 @@ def benchmark(
         "variants of one model, one per precision, side by side.",
     ),
     checkpoint: Optional[Path] = typer.Option(
-        None, "--checkpoint", help="The checkpoint the model came from: torch eager baseline, and missing precisions."
+        None,
+        "--checkpoint",
+        help="The checkpoint the model came from: torch eager baseline, and missing precisions. For an `export "
+        "--module` model, its --weights (with --rebuild-module).",
     ),
     rebuild_module: bool = typer.Option(
         False,
         "--rebuild-module",
-        help="Torch baseline of an `export --module` model exported without weights: rebuild the module from the "
-        "code its metadata names (imports and runs it; only for a model file you trust).",
+        help="Torch baseline of an `export --module` model, with its weights (--checkpoint) or without: rebuild the "
+        "module from the code its metadata names (imports and runs it; only for a model file you trust; matching "
+        "weights do not vouch for the code).",
     ),
     providers: str = typer.Option(
         "auto", help="auto (every provider this onnxruntime has; others reported unavailable) or e.g. cpu,cuda."

@@ -64,12 +64,12 @@ CALIB_HELP = (
 )
 DATA_DIR_HELP = "Data folder (default: $EDGEMETA_DATA_DIR)."
 REFERENCE_HELP = (
-    "What the model came from: its checkpoint, the --weights of an `export --module` model (none if it had none), "
-    "or the original ONNX file of a wrapped model."
+    "What the model came from: its checkpoint, the --weights of an `export --module` model (none if it had none; "
+    "such a model also needs --rebuild-module), or the original ONNX file of a wrapped model."
 )
 REBUILD_HELP = (
-    "An `export --module` model exported without weights: rebuild the module from the code its metadata names "
-    "(imports and runs it; only for a model file you trust)."
+    "An `export --module` model, with its weights (-c) or without: rebuild the module from the code its metadata "
+    "names (imports and runs it; only for a model file you trust; matching weights do not vouch for the code)."
 )
 
 
