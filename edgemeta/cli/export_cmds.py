@@ -126,25 +126,43 @@ def _floats(text: Optional[str], what: str) -> list[float] | float:
 PIXELS_HELP = "Add the raw-pixel input (uint8 [batch, H, W, C], preprocessed in the graph; docs/pixels.md)."
 
 
-def _options(
-    precision: Precision,
-    opset: int,
-    optimize: bool,
-    ort: bool,
-    verify: bool,
-    episodes: int,
-    data: Optional[str],
-    calibration_data: Optional[str],
-    data_dir: Optional[Path],
-    calibration_images: int = 256,
+def _int8(
+    calibration_images: int,
     activations: Optional[str] = None,
     float_stem: Optional[bool] = None,
     conv_kernel: str = "direct",
     stem_layout: str = "auto",
-    ort_level: str = "basic",
-    pixels: bool = True,
     float_first: Optional[int] = None,
     float_nodes: Optional[str] = None,
+):
+    """The int8 options of export and quantize as one QuantizeSpec."""
+    from edgemeta.exporters import QuantizeSpec
+
+    return QuantizeSpec(
+        calibration_images=calibration_images,
+        activations=activations,
+        float_stem=float_stem,
+        conv_kernel=conv_kernel,
+        stem_layout=stem_layout,
+        float_first=float_first,
+        float_nodes=tuple(n.strip() for n in (float_nodes or "").split(",") if n.strip()),
+    )
+
+
+def _options(
+    precision: Precision,
+    *,
+    verify: bool,
+    episodes: int,
+    data: Optional[str],
+    data_dir: Optional[Path],
+    calibration_data: Optional[str] = None,
+    quantize=None,
+    opset: int = 18,
+    optimize: bool = False,
+    ort: bool = False,
+    ort_level: str = "basic",
+    pixels: bool = True,
 ):
     from edgemeta.exporters import ExportOptions, ExportSpec, QuantizeSpec, VerifySpec
 
@@ -158,15 +176,7 @@ def _options(
         data=data,
         calibration_data=calibration_data,
         data_dir=str(data_dir) if data_dir else None,
-        quantize=QuantizeSpec(
-            calibration_images=calibration_images,
-            activations=activations,
-            float_stem=float_stem,
-            conv_kernel=conv_kernel,
-            stem_layout=stem_layout,
-            float_first=float_first,
-            float_nodes=tuple(n.strip() for n in (float_nodes or "").split(",") if n.strip()),
-        ),
+        quantize=quantize or QuantizeSpec(),
     )
 
 
@@ -290,23 +300,17 @@ def export_cmd(
 
     options = _options(
         precision,
-        opset,
-        optimize,
-        ort,
-        verify,
-        episodes,
-        data,
-        calibration_data,
-        data_dir,
-        calibration_images,
-        activations,
-        float_stem,
-        conv_kernel,
-        stem_layout,
-        ort_optimization,
-        pixels,
-        float_first,
-        float_nodes,
+        verify=verify,
+        episodes=episodes,
+        data=data,
+        data_dir=data_dir,
+        calibration_data=calibration_data,
+        quantize=_int8(calibration_images, activations, float_stem, conv_kernel, stem_layout, float_first, float_nodes),
+        opset=opset,
+        optimize=optimize,
+        ort=ort,
+        ort_level=ort_optimization,
+        pixels=pixels,
     )
     with _progress(not json_out) as progress:
         if module:
@@ -335,7 +339,7 @@ def verify_cmd(
     """Check an exported model against its checkpoint on real images; the model file is left as it is."""
     from edgemeta.exporters import verify_model
 
-    options = _options(Precision.FP32, 18, False, False, True, episodes, data, None, data_dir)
+    options = _options(Precision.FP32, verify=True, episodes=episodes, data=data, data_dir=data_dir)
     with _progress(not json_out) as progress:
         report = verify_model(
             model, checkpoint, options, progress, write_figures=write_figures, rebuild_module=rebuild_module
@@ -376,23 +380,15 @@ def quantize_cmd(
 
     options = _options(
         Precision.INT8,
-        18,
-        False,
-        ort,
-        verify,
-        episodes,
-        data,
-        calibration_data,
-        data_dir,
-        calibration_images,
-        activations,
-        float_stem,
-        conv_kernel,
-        stem_layout,
-        ort_optimization,
-        pixels,
-        float_first,
-        float_nodes,
+        verify=verify,
+        episodes=episodes,
+        data=data,
+        data_dir=data_dir,
+        calibration_data=calibration_data,
+        quantize=_int8(calibration_images, activations, float_stem, conv_kernel, stem_layout, float_first, float_nodes),
+        ort=ort,
+        ort_level=ort_optimization,
+        pixels=pixels,
     )
     with _progress(not json_out) as progress:
         outcome = quantize_model(model, checkpoint, output, options, progress, rebuild_module=rebuild_module)
@@ -612,15 +608,12 @@ def wrap_cmd(
         console.print(spec.preprocess_source, markup=False, highlight=False, soft_wrap=True)
     options = _options(
         precision,
-        18,
-        False,
-        False,
-        verify,
-        episodes,
-        data,
-        calibration_data,
-        data_dir,
-        calibration_images,
+        verify=verify,
+        episodes=episodes,
+        data=data,
+        data_dir=data_dir,
+        calibration_data=calibration_data,
+        quantize=_int8(calibration_images),
         pixels=pixels,
     )
     with _progress(not json_out) as progress:
