@@ -39,7 +39,15 @@ from onnx import TensorProto, helper, numpy_helper
 from edgemeta.runtime.errors import ExportError
 from edgemeta.runtime.spec import INPUT_IMAGES, INPUT_PIXELS, PreprocessSpec
 
-__all__ = ["PIXEL_OPSET", "RESIZE_MODES", "with_pixels", "without_pixels", "has_pixels", "preprocess_graph"]
+__all__ = [
+    "PIXEL_OPSET",
+    "RESIZE_MODES",
+    "with_pixels",
+    "without_pixels",
+    "has_pixels",
+    "preprocess_graph",
+    "preprocessing_model",
+]
 
 #: Resize gained ``antialias`` (and ``axes``) in opset 18.
 PIXEL_OPSET = 18
@@ -300,6 +308,19 @@ def with_pixels(model: onnx.ModelProto, spec: PreprocessSpec) -> onnx.ModelProto
     del g.input[:]
     g.input.extend(inputs)
     return out
+
+
+def preprocessing_model(spec: PreprocessSpec) -> onnx.ModelProto:
+    """The entry alone: ``pixels`` in, its preprocessed float32 [B, C, h, w] out (output
+    ``preprocessed``), the same graph :func:`with_pixels` puts in front of a backbone. For
+    comparing the graph's preprocessing with Pillow's, or running it on its own."""
+    images = helper.make_tensor_value_info(INPUT_IMAGES, TensorProto.FLOAT, ["batch", spec.channels, *spec.size])
+    out = helper.make_tensor_value_info("preprocessed", TensorProto.FLOAT, ["batch", spec.channels, *spec.size])
+    identity = helper.make_node("Identity", [INPUT_IMAGES], ["preprocessed"])
+    graph = helper.make_graph([identity], "pixels", [images], [out])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", PIXEL_OPSET)])
+    model.ir_version = 8  # readable by ONNX Runtime 1.17 and later
+    return with_pixels(model, spec)
 
 
 def without_pixels(model: onnx.ModelProto) -> onnx.ModelProto:

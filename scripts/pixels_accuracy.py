@@ -31,7 +31,7 @@ from edgemeta.episodes import EpisodeSampler
 from edgemeta.evaluate import embed_images
 from edgemeta.exporters.convert import export
 from edgemeta.exporters.pipeline import metadata_for_checkpoint
-from edgemeta.exporters.pixels import with_pixels
+from edgemeta.exporters.pixels import preprocessing_model, with_pixels
 from edgemeta.runtime.preprocess import decode, preprocess
 from edgemeta.runtime.spec import PreprocessSpec
 
@@ -49,17 +49,7 @@ def _levels(x: np.ndarray, spec: PreprocessSpec) -> np.ndarray:
 
 
 def _identity(spec: PreprocessSpec) -> ort.InferenceSession:
-    from onnx import TensorProto, helper
-
-    g = helper.make_graph(
-        [helper.make_node("Identity", ["images"], ["out"])],
-        "identity",
-        [helper.make_tensor_value_info("images", TensorProto.FLOAT, ["b", spec.channels, *spec.size])],
-        [helper.make_tensor_value_info("out", TensorProto.FLOAT, ["b", spec.channels, *spec.size])],
-    )
-    m = helper.make_model(g, opset_imports=[helper.make_opsetid("", 18)])
-    m.ir_version = 8
-    return ort.InferenceSession(with_pixels(m, spec).SerializeToString(), providers=["CPUExecutionProvider"])
+    return ort.InferenceSession(preprocessing_model(spec).SerializeToString(), providers=["CPUExecutionProvider"])
 
 
 def pixel_agreement(frames: list[np.ndarray], spec: PreprocessSpec) -> tuple[int, float]:

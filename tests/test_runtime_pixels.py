@@ -8,10 +8,9 @@ import io
 import numpy as np
 import onnxruntime as ort
 import pytest
-from onnx import TensorProto, helper
 from PIL import Image
 
-from edgemeta.exporters.pixels import with_pixels
+from edgemeta.exporters.pixels import preprocessing_model
 from edgemeta.runtime.errors import InputError
 from edgemeta.runtime.preprocess import pixel_groups, preprocess, to_pixels
 from edgemeta.runtime.spec import PreprocessSpec
@@ -21,15 +20,7 @@ RGB = PreprocessSpec.create(32, 3, [0.5, 0.4, 0.3], [0.2, 0.25, 0.3])
 
 
 def _graph(spec: PreprocessSpec) -> ort.InferenceSession:
-    g = helper.make_graph(
-        [helper.make_node("Identity", ["images"], ["out"])],
-        "identity",
-        [helper.make_tensor_value_info("images", TensorProto.FLOAT, ["b", spec.channels, *spec.size])],
-        [helper.make_tensor_value_info("out", TensorProto.FLOAT, ["b", spec.channels, *spec.size])],
-    )
-    m = helper.make_model(g, opset_imports=[helper.make_opsetid("", 18)])
-    m.ir_version = 8
-    return ort.InferenceSession(with_pixels(m, spec).SerializeToString(), providers=["CPUExecutionProvider"])
+    return ort.InferenceSession(preprocessing_model(spec).SerializeToString(), providers=["CPUExecutionProvider"])
 
 
 def _photo(mode: str, size=(45, 30), seed=0) -> Image.Image:
