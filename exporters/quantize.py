@@ -463,6 +463,65 @@ def _weights_to_gemm(model: onnx.ModelProto) -> int:
     return shifted
 
 
+_WEIGHTED = ("Conv", "ConvTranspose", "Gemm")
+
+
+def _input_channels(node: onnx.NodeProto, weight: np.ndarray) -> int:
+    attrs = {a.name: helper.get_attribute_value(a) for a in node.attribute}
+    if node.op_type == "Conv":
+        return weight.shape[1] * attrs.get("group", 1)
+    if node.op_type == "ConvTranspose":
+        return weight.shape[0]
+    return weight.shape[1] if attrs.get("transB", 0) else weight.shape[0]
+
+
+def _keep_weights_float(model: onnx.ModelProto, kept: set[str]) -> int:
+    """Give each convolution (or Gemm) kept in float32 that reads a DequantizeLinear a
+    dequantization of its own with per-channel (axis 1) scale and zero point, the tensor's
+    values repeated: the same numbers, so the same result. Returns how many nodes were changed.
+
+    Why: ONNX Runtime's ``WeightBiasQuantization`` optimizer (level 1, every provider) takes a
+    DequantizeLinear -> Conv with float weights -> [Relu | Clip] -> QuantizeLinear for a node
+    whose weights were left unquantized by mistake: it quantizes them to int8 *per tensor* when
+    the session opens, so the node kept in float runs in int8 after all, with one scale for
+    all its output channels (worst for depthwise convolutions, whose channels' ranges differ
+    the most). It takes only a per-tensor input scale
+    (onnxruntime/core/optimizer/qdq_transformer/weight_bias_quantization.cc)."""
+    init = {t.name: t for t in model.graph.initializer}
+    producers = {o: n for n in model.graph.node for o in n.output}
+    changed, added, replaced = 0, [], set()
+    for node in model.graph.node:
+        if node.name not in kept or node.op_type not in _WEIGHTED or len(node.input) < 2 or node.input[1] not in init:
+            continue
+        dq = producers.get(node.input[0])
+        if dq is None or dq.op_type != "DequantizeLinear" or dq.input[1] not in init:
+            continue
+        scale = numpy_helper.to_array(init[dq.input[1]])
+        if scale.size != 1:  # already per channel: the optimizer leaves it alone
+            continue
+        c = _input_channels(node, numpy_helper.to_array(init[node.input[1]]))
+        name = f"{node.name}_float_input"
+        inputs = [dq.input[0], f"{name}_scale"]
+        added.append(numpy_helper.from_array(np.full(c, scale.reshape(()), scale.dtype), inputs[1]))
+        if len(dq.input) > 2 and dq.input[2]:
+            zero = numpy_helper.to_array(init[dq.input[2]])
+            inputs.append(f"{name}_zero_point")
+            added.append(numpy_helper.from_array(np.full(c, zero.reshape(()), zero.dtype), inputs[2]))
+        new = helper.make_node("DequantizeLinear", inputs, [name], name=f"{name}_DequantizeLinear", axis=1)
+        node.input[0] = name
+        replaced.add(dq.name)
+        at = list(model.graph.node).index(node)
+        model.graph.node.insert(at, new)
+        changed += 1
+    model.graph.initializer.extend(added)
+    # a DequantizeLinear nobody reads any more (its float node had it alone) goes
+    read = {i for n in model.graph.node for i in n.input} | {o.name for o in model.graph.output}
+    unread = [n for n in model.graph.node if n.name in replaced and n.output[0] not in read]
+    for n in unread:
+        model.graph.node.remove(n)
+    return changed
+
+
 def _nhwc_round_trip(model: onnx.ModelProto, stem: set[str]) -> bool:
     """Insert Transpose(0,2,3,1) -> Transpose(0,3,1,2) between the float stem's last node and
     the QuantizeLinear nodes that read it (see ``QuantizeSpec.stem_layout``). The values do
@@ -575,6 +634,7 @@ def int8_model(
             )
             q = onnx.load_model(str(out))
             gemm_weights = _weights_to_gemm(q) if spec.conv_kernel == "gemm" else 0
+            _keep_weights_float(q, kept)
             if layout == "nhwc" and not _nhwc_round_trip(q, stem):
                 raise InputError(
                     "--stem-layout nhwc: this model's float stem does not hand its output to int8 alone (it has other "

@@ -28,7 +28,7 @@ from edgemeta.exporters.graph import float_nodes, name_nodes
 from edgemeta.exporters.head import has_fed_norms
 from edgemeta.exporters.quantize import QuantizeSpec
 from edgemeta.runtime.errors import InputError
-from edgemeta.runtime.session import Session
+from edgemeta.runtime.session import Session, images_only_feeds
 from edgemeta.runtime.spec import ModelMetadata, Precision
 
 
@@ -657,6 +657,60 @@ def test_int8_keeps_the_first_convolutions_and_named_nodes_in_float(trained_conv
     )
     assert _float_convs(named) == [False, True, False, False]  # the stem as auto chose it (s2d, int8)
     assert meta_of(named).extra["calibration"]["float_nodes"] == [second_conv.name]
+
+
+def _weights_after_basic_optimization(path: Path, tmp_path: Path) -> dict[str, str]:
+    """For each convolution of ``path`` as ONNX Runtime's level-1 optimizers leave it: "float"
+    where its weights are a float32 initializer, else the op that produces them."""
+    so = ort.SessionOptions()
+    so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_BASIC
+    so.optimized_model_filepath = str(tmp_path / "basic.onnx")
+    ort.InferenceSession(str(path), so, providers=["CPUExecutionProvider"])
+    model = onnx.load(str(tmp_path / "basic.onnx"))
+    floats = {t.name for t in model.graph.initializer if t.data_type == onnx.TensorProto.FLOAT}
+    producers = {o: n.op_type for n in model.graph.node for o in n.output}
+    return {
+        n.name: "float" if n.input[1] in floats else producers.get(n.input[1], "?")
+        for n in model.graph.node
+        if n.op_type == "Conv"
+    }
+
+
+def test_a_float_node_between_int8_nodes_keeps_float_weights_in_onnxruntime(trained_conv4_onnx, background, tmp_path):
+    """ONNX Runtime's WeightBiasQuantization optimizer quantizes, per tensor, the float weights of a
+    convolution that reads a (per-tensor) DequantizeLinear and leads to a QuantizeLinear, which is
+    what a node kept in float32 between int8 nodes looks like: its per-channel dequantization of
+    its own keeps it float where it runs, and computes the same."""
+    model = onnx.load(str(trained_conv4_onnx))
+    name_nodes(model)
+    third = [n for n in model.graph.node if n.op_type == "Conv"][2].name
+    path = q8(
+        trained_conv4_onnx,
+        tmp_path / "mid.onnx",
+        background,
+        QuantizeSpec(calibration_images=32, float_stem=True, float_nodes=(third,)),
+    )
+    assert _float_convs(path) == [True, False, True, False]
+    after = _weights_after_basic_optimization(path, tmp_path)
+    assert after[third] == "float", after
+    assert list(after.values()).count("float") == 2  # the stem and the third; the others stay int8
+    q = onnx.load(str(path))
+    conv = next(n for n in q.graph.node if n.name == third)
+    reader = next(n for n in q.graph.node if n.op_type == "DequantizeLinear" and n.output[0] == conv.input[0])
+    assert [a.i for a in reader.attribute if a.name == "axis"] == [1]
+    # the graph as written (no optimizer: float weights) and as ONNX Runtime runs it agree
+    x = next(iter(calibration_images(background, QuantizeSpec(calibration_images=16, batch=16)).batches))
+    embeddings = []
+    for level in (ort.GraphOptimizationLevel.ORT_DISABLE_ALL, ort.GraphOptimizationLevel.ORT_ENABLE_ALL):
+        so = ort.SessionOptions()
+        so.graph_optimization_level = level
+        s = ort.InferenceSession(str(path), so, providers=["CPUExecutionProvider"])
+        dim = s.get_outputs()[0].shape[1]
+        feeds = {"images": x, "prototypes": np.zeros((0, dim), np.float32), **images_only_feeds(s)}
+        embeddings.append(s.run(["embeddings"], feeds)[0])
+    unit = [e / np.linalg.norm(e, axis=1, keepdims=True) for e in embeddings]
+    print(1 - np.sum(unit[0] * unit[1], axis=1))
+    assert np.max(1 - np.sum(unit[0] * unit[1], axis=1)) < 1e-4
 
 
 def test_int8_refuses_float_nodes_the_model_does_not_have(trained_conv4_onnx, background, tmp_path):
