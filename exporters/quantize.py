@@ -489,36 +489,37 @@ def _keep_weights_float(model: onnx.ModelProto, kept: set[str]) -> int:
     (onnxruntime/core/optimizer/qdq_transformer/weight_bias_quantization.cc)."""
     init = {t.name: t for t in model.graph.initializer}
     producers = {o: n for n in model.graph.node for o in n.output}
-    changed, added, replaced = 0, [], set()
+    nodes, replaced, changed = [], set(), 0
     for node in model.graph.node:
-        if node.name not in kept or node.op_type not in _WEIGHTED or len(node.input) < 2 or node.input[1] not in init:
-            continue
-        dq = producers.get(node.input[0])
-        if dq is None or dq.op_type != "DequantizeLinear" or dq.input[1] not in init:
-            continue
-        scale = numpy_helper.to_array(init[dq.input[1]])
-        if scale.size != 1:  # already per channel: the optimizer leaves it alone
-            continue
-        c = _input_channels(node, numpy_helper.to_array(init[node.input[1]]))
-        name = f"{node.name}_float_input"
-        inputs = [dq.input[0], f"{name}_scale"]
-        added.append(numpy_helper.from_array(np.full(c, scale.reshape(()), scale.dtype), inputs[1]))
-        if len(dq.input) > 2 and dq.input[2]:
-            zero = numpy_helper.to_array(init[dq.input[2]])
-            inputs.append(f"{name}_zero_point")
-            added.append(numpy_helper.from_array(np.full(c, zero.reshape(()), zero.dtype), inputs[2]))
-        new = helper.make_node("DequantizeLinear", inputs, [name], name=f"{name}_DequantizeLinear", axis=1)
-        node.input[0] = name
-        replaced.add(dq.name)
-        at = list(model.graph.node).index(node)
-        model.graph.node.insert(at, new)
-        changed += 1
-    model.graph.initializer.extend(added)
+        dq = producers.get(node.input[0]) if node.input else None
+        if (
+            node.name in kept
+            and node.op_type in _WEIGHTED
+            and len(node.input) > 1
+            and node.input[1] in init
+            and dq is not None
+            and dq.op_type == "DequantizeLinear"
+            and dq.input[1] in init
+            and numpy_helper.to_array(init[dq.input[1]]).size == 1  # per channel: the optimizer leaves it alone
+        ):
+            c = _input_channels(node, numpy_helper.to_array(init[node.input[1]]))
+            name = f"{node.name}_float_input"
+            inputs = [dq.input[0]]
+            for k, what in ((1, "scale"), (2, "zero_point")):
+                if len(dq.input) > k and dq.input[k]:
+                    value = numpy_helper.to_array(init[dq.input[k]])
+                    inputs.append(f"{name}_{what}")
+                    model.graph.initializer.append(numpy_helper.from_array(np.full(c, value.reshape(())), inputs[-1]))
+            nodes.append(helper.make_node("DequantizeLinear", inputs, [name], name=f"{name}_DequantizeLinear", axis=1))
+            node.input[0] = name
+            replaced.add(dq.name)
+            changed += 1
+        nodes.append(node)
     # a DequantizeLinear nobody reads any more (its float node had it alone) goes
-    read = {i for n in model.graph.node for i in n.input} | {o.name for o in model.graph.output}
-    unread = [n for n in model.graph.node if n.name in replaced and n.output[0] not in read]
-    for n in unread:
-        model.graph.node.remove(n)
+    read = {i for n in nodes for i in n.input} | {o.name for o in model.graph.output}
+    nodes = [n for n in nodes if n.name not in replaced or n.output[0] in read]
+    del model.graph.node[:]
+    model.graph.node.extend(nodes)
     return changed
 
 
