@@ -196,6 +196,16 @@ _SESSIONS: dict[tuple[int, int, str], Any] = {}
 _SESSIONS_LOCK = threading.Lock()
 
 
+def _after_fork() -> None:
+    # a fork while another thread held the lock would leave the child's copy locked for ever
+    global _SESSIONS_LOCK
+    _SESSIONS_LOCK = threading.Lock()
+
+
+if hasattr(os, "register_at_fork"):  # not on Windows, which does not fork
+    os.register_at_fork(after_in_child=_after_fork)
+
+
 def levels_graph_path(channels: int, interpolation: str) -> Path:
     """The shipped resize graph for a model of ``channels`` (1 or 3) and a filter of :data:`GRAPH_FILTERS`."""
     return Path(__file__).parent / "graphs" / f"levels_{'grey' if channels == 1 else 'rgb'}_{interpolation}.onnx"
@@ -230,7 +240,8 @@ def resize_frame(frame: np.ndarray, spec: PreprocessSpec) -> np.ndarray:
     image, uint8 [h, w, channels]: the colour rules and resize of the model's ``pixels`` entry,
     run by ONNX Runtime, so the result is what an exported model makes of the same frame.
     A frame already at the model's size and colour is returned as it is (the graph would not
-    change it)."""
+    change it). Like the entry, it works on a float32 copy of the frame: a 24-megapixel photo
+    takes about half a gigabyte for the moment of its resize."""
     if frame.shape[:2] == tuple(spec.size) and frame.shape[2] == spec.channels:
         return frame
     session = _levels_session(spec.channels, spec.interpolation)

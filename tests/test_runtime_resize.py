@@ -30,6 +30,7 @@ def test_the_shipped_graphs_are_what_the_exporter_builds(channels, interpolation
     shipped = onnx.load(str(levels_graph_path(channels, interpolation)))
     fresh = levels_model(channels, interpolation)
     assert shipped.graph.SerializeToString(deterministic=True) == fresh.graph.SerializeToString(deterministic=True)
+    assert (shipped.ir_version, list(shipped.opset_import)) == (fresh.ir_version, list(fresh.opset_import))
     assert set(GRAPH_FILTERS) == set(RESIZE_MODES)
 
 
