@@ -1,8 +1,9 @@
 """Data sets as decoded, resized uint8 arrays in memory, with an on-disk cache.
 
 Every image goes through :func:`edgemeta.runtime.preprocess.to_uint8` (the device's
-own decoder) once; the result is cached as ``.npz`` so later runs start in seconds.
-Training then only normalizes (the same arithmetic as the runtime).
+own decoder, and the exported model's own resize graph) once; the result is cached as
+``.npz`` so later runs start in seconds. Training then only normalizes (the same
+arithmetic as the runtime), so a model meets on the device the very arrays it trained on.
 
 Sources: Omniglot (official archives or extracted folders; downloaded and
 checksum-verified when missing and online), any image folder (``root/<class>/*``,
@@ -64,7 +65,9 @@ OMNIGLOT_MD5 = {
     "images_background": "68d2efa1b9178cc56df9314c21c6e718",
     "images_evaluation": "6b91aef0f799c5bb55b94e3f2daec811",
 }
-_CACHE_VERSION = 2  # 2: photos turned by their EXIF orientation, transparency flattened onto white
+# 2: photos turned by their EXIF orientation, transparency flattened onto white;
+# 3: resized by the pixels graph's resize instead of Pillow's
+_CACHE_VERSION = 3
 
 
 @dataclass

@@ -47,6 +47,9 @@ __all__ = [
     "has_pixels",
     "preprocess_graph",
     "preprocessing_model",
+    "levels_model",
+    "LEVELS_SIZE",
+    "LEVELS_OUTPUT",
 ]
 
 #: Resize gained ``antialias`` (and ``axes``) in opset 18.
@@ -202,19 +205,46 @@ def _resize_pass(x: str, axis: int, sizes: str, interpolation: str, out: str) ->
     return [*nodes, _node("Floor", [plus_half], out)]
 
 
-def preprocess_graph(spec: PreprocessSpec, output: str) -> tuple[list[onnx.NodeProto], list[onnx.TensorProto]]:
-    """Nodes and initializers from the ``pixels`` input to ``output`` (float32 [B, C, h, w],
-    normalized as ``spec`` says). Raises :class:`ExportError` for a resize filter that ONNX
-    cannot reproduce."""
-    if spec.interpolation not in RESIZE_MODES:
+def _used(nodes: list[onnx.NodeProto], inits: list[onnx.TensorProto]) -> list[onnx.TensorProto]:
+    """The initializers ``nodes`` (and the branches of their If nodes) read: ONNX Runtime warns
+    about every unused one when it opens the model."""
+    names: set[str] = set()
+    stack = list(nodes)
+    while stack:
+        node = stack.pop()
+        names.update(node.input)
+        stack += [n for a in node.attribute if a.type == onnx.AttributeProto.GRAPH for n in a.g.node]
+    return [t for t in inits if t.name in names]
+
+
+def _levels_graph(channels: int, interpolation: str, width: str, height: str) -> list[onnx.NodeProto]:
+    """Nodes from the ``pixels`` input to ``pixels/levels``: the model's 8-bit image (float32
+    whole numbers, [B, channels, h, w]), ``width`` and ``height`` naming int64 [1] tensors."""
+    if interpolation not in RESIZE_MODES:
         raise ExportError(
-            f"{spec.interpolation} resizing has no ONNX Resize equivalent, so the model cannot take raw pixels; "
+            f"{interpolation} resizing has no ONNX Resize equivalent, so the model cannot take raw pixels; "
             f"train with one of {', '.join(RESIZE_MODES)} or export with --no-pixels"
         )
-    ch = spec.channels
-    h, w = spec.size
+    # NCHW first, while the pixels are bytes (the cheapest copy): the colour rules then work
+    # on whole planes. Resized in float: ONNX Runtime's float Resize is about twice as fast as
+    # its uint8 one, and rounding after each pass keeps Pillow's 8-bit intermediate image
+    # (a single two-axis Resize does not)
+    nodes = [_node("Transpose", [INPUT_PIXELS], _P + "nchw", perm=[0, 3, 1, 2])]
+    colour_nodes, colour = _colour(_P + "nchw", channels)
+    return [
+        *nodes,
+        *colour_nodes,
+        _f32(colour, _P + "float"),
+        *_resize_pass(_P + "float", 3, width, interpolation, _P + "wide"),
+        *_resize_pass(_P + "wide", 2, height, interpolation, _P + "levels"),
+    ]
+
+
+def _constants(channels: int, interpolation: str) -> list[onnx.TensorProto]:
     inits = [
         _c("zero", np.array([0], np.int64)),
+        _c("one", np.array([1], np.int64)),
+        _c("two", np.array([2], np.int64)),
         _c("three", np.array([3], np.int64)),
         _c("four", np.array([4], np.int64)),
         _c("axis1", np.array([1], np.int64)),
@@ -224,34 +254,68 @@ def preprocess_graph(spec: PreprocessSpec, output: str) -> tuple[list[onnx.NodeP
         _c("f0", np.array(0.0, np.float32)),
         _c("f_half", np.array(0.5, np.float32)),
         _c("f255", np.array(255.0, np.float32)),
-        _c("width", np.array([w], np.int64)),
-        _c("height", np.array([h], np.int64)),
-        _c("mean", np.array(spec.mean, np.float32).reshape(1, ch, 1, 1)),
-        _c("std", np.array(spec.std, np.float32).reshape(1, ch, 1, 1)),
     ]
-    # only what the graph uses: ONNX Runtime warns about every unused initializer when it opens the model
-    if ch == 1:
+    if channels == 1:
         inits += [_c(name, np.array(w, np.float32)) for name, w in zip(("luma_r", "luma_g", "luma_b"), _LUMA)]
         inits += [_c("half16", np.array(32768.0, np.float32)), _c("inv16", np.array(2.0**-16, np.float32))]
-    if spec.interpolation != "bilinear":
+    if interpolation != "bilinear":
         inits.append(_c("f255_half", np.array(255.5, np.float32)))
-    # NCHW first, while the pixels are bytes (the cheapest copy): the colour rules then work
-    # on whole planes. Resized in float: ONNX Runtime's float Resize is about twice as fast as
-    # its uint8 one, and rounding after each pass keeps Pillow's 8-bit intermediate image
-    # (a single two-axis Resize does not)
-    nodes = [_node("Transpose", [INPUT_PIXELS], _P + "nchw", perm=[0, 3, 1, 2])]
-    colour_nodes, colour = _colour(_P + "nchw", ch)
-    nodes += colour_nodes
-    nodes += [
-        _f32(colour, _P + "float"),
-        *_resize_pass(_P + "float", 3, _P + "width", spec.interpolation, _P + "wide"),
-        *_resize_pass(_P + "wide", 2, _P + "height", spec.interpolation, _P + "levels"),
+    return inits
+
+
+def preprocess_graph(spec: PreprocessSpec, output: str) -> tuple[list[onnx.NodeProto], list[onnx.TensorProto]]:
+    """Nodes and initializers from the ``pixels`` input to ``output`` (float32 [B, C, h, w],
+    normalized as ``spec`` says). Raises :class:`ExportError` for a resize filter that ONNX
+    cannot reproduce."""
+    ch = spec.channels
+    h, w = spec.size
+    nodes = [
+        *_levels_graph(ch, spec.interpolation, _P + "width", _P + "height"),
         # normalize's own operations in its order, so the floats are the runtime's bit for bit
         _node("Div", [_P + "levels", _P + "f255"], _P + "unit"),
         _node("Sub", [_P + "unit", _P + "mean"], _P + "centred"),
         _node("Div", [_P + "centred", _P + "std"], output),
     ]
-    return nodes, inits
+    inits = _constants(ch, spec.interpolation) + [
+        _c("width", np.array([w], np.int64)),
+        _c("height", np.array([h], np.int64)),
+        _c("mean", np.array(spec.mean, np.float32).reshape(1, ch, 1, 1)),
+        _c("std", np.array(spec.std, np.float32).reshape(1, ch, 1, 1)),
+    ]
+    return nodes, _used(nodes, inits)
+
+
+#: the input and output of :func:`levels_model`
+LEVELS_SIZE, LEVELS_OUTPUT = "size", "levels"
+
+
+def levels_model(channels: int, interpolation: str) -> onnx.ModelProto:
+    """The entry's colour rules and resize on their own, for any output size: ``pixels``
+    (uint8 [B, H, W, C], C = 1, 3 or 4) and ``size`` (int64 [2], height and width) in, the 8-bit
+    image out (``levels``, uint8 [B, h, w, channels]). The runtime ships one per colour and
+    filter (``runtime/graphs/``, made by ``scripts/make_runtime_graphs.py``) and resizes every
+    image with it, so training data, the runtime's ``images`` path and the ``pixels`` entry
+    share one resize to the bit."""
+    nodes = [
+        _node("Slice", [LEVELS_SIZE, _P + "zero", _P + "one"], _P + "height"),
+        _node("Slice", [LEVELS_SIZE, _P + "one", _P + "two"], _P + "width"),
+        *_levels_graph(channels, interpolation, _P + "width", _P + "height"),
+        _u8(_P + "levels", _P + "levels_u8"),
+        helper.make_node("Transpose", [_P + "levels_u8"], [LEVELS_OUTPUT], name=LEVELS_OUTPUT, perm=[0, 2, 3, 1]),
+    ]
+    graph = helper.make_graph(
+        nodes,
+        f"levels_{channels}_{interpolation}",
+        [
+            helper.make_tensor_value_info(INPUT_PIXELS, TensorProto.UINT8, ["batch", "height", "width", "channels"]),
+            helper.make_tensor_value_info(LEVELS_SIZE, TensorProto.INT64, [2]),
+        ],
+        [helper.make_tensor_value_info(LEVELS_OUTPUT, TensorProto.UINT8, ["batch", "h", "w", channels])],
+        _used(nodes, _constants(channels, interpolation)),
+    )
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", PIXEL_OPSET)], producer_name="edgemeta")
+    model.ir_version = 8  # readable by ONNX Runtime 1.17 and later
+    return model
 
 
 def _opset(model: onnx.ModelProto) -> int:

@@ -260,6 +260,9 @@ class _OnnxSide:
 # Pixels per ONNX Runtime call on the pixels side (and frames held at once): episode images now
 # come at their own sizes, and a batch of full-size photos would need gigabytes (256 12-MP RGB
 # frames are 9 GB before the graph's own copies); a frame larger than this still goes alone.
+# A frame counts as the larger of its own size and the model's input, since the graph enlarges
+# small frames before the backbone: 5,000 64x64 photos are one budget, but at 160x160 their
+# activations took over 20 GB.
 PIXEL_BUDGET = 64 * 1024 * 1024
 
 
@@ -271,9 +274,11 @@ class _PixelSide:
     would change their pixels); the outputs come back in the order given. ``sizes`` counts
     the frames embedded per height x width."""
 
-    def __init__(self, side: _OnnxSide, spec: PreprocessSpec, pixel_budget: int = PIXEL_BUDGET) -> None:
+    def __init__(
+        self, side: _OnnxSide, spec: PreprocessSpec, batch_size: int, pixel_budget: int = PIXEL_BUDGET
+    ) -> None:
         self.side, self.dim, self.spec = side, side.dim, spec
-        self.pixel_budget = pixel_budget
+        self.batch_size, self.pixel_budget = batch_size, pixel_budget
         self.sizes: Counter[tuple[int, int]] = Counter()
         self.calls: list[int] = []  # frames per ONNX Runtime call, in order
 
@@ -282,8 +287,9 @@ class _PixelSide:
         e = np.empty((len(frames), self.dim), np.float32)
         lg = np.empty((len(frames), len(p)), np.float32)
         for at, batch in groups:
-            # full-size photos: a call's input and the graph's intermediates grow with its pixels
-            step = max(1, self.pixel_budget // (batch.shape[1] * batch.shape[2]))
+            # full-size photos: a call's input and the graph's intermediates grow with its pixels;
+            # small ones: at most batch_size frames a call, as on the images side
+            step = max(1, min(self.batch_size, self.pixel_budget // self._cost(batch.shape[1:3])))
             for j in range(0, len(at), step):
                 feeds = {INPUT_PIXELS: np.ascontiguousarray(batch[j : j + step]), INPUT_PROTOTYPES: p}
                 e[at[j : j + step]], lg[at[j : j + step]] = self.side.session.run(
@@ -298,7 +304,7 @@ class _PixelSide:
         out, pending, held = [], [], 0
         for n in range(len(idx)):
             (frame,) = frames_of(idx[n : n + 1])
-            size = frame.shape[0] * frame.shape[1]
+            size = self._cost(frame.shape[:2])
             if pending and held + size > self.pixel_budget:
                 out.append(self.embed(pending))
                 pending, held = [], 0
@@ -309,6 +315,10 @@ class _PixelSide:
             out.append(self.embed(pending))
         tick(len(idx))
         return np.concatenate(out) if out else np.zeros((0, self.dim), np.float32)
+
+    def _cost(self, hw: Sequence[int]) -> int:
+        """A frame's share of the budget: its pixels, or the model input's where that is larger."""
+        return max(hw[0] * hw[1], self.spec.size[0] * self.spec.size[1])
 
     def embed(self, frames: Sequence[np.ndarray]) -> np.ndarray:
         self.sizes.update(tuple(f.shape[:2]) for f in frames)
@@ -642,7 +652,7 @@ def verify(
         # resize and normalization against the preprocessing torch was given
         # (at their native sizes where the data can read its files again, so the graph's resize
         # is measured; the model-size arrays, for which it is an identity, otherwise)
-        pixel_side = _PixelSide(onnx_side, pp)
+        pixel_side = _PixelSide(onnx_side, pp, spec.batch_size)
         reading = getattr(data, "reading", None)  # keeps the data's files open for the whole check
         with reading() if reading is not None else contextlib.nullcontext():
             pixels = _episodes(pixel_side, torch_side, data, x_of, spec, sampler, progress, tol.logits_rel, frames)

@@ -3,11 +3,18 @@
 The training data pipeline calls :func:`decode` and :func:`to_uint8` to build its
 cached arrays, then the same arithmetic as :func:`normalize` (in torch); the runtime
 calls the same functions, so an image gives the same tensor on both sides.
+
+Pillow decodes; the resize (and the colour rules) is the exported model's own ``pixels``
+graph, run through ONNX Runtime from ``graphs/`` (see :func:`resize_frame`): training,
+evaluation, the ``images`` path and the ``pixels`` entry therefore make the same 8-bit
+image to the bit, in any language. Pillow's resize rounds enlarged photos differently by a
+level or two, enough to flip a photo model's close few-shot decisions.
 """
 
 from __future__ import annotations
 
 import os
+import threading
 import warnings
 from collections.abc import Iterable, Sequence
 from pathlib import Path
@@ -16,9 +23,21 @@ from typing import Any, Union
 import numpy as np
 
 from edgemeta.runtime.errors import InputError
-from edgemeta.runtime.spec import PreprocessSpec
+from edgemeta.runtime.spec import INPUT_PIXELS, PreprocessSpec
 
-__all__ = ["ImageLike", "MAX_PIXELS", "decode", "to_uint8", "normalize", "preprocess", "to_pixels", "pixel_groups"]
+__all__ = [
+    "ImageLike",
+    "MAX_PIXELS",
+    "GRAPH_FILTERS",
+    "decode",
+    "to_uint8",
+    "normalize",
+    "preprocess",
+    "to_pixels",
+    "pixel_groups",
+    "resize_frame",
+    "levels_graph_path",
+]
 
 ImageLike = Union[str, os.PathLike, np.ndarray, Any]  # Any: a PIL.Image.Image
 
@@ -150,6 +169,8 @@ def _eight_bit(im: Any) -> Any:
 
 
 def _resize_pil(im: Any, spec: PreprocessSpec) -> np.ndarray:
+    """Pillow's resize, for the filters the graph has no equivalent of (nearest, box, hamming,
+    lanczos: a model that uses them cannot take raw pixels either)."""
     h, w = spec.size
     try:  # a PIL image the caller opened is decoded lazily here: its file may be damaged
         im = _opaque(_upright(_eight_bit(im))).convert(spec.color)
@@ -160,6 +181,72 @@ def _resize_pil(im: Any, spec: PreprocessSpec) -> np.ndarray:
         raise InputError(f"{name}: damaged or truncated image ({e}); re-export or re-copy the file") from None
     arr = np.asarray(im, dtype=np.uint8)
     return arr[:, :, None] if arr.ndim == 2 else arr
+
+
+def _resize_image(im: Any, spec: PreprocessSpec) -> np.ndarray:
+    if spec.interpolation not in GRAPH_FILTERS:
+        return _resize_pil(im, spec)
+    return resize_frame(_pil_pixels(im, spec), spec)
+
+
+#: The resize filters the ``pixels`` graph reproduces (``exporters/pixels.py``); the others
+#: stay Pillow's.
+GRAPH_FILTERS = ("bilinear", "bicubic")
+_SESSIONS: dict[tuple[int, int, str], Any] = {}
+_SESSIONS_LOCK = threading.Lock()
+
+
+def _after_fork() -> None:
+    # a fork while another thread held the lock would leave the child's copy locked for ever
+    global _SESSIONS_LOCK
+    _SESSIONS_LOCK = threading.Lock()
+
+
+if hasattr(os, "register_at_fork"):  # not on Windows, which does not fork
+    os.register_at_fork(after_in_child=_after_fork)
+
+
+def levels_graph_path(channels: int, interpolation: str) -> Path:
+    """The shipped resize graph for a model of ``channels`` (1 or 3) and a filter of :data:`GRAPH_FILTERS`."""
+    return Path(__file__).parent / "graphs" / f"levels_{'grey' if channels == 1 else 'rgb'}_{interpolation}.onnx"
+
+
+def _levels_session(channels: int, interpolation: str) -> Any:
+    # keyed by process: an ONNX Runtime session is not carried into a forked worker
+    key = (os.getpid(), channels, interpolation)
+    with _SESSIONS_LOCK:
+        session = _SESSIONS.get(key)
+        if session is None:
+            try:
+                import onnxruntime as ort
+            except ImportError:
+                raise InputError(
+                    "resizing images needs ONNX Runtime: pip install 'edgemeta[cpu]' (or 'edgemeta[gpu]')"
+                ) from None
+            opts = ort.SessionOptions()
+            # one image at a time: threads would cost more than they save, and leave the cores to the caller
+            opts.intra_op_num_threads = 1
+            opts.inter_op_num_threads = 1
+            opts.log_severity_level = 3
+            session = ort.InferenceSession(
+                str(levels_graph_path(channels, interpolation)), opts, providers=["CPUExecutionProvider"]
+            )
+            _SESSIONS[key] = session
+    return session
+
+
+def resize_frame(frame: np.ndarray, spec: PreprocessSpec) -> np.ndarray:
+    """A uint8 [H, W, C] frame (C = 1, 3 or 4, RGBA flattened onto white) as the model's 8-bit
+    image, uint8 [h, w, channels]: the colour rules and resize of the model's ``pixels`` entry,
+    run by ONNX Runtime, so the result is what an exported model makes of the same frame.
+    A frame already at the model's size and colour is returned as it is (the graph would not
+    change it). Like the entry, it works on a float32 copy of the frame: a 24-megapixel photo
+    takes about half a gigabyte for the moment of its resize."""
+    if frame.shape[:2] == tuple(spec.size) and frame.shape[2] == spec.channels:
+        return frame
+    session = _levels_session(spec.channels, spec.interpolation)
+    feed = {INPUT_PIXELS: np.ascontiguousarray(frame[None]), "size": np.asarray(spec.size, np.int64)}
+    return session.run(None, feed)[0][0]
 
 
 def _check_finite(arr: np.ndarray, what: str) -> None:
@@ -178,7 +265,7 @@ def to_uint8(image: ImageLike, spec: PreprocessSpec) -> np.ndarray | None:
     :func:`preprocess` passes through unchanged.
     """
     if isinstance(image, (str, os.PathLike)):
-        return _resize_pil(decode(image), spec)
+        return _resize_image(decode(image), spec)
     if isinstance(image, np.ndarray):
         arr = image
         if arr.ndim == 3 and arr.dtype.kind == "f" and arr.shape[0] in (1, 3) and arr.shape[-1] not in (1, 3):
@@ -206,13 +293,15 @@ def to_uint8(image: ImageLike, spec: PreprocessSpec) -> np.ndarray | None:
         ):
             # already the model's size and colour (grey HW or RGB HWC): Pillow would change nothing
             return arr[:, :, None] if arr.ndim == 2 else arr
+        if spec.interpolation in GRAPH_FILTERS:
+            return resize_frame(arr[:, :, None] if arr.ndim == 2 else arr, spec)
         # fromarray infers L / RGB / RGBA from the shape (its `mode` argument is deprecated)
         return _resize_pil(_pil().fromarray(np.ascontiguousarray(arr)), spec)
     if hasattr(image, "convert") and hasattr(image, "size"):
         w, h = image.size
         if w * h > MAX_PIXELS or min(w, h) < 1:
             raise InputError(f"PIL image of size {w}x{h} has an absurd size; pass an ordinary image")
-        return _resize_pil(image, spec)
+        return _resize_image(image, spec)
     raise InputError(f"cannot use {type(image).__name__} as an image; pass a file path, a PIL image, or a numpy array")
 
 
@@ -293,9 +382,10 @@ _PIXEL_MODES = ("L", "RGB", "RGBA")
 def _pil_pixels(im: Any, spec: PreprocessSpec) -> np.ndarray:
     """A PIL image as the uint8 HWC frame a model's ``pixels`` input takes: turned upright by
     its EXIF orientation (a decode-time job: the graph cannot read tags), with its alpha kept
-    (the graph flattens it onto white) and any other mode converted as :func:`to_uint8` would."""
+    (the graph flattens it onto white), a 16-bit or float image scaled to 8 bits, and any other
+    mode converted to the model's colour."""
     try:
-        im = _upright(im)
+        im = _upright(_eight_bit(im))
         if im.mode not in _PIXEL_MODES:
             transparent = im.mode in ("LA", "PA", "RGBa") or "transparency" in im.info
             im = im.convert("RGBA" if transparent else spec.color)

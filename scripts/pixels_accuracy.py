@@ -1,10 +1,12 @@
-"""Does the graph's preprocessing (the `pixels` entry) give the decisions training's Pillow
+"""Does the graph's preprocessing (the `pixels` entry) give the decisions training's
 preprocessing gives? Measured on real images, with the shipped Conv-4.
 
-1. pixel level: the graph's 28x28 levels against the cached Pillow arrays training and
-   evaluation use, over every Omniglot evaluation image (105x105) and over Tiny-ImageNet
-   photos (64x64 RGB and grey JPEGs) at a grey 28x28 and an RGB 84x84 spec;
-2. decisions: N-way K-shot episodes of Omniglot evaluation classes, torch on the Pillow
+1. pixel level: the graph's 28x28 levels against the cached arrays training and evaluation
+   use (made by the runtime's copy of the same graph: identical unless the two drift), over
+   every Omniglot evaluation image (105x105), and over Tiny-ImageNet photos (64x64 RGB and
+   grey JPEGs) at a grey 28x28 and an RGB 84x84 spec against the runtime's preprocessing
+   and against Pillow's own resize (which training used before);
+2. decisions: N-way K-shot episodes of Omniglot evaluation classes, torch on the cached
    arrays (what `edgemeta evaluate` does) against ONNX Runtime fed the decoded 105x105
    images through `pixels`: accuracy of each and the share of identical decisions.
 
@@ -52,17 +54,29 @@ def _identity(spec: PreprocessSpec) -> ort.InferenceSession:
     return ort.InferenceSession(preprocessing_model(spec).SerializeToString(), providers=["CPUExecutionProvider"])
 
 
-def pixel_agreement(frames: list[np.ndarray], spec: PreprocessSpec) -> tuple[int, float]:
-    """(largest difference in levels, % identical values) of the graph against Pillow."""
+def _pillow(f: np.ndarray, spec: PreprocessSpec) -> np.ndarray:
+    """Pillow's own conversion and resize, as levels [1, C, h, w]."""
+    from PIL import Image
+
+    im = Image.fromarray(f[..., 0] if f.shape[-1] == 1 else f)
+    if im.mode == "RGBA":
+        im = Image.alpha_composite(Image.new("RGBA", im.size, (255, 255, 255, 255)), im)
+    arr = np.asarray(im.convert(spec.color).resize(spec.size[::-1], Image.Resampling.BILINEAR), np.float64)
+    return (arr[None, None] if arr.ndim == 2 else arr.transpose(2, 0, 1)[None]).astype(np.float64)
+
+
+def pixel_agreement(frames: list[np.ndarray], spec: PreprocessSpec, against) -> tuple[int, float]:
+    """(largest difference in levels, % identical values) of the graph against ``against(frame, spec)``."""
     s = _identity(spec)
     worst, same, total = 0, 0, 0
     for f in frames:
-        d = np.abs(
-            _levels(s.run(None, {"pixels": f[None]})[0], spec)
-            - _levels(preprocess(f if f.shape[-1] != 1 else f[..., 0], spec), spec)
-        )
+        d = np.abs(_levels(s.run(None, {"pixels": f[None]})[0], spec) - against(f, spec))
         worst, same, total = max(worst, int(d.max())), same + int((d == 0).sum()), total + d.size
     return worst, 100.0 * same / total
+
+
+def _runtime(f: np.ndarray, spec: PreprocessSpec) -> np.ndarray:
+    return _levels(preprocess(f if f.shape[-1] != 1 else f[..., 0], spec), spec)
 
 
 def _tiny(root: Path, n: int) -> list[np.ndarray]:
@@ -128,7 +142,7 @@ def main() -> None:
         f"|torch - onnx(pixels)| max {np.abs(torch_emb - onnx_emb).max():.2e}"
     )
 
-    print(f"\n{'episodes':>22} | torch on Pillow arrays | ORT through pixels | same decisions")
+    print(f"\n{'episodes':>22} | torch on cached arrays | ORT through pixels | same decisions")
     for n_way, k_shot in [(5, 1), (5, 5), (20, 1), (20, 5)]:
         sampler = EpisodeSampler(data.labels, n_way, k_shot, 15, seed=0, name=data.name)
         acc_t, acc_o, same, total = [], [], 0, 0
@@ -156,15 +170,20 @@ def main() -> None:
         if f.shape[-1] == 3
     ]
     print(
-        f"\npixels, Tiny-ImageNet ({len(tiny)} photos 64x64, {grey} grey), largest difference and % identical values:"
+        f"\npixels, Tiny-ImageNet ({len(tiny)} photos 64x64, {grey} grey), largest difference and % identical values,"
+        " against the runtime's preprocessing (training's) | against Pillow's resize:"
     )
     for name, frames, s in [
         ("grey 28x28", tiny, spec),
         ("RGB 84x84", tiny, rgb84),
         ("RGBA (random alpha) -> RGB 84x84", rgba, rgb84),
     ]:
-        worst, pct = pixel_agreement(frames, s)
-        print(f"  {name:34s} max {worst} level(s), {pct:.3f}% identical")
+        worst, pct = pixel_agreement(frames, s, _runtime)
+        worst_pil, pct_pil = pixel_agreement(frames, s, _pillow)
+        print(
+            f"  {name:34s} max {worst} level(s), {pct:.3f}% identical | "
+            f"max {worst_pil} level(s), {pct_pil:.3f}% identical"
+        )
     print(f"\n({time.perf_counter() - t0:.0f} s)")
 
 

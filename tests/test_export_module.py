@@ -99,15 +99,12 @@ def test_mean_and_std_are_required_but_may_be_explicitly_identity(mods):
         "1",
         "--data",
         "omniglot",
-        "--episodes",
-        "10",
-        # an untrained module's few-shot decisions flip on the one-level differences between the
-        # graph's resize and Pillow's, so the pixels agreement check would (rightly) fail it
-        "--no-pixels",
     ]
     r = run(*base, "-o", "v.onnx")
     assert r.exit_code == 1 and "--mean and --std" in r.output
-    r = run(*base, "--mean", "0", "--std", "1", "-o", "v.onnx", "--json")
+    # what is checked is the metadata: an untrained 32-number embedding's few-shot decisions
+    # fall on near-ties that the agreement check counts, so verification would test luck
+    r = run(*base, "--mean", "0", "--std", "1", "--no-verify", "-o", "v.onnx", "--json")
     assert r.exit_code == 0, r.output
     assert inspect("v.onnx")["metadata"]["preprocess"]["mean"] == [0.0]
 

@@ -150,7 +150,7 @@ def test_a_wrong_resize_fails_with_native_frames_where_model_size_arrays_pass(fo
 def test_the_record_names_the_most_frequent_sizes_and_counts_the_others():
     from edgemeta.exporters.verify import _PixelSide
 
-    side = _PixelSide(SimpleNamespace(dim=4), omniglot_spec(28))
+    side = _PixelSide(SimpleNamespace(dim=4), omniglot_spec(28), 256)
     side.sizes.update({(10 + i, 20): 30 - i for i in range(10)})
     native = side.described(native=True)
     assert native["frames"] == "native sizes " + ", ".join(f"{10 + i}x20" for i in range(8)) + " and 2 more"

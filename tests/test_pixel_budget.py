@@ -30,9 +30,10 @@ def _frames(heights):
     return [np.full((h, 100, 1), i % 250, np.uint8) for i, h in enumerate(heights)]
 
 
-def _side(budget):
+def _side(budget, spec=None, batch_size=256):
     session = _Session()
-    return _PixelSide(SimpleNamespace(dim=2, session=session, head=None), omniglot_spec(28), budget), session
+    side = _PixelSide(SimpleNamespace(dim=2, session=session, head=None), spec or omniglot_spec(28), batch_size, budget)
+    return side, session
 
 
 def test_the_default_budget_bounds_a_batch_of_photos():
@@ -65,3 +66,21 @@ def test_one_call_of_many_same_size_frames_is_split():
     e, lg = side.run(frames, np.zeros((3, 2), np.float32))
     assert [c[0] for c in session.calls] == [2, 2, 1] and side.calls == [2, 2, 1]
     assert e[:, 0].tolist() == [0.0, 1.0, 2.0, 3.0, 4.0] and lg.shape == (5, 3)
+
+
+def test_small_frames_count_as_the_model_input_they_are_enlarged_to():
+    """The graph enlarges a small frame to the model's size before the backbone, so a budget
+    of tiny frames must not become one call of thousands of model-size images (a 160x160
+    photo model fed 5,000 64x64 frames at once needed over 20 GB)."""
+    from edgemeta.runtime.spec import PreprocessSpec
+
+    side, session = _side(10 * 160 * 160, spec=PreprocessSpec.create(160, 1))
+    frames = [np.full((16, 16, 1), i, np.uint8) for i in range(25)]
+    e, _ = side.run(frames, np.zeros((0, 2), np.float32))
+    assert [c[0] for c in session.calls] == [10, 10, 5] and e[:, 0].tolist() == [float(i) for i in range(25)]
+
+
+def test_no_call_takes_more_frames_than_the_batch_size():
+    side, session = _side(PIXEL_BUDGET, batch_size=4)
+    side.run(_frames([10] * 9), np.zeros((0, 2), np.float32))
+    assert [c[0] for c in session.calls] == [4, 4, 1]

@@ -33,11 +33,20 @@ def pixels() -> np.ndarray:
 
 
 def _expected(rgb: np.ndarray, spec: PreprocessSpec) -> np.ndarray:
+    """What an exported model's ``pixels`` entry makes of the frame (the contract), checked
+    against Pillow's resize (which it follows to within a level)."""
+    import onnxruntime as ort
+
+    from edgemeta.exporters.pixels import preprocessing_model
+
+    session = ort.InferenceSession(preprocessing_model(spec).SerializeToString(), providers=["CPUExecutionProvider"])
+    want = session.run(None, {"pixels": rgb[None]})[0][0]
     im = Image.fromarray(rgb).convert(spec.color).resize(spec.size[::-1], Image.Resampling.BILINEAR)
     arr = np.asarray(im, np.uint8)
     arr = arr[:, :, None] if arr.ndim == 2 else arr
     x = (arr.astype(np.float32) / 255.0 - np.array(spec.mean, np.float32)) / np.array(spec.std, np.float32)
-    return x.transpose(2, 0, 1)
+    assert np.abs(x.transpose(2, 0, 1) - want).max() * min(spec.std) * 255 < 1.01  # Pillow: within one level
+    return want
 
 
 @pytest.mark.parametrize("spec", [GREY, RGB], ids=["grey", "rgb"])
