@@ -334,13 +334,17 @@ def _extra(ck: Checkpoint) -> dict[str, Any]:
 
 
 def _reduce(
-    model: onnx.ModelProto, options: ExportOptions, meta: ModelMetadata, dataset: str | None
+    model: onnx.ModelProto,
+    options: ExportOptions,
+    meta: ModelMetadata,
+    dataset: str | None,
+    progress: Progress | None = None,
 ) -> onnx.ModelProto:
     if options.precision is Precision.FP16:
         return fp16_model(model)
     split = ClassSplit.from_dict(meta.extra.get("class_split"))
     calibration = base_images(options.calibration_data or dataset, meta.preprocess, options.data_dir, split)
-    return int8_model(model, calibration_images(calibration, options.quantize), options.quantize)
+    return int8_model(model, calibration_images(calibration, options.quantize), options.quantize, progress=progress)
 
 
 def _verification_data(
@@ -459,7 +463,7 @@ def _build(
     model = result.model
     if options.precision is not Precision.FP32:
         report_stage(progress, f"converting to {options.precision.value}")
-        model = _reduce(model, options, result.metadata, dataset)
+        model = _reduce(model, options, result.metadata, dataset, progress)
     outcome = finish_model(model, torch_model, out, options, data, progress)
     outcome.export = dataclasses.replace(result, model=None)  # the fp32 model is no longer needed
     return outcome
@@ -775,5 +779,7 @@ def quantize_model(
     data = _verification_data(options, dataset, meta.preprocess, split)
     report_stage(progress, "calibrating int8")
     calibration = base_images(options.calibration_data or dataset, meta.preprocess, options.data_dir, split)
-    q = int8_model(model, calibration_images(calibration, options.quantize), options.quantize, name=str(model_path))
+    q = int8_model(
+        model, calibration_images(calibration, options.quantize), options.quantize, str(model_path), progress
+    )
     return finish_model(q, reference, out, options, data, progress)

@@ -548,5 +548,5 @@ def wrap_model(model_path: str | os.PathLike, out: str | os.PathLike, spec: Wrap
         model = fp16_model(model)
     elif options.precision is Precision.INT8:
         report_stage(progress, "calibrating int8")
-        model = int8_model(model, calibration_images(base, options.quantize), options.quantize)
+        model = int8_model(model, calibration_images(base, options.quantize), options.quantize, progress=progress)
     return finish_model(model, reference, out, options, data, progress)

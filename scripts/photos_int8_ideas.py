@@ -131,6 +131,7 @@ def quantize(fp32: onnx.ModelProto, pre: onnx.ModelProto, base, float_first: int
         float_first=float_first,
         method=method,
         float_nodes=depthwise(pre) if extra in ("depthwise", "depthwise-unfixed") else (),
+        bias_correction=False,  # this script corrects (or not) by itself
     )
     static, collect = oq.quantize_static, calibrate.HistogramCollector.collect_absolute_value
 

@@ -558,3 +558,4 @@ def test_an_efficientnet_lite_takes_its_int8_defaults_where_the_user_chose_none(
     ]
     n = wanted["float_first"]
     assert not any(weights_int8[:n]) and all(weights_int8[n:])
+    assert calib_meta["bias_correction"] is True and calib_meta["bias_corrected_convolutions"] == sum(weights_int8)

@@ -515,6 +515,18 @@ def test_quantize_an_exported_model(workdir, trained_conv4, trained_conv4_onnx):
     assert files(workdir) == sorted([*BEFORE, "m.int8.onnx", "m.onnx"])
 
 
+@pytest.mark.parametrize("flag, corrected", [((), True), (("--no-bias-correction",), False)])
+def test_quantize_bias_correction_flag_and_metadata(workdir, trained_conv4, trained_conv4_onnx, flag, corrected):
+    """Bias correction is on by default; --no-bias-correction turns it off, and the model says which."""
+    shutil.copy(trained_conv4_onnx, workdir / "m.onnx")
+    args = ["-o", "q.onnx", "--no-verify", "--calibration-images", "16", "--json", *flag]
+    r = run("quantize", "m.onnx", "--checkpoint", trained_conv4, *args)
+    assert r.exit_code == 0, r.output
+    calib = inspect("q.onnx")["metadata"]["extra"]["calibration"]
+    assert calib["bias_correction"] is corrected
+    assert calib.get("bias_corrected_convolutions") == (4 if corrected else None)
+
+
 def test_export_a_user_module_by_reference(workdir):
     from usernet_ok import build
 

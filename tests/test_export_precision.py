@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import platform
 import subprocess
@@ -734,18 +735,24 @@ def test_int8_refuses_float_nodes_the_model_does_not_have(trained_conv4_onnx, ba
 
 
 @pytest.mark.parametrize(
-    "backbone, asked, activations, float_first",
+    "backbone, asked, activations, float_first, bias_correction",
     [
-        ("efficientnet_lite0", QuantizeSpec(), "uint8", 6),
-        ("efficientnet_lite2", QuantizeSpec(activations="int8", float_first=0), "int8", 0),
-        ("efficientnet_lite0", QuantizeSpec(float_stem=False), "uint8", 0),  # an int8 stem: nothing kept float
-        ("conv4", QuantizeSpec(), "int8", 0),
-        ("conv4", QuantizeSpec(activations="uint8", float_first=3), "uint8", 3),
+        ("efficientnet_lite0", QuantizeSpec(), "uint8", 6, True),
+        (
+            "efficientnet_lite2",
+            QuantizeSpec(activations="int8", float_first=0, bias_correction=False),
+            "int8",
+            0,
+            False,
+        ),
+        ("efficientnet_lite0", QuantizeSpec(float_stem=False), "uint8", 0, True),  # an int8 stem: nothing kept float
+        ("conv4", QuantizeSpec(), "int8", 0, True),
+        ("conv4", QuantizeSpec(activations="uint8", float_first=3, bias_correction=False), "uint8", 3, False),
     ],
 )
-def test_open_int8_settings_take_the_backbones_defaults(backbone, asked, activations, float_first):
+def test_open_int8_settings_take_the_backbones_defaults(backbone, asked, activations, float_first, bias_correction):
     spec = asked.resolved(backbone)
-    assert (spec.activations, spec.float_first) == (activations, float_first)
+    assert (spec.activations, spec.float_first, spec.bias_correction) == (activations, float_first, bias_correction)
 
 
 def test_gemm_kernel_takes_the_backbones_uint8_default():
@@ -784,3 +791,85 @@ def test_nhwc_stem_layout_with_more_than_the_stem_in_float_is_refused_before_any
     set_metadata(model, read_metadata(model).with_(backbone="efficientnet_lite0"))
     with pytest.raises(InputError, match=fix):
         int8_model(model, Untouched(), QuantizeSpec(stem_layout="nhwc"))
+
+
+def _float_graph(fp32: Path, spec: QuantizeSpec) -> onnx.ModelProto:
+    """The float graph the quantizer was given, with its node names (as ``int8_model`` builds it)."""
+    import tempfile
+
+    from edgemeta.exporters import quantize as Q
+    from edgemeta.exporters.pixels import without_pixels
+
+    with tempfile.TemporaryDirectory() as tmp:
+        pre = Path(tmp) / "pre.onnx"
+        Q._pre_process(without_pixels(onnx.load(str(fp32))), pre)
+        model = onnx.load(str(pre))
+    name_nodes(model)
+    return Q._stem_choice(model, spec.resolved("conv4"))[0]
+
+
+def _embedding_mean_error(int8: Path, fp32: Path, x: np.ndarray) -> float:
+    """The largest error of the int8 model's per-dimension embedding mean over ``x`` against fp32's,
+    relative to the largest fp32 mean."""
+    means = []
+    for path in (int8, fp32):
+        s = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+        empty = {"prototypes": np.zeros((0, s.get_outputs()[0].shape[1]), np.float32), **images_only_feeds(s)}
+        z = np.concatenate([s.run(None, {"images": x[i : i + 32], **empty})[0] for i in range(0, len(x), 32)])
+        means.append(z.astype(np.float64).mean(0))
+    return float(np.abs(means[0] - means[1]).max() / np.abs(means[1]).max())
+
+
+def test_bias_correction_takes_out_the_mean_shift_of_int8(trained_conv4_onnx, background, tmp_path):
+    """Each int8 convolution's bias, corrected in graph order to the float model's per-channel mean
+    output: every convolution's int8 output mean (before its activation) matches float32's on the
+    calibration images, where it was off by up to a few percent of its range; the embeddings' mean
+    comes closer too. The graph is the same: only int32 bias values differ."""
+    from edgemeta.exporters import quantize as Q
+    from edgemeta.exporters.images import calibration_array
+    from edgemeta.exporters.pixels import without_pixels
+
+    spec = QuantizeSpec(calibration_images=128)
+    plain = q8(
+        trained_conv4_onnx, tmp_path / "plain.onnx", background, dataclasses.replace(spec, bias_correction=False)
+    )
+    fixed = q8(trained_conv4_onnx, tmp_path / "bc.onnx", background, spec)  # on by default
+    calib = meta_of(fixed).extra["calibration"]
+    assert calib["bias_correction"] is True and calib["bias_corrected_convolutions"] == 4
+    assert calib["bias_channels_kept"] == 0
+    assert meta_of(plain).extra["calibration"]["bias_correction"] is False
+    a, b = onnx.load(str(plain)), onnx.load(str(fixed))
+    assert [n.op_type for n in a.graph.node] == [n.op_type for n in b.graph.node]
+    changed = [
+        u
+        for t, u in zip(a.graph.initializer, b.graph.initializer)
+        if not np.array_equal(onnx.numpy_helper.to_array(t), onnx.numpy_helper.to_array(u))
+    ]
+    assert len(changed) == 4 and all(u.data_type == onnx.TensorProto.INT32 for u in changed)
+    x = calibration_array(calibration_images(background, spec), 128, (1, 28, 28))
+    f = _float_graph(trained_conv4_onnx, spec)
+    float_out = {n.name: n.output[0] for n in f.graph.node if n.op_type == "Conv"}
+    errors = []
+    for path in (plain, fixed):
+        q = without_pixels(onnx.load(str(path)))
+        convs = [c for c, _ in Q._int8_convolutions(q)]
+        assert len(convs) == 4
+        mean_f = Q._channel_means(f, [float_out[c.name] for c in convs], x, 32)
+        mean_q = [Q._channel_means(q, [c.output[0]], x, 32)[0] for c in convs]
+        errors.append([float(np.abs(m - n).max() / np.abs(n).max()) for m, n in zip(mean_q, mean_f)])
+    before, after = errors
+    assert max(before) > 1e-2 and max(after) < 5e-3 and all(e < 0.1 * b for e, b in zip(after, before)), errors
+    assert _embedding_mean_error(fixed, trained_conv4_onnx, x) < 0.75 * _embedding_mean_error(
+        plain, trained_conv4_onnx, x
+    )
+
+
+def test_bias_correction_keeps_a_bias_whose_correction_is_no_int32():
+    from edgemeta.exporters.quantize import corrected_bias
+
+    bias = np.array([5, -7, 100, 2**31 - 10, 3], np.int32)
+    scale = np.array([0.5, 0.0, 1e-30, 1.0, 0.25], np.float32)
+    shift = np.array([1.0, 1.0, 1.0, 100.0, np.nan], np.float32)
+    new, kept = corrected_bias(bias, scale, shift)
+    # 5 + 1 / 0.5; a zero scale; a shift of 1e30 levels; past int32's largest; no shift (NaN): kept
+    assert new.dtype == np.int32 and new.tolist() == [7, -7, 100, 2**31 - 10, 3] and kept == 4
