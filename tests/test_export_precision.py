@@ -156,6 +156,9 @@ def test_int8_is_qdq_with_a_float_metric(int8_model, trained_conv4_onnx):
         "stem_layout": "nchw",
         "stem_layout_asked": "auto",
         "float_stem_asked": True,
+        "bias_correction": True,  # the default: the 3 int8 convolutions (the float stem takes none)
+        "bias_corrected_convolutions": 3,
+        "bias_channels_kept": 0,
     }
     inits = {t.name: t.data_type for t in model.graph.initializer}
     q_zero_points = {inits[n.input[2]] for n in model.graph.node if n.op_type == "QuantizeLinear"}
@@ -737,7 +740,7 @@ def test_int8_refuses_float_nodes_the_model_does_not_have(trained_conv4_onnx, ba
 @pytest.mark.parametrize(
     "backbone, asked, activations, float_first, bias_correction",
     [
-        ("efficientnet_lite0", QuantizeSpec(), "uint8", 6, True),
+        ("efficientnet_lite0", QuantizeSpec(), "uint8", 0, True),
         (
             "efficientnet_lite2",
             QuantizeSpec(activations="int8", float_first=0, bias_correction=False),
@@ -769,11 +772,16 @@ def test_gemm_kernel_takes_the_backbones_uint8_default():
         QuantizeSpec(conv_kernel="gemm", activations="int8").resolved("efficientnet_lite0")
 
 
-def test_nhwc_stem_layout_with_more_than_the_stem_in_float_is_refused_before_any_work(trained_conv4_onnx, tmp_path):
+def test_nhwc_stem_layout_with_more_than_the_stem_in_float_is_refused_before_any_work(
+    trained_conv4_onnx, tmp_path, monkeypatch
+):
     """--stem-layout nhwc hands the float stem alone over to int8: with more convolutions kept in
     float32 (asked for, or a backbone's default) it is refused before calibration, naming the fix."""
     from edgemeta.exporters.graph import read_metadata, set_metadata
-    from edgemeta.exporters.quantize import int8_model
+    from edgemeta.exporters.quantize import BACKBONE_INT8, int8_model
+
+    # a backbone whose default keeps 6 in float (EfficientNet-Lite's until bias correction came)
+    monkeypatch.setitem(BACKBONE_INT8, "efficientnet_lite0", {**BACKBONE_INT8["efficientnet_lite0"], "float_first": 6})
 
     fix = "add --float-first 1 or use --stem-layout nchw"
     with pytest.raises(InputError, match=f"--float-first 2 keeps the first 2 convolutions in float32; {fix}"):
@@ -791,6 +799,8 @@ def test_nhwc_stem_layout_with_more_than_the_stem_in_float_is_refused_before_any
     set_metadata(model, read_metadata(model).with_(backbone="efficientnet_lite0"))
     with pytest.raises(InputError, match=fix):
         int8_model(model, Untouched(), QuantizeSpec(stem_layout="nhwc"))
+    monkeypatch.undo()  # the shipped default: all but the stem in int8, so nhwc fits
+    assert QuantizeSpec(stem_layout="nhwc").resolved("efficientnet_lite0").float_first == 0
 
 
 def _float_graph(fp32: Path, spec: QuantizeSpec) -> onnx.ModelProto:

@@ -51,8 +51,8 @@ LAYOUT_HELP = (
 )
 FLOAT_FIRST_HELP = (
     "Keep the first N convolutions (the stem counts as one), each with the activation and pooling after it, in "
-    "float32: for a model whose int8 decisions differ from torch's (docs/int8.md). Default: the backbone's "
-    "(efficientnet_lite*: 6; others: 0)."
+    "float32: for a model whose int8 decisions differ from torch's (docs/int8.md). Default: 0 (the backbone's; "
+    "the stem is float32 where --stem-layout auto chooses it)."
 )
 BIAS_HELP = (
     "Empirical bias correction after int8 quantization: each int8 convolution's bias takes, per output channel, the "
