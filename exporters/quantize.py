@@ -647,6 +647,8 @@ def _correct_biases(
     if progress:
         progress("bias correction: float32 means", 0, 1)
     float_means = _channel_means(f, [float_out[node.name] for node, _ in convs], x, batch)
+    if progress:
+        progress("bias correction: float32 means", 1, 1)
     kept = 0
     for k, ((node, bdq), mean_f) in enumerate(zip(convs, float_means)):
         if progress:

@@ -713,7 +713,6 @@ def test_a_float_node_between_int8_nodes_keeps_float_weights_in_onnxruntime(trai
         feeds = {"images": x, "prototypes": np.zeros((0, dim), np.float32), **images_only_feeds(s)}
         embeddings.append(s.run(["embeddings"], feeds)[0])
     unit = [e / np.linalg.norm(e, axis=1, keepdims=True) for e in embeddings]
-    print(1 - np.sum(unit[0] * unit[1], axis=1))
     assert np.max(1 - np.sum(unit[0] * unit[1], axis=1)) < 1e-4
 
 
