@@ -40,11 +40,9 @@ import torch
 from onnx import helper, numpy_helper
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from train_photos import runtime_accuracy, same_predictions  # noqa: E402
+from train_photos import photo_test_reference, runtime_accuracy, same_predictions  # noqa: E402
 
-from edgemeta.checkpoint import load_checkpoint, photo_checkpoint  # noqa: E402
-from edgemeta.data import ClassSplit, base_images, load_tiny_imagenet  # noqa: E402
-from edgemeta.evaluate import embed_images  # noqa: E402
+from edgemeta.data import ClassSplit, base_images  # noqa: E402
 from edgemeta.exporters.graph import load_model, name_nodes, read_metadata  # noqa: E402
 from edgemeta.exporters.images import calibration_array  # noqa: E402
 from edgemeta.exporters.pipeline import ExportOptions, calibration_images, export_checkpoint  # noqa: E402
@@ -237,12 +235,9 @@ def main() -> None:
     torch.set_num_threads(2)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    ck_path = photo_checkpoint()
-    ck = load_checkpoint(ck_path)
-    size = ck.spec.preprocess.size[0]
-    test = load_tiny_imagenet("test", size=size)
-    reference = embed_images(ck.model, test.images, batch_size=64).numpy()
+    ck_path, ck, test, reference = photo_test_reference()
     unit = reference / np.linalg.norm(reference, axis=1, keepdims=True)
+    size = ck.spec.preprocess.size[0]
     fp32_path = out / "fp32.onnx"
     if not fp32_path.is_file():
         export_checkpoint(ck_path, fp32_path, ExportOptions(precision=Precision.FP32, verify=None))

@@ -25,11 +25,8 @@ import numpy as np
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from train_photos import latency_ms, runtime_accuracy, same_predictions  # noqa: E402
+from train_photos import latency_ms, photo_test_reference, runtime_accuracy, same_predictions  # noqa: E402
 
-from edgemeta.checkpoint import load_checkpoint, photo_checkpoint  # noqa: E402
-from edgemeta.data import load_tiny_imagenet  # noqa: E402
-from edgemeta.evaluate import embed_images  # noqa: E402
 from edgemeta.exporters.pipeline import ExportOptions, export_checkpoint  # noqa: E402
 from edgemeta.exporters.quantize import QuantizeSpec  # noqa: E402
 from edgemeta.runtime.errors import EdgemetaError  # noqa: E402
@@ -62,12 +59,9 @@ def main() -> None:
     torch.set_num_threads(2)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    ck_path = photo_checkpoint()
-    ck = load_checkpoint(ck_path)
-    size = ck.spec.preprocess.size[0]
-    test = load_tiny_imagenet("test", size=size)
-    reference = embed_images(ck.model, test.images, batch_size=64).numpy()
+    ck_path, ck, test, reference = photo_test_reference()
     unit = reference / np.linalg.norm(reference, axis=1, keepdims=True)
+    size = ck.spec.preprocess.size[0]
     metric, labels, episodes = ck.spec.metric, test.labels, args.episodes
     rows, paths = {}, {}
     for name, q in VARIANTS.items():

@@ -141,6 +141,18 @@ def export(model: FewShotModel, info: dict, path: Path, precision: Precision, ve
     }
 
 
+def photo_test_reference():
+    """The embedded photo model's checkpoint (path, loaded), its Tiny-ImageNet test images at the
+    model's size, and torch's embeddings of them: the reference of the int8 scripts."""
+    from edgemeta.checkpoint import photo_checkpoint
+
+    ck_path = photo_checkpoint()
+    ck = load_checkpoint(ck_path)
+    test = load_tiny_imagenet("test", size=ck.spec.preprocess.size[0])
+    reference = embed_images(ck.model, test.images, batch_size=64).numpy()
+    return ck_path, ck, test, reference
+
+
 def runtime_accuracy(onnx_path: Path, data, episodes: int, shots=(1, 5)) -> tuple[list[dict], np.ndarray]:
     """Embeds every image once through the device runtime, then the seeded episodes."""
     from edgemeta.runtime import FewShotClassifier
