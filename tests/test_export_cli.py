@@ -58,6 +58,9 @@ USER_MODULES = {
         """,
 }
 MODULE_ARGS = ["--size", "28", "--channels", "1", "--mean", "0.9211", "--std", "0.2166"]
+# `export` of the test module: verified on Omniglot, and also int8-calibrated on it
+VERIFIED_MODULE = ["export", "--module", "usernet_ok:build", *MODULE_ARGS, "--data", "omniglot"]
+INT8_MODULE = [*VERIFIED_MODULE, "--calibration-data", "omniglot", "--precision", "int8"]
 
 
 @pytest.fixture
@@ -139,12 +142,7 @@ BEFORE = ["junk.safetensors", *sorted(USER_MODULES)]
         ),
         (
             [
-                "export",
-                "--module",
-                "usernet_ok:build",
-                *MODULE_ARGS,
-                "--data",
-                "omniglot",
+                *VERIFIED_MODULE,
                 "-o",
                 "junk.safetensors/m.onnx",
             ],
@@ -152,12 +150,7 @@ BEFORE = ["junk.safetensors", *sorted(USER_MODULES)]
         ),
         (
             [
-                "export",
-                "--module",
-                "usernet_ok:build",
-                *MODULE_ARGS,
-                "--data",
-                "omniglot",
+                *VERIFIED_MODULE,
                 "--opset",
                 "12",
                 "-o",
@@ -167,16 +160,7 @@ BEFORE = ["junk.safetensors", *sorted(USER_MODULES)]
         ),
         (
             [
-                "export",
-                "--module",
-                "usernet_ok:build",
-                *MODULE_ARGS,
-                "--data",
-                "omniglot",
-                "--calibration-data",
-                "omniglot",
-                "--precision",
-                "int8",
+                *INT8_MODULE,
                 "--conv-kernel",
                 "gemm",
                 "-o",
@@ -187,16 +171,7 @@ BEFORE = ["junk.safetensors", *sorted(USER_MODULES)]
         ),
         (
             [
-                "export",
-                "--module",
-                "usernet_ok:build",
-                *MODULE_ARGS,
-                "--data",
-                "omniglot",
-                "--calibration-data",
-                "omniglot",
-                "--precision",
-                "int8",
+                *INT8_MODULE,
                 "--conv-kernel",
                 "amx",
                 "-o",
@@ -206,12 +181,7 @@ BEFORE = ["junk.safetensors", *sorted(USER_MODULES)]
         ),
         (
             [
-                "export",
-                "--module",
-                "usernet_ok:build",
-                *MODULE_ARGS,
-                "--data",
-                "omniglot",
+                *VERIFIED_MODULE,
                 "--ort",
                 "--ort-optimization",
                 "fast",
@@ -222,12 +192,7 @@ BEFORE = ["junk.safetensors", *sorted(USER_MODULES)]
         ),
         (
             [
-                "export",
-                "--module",
-                "usernet_ok:build",
-                *MODULE_ARGS,
-                "--data",
-                "omniglot",
+                *VERIFIED_MODULE,
                 "--ort-optimization",
                 "extended",
                 "-o",
@@ -237,16 +202,7 @@ BEFORE = ["junk.safetensors", *sorted(USER_MODULES)]
         ),
         (
             [
-                "export",
-                "--module",
-                "usernet_ok:build",
-                *MODULE_ARGS,
-                "--data",
-                "omniglot",
-                "--calibration-data",
-                "omniglot",
-                "--precision",
-                "int8",
+                *INT8_MODULE,
                 "--stem-layout",
                 "nhcw",
                 "-o",
@@ -256,16 +212,7 @@ BEFORE = ["junk.safetensors", *sorted(USER_MODULES)]
         ),
         (
             [
-                "export",
-                "--module",
-                "usernet_ok:build",
-                *MODULE_ARGS,
-                "--data",
-                "omniglot",
-                "--calibration-data",
-                "omniglot",
-                "--precision",
-                "int8",
+                *INT8_MODULE,
                 "--stem-layout",
                 "nhwc",
                 "--no-float-stem",
@@ -277,16 +224,7 @@ BEFORE = ["junk.safetensors", *sorted(USER_MODULES)]
         ),
         (
             [
-                "export",
-                "--module",
-                "usernet_ok:build",
-                *MODULE_ARGS,
-                "--data",
-                "omniglot",
-                "--calibration-data",
-                "omniglot",
-                "--precision",
-                "int8",
+                *INT8_MODULE,
                 "--stem-layout",
                 "nhwc",
                 "--float-first",
@@ -299,16 +237,7 @@ BEFORE = ["junk.safetensors", *sorted(USER_MODULES)]
         ),
         (
             [
-                "export",
-                "--module",
-                "usernet_ok:build",
-                *MODULE_ARGS,
-                "--data",
-                "omniglot",
-                "--calibration-data",
-                "omniglot",
-                "--precision",
-                "int8",
+                *INT8_MODULE,
                 "--stem-layout",
                 "s2d",
                 "--float-stem",
