@@ -31,6 +31,7 @@ __all__ = [
     "finalize",
     "name_nodes",
     "float_nodes",
+    "used_names",
 ]
 
 # Ops that may follow a backbone to normalize its output (L2, centering, scaling).
@@ -302,3 +303,14 @@ def float_nodes(model: onnx.ModelProto, embeddings: str = OUTPUT_EMBEDDINGS) -> 
         raise ExportError(f"the model has no {embeddings!r} output; export it with edgemeta")
     backbone = ancestors(model, embeddings) - _normalization_tail(model, embeddings)
     return set(names) - backbone
+
+
+def used_names(graph: onnx.GraphProto) -> set[str]:
+    """Every tensor name read by a node of ``graph`` or of its subgraphs (If, Loop, Scan)."""
+    used = set()
+    for n in graph.node:
+        used.update(n.input)
+        for a in n.attribute:
+            for sub in [a.g] if a.type == onnx.AttributeProto.GRAPH else list(a.graphs):
+                used |= used_names(sub)
+    return used

@@ -36,6 +36,7 @@ import numpy as np
 import onnx
 from onnx import TensorProto, helper, numpy_helper
 
+from edgemeta.exporters.graph import used_names
 from edgemeta.runtime.errors import ExportError
 from edgemeta.runtime.spec import INPUT_IMAGES, INPUT_PIXELS, PreprocessSpec
 
@@ -206,14 +207,9 @@ def _resize_pass(x: str, axis: int, sizes: str, interpolation: str, out: str) ->
 
 
 def _used(nodes: list[onnx.NodeProto], inits: list[onnx.TensorProto]) -> list[onnx.TensorProto]:
-    """The initializers ``nodes`` (and the branches of their If nodes) read: ONNX Runtime warns
-    about every unused one when it opens the model."""
-    names: set[str] = set()
-    stack = list(nodes)
-    while stack:
-        node = stack.pop()
-        names.update(node.input)
-        stack += [n for a in node.attribute if a.type == onnx.AttributeProto.GRAPH for n in a.g.node]
+    """The initializers ``nodes`` (and their subgraphs) read: ONNX Runtime warns about every
+    unused one when it opens the model."""
+    names = used_names(helper.make_graph(nodes, "used", [], []))
     return [t for t in inits if t.name in names]
 
 

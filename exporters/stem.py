@@ -30,6 +30,8 @@ import numpy as np
 import onnx
 from onnx import helper, numpy_helper
 
+from edgemeta.exporters.graph import used_names
+
 __all__ = ["space_to_depth_stem"]
 
 # elementwise activations that commute with max (monotone non-decreasing)
@@ -118,17 +120,6 @@ def _check(conv: onnx.NodeProto, weight: np.ndarray, pool: onnx.NodeProto, shape
     if shape[2] % 2 or shape[3] % 2:
         raise ValueError(f"its input is {shape[2]}x{shape[3]}; the rewrite needs an even height and width")
     return k[0], shape[1]
-
-
-def _used_names(graph: onnx.GraphProto) -> set[str]:
-    """Every tensor name read by a node of ``graph`` or of its subgraphs (If, Loop, Scan)."""
-    used = set()
-    for n in graph.node:
-        used.update(n.input)
-        for a in n.attribute:
-            for sub in [a.g] if a.type == onnx.AttributeProto.GRAPH else list(a.graphs):
-                used |= _used_names(sub)
-    return used
 
 
 def _fresh_prefix(model: onnx.ModelProto, prefix: str) -> str:
@@ -241,7 +232,7 @@ def space_to_depth_stem(model: onnx.ModelProto) -> onnx.ModelProto:
     nodes = [m for n in out.graph.node for m in (new if n is pool else [] if id(n) in old else [n])]
     del out.graph.node[:]
     out.graph.node.extend(nodes)
-    used = _used_names(out.graph)
+    used = used_names(out.graph)
     for name in params:
         if name not in used:
             out.graph.initializer.remove(init[name])
