@@ -152,7 +152,8 @@ def labelled_images(data: ImageSet) -> LabelledImages:
 
 
 def subset(ds: ImageSet, count: int, seed: int = 0) -> np.ndarray:
-    """``count`` image indices drawn evenly over the classes (seeded), sorted."""
+    """``count`` image indices drawn evenly over the classes (seeded), in the order drawn: every
+    class before any repeats, so that the first ``k`` of them are ``subset(ds, k, seed)``."""
     rng = np.random.default_rng([seed, 0xCA1])
     order = rng.permutation(len(ds))
     # round-robin over classes so every class is represented before any repeats
@@ -162,8 +163,7 @@ def subset(ds: ImageSet, count: int, seed: int = 0) -> np.ndarray:
         c = int(ds.labels[i])
         ranks[i] = seen.get(c, 0)
         seen[c] = ranks[i] + 1
-    pick = order[np.argsort(ranks[order], kind="stable")][: min(count, len(ds))]
-    return np.sort(pick)
+    return order[np.argsort(ranks[order], kind="stable")][: min(count, len(ds))]
 
 
 @dataclass(frozen=True)
@@ -184,10 +184,10 @@ class _CalibrationBatches:
 
 def calibration_images(data: ImageSet, spec: QuantizeSpec = QuantizeSpec()) -> CalibrationImages:
     """``spec.calibration_images`` images of ``data`` (base classes, loaded at the model's size),
-    drawn evenly over its classes with ``spec.seed``, as preprocessed batches for int8 calibration."""
-    return CalibrationImages(
-        _CalibrationBatches(data, subset(data, spec.calibration_images, spec.seed), spec.batch), data.name
-    )
+    drawn evenly over its classes with ``spec.seed``, as preprocessed batches for int8 calibration;
+    ``spec.distill_images`` where distillation may take them (calibration reads the first ones)."""
+    count = spec.calibration_images if spec.distill_steps == 0 else max(spec.calibration_images, spec.distill_images)
+    return CalibrationImages(_CalibrationBatches(data, subset(data, count, spec.seed), spec.batch), data.name)
 
 
 @dataclass(frozen=True)
