@@ -132,10 +132,22 @@ class QuantizeSpec:
     # takes one int8 pass over the calibration images per convolution.
     # None: the backbone's (BACKBONE_INT8), else on
     bias_correction: bool | None = None
+    # distillation after quantization (``exporters.distill``): the int8 convolutions' weights and
+    # biases fine-tuned for ``distill_steps`` steps of ``batch`` images so that the int8 model's
+    # embeddings match the float32 model's on ``distill_images`` base-class images (mirrored at
+    # random); the float32 model does not change, nor does the graph. 0: off.
+    # None: the backbone's (BACKBONE_INT8), else off
+    distill_steps: int | None = None
+    distill_images: int = 1024
+    distill_lr: float = 2e-3  # Adam's, in int8 steps of each weight (exporters.distill)
 
     def __post_init__(self) -> None:
         if self.calibration_images < 1 or self.batch < 1:
             raise InputError("calibration images and batch must be >= 1")
+        if self.distill_steps is not None and self.distill_steps < 0:
+            raise InputError(f"--distill-steps must be >= 0, got {self.distill_steps}")
+        if self.distill_images < 1 or not self.distill_lr > 0:
+            raise InputError("distillation images must be >= 1 and its learning rate > 0")
         if self.activations not in ("int8", "uint8", None):
             raise InputError(f"unknown activation type {self.activations!r}; use int8 or uint8")
         if self.conv_kernel not in ("direct", "gemm"):
@@ -208,7 +220,7 @@ def _nhwc_after(why: str) -> str:
 # (reports/photos_int8.md, "Bias correction"; measured on lite0, whose first blocks the others
 # share). On the Omniglot Conv-4, already 99.9% the same as torch, bias correction neither helps
 # nor hurts, for seconds of export (docs/int8.md)
-INT8_DEFAULTS: dict[str, Any] = {"activations": "int8", "float_first": 0, "bias_correction": True}
+INT8_DEFAULTS: dict[str, Any] = {"activations": "int8", "float_first": 0, "bias_correction": True, "distill_steps": 0}
 BACKBONE_INT8: dict[str, dict[str, Any]] = {
     f"efficientnet_lite{v}": {"activations": "uint8", "float_first": 0} for v in range(3)
 }
@@ -380,7 +392,11 @@ def _calibration_inputs(
     import onnxruntime as ort
 
     pp = meta.preprocess
-    x = calibration_array(calibration, spec.calibration_images, (pp.channels, *pp.size))
+    x = calibration_array(
+        calibration,
+        max(spec.calibration_images, spec.distill_images if spec.distill_steps else 0),
+        (pp.channels, *pp.size),
+    )
     # real prototypes (not zero rows), so every tensor of the graph has values to calibrate
     session, _ = open_ort_session(model_bytes(model), ort.SessionOptions(), ["CPUExecutionProvider"])
     z = session.run(None, {INPUT_IMAGES: x[:5], INPUT_PROTOTYPES: np.zeros((0, meta.embedding_dim), np.float32)})[0]
@@ -725,7 +741,8 @@ def int8_model(
     # calibrated and quantized without the pixel entry, added back after: its preprocessing stays float
     pixels = has_pixels(model)
     model = without_pixels(model)
-    x, protos = _calibration_inputs(model, meta, calibration, spec)
+    x_all, protos = _calibration_inputs(model, meta, calibration, spec)
+    x = x_all[: spec.calibration_images]  # the first ones: drawn over every class (``pipeline.subset``)
     previous = logging.root.manager.disable
     logging.disable(logging.WARNING)  # the quantizer logs every node it skips
     # and its sessions log that the optional norms input is an overridable initializer
@@ -760,6 +777,13 @@ def int8_model(
                     "--stem-layout nhwc: this model's float stem does not hand its output to int8 alone (it has other "
                     "readers, or none); export it with --stem-layout nchw"
                 )
+            distilled = None
+            if spec.distill_steps:
+                from edgemeta.exporters.distill import distill_int8
+
+                distilled = distill_int8(
+                    q, model, x_all, spec.distill_steps, spec.batch, spec.distill_lr, spec.seed, progress
+                )
             # on the model as it will run (float nodes' own dequantizations, NHWC pair included)
             corrected = _correct_biases(q, model, x, spec.batch, progress) if spec.bias_correction else None
             q = finalize(q)
@@ -786,10 +810,13 @@ def int8_model(
         "gemm_weight_tensors": gemm_weights,
         "stem_layout": layout,
         "bias_correction": bool(spec.bias_correction),
+        "distill_steps": int(spec.distill_steps or 0),
     }
     if corrected is not None:  # how many int8 convolutions took a correction; channels whose correction was no int32
         calib["bias_corrected_convolutions"] = corrected["convolutions"]
         calib["bias_channels_kept"] = corrected["channels_kept"]
+    if distilled is not None:  # how it went: the loss is the squared embedding distance to float32
+        calib["distillation"] = distilled
     if spec.float_first or spec.float_nodes:  # what else the backbone keeps in float32
         calib["float_first"] = spec.float_first
         calib["float_nodes"] = sorted(kept - stem)

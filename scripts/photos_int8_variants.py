@@ -32,8 +32,8 @@ from edgemeta.exporters.quantize import QuantizeSpec  # noqa: E402
 from edgemeta.runtime.errors import EdgemetaError  # noqa: E402
 from edgemeta.runtime.spec import Precision  # noqa: E402
 
-# None: fp32; the int8 variants differ in how many of the first convolutions stay float32 and in
-# bias correction (the two candidates for EfficientNet-Lite's default; earlier runs measured
+# None: fp32; the int8 variants differ in how many of the first convolutions stay float32, in
+# distillation and in bias correction (the two candidates for EfficientNet-Lite's default; earlier runs measured
 # float_first 0, 4, 6, 9 without it: reports/photos_int8.md)
 VARIANTS = {
     "fp32": None,
@@ -41,6 +41,10 @@ VARIANTS = {
         activations="uint8", float_first=6, bias_correction=True
     ),
     "int8, all but the stem + bias correction": QuantizeSpec(activations="uint8", float_first=0, bias_correction=True),
+    # the same graph with its int8 weights and biases distilled against float32 (exporters/distill.py)
+    "int8, all but the stem + distillation 600 steps + bias correction": QuantizeSpec(
+        activations="uint8", float_first=0, bias_correction=True, distill_steps=600, distill_lr=3e-3
+    ),
 }
 
 

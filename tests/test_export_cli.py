@@ -456,6 +456,25 @@ def test_quantize_bias_correction_flag_and_metadata(workdir, trained_conv4, trai
     assert calib.get("bias_corrected_convolutions") == (4 if corrected else None)
 
 
+def test_quantize_distill_flags_and_metadata(workdir, trained_conv4, trained_conv4_onnx):
+    """--distill-steps N distills the int8 model on --distill-images base-class images; the model says so."""
+    shutil.copy(trained_conv4_onnx, workdir / "m.onnx")
+    args = ["-o", "q.onnx", "--no-verify", "--calibration-images", "16", "--json"]
+    r = run(
+        "quantize", "m.onnx", "--checkpoint", trained_conv4, *args, "--distill-steps", "3", "--distill-images", "40"
+    )
+    assert r.exit_code == 0, r.output
+    calib = inspect("q.onnx")["metadata"]["extra"]["calibration"]
+    assert calib["distill_steps"] == 3 and calib["images"] == 16
+    assert {k: calib["distillation"][k] for k in ("steps", "images", "convolutions")} == {
+        "steps": 3,
+        "images": 40,
+        "convolutions": 4,
+    }
+    r = run("quantize", "m.onnx", "--checkpoint", trained_conv4, *args[:-1], "--distill-steps", "-1")
+    assert_one_line_error(r, "--distill-steps must be >= 0, got -1")
+
+
 def test_export_a_user_module_by_reference(workdir):
     from usernet_ok import build
 
