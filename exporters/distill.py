@@ -40,6 +40,12 @@ Progress = Callable[[str, int, int], None]
 
 _INT8_WEIGHT_RANGE = (-127, 127)  # ONNX Runtime's symmetric int8 weights
 _INT32_LIMIT = 0.5 * 2**31  # a bias's int32 value stays within half the type's range
+# the ops the torch program runs (``_Program.__call__``)
+_OPS = {
+    *("QuantizeLinear", "DequantizeLinear", "Conv", "Add", "Sub", "Mul", "Div", "Sqrt", "Relu", "Clip"),
+    *("ReduceMean", "ReduceSum", "GlobalAveragePool", "Reshape", "Flatten", "Transpose", "SpaceToDepth"),
+    *("MaxPool", "AveragePool", "LeakyRelu", "Sigmoid", "HardSwish", "Identity"),
+}
 
 
 def _attrs(node: onnx.NodeProto) -> dict[str, Any]:
@@ -63,20 +69,21 @@ def _qrange(zero_point: np.ndarray) -> tuple[int, int]:
 class _Int8Conv:
     """One int8 convolution's trainable weights and bias, and where they go in the graph."""
 
-    def __init__(self, torch, node, weight_dq, bias_dq, init, float_weight, float_bias):
+    def __init__(self, torch, node, weight_dq, bias_dq, init, float_weight, float_bias, input_scale):
         self.node, self.weight_dq, self.bias_dq = node, weight_dq, bias_dq
         self.old_scale = numpy_helper.to_array(init[weight_dq.input[1]]).astype(np.float64)
         # trained in units of each channel's int8 step, so that one learning rate moves every
         # channel's weights by the same share of a step, whatever its scale
         shape = (-1,) + (1,) * (float_weight.ndim - 1)
-        self.unit = torch.from_numpy(
-            np.where(self.old_scale > 0, self.old_scale, 1.0).astype(np.float32).reshape(shape)
-        )
+        # a channel of zero weights has ONNX Runtime's scale 1: it moves as its live neighbours do
+        dead = ~np.abs(float_weight).reshape(len(float_weight), -1).any(1)
+        live = self.old_scale[~dead & (self.old_scale > 0)]
+        unit = np.where(dead | (self.old_scale <= 0), np.median(live) if live.size else 1.0, self.old_scale)
+        self.unit = torch.from_numpy(unit.astype(np.float32).reshape(shape))
         self.steps = torch.nn.Parameter(torch.from_numpy(float_weight.astype(np.float32)) / self.unit)
         self.bias = torch.nn.Parameter(torch.from_numpy(float_bias.astype(np.float32)))
-        old_bias_scale = numpy_helper.to_array(init[bias_dq.input[1]]).astype(np.float64)
-        # the input's scale: ONNX Runtime gives a bias the input's scale times the weight's
-        self.input_scale = float(np.median(old_bias_scale / self.old_scale))
+        # ONNX Runtime gives a bias the input's scale times the weight's
+        self.input_scale = input_scale
 
     @property
     def weight(self):
@@ -137,6 +144,15 @@ class _Program:
         float_convs = {n.name: n for n in f.graph.node if n.op_type == "Conv"}
         f_init = {t.name: t for t in f.graph.initializer}
         self.convs: dict[str, _Int8Conv] = {}
+        readers: dict[str, int] = {}
+        for n in q.graph.node:
+            for i in n.input:
+                readers[i] = readers.get(i, 0) + 1
+        dqs = [n for n in q.graph.node if n.op_type == "DequantizeLinear"]
+        shared = {n.input[0] for n in dqs if readers.get(n.output[0], 0) > 1}
+        unknown = sorted({n.op_type for n in self.nodes} - _OPS)
+        if unknown:
+            raise ExportError(f"distillation does not run {', '.join(unknown)} nodes; export with --distill-steps 0")
         for node in self.nodes:
             if node.op_type != "Conv" or len(node.input) < 3 or node.name not in float_convs:
                 continue
@@ -154,7 +170,16 @@ class _Program:
             if fc.input[1] not in f_init or len(fc.input) < 3 or fc.input[2] not in f_init:
                 continue
             weight, bias = numpy_helper.to_array(f_init[fc.input[1]]), numpy_helper.to_array(f_init[fc.input[2]])
-            self.convs[node.name] = _Int8Conv(torch, node, wdq, bdq, init, weight, bias)
+            w_scale = self.consts.get(wdq.input[1])
+            if w_scale is None or w_scale.size != len(weight) or wdq.input[0] in shared:
+                continue  # per-tensor or shared weights: left as quantized
+            xdq = producer.get(node.input[0])
+            in_scale = self.consts.get(xdq.input[1]) if xdq is not None and xdq.op_type == "DequantizeLinear" else None
+            if in_scale is None:  # the bias scale over the weight scale, per channel
+                ratio = self.consts[bdq.input[1]].astype(np.float64) / np.where(w_scale > 0, w_scale, np.nan)
+                in_scale = np.nanmedian(ratio)
+            scale = float(np.asarray(in_scale).reshape(-1)[0])
+            self.convs[node.name] = _Int8Conv(torch, node, wdq, bdq, init, weight, bias, scale)
         self.learned = {c.weight_dq.output[0]: c for c in self.convs.values()}
         self.learned_bias = {c.bias_dq.output[0]: c for c in self.convs.values()}
         self.quantized = {n.output[0] for n in self.nodes if n.op_type == "QuantizeLinear"}
@@ -210,7 +235,10 @@ class _Program:
                         s, z = s.reshape(shape), np.reshape(z, shape) if np.ndim(z) == 1 else z
                     y = torch.from_numpy(((x - z) * s).astype(np.float32))
                 else:
-                    raise ExportError(f"distillation: {node.name} dequantizes a tensor no QuantizeLinear wrote")
+                    raise ExportError(
+                        f"distillation: {node.name} dequantizes a tensor no QuantizeLinear wrote; "
+                        "export with --distill-steps 0"
+                    )
             elif op == "Conv":
                 x, w = get(ins[0]), get(ins[1])
                 b = get(ins[2]) if len(ins) > 2 and ins[2] else None
@@ -251,7 +279,9 @@ class _Program:
                 shape = [x.shape[k] if v == 0 and not a.get("allowzero", 0) else v for k, v in enumerate(shape)]
                 y = x.reshape(shape)
             elif op == "Flatten":
-                y = torch.flatten(get(ins[0]), a.get("axis", 1))
+                x = get(ins[0])
+                axis = a.get("axis", 1) % x.dim() if a.get("axis", 1) < 0 else a.get("axis", 1)
+                y = x.reshape(int(np.prod(x.shape[:axis])), -1)
             elif op == "Transpose":
                 x = get(ins[0])
                 y = x.permute(*a.get("perm", list(range(x.dim()))[::-1]))
@@ -335,12 +365,14 @@ def distill_int8(
     (the biases at a tenth of it, in their own units). Returns what was done, for the metadata."""
     import torch
 
+    program = _Program(torch, q, f)  # first: an op it cannot run is refused before any work
+    if not program.convs:
+        raise ExportError(
+            "distillation found no int8 convolution with per-channel weights to train; export with --distill-steps 0"
+        )
     # the teacher's embeddings of every image and of its mirror image (the augmentation)
     target = torch.from_numpy(_embeddings(f, x, batch))
     target_flipped = torch.from_numpy(_embeddings(f, np.ascontiguousarray(x[..., ::-1]), batch))
-    program = _Program(torch, q, f)
-    if not program.convs:
-        return {"steps": 0, "convolutions": 0}
     images = torch.from_numpy(x)
     opt = torch.optim.Adam(program.parameters(lr))
     gen = torch.Generator().manual_seed(seed)

@@ -146,8 +146,14 @@ class QuantizeSpec:
             raise InputError("calibration images and batch must be >= 1")
         if self.distill_steps is not None and self.distill_steps < 0:
             raise InputError(f"--distill-steps must be >= 0, got {self.distill_steps}")
-        if self.distill_images < 1 or not self.distill_lr > 0:
-            raise InputError("distillation images must be >= 1 and its learning rate > 0")
+        if self.distill_images < 1:
+            raise InputError(f"--distill-images must be >= 1, got {self.distill_images}")
+        if not self.distill_lr > 0:
+            raise InputError(f"the distillation learning rate must be > 0, got {self.distill_lr}")
+        if self.distill_steps and not self.per_channel:
+            raise InputError(
+                "distillation trains per-channel int8 weights: drop --distill-steps or use per-channel weights"
+            )
         if self.activations not in ("int8", "uint8", None):
             raise InputError(f"unknown activation type {self.activations!r}; use int8 or uint8")
         if self.conv_kernel not in ("direct", "gemm"):
@@ -770,7 +776,6 @@ def int8_model(
                 op_types_to_quantize=list(spec.op_types) if spec.op_types else None,
             )
             q = onnx.load_model(str(out))
-            gemm_weights = _weights_to_gemm(q) if spec.conv_kernel == "gemm" else 0
             _keep_weights_float(q, kept)
             if layout == "nhwc" and not _nhwc_round_trip(q, stem):
                 raise InputError(
@@ -786,6 +791,8 @@ def int8_model(
                 )
             # on the model as it will run (float nodes' own dequantizations, NHWC pair included)
             corrected = _correct_biases(q, model, x, spec.batch, progress) if spec.bias_correction else None
+            # last: distillation trains weights with zero points of 0 (the shift is lossless)
+            gemm_weights = _weights_to_gemm(q) if spec.conv_kernel == "gemm" else 0
             q = finalize(q)
     except (ExportError, InputError):
         raise

@@ -114,6 +114,17 @@ def test_distillation_brings_int8_embeddings_closer_to_float32(trained_conv4_onn
     for u in changed.values():
         if u.data_type == TensorProto.INT8:
             assert np.abs(numpy_helper.to_array(u)).max() <= 127
+    # each bias's scale is still its input's scale times its weight's (per output channel)
+    init = {t.name: numpy_helper.to_array(t) for t in b.graph.initializer}
+    producer = {o: n for n in b.graph.node for o in n.output}
+    checked = 0
+    for conv in (n for n in b.graph.node if n.op_type == "Conv" and len(n.input) > 2):
+        x, w, bias = (producer.get(i) for i in conv.input[:3])
+        if x is None or w is None or bias is None or init[w.input[0]].dtype != np.int8:
+            continue
+        np.testing.assert_allclose(init[bias.input[1]], init[x.input[1]] * init[w.input[1]], rtol=1e-6)
+        checked += 1
+    assert checked == 4
     calib = _meta(distilled).extra["calibration"]
     assert calib["distill_steps"] == 120 and calib["distillation"]["steps"] == 120
     assert calib["distillation"]["images"] == 256 and calib["distillation"]["convolutions"] == 4
@@ -156,15 +167,17 @@ def _tiny_qdq(op: str) -> tuple[onnx.ModelProto, onnx.ModelProto]:
 
 def test_an_op_the_program_does_not_run_is_refused_with_its_name():
     q, f = _tiny_qdq("Softsign")
-    program = D._Program(torch, q, f)
-    with pytest.raises(ExportError, match="Softsign.*--distill-steps 0"):
-        program(torch.zeros(2, 4))
+    with pytest.raises(ExportError, match="Softsign.*--distill-steps 0"):  # before any work
+        D._Program(torch, q, f)
     q, f = _tiny_qdq("Relu")  # a known op: runs, with the fake quantization of the graph
     out = D._Program(torch, q, f)(torch.tensor([[0.04, 0.06, -1.0, 30.0]]))
     assert torch.allclose(out, torch.tensor([[0.0, 0.1, 0.0, 25.5]]))
 
 
-@pytest.mark.parametrize("bad", [{"distill_steps": -1}, {"distill_images": 0}, {"distill_lr": 0.0}])
+@pytest.mark.parametrize(
+    "bad",
+    [{"distill_steps": -1}, {"distill_images": 0}, {"distill_lr": 0.0}, {"distill_steps": 5, "per_channel": False}],
+)
 def test_bad_distillation_settings_are_refused(bad):
     with pytest.raises(InputError, match="distill"):
         QuantizeSpec(**bad)

@@ -473,6 +473,12 @@ def test_quantize_distill_flags_and_metadata(workdir, trained_conv4, trained_con
     }
     r = run("quantize", "m.onnx", "--checkpoint", trained_conv4, *args[:-1], "--distill-steps", "-1")
     assert_one_line_error(r, "--distill-steps must be >= 0, got -1")
+    # the gemm kernel's shifted weights come after distillation, which still trains every convolution
+    gemm = ["--conv-kernel", "gemm", "--activations", "uint8", "--distill-steps", "2", "--distill-images", "32"]
+    r = run("quantize", "m.onnx", "--checkpoint", trained_conv4, "-o", "g.onnx", *args[2:], *gemm)
+    assert r.exit_code == 0, r.output
+    calib = inspect("g.onnx")["metadata"]["extra"]["calibration"]
+    assert calib["distillation"]["convolutions"] == 4 and calib["gemm_weight_tensors"] > 0
 
 
 def test_export_a_user_module_by_reference(workdir):

@@ -159,6 +159,7 @@ def test_int8_is_qdq_with_a_float_metric(int8_model, trained_conv4_onnx):
         "bias_correction": True,  # the default: the 3 int8 convolutions (the float stem takes none)
         "bias_corrected_convolutions": 3,
         "bias_channels_kept": 0,
+        "distill_steps": 0,
     }
     inits = {t.name: t.data_type for t in model.graph.initializer}
     q_zero_points = {inits[n.input[2]] for n in model.graph.node if n.op_type == "QuantizeLinear"}
