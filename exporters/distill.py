@@ -338,10 +338,10 @@ def _pool(torch, node: onnx.NodeProto, a: dict[str, Any], x):
 def _embeddings(model: onnx.ModelProto, x: np.ndarray, batch: int) -> np.ndarray:
     import onnxruntime as ort
 
-    from edgemeta.exporters.quantize import _prefix
+    from edgemeta.exporters.quantize import prefix_model
 
     session, _ = open_ort_session(
-        model_bytes(_prefix(model, [OUTPUT_EMBEDDINGS])), ort.SessionOptions(), ["CPUExecutionProvider"]
+        model_bytes(prefix_model(model, [OUTPUT_EMBEDDINGS])), ort.SessionOptions(), ["CPUExecutionProvider"]
     )
     return np.concatenate(
         [session.run([OUTPUT_EMBEDDINGS], {INPUT_IMAGES: x[i : i + batch]})[0] for i in range(0, len(x), batch)]

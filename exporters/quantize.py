@@ -586,7 +586,7 @@ def _nhwc_round_trip(model: onnx.ModelProto, stem: set[str]) -> bool:
     return True
 
 
-def _prefix(model: onnx.ModelProto, outputs: list[str]) -> onnx.ModelProto:
+def prefix_model(model: onnx.ModelProto, outputs: list[str]) -> onnx.ModelProto:
     """The part of ``model`` that computes ``outputs`` (its graph outputs), with the inputs and
     initializers it reads: what comes after is not run, and the int8 nodes before keep their
     fusion into int8 kernels (only the last convolution's output is exposed)."""
@@ -610,7 +610,7 @@ def _channel_means(model: onnx.ModelProto, outputs: list[str], x: np.ndarray, ba
     computed in one pass, in float64."""
     import onnxruntime as ort
 
-    part = _prefix(model, outputs)
+    part = prefix_model(model, outputs)
     session, _ = open_ort_session(model_bytes(part), ort.SessionOptions(), ["CPUExecutionProvider"])
     sums = [0.0] * len(outputs)
     counts = [0] * len(outputs)  # values per channel: each output has its own spatial size
