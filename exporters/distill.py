@@ -23,20 +23,19 @@ with its name.
 
 from __future__ import annotations
 
-from typing import Any, Callable
+from typing import Any
 
 import numpy as np
 import onnx
-from onnx import TensorProto, helper, numpy_helper
+from onnx import TensorProto, numpy_helper
 
-from edgemeta.exporters.graph import model_bytes
+from edgemeta.exporters.graph import attributes, model_bytes
+from edgemeta.exporters.quantize import Progress, prefix_model
 from edgemeta.runtime.errors import ExportError
 from edgemeta.runtime.ort import open_session as open_ort_session
 from edgemeta.runtime.spec import INPUT_IMAGES, OUTPUT_EMBEDDINGS
 
 __all__ = ["distill_int8"]
-
-Progress = Callable[[str, int, int], None]
 
 _INT8_WEIGHT_RANGE = (-127, 127)  # ONNX Runtime's symmetric int8 weights
 _INT32_LIMIT = 0.5 * 2**31  # a bias's int32 value stays within half the type's range
@@ -46,19 +45,6 @@ _OPS = {
     *("ReduceMean", "ReduceSum", "GlobalAveragePool", "Reshape", "Flatten", "Transpose", "SpaceToDepth"),
     *("MaxPool", "AveragePool", "LeakyRelu", "Sigmoid", "HardSwish", "Identity"),
 }
-
-
-def _attrs(node: onnx.NodeProto) -> dict[str, Any]:
-    return {a.name: helper.get_attribute_value(a) for a in node.attribute}
-
-
-def _ancestors(model: onnx.ModelProto, outputs: list[str]) -> list[onnx.NodeProto]:
-    needed, nodes = set(outputs), []
-    for node in reversed(model.graph.node):
-        if any(o in needed for o in node.output):
-            nodes.append(node)
-            needed.update(i for i in node.input if i)
-    return nodes[::-1]
 
 
 def _qrange(zero_point: np.ndarray) -> tuple[int, int]:
@@ -136,7 +122,7 @@ class _Program:
 
     def __init__(self, torch, q: onnx.ModelProto, f: onnx.ModelProto):
         self.torch = torch
-        self.nodes = _ancestors(q, [OUTPUT_EMBEDDINGS])
+        self.nodes = list(prefix_model(q, [OUTPUT_EMBEDDINGS]).graph.node)
         init = {t.name: t for t in q.graph.initializer}
         self.init = init
         self.consts = {name: numpy_helper.to_array(t) for name, t in init.items()}
@@ -212,7 +198,7 @@ class _Program:
             return self.tensors[name]
 
         for node in self.nodes:
-            op, a, ins = node.op_type, _attrs(node), list(node.input)
+            op, a, ins = node.op_type, attributes(node), list(node.input)
             if op == "QuantizeLinear":
                 x, s, z = get(ins[0]), self._const(ins[1]), self._const(ins[2])
                 if s.size != 1:
@@ -337,8 +323,6 @@ def _pool(torch, node: onnx.NodeProto, a: dict[str, Any], x):
 
 def _embeddings(model: onnx.ModelProto, x: np.ndarray, batch: int) -> np.ndarray:
     import onnxruntime as ort
-
-    from edgemeta.exporters.quantize import prefix_model
 
     session, _ = open_ort_session(
         model_bytes(prefix_model(model, [OUTPUT_EMBEDDINGS])), ort.SessionOptions(), ["CPUExecutionProvider"]

@@ -9,6 +9,7 @@ from __future__ import annotations
 import os
 from collections import deque
 from pathlib import Path
+from typing import Any
 
 import onnx
 from onnx import helper
@@ -249,6 +250,11 @@ def name_nodes(model: onnx.ModelProto) -> None:
 
 def _producers(model: onnx.ModelProto) -> dict[str, onnx.NodeProto]:
     return {out: node for node in model.graph.node for out in node.output if out}
+
+
+def attributes(node: onnx.NodeProto) -> dict[str, Any]:
+    """A node's attributes by name, as Python values."""
+    return {a.name: helper.get_attribute_value(a) for a in node.attribute}
 
 
 def node_inputs(node: onnx.NodeProto) -> list[str]:

@@ -30,16 +30,12 @@ import numpy as np
 import onnx
 from onnx import helper, numpy_helper
 
-from edgemeta.exporters.graph import used_names
+from edgemeta.exporters.graph import attributes, used_names
 
 __all__ = ["space_to_depth_stem"]
 
 # elementwise activations that commute with max (monotone non-decreasing)
 _MONOTONE = {"Relu", "Clip", "LeakyRelu"}
-
-
-def _attrs(node: onnx.NodeProto) -> dict:
-    return {a.name: helper.get_attribute_value(a) for a in node.attribute}
 
 
 def _static_shape(model: onnx.ModelProto, name: str) -> list[int] | None:
@@ -82,13 +78,13 @@ def _stem_chain(model: onnx.ModelProto) -> tuple[list[onnx.NodeProto], str]:
             raise ValueError(
                 f"its first convolution is followed by {found}, not by an activation and a 2x2 max pooling"
             )
-        if node.op_type == "LeakyRelu" and _attrs(node).get("alpha", 0.01) < 0:
+        if node.op_type == "LeakyRelu" and attributes(node).get("alpha", 0.01) < 0:
             raise ValueError("its stem's LeakyRelu has a negative slope, which does not commute with max pooling")
 
 
 def _check(conv: onnx.NodeProto, weight: np.ndarray, pool: onnx.NodeProto, shape: list[int] | None) -> tuple[int, int]:
     """The stem's kernel size and input channels, or ``ValueError`` naming what does not fit."""
-    a = _attrs(conv)
+    a = attributes(conv)
     k = list(a.get("kernel_shape", weight.shape[2:]))  # the weights give it when the attribute does not
     if len(k) != 2 or k[0] != k[1] or k[0] % 2 == 0:
         raise ValueError(f"its first convolution's kernel is {'x'.join(map(str, k))}, not square and odd")
@@ -105,7 +101,7 @@ def _check(conv: onnx.NodeProto, weight: np.ndarray, pool: onnx.NodeProto, shape
     )
     if not same:  # an odd kernel pads alike on both sides under SAME_UPPER and SAME_LOWER
         raise ValueError("its first convolution does not pad to keep the image size")
-    p = _attrs(pool)
+    p = attributes(pool)
     if (
         list(p.get("kernel_shape", [])) != [2, 2]
         or list(p.get("strides", [1, 1])) != [2, 2]
@@ -209,7 +205,7 @@ def space_to_depth_stem(model: onnx.ModelProto) -> onnx.ModelProto:
     )
     if act is not None:
         act_out = f"{p}/activation"
-        new.append(node(act.op_type, [conv_out, *act.input[1:]], [act_out], name=act.name, **_attrs(act)))
+        new.append(node(act.op_type, [conv_out, *act.input[1:]], [act_out], name=act.name, **attributes(act)))
         conv_out = act_out
     new += [
         node("Transpose", [conv_out], [f"{p}/groups_nhwc"], name=f"{p}/groups_nhwc", perm=[0, 2, 3, 1]),
