@@ -83,16 +83,15 @@ class _Int8Conv:
         s = torch.maximum(s, b / (self.input_scale * _INT32_LIMIT))
         return torch.where(s > 0, s, torch.ones_like(s))
 
-    def quantized_weight(self, torch):
+    def quantized(self, torch):
+        """``(weight, bias)`` as the graph holds them: the weight fake-quantized per channel, the
+        bias rounded to its int32 steps (the input's scale times the weight's: with large weights a
+        step is large enough to move an output across an 8-bit step); gradients straight through."""
         s = self.scale(torch)
         zero = torch.zeros(s.shape, dtype=torch.int32)
-        return torch.fake_quantize_per_channel_affine(self.weight, s, zero, 0, *_INT8_WEIGHT_RANGE)
-
-    def quantized_bias(self, torch):
-        """The bias rounded to its int32 steps (the input's scale times the weight's): with large
-        weights a step is large enough to move an output across an 8-bit step."""
-        step = self.scale(torch) * self.input_scale
-        return self.bias + (torch.round(self.bias.detach() / step) * step - self.bias.detach())
+        weight = torch.fake_quantize_per_channel_affine(self.weight, s, zero, 0, *_INT8_WEIGHT_RANGE)
+        step, b = s * self.input_scale, self.bias.detach()
+        return weight, self.bias + (torch.round(b / step) * step - b)
 
     def write(self, torch, init: dict[str, onnx.TensorProto]) -> None:
         """The learned weights and bias into the graph's int8 and int32 initializers and scales."""
@@ -166,8 +165,8 @@ class _Program:
                 in_scale = np.nanmedian(ratio)
             scale = float(np.asarray(in_scale).reshape(-1)[0])
             self.convs[node.name] = _Int8Conv(torch, node, wdq, bdq, init, weight, bias, scale)
-        self.learned = {c.weight_dq.output[0]: c for c in self.convs.values()}
-        self.learned_bias = {c.bias_dq.output[0]: c for c in self.convs.values()}
+        # the DequantizeLinear outputs the trained convolutions give instead
+        self.learned = {o for c in self.convs.values() for o in (c.weight_dq.output[0], c.bias_dq.output[0])}
         self.quantized = {n.output[0] for n in self.nodes if n.op_type == "QuantizeLinear"}
         self.tensors = {name: torch.from_numpy(v.copy()) for name, v in self.consts.items() if v.dtype != np.int8}
 
@@ -178,21 +177,14 @@ class _Program:
             {"params": [c.bias for c in self.convs.values()], "lr": lr / 10},
         ]
 
-    def _const(self, name: str) -> np.ndarray:
-        return self.consts[name]
-
-    def __call__(self, images, trace: dict | None = None):
+    def __call__(self, images):
         torch = self.torch
         F = torch.nn.functional
         env: dict[str, Any] = {INPUT_IMAGES: images}
-        weights = {name: c.quantized_weight(torch) for name, c in self.learned.items()}
-        biases = {name: c.quantized_bias(torch) for name, c in self.learned_bias.items()}
+        for c in self.convs.values():  # what their DequantizeLinear nodes would give
+            env[c.weight_dq.output[0]], env[c.bias_dq.output[0]] = c.quantized(torch)
 
         def get(name):
-            if name in weights:
-                return weights[name]
-            if name in biases:
-                return biases[name]
             if name in env:
                 return env[name]
             return self.tensors[name]
@@ -200,20 +192,20 @@ class _Program:
         for node in self.nodes:
             op, a, ins = node.op_type, attributes(node), list(node.input)
             if op == "QuantizeLinear":
-                x, s, z = get(ins[0]), self._const(ins[1]), self._const(ins[2])
+                x, s, z = get(ins[0]), self.consts[ins[1]], self.consts[ins[2]]
                 if s.size != 1:
                     raise ExportError(f"distillation: {node.name} quantizes per channel; export with --distill-steps 0")
                 lo, hi = _qrange(z)
                 y = torch.fake_quantize_per_tensor_affine(x, float(s), int(z), lo, hi)
             elif op == "DequantizeLinear":
-                if node.output[0] in weights or node.output[0] in self.learned_bias:
+                if node.output[0] in self.learned:
                     continue
                 if ins[0] in self.quantized:  # the value of the QuantizeLinear before it (scales repeated)
                     y = get(ins[0])
                 elif ins[0] in self.consts:  # a constant: its value
-                    x = self._const(ins[0]).astype(np.float64)
-                    s = self._const(ins[1]).astype(np.float64)
-                    z = self._const(ins[2]).astype(np.float64) if len(ins) > 2 and ins[2] else 0.0
+                    x = self.consts[ins[0]].astype(np.float64)
+                    s = self.consts[ins[1]].astype(np.float64)
+                    z = self.consts[ins[2]].astype(np.float64) if len(ins) > 2 and ins[2] else 0.0
                     axis = a.get("axis", 1)
                     if np.ndim(s) == 1 and x.ndim > 1:
                         shape = [1] * x.ndim
@@ -251,7 +243,7 @@ class _Program:
             elif op in ("ReduceMean", "ReduceSum"):
                 axes = a.get("axes")
                 if axes is None and len(ins) > 1 and ins[1]:
-                    axes = [int(v) for v in self._const(ins[1]).reshape(-1)]
+                    axes = [int(v) for v in self.consts[ins[1]].reshape(-1)]
                 keep = bool(a.get("keepdims", 1))
                 x = get(ins[0])
                 axes = list(axes) if axes is not None else list(range(x.dim()))
@@ -260,7 +252,7 @@ class _Program:
                 x = get(ins[0])
                 y = x.mean(dim=tuple(range(2, x.dim())), keepdim=True)
             elif op == "Reshape":
-                shape = [int(v) for v in self._const(ins[1]).reshape(-1)]
+                shape = [int(v) for v in self.consts[ins[1]].reshape(-1)]
                 x = get(ins[0])
                 shape = [x.shape[k] if v == 0 and not a.get("allowzero", 0) else v for k, v in enumerate(shape)]
                 y = x.reshape(shape)
@@ -286,8 +278,6 @@ class _Program:
             else:
                 raise ExportError(f"distillation does not run {op} nodes ({node.name}); export with --distill-steps 0")
             env[node.output[0]] = y
-        if trace is not None:
-            trace.update(env)
         return env[OUTPUT_EMBEDDINGS]
 
 
