@@ -328,7 +328,7 @@ def distill_int8(
     x: np.ndarray,
     steps: int,
     batch: int = 32,
-    lr: float = 2e-3,
+    lr: float = 3e-3,
     seed: int = 0,
     progress: Progress | None = None,
 ) -> dict[str, Any]:

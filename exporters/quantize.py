@@ -139,7 +139,7 @@ class QuantizeSpec:
     # None: the backbone's (BACKBONE_INT8), else off
     distill_steps: int | None = None
     distill_images: int = 1024
-    distill_lr: float = 2e-3  # Adam's, in int8 steps of each weight (exporters.distill)
+    distill_lr: float = 3e-3  # Adam's, in int8 steps of each weight (exporters.distill)
 
     def __post_init__(self) -> None:
         if self.calibration_images < 1 or self.batch < 1:

@@ -43,7 +43,7 @@ VARIANTS = {
     "int8, all but the stem + bias correction": QuantizeSpec(activations="uint8", float_first=0, bias_correction=True),
     # the same graph with its int8 weights and biases distilled against float32 (exporters/distill.py)
     "int8, all but the stem + distillation 600 steps + bias correction": QuantizeSpec(
-        activations="uint8", float_first=0, bias_correction=True, distill_steps=600, distill_lr=3e-3
+        activations="uint8", float_first=0, bias_correction=True, distill_steps=600
     ),
 }
 
